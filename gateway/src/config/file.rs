@@ -1,0 +1,364 @@
+//! The shape of `gateway.toml`, exactly as an operator writes it.
+//!
+//! These types only describe the file: every table refuses unknown keys, durations are written as
+//! `"5s"` or `"250ms"`, and nothing here is checked beyond its type. [`super::validate`] turns them
+//! into the gateway's internal types and reports every semantic problem with its field path.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use serde::{Deserialize, Deserializer};
+
+/// The whole file.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GatewayConfig {
+    /// Listeners, worker threads, limits and shutdown.
+    pub server: ServerConfig,
+    /// Log format and level.
+    #[serde(default)]
+    pub log: LogConfig,
+    /// Security headers added to every response, unless a route overrides them.
+    #[serde(default)]
+    pub security_headers: SecurityHeadersConfig,
+    /// Pools of upstream targets that routes send requests to.
+    #[serde(default)]
+    pub upstreams: Vec<UpstreamConfig>,
+    /// Rules that map a request (host, path prefix, method) to an upstream or a static response.
+    #[serde(default)]
+    pub routes: Vec<RouteConfig>,
+}
+
+/// `[server]`: things fixed for the life of the process (a reload warns if they change).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ServerConfig {
+    /// Plain HTTP proxy listeners: one `"host:port"` or a list of them. Port 0 picks a free port.
+    #[serde(default)]
+    pub listen: Listen,
+    /// TLS proxy listeners (HTTP/2 offered by ALPN unless disabled).
+    #[serde(default)]
+    pub tls: Vec<TlsListenerConfig>,
+    /// The admin listener: `/health`, `/health/ready`, `/metrics`. Never a proxy listener.
+    pub admin_listen: String,
+    /// Worker threads of the proxy; defaults to the number of CPUs.
+    pub threads: Option<usize>,
+    /// How long SIGTERM waits for in-flight requests before exiting.
+    #[serde(default = "defaults::grace_period", deserialize_with = "duration")]
+    pub grace_period: Duration,
+    /// Largest request body accepted, in bytes (413 beyond it).
+    #[serde(default = "defaults::max_request_body_bytes")]
+    pub max_request_body_bytes: u64,
+    /// Most request headers accepted (431 beyond it).
+    #[serde(default = "defaults::max_request_headers")]
+    pub max_request_headers: usize,
+    /// Largest total size of request header names and values, in bytes (431 beyond it).
+    #[serde(default = "defaults::max_request_header_bytes")]
+    pub max_request_header_bytes: usize,
+    /// Idle upstream connections kept for reuse, across all upstreams.
+    #[serde(default = "defaults::upstream_keepalive_pool_size")]
+    pub upstream_keepalive_pool_size: usize,
+}
+
+/// One listen address or several.
+#[derive(Debug, Clone, Default, Deserialize, PartialEq, Eq)]
+#[serde(untagged, expecting = "a \"host:port\" string or a list of them")]
+pub enum Listen {
+    /// No plain listener.
+    #[default]
+    None,
+    /// `listen = "127.0.0.1:8080"`.
+    One(String),
+    /// `listen = ["127.0.0.1:8080", "[::1]:8080"]`.
+    Many(Vec<String>),
+}
+
+impl Listen {
+    /// The addresses as written.
+    pub fn addresses(&self) -> Vec<String> {
+        match self {
+            Listen::None => Vec::new(),
+            Listen::One(address) => vec![address.clone()],
+            Listen::Many(addresses) => addresses.clone(),
+        }
+    }
+}
+
+/// `[[server.tls]]`: a TLS listener.
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct TlsListenerConfig {
+    /// `"host:port"` to listen on.
+    pub listen: String,
+    /// PEM certificate chain file.
+    pub cert: String,
+    /// PEM private key file.
+    pub key: String,
+    /// Offer HTTP/2 by ALPN (default true).
+    #[serde(default = "defaults::yes")]
+    pub http2: bool,
+}
+
+/// `[log]`.
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct LogConfig {
+    /// `"text"` or `"json"`.
+    #[serde(default)]
+    pub format: LogFormat,
+    /// A `tracing` filter such as `"info"` or `"info,pingora=warn"`; `RUST_LOG` overrides it.
+    #[serde(default = "defaults::log_level")]
+    pub level: String,
+    /// One structured line per request, target `tollgate::access` (default true).
+    #[serde(default = "defaults::yes")]
+    pub access_log: bool,
+}
+
+impl Default for LogConfig {
+    fn default() -> Self {
+        Self {
+            format: LogFormat::default(),
+            level: defaults::log_level(),
+            access_log: true,
+        }
+    }
+}
+
+/// How log lines are written.
+#[derive(Debug, Clone, Copy, Default, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    /// Human-readable lines.
+    #[default]
+    Text,
+    /// One JSON object per line.
+    Json,
+}
+
+/// Security headers. Every field is optional so that a route's table can override single headers;
+/// an empty string removes a header.
+#[derive(Debug, Clone, Default, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct SecurityHeadersConfig {
+    /// `false` turns every security header off.
+    pub enabled: Option<bool>,
+    /// `Strict-Transport-Security`, sent on TLS listeners only.
+    pub strict_transport_security: Option<String>,
+    /// `X-Content-Type-Options`.
+    pub content_type_options: Option<String>,
+    /// `X-Frame-Options`.
+    pub frame_options: Option<String>,
+    /// `Referrer-Policy`.
+    pub referrer_policy: Option<String>,
+    /// `Content-Security-Policy`, sent on bodies the gateway generates itself (problems, static
+    /// responses), never on proxied ones.
+    pub content_security_policy: Option<String>,
+    /// Any further headers, by name.
+    #[serde(default)]
+    pub extra: BTreeMap<String, String>,
+}
+
+/// `[[upstreams]]`: a pool of targets.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct UpstreamConfig {
+    /// Unique name that routes refer to.
+    pub name: String,
+    /// `"host:port"` targets; host names are resolved when the config is loaded.
+    pub targets: Vec<String>,
+    /// Connect to the targets over TLS.
+    #[serde(default)]
+    pub tls: bool,
+    /// SNI and certificate name for TLS targets (default: the target's host).
+    pub sni: Option<String>,
+    /// `Host` header sent upstream (default: the client's).
+    pub host_header: Option<String>,
+    /// TCP (and TLS) connect timeout.
+    #[serde(default = "defaults::connect_timeout", deserialize_with = "duration")]
+    pub connect_timeout: Duration,
+    /// Longest wait for the response header or between two reads from the target.
+    #[serde(default = "defaults::read_timeout", deserialize_with = "duration")]
+    pub read_timeout: Duration,
+    /// Longest wait for one write to the target.
+    #[serde(default = "defaults::write_timeout", deserialize_with = "duration")]
+    pub write_timeout: Duration,
+    /// Deadline for the whole exchange with the upstream, from the request's arrival to the
+    /// response's last byte (not applied to WebSocket upgrades). None by default.
+    #[serde(default, deserialize_with = "optional_duration")]
+    pub request_timeout: Option<Duration>,
+    /// How long an idle pooled connection to a target is kept.
+    #[serde(default = "defaults::idle_timeout", deserialize_with = "duration")]
+    pub idle_timeout: Duration,
+    /// Further targets tried when a connection cannot be made (default 1).
+    #[serde(default = "defaults::connect_retries")]
+    pub connect_retries: usize,
+    /// Active health checks.
+    pub health_check: Option<HealthCheckConfig>,
+    /// Passive failure marking.
+    #[serde(default)]
+    pub passive: PassiveHealthConfig,
+}
+
+/// `[upstreams.health_check]`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HealthCheckConfig {
+    /// Path requested with `GET`.
+    #[serde(default = "defaults::health_path")]
+    pub path: String,
+    /// Time between two checks of a target.
+    #[serde(default = "defaults::health_interval", deserialize_with = "duration")]
+    pub interval: Duration,
+    /// Time a check may take.
+    #[serde(default = "defaults::health_timeout", deserialize_with = "duration")]
+    pub timeout: Duration,
+    /// Consecutive successes that bring a target back.
+    #[serde(default = "defaults::threshold")]
+    pub healthy_threshold: u32,
+    /// Consecutive failures that take a target out.
+    #[serde(default = "defaults::threshold")]
+    pub unhealthy_threshold: u32,
+    /// `Host` header of the check (default: the target address).
+    pub host: Option<String>,
+}
+
+/// `[upstreams.passive]`: a target that fails `max_fails` times in a row (connection errors and
+/// timeouts) is skipped for `fail_timeout`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PassiveHealthConfig {
+    /// Consecutive failures before the target is skipped; 0 disables passive marking.
+    #[serde(default = "defaults::max_fails")]
+    pub max_fails: u32,
+    /// How long a failed target is skipped.
+    #[serde(default = "defaults::fail_timeout", deserialize_with = "duration")]
+    pub fail_timeout: Duration,
+}
+
+impl Default for PassiveHealthConfig {
+    fn default() -> Self {
+        Self {
+            max_fails: defaults::max_fails(),
+            fail_timeout: defaults::fail_timeout(),
+        }
+    }
+}
+
+/// `[[routes]]`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RouteConfig {
+    /// Unique name, used in metrics and logs.
+    pub name: String,
+    /// Requests whose path starts with this (at a segment boundary) match; longest prefix wins.
+    pub path_prefix: String,
+    /// Exact host, or `*.example.com` for any subdomain; absent means any host.
+    pub host: Option<String>,
+    /// Methods the route accepts; absent means all.
+    pub methods: Option<Vec<String>>,
+    /// Remove `path_prefix` from the path sent upstream.
+    #[serde(default)]
+    pub strip_prefix: bool,
+    /// The upstream to proxy to. Exactly one of `upstream` and `respond` is required.
+    pub upstream: Option<String>,
+    /// A static response the gateway answers with itself.
+    pub respond: Option<StaticResponseConfig>,
+    /// Compress responses (gzip, brotli or zstd, as the client accepts) at this level (1-9).
+    pub compression_level: Option<u32>,
+    /// Largest request body for this route, overriding `server.max_request_body_bytes`.
+    pub max_request_body_bytes: Option<u64>,
+    /// Overrides of the global security headers for this route.
+    pub security_headers: Option<SecurityHeadersConfig>,
+}
+
+/// `respond = { status = 200, headers = { ... }, body = "..." }`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StaticResponseConfig {
+    /// Status code (default 200).
+    #[serde(default = "defaults::status_ok")]
+    pub status: u16,
+    /// Response headers.
+    #[serde(default)]
+    pub headers: BTreeMap<String, String>,
+    /// Response body.
+    #[serde(default)]
+    pub body: String,
+}
+
+fn duration<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Duration, D::Error> {
+    let text = String::deserialize(deserializer)?;
+    humantime::parse_duration(&text).map_err(|error| {
+        serde::de::Error::custom(format!(
+            "invalid duration {text:?} ({error}); write it like \"5s\" or \"250ms\""
+        ))
+    })
+}
+
+fn optional_duration<'de, D: Deserializer<'de>>(
+    deserializer: D,
+) -> Result<Option<Duration>, D::Error> {
+    duration(deserializer).map(Some)
+}
+
+mod defaults {
+    use std::time::Duration;
+
+    pub fn yes() -> bool {
+        true
+    }
+    pub fn grace_period() -> Duration {
+        Duration::from_secs(30)
+    }
+    pub fn max_request_body_bytes() -> u64 {
+        10 * 1024 * 1024
+    }
+    pub fn max_request_headers() -> usize {
+        100
+    }
+    pub fn max_request_header_bytes() -> usize {
+        32 * 1024
+    }
+    pub fn upstream_keepalive_pool_size() -> usize {
+        1024
+    }
+    pub fn log_level() -> String {
+        "info".to_owned()
+    }
+    pub fn connect_timeout() -> Duration {
+        Duration::from_secs(5)
+    }
+    pub fn read_timeout() -> Duration {
+        Duration::from_secs(60)
+    }
+    pub fn write_timeout() -> Duration {
+        Duration::from_secs(60)
+    }
+    pub fn idle_timeout() -> Duration {
+        Duration::from_secs(60)
+    }
+    pub fn connect_retries() -> usize {
+        1
+    }
+    pub fn health_path() -> String {
+        "/".to_owned()
+    }
+    pub fn health_interval() -> Duration {
+        Duration::from_secs(5)
+    }
+    pub fn health_timeout() -> Duration {
+        Duration::from_secs(2)
+    }
+    pub fn threshold() -> u32 {
+        2
+    }
+    pub fn max_fails() -> u32 {
+        3
+    }
+    pub fn fail_timeout() -> Duration {
+        Duration::from_secs(10)
+    }
+    pub fn status_ok() -> u16 {
+        200
+    }
+}

@@ -1,0 +1,259 @@
+//! Reading `gateway.toml` and reporting every problem in it at once.
+//!
+//! serde stops at the first error, so the file is first parsed as a plain TOML table and each
+//! section (and each element of `upstreams` and `routes`) is deserialized on its own; their errors
+//! are collected with their field paths, then [`super::validate`] adds the semantic ones.
+
+use std::fmt;
+use std::path::Path;
+
+use serde::de::DeserializeOwned;
+
+use super::file::{GatewayConfig, LogConfig, SecurityHeadersConfig, ServerConfig};
+
+/// One problem in a config file, with the path of the field it concerns.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigError {
+    /// Dotted field path such as `routes[2].upstream`; empty for the file as a whole.
+    pub path: String,
+    /// What is wrong, in lowercase.
+    pub message: String,
+}
+
+impl ConfigError {
+    /// An error at `path`.
+    pub fn new(path: impl Into<String>, message: impl Into<String>) -> Self {
+        Self {
+            path: path.into(),
+            message: message.into(),
+        }
+    }
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.path.is_empty() {
+            f.write_str(&self.message)
+        } else {
+            write!(f, "{}: {}", self.path, self.message)
+        }
+    }
+}
+
+/// Every problem found in one config file.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigErrors(pub Vec<ConfigError>);
+
+impl fmt::Display for ConfigErrors {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for (i, error) in self.0.iter().enumerate() {
+            if i > 0 {
+                f.write_str("\n")?;
+            }
+            write!(f, "{error}")?;
+        }
+        Ok(())
+    }
+}
+
+impl std::error::Error for ConfigErrors {}
+
+/// Reads and parses the file at `path` (types only; see [`super::validate`] for the rest).
+pub fn read_file(path: &Path) -> Result<(String, GatewayConfig), ConfigErrors> {
+    let text = std::fs::read_to_string(path).map_err(|error| {
+        ConfigErrors(vec![ConfigError::new(
+            "",
+            format!("cannot read {}: {error}", path.display()),
+        )])
+    })?;
+    let file = parse(&text)?;
+    Ok((text, file))
+}
+
+/// Parses config text into its file types, collecting the errors of every section.
+pub fn parse(text: &str) -> Result<GatewayConfig, ConfigErrors> {
+    let table: toml::Table = toml::from_str(text).map_err(|error| {
+        let message = error.message().to_owned();
+        let at = error
+            .span()
+            .map(|span| {
+                let line = text[..span.start.min(text.len())].lines().count().max(1);
+                format!(" (line {line})")
+            })
+            .unwrap_or_default();
+        ConfigErrors(vec![ConfigError::new(
+            "",
+            format!("not valid TOML{at}: {message}"),
+        )])
+    })?;
+
+    let mut errors = Vec::new();
+    let mut server = None;
+    let mut saw_server = false;
+    let mut log = LogConfig::default();
+    let mut security_headers = SecurityHeadersConfig::default();
+    let mut upstreams = Vec::new();
+    let mut routes = Vec::new();
+    for (key, value) in table {
+        match key.as_str() {
+            "server" => {
+                saw_server = true;
+                server = section::<ServerConfig>("server", value, &mut errors);
+            }
+            "log" => {
+                log = section::<LogConfig>("log", value, &mut errors).unwrap_or_default();
+            }
+            "security_headers" => {
+                security_headers =
+                    section::<SecurityHeadersConfig>("security_headers", value, &mut errors)
+                        .unwrap_or_default();
+            }
+            "upstreams" => upstreams = array("upstreams", value, &mut errors),
+            "routes" => routes = array("routes", value, &mut errors),
+            _ => errors.push(ConfigError::new(
+                key.clone(),
+                "unknown key (expected one of server, log, security_headers, upstreams, routes)",
+            )),
+        }
+    }
+    if !saw_server {
+        errors.push(ConfigError::new("server", "missing table [server]"));
+    }
+    match server {
+        Some(server) if errors.is_empty() => Ok(GatewayConfig {
+            server,
+            log,
+            security_headers,
+            upstreams,
+            routes,
+        }),
+        _ => Err(ConfigErrors(errors)),
+    }
+}
+
+fn section<T: DeserializeOwned>(
+    path: &str,
+    value: toml::Value,
+    errors: &mut Vec<ConfigError>,
+) -> Option<T> {
+    match serde_path_to_error::deserialize::<_, T>(value) {
+        Ok(parsed) => Some(parsed),
+        Err(error) => {
+            let inner = error.path().to_string();
+            let full = if inner == "." || inner.is_empty() {
+                path.to_owned()
+            } else {
+                format!("{path}.{inner}")
+            };
+            errors.push(ConfigError::new(full, describe(error.inner())));
+            None
+        }
+    }
+}
+
+fn array<T: DeserializeOwned>(
+    path: &str,
+    value: toml::Value,
+    errors: &mut Vec<ConfigError>,
+) -> Vec<T> {
+    let toml::Value::Array(items) = value else {
+        errors.push(ConfigError::new(
+            path,
+            format!("expected an array of tables ([[{path}]])"),
+        ));
+        return Vec::new();
+    };
+    items
+        .into_iter()
+        .enumerate()
+        .filter_map(|(i, item)| section(&format!("{path}[{i}]"), item, errors))
+        .collect()
+}
+
+/// The message of a deserialization error, without the position toml adds (paths replace it).
+fn describe(error: &toml::de::Error) -> String {
+    error.message().trim().to_owned()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn messages(text: &str) -> Vec<String> {
+        parse(text)
+            .unwrap_err()
+            .0
+            .iter()
+            .map(ToString::to_string)
+            .collect()
+    }
+
+    #[test]
+    fn reports_unknown_keys_in_every_section_with_their_paths() {
+        let errors = messages(
+            r#"
+            colour = "blue"
+            [server]
+            admin_listen = "127.0.0.1:9090"
+            lissen = "127.0.0.1:8080"
+            [[routes]]
+            name = "a"
+            path_prefix = "/a"
+            upstrem = "x"
+            [[routes]]
+            name = "b"
+            path_prefix = "/b"
+            "#,
+        );
+        assert_eq!(errors.len(), 3, "{errors:?}");
+        assert!(errors.iter().any(|e| e.starts_with("colour: unknown key")));
+        assert!(
+            errors
+                .iter()
+                .any(|e| e.starts_with("server.lissen: unknown field `lissen`")),
+            "{errors:?}"
+        );
+        assert!(
+            errors
+                .iter()
+                .any(|e| e.starts_with("routes[0].upstrem: unknown field `upstrem`")),
+            "{errors:?}"
+        );
+    }
+
+    #[test]
+    fn reports_wrong_types_at_the_nested_field() {
+        let errors = messages(
+            r#"
+            [server]
+            admin_listen = "127.0.0.1:9090"
+            [[upstreams]]
+            name = "a"
+            targets = ["127.0.0.1:1"]
+            connect_timeout = "soon"
+            [upstreams.health_check]
+            interval = 5
+            "#,
+        );
+        assert_eq!(errors.len(), 1, "{errors:?}");
+        assert!(
+            errors[0].starts_with("upstreams[0].connect_timeout: invalid duration \"soon\""),
+            "{errors:?}"
+        );
+    }
+
+    #[test]
+    fn reports_syntax_errors_with_a_line() {
+        let errors = messages("[server]\nadmin_listen = \n");
+        assert_eq!(errors.len(), 1);
+        assert!(
+            errors[0].starts_with("not valid TOML (line 2)"),
+            "{errors:?}"
+        );
+    }
+
+    #[test]
+    fn requires_the_server_table() {
+        assert_eq!(messages(""), vec!["server: missing table [server]"]);
+    }
+}

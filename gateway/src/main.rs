@@ -1,0 +1,36 @@
+//! `gateway`: run or check a Tollgate gateway.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::Parser;
+
+/// Tollgate gateway: proxies, authenticates and meters API traffic.
+#[derive(Debug, Parser)]
+#[command(name = "gateway", version)]
+struct Cli {
+    /// The config file.
+    #[arg(long, short, default_value = "gateway.toml")]
+    config: PathBuf,
+    /// Check the config file, print every problem with its field path, and exit.
+    #[arg(long)]
+    validate: bool,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    if cli.validate {
+        return if tollgate_gateway::server::validate(&cli.config) {
+            ExitCode::SUCCESS
+        } else {
+            ExitCode::FAILURE
+        };
+    }
+    match tollgate_gateway::server::run(cli.config) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            eprintln!("gateway: {error:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -1,0 +1,283 @@
+//! Prometheus metrics: every name in one place, and the per-route handles the request path uses.
+//!
+//! Labels carry only operator-chosen names (routes, upstreams), target positions, methods and
+//! status classes: never a key, token or address. Per-route counters are resolved once when a
+//! config is built, so recording a request is a few atomic adds, not a label lookup.
+
+use prometheus::{
+    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
+    IntGaugeVec, Opts, Registry, TextEncoder,
+};
+
+/// Requests answered, by route, method and status class.
+pub const REQUESTS_TOTAL: &str = "tollgate_requests_total";
+/// Whole-request latency, by route.
+pub const REQUEST_DURATION: &str = "tollgate_request_duration_seconds";
+/// Time from the first connect attempt to the upstream's response header, by upstream.
+pub const UPSTREAM_DURATION: &str = "tollgate_upstream_duration_seconds";
+/// 1 when a target is available, 0 when not, by upstream and target position.
+pub const UPSTREAM_TARGET_HEALTHY: &str = "tollgate_upstream_target_healthy";
+/// Failed connection attempts and timeouts towards targets, by upstream.
+pub const UPSTREAM_FAILURES_TOTAL: &str = "tollgate_upstream_failures_total";
+/// Requests retried on another target, by upstream.
+pub const UPSTREAM_RETRIES_TOTAL: &str = "tollgate_upstream_retries_total";
+/// Config reloads, by result (`ok`, `failed`).
+pub const CONFIG_RELOADS_TOTAL: &str = "tollgate_config_reloads_total";
+/// Version of the running config (1 at start, +1 per applied reload).
+pub const CONFIG_VERSION: &str = "tollgate_config_version";
+/// Unix time the running config was loaded.
+pub const CONFIG_LOADED_TIMESTAMP: &str = "tollgate_config_loaded_timestamp_seconds";
+/// Requests being processed now.
+pub const REQUESTS_IN_FLIGHT: &str = "tollgate_requests_in_flight";
+
+/// The route label of requests that matched no route (route names cannot contain parentheses).
+pub const NO_ROUTE: &str = "(none)";
+
+const LATENCY_BUCKETS: &[f64] = &[
+    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+];
+
+/// Methods with their own label value; anything else is `OTHER`.
+const METHODS: [&str; 8] = [
+    "GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS", "OTHER",
+];
+/// Status classes; `none` when no response could be written (the client went away).
+const STATUS_CLASSES: [&str; 6] = ["1xx", "2xx", "3xx", "4xx", "5xx", "none"];
+
+/// Every metric of one gateway, in its own registry.
+#[derive(Debug, Clone)]
+pub struct Metrics {
+    registry: Registry,
+    requests: IntCounterVec,
+    request_duration: HistogramVec,
+    upstream_duration: HistogramVec,
+    /// Target availability.
+    pub target_healthy: IntGaugeVec,
+    upstream_failures: IntCounterVec,
+    upstream_retries: IntCounterVec,
+    reloads: IntCounterVec,
+    /// Running config version.
+    pub config_version: IntGauge,
+    /// When the running config was loaded.
+    pub config_loaded: IntGauge,
+    /// Requests in flight.
+    pub in_flight: IntGauge,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Metrics {
+    /// Registers every metric.
+    pub fn new() -> Self {
+        let registry = Registry::new();
+        let requests = IntCounterVec::new(
+            Opts::new(
+                REQUESTS_TOTAL,
+                "Requests answered, by route, method and status class.",
+            ),
+            &["route", "method", "status_class"],
+        );
+        let request_duration = HistogramVec::new(
+            HistogramOpts::new(
+                REQUEST_DURATION,
+                "Time from request arrival to the end of the response.",
+            )
+            .buckets(LATENCY_BUCKETS.to_vec()),
+            &["route"],
+        );
+        let upstream_duration = HistogramVec::new(
+            HistogramOpts::new(
+                UPSTREAM_DURATION,
+                "Time from the first connect attempt to the upstream response header.",
+            )
+            .buckets(LATENCY_BUCKETS.to_vec()),
+            &["upstream"],
+        );
+        let target_healthy = IntGaugeVec::new(
+            Opts::new(
+                UPSTREAM_TARGET_HEALTHY,
+                "1 when the target takes requests, 0 when it is marked down; target is its position in the upstream's list.",
+            ),
+            &["upstream", "target"],
+        );
+        let upstream_failures = IntCounterVec::new(
+            Opts::new(
+                UPSTREAM_FAILURES_TOTAL,
+                "Failed connection attempts and timeouts towards targets.",
+            ),
+            &["upstream"],
+        );
+        let upstream_retries = IntCounterVec::new(
+            Opts::new(
+                UPSTREAM_RETRIES_TOTAL,
+                "Requests retried on another target after a failed connection.",
+            ),
+            &["upstream"],
+        );
+        let reloads = IntCounterVec::new(
+            Opts::new(CONFIG_RELOADS_TOTAL, "Config reloads, by result."),
+            &["result"],
+        );
+        let config_version = IntGauge::new(CONFIG_VERSION, "Version of the running config.");
+        let config_loaded = IntGauge::new(
+            CONFIG_LOADED_TIMESTAMP,
+            "Unix time the running config was loaded.",
+        );
+        let in_flight = IntGauge::new(REQUESTS_IN_FLIGHT, "Requests being processed.");
+        // The options above are static and valid, and each name is registered once.
+        let metrics = (|| -> prometheus::Result<Metrics> {
+            let metrics = Metrics {
+                registry,
+                requests: requests?,
+                request_duration: request_duration?,
+                upstream_duration: upstream_duration?,
+                target_healthy: target_healthy?,
+                upstream_failures: upstream_failures?,
+                upstream_retries: upstream_retries?,
+                reloads: reloads?,
+                config_version: config_version?,
+                config_loaded: config_loaded?,
+                in_flight: in_flight?,
+            };
+            let r = &metrics.registry;
+            r.register(Box::new(metrics.requests.clone()))?;
+            r.register(Box::new(metrics.request_duration.clone()))?;
+            r.register(Box::new(metrics.upstream_duration.clone()))?;
+            r.register(Box::new(metrics.target_healthy.clone()))?;
+            r.register(Box::new(metrics.upstream_failures.clone()))?;
+            r.register(Box::new(metrics.upstream_retries.clone()))?;
+            r.register(Box::new(metrics.reloads.clone()))?;
+            r.register(Box::new(metrics.config_version.clone()))?;
+            r.register(Box::new(metrics.config_loaded.clone()))?;
+            r.register(Box::new(metrics.in_flight.clone()))?;
+            for result in ["ok", "failed"] {
+                metrics.reloads.with_label_values(&[result]);
+            }
+            Ok(metrics)
+        })();
+        metrics.unwrap_or_else(|error| panic!("metric definitions are static and valid: {error}"))
+    }
+
+    /// The handles of one route.
+    pub fn route(&self, route: &str) -> RouteMetrics {
+        let requests = METHODS
+            .iter()
+            .flat_map(|method| {
+                STATUS_CLASSES
+                    .iter()
+                    .map(move |class| self.requests.with_label_values(&[route, method, class]))
+            })
+            .collect();
+        RouteMetrics {
+            requests,
+            duration: self.request_duration.with_label_values(&[route]),
+        }
+    }
+
+    /// The handles of one upstream.
+    pub fn upstream(&self, upstream: &str) -> UpstreamMetrics {
+        UpstreamMetrics {
+            duration: self.upstream_duration.with_label_values(&[upstream]),
+            failures: self.upstream_failures.with_label_values(&[upstream]),
+            retries: self.upstream_retries.with_label_values(&[upstream]),
+        }
+    }
+
+    /// Counts a config reload.
+    pub fn reload(&self, ok: bool) {
+        self.reloads
+            .with_label_values(&[if ok { "ok" } else { "failed" }])
+            .inc();
+    }
+
+    /// Sets a target's availability gauge.
+    pub fn set_target_healthy(&self, upstream: &str, position: usize, healthy: bool) {
+        self.target_healthy
+            .with_label_values(&[upstream, &position.to_string()])
+            .set(i64::from(healthy));
+    }
+
+    /// Drops the series of a removed upstream's targets.
+    pub fn forget_targets(&self, upstream: &str, positions: std::ops::Range<usize>) {
+        for position in positions {
+            let _ = self
+                .target_healthy
+                .remove_label_values(&[upstream, &position.to_string()]);
+        }
+    }
+
+    /// The Prometheus text exposition of every metric.
+    pub fn render(&self) -> Vec<u8> {
+        let mut out = Vec::with_capacity(16 * 1024);
+        if let Err(error) = TextEncoder::new().encode(&self.registry.gather(), &mut out) {
+            tracing::error!(%error, "cannot encode metrics");
+        }
+        out
+    }
+}
+
+/// Handles of one route.
+#[derive(Debug, Clone)]
+pub struct RouteMetrics {
+    requests: Vec<IntCounter>,
+    duration: Histogram,
+}
+
+impl RouteMetrics {
+    /// Records one answered request; `status` 0 means no response was written.
+    pub fn record(&self, method: &http::Method, status: u16, seconds: f64) {
+        let method_index = METHODS
+            .iter()
+            .position(|m| *m == method.as_str())
+            .unwrap_or(METHODS.len() - 1);
+        let class_index = match status {
+            100..=599 => usize::from(status / 100) - 1,
+            _ => STATUS_CLASSES.len() - 1,
+        };
+        self.requests[method_index * STATUS_CLASSES.len() + class_index].inc();
+        self.duration.observe(seconds);
+    }
+}
+
+/// Handles of one upstream.
+#[derive(Debug, Clone)]
+pub struct UpstreamMetrics {
+    /// Time to the response header.
+    pub duration: Histogram,
+    /// Failed connections and timeouts.
+    pub failures: IntCounter,
+    /// Retries on another target.
+    pub retries: IntCounter,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn records_requests_under_their_labels() {
+        let metrics = Metrics::new();
+        let route = metrics.route("orders");
+        route.record(&http::Method::GET, 204, 0.002);
+        route.record(&http::Method::from_bytes(b"PURGE").unwrap(), 503, 0.002);
+        route.record(&http::Method::POST, 0, 0.002);
+        let text = String::from_utf8(metrics.render()).unwrap();
+        assert!(
+            text.contains(
+                r#"tollgate_requests_total{method="GET",route="orders",status_class="2xx"} 1"#
+            ),
+            "{text}"
+        );
+        assert!(text.contains(
+            r#"tollgate_requests_total{method="OTHER",route="orders",status_class="5xx"} 1"#
+        ));
+        assert!(text.contains(
+            r#"tollgate_requests_total{method="POST",route="orders",status_class="none"} 1"#
+        ));
+        assert!(text.contains(r#"tollgate_request_duration_seconds_count{route="orders"} 3"#));
+    }
+}

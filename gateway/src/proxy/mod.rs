@@ -1,0 +1,540 @@
+//! The request path: a thin [`ProxyHttp`] that matches the route, answers what the gateway
+//! answers itself, picks a target and decorates the response.
+//!
+//! # Layout
+//! - [`problem`]: the problems the gateway answers with, and the one mapping from errors to them.
+//! - [`respond`]: writing gateway-generated responses; headers every response carries.
+//! - [`request_id`]: `X-Request-Id` validation and generation.
+
+pub mod problem;
+pub mod request_id;
+pub mod respond;
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use http::HeaderValue;
+use http::header::{CONTENT_LENGTH, HOST};
+use pingora::http::{RequestHeader, ResponseHeader};
+use pingora::modules::http::compression::ResponseCompression;
+use pingora::proxy::{FailToProxy, ProxyHttp, Session};
+use pingora::upstreams::peer::HttpPeer;
+use pingora::{Error, ErrorType, Result};
+
+use crate::config::{Limits, Route, RouteAction, SecurityHeaders};
+use crate::routing::{Miss, strip_prefix};
+use crate::state::{Gateway, Live};
+use crate::upstream::Pool;
+use crate::upstream::health::now_ms;
+use problem::GatewayProblem;
+
+const X_FORWARDED_FOR: &str = "x-forwarded-for";
+const X_FORWARDED_PROTO: &str = "x-forwarded-proto";
+const X_FORWARDED_HOST: &str = "x-forwarded-host";
+
+/// The proxy service.
+#[derive(Debug, Clone)]
+pub struct Proxy {
+    gateway: Arc<Gateway>,
+}
+
+impl Proxy {
+    /// A proxy over the gateway's running config.
+    pub fn new(gateway: Arc<Gateway>) -> Self {
+        Self { gateway }
+    }
+}
+
+/// Per-request state.
+#[derive(Debug)]
+pub struct RequestCtx {
+    /// The config this request runs under, from its start to its end.
+    pub live: Arc<Live>,
+    /// The request id, kept or generated.
+    pub request_id: String,
+    /// Whether the client connected over TLS.
+    pub tls: bool,
+    route: Option<usize>,
+    started: Instant,
+    /// Targets tried, by position in the pool.
+    tried: Vec<usize>,
+    upstream_started: Option<Instant>,
+    upstream_elapsed: Option<Duration>,
+    deadline: Option<Instant>,
+    body_bytes: u64,
+    problem: Option<GatewayProblem>,
+    _in_flight: InFlight,
+}
+
+impl RequestCtx {
+    /// The matched route, if any.
+    pub fn route(&self) -> Option<&Route> {
+        self.route.map(|i| &self.live.routes.routes()[i])
+    }
+
+    /// The security headers that apply: the route's, or the global ones.
+    pub fn security_headers(&self) -> &SecurityHeaders {
+        self.route()
+            .map_or(&self.live.security_headers, |route| &route.security_headers)
+    }
+
+    fn pool(&self) -> Option<(&Pool, usize)> {
+        match self.route()?.action {
+            RouteAction::Proxy(index) => Some((&self.live.pools[index], index)),
+            RouteAction::Respond(_) => None,
+        }
+    }
+}
+
+/// Counts a request in flight for as long as its context lives.
+#[derive(Debug)]
+struct InFlight(prometheus::IntGauge);
+
+impl InFlight {
+    fn new(gauge: &prometheus::IntGauge) -> Self {
+        gauge.inc();
+        Self(gauge.clone())
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.dec();
+    }
+}
+
+#[async_trait]
+impl ProxyHttp for Proxy {
+    type CTX = RequestCtx;
+
+    fn new_ctx(&self) -> RequestCtx {
+        RequestCtx {
+            live: self.gateway.live(),
+            request_id: String::new(),
+            tls: false,
+            route: None,
+            started: Instant::now(),
+            tried: Vec::new(),
+            upstream_started: None,
+            upstream_elapsed: None,
+            deadline: None,
+            body_bytes: 0,
+            problem: None,
+            _in_flight: InFlight::new(&self.gateway.metrics.in_flight),
+        }
+    }
+
+    async fn request_filter(&self, session: &mut Session, ctx: &mut RequestCtx) -> Result<bool> {
+        let req = session.req_header();
+        ctx.request_id = request_id::from_header(
+            req.headers
+                .get(request_id::HEADER)
+                .map(HeaderValue::as_bytes),
+        );
+        ctx.tls = session
+            .digest()
+            .is_some_and(|digest| digest.ssl_digest.is_some());
+
+        if let Some(problem) = check_headers(req, &ctx.live.limits) {
+            respond::problem(session, ctx, &problem).await?;
+            return Ok(true);
+        }
+        let host = req
+            .uri
+            .host()
+            .or_else(|| req.headers.get(HOST).and_then(|h| h.to_str().ok()));
+        let route_index = match ctx.live.routes.find(host, req.uri.path(), &req.method) {
+            Ok(index) => index,
+            Err(miss) => {
+                let problem = match miss {
+                    Miss::NotFound => GatewayProblem::NoRoute,
+                    Miss::MethodNotAllowed(allowed) => GatewayProblem::MethodNotAllowed(allowed),
+                };
+                respond::problem(session, ctx, &problem).await?;
+                return Ok(true);
+            }
+        };
+        ctx.route = Some(route_index);
+        let live = &ctx.live;
+        let route = &live.routes.routes()[route_index];
+        if let Some(length) = content_length(session.req_header())
+            && length > route.max_request_body_bytes
+        {
+            let problem = GatewayProblem::BodyTooLarge {
+                limit: route.max_request_body_bytes,
+            };
+            respond::problem(session, ctx, &problem).await?;
+            return Ok(true);
+        }
+        match &route.action {
+            RouteAction::Respond(response) => {
+                let body = response.body.clone();
+                respond::write(
+                    session,
+                    ctx,
+                    response.status.as_u16(),
+                    &response.headers,
+                    body,
+                )
+                .await?;
+                Ok(true)
+            }
+            RouteAction::Proxy(_) => {
+                if let Some(level) = route.compression_level
+                    && let Some(compression) = session
+                        .downstream_modules_ctx
+                        .get_mut::<ResponseCompression>()
+                {
+                    compression.adjust_level(level);
+                }
+                Ok(false)
+            }
+        }
+    }
+
+    async fn request_body_filter(
+        &self,
+        session: &mut Session,
+        body: &mut Option<Bytes>,
+        _end_of_stream: bool,
+        ctx: &mut RequestCtx,
+    ) -> Result<()> {
+        let Some(chunk) = body else { return Ok(()) };
+        ctx.body_bytes += chunk.len() as u64;
+        let limit = ctx.route().map_or(u64::MAX, |r| r.max_request_body_bytes);
+        if ctx.body_bytes > limit && !session.was_upgraded() {
+            ctx.problem = Some(GatewayProblem::BodyTooLarge { limit });
+            return Err(Error::explain(
+                ErrorType::HTTPStatus(413),
+                "request body over the limit",
+            ));
+        }
+        Ok(())
+    }
+
+    async fn upstream_peer(
+        &self,
+        session: &mut Session,
+        ctx: &mut RequestCtx,
+    ) -> Result<Box<HttpPeer>> {
+        // A second handle on the config, so `ctx` can be updated while the pool is borrowed.
+        let live = ctx.live.clone();
+        let Some(RouteAction::Proxy(upstream_index)) = ctx.route().map(|r| &r.action).cloned()
+        else {
+            return Err(Error::explain(
+                ErrorType::InternalError,
+                "upstream_peer without a proxy route",
+            ));
+        };
+        let pool = &live.pools[upstream_index];
+        let Some(target_index) = pool.pick(&ctx.tried, now_ms()) else {
+            let problem = if ctx.tried.is_empty() {
+                GatewayProblem::NoHealthyTarget
+            } else {
+                GatewayProblem::UpstreamUnreachable
+            };
+            let status = problem.status();
+            ctx.problem = Some(problem);
+            return Err(Error::explain(
+                ErrorType::HTTPStatus(status),
+                "no available target",
+            ));
+        };
+        let upstream = &pool.upstream;
+        let target = pool.target(target_index);
+        let timeouts = upstream.timeouts;
+        let mut read_timeout = timeouts.read;
+        if let Some(total) = timeouts.request
+            && !session.is_upgrade_req()
+        {
+            let deadline = *ctx.deadline.get_or_insert(ctx.started + total);
+            let remaining = deadline.saturating_duration_since(Instant::now());
+            if remaining.is_zero() {
+                return Err(Error::explain(
+                    ErrorType::HTTPStatus(504),
+                    "request_timeout elapsed",
+                ));
+            }
+            read_timeout = read_timeout.min(remaining);
+        }
+        let sni = match (&upstream.sni, upstream.tls) {
+            (Some(sni), _) => sni.clone(),
+            (None, true) => target.host.clone(),
+            (None, false) => String::new(),
+        };
+        let mut peer = HttpPeer::new(target.address, upstream.tls, sni);
+        peer.options.connection_timeout = Some(timeouts.connect);
+        peer.options.total_connection_timeout = Some(timeouts.connect);
+        peer.options.read_timeout = Some(read_timeout);
+        peer.options.write_timeout = Some(timeouts.write);
+        peer.options.idle_timeout = Some(timeouts.idle);
+        if !ctx.tried.is_empty() {
+            live.upstream_metrics[upstream_index].retries.inc();
+        }
+        ctx.tried.push(target_index);
+        ctx.upstream_started.get_or_insert_with(Instant::now);
+        Ok(Box::new(peer))
+    }
+
+    fn fail_to_connect(
+        &self,
+        _session: &mut Session,
+        _peer: &HttpPeer,
+        ctx: &mut RequestCtx,
+        mut e: Box<Error>,
+    ) -> Box<Error> {
+        self.mark_target_failure(ctx);
+        if let Some((pool, _)) = ctx.pool()
+            && ctx.tried.len() <= pool.upstream.connect_retries
+        {
+            e.set_retry(true);
+        }
+        e
+    }
+
+    fn error_while_proxy(
+        &self,
+        peer: &HttpPeer,
+        session: &mut Session,
+        e: Box<Error>,
+        ctx: &mut RequestCtx,
+        client_reused: bool,
+    ) -> Box<Error> {
+        if GatewayProblem::is_target_failure(&e) {
+            self.mark_target_failure(ctx);
+        }
+        let mut e = e.more_context(format!("peer: {peer}"));
+        // Only idempotent requests whose body can be replayed are retried, and only on a reused
+        // connection (the target may simply have closed an idle one).
+        if !session.req_header().method.is_idempotent() || session.as_ref().retry_buffer_truncated()
+        {
+            e.set_retry(false);
+        } else {
+            e.retry.decide_reuse(client_reused);
+        }
+        e
+    }
+
+    async fn upstream_request_filter(
+        &self,
+        session: &mut Session,
+        upstream_request: &mut RequestHeader,
+        ctx: &mut RequestCtx,
+    ) -> Result<()> {
+        let Some(route) = ctx.route() else {
+            return Ok(());
+        };
+        if route.strip_prefix {
+            let path = upstream_request
+                .uri
+                .path_and_query()
+                .map_or("/", |pq| pq.as_str());
+            let stripped = strip_prefix(&route.path_prefix, path);
+            let uri = stripped
+                .parse::<http::Uri>()
+                .map_err(|e| Error::because(ErrorType::InternalError, "stripped path", e))?;
+            upstream_request.set_uri(uri);
+        }
+        let client_host = upstream_request.headers.get(HOST).cloned().or_else(|| {
+            session
+                .req_header()
+                .uri
+                .host()
+                .and_then(|h| HeaderValue::from_str(h).ok())
+        });
+        if let Some(host) = &client_host {
+            upstream_request.insert_header(X_FORWARDED_HOST, host.clone())?;
+        }
+        if let Some((pool, _)) = ctx.pool()
+            && let Some(host) = &pool.upstream.host_header
+        {
+            upstream_request.insert_header(HOST, host.clone())?;
+        } else if let Some(host) = client_host
+            && !upstream_request.headers.contains_key(HOST)
+        {
+            // HTTP/2 clients send :authority, HTTP/1.1 upstreams need Host.
+            upstream_request.insert_header(HOST, host)?;
+        }
+        upstream_request.insert_header(request_id::HEADER, ctx.request_id.as_str())?;
+        if let Some(client) = session.client_addr().and_then(|a| a.as_inet()) {
+            let ip = client.ip().to_string();
+            let forwarded = match upstream_request
+                .headers
+                .get(X_FORWARDED_FOR)
+                .and_then(|v| v.to_str().ok())
+            {
+                Some(earlier) => format!("{earlier}, {ip}"),
+                None => ip,
+            };
+            upstream_request.insert_header(X_FORWARDED_FOR, forwarded)?;
+        }
+        upstream_request
+            .insert_header(X_FORWARDED_PROTO, if ctx.tls { "https" } else { "http" })?;
+        Ok(())
+    }
+
+    async fn upstream_response_filter(
+        &self,
+        _session: &mut Session,
+        _upstream_response: &mut ResponseHeader,
+        ctx: &mut RequestCtx,
+    ) -> Result<()> {
+        if ctx.upstream_elapsed.is_none()
+            && let Some(started) = ctx.upstream_started
+        {
+            let elapsed = started.elapsed();
+            ctx.upstream_elapsed = Some(elapsed);
+            if let Some((pool, index)) = ctx.pool() {
+                ctx.live.upstream_metrics[index]
+                    .duration
+                    .observe(elapsed.as_secs_f64());
+                if let Some(&target) = ctx.tried.last() {
+                    pool.health[target].record_success();
+                }
+            }
+        }
+        Ok(())
+    }
+
+    async fn response_filter(
+        &self,
+        _session: &mut Session,
+        upstream_response: &mut ResponseHeader,
+        ctx: &mut RequestCtx,
+    ) -> Result<()> {
+        respond::decorate(upstream_response, ctx, false)
+    }
+
+    fn upstream_response_body_filter(
+        &self,
+        _session: &mut Session,
+        _body: &mut Option<Bytes>,
+        _end_of_stream: bool,
+        ctx: &mut RequestCtx,
+    ) -> Result<Option<Duration>> {
+        if let Some(deadline) = ctx.deadline
+            && Instant::now() > deadline
+        {
+            return Err(
+                Error::new_up(ErrorType::ReadTimedout).more_context("request_timeout elapsed")
+            );
+        }
+        Ok(None)
+    }
+
+    async fn fail_to_proxy(
+        &self,
+        session: &mut Session,
+        e: &Error,
+        ctx: &mut RequestCtx,
+    ) -> FailToProxy {
+        let problem = ctx.problem.take().or_else(|| GatewayProblem::from_error(e));
+        let error_code = match problem {
+            Some(problem) if session.response_written().is_none() => {
+                if let Err(error) = respond::problem(session, ctx, &problem).await {
+                    tracing::debug!(request_id = %ctx.request_id, %error, "cannot write the error response");
+                }
+                problem.status()
+            }
+            Some(problem) => problem.status(),
+            None => 0,
+        };
+        FailToProxy {
+            error_code,
+            can_reuse_downstream: false,
+        }
+    }
+
+    async fn logging(&self, session: &mut Session, e: Option<&Error>, ctx: &mut RequestCtx) {
+        let status = session.response_written().map_or(0, |h| h.status.as_u16());
+        let elapsed = ctx.started.elapsed();
+        let req = session.req_header();
+        let metrics = ctx
+            .route
+            .map_or(&ctx.live.no_route_metrics, |i| &ctx.live.route_metrics[i]);
+        metrics.record(&req.method, status, elapsed.as_secs_f64());
+        if !self.gateway.log.access_log {
+            return;
+        }
+        let target = ctx
+            .pool()
+            .zip(ctx.tried.last())
+            .map(|((pool, _), &t)| pool.target(t).name.as_str());
+        tracing::info!(
+            target: "tollgate::access",
+            request_id = %ctx.request_id,
+            client = %session.client_addr().map(ToString::to_string).unwrap_or_default(),
+            method = %req.method,
+            host = req.uri.host().or_else(|| req.headers.get(HOST).and_then(|h| h.to_str().ok())).unwrap_or(""),
+            path = req.uri.path(),
+            route = ctx.route().map_or(crate::metrics::NO_ROUTE, |r| r.name.as_str()),
+            status,
+            duration_ms = elapsed.as_secs_f64() * 1000.0,
+            upstream_target = target.unwrap_or(""),
+            upstream_ms = ctx.upstream_elapsed.map(|d| d.as_secs_f64() * 1000.0),
+            attempts = ctx.tried.len(),
+            bytes_in = session.body_bytes_read(),
+            bytes_out = session.body_bytes_sent(),
+            error = e.map(|e| e.etype().as_str()).unwrap_or(""),
+            "request"
+        );
+    }
+}
+
+impl Proxy {
+    fn mark_target_failure(&self, ctx: &RequestCtx) {
+        let Some((pool, index)) = ctx.pool() else {
+            return;
+        };
+        let Some(&target) = ctx.tried.last() else {
+            return;
+        };
+        ctx.live.upstream_metrics[index].failures.inc();
+        if pool.health[target].record_failure(&pool.upstream.passive, now_ms()) {
+            tracing::warn!(
+                upstream = %pool.upstream.name,
+                target = %pool.target(target).name,
+                fail_timeout_ms = pool.upstream.passive.fail_timeout.as_millis() as u64,
+                "target marked down after consecutive failures"
+            );
+            self.gateway
+                .metrics
+                .set_target_healthy(&pool.upstream.name, target, false);
+        }
+    }
+}
+
+fn content_length(req: &RequestHeader) -> Option<u64> {
+    req.headers
+        .get(CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.trim().parse().ok())
+}
+
+fn check_headers(req: &RequestHeader, limits: &Limits) -> Option<GatewayProblem> {
+    let count = req.headers.len();
+    if count > limits.max_request_headers {
+        return Some(GatewayProblem::HeadersTooLarge {
+            detail: format!(
+                "{count} headers exceed the limit of {}",
+                limits.max_request_headers
+            ),
+        });
+    }
+    let bytes: usize = req
+        .headers
+        .iter()
+        .map(|(name, value)| name.as_str().len() + value.len())
+        .sum();
+    if bytes > limits.max_request_header_bytes {
+        return Some(GatewayProblem::HeadersTooLarge {
+            detail: format!(
+                "{bytes} bytes of headers exceed the limit of {}",
+                limits.max_request_header_bytes
+            ),
+        });
+    }
+    None
+}

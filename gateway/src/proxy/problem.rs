@@ -1,0 +1,188 @@
+//! The problems the gateway answers with itself, and the one place errors become statuses.
+
+use http::Method;
+use pingora::{Error, ErrorSource, ErrorType};
+use tollgate_model::Problem;
+
+/// A response the gateway produces instead of a proxied one.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum GatewayProblem {
+    /// No route matches host and path (404).
+    NoRoute,
+    /// A route matches but not this method (405).
+    MethodNotAllowed(Vec<Method>),
+    /// The body is over the route's limit (413).
+    BodyTooLarge { limit: u64 },
+    /// Too many or too large headers (431).
+    HeadersTooLarge { detail: String },
+    /// The request is malformed (400).
+    BadRequest,
+    /// Every target of the upstream is marked down (503).
+    NoHealthyTarget,
+    /// No connection to any tried target could be made, or the upstream broke the exchange (502).
+    UpstreamUnreachable,
+    /// The upstream did not answer in time (504).
+    UpstreamTimeout,
+    /// Something failed inside the gateway (500).
+    Internal,
+}
+
+impl GatewayProblem {
+    /// The HTTP status.
+    pub fn status(&self) -> u16 {
+        match self {
+            Self::NoRoute => 404,
+            Self::MethodNotAllowed(_) => 405,
+            Self::BodyTooLarge { .. } => 413,
+            Self::HeadersTooLarge { .. } => 431,
+            Self::BadRequest => 400,
+            Self::NoHealthyTarget => 503,
+            Self::UpstreamUnreachable => 502,
+            Self::UpstreamTimeout => 504,
+            Self::Internal => 500,
+        }
+    }
+
+    /// The RFC 9457 body, with a detail safe to show to any client.
+    pub fn to_problem(&self, request_id: &str) -> Problem {
+        let (slug, title, detail) = match self {
+            Self::NoRoute => (
+                "no-route",
+                "No route matches this request",
+                "no route is configured for this host and path".to_owned(),
+            ),
+            Self::MethodNotAllowed(allowed) => (
+                "method-not-allowed",
+                "Method not allowed",
+                format!(
+                    "this path accepts {}",
+                    allowed
+                        .iter()
+                        .map(Method::as_str)
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                ),
+            ),
+            Self::BodyTooLarge { limit } => (
+                "request-too-large",
+                "Request body too large",
+                format!("the request body exceeds the limit of {limit} bytes"),
+            ),
+            Self::HeadersTooLarge { detail } => (
+                "headers-too-large",
+                "Request headers too large",
+                detail.clone(),
+            ),
+            Self::BadRequest => (
+                "bad-request",
+                "Bad request",
+                "the request could not be parsed".to_owned(),
+            ),
+            Self::NoHealthyTarget => (
+                "upstream-unavailable",
+                "Upstream unavailable",
+                "no healthy upstream target is available; retry later".to_owned(),
+            ),
+            Self::UpstreamUnreachable => (
+                "upstream-unreachable",
+                "Bad gateway",
+                "the upstream service could not be reached or failed to answer".to_owned(),
+            ),
+            Self::UpstreamTimeout => (
+                "upstream-timeout",
+                "Gateway timeout",
+                "the upstream service did not answer in time".to_owned(),
+            ),
+            Self::Internal => (
+                "internal",
+                "Internal error",
+                "the gateway failed to handle the request".to_owned(),
+            ),
+        };
+        Problem::new(slug, title, self.status())
+            .with_detail(detail)
+            .with_request_id(request_id)
+    }
+
+    /// What to answer for an error raised while proxying; `None` when the client is gone and no
+    /// response can be written.
+    pub fn from_error(error: &Error) -> Option<Self> {
+        use ErrorType::*;
+        let problem = match (error.etype(), error.esource()) {
+            (HTTPStatus(413), _) => Self::BodyTooLarge { limit: 0 },
+            (HTTPStatus(400), _) => Self::BadRequest,
+            (HTTPStatus(503), _) => Self::NoHealthyTarget,
+            (HTTPStatus(504), _) => Self::UpstreamTimeout,
+            (HTTPStatus(code), _) if (500..600).contains(code) => Self::UpstreamUnreachable,
+            (ConnectTimedout | ReadTimedout | WriteTimedout, ErrorSource::Upstream) => {
+                Self::UpstreamTimeout
+            }
+            (_, ErrorSource::Upstream) => Self::UpstreamUnreachable,
+            (
+                ReadError | WriteError | ConnectionClosed | ReadTimedout | WriteTimedout,
+                ErrorSource::Downstream,
+            ) => {
+                return None;
+            }
+            (_, ErrorSource::Downstream) => Self::BadRequest,
+            (_, ErrorSource::Internal | ErrorSource::Unset) => Self::Internal,
+        };
+        Some(problem)
+    }
+
+    /// Whether this error counts against a target's passive health.
+    pub fn is_target_failure(error: &Error) -> bool {
+        use ErrorType::*;
+        error.esource() == &ErrorSource::Upstream
+            && matches!(
+                error.etype(),
+                ConnectTimedout
+                    | ConnectRefused
+                    | ConnectNoRoute
+                    | ConnectError
+                    | TLSHandshakeFailure
+                    | TLSHandshakeTimedout
+                    | ReadTimedout
+                    | WriteTimedout
+            )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn upstream_timeouts_are_504_and_refusals_502() {
+        let timeout = Error::new_up(ErrorType::ReadTimedout);
+        assert_eq!(
+            GatewayProblem::from_error(&timeout),
+            Some(GatewayProblem::UpstreamTimeout)
+        );
+        let refused = Error::new_up(ErrorType::ConnectRefused);
+        assert_eq!(
+            GatewayProblem::from_error(&refused),
+            Some(GatewayProblem::UpstreamUnreachable)
+        );
+        assert!(GatewayProblem::is_target_failure(&refused));
+    }
+
+    #[test]
+    fn a_vanished_client_gets_no_response() {
+        let gone = Error::new_down(ErrorType::ConnectionClosed);
+        assert_eq!(GatewayProblem::from_error(&gone), None);
+        assert!(!GatewayProblem::is_target_failure(&gone));
+    }
+
+    #[test]
+    fn internal_errors_never_leak_their_message() {
+        let error = Error::explain(
+            ErrorType::InternalError,
+            "secret database password is hunter2",
+        );
+        let problem = GatewayProblem::from_error(&error).unwrap();
+        let body = String::from_utf8(problem.to_problem("rid").to_json()).unwrap();
+        assert!(!body.contains("hunter2"));
+        assert!(body.contains(r#""status":500"#));
+    }
+}

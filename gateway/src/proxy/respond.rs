@@ -1,0 +1,108 @@
+//! Writing responses the gateway produces itself, and the headers every response carries.
+
+use bytes::Bytes;
+use http::header::{CACHE_CONTROL, CONTENT_LENGTH, CONTENT_TYPE};
+use http::{HeaderName, HeaderValue};
+use pingora::Result;
+use pingora::http::ResponseHeader;
+use pingora::proxy::Session;
+use tollgate_model::PROBLEM_CONTENT_TYPE;
+
+use super::RequestCtx;
+use super::problem::GatewayProblem;
+use super::request_id;
+use crate::config::SecurityHeaders;
+
+static STRICT_TRANSPORT_SECURITY: HeaderName = http::header::STRICT_TRANSPORT_SECURITY;
+static CONTENT_SECURITY_POLICY: HeaderName = http::header::CONTENT_SECURITY_POLICY;
+
+/// Adds the request id and the route's security headers to a response. Headers an upstream set
+/// itself are kept. `generated` adds the CSP meant for bodies the gateway wrote.
+pub fn decorate(header: &mut ResponseHeader, ctx: &RequestCtx, generated: bool) -> Result<()> {
+    header.insert_header(request_id::HEADER, ctx.request_id.as_str())?;
+    let security = ctx.security_headers();
+    add_security_headers(header, security, ctx.tls, generated)
+}
+
+fn add_security_headers(
+    header: &mut ResponseHeader,
+    security: &SecurityHeaders,
+    tls: bool,
+    generated: bool,
+) -> Result<()> {
+    for (name, value) in &security.always {
+        if !header.headers.contains_key(name) {
+            header.insert_header(name.clone(), value.clone())?;
+        }
+    }
+    if tls
+        && let Some(hsts) = &security.hsts
+        && !header.headers.contains_key(&STRICT_TRANSPORT_SECURITY)
+    {
+        header.insert_header(STRICT_TRANSPORT_SECURITY.clone(), hsts.clone())?;
+    }
+    if generated
+        && let Some(csp) = &security.csp
+        && !header.headers.contains_key(&CONTENT_SECURITY_POLICY)
+    {
+        header.insert_header(CONTENT_SECURITY_POLICY.clone(), csp.clone())?;
+    }
+    Ok(())
+}
+
+/// Writes a complete response with the given status, headers and body.
+pub async fn write(
+    session: &mut Session,
+    ctx: &RequestCtx,
+    status: u16,
+    headers: &[(HeaderName, HeaderValue)],
+    body: Bytes,
+) -> Result<()> {
+    let mut header = ResponseHeader::build(status, Some(headers.len() + 8))?;
+    for (name, value) in headers {
+        header.append_header(name.clone(), value.clone())?;
+    }
+    header.insert_header(CONTENT_LENGTH, body.len())?;
+    decorate(&mut header, ctx, true)?;
+    let head_only = session.req_header().method == http::Method::HEAD;
+    session
+        .write_response_header(Box::new(header), false)
+        .await?;
+    let body = if head_only { Bytes::new() } else { body };
+    session.write_response_body(Some(body), true).await?;
+    Ok(())
+}
+
+/// Writes a problem response. Keep-alive is turned off when the request body may be unread, so
+/// the gateway never has to drain a large or slow body first.
+pub async fn problem(
+    session: &mut Session,
+    ctx: &RequestCtx,
+    problem: &GatewayProblem,
+) -> Result<()> {
+    if matches!(
+        problem,
+        GatewayProblem::BodyTooLarge { .. } | GatewayProblem::BadRequest
+    ) {
+        session.set_keepalive(None);
+    }
+    let mut headers = vec![
+        (CONTENT_TYPE, HeaderValue::from_static(PROBLEM_CONTENT_TYPE)),
+        (CACHE_CONTROL, HeaderValue::from_static("no-store")),
+    ];
+    if let GatewayProblem::MethodNotAllowed(allowed) = problem {
+        let list = allowed
+            .iter()
+            .map(http::Method::as_str)
+            .collect::<Vec<_>>()
+            .join(", ");
+        if let Ok(value) = HeaderValue::from_str(&list) {
+            headers.push((http::header::ALLOW, value));
+        }
+    }
+    if matches!(problem, GatewayProblem::NoHealthyTarget) {
+        headers.push((http::header::RETRY_AFTER, HeaderValue::from_static("1")));
+    }
+    let body = problem.to_problem(&ctx.request_id).to_json();
+    write(session, ctx, problem.status(), &headers, Bytes::from(body)).await
+}

@@ -1,0 +1,132 @@
+//! Building the Pingora server from a checked config and running it.
+
+use std::net::{SocketAddr, TcpListener};
+use std::path::PathBuf;
+
+use anyhow::Context;
+use pingora::listeners::tls::TlsSettings;
+use pingora::proxy::http_proxy_service_with_name;
+use pingora::server::configuration::ServerConf;
+use pingora::server::{RunArgs, Server};
+use pingora::services::background::background_service;
+use pingora::services::listening::Service;
+
+use crate::admin::Admin;
+use crate::config::Config;
+use crate::proxy::Proxy;
+use crate::reload::ConfigWatcher;
+use crate::shutdown::Signals;
+use crate::state::Gateway;
+use crate::upstream::check::HealthChecker;
+
+/// Loads the config at `path`, starts every service and blocks until shutdown.
+pub fn run(path: PathBuf) -> anyhow::Result<()> {
+    let (text, config) = Config::from_file(&path)
+        .map_err(|errors| anyhow::anyhow!("{} has problems:\n{errors}", path.display()))?;
+    crate::logging::init(&config.log)?;
+    let listen: Vec<SocketAddr> = config
+        .server
+        .listen
+        .iter()
+        .map(|a| bind_free(*a))
+        .collect::<anyhow::Result<_>>()?;
+    let tls: Vec<(SocketAddr, crate::config::TlsListener)> = config
+        .server
+        .tls
+        .iter()
+        .map(|t| Ok((bind_free(t.listen)?, t.clone())))
+        .collect::<anyhow::Result<_>>()?;
+    let admin_listen = bind_free(config.server.admin_listen)?;
+
+    let conf = ServerConf {
+        threads: config.server.threads,
+        grace_period_seconds: Some(config.server.grace_period.as_secs_f64().ceil() as u64),
+        graceful_shutdown_timeout_seconds: Some(1),
+        upstream_keepalive_pool_size: config.server.upstream_keepalive_pool_size,
+        ..ServerConf::default()
+    };
+    let mut server = Server::new_with_opt_and_conf(None, conf);
+    server.bootstrap();
+
+    let mut tls_services = Vec::new();
+    for (address, listener) in &tls {
+        let mut settings = TlsSettings::intermediate(
+            &listener.cert.to_string_lossy(),
+            &listener.key.to_string_lossy(),
+        )
+        .with_context(|| format!("cannot load the TLS certificate or key for {address}"))?;
+        if listener.http2 {
+            settings.enable_h2();
+        }
+        tls_services.push((address.to_string(), settings));
+    }
+
+    let gateway = Gateway::new(path, text, config);
+    let mut proxy =
+        http_proxy_service_with_name(&server.configuration, Proxy::new(gateway.clone()), "proxy");
+    for address in &listen {
+        proxy.add_tcp(&address.to_string());
+    }
+    for (address, settings) in tls_services {
+        proxy.add_tls_with_settings(&address, None, settings);
+    }
+    let mut admin = Service::new("admin".to_owned(), Admin::new(gateway.clone()));
+    admin.add_tcp(&admin_listen.to_string());
+    admin.threads = Some(1);
+    server.add_service(proxy);
+    server.add_service(admin);
+    server.add_service(background_service(
+        "health checks",
+        HealthChecker::new(gateway.clone()),
+    ));
+    server.add_service(background_service(
+        "config watcher",
+        ConfigWatcher::new(gateway.clone()),
+    ));
+
+    tracing::info!(
+        listen = ?listen.iter().map(ToString::to_string).collect::<Vec<_>>(),
+        tls_listen = ?tls.iter().map(|(a, _)| a.to_string()).collect::<Vec<_>>(),
+        admin_listen = %admin_listen,
+        threads = gateway.server.threads,
+        config_version = 1,
+        "tollgate gateway starting"
+    );
+    let signals = Signals::new(gateway);
+    server.run(RunArgs {
+        shutdown_signal: Box::new(signals),
+    });
+    tracing::info!("tollgate gateway stopped");
+    Ok(())
+}
+
+/// Port 0 asks for a free port: one is reserved by binding it, and released for Pingora to bind.
+fn bind_free(address: SocketAddr) -> anyhow::Result<SocketAddr> {
+    if address.port() != 0 {
+        return Ok(address);
+    }
+    let listener = TcpListener::bind(address).with_context(|| format!("cannot bind {address}"))?;
+    Ok(listener.local_addr()?)
+}
+
+/// Checks the config at `path` and prints every problem; returns whether it is valid.
+pub fn validate(path: &std::path::Path) -> bool {
+    match Config::from_file(path) {
+        Ok((_, config)) => {
+            println!(
+                "{}: ok ({} routes, {} upstreams)",
+                path.display(),
+                config.routes.len(),
+                config.upstreams.len()
+            );
+            true
+        }
+        Err(errors) => {
+            eprintln!("{}: {} problem(s)", path.display(), errors.0.len());
+            for error in &errors.0 {
+                eprintln!("  {error}");
+            }
+            false
+        }
+    }
+}

@@ -1,0 +1,203 @@
+//! The gateway's shared state: the running config, swapped atomically on reload.
+//!
+//! Requests take one `Arc<Live>` when they start and use it to the end, so a reload never changes
+//! the rules under a request in flight, and the old config is freed when its last request ends.
+
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Instant, SystemTime};
+
+use arc_swap::ArcSwap;
+use tokio::sync::watch;
+
+use crate::config::{Config, Limits, RouteAction, SecurityHeaders, ServerSettings};
+use crate::metrics::{Metrics, RouteMetrics, UpstreamMetrics};
+use crate::routing::RouteTable;
+use crate::upstream::Pool;
+use crate::upstream::health::{HealthRegistry, now_ms};
+
+/// One config in its runtime form.
+#[derive(Debug)]
+pub struct Live {
+    /// 1 for the config loaded at start, +1 per applied reload.
+    pub version: u64,
+    /// When it was loaded.
+    pub loaded_at: SystemTime,
+    /// Routes, ordered for matching.
+    pub routes: RouteTable,
+    /// Metric handles of each route, by file index.
+    pub route_metrics: Vec<RouteMetrics>,
+    /// Handles for requests that match no route.
+    pub no_route_metrics: RouteMetrics,
+    /// Upstream pools, by file index.
+    pub pools: Vec<Arc<Pool>>,
+    /// Metric handles of each upstream, by file index.
+    pub upstream_metrics: Vec<UpstreamMetrics>,
+    /// Request limits.
+    pub limits: Limits,
+    /// Security headers of responses that match no route.
+    pub security_headers: SecurityHeaders,
+}
+
+/// State shared by every part of one gateway process.
+#[derive(Debug)]
+pub struct Gateway {
+    live: ArcSwap<Live>,
+    /// The config file, re-read on reload.
+    pub config_path: PathBuf,
+    /// The settings the process started with (a reload cannot change them).
+    pub server: ServerSettings,
+    /// The log settings the process started with.
+    pub log: crate::config::file::LogConfig,
+    /// Health of every target, kept across reloads.
+    pub health: HealthRegistry,
+    /// Every metric.
+    pub metrics: Metrics,
+    /// The text of the running config, to skip reloads that change nothing.
+    text: Mutex<String>,
+    version: AtomicU64,
+    changed: watch::Sender<u64>,
+    /// Set once SIGTERM is received.
+    pub draining: AtomicBool,
+    /// When the process started.
+    pub started: Instant,
+}
+
+impl Gateway {
+    /// The state for the config first loaded from `path`, whose text was `text`.
+    pub fn new(config_path: PathBuf, text: String, config: Config) -> Arc<Self> {
+        let metrics = Metrics::new();
+        let health = HealthRegistry::default();
+        let server = config.server.clone();
+        let log = config.log.clone();
+        let live = build_live(1, config, &health, &metrics);
+        let (changed, _) = watch::channel(1);
+        let gateway = Arc::new(Self {
+            live: ArcSwap::from_pointee(live),
+            config_path,
+            server,
+            log,
+            health,
+            metrics,
+            text: Mutex::new(text),
+            version: AtomicU64::new(1),
+            changed,
+            draining: AtomicBool::new(false),
+            started: Instant::now(),
+        });
+        gateway.publish_gauges();
+        gateway
+    }
+
+    /// The running config.
+    pub fn live(&self) -> Arc<Live> {
+        self.live.load_full()
+    }
+
+    /// Notified with the new version after every applied reload.
+    pub fn subscribe(&self) -> watch::Receiver<u64> {
+        self.changed.subscribe()
+    }
+
+    /// Whether `text` is the text of the running config.
+    pub fn is_current_text(&self, text: &str) -> bool {
+        *self
+            .text
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            == text
+    }
+
+    /// Swaps in a new config; returns its version.
+    pub fn apply(&self, text: String, config: Config) -> u64 {
+        let version = self.version.fetch_add(1, Ordering::SeqCst) + 1;
+        let old = self.live();
+        let live = build_live(version, config, &self.health, &self.metrics);
+        // Forget health and gauges of targets that are gone.
+        self.health.retain(|upstream, address| {
+            live.pools.iter().any(|p| {
+                p.upstream.name == upstream
+                    && p.upstream.targets.iter().any(|t| t.address == *address)
+            })
+        });
+        for pool in &old.pools {
+            let now = live
+                .pools
+                .iter()
+                .find(|p| p.upstream.name == pool.upstream.name)
+                .map_or(0, |p| p.upstream.targets.len());
+            self.metrics.forget_targets(
+                &pool.upstream.name,
+                now..pool.upstream.targets.len().max(now),
+            );
+        }
+        self.live.store(Arc::new(live));
+        *self
+            .text
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = text;
+        self.publish_gauges();
+        self.changed.send_replace(version);
+        version
+    }
+
+    fn publish_gauges(&self) {
+        let live = self.live();
+        self.metrics
+            .config_version
+            .set(i64::try_from(live.version).unwrap_or(i64::MAX));
+        let loaded = live
+            .loaded_at
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX));
+        self.metrics.config_loaded.set(loaded);
+        self.publish_health();
+    }
+
+    /// Sets the availability gauge of every target.
+    pub fn publish_health(&self) {
+        let now = now_ms();
+        for pool in &self.live().pools {
+            for (position, health) in pool.health.iter().enumerate() {
+                self.metrics.set_target_healthy(
+                    &pool.upstream.name,
+                    position,
+                    health.is_available(now),
+                );
+            }
+        }
+    }
+}
+
+fn build_live(version: u64, config: Config, health: &HealthRegistry, metrics: &Metrics) -> Live {
+    let pools: Vec<Arc<Pool>> = config
+        .upstreams
+        .into_iter()
+        .map(|upstream| Arc::new(Pool::new(upstream, health)))
+        .collect();
+    let upstream_metrics = pools
+        .iter()
+        .map(|pool| metrics.upstream(&pool.upstream.name))
+        .collect();
+    let route_metrics = config
+        .routes
+        .iter()
+        .map(|route| metrics.route(&route.name))
+        .collect();
+    debug_assert!(config.routes.iter().all(|route| match route.action {
+        RouteAction::Proxy(i) => i < pools.len(),
+        RouteAction::Respond(_) => true,
+    }));
+    Live {
+        version,
+        loaded_at: SystemTime::now(),
+        routes: RouteTable::new(config.routes),
+        route_metrics,
+        no_route_metrics: metrics.route(crate::metrics::NO_ROUTE),
+        pools,
+        upstream_metrics,
+        limits: config.limits,
+        security_headers: config.security_headers,
+    }
+}

@@ -1,0 +1,11 @@
+//! Tollgate's shared domain and wire types.
+//!
+//! This crate does no I/O and depends on neither tokio, Pingora, axum nor sqlx, so the gateway, the
+//! control plane and their tests agree on one definition of everything that crosses a boundary.
+//!
+//! # Layout
+//! - [`problem`]: RFC 9457 problem details, the one error body clients of either plane ever see.
+
+pub mod problem;
+
+pub use problem::{PROBLEM_CONTENT_TYPE, Problem};
