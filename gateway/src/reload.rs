@@ -94,7 +94,11 @@ impl ConfigWatcher {
 impl BackgroundService for ConfigWatcher {
     async fn start(&self, mut shutdown: ShutdownWatch) {
         let (tx, mut rx) = mpsc::unbounded_channel::<()>();
-        let _watcher = watch_file(&self.gateway.config_path, tx);
+        let _watcher = if self.gateway.server.watch_config {
+            watch_file(&self.gateway.config_path, tx)
+        } else {
+            None
+        };
         let mut hangup = match signal(SignalKind::hangup()) {
             Ok(hangup) => Some(hangup),
             Err(error) => {

@@ -84,9 +84,15 @@ pub fn run(path: PathBuf) -> anyhow::Result<()> {
         ConfigWatcher::new(gateway.clone()),
     ));
 
+    let join = |addresses: &mut dyn Iterator<Item = &SocketAddr>| {
+        addresses
+            .map(ToString::to_string)
+            .collect::<Vec<_>>()
+            .join(",")
+    };
     tracing::info!(
-        listen = ?listen.iter().map(ToString::to_string).collect::<Vec<_>>(),
-        tls_listen = ?tls.iter().map(|(a, _)| a.to_string()).collect::<Vec<_>>(),
+        listen = %join(&mut listen.iter()),
+        tls_listen = %join(&mut tls.iter().map(|(a, _)| a)),
         admin_listen = %admin_listen,
         threads = gateway.server.threads,
         config_version = 1,

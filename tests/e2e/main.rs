@@ -1,1 +1,14 @@
+//! End-to-end tests: the real gateway binary against real upstreams.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod balancing;
+mod headers;
+mod limits;
+mod observability;
+mod protocols;
+mod proxying;
+mod reload;
+mod shutdown;
+mod timeouts;
+mod validate;

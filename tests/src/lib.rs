@@ -1,1 +1,30 @@
+//! The end-to-end harness: the real `gateway` binary, started on `127.0.0.1:0` with a config the
+//! test writes, in front of real HTTP upstreams started by the test.
+//!
+//! # Layout
+//! - [`gateway`]: starting, reconfiguring, signalling and reading the logs of a gateway process.
+//! - [`upstream`]: test upstream servers (echo, slow, streaming, WebSocket, health toggles).
+//! - [`tls`]: self-signed certificates for TLS listeners.
 
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    missing_debug_implementations
+)]
+
+pub mod gateway;
+pub mod tls;
+pub mod upstream;
+
+pub use gateway::{Gateway, config};
+pub use upstream::Upstream;
+
+/// A client that keeps connections alive and never follows redirects.
+pub fn client() -> reqwest::Client {
+    reqwest::Client::builder()
+        .redirect(reqwest::redirect::Policy::none())
+        .build()
+        .unwrap()
+}
+
+pub mod raw;

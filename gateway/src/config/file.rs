@@ -58,6 +58,9 @@ pub struct ServerConfig {
     /// Idle upstream connections kept for reuse, across all upstreams.
     #[serde(default = "defaults::upstream_keepalive_pool_size")]
     pub upstream_keepalive_pool_size: usize,
+    /// Reload when the config file changes (default true); SIGHUP reloads either way.
+    #[serde(default = "defaults::yes")]
+    pub watch_config: bool,
 }
 
 /// One listen address or several.

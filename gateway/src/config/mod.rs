@@ -59,6 +59,8 @@ pub struct ServerSettings {
     pub grace_period: Duration,
     /// Idle upstream connections kept.
     pub upstream_keepalive_pool_size: usize,
+    /// Reload on file changes.
+    pub watch_config: bool,
 }
 
 /// A TLS proxy listener.

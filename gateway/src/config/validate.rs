@@ -172,6 +172,7 @@ fn server(file: &ServerConfig, base: &Path, errors: &mut Errors) -> Option<Serve
         threads,
         grace_period: file.grace_period,
         upstream_keepalive_pool_size: file.upstream_keepalive_pool_size,
+        watch_config: file.watch_config,
     })
 }
 

@@ -57,6 +57,7 @@ pub struct RequestCtx {
     /// Whether the client connected over TLS.
     pub tls: bool,
     route: Option<usize>,
+    miss: Option<Miss>,
     started: Instant,
     /// Targets tried, by position in the pool.
     tried: Vec<usize>,
@@ -115,6 +116,7 @@ impl ProxyHttp for Proxy {
             request_id: String::new(),
             tls: false,
             route: None,
+            miss: None,
             started: Instant::now(),
             tried: Vec::new(),
             upstream_started: None,
@@ -126,7 +128,14 @@ impl ProxyHttp for Proxy {
         }
     }
 
-    async fn request_filter(&self, session: &mut Session, ctx: &mut RequestCtx) -> Result<bool> {
+    /// Runs before Pingora's modules see the request, so the route's compression setting is in
+    /// place when the compression module reads `Accept-Encoding`. Only matches; `request_filter`
+    /// answers.
+    async fn early_request_filter(
+        &self,
+        session: &mut Session,
+        ctx: &mut RequestCtx,
+    ) -> Result<()> {
         let req = session.req_header();
         ctx.request_id = request_id::from_header(
             req.headers
@@ -136,29 +145,43 @@ impl ProxyHttp for Proxy {
         ctx.tls = session
             .digest()
             .is_some_and(|digest| digest.ssl_digest.is_some());
-
-        if let Some(problem) = check_headers(req, &ctx.live.limits) {
-            respond::problem(session, ctx, &problem).await?;
-            return Ok(true);
-        }
         let host = req
             .uri
             .host()
             .or_else(|| req.headers.get(HOST).and_then(|h| h.to_str().ok()));
-        let route_index = match ctx.live.routes.find(host, req.uri.path(), &req.method) {
-            Ok(index) => index,
-            Err(miss) => {
-                let problem = match miss {
-                    Miss::NotFound => GatewayProblem::NoRoute,
-                    Miss::MethodNotAllowed(allowed) => GatewayProblem::MethodNotAllowed(allowed),
-                };
-                respond::problem(session, ctx, &problem).await?;
-                return Ok(true);
-            }
+        match ctx.live.routes.find(host, req.uri.path(), &req.method) {
+            Ok(index) => ctx.route = Some(index),
+            Err(miss) => ctx.miss = Some(miss),
+        }
+        if let Some(level) = ctx.route().and_then(|route| route.compression_level)
+            && let Some(compression) = session
+                .downstream_modules_ctx
+                .get_mut::<ResponseCompression>()
+        {
+            compression.adjust_level(level);
+        }
+        Ok(())
+    }
+
+    async fn request_filter(&self, session: &mut Session, ctx: &mut RequestCtx) -> Result<bool> {
+        if let Some(problem) = check_headers(session.req_header(), &ctx.live.limits) {
+            respond::problem(session, ctx, &problem).await?;
+            return Ok(true);
+        }
+        if let Some(miss) = ctx.miss.take() {
+            let problem = match miss {
+                Miss::NotFound => GatewayProblem::NoRoute,
+                Miss::MethodNotAllowed(allowed) => GatewayProblem::MethodNotAllowed(allowed),
+            };
+            respond::problem(session, ctx, &problem).await?;
+            return Ok(true);
+        }
+        let Some(route) = ctx.route() else {
+            return Err(Error::explain(
+                ErrorType::InternalError,
+                "no route and no miss",
+            ));
         };
-        ctx.route = Some(route_index);
-        let live = &ctx.live;
-        let route = &live.routes.routes()[route_index];
         if let Some(length) = content_length(session.req_header())
             && length > route.max_request_body_bytes
         {
@@ -181,16 +204,7 @@ impl ProxyHttp for Proxy {
                 .await?;
                 Ok(true)
             }
-            RouteAction::Proxy(_) => {
-                if let Some(level) = route.compression_level
-                    && let Some(compression) = session
-                        .downstream_modules_ctx
-                        .get_mut::<ResponseCompression>()
-                {
-                    compression.adjust_level(level);
-                }
-                Ok(false)
-            }
+            RouteAction::Proxy(_) => Ok(false),
         }
     }
 

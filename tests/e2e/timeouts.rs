@@ -1,0 +1,107 @@
+//! Read, whole-request and connect failures: a problem response in bounded time, never a hang.
+
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+use tollgate_tests::{Gateway, Upstream, client, config};
+
+fn upstream_config(upstream: &Upstream, timeouts: &str) -> String {
+    config(&format!(
+        r#"
+[[upstreams]]
+name = "slow"
+targets = ["{}"]
+{timeouts}
+[upstreams.passive]
+max_fails = 0
+[[routes]]
+name = "slow"
+path_prefix = "/"
+upstream = "slow"
+"#,
+        upstream.target()
+    ))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn read_timeout_is_a_504_problem() {
+    let upstream = Upstream::start("slow");
+    let gateway = Gateway::start(&upstream_config(&upstream, "read_timeout = \"300ms\"")).await;
+    let started = Instant::now();
+    let response = client()
+        .get(gateway.url("/slow/5000"))
+        .send()
+        .await
+        .unwrap();
+    let elapsed = started.elapsed();
+    assert_eq!(response.status(), 504);
+    let request_id = response.headers()["x-request-id"]
+        .to_str()
+        .unwrap()
+        .to_owned();
+    let problem: Value = response.json().await.unwrap();
+    assert_eq!(problem["type"], "urn:tollgate:problem:upstream-timeout");
+    assert_eq!(problem["request_id"], request_id);
+    assert!(
+        elapsed < Duration::from_secs(3),
+        "answered after {elapsed:?}, not after the upstream's 5 s"
+    );
+
+    // A fast request on the same route still works.
+    let response = client().get(gateway.url("/slow/1")).send().await.unwrap();
+    assert_eq!(response.status(), 200);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn request_timeout_bounds_the_whole_exchange() {
+    let upstream = Upstream::start("slow");
+    let gateway = Gateway::start(&upstream_config(
+        &upstream,
+        "read_timeout = \"10s\"\nrequest_timeout = \"400ms\"",
+    ))
+    .await;
+    let started = Instant::now();
+    let response = client()
+        .get(gateway.url("/slow/5000"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(
+        response.status(),
+        504,
+        "no header within the request timeout"
+    );
+    assert!(started.elapsed() < Duration::from_secs(3));
+
+    // The header comes at once, then a byte every 100 ms for ever: the body is cut at the deadline.
+    let started = Instant::now();
+    let response = client().get(gateway.url("/drip")).send().await.unwrap();
+    assert_eq!(response.status(), 200);
+    let body = response.bytes().await;
+    assert!(body.is_err(), "a body cut at the deadline is incomplete");
+    assert!(
+        started.elapsed() < Duration::from_secs(3),
+        "cut after {:?}",
+        started.elapsed()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn refused_connection_is_a_502_problem() {
+    let mut upstream = Upstream::start("gone");
+    let gateway = Gateway::start(&upstream_config(&upstream, "connect_timeout = \"500ms\"")).await;
+    upstream.stop();
+    let response = client().get(gateway.url("/x")).send().await.unwrap();
+    assert_eq!(response.status(), 502);
+    let text = response.text().await.unwrap();
+    let problem: Value = serde_json::from_str(&text).unwrap();
+    assert_eq!(problem["type"], "urn:tollgate:problem:upstream-unreachable");
+    assert!(
+        !text.contains("127.0.0.1"),
+        "no internal address leaks: {text}"
+    );
+    assert!(
+        !text.to_lowercase().contains("refused"),
+        "no internal message leaks: {text}"
+    );
+}

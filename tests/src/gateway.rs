@@ -1,0 +1,298 @@
+//! A gateway process under test.
+
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+/// How long a gateway gets to start or to apply a change before a test fails.
+pub const PATIENCE: Duration = Duration::from_secs(15);
+
+/// The `[server]` and `[log]` tables every test config starts with, then `rest`.
+pub fn config(rest: &str) -> String {
+    format!(
+        r#"
+[server]
+listen = "127.0.0.1:0"
+admin_listen = "127.0.0.1:0"
+threads = 2
+grace_period = "10s"
+
+[log]
+format = "json"
+level = "info"
+
+{rest}
+"#
+    )
+}
+
+/// The gateway binary, built once per test process so it is never stale.
+pub fn binary() -> &'static Path {
+    static BINARY: OnceLock<PathBuf> = OnceLock::new();
+    BINARY.get_or_init(|| {
+        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".to_owned());
+        let status = Command::new(cargo)
+            .args([
+                "build",
+                "--quiet",
+                "-p",
+                "tollgate-gateway",
+                "--bin",
+                "gateway",
+            ])
+            .status()
+            .expect("run cargo build for the gateway binary");
+        assert!(status.success(), "building the gateway failed");
+        // target/<profile>/deps/e2e-<hash> -> target/<profile>/gateway
+        let exe = std::env::current_exe().unwrap();
+        let profile_dir = exe.parent().and_then(Path::parent).unwrap();
+        let binary = profile_dir.join("gateway");
+        assert!(binary.exists(), "no gateway binary at {}", binary.display());
+        binary
+    })
+}
+
+/// A running gateway process; killed when dropped.
+pub struct Gateway {
+    child: Child,
+    /// The first plain proxy listener.
+    pub proxy: SocketAddr,
+    /// The first TLS proxy listener, if any.
+    pub tls: Option<SocketAddr>,
+    /// The admin listener.
+    pub admin: SocketAddr,
+    /// The config file the gateway watches.
+    pub config_path: PathBuf,
+    /// The directory of the config file.
+    pub dir: tempfile::TempDir,
+    logs: Arc<Mutex<Vec<Value>>>,
+    exit: Option<ExitStatus>,
+}
+
+impl Gateway {
+    /// Starts a gateway with this config text and waits until its admin listener answers.
+    pub async fn start(config: &str) -> Gateway {
+        let dir = tempfile::tempdir().unwrap();
+        Self::start_in(dir, config).await
+    }
+
+    /// Starts a gateway whose config lives in `dir` (which may hold certificates).
+    pub async fn start_in(dir: tempfile::TempDir, config: &str) -> Gateway {
+        let config_path = dir.path().join("gateway.toml");
+        std::fs::write(&config_path, config).unwrap();
+        let mut child = Command::new(binary())
+            .arg("--config")
+            .arg(&config_path)
+            .env_remove("RUST_LOG")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn the gateway");
+        let logs = Arc::new(Mutex::new(Vec::new()));
+        let stdout = child.stdout.take().unwrap();
+        let sink = logs.clone();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                match serde_json::from_str::<Value>(&line) {
+                    Ok(value) => sink.lock().unwrap().push(value),
+                    Err(_) => sink.lock().unwrap().push(Value::String(line)),
+                }
+            }
+        });
+        let stderr = child.stderr.take().unwrap();
+        let sink = logs.clone();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                sink.lock().unwrap().push(Value::String(line));
+            }
+        });
+
+        let started = Instant::now();
+        let line = loop {
+            if let Some(line) = logs
+                .lock()
+                .unwrap()
+                .iter()
+                .find(|l| l["message"] == "tollgate gateway starting")
+            {
+                break line.clone();
+            }
+            if let Ok(Some(status)) = child.try_wait() {
+                panic!(
+                    "gateway exited with {status} before starting: {:#?}",
+                    logs.lock().unwrap()
+                );
+            }
+            assert!(
+                started.elapsed() < PATIENCE,
+                "gateway did not start: {:#?}",
+                logs.lock().unwrap()
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        };
+        let first = |field: &str| -> Option<SocketAddr> {
+            line[field]
+                .as_str()
+                .and_then(|s| s.split(',').next())
+                .and_then(|s| s.parse().ok())
+        };
+        let gateway = Gateway {
+            proxy: first("listen").unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], 1))),
+            tls: first("tls_listen"),
+            admin: first("admin_listen").expect("admin address in the start line"),
+            child,
+            config_path,
+            dir,
+            logs,
+            exit: None,
+        };
+        gateway.wait_until_listening().await;
+        gateway
+    }
+
+    async fn wait_until_listening(&self) {
+        let started = Instant::now();
+        loop {
+            let admin = tokio::net::TcpStream::connect(self.admin).await;
+            let proxy = match self.tls {
+                Some(tls) => tokio::net::TcpStream::connect(tls).await,
+                None => tokio::net::TcpStream::connect(self.proxy).await,
+            };
+            if admin.is_ok() && proxy.is_ok() {
+                return;
+            }
+            assert!(
+                started.elapsed() < PATIENCE,
+                "gateway listeners never opened: {:#?}",
+                self.logs()
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// `http://<proxy><path>`.
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}{path}", self.proxy)
+    }
+
+    /// `http://<admin><path>`.
+    pub fn admin_url(&self, path: &str) -> String {
+        format!("http://{}{path}", self.admin)
+    }
+
+    /// The process id.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Replaces the config file the way editors do: write a new file, rename it over the old one.
+    pub fn write_config(&self, text: &str) {
+        let temporary = self.dir.path().join(".gateway.toml.new");
+        std::fs::write(&temporary, text).unwrap();
+        std::fs::rename(&temporary, &self.config_path).unwrap();
+    }
+
+    /// The `/health/ready` document.
+    pub async fn ready(&self) -> Value {
+        reqwest::get(self.admin_url("/health/ready"))
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap()
+    }
+
+    /// The `/metrics` text.
+    pub async fn metrics(&self) -> String {
+        reqwest::get(self.admin_url("/metrics"))
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap()
+    }
+
+    /// The value of one metric series, given its full name with labels as rendered.
+    pub async fn metric(&self, series: &str) -> Option<f64> {
+        let text = self.metrics().await;
+        text.lines()
+            .find_map(|line| line.strip_prefix(series)?.strip_prefix(' ')?.parse().ok())
+    }
+
+    /// Waits until the running config has `version`.
+    pub async fn wait_for_version(&self, version: u64) {
+        let started = Instant::now();
+        loop {
+            if self.ready().await["config"]["version"] == version {
+                return;
+            }
+            assert!(
+                started.elapsed() < PATIENCE,
+                "config version {version} never applied: {:#?}",
+                self.logs()
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// Sends a signal by name (`TERM`, `HUP`, `KILL`).
+    pub fn signal(&self, name: &str) {
+        let status = Command::new("kill")
+            .arg(format!("-{name}"))
+            .arg(self.child.id().to_string())
+            .status()
+            .unwrap();
+        assert!(status.success(), "kill -{name} failed");
+    }
+
+    /// Waits for the process to exit.
+    pub async fn wait_exit(&mut self, within: Duration) -> ExitStatus {
+        let started = Instant::now();
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                self.exit = Some(status);
+                return status;
+            }
+            assert!(
+                started.elapsed() < within,
+                "gateway still running after {within:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+
+    /// Every log line so far (JSON lines parsed, other lines as strings).
+    pub fn logs(&self) -> Vec<Value> {
+        self.logs.lock().unwrap().clone()
+    }
+
+    /// Waits for a log line that satisfies `predicate`.
+    pub async fn wait_for_log(&self, predicate: impl Fn(&Value) -> bool) -> Value {
+        let started = Instant::now();
+        loop {
+            if let Some(line) = self.logs.lock().unwrap().iter().find(|l| predicate(l)) {
+                return line.clone();
+            }
+            assert!(
+                started.elapsed() < PATIENCE,
+                "no such log line in {:#?}",
+                self.logs()
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+}
+
+impl Drop for Gateway {
+    fn drop(&mut self) {
+        if self.exit.is_none() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
