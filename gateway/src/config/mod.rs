@@ -4,6 +4,7 @@
 //! returns every problem with its field path. Nothing outside this module sees the file types.
 
 pub mod file;
+mod headers;
 pub mod load;
 pub mod validate;
 

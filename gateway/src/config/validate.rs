@@ -1,26 +1,22 @@
 //! Semantic checks: from the file types to [`Config`], or every problem with its field path.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::HashMap;
 use std::net::{SocketAddr, ToSocketAddrs};
 use std::path::Path;
 
-use http::{HeaderName, HeaderValue, Method, StatusCode};
+use http::{Method, StatusCode};
 
 use super::file::{
     GatewayConfig, HealthCheckConfig, RouteConfig, SecurityHeadersConfig, ServerConfig,
     UpstreamConfig,
 };
+use super::headers::{
+    check_security_headers, header_pairs, header_value, resolve_security_headers,
+};
 use super::{
     Config, ConfigError, ConfigErrors, HealthCheck, HostMatch, Limits, PassiveHealth, Route,
-    RouteAction, SecurityHeaders, ServerSettings, StaticResponse, Target, Timeouts, TlsListener,
-    Upstream,
+    RouteAction, ServerSettings, StaticResponse, Target, Timeouts, TlsListener, Upstream,
 };
-
-const DEFAULT_HSTS: &str = "max-age=31536000; includeSubDomains";
-const DEFAULT_CONTENT_TYPE_OPTIONS: &str = "nosniff";
-const DEFAULT_FRAME_OPTIONS: &str = "DENY";
-const DEFAULT_REFERRER_POLICY: &str = "no-referrer";
-const DEFAULT_CSP: &str = "default-src 'none'; frame-ancestors 'none'";
 
 /// Checks a parsed file. Relative certificate paths are taken from `base`.
 pub fn validate(file: GatewayConfig, base: &Path) -> Result<Config, ConfigErrors> {
@@ -87,11 +83,12 @@ pub fn validate(file: GatewayConfig, base: &Path) -> Result<Config, ConfigErrors
     }
 }
 
+/// Problems found so far.
 #[derive(Default)]
-struct Errors(Vec<ConfigError>);
+pub(super) struct Errors(pub(super) Vec<ConfigError>);
 
 impl Errors {
-    fn push(&mut self, path: impl Into<String>, message: impl Into<String>) {
+    pub(super) fn push(&mut self, path: impl Into<String>, message: impl Into<String>) {
         self.0.push(ConfigError::new(path, message));
     }
 }
@@ -547,120 +544,212 @@ fn overlapping_routes(routes: &[RouteConfig], errors: &mut Errors) {
     }
 }
 
-fn check_security_headers(file: &SecurityHeadersConfig, path: &str, errors: &mut Errors) {
-    for (field, value) in [
-        ("strict_transport_security", &file.strict_transport_security),
-        ("content_type_options", &file.content_type_options),
-        ("frame_options", &file.frame_options),
-        ("referrer_policy", &file.referrer_policy),
-        ("content_security_policy", &file.content_security_policy),
-    ] {
-        if let Some(value) = value {
-            header_value(value, &format!("{path}.{field}"), errors);
-        }
-    }
-    header_pairs(&file.extra, &format!("{path}.extra"), errors);
-}
-
-/// Later layers override earlier ones, field by field; an empty value removes the header.
-fn resolve_security_headers(layers: &[&SecurityHeadersConfig]) -> SecurityHeaders {
-    let pick = |get: fn(&SecurityHeadersConfig) -> &Option<String>, default: &str| {
-        let value = layers
-            .iter()
-            .rev()
-            .find_map(|layer| get(layer).clone())
-            .unwrap_or_else(|| default.to_owned());
-        (!value.is_empty())
-            .then(|| HeaderValue::from_str(&value).ok())
-            .flatten()
-    };
-    let enabled = layers
-        .iter()
-        .rev()
-        .find_map(|layer| layer.enabled)
-        .unwrap_or(true);
-    if !enabled {
-        return SecurityHeaders::default();
-    }
-    let mut always = Vec::new();
-    for (name, value) in [
-        (
-            "x-content-type-options",
-            pick(|l| &l.content_type_options, DEFAULT_CONTENT_TYPE_OPTIONS),
-        ),
-        (
-            "x-frame-options",
-            pick(|l| &l.frame_options, DEFAULT_FRAME_OPTIONS),
-        ),
-        (
-            "referrer-policy",
-            pick(|l| &l.referrer_policy, DEFAULT_REFERRER_POLICY),
-        ),
-    ] {
-        if let Some(value) = value {
-            always.push((HeaderName::from_static(name), value));
-        }
-    }
-    let mut extra: BTreeMap<String, String> = BTreeMap::new();
-    for layer in layers {
-        for (name, value) in &layer.extra {
-            extra.insert(name.to_ascii_lowercase(), value.clone());
-        }
-    }
-    for (name, value) in extra {
-        if value.is_empty() {
-            continue;
-        }
-        if let (Ok(name), Ok(value)) = (
-            HeaderName::from_bytes(name.as_bytes()),
-            HeaderValue::from_str(&value),
-        ) {
-            always.push((name, value));
-        }
-    }
-    SecurityHeaders {
-        always,
-        hsts: pick(|l| &l.strict_transport_security, DEFAULT_HSTS),
-        csp: pick(|l| &l.content_security_policy, DEFAULT_CSP),
-    }
-}
-
-fn header_value(value: &str, path: &str, errors: &mut Errors) -> Option<HeaderValue> {
-    match HeaderValue::from_str(value) {
-        Ok(value) => Some(value),
-        Err(_) => {
-            errors.push(path, format!("invalid header value {value:?}"));
-            None
-        }
-    }
-}
-
-fn header_pairs(
-    map: &BTreeMap<String, String>,
-    path: &str,
-    errors: &mut Errors,
-) -> Vec<(HeaderName, HeaderValue)> {
-    map.iter()
-        .filter_map(|(name, value)| {
-            let header_path = format!("{path}.{name}");
-            let parsed_name = match HeaderName::from_bytes(name.as_bytes()) {
-                Ok(parsed) => Some(parsed),
-                Err(_) => {
-                    errors.push(&header_path, format!("invalid header name {name:?}"));
-                    None
-                }
-            };
-            let parsed_value = header_value(value, &header_path, errors);
-            parsed_name.zip(parsed_value)
-        })
-        .collect()
-}
-
 fn check_log_level(level: &str, errors: &mut Errors) {
     if tracing_subscriber::EnvFilter::try_new(level).is_err() {
         errors.push(
             "log.level",
             format!("invalid filter {level:?}: expected e.g. \"info\" or \"info,pingora=warn\""),
         );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::load::parse;
+
+    fn problems(text: &str) -> Vec<String> {
+        let file = parse(text).expect("typed parse");
+        validate(file, Path::new("."))
+            .unwrap_err()
+            .0
+            .iter()
+            .map(ToString::to_string)
+            .collect()
+    }
+
+    const SERVER: &str =
+        "[server]\nlisten = \"127.0.0.1:8080\"\nadmin_listen = \"127.0.0.1:9090\"\n";
+
+    #[test]
+    fn the_admin_listener_cannot_be_a_proxy_listener() {
+        let errors =
+            problems("[server]\nlisten = \"127.0.0.1:8080\"\nadmin_listen = \"127.0.0.1:8080\"\n");
+        assert_eq!(
+            errors,
+            vec![
+                "server.admin_listen: 127.0.0.1:8080 is also a proxy listener; the admin listener must be separate"
+            ]
+        );
+    }
+
+    #[test]
+    fn a_gateway_needs_a_proxy_listener() {
+        let errors = problems("[server]\nadmin_listen = \"127.0.0.1:9090\"\n");
+        assert_eq!(
+            errors,
+            vec![
+                "server.listen: no proxy listener: set server.listen or add a [[server.tls]] listener"
+            ]
+        );
+    }
+
+    #[test]
+    fn routes_that_can_never_be_reached_are_refused() {
+        let errors = problems(&format!(
+            "{SERVER}
+[[routes]]
+name = \"a\"
+path_prefix = \"/x\"
+methods = [\"GET\", \"POST\"]
+respond = {{ body = \"a\" }}
+[[routes]]
+name = \"b\"
+path_prefix = \"/x\"
+methods = [\"post\"]
+respond = {{ body = \"b\" }}
+[[routes]]
+name = \"c\"
+path_prefix = \"/x\"
+methods = [\"DELETE\"]
+respond = {{ body = \"c\" }}
+"
+        ));
+        assert_eq!(
+            errors,
+            vec![
+                "routes[1].path_prefix: routes[0] (\"a\") already matches this host, prefix and method"
+            ]
+        );
+    }
+
+    #[test]
+    fn route_fields_are_checked_one_by_one() {
+        let errors = problems(&format!(
+            "{SERVER}
+[[routes]]
+name = \"bad name!\"
+path_prefix = \"/x?y\"
+host = \"api.example.com:443\"
+methods = [\"GET\", \"G E T\"]
+compression_level = 12
+respond = {{ status = 200, headers = {{ \"x-ok\" = \"1\", \"bad header\" = \"2\" }} }}
+[[routes]]
+name = \"neither\"
+path_prefix = \"/n\"
+"
+        ));
+        assert_eq!(
+            errors,
+            vec![
+                "routes[0].name: invalid name \"bad name!\": use 1 to 64 letters, digits, '-', '_' or '.'",
+                "routes[0].path_prefix: must be a path without ?, # or spaces",
+                "routes[0].host: invalid host \"api.example.com:443\": expected a name like api.example.com or *.example.com, without a port",
+                "routes[0].methods[1]: invalid method \"G E T\"",
+                "routes[0].respond.headers.bad header: invalid header name \"bad header\"",
+                "routes[0].compression_level: 12 is not 1 to 9",
+                "routes[1]: missing upstream or respond: a route must proxy or answer",
+            ]
+        );
+    }
+
+    #[test]
+    fn upstream_fields_are_checked_one_by_one() {
+        let errors = problems(&format!(
+            "{SERVER}
+[[upstreams]]
+name = \"u\"
+targets = [\"127.0.0.1:1\", \"127.0.0.1:1\", \"no-port\", \"nonexistent.invalid:80\"]
+connect_timeout = \"0s\"
+[upstreams.health_check]
+path = \"health\"
+healthy_threshold = 0
+[[upstreams]]
+name = \"empty\"
+targets = []
+"
+        ));
+        assert_eq!(
+            errors,
+            vec![
+                "upstreams[0].targets[1]: \"127.0.0.1:1\" resolves to 127.0.0.1:1 like an earlier target",
+                "upstreams[0].targets[2]: invalid target \"no-port\": expected \"host:port\"",
+                "upstreams[0].targets[3]: cannot resolve \"nonexistent.invalid\"",
+                "upstreams[0].connect_timeout: must be longer than zero",
+                "upstreams[0].health_check.path: must start with / and contain no spaces",
+                "upstreams[0].health_check.healthy_threshold: must be at least 1",
+                "upstreams[1].targets: must list at least one target",
+            ]
+        );
+    }
+
+    #[test]
+    fn a_route_to_an_invalid_upstream_is_not_reported_twice() {
+        let errors = problems(&format!(
+            "{SERVER}
+[[upstreams]]
+name = \"u\"
+targets = []
+[[routes]]
+name = \"r\"
+path_prefix = \"/\"
+upstream = \"u\"
+"
+        ));
+        assert_eq!(
+            errors,
+            vec!["upstreams[0].targets: must list at least one target"]
+        );
+    }
+
+    #[test]
+    fn tls_files_must_exist() {
+        let errors = problems(
+            "[server]
+admin_listen = \"127.0.0.1:9090\"
+[[server.tls]]
+listen = \"127.0.0.1:8443\"
+cert = \"missing.crt\"
+key = \"missing.key\"
+",
+        );
+        assert_eq!(errors.len(), 2, "{errors:?}");
+        assert!(errors[0].starts_with("server.tls[0].cert: cannot read ./missing.crt"));
+        assert!(errors[1].starts_with("server.tls[0].key: cannot read ./missing.key"));
+    }
+
+    #[test]
+    fn a_valid_file_becomes_checked_types() {
+        let file = parse(&format!(
+            "{SERVER}
+[[upstreams]]
+name = \"u\"
+targets = [\"127.0.0.1:8000\", \"localhost:8001\"]
+request_timeout = \"2s\"
+[[routes]]
+name = \"r\"
+path_prefix = \"/r\"
+host = \"*.Example.com\"
+methods = [\"get\"]
+upstream = \"u\"
+"
+        ))
+        .unwrap();
+        let config = validate(file, Path::new(".")).unwrap();
+        assert_eq!(
+            config.server.listen,
+            vec!["127.0.0.1:8080".parse().unwrap()]
+        );
+        let upstream = &config.upstreams[0];
+        assert_eq!(upstream.targets[1].host, "localhost");
+        assert_eq!(
+            upstream.timeouts.request,
+            Some(std::time::Duration::from_secs(2))
+        );
+        let route = &config.routes[0];
+        assert_eq!(route.host, Some(HostMatch::Wildcard(".example.com".into())));
+        assert_eq!(route.methods, Some(vec![Method::GET]));
+        assert!(matches!(route.action, RouteAction::Proxy(0)));
+        assert_eq!(route.max_request_body_bytes, 10 * 1024 * 1024);
     }
 }

@@ -5,10 +5,17 @@
 //! - [`problem`]: the problems the gateway answers with, and the one mapping from errors to them.
 //! - [`respond`]: writing gateway-generated responses; headers every response carries.
 //! - [`request_id`]: `X-Request-Id` validation and generation.
+//! - `ctx`: per-request state.
+//! - `forward`: the request as the upstream receives it.
 
+mod ctx;
+mod forward;
 pub mod problem;
 pub mod request_id;
 pub mod respond;
+
+use ctx::InFlight;
+pub use ctx::RequestCtx;
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -23,16 +30,11 @@ use pingora::proxy::{FailToProxy, ProxyHttp, Session};
 use pingora::upstreams::peer::HttpPeer;
 use pingora::{Error, ErrorType, Result};
 
-use crate::config::{Limits, Route, RouteAction, SecurityHeaders};
-use crate::routing::{Miss, strip_prefix};
-use crate::state::{Gateway, Live};
-use crate::upstream::Pool;
+use crate::config::{Limits, RouteAction};
+use crate::routing::Miss;
+use crate::state::Gateway;
 use crate::upstream::health::now_ms;
 use problem::GatewayProblem;
-
-const X_FORWARDED_FOR: &str = "x-forwarded-for";
-const X_FORWARDED_PROTO: &str = "x-forwarded-proto";
-const X_FORWARDED_HOST: &str = "x-forwarded-host";
 
 /// The proxy service.
 #[derive(Debug, Clone)]
@@ -44,65 +46,6 @@ impl Proxy {
     /// A proxy over the gateway's running config.
     pub fn new(gateway: Arc<Gateway>) -> Self {
         Self { gateway }
-    }
-}
-
-/// Per-request state.
-#[derive(Debug)]
-pub struct RequestCtx {
-    /// The config this request runs under, from its start to its end.
-    pub live: Arc<Live>,
-    /// The request id, kept or generated.
-    pub request_id: String,
-    /// Whether the client connected over TLS.
-    pub tls: bool,
-    route: Option<usize>,
-    miss: Option<Miss>,
-    started: Instant,
-    /// Targets tried, by position in the pool.
-    tried: Vec<usize>,
-    upstream_started: Option<Instant>,
-    upstream_elapsed: Option<Duration>,
-    deadline: Option<Instant>,
-    body_bytes: u64,
-    problem: Option<GatewayProblem>,
-    _in_flight: InFlight,
-}
-
-impl RequestCtx {
-    /// The matched route, if any.
-    pub fn route(&self) -> Option<&Route> {
-        self.route.map(|i| &self.live.routes.routes()[i])
-    }
-
-    /// The security headers that apply: the route's, or the global ones.
-    pub fn security_headers(&self) -> &SecurityHeaders {
-        self.route()
-            .map_or(&self.live.security_headers, |route| &route.security_headers)
-    }
-
-    fn pool(&self) -> Option<(&Pool, usize)> {
-        match self.route()?.action {
-            RouteAction::Proxy(index) => Some((&self.live.pools[index], index)),
-            RouteAction::Respond(_) => None,
-        }
-    }
-}
-
-/// Counts a request in flight for as long as its context lives.
-#[derive(Debug)]
-struct InFlight(prometheus::IntGauge);
-
-impl InFlight {
-    fn new(gauge: &prometheus::IntGauge) -> Self {
-        gauge.inc();
-        Self(gauge.clone())
-    }
-}
-
-impl Drop for InFlight {
-    fn drop(&mut self) {
-        self.0.dec();
     }
 }
 
@@ -337,56 +280,7 @@ impl ProxyHttp for Proxy {
         upstream_request: &mut RequestHeader,
         ctx: &mut RequestCtx,
     ) -> Result<()> {
-        let Some(route) = ctx.route() else {
-            return Ok(());
-        };
-        if route.strip_prefix {
-            let path = upstream_request
-                .uri
-                .path_and_query()
-                .map_or("/", |pq| pq.as_str());
-            let stripped = strip_prefix(&route.path_prefix, path);
-            let uri = stripped
-                .parse::<http::Uri>()
-                .map_err(|e| Error::because(ErrorType::InternalError, "stripped path", e))?;
-            upstream_request.set_uri(uri);
-        }
-        let client_host = upstream_request.headers.get(HOST).cloned().or_else(|| {
-            session
-                .req_header()
-                .uri
-                .host()
-                .and_then(|h| HeaderValue::from_str(h).ok())
-        });
-        if let Some(host) = &client_host {
-            upstream_request.insert_header(X_FORWARDED_HOST, host.clone())?;
-        }
-        if let Some((pool, _)) = ctx.pool()
-            && let Some(host) = &pool.upstream.host_header
-        {
-            upstream_request.insert_header(HOST, host.clone())?;
-        } else if let Some(host) = client_host
-            && !upstream_request.headers.contains_key(HOST)
-        {
-            // HTTP/2 clients send :authority, HTTP/1.1 upstreams need Host.
-            upstream_request.insert_header(HOST, host)?;
-        }
-        upstream_request.insert_header(request_id::HEADER, ctx.request_id.as_str())?;
-        if let Some(client) = session.client_addr().and_then(|a| a.as_inet()) {
-            let ip = client.ip().to_string();
-            let forwarded = match upstream_request
-                .headers
-                .get(X_FORWARDED_FOR)
-                .and_then(|v| v.to_str().ok())
-            {
-                Some(earlier) => format!("{earlier}, {ip}"),
-                None => ip,
-            };
-            upstream_request.insert_header(X_FORWARDED_FOR, forwarded)?;
-        }
-        upstream_request
-            .insert_header(X_FORWARDED_PROTO, if ctx.tls { "https" } else { "http" })?;
-        Ok(())
+        forward::prepare(session, upstream_request, ctx)
     }
 
     async fn upstream_response_filter(

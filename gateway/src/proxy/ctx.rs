@@ -1,0 +1,71 @@
+//! Per-request state, created when a request arrives and dropped when it is logged.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use crate::config::{Route, RouteAction, SecurityHeaders};
+use crate::routing::Miss;
+use crate::state::Live;
+use crate::upstream::Pool;
+
+use super::problem::GatewayProblem;
+
+/// Per-request state.
+#[derive(Debug)]
+pub struct RequestCtx {
+    /// The config this request runs under, from its start to its end.
+    pub live: Arc<Live>,
+    /// The request id, kept or generated.
+    pub request_id: String,
+    /// Whether the client connected over TLS.
+    pub tls: bool,
+    pub(super) route: Option<usize>,
+    pub(super) miss: Option<Miss>,
+    pub(super) started: Instant,
+    /// Targets tried, by position in the pool.
+    pub(super) tried: Vec<usize>,
+    pub(super) upstream_started: Option<Instant>,
+    pub(super) upstream_elapsed: Option<Duration>,
+    pub(super) deadline: Option<Instant>,
+    pub(super) body_bytes: u64,
+    pub(super) problem: Option<GatewayProblem>,
+    /// Held for its `Drop`, which ends the request's count in flight.
+    pub(super) _in_flight: InFlight,
+}
+
+impl RequestCtx {
+    /// The matched route, if any.
+    pub fn route(&self) -> Option<&Route> {
+        self.route.map(|i| &self.live.routes.routes()[i])
+    }
+
+    /// The security headers that apply: the route's, or the global ones.
+    pub fn security_headers(&self) -> &SecurityHeaders {
+        self.route()
+            .map_or(&self.live.security_headers, |route| &route.security_headers)
+    }
+
+    pub(super) fn pool(&self) -> Option<(&Pool, usize)> {
+        match self.route()?.action {
+            RouteAction::Proxy(index) => Some((&self.live.pools[index], index)),
+            RouteAction::Respond(_) => None,
+        }
+    }
+}
+
+/// Counts a request in flight for as long as its context lives.
+#[derive(Debug)]
+pub(super) struct InFlight(prometheus::IntGauge);
+
+impl InFlight {
+    pub(super) fn new(gauge: &prometheus::IntGauge) -> Self {
+        gauge.inc();
+        Self(gauge.clone())
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.dec();
+    }
+}
