@@ -3,9 +3,11 @@
 //! `wrk` measures throughput at saturation, but its latencies are taken under saturation too.
 //! This tool answers the other question: at a fixed, moderate rate, how long does each request
 //! take? Requests are scheduled at fixed times over keep-alive connections (each connection sends
-//! every `connections / rate` seconds) and latency is measured from the scheduled time, not from
-//! when the request was actually written, so a stall is counted in full for every request it
-//! delays (no coordinated omission).
+//! every `connections / rate` seconds). When a response comes back after the next request was due,
+//! that next request's latency is measured from when it was due, not from when it could be
+//! written, so a stall is counted in full for every request it delays (no coordinated omission).
+//! Otherwise it is measured from when it was written, so the timer's own wake-up lag (about a
+//! millisecond in tokio) is not counted against the server.
 //!
 //! ```text
 //! loadgen --addr 127.0.0.1:8080 --path /hello --rate 2000 --seconds 10 --connections 16 \
@@ -85,8 +87,15 @@ async fn connection(args: &Args, index: u32, start: Instant, end: Instant) -> Ou
     let interval = Duration::from_secs_f64(f64::from(args.connections) / f64::from(args.rate));
     let mut scheduled = start + Duration::from_secs_f64(f64::from(index) / f64::from(args.rate));
     let mut stream: Option<BufReader<TcpStream>> = None;
+    let mut free_at = start;
     while scheduled < end {
         tokio::time::sleep_until(scheduled.into()).await;
+        // Late because the previous response was late: count from when this one was due.
+        let measured_from = if free_at > scheduled {
+            scheduled
+        } else {
+            Instant::now()
+        };
         if stream.is_none() {
             stream = TcpStream::connect(args.addr).await.ok().map(|s| {
                 let _ = s.set_nodelay(true);
@@ -99,14 +108,16 @@ async fn connection(args: &Args, index: u32, start: Instant, end: Instant) -> Ou
         };
         match result {
             Ok(status) => {
+                free_at = Instant::now();
                 outcome
                     .latencies_us
-                    .push(scheduled.elapsed().as_micros() as u64);
+                    .push((free_at - measured_from).as_micros() as u64);
                 if !(200..300).contains(&status) {
                     outcome.non_2xx += 1;
                 }
             }
             Err(_) => {
+                free_at = Instant::now();
                 outcome.errors += 1;
                 stream = None;
             }

@@ -5,6 +5,11 @@ use std::process::ExitCode;
 
 use clap::Parser;
 
+/// mimalloc: the request path allocates many small, short-lived buffers; measured 10-15% more
+/// requests/s than glibc's allocator (see BENCHMARKS.md).
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 /// Tollgate gateway: proxies, authenticates and meters API traffic.
 #[derive(Debug, Parser)]
 #[command(name = "gateway", version)]

@@ -120,3 +120,33 @@ async fn too_many_or_too_large_headers_are_431_problems() {
     assert_eq!(response.status(), 431);
     assert_eq!(upstream.requests(), 0);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_early_answer_to_a_request_with_a_body_closes_the_connection() {
+    let upstream = Upstream::start("echo");
+    let gateway = Gateway::start(
+        &limits_config(&upstream).replace("path_prefix = \"/\"", "path_prefix = \"/echo\""),
+    )
+    .await;
+    let mut connection = tollgate_tests::raw::RawConnection::connect(gateway.proxy)
+        .await
+        .unwrap();
+    // Half of the declared body is sent: the gateway must not wait to drain the rest.
+    let response = connection
+        .send("POST /unrouted HTTP/1.1\r\nHost: gateway.test\r\nContent-Length: 10\r\n\r\nhello")
+        .await
+        .unwrap();
+    assert_eq!(response.status, 404);
+    assert_eq!(response.headers["connection"], "close");
+
+    let mut connection = tollgate_tests::raw::RawConnection::connect(gateway.proxy)
+        .await
+        .unwrap();
+    let response = connection.get("/unrouted").await.unwrap();
+    assert_eq!(response.status, 404);
+    assert_eq!(
+        response.headers["connection"], "keep-alive",
+        "no body: the connection stays"
+    );
+    assert_eq!(connection.get("/unrouted").await.unwrap().status, 404);
+}

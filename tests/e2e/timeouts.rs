@@ -105,3 +105,20 @@ async fn refused_connection_is_a_502_problem() {
         "no internal message leaks: {text}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_gateway_error_closes_the_connection_and_says_so() {
+    let mut upstream = Upstream::start("gone");
+    let gateway = Gateway::start(&upstream_config(&upstream, "")).await;
+    upstream.stop();
+    let mut connection = tollgate_tests::raw::RawConnection::connect(gateway.proxy)
+        .await
+        .unwrap();
+    let response = connection.get("/x").await.unwrap();
+    assert_eq!(response.status, 502);
+    assert_eq!(response.headers["connection"], "close");
+    assert!(
+        connection.get("/x").await.is_err(),
+        "the gateway closed it as announced"
+    );
+}

@@ -32,7 +32,14 @@ impl RawConnection {
 
     /// Sends `GET path` and reads the response.
     pub async fn get(&mut self, path: &str) -> std::io::Result<RawResponse> {
-        let request = format!("GET {path} HTTP/1.1\r\nHost: gateway.test\r\n\r\n");
+        self.send(&format!(
+            "GET {path} HTTP/1.1\r\nHost: gateway.test\r\n\r\n"
+        ))
+        .await
+    }
+
+    /// Sends `request` as written (head and body) and reads the response.
+    pub async fn send(&mut self, request: &str) -> std::io::Result<RawResponse> {
         self.stream.get_mut().write_all(request.as_bytes()).await?;
         self.read_response().await
     }

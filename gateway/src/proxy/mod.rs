@@ -341,6 +341,9 @@ impl ProxyHttp for Proxy {
         let problem = ctx.problem.take().or_else(|| GatewayProblem::from_error(e));
         let error_code = match problem {
             Some(problem) if session.response_written().is_none() => {
+                // Pingora closes the client connection after a failed proxy attempt; say so, or
+                // a client may send its next request on a connection that is going away.
+                session.set_keepalive(None);
                 if let Err(error) = respond::problem(session, ctx, &problem).await {
                     tracing::debug!(request_id = %ctx.request_id, %error, "cannot write the error response");
                 }

@@ -64,6 +64,11 @@ pub async fn write(
     }
     header.insert_header(CONTENT_LENGTH, body.len())?;
     decorate(&mut header, ctx, true)?;
+    // An unread request body would have to be drained before the connection could be reused;
+    // closing is cheaper and cannot be stalled by a slow client.
+    if !session.is_body_done() && may_have_body(session.req_header()) {
+        session.set_keepalive(None);
+    }
     let head_only = session.req_header().method == http::Method::HEAD;
     session
         .write_response_header(Box::new(header), false)
@@ -105,4 +110,12 @@ pub async fn problem(
     }
     let body = problem.to_problem(&ctx.request_id).to_json();
     write(session, ctx, problem.status(), &headers, Bytes::from(body)).await
+}
+
+fn may_have_body(req: &pingora::http::RequestHeader) -> bool {
+    req.headers.contains_key(http::header::TRANSFER_ENCODING)
+        || req
+            .headers
+            .get(CONTENT_LENGTH)
+            .is_some_and(|length| length.as_bytes() != b"0")
 }
