@@ -1,18 +1,31 @@
 //! The admin listener: `/health`, `/health/ready` and `/metrics`, never on a proxy listener.
+//!
+//! It runs as a background service with a listener of its own rather than as a Pingora
+//! listening service, because Pingora closes every listening service at SIGTERM: this one stays
+//! open until the process exits, so load balancers can watch `/health/ready` turn 503 while the
+//! proxy drains.
 
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::SystemTime;
 
+use std::time::Duration;
+
 use async_trait::async_trait;
 use http::{Method, Response, StatusCode, header};
-use pingora::apps::http_app::ServeHttp;
+use pingora::http::ResponseHeader;
 use pingora::protocols::http::ServerSession;
+use pingora::server::ShutdownWatch;
+use pingora::services::background::BackgroundService;
 use serde_json::json;
 use tollgate_model::{PROBLEM_CONTENT_TYPE, Problem};
 
+use crate::proxy::request_id;
 use crate::state::Gateway;
 use crate::upstream::health::now_ms;
+
+/// How long an admin connection may take to send a request.
+const READ_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// Serves the admin endpoints.
 #[derive(Debug)]
@@ -78,9 +91,105 @@ impl Admin {
     }
 }
 
+/// The admin listener as a background service.
+#[derive(Debug)]
+pub struct AdminServer {
+    admin: Arc<Admin>,
+    listener: std::sync::Mutex<Option<std::net::TcpListener>>,
+}
+
+impl AdminServer {
+    /// Serves `admin` on `listener`, already bound (so port 0 is resolved before start-up ends).
+    pub fn new(admin: Admin, listener: std::net::TcpListener) -> Self {
+        Self {
+            admin: Arc::new(admin),
+            listener: std::sync::Mutex::new(Some(listener)),
+        }
+    }
+}
+
 #[async_trait]
-impl ServeHttp for Admin {
-    async fn response(&self, session: &mut ServerSession) -> Response<Vec<u8>> {
+impl BackgroundService for AdminServer {
+    /// Deliberately ignores `shutdown`: see the module docs.
+    async fn start(&self, _shutdown: ShutdownWatch) {
+        let listener = self
+            .listener
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .take()
+            .map(|listener| {
+                listener.set_nonblocking(true)?;
+                tokio::net::TcpListener::from_std(listener)
+            });
+        let listener = match listener {
+            Some(Ok(listener)) => listener,
+            Some(Err(error)) => {
+                tracing::error!(%error, "admin listener cannot start");
+                return;
+            }
+            None => return,
+        };
+        loop {
+            match listener.accept().await {
+                Ok((stream, _)) => {
+                    let admin = self.admin.clone();
+                    tokio::spawn(async move { admin.serve_connection(stream).await });
+                }
+                Err(error) => {
+                    tracing::warn!(%error, "admin listener cannot accept");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+            }
+        }
+    }
+}
+
+impl Admin {
+    /// Answers one request and closes the connection: admin traffic is a probe or a scrape every
+    /// few seconds, where keep-alive saves nothing worth its bookkeeping.
+    async fn serve_connection(&self, stream: tokio::net::TcpStream) {
+        let stream: pingora::protocols::Stream =
+            Box::new(pingora::protocols::l4::stream::Stream::from(stream));
+        let mut session = ServerSession::new_http1(stream);
+        session.set_read_timeout(Some(READ_TIMEOUT));
+        if !matches!(session.read_request().await, Ok(true)) {
+            return;
+        }
+        let response = self.response(&mut session).await;
+        let (parts, body) = response.into_parts();
+        let mut header: ResponseHeader = parts.into();
+        let id = request_id::from_header(
+            session
+                .req_header()
+                .headers
+                .get(request_id::HEADER)
+                .map(http::HeaderValue::as_bytes),
+        );
+        if header.insert_header(request_id::HEADER, id).is_err() {
+            return;
+        }
+        session.set_keepalive(None);
+        let head_only = session.req_header().method == Method::HEAD;
+        if session
+            .write_response_header(Box::new(header))
+            .await
+            .is_err()
+        {
+            return;
+        }
+        if !head_only
+            && session
+                .write_response_body(body.into(), true)
+                .await
+                .is_err()
+        {
+            return;
+        }
+        let _ = session.finish().await;
+    }
+
+    /// The response to one admin request.
+    pub async fn response(&self, session: &mut ServerSession) -> Response<Vec<u8>> {
         let req = session.req_header();
         let (method, path) = (req.method.clone(), req.uri.path().to_owned());
         if method != Method::GET && method != Method::HEAD {

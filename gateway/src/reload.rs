@@ -3,8 +3,8 @@
 //! A valid new config is swapped in atomically (requests in flight finish under the config they
 //! started with; listeners and connections are untouched). An invalid one is refused with every
 //! problem logged, counted in `tollgate_config_reloads_total{result="failed"}`, and the running
-//! config stays. Settings that only take effect at start (`[server]`, `[log]`) are reported when
-//! they change.
+//! config stays. Listeners, threads, the grace period, the keep-alive pool and `[log]` only take
+//! effect at start; a reload that changes them says so. Request limits apply at once.
 
 use std::path::Path;
 use std::sync::Arc;
@@ -32,10 +32,12 @@ pub enum Reloaded {
     Unchanged,
 }
 
-/// Re-reads the config file and applies it if it is valid and different.
+/// Re-reads the config file and applies it if it is valid and different, or valid and `force`d
+/// (SIGHUP: the text may be the same while target host names now resolve elsewhere).
 pub async fn reload(
     gateway: &Arc<Gateway>,
     trigger: &'static str,
+    force: bool,
 ) -> Result<Reloaded, ConfigErrors> {
     let path = gateway.config_path.clone();
     // Reading and resolving target host names blocks; keep it off the async workers.
@@ -56,7 +58,7 @@ pub async fn reload(
             return Err(errors);
         }
     };
-    if gateway.is_current_text(&text) {
+    if !force && gateway.is_current_text(&text) {
         tracing::debug!(trigger, "config file unchanged");
         return Ok(Reloaded::Unchanged);
     }
@@ -110,16 +112,30 @@ impl BackgroundService for ConfigWatcher {
             tokio::select! {
                 _ = shutdown.changed() => return,
                 Some(()) = async { match hangup.as_mut() { Some(h) => h.recv().await, None => std::future::pending().await } } => {
-                    let _ = reload(&self.gateway, "sighup").await;
+                    let _ = reload(&self.gateway, "sighup", true).await;
                 }
                 Some(()) = rx.recv() => {
                     tokio::time::sleep(DEBOUNCE).await;
                     while rx.try_recv().is_ok() {}
-                    let _ = reload(&self.gateway, "file").await;
+                    let _ = reload(&self.gateway, "file", false).await;
                 }
             }
         }
     }
+}
+
+/// Events after which the file is whole: closed after writing, created, or renamed into place.
+/// Plain data modifications are skipped, so a slow writer is not read half-way.
+fn is_complete_write(kind: &EventKind) -> bool {
+    use notify::event::{AccessKind, AccessMode, ModifyKind, RenameMode};
+    matches!(
+        kind,
+        EventKind::Access(AccessKind::Close(AccessMode::Write))
+            | EventKind::Create(_)
+            | EventKind::Modify(ModifyKind::Name(
+                RenameMode::To | RenameMode::Both | RenameMode::Any
+            ))
+    )
 }
 
 /// Watches the directory of `path` (editors often replace the file rather than write it) and
@@ -132,7 +148,7 @@ fn watch_file(path: &Path, tx: mpsc::UnboundedSender<()>) -> Option<notify::Reco
     };
     let handler = move |event: notify::Result<notify::Event>| {
         if let Ok(event) = event
-            && !matches!(event.kind, EventKind::Access(_))
+            && is_complete_write(&event.kind)
             && event
                 .paths
                 .iter()

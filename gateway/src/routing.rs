@@ -109,6 +109,33 @@ fn strip_port(host: &str) -> &str {
         .map_or(host, |(name, _)| name)
 }
 
+/// Whether `path` has a `.` or `..` segment, written plainly or percent-encoded (`%2e`).
+///
+/// Routes match the path as written; an upstream that resolves dot segments would otherwise see
+/// `/public/../admin` as `/admin` after the gateway matched it as `/public`. Such paths are
+/// refused rather than rewritten, as no well-behaved client sends them.
+pub fn has_dot_segment(path: &str) -> bool {
+    path.split('/').any(|segment| {
+        let bytes = segment.as_bytes();
+        let mut dots = 0;
+        let mut i = 0;
+        while i < bytes.len() {
+            if bytes[i] == b'.' {
+                i += 1;
+            } else if bytes[i] == b'%'
+                && bytes.get(i + 1) == Some(&b'2')
+                && matches!(bytes.get(i + 2), Some(b'e' | b'E'))
+            {
+                i += 3;
+            } else {
+                return false;
+            }
+            dots += 1;
+        }
+        dots == 1 || dots == 2
+    })
+}
+
 /// The path (and query) sent upstream once `prefix` is removed from `path_and_query`.
 pub fn strip_prefix(prefix: &str, path_and_query: &str) -> String {
     let rest = path_and_query
@@ -281,6 +308,33 @@ mod tests {
         assert_eq!(strip_prefix("/orders", "/orders?x=1"), "/?x=1");
         assert_eq!(strip_prefix("/orders/", "/orders/7"), "/7");
         assert_eq!(strip_prefix("/", "/a/b"), "/a/b");
+    }
+
+    #[test]
+    fn finds_dot_segments_plain_and_encoded() {
+        for path in [
+            "/a/../b",
+            "/a/./b",
+            "/a/..",
+            "/..",
+            "/a/%2e%2e/b",
+            "/a/%2E./b",
+            "/a/.%2e",
+        ] {
+            assert!(has_dot_segment(path), "{path}");
+        }
+        for path in [
+            "/",
+            "/a/b",
+            "/a/.../b",
+            "/a/..b/c",
+            "/a/b.json",
+            "/.well-known/x",
+            "/a//b",
+            "/a/%2f/b",
+        ] {
+            assert!(!has_dot_segment(path), "{path}");
+        }
     }
 
     #[test]

@@ -9,9 +9,8 @@ use pingora::proxy::http_proxy_service_with_name;
 use pingora::server::configuration::ServerConf;
 use pingora::server::{RunArgs, Server};
 use pingora::services::background::background_service;
-use pingora::services::listening::Service;
 
-use crate::admin::Admin;
+use crate::admin::{Admin, AdminServer};
 use crate::config::Config;
 use crate::proxy::Proxy;
 use crate::reload::ConfigWatcher;
@@ -36,7 +35,13 @@ pub fn run(path: PathBuf) -> anyhow::Result<()> {
         .iter()
         .map(|t| Ok((bind_free(t.listen)?, t.clone())))
         .collect::<anyhow::Result<_>>()?;
-    let admin_listen = bind_free(config.server.admin_listen)?;
+    let admin_listener = TcpListener::bind(config.server.admin_listen).with_context(|| {
+        format!(
+            "cannot bind the admin listener {}",
+            config.server.admin_listen
+        )
+    })?;
+    let admin_listen = admin_listener.local_addr()?;
 
     let conf = ServerConf {
         threads: config.server.threads,
@@ -70,11 +75,11 @@ pub fn run(path: PathBuf) -> anyhow::Result<()> {
     for (address, settings) in tls_services {
         proxy.add_tls_with_settings(&address, None, settings);
     }
-    let mut admin = Service::new("admin".to_owned(), Admin::new(gateway.clone()));
-    admin.add_tcp(&admin_listen.to_string());
-    admin.threads = Some(1);
     server.add_service(proxy);
-    server.add_service(admin);
+    server.add_service(background_service(
+        "admin",
+        AdminServer::new(Admin::new(gateway.clone()), admin_listener),
+    ));
     server.add_service(background_service(
         "health checks",
         HealthChecker::new(gateway.clone()),

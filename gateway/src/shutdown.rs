@@ -1,4 +1,5 @@
 //! SIGTERM: stop accepting, let requests in flight finish within the grace period, exit 0.
+//! SIGINT, or a second SIGTERM while draining, exits at once.
 //!
 //! Pingora stops its listeners when told to terminate gracefully, then waits its whole grace
 //! period before exiting. We exit as soon as no request is in flight instead, so a rolling
@@ -66,24 +67,58 @@ impl ShutdownSignalWatch for Signals {
     }
 }
 
+/// Exits 0 once no request is in flight, or at once on SIGINT or a second SIGTERM. Runs on its
+/// own thread and runtime: Pingora's main loop has stopped listening for signals by now.
 fn exit_when_drained(gateway: &Gateway) {
-    let deadline = Instant::now() + gateway.server.grace_period;
-    let mut idle_polls = 0;
-    while Instant::now() < deadline {
-        // Two idle polls in a row, so a request whose context is being created is not cut.
-        if gateway.metrics.in_flight.get() <= 0 {
-            idle_polls += 1;
-            if idle_polls >= 2 {
-                tracing::info!("drained: no request in flight, exiting");
-                std::process::exit(0);
-            }
-        } else {
-            idle_polls = 0;
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(runtime) => runtime,
+        Err(error) => {
+            tracing::error!(%error, "cannot watch the drain; Pingora ends it after the grace period");
+            return;
         }
-        std::thread::sleep(DRAIN_POLL);
-    }
-    tracing::warn!(
-        in_flight = gateway.metrics.in_flight.get(),
-        "grace period over with requests in flight; ending them"
-    );
+    };
+    runtime.block_on(async {
+        let (Ok(mut term), Ok(mut interrupt)) = (
+            signal(SignalKind::terminate()),
+            signal(SignalKind::interrupt()),
+        ) else {
+            tracing::error!("cannot install signal handlers for the drain");
+            return;
+        };
+        let deadline = Instant::now() + gateway.server.grace_period;
+        let mut poll = tokio::time::interval(DRAIN_POLL);
+        let mut idle_polls = 0;
+        while Instant::now() < deadline {
+            tokio::select! {
+                _ = term.recv() => {
+                    tracing::warn!(in_flight = gateway.metrics.in_flight.get(), "second SIGTERM: exiting now");
+                    std::process::exit(0);
+                }
+                _ = interrupt.recv() => {
+                    tracing::warn!(in_flight = gateway.metrics.in_flight.get(), "SIGINT: exiting now");
+                    std::process::exit(0);
+                }
+                _ = poll.tick() => {
+                    // Two idle polls in a row, so a request whose context is being created is
+                    // not cut.
+                    if gateway.metrics.in_flight.get() <= 0 {
+                        idle_polls += 1;
+                        if idle_polls >= 2 {
+                            tracing::info!("drained: no request in flight, exiting");
+                            std::process::exit(0);
+                        }
+                    } else {
+                        idle_polls = 0;
+                    }
+                }
+            }
+        }
+        tracing::warn!(
+            in_flight = gateway.metrics.in_flight.get(),
+            "grace period over with requests in flight; ending them"
+        );
+    });
 }

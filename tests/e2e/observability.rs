@@ -1,5 +1,7 @@
 //! The admin listener: liveness, readiness, Prometheus metrics, and the access log.
 
+use std::time::Duration;
+
 use serde_json::Value;
 use tollgate_tests::{Gateway, Upstream, client, config};
 
@@ -102,8 +104,32 @@ upstream = "orders"
         Some(0.0)
     );
     assert!(value("tollgate_config_loaded_timestamp_seconds").is_some_and(|t| t > 1.7e9));
-    assert!(value("tollgate_requests_in_flight").is_some());
+    assert_eq!(value("tollgate_requests_in_flight"), Some(0.0));
     assert!(!text.contains("127.0.0.1"), "no address in any label");
+
+    let slow = tokio::spawn({
+        let url = gateway.url("/orders/slow/1000");
+        async move {
+            tollgate_tests::client()
+                .get(url)
+                .send()
+                .await
+                .unwrap()
+                .status()
+        }
+    });
+    while upstream.requests() < 5 {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(
+        gateway.metric("tollgate_requests_in_flight").await,
+        Some(1.0)
+    );
+    assert_eq!(slow.await.unwrap(), 200);
+    assert_eq!(
+        gateway.metric("tollgate_requests_in_flight").await,
+        Some(0.0)
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

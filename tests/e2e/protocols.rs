@@ -153,3 +153,28 @@ async fn compresses_responses_on_routes_that_ask_for_it() {
         "only when the client accepts it"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_idle_websocket_outlives_the_read_timeout() {
+    let upstream = Upstream::start("echo");
+    let gateway = Gateway::start(&config(&echo_config(&upstream).replace(
+        "name = \"echo\"\ntargets",
+        "name = \"echo\"\nread_timeout = \"200ms\"\ntargets",
+    )))
+    .await;
+    let (mut socket, _) = tokio_tungstenite::connect_async(format!("ws://{}/ws", gateway.proxy))
+        .await
+        .unwrap();
+    // Silence for longer than read_timeout: websocket_idle_timeout (10 min) applies instead.
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    socket
+        .send(tokio_tungstenite::tungstenite::Message::text("still here"))
+        .await
+        .unwrap();
+    let reply = socket.next().await.unwrap().unwrap();
+    assert_eq!(reply.into_text().unwrap().as_str(), "echo: still here");
+    assert_eq!(
+        gateway.ready().await["upstreams"][0]["targets"][0]["healthy"],
+        true
+    );
+}

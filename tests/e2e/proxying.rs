@@ -216,3 +216,64 @@ upstream = "orders"
         "sequential requests share one upstream connection"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dot_segments_are_refused_before_routing() {
+    let orders = Upstream::start("orders");
+    let gateway = Gateway::start(&config(&format!(
+        r#"
+[[upstreams]]
+name = "orders"
+targets = ["{}"]
+[[routes]]
+name = "public"
+path_prefix = "/public"
+strip_prefix = true
+upstream = "orders"
+"#,
+        orders.target()
+    )))
+    .await;
+    for path in ["/public/../admin", "/public/%2e%2e/admin", "/public/./x"] {
+        let mut connection = tollgate_tests::raw::RawConnection::connect(gateway.proxy)
+            .await
+            .unwrap();
+        let response = connection.get(path).await.unwrap();
+        assert_eq!(response.status, 400, "{path}");
+        let problem: Value = serde_json::from_slice(&response.body).unwrap();
+        assert_eq!(problem["type"], "urn:tollgate:problem:invalid-path");
+    }
+    assert_eq!(orders.requests(), 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn serves_on_every_listen_address() {
+    let gateway = Gateway::start(
+        &config(
+            r#"
+[[routes]]
+name = "hello"
+path_prefix = "/"
+respond = { body = "hi" }
+"#,
+        )
+        .replace(
+            "\nlisten = \"127.0.0.1:0\"",
+            "\nlisten = [\"127.0.0.1:0\", \"127.0.0.1:0\"]",
+        ),
+    )
+    .await;
+    assert_eq!(gateway.listeners.len(), 2);
+    assert_ne!(gateway.listeners[0], gateway.listeners[1]);
+    for address in &gateway.listeners {
+        let body = client()
+            .get(format!("http://{address}/"))
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
+        assert_eq!(body, "hi");
+    }
+}

@@ -33,10 +33,18 @@ upstream = "echo"
         .wait_for_log(|l| l["message"] == "SIGTERM: draining")
         .await;
 
-    let ready = reqwest::get(gateway.admin_url("/health/ready")).await;
-    if let Ok(ready) = ready {
-        assert_eq!(ready.status(), 503, "a draining gateway is not ready");
-    }
+    // The admin listener stays up during the drain and reports it; the proxy takes no new
+    // connections.
+    let ready = reqwest::get(gateway.admin_url("/health/ready"))
+        .await
+        .unwrap();
+    assert_eq!(ready.status(), 503, "a draining gateway is not ready");
+    let ready: serde_json::Value = ready.json().await.unwrap();
+    assert_eq!(ready["status"], "draining");
+    assert!(
+        tokio::net::TcpStream::connect(gateway.proxy).await.is_err(),
+        "new connections are refused while draining"
+    );
 
     let response = slow.await.unwrap();
     assert_eq!(response.status(), 200, "the request in flight completes");
@@ -57,6 +65,83 @@ upstream = "echo"
 async fn an_idle_gateway_exits_at_once_on_sigterm() {
     let mut gateway = Gateway::start(&config("")).await;
     gateway.signal("TERM");
+    let signalled = Instant::now();
     let status = gateway.wait_exit(Duration::from_secs(5)).await;
     assert_eq!(status.code(), Some(0));
+    assert!(
+        signalled.elapsed() < Duration::from_secs(2),
+        "took {:?}",
+        signalled.elapsed()
+    );
+}
+
+fn slow_config(upstream: &Upstream, grace: &str) -> String {
+    config(&format!(
+        r#"
+[[upstreams]]
+name = "echo"
+targets = ["{}"]
+[[routes]]
+name = "echo"
+path_prefix = "/"
+upstream = "echo"
+"#,
+        upstream.target()
+    ))
+    .replace(
+        "grace_period = \"10s\"",
+        &format!("grace_period = \"{grace}\""),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_longer_than_the_grace_period_is_cut_and_the_exit_is_still_zero() {
+    let upstream = Upstream::start("echo");
+    let mut gateway = Gateway::start(&slow_config(&upstream, "1s")).await;
+    let slow = tokio::spawn({
+        let url = gateway.url("/slow/20000");
+        async move { client().get(url).send().await }
+    });
+    while upstream.requests() == 0 {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let signalled = Instant::now();
+    gateway.signal("TERM");
+    let status = gateway.wait_exit(Duration::from_secs(6)).await;
+    assert_eq!(status.code(), Some(0));
+    let elapsed = signalled.elapsed();
+    assert!(
+        elapsed >= Duration::from_millis(900),
+        "waited the grace period: {elapsed:?}"
+    );
+    assert!(
+        elapsed < Duration::from_secs(4),
+        "grace 1 s + Pingora's 1 s runtime stop: {elapsed:?}"
+    );
+    assert!(
+        slow.await.unwrap().is_err(),
+        "the request still running was cut"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_sigterm_ends_the_drain_at_once() {
+    let upstream = Upstream::start("echo");
+    let mut gateway = Gateway::start(&slow_config(&upstream, "30s")).await;
+    let _slow = tokio::spawn({
+        let url = gateway.url("/slow/20000");
+        async move { client().get(url).send().await }
+    });
+    while upstream.requests() == 0 {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    gateway.signal("TERM");
+    gateway
+        .wait_for_log(|l| l["message"] == "SIGTERM: draining")
+        .await;
+    let signalled = Instant::now();
+    gateway.signal("TERM");
+    let status = gateway.wait_exit(Duration::from_secs(5)).await;
+    assert_eq!(status.code(), Some(0));
+    assert!(signalled.elapsed() < Duration::from_secs(2));
 }

@@ -122,3 +122,58 @@ async fn a_gateway_error_closes_the_connection_and_says_so() {
         "the gateway closed it as announced"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connect_timeout_is_a_504_problem() {
+    let blackhole = tollgate_tests::blackhole::Blackhole::start();
+    let gateway = Gateway::start(&config(&format!(
+        r#"
+[[upstreams]]
+name = "hole"
+targets = ["{}"]
+connect_timeout = "300ms"
+[[routes]]
+name = "hole"
+path_prefix = "/"
+upstream = "hole"
+"#,
+        blackhole.addr
+    )))
+    .await;
+    let started = Instant::now();
+    let response = client().get(gateway.url("/x")).send().await.unwrap();
+    assert_eq!(response.status(), 504);
+    let problem: Value = response.json().await.unwrap();
+    assert_eq!(problem["type"], "urn:tollgate:problem:upstream-timeout");
+    assert!(
+        started.elapsed() < Duration::from_secs(3),
+        "{:?}",
+        started.elapsed()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connect_timeout_is_retried_on_another_target() {
+    let blackhole = tollgate_tests::blackhole::Blackhole::start();
+    let upstream = Upstream::start("live");
+    let gateway = Gateway::start(&config(&format!(
+        r#"
+[[upstreams]]
+name = "pool"
+targets = ["{}", "{}"]
+connect_timeout = "300ms"
+[[routes]]
+name = "pool"
+path_prefix = "/"
+upstream = "pool"
+"#,
+        blackhole.addr,
+        upstream.target()
+    )))
+    .await;
+    for _ in 0..4 {
+        let response = client().get(gateway.url("/x")).send().await.unwrap();
+        assert_eq!(response.status(), 200);
+    }
+    assert_eq!(upstream.requests(), 4);
+}

@@ -64,6 +64,8 @@ pub struct Gateway {
     pub proxy: SocketAddr,
     /// The first TLS proxy listener, if any.
     pub tls: Option<SocketAddr>,
+    /// Every plain proxy listener.
+    pub listeners: Vec<SocketAddr>,
     /// The admin listener.
     pub admin: SocketAddr,
     /// The config file the gateway watches.
@@ -141,7 +143,14 @@ impl Gateway {
                 .and_then(|s| s.split(',').next())
                 .and_then(|s| s.parse().ok())
         };
+        let listeners: Vec<SocketAddr> = line["listen"]
+            .as_str()
+            .unwrap_or("")
+            .split(',')
+            .filter_map(|s| s.parse().ok())
+            .collect();
         let gateway = Gateway {
+            listeners,
             proxy: first("listen").unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], 1))),
             tls: first("tls_listen"),
             admin: first("admin_listen").expect("admin address in the start line"),

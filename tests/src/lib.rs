@@ -5,6 +5,8 @@
 //! - [`gateway`]: starting, reconfiguring, signalling and reading the logs of a gateway process.
 //! - [`upstream`]: test upstream servers (echo, slow, streaming, WebSocket, health toggles).
 //! - [`tls`]: self-signed certificates for TLS listeners.
+//! - [`raw`]: a bare HTTP/1.1 connection, for tests about one particular connection.
+//! - [`blackhole`]: an address whose connections never complete, for connect timeouts.
 
 #![allow(
     clippy::unwrap_used,
@@ -12,7 +14,9 @@
     missing_debug_implementations
 )]
 
+pub mod blackhole;
 pub mod gateway;
+pub mod raw;
 pub mod tls;
 pub mod upstream;
 
@@ -26,5 +30,3 @@ pub fn client() -> reqwest::Client {
         .build()
         .unwrap()
 }
-
-pub mod raw;

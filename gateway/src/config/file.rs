@@ -9,24 +9,46 @@ use std::time::Duration;
 
 use serde::{Deserialize, Deserializer};
 
-/// The whole file.
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
+/// The whole file, as far as it could be read.
+///
+/// A section or an array element that fails to deserialize is left out (or marked
+/// [`Entry::Invalid`]) and its error reported, so that [`super::validate`] can still check the rest
+/// and `--validate` prints every problem of the file at once.
+#[derive(Debug, Clone)]
 pub struct GatewayConfig {
-    /// Listeners, worker threads, limits and shutdown.
-    pub server: ServerConfig,
+    /// Listeners, worker threads, limits and shutdown; `None` if `[server]` is missing or invalid.
+    pub server: Option<ServerConfig>,
     /// Log format and level.
-    #[serde(default)]
     pub log: LogConfig,
     /// Security headers added to every response, unless a route overrides them.
-    #[serde(default)]
     pub security_headers: SecurityHeadersConfig,
     /// Pools of upstream targets that routes send requests to.
-    #[serde(default)]
-    pub upstreams: Vec<UpstreamConfig>,
+    pub upstreams: Vec<Entry<UpstreamConfig>>,
     /// Rules that map a request (host, path prefix, method) to an upstream or a static response.
-    #[serde(default)]
-    pub routes: Vec<RouteConfig>,
+    pub routes: Vec<Entry<RouteConfig>>,
+}
+
+/// One element of `[[upstreams]]` or `[[routes]]`.
+#[derive(Debug, Clone)]
+pub enum Entry<T> {
+    /// It deserialized.
+    Valid(T),
+    /// It did not (the error is reported); its `name`, if it had a readable one, still counts for
+    /// references and duplicates.
+    Invalid {
+        /// The `name` key, if it was a string.
+        name: Option<String>,
+    },
+}
+
+impl<T> Entry<T> {
+    /// The deserialized element, if any.
+    pub fn valid(&self) -> Option<&T> {
+        match self {
+            Entry::Valid(value) => Some(value),
+            Entry::Invalid { .. } => None,
+        }
+    }
 }
 
 /// `[server]`: things fixed for the life of the process (a reload warns if they change).
@@ -192,6 +214,13 @@ pub struct UpstreamConfig {
     /// How long an idle pooled connection to a target is kept.
     #[serde(default = "defaults::idle_timeout", deserialize_with = "duration")]
     pub idle_timeout: Duration,
+    /// How long an upgraded (WebSocket) connection may stay silent; it replaces `read_timeout`
+    /// for upgrade requests when longer.
+    #[serde(
+        default = "defaults::websocket_idle_timeout",
+        deserialize_with = "duration"
+    )]
+    pub websocket_idle_timeout: Duration,
     /// Further targets tried when a connection cannot be made (default 1).
     #[serde(default = "defaults::connect_retries")]
     pub connect_retries: usize,
@@ -339,6 +368,9 @@ mod defaults {
     }
     pub fn idle_timeout() -> Duration {
         Duration::from_secs(60)
+    }
+    pub fn websocket_idle_timeout() -> Duration {
+        Duration::from_secs(600)
     }
     pub fn connect_retries() -> usize {
         1

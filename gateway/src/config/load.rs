@@ -9,7 +9,7 @@ use std::path::Path;
 
 use serde::de::DeserializeOwned;
 
-use super::file::{GatewayConfig, LogConfig, SecurityHeadersConfig, ServerConfig};
+use super::file::{Entry, GatewayConfig, LogConfig, SecurityHeadersConfig, ServerConfig};
 
 /// One problem in a config file, with the path of the field it concerns.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -58,20 +58,22 @@ impl fmt::Display for ConfigErrors {
 
 impl std::error::Error for ConfigErrors {}
 
-/// Reads and parses the file at `path` (types only; see [`super::validate`] for the rest).
-pub fn read_file(path: &Path) -> Result<(String, GatewayConfig), ConfigErrors> {
+/// Reads the file at `path` and parses it as far as it goes (see [`parse`]).
+pub fn read_file(path: &Path) -> Result<(String, GatewayConfig, Vec<ConfigError>), ConfigErrors> {
     let text = std::fs::read_to_string(path).map_err(|error| {
         ConfigErrors(vec![ConfigError::new(
             "",
             format!("cannot read {}: {error}", path.display()),
         )])
     })?;
-    let file = parse(&text)?;
-    Ok((text, file))
+    let (file, errors) = parse(&text)?;
+    Ok((text, file, errors))
 }
 
-/// Parses config text into its file types, collecting the errors of every section.
-pub fn parse(text: &str) -> Result<GatewayConfig, ConfigErrors> {
+/// Parses config text into its file types. Only a TOML syntax error stops it; every other problem
+/// (unknown keys, wrong types) is returned beside what could be read, section by section and
+/// element by element.
+pub fn parse(text: &str) -> Result<(GatewayConfig, Vec<ConfigError>), ConfigErrors> {
     let table: toml::Table = toml::from_str(text).map_err(|error| {
         let message = error.message().to_owned();
         let at = error
@@ -88,28 +90,29 @@ pub fn parse(text: &str) -> Result<GatewayConfig, ConfigErrors> {
     })?;
 
     let mut errors = Vec::new();
-    let mut server = None;
+    let mut config = GatewayConfig {
+        server: None,
+        log: LogConfig::default(),
+        security_headers: SecurityHeadersConfig::default(),
+        upstreams: Vec::new(),
+        routes: Vec::new(),
+    };
     let mut saw_server = false;
-    let mut log = LogConfig::default();
-    let mut security_headers = SecurityHeadersConfig::default();
-    let mut upstreams = Vec::new();
-    let mut routes = Vec::new();
     for (key, value) in table {
         match key.as_str() {
             "server" => {
                 saw_server = true;
-                server = section::<ServerConfig>("server", value, &mut errors);
+                config.server = section::<ServerConfig>("server", value, &mut errors);
             }
             "log" => {
-                log = section::<LogConfig>("log", value, &mut errors).unwrap_or_default();
+                config.log = section("log", value, &mut errors).unwrap_or_default();
             }
             "security_headers" => {
-                security_headers =
-                    section::<SecurityHeadersConfig>("security_headers", value, &mut errors)
-                        .unwrap_or_default();
+                config.security_headers =
+                    section("security_headers", value, &mut errors).unwrap_or_default();
             }
-            "upstreams" => upstreams = array("upstreams", value, &mut errors),
-            "routes" => routes = array("routes", value, &mut errors),
+            "upstreams" => config.upstreams = array("upstreams", value, &mut errors),
+            "routes" => config.routes = array("routes", value, &mut errors),
             _ => errors.push(ConfigError::new(
                 key.clone(),
                 "unknown key (expected one of server, log, security_headers, upstreams, routes)",
@@ -119,16 +122,7 @@ pub fn parse(text: &str) -> Result<GatewayConfig, ConfigErrors> {
     if !saw_server {
         errors.push(ConfigError::new("server", "missing table [server]"));
     }
-    match server {
-        Some(server) if errors.is_empty() => Ok(GatewayConfig {
-            server,
-            log,
-            security_headers,
-            upstreams,
-            routes,
-        }),
-        _ => Err(ConfigErrors(errors)),
-    }
+    Ok((config, errors))
 }
 
 fn section<T: DeserializeOwned>(
@@ -155,7 +149,7 @@ fn array<T: DeserializeOwned>(
     path: &str,
     value: toml::Value,
     errors: &mut Vec<ConfigError>,
-) -> Vec<T> {
+) -> Vec<Entry<T>> {
     let toml::Value::Array(items) = value else {
         errors.push(ConfigError::new(
             path,
@@ -166,7 +160,16 @@ fn array<T: DeserializeOwned>(
     items
         .into_iter()
         .enumerate()
-        .filter_map(|(i, item)| section(&format!("{path}[{i}]"), item, errors))
+        .map(|(i, item)| {
+            let name = item
+                .get("name")
+                .and_then(toml::Value::as_str)
+                .map(str::to_owned);
+            match section(&format!("{path}[{i}]"), item, errors) {
+                Some(parsed) => Entry::Valid(parsed),
+                None => Entry::Invalid { name },
+            }
+        })
         .collect()
 }
 
@@ -180,12 +183,10 @@ mod tests {
     use super::*;
 
     fn messages(text: &str) -> Vec<String> {
-        parse(text)
-            .unwrap_err()
-            .0
-            .iter()
-            .map(ToString::to_string)
-            .collect()
+        match parse(text) {
+            Ok((_, errors)) => errors.iter().map(ToString::to_string).collect(),
+            Err(errors) => errors.0.iter().map(ToString::to_string).collect(),
+        }
     }
 
     #[test]

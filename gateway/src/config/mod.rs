@@ -38,9 +38,9 @@ impl Config {
     /// Reads, parses and checks the file at `path`. Returns the file's text too, so a reload can
     /// tell whether anything changed.
     pub fn from_file(path: &Path) -> Result<(String, Config), ConfigErrors> {
-        let (text, file) = load::read_file(path)?;
+        let (text, file, parse_errors) = load::read_file(path)?;
         let base = path.parent().unwrap_or(Path::new("."));
-        let config = validate::validate(file, base)?;
+        let config = validate::validate(file, parse_errors, base)?;
         Ok((text, config))
     }
 }
@@ -133,6 +133,8 @@ pub struct Timeouts {
     pub request: Option<Duration>,
     /// Idle pooled connections.
     pub idle: Duration,
+    /// Silence allowed on an upgraded (WebSocket) connection.
+    pub websocket_idle: Duration,
 }
 
 /// Active health-check settings.

@@ -22,8 +22,12 @@ pub struct RequestCtx {
     pub(super) route: Option<usize>,
     pub(super) miss: Option<Miss>,
     pub(super) started: Instant,
-    /// Targets tried, by position in the pool.
-    pub(super) tried: Vec<usize>,
+    /// Targets that refused or timed out a connection, by position in the pool.
+    pub(super) failed: Vec<usize>,
+    /// The target of the current attempt.
+    pub(super) target: Option<usize>,
+    /// Attempts made, retries included.
+    pub(super) attempts: usize,
     pub(super) upstream_started: Option<Instant>,
     pub(super) upstream_elapsed: Option<Duration>,
     pub(super) deadline: Option<Instant>,

@@ -5,9 +5,11 @@
 //! - [`problem`]: the problems the gateway answers with, and the one mapping from errors to them.
 //! - [`respond`]: writing gateway-generated responses; headers every response carries.
 //! - [`request_id`]: `X-Request-Id` validation and generation.
+//! - `access_log`: the metrics and the access-log line of each finished request.
 //! - `ctx`: per-request state.
 //! - `forward`: the request as the upstream receives it.
 
+mod access_log;
 mod ctx;
 mod forward;
 pub mod problem;
@@ -31,7 +33,7 @@ use pingora::upstreams::peer::HttpPeer;
 use pingora::{Error, ErrorType, Result};
 
 use crate::config::{Limits, RouteAction};
-use crate::routing::Miss;
+use crate::routing::{Miss, has_dot_segment};
 use crate::state::Gateway;
 use crate::upstream::health::now_ms;
 use problem::GatewayProblem;
@@ -61,7 +63,9 @@ impl ProxyHttp for Proxy {
             route: None,
             miss: None,
             started: Instant::now(),
-            tried: Vec::new(),
+            failed: Vec::new(),
+            target: None,
+            attempts: 0,
             upstream_started: None,
             upstream_elapsed: None,
             deadline: None,
@@ -109,6 +113,10 @@ impl ProxyHttp for Proxy {
     async fn request_filter(&self, session: &mut Session, ctx: &mut RequestCtx) -> Result<bool> {
         if let Some(problem) = check_headers(session.req_header(), &ctx.live.limits) {
             respond::problem(session, ctx, &problem).await?;
+            return Ok(true);
+        }
+        if has_dot_segment(session.req_header().uri.path()) {
+            respond::problem(session, ctx, &GatewayProblem::InvalidPath).await?;
             return Ok(true);
         }
         if let Some(miss) = ctx.miss.take() {
@@ -186,8 +194,10 @@ impl ProxyHttp for Proxy {
             ));
         };
         let pool = &live.pools[upstream_index];
-        let Some(target_index) = pool.pick(&ctx.tried, now_ms()) else {
-            let problem = if ctx.tried.is_empty() {
+        // A retry replays the buffered body through `request_body_filter`: count it afresh.
+        ctx.body_bytes = 0;
+        let Some(target_index) = pool.pick(&ctx.failed, now_ms()) else {
+            let problem = if ctx.attempts == 0 {
                 GatewayProblem::NoHealthyTarget
             } else {
                 GatewayProblem::UpstreamUnreachable
@@ -202,9 +212,15 @@ impl ProxyHttp for Proxy {
         let upstream = &pool.upstream;
         let target = pool.target(target_index);
         let timeouts = upstream.timeouts;
-        let mut read_timeout = timeouts.read;
+        let upgrade = session.is_upgrade_req();
+        // After an upgrade the read timeout is how long a WebSocket may stay silent.
+        let mut read_timeout = if upgrade {
+            timeouts.read.max(timeouts.websocket_idle)
+        } else {
+            timeouts.read
+        };
         if let Some(total) = timeouts.request
-            && !session.is_upgrade_req()
+            && !upgrade
         {
             let deadline = *ctx.deadline.get_or_insert(ctx.started + total);
             let remaining = deadline.saturating_duration_since(Instant::now());
@@ -227,10 +243,11 @@ impl ProxyHttp for Proxy {
         peer.options.read_timeout = Some(read_timeout);
         peer.options.write_timeout = Some(timeouts.write);
         peer.options.idle_timeout = Some(timeouts.idle);
-        if !ctx.tried.is_empty() {
+        if ctx.attempts > 0 {
             live.upstream_metrics[upstream_index].retries.inc();
         }
-        ctx.tried.push(target_index);
+        ctx.attempts += 1;
+        ctx.target = Some(target_index);
         ctx.upstream_started.get_or_insert_with(Instant::now);
         Ok(Box::new(peer))
     }
@@ -243,11 +260,16 @@ impl ProxyHttp for Proxy {
         mut e: Box<Error>,
     ) -> Box<Error> {
         self.mark_target_failure(ctx);
-        if let Some((pool, _)) = ctx.pool()
-            && ctx.tried.len() <= pool.upstream.connect_retries
-        {
-            e.set_retry(true);
+        if let Some(target) = ctx.target {
+            ctx.failed.push(target);
         }
+        // Retry only when another target can take the request; otherwise the client gets the
+        // status of this failure (504 for a connect timeout, 502 for a refusal).
+        let another = ctx.pool().is_some_and(|(pool, _)| {
+            ctx.failed.len() <= pool.upstream.connect_retries
+                && pool.has_available(&ctx.failed, now_ms())
+        });
+        e.set_retry(another);
         e
     }
 
@@ -259,7 +281,8 @@ impl ProxyHttp for Proxy {
         ctx: &mut RequestCtx,
         client_reused: bool,
     ) -> Box<Error> {
-        if GatewayProblem::is_target_failure(&e) {
+        // A WebSocket that stays silent past its idle timeout says nothing about the target.
+        if GatewayProblem::is_target_failure(&e) && !session.was_upgraded() {
             self.mark_target_failure(ctx);
         }
         let mut e = e.more_context(format!("peer: {peer}"));
@@ -298,7 +321,7 @@ impl ProxyHttp for Proxy {
                 ctx.live.upstream_metrics[index]
                     .duration
                     .observe(elapsed.as_secs_f64());
-                if let Some(&target) = ctx.tried.last() {
+                if let Some(target) = ctx.target {
                     pool.health[target].record_success();
                 }
             }
@@ -359,38 +382,7 @@ impl ProxyHttp for Proxy {
     }
 
     async fn logging(&self, session: &mut Session, e: Option<&Error>, ctx: &mut RequestCtx) {
-        let status = session.response_written().map_or(0, |h| h.status.as_u16());
-        let elapsed = ctx.started.elapsed();
-        let req = session.req_header();
-        let metrics = ctx
-            .route
-            .map_or(&ctx.live.no_route_metrics, |i| &ctx.live.route_metrics[i]);
-        metrics.record(&req.method, status, elapsed.as_secs_f64());
-        if !self.gateway.log.access_log {
-            return;
-        }
-        let target = ctx
-            .pool()
-            .zip(ctx.tried.last())
-            .map(|((pool, _), &t)| pool.target(t).name.as_str());
-        tracing::info!(
-            target: "tollgate::access",
-            request_id = %ctx.request_id,
-            client = %session.client_addr().map(ToString::to_string).unwrap_or_default(),
-            method = %req.method,
-            host = req.uri.host().or_else(|| req.headers.get(HOST).and_then(|h| h.to_str().ok())).unwrap_or(""),
-            path = req.uri.path(),
-            route = ctx.route().map_or(crate::metrics::NO_ROUTE, |r| r.name.as_str()),
-            status,
-            duration_ms = elapsed.as_secs_f64() * 1000.0,
-            upstream_target = target.unwrap_or(""),
-            upstream_ms = ctx.upstream_elapsed.map(|d| d.as_secs_f64() * 1000.0),
-            attempts = ctx.tried.len(),
-            bytes_in = session.body_bytes_read(),
-            bytes_out = session.body_bytes_sent(),
-            error = e.map(|e| e.etype().as_str()).unwrap_or(""),
-            "request"
-        );
+        access_log::record(session, e, ctx, self.gateway.log.access_log);
     }
 }
 
@@ -399,7 +391,7 @@ impl Proxy {
         let Some((pool, index)) = ctx.pool() else {
             return;
         };
-        let Some(&target) = ctx.tried.last() else {
+        let Some(target) = ctx.target else {
             return;
         };
         ctx.live.upstream_metrics[index].failures.inc();

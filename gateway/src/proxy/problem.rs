@@ -17,6 +17,8 @@ pub enum GatewayProblem {
     HeadersTooLarge { detail: String },
     /// The request is malformed (400).
     BadRequest,
+    /// The path has `.` or `..` segments (400).
+    InvalidPath,
     /// Every target of the upstream is marked down (503).
     NoHealthyTarget,
     /// No connection to any tried target could be made, or the upstream broke the exchange (502).
@@ -35,7 +37,7 @@ impl GatewayProblem {
             Self::MethodNotAllowed(_) => 405,
             Self::BodyTooLarge { .. } => 413,
             Self::HeadersTooLarge { .. } => 431,
-            Self::BadRequest => 400,
+            Self::BadRequest | Self::InvalidPath => 400,
             Self::NoHealthyTarget => 503,
             Self::UpstreamUnreachable => 502,
             Self::UpstreamTimeout => 504,
@@ -77,6 +79,11 @@ impl GatewayProblem {
                 "bad-request",
                 "Bad request",
                 "the request could not be parsed".to_owned(),
+            ),
+            Self::InvalidPath => (
+                "invalid-path",
+                "Invalid path",
+                "the path has a \".\" or \"..\" segment; send the resolved path".to_owned(),
             ),
             Self::NoHealthyTarget => (
                 "upstream-unavailable",

@@ -40,15 +40,21 @@ impl Pool {
         }
     }
 
-    /// The next healthy target in round-robin order that is not in `tried`, as an index.
+    /// The next available target in round-robin order that is not in `excluding`, as an index.
     ///
     /// `now_ms` is the health clock's current time (see [`health::now_ms`]).
-    pub fn pick(&self, tried: &[usize], now_ms: u64) -> Option<usize> {
+    pub fn pick(&self, excluding: &[usize], now_ms: u64) -> Option<usize> {
         let count = self.upstream.targets.len();
         let start = self.cursor.fetch_add(1, Ordering::Relaxed);
         (0..count)
             .map(|offset| (start + offset) % count)
-            .find(|i| !tried.contains(i) && self.health[*i].is_available(now_ms))
+            .find(|i| !excluding.contains(i) && self.health[*i].is_available(now_ms))
+    }
+
+    /// Whether a target outside `excluding` is available, without moving the round-robin cursor.
+    pub fn has_available(&self, excluding: &[usize], now_ms: u64) -> bool {
+        (0..self.upstream.targets.len())
+            .any(|i| !excluding.contains(&i) && self.health[i].is_available(now_ms))
     }
 
     /// The target at `index`.
@@ -87,6 +93,7 @@ mod tests {
                 write: Duration::from_secs(1),
                 request: None,
                 idle: Duration::from_secs(1),
+                websocket_idle: Duration::from_secs(1),
             },
             connect_retries: 1,
             health_check: None,
@@ -114,6 +121,8 @@ mod tests {
         let picks: Vec<usize> = (0..4).map(|_| pool.pick(&[], 0).unwrap()).collect();
         assert_eq!(picks, vec![0, 2, 2, 0]);
         assert_eq!(pool.pick(&[0, 2], 0), None);
+        assert!(!pool.has_available(&[0, 2], 0));
+        assert!(pool.has_available(&[0], 0));
     }
 
     #[test]

@@ -1,0 +1,477 @@
+//! Semantic checks: from the file types to [`Config`], or every problem with its field path.
+//!
+//! Every check runs even when others failed, so an operator sees all problems at once; an
+//! element that could not be read is skipped without hiding the problems of the others, and a
+//! reference to it (by name) is not reported a second time.
+
+mod upstream;
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::path::Path;
+
+use http::{Method, StatusCode};
+
+use super::file::{
+    Entry, GatewayConfig, RouteConfig, SecurityHeadersConfig, ServerConfig, UpstreamConfig,
+};
+use super::headers::{check_security_headers, header_pairs, resolve_security_headers};
+use super::{
+    Config, ConfigError, ConfigErrors, HostMatch, Limits, Route, RouteAction, ServerSettings,
+    StaticResponse, TlsListener, Upstream,
+};
+
+/// Checks a parsed file, adding its problems to those `parse_errors` already found. Relative
+/// certificate paths are taken from `base`.
+pub fn validate(
+    file: GatewayConfig,
+    parse_errors: Vec<ConfigError>,
+    base: &Path,
+) -> Result<Config, ConfigErrors> {
+    let mut errors = Errors(parse_errors);
+    let server = file
+        .server
+        .as_ref()
+        .and_then(|server| self::server(server, base, &mut errors));
+    let upstreams: Vec<Upstream> = file
+        .upstreams
+        .iter()
+        .enumerate()
+        .filter_map(|(i, entry)| {
+            upstream::upstream(entry.valid()?, &format!("upstreams[{i}]"), &mut errors)
+        })
+        .collect();
+    let declared_upstreams: Vec<Option<&str>> = file.upstreams.iter().map(entry_name).collect();
+    unique_names(&declared_upstreams, "upstreams", &mut errors);
+    let upstream_index: HashMap<&str, usize> = upstreams
+        .iter()
+        .enumerate()
+        .map(|(i, u)| (u.name.as_str(), i))
+        .collect();
+
+    let global_headers = &file.security_headers;
+    check_security_headers(global_headers, "security_headers", &mut errors);
+    let default_body_limit = file
+        .server
+        .as_ref()
+        .map_or(DEFAULT_MAX_REQUEST_BODY_BYTES, |s| s.max_request_body_bytes);
+    let context = RouteContext {
+        upstreams: &upstream_index,
+        declared_upstreams: &declared_upstreams,
+        global_headers,
+        default_body_limit,
+    };
+    let routes: Vec<Route> = file
+        .routes
+        .iter()
+        .enumerate()
+        .filter_map(|(i, entry)| {
+            self::route(
+                entry.valid()?,
+                &format!("routes[{i}]"),
+                &context,
+                &mut errors,
+            )
+        })
+        .collect();
+    let route_names: Vec<Option<&str>> = file.routes.iter().map(entry_name).collect();
+    unique_names(&route_names, "routes", &mut errors);
+    overlapping_routes(&file.routes, &mut errors);
+    check_log_level(&file.log.level, &mut errors);
+
+    match (server, file.server, errors.0.is_empty()) {
+        (Some(server), Some(file_server), true) => Ok(Config {
+            server,
+            log: file.log,
+            limits: Limits {
+                max_request_headers: file_server.max_request_headers,
+                max_request_header_bytes: file_server.max_request_header_bytes,
+            },
+            upstreams,
+            routes,
+            security_headers: resolve_security_headers(&[global_headers]),
+        }),
+        _ => Err(ConfigErrors(errors.0)),
+    }
+}
+
+/// Pingora answers requests with more headers than this itself, before any filter runs.
+const PINGORA_MAX_HEADERS: usize = 256;
+/// Header bytes accepted at most: well under Pingora's own 1 MiB limit on the raw header block.
+const MAX_HEADER_BYTES: usize = 512 * 1024;
+/// `server.max_request_body_bytes` when `[server]` cannot be read.
+const DEFAULT_MAX_REQUEST_BODY_BYTES: u64 = 10 * 1024 * 1024;
+
+fn entry_name<T: Named>(entry: &Entry<T>) -> Option<&str> {
+    match entry {
+        Entry::Valid(value) => Some(value.name()),
+        Entry::Invalid { name } => name.as_deref(),
+    }
+}
+
+/// Elements with a `name`.
+trait Named {
+    fn name(&self) -> &str;
+}
+
+impl Named for UpstreamConfig {
+    fn name(&self) -> &str {
+        &self.name
+    }
+}
+
+impl Named for RouteConfig {
+    fn name(&self) -> &str {
+        &self.name
+    }
+}
+
+/// What checking a route needs from the rest of the file.
+struct RouteContext<'a> {
+    upstreams: &'a HashMap<&'a str, usize>,
+    declared_upstreams: &'a [Option<&'a str>],
+    global_headers: &'a SecurityHeadersConfig,
+    default_body_limit: u64,
+}
+
+/// Problems found so far.
+#[derive(Default)]
+pub(super) struct Errors(pub(super) Vec<ConfigError>);
+
+impl Errors {
+    pub(super) fn push(&mut self, path: impl Into<String>, message: impl Into<String>) {
+        self.0.push(ConfigError::new(path, message));
+    }
+}
+
+fn server(file: &ServerConfig, base: &Path, errors: &mut Errors) -> Option<ServerSettings> {
+    let before = errors.0.len();
+    let listen: Vec<SocketAddr> = match &file.listen {
+        super::file::Listen::Many(list) => list
+            .iter()
+            .enumerate()
+            .filter_map(|(i, a)| socket_addr(a, &format!("server.listen[{i}]"), errors))
+            .collect(),
+        other => other
+            .addresses()
+            .iter()
+            .filter_map(|a| socket_addr(a, "server.listen", errors))
+            .collect(),
+    };
+    let mut tls = Vec::new();
+    for (i, listener) in file.tls.iter().enumerate() {
+        let path = format!("server.tls[{i}]");
+        let address = socket_addr(&listener.listen, &format!("{path}.listen"), errors);
+        let cert = readable_file(&listener.cert, base, &format!("{path}.cert"), errors);
+        let key = readable_file(&listener.key, base, &format!("{path}.key"), errors);
+        if let (Some(listen), Some(cert), Some(key)) = (address, cert, key) {
+            tls.push(TlsListener {
+                listen,
+                cert,
+                key,
+                http2: listener.http2,
+            });
+        }
+    }
+    if listen.is_empty() && tls.is_empty() && errors.0.len() == before {
+        errors.push(
+            "server.listen",
+            "no proxy listener: set server.listen or add a [[server.tls]] listener",
+        );
+    }
+    let admin_listen = socket_addr(&file.admin_listen, "server.admin_listen", errors);
+    if let Some(admin) = admin_listen {
+        let proxies = listen.iter().chain(tls.iter().map(|t| &t.listen));
+        if admin.port() != 0 && proxies.clone().any(|p| *p == admin) {
+            errors.push(
+                "server.admin_listen",
+                format!("{admin} is also a proxy listener; the admin listener must be separate"),
+            );
+        }
+    }
+    let mut seen = HashMap::new();
+    for (i, address) in listen
+        .iter()
+        .chain(tls.iter().map(|t| &t.listen))
+        .enumerate()
+    {
+        if address.port() != 0 && seen.insert(*address, i).is_some() {
+            errors.push("server.listen", format!("{address} is listed twice"));
+        }
+    }
+    if file.threads == Some(0) {
+        errors.push("server.threads", "must be at least 1");
+    }
+    if !(1..=PINGORA_MAX_HEADERS).contains(&file.max_request_headers) {
+        errors.push(
+            "server.max_request_headers",
+            format!("must be 1 to {PINGORA_MAX_HEADERS}"),
+        );
+    }
+    if !(1024..=MAX_HEADER_BYTES).contains(&file.max_request_header_bytes) {
+        errors.push(
+            "server.max_request_header_bytes",
+            format!("must be 1024 to {MAX_HEADER_BYTES}"),
+        );
+    }
+    let threads = file.threads.unwrap_or_else(|| {
+        std::thread::available_parallelism()
+            .map(usize::from)
+            .unwrap_or(1)
+    });
+    (errors.0.len() == before).then(|| ServerSettings {
+        listen,
+        tls,
+        admin_listen: admin_listen.unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], 0))),
+        threads,
+        grace_period: file.grace_period,
+        upstream_keepalive_pool_size: file.upstream_keepalive_pool_size,
+        watch_config: file.watch_config,
+    })
+}
+
+fn socket_addr(text: &str, path: &str, errors: &mut Errors) -> Option<SocketAddr> {
+    match text.parse::<SocketAddr>() {
+        Ok(address) => Some(address),
+        Err(_) => {
+            errors.push(
+                path,
+                format!(
+                    "invalid address {text:?}: expected an IP and a port, like \"127.0.0.1:8080\""
+                ),
+            );
+            None
+        }
+    }
+}
+
+fn readable_file(
+    name: &str,
+    base: &Path,
+    path: &str,
+    errors: &mut Errors,
+) -> Option<std::path::PathBuf> {
+    let full = base.join(name);
+    match std::fs::metadata(&full) {
+        Ok(meta) if meta.is_file() => Some(full),
+        Ok(_) => {
+            errors.push(path, format!("{} is not a file", full.display()));
+            None
+        }
+        Err(error) => {
+            errors.push(path, format!("cannot read {}: {error}", full.display()));
+            None
+        }
+    }
+}
+
+fn route(
+    file: &RouteConfig,
+    path: &str,
+    context: &RouteContext<'_>,
+    errors: &mut Errors,
+) -> Option<Route> {
+    let before = errors.0.len();
+    check_name(&file.name, &format!("{path}.name"), errors);
+    if !file.path_prefix.starts_with('/') {
+        errors.push(format!("{path}.path_prefix"), "must start with /");
+    } else if file.path_prefix.contains(['?', '#', ' ']) {
+        errors.push(
+            format!("{path}.path_prefix"),
+            "must be a path without ?, # or spaces",
+        );
+    }
+    let host = file
+        .host
+        .as_deref()
+        .and_then(|host| host_match(host, &format!("{path}.host"), errors));
+    let methods = file.methods.as_ref().map(|methods| {
+        if methods.is_empty() {
+            errors.push(
+                format!("{path}.methods"),
+                "must not be empty (leave it out to allow all)",
+            );
+        }
+        methods
+            .iter()
+            .enumerate()
+            .filter_map(|(i, m)| {
+                let upper = m.to_ascii_uppercase();
+                match Method::from_bytes(upper.as_bytes()) {
+                    Ok(method) if m.chars().all(|c| c.is_ascii_alphabetic()) => Some(method),
+                    _ => {
+                        errors.push(
+                            format!("{path}.methods[{i}]"),
+                            format!("invalid method {m:?}"),
+                        );
+                        None
+                    }
+                }
+            })
+            .collect::<Vec<_>>()
+    });
+    let action = match (&file.upstream, &file.respond) {
+        (Some(name), None) => match context.upstreams.get(name.as_str()) {
+            Some(index) => Some(RouteAction::Proxy(*index)),
+            None => {
+                // An upstream that is declared but invalid already has its own errors.
+                if !context.declared_upstreams.contains(&Some(name.as_str())) {
+                    errors.push(
+                        format!("{path}.upstream"),
+                        format!("no upstream named {name:?} is defined"),
+                    );
+                }
+                None
+            }
+        },
+        (None, Some(respond)) => {
+            let status = StatusCode::from_u16(respond.status)
+                .ok()
+                .filter(|s| (200..=599).contains(&s.as_u16()));
+            if status.is_none() {
+                errors.push(
+                    format!("{path}.respond.status"),
+                    format!("invalid status {}: must be 200 to 599", respond.status),
+                );
+            }
+            let headers =
+                header_pairs(&respond.headers, &format!("{path}.respond.headers"), errors);
+            status.map(|status| {
+                RouteAction::Respond(StaticResponse {
+                    status,
+                    headers,
+                    body: bytes::Bytes::from(respond.body.clone()),
+                })
+            })
+        }
+        (Some(_), Some(_)) => {
+            errors.push(path, "set either upstream or respond, not both");
+            None
+        }
+        (None, None) => {
+            errors.push(
+                path,
+                "missing upstream or respond: a route must proxy or answer",
+            );
+            None
+        }
+    };
+    if let Some(level) = file.compression_level
+        && !(1..=9).contains(&level)
+    {
+        errors.push(
+            format!("{path}.compression_level"),
+            format!("{level} is not 1 to 9"),
+        );
+    }
+    let security_headers = match &file.security_headers {
+        Some(overrides) => {
+            check_security_headers(overrides, &format!("{path}.security_headers"), errors);
+            resolve_security_headers(&[context.global_headers, overrides])
+        }
+        None => resolve_security_headers(&[context.global_headers]),
+    };
+    let action = action?;
+    (errors.0.len() == before).then(|| Route {
+        name: file.name.clone(),
+        host,
+        path_prefix: file.path_prefix.clone(),
+        methods: methods.filter(|m| !m.is_empty()),
+        strip_prefix: file.strip_prefix,
+        action,
+        compression_level: file.compression_level,
+        max_request_body_bytes: file
+            .max_request_body_bytes
+            .unwrap_or(context.default_body_limit),
+        security_headers,
+    })
+}
+
+fn host_match(host: &str, path: &str, errors: &mut Errors) -> Option<HostMatch> {
+    let lower = host.to_ascii_lowercase();
+    let (wildcard, name) = match lower.strip_prefix("*.") {
+        Some(rest) => (true, rest),
+        None => (false, lower.as_str()),
+    };
+    let valid = !name.is_empty()
+        && name.split('.').all(|label| {
+            !label.is_empty() && label.chars().all(|c| c.is_ascii_alphanumeric() || c == '-')
+        });
+    if !valid {
+        errors.push(path, format!("invalid host {host:?}: expected a name like api.example.com or *.example.com, without a port"));
+        return None;
+    }
+    Some(if wildcard {
+        HostMatch::Wildcard(format!(".{name}"))
+    } else {
+        HostMatch::Exact(name.to_owned())
+    })
+}
+
+pub(super) fn check_name(name: &str, path: &str, errors: &mut Errors) {
+    let valid = !name.is_empty()
+        && name.len() <= 64
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_' || c == '.');
+    if !valid {
+        errors.push(
+            path,
+            format!("invalid name {name:?}: use 1 to 64 letters, digits, '-', '_' or '.'"),
+        );
+    }
+}
+
+fn unique_names(names: &[Option<&str>], section: &str, errors: &mut Errors) {
+    let mut seen: HashMap<&str, usize> = HashMap::new();
+    for (i, name) in names.iter().enumerate() {
+        let Some(name) = name else { continue };
+        if let Some(first) = seen.insert(name, i) {
+            errors.push(
+                format!("{section}[{i}].name"),
+                format!("duplicate name {name:?} (also {section}[{first}])"),
+            );
+        }
+    }
+}
+
+/// Two routes with the same host and prefix whose methods overlap could never both be reached.
+fn overlapping_routes(routes: &[Entry<RouteConfig>], errors: &mut Errors) {
+    for (i, route) in routes.iter().enumerate() {
+        let Some(route) = route.valid() else { continue };
+        for (j, earlier) in routes.iter().enumerate().take(i) {
+            let Some(earlier) = earlier.valid() else {
+                continue;
+            };
+            let same_host = route.host.as_deref().map(str::to_ascii_lowercase)
+                == earlier.host.as_deref().map(str::to_ascii_lowercase);
+            let methods_overlap = match (&route.methods, &earlier.methods) {
+                (Some(a), Some(b)) => a
+                    .iter()
+                    .any(|m| b.iter().any(|n| m.eq_ignore_ascii_case(n))),
+                _ => true,
+            };
+            if same_host && route.path_prefix == earlier.path_prefix && methods_overlap {
+                errors.push(
+                    format!("routes[{i}].path_prefix"),
+                    format!(
+                        "routes[{j}] ({:?}) already matches this host, prefix and method",
+                        earlier.name
+                    ),
+                );
+            }
+        }
+    }
+}
+
+fn check_log_level(level: &str, errors: &mut Errors) {
+    if tracing_subscriber::EnvFilter::try_new(level).is_err() {
+        errors.push(
+            "log.level",
+            format!("invalid filter {level:?}: expected e.g. \"info\" or \"info,pingora=warn\""),
+        );
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,252 @@
+//! Semantic checks, one behaviour per test, with the exact messages operators see.
+use super::*;
+use crate::config::load::parse;
+use std::path::Path;
+
+fn problems(text: &str) -> Vec<String> {
+    let (file, parse_errors) = parse(text).expect("TOML syntax");
+    validate(file, parse_errors, Path::new("."))
+        .unwrap_err()
+        .0
+        .iter()
+        .map(ToString::to_string)
+        .collect()
+}
+
+const SERVER: &str = "[server]\nlisten = \"127.0.0.1:8080\"\nadmin_listen = \"127.0.0.1:9090\"\n";
+
+#[test]
+fn the_admin_listener_cannot_be_a_proxy_listener() {
+    let errors =
+        problems("[server]\nlisten = \"127.0.0.1:8080\"\nadmin_listen = \"127.0.0.1:8080\"\n");
+    assert_eq!(
+        errors,
+        vec![
+            "server.admin_listen: 127.0.0.1:8080 is also a proxy listener; the admin listener must be separate"
+        ]
+    );
+}
+
+#[test]
+fn a_gateway_needs_a_proxy_listener() {
+    let errors = problems("[server]\nadmin_listen = \"127.0.0.1:9090\"\n");
+    assert_eq!(
+        errors,
+        vec![
+            "server.listen: no proxy listener: set server.listen or add a [[server.tls]] listener"
+        ]
+    );
+}
+
+#[test]
+fn routes_that_can_never_be_reached_are_refused() {
+    let errors = problems(&format!(
+        "{SERVER}
+[[routes]]
+name = \"a\"
+path_prefix = \"/x\"
+methods = [\"GET\", \"POST\"]
+respond = {{ body = \"a\" }}
+[[routes]]
+name = \"b\"
+path_prefix = \"/x\"
+methods = [\"post\"]
+respond = {{ body = \"b\" }}
+[[routes]]
+name = \"c\"
+path_prefix = \"/x\"
+methods = [\"DELETE\"]
+respond = {{ body = \"c\" }}
+"
+    ));
+    assert_eq!(
+        errors,
+        vec![
+            "routes[1].path_prefix: routes[0] (\"a\") already matches this host, prefix and method"
+        ]
+    );
+}
+
+#[test]
+fn route_fields_are_checked_one_by_one() {
+    let errors = problems(&format!(
+        "{SERVER}
+[[routes]]
+name = \"bad name!\"
+path_prefix = \"/x?y\"
+host = \"api.example.com:443\"
+methods = [\"GET\", \"G E T\"]
+compression_level = 12
+respond = {{ status = 200, headers = {{ \"x-ok\" = \"1\", \"bad header\" = \"2\" }} }}
+[[routes]]
+name = \"neither\"
+path_prefix = \"/n\"
+"
+    ));
+    assert_eq!(
+        errors,
+        vec![
+            "routes[0].name: invalid name \"bad name!\": use 1 to 64 letters, digits, '-', '_' or '.'",
+            "routes[0].path_prefix: must be a path without ?, # or spaces",
+            "routes[0].host: invalid host \"api.example.com:443\": expected a name like api.example.com or *.example.com, without a port",
+            "routes[0].methods[1]: invalid method \"G E T\"",
+            "routes[0].respond.headers.bad header: invalid header name \"bad header\"",
+            "routes[0].compression_level: 12 is not 1 to 9",
+            "routes[1]: missing upstream or respond: a route must proxy or answer",
+        ]
+    );
+}
+
+#[test]
+fn upstream_fields_are_checked_one_by_one() {
+    let errors = problems(&format!(
+        "{SERVER}
+[[upstreams]]
+name = \"u\"
+targets = [\"127.0.0.1:1\", \"127.0.0.1:1\", \"no-port\", \"nonexistent.invalid:80\"]
+connect_timeout = \"0s\"
+[upstreams.health_check]
+path = \"health\"
+healthy_threshold = 0
+[[upstreams]]
+name = \"empty\"
+targets = []
+"
+    ));
+    assert_eq!(
+        errors,
+        vec![
+            "upstreams[0].targets[1]: \"127.0.0.1:1\" resolves to 127.0.0.1:1 like an earlier target",
+            "upstreams[0].targets[2]: invalid target \"no-port\": expected \"host:port\"",
+            "upstreams[0].targets[3]: cannot resolve \"nonexistent.invalid\"",
+            "upstreams[0].connect_timeout: must be longer than zero",
+            "upstreams[0].health_check.path: must start with / and contain no spaces",
+            "upstreams[0].health_check.healthy_threshold: must be at least 1",
+            "upstreams[1].targets: must list at least one target",
+        ]
+    );
+}
+
+#[test]
+fn a_route_to_an_invalid_upstream_is_not_reported_twice() {
+    let errors = problems(&format!(
+        "{SERVER}
+[[upstreams]]
+name = \"u\"
+targets = []
+[[routes]]
+name = \"r\"
+path_prefix = \"/\"
+upstream = \"u\"
+"
+    ));
+    assert_eq!(
+        errors,
+        vec!["upstreams[0].targets: must list at least one target"]
+    );
+}
+
+#[test]
+fn tls_files_must_exist() {
+    let errors = problems(
+        "[server]
+admin_listen = \"127.0.0.1:9090\"
+[[server.tls]]
+listen = \"127.0.0.1:8443\"
+cert = \"missing.crt\"
+key = \"missing.key\"
+",
+    );
+    assert_eq!(errors.len(), 2, "{errors:?}");
+    assert!(errors[0].starts_with("server.tls[0].cert: cannot read ./missing.crt"));
+    assert!(errors[1].starts_with("server.tls[0].key: cannot read ./missing.key"));
+}
+
+#[test]
+fn a_valid_file_becomes_checked_types() {
+    let (file, parse_errors) = parse(&format!(
+        "{SERVER}
+[[upstreams]]
+name = \"u\"
+targets = [\"127.0.0.1:8000\", \"localhost:8001\"]
+request_timeout = \"2s\"
+[[routes]]
+name = \"r\"
+path_prefix = \"/r\"
+host = \"*.Example.com\"
+methods = [\"get\"]
+upstream = \"u\"
+"
+    ))
+    .unwrap();
+    assert!(parse_errors.is_empty());
+    let config = validate(file, parse_errors, Path::new(".")).unwrap();
+    assert_eq!(
+        config.server.listen,
+        vec!["127.0.0.1:8080".parse().unwrap()]
+    );
+    let upstream = &config.upstreams[0];
+    assert_eq!(upstream.targets[1].host, "localhost");
+    assert_eq!(
+        upstream.timeouts.request,
+        Some(std::time::Duration::from_secs(2))
+    );
+    let route = &config.routes[0];
+    assert_eq!(route.host, Some(HostMatch::Wildcard(".example.com".into())));
+    assert_eq!(route.methods, Some(vec![Method::GET]));
+    assert!(matches!(route.action, RouteAction::Proxy(0)));
+    assert_eq!(route.max_request_body_bytes, 10 * 1024 * 1024);
+}
+
+#[test]
+fn parse_and_semantic_problems_are_reported_together() {
+    let errors = problems(
+        "[server]
+listen = \"127.0.0.1:8080\"
+admin_listen = \"127.0.0.1:9090\"
+colour = 1
+[[upstreams]]
+name = \"u\"
+targets = [\"127.0.0.1:1\"]
+timeout = \"1s\"
+[[routes]]
+name = \"a\"
+path_prefix = \"/a\"
+upstream = \"u\"
+[[routes]]
+name = \"a\"
+path_prefix = \"/b\"
+upstream = \"missing\"
+",
+    );
+    assert_eq!(errors.len(), 4, "{errors:#?}");
+    assert!(errors[0].starts_with("server.colour: unknown field `colour`"));
+    assert!(errors[1].starts_with("upstreams[0].timeout: unknown field `timeout`"));
+    assert_eq!(
+        errors[2..],
+        [
+            "routes[1].upstream: no upstream named \"missing\" is defined",
+            "routes[1].name: duplicate name \"a\" (also routes[0])",
+        ],
+        "the route to the unreadable upstream \"u\" is not reported"
+    );
+}
+
+#[test]
+fn header_limits_stay_within_what_pingora_accepts() {
+    let errors = problems(
+        "[server]
+listen = \"127.0.0.1:8080\"
+admin_listen = \"127.0.0.1:9090\"
+max_request_headers = 300
+max_request_header_bytes = 2000000
+",
+    );
+    assert_eq!(
+        errors,
+        vec![
+            "server.max_request_headers: must be 1 to 256",
+            "server.max_request_header_bytes: must be 1024 to 524288",
+        ]
+    );
+}
