@@ -17,9 +17,11 @@
 //! - [`shutdown`]: SIGTERM draining.
 //! - [`logging`]: the `tracing` subscriber.
 //! - [`server`]: building and running the Pingora server.
+//! - [`listen_check`]: confirming after start-up that this process holds every proxy port.
 
 pub mod admin;
 pub mod config;
+pub mod listen_check;
 pub mod logging;
 pub mod metrics;
 pub mod proxy;

@@ -12,6 +12,7 @@ use pingora::services::background::background_service;
 
 use crate::admin::{Admin, AdminServer};
 use crate::config::Config;
+use crate::listen_check::ListenCheck;
 use crate::proxy::Proxy;
 use crate::reload::ConfigWatcher;
 use crate::shutdown::Signals;
@@ -23,17 +24,17 @@ pub fn run(path: PathBuf) -> anyhow::Result<()> {
     let (text, config) = Config::from_file(&path)
         .map_err(|errors| anyhow::anyhow!("{} has problems:\n{errors}", path.display()))?;
     crate::logging::init(&config.log)?;
-    let listen: Vec<SocketAddr> = config
+    let listen: Vec<ProxyListener> = config
         .server
         .listen
         .iter()
-        .map(|a| bind_free(*a))
+        .map(|a| ProxyListener::prepare(*a))
         .collect::<anyhow::Result<_>>()?;
-    let tls: Vec<(SocketAddr, crate::config::TlsListener)> = config
+    let tls: Vec<(ProxyListener, crate::config::TlsListener)> = config
         .server
         .tls
         .iter()
-        .map(|t| Ok((bind_free(t.listen)?, t.clone())))
+        .map(|t| Ok((ProxyListener::prepare(t.listen)?, t.clone())))
         .collect::<anyhow::Result<_>>()?;
     let admin_listener = TcpListener::bind(config.server.admin_listen).with_context(|| {
         format!(
@@ -54,7 +55,8 @@ pub fn run(path: PathBuf) -> anyhow::Result<()> {
     server.bootstrap();
 
     let mut tls_services = Vec::new();
-    for (address, listener) in &tls {
+    for (proxy_listener, listener) in &tls {
+        let address = proxy_listener.address;
         let mut settings = TlsSettings::intermediate(
             &listener.cert.to_string_lossy(),
             &listener.key.to_string_lossy(),
@@ -69,8 +71,8 @@ pub fn run(path: PathBuf) -> anyhow::Result<()> {
     let gateway = Gateway::new(path, text, config);
     let mut proxy =
         http_proxy_service_with_name(&server.configuration, Proxy::new(gateway.clone()), "proxy");
-    for address in &listen {
-        proxy.add_tcp(&address.to_string());
+    for listener in &listen {
+        proxy.add_tcp(&listener.address.to_string());
     }
     for (address, settings) in tls_services {
         proxy.add_tls_with_settings(&address, None, settings);
@@ -85,6 +87,14 @@ pub fn run(path: PathBuf) -> anyhow::Result<()> {
         HealthChecker::new(gateway.clone()),
     ));
     server.add_service(background_service(
+        "listen check",
+        ListenCheck {
+            listen: listen.iter().map(|l| l.address).collect(),
+            tls_listen: tls.iter().map(|(l, _)| l.address).collect(),
+            admin_listen,
+        },
+    ));
+    server.add_service(background_service(
         "config watcher",
         ConfigWatcher::new(gateway.clone()),
     ));
@@ -96,8 +106,8 @@ pub fn run(path: PathBuf) -> anyhow::Result<()> {
             .join(",")
     };
     tracing::info!(
-        listen = %join(&mut listen.iter()),
-        tls_listen = %join(&mut tls.iter().map(|(a, _)| a)),
+        listen = %join(&mut listen.iter().map(|l| &l.address)),
+        tls_listen = %join(&mut tls.iter().map(|(l, _)| &l.address)),
         admin_listen = %admin_listen,
         threads = gateway.server.threads,
         config_version = 1,
@@ -111,13 +121,25 @@ pub fn run(path: PathBuf) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Port 0 asks for a free port: one is reserved by binding it, and released for Pingora to bind.
-fn bind_free(address: SocketAddr) -> anyhow::Result<SocketAddr> {
-    if address.port() != 0 {
-        return Ok(address);
+/// A proxy listen address, made ready for Pingora (which binds it itself when it starts).
+struct ProxyListener {
+    /// The address Pingora binds, port 0 resolved.
+    address: SocketAddr,
+}
+
+impl ProxyListener {
+    /// Port 0 asks for a free port: the kernel picks one for a socket bound here and released at
+    /// once, for Pingora to bind. Another process can take the port in between; the
+    /// [`ListenCheck`] sees that and stops the gateway rather than leave it without a listener.
+    /// A fixed port is bound once here too, so a port already in use stops the start with a clear
+    /// error (Pingora would only panic in its own thread).
+    fn prepare(address: SocketAddr) -> anyhow::Result<Self> {
+        let listener =
+            TcpListener::bind(address).with_context(|| format!("cannot listen on {address}"))?;
+        Ok(Self {
+            address: listener.local_addr()?,
+        })
     }
-    let listener = TcpListener::bind(address).with_context(|| format!("cannot bind {address}"))?;
-    Ok(listener.local_addr()?)
 }
 
 /// Checks the config at `path` and prints every problem; returns whether it is valid.

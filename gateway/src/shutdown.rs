@@ -51,74 +51,99 @@ impl ShutdownSignalWatch for Signals {
                 return ShutdownSignal::FastShutdown;
             }
         }
-        let in_flight = self.gateway.metrics.in_flight.get();
+        self.gateway.draining.store(true, Ordering::SeqCst);
+        match Drain::watch(self.gateway.clone()) {
+            Ok(drain) => {
+                std::thread::Builder::new()
+                    .name("drain".into())
+                    .spawn(move || drain.run())
+                    .ok();
+            }
+            Err(error) => {
+                tracing::error!(%error, "cannot watch the drain; Pingora ends it after the grace period");
+            }
+        }
         tracing::info!(
-            in_flight,
+            in_flight = self.gateway.metrics.in_flight.get(),
             grace_period_ms = self.gateway.server.grace_period.as_millis() as u64,
             "SIGTERM: draining"
         );
-        self.gateway.draining.store(true, Ordering::SeqCst);
-        let gateway = self.gateway.clone();
-        std::thread::Builder::new()
-            .name("drain".into())
-            .spawn(move || exit_when_drained(&gateway))
-            .ok();
         ShutdownSignal::GracefulTerminate
     }
 }
 
-/// Exits 0 once no request is in flight, or at once on SIGINT or a second SIGTERM. Runs on its
-/// own thread and runtime: Pingora's main loop has stopped listening for signals by now.
-fn exit_when_drained(gateway: &Gateway) {
-    let runtime = match tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-    {
-        Ok(runtime) => runtime,
-        Err(error) => {
-            tracing::error!(%error, "cannot watch the drain; Pingora ends it after the grace period");
-            return;
-        }
-    };
-    runtime.block_on(async {
-        let (Ok(mut term), Ok(mut interrupt)) = (
-            signal(SignalKind::terminate()),
-            signal(SignalKind::interrupt()),
-        ) else {
-            tracing::error!("cannot install signal handlers for the drain");
-            return;
+/// The drain: exits 0 once no request is in flight, or at once on SIGINT or a second SIGTERM.
+///
+/// It runs on its own thread and runtime, because Pingora's main loop stops listening for
+/// signals once it has one. The signal listeners are registered before the drain is announced,
+/// so a second signal sent right after the announcement is never missed.
+struct Drain {
+    gateway: Arc<Gateway>,
+    runtime: tokio::runtime::Runtime,
+    term: tokio::signal::unix::Signal,
+    interrupt: tokio::signal::unix::Signal,
+}
+
+impl Drain {
+    fn watch(gateway: Arc<Gateway>) -> std::io::Result<Self> {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?;
+        let (term, interrupt) = {
+            let _context = runtime.enter();
+            (
+                signal(SignalKind::terminate())?,
+                signal(SignalKind::interrupt())?,
+            )
         };
-        let deadline = Instant::now() + gateway.server.grace_period;
-        let mut poll = tokio::time::interval(DRAIN_POLL);
-        let mut idle_polls = 0;
-        while Instant::now() < deadline {
-            tokio::select! {
-                _ = term.recv() => {
-                    tracing::warn!(in_flight = gateway.metrics.in_flight.get(), "second SIGTERM: exiting now");
-                    std::process::exit(0);
-                }
-                _ = interrupt.recv() => {
-                    tracing::warn!(in_flight = gateway.metrics.in_flight.get(), "SIGINT: exiting now");
-                    std::process::exit(0);
-                }
-                _ = poll.tick() => {
-                    // Two idle polls in a row, so a request whose context is being created is
-                    // not cut.
-                    if gateway.metrics.in_flight.get() <= 0 {
-                        idle_polls += 1;
-                        if idle_polls >= 2 {
-                            tracing::info!("drained: no request in flight, exiting");
-                            std::process::exit(0);
+        Ok(Self {
+            gateway,
+            runtime,
+            term,
+            interrupt,
+        })
+    }
+
+    fn run(self) {
+        let Drain {
+            gateway,
+            runtime,
+            mut term,
+            mut interrupt,
+        } = self;
+        runtime.block_on(async {
+            let deadline = Instant::now() + gateway.server.grace_period;
+            let mut poll = tokio::time::interval(DRAIN_POLL);
+            let mut idle_polls = 0;
+            while Instant::now() < deadline {
+                tokio::select! {
+                    _ = term.recv() => {
+                        tracing::warn!(in_flight = gateway.metrics.in_flight.get(), "second SIGTERM: exiting now");
+                        std::process::exit(0);
+                    }
+                    _ = interrupt.recv() => {
+                        tracing::warn!(in_flight = gateway.metrics.in_flight.get(), "SIGINT: exiting now");
+                        std::process::exit(0);
+                    }
+                    _ = poll.tick() => {
+                        // Two idle polls in a row, so a request whose context is being created
+                        // is not cut.
+                        if gateway.metrics.in_flight.get() <= 0 {
+                            idle_polls += 1;
+                            if idle_polls >= 2 {
+                                tracing::info!("drained: no request in flight, exiting");
+                                std::process::exit(0);
+                            }
+                        } else {
+                            idle_polls = 0;
                         }
-                    } else {
-                        idle_polls = 0;
                     }
                 }
             }
-        }
-        tracing::warn!(
-            in_flight = gateway.metrics.in_flight.get(),
-            "grace period over with requests in flight; ending them"
-        );
-    });
+            tracing::warn!(
+                in_flight = gateway.metrics.in_flight.get(),
+                "grace period over with requests in flight; ending them"
+            );
+        });
+    }
 }

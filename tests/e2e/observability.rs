@@ -1,27 +1,22 @@
 //! The admin listener: liveness, readiness, Prometheus metrics, and the access log.
 
-use std::time::Duration;
-
 use serde_json::Value;
-use tollgate_tests::{Gateway, Upstream, client, config};
+use tollgate_tests::{Gateway, Upstream, client, config, proxy_route};
+
+fn orders_config(upstream: &Upstream) -> String {
+    config(&proxy_route(
+        "orders",
+        &upstream.target(),
+        "/orders",
+        "",
+        "strip_prefix = true",
+    ))
+}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn metrics_count_requests_latency_and_health() {
     let upstream = Upstream::start("orders");
-    let gateway = Gateway::start(&config(&format!(
-        r#"
-[[upstreams]]
-name = "orders"
-targets = ["{}"]
-[[routes]]
-name = "orders"
-path_prefix = "/orders"
-strip_prefix = true
-upstream = "orders"
-"#,
-        upstream.target()
-    )))
-    .await;
+    let gateway = Gateway::start(&orders_config(&upstream)).await;
     let client = client();
     for _ in 0..3 {
         assert_eq!(
@@ -52,6 +47,27 @@ upstream = "orders"
             .status(),
         404
     );
+    // Requests are counted in their logging phase, just after the response went out.
+    for (series, count) in [
+        (
+            r#"tollgate_requests_total{method="GET",route="orders",status_class="2xx"}"#,
+            3.0,
+        ),
+        (
+            r#"tollgate_requests_total{method="POST",route="orders",status_class="5xx"}"#,
+            1.0,
+        ),
+        (
+            r#"tollgate_requests_total{method="GET",route="(none)",status_class="4xx"}"#,
+            1.0,
+        ),
+        (
+            r#"tollgate_request_duration_seconds_count{route="orders"}"#,
+            4.0,
+        ),
+    ] {
+        gateway.wait_for_metric(series, count).await;
+    }
 
     let response = client
         .get(gateway.admin_url("/metrics"))
@@ -104,8 +120,10 @@ upstream = "orders"
         Some(0.0)
     );
     assert!(value("tollgate_config_loaded_timestamp_seconds").is_some_and(|t| t > 1.7e9));
-    assert_eq!(value("tollgate_requests_in_flight"), Some(0.0));
     assert!(!text.contains("127.0.0.1"), "no address in any label");
+    gateway
+        .wait_for_metric("tollgate_requests_in_flight", 0.0)
+        .await;
 
     let slow = tokio::spawn({
         let url = gateway.url("/orders/slow/1000");
@@ -118,36 +136,21 @@ upstream = "orders"
                 .status()
         }
     });
-    while upstream.requests() < 5 {
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    upstream.wait_for_requests(5).await;
     assert_eq!(
         gateway.metric("tollgate_requests_in_flight").await,
         Some(1.0)
     );
     assert_eq!(slow.await.unwrap(), 200);
-    assert_eq!(
-        gateway.metric("tollgate_requests_in_flight").await,
-        Some(0.0)
-    );
+    gateway
+        .wait_for_metric("tollgate_requests_in_flight", 0.0)
+        .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn health_and_readiness_describe_the_gateway() {
     let upstream = Upstream::start("orders");
-    let gateway = Gateway::start(&config(&format!(
-        r#"
-[[upstreams]]
-name = "orders"
-targets = ["{}"]
-[[routes]]
-name = "orders"
-path_prefix = "/orders"
-upstream = "orders"
-"#,
-        upstream.target()
-    )))
-    .await;
+    let gateway = Gateway::start(&orders_config(&upstream)).await;
     let client = client();
     let response = client
         .get(gateway.admin_url("/health"))
@@ -199,19 +202,7 @@ upstream = "orders"
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_request_has_one_structured_access_log_line() {
     let upstream = Upstream::start("orders");
-    let gateway = Gateway::start(&config(&format!(
-        r#"
-[[upstreams]]
-name = "orders"
-targets = ["{}"]
-[[routes]]
-name = "orders"
-path_prefix = "/orders"
-upstream = "orders"
-"#,
-        upstream.target()
-    )))
-    .await;
+    let gateway = Gateway::start(&orders_config(&upstream)).await;
     let response = client()
         .post(gateway.url("/orders/9?secret=hidden"))
         .header("x-request-id", "log-me-1")

@@ -1,7 +1,5 @@
 //! Hot reload: new config live, bad config refused, connections and requests in flight unaffected.
 
-use std::time::Duration;
-
 use serde_json::Value;
 use tollgate_tests::raw::RawConnection;
 use tollgate_tests::{Gateway, Upstream, client, config};
@@ -142,9 +140,7 @@ async fn a_request_in_flight_finishes_under_the_config_it_started_with() {
         async move { client().get(url).send().await.unwrap() }
     });
     // Wait until the upstream has the request, then remove its route.
-    while upstream.requests() == 0 {
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    upstream.wait_for_requests(1).await;
     gateway.write_config(&config(NEW_ROUTE));
     gateway.wait_for_version(2).await;
     assert_eq!(

@@ -2,31 +2,24 @@
 
 use std::time::{Duration, Instant};
 
-use tollgate_tests::{Gateway, Upstream, client, config};
+use tollgate_tests::{Gateway, Upstream, client, config, proxy_route};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_drains_requests_in_flight_then_exits_zero() {
     let upstream = Upstream::start("echo");
-    let mut gateway = Gateway::start(&config(&format!(
-        r#"
-[[upstreams]]
-name = "echo"
-targets = ["{}"]
-[[routes]]
-name = "echo"
-path_prefix = "/"
-upstream = "echo"
-"#,
-        upstream.target()
+    let mut gateway = Gateway::start(&config(&proxy_route(
+        "echo",
+        &upstream.target(),
+        "/",
+        "",
+        "",
     )))
     .await;
     let slow = tokio::spawn({
         let url = gateway.url("/slow/1500");
         async move { client().get(url).send().await.unwrap() }
     });
-    while upstream.requests() == 0 {
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    upstream.wait_for_requests(1).await;
     let signalled = Instant::now();
     gateway.signal("TERM");
     gateway
@@ -76,19 +69,7 @@ async fn an_idle_gateway_exits_at_once_on_sigterm() {
 }
 
 fn slow_config(upstream: &Upstream, grace: &str) -> String {
-    config(&format!(
-        r#"
-[[upstreams]]
-name = "echo"
-targets = ["{}"]
-[[routes]]
-name = "echo"
-path_prefix = "/"
-upstream = "echo"
-"#,
-        upstream.target()
-    ))
-    .replace(
+    config(&proxy_route("echo", &upstream.target(), "/", "", "")).replace(
         "grace_period = \"10s\"",
         &format!("grace_period = \"{grace}\""),
     )
@@ -102,9 +83,7 @@ async fn a_request_longer_than_the_grace_period_is_cut_and_the_exit_is_still_zer
         let url = gateway.url("/slow/20000");
         async move { client().get(url).send().await }
     });
-    while upstream.requests() == 0 {
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    upstream.wait_for_requests(1).await;
     let signalled = Instant::now();
     gateway.signal("TERM");
     let status = gateway.wait_exit(Duration::from_secs(6)).await;
@@ -132,9 +111,7 @@ async fn a_second_sigterm_ends_the_drain_at_once() {
         let url = gateway.url("/slow/20000");
         async move { client().get(url).send().await }
     });
-    while upstream.requests() == 0 {
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    upstream.wait_for_requests(1).await;
     gateway.signal("TERM");
     gateway
         .wait_for_log(|l| l["message"] == "SIGTERM: draining")

@@ -3,23 +3,16 @@
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
-use tollgate_tests::{Gateway, Upstream, client, config};
+use tollgate_tests::{Gateway, Upstream, client, config, proxy_route};
 
 fn upstream_config(upstream: &Upstream, timeouts: &str) -> String {
-    config(&format!(
-        r#"
-[[upstreams]]
-name = "slow"
-targets = ["{}"]
-{timeouts}
-[upstreams.passive]
-max_fails = 0
-[[routes]]
-name = "slow"
-path_prefix = "/"
-upstream = "slow"
-"#,
-        upstream.target()
+    let upstream_extra = format!("{timeouts}\n[upstreams.passive]\nmax_fails = 0");
+    config(&proxy_route(
+        "slow",
+        &upstream.target(),
+        "/",
+        &upstream_extra,
+        "",
     ))
 }
 
@@ -126,18 +119,12 @@ async fn a_gateway_error_closes_the_connection_and_says_so() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn connect_timeout_is_a_504_problem() {
     let blackhole = tollgate_tests::blackhole::Blackhole::start();
-    let gateway = Gateway::start(&config(&format!(
-        r#"
-[[upstreams]]
-name = "hole"
-targets = ["{}"]
-connect_timeout = "300ms"
-[[routes]]
-name = "hole"
-path_prefix = "/"
-upstream = "hole"
-"#,
-        blackhole.addr
+    let gateway = Gateway::start(&config(&proxy_route(
+        "hole",
+        &blackhole.addr.to_string(),
+        "/",
+        "connect_timeout = \"300ms\"",
+        "",
     )))
     .await;
     let started = Instant::now();

@@ -153,3 +153,27 @@ fn the_commented_example_in_the_shipped_config_is_valid() {
     assert_eq!(code, 0, "{stderr}");
     assert!(stdout.contains("ok (2 routes, 1 upstreams)"), "{stdout}");
 }
+
+#[test]
+fn a_port_in_use_stops_the_start_with_a_clear_error() {
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = taken.local_addr().unwrap().port();
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("gateway.toml");
+    std::fs::write(
+        &path,
+        format!("[server]\nlisten = \"127.0.0.1:{port}\"\nadmin_listen = \"127.0.0.1:0\"\n"),
+    )
+    .unwrap();
+    let output = Command::new(binary())
+        .arg("--config")
+        .arg(&path)
+        .output()
+        .unwrap();
+    assert_eq!(output.status.code(), Some(1));
+    let stderr = String::from_utf8(output.stderr).unwrap();
+    assert!(
+        stderr.contains(&format!("cannot listen on 127.0.0.1:{port}")),
+        "{stderr}"
+    );
+}

@@ -31,6 +31,31 @@ level = "info"
     )
 }
 
+/// An `[[upstreams]]` named `name` with one target, and a `[[routes]]` of the same name that sends
+/// `path_prefix` to it. `upstream_extra` and `route_extra` are further lines of each table.
+pub fn proxy_route(
+    name: &str,
+    target: &str,
+    path_prefix: &str,
+    upstream_extra: &str,
+    route_extra: &str,
+) -> String {
+    format!(
+        r#"
+[[upstreams]]
+name = "{name}"
+targets = ["{target}"]
+{upstream_extra}
+
+[[routes]]
+name = "{name}"
+path_prefix = "{path_prefix}"
+upstream = "{name}"
+{route_extra}
+"#
+    )
+}
+
 /// The gateway binary, built once per test process so it is never stale.
 pub fn binary() -> &'static Path {
     static BINARY: OnceLock<PathBuf> = OnceLock::new();
@@ -55,6 +80,14 @@ pub fn binary() -> &'static Path {
         assert!(binary.exists(), "no gateway binary at {}", binary.display());
         binary
     })
+}
+
+/// How a start attempt ended.
+enum Started {
+    /// The gateway listens; its `tollgate gateway listening` line.
+    Listening(Child, Arc<Mutex<Vec<Value>>>, Value),
+    /// Another process took a port; the gateway's log lines.
+    LostPort(Vec<Value>),
 }
 
 /// A running gateway process; killed when dropped.
@@ -83,13 +116,33 @@ impl Gateway {
         Self::start_in(dir, config).await
     }
 
-    /// Starts a gateway whose config lives in `dir` (which may hold certificates).
+    /// Starts a gateway whose config lives in `dir` (which may hold certificates), and waits
+    /// until it says it listens. A port picked for `:0` can be taken by another process before
+    /// the gateway binds it; the gateway then exits with status 1 and is started again.
     pub async fn start_in(dir: tempfile::TempDir, config: &str) -> Gateway {
         let config_path = dir.path().join("gateway.toml");
         std::fs::write(&config_path, config).unwrap();
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
+            match Self::spawn(&config_path).await {
+                Started::Listening(child, logs, line) => {
+                    return Self::from_start_line(child, logs, &line, config_path, dir);
+                }
+                Started::LostPort(logs) if attempt < 3 => {
+                    eprintln!("gateway lost a port to another process; starting again: {logs:?}");
+                }
+                Started::LostPort(logs) => {
+                    panic!("gateway could not listen three times: {logs:#?}")
+                }
+            }
+        }
+    }
+
+    async fn spawn(config_path: &Path) -> Started {
         let mut child = Command::new(binary())
             .arg("--config")
-            .arg(&config_path)
+            .arg(config_path)
             .env_remove("RUST_LOG")
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
@@ -115,72 +168,69 @@ impl Gateway {
         });
 
         let started = Instant::now();
-        let line = loop {
-            if let Some(line) = logs
+        loop {
+            let line = logs
                 .lock()
                 .unwrap()
                 .iter()
-                .find(|l| l["message"] == "tollgate gateway starting")
-            {
-                break line.clone();
+                .find(|l| l["message"] == "tollgate gateway listening")
+                .cloned();
+            if let Some(line) = line {
+                return Started::Listening(child, logs, line);
             }
             if let Ok(Some(status)) = child.try_wait() {
-                panic!(
-                    "gateway exited with {status} before starting: {:#?}",
-                    logs.lock().unwrap()
+                // Let the reader threads catch the last lines.
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                let lines = logs.lock().unwrap().clone();
+                let lost_port = lines.iter().any(|l| {
+                    l["message"].as_str().is_some_and(|m| {
+                        m.starts_with("cannot listen: another process holds the port")
+                    })
+                });
+                assert!(
+                    lost_port,
+                    "gateway exited with {status} before listening: {lines:#?}"
                 );
+                return Started::LostPort(lines);
             }
             assert!(
                 started.elapsed() < PATIENCE,
                 "gateway did not start: {:#?}",
                 logs.lock().unwrap()
             );
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        };
-        let first = |field: &str| -> Option<SocketAddr> {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+
+    fn from_start_line(
+        child: Child,
+        logs: Arc<Mutex<Vec<Value>>>,
+        line: &Value,
+        config_path: PathBuf,
+        dir: tempfile::TempDir,
+    ) -> Gateway {
+        let addresses = |field: &str| -> Vec<SocketAddr> {
             line[field]
                 .as_str()
-                .and_then(|s| s.split(',').next())
-                .and_then(|s| s.parse().ok())
+                .unwrap_or("")
+                .split(',')
+                .filter_map(|s| s.parse().ok())
+                .collect()
         };
-        let listeners: Vec<SocketAddr> = line["listen"]
-            .as_str()
-            .unwrap_or("")
-            .split(',')
-            .filter_map(|s| s.parse().ok())
-            .collect();
-        let gateway = Gateway {
+        let listeners = addresses("listen");
+        Gateway {
+            proxy: listeners
+                .first()
+                .copied()
+                .unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], 1))),
+            tls: addresses("tls_listen").first().copied(),
+            admin: addresses("admin_listen")[0],
             listeners,
-            proxy: first("listen").unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], 1))),
-            tls: first("tls_listen"),
-            admin: first("admin_listen").expect("admin address in the start line"),
             child,
             config_path,
             dir,
             logs,
             exit: None,
-        };
-        gateway.wait_until_listening().await;
-        gateway
-    }
-
-    async fn wait_until_listening(&self) {
-        let started = Instant::now();
-        loop {
-            let admin = tokio::net::TcpStream::connect(self.admin).await;
-            let proxy = match self.tls {
-                Some(tls) => tokio::net::TcpStream::connect(tls).await,
-                None => tokio::net::TcpStream::connect(self.proxy).await,
-            };
-            if admin.is_ok() && proxy.is_ok() {
-                return;
-            }
-            assert!(
-                started.elapsed() < PATIENCE,
-                "gateway listeners never opened: {:#?}",
-                self.logs()
-            );
-            tokio::time::sleep(Duration::from_millis(20)).await;
         }
     }
 
@@ -231,6 +281,23 @@ impl Gateway {
         let text = self.metrics().await;
         text.lines()
             .find_map(|line| line.strip_prefix(series)?.strip_prefix(' ')?.parse().ok())
+    }
+
+    /// Waits until a metric series has `value` (a request is counted until just after its
+    /// response is sent, so gauges settle a moment after the client has its answer).
+    pub async fn wait_for_metric(&self, series: &str, value: f64) {
+        let started = Instant::now();
+        loop {
+            let now = self.metric(series).await;
+            if now == Some(value) {
+                return;
+            }
+            assert!(
+                started.elapsed() < PATIENCE,
+                "{series} is {now:?}, never {value}"
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
     }
 
     /// Waits until the running config has `version`.

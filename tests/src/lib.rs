@@ -20,7 +20,7 @@ pub mod raw;
 pub mod tls;
 pub mod upstream;
 
-pub use gateway::{Gateway, config};
+pub use gateway::{Gateway, config, proxy_route};
 pub use upstream::Upstream;
 
 /// A client that keeps connections alive and never follows redirects.

@@ -110,6 +110,19 @@ impl Upstream {
         self.shared.requests.load(Ordering::SeqCst)
     }
 
+    /// Waits until at least `count` requests have arrived (health checks excluded).
+    pub async fn wait_for_requests(&self, count: usize) {
+        let started = std::time::Instant::now();
+        while self.requests() < count {
+            assert!(
+                started.elapsed() < crate::gateway::PATIENCE,
+                "only {} of {count} requests arrived",
+                self.requests()
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+
     /// Health checks served.
     pub fn health_checks(&self) -> usize {
         self.shared.health_checks.load(Ordering::SeqCst)
