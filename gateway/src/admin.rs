@@ -155,9 +155,6 @@ impl Admin {
         if !matches!(session.read_request().await, Ok(true)) {
             return;
         }
-        let response = self.response(&mut session).await;
-        let (parts, body) = response.into_parts();
-        let mut header: ResponseHeader = parts.into();
         let id = request_id::from_header(
             session
                 .req_header()
@@ -165,6 +162,9 @@ impl Admin {
                 .get(request_id::HEADER)
                 .map(http::HeaderValue::as_bytes),
         );
+        let response = self.response(&mut session, &id).await;
+        let (parts, body) = response.into_parts();
+        let mut header: ResponseHeader = parts.into();
         if header.insert_header(request_id::HEADER, id).is_err() {
             return;
         }
@@ -188,15 +188,24 @@ impl Admin {
         let _ = session.finish().await;
     }
 
-    /// The response to one admin request.
-    pub async fn response(&self, session: &mut ServerSession) -> Response<Vec<u8>> {
+    /// The response to one admin request, whose id is `request_id`.
+    pub async fn response(
+        &self,
+        session: &mut ServerSession,
+        request_id: &str,
+    ) -> Response<Vec<u8>> {
         let req = session.req_header();
         let (method, path) = (req.method.clone(), req.uri.path().to_owned());
         if method != Method::GET && method != Method::HEAD {
-            return problem(
+            let mut refusal = problem(
                 Problem::new("method-not-allowed", "Method not allowed", 405)
-                    .with_detail("the admin endpoints accept GET and HEAD"),
+                    .with_detail("the admin endpoints accept GET and HEAD")
+                    .with_request_id(request_id),
             );
+            refusal
+                .headers_mut()
+                .insert(header::ALLOW, header::HeaderValue::from_static("GET, HEAD"));
+            return refusal;
         }
         match path.as_str() {
             "/health" => json_response(StatusCode::OK, &json!({"status": "ok"})),
@@ -220,7 +229,8 @@ impl Admin {
             }
             _ => problem(
                 Problem::new("not-found", "Not found", 404)
-                    .with_detail("the admin listener serves /health, /health/ready and /metrics"),
+                    .with_detail("the admin listener serves /health, /health/ready and /metrics")
+                    .with_request_id(request_id),
             ),
         }
     }

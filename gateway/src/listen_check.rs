@@ -8,13 +8,16 @@
 //! `tollgate gateway listening`; if another process holds one of the ports, it stops the gateway
 //! with exit status 1.
 
-use std::collections::{HashMap, HashSet};
-use std::net::SocketAddr;
+use std::collections::HashSet;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use pingora::server::ShutdownWatch;
 use pingora::services::background::BackgroundService;
+
+use crate::state::Gateway;
 
 /// How long Pingora gets to bind its listeners.
 const PATIENCE: Duration = Duration::from_secs(10);
@@ -29,6 +32,8 @@ pub struct ListenCheck {
     pub tls_listen: Vec<SocketAddr>,
     /// The admin listener (bound before start-up ended).
     pub admin_listen: SocketAddr,
+    /// Whose signal handlers must be in place before the gateway says it listens.
+    pub gateway: Arc<Gateway>,
 }
 
 /// Who listens on a port.
@@ -38,49 +43,85 @@ enum Holder {
     Another,
 }
 
+/// A listening socket seen in the kernel's tables.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Listening {
+    address: SocketAddr,
+    holder: Holder,
+}
+
+impl Listening {
+    /// Whether this socket and one bound to `address` cannot both exist (so the second bind
+    /// fails): same port, and the same IP or a wildcard on either side.
+    fn conflicts_with(&self, address: &SocketAddr) -> bool {
+        self.address.port() == address.port()
+            && (self.address.ip() == address.ip()
+                || self.address.ip().is_unspecified()
+                || address.ip().is_unspecified())
+    }
+}
+
 #[async_trait]
 impl BackgroundService for ListenCheck {
     async fn start(&self, _shutdown: ShutdownWatch) {
-        let ports: Vec<u16> = self
+        let addresses: Vec<SocketAddr> = self
             .listen
             .iter()
             .chain(&self.tls_listen)
-            .map(SocketAddr::port)
+            .copied()
             .collect();
         let started = Instant::now();
         loop {
-            let holders = match listening_ports() {
-                Ok(holders) => holders,
+            let sockets = match listening_sockets() {
+                Ok(sockets) => sockets,
                 Err(error) => {
                     tracing::warn!(%error, "cannot read the socket tables; listeners not verified");
                     break;
                 }
             };
-            let mine = |port: &u16| {
-                holders
-                    .get(port)
-                    .is_some_and(|h| h.contains(&Holder::ThisProcess))
+            let mine = |address: &SocketAddr| {
+                sockets
+                    .iter()
+                    .any(|s| s.holder == Holder::ThisProcess && s.address == *address)
             };
-            if ports.iter().all(mine) {
+            if addresses.iter().all(mine) {
                 break;
             }
-            let taken: Vec<u16> = ports
+            let taken: Vec<String> = addresses
                 .iter()
-                .filter(|port| {
-                    !mine(port)
-                        && holders
-                            .get(*port)
-                            .is_some_and(|h| h.contains(&Holder::Another))
+                .filter(|address| {
+                    !mine(address)
+                        && sockets
+                            .iter()
+                            .any(|s| s.holder == Holder::Another && s.conflicts_with(address))
                 })
-                .copied()
+                .map(ToString::to_string)
                 .collect();
-            if !taken.is_empty() || started.elapsed() > PATIENCE {
+            if !taken.is_empty() {
                 tracing::error!(
-                    ports = ?if taken.is_empty() { ports.clone() } else { taken },
-                    "cannot listen: another process holds the port, or the proxy failed to bind it"
+                    "cannot listen on {}: another process holds the port",
+                    taken.join(", ")
                 );
                 std::process::exit(1);
             }
+            if started.elapsed() > PATIENCE {
+                let missing: Vec<String> = addresses
+                    .iter()
+                    .filter(|a| !mine(a))
+                    .map(ToString::to_string)
+                    .collect();
+                tracing::error!(
+                    "cannot listen on {}: the proxy did not bind it within {PATIENCE:?}",
+                    missing.join(", ")
+                );
+                std::process::exit(1);
+            }
+            tokio::time::sleep(POLL).await;
+        }
+        // Report listening only once SIGHUP, SIGTERM and the file watch are handled, so whoever
+        // waits for this line can signal the gateway or edit its config right away.
+        let wait_for_handlers = Instant::now();
+        while !self.gateway.handlers_ready() && wait_for_handlers.elapsed() < PATIENCE {
             tokio::time::sleep(POLL).await;
         }
         let join = |addresses: &[SocketAddr]| {
@@ -99,8 +140,8 @@ impl BackgroundService for ListenCheck {
     }
 }
 
-/// The TCP ports in LISTEN state, and whether a socket of this process is among their holders.
-fn listening_ports() -> std::io::Result<HashMap<u16, HashSet<Holder>>> {
+/// Every TCP socket in LISTEN state, with whether this process holds it.
+fn listening_sockets() -> std::io::Result<Vec<Listening>> {
     let own: HashSet<u64> = std::fs::read_dir("/proc/self/fd")?
         .filter_map(|entry| std::fs::read_link(entry.ok()?.path()).ok())
         .filter_map(|target| {
@@ -112,7 +153,7 @@ fn listening_ports() -> std::io::Result<HashMap<u16, HashSet<Holder>>> {
                 .ok()
         })
         .collect();
-    let mut ports: HashMap<u16, HashSet<Holder>> = HashMap::new();
+    let mut sockets = Vec::new();
     for table in ["/proc/self/net/tcp", "/proc/self/net/tcp6"] {
         let Ok(text) = std::fs::read_to_string(table) else {
             continue;
@@ -128,20 +169,35 @@ fn listening_ports() -> std::io::Result<HashMap<u16, HashSet<Holder>>> {
             if *state != "0A" {
                 continue;
             }
-            let Some(port) = local
-                .rsplit_once(':')
-                .and_then(|(_, port)| u16::from_str_radix(port, 16).ok())
-            else {
+            let Some(address) = parse_proc_address(local) else {
                 continue;
             };
             let holder = match inode.parse::<u64>() {
                 Ok(inode) if own.contains(&inode) => Holder::ThisProcess,
                 _ => Holder::Another,
             };
-            ports.entry(port).or_default().insert(holder);
+            sockets.push(Listening { address, holder });
         }
     }
-    Ok(ports)
+    Ok(sockets)
+}
+
+/// `0100007F:1F90` (IPv4) or 32 hex digits and a port (IPv6): the address as the kernel prints
+/// it, in 32-bit words of host byte order.
+fn parse_proc_address(text: &str) -> Option<SocketAddr> {
+    let (ip, port) = text.split_once(':')?;
+    let port = u16::from_str_radix(port, 16).ok()?;
+    let mut bytes = Vec::with_capacity(16);
+    for word in 0..ip.len() / 8 {
+        let value = u32::from_str_radix(ip.get(word * 8..word * 8 + 8)?, 16).ok()?;
+        bytes.extend_from_slice(&value.to_ne_bytes());
+    }
+    let ip = match bytes.len() {
+        4 => IpAddr::from(<[u8; 4]>::try_from(bytes).ok()?),
+        16 => IpAddr::from(<[u8; 16]>::try_from(bytes).ok()?),
+        _ => return None,
+    };
+    Some(SocketAddr::new(ip, port))
 }
 
 #[cfg(test)]
@@ -151,10 +207,43 @@ mod tests {
     #[test]
     fn finds_a_listener_of_this_process_and_not_a_closed_one() {
         let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        let port = listener.local_addr().unwrap().port();
-        let holders = listening_ports().unwrap();
-        assert_eq!(holders[&port], HashSet::from([Holder::ThisProcess]));
+        let address = listener.local_addr().unwrap();
+        let sockets = listening_sockets().unwrap();
+        assert!(sockets.contains(&Listening {
+            address,
+            holder: Holder::ThisProcess
+        }));
         drop(listener);
-        assert!(!listening_ports().unwrap().contains_key(&port));
+        assert!(
+            !listening_sockets()
+                .unwrap()
+                .iter()
+                .any(|s| s.address == address)
+        );
+    }
+
+    #[test]
+    fn parses_the_kernel_address_format() {
+        assert_eq!(
+            parse_proc_address("0100007F:1F90"),
+            Some("127.0.0.1:8080".parse().unwrap())
+        );
+        assert_eq!(
+            parse_proc_address("00000000000000000000000001000000:0050"),
+            Some("[::1]:80".parse().unwrap())
+        );
+    }
+
+    #[test]
+    fn conflicts_need_the_same_port_and_an_overlapping_ip() {
+        let at = |address: &str| Listening {
+            address: address.parse().unwrap(),
+            holder: Holder::Another,
+        };
+        let ours: SocketAddr = "127.0.0.1:8080".parse().unwrap();
+        assert!(at("127.0.0.1:8080").conflicts_with(&ours));
+        assert!(at("0.0.0.0:8080").conflicts_with(&ours));
+        assert!(!at("127.0.0.2:8080").conflicts_with(&ours));
+        assert!(!at("127.0.0.1:8081").conflicts_with(&ours));
     }
 }

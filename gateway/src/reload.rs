@@ -108,6 +108,9 @@ impl BackgroundService for ConfigWatcher {
                 None
             }
         };
+        self.gateway
+            .reload_handlers_ready
+            .store(true, std::sync::atomic::Ordering::SeqCst);
         loop {
             tokio::select! {
                 _ = shutdown.changed() => return,

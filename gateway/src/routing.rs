@@ -37,8 +37,11 @@ impl RouteTable {
                 Some(HostMatch::Wildcard(suffix)) => 1 + usize::MAX / 2 - suffix.len(),
                 None => usize::MAX,
             };
+            // Routes with the same prefix stay together: two different prefixes of one length
+            // never both match a path.
             (
                 std::cmp::Reverse(route.path_prefix.len()),
+                route.path_prefix.clone(),
                 host_rank,
                 route.methods.is_none(),
                 i,
@@ -54,15 +57,24 @@ impl RouteTable {
 
     /// The file index of the route for a request. `host` may carry a port; `path` excludes the
     /// query.
+    ///
+    /// The longest matching prefix decides: when routes with that prefix exist but none allows
+    /// the method, the answer is 405, never a route with a shorter prefix (a catch-all `/` route
+    /// must not take the `POST` that a `GET`-only `/admin` route refuses).
     pub fn find(&self, host: Option<&str>, path: &str, method: &Method) -> Result<usize, Miss> {
         let host = host.map(strip_port);
         let mut allowed: Vec<Method> = Vec::new();
+        let mut winning_prefix: Option<&str> = None;
         for &i in &self.order {
             let route = &self.routes[i];
+            if winning_prefix.is_some_and(|prefix| prefix != route.path_prefix) {
+                break;
+            }
             if !prefix_matches(&route.path_prefix, path) || !host_matches(route.host.as_ref(), host)
             {
                 continue;
             }
+            winning_prefix = Some(&route.path_prefix);
             match &route.methods {
                 None => return Ok(i),
                 Some(methods) if methods.contains(method) => return Ok(i),
@@ -109,31 +121,56 @@ fn strip_port(host: &str) -> &str {
         .map_or(host, |(name, _)| name)
 }
 
-/// Whether `path` has a `.` or `..` segment, written plainly or percent-encoded (`%2e`).
+/// Whether `path` has a `.` or `..` segment an upstream might resolve.
 ///
 /// Routes match the path as written; an upstream that resolves dot segments would otherwise see
 /// `/public/../admin` as `/admin` after the gateway matched it as `/public`. Such paths are
-/// refused rather than rewritten, as no well-behaved client sends them.
+/// refused rather than rewritten, as no well-behaved client sends them. Segments are split at
+/// `/`, and also at `\`, `%2f` and `%5c` (which some servers decode into separators), and cut
+/// at `;` (path parameters: some servers read `..;` as `..`); a segment is a dot segment when
+/// what is left is `.` or `..`, written plainly or as `%2e`.
 pub fn has_dot_segment(path: &str) -> bool {
-    path.split('/').any(|segment| {
-        let bytes = segment.as_bytes();
-        let mut dots = 0;
-        let mut i = 0;
-        while i < bytes.len() {
-            if bytes[i] == b'.' {
-                i += 1;
-            } else if bytes[i] == b'%'
-                && bytes.get(i + 1) == Some(&b'2')
-                && matches!(bytes.get(i + 2), Some(b'e' | b'E'))
+    let bytes = path.as_bytes();
+    let mut dots = 0usize;
+    let mut other = false;
+    let mut in_params = false;
+    let mut i = 0;
+    let dot_segment = |dots: usize, other: bool| !other && (dots == 1 || dots == 2);
+    while i <= bytes.len() {
+        let (separator, width) = match bytes.get(i) {
+            None => (true, 1),
+            Some(b'/' | b'\\') => (true, 1),
+            Some(b'%')
+                if matches!(bytes.get(i + 1..i + 3), Some(b"2f" | b"2F" | b"5c" | b"5C")) =>
             {
-                i += 3;
-            } else {
-                return false;
+                (true, 3)
             }
-            dots += 1;
+            _ => (false, 1),
+        };
+        if separator {
+            if dot_segment(dots, other) {
+                return true;
+            }
+            dots = 0;
+            other = false;
+            in_params = false;
+            i += width;
+            continue;
         }
-        dots == 1 || dots == 2
-    })
+        if !in_params {
+            match bytes[i] {
+                b';' => in_params = true,
+                b'.' => dots += 1,
+                b'%' if matches!(bytes.get(i + 1..i + 3), Some(b"2e" | b"2E")) => {
+                    dots += 1;
+                    i += 2;
+                }
+                _ => other = true,
+            }
+        }
+        i += 1;
+    }
+    false
 }
 
 /// The path (and query) sent upstream once `prefix` is removed from `path_and_query`.
@@ -293,12 +330,65 @@ mod tests {
     }
 
     #[test]
-    fn method_mismatch_falls_back_to_a_shorter_prefix() {
+    fn a_method_refused_on_the_longest_prefix_is_405_even_with_a_catch_all() {
         let table = RouteTable::new(vec![
             route("root", "/", None, None),
             route("read", "/items", None, Some(&[Method::GET])),
         ]);
-        assert_eq!(name(&table, None, "/items", Method::POST).unwrap(), "root");
+        assert_eq!(
+            name(&table, None, "/items/1", Method::POST),
+            Err(Miss::MethodNotAllowed(vec![Method::GET]))
+        );
+        assert_eq!(name(&table, None, "/other", Method::POST).unwrap(), "root");
+    }
+
+    #[test]
+    fn routes_with_the_same_prefix_are_considered_together() {
+        let table = RouteTable::new(vec![
+            route(
+                "x-host",
+                "/x",
+                Some(HostMatch::Exact("a.test".into())),
+                Some(&[Method::GET]),
+            ),
+            route(
+                "y-host",
+                "/y",
+                Some(HostMatch::Exact("a.test".into())),
+                None,
+            ),
+            route("x-any", "/x", None, Some(&[Method::POST])),
+        ]);
+        assert_eq!(
+            name(&table, Some("a.test"), "/x", Method::POST).unwrap(),
+            "x-any"
+        );
+    }
+
+    #[test]
+    fn any_host_route_with_the_same_prefix_can_take_the_method() {
+        let table = RouteTable::new(vec![
+            route(
+                "read",
+                "/x",
+                Some(HostMatch::Exact("a.test".into())),
+                Some(&[Method::GET]),
+            ),
+            route("write", "/x", None, Some(&[Method::POST])),
+            route("root", "/", None, None),
+        ]);
+        assert_eq!(
+            name(&table, Some("a.test"), "/x", Method::POST).unwrap(),
+            "write"
+        );
+        assert_eq!(
+            name(&table, Some("a.test"), "/x", Method::GET).unwrap(),
+            "read"
+        );
+        assert_eq!(
+            name(&table, Some("a.test"), "/x", Method::DELETE),
+            Err(Miss::MethodNotAllowed(vec![Method::GET, Method::POST]))
+        );
     }
 
     #[test]
@@ -311,7 +401,7 @@ mod tests {
     }
 
     #[test]
-    fn finds_dot_segments_plain_and_encoded() {
+    fn finds_dot_segments_plain_encoded_and_disguised() {
         for path in [
             "/a/../b",
             "/a/./b",
@@ -320,6 +410,13 @@ mod tests {
             "/a/%2e%2e/b",
             "/a/%2E./b",
             "/a/.%2e",
+            "/a/..;/b",
+            "/a/..;jsessionid=1/b",
+            "/a/..%2fb",
+            "/a/..%2Fb",
+            "/a/..%5cb",
+            "/a/..\\b",
+            "/a\\..\\b",
         ] {
             assert!(has_dot_segment(path), "{path}");
         }
@@ -332,6 +429,9 @@ mod tests {
             "/.well-known/x",
             "/a//b",
             "/a/%2f/b",
+            "/projects/group%2Fproject",
+            "/a/b;v=1.2",
+            "/a/%2e%2e%2e",
         ] {
             assert!(!has_dot_segment(path), "{path}");
         }

@@ -24,18 +24,23 @@ pub fn run(path: PathBuf) -> anyhow::Result<()> {
     let (text, config) = Config::from_file(&path)
         .map_err(|errors| anyhow::anyhow!("{} has problems:\n{errors}", path.display()))?;
     crate::logging::init(&config.log)?;
-    let listen: Vec<ProxyListener> = config
+    let requested: Vec<SocketAddr> = config
         .server
         .listen
         .iter()
-        .map(|a| ProxyListener::prepare(*a))
-        .collect::<anyhow::Result<_>>()?;
-    let tls: Vec<(ProxyListener, crate::config::TlsListener)> = config
-        .server
-        .tls
-        .iter()
-        .map(|t| Ok((ProxyListener::prepare(t.listen)?, t.clone())))
-        .collect::<anyhow::Result<_>>()?;
+        .chain(config.server.tls.iter().map(|t| &t.listen))
+        .copied()
+        .collect();
+    let mut chosen = choose_ports(&requested)?.into_iter();
+    let listen: Vec<ProxyListener> = chosen
+        .by_ref()
+        .take(config.server.listen.len())
+        .map(|address| ProxyListener { address })
+        .collect();
+    let tls: Vec<(ProxyListener, crate::config::TlsListener)> = chosen
+        .zip(config.server.tls.iter().cloned())
+        .map(|(address, t)| (ProxyListener { address }, t))
+        .collect();
     let admin_listener = TcpListener::bind(config.server.admin_listen).with_context(|| {
         format!(
             "cannot bind the admin listener {}",
@@ -92,6 +97,7 @@ pub fn run(path: PathBuf) -> anyhow::Result<()> {
             listen: listen.iter().map(|l| l.address).collect(),
             tls_listen: tls.iter().map(|(l, _)| l.address).collect(),
             admin_listen,
+            gateway: gateway.clone(),
         },
     ));
     server.add_service(background_service(
@@ -127,19 +133,24 @@ struct ProxyListener {
     address: SocketAddr,
 }
 
-impl ProxyListener {
-    /// Port 0 asks for a free port: the kernel picks one for a socket bound here and released at
-    /// once, for Pingora to bind. Another process can take the port in between; the
-    /// [`ListenCheck`] sees that and stops the gateway rather than leave it without a listener.
-    /// A fixed port is bound once here too, so a port already in use stops the start with a clear
-    /// error (Pingora would only panic in its own thread).
-    fn prepare(address: SocketAddr) -> anyhow::Result<Self> {
-        let listener =
-            TcpListener::bind(address).with_context(|| format!("cannot listen on {address}"))?;
-        Ok(Self {
-            address: listener.local_addr()?,
+/// Binds every proxy address once, then releases them all for Pingora to bind.
+///
+/// Port 0 asks for a free port: the kernel picks one for the socket bound here (all sockets are
+/// held until every port is picked, so two `:0` listeners never get the same one). Another
+/// process can take a port between its release and Pingora's bind; the [`ListenCheck`] sees that
+/// and stops the gateway rather than leave it without a listener. A fixed port is bound here
+/// too, so a port already in use stops the start with a clear error (Pingora would only panic
+/// in its own thread).
+fn choose_ports(requested: &[SocketAddr]) -> anyhow::Result<Vec<SocketAddr>> {
+    let held: Vec<TcpListener> = requested
+        .iter()
+        .map(|address| {
+            TcpListener::bind(address).with_context(|| format!("cannot listen on {address}"))
         })
-    }
+        .collect::<anyhow::Result<_>>()?;
+    held.iter()
+        .map(|listener| Ok(listener.local_addr()?))
+        .collect()
 }
 
 /// Checks the config at `path` and prints every problem; returns whether it is valid.

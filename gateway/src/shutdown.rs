@@ -43,6 +43,9 @@ impl ShutdownSignalWatch for Signals {
             tracing::error!("cannot install signal handlers");
             return std::future::pending().await;
         };
+        self.gateway
+            .shutdown_handlers_ready
+            .store(true, Ordering::SeqCst);
         tokio::select! {
             _ = term.recv() => {}
             _ = quit.recv() => {}

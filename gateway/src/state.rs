@@ -60,6 +60,10 @@ pub struct Gateway {
     changed: watch::Sender<u64>,
     /// Set once SIGTERM is received.
     pub draining: AtomicBool,
+    /// Set once SIGHUP and the file watch are handled.
+    pub reload_handlers_ready: AtomicBool,
+    /// Set once SIGTERM, SIGINT and SIGQUIT are handled.
+    pub shutdown_handlers_ready: AtomicBool,
     /// When the process started.
     pub started: Instant,
 }
@@ -84,10 +88,18 @@ impl Gateway {
             version: AtomicU64::new(1),
             changed,
             draining: AtomicBool::new(false),
+            reload_handlers_ready: AtomicBool::new(false),
+            shutdown_handlers_ready: AtomicBool::new(false),
             started: Instant::now(),
         });
         gateway.publish_gauges();
         gateway
+    }
+
+    /// Whether every signal handler and the file watch are in place.
+    pub fn handlers_ready(&self) -> bool {
+        self.reload_handlers_ready.load(Ordering::SeqCst)
+            && self.shutdown_handlers_ready.load(Ordering::SeqCst)
     }
 
     /// The running config.

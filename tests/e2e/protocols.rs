@@ -178,3 +178,26 @@ async fn an_idle_websocket_outlives_the_read_timeout() {
         true
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_websocket_handshake_is_bounded_by_the_websocket_idle_timeout() {
+    let upstream = Upstream::start("echo");
+    let gateway = Gateway::start(&config(&echo_config(&upstream).replace(
+        "name = \"echo\"\ntargets",
+        "name = \"echo\"\nread_timeout = \"200ms\"\nwebsocket_idle_timeout = \"600ms\"\ntargets",
+    )))
+    .await;
+    let started = std::time::Instant::now();
+    // The upstream answers this path after 5 s, and never with 101.
+    let result =
+        tokio_tungstenite::connect_async(format!("ws://{}/slow/5000", gateway.proxy)).await;
+    let Err(tokio_tungstenite::tungstenite::Error::Http(response)) = result else {
+        panic!("expected an HTTP error, got {result:?}");
+    };
+    assert_eq!(response.status(), 504);
+    assert!(
+        started.elapsed() < Duration::from_secs(3),
+        "{:?}",
+        started.elapsed()
+    );
+}

@@ -234,7 +234,13 @@ upstream = "orders"
         orders.target()
     )))
     .await;
-    for path in ["/public/../admin", "/public/%2e%2e/admin", "/public/./x"] {
+    for path in [
+        "/public/../admin",
+        "/public/%2e%2e/admin",
+        "/public/./x",
+        "/public/..;/admin",
+        "/public/..%2fadmin",
+    ] {
         let mut connection = tollgate_tests::raw::RawConnection::connect(gateway.proxy)
             .await
             .unwrap();

@@ -77,7 +77,7 @@ upstream = "users"
     let expected = [
         "colour: unknown key (expected one of server, log, security_headers, upstreams, routes)",
         "server.threads: invalid type: string \"two\", expected usize",
-        "upstreams[2].retries: unknown field `retries`",
+        "upstreams[2].retries: unknown key",
         "upstreams[0].targets[1]: invalid target \"not an address\": expected \"host:port\"",
         "upstreams[1].name: duplicate name \"orders\" (also upstreams[0])",
         "routes[0].upstream: no upstream named \"payments\" is defined",

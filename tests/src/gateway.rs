@@ -184,7 +184,8 @@ impl Gateway {
                 let lines = logs.lock().unwrap().clone();
                 let lost_port = lines.iter().any(|l| {
                     l["message"].as_str().is_some_and(|m| {
-                        m.starts_with("cannot listen: another process holds the port")
+                        m.starts_with("cannot listen on")
+                            && m.ends_with("another process holds the port")
                     })
                 });
                 assert!(
@@ -316,14 +317,17 @@ impl Gateway {
         }
     }
 
-    /// Sends a signal by name (`TERM`, `HUP`, `KILL`).
+    /// Sends a signal by name (`TERM`, `HUP`, `INT`, `KILL`).
     pub fn signal(&self, name: &str) {
-        let status = Command::new("kill")
-            .arg(format!("-{name}"))
-            .arg(self.child.id().to_string())
-            .status()
-            .unwrap();
-        assert!(status.success(), "kill -{name} failed");
+        let signal = match name {
+            "TERM" => nix::sys::signal::Signal::SIGTERM,
+            "HUP" => nix::sys::signal::Signal::SIGHUP,
+            "INT" => nix::sys::signal::Signal::SIGINT,
+            "KILL" => nix::sys::signal::Signal::SIGKILL,
+            other => panic!("no such signal in the harness: {other}"),
+        };
+        let pid = nix::unistd::Pid::from_raw(i32::try_from(self.child.id()).unwrap());
+        nix::sys::signal::kill(pid, signal).unwrap();
     }
 
     /// Waits for the process to exit.

@@ -1,5 +1,6 @@
 //! `bare_pingora`: the smallest Pingora proxy (one worker, a fixed upstream, no filters), so the
-//! benchmark can tell Pingora's own cost from what Tollgate adds on top of it.
+//! benchmark can tell Pingora's own cost from what Tollgate adds on top of it. It uses the same
+//! allocator as the gateway, so the difference is Tollgate's own work.
 //!
 //! ```text
 //! bare_pingora <listen> <upstream>     # e.g. 127.0.0.1:18083 127.0.0.1:18000
@@ -11,6 +12,9 @@ use async_trait::async_trait;
 use pingora::prelude::{HttpPeer, ProxyHttp, Result, Session};
 use pingora::server::Server;
 use pingora::server::configuration::ServerConf;
+
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 struct Bare {
     upstream: SocketAddr,

@@ -1,7 +1,8 @@
 //! The shape of `gateway.toml`, exactly as an operator writes it.
 //!
-//! These types only describe the file: every table refuses unknown keys, durations are written as
-//! `"5s"` or `"250ms"`, and nothing here is checked beyond its type. [`super::validate`] turns them
+//! These types only describe the file: durations are written as `"5s"` or `"250ms"`, and nothing
+//! here is checked beyond its type. Unknown keys are refused by [`super::load`], which reports
+//! each of them (serde's `deny_unknown_fields` would stop at the first one and hide the rest). [`super::validate`] turns them
 //! into the gateway's internal types and reports every semantic problem with its field path.
 
 use std::collections::BTreeMap;
@@ -53,7 +54,6 @@ impl<T> Entry<T> {
 
 /// `[server]`: things fixed for the life of the process (a reload warns if they change).
 #[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
 pub struct ServerConfig {
     /// Plain HTTP proxy listeners: one `"host:port"` or a list of them. Port 0 picks a free port.
     #[serde(default)]
@@ -111,7 +111,6 @@ impl Listen {
 
 /// `[[server.tls]]`: a TLS listener.
 #[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
-#[serde(deny_unknown_fields)]
 pub struct TlsListenerConfig {
     /// `"host:port"` to listen on.
     pub listen: String,
@@ -126,7 +125,6 @@ pub struct TlsListenerConfig {
 
 /// `[log]`.
 #[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
-#[serde(deny_unknown_fields)]
 pub struct LogConfig {
     /// `"text"` or `"json"`.
     #[serde(default)]
@@ -163,7 +161,6 @@ pub enum LogFormat {
 /// Security headers. Every field is optional so that a route's table can override single headers;
 /// an empty string removes a header.
 #[derive(Debug, Clone, Default, Deserialize, PartialEq, Eq)]
-#[serde(deny_unknown_fields)]
 pub struct SecurityHeadersConfig {
     /// `false` turns every security header off.
     pub enabled: Option<bool>,
@@ -185,7 +182,6 @@ pub struct SecurityHeadersConfig {
 
 /// `[[upstreams]]`: a pool of targets.
 #[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
 pub struct UpstreamConfig {
     /// Unique name that routes refer to.
     pub name: String,
@@ -214,8 +210,8 @@ pub struct UpstreamConfig {
     /// How long an idle pooled connection to a target is kept.
     #[serde(default = "defaults::idle_timeout", deserialize_with = "duration")]
     pub idle_timeout: Duration,
-    /// How long an upgraded (WebSocket) connection may stay silent; it replaces `read_timeout`
-    /// for upgrade requests when longer.
+    /// For upgrade (WebSocket) requests, replaces `read_timeout` when longer: how long the
+    /// upstream may take to answer the upgrade, then how long the connection may stay silent.
     #[serde(
         default = "defaults::websocket_idle_timeout",
         deserialize_with = "duration"
@@ -233,7 +229,6 @@ pub struct UpstreamConfig {
 
 /// `[upstreams.health_check]`.
 #[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
 pub struct HealthCheckConfig {
     /// Path requested with `GET`.
     #[serde(default = "defaults::health_path")]
@@ -257,7 +252,6 @@ pub struct HealthCheckConfig {
 /// `[upstreams.passive]`: a target that fails `max_fails` times in a row (connection errors and
 /// timeouts) is skipped for `fail_timeout`.
 #[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
 pub struct PassiveHealthConfig {
     /// Consecutive failures before the target is skipped; 0 disables passive marking.
     #[serde(default = "defaults::max_fails")]
@@ -278,7 +272,6 @@ impl Default for PassiveHealthConfig {
 
 /// `[[routes]]`.
 #[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
 pub struct RouteConfig {
     /// Unique name, used in metrics and logs.
     pub name: String,
@@ -305,7 +298,6 @@ pub struct RouteConfig {
 
 /// `respond = { status = 200, headers = { ... }, body = "..." }`.
 #[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
 pub struct StaticResponseConfig {
     /// Status code (default 200).
     #[serde(default = "defaults::status_ok")]
@@ -370,7 +362,7 @@ mod defaults {
         Duration::from_secs(60)
     }
     pub fn websocket_idle_timeout() -> Duration {
-        Duration::from_secs(600)
+        Duration::from_secs(300)
     }
     pub fn connect_retries() -> usize {
         1

@@ -130,19 +130,43 @@ fn section<T: DeserializeOwned>(
     value: toml::Value,
     errors: &mut Vec<ConfigError>,
 ) -> Option<T> {
-    match serde_path_to_error::deserialize::<_, T>(value) {
+    // Unknown keys are collected, not fatal, so that the other problems of the section are
+    // still found; they are errors all the same.
+    let mut unknown = Vec::new();
+    let mut record = |key: serde_ignored::Path<'_>| {
+        unknown.push(field_path(path, &key.to_string()));
+    };
+    let ignored = serde_ignored::Deserializer::new(value, &mut record);
+    let parsed = match serde_path_to_error::deserialize::<_, T>(ignored) {
         Ok(parsed) => Some(parsed),
         Err(error) => {
-            let inner = error.path().to_string();
-            let full = if inner == "." || inner.is_empty() {
-                path.to_owned()
-            } else {
-                format!("{path}.{inner}")
-            };
-            errors.push(ConfigError::new(full, describe(error.inner())));
+            errors.push(ConfigError::new(
+                field_path(path, &error.path().to_string()),
+                describe(error.inner()),
+            ));
             None
         }
+    };
+    for key in unknown {
+        errors.push(ConfigError::new(key, "unknown key"));
     }
+    parsed
+}
+
+/// `section` and a path inside it (`tls.0.cert`) as one field path (`server.tls[0].cert`).
+fn field_path(section: &str, inner: &str) -> String {
+    let mut full = section.to_owned();
+    for segment in inner.split('.').filter(|s| !s.is_empty() && *s != "?") {
+        if segment.bytes().all(|b| b.is_ascii_digit()) {
+            full.push_str(&format!("[{segment}]"));
+        } else if full.is_empty() {
+            full.push_str(segment);
+        } else {
+            full.push('.');
+            full.push_str(segment);
+        }
+    }
+    full
 }
 
 fn array<T: DeserializeOwned>(
@@ -209,15 +233,11 @@ mod tests {
         assert_eq!(errors.len(), 3, "{errors:?}");
         assert!(errors.iter().any(|e| e.starts_with("colour: unknown key")));
         assert!(
-            errors
-                .iter()
-                .any(|e| e.starts_with("server.lissen: unknown field `lissen`")),
+            errors.contains(&"server.lissen: unknown key".to_owned()),
             "{errors:?}"
         );
         assert!(
-            errors
-                .iter()
-                .any(|e| e.starts_with("routes[0].upstrem: unknown field `upstrem`")),
+            errors.contains(&"routes[0].upstrem: unknown key".to_owned()),
             "{errors:?}"
         );
     }
@@ -241,6 +261,41 @@ mod tests {
             errors[0].starts_with("upstreams[0].connect_timeout: invalid duration \"soon\""),
             "{errors:?}"
         );
+    }
+
+    #[test]
+    fn reports_every_unknown_key_of_a_table_and_keeps_reading_it() {
+        let (config, errors) = parse(
+            r#"
+            [server]
+            admin_listen = "127.0.0.1:9090"
+            lissen = "127.0.0.1:8080"
+            colour = "blue"
+            [[server.tls]]
+            listen = "127.0.0.1:8443"
+            cert = "c"
+            key = "k"
+            keyy = "k"
+            [[upstreams]]
+            name = "u"
+            targets = ["127.0.0.1:1"]
+            [upstreams.health_check]
+            paht = "/x"
+            "#,
+        )
+        .unwrap();
+        let errors: Vec<String> = errors.iter().map(ToString::to_string).collect();
+        assert_eq!(
+            errors,
+            vec![
+                "server.colour: unknown key",
+                "server.lissen: unknown key",
+                "server.tls[0].keyy: unknown key",
+                "upstreams[0].health_check.paht: unknown key",
+            ]
+        );
+        let server = config.server.expect("the rest of [server] still read");
+        assert_eq!(server.admin_listen, "127.0.0.1:9090");
     }
 
     #[test]

@@ -27,12 +27,21 @@ pub struct Pool {
 
 impl Pool {
     /// A pool whose targets' health comes from `registry` (so it survives a reload).
+    /// Without active checks, nothing would ever bring back a target an earlier config's checks
+    /// took out, so its active verdict is reset to healthy.
     pub fn new(upstream: Upstream, registry: &HealthRegistry) -> Self {
-        let health = upstream
+        let health: Vec<Arc<TargetHealth>> = upstream
             .targets
             .iter()
             .map(|target| registry.get_or_insert(&upstream.name, target))
             .collect();
+        if upstream.health_check.is_none() {
+            for target in &health {
+                if !target.is_active_healthy() {
+                    target.set_active_healthy(true);
+                }
+            }
+        }
         Self {
             upstream,
             health,
@@ -75,7 +84,11 @@ mod tests {
     use std::time::Duration;
 
     fn pool(targets: usize, registry: &HealthRegistry) -> Pool {
-        let upstream = Upstream {
+        Pool::new(upstream(targets), registry)
+    }
+
+    fn upstream(targets: usize) -> Upstream {
+        Upstream {
             name: "u".into(),
             targets: (0..targets)
                 .map(|i| Target {
@@ -101,8 +114,7 @@ mod tests {
                 max_fails: 2,
                 fail_timeout: Duration::from_secs(10),
             },
-        };
-        Pool::new(upstream, registry)
+        }
     }
 
     #[test]
@@ -157,9 +169,29 @@ mod tests {
     #[test]
     fn health_survives_a_rebuilt_pool() {
         let registry = HealthRegistry::default();
-        pool(2, &registry).health[1].set_active_healthy(false);
-        let rebuilt = pool(2, &registry);
+        let checked = |registry: &HealthRegistry| {
+            let mut upstream = upstream(2);
+            upstream.health_check = Some(crate::config::HealthCheck {
+                path: "/".into(),
+                interval: Duration::from_secs(1),
+                timeout: Duration::from_secs(1),
+                healthy_threshold: 1,
+                unhealthy_threshold: 1,
+                host: None,
+            });
+            Pool::new(upstream, registry)
+        };
+        checked(&registry).health[1].set_active_healthy(false);
+        let rebuilt = checked(&registry);
         assert!(!rebuilt.health[1].is_available(0));
         assert!(rebuilt.health[0].is_available(0));
+    }
+
+    #[test]
+    fn removing_active_checks_brings_targets_back() {
+        let registry = HealthRegistry::default();
+        pool(2, &registry).health[1].set_active_healthy(false);
+        let unchecked = pool(2, &registry);
+        assert!(unchecked.health[1].is_available(0));
     }
 }

@@ -220,15 +220,14 @@ upstream = \"missing\"
 ",
     );
     assert_eq!(errors.len(), 4, "{errors:#?}");
-    assert!(errors[0].starts_with("server.colour: unknown field `colour`"));
-    assert!(errors[1].starts_with("upstreams[0].timeout: unknown field `timeout`"));
     assert_eq!(
-        errors[2..],
+        errors,
         [
+            "server.colour: unknown key",
+            "upstreams[0].timeout: unknown key",
             "routes[1].upstream: no upstream named \"missing\" is defined",
             "routes[1].name: duplicate name \"a\" (also routes[0])",
-        ],
-        "the route to the unreadable upstream \"u\" is not reported"
+        ]
     );
 }
 
@@ -248,5 +247,27 @@ max_request_header_bytes = 2000000
             "server.max_request_headers: must be 1 to 256",
             "server.max_request_header_bytes: must be 1024 to 524288",
         ]
+    );
+}
+
+#[test]
+fn a_route_to_an_unreadable_upstream_is_not_reported_twice() {
+    let errors = problems(
+        "[server]
+listen = \"127.0.0.1:8080\"
+admin_listen = \"127.0.0.1:9090\"
+[[upstreams]]
+name = \"u\"
+targets = \"127.0.0.1:1\"
+[[routes]]
+name = \"r\"
+path_prefix = \"/\"
+upstream = \"u\"
+",
+    );
+    assert_eq!(errors.len(), 1, "{errors:?}");
+    assert!(
+        errors[0].starts_with("upstreams[0].targets: invalid type: string"),
+        "{errors:?}"
     );
 }

@@ -85,7 +85,7 @@ pub(super) fn upstream(file: &UpstreamConfig, path: &str, errors: &mut Errors) -
     })
 }
 
-/// Parses `host:port` (IPv6 in brackets) and resolves the host once, now.
+/// Parses `host:port` (IPv6 in brackets) and resolves the host once, now, preferring IPv4.
 fn target(text: &str, path: &str, errors: &mut Errors) -> Option<Target> {
     if let Ok(address) = text.parse::<SocketAddr>() {
         return Some(Target {
@@ -108,7 +108,13 @@ fn target(text: &str, path: &str, errors: &mut Errors) -> Option<Target> {
         );
         return None;
     }
-    match text.to_socket_addrs().map(|mut found| found.next()) {
+    // Services on "localhost" mostly listen on 127.0.0.1 while the name often resolves to ::1
+    // first: take the first IPv4 address, else the first one.
+    let resolved = text.to_socket_addrs().map(|found| {
+        let all: Vec<SocketAddr> = found.collect();
+        all.iter().find(|a| a.is_ipv4()).or(all.first()).copied()
+    });
+    match resolved {
         Ok(Some(address)) => Some(Target {
             name: text.to_owned(),
             address,
