@@ -4,6 +4,7 @@ use std::net::{SocketAddr, TcpListener};
 use std::path::PathBuf;
 
 use anyhow::Context;
+use pingora::connectors::ConnectorOptions;
 use pingora::listeners::tls::TlsSettings;
 use pingora::proxy::http_proxy_service_with_name;
 use pingora::server::configuration::ServerConf;
@@ -54,6 +55,11 @@ pub fn run(path: PathBuf) -> anyhow::Result<()> {
         grace_period_seconds: Some(config.server.grace_period.as_secs_f64().ceil() as u64),
         graceful_shutdown_timeout_seconds: Some(1),
         upstream_keepalive_pool_size: config.server.upstream_keepalive_pool_size,
+        ca_file: config
+            .server
+            .upstream_ca_file
+            .as_ref()
+            .map(|path| path.to_string_lossy().into_owned()),
         ..ServerConf::default()
     };
     let mut server = Server::new_with_opt_and_conf(None, conf);
@@ -89,7 +95,10 @@ pub fn run(path: PathBuf) -> anyhow::Result<()> {
     ));
     server.add_service(background_service(
         "health checks",
-        HealthChecker::new(gateway.clone()),
+        HealthChecker::new(
+            gateway.clone(),
+            ConnectorOptions::from_server_conf(&server.configuration),
+        ),
     ));
     server.add_service(background_service(
         "listen check",

@@ -201,3 +201,51 @@ async fn a_websocket_handshake_is_bounded_by_the_websocket_idle_timeout() {
         started.elapsed()
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn proxies_to_tls_upstreams_checked_against_the_configured_ca() {
+    // The upstream: a gateway whose TLS listener answers by itself, with a certificate from a
+    // test CA.
+    let upstream_dir = tempfile::tempdir().unwrap();
+    let ca = tls::write_ca_signed(upstream_dir.path());
+    let upstream = Gateway::start_in(
+        upstream_dir,
+        &config("[[routes]]\nname = \"hello\"\npath_prefix = \"/\"\nrespond = { body = \"over tls\" }\n").replace(
+            "[log]",
+            "[[server.tls]]\nlisten = \"127.0.0.1:0\"\ncert = \"cert.pem\"\nkey = \"key.pem\"\nhttp2 = false\n\n[log]",
+        ),
+    )
+    .await;
+    let target = upstream.tls.expect("a TLS listener").to_string();
+    let proxy_config = |ca_line: &str| {
+        config(&format!(
+            r#"
+[[upstreams]]
+name = "secure"
+targets = ["{target}"]
+tls = true
+sni = "localhost"
+[[routes]]
+name = "secure"
+path_prefix = "/"
+upstream = "secure"
+"#
+        ))
+        .replace(
+            "grace_period = \"10s\"",
+            &format!("grace_period = \"10s\"\n{ca_line}"),
+        )
+    };
+
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("ca.pem"), &ca).unwrap();
+    let trusting = Gateway::start_in(dir, &proxy_config("upstream_ca_file = \"ca.pem\"")).await;
+    let response = client().get(trusting.url("/x")).send().await.unwrap();
+    assert_eq!(response.status(), 200);
+    assert_eq!(response.text().await.unwrap(), "over tls");
+
+    // Without the CA the certificate is not trusted: the gateway refuses the connection.
+    let untrusting = Gateway::start(&proxy_config("")).await;
+    let response = client().get(untrusting.url("/x")).send().await.unwrap();
+    assert_eq!(response.status(), 502);
+}

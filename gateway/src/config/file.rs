@@ -83,6 +83,9 @@ pub struct ServerConfig {
     /// Reload when the config file changes (default true); SIGHUP reloads either way.
     #[serde(default = "defaults::yes")]
     pub watch_config: bool,
+    /// PEM bundle of the CAs that upstream TLS certificates are checked against (default: the
+    /// system's trusted roots).
+    pub upstream_ca_file: Option<String>,
 }
 
 /// One listen address or several.

@@ -62,6 +62,8 @@ pub struct ServerSettings {
     pub upstream_keepalive_pool_size: usize,
     /// Reload on file changes.
     pub watch_config: bool,
+    /// CAs for upstream TLS certificates; `None` is the system's roots.
+    pub upstream_ca_file: Option<PathBuf>,
 }
 
 /// A TLS proxy listener.
@@ -107,6 +109,18 @@ pub struct Upstream {
     pub health_check: Option<HealthCheck>,
     /// Passive failure marking; `max_fails == 0` disables it.
     pub passive: PassiveHealth,
+}
+
+impl Upstream {
+    /// The TLS server name for `target`: the configured `sni`, else the target's host for TLS
+    /// upstreams, else none.
+    pub fn sni_for(&self, target: &Target) -> String {
+        match (&self.sni, self.tls) {
+            (Some(sni), _) => sni.clone(),
+            (None, true) => target.host.clone(),
+            (None, false) => String::new(),
+        }
+    }
 }
 
 /// One target of an upstream.

@@ -232,12 +232,7 @@ impl ProxyHttp for Proxy {
             }
             read_timeout = read_timeout.min(remaining);
         }
-        let sni = match (&upstream.sni, upstream.tls) {
-            (Some(sni), _) => sni.clone(),
-            (None, true) => target.host.clone(),
-            (None, false) => String::new(),
-        };
-        let mut peer = HttpPeer::new(target.address, upstream.tls, sni);
+        let mut peer = HttpPeer::new(target.address, upstream.tls, upstream.sni_for(target));
         peer.options.connection_timeout = Some(timeouts.connect);
         peer.options.total_connection_timeout = Some(timeouts.connect);
         peer.options.read_timeout = Some(read_timeout);

@@ -8,6 +8,7 @@
 use std::sync::Arc;
 
 use async_trait::async_trait;
+use pingora::connectors::ConnectorOptions;
 use pingora::connectors::http::Connector;
 use pingora::http::RequestHeader;
 use pingora::server::ShutdownWatch;
@@ -20,15 +21,22 @@ use crate::state::Gateway;
 use crate::upstream::Pool;
 
 /// The background service.
-#[derive(Debug)]
 pub struct HealthChecker {
     gateway: Arc<Gateway>,
+    /// The proxy's own connector settings (upstream CAs), so checks judge TLS as requests do.
+    connector: ConnectorOptions,
+}
+
+impl std::fmt::Debug for HealthChecker {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("HealthChecker").finish_non_exhaustive()
+    }
 }
 
 impl HealthChecker {
     /// Checks the upstreams of `gateway`'s running config.
-    pub fn new(gateway: Arc<Gateway>) -> Self {
-        Self { gateway }
+    pub fn new(gateway: Arc<Gateway>, connector: ConnectorOptions) -> Self {
+        Self { gateway, connector }
     }
 }
 
@@ -36,7 +44,7 @@ impl HealthChecker {
 impl BackgroundService for HealthChecker {
     async fn start(&self, mut shutdown: ShutdownWatch) {
         let mut changes = self.gateway.subscribe();
-        let connector = Arc::new(Connector::new(None));
+        let connector = Arc::new(Connector::new(Some(self.connector.clone())));
         loop {
             let mut tasks = JoinSet::new();
             for pool in &self.gateway.live().pools {
@@ -113,12 +121,7 @@ async fn probe(
 ) -> Result<(), String> {
     let upstream = &pool.upstream;
     let target = pool.target(position);
-    let sni = match (&upstream.sni, upstream.tls) {
-        (Some(sni), _) => sni.clone(),
-        (None, true) => target.host.clone(),
-        (None, false) => String::new(),
-    };
-    let mut peer = HttpPeer::new(target.address, upstream.tls, sni);
+    let mut peer = HttpPeer::new(target.address, upstream.tls, upstream.sni_for(target));
     peer.options.connection_timeout = Some(check.timeout);
     peer.options.total_connection_timeout = Some(check.timeout);
     peer.options.read_timeout = Some(check.timeout);

@@ -214,6 +214,10 @@ fn server(file: &ServerConfig, base: &Path, errors: &mut Errors) -> Option<Serve
             format!("must be 1024 to {MAX_HEADER_BYTES}"),
         );
     }
+    let upstream_ca_file = file
+        .upstream_ca_file
+        .as_deref()
+        .and_then(|name| readable_file(name, base, "server.upstream_ca_file", errors));
     let threads = file.threads.unwrap_or_else(|| {
         std::thread::available_parallelism()
             .map(usize::from)
@@ -227,6 +231,7 @@ fn server(file: &ServerConfig, base: &Path, errors: &mut Errors) -> Option<Serve
         grace_period: file.grace_period,
         upstream_keepalive_pool_size: file.upstream_keepalive_pool_size,
         watch_config: file.watch_config,
+        upstream_ca_file,
     })
 }
 
