@@ -71,6 +71,7 @@ impl BackgroundService for ListenCheck {
             .copied()
             .collect();
         let started = Instant::now();
+        let mut taken_polls = 0;
         loop {
             let sockets = match listening_sockets() {
                 Ok(sockets) => sockets,
@@ -97,7 +98,9 @@ impl BackgroundService for ListenCheck {
                 })
                 .map(ToString::to_string)
                 .collect();
-            if !taken.is_empty() {
+            // Seen twice in a row, so a socket caught between two reads is not mistaken.
+            taken_polls = if taken.is_empty() { 0 } else { taken_polls + 1 };
+            if taken_polls >= 2 {
                 tracing::error!(
                     "cannot listen on {}: another process holds the port",
                     taken.join(", ")
@@ -142,6 +145,13 @@ impl BackgroundService for ListenCheck {
 
 /// Every TCP socket in LISTEN state, with whether this process holds it.
 fn listening_sockets() -> std::io::Result<Vec<Listening>> {
+    // The tables first, then this process's descriptors: a socket this process opens in between
+    // is then either absent from the tables or present among the descriptors, never counted as
+    // another process's.
+    let tables: Vec<String> = ["/proc/self/net/tcp", "/proc/self/net/tcp6"]
+        .iter()
+        .filter_map(|table| std::fs::read_to_string(table).ok())
+        .collect();
     let own: HashSet<u64> = std::fs::read_dir("/proc/self/fd")?
         .filter_map(|entry| std::fs::read_link(entry.ok()?.path()).ok())
         .filter_map(|target| {
@@ -154,10 +164,7 @@ fn listening_sockets() -> std::io::Result<Vec<Listening>> {
         })
         .collect();
     let mut sockets = Vec::new();
-    for table in ["/proc/self/net/tcp", "/proc/self/net/tcp6"] {
-        let Ok(text) = std::fs::read_to_string(table) else {
-            continue;
-        };
+    for text in &tables {
         for line in text.lines().skip(1) {
             let fields: Vec<&str> = line.split_whitespace().collect();
             // sl local_address rem_address st tx:rx tr:when retrnsmt uid timeout inode
