@@ -5,7 +5,9 @@
 //!
 //! # Layout
 //! - [`problem`]: RFC 9457 problem details, the one error body clients of either plane ever see.
+//! - [`plan`]: plans, their rate limits, quota and price.
 
+pub mod plan;
 pub mod problem;
 
-pub use problem::{PROBLEM_CONTENT_TYPE, Problem};
+pub use problem::{FieldError, PROBLEM_CONTENT_TYPE, Problem};

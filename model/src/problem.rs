@@ -29,6 +29,18 @@ pub struct Problem {
     /// The request id of the request that failed, as in the `X-Request-Id` header.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub request_id: Option<String>,
+    /// For validation problems: every invalid field with its path.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub errors: Vec<FieldError>,
+}
+
+/// One invalid field of a request body.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FieldError {
+    /// JSON path of the field, such as `rate_limits[0].requests`.
+    pub path: String,
+    /// What is wrong with it.
+    pub message: String,
 }
 
 impl Problem {
@@ -40,6 +52,7 @@ impl Problem {
             status,
             detail: None,
             request_id: None,
+            errors: Vec::new(),
         }
     }
 
@@ -54,6 +67,13 @@ impl Problem {
     #[must_use]
     pub fn with_request_id(mut self, request_id: impl Into<String>) -> Self {
         self.request_id = Some(request_id.into());
+        self
+    }
+
+    /// Adds the invalid fields of a validation problem.
+    #[must_use]
+    pub fn with_errors(mut self, errors: Vec<FieldError>) -> Self {
+        self.errors = errors;
         self
     }
 

@@ -1,0 +1,37 @@
+//! The admin API under `/v1`, and `/health`.
+//!
+//! # Layout
+//! - [`error`]: errors to problem responses, in one place.
+//! - [`auth`]: the admin-token extractor and role checks.
+//! - [`plans`]: the `/v1/plans` resource.
+//! - [`health`]: `/health`, `/health/ready`.
+
+pub mod auth;
+pub mod error;
+pub mod health;
+pub mod plans;
+
+use axum::Router;
+use axum::routing::get;
+
+use crate::store::Store;
+
+/// Shared state of the handlers.
+#[derive(Debug, Clone)]
+pub struct AppState {
+    /// The store.
+    pub store: Store,
+}
+
+/// The whole API.
+pub fn app(state: AppState) -> Router {
+    Router::new()
+        .route("/health", get(health::live))
+        .route("/health/ready", get(health::ready))
+        .route("/v1/plans", get(plans::list).post(plans::create))
+        .route(
+            "/v1/plans/{id}",
+            get(plans::get).patch(plans::update).delete(plans::delete),
+        )
+        .with_state(state)
+}

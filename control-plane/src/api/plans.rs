@@ -1,0 +1,385 @@
+//! `/v1/plans`: create, list (cursor pagination), read, change, delete (archive when in use).
+//!
+//! Bodies are read as JSON objects and checked field by field, so a 422 lists every invalid
+//! field with its path rather than the first one serde stumbles on.
+
+use axum::Json;
+use axum::body::Bytes;
+use axum::extract::{Path, Query, State};
+use axum::http::{StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use serde::Deserialize;
+use serde_json::{Map, Value, json};
+use tollgate_model::FieldError;
+use tollgate_model::plan::{Price, Quota, RateLimit};
+
+use super::AppState;
+use super::auth::Caller;
+use super::error::ApiError;
+use crate::store::plans::{Deleted, NewPlan, PlanPatch};
+
+/// Longest window accepted: 31 days.
+const MAX_WINDOW_SECONDS: u64 = 31 * 24 * 3600;
+/// Largest page.
+const MAX_LIMIT: u32 = 100;
+const DEFAULT_LIMIT: u32 = 20;
+
+/// `POST /v1/plans`.
+pub async fn create(
+    State(state): State<AppState>,
+    caller: Caller,
+    body: Bytes,
+) -> Result<Response, ApiError> {
+    caller.require_admin()?;
+    let fields = object(&body)?;
+    let plan = new_plan(&fields).map_err(ApiError::Invalid)?;
+    let created = state.store.create_plan(plan, &caller.actor).await?;
+    let location = format!("/v1/plans/{}", created.id);
+    Ok((
+        StatusCode::CREATED,
+        [(header::LOCATION, location)],
+        Json(created),
+    )
+        .into_response())
+}
+
+/// Query of `GET /v1/plans`.
+#[derive(Debug, Deserialize)]
+pub struct ListQuery {
+    /// Page size, 1 to 100 (default 20).
+    pub limit: Option<u32>,
+    /// `next_cursor` of the previous page.
+    pub cursor: Option<String>,
+}
+
+/// `GET /v1/plans`.
+pub async fn list(
+    State(state): State<AppState>,
+    _caller: Caller,
+    Query(query): Query<ListQuery>,
+) -> Result<Json<Value>, ApiError> {
+    let limit = query.limit.unwrap_or(DEFAULT_LIMIT);
+    if !(1..=MAX_LIMIT).contains(&limit) {
+        return Err(ApiError::Invalid(vec![FieldError {
+            path: "limit".into(),
+            message: format!("must be 1 to {MAX_LIMIT}"),
+        }]));
+    }
+    let mut plans = state
+        .store
+        .plans(limit + 1, query.cursor.as_deref())
+        .await?;
+    let next_cursor = if plans.len() > limit as usize {
+        plans.truncate(limit as usize);
+        plans.last().map(|p| p.id.clone())
+    } else {
+        None
+    };
+    Ok(Json(json!({"data": plans, "next_cursor": next_cursor})))
+}
+
+/// `GET /v1/plans/{id}`.
+pub async fn get(
+    State(state): State<AppState>,
+    _caller: Caller,
+    Path(id): Path<String>,
+) -> Result<Response, ApiError> {
+    let plan = state.store.plan(&id).await.map_err(not_found)?;
+    Ok(Json(plan).into_response())
+}
+
+/// `PATCH /v1/plans/{id}`.
+pub async fn update(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path(id): Path<String>,
+    body: Bytes,
+) -> Result<Response, ApiError> {
+    caller.require_admin()?;
+    let fields = object(&body)?;
+    let patch = plan_patch(&fields).map_err(ApiError::Invalid)?;
+    let plan = state
+        .store
+        .update_plan(&id, patch, &caller.actor)
+        .await
+        .map_err(not_found)?;
+    Ok(Json(plan).into_response())
+}
+
+/// `DELETE /v1/plans/{id}`: 204 when removed, 200 with the plan when archived because customers
+/// use it.
+pub async fn delete(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path(id): Path<String>,
+) -> Result<Response, ApiError> {
+    caller.require_admin()?;
+    match state
+        .store
+        .delete_plan(&id, &caller.actor)
+        .await
+        .map_err(not_found)?
+    {
+        Deleted::Removed => Ok(StatusCode::NO_CONTENT.into_response()),
+        Deleted::Archived(plan) => Ok(Json(plan).into_response()),
+    }
+}
+
+fn not_found(error: crate::store::StoreError) -> ApiError {
+    match error {
+        crate::store::StoreError::NotFound => ApiError::NotFound("plan"),
+        other => other.into(),
+    }
+}
+
+fn object(body: &[u8]) -> Result<Map<String, Value>, ApiError> {
+    match serde_json::from_slice::<Value>(body) {
+        Ok(Value::Object(map)) => Ok(map),
+        Ok(_) => Err(ApiError::BadRequest(
+            "the body must be a JSON object".into(),
+        )),
+        Err(error) => Err(ApiError::BadRequest(format!(
+            "the body is not valid JSON: {error}"
+        ))),
+    }
+}
+
+const PLAN_FIELDS: [&str; 4] = ["name", "rate_limits", "quota", "price"];
+
+fn new_plan(fields: &Map<String, Value>) -> Result<NewPlan, Vec<FieldError>> {
+    let mut errors = Vec::new();
+    unknown_fields(fields, &PLAN_FIELDS, "", &mut errors);
+    let name = match fields.get("name") {
+        Some(value) => name(value, &mut errors),
+        None => {
+            errors.push(error("name", "is required"));
+            None
+        }
+    };
+    let rate_limits = fields
+        .get("rate_limits")
+        .map_or(Some(Vec::new()), |v| rate_limits(v, &mut errors));
+    let quota = fields
+        .get("quota")
+        .map_or(Some(None), |v| quota(v, &mut errors));
+    let price = fields
+        .get("price")
+        .map_or(Some(None), |v| price(v, &mut errors));
+    match (name, rate_limits, quota, price) {
+        (Some(name), Some(rate_limits), Some(quota), Some(price)) if errors.is_empty() => {
+            Ok(NewPlan {
+                name,
+                rate_limits,
+                quota,
+                price,
+            })
+        }
+        _ => Err(errors),
+    }
+}
+
+fn plan_patch(fields: &Map<String, Value>) -> Result<PlanPatch, Vec<FieldError>> {
+    let mut errors = Vec::new();
+    unknown_fields(fields, &PLAN_FIELDS, "", &mut errors);
+    let patch = PlanPatch {
+        name: fields.get("name").and_then(|v| name(v, &mut errors)),
+        rate_limits: fields
+            .get("rate_limits")
+            .and_then(|v| rate_limits(v, &mut errors)),
+        quota: fields.get("quota").and_then(|v| quota(v, &mut errors)),
+        price: fields.get("price").and_then(|v| price(v, &mut errors)),
+    };
+    if errors.is_empty() {
+        Ok(patch)
+    } else {
+        Err(errors)
+    }
+}
+
+fn error(path: &str, message: &str) -> FieldError {
+    FieldError {
+        path: path.to_owned(),
+        message: message.to_owned(),
+    }
+}
+
+fn unknown_fields(
+    fields: &Map<String, Value>,
+    known: &[&str],
+    prefix: &str,
+    errors: &mut Vec<FieldError>,
+) {
+    for key in fields.keys() {
+        if !known.contains(&key.as_str()) {
+            errors.push(error(&format!("{prefix}{key}"), "unknown field"));
+        }
+    }
+}
+
+fn name(value: &Value, errors: &mut Vec<FieldError>) -> Option<String> {
+    match value.as_str() {
+        Some(name)
+            if (1..=64).contains(&name.len())
+                && name
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.')) =>
+        {
+            Some(name.to_owned())
+        }
+        _ => {
+            errors.push(error(
+                "name",
+                "must be 1 to 64 letters, digits, '-', '_' or '.'",
+            ));
+            None
+        }
+    }
+}
+
+fn positive(
+    value: Option<&Value>,
+    path: &str,
+    max: u64,
+    errors: &mut Vec<FieldError>,
+) -> Option<u64> {
+    match value.and_then(Value::as_u64) {
+        Some(n) if (1..=max).contains(&n) => Some(n),
+        _ => {
+            errors.push(error(path, &format!("must be an integer from 1 to {max}")));
+            None
+        }
+    }
+}
+
+fn rate_limits(value: &Value, errors: &mut Vec<FieldError>) -> Option<Vec<RateLimit>> {
+    let Some(items) = value.as_array() else {
+        errors.push(error(
+            "rate_limits",
+            "must be an array of {requests, window_seconds}",
+        ));
+        return None;
+    };
+    let before = errors.len();
+    let mut limits = Vec::new();
+    for (i, item) in items.iter().enumerate() {
+        let path = format!("rate_limits[{i}]");
+        let Some(fields) = item.as_object() else {
+            errors.push(error(&path, "must be an object {requests, window_seconds}"));
+            continue;
+        };
+        unknown_fields(
+            fields,
+            &["requests", "window_seconds"],
+            &format!("{path}."),
+            errors,
+        );
+        let requests = positive(
+            fields.get("requests"),
+            &format!("{path}.requests"),
+            u64::from(u32::MAX),
+            errors,
+        );
+        let window = positive(
+            fields.get("window_seconds"),
+            &format!("{path}.window_seconds"),
+            MAX_WINDOW_SECONDS,
+            errors,
+        );
+        if let (Some(requests), Some(window_seconds)) = (requests, window) {
+            limits.push(RateLimit {
+                requests,
+                window_seconds,
+            });
+        }
+    }
+    let mut windows: Vec<u64> = limits.iter().map(|l| l.window_seconds).collect();
+    windows.sort_unstable();
+    if windows.windows(2).any(|w| w[0] == w[1]) {
+        errors.push(error(
+            "rate_limits",
+            "two limits have the same window_seconds",
+        ));
+    }
+    (errors.len() == before).then_some(limits)
+}
+
+fn quota(value: &Value, errors: &mut Vec<FieldError>) -> Option<Option<Quota>> {
+    if value.is_null() {
+        return Some(None);
+    }
+    let Some(fields) = value.as_object() else {
+        errors.push(error("quota", "must be an object {requests, hard} or null"));
+        return None;
+    };
+    let before = errors.len();
+    unknown_fields(fields, &["requests", "hard"], "quota.", errors);
+    let requests = positive(
+        fields.get("requests"),
+        "quota.requests",
+        i64::MAX as u64,
+        errors,
+    );
+    let hard = match fields.get("hard") {
+        None => Some(true),
+        Some(Value::Bool(hard)) => Some(*hard),
+        Some(_) => {
+            errors.push(error("quota.hard", "must be true or false"));
+            None
+        }
+    };
+    match (requests, hard) {
+        (Some(requests), Some(hard)) if errors.len() == before => {
+            Some(Some(Quota { requests, hard }))
+        }
+        _ => None,
+    }
+}
+
+fn price(value: &Value, errors: &mut Vec<FieldError>) -> Option<Option<Price>> {
+    if value.is_null() {
+        return Some(None);
+    }
+    let Some(fields) = value.as_object() else {
+        errors.push(error(
+            "price",
+            "must be an object {currency, unit_amount_micros} or null",
+        ));
+        return None;
+    };
+    let before = errors.len();
+    unknown_fields(
+        fields,
+        &["currency", "unit_amount_micros"],
+        "price.",
+        errors,
+    );
+    let currency = match fields.get("currency").and_then(Value::as_str) {
+        Some(c) if c.len() == 3 && c.chars().all(|ch| ch.is_ascii_alphabetic()) => {
+            Some(c.to_ascii_lowercase())
+        }
+        _ => {
+            errors.push(error(
+                "price.currency",
+                "must be a three-letter ISO 4217 code such as \"usd\"",
+            ));
+            None
+        }
+    };
+    let amount = match fields.get("unit_amount_micros").and_then(Value::as_u64) {
+        Some(amount) if amount <= i64::MAX as u64 => Some(amount),
+        _ => {
+            errors.push(error(
+                "price.unit_amount_micros",
+                "must be a non-negative integer",
+            ));
+            None
+        }
+    };
+    match (currency, amount) {
+        (Some(currency), Some(unit_amount_micros)) if errors.len() == before => Some(Some(Price {
+            currency,
+            unit_amount_micros,
+        })),
+        _ => None,
+    }
+}

@@ -1,0 +1,48 @@
+//! Tollgate's control plane: the admin API over a store of plans, customers, keys and admins,
+//! and (in later steps) the publication feed gateways follow.
+//!
+//! `control-plane serve` reads its settings from the environment ([`settings`]), connects to
+//! SQLite or Postgres ([`store`]), applies the migrations, makes sure a first admin token exists
+//! and serves the API ([`api`]).
+//!
+//! # Layout
+//! - [`settings`]: `DATABASE_URL`, `CONTROL_PLANE_LISTEN`, `TOLLGATE_ADMIN_TOKEN`, checked.
+//! - [`store`]: the store over `sqlx::Any`, with the audit and change logs.
+//! - [`api`]: the axum router, errors, authentication and resources.
+//! - [`secret`]: admin tokens and their hashes.
+
+pub mod api;
+pub mod secret;
+pub mod settings;
+pub mod store;
+
+use secret::{PlainToken, Role, hash};
+use store::Store;
+
+/// Makes sure the first admin can log in: the token from `TOLLGATE_ADMIN_TOKEN` is registered if
+/// given; otherwise a store without any admin token gets a new one, returned to be printed once.
+pub async fn ensure_first_admin(
+    store: &Store,
+    configured: Option<&str>,
+) -> anyhow::Result<Option<PlainToken>> {
+    if let Some(token) = configured {
+        if store.admin_token_by_hash(&hash(token)).await?.is_none() {
+            store
+                .create_admin_token(
+                    "bootstrap (TOLLGATE_ADMIN_TOKEN)",
+                    Role::Admin,
+                    &hash(token),
+                )
+                .await?;
+        }
+        return Ok(None);
+    }
+    if store.admin_token_count().await? > 0 {
+        return Ok(None);
+    }
+    let token = PlainToken::generate();
+    store
+        .create_admin_token("bootstrap (generated)", Role::Admin, &hash(token.expose()))
+        .await?;
+    Ok(Some(token))
+}

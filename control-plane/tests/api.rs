@@ -1,0 +1,479 @@
+//! The admin API through the real router, on SQLite and on the real Postgres
+//! (`postgres://postgres@127.0.0.1:5432`, a fresh database per test). Every scenario runs on both.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use axum::Router;
+use axum::body::Body;
+use axum::http::{HeaderMap, Request, StatusCode};
+use serde_json::{Value, json};
+use sqlx::Row;
+use tollgate_control_plane::api::{AppState, app};
+use tollgate_control_plane::secret::{PlainToken, Role, hash};
+use tollgate_control_plane::store::Store;
+use tower::ServiceExt;
+
+const POSTGRES: &str = "postgres://postgres@127.0.0.1:5432";
+
+/// A migrated store on one backend, with an admin and a viewer token.
+struct Db {
+    store: Store,
+    url: String,
+    admin: String,
+    viewer: String,
+    postgres_database: Option<String>,
+    _dir: Option<tempfile::TempDir>,
+}
+
+impl Db {
+    async fn sqlite() -> Db {
+        let dir = tempfile::tempdir().unwrap();
+        let url = format!(
+            "sqlite://{}?mode=rwc",
+            dir.path().join("tollgate.db").display()
+        );
+        Self::open(url, None, Some(dir)).await
+    }
+
+    async fn postgres() -> Db {
+        sqlx::any::install_default_drivers();
+        let name = format!("tollgate_test_{}", &PlainToken::generate().expose()[4..20]);
+        let admin = sqlx::AnyPool::connect(&format!("{POSTGRES}/postgres"))
+            .await
+            .unwrap();
+        sqlx::query(&format!("CREATE DATABASE {name}"))
+            .execute(&admin)
+            .await
+            .unwrap();
+        admin.close().await;
+        Self::open(format!("{POSTGRES}/{name}"), Some(name), None).await
+    }
+
+    async fn open(
+        url: String,
+        postgres_database: Option<String>,
+        dir: Option<tempfile::TempDir>,
+    ) -> Db {
+        let store = Store::connect(&url).await.unwrap();
+        store.migrate().await.unwrap();
+        let admin = PlainToken::generate().expose().to_owned();
+        let viewer = PlainToken::generate().expose().to_owned();
+        store
+            .create_admin_token("test admin", Role::Admin, &hash(&admin))
+            .await
+            .unwrap();
+        store
+            .create_admin_token("test viewer", Role::Viewer, &hash(&viewer))
+            .await
+            .unwrap();
+        Db {
+            store,
+            url,
+            admin,
+            viewer,
+            postgres_database,
+            _dir: dir,
+        }
+    }
+
+    fn app(&self) -> Router {
+        app(AppState {
+            store: self.store.clone(),
+        })
+    }
+
+    async fn drop_database(self) {
+        if let Some(name) = self.postgres_database {
+            drop(self.store);
+            let admin = sqlx::AnyPool::connect(&format!("{POSTGRES}/postgres"))
+                .await
+                .unwrap();
+            sqlx::query(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
+                .execute(&admin)
+                .await
+                .unwrap();
+        }
+    }
+
+    /// A raw connection to the same database, for what the API does not expose yet.
+    async fn sql(&self) -> sqlx::AnyPool {
+        sqlx::AnyPool::connect(&self.url).await.unwrap()
+    }
+}
+
+/// Sends a request; returns the status, the JSON body (`Value::Null` when empty) and headers.
+async fn call(
+    app: &Router,
+    method: &str,
+    path: &str,
+    token: Option<&str>,
+    body: Option<Value>,
+) -> (StatusCode, Value, HeaderMap) {
+    let mut request = Request::builder()
+        .method(method)
+        .uri(path)
+        .header("x-request-id", "test-request");
+    if let Some(token) = token {
+        request = request.header("authorization", format!("Bearer {token}"));
+    }
+    let request = match body {
+        Some(body) => request
+            .header("content-type", "application/json")
+            .body(Body::from(body.to_string()))
+            .unwrap(),
+        None => request.body(Body::empty()).unwrap(),
+    };
+    let response = app.clone().oneshot(request).await.unwrap();
+    let status = response.status();
+    let headers = response.headers().clone();
+    let bytes = axum::body::to_bytes(response.into_body(), 1 << 20)
+        .await
+        .unwrap();
+    let value = if bytes.is_empty() {
+        Value::Null
+    } else {
+        serde_json::from_slice(&bytes).unwrap()
+    };
+    (status, value, headers)
+}
+
+fn pro_plan() -> Value {
+    json!({
+        "name": "pro",
+        "rate_limits": [{"requests": 20, "window_seconds": 60}, {"requests": 5, "window_seconds": 1}],
+        "quota": {"requests": 10000, "hard": true},
+        "price": {"currency": "usd", "unit_amount_micros": 1000}
+    })
+}
+
+async fn creates_reads_and_lists_plans(db: &Db) {
+    let app = db.app();
+    let (status, created, headers) =
+        call(&app, "POST", "/v1/plans", Some(&db.admin), Some(pro_plan())).await;
+    assert_eq!(status, StatusCode::CREATED, "{created}");
+    let id = created["id"].as_str().unwrap().to_owned();
+    assert!(id.starts_with("plan_") && id.len() == 5 + 32, "{id}");
+    assert_eq!(headers["location"], format!("/v1/plans/{id}"));
+    let mut shape = created.clone();
+    for volatile in ["id", "created_at", "updated_at"] {
+        assert!(shape[volatile].is_string());
+        shape[volatile] = json!("…");
+    }
+    assert_eq!(
+        shape,
+        json!({
+            "id": "…",
+            "name": "pro",
+            "rate_limits": [{"requests": 20, "window_seconds": 60}, {"requests": 5, "window_seconds": 1}],
+            "quota": {"requests": 10000, "hard": true},
+            "price": {"currency": "usd", "unit_amount_micros": 1000},
+            "status": "active",
+            "created_at": "…",
+            "updated_at": "…",
+        })
+    );
+    let (status, read, _) = call(
+        &app,
+        "GET",
+        &format!("/v1/plans/{id}"),
+        Some(&db.viewer),
+        None,
+    )
+    .await;
+    assert_eq!((status, &read), (StatusCode::OK, &created));
+
+    for i in 0..4 {
+        let body = json!({"name": format!("p{i}")});
+        let (status, _, _) = call(&app, "POST", "/v1/plans", Some(&db.admin), Some(body)).await;
+        assert_eq!(status, StatusCode::CREATED);
+    }
+    let mut seen = Vec::new();
+    let mut cursor: Option<String> = None;
+    loop {
+        let path = match &cursor {
+            Some(c) => format!("/v1/plans?limit=2&cursor={c}"),
+            None => "/v1/plans?limit=2".to_owned(),
+        };
+        let (status, page, _) = call(&app, "GET", &path, Some(&db.viewer), None).await;
+        assert_eq!(status, StatusCode::OK);
+        let data = page["data"].as_array().unwrap();
+        assert!(data.len() <= 2);
+        seen.extend(data.iter().map(|p| p["name"].as_str().unwrap().to_owned()));
+        match page["next_cursor"].as_str() {
+            Some(next) => cursor = Some(next.to_owned()),
+            None => break,
+        }
+    }
+    assert_eq!(
+        seen,
+        vec!["pro", "p0", "p1", "p2", "p3"],
+        "every plan once, in creation order"
+    );
+    let (status, _, _) = call(&app, "GET", "/v1/plans?limit=0", Some(&db.viewer), None).await;
+    assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY);
+}
+
+async fn an_invalid_plan_lists_every_invalid_field(db: &Db) {
+    let (status, problem, headers) = call(
+        &db.app(),
+        "POST",
+        "/v1/plans",
+        Some(&db.admin),
+        Some(json!({
+            "name": "has spaces",
+            "rate_limits": [{"requests": 0, "window_seconds": 60}, {"requests": 5}],
+            "quota": {"requests": -1, "hard": "yes"},
+            "price": {"currency": "dollars", "unit_amount_micros": 1},
+            "colour": "blue"
+        })),
+    )
+    .await;
+    assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY);
+    assert_eq!(headers["content-type"], "application/problem+json");
+    assert_eq!(problem["type"], "urn:tollgate:problem:validation");
+    let mut paths: Vec<&str> = problem["errors"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["path"].as_str().unwrap())
+        .collect();
+    paths.sort_unstable();
+    assert_eq!(
+        paths,
+        vec![
+            "colour",
+            "name",
+            "price.currency",
+            "quota.hard",
+            "quota.requests",
+            "rate_limits[0].requests",
+            "rate_limits[1].window_seconds",
+        ]
+    );
+    let (status, _, _) = call(
+        &db.app(),
+        "POST",
+        "/v1/plans",
+        Some(&db.admin),
+        Some(json!({})),
+    )
+    .await;
+    assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY, "name is required");
+}
+
+async fn duplicate_names_conflict_and_unknown_ids_are_not_found(db: &Db) {
+    let app = db.app();
+    call(&app, "POST", "/v1/plans", Some(&db.admin), Some(pro_plan())).await;
+    let (status, problem, _) =
+        call(&app, "POST", "/v1/plans", Some(&db.admin), Some(pro_plan())).await;
+    assert_eq!(status, StatusCode::CONFLICT);
+    assert_eq!(problem["type"], "urn:tollgate:problem:conflict");
+    assert_eq!(problem["detail"], "a plan named \"pro\" exists");
+    let (status, problem, _) =
+        call(&app, "GET", "/v1/plans/plan_nope", Some(&db.admin), None).await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+    assert_eq!(problem["detail"], "no such plan");
+}
+
+async fn roles_are_enforced(db: &Db) {
+    let app = db.app();
+    let (status, problem, _) = call(&app, "GET", "/v1/plans", None, None).await;
+    assert_eq!(
+        (status, problem["type"].as_str()),
+        (
+            StatusCode::UNAUTHORIZED,
+            Some("urn:tollgate:problem:unauthenticated")
+        )
+    );
+    let (status, _, _) = call(&app, "GET", "/v1/plans", Some("tga_not_a_real_token"), None).await;
+    assert_eq!(status, StatusCode::UNAUTHORIZED);
+    let (status, problem, _) = call(
+        &app,
+        "POST",
+        "/v1/plans",
+        Some(&db.viewer),
+        Some(pro_plan()),
+    )
+    .await;
+    assert_eq!(
+        (status, problem["type"].as_str()),
+        (
+            StatusCode::FORBIDDEN,
+            Some("urn:tollgate:problem:forbidden")
+        )
+    );
+    let (status, _, _) = call(&app, "GET", "/v1/plans", Some(&db.viewer), None).await;
+    assert_eq!(status, StatusCode::OK);
+}
+
+async fn plans_are_patched_and_deleted_or_archived_with_an_audit_entry_each(db: &Db) {
+    let app = db.app();
+    let (_, plan, _) = call(&app, "POST", "/v1/plans", Some(&db.admin), Some(pro_plan())).await;
+    let id = plan["id"].as_str().unwrap().to_owned();
+    let patch = json!({"quota": null, "name": "pro-2"});
+    let (status, patched, _) = call(
+        &app,
+        "PATCH",
+        &format!("/v1/plans/{id}"),
+        Some(&db.admin),
+        Some(patch),
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK, "{patched}");
+    assert_eq!(patched["name"], "pro-2");
+    assert_eq!(patched["quota"], Value::Null);
+    assert_eq!(
+        patched["rate_limits"], plan["rate_limits"],
+        "untouched fields stay"
+    );
+
+    // In use by a customer: archived, not deleted.
+    let sql = db.sql().await;
+    sqlx::query(
+        "INSERT INTO customers (id, name, email, plan_id, status, created_at, updated_at) \
+         VALUES ('cus_1', 'A', 'a@example.com', $1, 'active', 0, 0)",
+    )
+    .bind(&id)
+    .execute(&sql)
+    .await
+    .unwrap();
+    let (status, archived, _) = call(
+        &app,
+        "DELETE",
+        &format!("/v1/plans/{id}"),
+        Some(&db.admin),
+        None,
+    )
+    .await;
+    assert_eq!(
+        (status, archived["status"].as_str()),
+        (StatusCode::OK, Some("archived"))
+    );
+
+    let (_, unused, _) = call(
+        &app,
+        "POST",
+        "/v1/plans",
+        Some(&db.admin),
+        Some(json!({"name": "free"})),
+    )
+    .await;
+    let unused = unused["id"].as_str().unwrap().to_owned();
+    let (status, body, _) = call(
+        &app,
+        "DELETE",
+        &format!("/v1/plans/{unused}"),
+        Some(&db.admin),
+        None,
+    )
+    .await;
+    assert_eq!((status, body), (StatusCode::NO_CONTENT, Value::Null));
+    let (status, _, _) = call(
+        &app,
+        "GET",
+        &format!("/v1/plans/{unused}"),
+        Some(&db.admin),
+        None,
+    )
+    .await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+
+    // Every mutation left an audit entry and bumped the config version.
+    let rows = sqlx::query(
+        "SELECT actor, action, target_id, before_json, after_json, request_id FROM audit_log ORDER BY seq",
+    )
+    .fetch_all(&sql)
+    .await
+    .unwrap();
+    let actions: Vec<String> = rows
+        .iter()
+        .map(|r| r.try_get::<String, _>("action").unwrap())
+        .collect();
+    assert_eq!(
+        actions,
+        vec![
+            "plan.create",
+            "plan.update",
+            "plan.archive",
+            "plan.create",
+            "plan.delete"
+        ]
+    );
+    for row in &rows {
+        assert!(
+            row.try_get::<String, _>("actor")
+                .unwrap()
+                .starts_with("adm_")
+        );
+        assert_eq!(
+            row.try_get::<Option<String>, _>("request_id")
+                .unwrap()
+                .as_deref(),
+            Some("test-request")
+        );
+    }
+    let update = &rows[1];
+    let before: Value =
+        serde_json::from_str(&update.try_get::<String, _>("before_json").unwrap()).unwrap();
+    let after: Value =
+        serde_json::from_str(&update.try_get::<String, _>("after_json").unwrap()).unwrap();
+    assert_eq!(
+        (before["name"].as_str(), after["name"].as_str()),
+        (Some("pro"), Some("pro-2"))
+    );
+    let versions: Vec<i64> = sqlx::query("SELECT version FROM change_log ORDER BY version")
+        .fetch_all(&sql)
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.try_get("version").unwrap())
+        .collect();
+    assert_eq!(versions.len(), 5);
+    assert!(versions.windows(2).all(|w| w[0] < w[1]), "{versions:?}");
+    sql.close().await;
+}
+
+async fn readiness_reports_the_store(db: &Db) {
+    let (status, body, _) = call(&db.app(), "GET", "/health/ready", None, None).await;
+    assert_eq!(
+        (status, body),
+        (
+            StatusCode::OK,
+            json!({"status": "ready", "store": "ok", "migrations": "current"})
+        )
+    );
+}
+
+macro_rules! on_both_backends {
+    ($($scenario:ident),* $(,)?) => {
+        mod sqlite {
+            $(
+                #[tokio::test]
+                async fn $scenario() {
+                    let db = super::Db::sqlite().await;
+                    super::$scenario(&db).await;
+                    db.drop_database().await;
+                }
+            )*
+        }
+        mod postgres {
+            $(
+                #[tokio::test]
+                async fn $scenario() {
+                    let db = super::Db::postgres().await;
+                    super::$scenario(&db).await;
+                    db.drop_database().await;
+                }
+            )*
+        }
+    };
+}
+
+on_both_backends!(
+    creates_reads_and_lists_plans,
+    an_invalid_plan_lists_every_invalid_field,
+    duplicate_names_conflict_and_unknown_ids_are_not_found,
+    roles_are_enforced,
+    plans_are_patched_and_deleted_or_archived_with_an_audit_entry_each,
+    readiness_reports_the_store,
+);
