@@ -433,6 +433,133 @@ async fn plans_are_patched_and_deleted_or_archived_with_an_audit_entry_each(db: 
     sql.close().await;
 }
 
+async fn customers_are_created_listed_and_changed(db: &Db) {
+    let app = db.app();
+    let (_, pro, _) = call(&app, "POST", "/v1/plans", Some(&db.admin), Some(pro_plan())).await;
+    let (_, free, _) = call(
+        &app,
+        "POST",
+        "/v1/plans",
+        Some(&db.admin),
+        Some(json!({"name": "free"})),
+    )
+    .await;
+    let (pro, free) = (pro["id"].as_str().unwrap(), free["id"].as_str().unwrap());
+
+    let body = json!({"name": "Acme Corp", "email": "Ops@Acme.example", "plan_id": pro});
+    let (status, created, headers) =
+        call(&app, "POST", "/v1/customers", Some(&db.admin), Some(body)).await;
+    assert_eq!(status, StatusCode::CREATED, "{created}");
+    let id = created["id"].as_str().unwrap().to_owned();
+    assert!(id.starts_with("cus_"));
+    assert_eq!(headers["location"], format!("/v1/customers/{id}"));
+    assert_eq!(
+        (
+            created["name"].as_str(),
+            created["email"].as_str(),
+            created["plan_id"].as_str(),
+            created["status"].as_str()
+        ),
+        (
+            Some("Acme Corp"),
+            Some("ops@acme.example"),
+            Some(pro),
+            Some("active")
+        )
+    );
+
+    // A plan change and a suspension.
+    let patch = json!({"plan_id": free, "status": "suspended"});
+    let (status, changed, _) = call(
+        &app,
+        "PATCH",
+        &format!("/v1/customers/{id}"),
+        Some(&db.admin),
+        Some(patch),
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK, "{changed}");
+    assert_eq!(
+        (changed["plan_id"].as_str(), changed["status"].as_str()),
+        (Some(free), Some("suspended"))
+    );
+    let (_, read, _) = call(
+        &app,
+        "GET",
+        &format!("/v1/customers/{id}"),
+        Some(&db.viewer),
+        None,
+    )
+    .await;
+    assert_eq!(read, changed);
+
+    // Errors: duplicate email, unknown plan, bad fields, unknown id, viewer writes.
+    let dup = json!({"name": "Other", "email": "ops@acme.example", "plan_id": pro});
+    let (status, problem, _) =
+        call(&app, "POST", "/v1/customers", Some(&db.admin), Some(dup)).await;
+    assert_eq!(
+        (status, problem["type"].as_str()),
+        (StatusCode::CONFLICT, Some("urn:tollgate:problem:conflict"))
+    );
+    let ghost = json!({"name": "Ghost", "email": "g@example.com", "plan_id": "plan_0000"});
+    let (status, problem, _) =
+        call(&app, "POST", "/v1/customers", Some(&db.admin), Some(ghost)).await;
+    assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY);
+    assert_eq!(
+        problem["errors"],
+        json!([{"path": "plan_id", "message": "no active plan has this id"}])
+    );
+    let bad = json!({"name": "", "email": "not-an-email", "plan": pro});
+    let (status, problem, _) =
+        call(&app, "POST", "/v1/customers", Some(&db.admin), Some(bad)).await;
+    assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY);
+    let mut paths: Vec<&str> = problem["errors"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["path"].as_str().unwrap())
+        .collect();
+    paths.sort_unstable();
+    assert_eq!(paths, vec!["email", "name", "plan", "plan_id"]);
+    let (status, _, _) = call(
+        &app,
+        "PATCH",
+        "/v1/customers/cus_nope",
+        Some(&db.admin),
+        Some(json!({"name": "x"})),
+    )
+    .await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+    let (status, _, _) = call(
+        &app,
+        "PATCH",
+        &format!("/v1/customers/{id}"),
+        Some(&db.viewer),
+        Some(json!({"name": "x"})),
+    )
+    .await;
+    assert_eq!(status, StatusCode::FORBIDDEN);
+
+    // An archived plan takes no new customers.
+    let (status, _, _) = call(
+        &app,
+        "DELETE",
+        &format!("/v1/plans/{free}"),
+        Some(&db.admin),
+        None,
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK, "in use: archived");
+    let late = json!({"name": "Late", "email": "late@example.com", "plan_id": free});
+    let (status, _, _) = call(&app, "POST", "/v1/customers", Some(&db.admin), Some(late)).await;
+    assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY);
+
+    let (status, page, _) = call(&app, "GET", "/v1/customers", Some(&db.viewer), None).await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(page["data"].as_array().unwrap().len(), 1);
+    assert_eq!(page["next_cursor"], Value::Null);
+}
+
 async fn readiness_reports_the_store(db: &Db) {
     let (status, body, _) = call(&db.app(), "GET", "/health/ready", None, None).await;
     assert_eq!(
@@ -475,5 +602,6 @@ on_both_backends!(
     duplicate_names_conflict_and_unknown_ids_are_not_found,
     roles_are_enforced,
     plans_are_patched_and_deleted_or_archived_with_an_audit_entry_each,
+    customers_are_created_listed_and_changed,
     readiness_reports_the_store,
 );

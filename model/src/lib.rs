@@ -6,7 +6,9 @@
 //! # Layout
 //! - [`problem`]: RFC 9457 problem details, the one error body clients of either plane ever see.
 //! - [`plan`]: plans, their rate limits, quota and price.
+//! - [`customer`]: customers and their state.
 
+pub mod customer;
 pub mod plan;
 pub mod problem;
 

@@ -3,10 +3,14 @@
 //! # Layout
 //! - [`error`]: errors to problem responses, in one place.
 //! - [`auth`]: the admin-token extractor and role checks.
+//! - [`body`]: reading and checking JSON bodies field by field.
 //! - [`plans`]: the `/v1/plans` resource.
+//! - [`customers`]: the `/v1/customers` resource.
 //! - [`health`]: `/health`, `/health/ready`.
 
 pub mod auth;
+pub mod body;
+pub mod customers;
 pub mod error;
 pub mod health;
 pub mod plans;
@@ -32,6 +36,14 @@ pub fn app(state: AppState) -> Router {
         .route(
             "/v1/plans/{id}",
             get(plans::get).patch(plans::update).delete(plans::delete),
+        )
+        .route(
+            "/v1/customers",
+            get(customers::list).post(customers::create),
+        )
+        .route(
+            "/v1/customers/{id}",
+            get(customers::get).patch(customers::update),
         )
         .with_state(state)
 }

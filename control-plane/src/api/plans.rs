@@ -1,7 +1,4 @@
 //! `/v1/plans`: create, list (cursor pagination), read, change, delete (archive when in use).
-//!
-//! Bodies are read as JSON objects and checked field by field, so a 422 lists every invalid
-//! field with its path rather than the first one serde stumbles on.
 
 use axum::Json;
 use axum::body::Bytes;
@@ -15,14 +12,12 @@ use tollgate_model::plan::{Price, Quota, RateLimit};
 
 use super::AppState;
 use super::auth::Caller;
+use super::body::{error, name, object, page_limit, unknown_fields};
 use super::error::ApiError;
 use crate::store::plans::{Deleted, NewPlan, PlanPatch};
 
 /// Longest window accepted: 31 days.
 const MAX_WINDOW_SECONDS: u64 = 31 * 24 * 3600;
-/// Largest page.
-const MAX_LIMIT: u32 = 100;
-const DEFAULT_LIMIT: u32 = 20;
 
 /// `POST /v1/plans`.
 pub async fn create(
@@ -58,13 +53,7 @@ pub async fn list(
     _caller: Caller,
     Query(query): Query<ListQuery>,
 ) -> Result<Json<Value>, ApiError> {
-    let limit = query.limit.unwrap_or(DEFAULT_LIMIT);
-    if !(1..=MAX_LIMIT).contains(&limit) {
-        return Err(ApiError::Invalid(vec![FieldError {
-            path: "limit".into(),
-            message: format!("must be 1 to {MAX_LIMIT}"),
-        }]));
-    }
+    let limit = page_limit(query.limit)?;
     let mut plans = state
         .store
         .plans(limit + 1, query.cursor.as_deref())
@@ -132,25 +121,13 @@ fn not_found(error: crate::store::StoreError) -> ApiError {
     }
 }
 
-fn object(body: &[u8]) -> Result<Map<String, Value>, ApiError> {
-    match serde_json::from_slice::<Value>(body) {
-        Ok(Value::Object(map)) => Ok(map),
-        Ok(_) => Err(ApiError::BadRequest(
-            "the body must be a JSON object".into(),
-        )),
-        Err(error) => Err(ApiError::BadRequest(format!(
-            "the body is not valid JSON: {error}"
-        ))),
-    }
-}
-
 const PLAN_FIELDS: [&str; 4] = ["name", "rate_limits", "quota", "price"];
 
 fn new_plan(fields: &Map<String, Value>) -> Result<NewPlan, Vec<FieldError>> {
     let mut errors = Vec::new();
     unknown_fields(fields, &PLAN_FIELDS, "", &mut errors);
     let name = match fields.get("name") {
-        Some(value) => name(value, &mut errors),
+        Some(value) => name(value, "name", &mut errors),
         None => {
             errors.push(error("name", "is required"));
             None
@@ -182,7 +159,9 @@ fn plan_patch(fields: &Map<String, Value>) -> Result<PlanPatch, Vec<FieldError>>
     let mut errors = Vec::new();
     unknown_fields(fields, &PLAN_FIELDS, "", &mut errors);
     let patch = PlanPatch {
-        name: fields.get("name").and_then(|v| name(v, &mut errors)),
+        name: fields
+            .get("name")
+            .and_then(|v| name(v, "name", &mut errors)),
         rate_limits: fields
             .get("rate_limits")
             .and_then(|v| rate_limits(v, &mut errors)),
@@ -193,46 +172,6 @@ fn plan_patch(fields: &Map<String, Value>) -> Result<PlanPatch, Vec<FieldError>>
         Ok(patch)
     } else {
         Err(errors)
-    }
-}
-
-fn error(path: &str, message: &str) -> FieldError {
-    FieldError {
-        path: path.to_owned(),
-        message: message.to_owned(),
-    }
-}
-
-fn unknown_fields(
-    fields: &Map<String, Value>,
-    known: &[&str],
-    prefix: &str,
-    errors: &mut Vec<FieldError>,
-) {
-    for key in fields.keys() {
-        if !known.contains(&key.as_str()) {
-            errors.push(error(&format!("{prefix}{key}"), "unknown field"));
-        }
-    }
-}
-
-fn name(value: &Value, errors: &mut Vec<FieldError>) -> Option<String> {
-    match value.as_str() {
-        Some(name)
-            if (1..=64).contains(&name.len())
-                && name
-                    .chars()
-                    .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.')) =>
-        {
-            Some(name.to_owned())
-        }
-        _ => {
-            errors.push(error(
-                "name",
-                "must be 1 to 64 letters, digits, '-', '_' or '.'",
-            ));
-            None
-        }
     }
 }
 

@@ -1,0 +1,194 @@
+//! `/v1/customers`: create, list (cursor pagination), read, change (plan, state, contact).
+
+use axum::Json;
+use axum::body::Bytes;
+use axum::extract::{Path, Query, State};
+use axum::http::{StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use serde_json::{Map, Value, json};
+use tollgate_model::FieldError;
+use tollgate_model::customer::CustomerStatus;
+
+use super::AppState;
+use super::auth::Caller;
+use super::body::{error, object, page_limit, unknown_fields};
+use super::error::ApiError;
+use super::plans::ListQuery;
+use crate::store::StoreError;
+use crate::store::customers::{CustomerError, CustomerPatch, NewCustomer};
+
+const FIELDS: [&str; 4] = ["name", "email", "plan_id", "status"];
+
+/// `POST /v1/customers`.
+pub async fn create(
+    State(state): State<AppState>,
+    caller: Caller,
+    body: Bytes,
+) -> Result<Response, ApiError> {
+    caller.require_admin()?;
+    let fields = object(&body)?;
+    let customer = new_customer(&fields).map_err(ApiError::Invalid)?;
+    let created = state
+        .store
+        .create_customer(customer, &caller.actor)
+        .await
+        .map_err(customer_error)?;
+    let location = format!("/v1/customers/{}", created.id);
+    Ok((
+        StatusCode::CREATED,
+        [(header::LOCATION, location)],
+        Json(created),
+    )
+        .into_response())
+}
+
+/// `GET /v1/customers`.
+pub async fn list(
+    State(state): State<AppState>,
+    _caller: Caller,
+    Query(query): Query<ListQuery>,
+) -> Result<Json<Value>, ApiError> {
+    let limit = page_limit(query.limit)?;
+    let mut customers = state
+        .store
+        .customers(limit + 1, query.cursor.as_deref())
+        .await?;
+    let next_cursor = if customers.len() > limit as usize {
+        customers.truncate(limit as usize);
+        customers.last().map(|c| c.id.clone())
+    } else {
+        None
+    };
+    Ok(Json(json!({"data": customers, "next_cursor": next_cursor})))
+}
+
+/// `GET /v1/customers/{id}`.
+pub async fn get(
+    State(state): State<AppState>,
+    _caller: Caller,
+    Path(id): Path<String>,
+) -> Result<Response, ApiError> {
+    let customer = state
+        .store
+        .customer(&id)
+        .await
+        .map_err(|e| customer_error(e.into()))?;
+    Ok(Json(customer).into_response())
+}
+
+/// `PATCH /v1/customers/{id}`.
+pub async fn update(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path(id): Path<String>,
+    body: Bytes,
+) -> Result<Response, ApiError> {
+    caller.require_admin()?;
+    let fields = object(&body)?;
+    let patch = customer_patch(&fields).map_err(ApiError::Invalid)?;
+    let customer = state
+        .store
+        .update_customer(&id, patch, &caller.actor)
+        .await
+        .map_err(customer_error)?;
+    Ok(Json(customer).into_response())
+}
+
+fn customer_error(error: CustomerError) -> ApiError {
+    match error {
+        CustomerError::NoSuchPlan => ApiError::Invalid(vec![FieldError {
+            path: "plan_id".into(),
+            message: "no active plan has this id".into(),
+        }]),
+        CustomerError::Store(StoreError::NotFound) => ApiError::NotFound("customer"),
+        CustomerError::Store(other) => other.into(),
+    }
+}
+
+fn new_customer(fields: &Map<String, Value>) -> Result<NewCustomer, Vec<FieldError>> {
+    let mut errors = Vec::new();
+    unknown_fields(fields, &FIELDS[..3], "", &mut errors);
+    let required = |key: &str, errors: &mut Vec<FieldError>| {
+        let value = fields.get(key);
+        if value.is_none() {
+            errors.push(error(key, "is required"));
+        }
+        value
+    };
+    let name = required("name", &mut errors).and_then(|v| display_name(v, &mut errors));
+    let email = required("email", &mut errors).and_then(|v| email(v, &mut errors));
+    let plan_id = required("plan_id", &mut errors).and_then(|v| plan_id(v, &mut errors));
+    match (name, email, plan_id) {
+        (Some(name), Some(email), Some(plan_id)) if errors.is_empty() => Ok(NewCustomer {
+            name,
+            email,
+            plan_id,
+        }),
+        _ => Err(errors),
+    }
+}
+
+fn customer_patch(fields: &Map<String, Value>) -> Result<CustomerPatch, Vec<FieldError>> {
+    let mut errors = Vec::new();
+    unknown_fields(fields, &FIELDS, "", &mut errors);
+    let patch = CustomerPatch {
+        name: fields
+            .get("name")
+            .and_then(|v| display_name(v, &mut errors)),
+        email: fields.get("email").and_then(|v| email(v, &mut errors)),
+        plan_id: fields.get("plan_id").and_then(|v| plan_id(v, &mut errors)),
+        status: fields.get("status").and_then(|v| {
+            let status = v.as_str().and_then(CustomerStatus::parse);
+            if status.is_none() {
+                errors.push(error("status", "must be \"active\" or \"suspended\""));
+            }
+            status
+        }),
+    };
+    if errors.is_empty() {
+        Ok(patch)
+    } else {
+        Err(errors)
+    }
+}
+
+fn display_name(value: &Value, errors: &mut Vec<FieldError>) -> Option<String> {
+    match value.as_str().map(str::trim) {
+        Some(name)
+            if (1..=200).contains(&name.chars().count()) && !name.chars().any(char::is_control) =>
+        {
+            Some(name.to_owned())
+        }
+        _ => {
+            errors.push(error("name", "must be 1 to 200 characters of text"));
+            None
+        }
+    }
+}
+
+fn email(value: &Value, errors: &mut Vec<FieldError>) -> Option<String> {
+    let valid = value.as_str().filter(|email| {
+        email.len() <= 254
+            && !email.chars().any(|c| c.is_whitespace() || c.is_control())
+            && email.split_once('@').is_some_and(|(local, domain)| {
+                !local.is_empty() && domain.contains('.') && !domain.contains('@')
+            })
+    });
+    match valid {
+        Some(email) => Some(email.to_ascii_lowercase()),
+        None => {
+            errors.push(error("email", "must be an email address"));
+            None
+        }
+    }
+}
+
+fn plan_id(value: &Value, errors: &mut Vec<FieldError>) -> Option<String> {
+    match value.as_str() {
+        Some(id) if id.starts_with("plan_") => Some(id.to_owned()),
+        _ => {
+            errors.push(error("plan_id", "must be a plan id (plan_...)"));
+            None
+        }
+    }
+}

@@ -1,0 +1,51 @@
+//! Customers: who calls through the gateway, on which plan.
+
+use serde::{Deserialize, Serialize};
+
+/// A customer as stored and published.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Customer {
+    /// `cus_` followed by a time-ordered id.
+    pub id: String,
+    /// Display name.
+    pub name: String,
+    /// Contact address, unique.
+    pub email: String,
+    /// The plan that applies to the customer's calls.
+    pub plan_id: String,
+    /// `active` customers may call; `suspended` ones are refused.
+    pub status: CustomerStatus,
+    /// RFC 3339 creation time.
+    pub created_at: String,
+    /// RFC 3339 time of the last change.
+    pub updated_at: String,
+}
+
+/// The state of a customer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum CustomerStatus {
+    /// Calls are served.
+    Active,
+    /// Calls are refused with 403.
+    Suspended,
+}
+
+impl CustomerStatus {
+    /// The stored and wire form.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            CustomerStatus::Active => "active",
+            CustomerStatus::Suspended => "suspended",
+        }
+    }
+
+    /// Parses the stored and wire form.
+    pub fn parse(text: &str) -> Option<Self> {
+        match text {
+            "active" => Some(CustomerStatus::Active),
+            "suspended" => Some(CustomerStatus::Suspended),
+            _ => None,
+        }
+    }
+}
