@@ -7,7 +7,8 @@
 use sha2::{Digest, Sha256};
 
 /// What an admin token may do.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
 pub enum Role {
     /// Everything.
     Admin,

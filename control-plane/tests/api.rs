@@ -560,6 +560,127 @@ async fn customers_are_created_listed_and_changed(db: &Db) {
     assert_eq!(page["next_cursor"], Value::Null);
 }
 
+async fn admin_tokens_are_shown_once_and_audited(db: &Db) {
+    let app = db.app();
+    let body = json!({"name": "grafana", "role": "viewer"});
+    let (status, created, _) = call(
+        &app,
+        "POST",
+        "/v1/admin-tokens",
+        Some(&db.admin),
+        Some(body),
+    )
+    .await;
+    assert_eq!(status, StatusCode::CREATED, "{created}");
+    let token = created["token"].as_str().unwrap().to_owned();
+    let id = created["id"].as_str().unwrap().to_owned();
+    assert!(token.starts_with("tga_") && id.starts_with("adm_"));
+    assert_eq!(
+        (created["name"].as_str(), created["role"].as_str()),
+        (Some("grafana"), Some("viewer"))
+    );
+
+    // The new token reads but cannot write.
+    let (status, _, _) = call(&app, "GET", "/v1/plans", Some(&token), None).await;
+    assert_eq!(status, StatusCode::OK);
+    let (status, _, _) = call(&app, "POST", "/v1/plans", Some(&token), Some(pro_plan())).await;
+    assert_eq!(status, StatusCode::FORBIDDEN);
+
+    let (status, list, _) = call(&app, "GET", "/v1/admin-tokens", Some(&db.viewer), None).await;
+    assert_eq!(status, StatusCode::OK);
+    let listed = list["data"].as_array().unwrap();
+    assert_eq!(listed.len(), 3);
+    for entry in listed {
+        let keys: Vec<&String> = entry.as_object().unwrap().keys().collect();
+        assert_eq!(
+            keys,
+            vec!["created_at", "id", "name", "role"],
+            "no token, no hash"
+        );
+    }
+    let (status, problem, _) = call(
+        &app,
+        "POST",
+        "/v1/admin-tokens",
+        Some(&db.admin),
+        Some(json!({"role": "root"})),
+    )
+    .await;
+    assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY);
+    assert_eq!(problem["errors"].as_array().unwrap().len(), 2, "{problem}");
+
+    let (status, _, _) = call(
+        &app,
+        "DELETE",
+        &format!("/v1/admin-tokens/{id}"),
+        Some(&db.admin),
+        None,
+    )
+    .await;
+    assert_eq!(status, StatusCode::NO_CONTENT);
+    let (status, _, _) = call(&app, "GET", "/v1/plans", Some(&token), None).await;
+    assert_eq!(
+        status,
+        StatusCode::UNAUTHORIZED,
+        "a deleted token no longer works"
+    );
+    let (status, _, _) = call(
+        &app,
+        "DELETE",
+        &format!("/v1/admin-tokens/{id}"),
+        Some(&db.admin),
+        None,
+    )
+    .await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+
+    // The only admin token cannot be deleted.
+    let admin_id = listed
+        .iter()
+        .find(|t| t["role"] == "admin")
+        .and_then(|t| t["id"].as_str())
+        .unwrap()
+        .to_owned();
+    let (status, problem, _) = call(
+        &app,
+        "DELETE",
+        &format!("/v1/admin-tokens/{admin_id}"),
+        Some(&db.admin),
+        None,
+    )
+    .await;
+    assert_eq!(status, StatusCode::CONFLICT, "{problem}");
+
+    // The audit log has both changes, newest first, and no secret.
+    let (status, log, _) = call(&app, "GET", "/v1/audit-log?limit=1", Some(&db.viewer), None).await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(log["data"][0]["action"], "admin_token.delete");
+    assert_eq!(log["data"][0]["target_id"], id.as_str());
+    assert_eq!(log["data"][0]["request_id"], "test-request");
+    let cursor = log["next_cursor"].as_str().unwrap().to_owned();
+    let (_, older, _) = call(
+        &app,
+        "GET",
+        &format!("/v1/audit-log?cursor={cursor}"),
+        Some(&db.viewer),
+        None,
+    )
+    .await;
+    assert_eq!(older["data"][0]["action"], "admin_token.create");
+    assert_eq!(older["data"][0]["after"]["role"], "viewer");
+    let everything = format!("{log}{older}{list}");
+    assert!(!everything.contains(&token) && !everything.contains(&hash(&token)));
+    let (status, _, _) = call(
+        &app,
+        "GET",
+        "/v1/audit-log?cursor=nope",
+        Some(&db.viewer),
+        None,
+    )
+    .await;
+    assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY);
+}
+
 async fn readiness_reports_the_store(db: &Db) {
     let (status, body, _) = call(&db.app(), "GET", "/health/ready", None, None).await;
     assert_eq!(
@@ -603,5 +724,6 @@ on_both_backends!(
     roles_are_enforced,
     plans_are_patched_and_deleted_or_archived_with_an_audit_entry_each,
     customers_are_created_listed_and_changed,
+    admin_tokens_are_shown_once_and_audited,
     readiness_reports_the_store,
 );

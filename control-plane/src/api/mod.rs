@@ -6,8 +6,12 @@
 //! - [`body`]: reading and checking JSON bodies field by field.
 //! - [`plans`]: the `/v1/plans` resource.
 //! - [`customers`]: the `/v1/customers` resource.
+//! - [`admin_tokens`]: the `/v1/admin-tokens` resource.
+//! - [`audit_log`]: the `/v1/audit-log` listing.
 //! - [`health`]: `/health`, `/health/ready`.
 
+pub mod admin_tokens;
+pub mod audit_log;
 pub mod auth;
 pub mod body;
 pub mod customers;
@@ -45,5 +49,14 @@ pub fn app(state: AppState) -> Router {
             "/v1/customers/{id}",
             get(customers::get).patch(customers::update),
         )
+        .route(
+            "/v1/admin-tokens",
+            get(admin_tokens::list).post(admin_tokens::create),
+        )
+        .route(
+            "/v1/admin-tokens/{id}",
+            axum::routing::delete(admin_tokens::delete),
+        )
+        .route("/v1/audit-log", get(audit_log::list))
         .with_state(state)
 }

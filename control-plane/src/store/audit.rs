@@ -1,10 +1,11 @@
 //! The audit log (who changed what, before and after) and the change log (the config version
 //! gateways follow). Both are written inside the transaction of the change they describe.
 
+use serde::Serialize;
 use serde_json::Value;
 use sqlx::{AnyConnection, Row};
 
-use super::{StoreError, now_ms};
+use super::{Store, StoreError, now_ms, rfc3339};
 
 /// Who makes a change, and under which request.
 #[derive(Debug, Clone)]
@@ -28,14 +29,18 @@ pub struct Change<'a> {
     pub before: Option<Value>,
     /// The entity after it.
     pub after: Option<Value>,
+    /// Whether gateways enforce what changed (plans, customers, keys): then the change gets a
+    /// config version in the change log.
+    pub publish: bool,
 }
 
-/// Writes the audit entry and the change-log row of `change`; returns the new config version.
+/// Writes the audit entry of `change`, and when the change concerns what gateways enforce
+/// (`publish`), its change-log row, whose key is the new config version.
 pub(crate) async fn record(
     connection: &mut AnyConnection,
     actor: &Actor,
     change: Change<'_>,
-) -> Result<i64, StoreError> {
+) -> Result<Option<i64>, StoreError> {
     let at = now_ms();
     sqlx::query(
         "INSERT INTO audit_log (at, actor, action, target_type, target_id, before_json, after_json, request_id) \
@@ -51,6 +56,9 @@ pub(crate) async fn record(
     .bind(actor.request_id.clone())
     .execute(&mut *connection)
     .await?;
+    if !change.publish {
+        return Ok(None);
+    }
     let version: i64 = sqlx::query(
         "INSERT INTO change_log (at, kind, entity_id) VALUES ($1, $2, $3) RETURNING version",
     )
@@ -60,5 +68,65 @@ pub(crate) async fn record(
     .fetch_one(&mut *connection)
     .await?
     .try_get("version")?;
-    Ok(version)
+    Ok(Some(version))
+}
+
+/// One entry of the audit log.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct AuditEntry {
+    /// Position in the log; later entries have larger ones.
+    pub seq: i64,
+    /// RFC 3339 time.
+    pub at: String,
+    /// The admin token's id, or `system`.
+    pub actor: String,
+    /// Such as `plan.create`.
+    pub action: String,
+    /// Such as `plan`.
+    pub target_type: String,
+    /// The entity's id.
+    pub target_id: String,
+    /// The entity before the change.
+    pub before: Option<Value>,
+    /// The entity after it.
+    pub after: Option<Value>,
+    /// The request's id.
+    pub request_id: Option<String>,
+}
+
+impl Store {
+    /// Up to `limit` audit entries older than `before_seq`, newest first.
+    pub async fn audit_log(
+        &self,
+        limit: u32,
+        before_seq: Option<i64>,
+    ) -> Result<Vec<AuditEntry>, StoreError> {
+        let rows = sqlx::query(
+            "SELECT seq, at, actor, action, target_type, target_id, before_json, after_json, request_id \
+             FROM audit_log WHERE seq < $1 ORDER BY seq DESC LIMIT $2",
+        )
+        .bind(before_seq.unwrap_or(i64::MAX))
+        .bind(i64::from(limit))
+        .fetch_all(self.pool())
+        .await?;
+        rows.iter()
+            .map(|row| {
+                let json = |name: &str| -> Result<Option<Value>, StoreError> {
+                    let text: Option<String> = row.try_get(name)?;
+                    Ok(text.and_then(|t| serde_json::from_str(&t).ok()))
+                };
+                Ok(AuditEntry {
+                    seq: row.try_get("seq")?,
+                    at: rfc3339(row.try_get("at")?),
+                    actor: row.try_get("actor")?,
+                    action: row.try_get("action")?,
+                    target_type: row.try_get("target_type")?,
+                    target_id: row.try_get("target_id")?,
+                    before: json("before_json")?,
+                    after: json("after_json")?,
+                    request_id: row.try_get("request_id")?,
+                })
+            })
+            .collect()
+    }
 }

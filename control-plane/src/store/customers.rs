@@ -89,6 +89,7 @@ impl Store {
                 target_id: &id,
                 before: None,
                 after: Some(json!(created)),
+                publish: true,
             },
         )
         .await?;
@@ -155,6 +156,7 @@ impl Store {
                 target_id: id,
                 before: Some(json!(before)),
                 after: Some(json!(after)),
+                publish: true,
             },
         )
         .await?;

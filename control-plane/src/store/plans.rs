@@ -75,6 +75,7 @@ impl Store {
                 target_id: &id,
                 before: None,
                 after: Some(json!(created)),
+                publish: true,
             },
         )
         .await?;
@@ -137,6 +138,7 @@ impl Store {
                 target_id: id,
                 before: Some(json!(before)),
                 after: Some(json!(after)),
+                publish: true,
             },
         )
         .await?;
@@ -182,6 +184,7 @@ impl Store {
                 target_id: id,
                 before: Some(json!(before)),
                 after,
+                publish: true,
             },
         )
         .await?;

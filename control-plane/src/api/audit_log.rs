@@ -1,0 +1,39 @@
+//! `GET /v1/audit-log`: every change, newest first, with actor, action, target, before/after,
+//! time and request id.
+
+use axum::Json;
+use axum::extract::{Query, State};
+use serde_json::{Value, json};
+
+use super::AppState;
+use super::auth::Caller;
+use super::body::{error, page_limit};
+use super::error::ApiError;
+use super::plans::ListQuery;
+
+/// `GET /v1/audit-log?limit=&cursor=`.
+pub async fn list(
+    State(state): State<AppState>,
+    _caller: Caller,
+    Query(query): Query<ListQuery>,
+) -> Result<Json<Value>, ApiError> {
+    let limit = page_limit(query.limit)?;
+    let before = match query.cursor.as_deref().map(str::parse::<i64>) {
+        None => None,
+        Some(Ok(seq)) => Some(seq),
+        Some(Err(_)) => {
+            return Err(ApiError::Invalid(vec![error(
+                "cursor",
+                "is not a cursor this API returned",
+            )]));
+        }
+    };
+    let mut entries = state.store.audit_log(limit + 1, before).await?;
+    let next_cursor = if entries.len() > limit as usize {
+        entries.truncate(limit as usize);
+        entries.last().map(|e| e.seq.to_string())
+    } else {
+        None
+    };
+    Ok(Json(json!({"data": entries, "next_cursor": next_cursor})))
+}
