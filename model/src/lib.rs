@@ -7,8 +7,10 @@
 //! - [`problem`]: RFC 9457 problem details, the one error body clients of either plane ever see.
 //! - [`plan`]: plans, their rate limits, quota and price.
 //! - [`customer`]: customers and their state.
+//! - [`key`]: the API key format (prefix, randomness, checksum).
 
 pub mod customer;
+pub mod key;
 pub mod plan;
 pub mod problem;
 
