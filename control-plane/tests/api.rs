@@ -681,6 +681,126 @@ async fn admin_tokens_are_shown_once_and_audited(db: &Db) {
     assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY);
 }
 
+async fn keys_are_shown_once_stored_hashed_revoked_and_rotated(db: &Db) {
+    let app = db.app();
+    let (_, plan, _) = call(&app, "POST", "/v1/plans", Some(&db.admin), Some(pro_plan())).await;
+    let body = json!({"name": "Acme", "email": "a@acme.example", "plan_id": plan["id"]});
+    let (_, customer, _) = call(&app, "POST", "/v1/customers", Some(&db.admin), Some(body)).await;
+    let customer = customer["id"].as_str().unwrap().to_owned();
+    let keys_path = format!("/v1/customers/{customer}/keys");
+
+    let body =
+        json!({"name": "ci", "expires_at": "2099-01-01T00:00:00Z", "scopes": ["orders", "users"]});
+    let (status, created, _) = call(&app, "POST", &keys_path, Some(&db.admin), Some(body)).await;
+    assert_eq!(status, StatusCode::CREATED, "{created}");
+    let key = created["key"].as_str().unwrap().to_owned();
+    assert!(tollgate_model::key::is_well_formed(&key), "{key}");
+    assert_eq!(created["display_start"], key[..9]);
+    assert_eq!(created["scopes"], json!(["orders", "users"]));
+    assert_eq!(created["expires_at"], "2099-01-01T00:00:00.000Z");
+    assert_eq!(created["revoked_at"], Value::Null);
+    let id = created["id"].as_str().unwrap().to_owned();
+
+    // Stored as a SHA-256 only; listed without key or hash.
+    let sql = db.sql().await;
+    let stored: String = sqlx::query("SELECT hash FROM api_keys WHERE id = $1")
+        .bind(&id)
+        .fetch_one(&sql)
+        .await
+        .unwrap()
+        .try_get("hash")
+        .unwrap();
+    assert_eq!(stored, hash(&key));
+    let (status, list, _) = call(&app, "GET", &keys_path, Some(&db.viewer), None).await;
+    assert_eq!(status, StatusCode::OK);
+    let listed = &list["data"][0];
+    assert!(listed.get("key").is_none() && listed.get("hash").is_none());
+    assert!(!list.to_string().contains(&key) && !list.to_string().contains(&stored));
+
+    // Rotation: a new key, the old one works until the grace ends.
+    let (status, rotated, _) = call(
+        &app,
+        "POST",
+        &format!("/v1/keys/{id}/rotate"),
+        Some(&db.admin),
+        Some(json!({"grace_seconds": 3600})),
+    )
+    .await;
+    assert_eq!(status, StatusCode::CREATED, "{rotated}");
+    let new_key = rotated["key"].as_str().unwrap();
+    assert_ne!(new_key, key);
+    assert_eq!(rotated["scopes"], json!(["orders", "users"]));
+    assert_eq!(rotated["replaces"]["id"], id.as_str());
+    assert!(rotated["replaces"]["works_until"].as_str().unwrap() > "2026");
+
+    // Revocation: now.
+    let new_id = rotated["id"].as_str().unwrap();
+    let (status, revoked, _) = call(
+        &app,
+        "POST",
+        &format!("/v1/keys/{new_id}/revoke"),
+        Some(&db.admin),
+        None,
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK);
+    assert!(revoked["revoked_at"].is_string());
+
+    // Errors.
+    let bad = json!({"name": "x y", "expires_at": "2001-01-01T00:00:00Z", "scopes": []});
+    let (status, problem, _) = call(&app, "POST", &keys_path, Some(&db.admin), Some(bad)).await;
+    assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY);
+    let mut paths: Vec<&str> = problem["errors"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["path"].as_str().unwrap())
+        .collect();
+    paths.sort_unstable();
+    assert_eq!(paths, vec!["expires_at", "name", "scopes"]);
+    let (status, _, _) = call(
+        &app,
+        "POST",
+        "/v1/customers/cus_nope/keys",
+        Some(&db.admin),
+        Some(json!({"name": "x"})),
+    )
+    .await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+    let (status, _, _) = call(
+        &app,
+        "POST",
+        "/v1/keys/key_nope/revoke",
+        Some(&db.admin),
+        None,
+    )
+    .await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+    let (status, _, _) = call(
+        &app,
+        "POST",
+        &keys_path,
+        Some(&db.viewer),
+        Some(json!({"name": "x"})),
+    )
+    .await;
+    assert_eq!(status, StatusCode::FORBIDDEN);
+
+    // The audit log never holds a key or its hash.
+    let (_, log, _) = call(
+        &app,
+        "GET",
+        "/v1/audit-log?limit=100",
+        Some(&db.admin),
+        None,
+    )
+    .await;
+    let log = log.to_string();
+    assert!(log.contains("key.rotate") && log.contains("key.revoke") && log.contains("key.create"));
+    assert!(!log.contains(&key) && !log.contains(new_key) && !log.contains(&stored));
+    sql.close().await;
+}
+
 async fn readiness_reports_the_store(db: &Db) {
     let (status, body, _) = call(&db.app(), "GET", "/health/ready", None, None).await;
     assert_eq!(
@@ -725,5 +845,6 @@ on_both_backends!(
     plans_are_patched_and_deleted_or_archived_with_an_audit_entry_each,
     customers_are_created_listed_and_changed,
     admin_tokens_are_shown_once_and_audited,
+    keys_are_shown_once_stored_hashed_revoked_and_rotated,
     readiness_reports_the_store,
 );

@@ -6,6 +6,7 @@
 //! - [`body`]: reading and checking JSON bodies field by field.
 //! - [`plans`]: the `/v1/plans` resource.
 //! - [`customers`]: the `/v1/customers` resource.
+//! - [`keys`]: API keys of customers: create, list, revoke, rotate.
 //! - [`admin_tokens`]: the `/v1/admin-tokens` resource.
 //! - [`audit_log`]: the `/v1/audit-log` listing.
 //! - [`health`]: `/health`, `/health/ready`.
@@ -17,10 +18,11 @@ pub mod body;
 pub mod customers;
 pub mod error;
 pub mod health;
+pub mod keys;
 pub mod plans;
 
 use axum::Router;
-use axum::routing::get;
+use axum::routing::{delete, get, post};
 
 use crate::store::Store;
 
@@ -50,13 +52,16 @@ pub fn app(state: AppState) -> Router {
             get(customers::get).patch(customers::update),
         )
         .route(
+            "/v1/customers/{id}/keys",
+            get(keys::list).post(keys::create),
+        )
+        .route("/v1/keys/{id}/revoke", post(keys::revoke))
+        .route("/v1/keys/{id}/rotate", post(keys::rotate))
+        .route(
             "/v1/admin-tokens",
             get(admin_tokens::list).post(admin_tokens::create),
         )
-        .route(
-            "/v1/admin-tokens/{id}",
-            axum::routing::delete(admin_tokens::delete),
-        )
+        .route("/v1/admin-tokens/{id}", delete(admin_tokens::delete))
         .route("/v1/audit-log", get(audit_log::list))
         .with_state(state)
 }

@@ -8,12 +8,14 @@
 //! # Layout
 //! - [`plans`]: plans, their creation, changes and deletion.
 //! - [`customers`]: customers, their plan and state.
+//! - [`keys`]: API keys (hashes), revocation and rotation.
 //! - [`admin_tokens`]: admin tokens (hashes only).
 //! - [`audit`]: the audit log and the change log.
 
 pub mod admin_tokens;
 pub mod audit;
 pub mod customers;
+pub mod keys;
 pub mod plans;
 
 use std::time::{SystemTime, UNIX_EPOCH};
