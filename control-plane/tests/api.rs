@@ -801,6 +801,61 @@ async fn keys_are_shown_once_stored_hashed_revoked_and_rotated(db: &Db) {
     sql.close().await;
 }
 
+async fn idempotent_retries_replay_the_first_answer(db: &Db) {
+    let app = db.app();
+    let send = |key: &'static str, body: Value| {
+        let request = Request::builder()
+            .method("POST")
+            .uri("/v1/plans")
+            .header("authorization", format!("Bearer {}", db.admin))
+            .header("idempotency-key", key)
+            .body(Body::from(body.to_string()))
+            .unwrap();
+        let app = app.clone();
+        async move {
+            let response = app.oneshot(request).await.unwrap();
+            let status = response.status();
+            let headers = response.headers().clone();
+            let bytes = axum::body::to_bytes(response.into_body(), 1 << 20)
+                .await
+                .unwrap();
+            (
+                status,
+                headers,
+                serde_json::from_slice::<Value>(&bytes).unwrap(),
+            )
+        }
+    };
+    let (status, headers, first) = send("retry-1", pro_plan()).await;
+    assert_eq!(status, StatusCode::CREATED);
+    assert!(headers.get("idempotent-replayed").is_none());
+    let (status, headers, again) = send("retry-1", pro_plan()).await;
+    assert_eq!(status, StatusCode::CREATED);
+    assert_eq!(headers["idempotent-replayed"], "true");
+    assert_eq!(
+        headers["location"],
+        format!("/v1/plans/{}", first["id"].as_str().unwrap())
+    );
+    assert_eq!(again, first, "the same plan, not a second one");
+    let (_, page, _) = call(&app, "GET", "/v1/plans", Some(&db.admin), None).await;
+    assert_eq!(page["data"].as_array().unwrap().len(), 1);
+    let (_, log, _) = call(&app, "GET", "/v1/audit-log", Some(&db.admin), None).await;
+    assert_eq!(
+        log["data"].as_array().unwrap().len(),
+        1,
+        "one change audited"
+    );
+
+    let (status, _, problem) = send("retry-1", json!({"name": "other"})).await;
+    assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY);
+    assert_eq!(problem["errors"][0]["path"], "Idempotency-Key");
+    // A failed request is not remembered: fixing it under the same key works.
+    let (status, _, _) = send("retry-2", json!({"name": "bad name"})).await;
+    assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY);
+    let (status, _, _) = send("retry-2", json!({"name": "good"})).await;
+    assert_eq!(status, StatusCode::CREATED);
+}
+
 async fn readiness_reports_the_store(db: &Db) {
     let (status, body, _) = call(&db.app(), "GET", "/health/ready", None, None).await;
     assert_eq!(
@@ -846,5 +901,6 @@ on_both_backends!(
     customers_are_created_listed_and_changed,
     admin_tokens_are_shown_once_and_audited,
     keys_are_shown_once_stored_hashed_revoked_and_rotated,
+    idempotent_retries_replay_the_first_answer,
     readiness_reports_the_store,
 );

@@ -4,6 +4,7 @@
 //! - [`error`]: errors to problem responses, in one place.
 //! - [`auth`]: the admin-token extractor and role checks.
 //! - [`body`]: reading and checking JSON bodies field by field.
+//! - [`idempotency`]: `Idempotency-Key` on `POST`s.
 //! - [`plans`]: the `/v1/plans` resource.
 //! - [`customers`]: the `/v1/customers` resource.
 //! - [`keys`]: API keys of customers: create, list, revoke, rotate.
@@ -18,6 +19,7 @@ pub mod body;
 pub mod customers;
 pub mod error;
 pub mod health;
+pub mod idempotency;
 pub mod keys;
 pub mod plans;
 
@@ -63,5 +65,9 @@ pub fn app(state: AppState) -> Router {
         )
         .route("/v1/admin-tokens/{id}", delete(admin_tokens::delete))
         .route("/v1/audit-log", get(audit_log::list))
+        .layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            idempotency::layer,
+        ))
         .with_state(state)
 }

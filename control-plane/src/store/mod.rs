@@ -9,12 +9,14 @@
 //! - [`plans`]: plans, their creation, changes and deletion.
 //! - [`customers`]: customers, their plan and state.
 //! - [`keys`]: API keys (hashes), revocation and rotation.
+//! - [`idempotency`]: remembered answers to idempotent `POST`s.
 //! - [`admin_tokens`]: admin tokens (hashes only).
 //! - [`audit`]: the audit log and the change log.
 
 pub mod admin_tokens;
 pub mod audit;
 pub mod customers;
+pub mod idempotency;
 pub mod keys;
 pub mod plans;
 
