@@ -14,6 +14,8 @@ pub enum Role {
     Admin,
     /// Reads only.
     Viewer,
+    /// A gateway: reads the feed (snapshot and changes) and nothing else.
+    Gateway,
 }
 
 impl Role {
@@ -22,6 +24,7 @@ impl Role {
         match self {
             Role::Admin => "admin",
             Role::Viewer => "viewer",
+            Role::Gateway => "gateway",
         }
     }
 
@@ -30,6 +33,7 @@ impl Role {
         match text {
             "admin" => Some(Role::Admin),
             "viewer" => Some(Role::Viewer),
+            "gateway" => Some(Role::Gateway),
             _ => None,
         }
     }

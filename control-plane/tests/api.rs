@@ -856,6 +856,151 @@ async fn idempotent_retries_replay_the_first_answer(db: &Db) {
     assert_eq!(status, StatusCode::CREATED);
 }
 
+async fn gateways_get_a_snapshot_then_every_change_once_in_order(db: &Db) {
+    let app = db.app();
+    let gateway = PlainToken::generate().expose().to_owned();
+    db.store
+        .create_admin_token("gw-1", Role::Gateway, &hash(&gateway))
+        .await
+        .unwrap();
+    let (_, plan, _) = call(&app, "POST", "/v1/plans", Some(&db.admin), Some(pro_plan())).await;
+    let body = json!({"name": "Acme", "email": "a@acme.example", "plan_id": plan["id"]});
+    let (_, customer, _) = call(&app, "POST", "/v1/customers", Some(&db.admin), Some(body)).await;
+    let keys_path = format!("/v1/customers/{}/keys", customer["id"].as_str().unwrap());
+    let (_, key, _) = call(
+        &app,
+        "POST",
+        &keys_path,
+        Some(&db.admin),
+        Some(json!({"name": "k"})),
+    )
+    .await;
+
+    // Only gateway tokens read the feed, and they read nothing else.
+    for token in [&db.admin, &db.viewer] {
+        let (status, _, _) = call(&app, "GET", "/v1/gateway/snapshot", Some(token), None).await;
+        assert_eq!(status, StatusCode::FORBIDDEN);
+    }
+    let (status, _, _) = call(&app, "GET", "/v1/plans", Some(&gateway), None).await;
+    assert_eq!(status, StatusCode::FORBIDDEN);
+
+    let (status, snapshot, _) =
+        call(&app, "GET", "/v1/gateway/snapshot", Some(&gateway), None).await;
+    assert_eq!(status, StatusCode::OK);
+    let version = snapshot["version"].as_i64().unwrap();
+    assert!(version >= 3, "{snapshot}");
+    assert_eq!(snapshot["plans"][0]["id"], plan["id"]);
+    assert_eq!(
+        snapshot["customers"][0],
+        json!({"id": customer["id"], "plan_id": plan["id"], "status": "active"})
+    );
+    assert_eq!(
+        snapshot["keys"][0]["hash"],
+        hash(key["key"].as_str().unwrap())
+    );
+    assert_eq!(snapshot["keys"][0]["revoked_at_ms"], Value::Null);
+
+    let (status, nothing, _) = call(
+        &app,
+        "GET",
+        &format!("/v1/gateway/changes?since={version}"),
+        Some(&gateway),
+        None,
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(nothing, json!({"version": version, "changes": []}));
+    let (status, _, _) = call(
+        &app,
+        "GET",
+        &format!("/v1/gateway/changes?since={}", version + 100),
+        Some(&gateway),
+        None,
+    )
+    .await;
+    assert_eq!(
+        status,
+        StatusCode::CONFLICT,
+        "a version ahead of the store means: snapshot again"
+    );
+
+    // A gateway waits; changes made meanwhile reach it, in order, exactly once.
+    let waiting = {
+        let app = app.clone();
+        let gateway = gateway.clone();
+        tokio::spawn(async move {
+            let path = format!("/v1/gateway/changes?since={version}&wait_ms=10000");
+            let started = std::time::Instant::now();
+            let (status, changes, _) = call(&app, "GET", &path, Some(&gateway), None).await;
+            (status, changes, started)
+        })
+    };
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    let changed_at = std::time::Instant::now();
+    let key_id = key["id"].as_str().unwrap();
+    let (status, _, _) = call(
+        &app,
+        "POST",
+        &format!("/v1/keys/{key_id}/revoke"),
+        Some(&db.admin),
+        None,
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK);
+    let suspend = json!({"status": "suspended"});
+    let customer_path = format!("/v1/customers/{}", customer["id"].as_str().unwrap());
+    call(
+        &app,
+        "PATCH",
+        &customer_path,
+        Some(&db.admin),
+        Some(suspend),
+    )
+    .await;
+    let (status, first, _) = waiting.await.unwrap();
+    assert_eq!(status, StatusCode::OK);
+    assert!(
+        changed_at.elapsed() < std::time::Duration::from_secs(1),
+        "delivered within a second"
+    );
+    let mut seen: Vec<Value> = first["changes"].as_array().unwrap().clone();
+    let mut at = first["version"].as_i64().unwrap();
+    while seen.len() < 2 {
+        let (_, more, _) = call(
+            &app,
+            "GET",
+            &format!("/v1/gateway/changes?since={at}&wait_ms=2000"),
+            Some(&gateway),
+            None,
+        )
+        .await;
+        seen.extend(more["changes"].as_array().unwrap().iter().cloned());
+        at = more["version"].as_i64().unwrap();
+    }
+    let versions: Vec<i64> = seen
+        .iter()
+        .map(|c| c["version"].as_i64().unwrap())
+        .collect();
+    assert_eq!(
+        versions,
+        vec![version + 1, version + 2],
+        "in order, once each"
+    );
+    assert_eq!(seen[0]["kind"], "key");
+    assert!(seen[0]["key"]["revoked_at_ms"].is_i64());
+    assert_eq!(seen[1]["kind"], "customer");
+    assert_eq!(seen[1]["customer"]["status"], "suspended");
+    let (_, after, _) = call(
+        &app,
+        "GET",
+        &format!("/v1/gateway/changes?since={at}"),
+        Some(&gateway),
+        None,
+    )
+    .await;
+    assert_eq!(after["changes"], json!([]));
+}
+
 async fn readiness_reports_the_store(db: &Db) {
     let (status, body, _) = call(&db.app(), "GET", "/health/ready", None, None).await;
     assert_eq!(
@@ -902,5 +1047,6 @@ on_both_backends!(
     admin_tokens_are_shown_once_and_audited,
     keys_are_shown_once_stored_hashed_revoked_and_rotated,
     idempotent_retries_replay_the_first_answer,
+    gateways_get_a_snapshot_then_every_change_once_in_order,
     readiness_reports_the_store,
 );

@@ -8,8 +8,10 @@
 //! - [`plan`]: plans, their rate limits, quota and price.
 //! - [`customer`]: customers and their state.
 //! - [`key`]: the API key format (prefix, randomness, checksum).
+//! - [`feed`]: the snapshot and the changes gateways receive.
 
 pub mod customer;
+pub mod feed;
 pub mod key;
 pub mod plan;
 pub mod problem;

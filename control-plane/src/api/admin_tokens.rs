@@ -40,7 +40,10 @@ pub async fn create(
     {
         Some(role) => Some(role),
         None => {
-            errors.push(error("role", "must be \"admin\" or \"viewer\""));
+            errors.push(error(
+                "role",
+                "must be \"admin\", \"viewer\" or \"gateway\"",
+            ));
             None
         }
     };

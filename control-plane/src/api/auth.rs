@@ -6,6 +6,7 @@ use axum::http::request::Parts;
 use super::AppState;
 use super::error::ApiError;
 use crate::secret::{Role, hash};
+use crate::store::admin_tokens::AdminToken;
 use crate::store::audit::Actor;
 
 /// The authenticated caller.
@@ -22,9 +23,51 @@ impl Caller {
     pub fn require_admin(&self) -> Result<(), ApiError> {
         match self.role {
             Role::Admin => Ok(()),
-            Role::Viewer => Err(ApiError::Forbidden),
+            Role::Viewer | Role::Gateway => {
+                Err(ApiError::Forbidden("this token's role may only read"))
+            }
         }
     }
+}
+
+/// A gateway following the feed: only `gateway` tokens.
+#[derive(Debug, Clone)]
+pub struct GatewayCaller {
+    /// The token's id.
+    pub id: String,
+}
+
+impl FromRequestParts<AppState> for GatewayCaller {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(
+        parts: &mut Parts,
+        state: &AppState,
+    ) -> Result<Self, Self::Rejection> {
+        let token = authenticate(parts, state).await?;
+        match token.role {
+            Role::Gateway => Ok(GatewayCaller { id: token.id }),
+            Role::Admin | Role::Viewer => Err(ApiError::Forbidden(
+                "the feed is for gateway tokens (role \"gateway\")",
+            )),
+        }
+    }
+}
+
+async fn authenticate(parts: &Parts, state: &AppState) -> Result<AdminToken, ApiError> {
+    let token = parts
+        .headers
+        .get(axum::http::header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .map(str::trim)
+        .filter(|t| !t.is_empty())
+        .ok_or(ApiError::Unauthenticated)?;
+    state
+        .store
+        .admin_token_by_hash(&hash(token))
+        .await?
+        .ok_or(ApiError::Unauthenticated)
 }
 
 impl FromRequestParts<AppState> for Caller {
@@ -34,19 +77,10 @@ impl FromRequestParts<AppState> for Caller {
         parts: &mut Parts,
         state: &AppState,
     ) -> Result<Self, Self::Rejection> {
-        let token = parts
-            .headers
-            .get(axum::http::header::AUTHORIZATION)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.strip_prefix("Bearer "))
-            .map(str::trim)
-            .filter(|t| !t.is_empty())
-            .ok_or(ApiError::Unauthenticated)?;
-        let found = state
-            .store
-            .admin_token_by_hash(&hash(token))
-            .await?
-            .ok_or(ApiError::Unauthenticated)?;
+        let found = authenticate(parts, state).await?;
+        if found.role == Role::Gateway {
+            return Err(ApiError::Forbidden("gateway tokens may only read the feed"));
+        }
         let request_id = parts
             .headers
             .get("x-request-id")

@@ -11,8 +11,8 @@ use crate::store::StoreError;
 pub enum ApiError {
     /// 401: no token, or an unknown one.
     Unauthenticated,
-    /// 403: the token's role may not do this.
-    Forbidden,
+    /// 403: the token's role may not do this; says why.
+    Forbidden(&'static str),
     /// 404.
     NotFound(&'static str),
     /// 409, with what collided.
@@ -42,8 +42,9 @@ impl IntoResponse for ApiError {
                 Problem::new("unauthenticated", "Authentication required", 401)
                     .with_detail("send an admin token as Authorization: Bearer <token>")
             }
-            ApiError::Forbidden => Problem::new("forbidden", "Forbidden", 403)
-                .with_detail("this token's role may only read"),
+            ApiError::Forbidden(detail) => {
+                Problem::new("forbidden", "Forbidden", 403).with_detail(detail)
+            }
             ApiError::NotFound(what) => {
                 Problem::new("not-found", "Not found", 404).with_detail(format!("no such {what}"))
             }

@@ -10,6 +10,7 @@
 //! - [`keys`]: API keys of customers: create, list, revoke, rotate.
 //! - [`admin_tokens`]: the `/v1/admin-tokens` resource.
 //! - [`audit_log`]: the `/v1/audit-log` listing.
+//! - [`feed`]: the snapshot and the changes gateways follow.
 //! - [`health`]: `/health`, `/health/ready`.
 
 pub mod admin_tokens;
@@ -18,6 +19,7 @@ pub mod auth;
 pub mod body;
 pub mod customers;
 pub mod error;
+pub mod feed;
 pub mod health;
 pub mod idempotency;
 pub mod keys;
@@ -65,6 +67,8 @@ pub fn app(state: AppState) -> Router {
         )
         .route("/v1/admin-tokens/{id}", delete(admin_tokens::delete))
         .route("/v1/audit-log", get(audit_log::list))
+        .route("/v1/gateway/snapshot", get(feed::snapshot))
+        .route("/v1/gateway/changes", get(feed::changes))
         .layer(axum::middleware::from_fn_with_state(
             state.clone(),
             idempotency::layer,

@@ -10,12 +10,14 @@
 //! - [`customers`]: customers, their plan and state.
 //! - [`keys`]: API keys (hashes), revocation and rotation.
 //! - [`idempotency`]: remembered answers to idempotent `POST`s.
+//! - [`feed`]: the snapshot and the changes gateways follow.
 //! - [`admin_tokens`]: admin tokens (hashes only).
 //! - [`audit`]: the audit log and the change log.
 
 pub mod admin_tokens;
 pub mod audit;
 pub mod customers;
+pub mod feed;
 pub mod idempotency;
 pub mod keys;
 pub mod plans;

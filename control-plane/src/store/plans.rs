@@ -193,7 +193,10 @@ impl Store {
     }
 }
 
-async fn fetch(connection: &mut sqlx::AnyConnection, id: &str) -> Result<Plan, StoreError> {
+pub(crate) async fn fetch(
+    connection: &mut sqlx::AnyConnection,
+    id: &str,
+) -> Result<Plan, StoreError> {
     let row = sqlx::query(&format!("SELECT {COLUMNS} FROM plans WHERE id = $1"))
         .bind(id)
         .fetch_optional(&mut *connection)

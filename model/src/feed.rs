@@ -1,0 +1,95 @@
+//! What gateways receive from the control plane: a full snapshot at a config version, then the
+//! changes after it, each carrying the entity as it now is (or its removal).
+
+use serde::{Deserialize, Serialize};
+
+use crate::customer::CustomerStatus;
+use crate::plan::Plan;
+
+/// Everything a gateway enforces, as of `version`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Snapshot {
+    /// The config version this snapshot is at (the last change it includes).
+    pub version: i64,
+    /// Every plan, archived ones included (customers may still use them).
+    pub plans: Vec<Plan>,
+    /// Every customer, with the state and plan that apply.
+    pub customers: Vec<CustomerRecord>,
+    /// Every key, by hash.
+    pub keys: Vec<KeyRecord>,
+}
+
+/// A customer as gateways need it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CustomerRecord {
+    /// Id.
+    pub id: String,
+    /// The plan that applies.
+    pub plan_id: String,
+    /// Active or suspended.
+    pub status: CustomerStatus,
+}
+
+/// A key as gateways need it: its hash and when it works.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct KeyRecord {
+    /// Id.
+    pub id: String,
+    /// Its customer.
+    pub customer_id: String,
+    /// Hex SHA-256 of the key.
+    pub hash: String,
+    /// Unix milliseconds after which it no longer works.
+    pub expires_at_ms: Option<i64>,
+    /// Unix milliseconds from which it no longer works (revocation, or a rotation's grace end).
+    pub revoked_at_ms: Option<i64>,
+    /// Route names it may call; `None` is every route.
+    pub scopes: Option<Vec<String>>,
+}
+
+/// One change after a snapshot.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Change {
+    /// Its config version; changes come in increasing version order.
+    pub version: i64,
+    /// What changed, as it is now; `None` fields mean the entity is gone.
+    #[serde(flatten)]
+    pub entity: ChangedEntity,
+}
+
+/// The entity a change concerns.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "lowercase")]
+pub enum ChangedEntity {
+    /// A plan, or its id when it was deleted.
+    Plan {
+        /// Id.
+        id: String,
+        /// The plan now; `None` when deleted.
+        plan: Option<Plan>,
+    },
+    /// A customer now.
+    Customer {
+        /// Id.
+        id: String,
+        /// The customer now; `None` when deleted.
+        customer: Option<CustomerRecord>,
+    },
+    /// A key now.
+    Key {
+        /// Id.
+        id: String,
+        /// The key now; `None` when deleted.
+        key: Option<KeyRecord>,
+    },
+}
+
+/// A page of changes.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Changes {
+    /// The version the gateway is at once it applied these (the last change's, or the version it
+    /// asked from when there are none).
+    pub version: i64,
+    /// The changes, in version order.
+    pub changes: Vec<Change>,
+}
