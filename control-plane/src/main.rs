@@ -75,7 +75,7 @@ async fn run(command: &str, settings: Settings) -> anyhow::Result<()> {
         .await
         .with_context(|| format!("CONTROL_PLANE_LISTEN: cannot listen on {}", settings.listen))?;
     tracing::info!(listen = %listener.local_addr()?, "control plane listening");
-    axum::serve(listener, app(AppState { store }))
+    axum::serve(listener, app(AppState::new(store)))
         .with_graceful_shutdown(async {
             let _ = tokio::signal::ctrl_c().await;
         })

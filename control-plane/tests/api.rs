@@ -77,9 +77,7 @@ impl Db {
     }
 
     fn app(&self) -> Router {
-        app(AppState {
-            store: self.store.clone(),
-        })
+        app(AppState::new(self.store.clone()))
     }
 
     async fn drop_database(self) {
@@ -1001,6 +999,52 @@ async fn gateways_get_a_snapshot_then_every_change_once_in_order(db: &Db) {
     assert_eq!(after["changes"], json!([]));
 }
 
+async fn metrics_count_requests_by_route_pattern(db: &Db) {
+    let app = db.app();
+    let (_, plan, _) = call(&app, "POST", "/v1/plans", Some(&db.admin), Some(pro_plan())).await;
+    let id = plan["id"].as_str().unwrap();
+    call(
+        &app,
+        "GET",
+        &format!("/v1/plans/{id}"),
+        Some(&db.viewer),
+        None,
+    )
+    .await;
+    call(
+        &app,
+        "GET",
+        "/v1/plans/plan_missing",
+        Some(&db.viewer),
+        None,
+    )
+    .await;
+    let response = app
+        .clone()
+        .oneshot(
+            Request::builder()
+                .uri("/metrics")
+                .body(Body::empty())
+                .unwrap(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(response.status(), StatusCode::OK);
+    let bytes = axum::body::to_bytes(response.into_body(), 1 << 20)
+        .await
+        .unwrap();
+    let text = String::from_utf8(bytes.to_vec()).unwrap();
+    for line in [
+        r#"tollgate_control_plane_requests_total{method="POST",route="/v1/plans",status_class="2xx"} 1"#,
+        r#"tollgate_control_plane_requests_total{method="GET",route="/v1/plans/{id}",status_class="2xx"} 1"#,
+        r#"tollgate_control_plane_requests_total{method="GET",route="/v1/plans/{id}",status_class="4xx"} 1"#,
+        "tollgate_control_plane_config_version 1",
+    ] {
+        assert!(text.contains(line), "missing {line} in\n{text}");
+    }
+    assert!(!text.contains(id), "no id in any label");
+}
+
 async fn readiness_reports_the_store(db: &Db) {
     let (status, body, _) = call(&db.app(), "GET", "/health/ready", None, None).await;
     assert_eq!(
@@ -1048,5 +1092,6 @@ on_both_backends!(
     keys_are_shown_once_stored_hashed_revoked_and_rotated,
     idempotent_retries_replay_the_first_answer,
     gateways_get_a_snapshot_then_every_change_once_in_order,
+    metrics_count_requests_by_route_pattern,
     readiness_reports_the_store,
 );

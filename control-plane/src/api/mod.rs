@@ -12,6 +12,7 @@
 //! - [`audit_log`]: the `/v1/audit-log` listing.
 //! - [`feed`]: the snapshot and the changes gateways follow.
 //! - [`health`]: `/health`, `/health/ready`.
+//! - [`metrics`]: `/metrics`, and the middleware that counts requests.
 
 pub mod admin_tokens;
 pub mod audit_log;
@@ -23,6 +24,7 @@ pub mod feed;
 pub mod health;
 pub mod idempotency;
 pub mod keys;
+pub mod metrics;
 pub mod plans;
 
 use axum::Router;
@@ -35,6 +37,18 @@ use crate::store::Store;
 pub struct AppState {
     /// The store.
     pub store: Store,
+    /// Request metrics.
+    pub metrics: metrics::Metrics,
+}
+
+impl AppState {
+    /// State over `store`, with fresh metrics.
+    pub fn new(store: Store) -> Self {
+        Self {
+            store,
+            metrics: metrics::Metrics::new(),
+        }
+    }
 }
 
 /// The whole API.
@@ -42,6 +56,7 @@ pub fn app(state: AppState) -> Router {
     Router::new()
         .route("/health", get(health::live))
         .route("/health/ready", get(health::ready))
+        .route("/metrics", get(metrics::render))
         .route("/v1/plans", get(plans::list).post(plans::create))
         .route(
             "/v1/plans/{id}",
@@ -72,6 +87,10 @@ pub fn app(state: AppState) -> Router {
         .layer(axum::middleware::from_fn_with_state(
             state.clone(),
             idempotency::layer,
+        ))
+        .route_layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            metrics::layer,
         ))
         .with_state(state)
 }

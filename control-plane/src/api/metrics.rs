@@ -1,0 +1,111 @@
+//! `/metrics` of the control plane (Prometheus text): requests by route, method and status
+//! class, their latency, and the config version. Routes are the matched patterns
+//! (`/v1/plans/{id}`), never the ids themselves.
+
+use std::time::Instant;
+
+use axum::extract::{MatchedPath, Request, State};
+use axum::http::header;
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
+use prometheus::{
+    Encoder, HistogramOpts, HistogramVec, IntCounterVec, IntGauge, Opts, Registry, TextEncoder,
+};
+
+use super::AppState;
+
+/// Requests answered.
+pub const REQUESTS_TOTAL: &str = "tollgate_control_plane_requests_total";
+/// Request latency.
+pub const REQUEST_DURATION: &str = "tollgate_control_plane_request_duration_seconds";
+/// The latest config version in the change log.
+pub const CONFIG_VERSION: &str = "tollgate_control_plane_config_version";
+
+/// The control plane's metrics.
+#[derive(Debug, Clone)]
+pub struct Metrics {
+    registry: Registry,
+    requests: IntCounterVec,
+    duration: HistogramVec,
+    version: IntGauge,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Metrics {
+    /// Registers every metric.
+    pub fn new() -> Self {
+        let build = || -> prometheus::Result<Metrics> {
+            let registry = Registry::new();
+            let requests = IntCounterVec::new(
+                Opts::new(
+                    REQUESTS_TOTAL,
+                    "Requests answered, by route, method and status class.",
+                ),
+                &["route", "method", "status_class"],
+            )?;
+            let duration = HistogramVec::new(
+                HistogramOpts::new(REQUEST_DURATION, "Time to answer a request, by route."),
+                &["route"],
+            )?;
+            let version =
+                IntGauge::new(CONFIG_VERSION, "Latest config version in the change log.")?;
+            registry.register(Box::new(requests.clone()))?;
+            registry.register(Box::new(duration.clone()))?;
+            registry.register(Box::new(version.clone()))?;
+            Ok(Metrics {
+                registry,
+                requests,
+                duration,
+                version,
+            })
+        };
+        build().unwrap_or_else(|error| panic!("metric definitions are static and valid: {error}"))
+    }
+}
+
+/// Counts every request under its matched route.
+pub async fn layer(State(state): State<AppState>, request: Request, next: Next) -> Response {
+    let route = request
+        .extensions()
+        .get::<MatchedPath>()
+        .map_or("(none)".to_owned(), |p| p.as_str().to_owned());
+    let method = request.method().as_str().to_owned();
+    let started = Instant::now();
+    let response = next.run(request).await;
+    let class = format!("{}xx", response.status().as_u16() / 100);
+    let metrics = &state.metrics;
+    metrics
+        .requests
+        .with_label_values(&[&route, &method, &class])
+        .inc();
+    metrics
+        .duration
+        .with_label_values(&[&route])
+        .observe(started.elapsed().as_secs_f64());
+    response
+}
+
+/// `GET /metrics`.
+pub async fn render(State(state): State<AppState>) -> Response {
+    match state.store.latest_version().await {
+        Ok(version) => state.metrics.version.set(version),
+        Err(error) => tracing::warn!(%error, "cannot read the config version for /metrics"),
+    }
+    let mut out = Vec::new();
+    if let Err(error) = TextEncoder::new().encode(&state.metrics.registry.gather(), &mut out) {
+        tracing::error!(%error, "cannot encode metrics");
+    }
+    (
+        [(
+            header::CONTENT_TYPE,
+            "text/plain; version=0.0.4; charset=utf-8",
+        )],
+        out,
+    )
+        .into_response()
+}
