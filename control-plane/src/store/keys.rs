@@ -246,3 +246,57 @@ fn decode(row: &AnyRow) -> Result<ApiKey, StoreError> {
         created_at: rfc3339(row.try_get("created_at")?),
     })
 }
+
+impl Store {
+    /// Inserts `count` keys spread over `customers` with multi-row inserts, without audit
+    /// entries: only for loading a benchmark's store. Returns how many were inserted.
+    pub async fn bulk_load_keys_for_benchmark(
+        &self,
+        customers: &[String],
+        count: u64,
+    ) -> Result<u64, StoreError> {
+        const BATCH: u64 = 1000;
+        let mut done = 0;
+        while done < count {
+            let batch = BATCH.min(count - done);
+            let placeholders: Vec<String> = (0..batch)
+                .map(|i| {
+                    let base = i * 7;
+                    format!(
+                        "(${}, ${}, ${}, ${}, ${}, ${}, ${})",
+                        base + 1,
+                        base + 2,
+                        base + 3,
+                        base + 4,
+                        base + 5,
+                        base + 6,
+                        base + 7
+                    )
+                })
+                .collect();
+            let sql = format!(
+                "INSERT INTO api_keys (id, customer_id, name, hash, display_start, created_at, scopes) VALUES {}",
+                placeholders.join(", ")
+            );
+            let mut query = sqlx::query(&sql);
+            let now = now_ms();
+            for i in 0..batch {
+                let mut random = [0u8; 16];
+                rand::fill(&mut random);
+                let plaintext = tollgate_model::key::from_random(random);
+                let n = done + i;
+                query = query
+                    .bind(new_id("key"))
+                    .bind(customers[(n % customers.len() as u64) as usize].clone())
+                    .bind(format!("bulk {n}"))
+                    .bind(hash(&plaintext))
+                    .bind(tollgate_model::key::display_start(&plaintext))
+                    .bind(now)
+                    .bind(Option::<String>::None);
+            }
+            query.execute(self.pool()).await?;
+            done += batch;
+        }
+        Ok(done)
+    }
+}
