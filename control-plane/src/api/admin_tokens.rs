@@ -9,7 +9,7 @@ use serde_json::{Value, json};
 
 use super::AppState;
 use super::auth::Caller;
-use super::body::{error, object, page_limit, unknown_fields};
+use super::body::{error, object, page, page_limit, unknown_fields};
 use super::error::ApiError;
 use super::plans::ListQuery;
 use crate::secret::{PlainToken, Role, hash};
@@ -67,17 +67,11 @@ pub async fn list(
     Query(query): Query<ListQuery>,
 ) -> Result<Json<Value>, ApiError> {
     let limit = page_limit(query.limit)?;
-    let mut tokens = state
+    let tokens = state
         .store
         .admin_tokens(limit + 1, query.cursor.as_deref())
         .await?;
-    let next_cursor = if tokens.len() > limit as usize {
-        tokens.truncate(limit as usize);
-        tokens.last().map(|t| t.id.clone())
-    } else {
-        None
-    };
-    Ok(Json(json!({"data": tokens, "next_cursor": next_cursor})))
+    Ok(page(tokens, limit, |t| t.id.clone()))
 }
 
 /// `DELETE /v1/admin-tokens/{id}`: 204; 409 for the last admin token.

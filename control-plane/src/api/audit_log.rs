@@ -3,11 +3,11 @@
 
 use axum::Json;
 use axum::extract::{Query, State};
-use serde_json::{Value, json};
+use serde_json::Value;
 
 use super::AppState;
 use super::auth::Caller;
-use super::body::{error, page_limit};
+use super::body::{error, page, page_limit};
 use super::error::ApiError;
 use super::plans::ListQuery;
 
@@ -28,12 +28,6 @@ pub async fn list(
             )]));
         }
     };
-    let mut entries = state.store.audit_log(limit + 1, before).await?;
-    let next_cursor = if entries.len() > limit as usize {
-        entries.truncate(limit as usize);
-        entries.last().map(|e| e.seq.to_string())
-    } else {
-        None
-    };
-    Ok(Json(json!({"data": entries, "next_cursor": next_cursor})))
+    let entries = state.store.audit_log(limit + 1, before).await?;
+    Ok(page(entries, limit, |e| e.seq.to_string()))
 }

@@ -1,7 +1,9 @@
 //! Request bodies: read as JSON objects and checked field by field, so that a 422 lists every
 //! invalid field with its path.
 
-use serde_json::{Map, Value};
+use axum::Json;
+use serde::Serialize;
+use serde_json::{Map, Value, json};
 use tollgate_model::FieldError;
 
 use super::error::ApiError;
@@ -70,4 +72,20 @@ pub fn page_limit(limit: Option<u32>) -> Result<u32, ApiError> {
     } else {
         Err(ApiError::Invalid(vec![error("limit", "must be 1 to 100")]))
     }
+}
+
+/// A page of a listing: the first `limit` of `items` (fetched `limit + 1` to know whether more
+/// follow) and the cursor of the next page, `null` on the last one.
+pub fn page<T: Serialize>(
+    mut items: Vec<T>,
+    limit: u32,
+    cursor: impl Fn(&T) -> String,
+) -> Json<Value> {
+    let next_cursor = if items.len() > limit as usize {
+        items.truncate(limit as usize);
+        items.last().map(cursor)
+    } else {
+        None
+    };
+    Json(json!({"data": items, "next_cursor": next_cursor}))
 }

@@ -5,13 +5,13 @@ use axum::body::Bytes;
 use axum::extract::{Path, Query, State};
 use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Response};
-use serde_json::{Map, Value, json};
+use serde_json::{Map, Value};
 use tollgate_model::FieldError;
 use tollgate_model::customer::CustomerStatus;
 
 use super::AppState;
 use super::auth::Caller;
-use super::body::{error, object, page_limit, unknown_fields};
+use super::body::{error, object, page, page_limit, unknown_fields};
 use super::error::ApiError;
 use super::plans::ListQuery;
 use crate::store::StoreError;
@@ -49,17 +49,11 @@ pub async fn list(
     Query(query): Query<ListQuery>,
 ) -> Result<Json<Value>, ApiError> {
     let limit = page_limit(query.limit)?;
-    let mut customers = state
+    let customers = state
         .store
         .customers(limit + 1, query.cursor.as_deref())
         .await?;
-    let next_cursor = if customers.len() > limit as usize {
-        customers.truncate(limit as usize);
-        customers.last().map(|c| c.id.clone())
-    } else {
-        None
-    };
-    Ok(Json(json!({"data": customers, "next_cursor": next_cursor})))
+    Ok(page(customers, limit, |c| c.id.clone()))
 }
 
 /// `GET /v1/customers/{id}`.

@@ -13,7 +13,7 @@ use serde_json::{Value, json};
 
 use super::AppState;
 use super::auth::Caller;
-use super::body::{error, name, object, page_limit, unknown_fields};
+use super::body::{error, name, object, page, page_limit, unknown_fields};
 use super::error::ApiError;
 use super::plans::ListQuery;
 use crate::store::keys::{CreatedKey, NewKey};
@@ -115,17 +115,11 @@ pub async fn list(
         .customer(&customer_id)
         .await
         .map_err(|e| not_found(e, "customer"))?;
-    let mut keys = state
+    let keys = state
         .store
         .keys(&customer_id, limit + 1, query.cursor.as_deref())
         .await?;
-    let next_cursor = if keys.len() > limit as usize {
-        keys.truncate(limit as usize);
-        keys.last().map(|k| k.id.clone())
-    } else {
-        None
-    };
-    Ok(Json(json!({"data": keys, "next_cursor": next_cursor})))
+    Ok(page(keys, limit, |k| k.id.clone()))
 }
 
 /// `POST /v1/keys/{id}/revoke`.

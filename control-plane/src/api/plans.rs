@@ -6,13 +6,13 @@ use axum::extract::{Path, Query, State};
 use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use serde::Deserialize;
-use serde_json::{Map, Value, json};
+use serde_json::{Map, Value};
 use tollgate_model::FieldError;
 use tollgate_model::plan::{Price, Quota, RateLimit};
 
 use super::AppState;
 use super::auth::Caller;
-use super::body::{error, name, object, page_limit, unknown_fields};
+use super::body::{error, name, object, page, page_limit, unknown_fields};
 use super::error::ApiError;
 use crate::store::plans::{Deleted, NewPlan, PlanPatch};
 
@@ -54,17 +54,11 @@ pub async fn list(
     Query(query): Query<ListQuery>,
 ) -> Result<Json<Value>, ApiError> {
     let limit = page_limit(query.limit)?;
-    let mut plans = state
+    let plans = state
         .store
         .plans(limit + 1, query.cursor.as_deref())
         .await?;
-    let next_cursor = if plans.len() > limit as usize {
-        plans.truncate(limit as usize);
-        plans.last().map(|p| p.id.clone())
-    } else {
-        None
-    };
-    Ok(Json(json!({"data": plans, "next_cursor": next_cursor})))
+    Ok(page(plans, limit, |p| p.id.clone()))
 }
 
 /// `GET /v1/plans/{id}`.
