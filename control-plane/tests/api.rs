@@ -679,11 +679,19 @@ async fn admin_tokens_are_shown_once_and_audited(db: &Db) {
     assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY);
 }
 
+/// A plan and a customer on it, through the API; returns both bodies.
+async fn customer_on_a_plan(app: &Router, db: &Db) -> (Value, Value) {
+    let (_, plan, _) = call(app, "POST", "/v1/plans", Some(&db.admin), Some(pro_plan())).await;
+    let body = json!({"name": "Acme", "email": "a@acme.example", "plan_id": plan["id"]});
+    let (status, customer, _) =
+        call(app, "POST", "/v1/customers", Some(&db.admin), Some(body)).await;
+    assert_eq!(status, StatusCode::CREATED, "{customer}");
+    (plan, customer)
+}
+
 async fn keys_are_shown_once_stored_hashed_revoked_and_rotated(db: &Db) {
     let app = db.app();
-    let (_, plan, _) = call(&app, "POST", "/v1/plans", Some(&db.admin), Some(pro_plan())).await;
-    let body = json!({"name": "Acme", "email": "a@acme.example", "plan_id": plan["id"]});
-    let (_, customer, _) = call(&app, "POST", "/v1/customers", Some(&db.admin), Some(body)).await;
+    let (_, customer) = customer_on_a_plan(&app, db).await;
     let customer = customer["id"].as_str().unwrap().to_owned();
     let keys_path = format!("/v1/customers/{customer}/keys");
 
@@ -861,9 +869,7 @@ async fn gateways_get_a_snapshot_then_every_change_once_in_order(db: &Db) {
         .create_admin_token("gw-1", Role::Gateway, &hash(&gateway))
         .await
         .unwrap();
-    let (_, plan, _) = call(&app, "POST", "/v1/plans", Some(&db.admin), Some(pro_plan())).await;
-    let body = json!({"name": "Acme", "email": "a@acme.example", "plan_id": plan["id"]});
-    let (_, customer, _) = call(&app, "POST", "/v1/customers", Some(&db.admin), Some(body)).await;
+    let (plan, customer) = customer_on_a_plan(&app, db).await;
     let keys_path = format!("/v1/customers/{}/keys", customer["id"].as_str().unwrap());
     let (_, key, _) = call(
         &app,

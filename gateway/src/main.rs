@@ -5,7 +5,7 @@ use std::process::ExitCode;
 
 use clap::Parser;
 
-/// mimalloc: the request path allocates many small, short-lived buffers; measured 10-15% more
+/// mimalloc: the request path allocates many small, short-lived buffers; measured about 10% more
 /// requests/s than glibc's allocator (see BENCHMARKS.md).
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;

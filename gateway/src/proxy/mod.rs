@@ -186,8 +186,7 @@ impl ProxyHttp for Proxy {
     ) -> Result<Box<HttpPeer>> {
         // A second handle on the config, so `ctx` can be updated while the pool is borrowed.
         let live = ctx.live.clone();
-        let Some(RouteAction::Proxy(upstream_index)) = ctx.route().map(|r| &r.action).cloned()
-        else {
+        let Some(&RouteAction::Proxy(upstream_index)) = ctx.route().map(|r| &r.action) else {
             return Err(Error::explain(
                 ErrorType::InternalError,
                 "upstream_peer without a proxy route",

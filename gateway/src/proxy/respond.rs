@@ -85,12 +85,6 @@ pub async fn problem(
     ctx: &RequestCtx,
     problem: &GatewayProblem,
 ) -> Result<()> {
-    if matches!(
-        problem,
-        GatewayProblem::BodyTooLarge { .. } | GatewayProblem::BadRequest
-    ) {
-        session.set_keepalive(None);
-    }
     let mut headers = vec![
         (CONTENT_TYPE, HeaderValue::from_static(PROBLEM_CONTENT_TYPE)),
         (CACHE_CONTROL, HeaderValue::from_static("no-store")),
