@@ -234,3 +234,17 @@ async fn every_request_has_one_structured_access_log_line() {
         .count();
     assert_eq!(lines, 1);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pingoras_own_log_records_come_out_as_structured_lines() {
+    let gateway = Gateway::start(&config("")).await;
+    let line = gateway
+        .wait_for_log(|l| {
+            l["target"]
+                .as_str()
+                .is_some_and(|t| t.starts_with("pingora_core"))
+        })
+        .await;
+    assert_eq!(line["level"], "INFO", "{line}");
+    assert!(line["message"].is_string(), "{line}");
+}
