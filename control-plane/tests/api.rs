@@ -3,12 +3,14 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+mod contract;
+
 use axum::Router;
 use axum::body::Body;
 use axum::http::{HeaderMap, Request, StatusCode};
 use serde_json::{Value, json};
 use sqlx::Row;
-use tollgate_control_plane::api::{AppState, app};
+use tollgate_control_plane::api::{AppState, app, body};
 use tollgate_control_plane::secret::{PlainToken, Role, hash};
 use tollgate_control_plane::store::Store;
 use tower::ServiceExt;
@@ -132,6 +134,16 @@ async fn call(
     } else {
         serde_json::from_slice(&bytes).unwrap()
     };
+    let content_type = headers
+        .get("content-type")
+        .map(|v| v.to_str().unwrap().to_owned());
+    contract::check(
+        method,
+        path,
+        status.as_u16(),
+        content_type.as_deref(),
+        &value,
+    );
     (status, value, headers)
 }
 
@@ -1062,6 +1074,411 @@ async fn readiness_reports_the_store(db: &Db) {
     );
 }
 
+/// The answer with every generated value replaced by a placeholder naming its kind, so whole
+/// bodies can be compared exactly: ids (`<plan_id>`), times (`<time>`), keys, tokens, hashes.
+fn shape(value: &Value) -> Value {
+    match value {
+        Value::Object(map) => Value::Object(
+            map.iter()
+                .map(|(name, member)| (name.clone(), shape(member)))
+                .collect(),
+        ),
+        Value::Array(items) => Value::Array(items.iter().map(shape).collect()),
+        Value::String(text) => json!(placeholder(text).unwrap_or_else(|| text.clone())),
+        other => other.clone(),
+    }
+}
+
+fn placeholder(text: &str) -> Option<String> {
+    let hex = |s: &str, n: usize| s.len() == n && s.bytes().all(|b| b.is_ascii_hexdigit());
+    for prefix in ["plan", "cus", "key", "adm"] {
+        if let Some(rest) = text.strip_prefix(prefix).and_then(|r| r.strip_prefix('_'))
+            && hex(rest, 32)
+        {
+            return Some(format!("<{prefix}_id>"));
+        }
+    }
+    if tollgate_model::key::is_well_formed(text) {
+        return Some("<key>".into());
+    }
+    if text.starts_with("tg_") && text.len() == tollgate_model::key::DISPLAY_LEN {
+        return Some("<key start>".into());
+    }
+    if text.strip_prefix("tga_").is_some_and(|rest| hex(rest, 64)) {
+        return Some("<token>".into());
+    }
+    if humantime::parse_rfc3339(text).is_ok() {
+        return Some("<time>".into());
+    }
+    None
+}
+
+fn problem(slug: &str, title: &str, status: u16, detail: &str) -> Value {
+    json!({"type": format!("urn:tollgate:problem:{slug}"), "title": title, "status": status, "detail": detail})
+}
+
+/// Every endpoint's answers, successes and errors, compared whole.
+async fn every_answer_has_its_pinned_shape(db: &Db) {
+    let app = db.app();
+    let admin = Some(db.admin.as_str());
+    let viewer = Some(db.viewer.as_str());
+    let pinned = |answer: (StatusCode, Value, HeaderMap)| (answer.0.as_u16(), shape(&answer.1));
+
+    // Plans.
+    let created = call(&app, "POST", "/v1/plans", admin, Some(pro_plan())).await;
+    let plan_id = created.1["id"].as_str().unwrap().to_owned();
+    let plan = json!({
+        "id": "<plan_id>", "name": "pro",
+        "rate_limits": [{"requests": 20, "window_seconds": 60}, {"requests": 5, "window_seconds": 1}],
+        "quota": {"requests": 10000, "hard": true},
+        "price": {"currency": "usd", "unit_amount_micros": 1000},
+        "status": "active", "created_at": "<time>", "updated_at": "<time>"
+    });
+    assert_eq!(pinned(created), (201, plan.clone()));
+    assert_eq!(
+        pinned(call(&app, "GET", "/v1/plans?limit=1", viewer, None).await),
+        (200, json!({"data": [plan.clone()], "next_cursor": null}))
+    );
+    assert_eq!(
+        pinned(call(&app, "GET", &format!("/v1/plans/{plan_id}"), viewer, None).await),
+        (200, plan.clone())
+    );
+    let mut renamed = plan.clone();
+    renamed["name"] = json!("pro-2");
+    assert_eq!(
+        pinned(
+            call(
+                &app,
+                "PATCH",
+                &format!("/v1/plans/{plan_id}"),
+                admin,
+                Some(json!({"name": "pro-2"}))
+            )
+            .await
+        ),
+        (200, renamed)
+    );
+    let spare = call(
+        &app,
+        "POST",
+        "/v1/plans",
+        admin,
+        Some(json!({"name": "spare"})),
+    )
+    .await;
+    let spare_id = spare.1["id"].as_str().unwrap().to_owned();
+    assert_eq!(
+        pinned(spare),
+        (
+            201,
+            json!({
+                "id": "<plan_id>", "name": "spare", "rate_limits": [], "quota": null, "price": null,
+                "status": "active", "created_at": "<time>", "updated_at": "<time>"
+            })
+        )
+    );
+    assert_eq!(
+        pinned(
+            call(
+                &app,
+                "DELETE",
+                &format!("/v1/plans/{spare_id}"),
+                admin,
+                None
+            )
+            .await
+        ),
+        (204, Value::Null)
+    );
+
+    // Customers.
+    let body = json!({"name": "Acme", "email": "Ops@Acme.example", "plan_id": plan_id});
+    let created = call(&app, "POST", "/v1/customers", admin, Some(body)).await;
+    let customer_id = created.1["id"].as_str().unwrap().to_owned();
+    let customer = json!({
+        "id": "<cus_id>", "name": "Acme", "email": "ops@acme.example", "plan_id": "<plan_id>",
+        "status": "active", "created_at": "<time>", "updated_at": "<time>"
+    });
+    assert_eq!(pinned(created), (201, customer.clone()));
+    assert_eq!(
+        pinned(call(&app, "GET", "/v1/customers", viewer, None).await),
+        (
+            200,
+            json!({"data": [customer.clone()], "next_cursor": null})
+        )
+    );
+    assert_eq!(
+        pinned(
+            call(
+                &app,
+                "GET",
+                &format!("/v1/customers/{customer_id}"),
+                viewer,
+                None
+            )
+            .await
+        ),
+        (200, customer.clone())
+    );
+    let mut suspended = customer.clone();
+    suspended["status"] = json!("suspended");
+    assert_eq!(
+        pinned(
+            call(
+                &app,
+                "PATCH",
+                &format!("/v1/customers/{customer_id}"),
+                admin,
+                Some(json!({"status": "suspended"}))
+            )
+            .await
+        ),
+        (200, suspended)
+    );
+
+    // Keys.
+    let keys = format!("/v1/customers/{customer_id}/keys");
+    let body = json!({"name": "prod", "scopes": ["orders"], "expires_at": "2099-01-01T00:00:00Z"});
+    let created = call(&app, "POST", &keys, admin, Some(body)).await;
+    let key_id = created.1["id"].as_str().unwrap().to_owned();
+    let key = json!({
+        "id": "<key_id>", "customer_id": "<cus_id>", "name": "prod", "display_start": "<key start>",
+        "scopes": ["orders"], "expires_at": "<time>", "revoked_at": null, "created_at": "<time>"
+    });
+    let mut issued = key.clone();
+    issued["key"] = json!("<key>");
+    assert_eq!(pinned(created), (201, issued.clone()));
+    assert_eq!(
+        pinned(call(&app, "GET", &keys, viewer, None).await),
+        (200, json!({"data": [key.clone()], "next_cursor": null}))
+    );
+    let rotated = call(
+        &app,
+        "POST",
+        &format!("/v1/keys/{key_id}/rotate"),
+        admin,
+        Some(json!({"grace_seconds": 60})),
+    )
+    .await;
+    let new_key_id = rotated.1["id"].as_str().unwrap().to_owned();
+    let mut replacement = issued.clone();
+    replacement["replaces"] = json!({"id": "<key_id>", "works_until": "<time>"});
+    assert_eq!(pinned(rotated), (201, replacement));
+    let mut revoked = key.clone();
+    revoked["revoked_at"] = json!("<time>");
+    assert_eq!(
+        pinned(
+            call(
+                &app,
+                "POST",
+                &format!("/v1/keys/{new_key_id}/revoke"),
+                admin,
+                None
+            )
+            .await
+        ),
+        (200, revoked)
+    );
+
+    // Admin tokens.
+    let created = call(
+        &app,
+        "POST",
+        "/v1/admin-tokens",
+        admin,
+        Some(json!({"name": "ci", "role": "viewer"})),
+    )
+    .await;
+    let token_id = created.1["id"].as_str().unwrap().to_owned();
+    assert_eq!(
+        pinned(created),
+        (
+            201,
+            json!({"id": "<adm_id>", "name": "ci", "role": "viewer", "created_at": "<time>", "token": "<token>"})
+        )
+    );
+    assert_eq!(
+        pinned(call(&app, "GET", "/v1/admin-tokens?limit=1", viewer, None).await),
+        (
+            200,
+            json!({
+                "data": [{"id": "<adm_id>", "name": "test admin", "role": "admin", "created_at": "<time>"}],
+                "next_cursor": "<adm_id>"
+            })
+        )
+    );
+    assert_eq!(
+        pinned(
+            call(
+                &app,
+                "DELETE",
+                &format!("/v1/admin-tokens/{token_id}"),
+                admin,
+                None
+            )
+            .await
+        ),
+        (204, Value::Null)
+    );
+
+    // The audit log: the newest entry, the token's deletion.
+    let (status, log, _) = call(&app, "GET", "/v1/audit-log?limit=1", viewer, None).await;
+    let mut entry = shape(&log["data"][0]);
+    assert!(log["data"][0]["seq"].is_i64(), "{log}");
+    entry["seq"] = json!("<seq>");
+    assert_eq!(
+        (status.as_u16(), entry, log["next_cursor"].is_string()),
+        (
+            200,
+            json!({
+                "seq": "<seq>", "at": "<time>", "actor": "<adm_id>", "action": "admin_token.delete",
+                "target_type": "admin_token", "target_id": "<adm_id>",
+                "before": {"id": "<adm_id>", "name": "ci", "role": "viewer", "created_at": "<time>"},
+                "after": null, "request_id": "test-request"
+            }),
+            true
+        )
+    );
+
+    // Health.
+    assert_eq!(
+        pinned(call(&app, "GET", "/health", None, None).await),
+        (200, json!({"status": "ok"}))
+    );
+
+    // Errors, one of each kind.
+    assert_eq!(
+        pinned(call(&app, "GET", "/v1/plans", None, None).await),
+        (
+            401,
+            problem(
+                "unauthenticated",
+                "Authentication required",
+                401,
+                "send an admin token as Authorization: Bearer <token>"
+            )
+        )
+    );
+    assert_eq!(
+        pinned(
+            call(
+                &app,
+                "POST",
+                "/v1/plans",
+                viewer,
+                Some(json!({"name": "x"}))
+            )
+            .await
+        ),
+        (
+            403,
+            problem(
+                "forbidden",
+                "Forbidden",
+                403,
+                "this token's role may only read"
+            )
+        )
+    );
+    assert_eq!(
+        pinned(call(&app, "GET", "/v1/plans/plan_nope", viewer, None).await),
+        (404, problem("not-found", "Not found", 404, "no such plan"))
+    );
+    assert_eq!(
+        pinned(call(&app, "GET", "/v1/customers/cus_nope", viewer, None).await),
+        (
+            404,
+            problem("not-found", "Not found", 404, "no such customer")
+        )
+    );
+    assert_eq!(
+        pinned(call(&app, "POST", "/v1/keys/key_nope/revoke", admin, None).await),
+        (404, problem("not-found", "Not found", 404, "no such key"))
+    );
+    assert_eq!(
+        pinned(call(&app, "DELETE", "/v1/admin-tokens/adm_nope", admin, None).await),
+        (
+            404,
+            problem("not-found", "Not found", 404, "no such admin token")
+        )
+    );
+    assert_eq!(
+        pinned(
+            call(
+                &app,
+                "POST",
+                "/v1/plans",
+                admin,
+                Some(json!({"name": "pro-2"}))
+            )
+            .await
+        ),
+        (
+            409,
+            problem("conflict", "Conflict", 409, "a plan named \"pro-2\" exists")
+        )
+    );
+    let mut invalid = problem("validation", "Invalid request", 422, "2 invalid field(s)");
+    invalid["errors"] = json!([
+        {"path": "rate_limits[0].requests", "message": "must be an integer from 1 to 4294967295"},
+        {"path": "colour", "message": "unknown field"}
+    ]);
+    let body =
+        json!({"name": "x", "rate_limits": [{"requests": 0, "window_seconds": 1}], "colour": 1});
+    let (status, answer, _) = call(&app, "POST", "/v1/plans", admin, Some(body)).await;
+    let mut answer = shape(&answer);
+    answer["errors"]
+        .as_array_mut()
+        .unwrap()
+        .sort_by_key(|e| e["path"].as_str().map(str::len));
+    invalid["errors"]
+        .as_array_mut()
+        .unwrap()
+        .sort_by_key(|e| e["path"].as_str().map(str::len));
+    assert_eq!((status.as_u16(), answer), (422, invalid));
+    assert_eq!(
+        pinned(call(&app, "GET", "/v1/plans?limit=abc", viewer, None).await),
+        (
+            400,
+            problem(
+                "bad-request",
+                "Bad request",
+                400,
+                "Failed to deserialize query string: limit: invalid digit found in string"
+            )
+        )
+    );
+    let huge = json!({"name": "x".repeat(body::MAX_BODY)});
+    assert_eq!(
+        pinned(call(&app, "POST", "/v1/plans", admin, Some(huge)).await),
+        (
+            413,
+            problem(
+                "body-too-large",
+                "Body too large",
+                413,
+                "the body is larger than 1048576 bytes"
+            )
+        )
+    );
+    assert_eq!(
+        pinned(call(&app, "GET", "/v1/nothing-here", viewer, None).await),
+        (404, problem("not-found", "Not found", 404, "no such route"))
+    );
+    assert_eq!(
+        pinned(call(&app, "PUT", "/v1/plans", admin, Some(json!({}))).await),
+        (
+            405,
+            problem(
+                "method-not-allowed",
+                "Method not allowed",
+                405,
+                "this path does not take this method"
+            )
+        )
+    );
+}
+
 macro_rules! on_both_backends {
     ($($scenario:ident),* $(,)?) => {
         mod sqlite {
@@ -1088,6 +1505,7 @@ macro_rules! on_both_backends {
 }
 
 on_both_backends!(
+    every_answer_has_its_pinned_shape,
     creates_reads_and_lists_plans,
     an_invalid_plan_lists_every_invalid_field,
     duplicate_names_conflict_and_unknown_ids_are_not_found,

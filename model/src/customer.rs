@@ -4,6 +4,7 @@ use serde::{Deserialize, Serialize};
 
 /// A customer as stored and published.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct Customer {
     /// `cus_` followed by a time-ordered id.
     pub id: String,
@@ -23,6 +24,7 @@ pub struct Customer {
 
 /// The state of a customer.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(rename_all = "lowercase")]
 pub enum CustomerStatus {
     /// Calls are served.

@@ -8,6 +8,7 @@ use crate::plan::Plan;
 
 /// Everything a gateway enforces, as of `version`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct Snapshot {
     /// The config version this snapshot is at (the last change it includes).
     pub version: i64,
@@ -21,6 +22,7 @@ pub struct Snapshot {
 
 /// A customer as gateways need it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct CustomerRecord {
     /// Id.
     pub id: String,
@@ -32,6 +34,7 @@ pub struct CustomerRecord {
 
 /// A key as gateways need it: its hash and when it works.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct KeyRecord {
     /// Id.
     pub id: String,
@@ -49,6 +52,7 @@ pub struct KeyRecord {
 
 /// One change after a snapshot.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct Change {
     /// Its config version; changes come in increasing version order.
     pub version: i64,
@@ -59,6 +63,7 @@ pub struct Change {
 
 /// The entity a change concerns.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(tag = "kind", rename_all = "lowercase")]
 pub enum ChangedEntity {
     /// A plan, or its id when it was deleted.
@@ -86,6 +91,7 @@ pub enum ChangedEntity {
 
 /// A page of changes.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct Changes {
     /// The version the gateway is at once it applied these (the last change's, or the version it
     /// asked from when there are none).

@@ -4,6 +4,7 @@ use serde::{Deserialize, Serialize};
 
 /// A plan as stored and published.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct Plan {
     /// `plan_` followed by a time-ordered id.
     pub id: String,
@@ -25,6 +26,7 @@ pub struct Plan {
 
 /// A rate-limit window.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct RateLimit {
     /// Requests allowed per window (at least 1).
     pub requests: u64,
@@ -34,6 +36,7 @@ pub struct RateLimit {
 
 /// A billing-period quota.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct Quota {
     /// Requests per period (at least 1).
     pub requests: u64,
@@ -43,6 +46,7 @@ pub struct Quota {
 
 /// A per-unit price.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct Price {
     /// ISO 4217 code, lowercase (`usd`).
     pub currency: String,
@@ -52,6 +56,7 @@ pub struct Price {
 
 /// The state of a plan.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(rename_all = "lowercase")]
 pub enum PlanStatus {
     /// Can be given to customers.

@@ -15,6 +15,7 @@ pub const PROBLEM_TYPE_PREFIX: &str = "urn:tollgate:problem:";
 
 /// An RFC 9457 problem details object.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct Problem {
     /// A URI reference identifying the problem type.
     #[serde(rename = "type")]
@@ -36,6 +37,7 @@ pub struct Problem {
 
 /// One invalid field of a request body.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct FieldError {
     /// JSON path of the field, such as `rate_limits[0].requests`.
     pub path: String,

@@ -1,31 +1,59 @@
 //! `/v1/admin-tokens`: create (the token is shown once), list, delete.
 
 use axum::Json;
-use axum::body::Bytes;
-use axum::extract::{Path, Query, State};
+use axum::extract::{Path, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
-use serde_json::{Value, json};
+use serde::Serialize;
+use serde_json::Value;
+use utoipa::ToSchema;
 
 use super::AppState;
 use super::auth::Caller;
-use super::body::{error, object, page, page_limit, unknown_fields};
+use super::body::{Object, Page, Query, error, page, page_limit, unknown_fields};
 use super::error::ApiError;
+use super::openapi::{CreateProblems, DeleteProblems, ListProblems};
 use super::plans::ListQuery;
 use crate::secret::{PlainToken, Role, hash};
 use crate::store::StoreError;
-use crate::store::admin_tokens::DeleteTokenError;
+use crate::store::admin_tokens::{AdminToken, DeleteTokenError};
 
-/// `POST /v1/admin-tokens`: `{"name": ..., "role": "admin" | "viewer"}`.
+/// The fields of a new token's body.
+pub const FIELDS: [&str; 2] = ["name", "role"];
+
+/// Body of `POST /v1/admin-tokens`.
+#[derive(Debug, ToSchema)]
+#[schema(example = json!({"name": "ci", "role": "viewer"}))]
+pub struct NewTokenBody {
+    /// 1 to 200 characters.
+    #[schema(min_length = 1, max_length = 200)]
+    pub name: String,
+    /// `admin` does everything, `viewer` only reads, `gateway` only follows the feed.
+    pub role: Role,
+}
+
+/// A token just created: its metadata and, this one time, the token itself.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct IssuedToken {
+    /// Metadata, as listed later.
+    #[serde(flatten)]
+    pub meta: AdminToken,
+    /// The token (`tga_...`): shown in this answer only.
+    pub token: String,
+}
+
+/// Creates an admin, viewer or gateway token; the answer is the only place it ever appears.
+#[utoipa::path(post, operation_id = "createAdminToken", path = "/v1/admin-tokens", tag = "admin-tokens",
+    request_body = NewTokenBody,
+    responses((status = 201, description = "Created", body = IssuedToken), CreateProblems))]
 pub async fn create(
     State(state): State<AppState>,
     caller: Caller,
-    body: Bytes,
+    Object(fields): Object,
 ) -> Result<Response, ApiError> {
     caller.require_admin()?;
-    let fields = object(&body)?;
     let mut errors = Vec::new();
-    unknown_fields(&fields, &["name", "role"], "", &mut errors);
+    unknown_fields(&fields, &FIELDS, "", &mut errors);
     let name = match fields.get("name").and_then(Value::as_str).map(str::trim) {
         Some(name) if (1..=200).contains(&name.chars().count()) => Some(name.to_owned()),
         _ => {
@@ -55,17 +83,21 @@ pub async fn create(
         .store
         .create_admin_token_as(&name, role, &hash(token.expose()), &caller.actor)
         .await?;
-    let mut body = json!(stored);
-    body["token"] = json!(token.expose());
-    Ok((StatusCode::CREATED, Json(body)).into_response())
+    let issued = IssuedToken {
+        meta: stored,
+        token: token.expose().to_owned(),
+    };
+    Ok((StatusCode::CREATED, Json(issued)).into_response())
 }
 
-/// `GET /v1/admin-tokens`: ids, names, roles; never a token or a hash.
+/// Lists tokens: ids, names, roles; never a token or a hash.
+#[utoipa::path(get, operation_id = "listAdminTokens", path = "/v1/admin-tokens", tag = "admin-tokens", params(ListQuery),
+    responses((status = 200, description = "A page of tokens", body = Page<AdminToken>), ListProblems))]
 pub async fn list(
     State(state): State<AppState>,
     _caller: Caller,
     Query(query): Query<ListQuery>,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<Json<Page<AdminToken>>, ApiError> {
     let limit = page_limit(query.limit)?;
     let tokens = state
         .store
@@ -74,7 +106,9 @@ pub async fn list(
     Ok(page(tokens, limit, |t| t.id.clone()))
 }
 
-/// `DELETE /v1/admin-tokens/{id}`: 204; 409 for the last admin token.
+/// Deletes a token; 409 for the last admin token.
+#[utoipa::path(delete, operation_id = "deleteAdminToken", path = "/v1/admin-tokens/{id}", tag = "admin-tokens", params(("id" = String, Path)),
+    responses((status = 204, description = "Deleted"), DeleteProblems))]
 pub async fn delete(
     State(state): State<AppState>,
     caller: Caller,

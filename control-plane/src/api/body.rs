@@ -1,15 +1,81 @@
-//! Request bodies: read as JSON objects and checked field by field, so that a 422 lists every
-//! invalid field with its path.
+//! Request bodies and queries: bodies are read as JSON objects and checked field by field, so
+//! that a 422 lists every invalid field with its path; every rejection is a problem.
 
 use axum::Json;
+use axum::body::Bytes;
+use axum::extract::rejection::{BytesRejection, QueryRejection};
+use axum::extract::{FromRequest, FromRequestParts, Request};
+use axum::http::StatusCode;
+use axum::http::request::Parts;
 use serde::Serialize;
-use serde_json::{Map, Value, json};
+use serde::de::DeserializeOwned;
+use serde_json::{Map, Value};
 use tollgate_model::FieldError;
+use utoipa::ToSchema;
 
 use super::error::ApiError;
 
-/// The body as a JSON object, or 400.
-pub fn object(body: &[u8]) -> Result<Map<String, Value>, ApiError> {
+/// Largest request body read, and largest answer remembered for idempotent replays.
+pub const MAX_BODY: usize = 1 << 20;
+
+/// A request body that is a JSON object (400 otherwise, 413 past [`MAX_BODY`]).
+#[derive(Debug)]
+pub struct Object(pub Map<String, Value>);
+
+impl<S: Send + Sync> FromRequest<S> for Object {
+    type Rejection = ApiError;
+
+    async fn from_request(request: Request, state: &S) -> Result<Self, Self::Rejection> {
+        let bytes = bytes(request, state).await?;
+        object(&bytes).map(Object)
+    }
+}
+
+/// A request body that is a JSON object or empty (an empty object then).
+#[derive(Debug)]
+pub struct OptionalObject(pub Map<String, Value>);
+
+impl<S: Send + Sync> FromRequest<S> for OptionalObject {
+    type Rejection = ApiError;
+
+    async fn from_request(request: Request, state: &S) -> Result<Self, Self::Rejection> {
+        let bytes = bytes(request, state).await?;
+        if bytes.is_empty() {
+            Ok(OptionalObject(Map::new()))
+        } else {
+            object(&bytes).map(OptionalObject)
+        }
+    }
+}
+
+/// Query parameters, a 400 problem when they do not parse.
+#[derive(Debug)]
+pub struct Query<T>(pub T);
+
+impl<T: DeserializeOwned, S: Send + Sync> FromRequestParts<S> for Query<T> {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, Self::Rejection> {
+        axum::extract::Query::<T>::from_request_parts(parts, state)
+            .await
+            .map(|axum::extract::Query(query)| Query(query))
+            .map_err(|rejection: QueryRejection| ApiError::BadRequest(rejection.body_text()))
+    }
+}
+
+async fn bytes<S: Send + Sync>(request: Request, state: &S) -> Result<Bytes, ApiError> {
+    Bytes::from_request(request, state)
+        .await
+        .map_err(|rejection: BytesRejection| {
+            if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE {
+                ApiError::TooLarge(MAX_BODY)
+            } else {
+                ApiError::BadRequest(rejection.body_text())
+            }
+        })
+}
+
+fn object(body: &[u8]) -> Result<Map<String, Value>, ApiError> {
     match serde_json::from_slice::<Value>(body) {
         Ok(Value::Object(map)) => Ok(map),
         Ok(_) => Err(ApiError::BadRequest(
@@ -74,18 +140,26 @@ pub fn page_limit(limit: Option<u32>) -> Result<u32, ApiError> {
     }
 }
 
-/// A page of a listing: the first `limit` of `items` (fetched `limit + 1` to know whether more
-/// follow) and the cursor of the next page, `null` on the last one.
-pub fn page<T: Serialize>(
-    mut items: Vec<T>,
-    limit: u32,
-    cursor: impl Fn(&T) -> String,
-) -> Json<Value> {
+/// A page of a listing.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct Page<T> {
+    /// The items, in the listing's order.
+    pub data: Vec<T>,
+    /// Pass as `cursor` for the next page; `null` on the last one.
+    pub next_cursor: Option<String>,
+}
+
+/// The first `limit` of `items` (fetched `limit + 1` to know whether more follow) and the cursor
+/// of the next page.
+pub fn page<T>(mut items: Vec<T>, limit: u32, cursor: impl Fn(&T) -> String) -> Json<Page<T>> {
     let next_cursor = if items.len() > limit as usize {
         items.truncate(limit as usize);
         items.last().map(cursor)
     } else {
         None
     };
-    Json(json!({"data": items, "next_cursor": next_cursor}))
+    Json(Page {
+        data: items,
+        next_cursor,
+    })
 }

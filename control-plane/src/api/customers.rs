@@ -1,32 +1,68 @@
 //! `/v1/customers`: create, list (cursor pagination), read, change (plan, state, contact).
 
 use axum::Json;
-use axum::body::Bytes;
-use axum::extract::{Path, Query, State};
+use axum::extract::{Path, State};
 use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use serde_json::{Map, Value};
 use tollgate_model::FieldError;
-use tollgate_model::customer::CustomerStatus;
+use tollgate_model::customer::{Customer, CustomerStatus};
+use utoipa::ToSchema;
 
 use super::AppState;
 use super::auth::Caller;
-use super::body::{error, object, page, page_limit, unknown_fields};
+use super::body::{Object, Page, Query, error, page, page_limit, unknown_fields};
 use super::error::ApiError;
+use super::openapi::{CreateProblems, ListProblems, ReadProblems, UpdateProblems};
 use super::plans::ListQuery;
 use crate::store::StoreError;
 use crate::store::customers::{CustomerError, CustomerPatch, NewCustomer};
 
-const FIELDS: [&str; 4] = ["name", "email", "plan_id", "status"];
+/// The fields a customer body may have (`status` only when changing one).
+pub const FIELDS: [&str; 4] = ["name", "email", "plan_id", "status"];
 
-/// `POST /v1/customers`.
+/// Body of `POST /v1/customers`.
+#[derive(Debug, ToSchema)]
+#[schema(example = json!({"name": "Acme", "email": "billing@acme.example", "plan_id": "plan_0192f0c4e1a37f4c8d2b6a9e01234567"}))]
+pub struct NewCustomerBody {
+    /// Display name, 1 to 200 characters.
+    #[schema(min_length = 1, max_length = 200)]
+    pub name: String,
+    /// Contact address, unique.
+    #[schema(format = "email", max_length = 254)]
+    pub email: String,
+    /// An active plan's id.
+    #[schema(pattern = "^plan_")]
+    pub plan_id: String,
+}
+
+/// Body of `PATCH /v1/customers/{id}`: the fields to change.
+#[derive(Debug, ToSchema)]
+pub struct CustomerPatchBody {
+    /// New display name.
+    #[schema(min_length = 1, max_length = 200)]
+    pub name: Option<String>,
+    /// New contact address.
+    #[schema(format = "email", max_length = 254)]
+    pub email: Option<String>,
+    /// Another active plan: takes effect on the next request.
+    #[schema(pattern = "^plan_")]
+    pub plan_id: Option<String>,
+    /// `suspended` refuses the customer's calls; `active` serves them again.
+    pub status: Option<CustomerStatus>,
+}
+
+/// Creates a customer on a plan.
+#[utoipa::path(post, operation_id = "createCustomer", path = "/v1/customers", tag = "customers",
+    request_body = NewCustomerBody,
+    responses((status = 201, description = "Created", body = Customer,
+        headers(("Location" = String, description = "The customer's URL"))), CreateProblems))]
 pub async fn create(
     State(state): State<AppState>,
     caller: Caller,
-    body: Bytes,
+    Object(fields): Object,
 ) -> Result<Response, ApiError> {
     caller.require_admin()?;
-    let fields = object(&body)?;
     let customer = new_customer(&fields).map_err(ApiError::Invalid)?;
     let created = state
         .store
@@ -42,12 +78,14 @@ pub async fn create(
         .into_response())
 }
 
-/// `GET /v1/customers`.
+/// Lists customers, oldest first.
+#[utoipa::path(get, operation_id = "listCustomers", path = "/v1/customers", tag = "customers", params(ListQuery),
+    responses((status = 200, description = "A page of customers", body = Page<Customer>), ListProblems))]
 pub async fn list(
     State(state): State<AppState>,
     _caller: Caller,
     Query(query): Query<ListQuery>,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<Json<Page<Customer>>, ApiError> {
     let limit = page_limit(query.limit)?;
     let customers = state
         .store
@@ -56,7 +94,9 @@ pub async fn list(
     Ok(page(customers, limit, |c| c.id.clone()))
 }
 
-/// `GET /v1/customers/{id}`.
+/// Reads a customer.
+#[utoipa::path(get, operation_id = "getCustomer", path = "/v1/customers/{id}", tag = "customers", params(("id" = String, Path)),
+    responses((status = 200, description = "The customer", body = Customer), ReadProblems))]
 pub async fn get(
     State(state): State<AppState>,
     _caller: Caller,
@@ -70,15 +110,17 @@ pub async fn get(
     Ok(Json(customer).into_response())
 }
 
-/// `PATCH /v1/customers/{id}`.
+/// Changes a customer: contact, plan or state.
+#[utoipa::path(patch, operation_id = "updateCustomer", path = "/v1/customers/{id}", tag = "customers", params(("id" = String, Path)),
+    request_body = CustomerPatchBody,
+    responses((status = 200, description = "The customer as changed", body = Customer), UpdateProblems))]
 pub async fn update(
     State(state): State<AppState>,
     caller: Caller,
     Path(id): Path<String>,
-    body: Bytes,
+    Object(fields): Object,
 ) -> Result<Response, ApiError> {
     caller.require_admin()?;
-    let fields = object(&body)?;
     let patch = customer_patch(&fields).map_err(ApiError::Invalid)?;
     let customer = state
         .store

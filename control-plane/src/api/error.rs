@@ -15,12 +15,16 @@ pub enum ApiError {
     Forbidden(&'static str),
     /// 404.
     NotFound(&'static str),
+    /// 405: the path exists, the method does not.
+    MethodNotAllowed,
     /// 409, with what collided.
     Conflict(String),
     /// 422, with every invalid field.
     Invalid(Vec<FieldError>),
-    /// 400: the body is not the JSON expected.
+    /// 400: the body or the query is not what the endpoint reads.
     BadRequest(String),
+    /// 413: the body is larger than the limit, in bytes.
+    TooLarge(usize),
     /// 500: logged, never shown.
     Internal(String),
 }
@@ -48,6 +52,10 @@ impl IntoResponse for ApiError {
             ApiError::NotFound(what) => {
                 Problem::new("not-found", "Not found", 404).with_detail(format!("no such {what}"))
             }
+            ApiError::MethodNotAllowed => {
+                Problem::new("method-not-allowed", "Method not allowed", 405)
+                    .with_detail("this path does not take this method")
+            }
             ApiError::Conflict(what) => Problem::new("conflict", "Conflict", 409).with_detail(what),
             ApiError::Invalid(errors) => Problem::new("validation", "Invalid request", 422)
                 .with_detail(format!("{} invalid field(s)", errors.len()))
@@ -55,6 +63,8 @@ impl IntoResponse for ApiError {
             ApiError::BadRequest(detail) => {
                 Problem::new("bad-request", "Bad request", 400).with_detail(detail)
             }
+            ApiError::TooLarge(limit) => Problem::new("body-too-large", "Body too large", 413)
+                .with_detail(format!("the body is larger than {limit} bytes")),
             ApiError::Internal(message) => {
                 tracing::error!(%message, "internal error");
                 Problem::new("internal", "Internal error", 500)

@@ -8,20 +8,24 @@
 use std::time::{Duration, Instant};
 
 use axum::Json;
-use axum::extract::{Query, State};
+use axum::extract::State;
 use serde::Deserialize;
 use tollgate_model::feed::{Changes, Snapshot};
+use utoipa::IntoParams;
 
 use super::AppState;
 use super::auth::GatewayCaller;
-use super::body::error;
+use super::body::{Query, error};
 use super::error::ApiError;
+use super::openapi::FeedProblems;
 
 const MAX_WAIT: Duration = Duration::from_secs(30);
 const POLL: Duration = Duration::from_millis(100);
 const MAX_CHANGES: u32 = 1000;
 
-/// `GET /v1/gateway/snapshot`.
+/// Everything gateways enforce, at one config version.
+#[utoipa::path(get, operation_id = "getSnapshot", path = "/v1/gateway/snapshot", tag = "gateway feed",
+    responses((status = 200, description = "The snapshot", body = Snapshot), FeedProblems))]
 pub async fn snapshot(
     State(state): State<AppState>,
     _caller: GatewayCaller,
@@ -30,17 +34,23 @@ pub async fn snapshot(
 }
 
 /// Query of `GET /v1/gateway/changes`.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
 pub struct ChangesQuery {
     /// The version the gateway has.
+    #[param(minimum = 0)]
     pub since: i64,
     /// How long to wait for a change, in milliseconds (default 0, at most 30000).
+    #[param(minimum = 0, maximum = 30000)]
     pub wait_ms: Option<u64>,
     /// Most changes per answer (default and maximum 1000).
+    #[param(minimum = 1, maximum = 1000)]
     pub limit: Option<u32>,
 }
 
-/// `GET /v1/gateway/changes`.
+/// The changes after `since`, in order; waits up to `wait_ms` for one when there is none yet.
+#[utoipa::path(get, operation_id = "getChanges", path = "/v1/gateway/changes", tag = "gateway feed", params(ChangesQuery),
+    responses((status = 200, description = "The changes, possibly none", body = Changes), FeedProblems))]
 pub async fn changes(
     State(state): State<AppState>,
     _caller: GatewayCaller,

@@ -13,6 +13,7 @@ use sha2::{Digest, Sha256};
 use tollgate_model::FieldError;
 
 use super::AppState;
+use super::body::MAX_BODY;
 use super::error::ApiError;
 use crate::store::idempotency::Remembered;
 
@@ -20,8 +21,6 @@ use crate::store::idempotency::Remembered;
 pub const HEADER: &str = "idempotency-key";
 /// Marks a replayed answer.
 pub const REPLAYED: &str = "idempotent-replayed";
-/// Largest request or response body handled.
-const MAX_BODY: usize = 1 << 20;
 
 /// The middleware.
 pub async fn layer(State(state): State<AppState>, request: Request, next: Next) -> Response {
@@ -53,8 +52,7 @@ pub async fn layer(State(state): State<AppState>, request: Request, next: Next) 
     let path = request.uri().path().to_owned();
     let (parts, body) = request.into_parts();
     let Ok(body) = to_bytes(body, MAX_BODY).await else {
-        return ApiError::BadRequest(format!("the body is larger than {MAX_BODY} bytes"))
-            .into_response();
+        return ApiError::TooLarge(MAX_BODY).into_response();
     };
     let request_hash = hex::encode(
         Sha256::new()

@@ -5,34 +5,90 @@
 use std::time::UNIX_EPOCH;
 
 use axum::Json;
-use axum::body::Bytes;
-use axum::extract::{Path, Query, State};
+use axum::extract::{Path, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
-use serde_json::{Value, json};
+use serde::Serialize;
+use serde_json::Value;
+use utoipa::ToSchema;
 
 use super::AppState;
 use super::auth::Caller;
-use super::body::{error, name, object, page, page_limit, unknown_fields};
+use super::body::{
+    Object, OptionalObject, Page, Query, error, name, page, page_limit, unknown_fields,
+};
 use super::error::ApiError;
+use super::openapi::{ListProblems, UpdateProblems};
 use super::plans::ListQuery;
-use crate::store::keys::{CreatedKey, NewKey};
+use crate::store::keys::{ApiKey, CreatedKey, NewKey};
 use crate::store::{StoreError, now_ms};
+
+/// The fields of a new key's body.
+pub const NEW_KEY_FIELDS: [&str; 3] = ["name", "expires_at", "scopes"];
+/// The fields of a rotation's body.
+pub const ROTATE_FIELDS: [&str; 1] = ["grace_seconds"];
+
+/// Body of `POST /v1/customers/{id}/keys`.
+#[derive(Debug, ToSchema)]
+#[schema(example = json!({"name": "production", "expires_at": "2027-01-31T00:00:00Z", "scopes": ["orders"]}))]
+pub struct NewKeyBody {
+    /// 1 to 64 letters, digits, `-`, `_` or `.`.
+    #[schema(min_length = 1, max_length = 64, pattern = "^[A-Za-z0-9._-]+$")]
+    pub name: String,
+    /// RFC 3339 time in the future after which the key stops working.
+    #[schema(format = DateTime)]
+    pub expires_at: Option<String>,
+    /// Route names the key may call (at least one); leave out for every route.
+    #[schema(min_items = 1)]
+    pub scopes: Option<Vec<String>>,
+}
+
+/// Body of `POST /v1/keys/{id}/rotate` (may be empty).
+#[derive(Debug, ToSchema)]
+pub struct RotateBody {
+    /// Seconds the old key keeps working, 0 (default) to 2592000 (30 days).
+    #[schema(minimum = 0, maximum = 2592000)]
+    pub grace_seconds: Option<u64>,
+}
+
+/// A key just issued: its metadata and, this one time, the key itself.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct IssuedKey {
+    /// Metadata, as listed later.
+    #[serde(flatten)]
+    pub meta: ApiKey,
+    /// The key (`tg_...`): shown in this answer only.
+    pub key: String,
+    /// For a rotation: the key replaced and when it stops working.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub replaces: Option<ReplacedKey>,
+}
+
+/// The key a rotation replaces.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct ReplacedKey {
+    /// Its id.
+    pub id: String,
+    /// RFC 3339 end of its grace.
+    pub works_until: Option<String>,
+}
 
 /// Longest rotation grace: 30 days.
 const MAX_GRACE_SECONDS: u64 = 30 * 24 * 3600;
 
-/// `POST /v1/customers/{id}/keys`: `{"name", "expires_at"?, "scopes"?}`.
+/// Issues a key to a customer; the answer is the only place the key ever appears.
+#[utoipa::path(post, operation_id = "createKey", path = "/v1/customers/{id}/keys", tag = "keys", params(("id" = String, Path)),
+    request_body = NewKeyBody,
+    responses((status = 201, description = "Issued", body = IssuedKey), UpdateProblems))]
 pub async fn create(
     State(state): State<AppState>,
     caller: Caller,
     Path(customer_id): Path<String>,
-    body: Bytes,
+    Object(fields): Object,
 ) -> Result<Response, ApiError> {
     caller.require_admin()?;
-    let fields = object(&body)?;
     let mut errors = Vec::new();
-    unknown_fields(&fields, &["name", "expires_at", "scopes"], "", &mut errors);
+    unknown_fields(&fields, &NEW_KEY_FIELDS, "", &mut errors);
     let key_name = match fields.get("name") {
         Some(value) => name(value, "name", &mut errors),
         None => {
@@ -99,16 +155,19 @@ pub async fn create(
         .create_key(&customer_id, new, &caller.actor)
         .await
         .map_err(|e| not_found(e, "customer"))?;
-    Ok((StatusCode::CREATED, Json(with_plaintext(&created))).into_response())
+    Ok((StatusCode::CREATED, Json(issued(created, None))).into_response())
 }
 
-/// `GET /v1/customers/{id}/keys`.
+/// Lists a customer's keys: metadata and display start, never the key or its hash.
+#[utoipa::path(get, operation_id = "listKeys", path = "/v1/customers/{id}/keys", tag = "keys", params(("id" = String, Path), ListQuery),
+    responses((status = 200, description = "A page of keys", body = Page<ApiKey>), ListProblems,
+        (status = 404, description = "No such customer", body = tollgate_model::Problem, content_type = "application/problem+json")))]
 pub async fn list(
     State(state): State<AppState>,
     _caller: Caller,
     Path(customer_id): Path<String>,
     Query(query): Query<ListQuery>,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<Json<Page<ApiKey>>, ApiError> {
     let limit = page_limit(query.limit)?;
     state
         .store
@@ -122,7 +181,9 @@ pub async fn list(
     Ok(page(keys, limit, |k| k.id.clone()))
 }
 
-/// `POST /v1/keys/{id}/revoke`.
+/// Revokes a key at once.
+#[utoipa::path(post, operation_id = "revokeKey", path = "/v1/keys/{id}/revoke", tag = "keys", params(("id" = String, Path)),
+    responses((status = 200, description = "The key, revoked", body = ApiKey), UpdateProblems))]
 pub async fn revoke(
     State(state): State<AppState>,
     caller: Caller,
@@ -137,22 +198,19 @@ pub async fn revoke(
     Ok(Json(key).into_response())
 }
 
-/// `POST /v1/keys/{id}/rotate`: `{"grace_seconds": N}`; answers the new key (plaintext once) and
-/// when the old one stops working.
+/// Issues a new key in place of this one; the old one keeps working for `grace_seconds`.
+#[utoipa::path(post, operation_id = "rotateKey", path = "/v1/keys/{id}/rotate", tag = "keys", params(("id" = String, Path)),
+    request_body(content = RotateBody, description = "May be left out: no grace"),
+    responses((status = 201, description = "The new key, and when the old one stops", body = IssuedKey), UpdateProblems))]
 pub async fn rotate(
     State(state): State<AppState>,
     caller: Caller,
     Path(id): Path<String>,
-    body: Bytes,
+    OptionalObject(fields): OptionalObject,
 ) -> Result<Response, ApiError> {
     caller.require_admin()?;
-    let fields = if body.is_empty() {
-        Default::default()
-    } else {
-        object(&body)?
-    };
     let mut errors = Vec::new();
-    unknown_fields(&fields, &["grace_seconds"], "", &mut errors);
+    unknown_fields(&fields, &ROTATE_FIELDS, "", &mut errors);
     let grace = match fields.get("grace_seconds") {
         None => Some(0),
         Some(value) => match value.as_u64() {
@@ -174,15 +232,19 @@ pub async fn rotate(
         .rotate_key(&id, grace, &caller.actor)
         .await
         .map_err(|e| not_found(e, "key"))?;
-    let mut body = with_plaintext(&created);
-    body["replaces"] = json!({"id": old.id, "works_until": old.revoked_at});
-    Ok((StatusCode::CREATED, Json(body)).into_response())
+    let replaced = ReplacedKey {
+        id: old.id,
+        works_until: old.revoked_at,
+    };
+    Ok((StatusCode::CREATED, Json(issued(created, Some(replaced)))).into_response())
 }
 
-fn with_plaintext(created: &CreatedKey) -> Value {
-    let mut body = json!(created.key);
-    body["key"] = json!(created.plaintext);
-    body
+fn issued(created: CreatedKey, replaces: Option<ReplacedKey>) -> IssuedKey {
+    IssuedKey {
+        meta: created.key,
+        key: created.plaintext,
+        replaces,
+    }
 }
 
 fn not_found(error: StoreError, what: &'static str) -> ApiError {

@@ -13,6 +13,7 @@
 //! - [`feed`]: the snapshot and the changes gateways follow.
 //! - [`health`]: `/health`, `/health/ready`.
 //! - [`metrics`]: `/metrics`, and the middleware that counts requests.
+//! - [`openapi`]: the OpenAPI document, generated from the handlers.
 
 pub mod admin_tokens;
 pub mod audit_log;
@@ -25,10 +26,17 @@ pub mod health;
 pub mod idempotency;
 pub mod keys;
 pub mod metrics;
+pub mod openapi;
 pub mod plans;
 
-use axum::Router;
-use axum::routing::{delete, get, post};
+use axum::extract::DefaultBodyLimit;
+use axum::routing::get;
+use axum::{Json, Router};
+use utoipa::OpenApi;
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
+
+use self::error::ApiError;
 
 use crate::store::Store;
 
@@ -53,37 +61,14 @@ impl AppState {
 
 /// The whole API.
 pub fn app(state: AppState) -> Router {
-    Router::new()
-        .route("/health", get(health::live))
-        .route("/health/ready", get(health::ready))
+    let (router, openapi) = documented().split_for_parts();
+    let openapi = Json(openapi::finish(openapi));
+    router
+        .route("/openapi.json", get(move || async move { openapi }))
         .route("/metrics", get(metrics::render))
-        .route("/v1/plans", get(plans::list).post(plans::create))
-        .route(
-            "/v1/plans/{id}",
-            get(plans::get).patch(plans::update).delete(plans::delete),
-        )
-        .route(
-            "/v1/customers",
-            get(customers::list).post(customers::create),
-        )
-        .route(
-            "/v1/customers/{id}",
-            get(customers::get).patch(customers::update),
-        )
-        .route(
-            "/v1/customers/{id}/keys",
-            get(keys::list).post(keys::create),
-        )
-        .route("/v1/keys/{id}/revoke", post(keys::revoke))
-        .route("/v1/keys/{id}/rotate", post(keys::rotate))
-        .route(
-            "/v1/admin-tokens",
-            get(admin_tokens::list).post(admin_tokens::create),
-        )
-        .route("/v1/admin-tokens/{id}", delete(admin_tokens::delete))
-        .route("/v1/audit-log", get(audit_log::list))
-        .route("/v1/gateway/snapshot", get(feed::snapshot))
-        .route("/v1/gateway/changes", get(feed::changes))
+        .fallback(|| async { ApiError::NotFound("route") })
+        .method_not_allowed_fallback(|| async { ApiError::MethodNotAllowed })
+        .layer(DefaultBodyLimit::max(body::MAX_BODY))
         .layer(axum::middleware::from_fn_with_state(
             state.clone(),
             idempotency::layer,
@@ -93,4 +78,28 @@ pub fn app(state: AppState) -> Router {
             metrics::layer,
         ))
         .with_state(state)
+}
+
+/// The `/v1` routes, each registered with its OpenAPI operation.
+fn documented() -> OpenApiRouter<AppState> {
+    OpenApiRouter::with_openapi(openapi::ApiDoc::openapi())
+        .routes(routes!(health::live))
+        .routes(routes!(health::ready))
+        .routes(routes!(plans::list, plans::create))
+        .routes(routes!(plans::get, plans::update, plans::delete))
+        .routes(routes!(customers::list, customers::create))
+        .routes(routes!(customers::get, customers::update))
+        .routes(routes!(keys::list, keys::create))
+        .routes(routes!(keys::revoke))
+        .routes(routes!(keys::rotate))
+        .routes(routes!(admin_tokens::list, admin_tokens::create))
+        .routes(routes!(admin_tokens::delete))
+        .routes(routes!(audit_log::list))
+        .routes(routes!(feed::snapshot))
+        .routes(routes!(feed::changes))
+}
+
+/// The OpenAPI document, as served at `/openapi.json`.
+pub fn openapi_document() -> utoipa::openapi::OpenApi {
+    openapi::finish(documented().into_openapi())
 }

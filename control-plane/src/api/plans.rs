@@ -1,32 +1,65 @@
 //! `/v1/plans`: create, list (cursor pagination), read, change, delete (archive when in use).
 
 use axum::Json;
-use axum::body::Bytes;
-use axum::extract::{Path, Query, State};
+use axum::extract::{Path, State};
 use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use serde::Deserialize;
 use serde_json::{Map, Value};
 use tollgate_model::FieldError;
-use tollgate_model::plan::{Price, Quota, RateLimit};
+use tollgate_model::plan::{Plan, Price, Quota, RateLimit};
+use utoipa::{IntoParams, ToSchema};
 
 use super::AppState;
 use super::auth::Caller;
-use super::body::{error, name, object, page, page_limit, unknown_fields};
+use super::body::{Object, Page, Query, error, name, page, page_limit, unknown_fields};
 use super::error::ApiError;
+use super::openapi::{CreateProblems, DeleteProblems, ListProblems, ReadProblems, UpdateProblems};
 use crate::store::plans::{Deleted, NewPlan, PlanPatch};
+
+/// Body of `POST /v1/plans`.
+#[derive(Debug, ToSchema)]
+#[schema(example = json!({"name": "pro", "rate_limits": [{"requests": 20, "window_seconds": 60}], "quota": {"requests": 10000, "hard": true}, "price": {"currency": "usd", "unit_amount_micros": 1000}}))]
+pub struct NewPlanBody {
+    /// Unique name: 1 to 64 letters, digits, `-`, `_` or `.`.
+    #[schema(min_length = 1, max_length = 64, pattern = "^[A-Za-z0-9._-]+$")]
+    pub name: String,
+    /// Windows that all apply at once; no two with the same `window_seconds`.
+    pub rate_limits: Option<Vec<RateLimit>>,
+    /// Requests per billing period; `null` for none.
+    pub quota: Option<Quota>,
+    /// Price per billable unit; `null` for none.
+    pub price: Option<Price>,
+}
+
+/// Body of `PATCH /v1/plans/{id}`: the fields to change.
+#[derive(Debug, ToSchema)]
+pub struct PlanPatchBody {
+    /// New unique name.
+    #[schema(min_length = 1, max_length = 64, pattern = "^[A-Za-z0-9._-]+$")]
+    pub name: Option<String>,
+    /// New windows, replacing the old ones.
+    pub rate_limits: Option<Vec<RateLimit>>,
+    /// New quota; `null` removes it.
+    pub quota: Option<Quota>,
+    /// New price; `null` removes it.
+    pub price: Option<Price>,
+}
 
 /// Longest window accepted: 31 days.
 const MAX_WINDOW_SECONDS: u64 = 31 * 24 * 3600;
 
-/// `POST /v1/plans`.
+/// Creates a plan.
+#[utoipa::path(post, operation_id = "createPlan", path = "/v1/plans", tag = "plans",
+    request_body = NewPlanBody,
+    responses((status = 201, description = "Created", body = Plan,
+        headers(("Location" = String, description = "The plan's URL"))), CreateProblems))]
 pub async fn create(
     State(state): State<AppState>,
     caller: Caller,
-    body: Bytes,
+    Object(fields): Object,
 ) -> Result<Response, ApiError> {
     caller.require_admin()?;
-    let fields = object(&body)?;
     let plan = new_plan(&fields).map_err(ApiError::Invalid)?;
     let created = state.store.create_plan(plan, &caller.actor).await?;
     let location = format!("/v1/plans/{}", created.id);
@@ -38,21 +71,25 @@ pub async fn create(
         .into_response())
 }
 
-/// Query of `GET /v1/plans`.
-#[derive(Debug, Deserialize)]
+/// Query of every listing.
+#[derive(Debug, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
 pub struct ListQuery {
     /// Page size, 1 to 100 (default 20).
+    #[param(minimum = 1, maximum = 100)]
     pub limit: Option<u32>,
     /// `next_cursor` of the previous page.
     pub cursor: Option<String>,
 }
 
-/// `GET /v1/plans`.
+/// Lists plans, oldest first.
+#[utoipa::path(get, operation_id = "listPlans", path = "/v1/plans", tag = "plans", params(ListQuery),
+    responses((status = 200, description = "A page of plans", body = Page<Plan>), ListProblems))]
 pub async fn list(
     State(state): State<AppState>,
     _caller: Caller,
     Query(query): Query<ListQuery>,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<Json<Page<Plan>>, ApiError> {
     let limit = page_limit(query.limit)?;
     let plans = state
         .store
@@ -61,7 +98,9 @@ pub async fn list(
     Ok(page(plans, limit, |p| p.id.clone()))
 }
 
-/// `GET /v1/plans/{id}`.
+/// Reads a plan.
+#[utoipa::path(get, operation_id = "getPlan", path = "/v1/plans/{id}", tag = "plans", params(("id" = String, Path)),
+    responses((status = 200, description = "The plan", body = Plan), ReadProblems))]
 pub async fn get(
     State(state): State<AppState>,
     _caller: Caller,
@@ -71,15 +110,17 @@ pub async fn get(
     Ok(Json(plan).into_response())
 }
 
-/// `PATCH /v1/plans/{id}`.
+/// Changes a plan; customers on it get the change at once.
+#[utoipa::path(patch, operation_id = "updatePlan", path = "/v1/plans/{id}", tag = "plans", params(("id" = String, Path)),
+    request_body = PlanPatchBody,
+    responses((status = 200, description = "The plan as changed", body = Plan), UpdateProblems))]
 pub async fn update(
     State(state): State<AppState>,
     caller: Caller,
     Path(id): Path<String>,
-    body: Bytes,
+    Object(fields): Object,
 ) -> Result<Response, ApiError> {
     caller.require_admin()?;
-    let fields = object(&body)?;
     let patch = plan_patch(&fields).map_err(ApiError::Invalid)?;
     let plan = state
         .store
@@ -89,8 +130,11 @@ pub async fn update(
     Ok(Json(plan).into_response())
 }
 
-/// `DELETE /v1/plans/{id}`: 204 when removed, 200 with the plan when archived because customers
-/// use it.
+/// Deletes a plan: 204 when removed, 200 with the plan when archived because customers use it.
+#[utoipa::path(delete, operation_id = "deletePlan", path = "/v1/plans/{id}", tag = "plans", params(("id" = String, Path)),
+    responses((status = 204, description = "Removed"),
+        (status = 200, description = "Archived: customers still use it", body = Plan),
+        DeleteProblems))]
 pub async fn delete(
     State(state): State<AppState>,
     caller: Caller,
@@ -115,7 +159,8 @@ fn not_found(error: crate::store::StoreError) -> ApiError {
     }
 }
 
-const PLAN_FIELDS: [&str; 4] = ["name", "rate_limits", "quota", "price"];
+/// The fields a plan body may have.
+pub const PLAN_FIELDS: [&str; 4] = ["name", "rate_limits", "quota", "price"];
 
 fn new_plan(fields: &Map<String, Value>) -> Result<NewPlan, Vec<FieldError>> {
     let mut errors = Vec::new();

@@ -10,7 +10,7 @@ use super::{Store, StoreError, new_id, now_ms, rfc3339};
 use crate::secret::Role;
 
 /// An admin token as stored and listed: never its secret nor its hash.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, utoipa::ToSchema)]
 pub struct AdminToken {
     /// `adm_...`.
     pub id: String,

@@ -72,7 +72,7 @@ pub(crate) async fn record(
 }
 
 /// One entry of the audit log.
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, utoipa::ToSchema)]
 pub struct AuditEntry {
     /// Position in the log; later entries have larger ones.
     pub seq: i64,

@@ -10,7 +10,7 @@ use super::{Store, StoreError, new_id, now_ms, rfc3339};
 use crate::secret::hash;
 
 /// A key's metadata: never the key nor its hash.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, utoipa::ToSchema)]
 pub struct ApiKey {
     /// `key_...`.
     pub id: String,
