@@ -1,5 +1,5 @@
 //! Tollgate's control plane: the admin API over a store of plans, customers, keys and admins,
-//! and (in later steps) the publication feed gateways follow.
+//! and the publication feed gateways follow.
 //!
 //! `control-plane serve` reads its settings from the environment ([`settings`]), connects to
 //! SQLite or Postgres ([`store`]), applies the migrations, makes sure a first admin token exists
@@ -10,10 +10,12 @@
 //! - [`store`]: the store over `sqlx::Any`, with the audit and change logs.
 //! - [`api`]: the axum router, errors, authentication and resources.
 //! - [`secret`]: admin tokens and their hashes.
+//! - [`snapshot`]: the gateway snapshot, built once per version into a gzip file and streamed.
 
 pub mod api;
 pub mod secret;
 pub mod settings;
+pub mod snapshot;
 pub mod store;
 
 use secret::{PlainToken, Role, hash};

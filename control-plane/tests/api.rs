@@ -1074,6 +1074,102 @@ async fn readiness_reports_the_store(db: &Db) {
     );
 }
 
+/// The raw answer to a gateway's snapshot request: status, headers, body bytes.
+async fn snapshot_bytes(
+    app: &Router,
+    token: &str,
+    accept_encoding: Option<&str>,
+) -> (StatusCode, HeaderMap, Vec<u8>) {
+    let mut request = Request::builder()
+        .uri("/v1/gateway/snapshot")
+        .header("authorization", format!("Bearer {token}"));
+    if let Some(coding) = accept_encoding {
+        request = request.header("accept-encoding", coding);
+    }
+    let response = app
+        .clone()
+        .oneshot(request.body(Body::empty()).unwrap())
+        .await
+        .unwrap();
+    let status = response.status();
+    let headers = response.headers().clone();
+    let bytes = axum::body::to_bytes(response.into_body(), 1 << 30)
+        .await
+        .unwrap();
+    (status, headers, bytes.to_vec())
+}
+
+async fn the_snapshot_streams_as_gzip_or_json_and_follows_each_change(db: &Db) {
+    use std::io::Read;
+    use tollgate_model::feed::Snapshot;
+
+    let app = db.app();
+    let gateway = PlainToken::generate().expose().to_owned();
+    db.store
+        .create_admin_token("gw", Role::Gateway, &hash(&gateway))
+        .await
+        .unwrap();
+    let (_, customer) = customer_on_a_plan(&app, db).await;
+    let customer_id = customer["id"].as_str().unwrap().to_owned();
+    // Enough keys for the JSON to span many chunks.
+    db.store
+        .bulk_load_keys_for_benchmark(std::slice::from_ref(&customer_id), 3000)
+        .await
+        .unwrap();
+
+    let (status, headers, gzip) = snapshot_bytes(&app, &gateway, Some("br;q=1, gzip;q=0.8")).await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(headers["content-encoding"], "gzip");
+    assert_eq!(headers["content-type"], "application/json");
+    assert_eq!(headers["content-length"], gzip.len().to_string().as_str());
+    let mut json = Vec::new();
+    flate2::read::GzDecoder::new(gzip.as_slice())
+        .read_to_end(&mut json)
+        .unwrap();
+    assert!(
+        json.len() > 8 * tollgate_control_plane::store::feed::CHUNK,
+        "{} bytes",
+        json.len()
+    );
+    assert!(gzip.len() < json.len());
+    let snapshot: Snapshot = serde_json::from_slice(&json).unwrap();
+    assert_eq!(snapshot.keys.len(), 3000);
+    assert_eq!(snapshot.customers.len(), 1);
+    assert_eq!(
+        headers[tollgate_model::feed::SNAPSHOT_VERSION_HEADER],
+        snapshot.version.to_string().as_str()
+    );
+
+    // Without gzip (or with it refused): the same JSON, uncompressed.
+    for accept in [None, Some("gzip;q=0, identity")] {
+        let (status, headers, plain) = snapshot_bytes(&app, &gateway, accept).await;
+        assert_eq!(status, StatusCode::OK);
+        assert!(headers.get("content-encoding").is_none());
+        assert_eq!(headers["content-length"], plain.len().to_string().as_str());
+        assert_eq!(plain, json);
+    }
+
+    // A change moves the version; the next snapshot has it.
+    let (status, key, _) = call(
+        &app,
+        "POST",
+        &format!("/v1/customers/{customer_id}/keys"),
+        Some(&db.admin),
+        Some(json!({"name": "late"})),
+    )
+    .await;
+    assert_eq!(status, StatusCode::CREATED);
+    let (_, headers, plain) = snapshot_bytes(&app, &gateway, None).await;
+    let after: Snapshot = serde_json::from_slice(&plain).unwrap();
+    assert_eq!(after.version, snapshot.version + 1);
+    assert_eq!(
+        headers[tollgate_model::feed::SNAPSHOT_VERSION_HEADER],
+        after.version.to_string().as_str()
+    );
+    assert_eq!(after.keys.len(), 3001);
+    assert!(after.keys.iter().any(|k| k.id == key["id"]));
+}
+
 /// The answer with every generated value replaced by a placeholder naming its kind, so whole
 /// bodies can be compared exactly: ids (`<plan_id>`), times (`<time>`), keys, tokens, hashes.
 fn shape(value: &Value) -> Value {
@@ -1516,6 +1612,7 @@ on_both_backends!(
     keys_are_shown_once_stored_hashed_revoked_and_rotated,
     idempotent_retries_replay_the_first_answer,
     gateways_get_a_snapshot_then_every_change_once_in_order,
+    the_snapshot_streams_as_gzip_or_json_and_follows_each_change,
     metrics_count_requests_by_route_pattern,
     readiness_reports_the_store,
 );

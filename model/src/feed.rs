@@ -6,6 +6,10 @@ use serde::{Deserialize, Serialize};
 use crate::customer::CustomerStatus;
 use crate::plan::Plan;
 
+/// The response header of `GET /v1/gateway/snapshot` that gives the snapshot's version before
+/// its body is read.
+pub const SNAPSHOT_VERSION_HEADER: &str = "x-tollgate-config-version";
+
 /// Everything a gateway enforces, as of `version`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]

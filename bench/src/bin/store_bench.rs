@@ -9,13 +9,15 @@
 //! 2. Creates `--timed-keys` keys one by one with `Store::create_key` (a transaction each, with
 //!    its audit entry and change-log row, as the API does): keys per second.
 //! 3. Bulk-loads the rest up to `--keys` with multi-row inserts (reported, not a creation rate).
-//! 4. Builds the gateway snapshot (`Store::snapshot`), serializes it to JSON: build time, JSON
-//!    size, and the process's resident memory before and after.
+//! 4. Builds the gateway snapshot file as the API serves it (`SnapshotFile::build`: one
+//!    consistent read, streamed into gzip) and streams it back as plain JSON: build time, gzip
+//!    and JSON sizes, and the process's resident memory before, after and at its peak.
 //!
 //! The database must be empty (a new SQLite file, or a new Postgres database).
 
 use std::time::Instant;
 
+use tollgate_control_plane::snapshot::SnapshotFile;
 use tollgate_control_plane::store::Store;
 use tollgate_control_plane::store::audit::Actor;
 use tollgate_control_plane::store::customers::NewCustomer;
@@ -113,23 +115,32 @@ async fn main() -> anyhow::Result<()> {
     );
 
     let before = rss_mib("VmRSS:");
-    let started = Instant::now();
-    let snapshot = store.snapshot().await?;
-    let built = started.elapsed();
+    let file = SnapshotFile::build(&store).await?;
+    println!(
+        "snapshot of {total} keys: built in {:.2} s into {:.1} MiB of gzip ({:.1} MiB of JSON, {:.0} bytes per key)",
+        file.build_time.as_secs_f64(),
+        file.gzip_bytes as f64 / 1_048_576.0,
+        file.json_bytes as f64 / 1_048_576.0,
+        file.json_bytes as f64 / total.max(1) as f64
+    );
     let after_build = rss_mib("VmRSS:");
     let started = Instant::now();
-    let json = serde_json::to_vec(&snapshot)?;
-    let serialized = started.elapsed();
-    println!(
-        "snapshot of {} keys: built in {:.2} s, serialized in {:.2} s, {:.1} MiB of JSON ({:.0} bytes per key)",
-        snapshot.keys.len(),
-        built.as_secs_f64(),
-        serialized.as_secs_f64(),
-        json.len() as f64 / 1_048_576.0,
-        json.len() as f64 / snapshot.keys.len().max(1) as f64
+    let mut chunks = file.stream(false);
+    let mut streamed = 0u64;
+    while let Some(chunk) = chunks.recv().await {
+        streamed += chunk?.len() as u64;
+    }
+    anyhow::ensure!(
+        streamed == file.json_bytes,
+        "streamed {streamed} of {} bytes",
+        file.json_bytes
     );
     println!(
-        "resident memory: {before:.0} MiB before, {after_build:.0} MiB with the snapshot built, {:.0} MiB with its JSON too (peak {:.0} MiB)",
+        "streamed as plain JSON in {:.2} s",
+        started.elapsed().as_secs_f64()
+    );
+    println!(
+        "resident memory: {before:.0} MiB before, {after_build:.0} MiB after the build, {:.0} MiB after streaming (peak {:.0} MiB)",
         rss_mib("VmRSS:"),
         rss_mib("VmHWM:")
     );

@@ -8,9 +8,12 @@
 use std::time::{Duration, Instant};
 
 use axum::Json;
+use axum::body::Body;
 use axum::extract::State;
+use axum::http::{HeaderMap, HeaderValue, header};
+use axum::response::Response;
 use serde::Deserialize;
-use tollgate_model::feed::{Changes, Snapshot};
+use tollgate_model::feed::{Changes, SNAPSHOT_VERSION_HEADER as VERSION_HEADER, Snapshot};
 use utoipa::IntoParams;
 
 use super::AppState;
@@ -23,14 +26,57 @@ const MAX_WAIT: Duration = Duration::from_secs(30);
 const POLL: Duration = Duration::from_millis(100);
 const MAX_CHANGES: u32 = 1000;
 
-/// Everything gateways enforce, at one config version.
+/// Everything gateways enforce, at one config version: streamed, gzip-compressed when the
+/// request accepts it.
 #[utoipa::path(get, operation_id = "getSnapshot", path = "/v1/gateway/snapshot", tag = "gateway feed",
-    responses((status = 200, description = "The snapshot", body = Snapshot), FeedProblems))]
+    params(("Accept-Encoding" = Option<String>, Header, description = "`gzip` gets the snapshot compressed (Content-Encoding: gzip)")),
+    responses((status = 200, description = "The snapshot", body = Snapshot,
+        headers(("X-Tollgate-Config-Version" = i64, description = "The config version of the snapshot"))), FeedProblems))]
 pub async fn snapshot(
     State(state): State<AppState>,
     _caller: GatewayCaller,
-) -> Result<Json<Snapshot>, ApiError> {
-    Ok(Json(state.store.snapshot().await?))
+    headers: HeaderMap,
+) -> Result<Response, ApiError> {
+    let file = state.snapshots.current(&state.store).await?;
+    let gzip = accepts_gzip(&headers);
+    let chunks = file.stream(gzip);
+    let body = Body::from_stream(futures_util::stream::unfold(chunks, |mut chunks| async {
+        chunks.recv().await.map(|chunk| (chunk, chunks))
+    }));
+    let mut response = Response::new(body);
+    let headers = response.headers_mut();
+    headers.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    headers.insert(VERSION_HEADER, HeaderValue::from(file.version));
+    headers.insert(header::VARY, HeaderValue::from_static("accept-encoding"));
+    if gzip {
+        headers.insert(header::CONTENT_ENCODING, HeaderValue::from_static("gzip"));
+        headers.insert(header::CONTENT_LENGTH, HeaderValue::from(file.gzip_bytes));
+    } else {
+        headers.insert(header::CONTENT_LENGTH, HeaderValue::from(file.json_bytes));
+    }
+    Ok(response)
+}
+
+/// Whether `Accept-Encoding` lists gzip with a non-zero weight.
+fn accepts_gzip(headers: &HeaderMap) -> bool {
+    headers
+        .get_all(header::ACCEPT_ENCODING)
+        .iter()
+        .filter_map(|value| value.to_str().ok())
+        .flat_map(|value| value.split(','))
+        .any(|coding| {
+            let mut parts = coding.split(';').map(str::trim);
+            let name = parts.next().unwrap_or_default();
+            let weight_zero = parts.any(|p| {
+                p.strip_prefix("q=")
+                    .and_then(|q| q.parse::<f32>().ok())
+                    .is_some_and(|q| q == 0.0)
+            });
+            (name.eq_ignore_ascii_case("gzip") || name == "*") && !weight_zero
+        })
 }
 
 /// Query of `GET /v1/gateway/changes`.

@@ -38,6 +38,7 @@ use utoipa_axum::routes;
 
 use self::error::ApiError;
 
+use crate::snapshot::Snapshots;
 use crate::store::Store;
 
 /// Shared state of the handlers.
@@ -47,6 +48,8 @@ pub struct AppState {
     pub store: Store,
     /// Request metrics.
     pub metrics: metrics::Metrics,
+    /// The latest gateway snapshot.
+    pub snapshots: Snapshots,
 }
 
 impl AppState {
@@ -55,6 +58,7 @@ impl AppState {
         Self {
             store,
             metrics: metrics::Metrics::new(),
+            snapshots: Snapshots::default(),
         }
     }
 }

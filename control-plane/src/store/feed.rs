@@ -1,9 +1,12 @@
 //! What gateways are fed: the full snapshot at a version, and the changes after a version.
 
+use futures_util::TryStreamExt;
+use serde::Serialize;
 use sqlx::Row;
 use sqlx::any::AnyRow;
+use tokio::sync::mpsc::Sender;
 use tollgate_model::customer::CustomerStatus;
-use tollgate_model::feed::{Change, ChangedEntity, Changes, CustomerRecord, KeyRecord, Snapshot};
+use tollgate_model::feed::{Change, ChangedEntity, Changes, CustomerRecord, KeyRecord};
 
 use super::{Backend, Store, StoreError};
 
@@ -20,8 +23,11 @@ impl Store {
         )
     }
 
-    /// Everything gateways enforce, read in one consistent transaction.
-    pub async fn snapshot(&self) -> Result<Snapshot, StoreError> {
+    /// Everything gateways enforce, read in one consistent transaction and written as the JSON
+    /// of a [`Snapshot`](tollgate_model::feed::Snapshot) in chunks of about [`CHUNK`] bytes sent
+    /// to `out`, row by row, so no more than a chunk is held whatever the number of keys.
+    /// Returns the snapshot's version.
+    pub async fn write_snapshot(&self, out: &Sender<Vec<u8>>) -> Result<i64, StoreError> {
         let mut tx = self.pool().begin().await?;
         if self.backend() == Backend::Postgres {
             // One consistent view of every table and of the version it corresponds to.
@@ -33,35 +39,43 @@ impl Store {
             .fetch_one(&mut *tx)
             .await?
             .try_get("v")?;
+        let mut json = Chunks::new(out);
+        json.push(format!("{{\"version\":{version},\"plans\":[").as_bytes())
+            .await?;
         let plan_ids: Vec<String> = sqlx::query("SELECT id FROM plans ORDER BY id")
             .fetch_all(&mut *tx)
             .await?
             .iter()
             .map(|row| row.try_get("id"))
             .collect::<Result<_, _>>()?;
-        let mut plans = Vec::with_capacity(plan_ids.len());
-        for id in &plan_ids {
-            plans.push(super::plans::fetch(&mut tx, id).await?);
+        for (i, id) in plan_ids.iter().enumerate() {
+            let plan = super::plans::fetch(&mut tx, id).await?;
+            json.item(i, &plan).await?;
         }
-        let customers = sqlx::query("SELECT id, plan_id, status FROM customers ORDER BY id")
-            .fetch_all(&mut *tx)
-            .await?
-            .iter()
-            .map(customer_record)
-            .collect::<Result<_, _>>()?;
-        let keys = sqlx::query(&format!("SELECT {KEY_COLUMNS} FROM api_keys ORDER BY id"))
-            .fetch_all(&mut *tx)
-            .await?
-            .iter()
-            .map(key_record)
-            .collect::<Result<_, _>>()?;
+        json.push(b"],\"customers\":[").await?;
+        {
+            let mut rows = sqlx::query("SELECT id, plan_id, status FROM customers ORDER BY id")
+                .fetch(&mut *tx);
+            let mut i = 0;
+            while let Some(row) = rows.try_next().await? {
+                json.item(i, &customer_record(&row)?).await?;
+                i += 1;
+            }
+        }
+        json.push(b"],\"keys\":[").await?;
+        {
+            let query = format!("SELECT {KEY_COLUMNS} FROM api_keys ORDER BY id");
+            let mut rows = sqlx::query(&query).fetch(&mut *tx);
+            let mut i = 0;
+            while let Some(row) = rows.try_next().await? {
+                json.item(i, &key_record(&row)?).await?;
+                i += 1;
+            }
+        }
+        json.push(b"]}").await?;
+        json.flush().await?;
         tx.commit().await?;
-        Ok(Snapshot {
-            version,
-            plans,
-            customers,
-            keys,
-        })
+        Ok(version)
     }
 
     /// Up to `limit` changes after `since`, each with its entity as it is now.
@@ -140,4 +154,52 @@ fn key_record(row: &AnyRow) -> Result<KeyRecord, StoreError> {
         revoked_at_ms: row.try_get("revoked_at")?,
         scopes: scopes.and_then(|s| serde_json::from_str(&s).ok()),
     })
+}
+
+/// About how many bytes of JSON [`Store::write_snapshot`] sends at a time.
+pub const CHUNK: usize = 64 * 1024;
+
+/// JSON text gathered into chunks for a channel; a closed channel ends the snapshot.
+struct Chunks<'a> {
+    out: &'a Sender<Vec<u8>>,
+    buffer: Vec<u8>,
+}
+
+impl<'a> Chunks<'a> {
+    fn new(out: &'a Sender<Vec<u8>>) -> Self {
+        Self {
+            out,
+            buffer: Vec::with_capacity(CHUNK + 1024),
+        }
+    }
+
+    async fn push(&mut self, bytes: &[u8]) -> Result<(), StoreError> {
+        self.buffer.extend_from_slice(bytes);
+        if self.buffer.len() >= CHUNK {
+            self.flush().await?;
+        }
+        Ok(())
+    }
+
+    /// The `index`th element of an array.
+    async fn item(&mut self, index: usize, value: &impl Serialize) -> Result<(), StoreError> {
+        if index > 0 {
+            self.buffer.push(b',');
+        }
+        serde_json::to_writer(&mut self.buffer, value)
+            .map_err(|e| StoreError::Database(sqlx::Error::Decode(e.into())))?;
+        self.push(&[]).await
+    }
+
+    async fn flush(&mut self) -> Result<(), StoreError> {
+        if self.buffer.is_empty() {
+            return Ok(());
+        }
+        let chunk = std::mem::replace(&mut self.buffer, Vec::with_capacity(CHUNK + 1024));
+        self.out.send(chunk).await.map_err(|_| {
+            StoreError::Database(sqlx::Error::Protocol(
+                "the snapshot's reader went away".into(),
+            ))
+        })
+    }
 }
