@@ -29,8 +29,10 @@ pub struct Plan {
 #[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct RateLimit {
     /// Requests allowed per window (at least 1).
+    #[cfg_attr(feature = "openapi", schema(minimum = 1, maximum = 4294967295_u64))]
     pub requests: u64,
-    /// Window length in seconds (at least 1).
+    /// Window length in seconds (at least 1, at most 31 days).
+    #[cfg_attr(feature = "openapi", schema(minimum = 1, maximum = 2678400))]
     pub window_seconds: u64,
 }
 
@@ -39,6 +41,10 @@ pub struct RateLimit {
 #[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct Quota {
     /// Requests per period (at least 1).
+    #[cfg_attr(
+        feature = "openapi",
+        schema(minimum = 1, maximum = 9223372036854775807_u64)
+    )]
     pub requests: u64,
     /// `true`: requests past the quota are refused; `false`: they pass and count as overage.
     pub hard: bool,
@@ -49,8 +55,10 @@ pub struct Quota {
 #[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct Price {
     /// ISO 4217 code, lowercase (`usd`).
+    #[cfg_attr(feature = "openapi", schema(pattern = "^[A-Za-z]{3}$"))]
     pub currency: String,
     /// Price of one unit in millionths of the currency's main unit (1000 = 0.001 USD).
+    #[cfg_attr(feature = "openapi", schema(maximum = 9223372036854775807_u64))]
     pub unit_amount_micros: u64,
 }
 

@@ -23,6 +23,7 @@ pub const FIELDS: [&str; 2] = ["name", "role"];
 
 /// Body of `POST /v1/admin-tokens`.
 #[derive(Debug, ToSchema)]
+#[serde(deny_unknown_fields)]
 #[schema(example = json!({"name": "ci", "role": "viewer"}))]
 pub struct NewTokenBody {
     /// 1 to 200 characters.

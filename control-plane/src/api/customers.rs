@@ -23,6 +23,7 @@ pub const FIELDS: [&str; 4] = ["name", "email", "plan_id", "status"];
 
 /// Body of `POST /v1/customers`.
 #[derive(Debug, ToSchema)]
+#[serde(deny_unknown_fields)]
 #[schema(example = json!({"name": "Acme", "email": "billing@acme.example", "plan_id": "plan_0192f0c4e1a37f4c8d2b6a9e01234567"}))]
 pub struct NewCustomerBody {
     /// Display name, 1 to 200 characters.
@@ -38,18 +39,20 @@ pub struct NewCustomerBody {
 
 /// Body of `PATCH /v1/customers/{id}`: the fields to change.
 #[derive(Debug, ToSchema)]
+#[serde(deny_unknown_fields)]
 pub struct CustomerPatchBody {
     /// New display name.
-    #[schema(min_length = 1, max_length = 200)]
-    pub name: Option<String>,
+    #[schema(required = false, min_length = 1, max_length = 200)]
+    pub name: String,
     /// New contact address.
-    #[schema(format = "email", max_length = 254)]
-    pub email: Option<String>,
+    #[schema(required = false, format = "email", max_length = 254)]
+    pub email: String,
     /// Another active plan: takes effect on the next request.
-    #[schema(pattern = "^plan_")]
-    pub plan_id: Option<String>,
+    #[schema(required = false, pattern = "^plan_")]
+    pub plan_id: String,
     /// `suspended` refuses the customer's calls; `active` serves them again.
-    pub status: Option<CustomerStatus>,
+    #[schema(required = false)]
+    pub status: CustomerStatus,
 }
 
 /// Creates a customer on a plan.

@@ -30,6 +30,7 @@ pub const ROTATE_FIELDS: [&str; 1] = ["grace_seconds"];
 
 /// Body of `POST /v1/customers/{id}/keys`.
 #[derive(Debug, ToSchema)]
+#[serde(deny_unknown_fields)]
 #[schema(example = json!({"name": "production", "expires_at": "2027-01-31T00:00:00Z", "scopes": ["orders"]}))]
 pub struct NewKeyBody {
     /// 1 to 64 letters, digits, `-`, `_` or `.`.
@@ -45,10 +46,11 @@ pub struct NewKeyBody {
 
 /// Body of `POST /v1/keys/{id}/rotate` (may be empty).
 #[derive(Debug, ToSchema)]
+#[serde(deny_unknown_fields)]
 pub struct RotateBody {
     /// Seconds the old key keeps working, 0 (default) to 2592000 (30 days).
-    #[schema(minimum = 0, maximum = 2592000)]
-    pub grace_seconds: Option<u64>,
+    #[schema(required = false, minimum = 0, maximum = 2592000)]
+    pub grace_seconds: u64,
 }
 
 /// A key just issued: its metadata and, this one time, the key itself.

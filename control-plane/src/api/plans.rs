@@ -19,13 +19,15 @@ use crate::store::plans::{Deleted, NewPlan, PlanPatch};
 
 /// Body of `POST /v1/plans`.
 #[derive(Debug, ToSchema)]
+#[serde(deny_unknown_fields)]
 #[schema(example = json!({"name": "pro", "rate_limits": [{"requests": 20, "window_seconds": 60}], "quota": {"requests": 10000, "hard": true}, "price": {"currency": "usd", "unit_amount_micros": 1000}}))]
 pub struct NewPlanBody {
     /// Unique name: 1 to 64 letters, digits, `-`, `_` or `.`.
     #[schema(min_length = 1, max_length = 64, pattern = "^[A-Za-z0-9._-]+$")]
     pub name: String,
     /// Windows that all apply at once; no two with the same `window_seconds`.
-    pub rate_limits: Option<Vec<RateLimit>>,
+    #[schema(required = false)]
+    pub rate_limits: Vec<RateLimit>,
     /// Requests per billing period; `null` for none.
     pub quota: Option<Quota>,
     /// Price per billable unit; `null` for none.
@@ -34,12 +36,19 @@ pub struct NewPlanBody {
 
 /// Body of `PATCH /v1/plans/{id}`: the fields to change.
 #[derive(Debug, ToSchema)]
+#[serde(deny_unknown_fields)]
 pub struct PlanPatchBody {
     /// New unique name.
-    #[schema(min_length = 1, max_length = 64, pattern = "^[A-Za-z0-9._-]+$")]
-    pub name: Option<String>,
+    #[schema(
+        required = false,
+        min_length = 1,
+        max_length = 64,
+        pattern = "^[A-Za-z0-9._-]+$"
+    )]
+    pub name: String,
     /// New windows, replacing the old ones.
-    pub rate_limits: Option<Vec<RateLimit>>,
+    #[schema(required = false)]
+    pub rate_limits: Vec<RateLimit>,
     /// New quota; `null` removes it.
     pub quota: Option<Quota>,
     /// New price; `null` removes it.
