@@ -18,9 +18,11 @@
 //! - [`logging`]: the `tracing` subscriber.
 //! - [`server`]: building and running the Pingora server.
 //! - [`listen_check`]: confirming after start-up that this process holds every proxy port.
+//! - [`identity`]: plans, customers and keys from the control plane; API-key checks.
 
 pub mod admin;
 pub mod config;
+pub mod identity;
 pub mod listen_check;
 pub mod logging;
 pub mod metrics;

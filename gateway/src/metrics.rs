@@ -29,6 +29,18 @@ pub const CONFIG_VERSION: &str = "tollgate_config_version";
 pub const CONFIG_LOADED_TIMESTAMP: &str = "tollgate_config_loaded_timestamp_seconds";
 /// Requests being processed now.
 pub const REQUESTS_IN_FLIGHT: &str = "tollgate_requests_in_flight";
+/// Config version of the identities (plans, customers, keys) in use; absent before any.
+pub const IDENTITY_VERSION: &str = "tollgate_identity_version";
+/// Keys in the identities in use.
+pub const IDENTITY_KEYS: &str = "tollgate_identity_keys";
+/// Seconds since the control plane last answered (the identities are at least that old).
+pub const IDENTITY_SYNC_AGE: &str = "tollgate_identity_sync_age_seconds";
+/// Failed attempts to reach or read the control plane.
+pub const IDENTITY_SYNC_FAILURES_TOTAL: &str = "tollgate_identity_sync_failures_total";
+/// Snapshots by result (`applied`, `restored` from disk, `refused`).
+pub const IDENTITY_SNAPSHOTS_TOTAL: &str = "tollgate_identity_snapshots_total";
+/// Authentication decisions by result (`ok`, or why the credential was refused, or `throttled`).
+pub const AUTH_DECISIONS_TOTAL: &str = "tollgate_auth_decisions_total";
 
 /// The route label of requests that matched no route (route names cannot contain parentheses).
 pub const NO_ROUTE: &str = "(none)";
@@ -62,6 +74,14 @@ pub struct Metrics {
     pub config_loaded: IntGauge,
     /// Requests in flight.
     pub in_flight: IntGauge,
+    identity_version: IntGauge,
+    identity_keys: IntGauge,
+    /// Seconds since the control plane answered, set when metrics are read.
+    pub identity_sync_age: IntGauge,
+    identity_sync_failures: IntCounter,
+    identity_snapshots: IntCounterVec,
+    auth_decisions: IntCounterVec,
+    identity_registered: std::sync::Arc<std::sync::Once>,
 }
 
 impl Default for Metrics {
@@ -128,6 +148,27 @@ impl Metrics {
             "Unix time the running config was loaded.",
         );
         let in_flight = IntGauge::new(REQUESTS_IN_FLIGHT, "Requests being processed.");
+        let identity_version = IntGauge::new(
+            IDENTITY_VERSION,
+            "Config version of the plans, customers and keys in use.",
+        );
+        let identity_keys = IntGauge::new(IDENTITY_KEYS, "Keys in the identities in use.");
+        let identity_sync_age = IntGauge::new(
+            IDENTITY_SYNC_AGE,
+            "Seconds since the control plane last answered this gateway.",
+        );
+        let identity_sync_failures = IntCounter::new(
+            IDENTITY_SYNC_FAILURES_TOTAL,
+            "Failed attempts to reach or read the control plane.",
+        );
+        let identity_snapshots = IntCounterVec::new(
+            Opts::new(IDENTITY_SNAPSHOTS_TOTAL, "Snapshots, by result."),
+            &["result"],
+        );
+        let auth_decisions = IntCounterVec::new(
+            Opts::new(AUTH_DECISIONS_TOTAL, "Authentication decisions, by result."),
+            &["result"],
+        );
         // The options above are static and valid, and each name is registered once.
         let metrics = (|| -> prometheus::Result<Metrics> {
             let metrics = Metrics {
@@ -142,6 +183,13 @@ impl Metrics {
                 config_version: config_version?,
                 config_loaded: config_loaded?,
                 in_flight: in_flight?,
+                identity_version: identity_version?,
+                identity_keys: identity_keys?,
+                identity_sync_age: identity_sync_age?,
+                identity_sync_failures: identity_sync_failures?,
+                identity_snapshots: identity_snapshots?,
+                auth_decisions: auth_decisions?,
+                identity_registered: std::sync::Arc::new(std::sync::Once::new()),
             };
             let r = &metrics.registry;
             r.register(Box::new(metrics.requests.clone()))?;
@@ -154,6 +202,12 @@ impl Metrics {
             r.register(Box::new(metrics.config_version.clone()))?;
             r.register(Box::new(metrics.config_loaded.clone()))?;
             r.register(Box::new(metrics.in_flight.clone()))?;
+            r.register(Box::new(metrics.identity_sync_failures.clone()))?;
+            r.register(Box::new(metrics.identity_snapshots.clone()))?;
+            r.register(Box::new(metrics.auth_decisions.clone()))?;
+            for result in ["applied", "restored", "refused"] {
+                metrics.identity_snapshots.with_label_values(&[result]);
+            }
             for result in ["ok", "failed"] {
                 metrics.reloads.with_label_values(&[result]);
             }
@@ -192,6 +246,40 @@ impl Metrics {
         self.reloads
             .with_label_values(&[if ok { "ok" } else { "failed" }])
             .inc();
+    }
+
+    /// Publishes the version and size of the identities now in use. The version, key count
+    /// and sync age series appear with the first identities.
+    pub fn set_identities(&self, identities: &crate::identity::index::Identities) {
+        self.identity_registered.call_once(|| {
+            for gauge in [
+                &self.identity_version,
+                &self.identity_keys,
+                &self.identity_sync_age,
+            ] {
+                if let Err(error) = self.registry.register(Box::new(gauge.clone())) {
+                    tracing::error!(%error, "cannot register an identity metric");
+                }
+            }
+        });
+        self.identity_version.set(identities.version);
+        self.identity_keys
+            .set(i64::try_from(identities.key_count()).unwrap_or(i64::MAX));
+    }
+
+    /// Counts a snapshot by result.
+    pub fn identity_snapshot(&self, result: &str) {
+        self.identity_snapshots.with_label_values(&[result]).inc();
+    }
+
+    /// Counts a failed sync attempt.
+    pub fn identity_sync_failure(&self) {
+        self.identity_sync_failures.inc();
+    }
+
+    /// Counts an authentication decision.
+    pub fn auth_decision(&self, result: &str) {
+        self.auth_decisions.with_label_values(&[result]).inc();
     }
 
     /// Sets a target's availability gauge.

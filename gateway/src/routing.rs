@@ -210,6 +210,7 @@ mod tests {
             compression_level: None,
             max_request_body_bytes: 0,
             security_headers: SecurityHeaders::default(),
+            auth: crate::config::RouteAuth::default(),
         }
     }
 

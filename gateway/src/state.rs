@@ -12,6 +12,8 @@ use arc_swap::ArcSwap;
 use tokio::sync::watch;
 
 use crate::config::{Config, Limits, RouteAction, SecurityHeaders, ServerSettings};
+use crate::identity::IdentityState;
+use crate::identity::failures::FailedAuth;
 use crate::metrics::{Metrics, RouteMetrics, UpstreamMetrics};
 use crate::routing::RouteTable;
 use crate::upstream::Pool;
@@ -66,6 +68,12 @@ pub struct Gateway {
     pub shutdown_handlers_ready: AtomicBool,
     /// When the process started.
     pub started: Instant,
+    /// Plans, customers and keys from the control plane.
+    pub identity: IdentityState,
+    /// Failed authentications per client address.
+    pub failed_auth: FailedAuth,
+    /// The control plane followed, as configured at start.
+    pub control_plane: Option<crate::config::ControlPlane>,
 }
 
 impl Gateway {
@@ -75,6 +83,8 @@ impl Gateway {
         let health = HealthRegistry::default();
         let server = config.server.clone();
         let log = config.log.clone();
+        let failed_auth = FailedAuth::new(config.auth.failed_per_minute);
+        let control_plane = config.control_plane.clone();
         let live = build_live(1, config, &health, &metrics);
         let (changed, _) = watch::channel(1);
         let gateway = Arc::new(Self {
@@ -91,6 +101,9 @@ impl Gateway {
             reload_handlers_ready: AtomicBool::new(false),
             shutdown_handlers_ready: AtomicBool::new(false),
             started: Instant::now(),
+            identity: IdentityState::default(),
+            failed_auth,
+            control_plane,
         });
         gateway.publish_gauges();
         gateway

@@ -27,6 +27,10 @@ pub struct GatewayConfig {
     pub upstreams: Vec<Entry<UpstreamConfig>>,
     /// Rules that map a request (host, path prefix, method) to an upstream or a static response.
     pub routes: Vec<Entry<RouteConfig>>,
+    /// `[control_plane]`: where plans, customers and keys come from; none without it.
+    pub control_plane: Option<ControlPlaneConfig>,
+    /// `[auth]`: protection of authenticated routes.
+    pub auth: AuthConfig,
 }
 
 /// One element of `[[upstreams]]` or `[[routes]]`.
@@ -297,9 +301,59 @@ pub struct RouteConfig {
     pub max_request_body_bytes: Option<u64>,
     /// Overrides of the global security headers for this route.
     pub security_headers: Option<SecurityHeadersConfig>,
+    /// Who may call the route.
+    #[serde(default)]
+    pub auth: RouteAuthConfig,
+    /// Also take the API key from this query parameter.
+    pub key_query_param: Option<String>,
 }
 
 /// `respond = { status = 200, headers = { ... }, body = "..." }`.
+/// How a route authenticates its callers.
+#[derive(Debug, Clone, Copy, Default, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum RouteAuthConfig {
+    /// Public: no credential is read.
+    #[default]
+    None,
+    /// An API key.
+    Key,
+}
+
+/// `[control_plane]`.
+#[derive(Debug, Clone, Deserialize)]
+pub struct ControlPlaneConfig {
+    /// Standalone: run the control plane in this process, on the admin listener.
+    #[serde(default)]
+    pub embedded: bool,
+    /// Embedded: its store. Relative SQLite paths are relative to the config file.
+    pub database_url: Option<String>,
+    /// Cluster: the control plane's base URL (`http://host:port`).
+    pub url: Option<String>,
+    /// Cluster: the environment variable holding this gateway's token (role `gateway`).
+    #[serde(default = "defaults::gateway_token_env")]
+    pub token_env: String,
+    /// Where the last good snapshot is kept, relative to the config file.
+    #[serde(default = "defaults::snapshot_file")]
+    pub snapshot_file: String,
+}
+
+/// `[auth]`.
+#[derive(Debug, Clone, Deserialize)]
+pub struct AuthConfig {
+    /// Failed authentications per client address and minute; past it, 429 before any lookup.
+    #[serde(default = "defaults::failed_auth_per_minute")]
+    pub failed_per_minute: u32,
+}
+
+impl Default for AuthConfig {
+    fn default() -> Self {
+        Self {
+            failed_per_minute: defaults::failed_auth_per_minute(),
+        }
+    }
+}
+
 #[derive(Debug, Clone, Deserialize)]
 pub struct StaticResponseConfig {
     /// Status code (default 200).
@@ -330,6 +384,16 @@ fn optional_duration<'de, D: Deserializer<'de>>(
 
 mod defaults {
     use std::time::Duration;
+
+    pub fn gateway_token_env() -> String {
+        "TOLLGATE_GATEWAY_TOKEN".into()
+    }
+    pub fn snapshot_file() -> String {
+        "tollgate-snapshot.json.gz".into()
+    }
+    pub fn failed_auth_per_minute() -> u32 {
+        60
+    }
 
     pub fn yes() -> bool {
         true

@@ -9,7 +9,9 @@ use std::path::Path;
 
 use serde::de::DeserializeOwned;
 
-use super::file::{Entry, GatewayConfig, LogConfig, SecurityHeadersConfig, ServerConfig};
+use super::file::{
+    AuthConfig, Entry, GatewayConfig, LogConfig, SecurityHeadersConfig, ServerConfig,
+};
 
 /// One problem in a config file, with the path of the field it concerns.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -96,6 +98,8 @@ pub fn parse(text: &str) -> Result<(GatewayConfig, Vec<ConfigError>), ConfigErro
         security_headers: SecurityHeadersConfig::default(),
         upstreams: Vec::new(),
         routes: Vec::new(),
+        control_plane: None,
+        auth: AuthConfig::default(),
     };
     let mut saw_server = false;
     for (key, value) in table {
@@ -111,11 +115,16 @@ pub fn parse(text: &str) -> Result<(GatewayConfig, Vec<ConfigError>), ConfigErro
                 config.security_headers =
                     section("security_headers", value, &mut errors).unwrap_or_default();
             }
+            "control_plane" => {
+                config.control_plane = section("control_plane", value, &mut errors);
+            }
+            "auth" => config.auth = section("auth", value, &mut errors).unwrap_or_default(),
             "upstreams" => config.upstreams = array("upstreams", value, &mut errors),
             "routes" => config.routes = array("routes", value, &mut errors),
             _ => errors.push(ConfigError::new(
                 key.clone(),
-                "unknown key (expected one of server, log, security_headers, upstreams, routes)",
+                "unknown key (expected one of server, log, security_headers, control_plane, auth, \
+                 upstreams, routes)",
             )),
         }
     }

@@ -32,6 +32,59 @@ pub struct Config {
     pub routes: Vec<Route>,
     /// Security headers of responses that match no route.
     pub security_headers: SecurityHeaders,
+    /// Where plans, customers and keys come from; `None` when no route needs them.
+    pub control_plane: Option<ControlPlane>,
+    /// Protection of authenticated routes.
+    pub auth: AuthSettings,
+}
+
+/// The control plane a gateway follows.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ControlPlane {
+    /// Where the feed comes from.
+    pub source: FeedSource,
+    /// Where the last good snapshot is kept.
+    pub snapshot_file: PathBuf,
+}
+
+/// Where the feed comes from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum FeedSource {
+    /// A control plane run in this process, on the admin listener, over this store.
+    Embedded {
+        /// `sqlite://…` or `postgres://…`.
+        database_url: String,
+    },
+    /// A separate control plane.
+    Remote {
+        /// Its base URL, without a trailing `/`.
+        url: String,
+        /// The environment variable holding the gateway token.
+        token_env: String,
+    },
+}
+
+/// Protection of authenticated routes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct AuthSettings {
+    /// Failed authentications per client address and minute before 429.
+    pub failed_per_minute: u32,
+}
+
+/// Who may call a route.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct RouteAuth {
+    /// An API key is required.
+    pub key: bool,
+    /// The key may also come in this query parameter.
+    pub key_query_param: Option<String>,
+}
+
+impl RouteAuth {
+    /// Whether the route needs a credential.
+    pub fn required(&self) -> bool {
+        self.key
+    }
 }
 
 impl Config {
@@ -198,6 +251,8 @@ pub struct Route {
     pub max_request_body_bytes: u64,
     /// Security headers of this route.
     pub security_headers: SecurityHeaders,
+    /// Who may call it.
+    pub auth: RouteAuth,
 }
 
 /// How a route matches the request's host.

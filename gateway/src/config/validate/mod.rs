@@ -13,12 +13,13 @@ use std::path::Path;
 use http::{Method, StatusCode};
 
 use super::file::{
-    Entry, GatewayConfig, RouteConfig, SecurityHeadersConfig, ServerConfig, UpstreamConfig,
+    ControlPlaneConfig, Entry, GatewayConfig, RouteAuthConfig, RouteConfig, SecurityHeadersConfig,
+    ServerConfig, UpstreamConfig,
 };
 use super::headers::{check_security_headers, header_pairs, resolve_security_headers};
 use super::{
-    Config, ConfigError, ConfigErrors, HostMatch, Limits, Route, RouteAction, ServerSettings,
-    StaticResponse, TlsListener, Upstream,
+    AuthSettings, Config, ConfigError, ConfigErrors, ControlPlane, FeedSource, HostMatch, Limits,
+    Route, RouteAction, RouteAuth, ServerSettings, StaticResponse, TlsListener, Upstream,
 };
 
 /// Checks a parsed file, adding its problems to those `parse_errors` already found. Relative
@@ -61,6 +62,16 @@ pub fn validate(
         global_headers,
         default_body_limit,
     };
+    let control_plane = file
+        .control_plane
+        .as_ref()
+        .and_then(|cp| self::control_plane(cp, base, &mut errors));
+    if file.auth.failed_per_minute == 0 {
+        errors.push(
+            "auth.failed_per_minute",
+            "must be at least 1 (failed authentications per client address and minute)",
+        );
+    }
     let routes: Vec<Route> = file
         .routes
         .iter()
@@ -74,6 +85,17 @@ pub fn validate(
             )
         })
         .collect();
+    for (i, entry) in file.routes.iter().enumerate() {
+        if let Some(route) = entry.valid()
+            && route.auth != RouteAuthConfig::None
+            && file.control_plane.is_none()
+        {
+            errors.push(
+                format!("routes[{i}].auth"),
+                "needs a [control_plane] section: the keys come from the control plane",
+            );
+        }
+    }
     let route_names: Vec<Option<&str>> = file.routes.iter().map(entry_name).collect();
     unique_names(&route_names, "routes", &mut errors);
     overlapping_routes(&file.routes, &mut errors);
@@ -90,6 +112,10 @@ pub fn validate(
             upstreams,
             routes,
             security_headers: resolve_security_headers(&[global_headers]),
+            control_plane,
+            auth: AuthSettings {
+                failed_per_minute: file.auth.failed_per_minute,
+            },
         }),
         _ => Err(ConfigErrors(errors.0)),
     }
@@ -376,6 +402,7 @@ fn route(
         }
         None => resolve_security_headers(&[context.global_headers]),
     };
+    let auth = route_auth(file, path, errors);
     let action = action?;
     (errors.0.len() == before).then(|| Route {
         name: file.name.clone(),
@@ -389,6 +416,117 @@ fn route(
             .max_request_body_bytes
             .unwrap_or(context.default_body_limit),
         security_headers,
+        auth,
+    })
+}
+
+fn route_auth(file: &RouteConfig, path: &str, errors: &mut Errors) -> RouteAuth {
+    let key = file.auth == RouteAuthConfig::Key;
+    if let Some(name) = &file.key_query_param {
+        if !key {
+            errors.push(
+                format!("{path}.key_query_param"),
+                "only applies to routes with auth = \"key\"",
+            );
+        } else if name.is_empty()
+            || !name
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
+        {
+            errors.push(
+                format!("{path}.key_query_param"),
+                format!("invalid parameter name {name:?}: use letters, digits, '_' or '-'"),
+            );
+        }
+    }
+    RouteAuth {
+        key,
+        key_query_param: file.key_query_param.clone().filter(|_| key),
+    }
+}
+
+/// Default store of the embedded control plane, next to the config file.
+const EMBEDDED_DATABASE: &str = "sqlite://tollgate.db?mode=rwc";
+
+fn control_plane(
+    file: &ControlPlaneConfig,
+    base: &Path,
+    errors: &mut Errors,
+) -> Option<ControlPlane> {
+    let source = match (file.embedded, &file.url) {
+        (true, None) => {
+            let url = file.database_url.as_deref().unwrap_or(EMBEDDED_DATABASE);
+            if let Some(rest) = url.strip_prefix("sqlite://") {
+                let relative = !rest.starts_with('/') && !rest.starts_with(":memory:");
+                Some(FeedSource::Embedded {
+                    database_url: if relative {
+                        format!("sqlite://{}", base.join(rest).display())
+                    } else {
+                        url.to_owned()
+                    },
+                })
+            } else if url.starts_with("postgres://") || url.starts_with("postgresql://") {
+                Some(FeedSource::Embedded {
+                    database_url: url.to_owned(),
+                })
+            } else {
+                errors.push(
+                    "control_plane.database_url",
+                    format!("{url:?} is neither sqlite://… nor postgres://…"),
+                );
+                None
+            }
+        }
+        (false, Some(url)) => {
+            if file.database_url.is_some() {
+                errors.push(
+                    "control_plane.database_url",
+                    "only applies with embedded = true (a separate control plane has its own)",
+                );
+            }
+            let valid = (url.starts_with("http://") || url.starts_with("https://"))
+                && url
+                    .parse::<http::Uri>()
+                    .is_ok_and(|uri| uri.host().is_some() && uri.query().is_none());
+            if !valid {
+                errors.push(
+                    "control_plane.url",
+                    format!("invalid URL {url:?}: expected http://host:port"),
+                );
+            }
+            if file.token_env.is_empty() {
+                errors.push(
+                    "control_plane.token_env",
+                    "must name the environment variable holding the gateway token",
+                );
+            }
+            valid.then(|| FeedSource::Remote {
+                url: url.trim_end_matches('/').to_owned(),
+                token_env: file.token_env.clone(),
+            })
+        }
+        (true, Some(_)) => {
+            errors.push(
+                "control_plane",
+                "set either embedded = true or url, not both",
+            );
+            None
+        }
+        (false, None) => {
+            errors.push(
+                "control_plane",
+                "set embedded = true (run it in this process) or url (follow a separate one)",
+            );
+            None
+        }
+    };
+    if file.snapshot_file.is_empty() {
+        errors.push("control_plane.snapshot_file", "must not be empty");
+        return None;
+    }
+    Some(ControlPlane {
+        source: source?,
+        snapshot_file: base.join(&file.snapshot_file),
     })
 }
 

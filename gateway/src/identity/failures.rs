@@ -1,0 +1,177 @@
+//! Failed authentications per client address: past `limit` in a sliding minute, the address is
+//! answered 429 before any credential is looked at, so the key space cannot be scanned cheaply.
+//!
+//! IPv6 addresses count per /64, the block one client usually holds. The table is split in
+//! shards, each behind a mutex held for a few instructions and never across an `.await`; it is
+//! swept of idle addresses when it grows, so a scan from many addresses cannot grow it without
+//! bound.
+
+use std::collections::HashMap;
+use std::net::IpAddr;
+use std::sync::Mutex;
+
+const WINDOW_MS: i64 = 60_000;
+const SHARDS: usize = 16;
+/// Addresses per shard past which idle ones are swept.
+const SWEEP_AT: usize = 16_384;
+
+/// The failure counts.
+#[derive(Debug)]
+pub struct FailedAuth {
+    limit: u32,
+    shards: Vec<Mutex<HashMap<IpAddr, Window>>>,
+}
+
+/// Failures of one address in the current and the previous minute.
+#[derive(Debug, Clone, Copy)]
+struct Window {
+    start_ms: i64,
+    current: u32,
+    previous: u32,
+}
+
+impl Window {
+    /// Moves the window to the minute holding `now_ms`.
+    fn roll(&mut self, now_ms: i64) {
+        let elapsed = now_ms - self.start_ms;
+        if elapsed >= 2 * WINDOW_MS {
+            *self = Window {
+                start_ms: now_ms - now_ms.rem_euclid(WINDOW_MS),
+                current: 0,
+                previous: 0,
+            };
+        } else if elapsed >= WINDOW_MS {
+            self.previous = self.current;
+            self.current = 0;
+            self.start_ms += WINDOW_MS;
+        }
+    }
+
+    /// The sliding-window estimate: this minute's count plus the share of the previous minute
+    /// still inside the last 60 s.
+    fn count(&self, now_ms: i64) -> f64 {
+        let into = (now_ms - self.start_ms).clamp(0, WINDOW_MS) as f64 / WINDOW_MS as f64;
+        f64::from(self.current) + f64::from(self.previous) * (1.0 - into)
+    }
+}
+
+impl FailedAuth {
+    /// At most `limit` failures per address and minute.
+    pub fn new(limit: u32) -> Self {
+        Self {
+            limit,
+            shards: (0..SHARDS).map(|_| Mutex::new(HashMap::new())).collect(),
+        }
+    }
+
+    /// The limit.
+    pub fn limit(&self) -> u32 {
+        self.limit
+    }
+
+    /// `Some(seconds to wait)` when `address` is over the limit.
+    pub fn blocked(&self, address: IpAddr, now_ms: i64) -> Option<u64> {
+        let key = block(address);
+        let mut shard = self.shard(&key);
+        let window = shard.get_mut(&key)?;
+        window.roll(now_ms);
+        if window.count(now_ms) < f64::from(self.limit) {
+            return None;
+        }
+        // The count falls under the limit by the end of the next minute at the latest.
+        let until = window.start_ms + 2 * WINDOW_MS;
+        Some(((until - now_ms).max(1000) as u64).div_ceil(1000))
+    }
+
+    /// Counts a failure of `address`.
+    pub fn record(&self, address: IpAddr, now_ms: i64) {
+        let key = block(address);
+        let mut shard = self.shard(&key);
+        if shard.len() >= SWEEP_AT {
+            shard.retain(|_, window| now_ms - window.start_ms < 2 * WINDOW_MS);
+        }
+        let window = shard.entry(key).or_insert(Window {
+            start_ms: now_ms - now_ms.rem_euclid(WINDOW_MS),
+            current: 0,
+            previous: 0,
+        });
+        window.roll(now_ms);
+        window.current = window.current.saturating_add(1);
+    }
+
+    fn shard(&self, key: &IpAddr) -> std::sync::MutexGuard<'_, HashMap<IpAddr, Window>> {
+        let index = match key {
+            IpAddr::V4(v4) => usize::from(v4.octets()[3]),
+            IpAddr::V6(v6) => usize::from(v6.octets()[7]),
+        } % SHARDS;
+        self.shards[index]
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+}
+
+/// The unit counted: the address, or its /64 for IPv6.
+fn block(address: IpAddr) -> IpAddr {
+    match address {
+        IpAddr::V4(_) => address,
+        IpAddr::V6(v6) => {
+            let mut octets = v6.octets();
+            octets[8..].fill(0);
+            IpAddr::from(octets)
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const T0: i64 = 1_800_000_000_000;
+
+    #[test]
+    fn blocks_past_the_limit_and_says_how_long() {
+        let failures = FailedAuth::new(3);
+        let ip: IpAddr = "192.0.2.7".parse().unwrap();
+        for i in 0..3 {
+            assert_eq!(failures.blocked(ip, T0 + i), None, "failure {i}");
+            failures.record(ip, T0 + i);
+        }
+        let wait = failures.blocked(ip, T0 + 10).unwrap();
+        assert!((60..=120).contains(&wait), "{wait}");
+        // Another address is not affected.
+        assert_eq!(failures.blocked("192.0.2.8".parse().unwrap(), T0), None);
+    }
+
+    #[test]
+    fn the_window_slides_and_then_forgets() {
+        let failures = FailedAuth::new(4);
+        let ip: IpAddr = "192.0.2.7".parse().unwrap();
+        let start = T0 - T0.rem_euclid(WINDOW_MS);
+        for _ in 0..4 {
+            failures.record(ip, start);
+        }
+        assert!(failures.blocked(ip, start + 1).is_some());
+        // Half-way through the next minute half of the previous minute still counts: 2 < 4.
+        assert_eq!(
+            failures.blocked(ip, start + WINDOW_MS + WINDOW_MS / 2),
+            None
+        );
+        assert_eq!(failures.blocked(ip, start + 3 * WINDOW_MS), None);
+    }
+
+    #[test]
+    fn ipv6_counts_per_64() {
+        let failures = FailedAuth::new(2);
+        failures.record("2001:db8:1:2::1".parse().unwrap(), T0);
+        failures.record("2001:db8:1:2:ffff::9".parse().unwrap(), T0);
+        assert!(
+            failures
+                .blocked("2001:db8:1:2::77".parse().unwrap(), T0 + 1)
+                .is_some()
+        );
+        assert_eq!(
+            failures.blocked("2001:db8:1:3::1".parse().unwrap(), T0 + 1),
+            None
+        );
+    }
+}

@@ -1,0 +1,469 @@
+//! Following the control plane: the snapshot at start, then every change as it is made, and the
+//! last good state kept on disk.
+//!
+//! - At start the stored snapshot (and the changes journaled after it) is loaded if there is
+//!   one, so a gateway restarted while the control plane is down serves at once.
+//! - Without identities, or when the feed says the version is unknown (409), or a change
+//!   cannot be applied, the full snapshot is fetched. It is streamed: gzip bytes go to a
+//!   temporary file and, decompressed, into the index entry by entry. Only a snapshot that
+//!   reads and checks completely replaces the running identities and the stored file.
+//! - Otherwise the feed is long-polled (`wait_ms`), so a change reaches the request path about
+//!   as soon as it is committed. Each applied page of changes is appended to the journal.
+//! - Failures are retried with a growing delay (up to 10 s); the identities in use stay.
+
+use std::fs::{File, OpenOptions};
+use std::io::{BufRead, BufReader, Read, Write};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use pingora::server::ShutdownWatch;
+use pingora::services::background::BackgroundService;
+use tokio::sync::mpsc;
+use tollgate_model::feed::Changes;
+
+use super::index::{Applied, Identities, Invalid, ScopeInterner};
+use super::snapshot;
+use crate::state::Gateway;
+
+/// How long one request to the change feed waits for a change.
+const LONG_POLL: Duration = Duration::from_secs(25);
+/// Longest delay between failed attempts.
+const MAX_BACKOFF: Duration = Duration::from_secs(10);
+/// Journaled change pages past which the next sync fetches a fresh snapshot instead.
+const JOURNAL_LIMIT: usize = 10_000;
+
+/// Where the feed comes from.
+#[derive(Debug, Clone)]
+pub struct Source {
+    /// The control plane's base URL.
+    pub base_url: String,
+    /// A token with role `gateway`.
+    pub token: String,
+}
+
+/// The stored snapshot and the changes applied after it.
+#[derive(Debug, Clone)]
+pub struct Stored {
+    /// The snapshot as received (gzip or plain JSON).
+    pub snapshot: PathBuf,
+    /// One JSON `Changes` per line.
+    pub journal: PathBuf,
+}
+
+impl Stored {
+    /// The files for `snapshot`: the journal sits beside it.
+    pub fn new(snapshot: PathBuf) -> Self {
+        let mut journal = snapshot.clone().into_os_string();
+        journal.push(".changes");
+        Self {
+            snapshot,
+            journal: PathBuf::from(journal),
+        }
+    }
+
+    fn temporary(&self) -> PathBuf {
+        let mut path = self.snapshot.clone().into_os_string();
+        path.push(".partial");
+        PathBuf::from(path)
+    }
+
+    /// Loads the stored snapshot and replays the journal. `Ok(None)` when nothing is stored.
+    pub fn restore(
+        &self,
+        interner: &mut ScopeInterner,
+    ) -> Result<Option<(Identities, usize)>, Invalid> {
+        let file = match File::open(&self.snapshot) {
+            Ok(file) => file,
+            Err(error) if error.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+            Err(error) => {
+                return Err(Invalid(format!(
+                    "cannot read {}: {error}",
+                    self.snapshot.display()
+                )));
+            }
+        };
+        let mut identities = snapshot::read(decoded(file), interner)?;
+        let mut pages = 0;
+        if let Ok(journal) = File::open(&self.journal) {
+            for line in BufReader::new(journal).lines() {
+                // A torn last line (a crash mid-write) ends the replay; the feed fills the gap.
+                let Ok(page) = line
+                    .map_err(|_| ())
+                    .and_then(|l| serde_json::from_str::<Changes>(&l).map_err(|_| ()))
+                else {
+                    break;
+                };
+                pages += 1;
+                if page.version <= identities.version {
+                    continue;
+                }
+                match apply(&identities, &page, interner)? {
+                    Applied::Next(next) => identities = next,
+                    Applied::NeedsSnapshot(_) => break,
+                }
+            }
+        }
+        Ok(Some((identities, pages)))
+    }
+
+    fn append(&self, page: &Changes) -> std::io::Result<()> {
+        let mut line = serde_json::to_vec(page).map_err(std::io::Error::other)?;
+        line.push(b'\n');
+        let mut journal = OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.journal)?;
+        journal.write_all(&line)?;
+        journal.sync_data()
+    }
+}
+
+/// A snapshot file as plain JSON, whether it was stored gzip-compressed or not.
+fn decoded(mut file: File) -> Box<dyn Read + Send> {
+    let mut magic = [0u8; 2];
+    let gzip = file.read_exact(&mut magic).is_ok() && magic == [0x1f, 0x8b];
+    let file = Box::new(std::io::Cursor::new(magic).chain(file));
+    if gzip {
+        Box::new(flate2::read::GzDecoder::new(file))
+    } else {
+        file
+    }
+}
+
+fn apply(
+    identities: &Identities,
+    page: &Changes,
+    interner: &mut ScopeInterner,
+) -> Result<Applied, Invalid> {
+    let entities: Vec<_> = page.changes.iter().map(|c| c.entity.clone()).collect();
+    identities.apply(page.version, &entities, interner)
+}
+
+/// Why one attempt to sync failed.
+#[derive(Debug)]
+enum SyncError {
+    /// The control plane could not be reached or broke the exchange.
+    Unreachable(String),
+    /// It answered with an error status.
+    Refused(u16, String),
+    /// It says our version is not one of its versions: take a new snapshot.
+    UnknownVersion,
+    /// What it sent does not check.
+    Invalid(Invalid),
+}
+
+impl std::fmt::Display for SyncError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            SyncError::Unreachable(error) => write!(f, "control plane unreachable: {error}"),
+            SyncError::Refused(status, detail) => {
+                write!(f, "control plane answered {status}: {detail}")
+            }
+            SyncError::UnknownVersion => f.write_str("the control plane does not know our version"),
+            SyncError::Invalid(invalid) => write!(f, "refused: {invalid}"),
+        }
+    }
+}
+
+impl From<reqwest::Error> for SyncError {
+    fn from(error: reqwest::Error) -> Self {
+        SyncError::Unreachable(error.to_string())
+    }
+}
+
+/// The follower, as a background service.
+#[derive(Debug)]
+pub struct Follower {
+    gateway: Arc<Gateway>,
+    source: Source,
+    stored: Stored,
+    client: reqwest::Client,
+}
+
+impl Follower {
+    /// Follows `source` for `gateway`, keeping the last good state in `stored`.
+    pub fn new(gateway: Arc<Gateway>, source: Source, stored: Stored) -> anyhow::Result<Self> {
+        let client = reqwest::Client::builder()
+            .no_proxy()
+            .connect_timeout(Duration::from_secs(5))
+            .user_agent(concat!("tollgate-gateway/", env!("CARGO_PKG_VERSION")))
+            .build()?;
+        Ok(Self {
+            gateway,
+            source,
+            stored,
+            client,
+        })
+    }
+
+    /// Loads the stored snapshot, if there is one and no identities are loaded yet.
+    pub fn restore(&self) {
+        if self.gateway.identity.current().is_some() {
+            return;
+        }
+        let mut interner = ScopeInterner::default();
+        match self.stored.restore(&mut interner) {
+            Ok(Some((identities, pages))) => {
+                tracing::info!(
+                    version = identities.version,
+                    keys = identities.key_count(),
+                    journaled_pages = pages,
+                    file = %self.stored.snapshot.display(),
+                    "serving with the stored snapshot until the control plane answers"
+                );
+                self.publish(identities, true);
+                self.gateway.metrics.identity_snapshot("restored");
+            }
+            Ok(None) => {}
+            Err(invalid) => {
+                tracing::warn!(file = %self.stored.snapshot.display(), %invalid, "the stored snapshot is unusable; waiting for the control plane");
+                self.gateway.metrics.identity_snapshot("refused");
+            }
+        }
+    }
+
+    fn publish(&self, identities: Identities, restored: bool) {
+        self.gateway.metrics.set_identities(&identities);
+        self.gateway.identity.set(identities, restored);
+    }
+
+    /// Runs until shutdown.
+    async fn follow(&self, mut shutdown: ShutdownWatch) {
+        let mut backoff = Duration::from_millis(250);
+        let mut need_snapshot = self.gateway.identity.current().is_none();
+        let mut journaled = 0usize;
+        let mut failing = false;
+        loop {
+            let attempt = async {
+                match self.gateway.identity.current() {
+                    Some(current) if !need_snapshot && journaled < JOURNAL_LIMIT => {
+                        self.follow_changes(&current).await.map(|applied| {
+                            journaled += usize::from(applied);
+                        })
+                    }
+                    _ => self.take_snapshot().await.map(|()| {
+                        need_snapshot = false;
+                        journaled = 0;
+                    }),
+                }
+            };
+            let result = tokio::select! {
+                result = attempt => result,
+                _ = shutdown.changed() => return,
+            };
+            match result {
+                Ok(()) => {
+                    self.gateway.identity.contacted(super::unix_ms());
+                    if failing {
+                        tracing::info!("control plane reachable again");
+                        failing = false;
+                    }
+                    backoff = Duration::from_millis(250);
+                    continue;
+                }
+                Err(SyncError::UnknownVersion) => {
+                    tracing::warn!(
+                        "the control plane does not know our version; taking a new snapshot"
+                    );
+                    need_snapshot = true;
+                    continue;
+                }
+                Err(SyncError::Invalid(invalid)) => {
+                    tracing::error!(%invalid, "refused what the control plane sent; the last good identities stay");
+                    self.gateway.metrics.identity_snapshot("refused");
+                    need_snapshot = true;
+                }
+                Err(error) => {
+                    if !failing {
+                        tracing::warn!(%error, "cannot sync with the control plane; the last good identities stay");
+                        failing = true;
+                    } else {
+                        tracing::debug!(%error, "sync still failing");
+                    }
+                }
+            }
+            self.gateway.metrics.identity_sync_failure();
+            tokio::select! {
+                () = tokio::time::sleep(backoff) => {}
+                _ = shutdown.changed() => return,
+            }
+            backoff = (backoff * 2).min(MAX_BACKOFF);
+        }
+    }
+
+    /// Fetches, checks and installs the full snapshot, then stores it.
+    async fn take_snapshot(&self) -> Result<(), SyncError> {
+        let response = self
+            .client
+            .get(format!("{}/v1/gateway/snapshot", self.source.base_url))
+            .bearer_auth(&self.source.token)
+            .header(http::header::ACCEPT_ENCODING, "gzip")
+            .timeout(Duration::from_secs(600))
+            .send()
+            .await?;
+        let response = check_status(response).await?;
+        let gzip = response
+            .headers()
+            .get(http::header::CONTENT_ENCODING)
+            .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"gzip"));
+        let (sender, receiver) = mpsc::channel::<Bytes>(16);
+        let partial = self.stored.temporary();
+        let reader = tokio::task::spawn_blocking(move || read_streamed(receiver, &partial, gzip));
+        let mut response = response;
+        let streamed: Result<(), SyncError> = async {
+            while let Some(chunk) = response.chunk().await? {
+                if sender.send(chunk).await.is_err() {
+                    break; // the reader stopped: its error says why
+                }
+            }
+            Ok(())
+        }
+        .await;
+        drop(sender);
+        let read = reader
+            .await
+            .map_err(|e| SyncError::Invalid(Invalid(format!("snapshot reader failed: {e}"))))?;
+        streamed?;
+        let identities = read.map_err(SyncError::Invalid)?;
+        if let Some(current) = self.gateway.identity.current()
+            && identities.version < current.version
+            && !self.gateway.identity.is_restored()
+        {
+            return Err(SyncError::Invalid(Invalid(format!(
+                "snapshot version {} is older than the running {}",
+                identities.version, current.version
+            ))));
+        }
+        let (version, keys) = (identities.version, identities.key_count());
+        self.publish(identities, false);
+        self.gateway.metrics.identity_snapshot("applied");
+        if let Err(error) = self.keep_snapshot() {
+            tracing::warn!(%error, file = %self.stored.snapshot.display(), "cannot store the snapshot; a restart will need the control plane");
+        }
+        tracing::info!(version, keys, "snapshot applied");
+        Ok(())
+    }
+
+    fn keep_snapshot(&self) -> std::io::Result<()> {
+        std::fs::rename(self.stored.temporary(), &self.stored.snapshot)?;
+        match std::fs::remove_file(&self.stored.journal) {
+            Ok(()) => Ok(()),
+            Err(error) if error.kind() == std::io::ErrorKind::NotFound => Ok(()),
+            Err(error) => Err(error),
+        }
+    }
+
+    /// Waits for the changes after the running version and applies them; returns whether any
+    /// were applied.
+    async fn follow_changes(&self, current: &Identities) -> Result<bool, SyncError> {
+        let response = self
+            .client
+            .get(format!("{}/v1/gateway/changes", self.source.base_url))
+            .query(&[
+                ("since", current.version.to_string()),
+                ("wait_ms", LONG_POLL.as_millis().to_string()),
+            ])
+            .bearer_auth(&self.source.token)
+            .timeout(LONG_POLL + Duration::from_secs(10))
+            .send()
+            .await?;
+        if response.status() == reqwest::StatusCode::CONFLICT {
+            return Err(SyncError::UnknownVersion);
+        }
+        let page: Changes = check_status(response).await?.json().await?;
+        if page.changes.is_empty() {
+            return Ok(false);
+        }
+        let mut interner = ScopeInterner::default();
+        match apply(current, &page, &mut interner).map_err(SyncError::Invalid)? {
+            Applied::Next(next) => {
+                let version = next.version;
+                self.publish(next, false);
+                if let Err(error) = self.stored.append(&page) {
+                    tracing::warn!(%error, file = %self.stored.journal.display(), "cannot journal changes");
+                }
+                tracing::debug!(version, changes = page.changes.len(), "changes applied");
+                Ok(true)
+            }
+            Applied::NeedsSnapshot(why) => {
+                tracing::info!(%why, "taking a new snapshot");
+                Err(SyncError::UnknownVersion)
+            }
+        }
+    }
+}
+
+async fn check_status(response: reqwest::Response) -> Result<reqwest::Response, SyncError> {
+    let status = response.status();
+    if status.is_success() {
+        return Ok(response);
+    }
+    let body = response.text().await.unwrap_or_default();
+    let detail = serde_json::from_str::<tollgate_model::Problem>(&body)
+        .ok()
+        .and_then(|p| p.detail)
+        .unwrap_or_else(|| body.chars().take(200).collect());
+    Err(SyncError::Refused(status.as_u16(), detail))
+}
+
+/// Reads the streamed snapshot: every chunk is written to `partial` as received and read,
+/// decompressed if `gzip`, into the index.
+fn read_streamed(
+    receiver: mpsc::Receiver<Bytes>,
+    partial: &Path,
+    gzip: bool,
+) -> Result<Identities, Invalid> {
+    let file = File::create(partial)
+        .map_err(|e| Invalid(format!("cannot write {}: {e}", partial.display())))?;
+    let tee = Tee {
+        receiver,
+        chunk: Bytes::new(),
+        file,
+    };
+    let reader: Box<dyn Read> = if gzip {
+        Box::new(flate2::read::GzDecoder::new(tee))
+    } else {
+        Box::new(tee)
+    };
+    let mut interner = ScopeInterner::default();
+    let identities = snapshot::read(reader, &mut interner)?;
+    Ok(identities)
+}
+
+/// Reads chunks from a channel, writing each to a file on the way.
+struct Tee {
+    receiver: mpsc::Receiver<Bytes>,
+    chunk: Bytes,
+    file: File,
+}
+
+impl Read for Tee {
+    fn read(&mut self, buffer: &mut [u8]) -> std::io::Result<usize> {
+        while self.chunk.is_empty() {
+            match self.receiver.blocking_recv() {
+                Some(chunk) => {
+                    self.file.write_all(&chunk)?;
+                    self.chunk = chunk;
+                }
+                None => {
+                    self.file.sync_all()?;
+                    return Ok(0);
+                }
+            }
+        }
+        let n = buffer.len().min(self.chunk.len());
+        buffer[..n].copy_from_slice(&self.chunk.split_to(n));
+        Ok(n)
+    }
+}
+
+#[async_trait]
+impl BackgroundService for Follower {
+    /// [`Follower::restore`] runs before the proxy starts; this follows the feed.
+    async fn start(&self, shutdown: ShutdownWatch) {
+        self.follow(shutdown).await;
+    }
+}

@@ -1,0 +1,441 @@
+//! The identities a gateway enforces, indexed for the hot path: one immutable value per config
+//! version, swapped atomically, never locked.
+//!
+//! Keys are the bulk (a million is a normal size), so they are kept compact: a sorted array of
+//! fixed-size entries (96 bytes each) searched by the key's SHA-256, plus a small overlay of
+//! the keys changed since the array was built. Applying a change copies only the overlay; once
+//! the overlay passes [`OVERLAY_LIMIT`] entries it is merged into a new array. Customers work the
+//! same way with a hash map as the base. Plans are few and copied whole.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::SystemTime;
+
+use tollgate_model::customer::CustomerStatus;
+use tollgate_model::feed::{ChangedEntity, CustomerRecord, KeyRecord};
+use tollgate_model::plan::Plan;
+
+/// Overlay size past which it is merged into its base.
+pub const OVERLAY_LIMIT: usize = 4096;
+
+/// A binary id: the 16 bytes behind `key_…` and `cus_…` (32 hex digits).
+pub type Id = [u8; 16];
+
+/// A key's route scopes; `None` is every route. Equal sets share one allocation.
+pub type Scopes = Option<Arc<[Box<str>]>>;
+
+/// One key as the hot path needs it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KeyEntry {
+    /// SHA-256 of the key.
+    pub hash: [u8; 32],
+    /// The key's id.
+    pub id: Id,
+    /// Its customer's id.
+    pub customer: Id,
+    /// Unix ms after which it no longer works (`i64::MAX`: never).
+    pub expires_at_ms: i64,
+    /// Unix ms from which it no longer works: revoked, or the end of a rotation's grace
+    /// (`i64::MAX`: not revoked).
+    pub revoked_at_ms: i64,
+    /// Routes it may call.
+    pub scopes: Scopes,
+}
+
+/// One customer as the hot path needs it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CustomerEntry {
+    /// The plan that applies.
+    pub plan_id: Arc<str>,
+    /// Active or suspended.
+    pub status: CustomerStatus,
+}
+
+/// Why a record of the feed cannot be indexed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Invalid(pub String);
+
+impl std::fmt::Display for Invalid {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+/// Parses `prefix_` and 32 hex digits.
+pub fn parse_id(prefix: &str, text: &str) -> Option<Id> {
+    let hex = text.strip_prefix(prefix)?.strip_prefix('_')?;
+    let mut id = [0u8; 16];
+    decode_hex(hex, &mut id).then_some(id)
+}
+
+/// Formats an id back as `prefix_` and 32 hex digits.
+pub fn format_id(prefix: &str, id: &Id) -> String {
+    let mut text = String::with_capacity(prefix.len() + 33);
+    text.push_str(prefix);
+    text.push('_');
+    for byte in id {
+        text.push(char::from(HEX[usize::from(byte >> 4)]));
+        text.push(char::from(HEX[usize::from(byte & 15)]));
+    }
+    text
+}
+
+const HEX: &[u8; 16] = b"0123456789abcdef";
+
+fn decode_hex(hex: &str, out: &mut [u8]) -> bool {
+    if hex.len() != out.len() * 2 {
+        return false;
+    }
+    let digit = |b: u8| match b {
+        b'0'..=b'9' => Some(b - b'0'),
+        b'a'..=b'f' => Some(b - b'a' + 10),
+        b'A'..=b'F' => Some(b - b'A' + 10),
+        _ => None,
+    };
+    for (i, pair) in hex.as_bytes().chunks(2).enumerate() {
+        match (digit(pair[0]), digit(pair[1])) {
+            (Some(high), Some(low)) => out[i] = (high << 4) | low,
+            _ => return false,
+        }
+    }
+    true
+}
+
+/// Equal scope sets, shared.
+#[derive(Debug, Default)]
+pub struct ScopeInterner {
+    seen: HashMap<Vec<String>, Arc<[Box<str>]>>,
+}
+
+impl ScopeInterner {
+    /// The shared form of `scopes`.
+    pub fn intern(&mut self, scopes: Option<Vec<String>>) -> Scopes {
+        let scopes = scopes?;
+        if let Some(shared) = self.seen.get(&scopes) {
+            return Some(Arc::clone(shared));
+        }
+        let shared: Arc<[Box<str>]> = scopes.iter().map(|s| s.as_str().into()).collect();
+        self.seen.insert(scopes, Arc::clone(&shared));
+        Some(shared)
+    }
+}
+
+/// A key record of the feed as an entry.
+pub fn key_entry(record: &KeyRecord, interner: &mut ScopeInterner) -> Result<KeyEntry, Invalid> {
+    let mut hash = [0u8; 32];
+    if !decode_hex(&record.hash, &mut hash) {
+        return Err(Invalid(format!(
+            "key {}: hash is not 64 hex digits",
+            record.id
+        )));
+    }
+    let id = parse_id("key", &record.id).ok_or_else(|| {
+        Invalid(format!(
+            "key id {:?} is not key_ and 32 hex digits",
+            record.id
+        ))
+    })?;
+    let customer = parse_id("cus", &record.customer_id).ok_or_else(|| {
+        Invalid(format!(
+            "key {}: customer id {:?} is not cus_ and 32 hex digits",
+            record.id, record.customer_id
+        ))
+    })?;
+    Ok(KeyEntry {
+        hash,
+        id,
+        customer,
+        expires_at_ms: record.expires_at_ms.unwrap_or(i64::MAX),
+        revoked_at_ms: record.revoked_at_ms.unwrap_or(i64::MAX),
+        scopes: interner.intern(record.scopes.clone()),
+    })
+}
+
+/// A customer record of the feed as an entry.
+pub fn customer_entry(record: &CustomerRecord) -> Result<(Id, CustomerEntry), Invalid> {
+    let id = parse_id("cus", &record.id).ok_or_else(|| {
+        Invalid(format!(
+            "customer id {:?} is not cus_ and 32 hex digits",
+            record.id
+        ))
+    })?;
+    Ok((
+        id,
+        CustomerEntry {
+            plan_id: record.plan_id.as_str().into(),
+            status: record.status,
+        },
+    ))
+}
+
+/// Everything enforced at one config version.
+#[derive(Debug, Clone)]
+pub struct Identities {
+    /// The config version.
+    pub version: i64,
+    /// When this version was applied here.
+    pub applied_at: SystemTime,
+    plans: Arc<HashMap<Arc<str>, Arc<Plan>>>,
+    customers: Layered<Id, CustomerEntry>,
+    keys: Keys,
+}
+
+/// Everything a snapshot holds, checked: the start of an [`Identities`].
+#[derive(Debug, Default)]
+pub struct Builder {
+    /// The snapshot's version.
+    pub version: i64,
+    /// Plans by id.
+    pub plans: HashMap<Arc<str>, Arc<Plan>>,
+    /// Customers by id.
+    pub customers: HashMap<Id, CustomerEntry>,
+    /// Keys, in any order.
+    pub keys: Vec<KeyEntry>,
+}
+
+impl Builder {
+    /// Checks references and uniqueness, then indexes.
+    pub fn build(mut self) -> Result<Identities, Invalid> {
+        for (id, customer) in &self.customers {
+            if !self.plans.contains_key(&customer.plan_id) {
+                return Err(Invalid(format!(
+                    "customer {} is on plan {}, which the snapshot does not have",
+                    format_id("cus", id),
+                    customer.plan_id
+                )));
+            }
+        }
+        if let Some(key) = self
+            .keys
+            .iter()
+            .find(|k| !self.customers.contains_key(&k.customer))
+        {
+            return Err(Invalid(format!(
+                "key {} belongs to customer {}, which the snapshot does not have",
+                format_id("key", &key.id),
+                format_id("cus", &key.customer)
+            )));
+        }
+        self.keys.sort_unstable_by_key(|entry| entry.hash);
+        if let Some(pair) = self.keys.windows(2).find(|w| w[0].hash == w[1].hash) {
+            return Err(Invalid(format!(
+                "keys {} and {} have the same hash",
+                format_id("key", &pair[0].id),
+                format_id("key", &pair[1].id)
+            )));
+        }
+        self.keys.shrink_to_fit();
+        Ok(Identities {
+            version: self.version,
+            applied_at: SystemTime::now(),
+            plans: Arc::new(self.plans),
+            customers: Layered::new(self.customers),
+            keys: Keys {
+                base: Arc::new(self.keys),
+                overlay: Arc::new(HashMap::new()),
+            },
+        })
+    }
+}
+
+/// What a change needs besides the current identities.
+#[derive(Debug, Clone)]
+pub enum Applied {
+    /// The identities with the changes applied.
+    Next(Identities),
+    /// A change cannot be applied incrementally (something was deleted): take a new snapshot.
+    NeedsSnapshot(String),
+}
+
+impl Identities {
+    /// The number of keys.
+    pub fn key_count(&self) -> usize {
+        self.keys.base.len()
+            + self
+                .keys
+                .overlay
+                .keys()
+                .filter(|hash| self.keys.base_find(hash).is_none())
+                .count()
+    }
+
+    /// The key with this SHA-256, in constant time with respect to partial matches.
+    pub fn key(&self, hash: &[u8; 32]) -> Option<&KeyEntry> {
+        self.keys.find(hash)
+    }
+
+    /// A customer by id.
+    pub fn customer(&self, id: &Id) -> Option<&CustomerEntry> {
+        self.customers.get(id)
+    }
+
+    /// A plan by id.
+    pub fn plan(&self, id: &str) -> Option<&Arc<Plan>> {
+        self.plans.get(id)
+    }
+
+    /// These identities with `changes` (in version order, the last at `version`) applied.
+    pub fn apply(
+        &self,
+        version: i64,
+        changes: &[ChangedEntity],
+        interner: &mut ScopeInterner,
+    ) -> Result<Applied, Invalid> {
+        let mut plans: Option<HashMap<Arc<str>, Arc<Plan>>> = None;
+        let mut customers = self.customers.clone();
+        let mut keys = self.keys.clone();
+        for change in changes {
+            match change {
+                ChangedEntity::Plan { id, plan } => {
+                    let plans = plans.get_or_insert_with(|| (*self.plans).clone());
+                    match plan {
+                        Some(plan) => {
+                            plans.insert(id.as_str().into(), Arc::new(plan.clone()));
+                        }
+                        None => {
+                            plans.remove(id.as_str());
+                        }
+                    }
+                }
+                ChangedEntity::Customer { id, customer } => match customer {
+                    Some(record) => {
+                        let (id, entry) = customer_entry(record)?;
+                        customers.insert(id, entry);
+                    }
+                    None => {
+                        return Ok(Applied::NeedsSnapshot(format!("customer {id} was deleted")));
+                    }
+                },
+                ChangedEntity::Key { id, key } => match key {
+                    Some(record) => keys.insert(key_entry(record, interner)?),
+                    None => return Ok(Applied::NeedsSnapshot(format!("key {id} was deleted"))),
+                },
+            }
+        }
+        let plans = plans.map_or_else(|| Arc::clone(&self.plans), Arc::new);
+        // What changed must still refer to what exists.
+        for change in changes {
+            match change {
+                ChangedEntity::Customer {
+                    customer: Some(record),
+                    ..
+                } if !plans.contains_key(record.plan_id.as_str()) => {
+                    return Err(Invalid(format!(
+                        "customer {} is on plan {}, which is unknown",
+                        record.id, record.plan_id
+                    )));
+                }
+                ChangedEntity::Key {
+                    key: Some(record), ..
+                } if parse_id("cus", &record.customer_id)
+                    .is_none_or(|id| customers.get(&id).is_none()) =>
+                {
+                    return Err(Invalid(format!(
+                        "key {} belongs to customer {}, which is unknown",
+                        record.id, record.customer_id
+                    )));
+                }
+                _ => {}
+            }
+        }
+        customers.compact_if_large();
+        keys.compact_if_large();
+        Ok(Applied::Next(Identities {
+            version,
+            applied_at: SystemTime::now(),
+            plans,
+            customers,
+            keys,
+        }))
+    }
+}
+
+/// Keys: a sorted base and an overlay of changed ones, both by hash.
+#[derive(Debug, Clone)]
+struct Keys {
+    base: Arc<Vec<KeyEntry>>,
+    overlay: Arc<HashMap<[u8; 32], KeyEntry>>,
+}
+
+impl Keys {
+    fn find(&self, hash: &[u8; 32]) -> Option<&KeyEntry> {
+        if let Some(entry) = self.overlay.get(hash) {
+            return Some(entry);
+        }
+        self.base_find(hash)
+    }
+
+    fn base_find(&self, hash: &[u8; 32]) -> Option<&KeyEntry> {
+        // The search compares SHA-256 values, which say nothing about how much of a real key a
+        // guess shares; the final comparison looks at every byte.
+        let index = self
+            .base
+            .binary_search_by(|entry| entry.hash.cmp(hash))
+            .ok()?;
+        let entry = &self.base[index];
+        constant_time_eq(&entry.hash, hash).then_some(entry)
+    }
+
+    fn insert(&mut self, entry: KeyEntry) {
+        Arc::make_mut(&mut self.overlay).insert(entry.hash, entry);
+    }
+
+    fn compact_if_large(&mut self) {
+        if self.overlay.len() <= OVERLAY_LIMIT {
+            return;
+        }
+        let mut merged: Vec<KeyEntry> = self
+            .base
+            .iter()
+            .filter(|entry| !self.overlay.contains_key(&entry.hash))
+            .cloned()
+            .collect();
+        merged.extend(self.overlay.values().cloned());
+        merged.sort_unstable_by_key(|entry| entry.hash);
+        self.base = Arc::new(merged);
+        self.overlay = Arc::new(HashMap::new());
+    }
+}
+
+/// Compares two hashes looking at every byte whatever they hold.
+fn constant_time_eq(a: &[u8; 32], b: &[u8; 32]) -> bool {
+    let difference = a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y));
+    std::hint::black_box(difference) == 0
+}
+
+/// A map whose changes go to a small overlay, merged into the base when it grows.
+#[derive(Debug, Clone)]
+struct Layered<K, V> {
+    base: Arc<HashMap<K, V>>,
+    overlay: Arc<HashMap<K, V>>,
+}
+
+impl<K: std::hash::Hash + Eq + Clone, V: Clone> Layered<K, V> {
+    fn new(base: HashMap<K, V>) -> Self {
+        Self {
+            base: Arc::new(base),
+            overlay: Arc::new(HashMap::new()),
+        }
+    }
+
+    fn get(&self, key: &K) -> Option<&V> {
+        self.overlay.get(key).or_else(|| self.base.get(key))
+    }
+
+    fn insert(&mut self, key: K, value: V) {
+        Arc::make_mut(&mut self.overlay).insert(key, value);
+    }
+
+    fn compact_if_large(&mut self) {
+        if self.overlay.len() <= OVERLAY_LIMIT {
+            return;
+        }
+        let mut merged = (*self.base).clone();
+        merged.extend(self.overlay.iter().map(|(k, v)| (k.clone(), v.clone())));
+        self.base = Arc::new(merged);
+        self.overlay = Arc::new(HashMap::new());
+    }
+}
+
+#[cfg(test)]
+mod tests;

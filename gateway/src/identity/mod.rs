@@ -1,0 +1,167 @@
+//! Who is calling: the identities learned from the control plane, and the checks of the request
+//! path.
+//!
+//! # Layout
+//! - [`index`]: the compact, immutable index of plans, customers and keys at one version.
+//! - [`snapshot`]: reading a snapshot's JSON entry by entry into the index.
+//! - [`follow`]: loading the snapshot, following the change feed, keeping the last good snapshot
+//!   on disk.
+//! - [`failures`]: failed authentications per client address, refused past a rate.
+
+pub mod failures;
+pub mod follow;
+pub mod index;
+pub mod snapshot;
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
+
+use arc_swap::ArcSwapOption;
+use sha2::{Digest, Sha256};
+use tollgate_model::customer::CustomerStatus;
+
+use index::{Id, Identities};
+
+/// Unix time in milliseconds, as the feed writes times.
+pub fn unix_ms() -> i64 {
+    i64::try_from(crate::upstream::health::now_ms()).unwrap_or(i64::MAX)
+}
+
+/// The identities the request path reads, swapped whole by the follower.
+#[derive(Debug, Default)]
+pub struct IdentityState {
+    current: ArcSwapOption<Identities>,
+    /// Unix ms of the last answer from the control plane (0: none yet).
+    last_contact_ms: AtomicI64,
+    /// Whether the current identities were restored from disk and not yet confirmed.
+    restored: AtomicBool,
+}
+
+impl IdentityState {
+    /// The identities now, if any were ever loaded.
+    pub fn current(&self) -> Option<Arc<Identities>> {
+        self.current.load_full()
+    }
+
+    /// Replaces the identities.
+    pub fn set(&self, identities: Identities, restored: bool) {
+        self.restored.store(restored, Ordering::Relaxed);
+        self.current.store(Some(Arc::new(identities)));
+    }
+
+    /// Records an answer from the control plane.
+    pub fn contacted(&self, now_ms: i64) {
+        self.last_contact_ms.store(now_ms, Ordering::Relaxed);
+        self.restored.store(false, Ordering::Relaxed);
+    }
+
+    /// Unix ms of the last answer from the control plane, if any.
+    pub fn last_contact_ms(&self) -> Option<i64> {
+        Some(self.last_contact_ms.load(Ordering::Relaxed)).filter(|ms| *ms > 0)
+    }
+
+    /// Whether the identities come from the stored snapshot, not yet confirmed.
+    pub fn is_restored(&self) -> bool {
+        self.restored.load(Ordering::Relaxed)
+    }
+}
+
+/// An authenticated caller, as the upstream is told.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Caller {
+    /// The customer.
+    pub customer: Id,
+    /// The plan that applies.
+    pub plan_id: Arc<str>,
+    /// The key used.
+    pub key: Id,
+}
+
+/// Why a credential was refused.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Refusal {
+    /// No credential was sent (401).
+    Missing,
+    /// Not a key: wrong prefix, length, alphabet or checksum (401, no lookup made).
+    Malformed,
+    /// No such key (401).
+    Unknown,
+    /// Revoked, or past a rotation's grace (401).
+    Revoked,
+    /// Past its expiry (401).
+    Expired,
+    /// The key's customer is suspended (403).
+    Suspended,
+    /// The key's scopes do not include the route (403).
+    OutOfScope,
+    /// This gateway has never had identities to check against (503).
+    Unavailable,
+}
+
+impl Refusal {
+    /// Whether it counts as a failed authentication of the client address (a guess), as
+    /// opposed to a known key that may not do this.
+    pub fn is_failure(self) -> bool {
+        matches!(
+            self,
+            Refusal::Missing
+                | Refusal::Malformed
+                | Refusal::Unknown
+                | Refusal::Revoked
+                | Refusal::Expired
+        )
+    }
+
+    /// The metric label.
+    pub fn label(self) -> &'static str {
+        match self {
+            Refusal::Missing => "missing",
+            Refusal::Malformed => "malformed",
+            Refusal::Unknown => "unknown",
+            Refusal::Revoked => "revoked",
+            Refusal::Expired => "expired",
+            Refusal::Suspended => "suspended",
+            Refusal::OutOfScope => "out_of_scope",
+            Refusal::Unavailable => "unavailable",
+        }
+    }
+}
+
+/// Checks an API key for `route` at `now_ms`. A malformed key is refused before any lookup;
+/// the lookup is by SHA-256, so its cost does not depend on how much of a real key a guess
+/// shares.
+pub fn check_key(
+    identities: Option<&Identities>,
+    key: &str,
+    route: &str,
+    now_ms: i64,
+) -> Result<Caller, Refusal> {
+    if !tollgate_model::key::is_well_formed(key) {
+        return Err(Refusal::Malformed);
+    }
+    let identities = identities.ok_or(Refusal::Unavailable)?;
+    let hash: [u8; 32] = Sha256::digest(key.as_bytes()).into();
+    let entry = identities.key(&hash).ok_or(Refusal::Unknown)?;
+    if now_ms >= entry.revoked_at_ms {
+        return Err(Refusal::Revoked);
+    }
+    if now_ms >= entry.expires_at_ms {
+        return Err(Refusal::Expired);
+    }
+    let customer = identities
+        .customer(&entry.customer)
+        .ok_or(Refusal::Unknown)?;
+    if customer.status != CustomerStatus::Active {
+        return Err(Refusal::Suspended);
+    }
+    if let Some(scopes) = &entry.scopes
+        && !scopes.iter().any(|scope| &**scope == route)
+    {
+        return Err(Refusal::OutOfScope);
+    }
+    Ok(Caller {
+        customer: entry.customer,
+        plan_id: Arc::clone(&customer.plan_id),
+        key: entry.id,
+    })
+}

@@ -1,0 +1,150 @@
+//! Reading a snapshot's JSON entry by entry, straight into the index, so a million keys never
+//! exist as a document or as a vector of feed records: only as compact entries.
+
+use std::fmt;
+use std::io::Read;
+use std::sync::Arc;
+
+use serde::Deserializer;
+use serde::de::{DeserializeSeed, Error as _, IgnoredAny, MapAccess, SeqAccess, Visitor};
+use tollgate_model::feed::{CustomerRecord, KeyRecord};
+use tollgate_model::plan::Plan;
+
+use super::index::{Builder, Identities, Invalid, ScopeInterner, customer_entry, key_entry};
+
+/// Reads a snapshot (plain JSON) and checks it.
+pub fn read(reader: impl Read, interner: &mut ScopeInterner) -> Result<Identities, Invalid> {
+    let mut deserializer = serde_json::Deserializer::from_reader(std::io::BufReader::new(reader));
+    let builder = SnapshotSeed { interner }
+        .deserialize(&mut deserializer)
+        .map_err(|error| Invalid(format!("not a valid snapshot: {error}")))?;
+    deserializer
+        .end()
+        .map_err(|error| Invalid(format!("not a valid snapshot: {error}")))?;
+    builder.build()
+}
+
+struct SnapshotSeed<'a> {
+    interner: &'a mut ScopeInterner,
+}
+
+impl<'de> DeserializeSeed<'de> for SnapshotSeed<'_> {
+    type Value = Builder;
+
+    fn deserialize<D: Deserializer<'de>>(self, deserializer: D) -> Result<Builder, D::Error> {
+        deserializer.deserialize_map(self)
+    }
+}
+
+impl<'de> Visitor<'de> for SnapshotSeed<'_> {
+    type Value = Builder;
+
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("a snapshot object {version, plans, customers, keys}")
+    }
+
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Builder, A::Error> {
+        let mut builder = Builder::default();
+        let mut seen = [false; 4];
+        while let Some(name) = map.next_key::<String>()? {
+            match name.as_str() {
+                "version" => {
+                    builder.version = map.next_value()?;
+                    if builder.version < 0 {
+                        return Err(A::Error::custom("version is negative"));
+                    }
+                    seen[0] = true;
+                }
+                "plans" => {
+                    for plan in map.next_value::<Vec<Plan>>()? {
+                        let id: Arc<str> = plan.id.as_str().into();
+                        if builder.plans.insert(id, Arc::new(plan)).is_some() {
+                            return Err(A::Error::custom("a plan id appears twice"));
+                        }
+                    }
+                    seen[1] = true;
+                }
+                "customers" => {
+                    map.next_value_seed(Customers(&mut builder))?;
+                    seen[2] = true;
+                }
+                "keys" => {
+                    map.next_value_seed(Keys {
+                        builder: &mut builder,
+                        interner: &mut *self.interner,
+                    })?;
+                    seen[3] = true;
+                }
+                _ => {
+                    map.next_value::<IgnoredAny>()?;
+                }
+            }
+        }
+        for (present, name) in seen.iter().zip(["version", "plans", "customers", "keys"]) {
+            if !present {
+                return Err(A::Error::missing_field(name));
+            }
+        }
+        Ok(builder)
+    }
+}
+
+struct Customers<'a>(&'a mut Builder);
+
+impl<'de> DeserializeSeed<'de> for Customers<'_> {
+    type Value = ();
+
+    fn deserialize<D: Deserializer<'de>>(self, deserializer: D) -> Result<(), D::Error> {
+        deserializer.deserialize_seq(self)
+    }
+}
+
+impl<'de> Visitor<'de> for Customers<'_> {
+    type Value = ();
+
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("an array of customers")
+    }
+
+    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<(), A::Error> {
+        while let Some(record) = seq.next_element::<CustomerRecord>()? {
+            let (id, entry) = customer_entry(&record).map_err(A::Error::custom)?;
+            if self.0.customers.insert(id, entry).is_some() {
+                return Err(A::Error::custom(format!(
+                    "customer {} appears twice",
+                    record.id
+                )));
+            }
+        }
+        Ok(())
+    }
+}
+
+struct Keys<'a> {
+    builder: &'a mut Builder,
+    interner: &'a mut ScopeInterner,
+}
+
+impl<'de> DeserializeSeed<'de> for Keys<'_> {
+    type Value = ();
+
+    fn deserialize<D: Deserializer<'de>>(self, deserializer: D) -> Result<(), D::Error> {
+        deserializer.deserialize_seq(self)
+    }
+}
+
+impl<'de> Visitor<'de> for Keys<'_> {
+    type Value = ();
+
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("an array of keys")
+    }
+
+    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<(), A::Error> {
+        while let Some(record) = seq.next_element::<KeyRecord>()? {
+            let entry = key_entry(&record, self.interner).map_err(A::Error::custom)?;
+            self.builder.keys.push(entry);
+        }
+        Ok(())
+    }
+}
