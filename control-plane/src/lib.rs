@@ -48,3 +48,20 @@ pub async fn ensure_first_admin(
         .await?;
     Ok(Some(token))
 }
+
+/// The name of the token a gateway gives the control plane it runs in its own process.
+pub const EMBEDDED_GATEWAY_TOKEN_NAME: &str = "embedded gateway";
+
+/// A new `gateway` token for the gateway running this control plane in its own process; the
+/// one of its previous run is replaced. Only its hash is stored.
+pub async fn embedded_gateway_token(store: &Store) -> anyhow::Result<PlainToken> {
+    let token = PlainToken::generate();
+    store
+        .replace_admin_token(
+            EMBEDDED_GATEWAY_TOKEN_NAME,
+            Role::Gateway,
+            &hash(token.expose()),
+        )
+        .await?;
+    Ok(token)
+}

@@ -83,23 +83,13 @@ impl Settings {
                 variable: "CONTROL_PLANE_LISTEN",
                 message: format!("{listen_text:?} is not an address like \"127.0.0.1:9100\""),
             });
-        let admin_token = lookup("TOLLGATE_ADMIN_TOKEN");
-        if let Some(token) = &admin_token {
-            if token.len() < MIN_ADMIN_TOKEN_LEN {
-                errors.push(SettingsError {
-                    variable: "TOLLGATE_ADMIN_TOKEN",
-                    message: format!(
-                        "too weak: {} characters, at least {MIN_ADMIN_TOKEN_LEN} are required",
-                        token.len()
-                    ),
-                });
-            } else if token.chars().any(|c| c.is_whitespace() || c.is_control()) {
-                errors.push(SettingsError {
-                    variable: "TOLLGATE_ADMIN_TOKEN",
-                    message: "must not contain spaces or control characters".to_owned(),
-                });
+        let admin_token = match admin_token(lookup("TOLLGATE_ADMIN_TOKEN")) {
+            Ok(token) => token,
+            Err(error) => {
+                errors.push(error);
+                None
             }
-        }
+        };
         match (listen, errors.is_empty()) {
             (Ok(listen), true) => Ok(Self {
                 database_url,
@@ -112,6 +102,28 @@ impl Settings {
             }
         }
     }
+}
+
+/// Checks `TOLLGATE_ADMIN_TOKEN` (given as `value`): at least 32 characters, no spaces or
+/// control characters. The gateway's embedded control plane applies the same rule.
+pub fn admin_token(value: Option<String>) -> Result<Option<String>, SettingsError> {
+    let Some(token) = value else {
+        return Ok(None);
+    };
+    let message = if token.len() < MIN_ADMIN_TOKEN_LEN {
+        format!(
+            "too weak: {} characters, at least {MIN_ADMIN_TOKEN_LEN} are required",
+            token.len()
+        )
+    } else if token.chars().any(|c| c.is_whitespace() || c.is_control()) {
+        "must not contain spaces or control characters".to_owned()
+    } else {
+        return Ok(Some(token));
+    };
+    Err(SettingsError {
+        variable: "TOLLGATE_ADMIN_TOKEN",
+        message,
+    })
 }
 
 /// The URL without its password, for messages and logs.

@@ -735,7 +735,8 @@ async fn keys_are_shown_once_stored_hashed_revoked_and_rotated(db: &Db) {
     assert!(listed.get("key").is_none() && listed.get("hash").is_none());
     assert!(!list.to_string().contains(&key) && !list.to_string().contains(&stored));
 
-    // Rotation: a new key, the old one works until the grace ends.
+    // Rotation: a new key, the old one works until the grace ends. Gateways are told of both.
+    let before_rotation = db.store.latest_version().await.unwrap();
     let (status, rotated, _) = call(
         &app,
         "POST",
@@ -750,6 +751,24 @@ async fn keys_are_shown_once_stored_hashed_revoked_and_rotated(db: &Db) {
     assert_eq!(rotated["scopes"], json!(["orders", "users"]));
     assert_eq!(rotated["replaces"]["id"], id.as_str());
     assert!(rotated["replaces"]["works_until"].as_str().unwrap() > "2026");
+    let published = db.store.changes_since(before_rotation, 10).await.unwrap();
+    let keys: Vec<(String, Option<i64>)> = published
+        .changes
+        .iter()
+        .map(|change| match &change.entity {
+            tollgate_model::feed::ChangedEntity::Key { id, key } => {
+                (id.clone(), key.as_ref().and_then(|k| k.revoked_at_ms))
+            }
+            other => panic!("only keys change: {other:?}"),
+        })
+        .collect();
+    assert_eq!(keys.len(), 2, "{keys:?}");
+    assert_eq!(keys[0].0, id, "the old key first, with its grace end");
+    assert!(keys[0].1.is_some());
+    assert_eq!(
+        (keys[1].0.as_str(), keys[1].1),
+        (rotated["id"].as_str().unwrap(), None)
+    );
 
     // Revocation: now.
     let new_id = rotated["id"].as_str().unwrap();

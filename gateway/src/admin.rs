@@ -1,42 +1,45 @@
-//! The admin listener: `/health`, `/health/ready` and `/metrics`, never on a proxy listener.
+//! The admin listener: `/health`, `/health/ready` and `/metrics`, never on a proxy listener;
+//! in standalone mode also the control plane's API (`/v1`, `/openapi.json`).
 //!
-//! It runs as a background service with a listener of its own rather than as a Pingora
-//! listening service, because Pingora closes every listening service at SIGTERM: this one stays
-//! open until the process exits, so load balancers can watch `/health/ready` turn 503 while the
-//! proxy drains.
+//! It runs on a thread and runtime of its own rather than as a Pingora listening service,
+//! because Pingora closes every listening service at SIGTERM: this one stays open until the
+//! process exits, so load balancers can watch `/health/ready` turn 503 while the proxy drains.
 
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::SystemTime;
 
-use std::time::Duration;
-
-use async_trait::async_trait;
-use http::{Method, Response, StatusCode, header};
-use pingora::http::ResponseHeader;
-use pingora::protocols::http::ServerSession;
-use pingora::server::ShutdownWatch;
-use pingora::services::background::BackgroundService;
+use anyhow::Context;
+use axum::extract::{Request, State};
+use axum::http::{HeaderValue, StatusCode, header};
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use axum::{Json, Router};
 use serde_json::json;
+use tollgate_control_plane::api::AppState;
+use tollgate_control_plane::secret::PlainToken;
+use tollgate_control_plane::store::Store;
 use tollgate_model::{PROBLEM_CONTENT_TYPE, Problem};
 
 use crate::proxy::request_id;
 use crate::state::Gateway;
 use crate::upstream::health::now_ms;
 
-/// How long an admin connection may take to send a request.
-const READ_TIMEOUT: Duration = Duration::from_secs(30);
-
 /// Serves the admin endpoints.
 #[derive(Debug)]
 pub struct Admin {
     gateway: Arc<Gateway>,
+    control_plane: Option<AppState>,
 }
 
 impl Admin {
-    /// Admin endpoints over `gateway`.
-    pub fn new(gateway: Arc<Gateway>) -> Self {
-        Self { gateway }
+    /// Admin endpoints over `gateway`, with the control plane's API when it runs here.
+    pub fn new(gateway: Arc<Gateway>, control_plane: Option<AppState>) -> Self {
+        Self {
+            gateway,
+            control_plane,
+        }
     }
 
     /// The `/health/ready` document and whether the gateway is ready.
@@ -75,9 +78,20 @@ impl Admin {
             .loaded_at
             .duration_since(SystemTime::UNIX_EPOCH)
             .map_or(0, |d| d.as_secs());
-        let ready = !draining;
+        let identities = self.identities();
+        let waiting =
+            self.gateway.control_plane.is_some() && self.gateway.identity.current().is_none();
+        let ready = !draining && !waiting;
+        let status = if draining {
+            "draining"
+        } else if waiting {
+            "waiting for identities"
+        } else {
+            "ready"
+        };
         let body = json!({
-            "status": if ready { "ready" } else { "draining" },
+            "status": status,
+            "identities": identities,
             "config": {
                 "version": live.version,
                 "loaded_at_unix": loaded_at,
@@ -89,180 +103,240 @@ impl Admin {
         });
         (ready, body)
     }
-}
 
-/// The admin listener as a background service.
-#[derive(Debug)]
-pub struct AdminServer {
-    admin: Arc<Admin>,
-    listener: std::sync::Mutex<Option<std::net::TcpListener>>,
-}
-
-impl AdminServer {
-    /// Serves `admin` on `listener`, already bound (so port 0 is resolved before start-up ends).
-    pub fn new(admin: Admin, listener: std::net::TcpListener) -> Self {
-        Self {
-            admin: Arc::new(admin),
-            listener: std::sync::Mutex::new(Some(listener)),
+    /// The identities part of `/health/ready`: `null` without a control plane.
+    fn identities(&self) -> serde_json::Value {
+        if self.gateway.control_plane.is_none() {
+            return serde_json::Value::Null;
         }
+        let now = crate::identity::unix_ms();
+        let current = self.gateway.identity.current();
+        let last_contact = self.gateway.identity.last_contact_ms();
+        json!({
+            "version": current.as_ref().map(|i| i.version),
+            "keys": current.as_ref().map(|i| i.key_count()),
+            "applied_at_unix": current.as_ref().map(|i| unix_seconds(i.applied_at)),
+            "source": match (&current, self.gateway.identity.is_restored()) {
+                (None, _) => "none",
+                (Some(_), true) => "stored snapshot",
+                (Some(_), false) => "control plane",
+            },
+            "last_contact_unix": last_contact.map(|ms| ms / 1000),
+            "sync_age_seconds": last_contact.map(|ms| (now - ms).max(0) / 1000),
+        })
     }
 }
 
-#[async_trait]
-impl BackgroundService for AdminServer {
-    /// Deliberately ignores `shutdown`: see the module docs.
-    async fn start(&self, _shutdown: ShutdownWatch) {
-        let listener = self
-            .listener
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .take()
-            .map(|listener| {
-                listener.set_nonblocking(true)?;
-                tokio::net::TcpListener::from_std(listener)
-            });
-        let listener = match listener {
-            Some(Ok(listener)) => listener,
-            Some(Err(error)) => {
-                tracing::error!(%error, "admin listener cannot start");
-                return;
-            }
-            None => return,
-        };
-        loop {
-            match listener.accept().await {
-                Ok((stream, _)) => {
-                    let admin = self.admin.clone();
-                    tokio::spawn(async move { admin.serve_connection(stream).await });
-                }
-                Err(error) => {
-                    tracing::warn!(%error, "admin listener cannot accept");
-                    tokio::time::sleep(Duration::from_millis(100)).await;
-                }
-            }
-        }
-    }
+fn unix_seconds(time: SystemTime) -> u64 {
+    time.duration_since(SystemTime::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
 }
 
-impl Admin {
-    /// Answers one request and closes the connection: admin traffic is a probe or a scrape every
-    /// few seconds, where keep-alive saves nothing worth its bookkeeping.
-    async fn serve_connection(&self, stream: tokio::net::TcpStream) {
-        let stream: pingora::protocols::Stream =
-            Box::new(pingora::protocols::l4::stream::Stream::from(stream));
-        let mut session = ServerSession::new_http1(stream);
-        session.set_read_timeout(Some(READ_TIMEOUT));
-        if !matches!(session.read_request().await, Ok(true)) {
-            return;
-        }
-        let id = request_id::from_header(
-            session
-                .req_header()
-                .headers
-                .get(request_id::HEADER)
-                .map(http::HeaderValue::as_bytes),
-        );
-        let response = self.response(&mut session, &id).await;
-        let (parts, body) = response.into_parts();
-        let mut header: ResponseHeader = parts.into();
-        if header.insert_header(request_id::HEADER, id).is_err() {
-            return;
-        }
-        session.set_keepalive(None);
-        let head_only = session.req_header().method == Method::HEAD;
-        if session
-            .write_response_header(Box::new(header))
-            .await
-            .is_err()
-        {
-            return;
-        }
-        if !head_only
-            && session
-                .write_response_body(body.into(), true)
-                .await
-                .is_err()
-        {
-            return;
-        }
-        let _ = session.finish().await;
-    }
-
-    /// The response to one admin request, whose id is `request_id`.
-    pub async fn response(
-        &self,
-        session: &mut ServerSession,
-        request_id: &str,
-    ) -> Response<Vec<u8>> {
-        let req = session.req_header();
-        let (method, path) = (req.method.clone(), req.uri.path().to_owned());
-        if method != Method::GET && method != Method::HEAD {
-            let mut refusal = problem(
+/// The admin router.
+pub fn router(admin: Arc<Admin>) -> Router {
+    let mut router = Router::new()
+        .route("/health", get(live))
+        .route("/health/ready", get(ready))
+        .route("/metrics", get(metrics))
+        .with_state(Arc::clone(&admin));
+    let detail = if let Some(state) = &admin.control_plane {
+        router = router.merge(tollgate_control_plane::api::api(state.clone()));
+        "the admin listener serves /health, /health/ready, /metrics, /openapi.json and the control plane's /v1"
+    } else {
+        "the admin listener serves /health, /health/ready and /metrics"
+    };
+    router
+        .fallback(move || async move {
+            problem(Problem::new("not-found", "Not found", 404).with_detail(detail))
+        })
+        .method_not_allowed_fallback(|| async {
+            let mut response = problem(
                 Problem::new("method-not-allowed", "Method not allowed", 405)
-                    .with_detail("the admin endpoints accept GET and HEAD")
-                    .with_request_id(request_id),
+                    .with_detail("this path does not take this method"),
             );
-            refusal
+            response
                 .headers_mut()
-                .insert(header::ALLOW, header::HeaderValue::from_static("GET, HEAD"));
-            return refusal;
-        }
-        match path.as_str() {
-            "/health" => json_response(StatusCode::OK, &json!({"status": "ok"})),
-            "/health/ready" => {
-                let (ready, body) = self.readiness();
-                let status = if ready {
-                    StatusCode::OK
-                } else {
-                    StatusCode::SERVICE_UNAVAILABLE
-                };
-                json_response(status, &body)
-            }
-            "/metrics" => {
-                self.gateway.publish_health();
-                let body = self.gateway.metrics.render();
-                response(
-                    StatusCode::OK,
-                    "text/plain; version=0.0.4; charset=utf-8",
-                    body,
-                )
-            }
-            _ => problem(
-                Problem::new("not-found", "Not found", 404)
-                    .with_detail("the admin listener serves /health, /health/ready and /metrics")
-                    .with_request_id(request_id),
-            ),
-        }
-    }
+                .insert(header::ALLOW, HeaderValue::from_static("GET, HEAD"));
+            response
+        })
+        .layer(axum::middleware::from_fn(with_request_id))
 }
 
-fn json_response(status: StatusCode, body: &serde_json::Value) -> Response<Vec<u8>> {
-    response(
-        status,
-        "application/json",
-        serde_json::to_vec(body).unwrap_or_default(),
+async fn live() -> Response {
+    no_store(Json(json!({"status": "ok"})).into_response())
+}
+
+async fn ready(State(admin): State<Arc<Admin>>) -> Response {
+    let (ready, body) = admin.readiness();
+    let status = if ready {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
+    no_store((status, Json(body)).into_response())
+}
+
+async fn metrics(State(admin): State<Arc<Admin>>) -> Response {
+    let gateway = &admin.gateway;
+    gateway.publish_health();
+    if let Some(ms) = gateway.identity.last_contact_ms() {
+        gateway
+            .metrics
+            .identity_sync_age
+            .set((crate::identity::unix_ms() - ms).max(0) / 1000);
+    }
+    let mut body = gateway.metrics.render();
+    if let Some(state) = &admin.control_plane {
+        body.extend(tollgate_control_plane::api::metrics::text(state).await);
+    }
+    no_store(
+        (
+            [(
+                header::CONTENT_TYPE,
+                HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),
+            )],
+            body,
+        )
+            .into_response(),
     )
 }
 
-fn problem(problem: Problem) -> Response<Vec<u8>> {
-    let status = StatusCode::from_u16(problem.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
-    response(status, PROBLEM_CONTENT_TYPE, problem.to_json())
-}
-
-fn response(status: StatusCode, content_type: &str, body: Vec<u8>) -> Response<Vec<u8>> {
-    let mut response = Response::new(body);
-    *response.status_mut() = status;
-    let headers = response.headers_mut();
-    if let Ok(value) = header::HeaderValue::from_str(content_type) {
-        headers.insert(header::CONTENT_TYPE, value);
-    }
-    headers.insert(
-        header::CACHE_CONTROL,
-        header::HeaderValue::from_static("no-store"),
-    );
-    let length = response.body().len();
+fn no_store(mut response: Response) -> Response {
     response
         .headers_mut()
-        .insert(header::CONTENT_LENGTH, length.into());
+        .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
     response
+}
+
+fn problem(problem: Problem) -> Response {
+    let status = StatusCode::from_u16(problem.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+    (
+        status,
+        [
+            (
+                header::CONTENT_TYPE,
+                HeaderValue::from_static(PROBLEM_CONTENT_TYPE),
+            ),
+            (header::CACHE_CONTROL, HeaderValue::from_static("no-store")),
+        ],
+        problem.to_json(),
+    )
+        .into_response()
+}
+
+/// Every admin answer carries the request id: the client's when valid, else a new one; the
+/// control plane's audit log records the same id.
+async fn with_request_id(mut request: Request, next: Next) -> Response {
+    let id = request_id::from_header(
+        request
+            .headers()
+            .get(request_id::HEADER)
+            .map(HeaderValue::as_bytes),
+    );
+    let value = HeaderValue::from_str(&id).ok();
+    if let Some(value) = &value {
+        request
+            .headers_mut()
+            .insert(request_id::HEADER, value.clone());
+    }
+    let mut response = next.run(request).await;
+    if let Some(value) = value {
+        response.headers_mut().insert(request_id::HEADER, value);
+    }
+    response
+}
+
+/// The control plane a standalone gateway runs in its own process.
+#[derive(Debug, Clone)]
+pub struct Embedded {
+    /// Its store.
+    pub database_url: String,
+    /// `TOLLGATE_ADMIN_TOKEN`, checked.
+    pub admin_token: Option<String>,
+}
+
+/// What starting the admin listener gives back.
+#[derive(Debug)]
+pub struct Started {
+    /// With an embedded control plane: the token this gateway follows it with.
+    pub gateway_token: Option<PlainToken>,
+}
+
+/// Serves the admin listener on a thread and runtime of its own, after opening the embedded
+/// control plane's store (migrated, first admin ensured) when there is one. Returns once it
+/// serves, or with the reason it cannot.
+pub fn start(
+    listener: std::net::TcpListener,
+    gateway: Arc<Gateway>,
+    embedded: Option<Embedded>,
+) -> anyhow::Result<Started> {
+    listener.set_nonblocking(true)?;
+    let (ready, started) = std::sync::mpsc::channel::<anyhow::Result<Started>>();
+    std::thread::Builder::new()
+        .name("tollgate-admin".into())
+        .spawn(move || {
+            let runtime = match tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(2)
+                .thread_name("tollgate-admin")
+                .enable_all()
+                .build()
+            {
+                Ok(runtime) => runtime,
+                Err(error) => {
+                    let _ = ready.send(Err(error.into()));
+                    return;
+                }
+            };
+            runtime.block_on(async move {
+                let prepared = match embedded {
+                    Some(embedded) => open_control_plane(embedded).await.map(Some),
+                    None => Ok(None),
+                };
+                let (control_plane, gateway_token) = match prepared {
+                    Ok(Some((state, token))) => (Some(state), Some(token)),
+                    Ok(None) => (None, None),
+                    Err(error) => {
+                        let _ = ready.send(Err(error));
+                        return;
+                    }
+                };
+                let listener = match tokio::net::TcpListener::from_std(listener) {
+                    Ok(listener) => listener,
+                    Err(error) => {
+                        let _ = ready.send(Err(error.into()));
+                        return;
+                    }
+                };
+                let router = router(Arc::new(Admin::new(gateway, control_plane)));
+                let _ = ready.send(Ok(Started { gateway_token }));
+                if let Err(error) = axum::serve(listener, router).await {
+                    tracing::error!(%error, "the admin listener stopped");
+                }
+            });
+        })?;
+    started
+        .recv()
+        .context("the admin listener's thread ended before it started")?
+}
+
+async fn open_control_plane(embedded: Embedded) -> anyhow::Result<(AppState, PlainToken)> {
+    let redacted = tollgate_control_plane::settings::redact_url(&embedded.database_url);
+    let store = Store::connect(&embedded.database_url)
+        .await
+        .with_context(|| format!("control_plane.database_url: cannot open {redacted}"))?;
+    store
+        .migrate()
+        .await
+        .with_context(|| format!("control_plane.database_url: cannot migrate {redacted}"))?;
+    if let Some(token) =
+        tollgate_control_plane::ensure_first_admin(&store, embedded.admin_token.as_deref()).await?
+    {
+        println!(
+            "first admin token (shown once, store it now): {}",
+            token.expose()
+        );
+    }
+    let gateway_token = tollgate_control_plane::embedded_gateway_token(&store).await?;
+    tracing::info!(store = %redacted, "control plane running in this process");
+    Ok((AppState::new(store), gateway_token))
 }

@@ -11,8 +11,9 @@ use pingora::server::configuration::ServerConf;
 use pingora::server::{RunArgs, Server};
 use pingora::services::background::background_service;
 
-use crate::admin::{Admin, AdminServer};
-use crate::config::Config;
+use crate::admin::Embedded;
+use crate::config::{Config, FeedSource};
+use crate::identity::follow::{Follower, Source, Stored};
 use crate::listen_check::ListenCheck;
 use crate::proxy::Proxy;
 use crate::reload::ConfigWatcher;
@@ -49,6 +50,33 @@ pub fn run(path: PathBuf) -> anyhow::Result<()> {
         )
     })?;
     let admin_listen = admin_listener.local_addr()?;
+    let control_plane = config.control_plane.clone();
+    // Settings from the environment are checked before anything starts.
+    let (embedded, remote_token) = match control_plane.as_ref().map(|cp| &cp.source) {
+        Some(FeedSource::Embedded { database_url }) => {
+            let admin_token = tollgate_control_plane::settings::admin_token(
+                std::env::var("TOLLGATE_ADMIN_TOKEN").ok(),
+            )?;
+            let embedded = Embedded {
+                database_url: database_url.clone(),
+                admin_token,
+            };
+            (Some(embedded), None)
+        }
+        Some(FeedSource::Remote { token_env, .. }) => {
+            let token = std::env::var(token_env)
+                .ok()
+                .filter(|t| !t.trim().is_empty())
+                .with_context(|| {
+                    format!(
+                        "control_plane.token_env: the environment variable {token_env} is not set; \
+                         it must hold a control-plane token with role \"gateway\""
+                    )
+                })?;
+            (None, Some(token))
+        }
+        None => (None, None),
+    };
 
     let conf = ServerConf {
         threads: config.server.threads,
@@ -89,10 +117,27 @@ pub fn run(path: PathBuf) -> anyhow::Result<()> {
         proxy.add_tls_with_settings(&address, None, settings);
     }
     server.add_service(proxy);
-    server.add_service(background_service(
-        "admin",
-        AdminServer::new(Admin::new(gateway.clone()), admin_listener),
-    ));
+    let started = crate::admin::start(admin_listener, gateway.clone(), embedded)?;
+    if let Some(cp) = &control_plane {
+        let source = match (&cp.source, started.gateway_token, remote_token) {
+            (FeedSource::Embedded { .. }, Some(token), _) => Source {
+                base_url: format!("http://{}", loopback(admin_listen)),
+                token: token.expose().to_owned(),
+            },
+            (FeedSource::Remote { url, .. }, _, Some(token)) => Source {
+                base_url: url.clone(),
+                token,
+            },
+            _ => anyhow::bail!("the control plane's token is missing"),
+        };
+        let follower = Follower::new(
+            gateway.clone(),
+            source,
+            Stored::new(cp.snapshot_file.clone()),
+        )?;
+        follower.restore();
+        server.add_service(background_service("identity follower", follower));
+    }
     server.add_service(background_service(
         "health checks",
         HealthChecker::new(
@@ -134,6 +179,18 @@ pub fn run(path: PathBuf) -> anyhow::Result<()> {
     });
     tracing::info!("tollgate gateway stopped");
     Ok(())
+}
+
+/// The address to reach a listener bound to `address` from this host.
+fn loopback(address: SocketAddr) -> SocketAddr {
+    let mut address = address;
+    if address.ip().is_unspecified() {
+        address.set_ip(match address {
+            SocketAddr::V4(_) => std::net::Ipv4Addr::LOCALHOST.into(),
+            SocketAddr::V6(_) => std::net::Ipv6Addr::LOCALHOST.into(),
+        });
+    }
+    address
 }
 
 /// A proxy listen address, made ready for Pingora (which binds it itself when it starts).

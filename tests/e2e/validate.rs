@@ -151,7 +151,7 @@ fn the_commented_example_in_the_shipped_config_is_valid() {
     let text = format!("{}{}", &shipped[..start], example.join("\n"));
     let (code, stdout, stderr) = validate(&text);
     assert_eq!(code, 0, "{stderr}");
-    assert!(stdout.contains("ok (2 routes, 1 upstreams)"), "{stdout}");
+    assert!(stdout.contains("ok (3 routes, 1 upstreams)"), "{stdout}");
 }
 
 #[test]

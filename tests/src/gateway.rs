@@ -59,27 +59,23 @@ upstream = "{name}"
 /// The gateway binary, built once per test process so it is never stale.
 pub fn binary() -> &'static Path {
     static BINARY: OnceLock<PathBuf> = OnceLock::new();
-    BINARY.get_or_init(|| {
-        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".to_owned());
-        let status = Command::new(cargo)
-            .args([
-                "build",
-                "--quiet",
-                "-p",
-                "tollgate-gateway",
-                "--bin",
-                "gateway",
-            ])
-            .status()
-            .expect("run cargo build for the gateway binary");
-        assert!(status.success(), "building the gateway failed");
-        // target/<profile>/deps/e2e-<hash> -> target/<profile>/gateway
-        let exe = std::env::current_exe().unwrap();
-        let profile_dir = exe.parent().and_then(Path::parent).unwrap();
-        let binary = profile_dir.join("gateway");
-        assert!(binary.exists(), "no gateway binary at {}", binary.display());
-        binary
-    })
+    BINARY.get_or_init(|| build_binary("tollgate-gateway", "gateway"))
+}
+
+/// Builds `bin` of `package` (debug, like the tests) and returns its path.
+pub fn build_binary(package: &str, bin: &str) -> PathBuf {
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".to_owned());
+    let status = Command::new(cargo)
+        .args(["build", "--quiet", "-p", package, "--bin", bin])
+        .status()
+        .expect("run cargo build");
+    assert!(status.success(), "building {bin} failed");
+    // target/<profile>/deps/e2e-<hash> -> target/<profile>/<bin>
+    let exe = std::env::current_exe().unwrap();
+    let profile_dir = exe.parent().and_then(Path::parent).unwrap();
+    let binary = profile_dir.join(bin);
+    assert!(binary.exists(), "no {bin} binary at {}", binary.display());
+    binary
 }
 
 /// How a start attempt ended.
@@ -120,12 +116,21 @@ impl Gateway {
     /// until it says it listens. A port picked for `:0` can be taken by another process before
     /// the gateway binds it; the gateway then exits with status 1 and is started again.
     pub async fn start_in(dir: tempfile::TempDir, config: &str) -> Gateway {
+        Self::start_with_env(dir, config, &[]).await
+    }
+
+    /// [`Gateway::start_in`], with these environment variables set for the process.
+    pub async fn start_with_env(
+        dir: tempfile::TempDir,
+        config: &str,
+        env: &[(&str, &str)],
+    ) -> Gateway {
         let config_path = dir.path().join("gateway.toml");
         std::fs::write(&config_path, config).unwrap();
         let mut attempt = 0;
         loop {
             attempt += 1;
-            match Self::spawn(&config_path).await {
+            match Self::spawn(&config_path, env).await {
                 Started::Listening(child, logs, line) => {
                     return Self::from_start_line(child, logs, &line, config_path, dir);
                 }
@@ -139,11 +144,13 @@ impl Gateway {
         }
     }
 
-    async fn spawn(config_path: &Path) -> Started {
+    async fn spawn(config_path: &Path, env: &[(&str, &str)]) -> Started {
         let mut child = Command::new(binary())
             .arg("--config")
             .arg(config_path)
             .env_remove("RUST_LOG")
+            .env_remove("TOLLGATE_ADMIN_TOKEN")
+            .envs(env.iter().copied())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .spawn()
@@ -365,6 +372,17 @@ impl Gateway {
             );
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
+    }
+}
+
+impl Gateway {
+    /// Kills the process at once (SIGKILL) and hands back its directory, to start another
+    /// gateway on the same files.
+    pub fn kill(mut self) -> tempfile::TempDir {
+        let _ = self.child.kill();
+        let status = self.child.wait().ok();
+        self.exit = status;
+        std::mem::replace(&mut self.dir, tempfile::tempdir().unwrap())
     }
 }
 

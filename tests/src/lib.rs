@@ -3,6 +3,8 @@
 //!
 //! # Layout
 //! - [`gateway`]: starting, reconfiguring, signalling and reading the logs of a gateway process.
+//! - [`control_plane`]: a `control-plane serve` process, fresh Postgres databases, and a client
+//!   of the admin API.
 //! - [`upstream`]: test upstream servers (echo, slow, streaming, WebSocket, health toggles).
 //! - [`tls`]: self-signed certificates for TLS listeners.
 //! - [`raw`]: a bare HTTP/1.1 connection, for tests about one particular connection.
@@ -15,6 +17,7 @@
 )]
 
 pub mod blackhole;
+pub mod control_plane;
 pub mod gateway;
 pub mod raw;
 pub mod tls;

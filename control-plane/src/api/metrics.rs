@@ -90,8 +90,8 @@ pub async fn layer(State(state): State<AppState>, request: Request, next: Next) 
     response
 }
 
-/// `GET /metrics`.
-pub async fn render(State(state): State<AppState>) -> Response {
+/// The Prometheus text of the control plane's metrics, the config version read first.
+pub async fn text(state: &AppState) -> Vec<u8> {
     match state.store.latest_version().await {
         Ok(version) => state.metrics.version.set(version),
         Err(error) => tracing::warn!(%error, "cannot read the config version for /metrics"),
@@ -100,6 +100,12 @@ pub async fn render(State(state): State<AppState>) -> Response {
     if let Err(error) = TextEncoder::new().encode(&state.metrics.registry.gather(), &mut out) {
         tracing::error!(%error, "cannot encode metrics");
     }
+    out
+}
+
+/// `GET /metrics`.
+pub async fn render(State(state): State<AppState>) -> Response {
+    let out = text(&state).await;
     (
         [(
             header::CONTENT_TYPE,

@@ -63,15 +63,29 @@ impl AppState {
     }
 }
 
-/// The whole API.
+/// The whole API: `/v1`, `/openapi.json`, `/health`, `/health/ready` and `/metrics`.
 pub fn app(state: AppState) -> Router {
-    let (router, openapi) = documented().split_for_parts();
-    let openapi = Json(openapi::finish(openapi));
-    router
-        .route("/openapi.json", get(move || async move { openapi }))
+    let (health, _) = health_routes().split_for_parts();
+    let health = health
         .route("/metrics", get(metrics::render))
+        .route_layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            metrics::layer,
+        ))
+        .with_state(state.clone());
+    api(state)
+        .merge(health)
         .fallback(|| async { ApiError::NotFound("route") })
         .method_not_allowed_fallback(|| async { ApiError::MethodNotAllowed })
+}
+
+/// `/v1` and `/openapi.json` only, without a fallback: what a gateway running the control plane
+/// in its own process serves beside its own `/health` and `/metrics`.
+pub fn api(state: AppState) -> Router {
+    let (router, _) = v1_routes().split_for_parts();
+    let document = Json(openapi_document());
+    router
+        .route("/openapi.json", get(move || async move { document }))
         .layer(DefaultBodyLimit::max(body::MAX_BODY))
         .layer(axum::middleware::from_fn_with_state(
             state.clone(),
@@ -84,11 +98,16 @@ pub fn app(state: AppState) -> Router {
         .with_state(state)
 }
 
-/// The `/v1` routes, each registered with its OpenAPI operation.
-fn documented() -> OpenApiRouter<AppState> {
-    OpenApiRouter::with_openapi(openapi::ApiDoc::openapi())
+/// The health routes, each registered with its OpenAPI operation.
+fn health_routes() -> OpenApiRouter<AppState> {
+    OpenApiRouter::new()
         .routes(routes!(health::live))
         .routes(routes!(health::ready))
+}
+
+/// The `/v1` routes, each registered with its OpenAPI operation.
+fn v1_routes() -> OpenApiRouter<AppState> {
+    OpenApiRouter::with_openapi(openapi::ApiDoc::openapi())
         .routes(routes!(plans::list, plans::create))
         .routes(routes!(plans::get, plans::update, plans::delete))
         .routes(routes!(customers::list, customers::create))
@@ -105,5 +124,5 @@ fn documented() -> OpenApiRouter<AppState> {
 
 /// The OpenAPI document, as served at `/openapi.json`.
 pub fn openapi_document() -> utoipa::openapi::OpenApi {
-    openapi::finish(documented().into_openapi())
+    openapi::finish(v1_routes().merge(health_routes()).into_openapi())
 }

@@ -65,6 +65,25 @@ impl Store {
         insert(&mut connection, name, role, hash).await
     }
 
+    /// Replaces every token named `name` with `role` by one with this hash (at start-up, with no
+    /// one to audit): for the token a gateway gives its own embedded control plane.
+    pub async fn replace_admin_token(
+        &self,
+        name: &str,
+        role: Role,
+        hash: &str,
+    ) -> Result<AdminToken, StoreError> {
+        let mut tx = self.pool().begin().await?;
+        sqlx::query("DELETE FROM admin_tokens WHERE name = $1 AND role = $2")
+            .bind(name)
+            .bind(role.as_str())
+            .execute(&mut *tx)
+            .await?;
+        let token = insert(&mut tx, name, role, hash).await?;
+        tx.commit().await?;
+        Ok(token)
+    }
+
     /// Stores a token by its hash, on behalf of `actor`.
     pub async fn create_admin_token_as(
         &self,

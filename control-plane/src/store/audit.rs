@@ -59,16 +59,28 @@ pub(crate) async fn record(
     if !change.publish {
         return Ok(None);
     }
-    let version: i64 = sqlx::query(
+    publish(connection, change.target_type, change.target_id)
+        .await
+        .map(Some)
+}
+
+/// Writes a change-log row for an entity gateways enforce (`kind` `plan`, `customer` or
+/// `key`); returns the new config version. [`record`] does it for the audited entity; a change
+/// that touches a second entity publishes it with this.
+pub(crate) async fn publish(
+    connection: &mut AnyConnection,
+    kind: &str,
+    entity_id: &str,
+) -> Result<i64, StoreError> {
+    Ok(sqlx::query(
         "INSERT INTO change_log (at, kind, entity_id) VALUES ($1, $2, $3) RETURNING version",
     )
-    .bind(at)
-    .bind(change.target_type)
-    .bind(change.target_id)
+    .bind(now_ms())
+    .bind(kind)
+    .bind(entity_id)
     .fetch_one(&mut *connection)
     .await?
-    .try_get("version")?;
-    Ok(Some(version))
+    .try_get("version")?)
 }
 
 /// One entry of the audit log.

@@ -147,6 +147,8 @@ impl Store {
             },
         )
         .await?;
+        // Gateways learn of the new key as well as of the old one's end.
+        audit::publish(&mut tx, "key", &created.key.id).await?;
         tx.commit().await?;
         Ok((created, ended))
     }

@@ -22,9 +22,11 @@ use tollgate_model::customer::CustomerStatus;
 
 use index::{Id, Identities};
 
-/// Unix time in milliseconds, as the feed writes times.
+/// Unix time in milliseconds, as the feed writes times (expiry, revocation).
 pub fn unix_ms() -> i64 {
-    i64::try_from(crate::upstream::health::now_ms()).unwrap_or(i64::MAX)
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
 }
 
 /// The identities the request path reads, swapped whole by the follower.
@@ -99,16 +101,13 @@ pub enum Refusal {
 }
 
 impl Refusal {
-    /// Whether it counts as a failed authentication of the client address (a guess), as
-    /// opposed to a known key that may not do this.
+    /// Whether it counts as a failed authentication of the client address: a credential that
+    /// may be a guess. A missing credential guesses nothing, and a known key that may not do
+    /// this is not a guess.
     pub fn is_failure(self) -> bool {
         matches!(
             self,
-            Refusal::Missing
-                | Refusal::Malformed
-                | Refusal::Unknown
-                | Refusal::Revoked
-                | Refusal::Expired
+            Refusal::Malformed | Refusal::Unknown | Refusal::Revoked | Refusal::Expired
         )
     }
 

@@ -33,6 +33,8 @@ pub struct RequestCtx {
     pub(super) deadline: Option<Instant>,
     pub(super) body_bytes: u64,
     pub(super) problem: Option<GatewayProblem>,
+    /// The authenticated caller, on routes that require one.
+    pub(super) caller: Option<(crate::identity::Caller, super::auth::Source)>,
     /// Held for its `Drop`, which ends the request's count in flight.
     pub(super) _in_flight: InFlight,
 }

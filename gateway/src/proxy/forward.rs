@@ -1,5 +1,6 @@
-//! What the upstream receives: the rewritten path, the `Host` it expects, the request id, and
-//! `X-Forwarded-*` headers describing the client.
+//! What the upstream receives: the rewritten path, the `Host` it expects, the request id, the
+//! caller's identity in place of its credential, and `X-Forwarded-*` headers describing the
+//! client.
 
 use http::HeaderValue;
 use http::header::HOST;
@@ -55,6 +56,7 @@ pub fn prepare(
         // HTTP/2 clients send :authority, HTTP/1.1 upstreams need Host.
         upstream_request.insert_header(HOST, host)?;
     }
+    super::auth::rewrite_upstream(upstream_request, route, ctx.caller.as_ref())?;
     upstream_request.insert_header(request_id::HEADER, ctx.request_id.as_str())?;
     if let Some(client) = session.client_addr().and_then(|a| a.as_inet()) {
         let ip = client.ip().to_string();

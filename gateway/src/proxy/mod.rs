@@ -6,10 +6,12 @@
 //! - [`respond`]: writing gateway-generated responses; headers every response carries.
 //! - [`request_id`]: `X-Request-Id` validation and generation.
 //! - `access_log`: the metrics and the access-log line of each finished request.
+//! - [`auth`]: API-key authentication and the identity headers the upstream receives.
 //! - `ctx`: per-request state.
 //! - `forward`: the request as the upstream receives it.
 
 mod access_log;
+pub mod auth;
 mod ctx;
 mod forward;
 pub mod problem;
@@ -71,6 +73,7 @@ impl ProxyHttp for Proxy {
             deadline: None,
             body_bytes: 0,
             problem: None,
+            caller: None,
             _in_flight: InFlight::new(&self.gateway.metrics.in_flight),
         }
     }
@@ -142,6 +145,22 @@ impl ProxyHttp for Proxy {
             respond::problem(session, ctx, &problem).await?;
             return Ok(true);
         }
+        if route.auth.required() {
+            let client = session
+                .client_addr()
+                .and_then(|a| a.as_inet())
+                .map(|a| a.ip());
+            match auth::authenticate(&self.gateway, session.req_header(), route, client) {
+                Ok(caller) => ctx.caller = Some(caller),
+                Err(problem) => {
+                    respond::problem(session, ctx, &problem).await?;
+                    return Ok(true);
+                }
+            }
+        }
+        let Some(route) = ctx.route() else {
+            return Err(Error::explain(ErrorType::InternalError, "route vanished"));
+        };
         match &route.action {
             RouteAction::Respond(response) => {
                 let body = response.body.clone();

@@ -4,6 +4,8 @@ use http::Method;
 use pingora::{Error, ErrorSource, ErrorType};
 use tollgate_model::Problem;
 
+use crate::identity::Refusal;
+
 /// A response the gateway produces instead of a proxied one.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum GatewayProblem {
@@ -27,6 +29,13 @@ pub enum GatewayProblem {
     UpstreamTimeout,
     /// Something failed inside the gateway (500).
     Internal,
+    /// The credential was missing or refused (401, 403, or 503 without identities).
+    Refused(Refusal),
+    /// Too many failed authentications from this client address (429).
+    TooManyFailedAuthentications {
+        /// Seconds until the address may try again.
+        retry_after: u64,
+    },
 }
 
 impl GatewayProblem {
@@ -42,6 +51,10 @@ impl GatewayProblem {
             Self::UpstreamUnreachable => 502,
             Self::UpstreamTimeout => 504,
             Self::Internal => 500,
+            Self::Refused(Refusal::Suspended | Refusal::OutOfScope) => 403,
+            Self::Refused(Refusal::Unavailable) => 503,
+            Self::Refused(_) => 401,
+            Self::TooManyFailedAuthentications { .. } => 429,
         }
     }
 
@@ -105,6 +118,17 @@ impl GatewayProblem {
                 "Internal error",
                 "the gateway failed to handle the request".to_owned(),
             ),
+            Self::Refused(refusal) => {
+                let (slug, title, detail) = refusal_text(*refusal);
+                (slug, title, detail.to_owned())
+            }
+            Self::TooManyFailedAuthentications { retry_after } => (
+                "too-many-failed-authentications",
+                "Too many failed authentications",
+                format!(
+                    "too many invalid credentials came from this address; retry in {retry_after} s"
+                ),
+            ),
         };
         Problem::new(slug, title, self.status())
             .with_detail(detail)
@@ -152,6 +176,43 @@ impl GatewayProblem {
                     | ReadTimedout
                     | WriteTimedout
             )
+    }
+}
+
+fn refusal_text(refusal: Refusal) -> (&'static str, &'static str, &'static str) {
+    match refusal {
+        Refusal::Missing => (
+            "missing-credential",
+            "Authentication required",
+            "send an API key as Authorization: Bearer <key> or X-API-Key: <key>",
+        ),
+        Refusal::Malformed => (
+            "malformed-key",
+            "Malformed API key",
+            "this is not a Tollgate API key: check that it was copied whole",
+        ),
+        Refusal::Unknown => ("unknown-key", "Unknown API key", "no such API key"),
+        Refusal::Revoked => (
+            "revoked-key",
+            "Revoked API key",
+            "this API key was revoked or replaced",
+        ),
+        Refusal::Expired => ("expired-key", "Expired API key", "this API key has expired"),
+        Refusal::Suspended => (
+            "customer-suspended",
+            "Customer suspended",
+            "the account this API key belongs to is suspended",
+        ),
+        Refusal::OutOfScope => (
+            "key-not-allowed",
+            "API key not allowed here",
+            "this API key's scopes do not include this route",
+        ),
+        Refusal::Unavailable => (
+            "identities-unavailable",
+            "Authentication unavailable",
+            "the gateway has not yet received its API keys; retry shortly",
+        ),
     }
 }
 

@@ -12,6 +12,7 @@ use super::RequestCtx;
 use super::problem::GatewayProblem;
 use super::request_id;
 use crate::config::SecurityHeaders;
+use crate::identity::Refusal;
 
 static STRICT_TRANSPORT_SECURITY: HeaderName = http::header::STRICT_TRANSPORT_SECURITY;
 static CONTENT_SECURITY_POLICY: HeaderName = http::header::CONTENT_SECURITY_POLICY;
@@ -99,8 +100,25 @@ pub async fn problem(
             headers.push((http::header::ALLOW, value));
         }
     }
-    if matches!(problem, GatewayProblem::NoHealthyTarget) {
-        headers.push((http::header::RETRY_AFTER, HeaderValue::from_static("1")));
+    match problem {
+        GatewayProblem::NoHealthyTarget => {
+            headers.push((http::header::RETRY_AFTER, HeaderValue::from_static("1")));
+        }
+        GatewayProblem::Refused(Refusal::Unavailable) => {
+            headers.push((http::header::RETRY_AFTER, HeaderValue::from_static("5")));
+        }
+        GatewayProblem::Refused(refusal) if problem.status() == 401 => {
+            let challenge = if *refusal == Refusal::Missing {
+                HeaderValue::from_static("Bearer realm=\"tollgate\"")
+            } else {
+                HeaderValue::from_static("Bearer realm=\"tollgate\", error=\"invalid_token\"")
+            };
+            headers.push((http::header::WWW_AUTHENTICATE, challenge));
+        }
+        GatewayProblem::TooManyFailedAuthentications { retry_after } => {
+            headers.push((http::header::RETRY_AFTER, HeaderValue::from(*retry_after)));
+        }
+        _ => {}
     }
     let body = problem.to_problem(&ctx.request_id).to_json();
     write(session, ctx, problem.status(), &headers, Bytes::from(body)).await

@@ -271,3 +271,110 @@ upstream = \"u\"
         "{errors:?}"
     );
 }
+
+fn config(text: &str) -> Config {
+    let (file, parse_errors) = parse(text).expect("TOML syntax");
+    validate(file, parse_errors, Path::new("/etc/tollgate")).expect("valid")
+}
+
+#[test]
+fn a_route_with_auth_needs_a_control_plane_and_the_query_key_needs_auth() {
+    let errors = problems(&format!(
+        "{SERVER}
+[[routes]]
+name = \"a\"
+path_prefix = \"/a\"
+auth = \"key\"
+respond = {{ body = \"a\" }}
+[[routes]]
+name = \"b\"
+path_prefix = \"/b\"
+key_query_param = \"api_key\"
+respond = {{ body = \"b\" }}
+[[routes]]
+name = \"c\"
+path_prefix = \"/c\"
+auth = \"password\"
+respond = {{ body = \"c\" }}
+"
+    ));
+    assert_eq!(
+        errors,
+        vec![
+            "routes[2].auth: unknown variant `password`, expected `none` or `key`",
+            "routes[1].key_query_param: only applies to routes with auth = \"key\"",
+            "routes[0].auth: needs a [control_plane] section: the keys come from the control plane",
+        ]
+    );
+}
+
+#[test]
+fn the_control_plane_is_embedded_or_followed_by_url_not_both() {
+    for (section, expected) in [
+        (
+            "embedded = true\nurl = \"http://cp:9100\"",
+            "control_plane: set either embedded = true or url, not both",
+        ),
+        (
+            "snapshot_file = \"s.json.gz\"",
+            "control_plane: set embedded = true (run it in this process) or url (follow a separate one)",
+        ),
+        (
+            "url = \"cp:9100\"",
+            "control_plane.url: invalid URL \"cp:9100\": expected http://host:port",
+        ),
+        (
+            "url = \"http://cp:9100\"\ndatabase_url = \"sqlite://x.db\"",
+            "control_plane.database_url: only applies with embedded = true (a separate control plane has its own)",
+        ),
+        (
+            "embedded = true\ndatabase_url = \"mysql://db\"",
+            "control_plane.database_url: \"mysql://db\" is neither sqlite://… nor postgres://…",
+        ),
+        (
+            "embedded = true\nsurprise = 1",
+            "control_plane.surprise: unknown key",
+        ),
+    ] {
+        let errors = problems(&format!("{SERVER}\n[control_plane]\n{section}\n"));
+        assert_eq!(errors, vec![expected], "{section}");
+    }
+    let errors = problems(&format!("{SERVER}\n[auth]\nfailed_per_minute = 0\n"));
+    assert_eq!(
+        errors,
+        vec![
+            "auth.failed_per_minute: must be at least 1 (failed authentications per client address and minute)"
+        ]
+    );
+}
+
+#[test]
+fn relative_store_and_snapshot_paths_are_next_to_the_config_file() {
+    let embedded = config(&format!("{SERVER}\n[control_plane]\nembedded = true\n"));
+    let control_plane = embedded.control_plane.unwrap();
+    assert_eq!(
+        control_plane.source,
+        FeedSource::Embedded {
+            database_url: "sqlite:///etc/tollgate/tollgate.db?mode=rwc".into()
+        }
+    );
+    assert_eq!(
+        control_plane.snapshot_file,
+        Path::new("/etc/tollgate/tollgate-snapshot.json.gz")
+    );
+    let remote = config(&format!(
+        "{SERVER}\n[control_plane]\nurl = \"https://cp.internal:9100/\"\nsnapshot_file = \"/var/lib/tollgate/s.gz\"\n"
+    ));
+    let control_plane = remote.control_plane.unwrap();
+    assert_eq!(
+        control_plane.source,
+        FeedSource::Remote {
+            url: "https://cp.internal:9100".into(),
+            token_env: "TOLLGATE_GATEWAY_TOKEN".into()
+        }
+    );
+    assert_eq!(
+        control_plane.snapshot_file,
+        Path::new("/var/lib/tollgate/s.gz")
+    );
+}

@@ -1,0 +1,221 @@
+//! Authentication on the request path: the credential is taken from the request, checked
+//! against the identities in memory (never a database), and replaced, for the upstream, by the
+//! caller's identity headers.
+
+use std::net::IpAddr;
+
+use http::HeaderValue;
+use http::header::AUTHORIZATION;
+use pingora::http::RequestHeader;
+use pingora::{Error, ErrorType, Result};
+
+use super::problem::GatewayProblem;
+use crate::config::{Route, RouteAuth};
+use crate::identity::index::format_id;
+use crate::identity::{Caller, Refusal, check_key, unix_ms};
+use crate::state::Gateway;
+
+/// The API-key header.
+pub const X_API_KEY: &str = "x-api-key";
+/// The customer's id, for the upstream.
+pub const X_CUSTOMER_ID: &str = "x-tollgate-customer-id";
+/// The customer's plan id, for the upstream.
+pub const X_PLAN_ID: &str = "x-tollgate-plan-id";
+/// The id of the key used, for the upstream.
+pub const X_KEY_ID: &str = "x-tollgate-key-id";
+/// Identity headers only the gateway may set: a client's own are always removed.
+pub const IDENTITY_HEADERS: [&str; 4] = [X_CUSTOMER_ID, X_PLAN_ID, X_KEY_ID, "x-tollgate-subject"];
+
+/// Where the credential came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Source {
+    /// `Authorization: Bearer`.
+    Authorization,
+    /// `X-API-Key`.
+    Header,
+    /// The route's query parameter.
+    Query,
+}
+
+/// The API key of a request: `Authorization: Bearer`, then `X-API-Key`, then the route's query
+/// parameter.
+pub fn credential<'a>(req: &'a RequestHeader, auth: &RouteAuth) -> Option<(&'a str, Source)> {
+    if let Some(token) = req
+        .headers
+        .get(AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(bearer)
+    {
+        return Some((token, Source::Authorization));
+    }
+    if let Some(key) = req
+        .headers
+        .get(X_API_KEY)
+        .and_then(|v| v.to_str().ok())
+        .map(str::trim)
+        .filter(|k| !k.is_empty())
+    {
+        return Some((key, Source::Header));
+    }
+    let name = auth.key_query_param.as_deref()?;
+    query_value(req.uri.query()?, name).map(|key| (key, Source::Query))
+}
+
+fn bearer(value: &str) -> Option<&str> {
+    let (scheme, token) = value.trim().split_once(' ')?;
+    scheme
+        .eq_ignore_ascii_case("bearer")
+        .then(|| token.trim())
+        .filter(|t| !t.is_empty())
+}
+
+fn query_value<'a>(query: &'a str, name: &str) -> Option<&'a str> {
+    query
+        .split('&')
+        .filter_map(|pair| pair.split_once('='))
+        .find(|(key, _)| *key == name)
+        .map(|(_, value)| value)
+}
+
+/// Checks the request's credential for `route`. Failures count against the client address,
+/// which is refused (429) before any check once over the limit.
+pub fn authenticate(
+    gateway: &Gateway,
+    req: &RequestHeader,
+    route: &Route,
+    client: Option<IpAddr>,
+) -> Result<(Caller, Source), GatewayProblem> {
+    let now = unix_ms();
+    if let Some(ip) = client
+        && let Some(retry_after) = gateway.failed_auth.blocked(ip, now)
+    {
+        gateway.metrics.auth_decision("throttled");
+        return Err(GatewayProblem::TooManyFailedAuthentications { retry_after });
+    }
+    let identities = gateway.identity.current();
+    let result = match credential(req, &route.auth) {
+        None => Err(Refusal::Missing),
+        Some((key, source)) => {
+            check_key(identities.as_deref(), key, &route.name, now).map(|caller| (caller, source))
+        }
+    };
+    match result {
+        Ok(found) => {
+            gateway.metrics.auth_decision("ok");
+            Ok(found)
+        }
+        Err(refusal) => {
+            gateway.metrics.auth_decision(refusal.label());
+            if refusal.is_failure()
+                && let Some(ip) = client
+            {
+                gateway.failed_auth.record(ip, now);
+            }
+            Err(GatewayProblem::Refused(refusal))
+        }
+    }
+}
+
+/// The upstream's view: the client's identity headers removed; on an authenticated request the
+/// credential removed and the caller's identity added.
+pub fn rewrite_upstream(
+    upstream_request: &mut RequestHeader,
+    route: &Route,
+    caller: Option<&(Caller, Source)>,
+) -> Result<()> {
+    for name in IDENTITY_HEADERS {
+        upstream_request.remove_header(name);
+    }
+    let Some((caller, source)) = caller else {
+        return Ok(());
+    };
+    upstream_request.remove_header(X_API_KEY);
+    if *source == Source::Authorization {
+        upstream_request.remove_header(&AUTHORIZATION);
+    }
+    if let Some(name) = &route.auth.key_query_param {
+        remove_query_param(upstream_request, name)?;
+    }
+    let header = |text: &str| {
+        HeaderValue::from_str(text)
+            .map_err(|e| Error::because(ErrorType::InternalError, "identity header", e))
+    };
+    upstream_request.insert_header(X_CUSTOMER_ID, header(&format_id("cus", &caller.customer))?)?;
+    upstream_request.insert_header(X_PLAN_ID, header(&caller.plan_id)?)?;
+    upstream_request.insert_header(X_KEY_ID, header(&format_id("key", &caller.key))?)?;
+    Ok(())
+}
+
+fn remove_query_param(upstream_request: &mut RequestHeader, name: &str) -> Result<()> {
+    let Some(query) = upstream_request.uri.query() else {
+        return Ok(());
+    };
+    let kept: Vec<&str> = query
+        .split('&')
+        .filter(|pair| pair.split_once('=').map_or(*pair, |(key, _)| key) != name)
+        .collect();
+    let path = upstream_request.uri.path();
+    let rebuilt = if kept.is_empty() {
+        path.to_owned()
+    } else {
+        format!("{path}?{}", kept.join("&"))
+    };
+    let uri = rebuilt
+        .parse::<http::Uri>()
+        .map_err(|e| Error::because(ErrorType::InternalError, "query without the key", e))?;
+    upstream_request.set_uri(uri);
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn request(uri: &str, headers: &[(&str, &str)]) -> RequestHeader {
+        let mut req = RequestHeader::build("GET", uri.as_bytes(), None).unwrap();
+        for (name, value) in headers {
+            req.insert_header(name.to_string(), *value).unwrap();
+        }
+        req
+    }
+
+    fn auth(query: Option<&str>) -> RouteAuth {
+        RouteAuth {
+            key: true,
+            key_query_param: query.map(str::to_owned),
+        }
+    }
+
+    #[test]
+    fn the_key_comes_from_authorization_then_x_api_key_then_the_query() {
+        let req = request(
+            "/a?api_key=q",
+            &[("authorization", "bearer  k1 "), ("x-api-key", "k2")],
+        );
+        assert_eq!(
+            credential(&req, &auth(Some("api_key"))),
+            Some(("k1", Source::Authorization))
+        );
+        let req = request("/a?api_key=q", &[("x-api-key", "k2")]);
+        assert_eq!(
+            credential(&req, &auth(Some("api_key"))),
+            Some(("k2", Source::Header))
+        );
+        let req = request("/a?x=1&api_key=q", &[("authorization", "Basic abc")]);
+        assert_eq!(
+            credential(&req, &auth(Some("api_key"))),
+            Some(("q", Source::Query))
+        );
+        assert_eq!(credential(&req, &auth(None)), None, "query not allowed");
+    }
+
+    #[test]
+    fn the_query_key_is_removed_and_the_rest_kept() {
+        let mut req = request("/a/b?x=1&api_key=secret&y=2", &[]);
+        remove_query_param(&mut req, "api_key").unwrap();
+        assert_eq!(req.uri.to_string(), "/a/b?x=1&y=2");
+        let mut req = request("/a?api_key=secret", &[]);
+        remove_query_param(&mut req, "api_key").unwrap();
+        assert_eq!(req.uri.to_string(), "/a");
+    }
+}

@@ -1,0 +1,572 @@
+//! Who is calling: API keys checked on the request path against identities followed from the
+//! control plane, embedded in the gateway (SQLite) or separate (Postgres).
+
+use std::time::{Duration, Instant};
+
+use serde_json::{Value, json};
+use tollgate_tests::control_plane::{AdminApi, ControlPlane, PostgresDatabase, admin_token};
+use tollgate_tests::{Gateway, Upstream, client, config};
+
+/// How fast a change made through the admin API must be enforced.
+const PROPAGATION: Duration = Duration::from_secs(1);
+
+/// Tests poll new keys before they arrive: each poll is a failed authentication, so the
+/// limit is high except where it is under test.
+fn standalone_config(upstream: &Upstream) -> String {
+    config(&format!(
+        r#"
+[auth]
+failed_per_minute = 100000
+
+[control_plane]
+embedded = true
+
+[[upstreams]]
+name = "orders"
+targets = ["{target}"]
+
+[[routes]]
+name = "orders"
+path_prefix = "/orders"
+upstream = "orders"
+auth = "key"
+key_query_param = "api_key"
+
+[[routes]]
+name = "public"
+path_prefix = "/public"
+upstream = "orders"
+
+[[routes]]
+name = "demo"
+path_prefix = "/demo"
+auth = "key"
+respond = {{ status = 200, body = "hello, customer" }}
+"#,
+        target = upstream.target()
+    ))
+}
+
+async fn standalone(upstream: &Upstream) -> (Gateway, AdminApi) {
+    let token = admin_token();
+    let gateway = Gateway::start_with_env(
+        tempfile::tempdir().unwrap(),
+        &standalone_config(upstream),
+        &[("TOLLGATE_ADMIN_TOKEN", token.as_str())],
+    )
+    .await;
+    let api = AdminApi::new(&format!("http://{}", gateway.admin), &token);
+    (gateway, api)
+}
+
+/// Sends `GET path` with `key` as a bearer token: the status and the JSON body.
+async fn call(gateway: &Gateway, path: &str, key: Option<&str>) -> (u16, Value) {
+    let mut request = client().get(gateway.url(path));
+    if let Some(key) = key {
+        request = request.bearer_auth(key);
+    }
+    let response = request.send().await.unwrap();
+    let status = response.status().as_u16();
+    let text = response.text().await.unwrap();
+    (
+        status,
+        serde_json::from_str(&text).unwrap_or(Value::String(text)),
+    )
+}
+
+/// Polls until `GET path` with `key` answers `status`; returns how long it took.
+async fn until_status(gateway: &Gateway, path: &str, key: &str, status: u16) -> Duration {
+    let started = Instant::now();
+    loop {
+        let (got, body) = call(gateway, path, Some(key)).await;
+        if got == status {
+            return started.elapsed();
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "still {got} ({body}) instead of {status}"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+/// Waits until the gateway holds `count` keys.
+async fn wait_for_keys(gateway: &Gateway, count: u64) {
+    let started = Instant::now();
+    while gateway.ready().await["identities"]["keys"].as_u64() != Some(count) {
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "keys never arrived"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+fn problem_type(body: &Value) -> &str {
+    body["type"]
+        .as_str()
+        .unwrap_or_default()
+        .trim_start_matches("urn:tollgate:problem:")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_standalone_gateway_issues_keys_and_enforces_each_outcome() {
+    let upstream = Upstream::start("orders");
+    let (gateway, api) = standalone(&upstream).await;
+    let (plan, customer, key) = api.customer_with_key("acme").await;
+    let key = key["key"].as_str().unwrap().to_owned();
+    let customer_id = customer["id"].as_str().unwrap().to_owned();
+
+    // A new key works within a second of its creation.
+    let took = until_status(&gateway, "/orders/1", &key, 200).await;
+    assert!(took < PROPAGATION, "a new key took {took:?}");
+
+    // The upstream learns who calls, never the credential.
+    let (status, echo) = call(&gateway, "/orders/1?x=1", Some(&key)).await;
+    assert_eq!(status, 200);
+    let headers = &echo["headers"];
+    assert_eq!(headers["x-tollgate-customer-id"], customer_id.as_str());
+    assert_eq!(headers["x-tollgate-plan-id"], plan["id"]);
+    assert!(
+        headers["x-tollgate-key-id"]
+            .as_str()
+            .unwrap()
+            .starts_with("key_")
+    );
+    assert!(headers.get("authorization").is_none(), "{headers}");
+    assert_eq!(echo["path"], "/orders/1?x=1");
+
+    // The same key in X-API-Key and in the route's query parameter.
+    let response = client()
+        .get(gateway.url("/orders/2"))
+        .header("x-api-key", &key)
+        .header("x-tollgate-customer-id", "cus_forged")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    let echo: Value = response.json().await.unwrap();
+    assert!(echo["headers"].get("x-api-key").is_none());
+    assert_eq!(
+        echo["headers"]["x-tollgate-customer-id"],
+        customer_id.as_str()
+    );
+    let (status, echo) = call(&gateway, &format!("/orders/3?a=1&api_key={key}&b=2"), None).await;
+    assert_eq!(status, 200, "{echo}");
+    assert_eq!(
+        echo["path"], "/orders/3?a=1&b=2",
+        "the key is not forwarded"
+    );
+
+    // Public routes stay public; a client cannot forge the identity headers.
+    let response = client()
+        .get(gateway.url("/public"))
+        .header("x-tollgate-customer-id", "cus_forged")
+        .header("x-tollgate-plan-id", "plan_forged")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    let echo: Value = response.json().await.unwrap();
+    assert!(
+        echo["headers"].get("x-tollgate-customer-id").is_none(),
+        "{echo}"
+    );
+    assert!(echo["headers"].get("x-tollgate-plan-id").is_none());
+
+    // The static demo route needs a key too.
+    assert_eq!(call(&gateway, "/demo", Some(&key)).await.0, 200);
+
+    // Each refusal with its own problem type.
+    let response = client().get(gateway.url("/orders")).send().await.unwrap();
+    assert_eq!(response.status(), 401);
+    assert_eq!(
+        response.headers()["www-authenticate"],
+        "Bearer realm=\"tollgate\""
+    );
+    assert_eq!(
+        response.headers()["content-type"],
+        "application/problem+json"
+    );
+    let body: Value = response.json().await.unwrap();
+    assert_eq!(problem_type(&body), "missing-credential");
+    assert!(body["request_id"].is_string());
+    let (status, body) = call(&gateway, "/orders", Some("tg_not-a-key")).await;
+    assert_eq!((status, problem_type(&body)), (401, "malformed-key"));
+    let mut typo = key.clone();
+    let last = if typo.ends_with('A') { "B" } else { "A" };
+    typo.replace_range(typo.len() - 1.., last);
+    let (status, body) = call(&gateway, "/orders", Some(&typo)).await;
+    assert_eq!(
+        (status, problem_type(&body)),
+        (401, "malformed-key"),
+        "bad checksum"
+    );
+    let unknown = tollgate_model::key::from_random([7; 16]); // well formed, never issued
+    let unknown = unknown.as_str();
+    let (status, body) = call(&gateway, "/orders", Some(unknown)).await;
+    assert_eq!(
+        (status, problem_type(&body)),
+        (401, "unknown-key"),
+        "{body}"
+    );
+
+    // A key scoped to other routes.
+    let scoped = api
+        .create(
+            &format!("/v1/customers/{customer_id}/keys"),
+            json!({"name": "scoped", "scopes": ["demo"]}),
+        )
+        .await;
+    let scoped = scoped["key"].as_str().unwrap();
+    until_status(&gateway, "/demo", scoped, 200).await;
+    let (status, body) = call(&gateway, "/orders", Some(scoped)).await;
+    assert_eq!((status, problem_type(&body)), (403, "key-not-allowed"));
+
+    // An expiring key stops at its expiry.
+    let expires_at = humantime::format_rfc3339_millis(
+        std::time::SystemTime::now() + Duration::from_millis(1500),
+    )
+    .to_string();
+    let expiring = api
+        .create(
+            &format!("/v1/customers/{customer_id}/keys"),
+            json!({"name": "brief", "expires_at": expires_at}),
+        )
+        .await;
+    let expiring = expiring["key"].as_str().unwrap();
+    until_status(&gateway, "/orders", expiring, 200).await;
+    until_status(&gateway, "/orders", expiring, 401).await;
+    let (_, body) = call(&gateway, "/orders", Some(expiring)).await;
+    assert_eq!(problem_type(&body), "expired-key");
+
+    // Suspending the customer is enforced within a second, and so is its return.
+    let (status, _) = api
+        .call(
+            "PATCH",
+            &format!("/v1/customers/{customer_id}"),
+            Some(json!({"status": "suspended"})),
+        )
+        .await;
+    assert_eq!(status, 200);
+    let took = until_status(&gateway, "/orders", &key, 403).await;
+    assert!(took < PROPAGATION, "suspension took {took:?}");
+    let (_, body) = call(&gateway, "/orders", Some(&key)).await;
+    assert_eq!(problem_type(&body), "customer-suspended");
+    api.call(
+        "PATCH",
+        &format!("/v1/customers/{customer_id}"),
+        Some(json!({"status": "active"})),
+    )
+    .await;
+    until_status(&gateway, "/orders", &key, 200).await;
+
+    let ready = gateway.ready().await;
+    assert_eq!(ready["status"], "ready");
+    assert_eq!(ready["identities"]["source"], "control plane");
+    assert!(
+        ready["identities"]["version"].as_i64().unwrap() >= 6,
+        "{ready}"
+    );
+    assert_eq!(ready["identities"]["keys"], 3);
+    assert!(ready["identities"]["sync_age_seconds"].as_i64().unwrap() <= 30);
+    let metrics = gateway.metrics().await;
+    for line in [
+        "tollgate_auth_decisions_total{result=\"ok\"}",
+        "tollgate_auth_decisions_total{result=\"missing\"}",
+        "tollgate_auth_decisions_total{result=\"malformed\"}",
+        "tollgate_auth_decisions_total{result=\"unknown\"}",
+        "tollgate_auth_decisions_total{result=\"out_of_scope\"}",
+        "tollgate_auth_decisions_total{result=\"expired\"}",
+        "tollgate_auth_decisions_total{result=\"suspended\"}",
+        "tollgate_identity_version ",
+        "tollgate_identity_keys 3",
+        "tollgate_identity_sync_age_seconds ",
+        "tollgate_identity_snapshots_total{result=\"applied\"} 1",
+        // The embedded control plane's own metrics are on the same listener.
+        "tollgate_control_plane_requests_total",
+    ] {
+        assert!(metrics.contains(line), "missing {line} in:\n{metrics}");
+    }
+    assert!(!metrics.contains(&key), "no key in the metrics");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn revocation_rotation_and_plan_changes_reach_traffic_in_flight_within_a_second() {
+    let upstream = Upstream::start("orders");
+    let (gateway, api) = standalone(&upstream).await;
+    let (_, customer, key) = api.customer_with_key("flow").await;
+    let key_id = key["id"].as_str().unwrap().to_owned();
+    let key = key["key"].as_str().unwrap().to_owned();
+    until_status(&gateway, "/orders", &key, 200).await;
+
+    // Traffic flows with the key while the admin changes things.
+    let traffic = {
+        let url = gateway.url("/orders");
+        let key = key.clone();
+        tokio::spawn(async move {
+            let client = client();
+            let mut statuses = Vec::new();
+            let started = Instant::now();
+            while started.elapsed() < Duration::from_secs(4) {
+                let response = client.get(&url).bearer_auth(&key).send().await.unwrap();
+                statuses.push(response.status().as_u16());
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+            statuses
+        })
+    };
+
+    // A plan change: the upstream sees the new plan within a second.
+    let premium = api.create("/v1/plans", json!({"name": "premium"})).await;
+    let (status, _) = api
+        .call(
+            "PATCH",
+            &format!("/v1/customers/{}", customer["id"].as_str().unwrap()),
+            Some(json!({"plan_id": premium["id"]})),
+        )
+        .await;
+    assert_eq!(status, 200);
+    let changed = Instant::now();
+    loop {
+        let (_, echo) = call(&gateway, "/orders", Some(&key)).await;
+        if echo["headers"]["x-tollgate-plan-id"] == premium["id"] {
+            break;
+        }
+        assert!(
+            changed.elapsed() < PROPAGATION,
+            "the plan change took over 1 s"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+
+    // Rotation with a grace: the new key works, the old one until the grace ends.
+    let rotated = api
+        .create(
+            &format!("/v1/keys/{key_id}/rotate"),
+            json!({"grace_seconds": 2}),
+        )
+        .await;
+    let new_key = rotated["key"].as_str().unwrap();
+    let took = until_status(&gateway, "/orders", new_key, 200).await;
+    assert!(took < PROPAGATION, "the rotated key took {took:?}");
+    assert_eq!(call(&gateway, "/orders", Some(&key)).await.0, 200, "grace");
+
+    // Revoking the new key is enforced within a second.
+    let new_id = rotated["id"].as_str().unwrap();
+    let (status, _) = api
+        .call("POST", &format!("/v1/keys/{new_id}/revoke"), None)
+        .await;
+    assert_eq!(status, 200);
+    let took = until_status(&gateway, "/orders", new_key, 401).await;
+    assert!(took < PROPAGATION, "revocation took {took:?}");
+    let (_, body) = call(&gateway, "/orders", Some(new_key)).await;
+    assert_eq!(problem_type(&body), "revoked-key");
+
+    // The old key stops once its grace is over.
+    until_status(&gateway, "/orders", &key, 401).await;
+    let statuses = traffic.await.unwrap();
+    assert!(statuses.len() > 50, "{} requests", statuses.len());
+    let first_refusal = statuses.iter().position(|s| *s != 200);
+    if let Some(at) = first_refusal {
+        assert!(
+            statuses[at..].iter().all(|s| *s == 401),
+            "once refused, always refused: {statuses:?}"
+        );
+    }
+    assert!(
+        statuses.iter().all(|s| *s == 200 || *s == 401),
+        "no other status while keys change: {statuses:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn failed_authentications_past_the_rate_are_refused_before_any_lookup() {
+    let upstream = Upstream::start("orders");
+    let token = admin_token();
+    let text =
+        standalone_config(&upstream).replace("failed_per_minute = 100000", "failed_per_minute = 5");
+    let gateway = Gateway::start_with_env(
+        tempfile::tempdir().unwrap(),
+        &text,
+        &[("TOLLGATE_ADMIN_TOKEN", token.as_str())],
+    )
+    .await;
+    let api = AdminApi::new(&format!("http://{}", gateway.admin), &token);
+    let (_, _, key) = api.customer_with_key("scanner").await;
+    let key = key["key"].as_str().unwrap().to_owned();
+    // Wait for the key without trying it: each try before it arrives would count.
+    wait_for_keys(&gateway, 1).await;
+    assert_eq!(call(&gateway, "/orders", Some(&key)).await.0, 200);
+
+    for i in 0..5 {
+        let guess = format!("tg_{i:0>22}AAAAAA");
+        let (status, _) = call(&gateway, "/orders", Some(&guess)).await;
+        assert_eq!(status, 401, "guess {i}");
+    }
+    // Past the rate even a valid key from this address waits: no lookup is made.
+    let response = client()
+        .get(gateway.url("/orders"))
+        .bearer_auth(&key)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 429);
+    let retry_after: u64 = response.headers()["retry-after"]
+        .to_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!((1..=120).contains(&retry_after), "{retry_after}");
+    let body: Value = response.json().await.unwrap();
+    assert_eq!(problem_type(&body), "too-many-failed-authentications");
+    // Public routes are not affected.
+    assert_eq!(call(&gateway, "/public", None).await.0, 200);
+    assert!(
+        gateway
+            .metrics()
+            .await
+            .contains("tollgate_auth_decisions_total{result=\"throttled\"} 1")
+    );
+}
+
+fn cluster_config(upstream: &Upstream, control_plane: &ControlPlane) -> String {
+    config(&format!(
+        r#"
+[auth]
+failed_per_minute = 100000
+
+[control_plane]
+url = "http://{cp}"
+token_env = "TOLLGATE_GATEWAY_TOKEN"
+
+[[upstreams]]
+name = "orders"
+targets = ["{target}"]
+
+[[routes]]
+name = "orders"
+path_prefix = "/orders"
+upstream = "orders"
+auth = "key"
+"#,
+        cp = control_plane.address,
+        target = upstream.target()
+    ))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_gateway_on_a_separate_control_plane_keeps_serving_without_it_and_restarts_from_disk() {
+    let database = PostgresDatabase::create().await;
+    let control_plane = ControlPlane::start(&database.url()).await;
+    let api = control_plane.api();
+    let gateway_token = api
+        .create(
+            "/v1/admin-tokens",
+            json!({"name": "gateway-1", "role": "gateway"}),
+        )
+        .await;
+    let gateway_token = gateway_token["token"].as_str().unwrap().to_owned();
+    let (_, _, key) = api.customer_with_key("pg").await;
+    let key = key["key"].as_str().unwrap().to_owned();
+    let upstream = Upstream::start("orders");
+    let text = cluster_config(&upstream, &control_plane);
+    let env = [("TOLLGATE_GATEWAY_TOKEN", gateway_token.as_str())];
+    let gateway = Gateway::start_with_env(tempfile::tempdir().unwrap(), &text, &env).await;
+    until_status(&gateway, "/orders", &key, 200).await;
+
+    // A revocation through the separate control plane arrives within a second.
+    let (_, _, second) = api.customer_with_key("pg2").await;
+    let second_key = second["key"].as_str().unwrap().to_owned();
+    until_status(&gateway, "/orders", &second_key, 200).await;
+    api.call(
+        "POST",
+        &format!("/v1/keys/{}/revoke", second["id"].as_str().unwrap()),
+        None,
+    )
+    .await;
+    let took = until_status(&gateway, "/orders", &second_key, 401).await;
+    assert!(took < PROPAGATION, "revocation took {took:?}");
+
+    // The control plane goes away: the gateway keeps serving what it knows.
+    control_plane.kill();
+    for _ in 0..20 {
+        assert_eq!(call(&gateway, "/orders", Some(&key)).await.0, 200);
+        assert_eq!(call(&gateway, "/orders", Some(&second_key)).await.0, 401);
+    }
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    assert!(
+        gateway
+            .metric("tollgate_identity_sync_failures_total")
+            .await
+            .unwrap_or(0.0)
+            >= 1.0
+    );
+
+    // Restarted while the control plane is still down, it serves from its stored snapshot.
+    let dir = gateway.kill();
+    assert!(dir.path().join("tollgate-snapshot.json.gz").exists());
+    let gateway = Gateway::start_with_env(dir, &text, &env).await;
+    assert_eq!(call(&gateway, "/orders", Some(&key)).await.0, 200);
+    assert_eq!(
+        call(&gateway, "/orders", Some(&second_key)).await.0,
+        401,
+        "the journaled revocation survives the restart"
+    );
+    let ready = gateway.ready().await;
+    assert_eq!(ready["identities"]["source"], "stored snapshot", "{ready}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_gateway_that_never_had_identities_answers_503_on_authenticated_routes_only() {
+    let upstream = Upstream::start("orders");
+    let text = config(&format!(
+        r#"
+[control_plane]
+url = "http://127.0.0.1:9"
+token_env = "TOLLGATE_GATEWAY_TOKEN"
+
+[[upstreams]]
+name = "orders"
+targets = ["{target}"]
+
+[[routes]]
+name = "orders"
+path_prefix = "/orders"
+upstream = "orders"
+auth = "key"
+
+[[routes]]
+name = "public"
+path_prefix = "/public"
+upstream = "orders"
+"#,
+        target = upstream.target()
+    ));
+    let gateway = Gateway::start_with_env(
+        tempfile::tempdir().unwrap(),
+        &text,
+        &[("TOLLGATE_GATEWAY_TOKEN", "tga_unused")],
+    )
+    .await;
+    let well_formed = tollgate_model::key::from_random([7; 16]);
+    let response = client()
+        .get(gateway.url("/orders"))
+        .bearer_auth(&well_formed)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 503);
+    assert!(response.headers().contains_key("retry-after"));
+    let body: Value = response.json().await.unwrap();
+    assert_eq!(problem_type(&body), "identities-unavailable");
+    assert_eq!(call(&gateway, "/public", None).await.0, 200);
+    let response = client()
+        .get(gateway.admin_url("/health/ready"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 503);
+    let ready: Value = response.json().await.unwrap();
+    assert_eq!(ready["status"], "waiting for identities");
+}

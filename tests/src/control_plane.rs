@@ -1,0 +1,230 @@
+//! A control plane under test: the real `control-plane serve` process on SQLite or a fresh
+//! Postgres database, and a small client for its admin API (also served by a standalone
+//! gateway's admin listener).
+
+use std::net::{SocketAddr, TcpListener};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+use crate::gateway::{PATIENCE, build_binary};
+
+/// The Postgres server of this machine.
+pub const POSTGRES: &str = "postgres://postgres@127.0.0.1:5432";
+
+/// An admin token for tests (64 hex digits).
+pub fn admin_token() -> String {
+    let mut token = String::from("tga_");
+    for _ in 0..4 {
+        token.push_str(&format!("{:016x}", rand_u64()));
+    }
+    token
+}
+
+fn rand_u64() -> u64 {
+    use std::hash::{BuildHasher, Hasher};
+    let mut hasher = std::collections::hash_map::RandomState::new().build_hasher();
+    hasher.write_u128(
+        Instant::now().elapsed().as_nanos()
+            ^ std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap()
+                .as_nanos(),
+    );
+    hasher.finish()
+}
+
+fn binary() -> &'static Path {
+    static BINARY: OnceLock<PathBuf> = OnceLock::new();
+    BINARY.get_or_init(|| build_binary("tollgate-control-plane", "control-plane"))
+}
+
+/// A new, empty Postgres database; dropped with the value.
+pub struct PostgresDatabase {
+    /// Its name.
+    pub name: String,
+}
+
+impl PostgresDatabase {
+    /// Creates one.
+    pub async fn create() -> PostgresDatabase {
+        let name = format!("tollgate_e2e_{:016x}", rand_u64());
+        run_sql(&format!("CREATE DATABASE {name}")).await;
+        PostgresDatabase { name }
+    }
+
+    /// Its URL.
+    pub fn url(&self) -> String {
+        format!("{POSTGRES}/{}", self.name)
+    }
+}
+
+async fn run_sql(statement: &str) {
+    sqlx::any::install_default_drivers();
+    let pool = sqlx::AnyPool::connect(&format!("{POSTGRES}/postgres"))
+        .await
+        .expect("connect to the local Postgres");
+    sqlx::query(statement).execute(&pool).await.unwrap();
+    pool.close().await;
+}
+
+impl Drop for PostgresDatabase {
+    fn drop(&mut self) {
+        let statement = format!("DROP DATABASE IF EXISTS {} WITH (FORCE)", self.name);
+        // Dropping runs outside any runtime the test may be shutting down.
+        let _ = std::thread::spawn(move || {
+            if let Ok(runtime) = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+            {
+                runtime.block_on(run_sql(&statement));
+            }
+        })
+        .join();
+    }
+}
+
+/// A `control-plane serve` process; killed when dropped.
+pub struct ControlPlane {
+    child: Child,
+    /// Its address.
+    pub address: SocketAddr,
+    /// The first admin's token.
+    pub admin_token: String,
+}
+
+impl ControlPlane {
+    /// Starts one on `database_url` and waits until it answers.
+    pub async fn start(database_url: &str) -> ControlPlane {
+        let address = {
+            let probe = TcpListener::bind("127.0.0.1:0").unwrap();
+            probe.local_addr().unwrap()
+        };
+        let admin_token = admin_token();
+        let child = Command::new(binary())
+            .arg("serve")
+            .env("DATABASE_URL", database_url)
+            .env("CONTROL_PLANE_LISTEN", address.to_string())
+            .env("TOLLGATE_ADMIN_TOKEN", &admin_token)
+            .env("RUST_LOG", "warn")
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("spawn the control plane");
+        let control_plane = ControlPlane {
+            child,
+            address,
+            admin_token,
+        };
+        let client = reqwest::Client::new();
+        let started = Instant::now();
+        loop {
+            let url = format!("http://{address}/health/ready");
+            if let Ok(response) = client.get(&url).send().await
+                && response.status() == 200
+            {
+                return control_plane;
+            }
+            assert!(
+                started.elapsed() < PATIENCE,
+                "the control plane did not start"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// Its admin API, as the first admin.
+    pub fn api(&self) -> AdminApi {
+        AdminApi::new(&format!("http://{}", self.address), &self.admin_token)
+    }
+
+    /// Stops it at once (SIGKILL).
+    pub fn kill(mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for ControlPlane {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A client of the admin API.
+#[derive(Clone)]
+pub struct AdminApi {
+    base: String,
+    token: String,
+    client: reqwest::Client,
+}
+
+impl AdminApi {
+    /// The API at `base` (`http://host:port`) with `token`.
+    pub fn new(base: &str, token: &str) -> AdminApi {
+        AdminApi {
+            base: base.to_owned(),
+            token: token.to_owned(),
+            client: reqwest::Client::new(),
+        }
+    }
+
+    /// Sends a request; returns the status and the JSON body (`Null` when empty).
+    pub async fn call(&self, method: &str, path: &str, body: Option<Value>) -> (u16, Value) {
+        let method = reqwest::Method::from_bytes(method.as_bytes()).unwrap();
+        let mut request = self
+            .client
+            .request(method, format!("{}{path}", self.base))
+            .bearer_auth(&self.token);
+        if let Some(body) = body {
+            request = request.json(&body);
+        }
+        let response = request.send().await.unwrap();
+        let status = response.status().as_u16();
+        let text = response.text().await.unwrap();
+        let value = if text.is_empty() {
+            Value::Null
+        } else {
+            serde_json::from_str(&text).unwrap_or(Value::String(text))
+        };
+        (status, value)
+    }
+
+    /// `POST`, expecting `201`; returns the body.
+    pub async fn create(&self, path: &str, body: Value) -> Value {
+        let (status, value) = self.call("POST", path, Some(body)).await;
+        assert_eq!(status, 201, "POST {path}: {value}");
+        value
+    }
+
+    /// A plan, a customer on it and a key of that customer: (plan, customer, key).
+    pub async fn customer_with_key(&self, name: &str) -> (Value, Value, Value) {
+        let plan = self
+            .create(
+                "/v1/plans",
+                serde_json::json!({"name": format!("{name}-plan")}),
+            )
+            .await;
+        let customer = self
+            .create(
+                "/v1/customers",
+                serde_json::json!({
+                    "name": name,
+                    "email": format!("{name}@example.test"),
+                    "plan_id": plan["id"],
+                }),
+            )
+            .await;
+        let key = self
+            .create(
+                &format!("/v1/customers/{}/keys", customer["id"].as_str().unwrap()),
+                serde_json::json!({"name": "main"}),
+            )
+            .await;
+        (plan, customer, key)
+    }
+}
