@@ -570,3 +570,124 @@ upstream = "orders"
     let ready: Value = response.json().await.unwrap();
     assert_eq!(ready["status"], "waiting for identities");
 }
+
+/// A stand-in control plane that serves a good snapshot once, then only snapshots that do not
+/// check (a key of a customer it does not have), and answers every change request with 409 so
+/// the gateway keeps asking for snapshots.
+async fn fake_control_plane(key: &str) -> std::net::SocketAddr {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    use axum::routing::get;
+    use sha2::{Digest, Sha256};
+
+    let customer = "cus_00000000000000000000000000000001";
+    let record = |customer_id: &str| {
+        json!({
+            "id": "key_00000000000000000000000000000001",
+            "customer_id": customer_id,
+            "hash": hex::encode(Sha256::digest(key.as_bytes())),
+            "expires_at_ms": null, "revoked_at_ms": null, "scopes": null
+        })
+    };
+    let plan = json!({
+        "id": "plan_1", "name": "basic", "rate_limits": [], "quota": null, "price": null,
+        "status": "active", "created_at": "2026-01-01T00:00:00Z", "updated_at": "2026-01-01T00:00:00Z"
+    });
+    let good = json!({
+        "version": 1, "plans": [plan],
+        "customers": [{"id": customer, "plan_id": "plan_1", "status": "active"}],
+        "keys": [record(customer)]
+    })
+    .to_string();
+    let bad = json!({
+        "version": 2, "plans": [plan],
+        "customers": [{"id": customer, "plan_id": "plan_1", "status": "active"}],
+        "keys": [record("cus_00000000000000000000000000000009")]
+    })
+    .to_string();
+    let served = Arc::new(AtomicUsize::new(0));
+    let app = axum::Router::new()
+        .route(
+            "/v1/gateway/snapshot",
+            get(move || {
+                let body = if served.fetch_add(1, Ordering::SeqCst) == 0 {
+                    good.clone()
+                } else {
+                    bad.clone()
+                };
+                async move { ([("content-type", "application/json")], body) }
+            }),
+        )
+        .route(
+            "/v1/gateway/changes",
+            get(|| async { (axum::http::StatusCode::CONFLICT, "{}") }),
+        );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let address = listener.local_addr().unwrap();
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    address
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_snapshot_that_does_not_check_is_refused_and_the_last_good_one_stays() {
+    let key = tollgate_model::key::from_random([3; 16]);
+    let address = fake_control_plane(&key).await;
+    let upstream = Upstream::start("orders");
+    let text = config(&format!(
+        r#"
+[control_plane]
+url = "http://{address}"
+
+[[upstreams]]
+name = "orders"
+targets = ["{target}"]
+
+[[routes]]
+name = "orders"
+path_prefix = "/orders"
+upstream = "orders"
+auth = "key"
+"#,
+        target = upstream.target()
+    ));
+    let gateway = Gateway::start_with_env(
+        tempfile::tempdir().unwrap(),
+        &text,
+        &[("TOLLGATE_GATEWAY_TOKEN", "tga_fake")],
+    )
+    .await;
+    wait_for_keys(&gateway, 1).await;
+    let started = Instant::now();
+    while gateway
+        .metric("tollgate_identity_snapshots_total{result=\"refused\"}")
+        .await
+        .unwrap_or(0.0)
+        < 2.0
+    {
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "no snapshot refused"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let (status, echo) = call(&gateway, "/orders", Some(&key)).await;
+    assert_eq!(status, 200, "{echo}");
+    assert_eq!(
+        echo["headers"]["x-tollgate-customer-id"],
+        "cus_00000000000000000000000000000001"
+    );
+    assert_eq!(gateway.ready().await["identities"]["version"], 1);
+    let refused = gateway.wait_for_log(|line| {
+        line["fields"]["message"]
+            .as_str()
+            .or(line["message"].as_str())
+            .is_some_and(|m| m.starts_with("refused what the control plane sent"))
+    });
+    let line = refused.await;
+    assert!(
+        line.to_string()
+            .contains("which the snapshot does not have"),
+        "{line}"
+    );
+}
