@@ -39,6 +39,8 @@ pub const IDENTITY_SYNC_AGE: &str = "tollgate_identity_sync_age_seconds";
 pub const IDENTITY_SYNC_FAILURES_TOTAL: &str = "tollgate_identity_sync_failures_total";
 /// Snapshots by result (`applied`, `restored` from disk, `refused`).
 pub const IDENTITY_SNAPSHOTS_TOTAL: &str = "tollgate_identity_snapshots_total";
+/// JWKS fetches, by JWT provider and result (`ok`, `failed`).
+pub const JWKS_FETCHES_TOTAL: &str = "tollgate_jwks_fetches_total";
 /// Authentication decisions by result (`ok`, or why the credential was refused, or `throttled`).
 pub const AUTH_DECISIONS_TOTAL: &str = "tollgate_auth_decisions_total";
 
@@ -81,6 +83,7 @@ pub struct Metrics {
     identity_sync_failures: IntCounter,
     identity_snapshots: IntCounterVec,
     auth_decisions: IntCounterVec,
+    jwks_fetches: IntCounterVec,
     identity_registered: std::sync::Arc<std::sync::Once>,
 }
 
@@ -165,6 +168,13 @@ impl Metrics {
             Opts::new(IDENTITY_SNAPSHOTS_TOTAL, "Snapshots, by result."),
             &["result"],
         );
+        let jwks_fetches = IntCounterVec::new(
+            Opts::new(
+                JWKS_FETCHES_TOTAL,
+                "JWKS fetches, by JWT provider and result.",
+            ),
+            &["provider", "result"],
+        );
         let auth_decisions = IntCounterVec::new(
             Opts::new(AUTH_DECISIONS_TOTAL, "Authentication decisions, by result."),
             &["result"],
@@ -189,6 +199,7 @@ impl Metrics {
                 identity_sync_failures: identity_sync_failures?,
                 identity_snapshots: identity_snapshots?,
                 auth_decisions: auth_decisions?,
+                jwks_fetches: jwks_fetches?,
                 identity_registered: std::sync::Arc::new(std::sync::Once::new()),
             };
             let r = &metrics.registry;
@@ -205,6 +216,7 @@ impl Metrics {
             r.register(Box::new(metrics.identity_sync_failures.clone()))?;
             r.register(Box::new(metrics.identity_snapshots.clone()))?;
             r.register(Box::new(metrics.auth_decisions.clone()))?;
+            r.register(Box::new(metrics.jwks_fetches.clone()))?;
             for result in ["applied", "restored", "refused"] {
                 metrics.identity_snapshots.with_label_values(&[result]);
             }
@@ -275,6 +287,13 @@ impl Metrics {
     /// Counts a failed sync attempt.
     pub fn identity_sync_failure(&self) {
         self.identity_sync_failures.inc();
+    }
+
+    /// Counts a JWKS fetch of a provider.
+    pub fn jwks_fetch(&self, provider: &str, ok: bool) {
+        self.jwks_fetches
+            .with_label_values(&[provider, if ok { "ok" } else { "failed" }])
+            .inc();
     }
 
     /// Counts an authentication decision.

@@ -107,7 +107,7 @@ pub fn run(path: PathBuf) -> anyhow::Result<()> {
         tls_services.push((address.to_string(), settings));
     }
 
-    let gateway = Gateway::new(path, text, config);
+    let gateway = Gateway::new(path, text, config)?;
     let mut proxy =
         http_proxy_service_with_name(&server.configuration, Proxy::new(gateway.clone()), "proxy");
     for listener in &listen {
@@ -137,6 +137,11 @@ pub fn run(path: PathBuf) -> anyhow::Result<()> {
         )?;
         follower.restore();
         server.add_service(background_service("identity follower", follower));
+    }
+    if let Some(refresher) =
+        crate::identity::jwt::JwksRefresher::new(&gateway.jwt, gateway.metrics.clone())?
+    {
+        server.add_service(background_service("jwks refresh", refresher));
     }
     server.add_service(background_service(
         "health checks",

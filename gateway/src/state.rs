@@ -14,6 +14,7 @@ use tokio::sync::watch;
 use crate::config::{Config, Limits, RouteAction, SecurityHeaders, ServerSettings};
 use crate::identity::IdentityState;
 use crate::identity::failures::FailedAuth;
+use crate::identity::jwt::Verifier;
 use crate::metrics::{Metrics, RouteMetrics, UpstreamMetrics};
 use crate::routing::RouteTable;
 use crate::upstream::Pool;
@@ -74,11 +75,22 @@ pub struct Gateway {
     pub failed_auth: FailedAuth,
     /// The control plane followed, as configured at start.
     pub control_plane: Option<crate::config::ControlPlane>,
+    /// JWT verifiers, by position in `jwt_providers`, as configured at start.
+    pub jwt: Vec<Arc<Verifier>>,
 }
 
 impl Gateway {
-    /// The state for the config first loaded from `path`, whose text was `text`.
-    pub fn new(config_path: PathBuf, text: String, config: Config) -> Arc<Self> {
+    /// The state for the config first loaded from `path`, whose text was `text`. Fails when a
+    /// JWT provider's secret is missing or too short.
+    pub fn new(config_path: PathBuf, text: String, config: Config) -> anyhow::Result<Arc<Self>> {
+        let jwt = config
+            .jwt_providers
+            .iter()
+            .enumerate()
+            .map(|(i, provider)| {
+                Verifier::new(provider, &format!("jwt_providers[{i}]")).map(Arc::new)
+            })
+            .collect::<anyhow::Result<Vec<_>>>()?;
         let metrics = Metrics::new();
         let health = HealthRegistry::default();
         let server = config.server.clone();
@@ -104,9 +116,10 @@ impl Gateway {
             identity: IdentityState::default(),
             failed_auth,
             control_plane,
+            jwt,
         });
         gateway.publish_gauges();
-        gateway
+        Ok(gateway)
     }
 
     /// Whether every signal handler and the file watch are in place.

@@ -5,6 +5,7 @@
 mod auth;
 mod balancing;
 mod headers;
+mod jwt;
 mod limits;
 mod observability;
 mod protocols;

@@ -31,6 +31,8 @@ pub struct GatewayConfig {
     pub control_plane: Option<ControlPlaneConfig>,
     /// `[auth]`: protection of authenticated routes.
     pub auth: AuthConfig,
+    /// `[[jwt_providers]]`: issuers whose JWTs routes may accept.
+    pub jwt_providers: Vec<Entry<JwtProviderConfig>>,
 }
 
 /// One element of `[[upstreams]]` or `[[routes]]`.
@@ -306,6 +308,8 @@ pub struct RouteConfig {
     pub auth: RouteAuthConfig,
     /// Also take the API key from this query parameter.
     pub key_query_param: Option<String>,
+    /// The JWT provider of `auth = "jwt"` or `"key_or_jwt"`; default: the only one.
+    pub jwt_provider: Option<String>,
 }
 
 /// `respond = { status = 200, headers = { ... }, body = "..." }`.
@@ -318,6 +322,51 @@ pub enum RouteAuthConfig {
     None,
     /// An API key.
     Key,
+    /// A JWT.
+    Jwt,
+    /// An API key or a JWT.
+    KeyOrJwt,
+}
+
+/// One `[[jwt_providers]]`: an issuer, how its tokens are checked and mapped to a customer.
+#[derive(Debug, Clone, Deserialize)]
+pub struct JwtProviderConfig {
+    /// Unique; routes refer to it.
+    pub name: String,
+    /// The `iss` tokens must carry.
+    pub issuer: String,
+    /// `aud` values accepted; a token must carry one of them.
+    pub audiences: Vec<String>,
+    /// Accepted `alg` values, all of one family (HS*, or RS*/PS*/ES*/EdDSA).
+    pub algorithms: Vec<String>,
+    /// Keys from a JWKS URL, refreshed in the background.
+    pub jwks_url: Option<String>,
+    /// Or static public keys (PEM files, relative to the config file).
+    #[serde(default)]
+    pub public_keys: Vec<PublicKeyConfig>,
+    /// Or, for HS*, the environment variable holding the secret (at least 32 bytes).
+    pub secret_env: Option<String>,
+    /// The claim holding the customer id (`cus_…`).
+    #[serde(default = "defaults::customer_claim")]
+    pub customer_claim: String,
+    /// Clock skew allowed on `exp` and `nbf`, at most 60 s.
+    #[serde(default = "defaults::jwt_leeway", deserialize_with = "duration")]
+    pub leeway: Duration,
+    /// How often the JWKS is fetched again.
+    #[serde(default = "defaults::jwks_refresh", deserialize_with = "duration")]
+    pub jwks_refresh: Duration,
+    /// Least time between two fetches, including those an unknown `kid` asks for.
+    #[serde(default = "defaults::jwks_min_refresh", deserialize_with = "duration")]
+    pub jwks_min_refresh: Duration,
+}
+
+/// A static public key of a JWT provider.
+#[derive(Debug, Clone, Deserialize)]
+pub struct PublicKeyConfig {
+    /// The `kid` tokens name it by; may be left out when it is the only key.
+    pub kid: Option<String>,
+    /// PEM file of the public key.
+    pub file: String,
 }
 
 /// `[control_plane]`.
@@ -393,6 +442,18 @@ mod defaults {
     }
     pub fn failed_auth_per_minute() -> u32 {
         60
+    }
+    pub fn customer_claim() -> String {
+        "sub".into()
+    }
+    pub fn jwt_leeway() -> Duration {
+        Duration::from_secs(30)
+    }
+    pub fn jwks_refresh() -> Duration {
+        Duration::from_secs(300)
+    }
+    pub fn jwks_min_refresh() -> Duration {
+        Duration::from_secs(10)
     }
 
     pub fn yes() -> bool {

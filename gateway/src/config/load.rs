@@ -100,6 +100,7 @@ pub fn parse(text: &str) -> Result<(GatewayConfig, Vec<ConfigError>), ConfigErro
         routes: Vec::new(),
         control_plane: None,
         auth: AuthConfig::default(),
+        jwt_providers: Vec::new(),
     };
     let mut saw_server = false;
     for (key, value) in table {
@@ -119,12 +120,13 @@ pub fn parse(text: &str) -> Result<(GatewayConfig, Vec<ConfigError>), ConfigErro
                 config.control_plane = section("control_plane", value, &mut errors);
             }
             "auth" => config.auth = section("auth", value, &mut errors).unwrap_or_default(),
+            "jwt_providers" => config.jwt_providers = array("jwt_providers", value, &mut errors),
             "upstreams" => config.upstreams = array("upstreams", value, &mut errors),
             "routes" => config.routes = array("routes", value, &mut errors),
             _ => errors.push(ConfigError::new(
                 key.clone(),
                 "unknown key (expected one of server, log, security_headers, control_plane, auth, \
-                 upstreams, routes)",
+                 jwt_providers, upstreams, routes)",
             )),
         }
     }

@@ -36,6 +36,57 @@ pub struct Config {
     pub control_plane: Option<ControlPlane>,
     /// Protection of authenticated routes.
     pub auth: AuthSettings,
+    /// Issuers whose JWTs routes may accept.
+    pub jwt_providers: Vec<JwtProvider>,
+}
+
+/// A JWT issuer: how its tokens are checked and mapped to a customer.
+#[derive(Debug, Clone)]
+pub struct JwtProvider {
+    /// Unique name.
+    pub name: String,
+    /// Required `iss`.
+    pub issuer: String,
+    /// Accepted `aud` values.
+    pub audiences: Vec<String>,
+    /// Accepted algorithms, all of one family.
+    pub algorithms: Vec<jsonwebtoken::Algorithm>,
+    /// Where its keys come from.
+    pub keys: JwtKeys,
+    /// The claim holding the customer id.
+    pub customer_claim: String,
+    /// Allowed clock skew.
+    pub leeway: Duration,
+    /// JWKS refresh interval.
+    pub jwks_refresh: Duration,
+    /// Least time between two JWKS fetches.
+    pub jwks_min_refresh: Duration,
+}
+
+/// Where a JWT provider's keys come from.
+#[derive(Debug, Clone)]
+pub enum JwtKeys {
+    /// A JWKS document, fetched and refreshed in the background.
+    Jwks {
+        /// Its URL.
+        url: String,
+    },
+    /// Public keys from PEM files, read when the config is loaded.
+    Static(Vec<StaticKey>),
+    /// An HMAC secret from this environment variable, read at start.
+    Secret {
+        /// The variable's name.
+        env: String,
+    },
+}
+
+/// A static public key.
+#[derive(Debug, Clone)]
+pub struct StaticKey {
+    /// Its `kid`, if it has one.
+    pub kid: Option<String>,
+    /// The key, decoded from its PEM file.
+    pub key: jsonwebtoken::DecodingKey,
 }
 
 /// The control plane a gateway follows.
@@ -74,8 +125,10 @@ pub struct AuthSettings {
 /// Who may call a route.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct RouteAuth {
-    /// An API key is required.
+    /// An API key is accepted.
     pub key: bool,
+    /// A JWT of this provider (by position in `jwt_providers`) is accepted.
+    pub jwt: Option<usize>,
     /// The key may also come in this query parameter.
     pub key_query_param: Option<String>,
 }
@@ -83,7 +136,7 @@ pub struct RouteAuth {
 impl RouteAuth {
     /// Whether the route needs a credential.
     pub fn required(&self) -> bool {
-        self.key
+        self.key || self.jwt.is_some()
     }
 }
 

@@ -7,10 +7,12 @@
 //! - [`follow`]: loading the snapshot, following the change feed, keeping the last good snapshot
 //!   on disk.
 //! - [`failures`]: failed authentications per client address, refused past a rate.
+//! - [`jwt`]: JWT verification and the background JWKS refresh.
 
 pub mod failures;
 pub mod follow;
 pub mod index;
+pub mod jwt;
 pub mod snapshot;
 
 use std::sync::Arc;
@@ -75,8 +77,10 @@ pub struct Caller {
     pub customer: Id,
     /// The plan that applies.
     pub plan_id: Arc<str>,
-    /// The key used.
-    pub key: Id,
+    /// The key used, for an API key.
+    pub key: Option<Id>,
+    /// The token's `sub`, for a JWT.
+    pub subject: Option<Arc<str>>,
 }
 
 /// Why a credential was refused.
@@ -98,6 +102,12 @@ pub enum Refusal {
     OutOfScope,
     /// This gateway has never had identities to check against (503).
     Unavailable,
+    /// A JWT that does not verify or whose claims do not hold; says why (401).
+    InvalidToken(&'static str),
+    /// A JWT past its `exp` (401).
+    ExpiredToken,
+    /// A valid JWT whose customer claim names no customer (403).
+    UnknownCustomer,
 }
 
 impl Refusal {
@@ -107,7 +117,12 @@ impl Refusal {
     pub fn is_failure(self) -> bool {
         matches!(
             self,
-            Refusal::Malformed | Refusal::Unknown | Refusal::Revoked | Refusal::Expired
+            Refusal::Malformed
+                | Refusal::Unknown
+                | Refusal::Revoked
+                | Refusal::Expired
+                | Refusal::InvalidToken(_)
+                | Refusal::ExpiredToken
         )
     }
 
@@ -122,6 +137,9 @@ impl Refusal {
             Refusal::Suspended => "suspended",
             Refusal::OutOfScope => "out_of_scope",
             Refusal::Unavailable => "unavailable",
+            Refusal::InvalidToken(_) => "invalid_token",
+            Refusal::ExpiredToken => "expired_token",
+            Refusal::UnknownCustomer => "unknown_customer",
         }
     }
 }
@@ -161,6 +179,28 @@ pub fn check_key(
     Ok(Caller {
         customer: entry.customer,
         plan_id: Arc::clone(&customer.plan_id),
-        key: entry.id,
+        key: Some(entry.id),
+        subject: None,
+    })
+}
+
+/// Checks a JWT with `verifier` and maps its customer claim to a customer.
+pub fn check_jwt(
+    identities: Option<&Identities>,
+    verifier: &jwt::Verifier,
+    token: &str,
+) -> Result<Caller, Refusal> {
+    let claims = verifier.verify(token)?;
+    let identities = identities.ok_or(Refusal::Unavailable)?;
+    let id = index::parse_id("cus", &claims.customer).ok_or(Refusal::UnknownCustomer)?;
+    let customer = identities.customer(&id).ok_or(Refusal::UnknownCustomer)?;
+    if customer.status != CustomerStatus::Active {
+        return Err(Refusal::Suspended);
+    }
+    Ok(Caller {
+        customer: id,
+        plan_id: Arc::clone(&customer.plan_id),
+        key: None,
+        subject: claims.subject.map(Arc::from),
     })
 }

@@ -1,6 +1,6 @@
-//! Authentication on the request path: the credential is taken from the request, checked
-//! against the identities in memory (never a database), and replaced, for the upstream, by the
-//! caller's identity headers.
+//! Authentication on the request path: the credential (an API key or a JWT) is taken from the
+//! request, checked against the identities in memory (never a database), and replaced, for the
+//! upstream, by the caller's identity headers.
 
 use std::net::IpAddr;
 
@@ -12,7 +12,7 @@ use pingora::{Error, ErrorType, Result};
 use super::problem::GatewayProblem;
 use crate::config::{Route, RouteAuth};
 use crate::identity::index::format_id;
-use crate::identity::{Caller, Refusal, check_key, unix_ms};
+use crate::identity::{Caller, Refusal, check_jwt, check_key, unix_ms};
 use crate::state::Gateway;
 
 /// The API-key header.
@@ -23,8 +23,19 @@ pub const X_CUSTOMER_ID: &str = "x-tollgate-customer-id";
 pub const X_PLAN_ID: &str = "x-tollgate-plan-id";
 /// The id of the key used, for the upstream.
 pub const X_KEY_ID: &str = "x-tollgate-key-id";
+/// The JWT's `sub`, for the upstream.
+pub const X_SUBJECT: &str = "x-tollgate-subject";
 /// Identity headers only the gateway may set: a client's own are always removed.
-pub const IDENTITY_HEADERS: [&str; 4] = [X_CUSTOMER_ID, X_PLAN_ID, X_KEY_ID, "x-tollgate-subject"];
+pub const IDENTITY_HEADERS: [&str; 4] = [X_CUSTOMER_ID, X_PLAN_ID, X_KEY_ID, X_SUBJECT];
+
+/// A credential as sent.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Credential<'a> {
+    /// An API key.
+    Key(&'a str),
+    /// A JWT.
+    Jwt(&'a str),
+}
 
 /// Where the credential came from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -37,16 +48,29 @@ pub enum Source {
     Query,
 }
 
-/// The API key of a request: `Authorization: Bearer`, then `X-API-Key`, then the route's query
+/// The credential of a request, as far as the route accepts one: `Authorization: Bearer` (a
+/// `tg_` key, else a JWT when the route takes JWTs), then `X-API-Key`, then the route's query
 /// parameter.
-pub fn credential<'a>(req: &'a RequestHeader, auth: &RouteAuth) -> Option<(&'a str, Source)> {
+pub fn credential<'a>(
+    req: &'a RequestHeader,
+    auth: &RouteAuth,
+) -> Option<(Credential<'a>, Source)> {
     if let Some(token) = req
         .headers
         .get(AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
         .and_then(bearer)
     {
-        return Some((token, Source::Authorization));
+        let looks_like_key = token.starts_with(tollgate_model::key::KEY_PREFIX);
+        let credential = if auth.key && (looks_like_key || auth.jwt.is_none()) {
+            Credential::Key(token)
+        } else {
+            Credential::Jwt(token)
+        };
+        return Some((credential, Source::Authorization));
+    }
+    if !auth.key {
+        return None;
     }
     if let Some(key) = req
         .headers
@@ -55,10 +79,10 @@ pub fn credential<'a>(req: &'a RequestHeader, auth: &RouteAuth) -> Option<(&'a s
         .map(str::trim)
         .filter(|k| !k.is_empty())
     {
-        return Some((key, Source::Header));
+        return Some((Credential::Key(key), Source::Header));
     }
     let name = auth.key_query_param.as_deref()?;
-    query_value(req.uri.query()?, name).map(|key| (key, Source::Query))
+    query_value(req.uri.query()?, name).map(|key| (Credential::Key(key), Source::Query))
 }
 
 fn bearer(value: &str) -> Option<&str> {
@@ -95,8 +119,16 @@ pub fn authenticate(
     let identities = gateway.identity.current();
     let result = match credential(req, &route.auth) {
         None => Err(Refusal::Missing),
-        Some((key, source)) => {
+        Some((Credential::Key(key), source)) => {
             check_key(identities.as_deref(), key, &route.name, now).map(|caller| (caller, source))
+        }
+        Some((Credential::Jwt(token), source)) => {
+            match route.auth.jwt.and_then(|index| gateway.jwt.get(index)) {
+                Some(verifier) => {
+                    check_jwt(identities.as_deref(), verifier, token).map(|caller| (caller, source))
+                }
+                None => Err(Refusal::InvalidToken("this route takes no JWT")),
+            }
         }
     };
     match result {
@@ -142,7 +174,14 @@ pub fn rewrite_upstream(
     };
     upstream_request.insert_header(X_CUSTOMER_ID, header(&format_id("cus", &caller.customer))?)?;
     upstream_request.insert_header(X_PLAN_ID, header(&caller.plan_id)?)?;
-    upstream_request.insert_header(X_KEY_ID, header(&format_id("key", &caller.key))?)?;
+    if let Some(key) = &caller.key {
+        upstream_request.insert_header(X_KEY_ID, header(&format_id("key", key))?)?;
+    }
+    if let Some(subject) = &caller.subject
+        && let Ok(value) = HeaderValue::from_str(subject)
+    {
+        upstream_request.insert_header(X_SUBJECT, value)?;
+    }
     Ok(())
 }
 
@@ -182,6 +221,7 @@ mod tests {
     fn auth(query: Option<&str>) -> RouteAuth {
         RouteAuth {
             key: true,
+            jwt: None,
             key_query_param: query.map(str::to_owned),
         }
     }
@@ -194,19 +234,54 @@ mod tests {
         );
         assert_eq!(
             credential(&req, &auth(Some("api_key"))),
-            Some(("k1", Source::Authorization))
+            Some((Credential::Key("k1"), Source::Authorization))
         );
         let req = request("/a?api_key=q", &[("x-api-key", "k2")]);
         assert_eq!(
             credential(&req, &auth(Some("api_key"))),
-            Some(("k2", Source::Header))
+            Some((Credential::Key("k2"), Source::Header))
         );
         let req = request("/a?x=1&api_key=q", &[("authorization", "Basic abc")]);
         assert_eq!(
             credential(&req, &auth(Some("api_key"))),
-            Some(("q", Source::Query))
+            Some((Credential::Key("q"), Source::Query))
         );
         assert_eq!(credential(&req, &auth(None)), None, "query not allowed");
+    }
+
+    #[test]
+    fn a_bearer_token_is_a_key_when_it_looks_like_one_else_a_jwt_where_accepted() {
+        let either = RouteAuth {
+            key: true,
+            jwt: Some(0),
+            key_query_param: None,
+        };
+        let jwt_only = RouteAuth {
+            key: false,
+            jwt: Some(0),
+            key_query_param: None,
+        };
+        let req = request("/", &[("authorization", "Bearer tg_abc")]);
+        assert_eq!(
+            credential(&req, &either),
+            Some((Credential::Key("tg_abc"), Source::Authorization))
+        );
+        let req = request("/", &[("authorization", "Bearer eyJ.a.b")]);
+        assert_eq!(
+            credential(&req, &either),
+            Some((Credential::Jwt("eyJ.a.b"), Source::Authorization))
+        );
+        assert_eq!(
+            credential(&req, &auth(None)),
+            Some((Credential::Key("eyJ.a.b"), Source::Authorization)),
+            "a key route reads any bearer as a key (and refuses it as malformed)"
+        );
+        let req = request("/", &[("x-api-key", "tg_abc")]);
+        assert_eq!(
+            credential(&req, &jwt_only),
+            None,
+            "a JWT route reads no X-API-Key"
+        );
     }
 
     #[test]

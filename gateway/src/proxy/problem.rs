@@ -51,7 +51,9 @@ impl GatewayProblem {
             Self::UpstreamUnreachable => 502,
             Self::UpstreamTimeout => 504,
             Self::Internal => 500,
-            Self::Refused(Refusal::Suspended | Refusal::OutOfScope) => 403,
+            Self::Refused(Refusal::Suspended | Refusal::OutOfScope | Refusal::UnknownCustomer) => {
+                403
+            }
             Self::Refused(Refusal::Unavailable) => 503,
             Self::Refused(_) => 401,
             Self::TooManyFailedAuthentications { .. } => 429,
@@ -117,6 +119,11 @@ impl GatewayProblem {
                 "internal",
                 "Internal error",
                 "the gateway failed to handle the request".to_owned(),
+            ),
+            Self::Refused(Refusal::InvalidToken(reason)) => (
+                "invalid-token",
+                "Invalid token",
+                format!("the JWT was refused: {reason}"),
             ),
             Self::Refused(refusal) => {
                 let (slug, title, detail) = refusal_text(*refusal);
@@ -184,7 +191,14 @@ fn refusal_text(refusal: Refusal) -> (&'static str, &'static str, &'static str) 
         Refusal::Missing => (
             "missing-credential",
             "Authentication required",
-            "send an API key as Authorization: Bearer <key> or X-API-Key: <key>",
+            "send a credential as Authorization: Bearer <key or token>, or X-API-Key: <key>",
+        ),
+        Refusal::InvalidToken(_) => ("invalid-token", "Invalid token", "the JWT was refused"),
+        Refusal::ExpiredToken => ("expired-token", "Expired token", "the JWT has expired"),
+        Refusal::UnknownCustomer => (
+            "unknown-customer",
+            "Unknown customer",
+            "the token's customer claim names no customer of this API",
         ),
         Refusal::Malformed => (
             "malformed-key",

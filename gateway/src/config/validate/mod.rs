@@ -4,6 +4,7 @@
 //! element that could not be read is skipped without hiding the problems of the others, and a
 //! reference to it (by name) is not reported a second time.
 
+mod jwt;
 mod upstream;
 
 use std::collections::HashMap;
@@ -13,8 +14,8 @@ use std::path::Path;
 use http::{Method, StatusCode};
 
 use super::file::{
-    ControlPlaneConfig, Entry, GatewayConfig, RouteAuthConfig, RouteConfig, SecurityHeadersConfig,
-    ServerConfig, UpstreamConfig,
+    ControlPlaneConfig, Entry, GatewayConfig, JwtProviderConfig, RouteAuthConfig, RouteConfig,
+    SecurityHeadersConfig, ServerConfig, UpstreamConfig,
 };
 use super::headers::{check_security_headers, header_pairs, resolve_security_headers};
 use super::{
@@ -56,7 +57,23 @@ pub fn validate(
         .server
         .as_ref()
         .map_or(DEFAULT_MAX_REQUEST_BODY_BYTES, |s| s.max_request_body_bytes);
+    let jwt_providers: Vec<crate::config::JwtProvider> = file
+        .jwt_providers
+        .iter()
+        .enumerate()
+        .filter_map(|(i, entry)| {
+            jwt::provider(
+                entry.valid()?,
+                &format!("jwt_providers[{i}]"),
+                base,
+                &mut errors,
+            )
+        })
+        .collect();
+    let declared_providers: Vec<Option<&str>> = file.jwt_providers.iter().map(entry_name).collect();
+    unique_names(&declared_providers, "jwt_providers", &mut errors);
     let context = RouteContext {
+        jwt_providers: &declared_providers,
         upstreams: &upstream_index,
         declared_upstreams: &declared_upstreams,
         global_headers,
@@ -116,6 +133,7 @@ pub fn validate(
             auth: AuthSettings {
                 failed_per_minute: file.auth.failed_per_minute,
             },
+            jwt_providers,
         }),
         _ => Err(ConfigErrors(errors.0)),
     }
@@ -146,6 +164,12 @@ impl Named for UpstreamConfig {
     }
 }
 
+impl Named for JwtProviderConfig {
+    fn name(&self) -> &str {
+        &self.name
+    }
+}
+
 impl Named for RouteConfig {
     fn name(&self) -> &str {
         &self.name
@@ -154,6 +178,8 @@ impl Named for RouteConfig {
 
 /// What checking a route needs from the rest of the file.
 struct RouteContext<'a> {
+    /// Declared JWT provider names, in order (`None` where unreadable).
+    jwt_providers: &'a [Option<&'a str>],
     upstreams: &'a HashMap<&'a str, usize>,
     declared_upstreams: &'a [Option<&'a str>],
     global_headers: &'a SecurityHeadersConfig,
@@ -402,7 +428,7 @@ fn route(
         }
         None => resolve_security_headers(&[context.global_headers]),
     };
-    let auth = route_auth(file, path, errors);
+    let auth = route_auth(file, path, context, errors);
     let action = action?;
     (errors.0.len() == before).then(|| Route {
         name: file.name.clone(),
@@ -420,13 +446,19 @@ fn route(
     })
 }
 
-fn route_auth(file: &RouteConfig, path: &str, errors: &mut Errors) -> RouteAuth {
-    let key = file.auth == RouteAuthConfig::Key;
+fn route_auth(
+    file: &RouteConfig,
+    path: &str,
+    context: &RouteContext<'_>,
+    errors: &mut Errors,
+) -> RouteAuth {
+    let key = matches!(file.auth, RouteAuthConfig::Key | RouteAuthConfig::KeyOrJwt);
+    let wants_jwt = matches!(file.auth, RouteAuthConfig::Jwt | RouteAuthConfig::KeyOrJwt);
     if let Some(name) = &file.key_query_param {
         if !key {
             errors.push(
                 format!("{path}.key_query_param"),
-                "only applies to routes with auth = \"key\"",
+                "only applies to routes with auth = \"key\" or \"key_or_jwt\"",
             );
         } else if name.is_empty()
             || !name
@@ -439,8 +471,45 @@ fn route_auth(file: &RouteConfig, path: &str, errors: &mut Errors) -> RouteAuth 
             );
         }
     }
+    let providers = context.jwt_providers;
+    let jwt = match (&file.jwt_provider, wants_jwt) {
+        (Some(_), false) => {
+            errors.push(
+                format!("{path}.jwt_provider"),
+                "only applies to routes with auth = \"jwt\" or \"key_or_jwt\"",
+            );
+            None
+        }
+        (None, false) => None,
+        (Some(name), true) => {
+            let found = providers.iter().position(|p| *p == Some(name.as_str()));
+            if found.is_none() {
+                errors.push(
+                    format!("{path}.jwt_provider"),
+                    format!("no [[jwt_providers]] entry is named {name:?}"),
+                );
+            }
+            found
+        }
+        (None, true) if providers.len() == 1 => Some(0),
+        (None, true) if providers.is_empty() => {
+            errors.push(
+                format!("{path}.auth"),
+                "accepting JWTs needs a [[jwt_providers]] entry",
+            );
+            None
+        }
+        (None, true) => {
+            errors.push(
+                format!("{path}.jwt_provider"),
+                "several [[jwt_providers]] are defined: name the one this route accepts",
+            );
+            None
+        }
+    };
     RouteAuth {
         key,
+        jwt,
         key_query_param: file.key_query_param.clone().filter(|_| key),
     }
 }

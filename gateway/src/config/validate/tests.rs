@@ -301,8 +301,8 @@ respond = {{ body = \"c\" }}
     assert_eq!(
         errors,
         vec![
-            "routes[2].auth: unknown variant `password`, expected `none` or `key`",
-            "routes[1].key_query_param: only applies to routes with auth = \"key\"",
+            "routes[2].auth: unknown variant `password`, expected one of `none`, `key`, `jwt`, `key_or_jwt`",
+            "routes[1].key_query_param: only applies to routes with auth = \"key\" or \"key_or_jwt\"",
             "routes[0].auth: needs a [control_plane] section: the keys come from the control plane",
         ]
     );
@@ -377,4 +377,119 @@ fn relative_store_and_snapshot_paths_are_next_to_the_config_file() {
         control_plane.snapshot_file,
         Path::new("/var/lib/tollgate/s.gz")
     );
+}
+
+const CONTROL_PLANE: &str = "[control_plane]\nembedded = true\n";
+
+fn provider(lines: &str) -> String {
+    format!(
+        "{SERVER}{CONTROL_PLANE}
+[[jwt_providers]]
+name = \"idp\"
+issuer = \"https://idp.test/\"
+audiences = [\"api\"]
+{lines}
+"
+    )
+}
+
+#[test]
+fn jwt_providers_refuse_none_mixed_families_and_keys_of_the_wrong_kind() {
+    for (lines, expected) in [
+        (
+            "algorithms = [\"none\"]\nsecret_env = \"S\"",
+            vec![
+                "jwt_providers[0].algorithms[0]: unknown algorithm \"none\": use HS256/384/512, RS256/384/512, PS256/384/512, ES256/384 or EdDSA (never \"none\")",
+            ],
+        ),
+        (
+            "algorithms = [\"HS256\", \"RS256\"]\njwks_url = \"https://idp.test/jwks\"",
+            vec![
+                "jwt_providers[0].algorithms: mixes algorithm families: one provider checks either HMAC or one kind of public key",
+                "jwt_providers[0].algorithms: HS* tokens are checked with secret_env, not with public keys",
+            ],
+        ),
+        (
+            "algorithms = [\"RS256\"]\nsecret_env = \"S\"",
+            vec!["jwt_providers[0].algorithms: a secret checks HS256, HS384 or HS512 only"],
+        ),
+        (
+            "algorithms = [\"RS256\"]\nsecret_env = \"S\"\njwks_url = \"https://idp.test/jwks\"",
+            vec!["jwt_providers[0]: set exactly one of jwks_url, public_keys or secret_env"],
+        ),
+        (
+            "algorithms = [\"HS256\"]\nsecret_env = \"S\"\nleeway = \"2m\"",
+            vec!["jwt_providers[0].leeway: must be at most 60s"],
+        ),
+        (
+            "algorithms = [\"ES256\"]\npublic_keys = [{ file = \"missing.pem\" }]",
+            vec![
+                "jwt_providers[0].public_keys[0].file: cannot read ./missing.pem: No such file or directory (os error 2)",
+            ],
+        ),
+    ] {
+        assert_eq!(problems(&provider(lines)), expected, "{lines}");
+    }
+    let no_audience = format!(
+        "{SERVER}{CONTROL_PLANE}[[jwt_providers]]\nname = \"idp\"\nissuer = \"i\"\naudiences = []\nalgorithms = [\"HS256\"]\nsecret_env = \"S\"\n"
+    );
+    assert_eq!(
+        problems(&no_audience),
+        vec![
+            "jwt_providers[0].audiences: must list the audience values (aud) this gateway accepts"
+        ]
+    );
+}
+
+#[test]
+fn jwt_routes_name_their_provider_unless_there_is_one() {
+    let two = format!(
+        "{}
+[[jwt_providers]]
+name = \"other\"
+issuer = \"i\"
+audiences = [\"api\"]
+algorithms = [\"HS512\"]
+secret_env = \"S2\"
+[[routes]]
+name = \"a\"
+path_prefix = \"/a\"
+auth = \"jwt\"
+respond = {{ body = \"a\" }}
+[[routes]]
+name = \"b\"
+path_prefix = \"/b\"
+auth = \"key_or_jwt\"
+jwt_provider = \"nobody\"
+respond = {{ body = \"b\" }}
+[[routes]]
+name = \"c\"
+path_prefix = \"/c\"
+auth = \"key\"
+jwt_provider = \"idp\"
+respond = {{ body = \"c\" }}
+",
+        provider("algorithms = [\"HS256\"]\nsecret_env = \"S\"")
+    );
+    assert_eq!(
+        problems(&two),
+        vec![
+            "routes[0].jwt_provider: several [[jwt_providers]] are defined: name the one this route accepts",
+            "routes[1].jwt_provider: no [[jwt_providers]] entry is named \"nobody\"",
+            "routes[2].jwt_provider: only applies to routes with auth = \"jwt\" or \"key_or_jwt\"",
+        ]
+    );
+    let one = format!(
+        "{}
+[[routes]]
+name = \"a\"
+path_prefix = \"/a\"
+auth = \"jwt\"
+respond = {{ body = \"a\" }}
+",
+        provider("algorithms = [\"HS256\"]\nsecret_env = \"S\"")
+    );
+    let config = config(&one);
+    assert_eq!(config.routes[0].auth.jwt, Some(0));
+    assert!(!config.routes[0].auth.key);
 }

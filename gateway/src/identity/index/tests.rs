@@ -91,7 +91,7 @@ fn a_snapshot_is_read_and_every_key_found_by_its_hash() {
         let caller = check_key(Some(&identities), &key_text(n), "orders", 1).unwrap();
         assert_eq!(format_id("cus", &caller.customer), hex_id("cus", 1));
         assert_eq!(&*caller.plan_id, "plan_a");
-        assert_eq!(format_id("key", &caller.key), keys[n as usize].id);
+        assert_eq!(format_id("key", &caller.key.unwrap()), keys[n as usize].id);
     }
     assert_eq!(
         check_key(Some(&identities), &key_text(500), "orders", 1),

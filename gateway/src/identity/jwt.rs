@@ -1,0 +1,309 @@
+//! JWT verification: the token's algorithm must be one the provider lists (all of one family,
+//! so an HMAC token is never checked against a public key), its signature must verify with the
+//! provider's key named by `kid`, and `exp` (required), `nbf`, `iss` and `aud` must hold within the
+//! leeway. `alg: none` is never accepted.
+//!
+//! JWKS keys are fetched and refreshed in the background ([`JwksRefresher`]). A token naming an
+//! unknown `kid` is refused and asks for a refresh, which happens at most once per
+//! `jwks_min_refresh`: the request path never fetches anything.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use arc_swap::ArcSwap;
+use async_trait::async_trait;
+use jsonwebtoken::errors::ErrorKind;
+use jsonwebtoken::jwk::JwkSet;
+use jsonwebtoken::{DecodingKey, Validation};
+use pingora::server::ShutdownWatch;
+use pingora::services::background::BackgroundService;
+use serde_json::{Map, Value};
+use tokio::sync::Notify;
+
+use super::Refusal;
+use crate::config::{JwtKeys, JwtProvider};
+
+/// Least HMAC secret length accepted.
+pub const MIN_SECRET_BYTES: usize = 32;
+
+/// What a valid token says.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Claims {
+    /// The customer claim's value.
+    pub customer: String,
+    /// `sub`, if present.
+    pub subject: Option<String>,
+}
+
+/// The keys of a JWKS document, by `kid`.
+#[derive(Debug)]
+pub struct Jwks {
+    url: String,
+    keys: ArcSwap<HashMap<String, DecodingKey>>,
+    wanted: AtomicBool,
+    notify: Notify,
+    refresh: Duration,
+    min_refresh: Duration,
+}
+
+impl Jwks {
+    fn ask_for_refresh(&self) {
+        if !self.wanted.swap(true, Ordering::Relaxed) {
+            self.notify.notify_one();
+        }
+    }
+}
+
+/// Where a provider's keys are.
+#[derive(Debug)]
+enum Keys {
+    Secret(DecodingKey),
+    Static(Vec<(Option<String>, DecodingKey)>),
+    Jwks(Arc<Jwks>),
+}
+
+/// Checks the tokens of one provider.
+#[derive(Debug)]
+pub struct Verifier {
+    /// The provider's name.
+    pub name: String,
+    validation: Validation,
+    keys: Keys,
+    customer_claim: String,
+}
+
+impl Verifier {
+    /// A verifier for `provider`; reads an HMAC secret from its environment variable.
+    pub fn new(provider: &JwtProvider, path: &str) -> anyhow::Result<Self> {
+        let mut validation = Validation::new(provider.algorithms[0]);
+        validation.algorithms = provider.algorithms.clone();
+        validation.leeway = provider.leeway.as_secs();
+        validation.validate_exp = true;
+        validation.validate_nbf = true;
+        validation.set_issuer(&[&provider.issuer]);
+        validation.set_audience(&provider.audiences);
+        validation.set_required_spec_claims(&["exp", "iss", "aud"]);
+        let keys = match &provider.keys {
+            JwtKeys::Secret { env } => {
+                let secret = std::env::var(env).map_err(|_| {
+                    anyhow::anyhow!("{path}.secret_env: the environment variable {env} is not set")
+                })?;
+                if secret.len() < MIN_SECRET_BYTES {
+                    anyhow::bail!(
+                        "{path}.secret_env: {env} holds {} bytes; an HMAC secret needs at least \
+                         {MIN_SECRET_BYTES}",
+                        secret.len()
+                    );
+                }
+                Keys::Secret(DecodingKey::from_secret(secret.as_bytes()))
+            }
+            JwtKeys::Static(keys) => Keys::Static(
+                keys.iter()
+                    .map(|k| (k.kid.clone(), k.key.clone()))
+                    .collect(),
+            ),
+            JwtKeys::Jwks { url } => Keys::Jwks(Arc::new(Jwks {
+                url: url.clone(),
+                keys: ArcSwap::from_pointee(HashMap::new()),
+                wanted: AtomicBool::new(false),
+                notify: Notify::new(),
+                refresh: provider.jwks_refresh,
+                min_refresh: provider.jwks_min_refresh,
+            })),
+        };
+        Ok(Self {
+            name: provider.name.clone(),
+            validation,
+            keys,
+            customer_claim: provider.customer_claim.clone(),
+        })
+    }
+
+    /// The JWKS this verifier reads, if any.
+    pub fn jwks(&self) -> Option<Arc<Jwks>> {
+        match &self.keys {
+            Keys::Jwks(jwks) => Some(Arc::clone(jwks)),
+            _ => None,
+        }
+    }
+
+    /// Checks `token`.
+    pub fn verify(&self, token: &str) -> Result<Claims, Refusal> {
+        let header =
+            jsonwebtoken::decode_header(token).map_err(|_| Refusal::InvalidToken("not a JWT"))?;
+        if !self.validation.algorithms.contains(&header.alg) {
+            return Err(Refusal::InvalidToken("algorithm not accepted"));
+        }
+        let jwks_keys;
+        let key = match &self.keys {
+            Keys::Secret(key) => key,
+            Keys::Static(keys) => pick(
+                keys.iter().map(|(kid, key)| (kid.as_deref(), key)),
+                header.kid.as_deref(),
+            )?,
+            Keys::Jwks(jwks) => {
+                jwks_keys = jwks.keys.load();
+                match pick(
+                    jwks_keys.iter().map(|(kid, key)| (Some(kid.as_str()), key)),
+                    header.kid.as_deref(),
+                ) {
+                    Ok(key) => key,
+                    Err(refusal) => {
+                        jwks.ask_for_refresh();
+                        return Err(refusal);
+                    }
+                }
+            }
+        };
+        let data = jsonwebtoken::decode::<Map<String, Value>>(token, key, &self.validation)
+            .map_err(|error| match error.kind() {
+                ErrorKind::ExpiredSignature => Refusal::ExpiredToken,
+                ErrorKind::ImmatureSignature => Refusal::InvalidToken("not valid yet (nbf)"),
+                ErrorKind::InvalidIssuer => Refusal::InvalidToken("issuer not accepted"),
+                ErrorKind::InvalidAudience => Refusal::InvalidToken("audience not accepted"),
+                ErrorKind::MissingRequiredClaim(_) => {
+                    Refusal::InvalidToken("a required claim (exp, iss, aud) is missing")
+                }
+                ErrorKind::InvalidAlgorithm => Refusal::InvalidToken("algorithm not accepted"),
+                ErrorKind::InvalidSignature => Refusal::InvalidToken("signature does not verify"),
+                _ => Refusal::InvalidToken("malformed token"),
+            })?;
+        let customer = data
+            .claims
+            .get(&self.customer_claim)
+            .and_then(Value::as_str)
+            .ok_or(Refusal::InvalidToken("the customer claim is missing"))?
+            .to_owned();
+        let subject = data
+            .claims
+            .get("sub")
+            .and_then(Value::as_str)
+            .map(str::to_owned);
+        Ok(Claims { customer, subject })
+    }
+}
+
+/// The key named `kid`, or the only key when the token names none.
+fn pick<'a>(
+    mut keys: impl Iterator<Item = (Option<&'a str>, &'a DecodingKey)> + Clone,
+    kid: Option<&str>,
+) -> Result<&'a DecodingKey, Refusal> {
+    match kid {
+        Some(kid) => keys
+            .find(|(candidate, _)| *candidate == Some(kid))
+            .map(|(_, key)| key)
+            .ok_or(Refusal::InvalidToken("unknown key id (kid)")),
+        None => {
+            let first = keys.next();
+            match (first, keys.next()) {
+                (Some((_, key)), None) => Ok(key),
+                _ => Err(Refusal::InvalidToken("the token names no key id (kid)")),
+            }
+        }
+    }
+}
+
+/// Fetches every JWKS in the background: at start, every `jwks_refresh`, and when a token names
+/// an unknown `kid` (at most once per `jwks_min_refresh`).
+#[derive(Debug)]
+pub struct JwksRefresher {
+    jwks: Vec<(String, Arc<Jwks>)>,
+    client: reqwest::Client,
+    metrics: crate::metrics::Metrics,
+}
+
+impl JwksRefresher {
+    /// Refreshes the JWKS of these verifiers.
+    pub fn new(
+        verifiers: &[Arc<Verifier>],
+        metrics: crate::metrics::Metrics,
+    ) -> anyhow::Result<Option<Self>> {
+        let jwks: Vec<_> = verifiers
+            .iter()
+            .filter_map(|v| v.jwks().map(|jwks| (v.name.clone(), jwks)))
+            .collect();
+        if jwks.is_empty() {
+            return Ok(None);
+        }
+        let client = reqwest::Client::builder()
+            .no_proxy()
+            .connect_timeout(Duration::from_secs(5))
+            .timeout(Duration::from_secs(10))
+            .build()?;
+        Ok(Some(Self {
+            jwks,
+            client,
+            metrics,
+        }))
+    }
+
+    async fn keep_fresh(&self, name: &str, jwks: &Jwks) {
+        let mut last: Option<Instant> = None;
+        loop {
+            if let Some(last) = last {
+                let next_regular = last + jwks.refresh;
+                tokio::select! {
+                    () = tokio::time::sleep_until(next_regular.into()) => {}
+                    () = jwks.notify.notified() => {
+                        let earliest = last + jwks.min_refresh;
+                        tokio::time::sleep_until(earliest.into()).await;
+                    }
+                }
+            }
+            jwks.wanted.store(false, Ordering::Relaxed);
+            last = Some(Instant::now());
+            match self.fetch(&jwks.url).await {
+                Ok(keys) => {
+                    tracing::debug!(provider = name, keys = keys.len(), "JWKS fetched");
+                    jwks.keys.store(Arc::new(keys));
+                    self.metrics.jwks_fetch(name, true);
+                }
+                Err(error) => {
+                    tracing::warn!(provider = name, %error, "cannot fetch the JWKS; the keys in use stay");
+                    self.metrics.jwks_fetch(name, false);
+                }
+            }
+        }
+    }
+
+    async fn fetch(&self, url: &str) -> anyhow::Result<HashMap<String, DecodingKey>> {
+        let set: JwkSet = self
+            .client
+            .get(url)
+            .send()
+            .await?
+            .error_for_status()?
+            .json()
+            .await?;
+        let mut keys = HashMap::new();
+        for jwk in &set.keys {
+            let Some(kid) = jwk.common.key_id.clone() else {
+                continue;
+            };
+            match DecodingKey::from_jwk(jwk) {
+                Ok(key) => {
+                    keys.insert(kid, key);
+                }
+                Err(error) => tracing::warn!(%kid, %error, "skipping a JWKS key"),
+            }
+        }
+        Ok(keys)
+    }
+}
+
+#[async_trait]
+impl BackgroundService for JwksRefresher {
+    async fn start(&self, mut shutdown: ShutdownWatch) {
+        let all = futures_util::future::join_all(
+            self.jwks
+                .iter()
+                .map(|(name, jwks)| self.keep_fresh(name, jwks)),
+        );
+        tokio::select! {
+            _ = all => {}
+            _ = shutdown.changed() => {}
+        }
+    }
+}

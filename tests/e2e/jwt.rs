@@ -1,0 +1,593 @@
+//! JWTs on the request path: HMAC secrets, static RSA keys and JWKS (EC, Ed25519), every claim
+//! check and every known attack, and the mapping of a claim to a customer and so to a plan.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use base64::Engine;
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use jsonwebtoken::{Algorithm, EncodingKey, Header};
+use serde_json::{Value, json};
+use tollgate_tests::control_plane::{AdminApi, admin_token};
+use tollgate_tests::{Gateway, Upstream, client, config};
+
+const ISSUER: &str = "https://idp.example.test/";
+const AUDIENCE: &str = "https://api.example.test";
+const SECRET: &str = "a-test-secret-of-more-than-32-bytes-for-hs";
+const FIXTURES: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/fixtures/jwt");
+
+fn now() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .as_secs() as i64
+}
+
+/// Claims for `customer`, valid for a minute; `change` edits them.
+fn claims(customer: &str, change: impl FnOnce(&mut Value)) -> Value {
+    let mut claims = json!({
+        "sub": format!("user-of-{customer}"),
+        "customer_id": customer,
+        "iss": ISSUER,
+        "aud": AUDIENCE,
+        "iat": now(),
+        "exp": now() + 60,
+    });
+    change(&mut claims);
+    claims
+}
+
+fn sign(alg: Algorithm, kid: Option<&str>, claims: &Value, key: &EncodingKey) -> String {
+    let mut header = Header::new(alg);
+    header.kid = kid.map(str::to_owned);
+    jsonwebtoken::encode(&header, claims, key).unwrap()
+}
+
+fn hmac(claims: &Value) -> String {
+    sign(
+        Algorithm::HS256,
+        None,
+        claims,
+        &EncodingKey::from_secret(SECRET.as_bytes()),
+    )
+}
+
+fn rsa(alg: Algorithm, claims: &Value) -> String {
+    let pem = std::fs::read(format!("{FIXTURES}/rsa-private.pem")).unwrap();
+    sign(alg, None, claims, &EncodingKey::from_rsa_pem(&pem).unwrap())
+}
+
+async fn status_and_type(gateway: &Gateway, path: &str, token: &str) -> (u16, String, Value) {
+    let response = client()
+        .get(gateway.url(path))
+        .bearer_auth(token)
+        .send()
+        .await
+        .unwrap();
+    let status = response.status().as_u16();
+    let body: Value = response.json().await.unwrap_or(Value::Null);
+    let kind = body["type"]
+        .as_str()
+        .unwrap_or_default()
+        .trim_start_matches("urn:tollgate:problem:")
+        .to_owned();
+    (status, kind, body)
+}
+
+/// A standalone gateway with `providers` and routes `/hs` (HMAC JWT), `/rs` (RSA JWT or key),
+/// plus `extra` routes; returns it, its admin API and a customer id with its plan id.
+async fn gateway_with(
+    upstream: &Upstream,
+    providers: &str,
+    extra_routes: &str,
+) -> (Gateway, AdminApi, String, String) {
+    let token = admin_token();
+    let text = config(&format!(
+        r#"
+[auth]
+failed_per_minute = 100000
+
+[control_plane]
+embedded = true
+
+{providers}
+
+[[upstreams]]
+name = "api"
+targets = ["{target}"]
+
+[[routes]]
+name = "hs"
+path_prefix = "/hs"
+upstream = "api"
+auth = "jwt"
+jwt_provider = "hs"
+
+[[routes]]
+name = "rs"
+path_prefix = "/rs"
+upstream = "api"
+auth = "key_or_jwt"
+jwt_provider = "rs"
+
+{extra_routes}
+"#,
+        target = upstream.target()
+    ));
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::copy(
+        format!("{FIXTURES}/rsa-public.pem"),
+        dir.path().join("rsa-public.pem"),
+    )
+    .unwrap();
+    let gateway = Gateway::start_with_env(
+        dir,
+        &text,
+        &[
+            ("TOLLGATE_ADMIN_TOKEN", token.as_str()),
+            ("TEST_JWT_SECRET", SECRET),
+        ],
+    )
+    .await;
+    let api = AdminApi::new(&format!("http://{}", gateway.admin), &token);
+    let (plan, customer, _) = api.customer_with_key("jwt").await;
+    let customer = customer["id"].as_str().unwrap().to_owned();
+    // Wait until the gateway knows the customer.
+    let started = Instant::now();
+    while gateway.ready().await["identities"]["keys"] != 1 {
+        assert!(started.elapsed() < Duration::from_secs(10));
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    (
+        gateway,
+        api,
+        customer,
+        plan["id"].as_str().unwrap().to_owned(),
+    )
+}
+
+const HS_AND_RS: &str = r#"
+[[jwt_providers]]
+name = "hs"
+issuer = "https://idp.example.test/"
+audiences = ["https://api.example.test"]
+algorithms = ["HS256", "HS384", "HS512"]
+secret_env = "TEST_JWT_SECRET"
+customer_claim = "customer_id"
+leeway = "30s"
+
+[[jwt_providers]]
+name = "rs"
+issuer = "https://idp.example.test/"
+audiences = ["https://api.example.test", "https://other.example.test"]
+algorithms = ["RS256", "RS384", "RS512", "PS256"]
+public_keys = [{ file = "rsa-public.pem" }]
+customer_claim = "customer_id"
+"#;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hmac_tokens_map_to_a_customer_and_every_claim_is_checked() {
+    let upstream = Upstream::start("api");
+    let (gateway, _api, customer, plan) = gateway_with(&upstream, HS_AND_RS, "").await;
+
+    let token = hmac(&claims(&customer, |_| {}));
+    let response = client()
+        .get(gateway.url("/hs/orders"))
+        .bearer_auth(&token)
+        .header("x-tollgate-subject", "forged")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    let echo: Value = response.json().await.unwrap();
+    let headers = &echo["headers"];
+    assert_eq!(headers["x-tollgate-customer-id"], customer.as_str());
+    assert_eq!(headers["x-tollgate-plan-id"], plan.as_str());
+    assert_eq!(
+        headers["x-tollgate-subject"],
+        format!("user-of-{customer}").as_str()
+    );
+    assert!(headers.get("x-tollgate-key-id").is_none());
+    assert!(
+        headers.get("authorization").is_none(),
+        "the token is not forwarded"
+    );
+
+    for alg in [Algorithm::HS384, Algorithm::HS512] {
+        let token = sign(
+            alg,
+            None,
+            &claims(&customer, |_| {}),
+            &EncodingKey::from_secret(SECRET.as_bytes()),
+        );
+        assert_eq!(
+            status_and_type(&gateway, "/hs", &token).await.0,
+            200,
+            "{alg:?}"
+        );
+    }
+    // Within the leeway an expired token still passes; beyond it, it does not.
+    let late = hmac(&claims(&customer, |c| c["exp"] = json!(now() - 10)));
+    assert_eq!(status_and_type(&gateway, "/hs", &late).await.0, 200);
+
+    let cases: Vec<(&str, String, u16, &str)> = vec![
+        (
+            "expired",
+            hmac(&claims(&customer, |c| c["exp"] = json!(now() - 120))),
+            401,
+            "expired-token",
+        ),
+        (
+            "not valid yet",
+            hmac(&claims(&customer, |c| c["nbf"] = json!(now() + 120))),
+            401,
+            "invalid-token",
+        ),
+        (
+            "another issuer",
+            hmac(&claims(&customer, |c| {
+                c["iss"] = json!("https://evil.test/")
+            })),
+            401,
+            "invalid-token",
+        ),
+        (
+            "another audience",
+            hmac(&claims(&customer, |c| {
+                c["aud"] = json!("https://elsewhere.test")
+            })),
+            401,
+            "invalid-token",
+        ),
+        (
+            "no exp",
+            hmac(&claims(&customer, |c| {
+                c.as_object_mut().unwrap().remove("exp");
+            })),
+            401,
+            "invalid-token",
+        ),
+        (
+            "another secret",
+            sign(
+                Algorithm::HS256,
+                None,
+                &claims(&customer, |_| {}),
+                &EncodingKey::from_secret(b"another-secret-that-is-long-enough-too"),
+            ),
+            401,
+            "invalid-token",
+        ),
+        (
+            "alg none",
+            format!(
+                "{}.{}.",
+                URL_SAFE_NO_PAD.encode(r#"{"alg":"none","typ":"JWT"}"#),
+                URL_SAFE_NO_PAD.encode(claims(&customer, |_| {}).to_string())
+            ),
+            401,
+            "invalid-token",
+        ),
+        ("garbage", "not.a.jwt".to_owned(), 401, "invalid-token"),
+        (
+            "unknown customer",
+            hmac(&claims("cus_00000000000000000000000000000abc", |_| {})),
+            403,
+            "unknown-customer",
+        ),
+        (
+            "no customer claim",
+            hmac(&claims(&customer, |c| {
+                c.as_object_mut().unwrap().remove("customer_id");
+            })),
+            401,
+            "invalid-token",
+        ),
+        (
+            "an RSA token on the HMAC route",
+            rsa(Algorithm::RS256, &claims(&customer, |_| {})),
+            401,
+            "invalid-token",
+        ),
+    ];
+    for (case, token, status, kind) in cases {
+        let (got, got_kind, body) = status_and_type(&gateway, "/hs", &token).await;
+        assert_eq!((got, got_kind.as_str()), (status, kind), "{case}: {body}");
+    }
+    let metrics = gateway.metrics().await;
+    assert!(metrics.contains("tollgate_auth_decisions_total{result=\"expired_token\"} 1"));
+    assert!(metrics.contains("tollgate_auth_decisions_total{result=\"invalid_token\"}"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn public_key_providers_refuse_algorithm_confusion_and_routes_may_take_keys_too() {
+    let upstream = Upstream::start("api");
+    let (gateway, api, customer, _) = gateway_with(&upstream, HS_AND_RS, "").await;
+    for alg in [
+        Algorithm::RS256,
+        Algorithm::RS384,
+        Algorithm::RS512,
+        Algorithm::PS256,
+    ] {
+        let token = rsa(alg, &claims(&customer, |_| {}));
+        let (status, _, body) = status_and_type(&gateway, "/rs", &token).await;
+        assert_eq!(status, 200, "{alg:?}: {body}");
+    }
+    // Algorithm confusion: an HMAC token whose secret is the RSA public key.
+    let public_pem = std::fs::read(format!("{FIXTURES}/rsa-public.pem")).unwrap();
+    let forged = sign(
+        Algorithm::HS256,
+        None,
+        &claims(&customer, |_| {}),
+        &EncodingKey::from_secret(&public_pem),
+    );
+    let (status, kind, _) = status_and_type(&gateway, "/rs", &forged).await;
+    assert_eq!((status, kind.as_str()), (401, "invalid-token"));
+    // The other audience of the provider is accepted.
+    let other = rsa(
+        Algorithm::RS256,
+        &claims(&customer, |c| {
+            c["aud"] = json!(["https://other.example.test"])
+        }),
+    );
+    assert_eq!(status_and_type(&gateway, "/rs", &other).await.0, 200);
+    // The key_or_jwt route takes an API key as well.
+    let key = api
+        .create(
+            &format!("/v1/customers/{customer}/keys"),
+            json!({"name": "second"}),
+        )
+        .await;
+    let key = key["key"].as_str().unwrap();
+    let started = Instant::now();
+    while status_and_type(&gateway, "/rs", key).await.0 != 200 {
+        assert!(
+            started.elapsed() < Duration::from_secs(1),
+            "the key did not arrive"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let response = client()
+        .get(gateway.url("/rs"))
+        .header("x-api-key", key)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    // A suspended customer's tokens are refused like its keys.
+    api.call(
+        "PATCH",
+        &format!("/v1/customers/{customer}"),
+        Some(json!({"status": "suspended"})),
+    )
+    .await;
+    let token = rsa(Algorithm::RS256, &claims(&customer, |_| {}));
+    let started = Instant::now();
+    loop {
+        let (status, kind, _) = status_and_type(&gateway, "/rs", &token).await;
+        if status == 403 {
+            assert_eq!(kind, "customer-suspended");
+            break;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(1),
+            "suspension took over 1 s"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+/// An identity provider serving JWKS documents that the test changes; counts fetches.
+struct FakeIdp {
+    address: std::net::SocketAddr,
+    ec: Arc<std::sync::Mutex<Value>>,
+    fetches: Arc<AtomicUsize>,
+}
+
+async fn fake_idp(ec: Value, ed: Value) -> FakeIdp {
+    use axum::routing::get;
+    let ec = Arc::new(std::sync::Mutex::new(ec));
+    let fetches = Arc::new(AtomicUsize::new(0));
+    let (served, count) = (Arc::clone(&ec), Arc::clone(&fetches));
+    let app = axum::Router::new()
+        .route(
+            "/ec/jwks.json",
+            get(move || {
+                count.fetch_add(1, Ordering::SeqCst);
+                let body = served.lock().unwrap().clone();
+                async move { axum::Json(body) }
+            }),
+        )
+        .route(
+            "/ed/jwks.json",
+            get(move || {
+                let body = ed.clone();
+                async move { axum::Json(body) }
+            }),
+        );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let address = listener.local_addr().unwrap();
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    FakeIdp {
+        address,
+        ec,
+        fetches,
+    }
+}
+
+/// A generated key: its signing key and its public JWK.
+fn generated(
+    alg: &'static rcgen::SignatureAlgorithm,
+    kid: &str,
+    jwt_alg: &str,
+) -> (EncodingKey, Value) {
+    let pair = rcgen::KeyPair::generate_for(alg).unwrap();
+    let raw = pair.public_key_raw();
+    let pem = pair.serialize_pem();
+    if jwt_alg == "EdDSA" {
+        let jwk = json!({"kty": "OKP", "crv": "Ed25519", "kid": kid, "alg": "EdDSA",
+            "x": URL_SAFE_NO_PAD.encode(raw)});
+        (EncodingKey::from_ed_pem(pem.as_bytes()).unwrap(), jwk)
+    } else {
+        let half = (raw.len() - 1) / 2;
+        let crv = if half == 32 { "P-256" } else { "P-384" };
+        let jwk = json!({"kty": "EC", "crv": crv, "kid": kid, "alg": jwt_alg,
+            "x": URL_SAFE_NO_PAD.encode(&raw[1..=half]),
+            "y": URL_SAFE_NO_PAD.encode(&raw[half + 1..])});
+        (EncodingKey::from_ec_pem(pem.as_bytes()).unwrap(), jwk)
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn jwks_keys_are_fetched_in_the_background_and_an_unknown_kid_refreshes_them_at_most_once_per_interval()
+ {
+    let (p256, k1) = generated(&rcgen::PKCS_ECDSA_P256_SHA256, "k1", "ES256");
+    let (p384, k2) = generated(&rcgen::PKCS_ECDSA_P384_SHA384, "k2", "ES384");
+    let (ed, k3) = generated(&rcgen::PKCS_ED25519, "k3", "EdDSA");
+    let idp = fake_idp(json!({"keys": [k1.clone()]}), json!({"keys": [k3]})).await;
+    let providers = format!(
+        r#"{HS_AND_RS}
+[[jwt_providers]]
+name = "ec"
+issuer = "{ISSUER}"
+audiences = ["{AUDIENCE}"]
+algorithms = ["ES256", "ES384"]
+jwks_url = "http://{idp}/ec/jwks.json"
+jwks_min_refresh = "1s"
+customer_claim = "customer_id"
+
+[[jwt_providers]]
+name = "ed"
+issuer = "{ISSUER}"
+audiences = ["{AUDIENCE}"]
+algorithms = ["EdDSA"]
+jwks_url = "http://{idp}/ed/jwks.json"
+customer_claim = "customer_id"
+"#,
+        idp = idp.address
+    );
+    let routes = r#"
+[[routes]]
+name = "ec"
+path_prefix = "/ec"
+upstream = "api"
+auth = "jwt"
+jwt_provider = "ec"
+
+[[routes]]
+name = "ed"
+path_prefix = "/ed"
+upstream = "api"
+auth = "jwt"
+jwt_provider = "ed"
+"#;
+    let upstream = Upstream::start("api");
+    let (gateway, _, customer, _) = gateway_with(&upstream, &providers, routes).await;
+    let until_ok = |path: &'static str, token: String| {
+        let gateway = &gateway;
+        async move {
+            let started = Instant::now();
+            loop {
+                let (status, kind, body) = status_and_type(gateway, path, &token).await;
+                if status == 200 {
+                    return started.elapsed();
+                }
+                assert_eq!(kind, "invalid-token", "{body}");
+                assert!(started.elapsed() < Duration::from_secs(10), "{body}");
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        }
+    };
+    let es256 = sign(
+        Algorithm::ES256,
+        Some("k1"),
+        &claims(&customer, |_| {}),
+        &p256,
+    );
+    until_ok("/ec", es256.clone()).await;
+    let eddsa = sign(
+        Algorithm::EdDSA,
+        Some("k3"),
+        &claims(&customer, |_| {}),
+        &ed,
+    );
+    until_ok("/ed", eddsa).await;
+
+    // The provider publishes a new key: a token naming it is refused until the refresh it
+    // asks for, which comes after jwks_min_refresh (1 s) at the latest.
+    *idp.ec.lock().unwrap() = json!({"keys": [k1, k2]});
+    let before = idp.fetches.load(Ordering::SeqCst);
+    let es384 = sign(
+        Algorithm::ES384,
+        Some("k2"),
+        &claims(&customer, |_| {}),
+        &p384,
+    );
+    let took = until_ok("/ec", es384).await;
+    assert!(took < Duration::from_secs(3), "the new key took {took:?}");
+    assert_eq!(status_and_type(&gateway, "/ec", &es256).await.0, 200);
+
+    // A flood of tokens naming unknown keys costs at most one fetch per interval.
+    let fetched = idp.fetches.load(Ordering::SeqCst);
+    assert!(fetched > before, "an unknown kid asked for a refresh");
+    let started = Instant::now();
+    let mut sent = 0;
+    while started.elapsed() < Duration::from_millis(2500) {
+        let unknown = sign(
+            Algorithm::ES256,
+            Some("k9"),
+            &claims(&customer, |_| {}),
+            &p256,
+        );
+        let (status, kind, _) = status_and_type(&gateway, "/ec", &unknown).await;
+        assert_eq!((status, kind.as_str()), (401, "invalid-token"));
+        sent += 1;
+    }
+    let flood_fetches = idp.fetches.load(Ordering::SeqCst) - fetched;
+    assert!(sent > 50, "{sent} requests");
+    assert!(
+        flood_fetches <= 3,
+        "{flood_fetches} fetches for {sent} unknown-kid tokens in 2.5 s"
+    );
+    assert!(
+        gateway
+            .metrics()
+            .await
+            .contains("tollgate_jwks_fetches_total{provider=\"ec\",result=\"ok\"}")
+    );
+}
+
+#[test]
+fn a_weak_hmac_secret_stops_the_start_with_the_field_named() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("gateway.toml");
+    std::fs::write(
+        &path,
+        config(
+            r#"
+[[jwt_providers]]
+name = "hs"
+issuer = "https://idp.example.test/"
+audiences = ["api"]
+algorithms = ["HS256"]
+secret_env = "TEST_WEAK_SECRET"
+"#,
+        ),
+    )
+    .unwrap();
+    let output = std::process::Command::new(tollgate_tests::gateway::binary())
+        .arg("--config")
+        .arg(&path)
+        .env("TEST_WEAK_SECRET", "only-12-byte")
+        .output()
+        .unwrap();
+    assert_eq!(output.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        stderr.contains(
+            "jwt_providers[0].secret_env: TEST_WEAK_SECRET holds 12 bytes; an HMAC secret needs at least 32"
+        ),
+        "{stderr}"
+    );
+}
