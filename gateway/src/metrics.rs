@@ -41,6 +41,23 @@ pub const IDENTITY_SYNC_FAILURES_TOTAL: &str = "tollgate_identity_sync_failures_
 pub const IDENTITY_SNAPSHOTS_TOTAL: &str = "tollgate_identity_snapshots_total";
 /// JWKS fetches, by JWT provider and result (`ok`, `failed`).
 pub const JWKS_FETCHES_TOTAL: &str = "tollgate_jwks_fetches_total";
+/// The results of authentication decisions, as labelled.
+pub const AUTH_RESULTS: [&str; 14] = [
+    "ok",
+    "missing",
+    "malformed",
+    "unknown",
+    "revoked",
+    "expired",
+    "suspended",
+    "out_of_scope",
+    "unavailable",
+    "invalid_token",
+    "expired_token",
+    "unknown_customer",
+    "throttled",
+    "other",
+];
 /// Authentication decisions by result (`ok`, or why the credential was refused, or `throttled`).
 pub const AUTH_DECISIONS_TOTAL: &str = "tollgate_auth_decisions_total";
 
@@ -82,7 +99,7 @@ pub struct Metrics {
     pub identity_sync_age: IntGauge,
     identity_sync_failures: IntCounter,
     identity_snapshots: IntCounterVec,
-    auth_decisions: IntCounterVec,
+    auth_decisions: Vec<IntCounter>,
     jwks_fetches: IntCounterVec,
     identity_registered: std::sync::Arc<std::sync::Once>,
 }
@@ -181,7 +198,7 @@ impl Metrics {
         );
         // The options above are static and valid, and each name is registered once.
         let metrics = (|| -> prometheus::Result<Metrics> {
-            let metrics = Metrics {
+            let mut metrics = Metrics {
                 registry,
                 requests: requests?,
                 request_duration: request_duration?,
@@ -198,7 +215,7 @@ impl Metrics {
                 identity_sync_age: identity_sync_age?,
                 identity_sync_failures: identity_sync_failures?,
                 identity_snapshots: identity_snapshots?,
-                auth_decisions: auth_decisions?,
+                auth_decisions: Vec::new(),
                 jwks_fetches: jwks_fetches?,
                 identity_registered: std::sync::Arc::new(std::sync::Once::new()),
             };
@@ -215,7 +232,12 @@ impl Metrics {
             r.register(Box::new(metrics.in_flight.clone()))?;
             r.register(Box::new(metrics.identity_sync_failures.clone()))?;
             r.register(Box::new(metrics.identity_snapshots.clone()))?;
-            r.register(Box::new(metrics.auth_decisions.clone()))?;
+            let auth_decisions = auth_decisions?;
+            r.register(Box::new(auth_decisions.clone()))?;
+            metrics.auth_decisions = AUTH_RESULTS
+                .iter()
+                .map(|result| auth_decisions.with_label_values(&[result]))
+                .collect();
             r.register(Box::new(metrics.jwks_fetches.clone()))?;
             for result in ["applied", "restored", "refused"] {
                 metrics.identity_snapshots.with_label_values(&[result]);
@@ -296,9 +318,12 @@ impl Metrics {
             .inc();
     }
 
-    /// Counts an authentication decision.
+    /// Counts an authentication decision; `result` is one of [`AUTH_RESULTS`]. The counters
+    /// are resolved once, so this is a short scan and an atomic add.
     pub fn auth_decision(&self, result: &str) {
-        self.auth_decisions.with_label_values(&[result]).inc();
+        if let Some(index) = AUTH_RESULTS.iter().position(|r| *r == result) {
+            self.auth_decisions[index].inc();
+        }
     }
 
     /// Sets a target's availability gauge.

@@ -71,6 +71,24 @@ pub async fn reload(
     if config.log != gateway.log {
         tracing::warn!(trigger, "[log] changed: log settings apply after a restart");
     }
+    if config.control_plane != gateway.control_plane {
+        tracing::warn!(
+            trigger,
+            "[control_plane] changed: the control plane followed changes after a restart"
+        );
+    }
+    let providers: Vec<&str> = config
+        .jwt_providers
+        .iter()
+        .map(|p| p.name.as_str())
+        .collect();
+    let running: Vec<&str> = gateway.jwt.iter().map(|v| v.name.as_str()).collect();
+    if providers != running {
+        tracing::warn!(
+            trigger,
+            "[[jwt_providers]] changed: JWT providers apply after a restart"
+        );
+    }
     let routes = config.routes.len();
     let upstreams = config.upstreams.len();
     let version = gateway.apply(text, config);

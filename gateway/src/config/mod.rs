@@ -127,8 +127,8 @@ pub struct AuthSettings {
 pub struct RouteAuth {
     /// An API key is accepted.
     pub key: bool,
-    /// A JWT of this provider (by position in `jwt_providers`) is accepted.
-    pub jwt: Option<usize>,
+    /// A JWT of the provider with this name is accepted.
+    pub jwt: Option<String>,
     /// The key may also come in this query parameter.
     pub key_query_param: Option<String>,
 }

@@ -47,6 +47,12 @@ impl IdentityState {
         self.current.load_full()
     }
 
+    /// Runs `f` on the identities now, without touching their reference count.
+    pub fn with_current<R>(&self, f: impl FnOnce(Option<&Identities>) -> R) -> R {
+        let guard = self.current.load();
+        f(guard.as_deref())
+    }
+
     /// Replaces the identities.
     pub fn set(&self, identities: Identities, restored: bool) {
         self.restored.store(restored, Ordering::Relaxed);

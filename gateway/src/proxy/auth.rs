@@ -116,21 +116,24 @@ pub fn authenticate(
         gateway.metrics.auth_decision("throttled");
         return Err(GatewayProblem::TooManyFailedAuthentications { retry_after });
     }
-    let identities = gateway.identity.current();
-    let result = match credential(req, &route.auth) {
-        None => Err(Refusal::Missing),
-        Some((Credential::Key(key), source)) => {
-            check_key(identities.as_deref(), key, &route.name, now).map(|caller| (caller, source))
-        }
-        Some((Credential::Jwt(token), source)) => {
-            match route.auth.jwt.and_then(|index| gateway.jwt.get(index)) {
-                Some(verifier) => {
-                    check_jwt(identities.as_deref(), verifier, token).map(|caller| (caller, source))
+    let result = gateway.identity.with_current(|identities| {
+        match credential(req, &route.auth) {
+            None => Err(Refusal::Missing),
+            Some((Credential::Key(key), source)) => {
+                check_key(identities, key, &route.name, now).map(|caller| (caller, source))
+            }
+            Some((Credential::Jwt(token), source)) => {
+                // Providers are set up at start; a reload naming a new one needs a restart.
+                let name = route.auth.jwt.as_deref();
+                match gateway.jwt.iter().find(|v| Some(v.name.as_str()) == name) {
+                    Some(verifier) => {
+                        check_jwt(identities, verifier, token).map(|caller| (caller, source))
+                    }
+                    None => Err(Refusal::InvalidToken("its provider is not loaded yet")),
                 }
-                None => Err(Refusal::InvalidToken("this route takes no JWT")),
             }
         }
-    };
+    });
     match result {
         Ok(found) => {
             gateway.metrics.auth_decision("ok");
@@ -253,12 +256,12 @@ mod tests {
     fn a_bearer_token_is_a_key_when_it_looks_like_one_else_a_jwt_where_accepted() {
         let either = RouteAuth {
             key: true,
-            jwt: Some(0),
+            jwt: Some("idp".into()),
             key_query_param: None,
         };
         let jwt_only = RouteAuth {
             key: false,
-            jwt: Some(0),
+            jwt: Some("idp".into()),
             key_query_param: None,
         };
         let req = request("/", &[("authorization", "Bearer tg_abc")]);

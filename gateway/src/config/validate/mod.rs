@@ -482,16 +482,15 @@ fn route_auth(
         }
         (None, false) => None,
         (Some(name), true) => {
-            let found = providers.iter().position(|p| *p == Some(name.as_str()));
-            if found.is_none() {
+            if !providers.contains(&Some(name.as_str())) {
                 errors.push(
                     format!("{path}.jwt_provider"),
                     format!("no [[jwt_providers]] entry is named {name:?}"),
                 );
             }
-            found
+            Some(name.clone())
         }
-        (None, true) if providers.len() == 1 => Some(0),
+        (None, true) if providers.len() == 1 => providers[0].map(str::to_owned),
         (None, true) if providers.is_empty() => {
             errors.push(
                 format!("{path}.auth"),

@@ -490,6 +490,6 @@ respond = {{ body = \"a\" }}
         provider("algorithms = [\"HS256\"]\nsecret_env = \"S\"")
     );
     let config = config(&one);
-    assert_eq!(config.routes[0].auth.jwt, Some(0));
+    assert_eq!(config.routes[0].auth.jwt.as_deref(), Some("idp"));
     assert!(!config.routes[0].auth.key);
 }
