@@ -11,6 +11,7 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::SystemTime;
 
+use http::HeaderValue;
 use tollgate_model::customer::CustomerStatus;
 use tollgate_model::feed::{ChangedEntity, CustomerRecord, KeyRecord};
 use tollgate_model::plan::Plan;
@@ -49,6 +50,10 @@ pub struct CustomerEntry {
     pub plan_id: Arc<str>,
     /// Active or suspended.
     pub status: CustomerStatus,
+    /// `cus_…` as the upstream receives it, made once rather than per request.
+    pub id_header: HeaderValue,
+    /// The plan id as the upstream receives it.
+    pub plan_header: HeaderValue,
 }
 
 /// Why a record of the feed cannot be indexed.
@@ -159,13 +164,35 @@ pub fn customer_entry(record: &CustomerRecord) -> Result<(Id, CustomerEntry), In
             record.id
         ))
     })?;
+    let plan_header = HeaderValue::from_str(&record.plan_id).map_err(|_| {
+        Invalid(format!(
+            "customer {}: plan id {:?} is not a valid header value",
+            record.id, record.plan_id
+        ))
+    })?;
     Ok((
         id,
         CustomerEntry {
             plan_id: record.plan_id.as_str().into(),
             status: record.status,
+            id_header: id_header("cus", &id),
+            plan_header,
         },
     ))
+}
+
+/// `prefix_` and the id's 32 hex digits as a header value, without an intermediate string.
+pub fn id_header(prefix: &str, id: &Id) -> HeaderValue {
+    let mut text = [0u8; 40];
+    let start = prefix.len() + 1;
+    text[..prefix.len()].copy_from_slice(prefix.as_bytes());
+    text[prefix.len()] = b'_';
+    for (i, byte) in id.iter().enumerate() {
+        text[start + 2 * i] = HEX[usize::from(byte >> 4)];
+        text[start + 2 * i + 1] = HEX[usize::from(byte & 15)];
+    }
+    // Letters, digits and '_' only: always a valid header value.
+    HeaderValue::from_bytes(&text[..start + 32]).unwrap_or(HeaderValue::from_static(""))
 }
 
 /// Everything enforced at one config version.

@@ -83,6 +83,10 @@ pub struct Caller {
     pub customer: Id,
     /// The plan that applies.
     pub plan_id: Arc<str>,
+    /// The customer's id as a header value.
+    pub customer_header: http::HeaderValue,
+    /// The plan's id as a header value.
+    pub plan_header: http::HeaderValue,
     /// The key used, for an API key.
     pub key: Option<Id>,
     /// The token's `sub`, for a JWT.
@@ -185,6 +189,8 @@ pub fn check_key(
     Ok(Caller {
         customer: entry.customer,
         plan_id: Arc::clone(&customer.plan_id),
+        customer_header: customer.id_header.clone(),
+        plan_header: customer.plan_header.clone(),
         key: Some(entry.id),
         subject: None,
     })
@@ -206,6 +212,8 @@ pub fn check_jwt(
     Ok(Caller {
         customer: id,
         plan_id: Arc::clone(&customer.plan_id),
+        customer_header: customer.id_header.clone(),
+        plan_header: customer.plan_header.clone(),
         key: None,
         subject: claims.subject.map(Arc::from),
     })
