@@ -430,14 +430,16 @@ async fn failed_authentications_past_the_rate_are_refused_before_any_lookup() {
     );
 }
 
-fn cluster_config(upstream: &Upstream, control_plane: &ControlPlane) -> String {
+/// A gateway following the control plane at `control_plane` (a `host:port`), with the key route
+/// `/orders` and a public route `/public`.
+fn cluster_config(upstream: &Upstream, control_plane: &str) -> String {
     config(&format!(
         r#"
 [auth]
 failed_per_minute = 100000
 
 [control_plane]
-url = "http://{cp}"
+url = "http://{control_plane}"
 token_env = "TOLLGATE_GATEWAY_TOKEN"
 
 [[upstreams]]
@@ -449,8 +451,12 @@ name = "orders"
 path_prefix = "/orders"
 upstream = "orders"
 auth = "key"
+
+[[routes]]
+name = "public"
+path_prefix = "/public"
+upstream = "orders"
 "#,
-        cp = control_plane.address,
         target = upstream.target()
     ))
 }
@@ -470,7 +476,7 @@ async fn a_gateway_on_a_separate_control_plane_keeps_serving_without_it_and_rest
     let (_, _, key) = api.customer_with_key("pg").await;
     let key = key["key"].as_str().unwrap().to_owned();
     let upstream = Upstream::start("orders");
-    let text = cluster_config(&upstream, &control_plane);
+    let text = cluster_config(&upstream, &control_plane.address.to_string());
     let env = [("TOLLGATE_GATEWAY_TOKEN", gateway_token.as_str())];
     let gateway = Gateway::start_with_env(tempfile::tempdir().unwrap(), &text, &env).await;
     until_status(&gateway, "/orders", &key, 200).await;
@@ -520,29 +526,7 @@ async fn a_gateway_on_a_separate_control_plane_keeps_serving_without_it_and_rest
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_gateway_that_never_had_identities_answers_503_on_authenticated_routes_only() {
     let upstream = Upstream::start("orders");
-    let text = config(&format!(
-        r#"
-[control_plane]
-url = "http://127.0.0.1:9"
-token_env = "TOLLGATE_GATEWAY_TOKEN"
-
-[[upstreams]]
-name = "orders"
-targets = ["{target}"]
-
-[[routes]]
-name = "orders"
-path_prefix = "/orders"
-upstream = "orders"
-auth = "key"
-
-[[routes]]
-name = "public"
-path_prefix = "/public"
-upstream = "orders"
-"#,
-        target = upstream.target()
-    ));
+    let text = cluster_config(&upstream, "127.0.0.1:9");
     let gateway = Gateway::start_with_env(
         tempfile::tempdir().unwrap(),
         &text,
@@ -634,23 +618,7 @@ async fn a_snapshot_that_does_not_check_is_refused_and_the_last_good_one_stays()
     let key = tollgate_model::key::from_random([3; 16]);
     let address = fake_control_plane(&key).await;
     let upstream = Upstream::start("orders");
-    let text = config(&format!(
-        r#"
-[control_plane]
-url = "http://{address}"
-
-[[upstreams]]
-name = "orders"
-targets = ["{target}"]
-
-[[routes]]
-name = "orders"
-path_prefix = "/orders"
-upstream = "orders"
-auth = "key"
-"#,
-        target = upstream.target()
-    ));
+    let text = cluster_config(&upstream, &address.to_string());
     let gateway = Gateway::start_with_env(
         tempfile::tempdir().unwrap(),
         &text,
