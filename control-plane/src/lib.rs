@@ -49,16 +49,20 @@ pub async fn ensure_first_admin(
     Ok(Some(token))
 }
 
-/// The name of the token a gateway gives the control plane it runs in its own process.
-pub const EMBEDDED_GATEWAY_TOKEN_NAME: &str = "embedded gateway";
+/// The name of the token a gateway gives the control plane it runs in its own process, for the
+/// gateway known as `instance` (host and admin address): gateways sharing one store each keep
+/// their own.
+pub fn embedded_gateway_token_name(instance: &str) -> String {
+    format!("embedded gateway {instance}")
+}
 
-/// A new `gateway` token for the gateway running this control plane in its own process; the
-/// one of its previous run is replaced. Only its hash is stored.
-pub async fn embedded_gateway_token(store: &Store) -> anyhow::Result<PlainToken> {
+/// A new `gateway` token for the gateway `instance` running this control plane in its own
+/// process; the one of its previous run is replaced. Only its hash is stored.
+pub async fn embedded_gateway_token(store: &Store, instance: &str) -> anyhow::Result<PlainToken> {
     let token = PlainToken::generate();
     store
         .replace_admin_token(
-            EMBEDDED_GATEWAY_TOKEN_NAME,
+            &embedded_gateway_token_name(instance),
             Role::Gateway,
             &hash(token.expose()),
         )

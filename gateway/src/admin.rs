@@ -122,7 +122,11 @@ impl Admin {
                 (Some(_), false) => "control plane",
             },
             "last_contact_unix": last_contact.map(|ms| ms / 1000),
-            "sync_age_seconds": last_contact.map(|ms| (now - ms).max(0) / 1000),
+            "sync_age_seconds": self
+                .gateway
+                .identity
+                .current_as_of_ms()
+                .map(|ms| (now - ms).max(0) / 1000),
         })
     }
 }
@@ -179,7 +183,7 @@ async fn ready(State(admin): State<Arc<Admin>>) -> Response {
 async fn metrics(State(admin): State<Arc<Admin>>) -> Response {
     let gateway = &admin.gateway;
     gateway.publish_health();
-    if let Some(ms) = gateway.identity.last_contact_ms() {
+    if let Some(ms) = gateway.identity.current_as_of_ms() {
         gateway
             .metrics
             .identity_sync_age
@@ -253,6 +257,8 @@ pub struct Embedded {
     pub database_url: String,
     /// `TOLLGATE_ADMIN_TOKEN`, checked.
     pub admin_token: Option<String>,
+    /// The admin listener's address, which names this gateway's own token.
+    pub admin_listen: std::net::SocketAddr,
 }
 
 /// What starting the admin listener gives back.
@@ -336,7 +342,11 @@ async fn open_control_plane(embedded: Embedded) -> anyhow::Result<(AppState, Pla
             token.expose()
         );
     }
-    let gateway_token = tollgate_control_plane::embedded_gateway_token(&store).await?;
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|h| h.trim().to_owned())
+        .unwrap_or_default();
+    let instance = format!("{host} {}", embedded.admin_listen);
+    let gateway_token = tollgate_control_plane::embedded_gateway_token(&store, &instance).await?;
     tracing::info!(store = %redacted, "control plane running in this process");
     Ok((AppState::new(store), gateway_token))
 }

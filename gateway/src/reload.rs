@@ -77,13 +77,12 @@ pub async fn reload(
             "[control_plane] changed: the control plane followed changes after a restart"
         );
     }
-    let providers: Vec<&str> = config
+    let providers: Vec<String> = config
         .jwt_providers
         .iter()
-        .map(|p| p.name.as_str())
+        .map(crate::identity::jwt::describe)
         .collect();
-    let running: Vec<&str> = gateway.jwt.iter().map(|v| v.name.as_str()).collect();
-    if providers != running {
+    if providers != gateway.jwt_described {
         tracing::warn!(
             trigger,
             "[[jwt_providers]] changed: JWT providers apply after a restart"

@@ -60,6 +60,7 @@ pub fn run(path: PathBuf) -> anyhow::Result<()> {
             let embedded = Embedded {
                 database_url: database_url.clone(),
                 admin_token,
+                admin_listen,
             };
             (Some(embedded), None)
         }

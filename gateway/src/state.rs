@@ -77,6 +77,8 @@ pub struct Gateway {
     pub control_plane: Option<crate::config::ControlPlane>,
     /// JWT verifiers, by position in `jwt_providers`, as configured at start.
     pub jwt: Vec<Arc<Verifier>>,
+    /// The providers they were made from, described, to notice a reload that changes them.
+    pub jwt_described: Vec<String>,
 }
 
 impl Gateway {
@@ -91,6 +93,11 @@ impl Gateway {
                 Verifier::new(provider, &format!("jwt_providers[{i}]")).map(Arc::new)
             })
             .collect::<anyhow::Result<Vec<_>>>()?;
+        let jwt_described = config
+            .jwt_providers
+            .iter()
+            .map(crate::identity::jwt::describe)
+            .collect();
         let metrics = Metrics::new();
         let health = HealthRegistry::default();
         let server = config.server.clone();
@@ -117,6 +124,7 @@ impl Gateway {
             failed_auth,
             control_plane,
             jwt,
+            jwt_described,
         });
         gateway.publish_gauges();
         Ok(gateway)

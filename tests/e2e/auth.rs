@@ -163,6 +163,7 @@ async fn a_standalone_gateway_issues_keys_and_enforces_each_outcome() {
         .get(gateway.url("/public"))
         .header("x-tollgate-customer-id", "cus_forged")
         .header("x-tollgate-plan-id", "plan_forged")
+        .header("X_Tollgate_Key_Id", "key_forged")
         .send()
         .await
         .unwrap();
@@ -173,6 +174,10 @@ async fn a_standalone_gateway_issues_keys_and_enforces_each_outcome() {
         "{echo}"
     );
     assert!(echo["headers"].get("x-tollgate-plan-id").is_none());
+    assert!(
+        echo["headers"].get("x_tollgate_key_id").is_none(),
+        "the underscore spelling (read as the same header by CGI-style upstreams) goes too"
+    );
 
     // The static demo route needs a key too.
     assert_eq!(call(&gateway, "/demo", Some(&key)).await.0, 200);
@@ -264,6 +269,10 @@ async fn a_standalone_gateway_issues_keys_and_enforces_each_outcome() {
     let ready = gateway.ready().await;
     assert_eq!(ready["status"], "ready");
     assert_eq!(ready["identities"]["source"], "control plane");
+    assert_eq!(
+        gateway.metric("tollgate_identity_version").await,
+        ready["identities"]["version"].as_f64()
+    );
     assert!(
         ready["identities"]["version"].as_i64().unwrap() >= 6,
         "{ready}"
@@ -367,13 +376,14 @@ async fn revocation_rotation_and_plan_changes_reach_traffic_in_flight_within_a_s
     until_status(&gateway, "/orders", &key, 401).await;
     let statuses = traffic.await.unwrap();
     assert!(statuses.len() > 50, "{} requests", statuses.len());
-    let first_refusal = statuses.iter().position(|s| *s != 200);
-    if let Some(at) = first_refusal {
-        assert!(
-            statuses[at..].iter().all(|s| *s == 401),
-            "once refused, always refused: {statuses:?}"
-        );
-    }
+    let at = statuses
+        .iter()
+        .position(|s| *s != 200)
+        .expect("the old key was refused while the traffic ran");
+    assert!(
+        statuses[at..].iter().all(|s| *s == 401),
+        "once refused, always refused: {statuses:?}"
+    );
     assert!(
         statuses.iter().all(|s| *s == 200 || *s == 401),
         "no other status while keys change: {statuses:?}"
@@ -521,6 +531,16 @@ async fn a_gateway_on_a_separate_control_plane_keeps_serving_without_it_and_rest
     );
     let ready = gateway.ready().await;
     assert_eq!(ready["identities"]["source"], "stored snapshot", "{ready}");
+    assert!(
+        ready["identities"]["sync_age_seconds"].as_i64().is_some(),
+        "the stored snapshot's age is shown: {ready}"
+    );
+    assert!(
+        gateway
+            .metric("tollgate_identity_sync_age_seconds")
+            .await
+            .is_some()
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -544,6 +564,13 @@ async fn a_gateway_that_never_had_identities_answers_503_on_authenticated_routes
     assert!(response.headers().contains_key("retry-after"));
     let body: Value = response.json().await.unwrap();
     assert_eq!(problem_type(&body), "identities-unavailable");
+    for credential in [None, Some("tg_malformed")] {
+        let (status, body) = call(&gateway, "/orders", credential).await;
+        assert_eq!(
+            (status, problem_type(&body)),
+            (503, "identities-unavailable")
+        );
+    }
     assert_eq!(call(&gateway, "/public", None).await.0, 200);
     let response = client()
         .get(gateway.admin_url("/health/ready"))

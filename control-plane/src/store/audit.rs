@@ -72,6 +72,14 @@ pub(crate) async fn publish(
     kind: &str,
     entity_id: &str,
 ) -> Result<i64, StoreError> {
+    // Versions must become visible in the order they are numbered, or a gateway that has seen
+    // N could miss N - 1 committed after it. SQLite has one writer; on Postgres, writers of the
+    // change log take one lock held to their commit, so numbering and commit order agree.
+    if connection.backend_name() == "PostgreSQL" {
+        sqlx::query("SELECT pg_advisory_xact_lock(7461736701)")
+            .execute(&mut *connection)
+            .await?;
+    }
     Ok(sqlx::query(
         "INSERT INTO change_log (at, kind, entity_id) VALUES ($1, $2, $3) RETURNING version",
     )

@@ -19,7 +19,14 @@ const SWEEP_AT: usize = 16_384;
 #[derive(Debug)]
 pub struct FailedAuth {
     limit: u32,
-    shards: Vec<Mutex<HashMap<IpAddr, Window>>>,
+    shards: Vec<Mutex<Shard>>,
+}
+
+/// One shard of the table.
+#[derive(Debug, Default)]
+struct Shard {
+    windows: HashMap<IpAddr, Window>,
+    last_sweep_ms: i64,
 }
 
 /// Failures of one address in the current and the previous minute.
@@ -60,7 +67,7 @@ impl FailedAuth {
     pub fn new(limit: u32) -> Self {
         Self {
             limit,
-            shards: (0..SHARDS).map(|_| Mutex::new(HashMap::new())).collect(),
+            shards: (0..SHARDS).map(|_| Mutex::new(Shard::default())).collect(),
         }
     }
 
@@ -73,7 +80,7 @@ impl FailedAuth {
     pub fn blocked(&self, address: IpAddr, now_ms: i64) -> Option<u64> {
         let key = block(address);
         let mut shard = self.shard(&key);
-        let window = shard.get_mut(&key)?;
+        let window = shard.windows.get_mut(&key)?;
         window.roll(now_ms);
         if window.count(now_ms) < f64::from(self.limit) {
             return None;
@@ -87,10 +94,23 @@ impl FailedAuth {
     pub fn record(&self, address: IpAddr, now_ms: i64) {
         let key = block(address);
         let mut shard = self.shard(&key);
-        if shard.len() >= SWEEP_AT {
-            shard.retain(|_, window| now_ms - window.start_ms < 2 * WINDOW_MS);
+        if shard.windows.len() >= SWEEP_AT && !shard.windows.contains_key(&key) {
+            // Idle addresses are swept at most once a second; when the shard is still full of
+            // active ones, an arbitrary one is forgotten, so the table stays bounded and a
+            // failure never costs more than one sweep per second.
+            if now_ms - shard.last_sweep_ms >= 1000 {
+                shard.last_sweep_ms = now_ms;
+                shard
+                    .windows
+                    .retain(|_, window| now_ms - window.start_ms < 2 * WINDOW_MS);
+            }
+            if shard.windows.len() >= SWEEP_AT
+                && let Some(evict) = shard.windows.keys().next().copied()
+            {
+                shard.windows.remove(&evict);
+            }
         }
-        let window = shard.entry(key).or_insert(Window {
+        let window = shard.windows.entry(key).or_insert(Window {
             start_ms: now_ms - now_ms.rem_euclid(WINDOW_MS),
             current: 0,
             previous: 0,
@@ -99,7 +119,7 @@ impl FailedAuth {
         window.current = window.current.saturating_add(1);
     }
 
-    fn shard(&self, key: &IpAddr) -> std::sync::MutexGuard<'_, HashMap<IpAddr, Window>> {
+    fn shard(&self, key: &IpAddr) -> std::sync::MutexGuard<'_, Shard> {
         let index = match key {
             IpAddr::V4(v4) => usize::from(v4.octets()[3]),
             IpAddr::V6(v6) => usize::from(v6.octets()[7]),
@@ -110,15 +130,16 @@ impl FailedAuth {
     }
 }
 
-/// The unit counted: the address, or its /64 for IPv6.
+/// The unit counted: the address, or its /64 for IPv6. An IPv4 client reaching a dual-stack
+/// listener (`::ffff:a.b.c.d`) counts as its IPv4 address.
 fn block(address: IpAddr) -> IpAddr {
-    match address {
-        IpAddr::V4(_) => address,
+    match address.to_canonical() {
         IpAddr::V6(v6) => {
             let mut octets = v6.octets();
             octets[8..].fill(0);
             IpAddr::from(octets)
         }
+        v4 => v4,
     }
 }
 
@@ -157,6 +178,22 @@ mod tests {
             None
         );
         assert_eq!(failures.blocked(ip, start + 3 * WINDOW_MS), None);
+    }
+
+    #[test]
+    fn ipv4_clients_of_a_dual_stack_listener_count_as_themselves() {
+        let failures = FailedAuth::new(1);
+        failures.record("::ffff:192.0.2.7".parse().unwrap(), T0);
+        assert!(
+            failures
+                .blocked("192.0.2.7".parse().unwrap(), T0 + 1)
+                .is_some()
+        );
+        assert_eq!(
+            failures.blocked("::ffff:192.0.2.8".parse().unwrap(), T0 + 1),
+            None,
+            "another IPv4 client is not blocked"
+        );
     }
 
     #[test]

@@ -64,6 +64,17 @@ impl Stored {
         }
     }
 
+    /// Unix ms the stored state was last written (the newer of the snapshot and its journal).
+    pub fn written_at_ms(&self) -> i64 {
+        [&self.snapshot, &self.journal]
+            .iter()
+            .filter_map(|path| std::fs::metadata(path).and_then(|m| m.modified()).ok())
+            .filter_map(|time| time.duration_since(std::time::UNIX_EPOCH).ok())
+            .map(|d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
+            .max()
+            .unwrap_or(0)
+    }
+
     fn temporary(&self) -> PathBuf {
         let mut path = self.snapshot.clone().into_os_string();
         path.push(".partial");
@@ -88,29 +99,54 @@ impl Stored {
         let mut identities = snapshot::read(decoded(file), interner)?;
         let mut pages = 0;
         if let Ok(journal) = File::open(&self.journal) {
-            for line in BufReader::new(journal).lines() {
-                // A torn last line (a crash mid-write) ends the replay; the feed fills the gap.
-                let Ok(page) = line
-                    .map_err(|_| ())
-                    .and_then(|l| serde_json::from_str::<Changes>(&l).map_err(|_| ()))
-                else {
+            // Replay stops at a torn line (a crash mid-write) or a gap (a page that does not
+            // start where the last one ended); the journal is cut there, so later appends
+            // follow on from what was replayed, and the feed fills the rest.
+            let mut kept = 0u64;
+            let mut cut = false;
+            for line in BufReader::new(journal).split(b'\n') {
+                let Ok(line) = line else {
+                    cut = true;
                     break;
                 };
+                let Ok(entry) = serde_json::from_slice::<JournalPage>(&line) else {
+                    cut = true;
+                    break;
+                };
+                if entry.page.version > identities.version {
+                    if entry.since != identities.version {
+                        cut = true;
+                        break;
+                    }
+                    match apply(&identities, &entry.page, interner)? {
+                        Applied::Next(next) => identities = next,
+                        Applied::NeedsSnapshot(_) => {
+                            cut = true;
+                            break;
+                        }
+                    }
+                }
                 pages += 1;
-                if page.version <= identities.version {
-                    continue;
-                }
-                match apply(&identities, &page, interner)? {
-                    Applied::Next(next) => identities = next,
-                    Applied::NeedsSnapshot(_) => break,
-                }
+                kept += line.len() as u64 + 1;
+            }
+            if cut
+                && let Err(error) = OpenOptions::new()
+                    .write(true)
+                    .open(&self.journal)
+                    .and_then(|file| file.set_len(kept))
+            {
+                tracing::warn!(%error, file = %self.journal.display(), "cannot cut the journal");
             }
         }
         Ok(Some((identities, pages)))
     }
 
-    fn append(&self, page: &Changes) -> std::io::Result<()> {
-        let mut line = serde_json::to_vec(page).map_err(std::io::Error::other)?;
+    fn append(&self, since: i64, page: &Changes) -> std::io::Result<()> {
+        let entry = JournalPage {
+            since,
+            page: page.clone(),
+        };
+        let mut line = serde_json::to_vec(&entry).map_err(std::io::Error::other)?;
         line.push(b'\n');
         let mut journal = OpenOptions::new()
             .create(true)
@@ -119,6 +155,16 @@ impl Stored {
         journal.write_all(&line)?;
         journal.sync_data()
     }
+}
+
+/// One line of the journal: a page of changes and the version it was applied on.
+#[derive(Debug, serde::Serialize, serde::Deserialize)]
+struct JournalPage {
+    /// The version the page starts from.
+    since: i64,
+    /// The page.
+    #[serde(flatten)]
+    page: Changes,
 }
 
 /// A snapshot file as plain JSON, whether it was stored gzip-compressed or not.
@@ -153,6 +199,8 @@ enum SyncError {
     UnknownVersion,
     /// What it sent does not check.
     Invalid(Invalid),
+    /// The journal cannot be written: take a snapshot, which stores a fresh base.
+    Storage(String),
 }
 
 impl std::fmt::Display for SyncError {
@@ -164,6 +212,7 @@ impl std::fmt::Display for SyncError {
             }
             SyncError::UnknownVersion => f.write_str("the control plane does not know our version"),
             SyncError::Invalid(invalid) => write!(f, "refused: {invalid}"),
+            SyncError::Storage(error) => write!(f, "cannot journal changes: {error}"),
         }
     }
 }
@@ -215,6 +264,9 @@ impl Follower {
                     "serving with the stored snapshot until the control plane answers"
                 );
                 self.publish(identities, true);
+                self.gateway
+                    .identity
+                    .restored_from(self.stored.written_at_ms());
                 self.gateway.metrics.identity_snapshot("restored");
             }
             Ok(None) => {}
@@ -270,6 +322,10 @@ impl Follower {
                     );
                     need_snapshot = true;
                     continue;
+                }
+                Err(SyncError::Storage(error)) => {
+                    tracing::warn!(%error, "cannot journal changes; storing a new snapshot instead");
+                    need_snapshot = true;
                 }
                 Err(SyncError::Invalid(invalid)) => {
                     tracing::error!(%invalid, "refused what the control plane sent; the last good identities stay");
@@ -328,14 +384,16 @@ impl Follower {
             .map_err(|e| SyncError::Invalid(Invalid(format!("snapshot reader failed: {e}"))))?;
         streamed?;
         let identities = read.map_err(SyncError::Invalid)?;
+        // The control plane is the authority: a store restored from a backup goes back in
+        // versions, and the gateway follows it there.
         if let Some(current) = self.gateway.identity.current()
             && identities.version < current.version
-            && !self.gateway.identity.is_restored()
         {
-            return Err(SyncError::Invalid(Invalid(format!(
-                "snapshot version {} is older than the running {}",
-                identities.version, current.version
-            ))));
+            tracing::warn!(
+                from = current.version,
+                to = identities.version,
+                "the control plane's version went back; following it"
+            );
         }
         let (version, keys) = (identities.version, identities.key_count());
         self.publish(identities, false);
@@ -348,7 +406,17 @@ impl Follower {
     }
 
     fn keep_snapshot(&self) -> std::io::Result<()> {
+        // On disk before it replaces the stored one, and the rename itself made durable.
+        File::open(self.stored.temporary())?.sync_all()?;
         std::fs::rename(self.stored.temporary(), &self.stored.snapshot)?;
+        if let Some(directory) = self.stored.snapshot.parent() {
+            let directory = if directory.as_os_str().is_empty() {
+                Path::new(".")
+            } else {
+                directory
+            };
+            File::open(directory)?.sync_all()?;
+        }
         match std::fs::remove_file(&self.stored.journal) {
             Ok(()) => Ok(()),
             Err(error) if error.kind() == std::io::ErrorKind::NotFound => Ok(()),
@@ -382,8 +450,11 @@ impl Follower {
             Applied::Next(next) => {
                 let version = next.version;
                 self.publish(next, false);
-                if let Err(error) = self.stored.append(&page) {
-                    tracing::warn!(%error, file = %self.stored.journal.display(), "cannot journal changes");
+                if let Err(error) = self.stored.append(current.version, &page) {
+                    return Err(SyncError::Storage(format!(
+                        "{}: {error}",
+                        self.stored.journal.display()
+                    )));
                 }
                 tracing::debug!(version, changes = page.changes.len(), "changes applied");
                 Ok(true)
@@ -465,5 +536,101 @@ impl BackgroundService for Follower {
     /// [`Follower::restore`] runs before the proxy starts; this follows the feed.
     async fn start(&self, shutdown: ShutdownWatch) {
         self.follow(shutdown).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const CUSTOMER: &str = "cus_00000000000000000000000000000001";
+
+    fn plan_json() -> serde_json::Value {
+        serde_json::json!({
+            "id": "plan_1", "name": "p", "rate_limits": [], "quota": null, "price": null,
+            "status": "active", "created_at": "t", "updated_at": "t"
+        })
+    }
+
+    fn key_change(version: i64, n: u8) -> serde_json::Value {
+        serde_json::json!({
+            "version": version, "kind": "key", "id": format!("key_{:032x}", n),
+            "key": {
+                "id": format!("key_{:032x}", n), "customer_id": CUSTOMER,
+                "hash": format!("{:064x}", n), "expires_at_ms": null, "revoked_at_ms": null,
+                "scopes": null
+            }
+        })
+    }
+
+    fn line(since: i64, version: i64, n: u8) -> String {
+        serde_json::json!({"since": since, "version": version, "changes": [key_change(version, n)]})
+            .to_string()
+    }
+
+    fn stored(journal: &str) -> (tempfile::TempDir, Stored) {
+        let dir = tempfile::tempdir().unwrap();
+        let stored = Stored::new(dir.path().join("snapshot.json"));
+        let snapshot = serde_json::json!({
+            "version": 7, "plans": [plan_json()],
+            "customers": [{"id": CUSTOMER, "plan_id": "plan_1", "status": "active"}],
+            "keys": []
+        });
+        std::fs::write(&stored.snapshot, snapshot.to_string()).unwrap();
+        std::fs::write(&stored.journal, journal).unwrap();
+        (dir, stored)
+    }
+
+    #[test]
+    fn the_journal_is_replayed_in_order_and_cut_at_a_torn_line() {
+        let good = format!("{}\n{}\n", line(7, 8, 1), line(8, 9, 2));
+        let (_dir, stored) = stored(&format!("{good}{{\"since\": 9, \"vers"));
+        let (identities, pages) = stored
+            .restore(&mut ScopeInterner::default())
+            .unwrap()
+            .unwrap();
+        assert_eq!(
+            (identities.version, pages, identities.key_count()),
+            (9, 2, 2)
+        );
+        assert_eq!(std::fs::read_to_string(&stored.journal).unwrap(), good);
+        // What is appended next follows on from the replayed pages.
+        let page: Changes = serde_json::from_str(&line(9, 10, 3)).unwrap();
+        stored.append(9, &page).unwrap();
+        let (identities, _) = stored
+            .restore(&mut ScopeInterner::default())
+            .unwrap()
+            .unwrap();
+        assert_eq!((identities.version, identities.key_count()), (10, 3));
+    }
+
+    #[test]
+    fn a_gap_in_the_journal_stops_the_replay_there() {
+        // The page from 8 to 9 is missing: the page from 9 must not be applied on 8.
+        let (_dir, stored) = stored(&format!("{}\n{}\n", line(7, 8, 1), line(9, 10, 3)));
+        let (identities, pages) = stored
+            .restore(&mut ScopeInterner::default())
+            .unwrap()
+            .unwrap();
+        assert_eq!(
+            (identities.version, pages, identities.key_count()),
+            (8, 1, 1)
+        );
+        assert_eq!(
+            std::fs::read_to_string(&stored.journal).unwrap(),
+            format!("{}\n", line(7, 8, 1))
+        );
+    }
+
+    #[test]
+    fn nothing_stored_is_no_identities() {
+        let dir = tempfile::tempdir().unwrap();
+        let stored = Stored::new(dir.path().join("absent.json.gz"));
+        assert!(
+            stored
+                .restore(&mut ScopeInterner::default())
+                .unwrap()
+                .is_none()
+        );
     }
 }

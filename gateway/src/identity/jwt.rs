@@ -28,6 +28,30 @@ use crate::config::{JwtKeys, JwtProvider};
 /// Least HMAC secret length accepted.
 pub const MIN_SECRET_BYTES: usize = 32;
 
+/// A provider's settings as text, to tell whether a reload changed them (the contents of key
+/// files are not compared: changing a PEM file in place needs a restart, as documented).
+pub fn describe(provider: &JwtProvider) -> String {
+    let keys = match &provider.keys {
+        JwtKeys::Jwks { url } => format!("jwks {url}"),
+        JwtKeys::Secret { env } => format!("secret ${env}"),
+        JwtKeys::Static(keys) => format!(
+            "static {:?}",
+            keys.iter().map(|k| k.kid.clone()).collect::<Vec<_>>()
+        ),
+    };
+    format!(
+        "{} {} {:?} {:?} {keys} {} {:?} {:?} {:?}",
+        provider.name,
+        provider.issuer,
+        provider.audiences,
+        provider.algorithms,
+        provider.customer_claim,
+        provider.leeway,
+        provider.jwks_refresh,
+        provider.jwks_min_refresh
+    )
+}
+
 /// What a valid token says.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Claims {

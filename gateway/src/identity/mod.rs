@@ -39,6 +39,8 @@ pub struct IdentityState {
     last_contact_ms: AtomicI64,
     /// Whether the current identities were restored from disk and not yet confirmed.
     restored: AtomicBool,
+    /// Unix ms the stored snapshot (or its journal) was last written, when restored from it.
+    stored_at_ms: AtomicI64,
 }
 
 impl IdentityState {
@@ -68,6 +70,18 @@ impl IdentityState {
     /// Unix ms of the last answer from the control plane, if any.
     pub fn last_contact_ms(&self) -> Option<i64> {
         Some(self.last_contact_ms.load(Ordering::Relaxed)).filter(|ms| *ms > 0)
+    }
+
+    /// Records when the restored identities were last written to disk.
+    pub fn restored_from(&self, stored_at_ms: i64) {
+        self.stored_at_ms.store(stored_at_ms, Ordering::Relaxed);
+    }
+
+    /// Unix ms the identities in use are known to be current as of: the last answer from the
+    /// control plane, else the time the stored snapshot was last written.
+    pub fn current_as_of_ms(&self) -> Option<i64> {
+        self.last_contact_ms()
+            .or_else(|| Some(self.stored_at_ms.load(Ordering::Relaxed)).filter(|ms| *ms > 0))
     }
 
     /// Whether the identities come from the stored snapshot, not yet confirmed.

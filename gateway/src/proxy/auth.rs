@@ -124,6 +124,10 @@ pub fn authenticate(
         return Err(GatewayProblem::TooManyFailedAuthentications { retry_after });
     }
     let result = gateway.identity.with_current(|identities| {
+        // Without identities nothing can be checked, whatever the credential: 503.
+        if identities.is_none() {
+            return Err(Refusal::Unavailable);
+        }
         match credential(req, &route.auth) {
             None => Err(Refusal::Missing),
             Some((Credential::Key(key), source)) => {
@@ -136,7 +140,9 @@ pub fn authenticate(
                     Some(verifier) => {
                         check_jwt(identities, verifier, token).map(|caller| (caller, source))
                     }
-                    None => Err(Refusal::InvalidToken("its provider is not loaded yet")),
+                    // A provider added by a reload, not set up yet: the gateway's fault, not
+                    // the caller's (503, not counted as a failure).
+                    None => Err(Refusal::Unavailable),
                 }
             }
         }
@@ -171,6 +177,18 @@ pub fn rewrite_upstream(
         if upstream_request.headers.contains_key(name) {
             upstream_request.remove_header(name);
         }
+    }
+    // CGI-style upstreams read `X_Tollgate_Customer_Id` as `X-Tollgate-Customer-Id`: those
+    // spellings go too.
+    let disguised: Vec<HeaderName> = upstream_request
+        .headers
+        .keys()
+        .filter(|name| name.as_str().contains('_'))
+        .filter(|name| IDENTITY_HEADERS.contains(&name.as_str().replace('_', "-").as_str()))
+        .cloned()
+        .collect();
+    for name in &disguised {
+        upstream_request.remove_header(name);
     }
     let Some((caller, source)) = caller else {
         return Ok(());

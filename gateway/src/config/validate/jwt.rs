@@ -64,10 +64,17 @@ pub(super) fn provider(
                 "HS* tokens are checked with secret_env, not with public keys",
             );
         }
-        if !(url.starts_with("https://") || url.starts_with("http://"))
-            || url.parse::<http::Uri>().is_err()
-        {
-            errors.push(format!("{path}.jwks_url"), format!("invalid URL {url:?}"));
+        match url.parse::<http::Uri>() {
+            Ok(uri) if uri.scheme_str() == Some("https") && uri.host().is_some() => {}
+            // Keys fetched in the clear could be swapped on the way: plain HTTP only on the
+            // loopback interface.
+            Ok(uri)
+                if uri.scheme_str() == Some("http")
+                    && matches!(uri.host(), Some("127.0.0.1" | "localhost" | "[::1]")) => {}
+            _ => errors.push(
+                format!("{path}.jwks_url"),
+                format!("{url:?} must be an https:// URL (http:// only on the loopback interface)"),
+            ),
         }
         JwtKeys::Jwks { url: url.clone() }
     } else if let Some(env) = &file.secret_env {

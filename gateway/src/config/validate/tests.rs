@@ -418,6 +418,12 @@ fn jwt_providers_refuse_none_mixed_families_and_keys_of_the_wrong_kind() {
             vec!["jwt_providers[0]: set exactly one of jwks_url, public_keys or secret_env"],
         ),
         (
+            "algorithms = [\"ES256\"]\njwks_url = \"http://idp.test/jwks\"",
+            vec![
+                "jwt_providers[0].jwks_url: \"http://idp.test/jwks\" must be an https:// URL (http:// only on the loopback interface)",
+            ],
+        ),
+        (
             "algorithms = [\"HS256\"]\nsecret_env = \"S\"\nleeway = \"2m\"",
             vec!["jwt_providers[0].leeway: must be at most 60s"],
         ),
