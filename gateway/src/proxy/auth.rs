@@ -93,11 +93,18 @@ pub fn credential<'a>(
 }
 
 fn bearer(value: &str) -> Option<&str> {
-    let (scheme, token) = value.trim().split_once(' ')?;
-    scheme
-        .eq_ignore_ascii_case("bearer")
-        .then(|| token.trim())
-        .filter(|t| !t.is_empty())
+    // The usual `Bearer <token>` first, then any spacing and case.
+    let token = match value.get(..7) {
+        Some(scheme) if scheme.eq_ignore_ascii_case("bearer ") => &value[7..],
+        _ => {
+            let (scheme, token) = value.trim().split_once(' ')?;
+            if !scheme.eq_ignore_ascii_case("bearer") {
+                return None;
+            }
+            token
+        }
+    };
+    Some(token.trim()).filter(|t| !t.is_empty())
 }
 
 fn query_value<'a>(query: &'a str, name: &str) -> Option<&'a str> {
