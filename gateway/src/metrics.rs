@@ -42,7 +42,7 @@ pub const IDENTITY_SNAPSHOTS_TOTAL: &str = "tollgate_identity_snapshots_total";
 /// JWKS fetches, by JWT provider and result (`ok`, `failed`).
 pub const JWKS_FETCHES_TOTAL: &str = "tollgate_jwks_fetches_total";
 /// The results of authentication decisions, as labelled.
-pub const AUTH_RESULTS: [&str; 14] = [
+pub const AUTH_RESULTS: [&str; 13] = [
     "ok",
     "missing",
     "malformed",
@@ -56,7 +56,6 @@ pub const AUTH_RESULTS: [&str; 14] = [
     "expired_token",
     "unknown_customer",
     "throttled",
-    "other",
 ];
 /// Authentication decisions by result (`ok`, or why the credential was refused, or `throttled`).
 pub const AUTH_DECISIONS_TOTAL: &str = "tollgate_auth_decisions_total";

@@ -9,6 +9,7 @@
 use std::collections::HashMap;
 use std::net::IpAddr;
 use std::sync::Mutex;
+use std::sync::atomic::{AtomicUsize, Ordering};
 
 const WINDOW_MS: i64 = 60_000;
 const SHARDS: usize = 16;
@@ -20,6 +21,8 @@ const SWEEP_AT: usize = 16_384;
 pub struct FailedAuth {
     limit: u32,
     shards: Vec<Mutex<Shard>>,
+    /// Addresses in all shards: while it is 0, the request path takes no lock.
+    tracked: AtomicUsize,
 }
 
 /// One shard of the table.
@@ -68,6 +71,7 @@ impl FailedAuth {
         Self {
             limit,
             shards: (0..SHARDS).map(|_| Mutex::new(Shard::default())).collect(),
+            tracked: AtomicUsize::new(0),
         }
     }
 
@@ -78,6 +82,9 @@ impl FailedAuth {
 
     /// `Some(seconds to wait)` when `address` is over the limit.
     pub fn blocked(&self, address: IpAddr, now_ms: i64) -> Option<u64> {
+        if self.tracked.load(Ordering::Relaxed) == 0 {
+            return None;
+        }
         let key = block(address);
         let mut shard = self.shard(&key);
         let window = shard.windows.get_mut(&key)?;
@@ -94,6 +101,7 @@ impl FailedAuth {
     pub fn record(&self, address: IpAddr, now_ms: i64) {
         let key = block(address);
         let mut shard = self.shard(&key);
+        let before = shard.windows.len();
         if shard.windows.len() >= SWEEP_AT && !shard.windows.contains_key(&key) {
             // Idle addresses are swept at most once a second; when the shard is still full of
             // active ones, an arbitrary one is forgotten, so the table stays bounded and a
@@ -117,6 +125,12 @@ impl FailedAuth {
         });
         window.roll(now_ms);
         window.current = window.current.saturating_add(1);
+        let after = shard.windows.len();
+        if after > before {
+            self.tracked.fetch_add(after - before, Ordering::Relaxed);
+        } else {
+            self.tracked.fetch_sub(before - after, Ordering::Relaxed);
+        }
     }
 
     fn shard(&self, key: &IpAddr) -> std::sync::MutexGuard<'_, Shard> {

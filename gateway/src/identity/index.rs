@@ -68,42 +68,14 @@ impl std::fmt::Display for Invalid {
 
 /// Parses `prefix_` and 32 hex digits.
 pub fn parse_id(prefix: &str, text: &str) -> Option<Id> {
-    let hex = text.strip_prefix(prefix)?.strip_prefix('_')?;
+    let digits = text.strip_prefix(prefix)?.strip_prefix('_')?;
     let mut id = [0u8; 16];
-    decode_hex(hex, &mut id).then_some(id)
+    hex::decode_to_slice(digits, &mut id).ok().map(|()| id)
 }
 
 /// Formats an id back as `prefix_` and 32 hex digits.
 pub fn format_id(prefix: &str, id: &Id) -> String {
-    let mut text = String::with_capacity(prefix.len() + 33);
-    text.push_str(prefix);
-    text.push('_');
-    for byte in id {
-        text.push(char::from(HEX[usize::from(byte >> 4)]));
-        text.push(char::from(HEX[usize::from(byte & 15)]));
-    }
-    text
-}
-
-const HEX: &[u8; 16] = b"0123456789abcdef";
-
-fn decode_hex(hex: &str, out: &mut [u8]) -> bool {
-    if hex.len() != out.len() * 2 {
-        return false;
-    }
-    let digit = |b: u8| match b {
-        b'0'..=b'9' => Some(b - b'0'),
-        b'a'..=b'f' => Some(b - b'a' + 10),
-        b'A'..=b'F' => Some(b - b'A' + 10),
-        _ => None,
-    };
-    for (i, pair) in hex.as_bytes().chunks(2).enumerate() {
-        match (digit(pair[0]), digit(pair[1])) {
-            (Some(high), Some(low)) => out[i] = (high << 4) | low,
-            _ => return false,
-        }
-    }
-    true
+    format!("{prefix}_{}", hex::encode(id))
 }
 
 /// Equal scope sets, shared.
@@ -128,7 +100,7 @@ impl ScopeInterner {
 /// A key record of the feed as an entry.
 pub fn key_entry(record: &KeyRecord, interner: &mut ScopeInterner) -> Result<KeyEntry, Invalid> {
     let mut hash = [0u8; 32];
-    if !decode_hex(&record.hash, &mut hash) {
+    if hex::decode_to_slice(&record.hash, &mut hash).is_err() {
         return Err(Invalid(format!(
             "key {}: hash is not 64 hex digits",
             record.id
@@ -187,10 +159,8 @@ pub fn id_header(prefix: &str, id: &Id) -> HeaderValue {
     let start = prefix.len() + 1;
     text[..prefix.len()].copy_from_slice(prefix.as_bytes());
     text[prefix.len()] = b'_';
-    for (i, byte) in id.iter().enumerate() {
-        text[start + 2 * i] = HEX[usize::from(byte >> 4)];
-        text[start + 2 * i + 1] = HEX[usize::from(byte & 15)];
-    }
+    // 32 hex digits always fit after a prefix of up to 7 bytes.
+    let _ = hex::encode_to_slice(id, &mut text[start..start + 32]);
     // Letters, digits and '_' only: always a valid header value.
     HeaderValue::from_bytes(&text[..start + 32]).unwrap_or(HeaderValue::from_static(""))
 }

@@ -172,7 +172,7 @@ impl Refusal {
 /// the lookup is by SHA-256, so its cost does not depend on how much of a real key a guess
 /// shares.
 pub fn check_key(
-    identities: Option<&Identities>,
+    identities: &Identities,
     key: &str,
     route: &str,
     now_ms: i64,
@@ -180,7 +180,6 @@ pub fn check_key(
     if !tollgate_model::key::is_well_formed(key) {
         return Err(Refusal::Malformed);
     }
-    let identities = identities.ok_or(Refusal::Unavailable)?;
     let hash: [u8; 32] = Sha256::digest(key.as_bytes()).into();
     let entry = identities.key(&hash).ok_or(Refusal::Unknown)?;
     if now_ms >= entry.revoked_at_ms {
@@ -212,12 +211,11 @@ pub fn check_key(
 
 /// Checks a JWT with `verifier` and maps its customer claim to a customer.
 pub fn check_jwt(
-    identities: Option<&Identities>,
+    identities: &Identities,
     verifier: &jwt::Verifier,
     token: &str,
 ) -> Result<Caller, Refusal> {
     let claims = verifier.verify(token)?;
-    let identities = identities.ok_or(Refusal::Unavailable)?;
     let id = index::parse_id("cus", &claims.customer).ok_or(Refusal::UnknownCustomer)?;
     let customer = identities.customer(&id).ok_or(Refusal::UnknownCustomer)?;
     if customer.status != CustomerStatus::Active {

@@ -26,7 +26,6 @@ pub const X_KEY_ID: &str = "x-tollgate-key-id";
 /// The JWT's `sub`, for the upstream.
 pub const X_SUBJECT: &str = "x-tollgate-subject";
 /// Identity headers only the gateway may set: a client's own are always removed.
-pub const IDENTITY_HEADERS: [&str; 4] = [X_CUSTOMER_ID, X_PLAN_ID, X_KEY_ID, X_SUBJECT];
 const IDENTITY_HEADER_NAMES: [HeaderName; 4] = [
     HeaderName::from_static(X_CUSTOMER_ID),
     HeaderName::from_static(X_PLAN_ID),
@@ -132,9 +131,9 @@ pub fn authenticate(
     }
     let result = gateway.identity.with_current(|identities| {
         // Without identities nothing can be checked, whatever the credential: 503.
-        if identities.is_none() {
+        let Some(identities) = identities else {
             return Err(Refusal::Unavailable);
-        }
+        };
         match credential(req, &route.auth) {
             None => Err(Refusal::Missing),
             Some((Credential::Key(key), source)) => {
@@ -191,7 +190,12 @@ pub fn rewrite_upstream(
         .headers
         .keys()
         .filter(|name| name.as_str().contains('_'))
-        .filter(|name| IDENTITY_HEADERS.contains(&name.as_str().replace('_', "-").as_str()))
+        .filter(|name| {
+            let dashed = name.as_str().replace('_', "-");
+            IDENTITY_HEADER_NAMES
+                .iter()
+                .any(|ours| ours.as_str() == dashed)
+        })
         .cloned()
         .collect();
     for name in &disguised {
