@@ -686,3 +686,56 @@ async fn a_snapshot_that_does_not_check_is_refused_and_the_last_good_one_stays()
         "{line}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_standalone_gateway_without_an_admin_token_prints_a_generated_one_once() {
+    let upstream = Upstream::start("orders");
+    let text = standalone_config(&upstream);
+    let gateway = Gateway::start_with_env(tempfile::tempdir().unwrap(), &text, &[]).await;
+    let line = gateway
+        .wait_for_log(|line| {
+            line.as_str()
+                .is_some_and(|l| l.starts_with("first admin token (shown once, store it now): "))
+        })
+        .await;
+    let token = line
+        .as_str()
+        .unwrap()
+        .trim_start_matches("first admin token (shown once, store it now): ")
+        .to_owned();
+    let api = AdminApi::new(&format!("http://{}", gateway.admin), &token);
+    let (status, _) = api.call("GET", "/v1/plans", None).await;
+    assert_eq!(status, 200, "the printed token is an admin token");
+
+    // The next start has an admin already: nothing is printed, the token still works.
+    let dir = gateway.kill();
+    let gateway = Gateway::start_with_env(dir, &text, &[]).await;
+    let api = AdminApi::new(&format!("http://{}", gateway.admin), &token);
+    assert_eq!(api.call("GET", "/v1/plans", None).await.0, 200);
+    assert!(
+        !gateway.logs().iter().any(|l| l
+            .as_str()
+            .is_some_and(|l| l.starts_with("first admin token"))),
+        "printed once only"
+    );
+}
+
+#[test]
+fn a_weak_admin_token_stops_a_standalone_gateway_with_the_setting_named() {
+    let upstream = Upstream::start("orders");
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("gateway.toml");
+    std::fs::write(&path, standalone_config(&upstream)).unwrap();
+    let output = std::process::Command::new(tollgate_tests::gateway::binary())
+        .arg("--config")
+        .arg(&path)
+        .env("TOLLGATE_ADMIN_TOKEN", "short")
+        .output()
+        .unwrap();
+    assert_eq!(output.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        stderr.contains("TOLLGATE_ADMIN_TOKEN: too weak: 5 characters, at least 32 are required"),
+        "{stderr}"
+    );
+}

@@ -17,24 +17,11 @@ pub const POSTGRES: &str = "postgres://postgres@127.0.0.1:5432";
 
 /// An admin token for tests (64 hex digits).
 pub fn admin_token() -> String {
-    let mut token = String::from("tga_");
-    for _ in 0..4 {
-        token.push_str(&format!("{:016x}", rand_u64()));
-    }
-    token
-}
-
-fn rand_u64() -> u64 {
-    use std::hash::{BuildHasher, Hasher};
-    let mut hasher = std::collections::hash_map::RandomState::new().build_hasher();
-    hasher.write_u128(
-        Instant::now().elapsed().as_nanos()
-            ^ std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .unwrap()
-                .as_nanos(),
-    );
-    hasher.finish()
+    format!(
+        "tga_{:032x}{:032x}",
+        rand::random::<u128>(),
+        rand::random::<u128>()
+    )
 }
 
 fn binary() -> &'static Path {
@@ -51,7 +38,7 @@ pub struct PostgresDatabase {
 impl PostgresDatabase {
     /// Creates one.
     pub async fn create() -> PostgresDatabase {
-        let name = format!("tollgate_e2e_{:016x}", rand_u64());
+        let name = format!("tollgate_e2e_{:016x}", rand::random::<u64>());
         run_sql(&format!("CREATE DATABASE {name}")).await;
         PostgresDatabase { name }
     }
