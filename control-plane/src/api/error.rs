@@ -29,6 +29,16 @@ pub enum ApiError {
     Internal(String),
 }
 
+impl ApiError {
+    /// A store error as an answer, a missing row being a 404 for `what`: for `map_err`.
+    pub fn from_store(what: &'static str) -> impl Fn(StoreError) -> ApiError {
+        move |error| match error {
+            StoreError::NotFound => ApiError::NotFound(what),
+            other => other.into(),
+        }
+    }
+}
+
 impl From<StoreError> for ApiError {
     fn from(error: StoreError) -> Self {
         match error {

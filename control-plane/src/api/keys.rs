@@ -21,7 +21,7 @@ use super::error::ApiError;
 use super::openapi::{ListProblems, UpdateProblems};
 use super::plans::ListQuery;
 use crate::store::keys::{ApiKey, CreatedKey, NewKey};
-use crate::store::{StoreError, now_ms};
+use crate::store::now_ms;
 
 /// The fields of a new key's body.
 pub const NEW_KEY_FIELDS: [&str; 3] = ["name", "expires_at", "scopes"];
@@ -156,7 +156,7 @@ pub async fn create(
         .store
         .create_key(&customer_id, new, &caller.actor)
         .await
-        .map_err(|e| not_found(e, "customer"))?;
+        .map_err(ApiError::from_store("customer"))?;
     Ok((StatusCode::CREATED, Json(issued(created, None))).into_response())
 }
 
@@ -175,7 +175,7 @@ pub async fn list(
         .store
         .customer(&customer_id)
         .await
-        .map_err(|e| not_found(e, "customer"))?;
+        .map_err(ApiError::from_store("customer"))?;
     let keys = state
         .store
         .keys(&customer_id, limit + 1, query.cursor.as_deref())
@@ -196,7 +196,7 @@ pub async fn revoke(
         .store
         .revoke_key(&id, &caller.actor)
         .await
-        .map_err(|e| not_found(e, "key"))?;
+        .map_err(ApiError::from_store("key"))?;
     Ok(Json(key).into_response())
 }
 
@@ -233,7 +233,7 @@ pub async fn rotate(
         .store
         .rotate_key(&id, grace, &caller.actor)
         .await
-        .map_err(|e| not_found(e, "key"))?;
+        .map_err(ApiError::from_store("key"))?;
     let replaced = ReplacedKey {
         id: old.id,
         works_until: old.revoked_at,
@@ -246,12 +246,5 @@ fn issued(created: CreatedKey, replaces: Option<ReplacedKey>) -> IssuedKey {
         meta: created.key,
         key: created.plaintext,
         replaces,
-    }
-}
-
-fn not_found(error: StoreError, what: &'static str) -> ApiError {
-    match error {
-        StoreError::NotFound => ApiError::NotFound(what),
-        other => other.into(),
     }
 }

@@ -115,7 +115,11 @@ pub async fn get(
     _caller: Caller,
     Path(id): Path<String>,
 ) -> Result<Response, ApiError> {
-    let plan = state.store.plan(&id).await.map_err(not_found)?;
+    let plan = state
+        .store
+        .plan(&id)
+        .await
+        .map_err(ApiError::from_store("plan"))?;
     Ok(Json(plan).into_response())
 }
 
@@ -135,7 +139,7 @@ pub async fn update(
         .store
         .update_plan(&id, patch, &caller.actor)
         .await
-        .map_err(not_found)?;
+        .map_err(ApiError::from_store("plan"))?;
     Ok(Json(plan).into_response())
 }
 
@@ -154,17 +158,10 @@ pub async fn delete(
         .store
         .delete_plan(&id, &caller.actor)
         .await
-        .map_err(not_found)?
+        .map_err(ApiError::from_store("plan"))?
     {
         Deleted::Removed => Ok(StatusCode::NO_CONTENT.into_response()),
         Deleted::Archived(plan) => Ok(Json(plan).into_response()),
-    }
-}
-
-fn not_found(error: crate::store::StoreError) -> ApiError {
-    match error {
-        crate::store::StoreError::NotFound => ApiError::NotFound("plan"),
-        other => other.into(),
     }
 }
 
