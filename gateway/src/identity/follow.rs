@@ -184,8 +184,8 @@ fn apply(
     page: &Changes,
     interner: &mut ScopeInterner,
 ) -> Result<Applied, Invalid> {
-    let entities: Vec<_> = page.changes.iter().map(|c| c.entity.clone()).collect();
-    identities.apply(page.version, &entities, interner)
+    let entities = page.changes.iter().map(|change| &change.entity);
+    identities.apply(page.version, entities, interner)
 }
 
 /// Why one attempt to sync failed.

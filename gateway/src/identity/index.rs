@@ -271,16 +271,16 @@ impl Identities {
     }
 
     /// These identities with `changes` (in version order, the last at `version`) applied.
-    pub fn apply(
+    pub fn apply<'a>(
         &self,
         version: i64,
-        changes: &[ChangedEntity],
+        changes: impl Iterator<Item = &'a ChangedEntity> + Clone,
         interner: &mut ScopeInterner,
     ) -> Result<Applied, Invalid> {
         let mut plans: Option<HashMap<Arc<str>, Arc<Plan>>> = None;
         let mut customers = self.customers.clone();
         let mut keys = self.keys.clone();
-        for change in changes {
+        for change in changes.clone() {
             match change {
                 ChangedEntity::Plan { id, plan } => {
                     let plans = plans.get_or_insert_with(|| (*self.plans).clone());

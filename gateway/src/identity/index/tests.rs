@@ -171,7 +171,7 @@ fn changes_apply_on_top_and_compaction_keeps_every_key() {
     let identities = load(&(0..10).map(|n| key_record(n, 1)).collect::<Vec<_>>());
     let mut revoked = key_record(3, 1);
     revoked.revoked_at_ms = Some(0);
-    let changes = vec![
+    let changes = [
         ChangedEntity::Key {
             id: revoked.id.clone(),
             key: Some(revoked),
@@ -190,7 +190,7 @@ fn changes_apply_on_top_and_compaction_keeps_every_key() {
         },
     ];
     let Applied::Next(next) = identities
-        .apply(8, &changes, &mut ScopeInterner::default())
+        .apply(8, changes.iter(), &mut ScopeInterner::default())
         .unwrap()
     else {
         panic!("applies");
@@ -213,7 +213,10 @@ fn changes_apply_on_top_and_compaction_keeps_every_key() {
             key: Some(key_record(n, 1)),
         })
         .collect();
-    let Applied::Next(merged) = next.apply(9, &many, &mut ScopeInterner::default()).unwrap() else {
+    let Applied::Next(merged) = next
+        .apply(9, many.iter(), &mut ScopeInterner::default())
+        .unwrap()
+    else {
         panic!("applies");
     };
     assert!(merged.keys.overlay.is_empty());
@@ -230,21 +233,21 @@ fn changes_apply_on_top_and_compaction_keeps_every_key() {
 #[test]
 fn changes_that_refer_to_nothing_or_delete_ask_for_a_snapshot() {
     let identities = load(&[key_record(1, 1)]);
-    let orphan = vec![ChangedEntity::Key {
+    let orphan = [ChangedEntity::Key {
         id: key_record(2, 7).id,
         key: Some(key_record(2, 7)),
     }];
     assert!(
         identities
-            .apply(8, &orphan, &mut ScopeInterner::default())
+            .apply(8, orphan.iter(), &mut ScopeInterner::default())
             .is_err()
     );
-    let deleted = vec![ChangedEntity::Key {
+    let deleted = [ChangedEntity::Key {
         id: key_record(1, 1).id,
         key: None,
     }];
     assert!(matches!(
-        identities.apply(8, &deleted, &mut ScopeInterner::default()),
+        identities.apply(8, deleted.iter(), &mut ScopeInterner::default()),
         Ok(Applied::NeedsSnapshot(_))
     ));
 }
