@@ -16,10 +16,27 @@ pub struct Customer {
     pub plan_id: String,
     /// `active` customers may call; `suspended` ones are refused.
     pub status: CustomerStatus,
+    /// The subscription's current billing period, which the quota counts in; `null` without a
+    /// subscription (the quota then counts per calendar month in UTC).
+    #[serde(default)]
+    pub billing_period: Option<BillingPeriod>,
     /// RFC 3339 creation time.
     pub created_at: String,
     /// RFC 3339 time of the last change.
     pub updated_at: String,
+}
+
+/// A billing period: the quota counts the requests made from `start` (included) to `end`
+/// (excluded).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+pub struct BillingPeriod {
+    /// RFC 3339 start, included.
+    #[cfg_attr(feature = "openapi", schema(format = DateTime))]
+    pub start: String,
+    /// RFC 3339 end, excluded; after `start`.
+    #[cfg_attr(feature = "openapi", schema(format = DateTime))]
+    pub end: String,
 }
 
 /// The state of a customer.

@@ -34,6 +34,19 @@ pub struct CustomerRecord {
     pub plan_id: String,
     /// Active or suspended.
     pub status: CustomerStatus,
+    /// The billing period the quota counts in, when the customer has a subscription.
+    #[serde(default)]
+    pub billing_period: Option<PeriodMs>,
+}
+
+/// A billing period in Unix milliseconds: `start_ms` included, `end_ms` excluded.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+pub struct PeriodMs {
+    /// Start, included.
+    pub start_ms: i64,
+    /// End, excluded; after `start_ms`.
+    pub end_ms: i64,
 }
 
 /// A key as gateways need it: its hash and when it works.

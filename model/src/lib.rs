@@ -9,11 +9,13 @@
 //! - [`customer`]: customers and their state.
 //! - [`key`]: the API key format (prefix, randomness, checksum).
 //! - [`feed`]: the snapshot and the changes gateways receive.
+//! - [`usage`]: usage events, the batches gateways send and the per-period totals they read.
 
 pub mod customer;
 pub mod feed;
 pub mod key;
 pub mod plan;
 pub mod problem;
+pub mod usage;
 
 pub use problem::{FieldError, PROBLEM_CONTENT_TYPE, Problem};

@@ -16,6 +16,10 @@ pub struct Plan {
     pub quota: Option<Quota>,
     /// Price per billable unit, if billed.
     pub price: Option<Price>,
+    /// Where a customer who ran out of quota can upgrade; given in the `quota-exceeded` problem.
+    #[serde(default)]
+    #[cfg_attr(feature = "openapi", schema(format = "uri", max_length = 2048))]
+    pub upgrade_url: Option<String>,
     /// `active`, or `archived` once deleted while customers still use it.
     pub status: PlanStatus,
     /// RFC 3339 creation time.

@@ -197,6 +197,7 @@ fn decode(row: &AnyRow) -> Result<Customer, StoreError> {
                 format!("customer status {status:?}").into(),
             ))
         })?,
+        billing_period: None,
         created_at: rfc3339(row.try_get("created_at")?),
         updated_at: rfc3339(row.try_get("updated_at")?),
     })

@@ -141,6 +141,7 @@ fn customer_record(row: &AnyRow) -> Result<CustomerRecord, StoreError> {
         id: row.try_get("id")?,
         plan_id: row.try_get("plan_id")?,
         status: CustomerStatus::parse(&status).unwrap_or(CustomerStatus::Suspended),
+        billing_period: None,
     })
 }
 

@@ -219,6 +219,7 @@ fn decode(row: &AnyRow) -> Result<Plan, StoreError> {
         rate_limits: from_json(json_column("rate_limits")?.unwrap_or_else(|| json!([])))?,
         quota: json_column("quota")?.map(from_json).transpose()?,
         price: json_column("price")?.map(from_json).transpose()?,
+        upgrade_url: None,
         status: PlanStatus::parse(&status).ok_or_else(|| {
             StoreError::Database(sqlx::Error::Decode(
                 format!("plan status {status:?}").into(),

@@ -12,6 +12,7 @@ fn plan(id: &str) -> Plan {
         rate_limits: Vec::new(),
         quota: None,
         price: None,
+        upgrade_url: None,
         status: PlanStatus::Active,
         created_at: "2026-01-01T00:00:00Z".into(),
         updated_at: "2026-01-01T00:00:00Z".into(),
@@ -186,6 +187,7 @@ fn changes_apply_on_top_and_compaction_keeps_every_key() {
                 id: hex_id("cus", 2),
                 plan_id: "plan_a".into(),
                 status: tollgate_model::customer::CustomerStatus::Active,
+                billing_period: None,
             }),
         },
     ];
