@@ -19,10 +19,12 @@
 //! - [`server`]: building and running the Pingora server.
 //! - [`listen_check`]: confirming after start-up that this process holds every proxy port.
 //! - [`identity`]: plans, customers and keys from the control plane; API-key checks.
+//! - [`limits`]: rate limits and quotas per customer, and their response headers.
 
 pub mod admin;
 pub mod config;
 pub mod identity;
+pub mod limits;
 pub mod listen_check;
 pub mod logging;
 pub mod metrics;

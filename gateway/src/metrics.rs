@@ -60,6 +60,14 @@ pub const AUTH_RESULTS: [&str; 13] = [
 /// Authentication decisions by result (`ok`, or why the credential was refused, or `throttled`).
 pub const AUTH_DECISIONS_TOTAL: &str = "tollgate_auth_decisions_total";
 
+/// Rate-limit and quota decisions, by result (`allowed`, `rate_limited`, `quota_exceeded`) and
+/// by where they were counted (`local`, `redis`, or `fallback`: locally because Redis failed).
+pub const LIMIT_DECISIONS_TOTAL: &str = "tollgate_limit_decisions_total";
+/// Quota units given back because the request must not count.
+pub const QUOTA_REFUNDS_TOTAL: &str = "tollgate_quota_refunds_total";
+/// Units admitted past a soft quota.
+pub const QUOTA_OVERAGE_UNITS_TOTAL: &str = "tollgate_quota_overage_units_total";
+
 /// The route label of requests that matched no route (route names cannot contain parentheses).
 pub const NO_ROUTE: &str = "(none)";
 
@@ -247,6 +255,14 @@ impl Metrics {
             Ok(metrics)
         })();
         metrics.unwrap_or_else(|error| panic!("metric definitions are static and valid: {error}"))
+    }
+
+    /// Adds a metric defined elsewhere (under a name from this module) to the registry.
+    pub fn register(
+        &self,
+        collector: Box<dyn prometheus::core::Collector>,
+    ) -> prometheus::Result<()> {
+        self.registry.register(collector)
     }
 
     /// The handles of one route.

@@ -15,6 +15,9 @@ use crate::config::{Config, Limits, RouteAction, SecurityHeaders, ServerSettings
 use crate::identity::IdentityState;
 use crate::identity::failures::FailedAuth;
 use crate::identity::jwt::Verifier;
+use crate::limits::Limiter;
+use crate::limits::clock::SystemClock;
+use crate::limits::metrics::LimitMetrics;
 use crate::metrics::{Metrics, RouteMetrics, UpstreamMetrics};
 use crate::routing::RouteTable;
 use crate::upstream::Pool;
@@ -41,6 +44,8 @@ pub struct Live {
     pub limits: Limits,
     /// Security headers of responses that match no route.
     pub security_headers: SecurityHeaders,
+    /// What counts against quotas.
+    pub metering: crate::config::file::MeteringConfig,
 }
 
 /// State shared by every part of one gateway process.
@@ -79,6 +84,8 @@ pub struct Gateway {
     pub jwt: Vec<Arc<Verifier>>,
     /// The providers they were made from, described, to notice a reload that changes them.
     pub jwt_described: Vec<String>,
+    /// Rate-limit and quota counters.
+    pub limiter: Limiter,
 }
 
 impl Gateway {
@@ -99,6 +106,7 @@ impl Gateway {
             .map(crate::identity::jwt::describe)
             .collect();
         let metrics = Metrics::new();
+        let limiter = Limiter::local(Arc::new(SystemClock), LimitMetrics::new(&metrics)?);
         let health = HealthRegistry::default();
         let server = config.server.clone();
         let log = config.log.clone();
@@ -125,6 +133,7 @@ impl Gateway {
             control_plane,
             jwt,
             jwt_described,
+            limiter,
         });
         gateway.publish_gauges();
         Ok(gateway)
@@ -245,5 +254,6 @@ fn build_live(version: u64, config: Config, health: &HealthRegistry, metrics: &M
         upstream_metrics,
         limits: config.limits,
         security_headers: config.security_headers,
+        metering: config.metering,
     }
 }

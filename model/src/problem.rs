@@ -33,6 +33,9 @@ pub struct Problem {
     /// For validation problems: every invalid field with its path.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub errors: Vec<FieldError>,
+    /// For `quota-exceeded`: where the customer can move to a larger plan.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub upgrade_url: Option<String>,
 }
 
 /// One invalid field of a request body.
@@ -55,6 +58,7 @@ impl Problem {
             detail: None,
             request_id: None,
             errors: Vec::new(),
+            upgrade_url: None,
         }
     }
 
@@ -76,6 +80,13 @@ impl Problem {
     #[must_use]
     pub fn with_errors(mut self, errors: Vec<FieldError>) -> Self {
         self.errors = errors;
+        self
+    }
+
+    /// Sets the URL where a customer out of quota can upgrade.
+    #[must_use]
+    pub fn with_upgrade_url(mut self, url: Option<String>) -> Self {
+        self.upgrade_url = url;
         self
     }
 

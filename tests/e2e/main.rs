@@ -8,6 +8,7 @@ mod headers;
 mod jwt;
 mod limits;
 mod observability;
+mod plans;
 mod protocols;
 mod proxying;
 mod reload;

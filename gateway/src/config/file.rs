@@ -33,6 +33,8 @@ pub struct GatewayConfig {
     pub auth: AuthConfig,
     /// `[[jwt_providers]]`: issuers whose JWTs routes may accept.
     pub jwt_providers: Vec<Entry<JwtProviderConfig>>,
+    /// `[metering]`: what counts against quotas and how usage is recorded.
+    pub metering: MeteringConfig,
 }
 
 /// One element of `[[upstreams]]` or `[[routes]]`.
@@ -399,6 +401,23 @@ impl Default for AuthConfig {
     fn default() -> Self {
         Self {
             failed_per_minute: defaults::failed_auth_per_minute(),
+        }
+    }
+}
+
+/// `[metering]`.
+#[derive(Debug, Clone, Deserialize)]
+pub struct MeteringConfig {
+    /// Whether a request the upstream answers with a 5xx is given back to the quota (and billed
+    /// as 0 units).
+    #[serde(default = "defaults::yes")]
+    pub refund_upstream_5xx: bool,
+}
+
+impl Default for MeteringConfig {
+    fn default() -> Self {
+        Self {
+            refund_upstream_5xx: true,
         }
     }
 }

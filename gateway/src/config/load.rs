@@ -10,7 +10,8 @@ use std::path::Path;
 use serde::de::DeserializeOwned;
 
 use super::file::{
-    AuthConfig, Entry, GatewayConfig, LogConfig, SecurityHeadersConfig, ServerConfig,
+    AuthConfig, Entry, GatewayConfig, LogConfig, MeteringConfig, SecurityHeadersConfig,
+    ServerConfig,
 };
 
 /// One problem in a config file, with the path of the field it concerns.
@@ -100,6 +101,7 @@ pub fn parse(text: &str) -> Result<(GatewayConfig, Vec<ConfigError>), ConfigErro
         routes: Vec::new(),
         control_plane: None,
         auth: AuthConfig::default(),
+        metering: MeteringConfig::default(),
         jwt_providers: Vec::new(),
     };
     let mut saw_server = false;
@@ -120,13 +122,16 @@ pub fn parse(text: &str) -> Result<(GatewayConfig, Vec<ConfigError>), ConfigErro
                 config.control_plane = section("control_plane", value, &mut errors);
             }
             "auth" => config.auth = section("auth", value, &mut errors).unwrap_or_default(),
+            "metering" => {
+                config.metering = section("metering", value, &mut errors).unwrap_or_default();
+            }
             "jwt_providers" => config.jwt_providers = array("jwt_providers", value, &mut errors),
             "upstreams" => config.upstreams = array("upstreams", value, &mut errors),
             "routes" => config.routes = array("routes", value, &mut errors),
             _ => errors.push(ConfigError::new(
                 key.clone(),
                 "unknown key (expected one of server, log, security_headers, control_plane, auth, \
-                 jwt_providers, upstreams, routes)",
+                 metering, jwt_providers, upstreams, routes)",
             )),
         }
     }

@@ -38,6 +38,8 @@ pub struct Config {
     pub auth: AuthSettings,
     /// Issuers whose JWTs routes may accept.
     pub jwt_providers: Vec<JwtProvider>,
+    /// What counts against quotas and how usage is recorded.
+    pub metering: file::MeteringConfig,
 }
 
 /// A JWT issuer: how its tokens are checked and mapped to a customer.

@@ -13,7 +13,7 @@ use std::time::SystemTime;
 
 use http::HeaderValue;
 use tollgate_model::customer::CustomerStatus;
-use tollgate_model::feed::{ChangedEntity, CustomerRecord, KeyRecord};
+use tollgate_model::feed::{ChangedEntity, CustomerRecord, KeyRecord, PeriodMs};
 use tollgate_model::plan::Plan;
 
 /// Overlay size past which it is merged into its base.
@@ -54,6 +54,8 @@ pub struct CustomerEntry {
     pub id_header: HeaderValue,
     /// The plan id as the upstream receives it.
     pub plan_header: HeaderValue,
+    /// The subscription's billing period, which the quota counts in.
+    pub billing_period: Option<PeriodMs>,
 }
 
 /// Why a record of the feed cannot be indexed.
@@ -149,6 +151,7 @@ pub fn customer_entry(record: &CustomerRecord) -> Result<(Id, CustomerEntry), In
             status: record.status,
             id_header: id_header("cus", &id),
             plan_header,
+            billing_period: record.billing_period,
         },
     ))
 }

@@ -97,6 +97,10 @@ pub struct Caller {
     pub customer: Id,
     /// The plan that applies.
     pub plan_id: Arc<str>,
+    /// That plan: its limits and quota.
+    pub plan: Arc<tollgate_model::plan::Plan>,
+    /// The customer's billing period, which the quota counts in.
+    pub billing_period: Option<tollgate_model::feed::PeriodMs>,
     /// The customer's id as a header value.
     pub customer_header: http::HeaderValue,
     /// The plan's id as a header value.
@@ -199,9 +203,13 @@ pub fn check_key(
     {
         return Err(Refusal::OutOfScope);
     }
+    // Every customer's plan is in the index (checked when it is built or changed).
+    let plan = identities.plan(&customer.plan_id).ok_or(Refusal::Unknown)?;
     Ok(Caller {
         customer: entry.customer,
         plan_id: Arc::clone(&customer.plan_id),
+        plan: Arc::clone(plan),
+        billing_period: customer.billing_period,
         customer_header: customer.id_header.clone(),
         plan_header: customer.plan_header.clone(),
         key: Some(entry.id),
@@ -221,9 +229,14 @@ pub fn check_jwt(
     if customer.status != CustomerStatus::Active {
         return Err(Refusal::Suspended);
     }
+    let plan = identities
+        .plan(&customer.plan_id)
+        .ok_or(Refusal::UnknownCustomer)?;
     Ok(Caller {
         customer: id,
         plan_id: Arc::clone(&customer.plan_id),
+        plan: Arc::clone(plan),
+        billing_period: customer.billing_period,
         customer_header: customer.id_header.clone(),
         plan_header: customer.plan_header.clone(),
         key: None,

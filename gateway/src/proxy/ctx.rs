@@ -35,6 +35,10 @@ pub struct RequestCtx {
     pub(super) problem: Option<GatewayProblem>,
     /// The authenticated caller, on routes that require one.
     pub(super) caller: Option<(crate::identity::Caller, super::auth::Source)>,
+    /// The rate-limit and quota decision, on metered routes.
+    pub(super) limit: Option<crate::limits::Decision>,
+    /// Set when the gateway answered instead of the upstream after the request was admitted.
+    pub(super) proxy_failed: bool,
     /// Held for its `Drop`, which ends the request's count in flight.
     pub(super) _in_flight: InFlight,
 }

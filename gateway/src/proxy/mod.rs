@@ -9,11 +9,13 @@
 //! - [`auth`]: API-key authentication and the identity headers the upstream receives.
 //! - `ctx`: per-request state.
 //! - `forward`: the request as the upstream receives it.
+//! - `meter`: the rate-limit and quota decision, and its settlement once the request is over.
 
 mod access_log;
 pub mod auth;
 mod ctx;
 mod forward;
+mod meter;
 pub mod problem;
 pub mod request_id;
 pub mod respond;
@@ -74,6 +76,8 @@ impl ProxyHttp for Proxy {
             body_bytes: 0,
             problem: None,
             caller: None,
+            limit: None,
+            proxy_failed: false,
             _in_flight: InFlight::new(&self.gateway.metrics.in_flight),
         }
     }
@@ -156,6 +160,10 @@ impl ProxyHttp for Proxy {
                     respond::problem(session, ctx, &problem).await?;
                     return Ok(true);
                 }
+            }
+            if let Some(problem) = meter::admit(&self.gateway, ctx) {
+                respond::problem(session, ctx, &problem).await?;
+                return Ok(true);
             }
         }
         let Some(route) = ctx.route() else {
@@ -374,6 +382,7 @@ impl ProxyHttp for Proxy {
         e: &Error,
         ctx: &mut RequestCtx,
     ) -> FailToProxy {
+        ctx.proxy_failed = true;
         let problem = ctx.problem.take().or_else(|| GatewayProblem::from_error(e));
         let error_code = match problem {
             Some(problem) if session.response_written().is_none() => {
@@ -395,6 +404,7 @@ impl ProxyHttp for Proxy {
     }
 
     async fn logging(&self, session: &mut Session, e: Option<&Error>, ctx: &mut RequestCtx) {
+        meter::settle(&self.gateway, session, ctx);
         access_log::record(session, e, ctx, self.gateway.log.access_log);
     }
 }

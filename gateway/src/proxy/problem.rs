@@ -36,6 +36,18 @@ pub enum GatewayProblem {
         /// Seconds until the address may try again.
         retry_after: u64,
     },
+    /// A rate-limit window of the customer's plan is full (429).
+    RateLimited {
+        /// Seconds until it has room.
+        retry_after: u64,
+    },
+    /// The customer's hard quota for the period is spent (429).
+    QuotaExceeded {
+        /// Seconds until the period ends.
+        retry_after: u64,
+        /// The plan's upgrade URL.
+        upgrade_url: Option<String>,
+    },
 }
 
 impl GatewayProblem {
@@ -56,7 +68,9 @@ impl GatewayProblem {
             }
             Self::Refused(Refusal::Unavailable) => 503,
             Self::Refused(_) => 401,
-            Self::TooManyFailedAuthentications { .. } => 429,
+            Self::TooManyFailedAuthentications { .. }
+            | Self::RateLimited { .. }
+            | Self::QuotaExceeded { .. } => 429,
         }
     }
 
@@ -136,10 +150,27 @@ impl GatewayProblem {
                     "too many invalid credentials came from this address; retry in {retry_after} s"
                 ),
             ),
+            Self::RateLimited { retry_after } => (
+                "rate-limited",
+                "Rate limit exceeded",
+                format!("your plan's rate limit is reached; retry in {retry_after} s"),
+            ),
+            Self::QuotaExceeded { retry_after, .. } => (
+                "quota-exceeded",
+                "Quota exceeded",
+                format!(
+                    "your plan's quota for this period is used up; it resets in {retry_after} s"
+                ),
+            ),
+        };
+        let upgrade_url = match self {
+            Self::QuotaExceeded { upgrade_url, .. } => upgrade_url.clone(),
+            _ => None,
         };
         Problem::new(slug, title, self.status())
             .with_detail(detail)
             .with_request_id(request_id)
+            .with_upgrade_url(upgrade_url)
     }
 
     /// What to answer for an error raised while proxying; `None` when the client is gone and no

@@ -21,6 +21,9 @@ static CONTENT_SECURITY_POLICY: HeaderName = http::header::CONTENT_SECURITY_POLI
 /// itself are kept. `generated` adds the CSP meant for bodies the gateway wrote.
 pub fn decorate(header: &mut ResponseHeader, ctx: &RequestCtx, generated: bool) -> Result<()> {
     header.insert_header(request_id::HEADER, ctx.request_id.as_str())?;
+    if let Some(decision) = &ctx.limit {
+        crate::limits::headers::write(header, decision)?;
+    }
     let security = ctx.security_headers();
     add_security_headers(header, security, ctx.tls, generated)
 }
@@ -115,7 +118,9 @@ pub async fn problem(
             };
             headers.push((http::header::WWW_AUTHENTICATE, challenge));
         }
-        GatewayProblem::TooManyFailedAuthentications { retry_after } => {
+        GatewayProblem::TooManyFailedAuthentications { retry_after }
+        | GatewayProblem::RateLimited { retry_after }
+        | GatewayProblem::QuotaExceeded { retry_after, .. } => {
             headers.push((http::header::RETRY_AFTER, HeaderValue::from(*retry_after)));
         }
         _ => {}

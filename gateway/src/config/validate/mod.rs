@@ -134,6 +134,7 @@ pub fn validate(
                 failed_per_minute: file.auth.failed_per_minute,
             },
             jwt_providers,
+            metering: file.metering,
         }),
         _ => Err(ConfigErrors(errors.0)),
     }

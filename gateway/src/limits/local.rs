@@ -1,0 +1,286 @@
+//! In-process counters: how a standalone gateway (and a clustered one whose Redis is down)
+//! counts rate limits and quotas.
+//!
+//! Customers are spread over [`SHARDS`] maps, each behind its own mutex. A request takes one
+//! shard's lock for the check-and-count of its customer only (a few hundred nanoseconds, no
+//! `.await` inside), which is what makes the count exact under concurrency: two requests of one
+//! customer are decided one after the other, never both on the same remaining unit.
+
+use std::collections::HashMap;
+use std::sync::{Mutex, PoisonError};
+
+use super::period::Period;
+use super::quota::QuotaCount;
+use super::window::{self, WindowCounts, WindowState};
+use super::{Counted, Decision, Policy, Reservation, Verdict};
+use crate::identity::index::Id;
+
+/// Shards of the customer map.
+pub const SHARDS: usize = 64;
+
+/// One customer's counters.
+#[derive(Debug)]
+struct Counts {
+    /// One per window length the customer's plans had, by length: a plan change keeps them.
+    windows: Vec<WindowCounts>,
+    quota: QuotaCount,
+}
+
+/// Counters of every customer that called, in this process.
+#[derive(Debug)]
+pub struct LocalCounters {
+    shards: Box<[Mutex<HashMap<Id, Counts>>]>,
+}
+
+impl Default for LocalCounters {
+    fn default() -> Self {
+        Self {
+            shards: (0..SHARDS).map(|_| Mutex::default()).collect(),
+        }
+    }
+}
+
+impl LocalCounters {
+    fn shard(&self, customer: &Id) -> std::sync::MutexGuard<'_, HashMap<Id, Counts>> {
+        // Ids are random: their first byte spreads customers evenly.
+        self.shards[usize::from(customer[0]) % SHARDS]
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Decides a request of `units` by `customer` under `policy` at `now_ms`, counting it in
+    /// every window and the quota when admitted, and in nothing when refused.
+    pub fn admit(
+        &self,
+        customer: &Id,
+        policy: &Policy<'_>,
+        period: Period,
+        units: u64,
+        now_ms: i64,
+    ) -> Decision {
+        let mut shard = self.shard(customer);
+        let counts = shard.entry(*customer).or_insert_with(|| Counts {
+            windows: Vec::new(),
+            quota: QuotaCount::new(period),
+        });
+        counts.quota.roll(period);
+        // Forget windows the plan no longer has once nothing counts in them.
+        counts
+            .windows
+            .retain_mut(|w| policy.window_ms().any(|ms| ms == w.window_ms()) || !w.is_idle(now_ms));
+        for window_ms in policy.window_ms() {
+            if !counts.windows.iter().any(|w| w.window_ms() == window_ms) {
+                counts.windows.push(WindowCounts::new(window_ms));
+            }
+        }
+        let quota_fits = counts.quota.fits(policy.quota, units);
+        let mut selected: Vec<(&mut WindowCounts, u64)> =
+            Vec::with_capacity(policy.rate_limits.len());
+        for window in counts.windows.iter_mut() {
+            if let Some(limit) = policy.limit_for(window.window_ms()) {
+                selected.push((window, limit));
+            }
+        }
+        let mut states: Vec<WindowState> = Vec::with_capacity(selected.len());
+        let unit_count = u32::try_from(units).unwrap_or(u32::MAX);
+        let verdict = if !quota_fits {
+            // Refused: count nothing, but report the windows as they stand.
+            window::peek(&mut selected, unit_count, now_ms, &mut states);
+            Verdict::QuotaExceeded
+        } else if window::admit(&mut selected, unit_count, now_ms, &mut states) {
+            Verdict::Admitted
+        } else {
+            Verdict::RateLimited
+        };
+        let reservation = (verdict == Verdict::Admitted).then(|| {
+            let reserved = counts.quota.reserve(policy.quota, units);
+            Reservation {
+                period,
+                units,
+                overage: reserved.overage,
+            }
+        });
+        Decision {
+            verdict,
+            windows: states,
+            quota: policy.quota,
+            period,
+            at_ms: now_ms,
+            used: counts.quota.used,
+            reservation,
+            counted: Counted::Local,
+        }
+    }
+
+    /// Gives back a reservation that must not count.
+    pub fn refund(&self, customer: &Id, reservation: &Reservation) {
+        if let Some(counts) = self.shard(customer).get_mut(customer) {
+            counts
+                .quota
+                .refund(reservation.period, reservation.units, reservation.overage);
+        }
+    }
+
+    /// Adds units counted elsewhere (the store, a spool) to a customer's count in `period`.
+    pub fn seed(&self, customer: &Id, period: Period, used: u64, overage: u64) {
+        let mut shard = self.shard(customer);
+        let counts = shard.entry(*customer).or_insert_with(|| Counts {
+            windows: Vec::new(),
+            quota: QuotaCount::new(period),
+        });
+        if counts.quota.period == period {
+            counts.quota.used += used;
+            counts.quota.overage += overage;
+        } else if counts.quota.period.start_ms < period.start_ms {
+            counts.quota = QuotaCount {
+                period,
+                used,
+                overage,
+            };
+        }
+    }
+
+    /// A customer's units used in `period` so far.
+    pub fn used(&self, customer: &Id, period: Period) -> (u64, u64) {
+        self.shard(customer)
+            .get(customer)
+            .filter(|counts| counts.quota.period == period)
+            .map_or((0, 0), |counts| (counts.quota.used, counts.quota.overage))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use tollgate_model::plan::RateLimit;
+
+    use super::*;
+    use crate::limits::quota::QuotaLimit;
+
+    const PERIOD: Period = Period {
+        start_ms: 0,
+        end_ms: 1_000_000_000,
+    };
+
+    fn policy(rate_limits: &[RateLimit], quota: Option<QuotaLimit>) -> Policy<'_> {
+        Policy { rate_limits, quota }
+    }
+
+    #[test]
+    fn a_quota_refusal_counts_in_no_window() {
+        let limits = [RateLimit {
+            requests: 10,
+            window_seconds: 60,
+        }];
+        let quota = Some(QuotaLimit {
+            limit: 2,
+            hard: true,
+        });
+        let counters = LocalCounters::default();
+        let customer = [1; 16];
+        let verdicts: Vec<Verdict> = (0..4)
+            .map(|i| {
+                counters
+                    .admit(&customer, &policy(&limits, quota), PERIOD, 1, 1_000 + i)
+                    .verdict
+            })
+            .collect();
+        assert_eq!(
+            verdicts,
+            [
+                Verdict::Admitted,
+                Verdict::Admitted,
+                Verdict::QuotaExceeded,
+                Verdict::QuotaExceeded
+            ]
+        );
+        let decision = counters.admit(&customer, &policy(&limits, None), PERIOD, 1, 2_000);
+        assert_eq!(decision.verdict, Verdict::Admitted);
+        // Two admitted before, one now: the refusals counted nothing.
+        assert_eq!(decision.windows[0].remaining, 7);
+    }
+
+    #[test]
+    fn a_plan_change_keeps_the_counts_of_windows_of_the_same_length() {
+        let counters = LocalCounters::default();
+        let customer = [2; 16];
+        let small = [RateLimit {
+            requests: 5,
+            window_seconds: 60,
+        }];
+        for t in 0..3 {
+            counters.admit(&customer, &policy(&small, None), PERIOD, 1, t);
+        }
+        let large = [RateLimit {
+            requests: 100,
+            window_seconds: 60,
+        }];
+        let decision = counters.admit(&customer, &policy(&large, None), PERIOD, 1, 10);
+        assert_eq!(decision.windows[0].remaining, 96);
+    }
+
+    #[test]
+    fn concurrent_requests_of_one_customer_are_admitted_exactly_up_to_the_limit() {
+        let counters = Arc::new(LocalCounters::default());
+        let limits = [RateLimit {
+            requests: 100,
+            window_seconds: 3600,
+        }];
+        let threads: Vec<_> = (0..8)
+            .map(|_| {
+                let counters = Arc::clone(&counters);
+                std::thread::spawn(move || {
+                    (0..100)
+                        .filter(|_| {
+                            counters
+                                .admit(&[3; 16], &policy(&limits, None), PERIOD, 1, 5_000)
+                                .verdict
+                                == Verdict::Admitted
+                        })
+                        .count()
+                })
+            })
+            .collect();
+        let admitted: usize = threads.into_iter().map(|t| t.join().unwrap()).sum();
+        assert_eq!(admitted, 100);
+    }
+
+    #[test]
+    fn a_refund_gives_the_unit_back_to_the_quota() {
+        let counters = LocalCounters::default();
+        let customer = [4; 16];
+        let quota = Some(QuotaLimit {
+            limit: 1,
+            hard: true,
+        });
+        let first = counters.admit(&customer, &policy(&[], quota), PERIOD, 1, 0);
+        counters.refund(&customer, &first.reservation.unwrap());
+        let second = counters.admit(&customer, &policy(&[], quota), PERIOD, 1, 1);
+        assert_eq!(second.verdict, Verdict::Admitted);
+        assert_eq!(counters.used(&customer, PERIOD), (1, 0));
+    }
+
+    #[test]
+    fn seeded_units_count_against_the_quota() {
+        let counters = LocalCounters::default();
+        let customer = [5; 16];
+        counters.seed(&customer, PERIOD, 9, 0);
+        let quota = Some(QuotaLimit {
+            limit: 10,
+            hard: true,
+        });
+        assert_eq!(
+            counters
+                .admit(&customer, &policy(&[], quota), PERIOD, 1, 0)
+                .verdict,
+            Verdict::Admitted
+        );
+        assert_eq!(
+            counters
+                .admit(&customer, &policy(&[], quota), PERIOD, 1, 0)
+                .verdict,
+            Verdict::QuotaExceeded
+        );
+    }
+}

@@ -1,0 +1,88 @@
+//! The metrics of limit decisions, resolved once so a decision costs one atomic add.
+
+use prometheus::{IntCounter, IntCounterVec, Opts};
+
+use super::Verdict;
+use crate::metrics::{
+    LIMIT_DECISIONS_TOTAL, Metrics, QUOTA_OVERAGE_UNITS_TOTAL, QUOTA_REFUNDS_TOTAL,
+};
+
+/// Where a decision was counted.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Counted {
+    /// In this process, as configured.
+    Local,
+    /// In Redis.
+    Redis,
+    /// In this process because Redis could not be reached in time.
+    Fallback,
+}
+
+const RESULTS: [&str; 3] = ["allowed", "rate_limited", "quota_exceeded"];
+const COUNTED: [&str; 3] = ["local", "redis", "fallback"];
+
+/// Handles of the limit metrics.
+#[derive(Debug, Clone)]
+pub struct LimitMetrics {
+    decisions: Vec<IntCounter>,
+    refunds: IntCounter,
+    overage: IntCounter,
+}
+
+impl LimitMetrics {
+    /// Registers the limit metrics in `metrics`' registry.
+    pub fn new(metrics: &Metrics) -> prometheus::Result<Self> {
+        let decisions = IntCounterVec::new(
+            Opts::new(
+                LIMIT_DECISIONS_TOTAL,
+                "Rate-limit and quota decisions, by result and where they were counted.",
+            ),
+            &["result", "counted"],
+        )?;
+        let refunds = IntCounter::new(
+            QUOTA_REFUNDS_TOTAL,
+            "Quota units given back because the request must not count.",
+        )?;
+        let overage = IntCounter::new(
+            QUOTA_OVERAGE_UNITS_TOTAL,
+            "Units admitted past a soft quota.",
+        )?;
+        metrics.register(Box::new(decisions.clone()))?;
+        metrics.register(Box::new(refunds.clone()))?;
+        metrics.register(Box::new(overage.clone()))?;
+        Ok(Self {
+            decisions: RESULTS
+                .iter()
+                .flat_map(|result| {
+                    COUNTED
+                        .iter()
+                        .map(|counted| decisions.with_label_values(&[result, counted]))
+                        .collect::<Vec<_>>()
+                })
+                .collect(),
+            refunds,
+            overage,
+        })
+    }
+
+    /// Counts a decision.
+    pub fn decision(&self, verdict: Verdict, counted: Counted, overage: u64) {
+        let result = match verdict {
+            Verdict::Admitted => 0,
+            Verdict::RateLimited => 1,
+            Verdict::QuotaExceeded => 2,
+        };
+        let counted = match counted {
+            Counted::Local => 0,
+            Counted::Redis => 1,
+            Counted::Fallback => 2,
+        };
+        self.decisions[result * COUNTED.len() + counted].inc();
+        self.overage.inc_by(overage);
+    }
+
+    /// Counts a refund.
+    pub fn refund(&self) {
+        self.refunds.inc();
+    }
+}

@@ -1,0 +1,202 @@
+//! Plans on the hot path: each plan's rate-limit windows and quota, decided per customer, and
+//! told to the client in headers.
+//!
+//! A request on an authenticated route is decided once in `request_filter`: every window must
+//! have room and the quota must not be spent (a hard one), then the request is counted in all of
+//! them at once, or in none. The quota unit it reserves is settled in `logging`: a request that
+//! must not count (refused later by the gateway, or answered 5xx by the upstream) gives it back.
+//!
+//! # Layout
+//! - [`clock`]: the injectable clock every decision reads.
+//! - [`window`]: sliding windows in sub-buckets (pure arithmetic).
+//! - [`quota`]: counting units in a period against a hard or soft limit (pure arithmetic).
+//! - [`period`]: the period a quota counts in (billing period or calendar month in UTC).
+//! - [`local`]: the in-process counters.
+//! - [`metrics`]: decisions, refunds and overage as metrics.
+//! - [`headers`]: `RateLimit-Policy`, `RateLimit`, `X-RateLimit-*` and `X-Quota-*`.
+
+pub mod clock;
+pub mod headers;
+pub mod local;
+pub mod metrics;
+pub mod period;
+pub mod quota;
+pub mod window;
+
+use std::sync::Arc;
+
+use tollgate_model::plan::{Plan, RateLimit};
+
+use crate::identity::index::Id;
+use clock::Clock;
+use local::LocalCounters;
+pub use metrics::Counted;
+use metrics::LimitMetrics;
+use period::Period;
+use quota::QuotaLimit;
+use window::WindowState;
+
+/// A plan's limits, borrowed from it for one decision.
+#[derive(Debug, Clone, Copy)]
+pub struct Policy<'a> {
+    /// Windows that all apply.
+    pub rate_limits: &'a [RateLimit],
+    /// The quota, if any.
+    pub quota: Option<QuotaLimit>,
+}
+
+impl<'a> Policy<'a> {
+    /// The limits of `plan`.
+    pub fn of(plan: &'a Plan) -> Self {
+        Self {
+            rate_limits: &plan.rate_limits,
+            quota: plan.quota.map(|q| QuotaLimit {
+                limit: q.requests,
+                hard: q.hard,
+            }),
+        }
+    }
+
+    /// Window lengths in ms.
+    pub fn window_ms(&self) -> impl Iterator<Item = i64> + '_ {
+        self.rate_limits.iter().map(|w| window_ms(w.window_seconds))
+    }
+
+    /// The limit of the window of `window_ms`, if the plan has one.
+    pub fn limit_for(&self, window_ms: i64) -> Option<u64> {
+        self.rate_limits
+            .iter()
+            .find(|w| self::window_ms(w.window_seconds) == window_ms)
+            .map(|w| w.requests)
+    }
+
+    /// Whether there is anything to count or tell: a plan with neither windows nor quota still
+    /// counts usage, but sends no limit headers.
+    pub fn is_empty(&self) -> bool {
+        self.rate_limits.is_empty() && self.quota.is_none()
+    }
+}
+
+fn window_ms(seconds: u64) -> i64 {
+    i64::try_from(seconds.saturating_mul(1000)).unwrap_or(i64::MAX)
+}
+
+/// What was decided.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Verdict {
+    /// Counted; the request goes on.
+    Admitted,
+    /// A window is full (429).
+    RateLimited,
+    /// A hard quota is spent (429).
+    QuotaExceeded,
+}
+
+/// A quota unit reserved by an admitted request, settled in `logging`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Reservation {
+    /// The period it counts in.
+    pub period: Period,
+    /// Units reserved.
+    pub units: u64,
+    /// Of them, units past a soft quota.
+    pub overage: u64,
+}
+
+/// A decision and what the response headers say about it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Decision {
+    /// Admitted or why not.
+    pub verdict: Verdict,
+    /// Each window of the plan, in the plan's order.
+    pub windows: Vec<WindowState>,
+    /// The plan's quota.
+    pub quota: Option<QuotaLimit>,
+    /// The period the quota counts in.
+    pub period: Period,
+    /// When it was decided, Unix ms.
+    pub at_ms: i64,
+    /// Units used in the period, this request included when admitted.
+    pub used: u64,
+    /// The reservation to settle, when admitted.
+    pub reservation: Option<Reservation>,
+    /// Where it was counted.
+    pub counted: Counted,
+}
+
+impl Decision {
+    /// Seconds a refused client should wait (at least 1).
+    pub fn retry_after(&self) -> u64 {
+        let ms = match self.verdict {
+            Verdict::Admitted => 0,
+            Verdict::QuotaExceeded => self.period.end_ms.saturating_sub(self.at_ms),
+            Verdict::RateLimited => self
+                .windows
+                .iter()
+                .filter(|w| w.remaining == 0)
+                .map(|w| w.reset_ms)
+                .max()
+                .unwrap_or(1000),
+        };
+        ceil_seconds(ms).max(1)
+    }
+}
+
+/// Whole seconds, rounded up: a client told to wait never comes back too early.
+pub fn ceil_seconds(ms: i64) -> u64 {
+    u64::try_from(ms.max(0)).unwrap_or(0).div_ceil(1000)
+}
+
+/// Where the counters live.
+#[derive(Debug)]
+pub struct Limiter {
+    clock: Arc<dyn Clock>,
+    local: LocalCounters,
+    metrics: LimitMetrics,
+}
+
+impl Limiter {
+    /// Counters in this process, on `clock`, counted in `metrics`.
+    pub fn local(clock: Arc<dyn Clock>, metrics: LimitMetrics) -> Self {
+        Self {
+            clock,
+            local: LocalCounters::default(),
+            metrics,
+        }
+    }
+
+    /// The time decisions are made at.
+    pub fn now_ms(&self) -> i64 {
+        self.clock.now_ms()
+    }
+
+    /// Decides one request of `units` by `customer` under `plan`.
+    pub fn admit(
+        &self,
+        customer: &Id,
+        plan: &Plan,
+        billing: Option<tollgate_model::feed::PeriodMs>,
+        units: u64,
+    ) -> Decision {
+        let now = self.clock.now_ms();
+        let period = period::current(billing, now);
+        let decision = self
+            .local
+            .admit(customer, &Policy::of(plan), period, units, now);
+        let overage = decision.reservation.map_or(0, |r| r.overage);
+        self.metrics
+            .decision(decision.verdict, decision.counted, overage);
+        decision
+    }
+
+    /// Gives back a reservation that must not count.
+    pub fn refund(&self, customer: &Id, reservation: &Reservation) {
+        self.local.refund(customer, reservation);
+        self.metrics.refund();
+    }
+
+    /// The in-process counters.
+    pub fn counters(&self) -> &LocalCounters {
+        &self.local
+    }
+}

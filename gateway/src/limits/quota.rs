@@ -1,0 +1,154 @@
+//! Quota arithmetic: units counted in a period, against a hard or soft limit.
+
+use super::period::Period;
+
+/// A customer's count in one period.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct QuotaCount {
+    /// The period counted.
+    pub period: Period,
+    /// Units reserved in it, overage included.
+    pub used: u64,
+    /// Of them, units past a soft quota.
+    pub overage: u64,
+}
+
+/// A plan's quota, as the hot path applies it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct QuotaLimit {
+    /// Units per period.
+    pub limit: u64,
+    /// `true`: refuse past the limit; `false`: admit and count the excess as overage.
+    pub hard: bool,
+}
+
+/// The outcome of reserving units.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Reserved {
+    /// Of the units reserved, those past a soft quota.
+    pub overage: u64,
+}
+
+impl QuotaCount {
+    /// A count of nothing yet in `period`.
+    pub fn new(period: Period) -> Self {
+        Self {
+            period,
+            used: 0,
+            overage: 0,
+        }
+    }
+
+    /// Moves to `period` when it is a new one, starting again from nothing.
+    pub fn roll(&mut self, period: Period) {
+        if self.period != period {
+            *self = Self::new(period);
+        }
+    }
+
+    /// Whether `units` more fit: always for a soft or absent quota.
+    pub fn fits(&self, quota: Option<QuotaLimit>, units: u64) -> bool {
+        match quota {
+            Some(QuotaLimit { limit, hard: true }) => self.used + units <= limit,
+            _ => true,
+        }
+    }
+
+    /// Counts `units` (the caller checked [`fits`](Self::fits)).
+    pub fn reserve(&mut self, quota: Option<QuotaLimit>, units: u64) -> Reserved {
+        let overage = match quota {
+            Some(QuotaLimit { limit, hard: false }) => {
+                (self.used + units).saturating_sub(limit.max(self.used))
+            }
+            _ => 0,
+        };
+        self.used += units;
+        self.overage += overage;
+        Reserved { overage }
+    }
+
+    /// Gives back a reservation of `units` (`overage` of them overage) made in `period`; one made
+    /// in an earlier period is not taken from this one.
+    pub fn refund(&mut self, period: Period, units: u64, overage: u64) {
+        if self.period == period {
+            self.used = self.used.saturating_sub(units);
+            self.overage = self.overage.saturating_sub(overage);
+        }
+    }
+
+    /// Units left before the limit (never negative).
+    pub fn remaining(&self, quota: QuotaLimit) -> u64 {
+        quota.limit.saturating_sub(self.used)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const PERIOD: Period = Period {
+        start_ms: 0,
+        end_ms: 1_000,
+    };
+
+    #[test]
+    fn a_hard_quota_admits_exactly_its_limit() {
+        let limit = QuotaLimit {
+            limit: 3,
+            hard: true,
+        };
+        let mut count = QuotaCount::new(PERIOD);
+        let mut admitted = 0;
+        for _ in 0..5 {
+            if count.fits(Some(limit), 1) {
+                count.reserve(Some(limit), 1);
+                admitted += 1;
+            }
+        }
+        assert_eq!(admitted, 3);
+        assert_eq!(count.remaining(limit), 0);
+    }
+
+    #[test]
+    fn a_soft_quota_admits_everything_and_counts_the_excess_as_overage() {
+        let quota = Some(QuotaLimit {
+            limit: 2,
+            hard: false,
+        });
+        let mut count = QuotaCount::new(PERIOD);
+        let overages: Vec<u64> = (0..4)
+            .map(|_| {
+                assert!(count.fits(quota, 1));
+                count.reserve(quota, 1).overage
+            })
+            .collect();
+        assert_eq!(overages, [0, 0, 1, 1]);
+        assert_eq!((count.used, count.overage), (4, 2));
+        // A unit of 3 straddling the limit is partly overage.
+        let mut count = QuotaCount::new(PERIOD);
+        count.reserve(quota, 1);
+        assert_eq!(count.reserve(quota, 3).overage, 2);
+    }
+
+    #[test]
+    fn a_refund_gives_back_only_in_the_period_it_was_reserved() {
+        let quota = Some(QuotaLimit {
+            limit: 10,
+            hard: false,
+        });
+        let mut count = QuotaCount::new(PERIOD);
+        count.reserve(quota, 1);
+        count.reserve(quota, 1);
+        count.refund(PERIOD, 1, 0);
+        assert_eq!(count.used, 1);
+        let next = Period {
+            start_ms: 1_000,
+            end_ms: 2_000,
+        };
+        count.roll(next);
+        assert_eq!(count.used, 0);
+        count.reserve(quota, 1);
+        count.refund(PERIOD, 1, 0);
+        assert_eq!(count.used, 1);
+    }
+}

@@ -1,0 +1,368 @@
+//! Plans on the hot path: rate limits and quotas of the real gateway, counted in process
+//! (standalone, embedded control plane on SQLite), told to the client in headers.
+
+use std::time::{Duration, Instant};
+
+use futures_util::future::join_all;
+use reqwest::Response;
+use serde_json::{Value, json};
+use tollgate_tests::control_plane::{AdminApi, admin_token};
+use tollgate_tests::{Gateway, Upstream, client, config};
+
+fn standalone_config(upstream: &Upstream, metering: &str) -> String {
+    config(&format!(
+        r#"
+[control_plane]
+embedded = true
+
+{metering}
+
+[[upstreams]]
+name = "api"
+targets = ["{target}"]
+
+[[routes]]
+name = "api"
+path_prefix = "/api"
+upstream = "api"
+auth = "key"
+
+[[routes]]
+name = "status"
+path_prefix = "/status"
+upstream = "api"
+auth = "key"
+
+[[routes]]
+name = "demo"
+path_prefix = "/demo"
+auth = "key"
+respond = {{ status = 200, body = "hello, customer" }}
+"#,
+        target = upstream.target()
+    ))
+}
+
+/// A standalone gateway, and a customer on a plan made of `plan` (name added) with a key the
+/// gateway already knows: (gateway, admin API, customer, key).
+async fn customer_on(upstream: &Upstream, metering: &str, plan: Value) -> Setup {
+    let token = admin_token();
+    let gateway = Gateway::start_with_env(
+        tempfile::tempdir().unwrap(),
+        &standalone_config(upstream, metering),
+        &[("TOLLGATE_ADMIN_TOKEN", token.as_str())],
+    )
+    .await;
+    let api = AdminApi::new(&format!("http://{}", gateway.admin), &token);
+    let mut body = plan;
+    body["name"] = json!("tested");
+    let plan = api.create("/v1/plans", body).await;
+    let customer = api
+        .create(
+            "/v1/customers",
+            json!({"name": "acme", "email": "acme@example.test", "plan_id": plan["id"]}),
+        )
+        .await;
+    let customer_id = customer["id"].as_str().unwrap().to_owned();
+    let key = api
+        .create(
+            &format!("/v1/customers/{customer_id}/keys"),
+            json!({"name": "main"}),
+        )
+        .await["key"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    wait_for_keys(&gateway, 1).await;
+    Setup {
+        gateway,
+        api,
+        plan_id: plan["id"].as_str().unwrap().to_owned(),
+        customer_id,
+        key,
+    }
+}
+
+struct Setup {
+    gateway: Gateway,
+    api: AdminApi,
+    plan_id: String,
+    customer_id: String,
+    key: String,
+}
+
+impl Setup {
+    async fn get(&self, path: &str) -> Response {
+        client()
+            .get(self.gateway.url(path))
+            .bearer_auth(&self.key)
+            .send()
+            .await
+            .unwrap()
+    }
+
+    /// Sends `count` requests at once; the statuses, in any order.
+    async fn burst(&self, path: &str, count: usize) -> Vec<u16> {
+        let client = client();
+        let requests = (0..count).map(|_| {
+            client
+                .get(self.gateway.url(path))
+                .bearer_auth(&self.key)
+                .send()
+        });
+        join_all(requests)
+            .await
+            .into_iter()
+            .map(|r| r.unwrap().status().as_u16())
+            .collect()
+    }
+
+    /// Changes the plan and waits until the gateway has the change.
+    async fn patch_plan(&self, body: Value) {
+        let version = identity_version(&self.gateway).await;
+        let (status, answer) = self
+            .api
+            .call("PATCH", &format!("/v1/plans/{}", self.plan_id), Some(body))
+            .await;
+        assert_eq!(status, 200, "{answer}");
+        let started = Instant::now();
+        while identity_version(&self.gateway).await <= version {
+            assert!(
+                started.elapsed() < Duration::from_secs(5),
+                "change never arrived"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+}
+
+async fn identity_version(gateway: &Gateway) -> i64 {
+    gateway.ready().await["identities"]["version"]
+        .as_i64()
+        .unwrap_or(0)
+}
+
+async fn wait_for_keys(gateway: &Gateway, count: u64) {
+    let started = Instant::now();
+    while gateway.ready().await["identities"]["keys"].as_u64() != Some(count) {
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "keys never arrived"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+fn header<'a>(response: &'a Response, name: &str) -> &'a str {
+    response
+        .headers()
+        .get(name)
+        .map_or("", |v| v.to_str().unwrap())
+}
+
+fn count(statuses: &[u16], status: u16) -> usize {
+    statuses.iter().filter(|&&s| s == status).count()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn exactly_20_of_25_sequential_requests_pass_and_the_headers_count_down() {
+    let upstream = Upstream::start("api");
+    let setup = customer_on(
+        &upstream,
+        "",
+        json!({"rate_limits": [{"requests": 20, "window_seconds": 3600}]}),
+    )
+    .await;
+    let mut statuses = Vec::new();
+    let mut remaining = Vec::new();
+    let mut ratelimit = Vec::new();
+    for _ in 0..25 {
+        let response = setup.get("/api/items").await;
+        statuses.push(response.status().as_u16());
+        remaining.push(
+            header(&response, "x-ratelimit-remaining")
+                .parse::<u64>()
+                .unwrap(),
+        );
+        ratelimit.push(header(&response, "ratelimit").to_owned());
+        assert_eq!(
+            header(&response, "ratelimit-policy"),
+            "\"rate-3600s\";q=20;w=3600"
+        );
+        assert_eq!(header(&response, "x-ratelimit-limit"), "20");
+        let reset: u64 = header(&response, "x-ratelimit-reset").parse().unwrap();
+        // The first unit comes back one window (plus at most one 3-minute bucket) after it.
+        assert!((3420..=3780).contains(&reset), "reset {reset}");
+        if response.status() == 429 {
+            assert!(header(&response, "retry-after").parse::<u64>().unwrap() >= 3420);
+            let body: Value = response.json().await.unwrap();
+            assert_eq!(body["type"], "urn:tollgate:problem:rate-limited");
+            assert_eq!(body["status"], 429);
+        }
+    }
+    let expected_statuses: Vec<u16> = [200; 20].into_iter().chain([429; 5]).collect();
+    assert_eq!(statuses, expected_statuses);
+    let expected_remaining: Vec<u64> = (0..20).rev().chain([0; 5]).collect();
+    assert_eq!(remaining, expected_remaining);
+    assert!(
+        ratelimit[0].starts_with("\"rate-3600s\";r=19;t="),
+        "{}",
+        ratelimit[0]
+    );
+    assert_eq!(upstream.requests(), 20);
+    assert_eq!(
+        setup
+            .gateway
+            .metric("tollgate_limit_decisions_total{counted=\"local\",result=\"rate_limited\"}")
+            .await,
+        Some(5.0)
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_burst_of_500_concurrent_requests_admits_exactly_the_limit_of_100() {
+    let upstream = Upstream::start("api");
+    let setup = customer_on(
+        &upstream,
+        "",
+        json!({"rate_limits": [{"requests": 100, "window_seconds": 3600}]}),
+    )
+    .await;
+    let statuses = setup.burst("/api/burst", 500).await;
+    assert_eq!(count(&statuses, 200), 100, "{statuses:?}");
+    assert_eq!(count(&statuses, 429), 400);
+    assert_eq!(upstream.requests(), 100);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hard_quota_of_1000_admits_exactly_1000_of_1500_concurrent_requests() {
+    let upstream = Upstream::start("api");
+    let setup = customer_on(
+        &upstream,
+        "",
+        json!({"quota": {"requests": 1000, "hard": true}}),
+    )
+    .await;
+    let statuses = setup.burst("/api/quota", 1500).await;
+    assert_eq!(count(&statuses, 200), 1000);
+    assert_eq!(count(&statuses, 429), 500);
+
+    let refused = setup.get("/api/after").await;
+    assert_eq!(refused.status(), 429);
+    assert_eq!(header(&refused, "x-quota-limit"), "1000");
+    assert_eq!(header(&refused, "x-quota-remaining"), "0");
+    // The calendar month ends within 31 days; Retry-After says when.
+    let retry_after: u64 = header(&refused, "retry-after").parse().unwrap();
+    assert_eq!(header(&refused, "x-quota-reset"), retry_after.to_string());
+    assert!((1..=31 * 86_400).contains(&retry_after));
+    assert!(
+        header(&refused, "ratelimit-policy").starts_with("\"quota\";q=1000;w="),
+        "{}",
+        header(&refused, "ratelimit-policy")
+    );
+    let body: Value = refused.json().await.unwrap();
+    assert_eq!(body["type"], "urn:tollgate:problem:quota-exceeded");
+    assert_eq!(upstream.requests(), 1000);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_soft_quota_lets_requests_through_and_counts_the_excess_as_overage() {
+    let upstream = Upstream::start("api");
+    let setup = customer_on(
+        &upstream,
+        "",
+        json!({"quota": {"requests": 3, "hard": false}}),
+    )
+    .await;
+    let mut remaining = Vec::new();
+    for _ in 0..5 {
+        let response = setup.get("/demo").await;
+        assert_eq!(response.status(), 200);
+        remaining.push(header(&response, "x-quota-remaining").to_owned());
+    }
+    assert_eq!(remaining, ["2", "1", "0", "0", "0"]);
+    assert_eq!(
+        setup
+            .gateway
+            .metric("tollgate_quota_overage_units_total")
+            .await,
+        Some(2.0)
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn requests_that_fail_upstream_give_their_quota_unit_back() {
+    let mut upstream = Upstream::start("api");
+    let setup = customer_on(
+        &upstream,
+        "",
+        json!({"quota": {"requests": 2, "hard": true}}),
+    )
+    .await;
+    // An upstream 5xx is refunded by default.
+    assert_eq!(setup.get("/status/503").await.status(), 503);
+    // A 4xx is the customer's own: it counts.
+    assert_eq!(setup.get("/status/404").await.status(), 404);
+    let last = setup.get("/api/ok").await;
+    assert_eq!(last.status(), 200);
+    assert_eq!(header(&last, "x-quota-remaining"), "0");
+    assert_eq!(setup.get("/api/ok").await.status(), 429);
+    assert_eq!(
+        setup.gateway.metric("tollgate_quota_refunds_total").await,
+        Some(1.0)
+    );
+    // Refunds show on the next response: raise the quota, then fail to reach the upstream.
+    setup
+        .patch_plan(json!({"quota": {"requests": 3, "hard": true}}))
+        .await;
+    upstream.stop();
+    assert_eq!(setup.get("/api/down").await.status(), 502);
+    let after = setup.get("/demo").await;
+    assert_eq!(after.status(), 200);
+    assert_eq!(header(&after, "x-quota-remaining"), "0");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn upstream_5xx_counts_when_refunds_are_turned_off() {
+    let upstream = Upstream::start("api");
+    let setup = customer_on(
+        &upstream,
+        "[metering]\nrefund_upstream_5xx = false",
+        json!({"quota": {"requests": 1, "hard": true}}),
+    )
+    .await;
+    assert_eq!(setup.get("/status/500").await.status(), 500);
+    assert_eq!(setup.get("/api/ok").await.status(), 429);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_plan_change_keeps_what_was_already_counted() {
+    let upstream = Upstream::start("api");
+    let setup = customer_on(
+        &upstream,
+        "",
+        json!({"rate_limits": [{"requests": 5, "window_seconds": 3600}],
+               "quota": {"requests": 100, "hard": true}}),
+    )
+    .await;
+    for _ in 0..5 {
+        assert_eq!(setup.get("/demo").await.status(), 200);
+    }
+    assert_eq!(setup.get("/demo").await.status(), 429);
+    // Upgrade: the 5 counted stay counted against the new limit of 8.
+    setup
+        .patch_plan(json!({"rate_limits": [{"requests": 8, "window_seconds": 3600}]}))
+        .await;
+    let statuses = setup.burst("/demo", 5).await;
+    assert_eq!(count(&statuses, 200), 3);
+    let response = setup.get("/demo").await;
+    assert_eq!(header(&response, "x-ratelimit-remaining"), "0");
+    // 8 admitted in all: the quota says so too.
+    assert_eq!(header(&response, "x-quota-remaining"), "92");
+    // Downgrade below what was counted: refused until enough units expire.
+    setup
+        .patch_plan(json!({"rate_limits": [{"requests": 2, "window_seconds": 3600}]}))
+        .await;
+    assert_eq!(setup.get("/demo").await.status(), 429);
+    assert_eq!(setup.customer_id.len(), 36);
+}
