@@ -68,6 +68,12 @@ pub const QUOTA_REFUNDS_TOTAL: &str = "tollgate_quota_refunds_total";
 /// Units admitted past a soft quota.
 pub const QUOTA_OVERAGE_UNITS_TOTAL: &str = "tollgate_quota_overage_units_total";
 
+/// Counter calls to Redis that failed, by kind (`timeout`, `error`, or `unavailable`: not tried,
+/// within `retry_after` of a failure or before the first connection).
+pub const REDIS_ERRORS_TOTAL: &str = "tollgate_redis_errors_total";
+/// Time of answered counter calls to Redis.
+pub const REDIS_CALL_DURATION: &str = "tollgate_redis_call_duration_seconds";
+
 /// The route label of requests that matched no route (route names cannot contain parentheses).
 pub const NO_ROUTE: &str = "(none)";
 

@@ -144,6 +144,12 @@ pub fn run(path: PathBuf) -> anyhow::Result<()> {
     {
         server.add_service(background_service("jwks refresh", refresher));
     }
+    if gateway.limiter.redis().is_some() {
+        server.add_service(background_service(
+            "redis counters",
+            crate::limits::redis::Connector::new(gateway.clone()),
+        ));
+    }
     server.add_service(background_service(
         "health checks",
         HealthChecker::new(

@@ -18,6 +18,7 @@ use crate::identity::jwt::Verifier;
 use crate::limits::Limiter;
 use crate::limits::clock::SystemClock;
 use crate::limits::metrics::LimitMetrics;
+use crate::limits::redis::RedisCounters;
 use crate::metrics::{Metrics, RouteMetrics, UpstreamMetrics};
 use crate::routing::RouteTable;
 use crate::upstream::Pool;
@@ -106,7 +107,15 @@ impl Gateway {
             .map(crate::identity::jwt::describe)
             .collect();
         let metrics = Metrics::new();
-        let limiter = Limiter::local(Arc::new(SystemClock), LimitMetrics::new(&metrics)?);
+        let limit_metrics = LimitMetrics::new(&metrics)?;
+        let limiter = match &config.redis {
+            Some(redis) => Limiter::shared(
+                Arc::new(SystemClock),
+                limit_metrics,
+                RedisCounters::new(redis.clone(), &metrics, None)?,
+            ),
+            None => Limiter::local(Arc::new(SystemClock), limit_metrics),
+        };
         let health = HealthRegistry::default();
         let server = config.server.clone();
         let log = config.log.clone();

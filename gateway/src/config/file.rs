@@ -35,6 +35,8 @@ pub struct GatewayConfig {
     pub jwt_providers: Vec<Entry<JwtProviderConfig>>,
     /// `[metering]`: what counts against quotas and how usage is recorded.
     pub metering: MeteringConfig,
+    /// `[redis]`: shared rate-limit and quota counters; counted in process without it.
+    pub redis: Option<RedisConfig>,
 }
 
 /// One element of `[[upstreams]]` or `[[routes]]`.
@@ -405,6 +407,25 @@ impl Default for AuthConfig {
     }
 }
 
+/// `[redis]`.
+#[derive(Debug, Clone, Deserialize)]
+pub struct RedisConfig {
+    /// One Redis server: `redis://host:port[/db]`.
+    pub url: Option<String>,
+    /// Or the seed nodes of a Redis Cluster.
+    #[serde(default)]
+    pub cluster_urls: Vec<String>,
+    /// How long a request waits for its counter call before counting in process instead.
+    #[serde(default = "defaults::redis_timeout", deserialize_with = "duration")]
+    pub timeout: Duration,
+    /// After a failed call, how long to count in process before trying Redis again.
+    #[serde(default = "defaults::redis_retry_after", deserialize_with = "duration")]
+    pub retry_after: Duration,
+    /// Prefix of every key this gateway writes.
+    #[serde(default = "defaults::redis_key_prefix")]
+    pub key_prefix: String,
+}
+
 /// `[metering]`.
 #[derive(Debug, Clone, Deserialize)]
 pub struct MeteringConfig {
@@ -465,6 +486,18 @@ mod defaults {
     pub fn customer_claim() -> String {
         "sub".into()
     }
+    pub fn redis_timeout() -> Duration {
+        Duration::from_millis(50)
+    }
+
+    pub fn redis_retry_after() -> Duration {
+        Duration::from_secs(1)
+    }
+
+    pub fn redis_key_prefix() -> String {
+        "tollgate".to_owned()
+    }
+
     pub fn jwt_leeway() -> Duration {
         Duration::from_secs(30)
     }

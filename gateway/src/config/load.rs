@@ -102,6 +102,7 @@ pub fn parse(text: &str) -> Result<(GatewayConfig, Vec<ConfigError>), ConfigErro
         control_plane: None,
         auth: AuthConfig::default(),
         metering: MeteringConfig::default(),
+        redis: None,
         jwt_providers: Vec::new(),
     };
     let mut saw_server = false;
@@ -122,6 +123,7 @@ pub fn parse(text: &str) -> Result<(GatewayConfig, Vec<ConfigError>), ConfigErro
                 config.control_plane = section("control_plane", value, &mut errors);
             }
             "auth" => config.auth = section("auth", value, &mut errors).unwrap_or_default(),
+            "redis" => config.redis = section("redis", value, &mut errors),
             "metering" => {
                 config.metering = section("metering", value, &mut errors).unwrap_or_default();
             }
@@ -131,7 +133,7 @@ pub fn parse(text: &str) -> Result<(GatewayConfig, Vec<ConfigError>), ConfigErro
             _ => errors.push(ConfigError::new(
                 key.clone(),
                 "unknown key (expected one of server, log, security_headers, control_plane, auth, \
-                 metering, jwt_providers, upstreams, routes)",
+                 metering, redis, jwt_providers, upstreams, routes)",
             )),
         }
     }

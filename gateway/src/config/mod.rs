@@ -40,6 +40,30 @@ pub struct Config {
     pub jwt_providers: Vec<JwtProvider>,
     /// What counts against quotas and how usage is recorded.
     pub metering: file::MeteringConfig,
+    /// Shared counters; `None`: counted in process.
+    pub redis: Option<Redis>,
+}
+
+/// Shared rate-limit and quota counters.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Redis {
+    /// One server, or a cluster's seed nodes.
+    pub nodes: RedisNodes,
+    /// How long a request waits for its counter call.
+    pub timeout: Duration,
+    /// How long to count in process after a failed call.
+    pub retry_after: Duration,
+    /// Prefix of every key.
+    pub key_prefix: String,
+}
+
+/// Where the Redis counters are.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RedisNodes {
+    /// One server.
+    Single(String),
+    /// A Redis Cluster, by seed nodes.
+    Cluster(Vec<String>),
 }
 
 /// A JWT issuer: how its tokens are checked and mapped to a customer.

@@ -98,6 +98,7 @@ impl LocalCounters {
                 period,
                 units,
                 overage: reserved.overage,
+                counted: Counted::Local,
             }
         });
         Decision {
@@ -138,6 +139,18 @@ impl LocalCounters {
                 overage,
             };
         }
+    }
+
+    /// Sets a customer's count in `period` to what the shared counters said, so that counting in
+    /// process after Redis fails goes on from there rather than from nothing.
+    pub fn follow(&self, customer: &Id, period: Period, used: u64) {
+        let mut shard = self.shard(customer);
+        let counts = shard.entry(*customer).or_insert_with(|| Counts {
+            windows: Vec::new(),
+            quota: QuotaCount::new(period),
+        });
+        counts.quota.roll(period);
+        counts.quota.used = used;
     }
 
     /// A customer's units used in `period` so far.

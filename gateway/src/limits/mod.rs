@@ -12,15 +12,19 @@
 //! - [`quota`]: counting units in a period against a hard or soft limit (pure arithmetic).
 //! - [`period`]: the period a quota counts in (billing period or calendar month in UTC).
 //! - [`local`]: the in-process counters.
+//! - [`redis`]: the shared counters, one script call per request.
+//! - [`ledger`]: where quota counters are rebuilt from.
 //! - [`metrics`]: decisions, refunds and overage as metrics.
 //! - [`headers`]: `RateLimit-Policy`, `RateLimit`, `X-RateLimit-*` and `X-Quota-*`.
 
 pub mod clock;
 pub mod headers;
+pub mod ledger;
 pub mod local;
 pub mod metrics;
 pub mod period;
 pub mod quota;
+pub mod redis;
 pub mod window;
 
 use std::sync::Arc;
@@ -34,6 +38,7 @@ pub use metrics::Counted;
 use metrics::LimitMetrics;
 use period::Period;
 use quota::QuotaLimit;
+use redis::RedisCounters;
 use window::WindowState;
 
 /// A plan's limits, borrowed from it for one decision.
@@ -101,6 +106,8 @@ pub struct Reservation {
     pub units: u64,
     /// Of them, units past a soft quota.
     pub overage: u64,
+    /// Where it was counted, and so where it is given back.
+    pub counted: Counted,
 }
 
 /// A decision and what the response headers say about it.
@@ -147,11 +154,12 @@ pub fn ceil_seconds(ms: i64) -> u64 {
     u64::try_from(ms.max(0)).unwrap_or(0).div_ceil(1000)
 }
 
-/// Where the counters live.
+/// Where the counters live: in process, or in Redis with the in-process counters as fallback.
 #[derive(Debug)]
 pub struct Limiter {
     clock: Arc<dyn Clock>,
     local: LocalCounters,
+    redis: Option<RedisCounters>,
     metrics: LimitMetrics,
 }
 
@@ -161,8 +169,22 @@ impl Limiter {
         Self {
             clock,
             local: LocalCounters::default(),
+            redis: None,
             metrics,
         }
+    }
+
+    /// Counters in Redis, falling back to this process's when Redis fails.
+    pub fn shared(clock: Arc<dyn Clock>, metrics: LimitMetrics, redis: RedisCounters) -> Self {
+        Self {
+            redis: Some(redis),
+            ..Self::local(clock, metrics)
+        }
+    }
+
+    /// The shared counters, if configured.
+    pub fn redis(&self) -> Option<&RedisCounters> {
+        self.redis.as_ref()
     }
 
     /// The time decisions are made at.
@@ -170,8 +192,9 @@ impl Limiter {
         self.clock.now_ms()
     }
 
-    /// Decides one request of `units` by `customer` under `plan`.
-    pub fn admit(
+    /// Decides one request of `units` by `customer` under `plan`, in Redis when configured and
+    /// reachable in time, else in process.
+    pub async fn admit(
         &self,
         customer: &Id,
         plan: &Plan,
@@ -180,18 +203,46 @@ impl Limiter {
     ) -> Decision {
         let now = self.clock.now_ms();
         let period = period::current(billing, now);
-        let decision = self
-            .local
-            .admit(customer, &Policy::of(plan), period, units, now);
+        let policy = Policy::of(plan);
+        let mut decision = None;
+        if let Some(redis) = &self.redis {
+            match redis.admit(customer, &policy, period, units, now).await {
+                Ok(shared) => {
+                    // Remembered, so counting in process after a failure starts from here.
+                    self.local.follow(customer, period, shared.used);
+                    decision = Some(shared);
+                }
+                Err(_) => {
+                    let mut local = self.local.admit(customer, &policy, period, units, now);
+                    local.counted = Counted::Fallback;
+                    if let Some(reservation) = &mut local.reservation {
+                        reservation.counted = Counted::Fallback;
+                    }
+                    decision = Some(local);
+                }
+            }
+        }
+        let decision =
+            decision.unwrap_or_else(|| self.local.admit(customer, &policy, period, units, now));
         let overage = decision.reservation.map_or(0, |r| r.overage);
         self.metrics
             .decision(decision.verdict, decision.counted, overage);
         decision
     }
 
-    /// Gives back a reservation that must not count.
-    pub fn refund(&self, customer: &Id, reservation: &Reservation) {
-        self.local.refund(customer, reservation);
+    /// Gives back a reservation that must not count, where it was counted.
+    pub async fn refund(&self, customer: &Id, reservation: &Reservation) {
+        match (&self.redis, reservation.counted) {
+            (Some(redis), Counted::Redis) => {
+                if !redis
+                    .refund(customer, reservation, self.clock.now_ms())
+                    .await
+                {
+                    tracing::warn!("cannot give a quota unit back in redis");
+                }
+            }
+            _ => self.local.refund(customer, reservation),
+        }
         self.metrics.refund();
     }
 

@@ -10,11 +10,12 @@ use crate::state::Gateway;
 
 /// Decides the authenticated request of `ctx` against its customer's plan; the problem to answer
 /// when it is refused. The decision stays in `ctx` for the response headers and the settlement.
-pub fn admit(gateway: &Gateway, ctx: &mut RequestCtx) -> Option<GatewayProblem> {
+pub async fn admit(gateway: &Gateway, ctx: &mut RequestCtx) -> Option<GatewayProblem> {
     let (caller, _) = ctx.caller.as_ref()?;
     let decision = gateway
         .limiter
-        .admit(&caller.customer, &caller.plan, caller.billing_period, 1);
+        .admit(&caller.customer, &caller.plan, caller.billing_period, 1)
+        .await;
     let problem = match decision.verdict {
         Verdict::Admitted => None,
         Verdict::RateLimited => Some(GatewayProblem::RateLimited {
@@ -33,7 +34,7 @@ pub fn admit(gateway: &Gateway, ctx: &mut RequestCtx) -> Option<GatewayProblem> 
 /// the gateway answered itself after admitting it (the upstream failed, the body was too large),
 /// and one the upstream answered with a 5xx (unless `refund_upstream_5xx` is off) give their unit
 /// back.
-pub fn settle(gateway: &Gateway, session: &Session, ctx: &RequestCtx) {
+pub async fn settle(gateway: &Gateway, session: &Session, ctx: &RequestCtx) {
     let Some(reservation) = ctx.limit.as_ref().and_then(|d| d.reservation.as_ref()) else {
         return;
     };
@@ -46,6 +47,6 @@ pub fn settle(gateway: &Gateway, session: &Session, ctx: &RequestCtx) {
         Some(status) => status >= 500 && ctx.live.metering.refund_upstream_5xx,
     };
     if refund {
-        gateway.limiter.refund(&caller.customer, reservation);
+        gateway.limiter.refund(&caller.customer, reservation).await;
     }
 }

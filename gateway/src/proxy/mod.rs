@@ -161,7 +161,7 @@ impl ProxyHttp for Proxy {
                     return Ok(true);
                 }
             }
-            if let Some(problem) = meter::admit(&self.gateway, ctx) {
+            if let Some(problem) = meter::admit(&self.gateway, ctx).await {
                 respond::problem(session, ctx, &problem).await?;
                 return Ok(true);
             }
@@ -404,7 +404,7 @@ impl ProxyHttp for Proxy {
     }
 
     async fn logging(&self, session: &mut Session, e: Option<&Error>, ctx: &mut RequestCtx) {
-        meter::settle(&self.gateway, session, ctx);
+        meter::settle(&self.gateway, session, ctx).await;
         access_log::record(session, e, ctx, self.gateway.log.access_log);
     }
 }

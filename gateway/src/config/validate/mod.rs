@@ -5,6 +5,7 @@
 //! reference to it (by name) is not reported a second time.
 
 mod jwt;
+mod redis;
 mod upstream;
 
 use std::collections::HashMap;
@@ -83,6 +84,10 @@ pub fn validate(
         .control_plane
         .as_ref()
         .and_then(|cp| self::control_plane(cp, base, &mut errors));
+    let redis = file
+        .redis
+        .as_ref()
+        .and_then(|redis| self::redis::redis(redis, &mut errors));
     if file.auth.failed_per_minute == 0 {
         errors.push(
             "auth.failed_per_minute",
@@ -135,6 +140,7 @@ pub fn validate(
             },
             jwt_providers,
             metering: file.metering,
+            redis,
         }),
         _ => Err(ConfigErrors(errors.0)),
     }

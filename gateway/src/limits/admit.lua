@@ -1,0 +1,121 @@
+-- One request's rate-limit windows and quota, decided and counted atomically.
+-- The arithmetic is that of window.rs and quota.rs; keep them in step.
+--
+-- KEYS[1..n]: one hash per window (bucket index -> units); KEYS[n+1]: the quota hash
+--   (u: units used, o: overage, s: 1 once seeded from the ledger, c: when the seed was claimed).
+-- ARGV: now_ms, units, n, slots, quota limit (-1: none), hard (1/0), quota ttl ms,
+--   then limit and window ms of each window.
+-- Returns: verdict (0 admitted, 1 rate limited, 2 quota exceeded), units used, overage used,
+--   overage reserved now, seed (1: this caller must add the ledger's count), then remaining and
+--   reset ms of each window.
+
+local now = tonumber(ARGV[1])
+local units = tonumber(ARGV[2])
+local n = tonumber(ARGV[3])
+local slots = tonumber(ARGV[4])
+local qlimit = tonumber(ARGV[5])
+local hard = ARGV[6] == '1'
+local qttl = tonumber(ARGV[7])
+
+local windows = {}
+local fits = true
+for i = 1, n do
+  local limit = tonumber(ARGV[6 + 2 * i])
+  local length = tonumber(ARGV[7 + 2 * i])
+  local width = math.max(1, math.floor(length / slots))
+  local head = math.floor(now / width)
+  local raw = redis.call('HGETALL', KEYS[i])
+  local buckets, stale, total = {}, {}, 0
+  for j = 1, #raw, 2 do
+    local bucket, count = tonumber(raw[j]), tonumber(raw[j + 1])
+    if bucket < head - slots then
+      stale[#stale + 1] = raw[j]
+    else
+      buckets[#buckets + 1] = { bucket, count }
+      total = total + count
+    end
+  end
+  if #stale > 0 then
+    redis.call('HDEL', KEYS[i], unpack(stale))
+  end
+  table.sort(buckets, function(a, b) return a[1] < b[1] end)
+  windows[i] = { limit = limit, length = length, width = width, head = head, total = total, buckets = buckets }
+  if total + units > limit then
+    fits = false
+  end
+end
+
+local qkey = KEYS[n + 1]
+local used, overage, seed = 0, 0, 0
+local quota = redis.call('HMGET', qkey, 'u', 'o', 's', 'c')
+if not quota[1] then
+  redis.call('HSET', qkey, 'u', 0, 'o', 0, 's', 0, 'c', now)
+  seed = 1
+else
+  used, overage = tonumber(quota[1]), tonumber(quota[2])
+  -- A claim not honoured within 10 s (its gateway died) passes to this caller.
+  if quota[3] == '0' and now - tonumber(quota[4]) > 10000 then
+    redis.call('HSET', qkey, 'c', now)
+    seed = 1
+  end
+end
+redis.call('PEXPIRE', qkey, qttl)
+
+local verdict = 0
+if qlimit >= 0 and hard and used + units > qlimit then
+  verdict = 2
+elseif not fits then
+  verdict = 1
+end
+
+local reserved_overage = 0
+if verdict == 0 then
+  for i = 1, n do
+    local w = windows[i]
+    redis.call('HINCRBY', KEYS[i], w.head, units)
+    redis.call('PEXPIRE', KEYS[i], w.length + w.width)
+    w.total = w.total + units
+    local last = w.buckets[#w.buckets]
+    if last and last[1] == w.head then
+      last[2] = last[2] + units
+    else
+      w.buckets[#w.buckets + 1] = { w.head, units }
+    end
+  end
+  if qlimit >= 0 and not hard then
+    reserved_overage = math.max(0, used + units - math.max(qlimit, used))
+  end
+  used = used + units
+  overage = overage + reserved_overage
+  redis.call('HINCRBY', qkey, 'u', units)
+  if reserved_overage > 0 then
+    redis.call('HINCRBY', qkey, 'o', reserved_overage)
+  end
+end
+
+local out = { verdict, used, overage, reserved_overage, seed }
+for i = 1, n do
+  local w = windows[i]
+  local target
+  if w.total + units > w.limit then
+    target = w.limit - units
+  else
+    target = w.total - 1
+  end
+  target = math.max(0, target)
+  local reset = 0
+  if w.total > target then
+    local counted = w.total
+    reset = w.length
+    for _, bucket in ipairs(w.buckets) do
+      counted = counted - bucket[2]
+      if counted <= target then
+        reset = (bucket[1] + 1) * w.width + w.length - now
+        break
+      end
+    end
+  end
+  out[#out + 1] = math.max(0, w.limit - w.total)
+  out[#out + 1] = reset
+end
+return out

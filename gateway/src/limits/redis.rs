@@ -1,0 +1,420 @@
+//! Shared counters in Redis (or a Redis Cluster): one script call per request decides and counts
+//! every window and the quota of a customer atomically, so N gateways admit exactly what one
+//! would.
+//!
+//! Every key of a customer carries the customer's id as its hash tag (`prefix:{cus_…}:w:60000`,
+//! `prefix:{cus_…}:q:<period start>`), so one call touches one cluster slot. Windows are hashes of
+//! bucket counts (the arithmetic of [`super::window`], in `admit.lua`); the quota is a hash of
+//! units used and overage, kept until a day after its period ends.
+//!
+//! A quota key that does not exist (a new period, or Redis lost its data) is created empty and
+//! the caller that created it is told to *seed* it: it reads the customer's count for the period
+//! from the usage ledger and adds it, once. So a flushed Redis never resets a quota; requests
+//! counted between the flush and the seed (one ledger read, bounded by a timeout) are added to,
+//! not lost.
+//!
+//! A call that fails or takes longer than `timeout` is not retried on the request path: the
+//! request is counted in process instead (see [`super::Limiter`]), and for `retry_after` every
+//! request is, without waiting on Redis; then the next request tries Redis again.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicI64, Ordering};
+use std::time::{Duration, Instant};
+
+use arc_swap::ArcSwapOption;
+use prometheus::{Histogram, HistogramOpts, IntCounterVec, Opts};
+use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use redis::cluster::ClusterClient;
+use redis::cluster_async::ClusterConnection;
+use redis::{RedisResult, Script, ScriptInvocation};
+
+use super::ledger::Ledger;
+use super::period::Period;
+use super::window::{SLOTS, WindowState};
+use super::{Counted, Decision, Policy, Reservation, Verdict};
+use crate::config::{Redis, RedisNodes};
+use crate::identity::index::{Id, format_id};
+use crate::metrics::{Metrics, REDIS_CALL_DURATION, REDIS_ERRORS_TOTAL};
+
+/// How long a quota key outlives its period.
+const QUOTA_KEY_GRACE_MS: i64 = 86_400_000;
+/// The longest a seeding caller waits for the ledger.
+const SEED_TIMEOUT: Duration = Duration::from_secs(1);
+
+/// A connection to the counters: one server (reconnecting by itself) or a cluster.
+#[derive(Clone)]
+enum Connection {
+    Single(ConnectionManager),
+    Cluster(ClusterConnection),
+}
+
+impl std::fmt::Debug for Connection {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Connection::Single(_) => "Connection::Single",
+            Connection::Cluster(_) => "Connection::Cluster",
+        })
+    }
+}
+
+impl Connection {
+    async fn invoke<T: redis::FromRedisValue>(
+        &self,
+        invocation: &ScriptInvocation<'_>,
+    ) -> RedisResult<T> {
+        match self.clone() {
+            Connection::Single(mut connection) => invocation.invoke_async(&mut connection).await,
+            Connection::Cluster(mut connection) => invocation.invoke_async(&mut connection).await,
+        }
+    }
+}
+
+/// Why a call was not answered.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Failure {
+    /// No connection yet, or still within `retry_after` of a failure.
+    Unavailable,
+    /// No answer within the timeout.
+    Timeout,
+    /// Redis answered with an error, or the connection broke.
+    Error,
+}
+
+/// The shared counters.
+#[derive(Debug)]
+pub struct RedisCounters {
+    settings: Redis,
+    connection: ArcSwapOption<Connection>,
+    admit: Script,
+    seed: Script,
+    refund: Script,
+    /// Unix ms before which calls are not tried (after a failure).
+    down_until_ms: AtomicI64,
+    errors: IntCounterVec,
+    duration: Histogram,
+    ledger: Option<Arc<dyn Ledger>>,
+}
+
+impl RedisCounters {
+    /// Counters at `settings`, not yet connected ([`connect`](Self::connect) does), seeding
+    /// quotas from `ledger`.
+    pub fn new(
+        settings: Redis,
+        metrics: &Metrics,
+        ledger: Option<Arc<dyn Ledger>>,
+    ) -> prometheus::Result<Self> {
+        let errors = IntCounterVec::new(
+            Opts::new(
+                REDIS_ERRORS_TOTAL,
+                "Counter calls to Redis that failed, by kind (timeout, error, unavailable).",
+            ),
+            &["kind"],
+        )?;
+        let duration = Histogram::with_opts(
+            HistogramOpts::new(
+                REDIS_CALL_DURATION,
+                "Time of answered counter calls to Redis.",
+            )
+            .buckets(vec![
+                0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1,
+            ]),
+        )?;
+        metrics.register(Box::new(errors.clone()))?;
+        metrics.register(Box::new(duration.clone()))?;
+        for kind in ["timeout", "error", "unavailable"] {
+            errors.with_label_values(&[kind]);
+        }
+        Ok(Self {
+            settings,
+            connection: ArcSwapOption::empty(),
+            admit: Script::new(include_str!("admit.lua")),
+            seed: Script::new(SEED_SCRIPT),
+            refund: Script::new(REFUND_SCRIPT),
+            down_until_ms: AtomicI64::new(0),
+            errors,
+            duration,
+            ledger,
+        })
+    }
+
+    /// Connects: at once for one server (which then reconnects by itself), or once a cluster's
+    /// nodes answer. Until then every request is counted in process.
+    pub async fn connect(&self) -> RedisResult<()> {
+        let connection = match &self.settings.nodes {
+            RedisNodes::Single(url) => {
+                let config = ConnectionManagerConfig::new()
+                    .set_connection_timeout(Some(
+                        self.settings.timeout.max(Duration::from_millis(250)),
+                    ))
+                    .set_response_timeout(Some(self.settings.timeout))
+                    .set_number_of_retries(3)
+                    .set_max_delay(Duration::from_secs(1));
+                let client = redis::Client::open(url.as_str())?;
+                Connection::Single(ConnectionManager::new_lazy_with_config(client, config)?)
+            }
+            RedisNodes::Cluster(urls) => {
+                let client = ClusterClient::builder(urls.iter().map(String::as_str))
+                    .connection_timeout(self.settings.timeout.max(Duration::from_millis(250)))
+                    .response_timeout(self.settings.timeout)
+                    .build()?;
+                Connection::Cluster(client.get_async_connection().await?)
+            }
+        };
+        self.connection.store(Some(Arc::new(connection)));
+        Ok(())
+    }
+
+    fn key(&self, customer: &Id, kind: &str, n: i64) -> String {
+        format!(
+            "{}:{{{}}}:{kind}:{n}",
+            self.settings.key_prefix,
+            format_id("cus", customer)
+        )
+    }
+
+    /// Runs `invocation` within the timeout, recording its duration or failure.
+    async fn call<T: redis::FromRedisValue>(
+        &self,
+        invocation: &ScriptInvocation<'_>,
+        now_ms: i64,
+    ) -> Result<T, Failure> {
+        let connection = self.connection.load_full();
+        let Some(connection) =
+            connection.filter(|_| now_ms >= self.down_until_ms.load(Ordering::Relaxed))
+        else {
+            self.errors.with_label_values(&["unavailable"]).inc();
+            return Err(Failure::Unavailable);
+        };
+        let started = Instant::now();
+        let failure = match tokio::time::timeout(
+            self.settings.timeout,
+            connection.invoke(invocation),
+        )
+        .await
+        {
+            Ok(Ok(value)) => {
+                self.duration.observe(started.elapsed().as_secs_f64());
+                return Ok(value);
+            }
+            Ok(Err(error)) => {
+                tracing::warn!(%error, "redis counter call failed; counting in process");
+                Failure::Error
+            }
+            Err(_) => {
+                tracing::warn!(
+                    timeout_ms = self.settings.timeout.as_millis() as u64,
+                    "redis counter call timed out; counting in process"
+                );
+                Failure::Timeout
+            }
+        };
+        let kind = if failure == Failure::Timeout {
+            "timeout"
+        } else {
+            "error"
+        };
+        self.errors.with_label_values(&[kind]).inc();
+        let retry_ms = i64::try_from(self.settings.retry_after.as_millis()).unwrap_or(i64::MAX);
+        self.down_until_ms
+            .store(now_ms.saturating_add(retry_ms), Ordering::Relaxed);
+        Err(failure)
+    }
+
+    /// Decides a request in Redis.
+    pub async fn admit(
+        &self,
+        customer: &Id,
+        policy: &Policy<'_>,
+        period: Period,
+        units: u64,
+        now_ms: i64,
+    ) -> Result<Decision, Failure> {
+        let mut invocation = self.admit.prepare_invoke();
+        for window_ms in policy.window_ms() {
+            invocation.key(self.key(customer, "w", window_ms));
+        }
+        invocation.key(self.key(customer, "q", period.start_ms));
+        let (quota_limit, hard) = policy.quota.map_or((-1, false), |q| {
+            (i64::try_from(q.limit).unwrap_or(i64::MAX), q.hard)
+        });
+        invocation
+            .arg(now_ms)
+            .arg(units)
+            .arg(policy.rate_limits.len())
+            .arg(SLOTS)
+            .arg(quota_limit)
+            .arg(u8::from(hard))
+            .arg(period.end_ms.saturating_sub(now_ms).max(0) + QUOTA_KEY_GRACE_MS);
+        for window in policy.rate_limits {
+            invocation
+                .arg(window.requests)
+                .arg(super::window_ms(window.window_seconds));
+        }
+        let reply: Vec<i64> = self.call(&invocation, now_ms).await?;
+        let value = |i: usize| reply.get(i).copied().unwrap_or(0);
+        let as_u64 = |i: usize| u64::try_from(value(i)).unwrap_or(0);
+        let verdict = match value(0) {
+            0 => Verdict::Admitted,
+            1 => Verdict::RateLimited,
+            _ => Verdict::QuotaExceeded,
+        };
+        let mut verdict = verdict;
+        let mut used = as_u64(1);
+        let mut reserved_overage = as_u64(3);
+        if value(4) == 1 {
+            used += self.seed(customer, period, now_ms).await;
+            // Admitted on the count before the seed: the seeded count decides.
+            if let Some(quota) = policy.quota
+                && verdict == Verdict::Admitted
+                && used > quota.limit
+            {
+                if quota.hard {
+                    let reservation = Reservation {
+                        period,
+                        units,
+                        overage: reserved_overage,
+                        counted: Counted::Redis,
+                    };
+                    if self.refund(customer, &reservation, now_ms).await {
+                        verdict = Verdict::QuotaExceeded;
+                        used -= units;
+                    }
+                } else {
+                    reserved_overage = units.min(used - quota.limit);
+                }
+            }
+        }
+        let windows = policy
+            .rate_limits
+            .iter()
+            .enumerate()
+            .map(|(i, window)| WindowState {
+                limit: window.requests,
+                window_ms: super::window_ms(window.window_seconds),
+                remaining: as_u64(5 + 2 * i),
+                reset_ms: value(6 + 2 * i),
+            })
+            .collect();
+        Ok(Decision {
+            verdict,
+            windows,
+            quota: policy.quota,
+            period,
+            at_ms: now_ms,
+            used,
+            reservation: (verdict == Verdict::Admitted).then_some(Reservation {
+                period,
+                units,
+                overage: reserved_overage,
+                counted: Counted::Redis,
+            }),
+            counted: Counted::Redis,
+        })
+    }
+
+    /// Adds the ledger's count of `period` to a quota key this caller created; returns the units
+    /// added.
+    async fn seed(&self, customer: &Id, period: Period, now_ms: i64) -> u64 {
+        let base = match &self.ledger {
+            Some(ledger) => {
+                match tokio::time::timeout(SEED_TIMEOUT, ledger.period_usage(customer, period))
+                    .await
+                {
+                    Ok(Ok(base)) => base,
+                    Ok(Err(error)) => {
+                        tracing::warn!(%error, "cannot read the ledger to seed a quota counter; another request will");
+                        return 0;
+                    }
+                    Err(_) => {
+                        tracing::warn!(
+                            "the ledger did not answer in time to seed a quota counter; another request will"
+                        );
+                        return 0;
+                    }
+                }
+            }
+            None => (0, 0),
+        };
+        let mut invocation = self.seed.prepare_invoke();
+        invocation
+            .key(self.key(customer, "q", period.start_ms))
+            .arg(base.0)
+            .arg(base.1);
+        match self.call::<i64>(&invocation, now_ms).await {
+            Ok(1) => base.0,
+            _ => 0,
+        }
+    }
+
+    /// Gives back a reservation counted in Redis; false if Redis could not be reached.
+    pub async fn refund(&self, customer: &Id, reservation: &Reservation, now_ms: i64) -> bool {
+        let mut invocation = self.refund.prepare_invoke();
+        invocation
+            .key(self.key(customer, "q", reservation.period.start_ms))
+            .arg(-i64::try_from(reservation.units).unwrap_or(i64::MAX))
+            .arg(-i64::try_from(reservation.overage).unwrap_or(i64::MAX));
+        self.call::<i64>(&invocation, now_ms).await.is_ok()
+    }
+}
+
+/// Adds the ledger's count to a quota hash not yet seeded; 1 if it did.
+const SEED_SCRIPT: &str = r"
+if redis.call('HGET', KEYS[1], 's') == '0' then
+  redis.call('HINCRBY', KEYS[1], 'u', ARGV[1])
+  redis.call('HINCRBY', KEYS[1], 'o', ARGV[2])
+  redis.call('HSET', KEYS[1], 's', 1)
+  return 1
+end
+return 0
+";
+
+/// Gives back units of a quota hash that still exists (ARGV: units and overage, negated).
+const REFUND_SCRIPT: &str = r"
+if redis.call('EXISTS', KEYS[1]) == 1 then
+  redis.call('HINCRBY', KEYS[1], 'u', ARGV[1])
+  redis.call('HINCRBY', KEYS[1], 'o', ARGV[2])
+  return 1
+end
+return 0
+";
+
+/// Connects the shared counters in the background, retrying until it can, then holds its runtime
+/// (which drives the connection) until shutdown.
+#[derive(Debug)]
+pub struct Connector {
+    gateway: Arc<crate::state::Gateway>,
+}
+
+impl Connector {
+    /// A connector for the gateway's shared counters.
+    pub fn new(gateway: Arc<crate::state::Gateway>) -> Self {
+        Self { gateway }
+    }
+}
+
+#[async_trait::async_trait]
+impl pingora::services::background::BackgroundService for Connector {
+    async fn start(&self, mut shutdown: pingora::server::ShutdownWatch) {
+        let Some(redis) = self.gateway.limiter.redis() else {
+            return;
+        };
+        let mut delay = Duration::from_millis(250);
+        loop {
+            match redis.connect().await {
+                Ok(()) => {
+                    tracing::info!("shared counters: connected to redis");
+                    break;
+                }
+                Err(error) => {
+                    tracing::warn!(%error, retry_ms = delay.as_millis() as u64, "shared counters: cannot connect to redis; counting in process");
+                }
+            }
+            tokio::select! {
+                () = tokio::time::sleep(delay) => {}
+                _ = shutdown.changed() => return,
+            }
+            delay = (delay * 2).min(Duration::from_secs(10));
+        }
+        let _ = shutdown.changed().await;
+    }
+}

@@ -1,0 +1,235 @@
+//! The Redis counters against a real Redis (127.0.0.1:6379, each test under its own key
+//! prefix), on an injected clock: the script must decide exactly as the in-process counters do.
+
+#![allow(clippy::unwrap_used)]
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use rand::{Rng, SeedableRng};
+use tollgate_gateway::config::{Redis, RedisNodes};
+use tollgate_gateway::limits::local::LocalCounters;
+use tollgate_gateway::limits::period::Period;
+use tollgate_gateway::limits::quota::QuotaLimit;
+use tollgate_gateway::limits::redis::RedisCounters;
+use tollgate_gateway::limits::{Decision, Policy, Verdict};
+use tollgate_gateway::metrics::Metrics;
+use tollgate_model::plan::RateLimit;
+
+const PERIOD: Period = Period {
+    start_ms: 1_700_000_000_000,
+    end_ms: 1_702_592_000_000,
+};
+
+async fn counters() -> RedisCounters {
+    let prefix = format!("tollgate-test-{}", rand::random::<u64>());
+    let counters = RedisCounters::new(
+        Redis {
+            nodes: RedisNodes::Single("redis://127.0.0.1:6379".to_owned()),
+            timeout: Duration::from_secs(1),
+            retry_after: Duration::from_secs(1),
+            key_prefix: prefix,
+        },
+        &Metrics::new(),
+        None,
+    )
+    .unwrap();
+    counters.connect().await.unwrap();
+    counters
+}
+
+/// What the headers are made of, without where it was counted.
+fn shape(decision: &Decision) -> (Verdict, Vec<(u64, i64)>, u64, Option<u64>) {
+    (
+        decision.verdict,
+        decision
+            .windows
+            .iter()
+            .map(|w| (w.remaining, w.reset_ms))
+            .collect(),
+        decision.used,
+        decision.reservation.map(|r| r.overage),
+    )
+}
+
+#[tokio::test]
+async fn exactly_20_of_25_sequential_requests_pass_with_remaining_counting_down() {
+    let redis = counters().await;
+    let limits = [RateLimit {
+        requests: 20,
+        window_seconds: 60,
+    }];
+    let policy = Policy {
+        rate_limits: &limits,
+        quota: None,
+    };
+    let mut remaining = Vec::new();
+    let mut admitted = 0;
+    for i in 0..25 {
+        let decision = redis
+            .admit(&[1; 16], &policy, PERIOD, 1, PERIOD.start_ms + i)
+            .await
+            .unwrap();
+        admitted += usize::from(decision.verdict == Verdict::Admitted);
+        remaining.push(decision.windows[0].remaining);
+    }
+    assert_eq!(admitted, 20);
+    let expected: Vec<u64> = (0..20).rev().chain([0; 5]).collect();
+    assert_eq!(remaining, expected);
+}
+
+#[tokio::test]
+async fn a_unit_comes_back_exactly_one_window_after_its_bucket_ends() {
+    let redis = counters().await;
+    let limits = [RateLimit {
+        requests: 1,
+        window_seconds: 60,
+    }];
+    let policy = Policy {
+        rate_limits: &limits,
+        quota: None,
+    };
+    // 60 s in 3 s buckets: a request at +1 s is in the bucket ending at +3 s.
+    let start = 1_700_000_001_000 - 1_700_000_001_000 % 3_000;
+    let at = |ms: i64| start + ms;
+    let customer = [2; 16];
+    assert_eq!(
+        redis
+            .admit(&customer, &policy, PERIOD, 1, at(1_000))
+            .await
+            .unwrap()
+            .verdict,
+        Verdict::Admitted
+    );
+    let refused = redis
+        .admit(&customer, &policy, PERIOD, 1, at(62_999))
+        .await
+        .unwrap();
+    assert_eq!(refused.verdict, Verdict::RateLimited);
+    assert_eq!(refused.windows[0].reset_ms, 1);
+    assert_eq!(
+        redis
+            .admit(&customer, &policy, PERIOD, 1, at(63_000))
+            .await
+            .unwrap()
+            .verdict,
+        Verdict::Admitted
+    );
+}
+
+#[tokio::test]
+async fn the_script_decides_every_request_as_the_in_process_counters_do() {
+    let redis = counters().await;
+    let local = LocalCounters::default();
+    let limits = [
+        RateLimit {
+            requests: 5,
+            window_seconds: 1,
+        },
+        RateLimit {
+            requests: 40,
+            window_seconds: 60,
+        },
+    ];
+    let quotas = [
+        Some(QuotaLimit {
+            limit: 120,
+            hard: true,
+        }),
+        Some(QuotaLimit {
+            limit: 90,
+            hard: false,
+        }),
+    ];
+    let mut random = rand::rngs::StdRng::seed_from_u64(7);
+    for (n, quota) in quotas.into_iter().enumerate() {
+        let customer = [10 + n as u8; 16];
+        let policy = Policy {
+            rate_limits: &limits,
+            quota,
+        };
+        let mut now = PERIOD.start_ms;
+        for _ in 0..600 {
+            now += random.random_range(0..400);
+            let shared = redis
+                .admit(&customer, &policy, PERIOD, 1, now)
+                .await
+                .unwrap();
+            let own = local.admit(&customer, &policy, PERIOD, 1, now);
+            assert_eq!(shape(&shared), shape(&own), "at {now}");
+            // Some requests fail upstream and are given back.
+            if let (Some(a), Some(b)) = (shared.reservation, own.reservation)
+                && random.random_ratio(1, 10)
+            {
+                assert!(redis.refund(&customer, &a, now).await);
+                local.refund(&customer, &b);
+            }
+        }
+    }
+}
+
+#[tokio::test]
+async fn concurrent_requests_from_many_tasks_are_admitted_exactly_up_to_the_limit() {
+    let redis = Arc::new(counters().await);
+    let tasks: Vec<_> = (0..500)
+        .map(|_| {
+            let redis = Arc::clone(&redis);
+            tokio::spawn(async move {
+                let limits = [RateLimit {
+                    requests: 100,
+                    window_seconds: 3600,
+                }];
+                let policy = Policy {
+                    rate_limits: &limits,
+                    quota: Some(QuotaLimit {
+                        limit: 1_000,
+                        hard: true,
+                    }),
+                };
+                redis
+                    .admit(&[3; 16], &policy, PERIOD, 1, PERIOD.start_ms + 5)
+                    .await
+                    .unwrap()
+                    .verdict
+            })
+        })
+        .collect();
+    let mut admitted = 0;
+    for task in tasks {
+        admitted += usize::from(task.await.unwrap() == Verdict::Admitted);
+    }
+    assert_eq!(admitted, 100);
+}
+
+#[tokio::test]
+async fn a_hard_quota_admits_exactly_its_limit_and_a_refund_gives_one_back() {
+    let redis = counters().await;
+    let policy = Policy {
+        rate_limits: &[],
+        quota: Some(QuotaLimit {
+            limit: 3,
+            hard: true,
+        }),
+    };
+    let customer = [4; 16];
+    let mut reservations = Vec::new();
+    for i in 0..5 {
+        let decision = redis
+            .admit(&customer, &policy, PERIOD, 1, PERIOD.start_ms + i)
+            .await
+            .unwrap();
+        reservations.extend(decision.reservation);
+    }
+    assert_eq!(reservations.len(), 3);
+    assert!(
+        redis
+            .refund(&customer, &reservations[0], PERIOD.start_ms)
+            .await
+    );
+    let again = redis
+        .admit(&customer, &policy, PERIOD, 1, PERIOD.start_ms + 10)
+        .await
+        .unwrap();
+    assert_eq!(again.verdict, Verdict::Admitted);
+    assert_eq!(again.used, 3);
+}
