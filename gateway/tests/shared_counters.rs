@@ -89,8 +89,10 @@ async fn a_unit_comes_back_exactly_one_window_after_its_bucket_ends() {
         rate_limits: &limits,
         quota: None,
     };
-    // 60 s in 3 s buckets: a request at +1 s is in the bucket ending at +3 s.
-    let start = 1_700_000_001_000 - 1_700_000_001_000 % 3_000;
+    // 60 s in 3 s buckets, the first starting at `start` (a multiple of 3 s): a request at
+    // +1 s is in the bucket ending at +3 s.
+    let start: i64 = 1_700_000_001_000;
+    assert_eq!(start % 3_000, 0);
     let at = |ms: i64| start + ms;
     let customer = [2; 16];
     assert_eq!(
