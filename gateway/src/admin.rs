@@ -92,6 +92,7 @@ impl Admin {
         let body = json!({
             "status": status,
             "identities": identities,
+            "counters": self.counters(),
             "config": {
                 "version": live.version,
                 "loaded_at_unix": loaded_at,
@@ -102,6 +103,22 @@ impl Admin {
             "upstreams": upstreams,
         });
         (ready, body)
+    }
+
+    /// Where rate limits and quotas are counted: in process, or in Redis (and whether Redis
+    /// answers, or requests are counted in process until it does).
+    fn counters(&self) -> serde_json::Value {
+        match self.gateway.limiter.redis() {
+            None => json!({"store": "in_process"}),
+            Some(redis) => {
+                let failing = redis.is_failing(self.gateway.limiter.now_ms());
+                json!({
+                    "store": "redis",
+                    "redis_connected": redis.is_connected(),
+                    "counting": if redis.is_connected() && !failing { "redis" } else { "in_process_fallback" },
+                })
+            }
+        }
     }
 
     /// The identities part of `/health/ready`: `null` without a control plane.

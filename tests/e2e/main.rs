@@ -12,6 +12,7 @@ mod plans;
 mod protocols;
 mod proxying;
 mod reload;
+mod shared_counters;
 mod shutdown;
 mod timeouts;
 mod validate;

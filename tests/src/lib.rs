@@ -8,6 +8,7 @@
 //! - [`upstream`]: test upstream servers (echo, slow, streaming, WebSocket, health toggles).
 //! - [`tls`]: self-signed certificates for TLS listeners.
 //! - [`raw`]: a bare HTTP/1.1 connection, for tests about one particular connection.
+//! - [`redis`]: a Redis server of the test's own, to kill, restart, freeze or flush.
 //! - [`blackhole`]: an address whose connections never complete, for connect timeouts.
 
 #![allow(
@@ -20,6 +21,7 @@ pub mod blackhole;
 pub mod control_plane;
 pub mod gateway;
 pub mod raw;
+pub mod redis;
 pub mod tls;
 pub mod upstream;
 

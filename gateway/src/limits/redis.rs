@@ -38,6 +38,10 @@ use crate::metrics::{Metrics, REDIS_CALL_DURATION, REDIS_ERRORS_TOTAL};
 
 /// How long a quota key outlives its period.
 const QUOTA_KEY_GRACE_MS: i64 = 86_400_000;
+/// How long connecting may take.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
+/// How long the connection waits for an answer before it counts as broken.
+const CONNECTION_RESPONSE_TIMEOUT: Duration = Duration::from_secs(5);
 /// The longest a seeding caller waits for the ledger.
 const SEED_TIMEOUT: Duration = Duration::from_secs(1);
 
@@ -127,7 +131,7 @@ impl RedisCounters {
         Ok(Self {
             settings,
             connection: ArcSwapOption::empty(),
-            admit: Script::new(include_str!("admit.lua")),
+            admit: Script::new(ADMIT_SCRIPT),
             seed: Script::new(SEED_SCRIPT),
             refund: Script::new(REFUND_SCRIPT),
             down_until_ms: AtomicI64::new(0),
@@ -137,31 +141,66 @@ impl RedisCounters {
         })
     }
 
-    /// Connects: at once for one server (which then reconnects by itself), or once a cluster's
-    /// nodes answer. Until then every request is counted in process.
+    /// Connects and loads the scripts, so that the first requests do not pay for either. Until
+    /// then every request is counted in process; after, a single server's connection reconnects
+    /// by itself, and a cluster's follows its slots.
     pub async fn connect(&self) -> RedisResult<()> {
+        // The request path gives up after `timeout`; the connection itself waits longer, so a
+        // slow answer is not mistaken for a broken connection.
         let connection = match &self.settings.nodes {
             RedisNodes::Single(url) => {
                 let config = ConnectionManagerConfig::new()
-                    .set_connection_timeout(Some(
-                        self.settings.timeout.max(Duration::from_millis(250)),
-                    ))
-                    .set_response_timeout(Some(self.settings.timeout))
+                    .set_connection_timeout(Some(CONNECT_TIMEOUT))
+                    .set_response_timeout(Some(CONNECTION_RESPONSE_TIMEOUT))
                     .set_number_of_retries(3)
                     .set_max_delay(Duration::from_secs(1));
                 let client = redis::Client::open(url.as_str())?;
-                Connection::Single(ConnectionManager::new_lazy_with_config(client, config)?)
+                Connection::Single(ConnectionManager::new_with_config(client, config).await?)
             }
             RedisNodes::Cluster(urls) => {
                 let client = ClusterClient::builder(urls.iter().map(String::as_str))
-                    .connection_timeout(self.settings.timeout.max(Duration::from_millis(250)))
-                    .response_timeout(self.settings.timeout)
+                    .connection_timeout(CONNECT_TIMEOUT)
+                    .response_timeout(CONNECTION_RESPONSE_TIMEOUT)
                     .build()?;
                 Connection::Cluster(client.get_async_connection().await?)
             }
         };
+        // Loaded everywhere up front: a script call is then one EVALSHA.
+        for (script, source) in [
+            (&self.admit, ADMIT_SCRIPT),
+            (&self.seed, SEED_SCRIPT),
+            (&self.refund, REFUND_SCRIPT),
+        ] {
+            match connection.clone() {
+                Connection::Single(mut c) => {
+                    script.prepare_invoke().load_async(&mut c).await?;
+                }
+                Connection::Cluster(mut c) => {
+                    let mut load = redis::cmd("SCRIPT");
+                    load.arg("LOAD").arg(source);
+                    c.route_command(
+                        load,
+                        redis::cluster_routing::RoutingInfo::MultiNode((
+                            redis::cluster_routing::MultipleNodeRoutingInfo::AllMasters,
+                            None,
+                        )),
+                    )
+                    .await?;
+                }
+            }
+        }
         self.connection.store(Some(Arc::new(connection)));
         Ok(())
+    }
+
+    /// Whether a call failed within the last `retry_after`: requests are counted in process.
+    pub fn is_failing(&self, now_ms: i64) -> bool {
+        now_ms < self.down_until_ms.load(Ordering::Relaxed)
+    }
+
+    /// Whether the connection is made (a call may still fail).
+    pub fn is_connected(&self) -> bool {
+        self.connection.load().is_some()
     }
 
     fn key(&self, customer: &Id, kind: &str, n: i64) -> String {
@@ -356,6 +395,9 @@ impl RedisCounters {
         self.call::<i64>(&invocation, now_ms).await.is_ok()
     }
 }
+
+/// Decides and counts one request.
+const ADMIT_SCRIPT: &str = include_str!("admit.lua");
 
 /// Adds the ledger's count to a quota hash not yet seeded; 1 if it did.
 const SEED_SCRIPT: &str = r"

@@ -1,0 +1,321 @@
+//! Plans counted in Redis: several gateways admit exactly what one would, and a Redis that is
+//! slow, down or back is handled without a 5xx of the gateway's own.
+
+use std::time::{Duration, Instant};
+
+use futures_util::future::join_all;
+use serde_json::{Value, json};
+use tollgate_tests::control_plane::{AdminApi, ControlPlane, PostgresDatabase, admin_token};
+use tollgate_tests::redis::RedisServer;
+use tollgate_tests::{Gateway, Upstream, client, config};
+
+fn routes(upstream: &Upstream) -> String {
+    format!(
+        r#"
+[[upstreams]]
+name = "api"
+targets = ["{target}"]
+
+[[routes]]
+name = "api"
+path_prefix = "/api"
+upstream = "api"
+auth = "key"
+"#,
+        target = upstream.target()
+    )
+}
+
+/// A plan made of `plan`, a customer on it and a key: the key.
+async fn customer_with_key(api: &AdminApi, plan: Value) -> String {
+    let mut body = plan;
+    body["name"] = json!(format!("plan-{}", rand::random::<u32>()));
+    let plan = api.create("/v1/plans", body).await;
+    let customer = api
+        .create(
+            "/v1/customers",
+            json!({"name": "acme", "email": format!("{}@example.test", rand::random::<u32>()), "plan_id": plan["id"]}),
+        )
+        .await;
+    api.create(
+        &format!("/v1/customers/{}/keys", customer["id"].as_str().unwrap()),
+        json!({"name": "main"}),
+    )
+    .await["key"]
+        .as_str()
+        .unwrap()
+        .to_owned()
+}
+
+async fn wait_for_keys(gateway: &Gateway, count: u64) {
+    let started = Instant::now();
+    while gateway.ready().await["identities"]["keys"].as_u64() != Some(count) {
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "keys never arrived"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Waits until the gateway counts in Redis.
+async fn wait_for_redis(gateway: &Gateway) {
+    let started = Instant::now();
+    while gateway.ready().await["counters"]["counting"] != "redis" {
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "never connected to redis: {}",
+            gateway.ready().await["counters"]
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+async fn burst(gateway: &Gateway, key: &str, count: usize) -> Vec<u16> {
+    let client = client();
+    join_all((0..count).map(|_| {
+        client
+            .get(gateway.url("/api/burst"))
+            .bearer_auth(key)
+            .send()
+    }))
+    .await
+    .into_iter()
+    .map(|r| r.unwrap().status().as_u16())
+    .collect()
+}
+
+fn count(statuses: &[u16], status: u16) -> usize {
+    statuses.iter().filter(|&&s| s == status).count()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_gateways_sharing_redis_admit_exactly_the_limit_of_a_concurrent_burst() {
+    let redis = RedisServer::start();
+    let database = PostgresDatabase::create().await;
+    let control_plane = ControlPlane::start(&database.url()).await;
+    let api = control_plane.api();
+    let token = api
+        .create("/v1/admin-tokens", json!({"name": "gw", "role": "gateway"}))
+        .await["token"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let rate_key = customer_with_key(
+        &api,
+        json!({"rate_limits": [{"requests": 100, "window_seconds": 3600}]}),
+    )
+    .await;
+    let quota_key =
+        customer_with_key(&api, json!({"quota": {"requests": 1000, "hard": true}})).await;
+    let upstream = Upstream::start("api");
+    let text = config(&format!(
+        r#"
+[control_plane]
+url = "http://{cp}"
+
+[redis]
+url = "{redis}"
+# Generous: this test is about exactness, and 500 requests land at once on a debug build.
+timeout = "1s"
+
+{routes}
+"#,
+        cp = control_plane.address,
+        redis = redis.url(),
+        routes = routes(&upstream)
+    ));
+    let env = [("TOLLGATE_GATEWAY_TOKEN", token.as_str())];
+    let first = Gateway::start_with_env(tempfile::tempdir().unwrap(), &text, &env).await;
+    let second = Gateway::start_with_env(tempfile::tempdir().unwrap(), &text, &env).await;
+    for gateway in [&first, &second] {
+        wait_for_keys(gateway, 2).await;
+        wait_for_redis(gateway).await;
+    }
+
+    let (a, b) = tokio::join!(
+        burst(&first, &rate_key, 250),
+        burst(&second, &rate_key, 250)
+    );
+    let statuses: Vec<u16> = a.into_iter().chain(b).collect();
+    assert_eq!(count(&statuses, 200), 100, "{statuses:?}");
+    assert_eq!(count(&statuses, 429), 400);
+
+    let (a, b) = tokio::join!(
+        burst(&first, &quota_key, 750),
+        burst(&second, &quota_key, 750)
+    );
+    let statuses: Vec<u16> = a.into_iter().chain(b).collect();
+    assert_eq!(count(&statuses, 200), 1000);
+    assert_eq!(count(&statuses, 429), 500);
+    assert_eq!(upstream.requests(), 1100);
+    for gateway in [&first, &second] {
+        assert_eq!(
+            gateway
+                .metric("tollgate_limit_decisions_total{counted=\"fallback\",result=\"allowed\"}")
+                .await,
+            Some(0.0)
+        );
+    }
+}
+
+/// A standalone gateway counting in `redis`, and a key on a plan of 1,000,000 requests a minute.
+async fn standalone_on(redis: &RedisServer, upstream: &Upstream) -> (Gateway, String) {
+    let token = admin_token();
+    let text = config(&format!(
+        r#"
+[control_plane]
+embedded = true
+
+[redis]
+url = "{redis}"
+timeout = "50ms"
+retry_after = "200ms"
+
+{routes}
+"#,
+        redis = redis.url(),
+        routes = routes(upstream)
+    ));
+    let gateway = Gateway::start_with_env(
+        tempfile::tempdir().unwrap(),
+        &text,
+        &[("TOLLGATE_ADMIN_TOKEN", token.as_str())],
+    )
+    .await;
+    let api = AdminApi::new(&format!("http://{}", gateway.admin), &token);
+    let key = customer_with_key(
+        &api,
+        json!({"rate_limits": [{"requests": 1_000_000, "window_seconds": 60}]}),
+    )
+    .await;
+    wait_for_keys(&gateway, 1).await;
+    wait_for_redis(&gateway).await;
+    (gateway, key)
+}
+
+/// Sends requests with 8 in flight until `stop` says so; every status seen.
+async fn load(gateway: &Gateway, key: &str, until: Instant) -> Vec<u16> {
+    let client = client();
+    let workers = (0..8).map(|_| {
+        let client = client.clone();
+        let url = gateway.url("/api/load");
+        let key = key.to_owned();
+        async move {
+            let mut statuses = Vec::new();
+            while Instant::now() < until {
+                let status = client
+                    .get(&url)
+                    .bearer_auth(&key)
+                    .send()
+                    .await
+                    .map_or(0, |r| r.status().as_u16());
+                statuses.push(status);
+            }
+            statuses
+        }
+    });
+    join_all(workers).await.into_iter().flatten().collect()
+}
+
+async fn decisions(gateway: &Gateway, counted: &str) -> f64 {
+    gateway
+        .metric(&format!(
+            "tollgate_limit_decisions_total{{counted=\"{counted}\",result=\"allowed\"}}"
+        ))
+        .await
+        .unwrap_or(0.0)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_killed_and_restarted_under_load_costs_no_request_and_counting_returns_to_it() {
+    let mut redis = RedisServer::start();
+    let upstream = Upstream::start("api");
+    let (gateway, key) = standalone_on(&redis, &upstream).await;
+    let started = Instant::now();
+    let traffic = load(&gateway, &key, started + Duration::from_secs(4));
+    let chaos = async {
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        redis.kill();
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+        redis.restart();
+    };
+    let (statuses, ()) = tokio::join!(traffic, chaos);
+    assert!(statuses.len() > 100, "{} requests", statuses.len());
+    assert_eq!(
+        count(&statuses, 200),
+        statuses.len(),
+        "every request served"
+    );
+    assert!(decisions(&gateway, "fallback").await > 0.0);
+    assert!(
+        gateway
+            .metric("tollgate_redis_errors_total{kind=\"error\"}")
+            .await
+            .unwrap_or(0.0)
+            + gateway
+                .metric("tollgate_redis_errors_total{kind=\"timeout\"}")
+                .await
+                .unwrap_or(0.0)
+            > 0.0
+    );
+    // Back on Redis by itself.
+    let before = decisions(&gateway, "redis").await;
+    let started = Instant::now();
+    loop {
+        let response = client()
+            .get(gateway.url("/api/after"))
+            .bearer_auth(&key)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), 200);
+        if decisions(&gateway, "redis").await > before {
+            break;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "never counted in redis again"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_frozen_redis_costs_at_most_its_timeout_then_requests_count_in_process() {
+    let redis = RedisServer::start();
+    let upstream = Upstream::start("api");
+    let (gateway, key) = standalone_on(&redis, &upstream).await;
+    // Warm: the connection is up and counting in Redis.
+    let response = client()
+        .get(gateway.url("/api/warm"))
+        .bearer_auth(&key)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    redis.freeze();
+    let mut slowest = Duration::ZERO;
+    for _ in 0..20 {
+        let started = Instant::now();
+        let response = client()
+            .get(gateway.url("/api/frozen"))
+            .bearer_auth(&key)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), 200);
+        slowest = slowest.max(started.elapsed());
+    }
+    // One request waits the 50 ms timeout; the rest skip Redis for retry_after.
+    assert!(slowest < Duration::from_millis(1000), "{slowest:?}");
+    assert!(
+        gateway
+            .metric("tollgate_redis_errors_total{kind=\"timeout\"}")
+            .await
+            .unwrap_or(0.0)
+            >= 1.0
+    );
+    assert!(decisions(&gateway, "fallback").await >= 19.0);
+    redis.thaw();
+}
