@@ -11,8 +11,10 @@
 //! - [`api`]: the axum router, errors, authentication and resources.
 //! - [`secret`]: admin tokens and their hashes.
 //! - [`snapshot`]: the gateway snapshot, built once per version into a gzip file and streamed.
+//! - [`calendar`]: UTC days and months: the roll-up day of an event, the period a quota counts in.
 
 pub mod api;
+pub mod calendar;
 pub mod secret;
 pub mod settings;
 pub mod snapshot;

@@ -130,6 +130,15 @@ pub fn name(value: &Value, path: &str, errors: &mut Vec<FieldError>) -> Option<S
     }
 }
 
+/// Unix milliseconds of an RFC 3339 time (`2027-01-31T00:00:00Z`), `None` unless it is one
+/// at or after 1970.
+pub fn rfc3339_ms(text: &str) -> Option<i64> {
+    humantime::parse_rfc3339_weak(text)
+        .ok()
+        .and_then(|time| time.duration_since(std::time::UNIX_EPOCH).ok())
+        .and_then(|since| i64::try_from(since.as_millis()).ok())
+}
+
 /// The page size of a list, 1 to 100 (default 20), or 422.
 pub fn page_limit(limit: Option<u32>) -> Result<u32, ApiError> {
     let limit = limit.unwrap_or(20);
