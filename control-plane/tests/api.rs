@@ -1204,6 +1204,56 @@ async fn every_answer_has_its_pinned_shape(db: &Db) {
         (200, revoked)
     );
 
+    // Usage.
+    let gateway = db.gateway_token().await;
+    let gateway = Some(gateway.as_str());
+    let at = tollgate_control_plane::store::now_ms();
+    let usage_event = json!({
+        "id": format!("evt_{:032x}", 1), "request_id": "req-1", "customer_id": customer_id,
+        "key_id": key_id, "route": "orders", "method": "GET", "status": 200, "latency_us": 1500,
+        "bytes_in": 10, "bytes_out": 100, "at_ms": at, "units": 1, "overage": 0
+    });
+    let batch = json!({"events": [usage_event]});
+    assert_eq!(
+        pinned(call(&app, "POST", "/v1/gateway/usage", gateway, Some(batch)).await),
+        (200, json!({"inserted": 1, "duplicates": 0}))
+    );
+    let period = format!(
+        "/v1/gateway/usage/period?customer_id={customer_id}&start_ms={at}&end_ms={}",
+        at + 1
+    );
+    assert_eq!(
+        pinned(call(&app, "GET", &period, gateway, None).await),
+        (
+            200,
+            json!({"start_ms": at, "end_ms": at + 1, "units": 1, "overage": 0})
+        )
+    );
+    assert_eq!(
+        pinned(
+            call(
+                &app,
+                "GET",
+                &format!("/v1/customers/{customer_id}/usage"),
+                viewer,
+                None
+            )
+            .await
+        ),
+        (
+            200,
+            json!({
+                "period": {"start": "<time>", "end": "<time>"},
+                "quota": 10000, "hard": true, "used": 1, "remaining": 9999, "overage": 0,
+                "days": [{
+                    "day": tollgate_control_plane::calendar::day_of(at), "route": "orders",
+                    "requests": 1, "units": 1, "overage": 0, "errors": 0,
+                    "bytes_in": 10, "bytes_out": 100
+                }]
+            })
+        )
+    );
+
     // Admin tokens.
     let created = call(
         &app,
@@ -1305,6 +1355,39 @@ async fn every_answer_has_its_pinned_shape(db: &Db) {
         )
     );
     assert_eq!(
+        pinned(
+            call(
+                &app,
+                "POST",
+                "/v1/gateway/usage",
+                viewer,
+                Some(json!({"events": []}))
+            )
+            .await
+        ),
+        (
+            403,
+            problem(
+                "forbidden",
+                "Forbidden",
+                403,
+                "/v1/gateway is for gateway tokens (role \"gateway\")"
+            )
+        )
+    );
+    assert_eq!(
+        pinned(call(&app, "GET", "/v1/plans", gateway, None).await),
+        (
+            403,
+            problem(
+                "forbidden",
+                "Forbidden",
+                403,
+                "gateway tokens may only use /v1/gateway"
+            )
+        )
+    );
+    assert_eq!(
         pinned(call(&app, "GET", "/v1/plans/plan_nope", viewer, None).await),
         (404, problem("not-found", "Not found", 404, "no such plan"))
     );
@@ -1382,6 +1465,19 @@ async fn every_answer_has_its_pinned_shape(db: &Db) {
                 "Body too large",
                 413,
                 "the body is larger than 1048576 bytes"
+            )
+        )
+    );
+    let huge = json!({"events": [], "padding": "x".repeat(8 << 20)});
+    assert_eq!(
+        pinned(call(&app, "POST", "/v1/gateway/usage", gateway, Some(huge)).await),
+        (
+            413,
+            problem(
+                "body-too-large",
+                "Body too large",
+                413,
+                "the body is larger than 8388608 bytes"
             )
         )
     );

@@ -12,7 +12,9 @@ use utoipa::{IntoParams, ToSchema};
 
 use super::AppState;
 use super::auth::Caller;
-use super::body::{Object, Page, Query, error, name, page, page_limit, unknown_fields};
+use super::body::{
+    Object, Page, Query, error, name, page, page_limit, unknown_fields, upgrade_url,
+};
 use super::error::ApiError;
 use super::openapi::{CreateProblems, DeleteProblems, ListProblems, ReadProblems, UpdateProblems};
 use crate::store::plans::{Deleted, NewPlan, PlanPatch};
@@ -64,8 +66,6 @@ pub struct PlanPatchBody {
 
 /// Longest window accepted: 31 days.
 const MAX_WINDOW_SECONDS: u64 = 31 * 24 * 3600;
-/// Longest upgrade URL accepted, in bytes (what browsers and proxies reliably carry).
-pub const MAX_UPGRADE_URL: usize = 2048;
 
 /// Creates a plan.
 #[utoipa::path(post, operation_id = "createPlan", path = "/v1/plans", tag = "plans",
@@ -383,37 +383,5 @@ fn price(value: &Value, errors: &mut Vec<FieldError>) -> Option<Option<Price>> {
             unit_amount_micros,
         })),
         _ => None,
-    }
-}
-
-/// An upgrade URL or `null`: an absolute `https://` or `http://` URL with a host, at most
-/// [`MAX_UPGRADE_URL`] bytes, without whitespace or control characters (it is put as is into
-/// problem bodies that clients read).
-fn upgrade_url(value: &Value, errors: &mut Vec<FieldError>) -> Option<Option<String>> {
-    if value.is_null() {
-        return Some(None);
-    }
-    let valid = value.as_str().filter(|url| {
-        let rest = url
-            .strip_prefix("https://")
-            .or_else(|| url.strip_prefix("http://"));
-        url.len() <= MAX_UPGRADE_URL
-            && !url.chars().any(|c| c.is_whitespace() || c.is_control())
-            && rest.is_some_and(|rest| {
-                !rest.is_empty() && !rest.starts_with(['/', '?', '#', '@', ':'])
-            })
-    });
-    match valid {
-        Some(url) => Some(Some(url.to_owned())),
-        None => {
-            errors.push(error(
-                "upgrade_url",
-                &format!(
-                    "must be an absolute https:// or http:// URL of at most {MAX_UPGRADE_URL} \
-                     characters, without spaces, or null"
-                ),
-            ));
-            None
-        }
     }
 }
