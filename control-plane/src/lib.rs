@@ -3,20 +3,26 @@
 //!
 //! `control-plane serve` reads its settings from the environment ([`settings`]), connects to
 //! SQLite or Postgres ([`store`]), applies the migrations, makes sure a first admin token exists
-//! and serves the API ([`api`]).
+//! and serves the API ([`api`]). It also starts [`spawn_usage_pruning`], which deletes raw usage
+//! events past their retention.
 //!
 //! # Layout
-//! - [`settings`]: `DATABASE_URL`, `CONTROL_PLANE_LISTEN`, `TOLLGATE_ADMIN_TOKEN`, checked.
+//! - [`settings`]: `DATABASE_URL`, `CONTROL_PLANE_LISTEN`, `TOLLGATE_ADMIN_TOKEN`,
+//!   `TOLLGATE_USAGE_RETENTION_DAYS`, checked.
 //! - [`store`]: the store over `sqlx::Any`, with the audit and change logs.
 //! - [`api`]: the axum router, errors, authentication and resources.
 //! - [`secret`]: admin tokens and their hashes.
 //! - [`snapshot`]: the gateway snapshot, built once per version into a gzip file and streamed.
+//! - [`calendar`]: UTC days and months: the roll-up day of an event, the period a quota counts in.
 
 pub mod api;
+pub mod calendar;
 pub mod secret;
 pub mod settings;
 pub mod snapshot;
 pub mod store;
+
+use std::time::Duration;
 
 use secret::{PlainToken, Role, hash};
 use store::Store;
@@ -68,4 +74,31 @@ pub async fn embedded_gateway_token(store: &Store, instance: &str) -> anyhow::Re
         )
         .await?;
     Ok(token)
+}
+
+/// How often [`spawn_usage_pruning`] deletes raw usage events past their retention.
+pub const PRUNE_EVERY: Duration = Duration::from_secs(3600);
+
+/// Starts the job that deletes raw usage events older than `retention` (the daily roll-up
+/// stays): right away, then every [`PRUNE_EVERY`]. `control-plane serve` starts it, and so
+/// does a gateway running the control plane in its own process. A failed pass is logged and the
+/// next one tries again; several control planes on one database may all run it (deleting twice
+/// deletes nothing more).
+pub fn spawn_usage_pruning(store: Store, retention: Duration) -> tokio::task::JoinHandle<()> {
+    let retention_ms = i64::try_from(retention.as_millis()).unwrap_or(i64::MAX);
+    tokio::spawn(async move {
+        let mut every = tokio::time::interval(PRUNE_EVERY);
+        every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            every.tick().await;
+            let before_ms = store::now_ms().saturating_sub(retention_ms);
+            match store.prune_usage(before_ms).await {
+                Ok(0) => {}
+                Ok(deleted) => {
+                    tracing::info!(deleted, before = %store::rfc3339(before_ms), "usage events pruned");
+                }
+                Err(error) => tracing::warn!(%error, "cannot prune usage events"),
+            }
+        }
+    })
 }

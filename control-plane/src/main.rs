@@ -10,7 +10,8 @@ fn main() -> ExitCode {
     let command = std::env::args().nth(1).unwrap_or_default();
     if !matches!(command.as_str(), "serve" | "migrate") {
         eprintln!(
-            "usage: control-plane serve | migrate\n(settings: DATABASE_URL, CONTROL_PLANE_LISTEN, TOLLGATE_ADMIN_TOKEN)"
+            "usage: control-plane serve | migrate\n(settings: DATABASE_URL, CONTROL_PLANE_LISTEN, TOLLGATE_ADMIN_TOKEN, \
+             TOLLGATE_USAGE_RETENTION_DAYS)"
         );
         return ExitCode::from(2);
     }
@@ -71,6 +72,8 @@ async fn run(command: &str, settings: Settings) -> anyhow::Result<()> {
             token.expose()
         );
     }
+    let _pruning =
+        tollgate_control_plane::spawn_usage_pruning(store.clone(), settings.usage_retention);
     let listener = tokio::net::TcpListener::bind(settings.listen)
         .await
         .with_context(|| format!("CONTROL_PLANE_LISTEN: cannot listen on {}", settings.listen))?;

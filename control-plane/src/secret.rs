@@ -14,7 +14,8 @@ pub enum Role {
     Admin,
     /// Reads only.
     Viewer,
-    /// A gateway: reads the feed (snapshot and changes) and nothing else.
+    /// A gateway: reads the feed (snapshot and changes), sends usage and reads a period's
+    /// usage (`/v1/gateway/*`), and nothing else.
     Gateway,
 }
 

@@ -1,6 +1,7 @@
 //! Settings from the environment, checked at start with a message naming the variable.
 
 use std::net::SocketAddr;
+use std::time::Duration;
 
 /// Where the store lives when `DATABASE_URL` is not set: a SQLite file created on first start.
 pub const DEFAULT_DATABASE_URL: &str = "sqlite://tollgate.db?mode=rwc";
@@ -8,6 +9,13 @@ pub const DEFAULT_DATABASE_URL: &str = "sqlite://tollgate.db?mode=rwc";
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:9100";
 /// The shortest first-admin token accepted.
 pub const MIN_ADMIN_TOKEN_LEN: usize = 32;
+/// Days raw usage events are kept when `TOLLGATE_USAGE_RETENTION_DAYS` is not set: two months.
+pub const DEFAULT_USAGE_RETENTION_DAYS: u64 = 62;
+/// The shortest retention accepted: a billing period (at most 31 days) and a few days of late
+/// batches, so that a period's quota can always be rebuilt from its raw events.
+pub const MIN_USAGE_RETENTION_DAYS: u64 = 35;
+/// The longest retention accepted: ten years.
+pub const MAX_USAGE_RETENTION_DAYS: u64 = 3650;
 
 /// Checked settings.
 #[derive(Clone)]
@@ -18,6 +26,8 @@ pub struct Settings {
     pub listen: SocketAddr,
     /// `TOLLGATE_ADMIN_TOKEN`: the first admin's token, if given.
     pub admin_token: Option<String>,
+    /// `TOLLGATE_USAGE_RETENTION_DAYS`: how long raw usage events are kept.
+    pub usage_retention: Duration,
 }
 
 impl std::fmt::Debug for Settings {
@@ -29,6 +39,7 @@ impl std::fmt::Debug for Settings {
                 "admin_token",
                 &self.admin_token.as_ref().map(|_| "<redacted>"),
             )
+            .field("usage_retention", &self.usage_retention)
             .finish()
     }
 }
@@ -90,11 +101,19 @@ impl Settings {
                 None
             }
         };
+        let usage_retention = match usage_retention(lookup("TOLLGATE_USAGE_RETENTION_DAYS")) {
+            Ok(retention) => retention,
+            Err(error) => {
+                errors.push(error);
+                Duration::ZERO
+            }
+        };
         match (listen, errors.is_empty()) {
             (Ok(listen), true) => Ok(Self {
                 database_url,
                 listen,
                 admin_token,
+                usage_retention,
             }),
             (listen, _) => {
                 errors.extend(listen.err());
@@ -124,6 +143,39 @@ pub fn admin_token(value: Option<String>) -> Result<Option<String>, SettingsErro
         variable: "TOLLGATE_ADMIN_TOKEN",
         message,
     })
+}
+
+/// Checks `TOLLGATE_USAGE_RETENTION_DAYS` (given as `value`): whole days from
+/// [`MIN_USAGE_RETENTION_DAYS`] to [`MAX_USAGE_RETENTION_DAYS`], default
+/// [`DEFAULT_USAGE_RETENTION_DAYS`]. The gateway's embedded control plane applies the same rule.
+pub fn usage_retention(value: Option<String>) -> Result<Duration, SettingsError> {
+    let days = match value.as_deref().map(str::trim) {
+        None => DEFAULT_USAGE_RETENTION_DAYS,
+        Some(text) => match text.parse::<u64>() {
+            Ok(days) if (MIN_USAGE_RETENTION_DAYS..=MAX_USAGE_RETENTION_DAYS).contains(&days) => {
+                days
+            }
+            Ok(days) if days < MIN_USAGE_RETENTION_DAYS => {
+                return Err(SettingsError {
+                    variable: "TOLLGATE_USAGE_RETENTION_DAYS",
+                    message: format!(
+                        "{days} days is too short: at least {MIN_USAGE_RETENTION_DAYS} are \
+                         required so a billing period's events are there to rebuild its quota"
+                    ),
+                });
+            }
+            _ => {
+                return Err(SettingsError {
+                    variable: "TOLLGATE_USAGE_RETENTION_DAYS",
+                    message: format!(
+                        "{text:?} is not a number of days from {MIN_USAGE_RETENTION_DAYS} to \
+                         {MAX_USAGE_RETENTION_DAYS}"
+                    ),
+                });
+            }
+        },
+    };
+    Ok(Duration::from_secs(days * 86_400))
 }
 
 /// The URL without its password, for messages and logs.
@@ -159,6 +211,36 @@ mod tests {
         assert_eq!(settings.database_url, DEFAULT_DATABASE_URL);
         assert_eq!(settings.listen, DEFAULT_LISTEN.parse().unwrap());
         assert!(settings.admin_token.is_none());
+        assert_eq!(settings.usage_retention, Duration::from_secs(62 * 86_400));
+    }
+
+    #[test]
+    fn usage_retention_is_whole_days_from_35_to_3650() {
+        let retention = |value: &str| {
+            settings(&[("TOLLGATE_USAGE_RETENTION_DAYS", value)])
+                .map(|s| s.usage_retention)
+                .map_err(|errors| errors.iter().map(ToString::to_string).collect::<Vec<_>>())
+        };
+        assert_eq!(retention("35"), Ok(Duration::from_secs(35 * 86_400)));
+        assert_eq!(retention(" 3650 "), Ok(Duration::from_secs(3650 * 86_400)));
+        assert_eq!(
+            retention("34"),
+            Err(vec![
+                "TOLLGATE_USAGE_RETENTION_DAYS: 34 days is too short: at least 35 are required \
+                 so a billing period's events are there to rebuild its quota"
+                    .to_owned()
+            ])
+        );
+        for bad in ["3651", "-1", "62d", "", "1e3"] {
+            assert_eq!(
+                retention(bad),
+                Err(vec![format!(
+                    "TOLLGATE_USAGE_RETENTION_DAYS: {:?} is not a number of days from 35 to 3650",
+                    bad.trim()
+                )]),
+                "{bad}"
+            );
+        }
     }
 
     #[test]

@@ -4,157 +4,18 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod contract;
+#[macro_use]
+mod support;
 
 use axum::Router;
 use axum::body::Body;
 use axum::http::{HeaderMap, Request, StatusCode};
 use serde_json::{Value, json};
 use sqlx::Row;
-use tollgate_control_plane::api::{AppState, app, body};
+use support::{Db, call, customer_on_a_plan, pro_plan, problem, shape};
+use tollgate_control_plane::api::body;
 use tollgate_control_plane::secret::{PlainToken, Role, hash};
-use tollgate_control_plane::store::Store;
 use tower::ServiceExt;
-
-const POSTGRES: &str = "postgres://postgres@127.0.0.1:5432";
-
-/// A migrated store on one backend, with an admin and a viewer token.
-struct Db {
-    store: Store,
-    url: String,
-    admin: String,
-    viewer: String,
-    postgres_database: Option<String>,
-    _dir: Option<tempfile::TempDir>,
-}
-
-impl Db {
-    async fn sqlite() -> Db {
-        let dir = tempfile::tempdir().unwrap();
-        let url = format!(
-            "sqlite://{}?mode=rwc",
-            dir.path().join("tollgate.db").display()
-        );
-        Self::open(url, None, Some(dir)).await
-    }
-
-    async fn postgres() -> Db {
-        sqlx::any::install_default_drivers();
-        let name = format!("tollgate_test_{}", &PlainToken::generate().expose()[4..20]);
-        let admin = sqlx::AnyPool::connect(&format!("{POSTGRES}/postgres"))
-            .await
-            .unwrap();
-        sqlx::query(&format!("CREATE DATABASE {name}"))
-            .execute(&admin)
-            .await
-            .unwrap();
-        admin.close().await;
-        Self::open(format!("{POSTGRES}/{name}"), Some(name), None).await
-    }
-
-    async fn open(
-        url: String,
-        postgres_database: Option<String>,
-        dir: Option<tempfile::TempDir>,
-    ) -> Db {
-        let store = Store::connect(&url).await.unwrap();
-        store.migrate().await.unwrap();
-        let admin = PlainToken::generate().expose().to_owned();
-        let viewer = PlainToken::generate().expose().to_owned();
-        store
-            .create_admin_token("test admin", Role::Admin, &hash(&admin))
-            .await
-            .unwrap();
-        store
-            .create_admin_token("test viewer", Role::Viewer, &hash(&viewer))
-            .await
-            .unwrap();
-        Db {
-            store,
-            url,
-            admin,
-            viewer,
-            postgres_database,
-            _dir: dir,
-        }
-    }
-
-    fn app(&self) -> Router {
-        app(AppState::new(self.store.clone()))
-    }
-
-    async fn drop_database(self) {
-        if let Some(name) = self.postgres_database {
-            drop(self.store);
-            let admin = sqlx::AnyPool::connect(&format!("{POSTGRES}/postgres"))
-                .await
-                .unwrap();
-            sqlx::query(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
-                .execute(&admin)
-                .await
-                .unwrap();
-        }
-    }
-
-    /// A raw connection to the same database, for what the API does not expose yet.
-    async fn sql(&self) -> sqlx::AnyPool {
-        sqlx::AnyPool::connect(&self.url).await.unwrap()
-    }
-}
-
-/// Sends a request; returns the status, the JSON body (`Value::Null` when empty) and headers.
-async fn call(
-    app: &Router,
-    method: &str,
-    path: &str,
-    token: Option<&str>,
-    body: Option<Value>,
-) -> (StatusCode, Value, HeaderMap) {
-    let mut request = Request::builder()
-        .method(method)
-        .uri(path)
-        .header("x-request-id", "test-request");
-    if let Some(token) = token {
-        request = request.header("authorization", format!("Bearer {token}"));
-    }
-    let request = match body {
-        Some(body) => request
-            .header("content-type", "application/json")
-            .body(Body::from(body.to_string()))
-            .unwrap(),
-        None => request.body(Body::empty()).unwrap(),
-    };
-    let response = app.clone().oneshot(request).await.unwrap();
-    let status = response.status();
-    let headers = response.headers().clone();
-    let bytes = axum::body::to_bytes(response.into_body(), 1 << 20)
-        .await
-        .unwrap();
-    let value = if bytes.is_empty() {
-        Value::Null
-    } else {
-        serde_json::from_slice(&bytes).unwrap()
-    };
-    let content_type = headers
-        .get("content-type")
-        .map(|v| v.to_str().unwrap().to_owned());
-    contract::check(
-        method,
-        path,
-        status.as_u16(),
-        content_type.as_deref(),
-        &value,
-    );
-    (status, value, headers)
-}
-
-fn pro_plan() -> Value {
-    json!({
-        "name": "pro",
-        "rate_limits": [{"requests": 20, "window_seconds": 60}, {"requests": 5, "window_seconds": 1}],
-        "quota": {"requests": 10000, "hard": true},
-        "price": {"currency": "usd", "unit_amount_micros": 1000}
-    })
-}
 
 async fn creates_reads_and_lists_plans(db: &Db) {
     let app = db.app();
@@ -177,6 +38,7 @@ async fn creates_reads_and_lists_plans(db: &Db) {
             "rate_limits": [{"requests": 20, "window_seconds": 60}, {"requests": 5, "window_seconds": 1}],
             "quota": {"requests": 10000, "hard": true},
             "price": {"currency": "usd", "unit_amount_micros": 1000},
+            "upgrade_url": null,
             "status": "active",
             "created_at": "…",
             "updated_at": "…",
@@ -691,16 +553,6 @@ async fn admin_tokens_are_shown_once_and_audited(db: &Db) {
     assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY);
 }
 
-/// A plan and a customer on it, through the API; returns both bodies.
-async fn customer_on_a_plan(app: &Router, db: &Db) -> (Value, Value) {
-    let (_, plan, _) = call(app, "POST", "/v1/plans", Some(&db.admin), Some(pro_plan())).await;
-    let body = json!({"name": "Acme", "email": "a@acme.example", "plan_id": plan["id"]});
-    let (status, customer, _) =
-        call(app, "POST", "/v1/customers", Some(&db.admin), Some(body)).await;
-    assert_eq!(status, StatusCode::CREATED, "{customer}");
-    (plan, customer)
-}
-
 async fn keys_are_shown_once_stored_hashed_revoked_and_rotated(db: &Db) {
     let app = db.app();
     let (_, customer) = customer_on_a_plan(&app, db).await;
@@ -927,7 +779,7 @@ async fn gateways_get_a_snapshot_then_every_change_once_in_order(db: &Db) {
     assert_eq!(snapshot["plans"][0]["id"], plan["id"]);
     assert_eq!(
         snapshot["customers"][0],
-        json!({"id": customer["id"], "plan_id": plan["id"], "status": "active"})
+        json!({"id": customer["id"], "plan_id": plan["id"], "status": "active", "billing_period": null})
     );
     assert_eq!(
         snapshot["keys"][0]["hash"],
@@ -1189,49 +1041,6 @@ async fn the_snapshot_streams_as_gzip_or_json_and_follows_each_change(db: &Db) {
     assert!(after.keys.iter().any(|k| k.id == key["id"]));
 }
 
-/// The answer with every generated value replaced by a placeholder naming its kind, so whole
-/// bodies can be compared exactly: ids (`<plan_id>`), times (`<time>`), keys, tokens, hashes.
-fn shape(value: &Value) -> Value {
-    match value {
-        Value::Object(map) => Value::Object(
-            map.iter()
-                .map(|(name, member)| (name.clone(), shape(member)))
-                .collect(),
-        ),
-        Value::Array(items) => Value::Array(items.iter().map(shape).collect()),
-        Value::String(text) => json!(placeholder(text).unwrap_or_else(|| text.clone())),
-        other => other.clone(),
-    }
-}
-
-fn placeholder(text: &str) -> Option<String> {
-    let hex = |s: &str, n: usize| s.len() == n && s.bytes().all(|b| b.is_ascii_hexdigit());
-    for prefix in ["plan", "cus", "key", "adm"] {
-        if let Some(rest) = text.strip_prefix(prefix).and_then(|r| r.strip_prefix('_'))
-            && hex(rest, 32)
-        {
-            return Some(format!("<{prefix}_id>"));
-        }
-    }
-    if tollgate_model::key::is_well_formed(text) {
-        return Some("<key>".into());
-    }
-    if text.starts_with("tg_") && text.len() == tollgate_model::key::DISPLAY_LEN {
-        return Some("<key start>".into());
-    }
-    if text.strip_prefix("tga_").is_some_and(|rest| hex(rest, 64)) {
-        return Some("<token>".into());
-    }
-    if humantime::parse_rfc3339(text).is_ok() {
-        return Some("<time>".into());
-    }
-    None
-}
-
-fn problem(slug: &str, title: &str, status: u16, detail: &str) -> Value {
-    json!({"type": format!("urn:tollgate:problem:{slug}"), "title": title, "status": status, "detail": detail})
-}
-
 /// Every endpoint's answers, successes and errors, compared whole.
 async fn every_answer_has_its_pinned_shape(db: &Db) {
     let app = db.app();
@@ -1246,7 +1055,7 @@ async fn every_answer_has_its_pinned_shape(db: &Db) {
         "id": "<plan_id>", "name": "pro",
         "rate_limits": [{"requests": 20, "window_seconds": 60}, {"requests": 5, "window_seconds": 1}],
         "quota": {"requests": 10000, "hard": true},
-        "price": {"currency": "usd", "unit_amount_micros": 1000},
+        "price": {"currency": "usd", "unit_amount_micros": 1000}, "upgrade_url": null,
         "status": "active", "created_at": "<time>", "updated_at": "<time>"
     });
     assert_eq!(pinned(created), (201, plan.clone()));
@@ -1288,7 +1097,7 @@ async fn every_answer_has_its_pinned_shape(db: &Db) {
             201,
             json!({
                 "id": "<plan_id>", "name": "spare", "rate_limits": [], "quota": null, "price": null,
-                "status": "active", "created_at": "<time>", "updated_at": "<time>"
+                "upgrade_url": null, "status": "active", "created_at": "<time>", "updated_at": "<time>"
             })
         )
     );
@@ -1312,7 +1121,7 @@ async fn every_answer_has_its_pinned_shape(db: &Db) {
     let customer_id = created.1["id"].as_str().unwrap().to_owned();
     let customer = json!({
         "id": "<cus_id>", "name": "Acme", "email": "ops@acme.example", "plan_id": "<plan_id>",
-        "status": "active", "created_at": "<time>", "updated_at": "<time>"
+        "status": "active", "billing_period": null, "created_at": "<time>", "updated_at": "<time>"
     });
     assert_eq!(pinned(created), (201, customer.clone()));
     assert_eq!(
@@ -1393,6 +1202,56 @@ async fn every_answer_has_its_pinned_shape(db: &Db) {
             .await
         ),
         (200, revoked)
+    );
+
+    // Usage.
+    let gateway = db.gateway_token().await;
+    let gateway = Some(gateway.as_str());
+    let at = tollgate_control_plane::store::now_ms();
+    let usage_event = json!({
+        "id": format!("evt_{:032x}", 1), "request_id": "req-1", "customer_id": customer_id,
+        "key_id": key_id, "route": "orders", "method": "GET", "status": 200, "latency_us": 1500,
+        "bytes_in": 10, "bytes_out": 100, "at_ms": at, "units": 1, "overage": 0
+    });
+    let batch = json!({"events": [usage_event]});
+    assert_eq!(
+        pinned(call(&app, "POST", "/v1/gateway/usage", gateway, Some(batch)).await),
+        (200, json!({"inserted": 1, "duplicates": 0}))
+    );
+    let period = format!(
+        "/v1/gateway/usage/period?customer_id={customer_id}&start_ms={at}&end_ms={}",
+        at + 1
+    );
+    assert_eq!(
+        pinned(call(&app, "GET", &period, gateway, None).await),
+        (
+            200,
+            json!({"start_ms": at, "end_ms": at + 1, "units": 1, "overage": 0})
+        )
+    );
+    assert_eq!(
+        pinned(
+            call(
+                &app,
+                "GET",
+                &format!("/v1/customers/{customer_id}/usage"),
+                viewer,
+                None
+            )
+            .await
+        ),
+        (
+            200,
+            json!({
+                "period": {"start": "<time>", "end": "<time>"},
+                "quota": 10000, "hard": true, "used": 1, "remaining": 9999, "overage": 0,
+                "days": [{
+                    "day": tollgate_control_plane::calendar::day_of(at), "route": "orders",
+                    "requests": 1, "units": 1, "overage": 0, "errors": 0,
+                    "bytes_in": 10, "bytes_out": 100
+                }]
+            })
+        )
     );
 
     // Admin tokens.
@@ -1496,6 +1355,39 @@ async fn every_answer_has_its_pinned_shape(db: &Db) {
         )
     );
     assert_eq!(
+        pinned(
+            call(
+                &app,
+                "POST",
+                "/v1/gateway/usage",
+                viewer,
+                Some(json!({"events": []}))
+            )
+            .await
+        ),
+        (
+            403,
+            problem(
+                "forbidden",
+                "Forbidden",
+                403,
+                "/v1/gateway is for gateway tokens (role \"gateway\")"
+            )
+        )
+    );
+    assert_eq!(
+        pinned(call(&app, "GET", "/v1/plans", gateway, None).await),
+        (
+            403,
+            problem(
+                "forbidden",
+                "Forbidden",
+                403,
+                "gateway tokens may only use /v1/gateway"
+            )
+        )
+    );
+    assert_eq!(
         pinned(call(&app, "GET", "/v1/plans/plan_nope", viewer, None).await),
         (404, problem("not-found", "Not found", 404, "no such plan"))
     );
@@ -1576,6 +1468,19 @@ async fn every_answer_has_its_pinned_shape(db: &Db) {
             )
         )
     );
+    let huge = json!({"events": [], "padding": "x".repeat(8 << 20)});
+    assert_eq!(
+        pinned(call(&app, "POST", "/v1/gateway/usage", gateway, Some(huge)).await),
+        (
+            413,
+            problem(
+                "body-too-large",
+                "Body too large",
+                413,
+                "the body is larger than 8388608 bytes"
+            )
+        )
+    );
     assert_eq!(
         pinned(call(&app, "GET", "/v1/nothing-here", viewer, None).await),
         (404, problem("not-found", "Not found", 404, "no such route"))
@@ -1592,31 +1497,6 @@ async fn every_answer_has_its_pinned_shape(db: &Db) {
             )
         )
     );
-}
-
-macro_rules! on_both_backends {
-    ($($scenario:ident),* $(,)?) => {
-        mod sqlite {
-            $(
-                #[tokio::test]
-                async fn $scenario() {
-                    let db = super::Db::sqlite().await;
-                    super::$scenario(&db).await;
-                    db.drop_database().await;
-                }
-            )*
-        }
-        mod postgres {
-            $(
-                #[tokio::test]
-                async fn $scenario() {
-                    let db = super::Db::postgres().await;
-                    super::$scenario(&db).await;
-                    db.drop_database().await;
-                }
-            )*
-        }
-    };
 }
 
 on_both_backends!(

@@ -92,15 +92,19 @@ fn every_operation_of_the_api_is_documented_once_with_a_unique_id() {
         "GET /v1/audit-log",
         "GET /v1/gateway/snapshot",
         "GET /v1/gateway/changes",
+        "POST /v1/gateway/usage",
+        "GET /v1/gateway/usage/period",
+        "GET /v1/customers/{id}/usage",
     ]
     .into_iter()
     .map(str::to_owned)
     .collect();
     assert_eq!(operations, expected);
+    assert_eq!(operations.len(), 24);
 }
 
 #[test]
-fn every_v1_operation_requires_a_token_and_every_post_takes_an_idempotency_key() {
+fn every_v1_operation_requires_a_token_and_every_post_but_usage_batches_takes_an_idempotency_key() {
     let doc = document();
     assert_eq!(
         doc["components"]["securitySchemes"]["admin_token"],
@@ -122,7 +126,9 @@ fn every_v1_operation_requires_a_token_and_every_post_takes_an_idempotency_key()
                 .into_iter()
                 .flatten()
                 .any(|p| p["name"] == "Idempotency-Key" && p["in"] == "header");
-            assert_eq!(takes_key, method == "post", "{method} {path}");
+            // Usage batches are idempotent by their event ids instead.
+            let remembered = !api::idempotency::NOT_REMEMBERED.contains(&path.as_str());
+            assert_eq!(takes_key, method == "post" && remembered, "{method} {path}");
         }
     }
 }
@@ -147,7 +153,7 @@ fn set(fields: &[&str]) -> BTreeSet<String> {
 
 #[test]
 fn request_schemas_name_exactly_the_fields_the_handlers_accept() {
-    use tollgate_control_plane::api::{admin_tokens, customers, keys, plans};
+    use tollgate_control_plane::api::{admin_tokens, customers, keys, plans, usage};
     let doc = document();
     assert_eq!(
         request_fields(&doc, "/v1/plans", "post"),
@@ -177,6 +183,40 @@ fn request_schemas_name_exactly_the_fields_the_handlers_accept() {
         request_fields(&doc, "/v1/admin-tokens", "post"),
         set(&admin_tokens::FIELDS)
     );
+    assert_eq!(
+        request_fields(&doc, "/v1/gateway/usage", "post"),
+        set(&["events"])
+    );
+    assert_eq!(
+        doc["components"]["schemas"]["UsageBatchBody"]["properties"]["events"]["items"]["$ref"],
+        "#/components/schemas/UsageEventBody"
+    );
+    let event: BTreeSet<String> = doc["components"]["schemas"]["UsageEventBody"]["properties"]
+        .as_object()
+        .unwrap()
+        .keys()
+        .cloned()
+        .collect();
+    assert_eq!(event, set(&usage::batch::EVENT_FIELDS));
+    // The documented event is the model's, field for field.
+    let model = serde_json::to_value(tollgate_model::usage::UsageEvent {
+        id: String::new(),
+        request_id: String::new(),
+        customer_id: String::new(),
+        key_id: None,
+        route: String::new(),
+        method: String::new(),
+        status: 200,
+        latency_us: 0,
+        bytes_in: 0,
+        bytes_out: 0,
+        at_ms: 0,
+        units: 0,
+        overage: 0,
+    })
+    .unwrap();
+    let model: BTreeSet<String> = model.as_object().unwrap().keys().cloned().collect();
+    assert_eq!(event, model);
 }
 
 #[test]

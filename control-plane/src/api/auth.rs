@@ -30,7 +30,7 @@ impl Caller {
     }
 }
 
-/// A gateway following the feed: only `gateway` tokens.
+/// A gateway following the feed or sending usage (`/v1/gateway/*`): only `gateway` tokens.
 #[derive(Debug, Clone)]
 pub struct GatewayCaller {
     /// The token's id.
@@ -48,7 +48,7 @@ impl FromRequestParts<AppState> for GatewayCaller {
         match token.role {
             Role::Gateway => Ok(GatewayCaller { id: token.id }),
             Role::Admin | Role::Viewer => Err(ApiError::Forbidden(
-                "the feed is for gateway tokens (role \"gateway\")",
+                "/v1/gateway is for gateway tokens (role \"gateway\")",
             )),
         }
     }
@@ -79,7 +79,9 @@ impl FromRequestParts<AppState> for Caller {
     ) -> Result<Self, Self::Rejection> {
         let found = authenticate(parts, state).await?;
         if found.role == Role::Gateway {
-            return Err(ApiError::Forbidden("gateway tokens may only read the feed"));
+            return Err(ApiError::Forbidden(
+                "gateway tokens may only use /v1/gateway",
+            ));
         }
         let request_id = parts
             .headers

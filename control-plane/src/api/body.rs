@@ -31,6 +31,21 @@ impl<S: Send + Sync> FromRequest<S> for Object {
     }
 }
 
+/// A request body that is a JSON object of up to `LIMIT` bytes, for the routes given a larger
+/// body limit than [`MAX_BODY`] (with `DefaultBodyLimit::max(LIMIT)` on the route): 400
+/// otherwise, 413 past `LIMIT`.
+#[derive(Debug)]
+pub struct LargeObject<const LIMIT: usize>(pub Map<String, Value>);
+
+impl<S: Send + Sync, const LIMIT: usize> FromRequest<S> for LargeObject<LIMIT> {
+    type Rejection = ApiError;
+
+    async fn from_request(request: Request, state: &S) -> Result<Self, Self::Rejection> {
+        let bytes = bytes_up_to(request, state, LIMIT).await?;
+        object(&bytes).map(LargeObject)
+    }
+}
+
 /// A request body that is a JSON object or empty (an empty object then).
 #[derive(Debug)]
 pub struct OptionalObject(pub Map<String, Value>);
@@ -64,11 +79,20 @@ impl<T: DeserializeOwned, S: Send + Sync> FromRequestParts<S> for Query<T> {
 }
 
 async fn bytes<S: Send + Sync>(request: Request, state: &S) -> Result<Bytes, ApiError> {
+    bytes_up_to(request, state, MAX_BODY).await
+}
+
+/// The body, read up to the route's limit, which is `limit` (for the 413's message).
+async fn bytes_up_to<S: Send + Sync>(
+    request: Request,
+    state: &S,
+    limit: usize,
+) -> Result<Bytes, ApiError> {
     Bytes::from_request(request, state)
         .await
         .map_err(|rejection: BytesRejection| {
             if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE {
-                ApiError::TooLarge(MAX_BODY)
+                ApiError::TooLarge(limit)
             } else {
                 ApiError::BadRequest(rejection.body_text())
             }
@@ -124,6 +148,50 @@ pub fn name(value: &Value, path: &str, errors: &mut Vec<FieldError>) -> Option<S
             errors.push(error(
                 path,
                 "must be 1 to 64 letters, digits, '-', '_' or '.'",
+            ));
+            None
+        }
+    }
+}
+
+/// Unix milliseconds of an RFC 3339 time (`2027-01-31T00:00:00Z`), `None` unless it is one
+/// at or after 1970.
+pub fn rfc3339_ms(text: &str) -> Option<i64> {
+    humantime::parse_rfc3339_weak(text)
+        .ok()
+        .and_then(|time| time.duration_since(std::time::UNIX_EPOCH).ok())
+        .and_then(|since| i64::try_from(since.as_millis()).ok())
+}
+
+/// Longest upgrade URL accepted, in bytes (what browsers and proxies reliably carry).
+pub const MAX_UPGRADE_URL: usize = 2048;
+
+/// An upgrade URL or `null`: an absolute `https://` or `http://` URL with a host, at most
+/// [`MAX_UPGRADE_URL`] bytes, without whitespace or control characters (it is put as is into
+/// problem bodies that clients read).
+pub fn upgrade_url(value: &Value, errors: &mut Vec<FieldError>) -> Option<Option<String>> {
+    if value.is_null() {
+        return Some(None);
+    }
+    let valid = value.as_str().filter(|url| {
+        let rest = url
+            .strip_prefix("https://")
+            .or_else(|| url.strip_prefix("http://"));
+        url.len() <= MAX_UPGRADE_URL
+            && !url.chars().any(|c| c.is_whitespace() || c.is_control())
+            && rest.is_some_and(|rest| {
+                !rest.is_empty() && !rest.starts_with(['/', '?', '#', '@', ':'])
+            })
+    });
+    match valid {
+        Some(url) => Some(Some(url.to_owned())),
+        None => {
+            errors.push(error(
+                "upgrade_url",
+                &format!(
+                    "must be an absolute https:// or http:// URL of at most {MAX_UPGRADE_URL} \
+                     characters, without spaces, or null"
+                ),
             ));
             None
         }

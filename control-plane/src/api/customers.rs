@@ -6,20 +6,23 @@ use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use serde_json::{Map, Value};
 use tollgate_model::FieldError;
-use tollgate_model::customer::{Customer, CustomerStatus};
+use tollgate_model::customer::{BillingPeriod, Customer, CustomerStatus};
+use tollgate_model::feed::PeriodMs;
 use utoipa::ToSchema;
 
 use super::AppState;
 use super::auth::Caller;
-use super::body::{Object, Page, Query, error, page, page_limit, unknown_fields};
+use super::body::{Object, Page, Query, error, page, page_limit, rfc3339_ms, unknown_fields};
 use super::error::ApiError;
 use super::openapi::{CreateProblems, ListProblems, ReadProblems, UpdateProblems};
 use super::plans::ListQuery;
 use crate::store::StoreError;
 use crate::store::customers::{CustomerError, CustomerPatch, NewCustomer};
 
-/// The fields a customer body may have (`status` only when changing one).
-pub const FIELDS: [&str; 4] = ["name", "email", "plan_id", "status"];
+/// The fields a customer body may have (`status` and `billing_period` only when changing one).
+pub const FIELDS: [&str; 5] = ["name", "email", "plan_id", "status", "billing_period"];
+/// Longest billing period accepted: a year, as subscriptions bill at most yearly.
+pub const MAX_BILLING_PERIOD_MS: i64 = 366 * 86_400_000;
 
 /// Body of `POST /v1/customers`.
 #[derive(Debug, ToSchema)]
@@ -53,6 +56,9 @@ pub struct CustomerPatchBody {
     /// `suspended` refuses the customer's calls; `active` serves them again.
     #[schema(required = false)]
     pub status: CustomerStatus,
+    /// The subscription's billing period, which the quota counts in (at most 366 days);
+    /// `null` removes it (the quota then counts per calendar month in UTC).
+    pub billing_period: Option<BillingPeriod>,
 }
 
 /// Creates a customer on a plan.
@@ -183,6 +189,9 @@ fn customer_patch(fields: &Map<String, Value>) -> Result<CustomerPatch, Vec<Fiel
             }
             status
         }),
+        billing_period: fields
+            .get("billing_period")
+            .and_then(|v| billing_period(v, &mut errors)),
     };
     if errors.is_empty() {
         Ok(patch)
@@ -230,4 +239,54 @@ fn plan_id(value: &Value, errors: &mut Vec<FieldError>) -> Option<String> {
             None
         }
     }
+}
+
+/// A billing period `{start, end}` (RFC 3339, end after start, at most
+/// [`MAX_BILLING_PERIOD_MS`]) or `null`.
+fn billing_period(value: &Value, errors: &mut Vec<FieldError>) -> Option<Option<PeriodMs>> {
+    if value.is_null() {
+        return Some(None);
+    }
+    let Some(fields) = value.as_object() else {
+        errors.push(error(
+            "billing_period",
+            "must be an object {start, end} or null",
+        ));
+        return None;
+    };
+    let before = errors.len();
+    unknown_fields(fields, &["start", "end"], "billing_period.", errors);
+    let mut time = |name: &str| {
+        let path = format!("billing_period.{name}");
+        match fields.get(name) {
+            None => {
+                errors.push(error(&path, "is required"));
+                None
+            }
+            Some(value) => {
+                let ms = value.as_str().and_then(rfc3339_ms);
+                if ms.is_none() {
+                    errors.push(error(
+                        &path,
+                        "must be an RFC 3339 time such as 2027-01-31T00:00:00Z",
+                    ));
+                }
+                ms
+            }
+        }
+    };
+    let (start, end) = (time("start"), time("end"));
+    if let (Some(start_ms), Some(end_ms)) = (start, end) {
+        if end_ms <= start_ms {
+            errors.push(error("billing_period.end", "must be after start"));
+        } else if end_ms - start_ms > MAX_BILLING_PERIOD_MS {
+            errors.push(error(
+                "billing_period.end",
+                "must be at most 366 days after start",
+            ));
+        } else if errors.len() == before {
+            return Some(Some(PeriodMs { start_ms, end_ms }));
+        }
+    }
+    None
 }

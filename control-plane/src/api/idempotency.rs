@@ -2,6 +2,9 @@
 //! gets the first answer again, marked `Idempotent-Replayed: true`, and changes nothing; the
 //! same key with a different request is refused with 422. Only successful answers are
 //! remembered, so a request that failed can be retried under its key.
+//!
+//! Usage batches ([`NOT_REMEMBERED`]) pass through without it: their event ids already make a
+//! retry count nothing twice, and their bodies are larger than what is remembered.
 
 use axum::body::{Body, to_bytes};
 use axum::extract::{Request, State};
@@ -22,9 +25,12 @@ pub const HEADER: &str = "idempotency-key";
 /// Marks a replayed answer.
 pub const REPLAYED: &str = "idempotent-replayed";
 
+/// `POST` paths that do not read `Idempotency-Key`: idempotent by their content.
+pub const NOT_REMEMBERED: [&str; 1] = ["/v1/gateway/usage"];
+
 /// The middleware.
 pub async fn layer(State(state): State<AppState>, request: Request, next: Next) -> Response {
-    if request.method() != Method::POST {
+    if request.method() != Method::POST || NOT_REMEMBERED.contains(&request.uri().path()) {
         return next.run(request).await;
     }
     let Some(key) = request.headers().get(HEADER).cloned() else {

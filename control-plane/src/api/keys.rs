@@ -2,8 +2,6 @@
 //! `POST /v1/keys/{id}/rotate`. The plaintext key appears only in the creation and rotation
 //! answers; listings show its first characters.
 
-use std::time::UNIX_EPOCH;
-
 use axum::Json;
 use axum::extract::{Path, State};
 use axum::http::StatusCode;
@@ -15,7 +13,7 @@ use utoipa::ToSchema;
 use super::AppState;
 use super::auth::Caller;
 use super::body::{
-    Object, OptionalObject, Page, Query, error, name, page, page_limit, unknown_fields,
+    Object, OptionalObject, Page, Query, error, name, page, page_limit, rfc3339_ms, unknown_fields,
 };
 use super::error::ApiError;
 use super::openapi::{ListProblems, UpdateProblems};
@@ -101,11 +99,7 @@ pub async fn create(
     let expires_at_ms = match fields.get("expires_at") {
         None | Some(Value::Null) => None,
         Some(value) => {
-            let parsed = value
-                .as_str()
-                .and_then(|text| humantime::parse_rfc3339_weak(text).ok())
-                .and_then(|time| time.duration_since(UNIX_EPOCH).ok())
-                .and_then(|d| i64::try_from(d.as_millis()).ok());
+            let parsed = value.as_str().and_then(rfc3339_ms);
             match parsed {
                 Some(ms) if ms > now_ms() => Some(ms),
                 Some(_) => {

@@ -12,6 +12,8 @@ use prometheus::{
     Encoder, HistogramOpts, HistogramVec, IntCounterVec, IntGauge, Opts, Registry, TextEncoder,
 };
 
+use tollgate_model::usage::UsageStored;
+
 use super::AppState;
 
 /// Requests answered.
@@ -20,6 +22,9 @@ pub const REQUESTS_TOTAL: &str = "tollgate_control_plane_requests_total";
 pub const REQUEST_DURATION: &str = "tollgate_control_plane_request_duration_seconds";
 /// The latest config version in the change log.
 pub const CONFIG_VERSION: &str = "tollgate_control_plane_config_version";
+/// Usage events received from gateways, by outcome: `inserted` (new to the ledger) or
+/// `duplicate` (stored already: a retried or overlapping batch).
+pub const USAGE_EVENTS_TOTAL: &str = "tollgate_control_plane_usage_events_total";
 
 /// The control plane's metrics.
 #[derive(Debug, Clone)]
@@ -28,6 +33,7 @@ pub struct Metrics {
     requests: IntCounterVec,
     duration: HistogramVec,
     version: IntGauge,
+    usage_events: IntCounterVec,
 }
 
 impl Default for Metrics {
@@ -54,17 +60,40 @@ impl Metrics {
             )?;
             let version =
                 IntGauge::new(CONFIG_VERSION, "Latest config version in the change log.")?;
+            let usage_events = IntCounterVec::new(
+                Opts::new(
+                    USAGE_EVENTS_TOTAL,
+                    "Usage events received from gateways, inserted or duplicate.",
+                ),
+                &["outcome"],
+            )?;
             registry.register(Box::new(requests.clone()))?;
             registry.register(Box::new(duration.clone()))?;
             registry.register(Box::new(version.clone()))?;
+            registry.register(Box::new(usage_events.clone()))?;
             Ok(Metrics {
                 registry,
                 requests,
                 duration,
                 version,
+                usage_events,
             })
         };
         build().unwrap_or_else(|error| panic!("metric definitions are static and valid: {error}"))
+    }
+}
+
+impl Metrics {
+    /// Counts the events of a stored usage batch.
+    pub fn count_usage(&self, stored: &UsageStored) {
+        for (outcome, events) in [
+            ("inserted", stored.inserted),
+            ("duplicate", stored.duplicates),
+        ] {
+            self.usage_events
+                .with_label_values(&[outcome])
+                .inc_by(events);
+        }
     }
 }
 

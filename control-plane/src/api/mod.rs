@@ -11,6 +11,7 @@
 //! - [`admin_tokens`]: the `/v1/admin-tokens` resource.
 //! - [`audit_log`]: the `/v1/audit-log` listing.
 //! - [`feed`]: the snapshot and the changes gateways follow.
+//! - [`usage`]: usage batches from gateways, period sums, a customer's usage view.
 //! - [`health`]: `/health`, `/health/ready`.
 //! - [`metrics`]: `/metrics`, and the middleware that counts requests.
 //! - [`openapi`]: the OpenAPI document, generated from the handlers.
@@ -28,6 +29,7 @@ pub mod keys;
 pub mod metrics;
 pub mod openapi;
 pub mod plans;
+pub mod usage;
 
 use axum::extract::DefaultBodyLimit;
 use axum::routing::get;
@@ -120,6 +122,15 @@ fn v1_routes() -> OpenApiRouter<AppState> {
         .routes(routes!(audit_log::list))
         .routes(routes!(feed::snapshot))
         .routes(routes!(feed::changes))
+        .merge(
+            // Usage batches are up to 8 MiB; this limit, set nearer the handler, wins over the
+            // 1 MiB of every other route.
+            OpenApiRouter::new()
+                .routes(routes!(usage::record))
+                .layer(DefaultBodyLimit::max(usage::MAX_BATCH_BODY)),
+        )
+        .routes(routes!(usage::period))
+        .routes(routes!(usage::customer))
 }
 
 /// The OpenAPI document, as served at `/openapi.json`.

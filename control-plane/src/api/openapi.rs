@@ -20,7 +20,8 @@ use utoipa::{Modify, OpenApi};
 #[openapi(
     info(
         title = "Tollgate control plane",
-        description = "Plans, customers, API keys and admin tokens, and the feed gateways follow. \
+        description = "Plans, customers, API keys and admin tokens, the feed gateways follow and \
+                       the usage they send. \
                        Errors are RFC 9457 problems (application/problem+json).",
         license(name = "Apache-2.0"),
     ),
@@ -34,6 +35,7 @@ use utoipa::{Modify, OpenApi};
         (name = "admin-tokens", description = "Tokens of admins, viewers and gateways"),
         (name = "audit", description = "Every change, with who made it"),
         (name = "gateway feed", description = "The snapshot and changes gateways follow (gateway tokens only)"),
+        (name = "usage", description = "The usage ledger: batches gateways send, the period sums they rebuild quotas from, and a customer's usage"),
     )
 )]
 #[derive(Debug)]
@@ -68,7 +70,10 @@ const PROBLEMS: [(u16, &str); 8] = [
     (403, "The token's role may not do this"),
     (404, "No such resource"),
     (409, "Conflicts with the current state"),
-    (413, "The body is larger than 1 MiB"),
+    (
+        413,
+        "The body is larger than the endpoint's limit: 1 MiB, 8 MiB for a usage batch",
+    ),
     (422, "Invalid fields, each listed in `errors` with its path"),
     (
         500,
@@ -136,11 +141,27 @@ problem_set!(
     /// The gateway feed.
     FeedProblems: 400, 401, 403, 409, 422, 500
 );
+problem_set!(
+    /// A gateway's usage batch.
+    BatchProblems: 400, 401, 403, 413, 422, 500
+);
+problem_set!(
+    /// A gateway's period sums: bad or invalid query, authentication, role.
+    PeriodProblems: 400, 401, 403, 422, 500
+);
+problem_set!(
+    /// A customer's usage view: also an unknown customer.
+    UsageViewProblems: 400, 401, 403, 404, 422, 500
+);
 
 /// Completes the document from the router: every `POST` takes `Idempotency-Key`, as the
-/// [`idempotency`](super::idempotency) middleware does for all of them.
+/// [`idempotency`](super::idempotency) middleware does for all of them but
+/// [`NOT_REMEMBERED`](super::idempotency::NOT_REMEMBERED).
 pub fn finish(mut openapi: utoipa::openapi::OpenApi) -> utoipa::openapi::OpenApi {
-    for item in openapi.paths.paths.values_mut() {
+    for (path, item) in &mut openapi.paths.paths {
+        if super::idempotency::NOT_REMEMBERED.contains(&path.as_str()) {
+            continue;
+        }
         if let Some(post) = item.post.as_mut() {
             post.parameters.get_or_insert_with(Vec::new).push(RefOr::T(
                 ParameterBuilder::new()

@@ -12,7 +12,9 @@ use utoipa::{IntoParams, ToSchema};
 
 use super::AppState;
 use super::auth::Caller;
-use super::body::{Object, Page, Query, error, name, page, page_limit, unknown_fields};
+use super::body::{
+    Object, Page, Query, error, name, page, page_limit, unknown_fields, upgrade_url,
+};
 use super::error::ApiError;
 use super::openapi::{CreateProblems, DeleteProblems, ListProblems, ReadProblems, UpdateProblems};
 use crate::store::plans::{Deleted, NewPlan, PlanPatch};
@@ -20,7 +22,7 @@ use crate::store::plans::{Deleted, NewPlan, PlanPatch};
 /// Body of `POST /v1/plans`.
 #[derive(Debug, ToSchema)]
 #[serde(deny_unknown_fields)]
-#[schema(example = json!({"name": "pro", "rate_limits": [{"requests": 20, "window_seconds": 60}], "quota": {"requests": 10000, "hard": true}, "price": {"currency": "usd", "unit_amount_micros": 1000}}))]
+#[schema(example = json!({"name": "pro", "rate_limits": [{"requests": 20, "window_seconds": 60}], "quota": {"requests": 10000, "hard": true}, "price": {"currency": "usd", "unit_amount_micros": 1000}, "upgrade_url": "https://example.com/pricing"}))]
 pub struct NewPlanBody {
     /// Unique name: 1 to 64 letters, digits, `-`, `_` or `.`.
     #[schema(min_length = 1, max_length = 64, pattern = "^[A-Za-z0-9._-]+$")]
@@ -32,6 +34,10 @@ pub struct NewPlanBody {
     pub quota: Option<Quota>,
     /// Price per billable unit; `null` for none.
     pub price: Option<Price>,
+    /// Where a customer out of quota can upgrade (given in the quota problem): an absolute
+    /// `https://` or `http://` URL without whitespace; `null` for none.
+    #[schema(format = "uri", max_length = 2048)]
+    pub upgrade_url: Option<String>,
 }
 
 /// Body of `PATCH /v1/plans/{id}`: the fields to change.
@@ -53,6 +59,9 @@ pub struct PlanPatchBody {
     pub quota: Option<Quota>,
     /// New price; `null` removes it.
     pub price: Option<Price>,
+    /// New upgrade URL; `null` removes it.
+    #[schema(format = "uri", max_length = 2048)]
+    pub upgrade_url: Option<String>,
 }
 
 /// Longest window accepted: 31 days.
@@ -166,7 +175,7 @@ pub async fn delete(
 }
 
 /// The fields a plan body may have.
-pub const PLAN_FIELDS: [&str; 4] = ["name", "rate_limits", "quota", "price"];
+pub const PLAN_FIELDS: [&str; 5] = ["name", "rate_limits", "quota", "price", "upgrade_url"];
 
 fn new_plan(fields: &Map<String, Value>) -> Result<NewPlan, Vec<FieldError>> {
     let mut errors = Vec::new();
@@ -187,13 +196,19 @@ fn new_plan(fields: &Map<String, Value>) -> Result<NewPlan, Vec<FieldError>> {
     let price = fields
         .get("price")
         .map_or(Some(None), |v| price(v, &mut errors));
-    match (name, rate_limits, quota, price) {
-        (Some(name), Some(rate_limits), Some(quota), Some(price)) if errors.is_empty() => {
+    let upgrade_url = fields
+        .get("upgrade_url")
+        .map_or(Some(None), |v| upgrade_url(v, &mut errors));
+    match (name, rate_limits, quota, price, upgrade_url) {
+        (Some(name), Some(rate_limits), Some(quota), Some(price), Some(upgrade_url))
+            if errors.is_empty() =>
+        {
             Ok(NewPlan {
                 name,
                 rate_limits,
                 quota,
                 price,
+                upgrade_url,
             })
         }
         _ => Err(errors),
@@ -212,6 +227,9 @@ fn plan_patch(fields: &Map<String, Value>) -> Result<PlanPatch, Vec<FieldError>>
             .and_then(|v| rate_limits(v, &mut errors)),
         quota: fields.get("quota").and_then(|v| quota(v, &mut errors)),
         price: fields.get("price").and_then(|v| price(v, &mut errors)),
+        upgrade_url: fields
+            .get("upgrade_url")
+            .and_then(|v| upgrade_url(v, &mut errors)),
     };
     if errors.is_empty() {
         Ok(patch)

@@ -3,7 +3,8 @@
 use serde_json::json;
 use sqlx::Row;
 use sqlx::any::AnyRow;
-use tollgate_model::customer::{Customer, CustomerStatus};
+use tollgate_model::customer::{BillingPeriod, Customer, CustomerStatus};
+use tollgate_model::feed::PeriodMs;
 
 use super::audit::{self, Actor, Change};
 use super::{Store, StoreError, new_id, now_ms, rfc3339};
@@ -30,6 +31,8 @@ pub struct CustomerPatch {
     pub plan_id: Option<String>,
     /// New state.
     pub status: Option<CustomerStatus>,
+    /// New billing period, or none.
+    pub billing_period: Option<Option<PeriodMs>>,
 }
 
 /// Why a customer change was refused before it reached the database.
@@ -53,7 +56,8 @@ impl From<sqlx::Error> for CustomerError {
     }
 }
 
-const COLUMNS: &str = "id, name, email, plan_id, status, created_at, updated_at";
+const COLUMNS: &str =
+    "id, name, email, plan_id, status, period_start, period_end, created_at, updated_at";
 
 impl Store {
     /// Creates a customer on an active plan.
@@ -66,9 +70,10 @@ impl Store {
         let id = new_id("cus");
         let mut tx = self.pool().begin().await?;
         require_active_plan(&mut tx, &customer.plan_id).await?;
-        sqlx::query(&format!(
-            "INSERT INTO customers ({COLUMNS}) VALUES ($1, $2, $3, $4, $5, $6, $7)"
-        ))
+        sqlx::query(
+            "INSERT INTO customers (id, name, email, plan_id, status, created_at, updated_at) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7)",
+        )
         .bind(&id)
         .bind(&customer.name)
         .bind(&customer.email)
@@ -134,13 +139,20 @@ impl Store {
             require_active_plan(&mut tx, plan_id).await?;
         }
         let email = patch.email.unwrap_or_else(|| before.email.clone());
+        let period = match patch.billing_period {
+            Some(period) => period,
+            None => period_ms(&mut tx, id).await?,
+        };
         sqlx::query(
-            "UPDATE customers SET name = $1, email = $2, plan_id = $3, status = $4, updated_at = $5 WHERE id = $6",
+            "UPDATE customers SET name = $1, email = $2, plan_id = $3, status = $4, \
+             period_start = $5, period_end = $6, updated_at = $7 WHERE id = $8",
         )
         .bind(patch.name.unwrap_or_else(|| before.name.clone()))
         .bind(&email)
         .bind(patch.plan_id.unwrap_or_else(|| before.plan_id.clone()))
         .bind(patch.status.unwrap_or(before.status).as_str())
+        .bind(period.map(|p| p.start_ms))
+        .bind(period.map(|p| p.end_ms))
         .bind(now_ms())
         .bind(id)
         .execute(&mut *tx)
@@ -197,10 +209,34 @@ fn decode(row: &AnyRow) -> Result<Customer, StoreError> {
                 format!("customer status {status:?}").into(),
             ))
         })?,
-        billing_period: None,
+        billing_period: billing_period(row)?.map(|period| BillingPeriod {
+            start: rfc3339(period.start_ms),
+            end: rfc3339(period.end_ms),
+        }),
         created_at: rfc3339(row.try_get("created_at")?),
         updated_at: rfc3339(row.try_get("updated_at")?),
     })
+}
+
+/// The billing period of a customer row (`period_start`, `period_end`), when both are set.
+pub(crate) fn billing_period(row: &AnyRow) -> Result<Option<PeriodMs>, StoreError> {
+    let start: Option<i64> = row.try_get("period_start")?;
+    let end: Option<i64> = row.try_get("period_end")?;
+    Ok(start
+        .zip(end)
+        .map(|(start_ms, end_ms)| PeriodMs { start_ms, end_ms }))
+}
+
+/// The stored billing period of customer `id`, kept by a change that does not set one.
+async fn period_ms(
+    connection: &mut sqlx::AnyConnection,
+    id: &str,
+) -> Result<Option<PeriodMs>, StoreError> {
+    let row = sqlx::query("SELECT period_start, period_end FROM customers WHERE id = $1")
+        .bind(id)
+        .fetch_one(&mut *connection)
+        .await?;
+    billing_period(&row)
 }
 
 fn conflict_on_email(error: sqlx::Error, email: &str) -> StoreError {

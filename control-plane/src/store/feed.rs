@@ -11,6 +11,7 @@ use tollgate_model::feed::{Change, ChangedEntity, Changes, CustomerRecord, KeyRe
 use super::{Backend, Store, StoreError};
 
 const KEY_COLUMNS: &str = "id, customer_id, hash, expires_at, revoked_at, scopes";
+const CUSTOMER_COLUMNS: &str = "id, plan_id, status, period_start, period_end";
 
 impl Store {
     /// The latest config version (0 before any change).
@@ -54,8 +55,8 @@ impl Store {
         }
         json.push(b"],\"customers\":[").await?;
         {
-            let mut rows = sqlx::query("SELECT id, plan_id, status FROM customers ORDER BY id")
-                .fetch(&mut *tx);
+            let query = format!("SELECT {CUSTOMER_COLUMNS} FROM customers ORDER BY id");
+            let mut rows = sqlx::query(&query).fetch(&mut *tx);
             let mut i = 0;
             while let Some(row) = rows.try_next().await? {
                 json.item(i, &customer_record(&row)?).await?;
@@ -101,9 +102,9 @@ impl Store {
                     id,
                 },
                 "customer" => ChangedEntity::Customer {
-                    customer: sqlx::query(
-                        "SELECT id, plan_id, status FROM customers WHERE id = $1",
-                    )
+                    customer: sqlx::query(&format!(
+                        "SELECT {CUSTOMER_COLUMNS} FROM customers WHERE id = $1"
+                    ))
                     .bind(&id)
                     .fetch_optional(&mut *connection)
                     .await?
@@ -141,7 +142,7 @@ fn customer_record(row: &AnyRow) -> Result<CustomerRecord, StoreError> {
         id: row.try_get("id")?,
         plan_id: row.try_get("plan_id")?,
         status: CustomerStatus::parse(&status).unwrap_or(CustomerStatus::Suspended),
-        billing_period: None,
+        billing_period: super::customers::billing_period(row)?,
     })
 }
 

@@ -13,6 +13,7 @@
 //! - [`feed`]: the snapshot and the changes gateways follow.
 //! - [`admin_tokens`]: admin tokens (hashes only).
 //! - [`audit`]: the audit log and the change log.
+//! - [`usage`]: the usage ledger: raw events once each, the daily roll-up, period sums, pruning.
 
 pub mod admin_tokens;
 pub mod audit;
@@ -21,6 +22,7 @@ pub mod feed;
 pub mod idempotency;
 pub mod keys;
 pub mod plans;
+pub mod usage;
 
 use std::time::{SystemTime, UNIX_EPOCH};
 

@@ -19,6 +19,8 @@ pub struct NewPlan {
     pub quota: Option<Quota>,
     /// Price.
     pub price: Option<Price>,
+    /// Where a customer out of quota can upgrade.
+    pub upgrade_url: Option<String>,
 }
 
 /// Changes to a plan; `None` leaves a field as it is, `Some(None)` clears an optional one.
@@ -32,6 +34,8 @@ pub struct PlanPatch {
     pub quota: Option<Option<Quota>>,
     /// New price, or none.
     pub price: Option<Option<Price>>,
+    /// New upgrade URL, or none.
+    pub upgrade_url: Option<Option<String>>,
 }
 
 /// What deleting a plan did.
@@ -43,7 +47,8 @@ pub enum Deleted {
     Archived(Plan),
 }
 
-const COLUMNS: &str = "id, name, rate_limits, quota, price, status, created_at, updated_at";
+const COLUMNS: &str =
+    "id, name, rate_limits, quota, price, upgrade_url, status, created_at, updated_at";
 
 impl Store {
     /// Creates a plan.
@@ -52,13 +57,14 @@ impl Store {
         let id = new_id("plan");
         let mut tx = self.pool().begin().await?;
         sqlx::query(&format!(
-            "INSERT INTO plans ({COLUMNS}) VALUES ($1, $2, $3, $4, $5, $6, $7, $8)"
+            "INSERT INTO plans ({COLUMNS}) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)"
         ))
         .bind(&id)
         .bind(&plan.name)
         .bind(json!(plan.rate_limits).to_string())
         .bind(plan.quota.map(|q| json!(q).to_string()))
         .bind(plan.price.as_ref().map(|p| json!(p).to_string()))
+        .bind(plan.upgrade_url.as_deref())
         .bind(PlanStatus::Active.as_str())
         .bind(now)
         .bind(now)
@@ -116,13 +122,18 @@ impl Store {
             .unwrap_or_else(|| before.rate_limits.clone());
         let quota = patch.quota.unwrap_or(before.quota);
         let price = patch.price.unwrap_or_else(|| before.price.clone());
+        let upgrade_url = patch
+            .upgrade_url
+            .unwrap_or_else(|| before.upgrade_url.clone());
         sqlx::query(
-            "UPDATE plans SET name = $1, rate_limits = $2, quota = $3, price = $4, updated_at = $5 WHERE id = $6",
+            "UPDATE plans SET name = $1, rate_limits = $2, quota = $3, price = $4, upgrade_url = $5, \
+             updated_at = $6 WHERE id = $7",
         )
         .bind(&name)
         .bind(json!(rate_limits).to_string())
         .bind(quota.map(|q| json!(q).to_string()))
         .bind(price.as_ref().map(|p| json!(p).to_string()))
+        .bind(upgrade_url.as_deref())
         .bind(now_ms())
         .bind(id)
         .execute(&mut *tx)
@@ -219,7 +230,7 @@ fn decode(row: &AnyRow) -> Result<Plan, StoreError> {
         rate_limits: from_json(json_column("rate_limits")?.unwrap_or_else(|| json!([])))?,
         quota: json_column("quota")?.map(from_json).transpose()?,
         price: json_column("price")?.map(from_json).transpose()?,
-        upgrade_url: None,
+        upgrade_url: row.try_get("upgrade_url")?,
         status: PlanStatus::parse(&status).ok_or_else(|| {
             StoreError::Database(sqlx::Error::Decode(
                 format!("plan status {status:?}").into(),
