@@ -276,6 +276,8 @@ pub struct Embedded {
     pub admin_token: Option<String>,
     /// The admin listener's address, which names this gateway's own token.
     pub admin_listen: std::net::SocketAddr,
+    /// `TOLLGATE_USAGE_RETENTION_DAYS`, checked: how long raw usage events are kept.
+    pub usage_retention: std::time::Duration,
 }
 
 /// What starting the admin listener gives back.
@@ -283,6 +285,8 @@ pub struct Embedded {
 pub struct Started {
     /// With an embedded control plane: the token this gateway follows it with.
     pub gateway_token: Option<PlainToken>,
+    /// With an embedded control plane: its store, the usage ledger.
+    pub store: Option<Store>,
 }
 
 /// Serves the admin listener on a thread and runtime of its own, after opening the embedded
@@ -330,8 +334,12 @@ pub fn start(
                         return;
                     }
                 };
+                let store = control_plane.as_ref().map(|state| state.store.clone());
                 let router = router(Arc::new(Admin::new(gateway, control_plane)));
-                let _ = ready.send(Ok(Started { gateway_token }));
+                let _ = ready.send(Ok(Started {
+                    gateway_token,
+                    store,
+                }));
                 if let Err(error) = axum::serve(listener, router).await {
                     tracing::error!(%error, "the admin listener stopped");
                 }
@@ -364,6 +372,7 @@ async fn open_control_plane(embedded: Embedded) -> anyhow::Result<(AppState, Pla
         .unwrap_or_default();
     let instance = format!("{host} {}", embedded.admin_listen);
     let gateway_token = tollgate_control_plane::embedded_gateway_token(&store, &instance).await?;
+    tollgate_control_plane::spawn_usage_pruning(store.clone(), embedded.usage_retention);
     tracing::info!(store = %redacted, "control plane running in this process");
     Ok((AppState::new(store), gateway_token))
 }

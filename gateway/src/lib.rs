@@ -20,6 +20,7 @@
 //! - [`listen_check`]: confirming after start-up that this process holds every proxy port.
 //! - [`identity`]: plans, customers and keys from the control plane; API-key checks.
 //! - [`limits`]: rate limits and quotas per customer, and their response headers.
+//! - [`metering`]: usage events, spooled on disk and sent to the usage ledger.
 
 pub mod admin;
 pub mod config;
@@ -27,6 +28,7 @@ pub mod identity;
 pub mod limits;
 pub mod listen_check;
 pub mod logging;
+pub mod metering;
 pub mod metrics;
 pub mod proxy;
 pub mod reload;

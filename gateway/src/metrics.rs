@@ -74,6 +74,21 @@ pub const REDIS_ERRORS_TOTAL: &str = "tollgate_redis_errors_total";
 /// Time of answered counter calls to Redis.
 pub const REDIS_CALL_DURATION: &str = "tollgate_redis_call_duration_seconds";
 
+/// Bytes of usage records in the spool.
+pub const USAGE_SPOOL_BYTES: &str = "tollgate_usage_spool_bytes";
+/// The spool's bound: at it, metered requests are refused.
+pub const USAGE_SPOOL_MAX_BYTES: &str = "tollgate_usage_spool_max_bytes";
+/// Usage events written to the spool.
+pub const USAGE_EVENTS_SPOOLED_TOTAL: &str = "tollgate_usage_events_spooled_total";
+/// Usage events sent to the ledger, by result (`inserted`, `duplicate`).
+pub const USAGE_EVENTS_STORED_TOTAL: &str = "tollgate_usage_events_stored_total";
+/// Batches the ledger did not accept.
+pub const USAGE_SEND_FAILURES_TOTAL: &str = "tollgate_usage_send_failures_total";
+/// Usage records the disk refused to write.
+pub const USAGE_SPOOL_ERRORS_TOTAL: &str = "tollgate_usage_spool_errors_total";
+/// Metered requests refused because the spool was full.
+pub const USAGE_SPOOL_FULL_REFUSALS_TOTAL: &str = "tollgate_usage_spool_full_refusals_total";
+
 /// The route label of requests that matched no route (route names cannot contain parentheses).
 pub const NO_ROUTE: &str = "(none)";
 

@@ -2,6 +2,7 @@
 
 use std::net::{SocketAddr, TcpListener};
 use std::path::PathBuf;
+use std::sync::Arc;
 
 use anyhow::Context;
 use pingora::connectors::ConnectorOptions;
@@ -15,6 +16,8 @@ use crate::admin::Embedded;
 use crate::config::{Config, FeedSource};
 use crate::identity::follow::{Follower, Source, Stored};
 use crate::listen_check::ListenCheck;
+use crate::metering::flush::Flusher;
+use crate::metering::ledger::{HttpLedger, Ledger, StoreLedger};
 use crate::proxy::Proxy;
 use crate::reload::ConfigWatcher;
 use crate::shutdown::Signals;
@@ -57,10 +60,14 @@ pub fn run(path: PathBuf) -> anyhow::Result<()> {
             let admin_token = tollgate_control_plane::settings::admin_token(
                 std::env::var("TOLLGATE_ADMIN_TOKEN").ok(),
             )?;
+            let usage_retention = tollgate_control_plane::settings::usage_retention(
+                std::env::var("TOLLGATE_USAGE_RETENTION_DAYS").ok(),
+            )?;
             let embedded = Embedded {
                 database_url: database_url.clone(),
                 admin_token,
                 admin_listen,
+                usage_retention,
             };
             (Some(embedded), None)
         }
@@ -131,6 +138,23 @@ pub fn run(path: PathBuf) -> anyhow::Result<()> {
             },
             _ => anyhow::bail!("the control plane's token is missing"),
         };
+        let ledger: Arc<dyn Ledger> = match (&cp.source, started.store) {
+            (FeedSource::Embedded { .. }, Some(store)) => Arc::new(StoreLedger(store)),
+            _ => Arc::new(HttpLedger::new(&source.base_url, &source.token)?),
+        };
+        gateway.limiter.set_ledger(ledger);
+        if let Some(meter) = &gateway.meter {
+            let flusher = Flusher::new(
+                gateway.clone(),
+                Arc::clone(meter),
+                gateway.live().metering.flush_interval,
+                gateway.live().metering.batch_size,
+            );
+            // What an earlier process left in the spool is stored before requests are counted,
+            // so quota counters rebuilt from the ledger include it.
+            flusher.recover();
+            server.add_service(background_service("usage flusher", flusher));
+        }
         let follower = Follower::new(
             gateway.clone(),
             source,

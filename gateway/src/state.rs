@@ -15,10 +15,15 @@ use crate::config::{Config, Limits, RouteAction, SecurityHeaders, ServerSettings
 use crate::identity::IdentityState;
 use crate::identity::failures::FailedAuth;
 use crate::identity::jwt::Verifier;
+use anyhow::Context;
+
 use crate::limits::Limiter;
 use crate::limits::clock::SystemClock;
 use crate::limits::metrics::LimitMetrics;
 use crate::limits::redis::RedisCounters;
+use crate::metering::Meter;
+use crate::metering::metrics::MeteringMetrics;
+use crate::metering::spool::Spool;
 use crate::metrics::{Metrics, RouteMetrics, UpstreamMetrics};
 use crate::routing::RouteTable;
 use crate::upstream::Pool;
@@ -46,7 +51,7 @@ pub struct Live {
     /// Security headers of responses that match no route.
     pub security_headers: SecurityHeaders,
     /// What counts against quotas.
-    pub metering: crate::config::file::MeteringConfig,
+    pub metering: crate::config::Metering,
 }
 
 /// State shared by every part of one gateway process.
@@ -87,6 +92,8 @@ pub struct Gateway {
     pub jwt_described: Vec<String>,
     /// Rate-limit and quota counters.
     pub limiter: Limiter,
+    /// The usage spool and its metrics, with a control plane (fixed at start).
+    pub meter: Option<Arc<Meter>>,
 }
 
 impl Gateway {
@@ -108,11 +115,30 @@ impl Gateway {
             .collect();
         let metrics = Metrics::new();
         let limit_metrics = LimitMetrics::new(&metrics)?;
+        let metering_metrics = MeteringMetrics::new(&metrics)?;
+        let meter = match &config.control_plane {
+            Some(_) => {
+                let dir = &config.metering.spool_dir;
+                let spool = Spool::open(
+                    dir,
+                    config.metering.spool_max_bytes,
+                    crate::identity::unix_ms(),
+                )
+                .with_context(|| format!("cannot open the usage spool in {}", dir.display()))?;
+                metering_metrics.spool_bytes(spool.bytes());
+                metering_metrics.spool_max_bytes(spool.max_bytes());
+                Some(Arc::new(Meter {
+                    spool,
+                    metrics: metering_metrics,
+                }))
+            }
+            None => None,
+        };
         let limiter = match &config.redis {
             Some(redis) => Limiter::shared(
                 Arc::new(SystemClock),
                 limit_metrics,
-                RedisCounters::new(redis.clone(), &metrics, None)?,
+                RedisCounters::new(redis.clone(), &metrics)?,
             ),
             None => Limiter::local(Arc::new(SystemClock), limit_metrics),
         };
@@ -143,6 +169,7 @@ impl Gateway {
             jwt,
             jwt_described,
             limiter,
+            meter,
         });
         gateway.publish_gauges();
         Ok(gateway)
@@ -251,7 +278,7 @@ fn build_live(version: u64, config: Config, health: &HealthRegistry, metrics: &M
         .collect();
     debug_assert!(config.routes.iter().all(|route| match route.action {
         RouteAction::Proxy(i) => i < pools.len(),
-        RouteAction::Respond(_) => true,
+        RouteAction::Respond(_) | RouteAction::Usage => true,
     }));
     Live {
         version,

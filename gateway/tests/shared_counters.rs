@@ -31,7 +31,6 @@ async fn counters() -> RedisCounters {
             key_prefix: prefix,
         },
         &Metrics::new(),
-        None,
     )
     .unwrap();
     counters.connect().await.unwrap();
@@ -67,7 +66,7 @@ async fn exactly_20_of_25_sequential_requests_pass_with_remaining_counting_down(
     let mut admitted = 0;
     for i in 0..25 {
         let decision = redis
-            .admit(&[1; 16], &policy, PERIOD, 1, PERIOD.start_ms + i)
+            .admit(&[1; 16], &policy, PERIOD, 1, PERIOD.start_ms + i, None)
             .await
             .unwrap();
         admitted += usize::from(decision.verdict == Verdict::Admitted);
@@ -97,21 +96,21 @@ async fn a_unit_comes_back_exactly_one_window_after_its_bucket_ends() {
     let customer = [2; 16];
     assert_eq!(
         redis
-            .admit(&customer, &policy, PERIOD, 1, at(1_000))
+            .admit(&customer, &policy, PERIOD, 1, at(1_000), None)
             .await
             .unwrap()
             .verdict,
         Verdict::Admitted
     );
     let refused = redis
-        .admit(&customer, &policy, PERIOD, 1, at(62_999))
+        .admit(&customer, &policy, PERIOD, 1, at(62_999), None)
         .await
         .unwrap();
     assert_eq!(refused.verdict, Verdict::RateLimited);
     assert_eq!(refused.windows[0].reset_ms, 1);
     assert_eq!(
         redis
-            .admit(&customer, &policy, PERIOD, 1, at(63_000))
+            .admit(&customer, &policy, PERIOD, 1, at(63_000), None)
             .await
             .unwrap()
             .verdict,
@@ -154,7 +153,7 @@ async fn the_script_decides_every_request_as_the_in_process_counters_do() {
         for _ in 0..600 {
             now += random.random_range(0..400);
             let shared = redis
-                .admit(&customer, &policy, PERIOD, 1, now)
+                .admit(&customer, &policy, PERIOD, 1, now, None)
                 .await
                 .unwrap();
             let own = local.admit(&customer, &policy, PERIOD, 1, now);
@@ -189,7 +188,7 @@ async fn concurrent_requests_from_many_tasks_are_admitted_exactly_up_to_the_limi
                     }),
                 };
                 redis
-                    .admit(&[3; 16], &policy, PERIOD, 1, PERIOD.start_ms + 5)
+                    .admit(&[3; 16], &policy, PERIOD, 1, PERIOD.start_ms + 5, None)
                     .await
                     .unwrap()
                     .verdict
@@ -217,7 +216,7 @@ async fn a_hard_quota_admits_exactly_its_limit_and_a_refund_gives_one_back() {
     let mut reservations = Vec::new();
     for i in 0..5 {
         let decision = redis
-            .admit(&customer, &policy, PERIOD, 1, PERIOD.start_ms + i)
+            .admit(&customer, &policy, PERIOD, 1, PERIOD.start_ms + i, None)
             .await
             .unwrap();
         reservations.extend(decision.reservation);
@@ -229,7 +228,7 @@ async fn a_hard_quota_admits_exactly_its_limit_and_a_refund_gives_one_back() {
             .await
     );
     let again = redis
-        .admit(&customer, &policy, PERIOD, 1, PERIOD.start_ms + 10)
+        .admit(&customer, &policy, PERIOD, 1, PERIOD.start_ms + 10, None)
         .await
         .unwrap();
     assert_eq!(again.verdict, Verdict::Admitted);

@@ -7,6 +7,7 @@ mod balancing;
 mod headers;
 mod jwt;
 mod limits;
+mod metering;
 mod observability;
 mod plans;
 mod protocols;

@@ -68,6 +68,7 @@ async fn main() -> anyhow::Result<()> {
                 rate_limits: Vec::new(),
                 quota: None,
                 price: None,
+                upgrade_url: None,
             },
             &actor,
         )

@@ -301,6 +301,10 @@ pub struct RouteConfig {
     pub upstream: Option<String>,
     /// A static response the gateway answers with itself.
     pub respond: Option<StaticResponseConfig>,
+    /// The gateway answers with the calling customer's usage (an authenticated route, not
+    /// metered itself).
+    #[serde(default)]
+    pub usage: bool,
     /// Compress responses (gzip, brotli or zstd, as the client accepts) at this level (1-9).
     pub compression_level: Option<u32>,
     /// Largest request body for this route, overriding `server.max_request_body_bytes`.
@@ -433,12 +437,28 @@ pub struct MeteringConfig {
     /// as 0 units).
     #[serde(default = "defaults::yes")]
     pub refund_upstream_5xx: bool,
+    /// Directory of the usage spool, relative to the config file.
+    #[serde(default = "defaults::spool_dir")]
+    pub spool_dir: String,
+    /// Bytes the spool may hold before metered requests are refused.
+    #[serde(default = "defaults::spool_max_bytes")]
+    pub spool_max_bytes: u64,
+    /// How often the spool is sent to the usage ledger.
+    #[serde(default = "defaults::flush_interval", deserialize_with = "duration")]
+    pub flush_interval: Duration,
+    /// Events per batch sent.
+    #[serde(default = "defaults::flush_batch")]
+    pub batch_size: usize,
 }
 
 impl Default for MeteringConfig {
     fn default() -> Self {
         Self {
             refund_upstream_5xx: true,
+            spool_dir: defaults::spool_dir(),
+            spool_max_bytes: defaults::spool_max_bytes(),
+            flush_interval: defaults::flush_interval(),
+            batch_size: defaults::flush_batch(),
         }
     }
 }
@@ -486,6 +506,22 @@ mod defaults {
     pub fn customer_claim() -> String {
         "sub".into()
     }
+    pub fn spool_dir() -> String {
+        "tollgate-spool".to_owned()
+    }
+
+    pub fn spool_max_bytes() -> u64 {
+        1 << 30
+    }
+
+    pub fn flush_interval() -> Duration {
+        Duration::from_secs(1)
+    }
+
+    pub fn flush_batch() -> usize {
+        1000
+    }
+
     pub fn redis_timeout() -> Duration {
         Duration::from_millis(50)
     }

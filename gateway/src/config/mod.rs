@@ -39,9 +39,24 @@ pub struct Config {
     /// Issuers whose JWTs routes may accept.
     pub jwt_providers: Vec<JwtProvider>,
     /// What counts against quotas and how usage is recorded.
-    pub metering: file::MeteringConfig,
+    pub metering: Metering,
     /// Shared counters; `None`: counted in process.
     pub redis: Option<Redis>,
+}
+
+/// What counts against quotas, and how usage is recorded.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Metering {
+    /// Whether an upstream 5xx gives its unit back.
+    pub refund_upstream_5xx: bool,
+    /// The spool's directory.
+    pub spool_dir: PathBuf,
+    /// The spool's bound.
+    pub spool_max_bytes: u64,
+    /// How often the spool is sent.
+    pub flush_interval: Duration,
+    /// Events per batch.
+    pub batch_size: usize,
 }
 
 /// Shared rate-limit and quota counters.
@@ -350,6 +365,8 @@ pub enum RouteAction {
     Proxy(usize),
     /// Answer with this response.
     Respond(StaticResponse),
+    /// Answer with the calling customer's usage in the current period.
+    Usage,
 }
 
 /// A response the gateway writes itself.

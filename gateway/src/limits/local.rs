@@ -122,22 +122,26 @@ impl LocalCounters {
         }
     }
 
-    /// Adds units counted elsewhere (the store, a spool) to a customer's count in `period`.
+    /// Whether the customer's count in `period` still lacks what the ledger holds.
+    pub fn needs_seed(&self, customer: &Id, period: Period) -> bool {
+        self.shard(customer)
+            .get(customer)
+            .is_none_or(|counts| counts.quota.period != period || !counts.quota.seeded)
+    }
+
+    /// Adds what the ledger holds for the customer in `period` (`used` units, `overage` of them
+    /// overage), once: a second seed of the same period adds nothing.
     pub fn seed(&self, customer: &Id, period: Period, used: u64, overage: u64) {
         let mut shard = self.shard(customer);
         let counts = shard.entry(*customer).or_insert_with(|| Counts {
             windows: Vec::new(),
             quota: QuotaCount::new(period),
         });
-        if counts.quota.period == period {
+        counts.quota.roll(period);
+        if !counts.quota.seeded {
             counts.quota.used += used;
             counts.quota.overage += overage;
-        } else if counts.quota.period.start_ms < period.start_ms {
-            counts.quota = QuotaCount {
-                period,
-                used,
-                overage,
-            };
+            counts.quota.seeded = true;
         }
     }
 
@@ -151,6 +155,7 @@ impl LocalCounters {
         });
         counts.quota.roll(period);
         counts.quota.used = used;
+        counts.quota.seeded = true;
     }
 
     /// A customer's units used in `period` so far.
@@ -275,10 +280,13 @@ mod tests {
     }
 
     #[test]
-    fn seeded_units_count_against_the_quota() {
+    fn seeded_units_count_against_the_quota_once() {
         let counters = LocalCounters::default();
         let customer = [5; 16];
+        assert!(counters.needs_seed(&customer, PERIOD));
         counters.seed(&customer, PERIOD, 9, 0);
+        counters.seed(&customer, PERIOD, 9, 0);
+        assert!(!counters.needs_seed(&customer, PERIOD));
         let quota = Some(QuotaLimit {
             limit: 10,
             hard: true,

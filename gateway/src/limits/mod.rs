@@ -13,13 +13,11 @@
 //! - [`period`]: the period a quota counts in (billing period or calendar month in UTC).
 //! - [`local`]: the in-process counters.
 //! - [`redis`]: the shared counters, one script call per request.
-//! - [`ledger`]: where quota counters are rebuilt from.
 //! - [`metrics`]: decisions, refunds and overage as metrics.
 //! - [`headers`]: `RateLimit-Policy`, `RateLimit`, `X-RateLimit-*` and `X-Quota-*`.
 
 pub mod clock;
 pub mod headers;
-pub mod ledger;
 pub mod local;
 pub mod metrics;
 pub mod period;
@@ -27,11 +25,12 @@ pub mod quota;
 pub mod redis;
 pub mod window;
 
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 
 use tollgate_model::plan::{Plan, RateLimit};
 
 use crate::identity::index::Id;
+use crate::metering::ledger::Ledger;
 use clock::Clock;
 use local::LocalCounters;
 pub use metrics::Counted;
@@ -154,6 +153,9 @@ pub fn ceil_seconds(ms: i64) -> u64 {
     u64::try_from(ms.max(0)).unwrap_or(0).div_ceil(1000)
 }
 
+/// The longest a request waits for the ledger to rebuild its customer's quota count.
+pub const SEED_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(1);
+
 /// Where the counters live: in process, or in Redis with the in-process counters as fallback.
 #[derive(Debug)]
 pub struct Limiter {
@@ -161,6 +163,8 @@ pub struct Limiter {
     local: LocalCounters,
     redis: Option<RedisCounters>,
     metrics: LimitMetrics,
+    /// The usage ledger, once the control plane is reachable (set at start).
+    ledger: OnceLock<Arc<dyn Ledger>>,
 }
 
 impl Limiter {
@@ -171,6 +175,7 @@ impl Limiter {
             local: LocalCounters::default(),
             redis: None,
             metrics,
+            ledger: OnceLock::new(),
         }
     }
 
@@ -180,6 +185,16 @@ impl Limiter {
             redis: Some(redis),
             ..Self::local(clock, metrics)
         }
+    }
+
+    /// Sets the usage ledger (once).
+    pub fn set_ledger(&self, ledger: Arc<dyn Ledger>) {
+        let _ = self.ledger.set(ledger);
+    }
+
+    /// The usage ledger, once set.
+    pub fn ledger(&self) -> Option<&Arc<dyn Ledger>> {
+        self.ledger.get()
     }
 
     /// The shared counters, if configured.
@@ -206,7 +221,11 @@ impl Limiter {
         let policy = Policy::of(plan);
         let mut decision = None;
         if let Some(redis) = &self.redis {
-            match redis.admit(customer, &policy, period, units, now).await {
+            let ledger = self.ledger.get().map(|l| l.as_ref());
+            match redis
+                .admit(customer, &policy, period, units, now, ledger)
+                .await
+            {
                 Ok(shared) => {
                     // Remembered, so counting in process after a failure starts from here.
                     self.local.follow(customer, period, shared.used);
@@ -222,12 +241,37 @@ impl Limiter {
                 }
             }
         }
-        let decision =
-            decision.unwrap_or_else(|| self.local.admit(customer, &policy, period, units, now));
+        let decision = match decision {
+            Some(decision) => decision,
+            None => {
+                self.seed_local(customer, period).await;
+                self.local.admit(customer, &policy, period, units, now)
+            }
+        };
         let overage = decision.reservation.map_or(0, |r| r.overage);
         self.metrics
             .decision(decision.verdict, decision.counted, overage);
         decision
+    }
+
+    /// Before the first decision of a customer's period in this process, adds what the ledger
+    /// holds for it (what earlier processes counted), so a restart is no free reset. Requests
+    /// wait at most [`SEED_TIMEOUT`] for it; without an answer they are counted from what this
+    /// process has, and the next request tries again.
+    async fn seed_local(&self, customer: &Id, period: Period) {
+        let Some(ledger) = self.ledger.get() else {
+            return;
+        };
+        if !self.local.needs_seed(customer, period) {
+            return;
+        }
+        match tokio::time::timeout(SEED_TIMEOUT, ledger.period_usage(customer, period)).await {
+            Ok(Ok((used, overage))) => self.local.seed(customer, period, used, overage),
+            Ok(Err(error)) => {
+                tracing::warn!(%error, "cannot read the ledger to rebuild a quota count");
+            }
+            Err(_) => tracing::warn!("the ledger did not answer in time to rebuild a quota count"),
+        }
     }
 
     /// Gives back a reservation that must not count, where it was counted.

@@ -11,6 +11,8 @@ pub struct QuotaCount {
     pub used: u64,
     /// Of them, units past a soft quota.
     pub overage: u64,
+    /// Whether what the ledger holds for the period was added (or the count came from Redis).
+    pub seeded: bool,
 }
 
 /// A plan's quota, as the hot path applies it.
@@ -36,6 +38,7 @@ impl QuotaCount {
             period,
             used: 0,
             overage: 0,
+            seeded: false,
         }
     }
 

@@ -28,12 +28,12 @@ use redis::cluster::ClusterClient;
 use redis::cluster_async::ClusterConnection;
 use redis::{RedisResult, Script, ScriptInvocation};
 
-use super::ledger::Ledger;
 use super::period::Period;
 use super::window::{SLOTS, WindowState};
 use super::{Counted, Decision, Policy, Reservation, Verdict};
 use crate::config::{Redis, RedisNodes};
 use crate::identity::index::{Id, format_id};
+use crate::metering::ledger::Ledger;
 use crate::metrics::{Metrics, REDIS_CALL_DURATION, REDIS_ERRORS_TOTAL};
 
 /// How long a quota key outlives its period.
@@ -96,17 +96,11 @@ pub struct RedisCounters {
     down_until_ms: AtomicI64,
     errors: IntCounterVec,
     duration: Histogram,
-    ledger: Option<Arc<dyn Ledger>>,
 }
 
 impl RedisCounters {
-    /// Counters at `settings`, not yet connected ([`connect`](Self::connect) does), seeding
-    /// quotas from `ledger`.
-    pub fn new(
-        settings: Redis,
-        metrics: &Metrics,
-        ledger: Option<Arc<dyn Ledger>>,
-    ) -> prometheus::Result<Self> {
+    /// Counters at `settings`, not yet connected ([`connect`](Self::connect) does).
+    pub fn new(settings: Redis, metrics: &Metrics) -> prometheus::Result<Self> {
         let errors = IntCounterVec::new(
             Opts::new(
                 REDIS_ERRORS_TOTAL,
@@ -137,7 +131,6 @@ impl RedisCounters {
             down_until_ms: AtomicI64::new(0),
             errors,
             duration,
-            ledger,
         })
     }
 
@@ -259,7 +252,7 @@ impl RedisCounters {
         Err(failure)
     }
 
-    /// Decides a request in Redis.
+    /// Decides a request in Redis; a quota key this call creates is seeded from `ledger`.
     pub async fn admit(
         &self,
         customer: &Id,
@@ -267,6 +260,7 @@ impl RedisCounters {
         period: Period,
         units: u64,
         now_ms: i64,
+        ledger: Option<&dyn Ledger>,
     ) -> Result<Decision, Failure> {
         let mut invocation = self.admit.prepare_invoke();
         for window_ms in policy.window_ms() {
@@ -301,7 +295,7 @@ impl RedisCounters {
         let mut used = as_u64(1);
         let mut reserved_overage = as_u64(3);
         if value(4) == 1 {
-            used += self.seed(customer, period, now_ms).await;
+            used += self.seed(customer, period, now_ms, ledger).await;
             // Admitted on the count before the seed: the seeded count decides.
             if let Some(quota) = policy.quota
                 && verdict == Verdict::Admitted
@@ -353,8 +347,14 @@ impl RedisCounters {
 
     /// Adds the ledger's count of `period` to a quota key this caller created; returns the units
     /// added.
-    async fn seed(&self, customer: &Id, period: Period, now_ms: i64) -> u64 {
-        let base = match &self.ledger {
+    async fn seed(
+        &self,
+        customer: &Id,
+        period: Period,
+        now_ms: i64,
+        ledger: Option<&dyn Ledger>,
+    ) -> u64 {
+        let base = match ledger {
             Some(ledger) => {
                 match tokio::time::timeout(SEED_TIMEOUT, ledger.period_usage(customer, period))
                     .await

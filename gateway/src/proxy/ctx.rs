@@ -39,6 +39,8 @@ pub struct RequestCtx {
     pub(super) limit: Option<crate::limits::Decision>,
     /// Set when the gateway answered instead of the upstream after the request was admitted.
     pub(super) proxy_failed: bool,
+    /// The usage of an admitted metered request.
+    pub(super) metered: Option<crate::metering::Metered>,
     /// Held for its `Drop`, which ends the request's count in flight.
     pub(super) _in_flight: InFlight,
 }
@@ -58,7 +60,7 @@ impl RequestCtx {
     pub(super) fn pool(&self) -> Option<(&Pool, usize)> {
         match self.route()?.action {
             RouteAction::Proxy(index) => Some((&self.live.pools[index], index)),
-            RouteAction::Respond(_) => None,
+            RouteAction::Respond(_) | RouteAction::Usage => None,
         }
     }
 }

@@ -1,23 +1,45 @@
-//! Plans on the request path: the rate-limit and quota decision in `request_filter`, and its
-//! settlement in `logging`.
+//! Plans on the request path: the rate-limit and quota decision in `request_filter`, the usage
+//! record as the response header goes out, and the settlement in `logging`.
+
+use std::sync::Arc;
 
 use pingora::proxy::Session;
+use tollgate_model::usage::UsageEvent;
 
 use super::RequestCtx;
 use super::problem::GatewayProblem;
+use crate::identity::index::format_id;
 use crate::limits::Verdict;
+use crate::metering::Metered;
+use crate::metering::spool::Record;
 use crate::state::Gateway;
 
 /// Decides the authenticated request of `ctx` against its customer's plan; the problem to answer
 /// when it is refused. The decision stays in `ctx` for the response headers and the settlement.
 pub async fn admit(gateway: &Gateway, ctx: &mut RequestCtx) -> Option<GatewayProblem> {
     let (caller, _) = ctx.caller.as_ref()?;
+    let meter = gateway.meter.as_ref()?;
+    // Its usage could not be recorded: refused before anything is counted.
+    if meter.spool.is_full() {
+        meter.metrics.full_refusal();
+        tracing::error!(
+            bytes = meter.spool.bytes(),
+            "the usage spool is full: metered requests are refused until the ledger takes it"
+        );
+        return Some(GatewayProblem::MeteringUnavailable);
+    }
     let decision = gateway
         .limiter
         .admit(&caller.customer, &caller.plan, caller.billing_period, 1)
         .await;
     let problem = match decision.verdict {
-        Verdict::Admitted => None,
+        Verdict::Admitted => {
+            ctx.metered = Some(Metered {
+                meter: Arc::clone(meter),
+                event: None,
+            });
+            None
+        }
         Verdict::RateLimited => Some(GatewayProblem::RateLimited {
             retry_after: decision.retry_after(),
         }),
@@ -30,23 +52,75 @@ pub async fn admit(gateway: &Gateway, ctx: &mut RequestCtx) -> Option<GatewayPro
     problem
 }
 
-/// Settles the request's quota reservation once it is over: a request that got no response, one
-/// the gateway answered itself after admitting it (the upstream failed, the body was too large),
-/// and one the upstream answered with a 5xx (unless `refund_upstream_5xx` is off) give their unit
-/// back.
-pub async fn settle(gateway: &Gateway, session: &Session, ctx: &RequestCtx) {
-    let Some(reservation) = ctx.limit.as_ref().and_then(|d| d.reservation.as_ref()) else {
+/// Whether a response with `status` counts: not when the gateway answered for an upstream that
+/// failed, nor (unless turned off) when the upstream answered with a 5xx.
+fn counts(status: u16, ctx: &RequestCtx) -> bool {
+    let refunded_5xx = status >= 500 && ctx.live.metering.refund_upstream_5xx;
+    !(ctx.proxy_failed || refunded_5xx)
+}
+
+/// Records the usage of an admitted request as its response header goes out, before the client
+/// can have any of it: from here on the request counts, even if this process dies.
+pub fn on_response_header(session: &Session, ctx: &mut RequestCtx, status: u16) {
+    let Some(metered) = &ctx.metered else {
+        return;
+    };
+    if metered.event.is_some() {
+        return;
+    }
+    let (Some((caller, _)), Some(decision)) = (&ctx.caller, &ctx.limit) else {
+        return;
+    };
+    let Some(reservation) = decision.reservation else {
+        return;
+    };
+    let counted = counts(status, ctx);
+    let event = UsageEvent {
+        id: format_id("evt", uuid::Uuid::now_v7().as_bytes()),
+        request_id: ctx.request_id.clone(),
+        customer_id: format_id("cus", &caller.customer),
+        key_id: caller.key.map(|key| format_id("key", &key)),
+        route: ctx.route().map_or_else(String::new, |r| r.name.clone()),
+        method: session.req_header().method.as_str().to_owned(),
+        status,
+        latency_us: u64::try_from(ctx.started.elapsed().as_micros()).unwrap_or(u64::MAX),
+        bytes_in: session.body_bytes_read() as u64,
+        bytes_out: 0,
+        at_ms: decision.at_ms,
+        units: if counted { reservation.units } else { 0 },
+        overage: if counted { reservation.overage } else { 0 },
+    };
+    metered.meter.append(&Record::Pending(event.clone()));
+    if let Some(metered) = &mut ctx.metered {
+        metered.event = Some(event);
+    }
+}
+
+/// Settles the request once it is over: its final usage record (latency and sizes), and its
+/// quota unit given back when it must not count (no response reached the client, the gateway
+/// answered for a failed upstream, or the upstream answered 5xx).
+pub async fn settle(gateway: &Gateway, session: &Session, ctx: &mut RequestCtx) {
+    let Some(reservation) = ctx.limit.as_ref().and_then(|d| d.reservation) else {
         return;
     };
     let Some((caller, _)) = &ctx.caller else {
         return;
     };
-    let refund = match session.response_written().map(|h| h.status.as_u16()) {
+    let refund = match ctx
+        .metered
+        .as_mut()
+        .and_then(|m| m.event.as_mut().map(|e| (e, &m.meter)))
+    {
         None => true,
-        Some(_) if ctx.proxy_failed => true,
-        Some(status) => status >= 500 && ctx.live.metering.refund_upstream_5xx,
+        Some((event, meter)) => {
+            event.latency_us = u64::try_from(ctx.started.elapsed().as_micros()).unwrap_or(u64::MAX);
+            event.bytes_in = session.body_bytes_read() as u64;
+            event.bytes_out = session.body_bytes_sent() as u64;
+            meter.append(&Record::Final(event.clone()));
+            event.units == 0
+        }
     };
     if refund {
-        gateway.limiter.refund(&caller.customer, reservation).await;
+        gateway.limiter.refund(&caller.customer, &reservation).await;
     }
 }

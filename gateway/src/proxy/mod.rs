@@ -10,15 +10,17 @@
 //! - `ctx`: per-request state.
 //! - `forward`: the request as the upstream receives it.
 //! - `meter`: the rate-limit and quota decision, and its settlement once the request is over.
+//! - `usage`: the calling customer's usage, on routes with `usage = true`.
 
 mod access_log;
 pub mod auth;
 mod ctx;
 mod forward;
-mod meter;
+pub(crate) mod meter;
 pub mod problem;
 pub mod request_id;
 pub mod respond;
+mod usage;
 
 use ctx::InFlight;
 pub use ctx::RequestCtx;
@@ -78,6 +80,7 @@ impl ProxyHttp for Proxy {
             caller: None,
             limit: None,
             proxy_failed: false,
+            metered: None,
             _in_flight: InFlight::new(&self.gateway.metrics.in_flight),
         }
     }
@@ -149,6 +152,7 @@ impl ProxyHttp for Proxy {
             respond::problem(session, ctx, &problem).await?;
             return Ok(true);
         }
+        let usage_route = matches!(route.action, RouteAction::Usage);
         if route.auth.required() {
             let client = session
                 .client_addr()
@@ -161,12 +165,14 @@ impl ProxyHttp for Proxy {
                     return Ok(true);
                 }
             }
-            if let Some(problem) = meter::admit(&self.gateway, ctx).await {
+            if !usage_route && let Some(problem) = meter::admit(&self.gateway, ctx).await {
                 respond::problem(session, ctx, &problem).await?;
                 return Ok(true);
             }
         }
-        let Some(route) = ctx.route() else {
+        // A second handle on the config, so `ctx` can be written while the route is borrowed.
+        let live = Arc::clone(&ctx.live);
+        let Some(route) = ctx.route.map(|i| &live.routes.routes()[i]) else {
             return Err(Error::explain(ErrorType::InternalError, "route vanished"));
         };
         match &route.action {
@@ -180,6 +186,21 @@ impl ProxyHttp for Proxy {
                     body,
                 )
                 .await?;
+                Ok(true)
+            }
+            RouteAction::Usage => {
+                let body = usage::view(&self.gateway, ctx).await;
+                let headers = [(
+                    http::header::CONTENT_TYPE,
+                    HeaderValue::from_static("application/json"),
+                )];
+                let status = if body.is_some() { 200 } else { 503 };
+                let body = body.unwrap_or_else(|| {
+                    GatewayProblem::UsageUnavailable
+                        .to_problem(&ctx.request_id)
+                        .to_json()
+                });
+                respond::write(session, ctx, status, &headers, Bytes::from(body)).await?;
                 Ok(true)
             }
             RouteAction::Proxy(_) => Ok(false),
@@ -352,10 +373,11 @@ impl ProxyHttp for Proxy {
 
     async fn response_filter(
         &self,
-        _session: &mut Session,
+        session: &mut Session,
         upstream_response: &mut ResponseHeader,
         ctx: &mut RequestCtx,
     ) -> Result<()> {
+        meter::on_response_header(session, ctx, upstream_response.status.as_u16());
         respond::decorate(upstream_response, ctx, false)
     }
 

@@ -41,6 +41,10 @@ pub enum GatewayProblem {
         /// Seconds until it has room.
         retry_after: u64,
     },
+    /// The usage spool is full: a metered request could not be recorded (503).
+    MeteringUnavailable,
+    /// The usage ledger did not answer for a usage view (503).
+    UsageUnavailable,
     /// The customer's hard quota for the period is spent (429).
     QuotaExceeded {
         /// Seconds until the period ends.
@@ -59,7 +63,7 @@ impl GatewayProblem {
             Self::BodyTooLarge { .. } => 413,
             Self::HeadersTooLarge { .. } => 431,
             Self::BadRequest | Self::InvalidPath => 400,
-            Self::NoHealthyTarget => 503,
+            Self::NoHealthyTarget | Self::MeteringUnavailable | Self::UsageUnavailable => 503,
             Self::UpstreamUnreachable => 502,
             Self::UpstreamTimeout => 504,
             Self::Internal => 500,
@@ -149,6 +153,16 @@ impl GatewayProblem {
                 format!(
                     "too many invalid credentials came from this address; retry in {retry_after} s"
                 ),
+            ),
+            Self::UsageUnavailable => (
+                "usage-unavailable",
+                "Usage unavailable",
+                "your usage cannot be read right now; retry shortly".to_owned(),
+            ),
+            Self::MeteringUnavailable => (
+                "metering-unavailable",
+                "Metering unavailable",
+                "usage cannot be recorded right now; retry shortly".to_owned(),
             ),
             Self::RateLimited { retry_after } => (
                 "rate-limited",

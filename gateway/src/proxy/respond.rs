@@ -57,7 +57,7 @@ fn add_security_headers(
 /// Writes a complete response with the given status, headers and body.
 pub async fn write(
     session: &mut Session,
-    ctx: &RequestCtx,
+    ctx: &mut RequestCtx,
     status: u16,
     headers: &[(HeaderName, HeaderValue)],
     body: Bytes,
@@ -67,6 +67,7 @@ pub async fn write(
         header.append_header(name.clone(), value.clone())?;
     }
     header.insert_header(CONTENT_LENGTH, body.len())?;
+    super::meter::on_response_header(session, ctx, status);
     decorate(&mut header, ctx, true)?;
     // An unread request body would have to be drained before the connection could be reused;
     // closing is cheaper and cannot be stalled by a slow client.
@@ -86,7 +87,7 @@ pub async fn write(
 /// the gateway never has to drain a large or slow body first.
 pub async fn problem(
     session: &mut Session,
-    ctx: &RequestCtx,
+    ctx: &mut RequestCtx,
     problem: &GatewayProblem,
 ) -> Result<()> {
     let mut headers = vec![
@@ -106,6 +107,9 @@ pub async fn problem(
     match problem {
         GatewayProblem::NoHealthyTarget => {
             headers.push((http::header::RETRY_AFTER, HeaderValue::from_static("1")));
+        }
+        GatewayProblem::MeteringUnavailable => {
+            headers.push((http::header::RETRY_AFTER, HeaderValue::from_static("5")));
         }
         GatewayProblem::Refused(Refusal::Unavailable) => {
             headers.push((http::header::RETRY_AFTER, HeaderValue::from_static("5")));

@@ -15,13 +15,13 @@ use std::path::Path;
 use http::{Method, StatusCode};
 
 use super::file::{
-    ControlPlaneConfig, Entry, GatewayConfig, JwtProviderConfig, RouteAuthConfig, RouteConfig,
-    SecurityHeadersConfig, ServerConfig, UpstreamConfig,
+    ControlPlaneConfig, Entry, GatewayConfig, JwtProviderConfig, MeteringConfig, RouteAuthConfig,
+    RouteConfig, SecurityHeadersConfig, ServerConfig, UpstreamConfig,
 };
 use super::headers::{check_security_headers, header_pairs, resolve_security_headers};
 use super::{
     AuthSettings, Config, ConfigError, ConfigErrors, ControlPlane, FeedSource, HostMatch, Limits,
-    Route, RouteAction, RouteAuth, ServerSettings, StaticResponse, TlsListener, Upstream,
+    Metering, Route, RouteAction, RouteAuth, ServerSettings, StaticResponse, TlsListener, Upstream,
 };
 
 /// Checks a parsed file, adding its problems to those `parse_errors` already found. Relative
@@ -84,6 +84,7 @@ pub fn validate(
         .control_plane
         .as_ref()
         .and_then(|cp| self::control_plane(cp, base, &mut errors));
+    let metering = self::metering(&file.metering, base, &mut errors);
     let redis = file
         .redis
         .as_ref()
@@ -123,8 +124,8 @@ pub fn validate(
     overlapping_routes(&file.routes, &mut errors);
     check_log_level(&file.log.level, &mut errors);
 
-    match (server, file.server, errors.0.is_empty()) {
-        (Some(server), Some(file_server), true) => Ok(Config {
+    match (server, file.server, metering, errors.0.is_empty()) {
+        (Some(server), Some(file_server), Some(metering), true) => Ok(Config {
             server,
             log: file.log,
             limits: Limits {
@@ -139,7 +140,7 @@ pub fn validate(
                 failed_per_minute: file.auth.failed_per_minute,
             },
             jwt_providers,
-            metering: file.metering,
+            metering,
             redis,
         }),
         _ => Err(ConfigErrors(errors.0)),
@@ -375,6 +376,21 @@ fn route(
             .collect::<Vec<_>>()
     });
     let action = match (&file.upstream, &file.respond) {
+        _ if file.usage => {
+            if file.upstream.is_some() || file.respond.is_some() {
+                errors.push(
+                    path,
+                    "set one of upstream, respond and usage = true, not several",
+                );
+            }
+            if file.auth == RouteAuthConfig::None {
+                errors.push(
+                    format!("{path}.usage"),
+                    "needs auth: the usage shown is the calling customer's",
+                );
+            }
+            Some(RouteAction::Usage)
+        }
         (Some(name), None) => match context.upstreams.get(name.as_str()) {
             Some(index) => Some(RouteAction::Proxy(*index)),
             None => {
@@ -415,7 +431,7 @@ fn route(
         (None, None) => {
             errors.push(
                 path,
-                "missing upstream or respond: a route must proxy or answer",
+                "missing upstream, respond or usage = true: a route must proxy or answer",
             );
             None
         }
@@ -522,6 +538,40 @@ fn route_auth(
 
 /// Default store of the embedded control plane, next to the config file.
 const EMBEDDED_DATABASE: &str = "sqlite://tollgate.db?mode=rwc";
+
+/// Largest batch the control plane takes.
+const MAX_BATCH: usize = 5000;
+
+fn metering(file: &MeteringConfig, base: &Path, errors: &mut Errors) -> Option<Metering> {
+    let before = errors.0.len();
+    if file.spool_dir.is_empty() {
+        errors.push("metering.spool_dir", "must name a directory");
+    }
+    if file.spool_max_bytes < 1 << 20 {
+        errors.push(
+            "metering.spool_max_bytes",
+            "must be at least 1048576 (1 MiB)",
+        );
+    }
+    if file.flush_interval < std::time::Duration::from_millis(100)
+        || file.flush_interval > std::time::Duration::from_secs(60)
+    {
+        errors.push("metering.flush_interval", "must be between 100ms and 60s");
+    }
+    if !(1..=MAX_BATCH).contains(&file.batch_size) {
+        errors.push(
+            "metering.batch_size",
+            format!("must be between 1 and {MAX_BATCH}"),
+        );
+    }
+    (errors.0.len() == before).then(|| Metering {
+        refund_upstream_5xx: file.refund_upstream_5xx,
+        spool_dir: base.join(&file.spool_dir),
+        spool_max_bytes: file.spool_max_bytes,
+        flush_interval: file.flush_interval,
+        batch_size: file.batch_size,
+    })
+}
 
 fn control_plane(
     file: &ControlPlaneConfig,

@@ -1,0 +1,207 @@
+//! The flusher: a background service that sends closed spool segments to the ledger in batches
+//! and deletes them once sent.
+//!
+//! A pending record (written as a response header went out) is settled by the final record of
+//! the same id, in its segment or a later one; a segment is deleted only when it was sent and
+//! every pending record in it is settled, so a request still running keeps its segment. Pending
+//! records left unsettled by an earlier process (it died between a response and its end) are
+//! sent as they are: the client got a response, so the request counts. Sending is idempotent
+//! (the store keeps each event id once), so a segment sent twice (a crash between sending and
+//! deleting it) counts once.
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use pingora::server::ShutdownWatch;
+use pingora::services::background::BackgroundService;
+use tollgate_model::usage::UsageEvent;
+
+use super::Meter;
+use super::spool::{self, Record};
+use crate::metering::ledger::Ledger;
+use crate::state::Gateway;
+
+/// What the flusher knows of a closed segment.
+#[derive(Debug)]
+struct Segment {
+    path: PathBuf,
+    /// Final records, to send.
+    finals: Vec<UsageEvent>,
+    /// Pending records by id, until settled.
+    pending: HashMap<String, UsageEvent>,
+    sent: bool,
+}
+
+/// Sends the spool to the ledger.
+#[derive(Debug)]
+pub struct Flusher {
+    gateway: Arc<Gateway>,
+    meter: Arc<Meter>,
+    interval: Duration,
+    batch: usize,
+}
+
+impl Flusher {
+    /// A flusher of `meter`'s spool every `interval`, `batch` events per call.
+    pub fn new(gateway: Arc<Gateway>, meter: Arc<Meter>, interval: Duration, batch: usize) -> Self {
+        Self {
+            gateway,
+            meter,
+            interval,
+            batch,
+        }
+    }
+
+    /// One pass: closes the active segment if due, reads new closed segments, settles pending
+    /// records, sends what is unsent, deletes what is done. Returns whether every closed segment
+    /// was sent.
+    async fn pass(
+        &self,
+        segments: &mut BTreeMap<u64, Segment>,
+        ledger: &dyn Ledger,
+    ) -> anyhow::Result<bool> {
+        let now = crate::identity::unix_ms();
+        let interval_ms = i64::try_from(self.interval.as_millis()).unwrap_or(i64::MAX);
+        let active = self.meter.spool.tick(now, interval_ms)?;
+        for (seq, path) in self.meter.spool.closed(active)? {
+            if segments.contains_key(&seq) {
+                continue;
+            }
+            let (records, torn) = spool::read(&path)?;
+            if torn > 0 {
+                tracing::warn!(segment = %path.display(), torn, "skipped torn usage records (a crash mid-write)");
+            }
+            let mut segment = Segment {
+                path,
+                finals: Vec::new(),
+                pending: HashMap::new(),
+                sent: false,
+            };
+            for record in records {
+                match record {
+                    Record::Pending(event) => {
+                        segment.pending.insert(event.id.clone(), event);
+                    }
+                    Record::Final(event) => segment.finals.push(event),
+                }
+            }
+            segments.insert(seq, segment);
+        }
+        // Settle pending records with the final ones read so far.
+        let finals: Vec<String> = segments
+            .values()
+            .flat_map(|s| s.finals.iter().map(|e| e.id.clone()))
+            .collect();
+        for id in &finals {
+            for segment in segments.values_mut() {
+                segment.pending.remove(id);
+            }
+        }
+        // Left by an earlier process and never settled: the response went out, so they count.
+        let first_own = self.meter.spool.first_own_seq();
+        for (_, segment) in segments.range_mut(..first_own) {
+            let orphans: Vec<UsageEvent> = segment.pending.drain().map(|(_, e)| e).collect();
+            if !orphans.is_empty() {
+                segment.finals.extend(orphans);
+                segment.sent = false;
+            }
+        }
+        let mut all_sent = true;
+        for segment in segments.values_mut().filter(|s| !s.sent) {
+            for chunk in segment.finals.chunks(self.batch) {
+                match ledger.record(chunk).await {
+                    Ok(stored) => self.meter.metrics.sent(stored.inserted, stored.duplicates),
+                    Err(error) => {
+                        self.meter.metrics.send_failed();
+                        tracing::warn!(%error, "cannot store usage yet; it stays in the spool");
+                        return Ok(false);
+                    }
+                }
+            }
+            segment.sent = true;
+        }
+        let done: Vec<u64> = segments
+            .iter()
+            .filter(|(_, s)| s.sent && s.pending.is_empty())
+            .map(|(seq, _)| *seq)
+            .collect();
+        for seq in done {
+            if let Some(segment) = segments.remove(&seq) {
+                self.meter.spool.remove(&segment.path)?;
+            }
+        }
+        all_sent &= segments.values().all(|s| s.sent);
+        self.meter.metrics.spool_bytes(self.meter.spool.bytes());
+        Ok(all_sent)
+    }
+}
+
+impl Flusher {
+    /// Sends what earlier processes left in the spool, before this one serves: a quota counter
+    /// rebuilt from the ledger then includes it. Without an answer within 10 s (the control
+    /// plane is down) it stays in the spool for the background passes.
+    pub fn recover(&self) {
+        let Some(ledger) = self.gateway.limiter.ledger().cloned() else {
+            return;
+        };
+        let runtime = match tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+        {
+            Ok(runtime) => runtime,
+            Err(error) => {
+                tracing::warn!(%error, "cannot send the spool left by an earlier process now");
+                return;
+            }
+        };
+        let mut segments = BTreeMap::new();
+        let pass = runtime.block_on(async {
+            tokio::time::timeout(
+                Duration::from_secs(10),
+                self.pass(&mut segments, ledger.as_ref()),
+            )
+            .await
+        });
+        match pass {
+            Ok(Ok(true)) => tracing::info!("usage left by an earlier process is stored"),
+            Ok(Ok(false)) | Err(_) => tracing::warn!(
+                "usage left by an earlier process stays in the spool until the ledger takes it; \
+                 quotas may count it late"
+            ),
+            Ok(Err(error)) => tracing::error!(%error, "the usage spool cannot be read"),
+        }
+    }
+}
+
+#[async_trait::async_trait]
+impl BackgroundService for Flusher {
+    async fn start(&self, mut shutdown: ShutdownWatch) {
+        let mut segments = BTreeMap::new();
+        let mut delay = self.interval;
+        loop {
+            if let Some(ledger) = self.gateway.limiter.ledger() {
+                match self.pass(&mut segments, ledger.as_ref()).await {
+                    Ok(true) => delay = self.interval,
+                    Ok(false) => delay = (delay * 2).min(Duration::from_secs(30)),
+                    Err(error) => {
+                        tracing::error!(%error, "the usage spool cannot be read or written");
+                        delay = (delay * 2).min(Duration::from_secs(30));
+                    }
+                }
+            }
+            tokio::select! {
+                () = tokio::time::sleep(delay) => {}
+                _ = shutdown.changed() => break,
+            }
+        }
+        // Last pass at shutdown: requests drained, so everything written is final.
+        if let Some(ledger) = self.gateway.limiter.ledger() {
+            let _ = self.meter.spool.tick(i64::MAX, 0);
+            if let Err(error) = self.pass(&mut segments, ledger.as_ref()).await {
+                tracing::warn!(%error, "usage left in the spool at shutdown; sent at next start");
+            }
+        }
+    }
+}

@@ -1,0 +1,111 @@
+//! The metering metrics.
+
+use prometheus::{IntCounter, IntCounterVec, IntGauge, Opts};
+
+use crate::metrics::{
+    Metrics, USAGE_EVENTS_SPOOLED_TOTAL, USAGE_EVENTS_STORED_TOTAL, USAGE_SEND_FAILURES_TOTAL,
+    USAGE_SPOOL_BYTES, USAGE_SPOOL_ERRORS_TOTAL, USAGE_SPOOL_FULL_REFUSALS_TOTAL,
+    USAGE_SPOOL_MAX_BYTES,
+};
+
+/// Handles of the metering metrics.
+#[derive(Debug, Clone)]
+pub struct MeteringMetrics {
+    spool_bytes: IntGauge,
+    spool_max_bytes: IntGauge,
+    spooled: IntCounter,
+    inserted: IntCounter,
+    duplicates: IntCounter,
+    send_failures: IntCounter,
+    spool_errors: IntCounter,
+    full_refusals: IntCounter,
+}
+
+impl MeteringMetrics {
+    /// Registers them in `metrics`' registry.
+    pub fn new(metrics: &Metrics) -> prometheus::Result<Self> {
+        let spool_bytes = IntGauge::new(USAGE_SPOOL_BYTES, "Bytes of usage records in the spool.")?;
+        let spool_max_bytes = IntGauge::new(
+            USAGE_SPOOL_MAX_BYTES,
+            "The spool's bound; at it, metered requests are refused (503).",
+        )?;
+        let spooled = IntCounter::new(
+            USAGE_EVENTS_SPOOLED_TOTAL,
+            "Usage events written to the spool.",
+        )?;
+        let stored = IntCounterVec::new(
+            Opts::new(
+                USAGE_EVENTS_STORED_TOTAL,
+                "Usage events sent to the ledger, by result (inserted, or duplicate: already stored, a replay).",
+            ),
+            &["result"],
+        )?;
+        let send_failures = IntCounter::new(
+            USAGE_SEND_FAILURES_TOTAL,
+            "Batches the ledger did not accept (they stay in the spool and are sent again).",
+        )?;
+        let spool_errors = IntCounter::new(
+            USAGE_SPOOL_ERRORS_TOTAL,
+            "Usage records the disk refused to write.",
+        )?;
+        let full_refusals = IntCounter::new(
+            USAGE_SPOOL_FULL_REFUSALS_TOTAL,
+            "Metered requests refused because the spool was full.",
+        )?;
+        for collector in [&spool_bytes, &spool_max_bytes] {
+            metrics.register(Box::new(collector.clone()))?;
+        }
+        for collector in [&spooled, &send_failures, &spool_errors, &full_refusals] {
+            metrics.register(Box::new(collector.clone()))?;
+        }
+        metrics.register(Box::new(stored.clone()))?;
+        Ok(Self {
+            spool_bytes,
+            spool_max_bytes,
+            spooled,
+            inserted: stored.with_label_values(&["inserted"]),
+            duplicates: stored.with_label_values(&["duplicate"]),
+            send_failures,
+            spool_errors,
+            full_refusals,
+        })
+    }
+
+    /// Sets the spool's fill and bound.
+    pub fn spool_bytes(&self, bytes: u64) {
+        self.spool_bytes
+            .set(i64::try_from(bytes).unwrap_or(i64::MAX));
+    }
+
+    /// Sets the spool's bound.
+    pub fn spool_max_bytes(&self, bytes: u64) {
+        self.spool_max_bytes
+            .set(i64::try_from(bytes).unwrap_or(i64::MAX));
+    }
+
+    /// Counts an event written to the spool.
+    pub fn spooled(&self) {
+        self.spooled.inc();
+    }
+
+    /// Counts a batch stored.
+    pub fn sent(&self, inserted: u64, duplicates: u64) {
+        self.inserted.inc_by(inserted);
+        self.duplicates.inc_by(duplicates);
+    }
+
+    /// Counts a batch refused.
+    pub fn send_failed(&self) {
+        self.send_failures.inc();
+    }
+
+    /// Counts a record the disk refused.
+    pub fn spool_error(&self) {
+        self.spool_errors.inc();
+    }
+
+    /// Counts a request refused because the spool was full.
+    pub fn full_refusal(&self) {
+        self.full_refusals.inc();
+    }
+}

@@ -1,0 +1,284 @@
+//! The spool: usage records appended to files on local disk, one line of JSON each, before the
+//! response they describe goes out, so a crash of the process loses none.
+//!
+//! Records go to the active *segment* (`<seq>.jsonl`, `seq` increasing); a segment is closed when
+//! it passes [`SEGMENT_BYTES`] or when the flusher finds it older than its interval, and a closed
+//! segment is read, sent and deleted by the flusher. Each append is one `write(2)` of a whole line
+//! under a mutex (no buffer in this process: what was written survives `kill -9`); the flusher
+//! `fsync`s the active segment every tick, so a power loss costs at most one tick. The total size
+//! on disk is bounded: past `max_bytes` the request path refuses metered requests (503) rather
+//! than serve them unmetered; the records of requests already admitted are still appended.
+
+use std::fs::{File, OpenOptions};
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Mutex, PoisonError};
+
+use serde::{Deserialize, Serialize};
+use tollgate_model::usage::UsageEvent;
+
+/// Size past which the active segment is closed.
+pub const SEGMENT_BYTES: u64 = 4 * 1024 * 1024;
+
+/// One line of the spool.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Record {
+    /// Written as the response header goes out: the request counts even if this process dies
+    /// before it ends.
+    #[serde(rename = "p")]
+    Pending(UsageEvent),
+    /// Written when the request is over, with its final latency and sizes; replaces the pending
+    /// record of the same id.
+    #[serde(rename = "e")]
+    Final(UsageEvent),
+}
+
+#[derive(Debug)]
+struct Active {
+    seq: u64,
+    file: File,
+    bytes: u64,
+    records: u64,
+    opened_ms: i64,
+}
+
+/// The spool directory and its active segment.
+#[derive(Debug)]
+pub struct Spool {
+    dir: PathBuf,
+    active: Mutex<Active>,
+    bytes: AtomicU64,
+    max_bytes: u64,
+    /// The first segment of this process: older ones were left by an earlier one.
+    first_own_seq: u64,
+}
+
+impl Spool {
+    /// Opens the spool in `dir` (created if needed), counting what earlier processes left, and
+    /// starts a new segment after theirs.
+    pub fn open(dir: &Path, max_bytes: u64, now_ms: i64) -> std::io::Result<Self> {
+        std::fs::create_dir_all(dir)?;
+        let mut bytes = 0;
+        let mut last = 0;
+        for (seq, path) in segments(dir)? {
+            bytes += std::fs::metadata(&path)?.len();
+            last = last.max(seq);
+        }
+        let seq = last + 1;
+        Ok(Self {
+            dir: dir.to_owned(),
+            active: Mutex::new(Active {
+                seq,
+                file: create(dir, seq)?,
+                bytes: 0,
+                records: 0,
+                opened_ms: now_ms,
+            }),
+            bytes: AtomicU64::new(bytes),
+            max_bytes,
+            first_own_seq: seq,
+        })
+    }
+
+    /// Bytes on disk, every segment included.
+    pub fn bytes(&self) -> u64 {
+        self.bytes.load(Ordering::Relaxed)
+    }
+
+    /// The bound on [`bytes`](Self::bytes).
+    pub fn max_bytes(&self) -> u64 {
+        self.max_bytes
+    }
+
+    /// Whether new metered requests must be refused.
+    pub fn is_full(&self) -> bool {
+        self.bytes() >= self.max_bytes
+    }
+
+    /// The first segment this process wrote.
+    pub fn first_own_seq(&self) -> u64 {
+        self.first_own_seq
+    }
+
+    /// Appends one record.
+    pub fn append(&self, record: &Record) -> std::io::Result<()> {
+        let mut line = serde_json::to_vec(record).map_err(std::io::Error::other)?;
+        line.push(b'\n');
+        // Held for one write of one line; nothing else happens under it.
+        let mut active = self.active.lock().unwrap_or_else(PoisonError::into_inner);
+        active.file.write_all(&line)?;
+        active.bytes += line.len() as u64;
+        active.records += 1;
+        self.bytes.fetch_add(line.len() as u64, Ordering::Relaxed);
+        if active.bytes >= SEGMENT_BYTES {
+            let opened_ms = active.opened_ms;
+            self.rotate(&mut active, opened_ms)?;
+        }
+        Ok(())
+    }
+
+    fn rotate(&self, active: &mut Active, now_ms: i64) -> std::io::Result<()> {
+        let seq = active.seq + 1;
+        let file = create(&self.dir, seq)?;
+        let old = std::mem::replace(
+            active,
+            Active {
+                seq,
+                file,
+                bytes: 0,
+                records: 0,
+                opened_ms: now_ms,
+            },
+        );
+        old.file.sync_data()
+    }
+
+    /// Syncs the active segment to disk, and closes it if it has records and was opened at least
+    /// `age_ms` before `now_ms`. Returns the active segment's number.
+    pub fn tick(&self, now_ms: i64, age_ms: i64) -> std::io::Result<u64> {
+        let mut active = self.active.lock().unwrap_or_else(PoisonError::into_inner);
+        if active.records > 0 && now_ms - active.opened_ms >= age_ms {
+            self.rotate(&mut active, now_ms)?;
+        } else {
+            active.file.sync_data()?;
+        }
+        Ok(active.seq)
+    }
+
+    /// Closed segments, oldest first: those before `active`.
+    pub fn closed(&self, active: u64) -> std::io::Result<Vec<(u64, PathBuf)>> {
+        Ok(segments(&self.dir)?
+            .into_iter()
+            .filter(|(seq, _)| *seq < active)
+            .collect())
+    }
+
+    /// Deletes a closed segment that was sent.
+    pub fn remove(&self, path: &Path) -> std::io::Result<()> {
+        let size = std::fs::metadata(path)?.len();
+        std::fs::remove_file(path)?;
+        self.bytes.fetch_sub(size, Ordering::Relaxed);
+        Ok(())
+    }
+}
+
+fn create(dir: &Path, seq: u64) -> std::io::Result<File> {
+    OpenOptions::new()
+        .create_new(true)
+        .append(true)
+        .open(dir.join(format!("{seq:016}.jsonl")))
+}
+
+/// Segments in `dir`, by number.
+fn segments(dir: &Path) -> std::io::Result<Vec<(u64, PathBuf)>> {
+    let mut found = Vec::new();
+    for entry in std::fs::read_dir(dir)? {
+        let path = entry?.path();
+        let seq = path
+            .file_name()
+            .and_then(|n| n.to_str())
+            .and_then(|n| n.strip_suffix(".jsonl"))
+            .and_then(|n| n.parse::<u64>().ok());
+        if let Some(seq) = seq {
+            found.push((seq, path));
+        }
+    }
+    found.sort();
+    Ok(found)
+}
+
+/// The records of a segment; a line that does not parse (torn by a crash mid-write: only the
+/// last can be) is skipped and counted.
+pub fn read(path: &Path) -> std::io::Result<(Vec<Record>, usize)> {
+    let text = std::fs::read(path)?;
+    let mut records = Vec::new();
+    let mut torn = 0;
+    for line in text.split(|&b| b == b'\n').filter(|l| !l.is_empty()) {
+        match serde_json::from_slice(line) {
+            Ok(record) => records.push(record),
+            Err(_) => torn += 1,
+        }
+    }
+    Ok((records, torn))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn event(id: u8, units: u64) -> UsageEvent {
+        UsageEvent {
+            id: format!("evt_{}", hex::encode([id; 16])),
+            request_id: "r".into(),
+            customer_id: format!("cus_{}", hex::encode([1; 16])),
+            key_id: None,
+            route: "api".into(),
+            method: "GET".into(),
+            status: 200,
+            latency_us: 10,
+            bytes_in: 0,
+            bytes_out: 5,
+            at_ms: 1,
+            units,
+            overage: 0,
+        }
+    }
+
+    #[test]
+    fn records_survive_a_restart_and_a_torn_last_line_is_skipped() {
+        let dir = tempfile::tempdir().unwrap();
+        let spool = Spool::open(dir.path(), 1 << 20, 0).unwrap();
+        spool.append(&Record::Pending(event(1, 1))).unwrap();
+        spool.append(&Record::Final(event(1, 1))).unwrap();
+        let (seq, path) = segments(dir.path()).unwrap().remove(0);
+        assert_eq!(seq, 1);
+        // A crash mid-write leaves half a line.
+        let mut file = OpenOptions::new().append(true).open(&path).unwrap();
+        file.write_all(b"{\"p\":{\"id\":\"evt_").unwrap();
+        drop(spool);
+        let reopened = Spool::open(dir.path(), 1 << 20, 0).unwrap();
+        assert_eq!(reopened.first_own_seq(), 2);
+        assert!(reopened.bytes() > 0);
+        let closed = reopened.closed(reopened.first_own_seq()).unwrap();
+        assert_eq!(closed.len(), 1);
+        let (records, torn) = read(&closed[0].1).unwrap();
+        assert_eq!(
+            records,
+            [Record::Pending(event(1, 1)), Record::Final(event(1, 1))]
+        );
+        assert_eq!(torn, 1);
+    }
+
+    #[test]
+    fn the_spool_is_full_at_its_bound_until_sent_segments_are_removed() {
+        let dir = tempfile::tempdir().unwrap();
+        let line = serde_json::to_vec(&Record::Final(event(1, 1)))
+            .unwrap()
+            .len() as u64
+            + 1;
+        let spool = Spool::open(dir.path(), line * 2, 0).unwrap();
+        spool.append(&Record::Final(event(1, 1))).unwrap();
+        assert!(!spool.is_full());
+        spool.append(&Record::Final(event(2, 1))).unwrap();
+        assert!(spool.is_full());
+        assert_eq!(spool.bytes(), line * 2);
+        let active = spool.tick(10, 0).unwrap();
+        for (_, path) in spool.closed(active).unwrap() {
+            spool.remove(&path).unwrap();
+        }
+        assert_eq!(spool.bytes(), 0);
+        assert!(!spool.is_full());
+    }
+
+    #[test]
+    fn tick_closes_a_segment_only_once_it_is_old_enough_and_not_empty() {
+        let dir = tempfile::tempdir().unwrap();
+        let spool = Spool::open(dir.path(), 1 << 20, 0).unwrap();
+        assert_eq!(spool.tick(5_000, 1_000).unwrap(), 1, "empty: kept");
+        spool.append(&Record::Final(event(1, 1))).unwrap();
+        assert_eq!(spool.tick(500, 1_000).unwrap(), 1, "young: kept");
+        assert_eq!(spool.tick(1_000, 1_000).unwrap(), 2);
+        assert_eq!(spool.closed(2).unwrap().len(), 1);
+    }
+}

@@ -1,0 +1,325 @@
+//! Metering: every admitted request stored once in the usage ledger, whatever crashes; the admin
+//! and customer views read it; quota counters are rebuilt from it after a restart or a flushed
+//! Redis.
+
+use std::time::{Duration, Instant};
+
+use futures_util::future::join_all;
+use serde_json::{Value, json};
+use tollgate_tests::control_plane::{AdminApi, admin_token};
+use tollgate_tests::redis::RedisServer;
+use tollgate_tests::{Gateway, Upstream, client, config};
+
+fn standalone_config(upstream: &Upstream, extra: &str) -> String {
+    config(&format!(
+        r#"
+[control_plane]
+embedded = true
+
+[metering]
+flush_interval = "200ms"
+
+{extra}
+
+[[upstreams]]
+name = "api"
+targets = ["{target}"]
+
+[[routes]]
+name = "api"
+path_prefix = "/api"
+upstream = "api"
+auth = "key"
+
+[[routes]]
+name = "status"
+path_prefix = "/status"
+upstream = "api"
+auth = "key"
+
+[[routes]]
+name = "me"
+path_prefix = "/me"
+auth = "key"
+usage = true
+"#,
+        target = upstream.target()
+    ))
+}
+
+struct Customer {
+    id: String,
+    key: String,
+}
+
+async fn customer_on(api: &AdminApi, plan: Value) -> Customer {
+    let mut body = plan;
+    body["name"] = json!(format!("plan-{}", rand::random::<u32>()));
+    let plan = api.create("/v1/plans", body).await;
+    let customer = api
+        .create(
+            "/v1/customers",
+            json!({"name": "acme", "email": format!("{}@example.test", rand::random::<u32>()), "plan_id": plan["id"]}),
+        )
+        .await;
+    let id = customer["id"].as_str().unwrap().to_owned();
+    let key = api
+        .create(&format!("/v1/customers/{id}/keys"), json!({"name": "main"}))
+        .await["key"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    Customer { id, key }
+}
+
+async fn wait_for_keys(gateway: &Gateway, count: u64) {
+    let started = Instant::now();
+    while gateway.ready().await["identities"]["keys"].as_u64() != Some(count) {
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "keys never arrived"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+async fn get(gateway: &Gateway, path: &str, key: &str) -> reqwest::Response {
+    client()
+        .get(gateway.url(path))
+        .bearer_auth(key)
+        .send()
+        .await
+        .unwrap()
+}
+
+/// Polls the admin usage view until `used` is `expected`; the view.
+async fn wait_for_used(api: &AdminApi, customer: &str, expected: u64) -> Value {
+    let started = Instant::now();
+    loop {
+        let (status, usage) = api
+            .call("GET", &format!("/v1/customers/{customer}/usage"), None)
+            .await;
+        assert_eq!(status, 200, "{usage}");
+        if usage["used"].as_u64() == Some(expected) {
+            return usage;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(15),
+            "used is {} and not {expected}",
+            usage["used"]
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+fn header(response: &reqwest::Response, name: &str) -> String {
+    response
+        .headers()
+        .get(name)
+        .map_or(String::new(), |v| v.to_str().unwrap().to_owned())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_admitted_request_is_stored_once_and_both_usage_views_read_it() {
+    let upstream = Upstream::start("api");
+    let token = admin_token();
+    let gateway = Gateway::start_with_env(
+        tempfile::tempdir().unwrap(),
+        &standalone_config(&upstream, ""),
+        &[("TOLLGATE_ADMIN_TOKEN", token.as_str())],
+    )
+    .await;
+    let api = AdminApi::new(&format!("http://{}", gateway.admin), &token);
+    let customer = customer_on(
+        &api,
+        json!({"quota": {"requests": 100, "hard": true}, "upgrade_url": "https://example.test/upgrade"}),
+    )
+    .await;
+    wait_for_keys(&gateway, 1).await;
+    for _ in 0..5 {
+        assert_eq!(get(&gateway, "/api/ok", &customer.key).await.status(), 200);
+    }
+    // Upstream 5xx are stored with 0 units; a 4xx counts.
+    for _ in 0..2 {
+        assert_eq!(
+            get(&gateway, "/status/503", &customer.key).await.status(),
+            503
+        );
+    }
+    assert_eq!(
+        get(&gateway, "/status/404", &customer.key).await.status(),
+        404
+    );
+
+    let usage = wait_for_used(&api, &customer.id, 6).await;
+    assert_eq!(usage["quota"], 100);
+    assert_eq!(usage["remaining"], 94);
+    let mut days: Vec<(String, u64, u64, u64)> = usage["days"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|d| {
+            (
+                d["route"].as_str().unwrap().to_owned(),
+                d["requests"].as_u64().unwrap(),
+                d["units"].as_u64().unwrap(),
+                d["errors"].as_u64().unwrap(),
+            )
+        })
+        .collect();
+    days.sort();
+    assert_eq!(
+        days,
+        [("api".to_owned(), 5, 5, 0), ("status".to_owned(), 3, 1, 2)]
+    );
+    assert_eq!(
+        gateway
+            .metric("tollgate_usage_events_stored_total{result=\"inserted\"}")
+            .await,
+        Some(8.0)
+    );
+
+    // The customer reads the same with its own key; the view itself is not metered.
+    let me = get(&gateway, "/me", &customer.key).await;
+    assert_eq!(me.status(), 200);
+    let me: Value = me.json().await.unwrap();
+    assert_eq!(me["customer_id"], customer.id.as_str());
+    assert_eq!(
+        (me["used"].as_u64(), me["remaining"].as_u64()),
+        (Some(6), Some(94))
+    );
+    assert_eq!(me["period"]["end"], usage["period"]["end"]);
+    assert_eq!(me["upgrade_url"], "https://example.test/upgrade");
+    let again: Value = get(&gateway, "/me", &customer.key)
+        .await
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(again["used"], 6);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_exhausted_quota_names_the_plans_upgrade_url() {
+    let upstream = Upstream::start("api");
+    let token = admin_token();
+    let gateway = Gateway::start_with_env(
+        tempfile::tempdir().unwrap(),
+        &standalone_config(&upstream, ""),
+        &[("TOLLGATE_ADMIN_TOKEN", token.as_str())],
+    )
+    .await;
+    let api = AdminApi::new(&format!("http://{}", gateway.admin), &token);
+    let customer = customer_on(
+        &api,
+        json!({"quota": {"requests": 1, "hard": true}, "upgrade_url": "https://example.test/upgrade"}),
+    )
+    .await;
+    wait_for_keys(&gateway, 1).await;
+    assert_eq!(get(&gateway, "/api/ok", &customer.key).await.status(), 200);
+    let refused = get(&gateway, "/api/ok", &customer.key).await;
+    assert_eq!(refused.status(), 429);
+    assert!(header(&refused, "retry-after").parse::<u64>().unwrap() >= 1);
+    let body: Value = refused.json().await.unwrap();
+    assert_eq!(body["type"], "urn:tollgate:problem:quota-exceeded");
+    assert_eq!(body["upgrade_url"], "https://example.test/upgrade");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_gateway_killed_under_load_stores_exactly_the_requests_that_got_a_response() {
+    let upstream = Upstream::start("api");
+    let token = admin_token();
+    let env = [("TOLLGATE_ADMIN_TOKEN", token.as_str())];
+    let text = standalone_config(&upstream, "");
+    let gateway = Gateway::start_with_env(tempfile::tempdir().unwrap(), &text, &env).await;
+    let api = AdminApi::new(&format!("http://{}", gateway.admin), &token);
+    let customer = customer_on(&api, json!({"quota": {"requests": 1000000, "hard": true}})).await;
+    wait_for_keys(&gateway, 1).await;
+
+    let url = gateway.url("/api/load");
+    let until = Instant::now() + Duration::from_millis(1500);
+    let workers = (0..8).map(|_| {
+        let url = url.clone();
+        let key = customer.key.clone();
+        async move {
+            let client = client();
+            let mut answered = 0u64;
+            loop {
+                match client.get(&url).bearer_auth(&key).send().await {
+                    Ok(response) if response.status() == 200 => {
+                        if response.bytes().await.is_ok() {
+                            answered += 1;
+                        }
+                    }
+                    Ok(response) => panic!("unexpected {}", response.status()),
+                    // The gateway is gone.
+                    Err(_) => return answered,
+                }
+                if Instant::now() > until + Duration::from_secs(10) {
+                    return answered;
+                }
+            }
+        }
+    });
+    let killer = async {
+        tokio::time::sleep_until(until.into()).await;
+        gateway.kill()
+    };
+    let (answered, dir) = tokio::join!(join_all(workers), killer);
+    let answered: u64 = answered.into_iter().sum();
+    assert!(answered > 50, "only {answered} requests before the kill");
+
+    let gateway = Gateway::start_with_env(dir, &text, &env).await;
+    let api = AdminApi::new(&format!("http://{}", gateway.admin), &token);
+    wait_for_keys(&gateway, 1).await;
+    let usage = wait_for_used(&api, &customer.id, answered).await;
+    let requests: u64 = usage["days"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|d| d["requests"].as_u64().unwrap())
+        .sum();
+    assert_eq!(requests, answered, "one stored event per answered request");
+    // The quota counter starts from the stored count, not from nothing.
+    let next = get(&gateway, "/api/after", &customer.key).await;
+    assert_eq!(next.status(), 200);
+    assert_eq!(
+        header(&next, "x-quota-remaining"),
+        (1000000 - answered - 1).to_string()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flushed_redis_continues_the_quota_from_the_ledger() {
+    let redis = RedisServer::start();
+    let upstream = Upstream::start("api");
+    let token = admin_token();
+    let extra = format!("[redis]\nurl = \"{}\"\ntimeout = \"1s\"", redis.url());
+    let gateway = Gateway::start_with_env(
+        tempfile::tempdir().unwrap(),
+        &standalone_config(&upstream, &extra),
+        &[("TOLLGATE_ADMIN_TOKEN", token.as_str())],
+    )
+    .await;
+    let api = AdminApi::new(&format!("http://{}", gateway.admin), &token);
+    let customer = customer_on(&api, json!({"quota": {"requests": 50, "hard": true}})).await;
+    wait_for_keys(&gateway, 1).await;
+    for _ in 0..30 {
+        assert_eq!(get(&gateway, "/api/ok", &customer.key).await.status(), 200);
+    }
+    wait_for_used(&api, &customer.id, 30).await;
+    assert_eq!(redis.cli(&["FLUSHALL"]), "OK");
+
+    let next = get(&gateway, "/api/ok", &customer.key).await;
+    assert_eq!(next.status(), 200);
+    assert_eq!(header(&next, "x-quota-remaining"), "19");
+    for _ in 0..19 {
+        assert_eq!(get(&gateway, "/api/ok", &customer.key).await.status(), 200);
+    }
+    assert_eq!(get(&gateway, "/api/ok", &customer.key).await.status(), 429);
+    assert_eq!(
+        gateway
+            .metric("tollgate_limit_decisions_total{counted=\"fallback\",result=\"allowed\"}")
+            .await,
+        Some(0.0)
+    );
+}
