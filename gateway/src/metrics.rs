@@ -82,6 +82,9 @@ pub const USAGE_SPOOL_MAX_BYTES: &str = "tollgate_usage_spool_max_bytes";
 pub const USAGE_EVENTS_SPOOLED_TOTAL: &str = "tollgate_usage_events_spooled_total";
 /// Usage events sent to the ledger, by result (`inserted`, `duplicate`).
 pub const USAGE_EVENTS_STORED_TOTAL: &str = "tollgate_usage_events_stored_total";
+/// Usage events an earlier process left pending (killed between a response and its end),
+/// recovered from the spool.
+pub const USAGE_EVENTS_RECOVERED_TOTAL: &str = "tollgate_usage_events_recovered_total";
 /// Batches the ledger did not accept.
 pub const USAGE_SEND_FAILURES_TOTAL: &str = "tollgate_usage_send_failures_total";
 /// Usage records the disk refused to write.

@@ -366,3 +366,63 @@ async fn a_plan_change_keeps_what_was_already_counted() {
     assert_eq!(setup.get("/demo").await.status(), 429);
     assert_eq!(setup.customer_id.len(), 36);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_upgrade_and_a_downgrade_under_load_keep_the_count_exact() {
+    let upstream = Upstream::start("api");
+    let setup = customer_on(
+        &upstream,
+        "",
+        json!({"rate_limits": [{"requests": 300, "window_seconds": 3600}]}),
+    )
+    .await;
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let workers: Vec<_> = (0..8)
+        .map(|_| {
+            let url = setup.gateway.url("/api/load");
+            let key = setup.key.clone();
+            let stop = std::sync::Arc::clone(&stop);
+            tokio::spawn(async move {
+                let client = client();
+                let mut statuses = Vec::new();
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    let response = client.get(&url).bearer_auth(&key).send().await.unwrap();
+                    statuses.push(response.status().as_u16());
+                }
+                statuses
+            })
+        })
+        .collect();
+    // Refused at 300; then upgraded to 600 while requests flow, then downgraded to 400 (below
+    // what is counted), all under load.
+    let started = Instant::now();
+    while upstream.requests() < 300 || started.elapsed() < Duration::from_millis(300) {
+        assert!(started.elapsed() < Duration::from_secs(20), "load too slow");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    setup
+        .patch_plan(json!({"rate_limits": [{"requests": 600, "window_seconds": 3600}]}))
+        .await;
+    while upstream.requests() < 600 {
+        assert!(
+            started.elapsed() < Duration::from_secs(30),
+            "upgrade never applied"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    setup
+        .patch_plan(json!({"rate_limits": [{"requests": 400, "window_seconds": 3600}]}))
+        .await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let mut statuses = Vec::new();
+    for worker in workers {
+        statuses.extend(worker.await.unwrap());
+    }
+    assert_eq!(count(&statuses, 200), 600, "exactly the upgraded limit");
+    assert_eq!(
+        count(&statuses, 200) + count(&statuses, 429),
+        statuses.len()
+    );
+    assert_eq!(upstream.requests(), 600);
+}

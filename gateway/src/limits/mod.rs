@@ -295,3 +295,101 @@ impl Limiter {
         &self.local
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use tollgate_model::plan::{PlanStatus, Quota};
+
+    use super::clock::ManualClock;
+    use super::*;
+    use crate::metrics::Metrics;
+
+    fn plan(rate_limits: Vec<RateLimit>, quota: Option<Quota>) -> Plan {
+        Plan {
+            id: "plan_test".into(),
+            name: "test".into(),
+            rate_limits,
+            quota,
+            price: None,
+            upgrade_url: None,
+            status: PlanStatus::Active,
+            created_at: String::new(),
+            updated_at: String::new(),
+        }
+    }
+
+    /// 2026-11-26T00:00:00Z, on a 3 s bucket boundary.
+    const START: i64 = 1_795_651_200_000;
+
+    #[tokio::test]
+    async fn on_an_injected_clock_20_of_25_pass_and_all_come_back_after_the_window() {
+        let clock = Arc::new(ManualClock::at(START));
+        let limiter = Limiter::local(
+            Arc::clone(&clock) as Arc<dyn Clock>,
+            LimitMetrics::new(&Metrics::new()).unwrap(),
+        );
+        let plan = plan(
+            vec![RateLimit {
+                requests: 20,
+                window_seconds: 60,
+            }],
+            None,
+        );
+        let mut remaining = Vec::new();
+        for _ in 0..25 {
+            let decision = limiter.admit(&[1; 16], &plan, None, 1).await;
+            remaining.push((decision.verdict, decision.windows[0].remaining));
+            clock.advance(10);
+        }
+        let expected: Vec<(Verdict, u64)> = (0..20)
+            .rev()
+            .map(|r| (Verdict::Admitted, r))
+            .chain([(Verdict::RateLimited, 0); 5])
+            .collect();
+        assert_eq!(remaining, expected);
+        // Every unit was counted in the bucket [START, START + 3 s): back at START + 63 s.
+        clock.set(START + 62_999);
+        let refused = limiter.admit(&[1; 16], &plan, None, 1).await;
+        assert_eq!(refused.verdict, Verdict::RateLimited);
+        assert_eq!(refused.retry_after(), 1);
+        clock.set(START + 63_000);
+        let back = limiter.admit(&[1; 16], &plan, None, 1).await;
+        assert_eq!(back.verdict, Verdict::Admitted);
+        assert_eq!(back.windows[0].remaining, 19);
+    }
+
+    #[tokio::test]
+    async fn a_quota_starts_again_when_the_calendar_month_turns() {
+        let clock = Arc::new(ManualClock::at(START));
+        let limiter = Limiter::local(
+            Arc::clone(&clock) as Arc<dyn Clock>,
+            LimitMetrics::new(&Metrics::new()).unwrap(),
+        );
+        let plan = plan(
+            Vec::new(),
+            Some(Quota {
+                requests: 2,
+                hard: true,
+            }),
+        );
+        for _ in 0..2 {
+            assert_eq!(
+                limiter.admit(&[2; 16], &plan, None, 1).await.verdict,
+                Verdict::Admitted
+            );
+        }
+        let refused = limiter.admit(&[2; 16], &plan, None, 1).await;
+        assert_eq!(refused.verdict, Verdict::QuotaExceeded);
+        // 2026-12-01T00:00:00Z is 5 days away: Retry-After says so.
+        assert_eq!(refused.retry_after(), 5 * 86_400);
+        clock.set(START + 5 * 86_400_000 - 1);
+        assert_eq!(
+            limiter.admit(&[2; 16], &plan, None, 1).await.verdict,
+            Verdict::QuotaExceeded
+        );
+        clock.set(START + 5 * 86_400_000);
+        let december = limiter.admit(&[2; 16], &plan, None, 1).await;
+        assert_eq!(december.verdict, Verdict::Admitted);
+        assert_eq!(december.used, 1);
+    }
+}

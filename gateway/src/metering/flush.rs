@@ -104,6 +104,7 @@ impl Flusher {
         for (_, segment) in segments.range_mut(..first_own) {
             let orphans: Vec<UsageEvent> = segment.pending.drain().map(|(_, e)| e).collect();
             if !orphans.is_empty() {
+                self.meter.metrics.recovered(orphans.len() as u64);
                 segment.finals.extend(orphans);
                 segment.sent = false;
             }

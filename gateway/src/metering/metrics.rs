@@ -3,9 +3,9 @@
 use prometheus::{IntCounter, IntCounterVec, IntGauge, Opts};
 
 use crate::metrics::{
-    Metrics, USAGE_EVENTS_SPOOLED_TOTAL, USAGE_EVENTS_STORED_TOTAL, USAGE_SEND_FAILURES_TOTAL,
-    USAGE_SPOOL_BYTES, USAGE_SPOOL_ERRORS_TOTAL, USAGE_SPOOL_FULL_REFUSALS_TOTAL,
-    USAGE_SPOOL_MAX_BYTES,
+    Metrics, USAGE_EVENTS_RECOVERED_TOTAL, USAGE_EVENTS_SPOOLED_TOTAL, USAGE_EVENTS_STORED_TOTAL,
+    USAGE_SEND_FAILURES_TOTAL, USAGE_SPOOL_BYTES, USAGE_SPOOL_ERRORS_TOTAL,
+    USAGE_SPOOL_FULL_REFUSALS_TOTAL, USAGE_SPOOL_MAX_BYTES,
 };
 
 /// Handles of the metering metrics.
@@ -14,6 +14,7 @@ pub struct MeteringMetrics {
     spool_bytes: IntGauge,
     spool_max_bytes: IntGauge,
     spooled: IntCounter,
+    recovered: IntCounter,
     inserted: IntCounter,
     duplicates: IntCounter,
     send_failures: IntCounter,
@@ -32,6 +33,10 @@ impl MeteringMetrics {
         let spooled = IntCounter::new(
             USAGE_EVENTS_SPOOLED_TOTAL,
             "Usage events written to the spool.",
+        )?;
+        let recovered = IntCounter::new(
+            USAGE_EVENTS_RECOVERED_TOTAL,
+            "Usage events an earlier process left pending, recovered from the spool.",
         )?;
         let stored = IntCounterVec::new(
             Opts::new(
@@ -55,7 +60,13 @@ impl MeteringMetrics {
         for collector in [&spool_bytes, &spool_max_bytes] {
             metrics.register(Box::new(collector.clone()))?;
         }
-        for collector in [&spooled, &send_failures, &spool_errors, &full_refusals] {
+        for collector in [
+            &spooled,
+            &recovered,
+            &send_failures,
+            &spool_errors,
+            &full_refusals,
+        ] {
             metrics.register(Box::new(collector.clone()))?;
         }
         metrics.register(Box::new(stored.clone()))?;
@@ -63,6 +74,7 @@ impl MeteringMetrics {
             spool_bytes,
             spool_max_bytes,
             spooled,
+            recovered,
             inserted: stored.with_label_values(&["inserted"]),
             duplicates: stored.with_label_values(&["duplicate"]),
             send_failures,
@@ -86,6 +98,11 @@ impl MeteringMetrics {
     /// Counts an event written to the spool.
     pub fn spooled(&self) {
         self.spooled.inc();
+    }
+
+    /// Counts events recovered from an earlier process's pending records.
+    pub fn recovered(&self, events: u64) {
+        self.recovered.inc_by(events);
     }
 
     /// Counts a batch stored.

@@ -92,7 +92,7 @@ path_prefix = \"/n\"
             "routes[0].methods[1]: invalid method \"G E T\"",
             "routes[0].respond.headers.bad header: invalid header name \"bad header\"",
             "routes[0].compression_level: 12 is not 1 to 9",
-            "routes[1]: missing upstream or respond: a route must proxy or answer",
+            "routes[1]: missing upstream, respond or usage = true: a route must proxy or answer",
         ]
     );
 }
@@ -498,4 +498,88 @@ respond = {{ body = \"a\" }}
     let config = config(&one);
     assert_eq!(config.routes[0].auth.jwt.as_deref(), Some("idp"));
     assert!(!config.routes[0].auth.key);
+}
+
+#[test]
+fn redis_needs_one_usable_url_and_a_short_timeout() {
+    let errors = problems(&format!(
+        "{SERVER}
+[redis]
+url = \"redis://127.0.0.1:6379\"
+cluster_urls = [\"redis://10.0.0.1:7000\"]
+timeout = \"2s\"
+retry_after = \"0s\"
+key_prefix = \"bad prefix\"
+"
+    ));
+    assert_eq!(
+        errors,
+        vec![
+            "redis: set either url or cluster_urls, not both",
+            "redis.timeout: must be between 1ms and 1s: requests wait this long before counting in process",
+            "redis.retry_after: must be more than 0s",
+            "redis.key_prefix: must be 1 to 64 letters, digits, '-', '_', '.' or ':'",
+        ]
+    );
+    let errors = problems(&format!(
+        "{SERVER}
+[redis]
+cluster_urls = [\"redis://10.0.0.1:7000\", \"http://10.0.0.2:7000\", \"rediss://10.0.0.3:7000\"]
+"
+    ));
+    assert_eq!(
+        errors,
+        vec![
+            "redis.cluster_urls[1]: invalid URL \"http://10.0.0.2:7000\": expected redis://host:port[/db]",
+            "redis.cluster_urls[2]: TLS to Redis (rediss://) is not supported yet; use redis://",
+        ]
+    );
+    assert_eq!(
+        problems(&format!("{SERVER}\n[redis]\ntimeout = \"10ms\"\n")),
+        vec!["redis: needs url (one server) or cluster_urls (a Redis Cluster's nodes)"]
+    );
+}
+
+#[test]
+fn metering_settings_are_bounded() {
+    let errors = problems(&format!(
+        "{SERVER}
+[metering]
+spool_dir = \"\"
+spool_max_bytes = 1000
+flush_interval = \"10ms\"
+batch_size = 5001
+"
+    ));
+    assert_eq!(
+        errors,
+        vec![
+            "metering.spool_dir: must name a directory",
+            "metering.spool_max_bytes: must be at least 1048576 (1 MiB)",
+            "metering.flush_interval: must be between 100ms and 60s",
+            "metering.batch_size: must be between 1 and 5000",
+        ]
+    );
+}
+
+#[test]
+fn a_usage_route_needs_auth_and_nothing_else_to_answer_with() {
+    let errors = problems(&format!(
+        "{SERVER}
+[control_plane]
+embedded = true
+[[routes]]
+name = \"me\"
+path_prefix = \"/me\"
+usage = true
+respond = {{ body = \"x\" }}
+"
+    ));
+    assert_eq!(
+        errors,
+        vec![
+            "routes[0]: set one of upstream, respond and usage = true, not several",
+            "routes[0].usage: needs auth: the usage shown is the calling customer's",
+        ]
+    );
 }
