@@ -319,3 +319,63 @@ async fn a_frozen_redis_costs_at_most_its_timeout_then_requests_count_in_process
     assert!(decisions(&gateway, "fallback").await >= 19.0);
     redis.thaw();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_redis_cluster_counts_each_customer_exactly_on_its_own_slot() {
+    let cluster = tollgate_tests::redis::RedisCluster::start();
+    let upstream = Upstream::start("api");
+    let token = admin_token();
+    let urls = cluster
+        .urls()
+        .iter()
+        .map(|u| format!("\"{u}\""))
+        .collect::<Vec<_>>()
+        .join(", ");
+    let text = config(&format!(
+        r#"
+[control_plane]
+embedded = true
+
+[redis]
+cluster_urls = [{urls}]
+timeout = "1s"
+
+{routes}
+"#,
+        routes = routes(&upstream)
+    ));
+    let gateway = Gateway::start_with_env(
+        tempfile::tempdir().unwrap(),
+        &text,
+        &[("TOLLGATE_ADMIN_TOKEN", token.as_str())],
+    )
+    .await;
+    let api = AdminApi::new(&format!("http://{}", gateway.admin), &token);
+    let mut keys = Vec::new();
+    for _ in 0..6 {
+        keys.push(
+            customer_with_key(
+                &api,
+                json!({"rate_limits": [{"requests": 20, "window_seconds": 3600}],
+                       "quota": {"requests": 15, "hard": true}}),
+            )
+            .await,
+        );
+    }
+    wait_for_keys(&gateway, 6).await;
+    wait_for_redis(&gateway).await;
+    let bursts = join_all(keys.iter().map(|key| burst(&gateway, key, 40))).await;
+    for statuses in &bursts {
+        // The quota (15) is the tighter limit: exactly 15 of each customer's 40 pass.
+        assert_eq!(count(statuses, 200), 15, "{statuses:?}");
+        assert_eq!(count(statuses, 429), 25);
+    }
+    assert_eq!(decisions(&gateway, "fallback").await, 0.0);
+    // Six customers' keys are spread over the three masters.
+    let spread = cluster.key_counts();
+    assert_eq!(spread.len(), 3);
+    assert!(
+        spread.iter().filter(|&&n| n > 0).count() >= 2,
+        "keys on one node only: {spread:?}"
+    );
+}

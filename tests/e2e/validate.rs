@@ -75,7 +75,7 @@ upstream = "users"
     assert_eq!(code, 1);
     assert_eq!(stdout, "");
     let expected = [
-        "colour: unknown key (expected one of server, log, security_headers, control_plane, auth, jwt_providers, upstreams, routes)",
+        "colour: unknown key (expected one of server, log, security_headers, control_plane, auth, metering, redis, jwt_providers, upstreams, routes)",
         "server.threads: invalid type: string \"two\", expected usize",
         "upstreams[2].retries: unknown key",
         "upstreams[0].targets[1]: invalid target \"not an address\": expected \"host:port\"",
@@ -151,7 +151,7 @@ fn the_commented_example_in_the_shipped_config_is_valid() {
     let text = format!("{}{}", &shipped[..start], example.join("\n"));
     let (code, stdout, stderr) = validate(&text);
     assert_eq!(code, 0, "{stderr}");
-    assert!(stdout.contains("ok (3 routes, 1 upstreams)"), "{stdout}");
+    assert!(stdout.contains("ok (4 routes, 1 upstreams)"), "{stdout}");
 }
 
 #[test]
