@@ -206,6 +206,9 @@ async fn metrics(State(admin): State<Arc<Admin>>) -> Response {
             .identity_sync_age
             .set((crate::identity::unix_ms() - ms).max(0) / 1000);
     }
+    if let Some(meter) = &gateway.meter {
+        meter.metrics.spool_bytes(meter.spool.bytes());
+    }
     let mut body = gateway.metrics.render();
     if let Some(state) = &admin.control_plane {
         body.extend(tollgate_control_plane::api::metrics::text(state).await);

@@ -324,3 +324,113 @@ async fn a_flushed_redis_continues_the_quota_from_the_ledger() {
         Some(0.0)
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_control_plane_outage_delays_usage_and_a_full_spool_refuses_rather_than_forgets() {
+    use tollgate_tests::control_plane::{ControlPlane, PostgresDatabase};
+
+    let database = PostgresDatabase::create().await;
+    let control_plane = ControlPlane::start(&database.url()).await;
+    let (address, admin) = (control_plane.address, control_plane.admin_token.clone());
+    let api = control_plane.api();
+    let token = api
+        .create("/v1/admin-tokens", json!({"name": "gw", "role": "gateway"}))
+        .await["token"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let customer = customer_on(&api, json!({})).await;
+    let upstream = Upstream::start("api");
+    let text = config(&format!(
+        r#"
+[control_plane]
+url = "http://{address}"
+
+[metering]
+flush_interval = "200ms"
+spool_max_bytes = 1048576
+
+[[upstreams]]
+name = "api"
+targets = ["{target}"]
+
+[[routes]]
+name = "api"
+path_prefix = "/api"
+upstream = "api"
+auth = "key"
+"#,
+        target = upstream.target()
+    ));
+    let gateway = Gateway::start_with_env(
+        tempfile::tempdir().unwrap(),
+        &text,
+        &[("TOLLGATE_GATEWAY_TOKEN", token.as_str())],
+    )
+    .await;
+    wait_for_keys(&gateway, 1).await;
+    for _ in 0..10 {
+        assert_eq!(get(&gateway, "/api/ok", &customer.key).await.status(), 200);
+    }
+    wait_for_used(&api, &customer.id, 10).await;
+
+    // The control plane goes away: requests are still served and their usage waits in the
+    // spool, until the spool is full and metered requests are refused.
+    control_plane.kill();
+    let mut served = 10u64;
+    let client = client();
+    let started = Instant::now();
+    let refused = loop {
+        let statuses = join_all((0..16).map(|_| {
+            client
+                .get(gateway.url("/api/outage"))
+                .bearer_auth(&customer.key)
+                .send()
+        }))
+        .await;
+        let mut refused = None;
+        for response in statuses {
+            let response = response.unwrap();
+            match response.status().as_u16() {
+                200 => served += 1,
+                503 => refused = Some(response),
+                other => panic!("unexpected {other}"),
+            }
+        }
+        if let Some(refused) = refused {
+            break refused;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(120),
+            "the spool never filled"
+        );
+    };
+    assert_eq!(header(&refused, "retry-after"), "5");
+    let body: Value = refused.json().await.unwrap();
+    assert_eq!(body["type"], "urn:tollgate:problem:metering-unavailable");
+    assert!(
+        gateway
+            .metric("tollgate_usage_spool_full_refusals_total")
+            .await
+            .unwrap()
+            >= 1.0
+    );
+    assert!(
+        gateway
+            .metric("tollgate_usage_send_failures_total")
+            .await
+            .unwrap()
+            >= 1.0
+    );
+    assert!(gateway.metric("tollgate_usage_spool_bytes").await.unwrap() >= 1_048_576.0);
+
+    // Back: the spool drains into the ledger, every served request once, and requests pass again.
+    let control_plane = ControlPlane::start_at(&database.url(), address, &admin).await;
+    let api = control_plane.api();
+    wait_for_used(&api, &customer.id, served).await;
+    let started = Instant::now();
+    while get(&gateway, "/api/again", &customer.key).await.status() != 200 {
+        assert!(started.elapsed() < Duration::from_secs(30), "still refused");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}

@@ -28,6 +28,11 @@ auth = "key"
 
 /// A plan made of `plan`, a customer on it and a key: the key.
 async fn customer_with_key(api: &AdminApi, plan: Value) -> String {
+    customer_and_key(api, plan).await.1
+}
+
+/// A plan made of `plan`, a customer on it and a key: the customer's id and the key.
+async fn customer_and_key(api: &AdminApi, plan: Value) -> (String, String) {
     let mut body = plan;
     body["name"] = json!(format!("plan-{}", rand::random::<u32>()));
     let plan = api.create("/v1/plans", body).await;
@@ -37,14 +42,14 @@ async fn customer_with_key(api: &AdminApi, plan: Value) -> String {
             json!({"name": "acme", "email": format!("{}@example.test", rand::random::<u32>()), "plan_id": plan["id"]}),
         )
         .await;
-    api.create(
-        &format!("/v1/customers/{}/keys", customer["id"].as_str().unwrap()),
-        json!({"name": "main"}),
-    )
-    .await["key"]
+    let id = customer["id"].as_str().unwrap().to_owned();
+    let key = api
+        .create(&format!("/v1/customers/{id}/keys"), json!({"name": "main"}))
+        .await["key"]
         .as_str()
         .unwrap()
-        .to_owned()
+        .to_owned();
+    (id, key)
 }
 
 async fn wait_for_keys(gateway: &Gateway, count: u64) {
@@ -106,8 +111,8 @@ async fn two_gateways_sharing_redis_admit_exactly_the_limit_of_a_concurrent_burs
         json!({"rate_limits": [{"requests": 100, "window_seconds": 3600}]}),
     )
     .await;
-    let quota_key =
-        customer_with_key(&api, json!({"quota": {"requests": 1000, "hard": true}})).await;
+    let (quota_customer, quota_key) =
+        customer_and_key(&api, json!({"quota": {"requests": 1000, "hard": true}})).await;
     let upstream = Upstream::start("api");
     let text = config(&format!(
         r#"
@@ -146,9 +151,38 @@ timeout = "1s"
         burst(&second, &quota_key, 750)
     );
     let statuses: Vec<u16> = a.into_iter().chain(b).collect();
+    for gateway in [&first, &second] {
+        assert_eq!(
+            decisions(gateway, "fallback").await,
+            0.0,
+            "{}",
+            gateway.metrics().await
+        );
+    }
     assert_eq!(count(&statuses, 200), 1000);
     assert_eq!(count(&statuses, 429), 500);
     assert_eq!(upstream.requests(), 1100);
+    // Both gateways' usage reaches the control plane's ledger, each request once.
+    let started = Instant::now();
+    loop {
+        let (status, usage) = api
+            .call(
+                "GET",
+                &format!("/v1/customers/{quota_customer}/usage"),
+                None,
+            )
+            .await;
+        assert_eq!(status, 200);
+        if usage["used"] == 1000 {
+            break;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(15),
+            "used {}",
+            usage["used"]
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
     for gateway in [&first, &second] {
         assert_eq!(
             gateway

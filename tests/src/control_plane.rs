@@ -90,7 +90,17 @@ impl ControlPlane {
             let probe = TcpListener::bind("127.0.0.1:0").unwrap();
             probe.local_addr().unwrap()
         };
-        let admin_token = admin_token();
+        Self::start_at(database_url, address, &admin_token()).await
+    }
+
+    /// Starts one on `database_url` at `address` (again, after [`kill`](Self::kill)) whose first
+    /// admin is `admin_token`, and waits until it answers.
+    pub async fn start_at(
+        database_url: &str,
+        address: SocketAddr,
+        admin_token: &str,
+    ) -> ControlPlane {
+        let admin_token = admin_token.to_owned();
         let child = Command::new(binary())
             .arg("serve")
             .env("DATABASE_URL", database_url)

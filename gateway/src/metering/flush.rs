@@ -23,6 +23,9 @@ use super::spool::{self, Record};
 use crate::metering::ledger::Ledger;
 use crate::state::Gateway;
 
+/// The longest wait between passes while the ledger refuses.
+const MAX_BACKOFF: Duration = Duration::from_secs(5);
+
 /// What the flusher knows of a closed segment.
 #[derive(Debug)]
 struct Segment {
@@ -185,10 +188,10 @@ impl BackgroundService for Flusher {
             if let Some(ledger) = self.gateway.limiter.ledger() {
                 match self.pass(&mut segments, ledger.as_ref()).await {
                     Ok(true) => delay = self.interval,
-                    Ok(false) => delay = (delay * 2).min(Duration::from_secs(30)),
+                    Ok(false) => delay = (delay * 2).min(MAX_BACKOFF),
                     Err(error) => {
                         tracing::error!(%error, "the usage spool cannot be read or written");
-                        delay = (delay * 2).min(Duration::from_secs(30));
+                        delay = (delay * 2).min(MAX_BACKOFF);
                     }
                 }
             }
