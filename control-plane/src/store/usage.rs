@@ -16,7 +16,9 @@
 //! limit allows (65,535 parameters on Postgres, 32,766 on SQLite; 14 per event), so a few
 //! statement texts serve every batch size and stay in the prepared-statement cache. On SQLite the
 //! parameters are anonymous (`?`): SQLite finds a named or numbered parameter (`$7`) by walking
-//! a list, which made binding a 2048-row statement quadratic, ten times slower than the insert.
+//! a list, which made binding a 2048-row statement quadratic (2,200 events/s instead of about
+//! 40,000). Ids made in time order (such as UUIDv7 bytes) insert faster than random ones, as
+//! they land at the end of the primary-key index.
 //!
 //! **Reading.** A period's sums ([`Store::period_usage`]) are summed from the raw events, whose
 //! index on `(customer_id, at_ms)` carries `units` and `overage`, so any period boundary is
@@ -85,8 +87,10 @@ impl Store {
     /// Stores a batch of events, each id once, and adds the ones inserted to the daily roll-up,
     /// all in one transaction. An event whose id is stored already, or repeated in the batch, is
     /// a duplicate and counts nothing. Events of unknown customers are stored too: the ledger
-    /// keeps whatever a gateway metered. Numbers past `i64::MAX` are refused (the API's
-    /// validation refuses them first).
+    /// keeps whatever a gateway metered. Any number of events is taken (the API takes up to
+    /// [`MAX_BATCH`]); fields are not checked here beyond numbers past `i64::MAX`, which are
+    /// refused (the API's validation, `api::usage::batch`, holds every field to tighter bounds
+    /// first).
     pub async fn record_usage(&self, events: &[UsageEvent]) -> Result<UsageStored, StoreError> {
         // One event per id, in id order: the order every batch takes its locks in.
         let mut unique: Vec<&UsageEvent> = events.iter().collect();
