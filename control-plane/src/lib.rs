@@ -83,7 +83,7 @@ pub const PRUNE_EVERY: Duration = Duration::from_secs(3600);
 /// stays): right away, then every [`PRUNE_EVERY`]. `control-plane serve` starts it, and so
 /// does a gateway running the control plane in its own process. A failed pass is logged and the
 /// next one tries again; several control planes on one database may all run it (deleting twice
-/// deletes nothing more).
+/// deletes nothing more). Call it from within a Tokio runtime; abort the handle to stop it.
 pub fn spawn_usage_pruning(store: Store, retention: Duration) -> tokio::task::JoinHandle<()> {
     let retention_ms = i64::try_from(retention.as_millis()).unwrap_or(i64::MAX);
     tokio::spawn(async move {

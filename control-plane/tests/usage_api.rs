@@ -252,6 +252,18 @@ async fn a_bad_batch_is_refused_whole_with_every_path(db: &Db) {
         ),
         (
             format!(
+                "customer_id={}&start_ms={}&end_ms={}",
+                cus(1),
+                i64::MIN,
+                i64::MAX
+            ),
+            json!([
+                {"path": "start_ms", "message": "must not be negative"},
+                {"path": "end_ms", "message": "must be at most 366 days after start_ms"}
+            ]),
+        ),
+        (
+            format!(
                 "customer_id={}&start_ms=0&end_ms={}",
                 cus(1),
                 366 * 86_400_000_i64 + 1

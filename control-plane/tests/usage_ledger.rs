@@ -271,6 +271,27 @@ async fn pruning_deletes_old_events_and_keeps_the_rollup(db: &Db) {
     );
 }
 
+async fn pruning_deletes_in_chunks_until_nothing_old_is_left(db: &Db) {
+    let store = &db.store;
+    let alice = customer(1);
+    for batch in 0..3_u64 {
+        let events: Vec<UsageEvent> = (batch * 5000..(batch + 1) * 5000)
+            .map(|n| event(n, &alice, "orders", FIRST_OF_DECEMBER - 1 - n as i64))
+            .collect();
+        store.record_usage(&events).await.unwrap();
+    }
+    store
+        .record_usage(&[event(15_000, &alice, "orders", FIRST_OF_DECEMBER)])
+        .await
+        .unwrap();
+    // 15,000 old events: more than one chunk of 10,000.
+    assert_eq!(store.prune_usage(FIRST_OF_DECEMBER).await.unwrap(), 15_000);
+    assert_eq!(
+        store.period_usage(&alice, 0, i64::MAX).await.unwrap().units,
+        1
+    );
+}
+
 async fn the_pruning_job_applies_the_retention_right_away(db: &Db) {
     let store = &db.store;
     let alice = customer(1);
@@ -407,6 +428,7 @@ on_both_backends!(
     the_rollup_sums_each_utc_day_and_route,
     a_period_counts_events_from_its_start_to_before_its_end,
     pruning_deletes_old_events_and_keeps_the_rollup,
+    pruning_deletes_in_chunks_until_nothing_old_is_left,
     the_pruning_job_applies_the_retention_right_away,
     a_full_batch_of_5000_is_stored_in_one_call,
 );

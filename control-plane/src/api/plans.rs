@@ -78,8 +78,11 @@ pub async fn create(
     Object(fields): Object,
 ) -> Result<Response, ApiError> {
     caller.require_admin()?;
-    let plan = new_plan(&fields).map_err(ApiError::Invalid)?;
-    let created = state.store.create_plan(plan, &caller.actor).await?;
+    let (plan, upgrade_url) = new_plan(&fields).map_err(ApiError::Invalid)?;
+    let created = state
+        .store
+        .create_plan_with_upgrade_url(plan, upgrade_url, &caller.actor)
+        .await?;
     let location = format!("/v1/plans/{}", created.id);
     Ok((
         StatusCode::CREATED,
@@ -177,7 +180,8 @@ pub async fn delete(
 /// The fields a plan body may have.
 pub const PLAN_FIELDS: [&str; 5] = ["name", "rate_limits", "quota", "price", "upgrade_url"];
 
-fn new_plan(fields: &Map<String, Value>) -> Result<NewPlan, Vec<FieldError>> {
+/// The plan of a creation's body, and its upgrade URL.
+fn new_plan(fields: &Map<String, Value>) -> Result<(NewPlan, Option<String>), Vec<FieldError>> {
     let mut errors = Vec::new();
     unknown_fields(fields, &PLAN_FIELDS, "", &mut errors);
     let name = match fields.get("name") {
@@ -203,13 +207,15 @@ fn new_plan(fields: &Map<String, Value>) -> Result<NewPlan, Vec<FieldError>> {
         (Some(name), Some(rate_limits), Some(quota), Some(price), Some(upgrade_url))
             if errors.is_empty() =>
         {
-            Ok(NewPlan {
-                name,
-                rate_limits,
-                quota,
-                price,
+            Ok((
+                NewPlan {
+                    name,
+                    rate_limits,
+                    quota,
+                    price,
+                },
                 upgrade_url,
-            })
+            ))
         }
         _ => Err(errors),
     }

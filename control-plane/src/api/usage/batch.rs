@@ -35,7 +35,7 @@ pub const MAX_UNITS: u64 = u32::MAX as u64;
 pub const MAX_AMOUNT: u64 = (1 << 53) - 1;
 /// The last millisecond of 9999-12-31, UTC.
 pub const MAX_AT_MS: i64 = 253_402_300_799_999;
-/// Longest request id, route name and method accepted.
+/// Longest request id accepted.
 pub const MAX_REQUEST_ID: usize = 128;
 /// Longest route name accepted.
 pub const MAX_ROUTE: usize = 128;

@@ -152,7 +152,7 @@ pub async fn period(
     }
     if query.end_ms <= query.start_ms {
         errors.push(error("end_ms", "must be after start_ms"));
-    } else if query.end_ms - query.start_ms > MAX_BILLING_PERIOD_MS {
+    } else if query.end_ms.saturating_sub(query.start_ms) > MAX_BILLING_PERIOD_MS {
         errors.push(error("end_ms", "must be at most 366 days after start_ms"));
     }
     if !errors.is_empty() {

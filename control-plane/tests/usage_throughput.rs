@@ -1,0 +1,179 @@
+//! How many usage events a second the ledger stores, on SQLite and Postgres: ignored by default,
+//! run in a release build with
+//!
+//! ```text
+//! cargo test --release -p tollgate-control-plane --test usage_throughput -- --ignored --nocapture --test-threads 1
+//! ```
+//!
+//! Each run stores batches of 5000 new events (100 customers, 10 routes, three days, ids in
+//! creation order) through `Store::record_usage`, then the same batches again (all duplicates),
+//! then new batches from four tasks at once, then batches through the HTTP endpoint (JSON,
+//! validation and store), then batches of random ids, and prints events per second for each,
+//! with the time the endpoint spends reading and checking the JSON alone. Each phase adds
+//! 200,000 events to the same tables.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod contract;
+#[macro_use]
+#[allow(unused_macros)]
+mod support;
+
+use std::time::Instant;
+
+use axum::body::Body;
+use axum::http::{Request, StatusCode};
+use support::Db;
+use tollgate_model::usage::{UsageBatch, UsageEvent};
+use tower::ServiceExt;
+
+const BATCH: u64 = 5000;
+const BATCHES: u64 = 40;
+
+/// Batch `number`: event ids in creation order (as a gateway making them from the time, like
+/// UUIDv7s, would) or scattered (random ids).
+fn batch_of(number: u64, ordered: bool) -> Vec<UsageEvent> {
+    (number * BATCH..(number + 1) * BATCH)
+        .map(|n| UsageEvent {
+            id: if ordered {
+                format!("evt_{n:032x}")
+            } else {
+                format!("evt_{:032x}", n.wrapping_mul(0x9e37_79b9_7f4a_7c15))
+            },
+            request_id: format!("0192f0c4-e1a3-7f4c-8d2b-{n:012x}"),
+            customer_id: format!("cus_{:032x}", n % 100),
+            key_id: Some(format!("key_{:032x}", n % 300)),
+            route: format!("route-{}", n % 10),
+            method: "GET".into(),
+            status: if n % 50 == 0 { 502 } else { 200 },
+            latency_us: 800 + n % 5000,
+            bytes_in: n % 2048,
+            bytes_out: 512 + n % 4096,
+            at_ms: 1_796_083_200_000 + (n % 3) as i64 * 86_400_000 + (n % 86_400_000) as i64,
+            units: 1,
+            overage: 0,
+        })
+        .collect()
+}
+
+fn batch(number: u64) -> Vec<UsageEvent> {
+    batch_of(number, true)
+}
+
+fn rate(events: u64, started: Instant) -> String {
+    let seconds = started.elapsed().as_secs_f64();
+    format!(
+        "{events} events in {seconds:.2} s: {:.0} events/s",
+        events as f64 / seconds
+    )
+}
+
+async fn measure(db: &Db, backend: &str) {
+    let store = &db.store;
+    let batches: Vec<Vec<UsageEvent>> = (0..BATCHES).map(batch).collect();
+
+    let started = Instant::now();
+    for events in &batches {
+        assert_eq!(store.record_usage(events).await.unwrap().inserted, BATCH);
+    }
+    println!(
+        "{backend}: new, one writer:        {}",
+        rate(BATCHES * BATCH, started)
+    );
+
+    let started = Instant::now();
+    for events in &batches {
+        assert_eq!(store.record_usage(events).await.unwrap().duplicates, BATCH);
+    }
+    println!(
+        "{backend}: replayed, one writer:   {}",
+        rate(BATCHES * BATCH, started)
+    );
+
+    let started = Instant::now();
+    let mut tasks = Vec::new();
+    for task in 0..4 {
+        let store = store.clone();
+        tasks.push(tokio::spawn(async move {
+            for number in 0..BATCHES / 4 {
+                let events = batch(BATCHES + task * BATCHES / 4 + number);
+                assert_eq!(store.record_usage(&events).await.unwrap().inserted, BATCH);
+            }
+        }));
+    }
+    for task in tasks {
+        task.await.unwrap();
+    }
+    println!(
+        "{backend}: new, four writers:      {}",
+        rate(BATCHES * BATCH, started)
+    );
+
+    let gateway = db.gateway_token().await;
+    let app = db.app();
+    let bodies: Vec<String> = (2 * BATCHES..3 * BATCHES)
+        .map(|number| {
+            serde_json::to_string(&UsageBatch {
+                events: batch(number),
+            })
+            .unwrap()
+        })
+        .collect();
+    println!(
+        "{backend}: one batch of {BATCH} is {} bytes of JSON",
+        bodies[0].len()
+    );
+    let started = Instant::now();
+    for body in &bodies {
+        let fields = serde_json::from_str(body).unwrap();
+        let events = tollgate_control_plane::api::usage::batch::events(fields).unwrap();
+        assert_eq!(events.len() as u64, BATCH);
+    }
+    println!(
+        "{backend}: JSON read and checked:  {}",
+        rate(BATCHES * BATCH, started)
+    );
+    let started = Instant::now();
+    for body in bodies {
+        let request = Request::builder()
+            .method("POST")
+            .uri("/v1/gateway/usage")
+            .header("authorization", format!("Bearer {gateway}"))
+            .body(Body::from(body))
+            .unwrap();
+        let response = app.clone().oneshot(request).await.unwrap();
+        assert_eq!(response.status(), StatusCode::OK);
+    }
+    println!(
+        "{backend}: new, through HTTP:      {}",
+        rate(BATCHES * BATCH, started)
+    );
+
+    let batches: Vec<Vec<UsageEvent>> = (3 * BATCHES..4 * BATCHES)
+        .map(|number| batch_of(number, false))
+        .collect();
+    let started = Instant::now();
+    for events in &batches {
+        assert_eq!(store.record_usage(events).await.unwrap().inserted, BATCH);
+    }
+    println!(
+        "{backend}: new, random ids:        {}",
+        rate(BATCHES * BATCH, started)
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "a measurement: run in release with --ignored --nocapture"]
+async fn sqlite_usage_throughput() {
+    let db = Db::sqlite().await;
+    measure(&db, "sqlite").await;
+    db.drop_database().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "a measurement: run in release with --ignored --nocapture"]
+async fn postgres_usage_throughput() {
+    let db = Db::postgres().await;
+    measure(&db, "postgres").await;
+    db.drop_database().await;
+}
