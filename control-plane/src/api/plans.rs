@@ -78,11 +78,8 @@ pub async fn create(
     Object(fields): Object,
 ) -> Result<Response, ApiError> {
     caller.require_admin()?;
-    let (plan, upgrade_url) = new_plan(&fields).map_err(ApiError::Invalid)?;
-    let created = state
-        .store
-        .create_plan_with_upgrade_url(plan, upgrade_url, &caller.actor)
-        .await?;
+    let plan = new_plan(&fields).map_err(ApiError::Invalid)?;
+    let created = state.store.create_plan(plan, &caller.actor).await?;
     let location = format!("/v1/plans/{}", created.id);
     Ok((
         StatusCode::CREATED,
@@ -180,8 +177,7 @@ pub async fn delete(
 /// The fields a plan body may have.
 pub const PLAN_FIELDS: [&str; 5] = ["name", "rate_limits", "quota", "price", "upgrade_url"];
 
-/// The plan of a creation's body, and its upgrade URL.
-fn new_plan(fields: &Map<String, Value>) -> Result<(NewPlan, Option<String>), Vec<FieldError>> {
+fn new_plan(fields: &Map<String, Value>) -> Result<NewPlan, Vec<FieldError>> {
     let mut errors = Vec::new();
     unknown_fields(fields, &PLAN_FIELDS, "", &mut errors);
     let name = match fields.get("name") {
@@ -207,15 +203,13 @@ fn new_plan(fields: &Map<String, Value>) -> Result<(NewPlan, Option<String>), Ve
         (Some(name), Some(rate_limits), Some(quota), Some(price), Some(upgrade_url))
             if errors.is_empty() =>
         {
-            Ok((
-                NewPlan {
-                    name,
-                    rate_limits,
-                    quota,
-                    price,
-                },
+            Ok(NewPlan {
+                name,
+                rate_limits,
+                quota,
+                price,
                 upgrade_url,
-            ))
+            })
         }
         _ => Err(errors),
     }

@@ -19,6 +19,8 @@ pub struct NewPlan {
     pub quota: Option<Quota>,
     /// Price.
     pub price: Option<Price>,
+    /// Where a customer out of quota can upgrade.
+    pub upgrade_url: Option<String>,
 }
 
 /// Changes to a plan; `None` leaves a field as it is, `Some(None)` clears an optional one.
@@ -49,19 +51,8 @@ const COLUMNS: &str =
     "id, name, rate_limits, quota, price, upgrade_url, status, created_at, updated_at";
 
 impl Store {
-    /// Creates a plan without an upgrade URL.
+    /// Creates a plan.
     pub async fn create_plan(&self, plan: NewPlan, actor: &Actor) -> Result<Plan, StoreError> {
-        self.create_plan_with_upgrade_url(plan, None, actor).await
-    }
-
-    /// Creates a plan with the URL where its customers upgrade. (The URL is an argument, not a
-    /// field of [`NewPlan`], so that callers written before upgrade URLs existed still build.)
-    pub async fn create_plan_with_upgrade_url(
-        &self,
-        plan: NewPlan,
-        upgrade_url: Option<String>,
-        actor: &Actor,
-    ) -> Result<Plan, StoreError> {
         let now = now_ms();
         let id = new_id("plan");
         let mut tx = self.pool().begin().await?;
@@ -73,7 +64,7 @@ impl Store {
         .bind(json!(plan.rate_limits).to_string())
         .bind(plan.quota.map(|q| json!(q).to_string()))
         .bind(plan.price.as_ref().map(|p| json!(p).to_string()))
-        .bind(upgrade_url.as_deref())
+        .bind(plan.upgrade_url.as_deref())
         .bind(PlanStatus::Active.as_str())
         .bind(now)
         .bind(now)
