@@ -101,13 +101,11 @@ pub fn month_containing(ms: i64) -> PeriodMs {
     }
 }
 
-/// The period a quota counts in at the instant `now_ms`: the customer's billing period when
-/// it covers `now_ms` (`start_ms <= now_ms < end_ms`), else the calendar month in UTC.
+/// The period a quota counts in at the instant `now_ms`, by the rule the gateways enforce
+/// ([`tollgate_model::period::current`]): the customer's billing period when it covers `now_ms`,
+/// periods of its length after it ends without a new one, else the calendar month in UTC.
 pub fn current_period(billing_period: Option<PeriodMs>, now_ms: i64) -> PeriodMs {
-    match billing_period {
-        Some(period) if period.start_ms <= now_ms && now_ms < period.end_ms => period,
-        _ => month_containing(now_ms),
-    }
+    tollgate_model::period::current(billing_period, now_ms)
 }
 
 #[cfg(test)]
@@ -179,14 +177,21 @@ mod tests {
     }
 
     #[test]
-    fn the_billing_period_counts_only_while_it_covers_now() {
+    fn the_billing_period_counts_and_then_goes_on_in_periods_of_its_length() {
         let period = PeriodMs {
             start_ms: 1_000,
             end_ms: 2_000,
         };
         assert_eq!(current_period(Some(period), 1_000), period);
         assert_eq!(current_period(Some(period), 1_999), period);
-        assert_eq!(current_period(Some(period), 2_000), month_containing(2_000));
+        // Ended without a new one (billing is late): the next period of the same length.
+        assert_eq!(
+            current_period(Some(period), 2_000),
+            PeriodMs {
+                start_ms: 2_000,
+                end_ms: 3_000
+            }
+        );
         assert_eq!(current_period(Some(period), 999), month_containing(999));
         assert_eq!(current_period(None, 1_500), month_containing(1_500));
     }

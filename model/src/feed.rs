@@ -40,7 +40,7 @@ pub struct CustomerRecord {
 }
 
 /// A billing period in Unix milliseconds: `start_ms` included, `end_ms` excluded.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct PeriodMs {
     /// Start, included.

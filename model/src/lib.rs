@@ -6,6 +6,7 @@
 //! # Layout
 //! - [`problem`]: RFC 9457 problem details, the one error body clients of either plane ever see.
 //! - [`plan`]: plans, their rate limits, quota and price.
+//! - [`period`]: the period a quota counts in (billing period, else the calendar month in UTC).
 //! - [`customer`]: customers and their state.
 //! - [`key`]: the API key format (prefix, randomness, checksum).
 //! - [`feed`]: the snapshot and the changes gateways receive.
@@ -14,6 +15,7 @@
 pub mod customer;
 pub mod feed;
 pub mod key;
+pub mod period;
 pub mod plan;
 pub mod problem;
 pub mod usage;

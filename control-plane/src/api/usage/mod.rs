@@ -180,8 +180,8 @@ pub struct UsageQuery {
 /// A customer's usage in the current period, and per day and route.
 #[derive(Debug, Serialize, ToSchema)]
 pub struct CustomerUsage {
-    /// The period the quota counts in now: the customer's billing period when it covers now,
-    /// else the calendar month in UTC.
+    /// The period the quota counts in now: the customer's billing period (continued in periods
+    /// of its length once it ends without a new one), else the calendar month in UTC.
     pub period: BillingPeriod,
     /// The plan's quota in requests (units), or `null` without one.
     pub quota: Option<u64>,
