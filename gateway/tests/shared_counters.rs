@@ -22,7 +22,11 @@ const PERIOD: Period = Period {
 };
 
 async fn counters() -> RedisCounters {
-    let prefix = format!("tollgate-test-{}", rand::random::<u64>());
+    counters_under(&format!("tollgate-test-{}", rand::random::<u64>())).await
+}
+
+async fn counters_under(prefix: &str) -> RedisCounters {
+    let prefix = prefix.to_owned();
     let counters = RedisCounters::new(
         Redis {
             nodes: RedisNodes::Single("redis://127.0.0.1:6379".to_owned()),
@@ -233,4 +237,49 @@ async fn a_hard_quota_admits_exactly_its_limit_and_a_refund_gives_one_back() {
         .unwrap();
     assert_eq!(again.verdict, Verdict::Admitted);
     assert_eq!(again.used, 3);
+}
+
+#[tokio::test]
+async fn a_window_hash_never_holds_more_than_one_window_of_buckets() {
+    let prefix = format!("tollgate-test-{}", rand::random::<u64>());
+    let redis = counters_under(&prefix).await;
+    let limits = [RateLimit {
+        requests: 1_000_000,
+        window_seconds: 1,
+    }];
+    let policy = Policy {
+        rate_limits: &limits,
+        quota: None,
+    };
+    let customer = [20; 16];
+    let mut random = rand::rngs::StdRng::seed_from_u64(3);
+    let mut now = PERIOD.start_ms;
+    let client = redis::Client::open("redis://127.0.0.1:6379").unwrap();
+    let mut connection = client.get_multiplexed_async_connection().await.unwrap();
+    let key = format!(
+        "{prefix}:{{cus_{}}}:w:1000",
+        "14".repeat(16)
+    );
+    let mut largest = 0;
+    for _ in 0..2_000 {
+        // Mostly steady traffic, now and then a pause of up to three windows.
+        now += if random.random_ratio(1, 50) {
+            random.random_range(0..3_000)
+        } else {
+            random.random_range(0..40)
+        };
+        redis
+            .admit(&customer, &policy, PERIOD, 1, now, None)
+            .await
+            .unwrap();
+        let fields: usize = redis::cmd("HLEN")
+            .arg(&key)
+            .query_async(&mut connection)
+            .await
+            .unwrap();
+        largest = largest.max(fields);
+    }
+    // 21 buckets and the newest-bucket field at most.
+    assert!(largest > 10, "the test did not fill the window: {largest}");
+    assert!(largest <= 22, "{largest} fields");
 }

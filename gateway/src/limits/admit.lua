@@ -1,7 +1,8 @@
 -- One request's rate-limit windows and quota, decided and counted atomically.
 -- The arithmetic is that of window.rs and quota.rs; keep them in step.
 --
--- KEYS[1..n]: one hash per window (bucket index -> units); KEYS[n+1]: the quota hash
+-- KEYS[1..n]: one hash per window (bucket index -> units, and h: the newest bucket written);
+--   KEYS[n+1]: the quota hash
 --   (u: units used, o: overage, s: 1 once seeded from the ledger, c: when the seed was claimed).
 -- ARGV: now_ms, units, n, slots, quota limit (-1: none), hard (1/0), quota ttl ms,
 --   then limit and window ms of each window.
@@ -24,22 +25,23 @@ for i = 1, n do
   local length = tonumber(ARGV[7 + 2 * i])
   local width = math.max(1, math.floor(length / slots))
   local head = math.floor(now / width)
-  local raw = redis.call('HGETALL', KEYS[i])
-  local buckets, stale, total = {}, {}, 0
-  for j = 1, #raw, 2 do
-    local bucket, count = tonumber(raw[j]), tonumber(raw[j + 1])
-    if bucket < head - slots then
-      stale[#stale + 1] = raw[j]
-    else
-      buckets[#buckets + 1] = { bucket, count }
+  -- The counted buckets, oldest first, and the newest bucket ever written ('h'): one HMGET,
+  -- already in order.
+  local fields = { 'h' }
+  for b = head - slots, head do
+    fields[#fields + 1] = b
+  end
+  local values = redis.call('HMGET', KEYS[i], unpack(fields))
+  local buckets, total = {}, 0
+  for j = 2, #values do
+    local count = tonumber(values[j])
+    if count then
+      buckets[#buckets + 1] = { head - slots + j - 2, count }
       total = total + count
     end
   end
-  if #stale > 0 then
-    redis.call('HDEL', KEYS[i], unpack(stale))
-  end
-  table.sort(buckets, function(a, b) return a[1] < b[1] end)
-  windows[i] = { limit = limit, length = length, width = width, head = head, total = total, buckets = buckets }
+  windows[i] = { limit = limit, length = length, width = width, head = head, total = total,
+    buckets = buckets, last = tonumber(values[1]) }
   if total + units > limit then
     fits = false
   end
@@ -72,7 +74,19 @@ local reserved_overage = 0
 if verdict == 0 then
   for i = 1, n do
     local w = windows[i]
+    -- Buckets written before that no longer count: those from the last write's oldest counted
+    -- one to the one before this write's oldest (all older ones were deleted then).
+    if w.last and w.last < w.head then
+      local stale = {}
+      for b = w.last - slots, math.min(w.last, w.head - slots - 1) do
+        stale[#stale + 1] = b
+      end
+      if #stale > 0 then
+        redis.call('HDEL', KEYS[i], unpack(stale))
+      end
+    end
     redis.call('HINCRBY', KEYS[i], w.head, units)
+    redis.call('HSET', KEYS[i], 'h', w.head)
     redis.call('PEXPIRE', KEYS[i], w.length + w.width)
     w.total = w.total + units
     local last = w.buckets[#w.buckets]

@@ -20,7 +20,7 @@ use tollgate_model::usage::UsageEvent;
 
 use super::Meter;
 use super::spool::{self, Record};
-use crate::metering::ledger::Ledger;
+use crate::metering::ledger::{Ledger, LedgerError};
 use crate::state::Gateway;
 
 /// The longest wait between passes while the ledger refuses.
@@ -117,7 +117,17 @@ impl Flusher {
             for chunk in segment.finals.chunks(self.batch) {
                 match ledger.record(chunk).await {
                     Ok(stored) => self.meter.metrics.sent(stored.inserted, stored.duplicates),
-                    Err(error) => {
+                    Err(LedgerError::Rejected(reason)) => {
+                        let kept = self.meter.spool.set_aside(chunk)?;
+                        self.meter.metrics.rejected(chunk.len() as u64);
+                        tracing::error!(
+                            %reason,
+                            events = chunk.len(),
+                            kept = %kept.display(),
+                            "the ledger refused a usage batch; it is set aside, not sent again"
+                        );
+                    }
+                    Err(LedgerError::Unavailable(error)) => {
                         self.meter.metrics.send_failed();
                         tracing::warn!(%error, "cannot store usage yet; it stays in the spool");
                         return Ok(false);

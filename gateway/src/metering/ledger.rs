@@ -13,11 +13,22 @@ use tollgate_model::usage::{PeriodUsage, UsageBatch, UsageEvent, UsageStored};
 use crate::identity::index::{Id, format_id};
 use crate::limits::period::Period;
 
+/// Why a batch was not stored.
+#[derive(Debug, thiserror::Error)]
+pub enum LedgerError {
+    /// The ledger refused this batch for good (it will never take it as it is).
+    #[error("the ledger refused the batch: {0}")]
+    Rejected(String),
+    /// The ledger could not be reached or failed: try again later.
+    #[error(transparent)]
+    Unavailable(#[from] anyhow::Error),
+}
+
 /// The usage ledger.
 #[async_trait]
 pub trait Ledger: Send + Sync + Debug {
     /// Stores `events`, each id once.
-    async fn record(&self, events: &[UsageEvent]) -> anyhow::Result<UsageStored>;
+    async fn record(&self, events: &[UsageEvent]) -> Result<UsageStored, LedgerError>;
 
     /// Units and overage units stored for `customer` in `period`.
     async fn period_usage(&self, customer: &Id, period: Period) -> anyhow::Result<(u64, u64)>;
@@ -29,8 +40,11 @@ pub struct StoreLedger(pub Store);
 
 #[async_trait]
 impl Ledger for StoreLedger {
-    async fn record(&self, events: &[UsageEvent]) -> anyhow::Result<UsageStored> {
-        Ok(self.0.record_usage(events).await?)
+    async fn record(&self, events: &[UsageEvent]) -> Result<UsageStored, LedgerError> {
+        self.0
+            .record_usage(events)
+            .await
+            .map_err(|e| LedgerError::Unavailable(e.into()))
     }
 
     async fn period_usage(&self, customer: &Id, period: Period) -> anyhow::Result<(u64, u64)> {
@@ -65,7 +79,7 @@ impl HttpLedger {
 
 #[async_trait]
 impl Ledger for HttpLedger {
-    async fn record(&self, events: &[UsageEvent]) -> anyhow::Result<UsageStored> {
+    async fn record(&self, events: &[UsageEvent]) -> Result<UsageStored, LedgerError> {
         let response = self
             .client
             .post(format!("{}/v1/gateway/usage", self.base_url))
@@ -79,9 +93,14 @@ impl Ledger for HttpLedger {
         let status = response.status();
         if !status.is_success() {
             let body = response.text().await.unwrap_or_default();
-            anyhow::bail!("the control plane refused a usage batch: {status}: {body}");
+            // A body the control plane will never take; anything else (a token being rotated,
+            // an overloaded or failing control plane) may pass later.
+            if matches!(status.as_u16(), 400 | 413 | 422) {
+                return Err(LedgerError::Rejected(format!("{status}: {body}")));
+            }
+            return Err(anyhow::anyhow!("the control plane answered {status}: {body}").into());
         }
-        Ok(response.json().await?)
+        Ok(response.json().await.context("an unreadable answer")?)
     }
 
     async fn period_usage(&self, customer: &Id, period: Period) -> anyhow::Result<(u64, u64)> {

@@ -3,7 +3,7 @@
 use prometheus::{IntCounter, IntCounterVec, IntGauge, Opts};
 
 use crate::metrics::{
-    Metrics, USAGE_EVENTS_RECOVERED_TOTAL, USAGE_EVENTS_SPOOLED_TOTAL, USAGE_EVENTS_STORED_TOTAL,
+    Metrics, USAGE_EVENTS_RECOVERED_TOTAL, USAGE_EVENTS_REJECTED_TOTAL, USAGE_EVENTS_SPOOLED_TOTAL, USAGE_EVENTS_STORED_TOTAL,
     USAGE_SEND_FAILURES_TOTAL, USAGE_SPOOL_BYTES, USAGE_SPOOL_ERRORS_TOTAL,
     USAGE_SPOOL_FULL_REFUSALS_TOTAL, USAGE_SPOOL_MAX_BYTES,
 };
@@ -15,6 +15,7 @@ pub struct MeteringMetrics {
     spool_max_bytes: IntGauge,
     spooled: IntCounter,
     recovered: IntCounter,
+    rejected: IntCounter,
     inserted: IntCounter,
     duplicates: IntCounter,
     send_failures: IntCounter,
@@ -37,6 +38,10 @@ impl MeteringMetrics {
         let recovered = IntCounter::new(
             USAGE_EVENTS_RECOVERED_TOTAL,
             "Usage events an earlier process left pending, recovered from the spool.",
+        )?;
+        let rejected = IntCounter::new(
+            USAGE_EVENTS_REJECTED_TOTAL,
+            "Usage events the ledger refused for good, set aside in the spool's rejected/ directory.",
         )?;
         let stored = IntCounterVec::new(
             Opts::new(
@@ -63,6 +68,7 @@ impl MeteringMetrics {
         for collector in [
             &spooled,
             &recovered,
+            &rejected,
             &send_failures,
             &spool_errors,
             &full_refusals,
@@ -75,6 +81,7 @@ impl MeteringMetrics {
             spool_max_bytes,
             spooled,
             recovered,
+            rejected,
             inserted: stored.with_label_values(&["inserted"]),
             duplicates: stored.with_label_values(&["duplicate"]),
             send_failures,
@@ -103,6 +110,11 @@ impl MeteringMetrics {
     /// Counts events recovered from an earlier process's pending records.
     pub fn recovered(&self, events: u64) {
         self.recovered.inc_by(events);
+    }
+
+    /// Counts events the ledger refused for good.
+    pub fn rejected(&self, events: u64) {
+        self.rejected.inc_by(events);
     }
 
     /// Counts a batch stored.

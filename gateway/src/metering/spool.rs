@@ -154,6 +154,23 @@ impl Spool {
             .collect())
     }
 
+    /// Keeps events the ledger refused for good in `rejected/` of the spool directory (outside
+    /// the spool's count), for an operator to look at; returns the file.
+    pub fn set_aside(&self, events: &[UsageEvent]) -> std::io::Result<PathBuf> {
+        let dir = self.dir.join("rejected");
+        std::fs::create_dir_all(&dir)?;
+        let first = events.first().map_or("empty", |e| e.id.as_str());
+        let path = dir.join(format!("{first}.jsonl"));
+        let mut file = File::create(&path)?;
+        for event in events {
+            let mut line = serde_json::to_vec(&Record::Final(event.clone())).map_err(std::io::Error::other)?;
+            line.push(b'\n');
+            file.write_all(&line)?;
+        }
+        file.sync_all()?;
+        Ok(path)
+    }
+
     /// Deletes a closed segment that was sent.
     pub fn remove(&self, path: &Path) -> std::io::Result<()> {
         let size = std::fs::metadata(path)?.len();
