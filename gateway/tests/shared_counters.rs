@@ -256,10 +256,7 @@ async fn a_window_hash_never_holds_more_than_one_window_of_buckets() {
     let mut now = PERIOD.start_ms;
     let client = redis::Client::open("redis://127.0.0.1:6379").unwrap();
     let mut connection = client.get_multiplexed_async_connection().await.unwrap();
-    let key = format!(
-        "{prefix}:{{cus_{}}}:w:1000",
-        "14".repeat(16)
-    );
+    let key = format!("{prefix}:{{cus_{}}}:w:1000", "14".repeat(16));
     let mut largest = 0;
     for _ in 0..2_000 {
         // Mostly steady traffic, now and then a pause of up to three windows.

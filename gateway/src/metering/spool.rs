@@ -163,7 +163,8 @@ impl Spool {
         let path = dir.join(format!("{first}.jsonl"));
         let mut file = File::create(&path)?;
         for event in events {
-            let mut line = serde_json::to_vec(&Record::Final(event.clone())).map_err(std::io::Error::other)?;
+            let mut line =
+                serde_json::to_vec(&Record::Final(event.clone())).map_err(std::io::Error::other)?;
             line.push(b'\n');
             file.write_all(&line)?;
         }
