@@ -232,6 +232,8 @@ impl Limiter {
                     decision = Some(shared);
                 }
                 Err(_) => {
+                    // A customer this process never counted in Redis starts from the ledger.
+                    self.seed_local(customer, period).await;
                     let mut local = self.local.admit(customer, &policy, period, units, now);
                     local.counted = Counted::Fallback;
                     if let Some(reservation) = &mut local.reservation {

@@ -113,12 +113,15 @@ impl Spool {
         self.bytes.fetch_add(line.len() as u64, Ordering::Relaxed);
         if active.bytes >= SEGMENT_BYTES {
             let opened_ms = active.opened_ms;
-            self.rotate(&mut active, opened_ms)?;
+            // Closed without a sync, so no request waits for the disk: the flusher syncs every
+            // closed segment as it first reads it.
+            drop(self.rotate(&mut active, opened_ms)?);
         }
         Ok(())
     }
 
-    fn rotate(&self, active: &mut Active, now_ms: i64) -> std::io::Result<()> {
+    /// Starts the next segment; returns the closed one's file, to sync once the lock is released.
+    fn rotate(&self, active: &mut Active, now_ms: i64) -> std::io::Result<File> {
         let seq = active.seq + 1;
         let file = create(&self.dir, seq)?;
         let old = std::mem::replace(
@@ -131,19 +134,24 @@ impl Spool {
                 opened_ms: now_ms,
             },
         );
-        old.file.sync_data()
+        Ok(old.file)
     }
 
     /// Syncs the active segment to disk, and closes it if it has records and was opened at least
-    /// `age_ms` before `now_ms`. Returns the active segment's number.
+    /// `age_ms` before `now_ms`. Returns the active segment's number. The sync runs after the lock
+    /// is released: requests never wait for the disk.
     pub fn tick(&self, now_ms: i64, age_ms: i64) -> std::io::Result<u64> {
-        let mut active = self.active.lock().unwrap_or_else(PoisonError::into_inner);
-        if active.records > 0 && now_ms - active.opened_ms >= age_ms {
-            self.rotate(&mut active, now_ms)?;
-        } else {
-            active.file.sync_data()?;
-        }
-        Ok(active.seq)
+        let (seq, file) = {
+            let mut active = self.active.lock().unwrap_or_else(PoisonError::into_inner);
+            let file = if active.records > 0 && now_ms - active.opened_ms >= age_ms {
+                self.rotate(&mut active, now_ms)?
+            } else {
+                active.file.try_clone()?
+            };
+            (active.seq, file)
+        };
+        file.sync_data()?;
+        Ok(seq)
     }
 
     /// Closed segments, oldest first: those before `active`.
@@ -206,9 +214,10 @@ fn segments(dir: &Path) -> std::io::Result<Vec<(u64, PathBuf)>> {
     Ok(found)
 }
 
-/// The records of a segment; a line that does not parse (torn by a crash mid-write: only the
+/// The records of a segment, synced to disk first; a line that does not parse (torn by a crash mid-write: only the
 /// last can be) is skipped and counted.
 pub fn read(path: &Path) -> std::io::Result<(Vec<Record>, usize)> {
+    File::open(path)?.sync_data()?;
     let text = std::fs::read(path)?;
     let mut records = Vec::new();
     let mut torn = 0;

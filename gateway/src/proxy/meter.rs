@@ -81,8 +81,8 @@ pub fn on_response_header(session: &Session, ctx: &mut RequestCtx, status: u16) 
         customer_id: format_id("cus", &caller.customer),
         key_id: caller.key.map(|key| format_id("key", &key)),
         route: ctx.route().map_or_else(String::new, |r| r.name.clone()),
-        method: session.req_header().method.as_str().to_owned(),
-        status,
+        method: method_label(session.req_header().method.as_str()),
+        status: status.clamp(100, 599),
         latency_us: u64::try_from(ctx.started.elapsed().as_micros()).unwrap_or(u64::MAX),
         bytes_in: session.body_bytes_read() as u64,
         bytes_out: 0,
@@ -93,6 +93,17 @@ pub fn on_response_header(session: &Session, ctx: &mut RequestCtx, status: u16) 
     metered.meter.append(&Record::Pending(event.clone()));
     if let Some(metered) = &mut ctx.metered {
         metered.event = Some(event);
+    }
+}
+
+/// The method as the ledger takes it (an HTTP token of at most 32 bytes): a longer one, which
+/// only a client playing games sends, is recorded as `OTHER` rather than let it make the
+/// control plane refuse the batch it is in.
+fn method_label(method: &str) -> String {
+    if method.len() <= 32 {
+        method.to_owned()
+    } else {
+        "OTHER".to_owned()
     }
 }
 
