@@ -30,11 +30,16 @@ const MAX_BACKOFF: Duration = Duration::from_secs(5);
 #[derive(Debug)]
 struct Segment {
     path: PathBuf,
-    /// Final records, to send.
+    /// Its size on disk.
+    bytes: u64,
+    /// Final records, to send (dropped once sent).
     finals: Vec<UsageEvent>,
     /// Pending records by id, until settled.
     pending: HashMap<String, UsageEvent>,
     sent: bool,
+    /// Sent, and kept only for the pending records of requests still running: not counted
+    /// against the spool's bound.
+    held: bool,
 }
 
 /// Sends the spool to the ledger.
@@ -77,10 +82,12 @@ impl Flusher {
                 tracing::warn!(segment = %path.display(), torn, "skipped torn usage records (a crash mid-write)");
             }
             let mut segment = Segment {
+                bytes: std::fs::metadata(&path)?.len(),
                 path,
                 finals: Vec::new(),
                 pending: HashMap::new(),
                 sent: false,
+                held: false,
             };
             for record in records {
                 match record {
@@ -135,6 +142,13 @@ impl Flusher {
                 }
             }
             segment.sent = true;
+            // Every pending record before this segment's final ones is settled in this pass;
+            // the final ones are not needed any more.
+            segment.finals = Vec::new();
+            if !segment.pending.is_empty() && !segment.held {
+                segment.held = true;
+                self.meter.spool.hold(segment.bytes);
+            }
         }
         let done: Vec<u64> = segments
             .iter()
@@ -144,6 +158,9 @@ impl Flusher {
         for seq in done {
             if let Some(segment) = segments.remove(&seq) {
                 self.meter.spool.remove(&segment.path)?;
+                if segment.held {
+                    self.meter.spool.release(segment.bytes);
+                }
             }
         }
         all_sent &= segments.values().all(|s| s.sent);

@@ -6,8 +6,9 @@
 //! segment is read, sent and deleted by the flusher. Each append is one `write(2)` of a whole line
 //! under a mutex (no buffer in this process: what was written survives `kill -9`); the flusher
 //! `fsync`s the active segment every tick, so a power loss costs at most one tick. The total size
-//! on disk is bounded: past `max_bytes` the request path refuses metered requests (503) rather
-//! than serve them unmetered; the records of requests already admitted are still appended.
+//! on disk is bounded: once the records not yet sent reach `max_bytes`, the request path refuses
+//! metered requests (503) rather than serve them unmetered; the records of requests already
+//! admitted are still appended.
 
 use std::fs::{File, OpenOptions};
 use std::io::Write;
@@ -49,6 +50,8 @@ pub struct Spool {
     dir: PathBuf,
     active: Mutex<Active>,
     bytes: AtomicU64,
+    /// Bytes of segments sent and kept only for requests still running.
+    held: AtomicU64,
     max_bytes: u64,
     /// The first segment of this process: older ones were left by an earlier one.
     first_own_seq: u64,
@@ -76,6 +79,7 @@ impl Spool {
                 opened_ms: now_ms,
             }),
             bytes: AtomicU64::new(bytes),
+            held: AtomicU64::new(0),
             max_bytes,
             first_own_seq: seq,
         })
@@ -91,9 +95,22 @@ impl Spool {
         self.max_bytes
     }
 
-    /// Whether new metered requests must be refused.
+    /// Whether new metered requests must be refused: the records not yet sent reach the bound
+    /// (segments sent and kept only for long requests' final records do not count).
     pub fn is_full(&self) -> bool {
-        self.bytes() >= self.max_bytes
+        self.bytes()
+            .saturating_sub(self.held.load(Ordering::Relaxed))
+            >= self.max_bytes
+    }
+
+    /// Marks `bytes` of a sent segment as kept only for requests still running.
+    pub fn hold(&self, bytes: u64) {
+        self.held.fetch_add(bytes, Ordering::Relaxed);
+    }
+
+    /// Ends [`hold`](Self::hold) for a segment that is deleted.
+    pub fn release(&self, bytes: u64) {
+        self.held.fetch_sub(bytes, Ordering::Relaxed);
     }
 
     /// The first segment this process wrote.
@@ -290,6 +307,11 @@ mod tests {
         spool.append(&Record::Final(event(2, 1))).unwrap();
         assert!(spool.is_full());
         assert_eq!(spool.bytes(), line * 2);
+        // Sent and kept only for a running request's final record: not counted.
+        spool.hold(line);
+        assert!(!spool.is_full());
+        spool.release(line);
+        assert!(spool.is_full());
         let active = spool.tick(10, 0).unwrap();
         for (_, path) in spool.closed(active).unwrap() {
             spool.remove(&path).unwrap();
