@@ -6,7 +6,7 @@
 //!
 //! ```text
 //! RateLimit-Policy: "rate-1s";q=10;w=1, "rate-60s";q=500;w=60, "quota";q=10000;w=2592000
-//! RateLimit: "rate-1s";r=9;t=1, "rate-60s";r=499;t=60, "quota";r=9999;t=1774800
+//! RateLimit: "rate-1s";r=9;t=2, "rate-60s";r=499;t=63, "quota";r=9999;t=1774800
 //! ```
 //!
 //! The older `X-RateLimit-*` fields describe the window closest to refusing (fewest units left,
