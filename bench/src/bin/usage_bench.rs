@@ -1,29 +1,24 @@
-//! How many usage events a second the ledger stores, on SQLite and Postgres: ignored by default,
-//! run in a release build with
+//! `usage_bench`: how many usage events a second the ledger stores, measured through the
+//! control plane's own store and API code, on one store (SQLite file or Postgres database).
 //!
 //! ```text
-//! cargo test --release -p tollgate-control-plane --test usage_throughput -- --ignored --nocapture --test-threads 1
+//! cargo build --release -p tollgate-bench --bin usage_bench
+//! usage_bench <DATABASE_URL> <label>
 //! ```
 //!
-//! Each run stores batches of 5000 new events (100 customers, 10 routes, three days, ids in
-//! creation order) through `Store::record_usage`, then the same batches again (all duplicates),
-//! then new batches from four tasks at once, then batches through the HTTP endpoint (JSON,
+//! Stores batches of 5000 new events (100 customers, 10 routes, three days, ids in creation
+//! order) through `Store::record_usage`, then the same batches again (all duplicates), then new
+//! batches from four tasks at once, then batches through `POST /v1/gateway/usage` (JSON,
 //! validation and store), then batches of random ids, and prints events per second for each,
 //! with the time the endpoint spends reading and checking the JSON alone. Each phase adds
-//! 200,000 events to the same tables.
-
-#![allow(clippy::unwrap_used, clippy::expect_used)]
-
-mod contract;
-#[macro_use]
-#[allow(unused_macros)]
-mod support;
+//! 200,000 events. The database must be empty (a new SQLite file, or a new Postgres database).
 
 use std::time::Instant;
 
 use axum::body::Body;
 use axum::http::{Request, StatusCode};
-use support::Db;
+use tollgate_control_plane::api::AppState;
+use tollgate_control_plane::store::Store;
 use tollgate_model::usage::{UsageBatch, UsageEvent};
 use tower::ServiceExt;
 
@@ -68,13 +63,12 @@ fn rate(events: u64, started: Instant) -> String {
     )
 }
 
-async fn measure(db: &Db, backend: &str) {
-    let store = &db.store;
+async fn measure(store: &Store, backend: &str) -> anyhow::Result<()> {
     let batches: Vec<Vec<UsageEvent>> = (0..BATCHES).map(batch).collect();
 
     let started = Instant::now();
     for events in &batches {
-        assert_eq!(store.record_usage(events).await.unwrap().inserted, BATCH);
+        assert_eq!(store.record_usage(events).await?.inserted, BATCH);
     }
     println!(
         "{backend}: new, one writer:        {}",
@@ -83,7 +77,7 @@ async fn measure(db: &Db, backend: &str) {
 
     let started = Instant::now();
     for events in &batches {
-        assert_eq!(store.record_usage(events).await.unwrap().duplicates, BATCH);
+        assert_eq!(store.record_usage(events).await?.duplicates, BATCH);
     }
     println!(
         "{backend}: replayed, one writer:   {}",
@@ -97,36 +91,40 @@ async fn measure(db: &Db, backend: &str) {
         tasks.push(tokio::spawn(async move {
             for number in 0..BATCHES / 4 {
                 let events = batch(BATCHES + task * BATCHES / 4 + number);
-                assert_eq!(store.record_usage(&events).await.unwrap().inserted, BATCH);
+                assert_eq!(store.record_usage(&events).await?.inserted, BATCH);
             }
+            anyhow::Ok(())
         }));
     }
     for task in tasks {
-        task.await.unwrap();
+        task.await??;
     }
     println!(
         "{backend}: new, four writers:      {}",
         rate(BATCHES * BATCH, started)
     );
 
-    let gateway = db.gateway_token().await;
-    let app = db.app();
+    let gateway = tollgate_control_plane::embedded_gateway_token(store, "usage_bench")
+        .await?
+        .expose()
+        .to_owned();
+    let app = tollgate_control_plane::api::app(AppState::new(store.clone()));
     let bodies: Vec<String> = (2 * BATCHES..3 * BATCHES)
         .map(|number| {
             serde_json::to_string(&UsageBatch {
                 events: batch(number),
             })
-            .unwrap()
         })
-        .collect();
+        .collect::<Result<_, _>>()?;
     println!(
         "{backend}: one batch of {BATCH} is {} bytes of JSON",
         bodies[0].len()
     );
     let started = Instant::now();
     for body in &bodies {
-        let fields = serde_json::from_str(body).unwrap();
-        let events = tollgate_control_plane::api::usage::batch::events(fields).unwrap();
+        let fields = serde_json::from_str(body)?;
+        let events = tollgate_control_plane::api::usage::batch::events(fields)
+            .map_err(|errors| anyhow::anyhow!("{} invalid fields", errors.len()))?;
         assert_eq!(events.len() as u64, BATCH);
     }
     println!(
@@ -139,9 +137,8 @@ async fn measure(db: &Db, backend: &str) {
             .method("POST")
             .uri("/v1/gateway/usage")
             .header("authorization", format!("Bearer {gateway}"))
-            .body(Body::from(body))
-            .unwrap();
-        let response = app.clone().oneshot(request).await.unwrap();
+            .body(Body::from(body))?;
+        let response = app.clone().oneshot(request).await?;
         assert_eq!(response.status(), StatusCode::OK);
     }
     println!(
@@ -154,26 +151,22 @@ async fn measure(db: &Db, backend: &str) {
         .collect();
     let started = Instant::now();
     for events in &batches {
-        assert_eq!(store.record_usage(events).await.unwrap().inserted, BATCH);
+        assert_eq!(store.record_usage(events).await?.inserted, BATCH);
     }
     println!(
         "{backend}: new, random ids:        {}",
         rate(BATCHES * BATCH, started)
     );
+    Ok(())
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "a measurement: run in release with --ignored --nocapture"]
-async fn sqlite_usage_throughput() {
-    let db = Db::sqlite().await;
-    measure(&db, "sqlite").await;
-    db.drop_database().await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "a measurement: run in release with --ignored --nocapture"]
-async fn postgres_usage_throughput() {
-    let db = Db::postgres().await;
-    measure(&db, "postgres").await;
-    db.drop_database().await;
+#[tokio::main(flavor = "multi_thread", worker_threads = 2)]
+async fn main() -> anyhow::Result<()> {
+    let mut args = std::env::args().skip(1);
+    let (Some(url), Some(label)) = (args.next(), args.next()) else {
+        anyhow::bail!("usage: usage_bench <DATABASE_URL> <label>");
+    };
+    let store = Store::connect(&url).await?;
+    store.migrate().await?;
+    measure(&store, &label).await
 }
