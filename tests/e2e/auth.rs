@@ -90,18 +90,6 @@ async fn until_status(gateway: &Gateway, path: &str, key: &str, status: u16) -> 
     }
 }
 
-/// Waits until the gateway holds `count` keys.
-async fn wait_for_keys(gateway: &Gateway, count: u64) {
-    let started = Instant::now();
-    while gateway.ready().await["identities"]["keys"].as_u64() != Some(count) {
-        assert!(
-            started.elapsed() < Duration::from_secs(10),
-            "keys never arrived"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-}
-
 fn problem_type(body: &Value) -> &str {
     body["type"]
         .as_str()
@@ -406,7 +394,7 @@ async fn failed_authentications_past_the_rate_are_refused_before_any_lookup() {
     let (_, _, key) = api.customer_with_key("scanner").await;
     let key = key["key"].as_str().unwrap().to_owned();
     // Wait for the key without trying it: each try before it arrives would count.
-    wait_for_keys(&gateway, 1).await;
+    gateway.wait_for_keys(1).await;
     assert_eq!(call(&gateway, "/orders", Some(&key)).await.0, 200);
 
     for i in 0..5 {
@@ -652,7 +640,7 @@ async fn a_snapshot_that_does_not_check_is_refused_and_the_last_good_one_stays()
         &[("TOLLGATE_GATEWAY_TOKEN", "tga_fake")],
     )
     .await;
-    wait_for_keys(&gateway, 1).await;
+    gateway.wait_for_keys(1).await;
     let started = Instant::now();
     while gateway
         .metric("tollgate_identity_snapshots_total{result=\"refused\"}")

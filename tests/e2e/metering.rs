@@ -53,34 +53,8 @@ struct Customer {
 }
 
 async fn customer_on(api: &AdminApi, plan: Value) -> Customer {
-    let mut body = plan;
-    body["name"] = json!(format!("plan-{}", rand::random::<u32>()));
-    let plan = api.create("/v1/plans", body).await;
-    let customer = api
-        .create(
-            "/v1/customers",
-            json!({"name": "acme", "email": format!("{}@example.test", rand::random::<u32>()), "plan_id": plan["id"]}),
-        )
-        .await;
-    let id = customer["id"].as_str().unwrap().to_owned();
-    let key = api
-        .create(&format!("/v1/customers/{id}/keys"), json!({"name": "main"}))
-        .await["key"]
-        .as_str()
-        .unwrap()
-        .to_owned();
+    let (id, key) = api.customer_on_plan(plan).await;
     Customer { id, key }
-}
-
-async fn wait_for_keys(gateway: &Gateway, count: u64) {
-    let started = Instant::now();
-    while gateway.ready().await["identities"]["keys"].as_u64() != Some(count) {
-        assert!(
-            started.elapsed() < Duration::from_secs(10),
-            "keys never arrived"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
 }
 
 async fn get(gateway: &Gateway, path: &str, key: &str) -> reqwest::Response {
@@ -135,7 +109,7 @@ async fn every_admitted_request_is_stored_once_and_both_usage_views_read_it() {
         json!({"quota": {"requests": 100, "hard": true}, "upgrade_url": "https://example.test/upgrade"}),
     )
     .await;
-    wait_for_keys(&gateway, 1).await;
+    gateway.wait_for_keys(1).await;
     for _ in 0..5 {
         assert_eq!(get(&gateway, "/api/ok", &customer.key).await.status(), 200);
     }
@@ -214,7 +188,7 @@ async fn an_exhausted_quota_names_the_plans_upgrade_url() {
         json!({"quota": {"requests": 1, "hard": true}, "upgrade_url": "https://example.test/upgrade"}),
     )
     .await;
-    wait_for_keys(&gateway, 1).await;
+    gateway.wait_for_keys(1).await;
     assert_eq!(get(&gateway, "/api/ok", &customer.key).await.status(), 200);
     let refused = get(&gateway, "/api/ok", &customer.key).await;
     assert_eq!(refused.status(), 429);
@@ -233,7 +207,7 @@ async fn a_gateway_killed_under_load_stores_exactly_the_requests_that_got_a_resp
     let gateway = Gateway::start_with_env(tempfile::tempdir().unwrap(), &text, &env).await;
     let api = AdminApi::new(&format!("http://{}", gateway.admin), &token);
     let customer = customer_on(&api, json!({"quota": {"requests": 1000000, "hard": true}})).await;
-    wait_for_keys(&gateway, 1).await;
+    gateway.wait_for_keys(1).await;
 
     let url = gateway.url("/api/load");
     let until = Instant::now() + Duration::from_millis(1500);
@@ -271,7 +245,7 @@ async fn a_gateway_killed_under_load_stores_exactly_the_requests_that_got_a_resp
 
     let gateway = Gateway::start_with_env(dir, &text, &env).await;
     let api = AdminApi::new(&format!("http://{}", gateway.admin), &token);
-    wait_for_keys(&gateway, 1).await;
+    gateway.wait_for_keys(1).await;
     // Every response a client received is stored. A response the gateway had started to send
     // when it was killed counts too, even when the kill's reset kept it from the client: at most
     // one per worker in flight, never one less than what was received.
@@ -335,7 +309,7 @@ async fn a_flushed_redis_continues_the_quota_from_the_ledger() {
     .await;
     let api = AdminApi::new(&format!("http://{}", gateway.admin), &token);
     let customer = customer_on(&api, json!({"quota": {"requests": 50, "hard": true}})).await;
-    wait_for_keys(&gateway, 1).await;
+    gateway.wait_for_keys(1).await;
     for _ in 0..30 {
         assert_eq!(get(&gateway, "/api/ok", &customer.key).await.status(), 200);
     }
@@ -400,7 +374,7 @@ auth = "key"
         &[("TOLLGATE_GATEWAY_TOKEN", token.as_str())],
     )
     .await;
-    wait_for_keys(&gateway, 1).await;
+    gateway.wait_for_keys(1).await;
     for _ in 0..10 {
         assert_eq!(get(&gateway, "/api/ok", &customer.key).await.status(), 200);
     }

@@ -73,7 +73,7 @@ async fn customer_on(upstream: &Upstream, metering: &str, plan: Value) -> Setup 
         .as_str()
         .unwrap()
         .to_owned();
-    wait_for_keys(&gateway, 1).await;
+    gateway.wait_for_keys(1).await;
     Setup {
         gateway,
         api,
@@ -140,17 +140,6 @@ async fn identity_version(gateway: &Gateway) -> i64 {
     gateway.ready().await["identities"]["version"]
         .as_i64()
         .unwrap_or(0)
-}
-
-async fn wait_for_keys(gateway: &Gateway, count: u64) {
-    let started = Instant::now();
-    while gateway.ready().await["identities"]["keys"].as_u64() != Some(count) {
-        assert!(
-            started.elapsed() < Duration::from_secs(10),
-            "keys never arrived"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
 }
 
 fn header<'a>(response: &'a Response, name: &str) -> &'a str {

@@ -28,39 +28,7 @@ auth = "key"
 
 /// A plan made of `plan`, a customer on it and a key: the key.
 async fn customer_with_key(api: &AdminApi, plan: Value) -> String {
-    customer_and_key(api, plan).await.1
-}
-
-/// A plan made of `plan`, a customer on it and a key: the customer's id and the key.
-async fn customer_and_key(api: &AdminApi, plan: Value) -> (String, String) {
-    let mut body = plan;
-    body["name"] = json!(format!("plan-{}", rand::random::<u32>()));
-    let plan = api.create("/v1/plans", body).await;
-    let customer = api
-        .create(
-            "/v1/customers",
-            json!({"name": "acme", "email": format!("{}@example.test", rand::random::<u32>()), "plan_id": plan["id"]}),
-        )
-        .await;
-    let id = customer["id"].as_str().unwrap().to_owned();
-    let key = api
-        .create(&format!("/v1/customers/{id}/keys"), json!({"name": "main"}))
-        .await["key"]
-        .as_str()
-        .unwrap()
-        .to_owned();
-    (id, key)
-}
-
-async fn wait_for_keys(gateway: &Gateway, count: u64) {
-    let started = Instant::now();
-    while gateway.ready().await["identities"]["keys"].as_u64() != Some(count) {
-        assert!(
-            started.elapsed() < Duration::from_secs(10),
-            "keys never arrived"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    api.customer_on_plan(plan).await.1
 }
 
 /// Waits until the gateway counts in Redis.
@@ -111,8 +79,9 @@ async fn two_gateways_sharing_redis_admit_exactly_the_limit_of_a_concurrent_burs
         json!({"rate_limits": [{"requests": 100, "window_seconds": 3600}]}),
     )
     .await;
-    let (quota_customer, quota_key) =
-        customer_and_key(&api, json!({"quota": {"requests": 1000, "hard": true}})).await;
+    let (quota_customer, quota_key) = api
+        .customer_on_plan(json!({"quota": {"requests": 1000, "hard": true}}))
+        .await;
     let upstream = Upstream::start("api");
     let text = config(&format!(
         r#"
@@ -134,7 +103,7 @@ timeout = "1s"
     let first = Gateway::start_with_env(tempfile::tempdir().unwrap(), &text, &env).await;
     let second = Gateway::start_with_env(tempfile::tempdir().unwrap(), &text, &env).await;
     for gateway in [&first, &second] {
-        wait_for_keys(gateway, 2).await;
+        gateway.wait_for_keys(2).await;
         wait_for_redis(gateway).await;
     }
 
@@ -223,7 +192,7 @@ retry_after = "200ms"
         json!({"rate_limits": [{"requests": 1_000_000, "window_seconds": 60}]}),
     )
     .await;
-    wait_for_keys(&gateway, 1).await;
+    gateway.wait_for_keys(1).await;
     wait_for_redis(&gateway).await;
     (gateway, key)
 }
@@ -396,7 +365,7 @@ timeout = "1s"
             .await,
         );
     }
-    wait_for_keys(&gateway, 6).await;
+    gateway.wait_for_keys(6).await;
     wait_for_redis(&gateway).await;
     let bursts = join_all(keys.iter().map(|key| burst(&gateway, key, 40))).await;
     for statuses in &bursts {

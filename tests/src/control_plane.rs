@@ -198,6 +198,32 @@ impl AdminApi {
         value
     }
 
+    /// A plan made of `plan` (a unique name added), a customer on it and a key of that customer:
+    /// the customer's id and the key.
+    pub async fn customer_on_plan(&self, plan: Value) -> (String, String) {
+        let mut body = plan;
+        body["name"] = serde_json::json!(format!("plan-{}", rand::random::<u32>()));
+        let plan = self.create("/v1/plans", body).await;
+        let email = format!("{}@example.test", rand::random::<u32>());
+        let customer = self
+            .create(
+                "/v1/customers",
+                serde_json::json!({"name": "acme", "email": email, "plan_id": plan["id"]}),
+            )
+            .await;
+        let id = customer["id"].as_str().unwrap().to_owned();
+        let key = self
+            .create(
+                &format!("/v1/customers/{id}/keys"),
+                serde_json::json!({"name": "main"}),
+            )
+            .await["key"]
+            .as_str()
+            .unwrap()
+            .to_owned();
+        (id, key)
+    }
+
     /// A plan, a customer on it and a key of that customer: (plan, customer, key).
     pub async fn customer_with_key(&self, name: &str) -> (Value, Value, Value) {
         let plan = self

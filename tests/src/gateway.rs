@@ -274,6 +274,19 @@ impl Gateway {
             .unwrap()
     }
 
+    /// Waits until the gateway holds `count` keys (polling `/health/ready`, which counts no
+    /// request against any plan).
+    pub async fn wait_for_keys(&self, count: u64) {
+        let started = Instant::now();
+        while self.ready().await["identities"]["keys"].as_u64() != Some(count) {
+            assert!(
+                started.elapsed() < Duration::from_secs(10),
+                "keys never arrived"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
     /// The `/metrics` text.
     pub async fn metrics(&self) -> String {
         reqwest::get(self.admin_url("/metrics"))
