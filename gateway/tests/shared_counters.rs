@@ -280,3 +280,70 @@ async fn a_window_hash_never_holds_more_than_one_window_of_buckets() {
     assert!(largest > 10, "the test did not fill the window: {largest}");
     assert!(largest <= 22, "{largest} fields");
 }
+
+#[tokio::test]
+async fn a_key_lives_as_long_as_what_it_counts_and_is_extended_only_by_a_new_bucket() {
+    let prefix = format!("tollgate-test-{}", rand::random::<u64>());
+    let redis = counters_under(&prefix).await;
+    let limits = [RateLimit {
+        requests: 1_000,
+        window_seconds: 1,
+    }];
+    let policy = Policy {
+        rate_limits: &limits,
+        quota: Some(QuotaLimit {
+            limit: 1_000,
+            hard: true,
+        }),
+    };
+    let customer = [21; 16];
+    let client = redis::Client::open("redis://127.0.0.1:6379").unwrap();
+    let mut connection = client.get_multiplexed_async_connection().await.unwrap();
+    let window = format!("{prefix}:{{cus_{}}}:w:1000", "15".repeat(16));
+    let quota = format!("{prefix}:{{cus_{}}}:q:{}", "15".repeat(16), PERIOD.start_ms);
+    let reader = connection.clone();
+    let pttl = async |key: &str| -> i64 {
+        let mut connection = reader.clone();
+        redis::cmd("PTTL")
+            .arg(key)
+            .query_async(&mut connection)
+            .await
+            .unwrap()
+    };
+    // Buckets of 50 ms: the first write of one sets the lifetime to a window and a bucket.
+    let start = PERIOD.start_ms + 1_000;
+    redis
+        .admit(&customer, &policy, PERIOD, 1, start, None)
+        .await
+        .unwrap();
+    let first = pttl(&window).await;
+    assert!((1_000..=1_050).contains(&first), "{first}");
+    // The quota key lives until its period ends, and a grace.
+    let quota_ttl = pttl(&quota).await;
+    assert!(quota_ttl > PERIOD.end_ms - start, "{quota_ttl}");
+    // Mark both lifetimes: a write in the same bucket leaves them alone.
+    for key in [&window, &quota] {
+        let _: () = redis::cmd("PEXPIRE")
+            .arg(key)
+            .arg(3_600_000)
+            .query_async(&mut connection)
+            .await
+            .unwrap();
+    }
+    redis
+        .admit(&customer, &policy, PERIOD, 1, start + 49, None)
+        .await
+        .unwrap();
+    assert!(pttl(&window).await > 3_000_000);
+    assert!(pttl(&quota).await > 3_000_000);
+    // The next bucket's first write sets the window's lifetime again; the quota's stays.
+    let decision = redis
+        .admit(&customer, &policy, PERIOD, 1, start + 50, None)
+        .await
+        .unwrap();
+    assert_eq!(decision.used, 3);
+    assert_eq!(decision.windows[0].remaining, 997);
+    let again = pttl(&window).await;
+    assert!((1_000..=1_050).contains(&again), "{again}");
+    assert!(pttl(&quota).await > 3_000_000);
+}

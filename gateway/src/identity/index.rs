@@ -80,6 +80,33 @@ pub fn format_id(prefix: &str, id: &Id) -> String {
     format!("{prefix}_{}", hex::encode(id))
 }
 
+/// An id as `prefix_` and 32 hex digits, formatted on the stack: what the request path writes
+/// without allocating.
+#[derive(Clone, Copy)]
+pub struct IdText([u8; 36]);
+
+impl IdText {
+    /// `prefix` (three letters, such as `cus`), `_`, and the id in hex.
+    pub fn new(prefix: &[u8; 3], id: &Id) -> Self {
+        let mut text = [b'_'; 36];
+        text[..3].copy_from_slice(prefix);
+        // 32 digits for 16 bytes: the slice is always the right size.
+        let _ = hex::encode_to_slice(id, &mut text[4..]);
+        Self(text)
+    }
+
+    /// The text.
+    pub fn as_str(&self) -> &str {
+        std::str::from_utf8(&self.0).unwrap_or_default()
+    }
+}
+
+impl std::fmt::Debug for IdText {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
 /// Equal scope sets, shared.
 #[derive(Debug, Default)]
 pub struct ScopeInterner {

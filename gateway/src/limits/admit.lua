@@ -32,16 +32,15 @@ for i = 1, n do
     fields[#fields + 1] = b
   end
   local values = redis.call('HMGET', KEYS[i], unpack(fields))
-  local buckets, total = {}, 0
+  -- counts[k]: units of bucket head - slots + k - 1 (0 when none).
+  local counts, total = {}, 0
   for j = 2, #values do
-    local count = tonumber(values[j])
-    if count then
-      buckets[#buckets + 1] = { head - slots + j - 2, count }
-      total = total + count
-    end
+    local count = tonumber(values[j]) or 0
+    counts[j - 1] = count
+    total = total + count
   end
   windows[i] = { limit = limit, length = length, width = width, head = head, total = total,
-    buckets = buckets, last = tonumber(values[1]) }
+    counts = counts, last = tonumber(values[1]) }
   if total + units > limit then
     fits = false
   end
@@ -51,7 +50,10 @@ local qkey = KEYS[n + 1]
 local used, overage, seed = 0, 0, 0
 local quota = redis.call('HMGET', qkey, 'u', 'o', 's', 'c')
 if not quota[1] then
+  -- Created here, and given its lifetime (the period's end and a grace) once: the period of a
+  -- key never changes.
   redis.call('HSET', qkey, 'u', 0, 'o', 0, 's', 0, 'c', now)
+  redis.call('PEXPIRE', qkey, qttl)
   seed = 1
 else
   used, overage = tonumber(quota[1]), tonumber(quota[2])
@@ -61,7 +63,6 @@ else
     seed = 1
   end
 end
-redis.call('PEXPIRE', qkey, qttl)
 
 local verdict = 0
 if qlimit >= 0 and hard and used + units > qlimit then
@@ -86,15 +87,15 @@ if verdict == 0 then
       end
     end
     redis.call('HINCRBY', KEYS[i], w.head, units)
-    redis.call('HSET', KEYS[i], 'h', w.head)
-    redis.call('PEXPIRE', KEYS[i], w.length + w.width)
-    w.total = w.total + units
-    local last = w.buckets[#w.buckets]
-    if last and last[1] == w.head then
-      last[2] = last[2] + units
-    else
-      w.buckets[#w.buckets + 1] = { w.head, units }
+    -- The first write of a bucket moves 'h' and the key's lifetime: it must outlive the newest
+    -- bucket, which counts until (head + 1) * width + length, no later than now + length + width.
+    -- Later writes of the same bucket change neither.
+    if w.last ~= w.head then
+      redis.call('HSET', KEYS[i], 'h', w.head)
+      redis.call('PEXPIRE', KEYS[i], w.length + w.width)
     end
+    w.total = w.total + units
+    w.counts[slots + 1] = w.counts[slots + 1] + units
   end
   if qlimit >= 0 and not hard then
     reserved_overage = math.max(0, used + units - math.max(qlimit, used))
@@ -121,11 +122,14 @@ for i = 1, n do
   if w.total > target then
     local counted = w.total
     reset = w.length
-    for _, bucket in ipairs(w.buckets) do
-      counted = counted - bucket[2]
-      if counted <= target then
-        reset = (bucket[1] + 1) * w.width + w.length - now
-        break
+    for k = 1, slots + 1 do
+      local count = w.counts[k]
+      if count > 0 then
+        counted = counted - count
+        if counted <= target then
+          reset = (w.head - slots + k) * w.width + w.length - now
+          break
+        end
       end
     end
   end

@@ -12,8 +12,7 @@
 //! The older `X-RateLimit-*` fields describe the window closest to refusing (fewest units left,
 //! then longest wait), and `X-Quota-*` the quota; every `*-Reset` is in seconds from now, rounded up.
 
-use std::fmt::Write;
-
+use bytes::Bytes;
 use http::HeaderValue;
 use pingora::Result;
 use pingora::http::ResponseHeader;
@@ -21,76 +20,96 @@ use pingora::http::ResponseHeader;
 use super::{Decision, ceil_seconds};
 
 /// `RateLimit-Policy`.
-pub const RATELIMIT_POLICY: &str = "ratelimit-policy";
+pub const RATELIMIT_POLICY: &str = "RateLimit-Policy";
 /// `RateLimit`.
-pub const RATELIMIT: &str = "ratelimit";
+pub const RATELIMIT: &str = "RateLimit";
 /// `X-RateLimit-Limit`.
-pub const X_RATELIMIT_LIMIT: &str = "x-ratelimit-limit";
+pub const X_RATELIMIT_LIMIT: &str = "X-RateLimit-Limit";
 /// `X-RateLimit-Remaining`.
-pub const X_RATELIMIT_REMAINING: &str = "x-ratelimit-remaining";
+pub const X_RATELIMIT_REMAINING: &str = "X-RateLimit-Remaining";
 /// `X-RateLimit-Reset`.
-pub const X_RATELIMIT_RESET: &str = "x-ratelimit-reset";
+pub const X_RATELIMIT_RESET: &str = "X-RateLimit-Reset";
 /// `X-Quota-Limit`.
-pub const X_QUOTA_LIMIT: &str = "x-quota-limit";
+pub const X_QUOTA_LIMIT: &str = "X-Quota-Limit";
 /// `X-Quota-Remaining`.
-pub const X_QUOTA_REMAINING: &str = "x-quota-remaining";
+pub const X_QUOTA_REMAINING: &str = "X-Quota-Remaining";
 /// `X-Quota-Reset`.
-pub const X_QUOTA_RESET: &str = "x-quota-reset";
+pub const X_QUOTA_RESET: &str = "X-Quota-Reset";
 
-/// The values of every limit header of `decision`, by name.
-pub fn values(decision: &Decision) -> Vec<(&'static str, String)> {
-    let mut policy = String::new();
-    let mut state = String::new();
+/// Appends one IETF list item to `list`: the policy's name (`"rate-<seconds>s"` for a window,
+/// `"quota"` without one) and two parameters.
+fn item(list: &mut Vec<u8>, window_seconds: Option<u64>, parameters: [(&str, u64); 2]) {
+    let mut number = itoa::Buffer::new();
+    if !list.is_empty() {
+        list.extend_from_slice(b", ");
+    }
+    match window_seconds {
+        Some(seconds) => {
+            list.extend_from_slice(b"\"rate-");
+            list.extend_from_slice(number.format(seconds).as_bytes());
+            list.extend_from_slice(b"s\"");
+        }
+        None => list.extend_from_slice(b"\"quota\""),
+    }
+    for (key, value) in parameters {
+        list.push(b';');
+        list.extend_from_slice(key.as_bytes());
+        list.push(b'=');
+        list.extend_from_slice(number.format(value).as_bytes());
+    }
+}
+
+/// Every limit header of `decision`.
+pub fn values(decision: &Decision) -> Vec<(&'static str, HeaderValue)> {
+    let mut policy = Vec::with_capacity(96);
+    let mut state = Vec::with_capacity(96);
     for window in &decision.windows {
-        let seconds = window.window_ms / 1000;
-        let separator = if policy.is_empty() { "" } else { ", " };
-        let _ = write!(
-            policy,
-            "{separator}\"rate-{seconds}s\";q={};w={seconds}",
-            window.limit
+        let seconds = u64::try_from(window.window_ms / 1000).unwrap_or(0);
+        let reset = ceil_seconds(window.reset_ms);
+        item(
+            &mut policy,
+            Some(seconds),
+            [("q", window.limit), ("w", seconds)],
         );
-        let _ = write!(
-            state,
-            "{separator}\"rate-{seconds}s\";r={};t={}",
-            window.remaining,
-            ceil_seconds(window.reset_ms)
+        item(
+            &mut state,
+            Some(seconds),
+            [("r", window.remaining), ("t", reset)],
         );
     }
     let mut values = Vec::with_capacity(8);
     let quota_reset = ceil_seconds(decision.period.end_ms.saturating_sub(decision.at_ms));
-    if let Some(quota) = decision.quota {
-        let remaining = quota.limit.saturating_sub(decision.used);
-        let separator = if policy.is_empty() { "" } else { ", " };
-        let _ = write!(
-            policy,
-            "{separator}\"quota\";q={};w={}",
-            quota.limit,
-            decision.period.seconds()
-        );
-        let _ = write!(state, "{separator}\"quota\";r={remaining};t={quota_reset}");
+    let quota_remaining = decision
+        .quota
+        .map(|quota| quota.limit.saturating_sub(decision.used));
+    if let (Some(quota), Some(remaining)) = (decision.quota, quota_remaining) {
+        let period = u64::try_from(decision.period.seconds()).unwrap_or(0);
+        item(&mut policy, None, [("q", quota.limit), ("w", period)]);
+        item(&mut state, None, [("r", remaining), ("t", quota_reset)]);
     }
     if policy.is_empty() {
         return values;
     }
-    values.push((RATELIMIT_POLICY, policy));
-    values.push((RATELIMIT, state));
+    // Digits, names and separators only: always valid header values.
+    for (name, list) in [(RATELIMIT_POLICY, policy), (RATELIMIT, state)] {
+        if let Ok(value) = HeaderValue::from_maybe_shared(Bytes::from(list)) {
+            values.push((name, value));
+        }
+    }
     let closest = decision.windows.iter().min_by(|a, b| {
         a.remaining
             .cmp(&b.remaining)
             .then(b.reset_ms.cmp(&a.reset_ms))
     });
     if let Some(window) = closest {
-        values.push((X_RATELIMIT_LIMIT, window.limit.to_string()));
-        values.push((X_RATELIMIT_REMAINING, window.remaining.to_string()));
-        values.push((X_RATELIMIT_RESET, ceil_seconds(window.reset_ms).to_string()));
+        values.push((X_RATELIMIT_LIMIT, window.limit.into()));
+        values.push((X_RATELIMIT_REMAINING, window.remaining.into()));
+        values.push((X_RATELIMIT_RESET, ceil_seconds(window.reset_ms).into()));
     }
-    if let Some(quota) = decision.quota {
-        values.push((X_QUOTA_LIMIT, quota.limit.to_string()));
-        values.push((
-            X_QUOTA_REMAINING,
-            quota.limit.saturating_sub(decision.used).to_string(),
-        ));
-        values.push((X_QUOTA_RESET, quota_reset.to_string()));
+    if let (Some(quota), Some(remaining)) = (decision.quota, quota_remaining) {
+        values.push((X_QUOTA_LIMIT, quota.limit.into()));
+        values.push((X_QUOTA_REMAINING, remaining.into()));
+        values.push((X_QUOTA_RESET, quota_reset.into()));
     }
     values
 }
@@ -98,10 +117,8 @@ pub fn values(decision: &Decision) -> Vec<(&'static str, String)> {
 /// Sets every limit header of `decision` on a response, replacing any the upstream sent.
 pub fn write(header: &mut ResponseHeader, decision: &Decision) -> Result<()> {
     for (name, value) in values(decision) {
-        // Digits, names and separators only: always a valid header value.
-        if let Ok(value) = HeaderValue::from_str(&value) {
-            header.insert_header(name, value)?;
-        }
+        // As written here on the wire (Pingora keeps a header's case), without copying the name.
+        header.insert_header(Bytes::from_static(name.as_bytes()), value)?;
     }
     Ok(())
 }
@@ -149,11 +166,11 @@ mod tests {
     #[test]
     fn every_window_and_the_quota_is_a_named_policy() {
         let values = values(&decision());
-        let get = |name| {
+        let get = |name: &str| {
             values
                 .iter()
                 .find(|(n, _)| *n == name)
-                .map(|(_, v)| v.as_str())
+                .map(|(_, v)| v.to_str().unwrap())
         };
         assert_eq!(
             get(RATELIMIT_POLICY),
@@ -189,7 +206,7 @@ mod tests {
         });
         over.windows.clear();
         let values = values(&over);
-        assert!(values.contains(&(X_QUOTA_REMAINING, "0".to_owned())));
+        assert!(values.contains(&(X_QUOTA_REMAINING, HeaderValue::from_static("0"))));
         assert!(!values.iter().any(|(n, _)| *n == X_RATELIMIT_LIMIT));
     }
 }

@@ -32,7 +32,7 @@ use super::period::Period;
 use super::window::{SLOTS, WindowState};
 use super::{Counted, Decision, Policy, Reservation, Verdict};
 use crate::config::{Redis, RedisNodes};
-use crate::identity::index::{Id, format_id};
+use crate::identity::index::{Id, IdText};
 use crate::metering::ledger::Ledger;
 use crate::metrics::{Metrics, REDIS_CALL_DURATION, REDIS_ERRORS_TOTAL};
 
@@ -200,7 +200,7 @@ impl RedisCounters {
         format!(
             "{}:{{{}}}:{kind}:{n}",
             self.settings.key_prefix,
-            format_id("cus", customer)
+            IdText::new(b"cus", customer).as_str()
         )
     }
 

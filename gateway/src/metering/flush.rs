@@ -19,7 +19,8 @@ use pingora::services::background::BackgroundService;
 use tollgate_model::usage::UsageEvent;
 
 use super::Meter;
-use super::spool::{self, Record};
+use super::record::Record;
+use super::spool;
 use crate::metering::ledger::{Ledger, LedgerError};
 use crate::state::Gateway;
 

@@ -10,6 +10,7 @@
 //! usage.
 //!
 //! # Layout
+//! - [`record`]: a usage record as a line of the spool.
 //! - [`spool`]: the append-only segments on local disk.
 //! - [`flush`]: the background service that sends and deletes them.
 //! - [`ledger`]: the ledger in the embedded store, or behind the control plane's API.
@@ -18,13 +19,14 @@
 pub mod flush;
 pub mod ledger;
 pub mod metrics;
+pub mod record;
 pub mod spool;
 
 use std::sync::Arc;
 
 use metrics::MeteringMetrics;
-use spool::{Record, Spool};
-use tollgate_model::usage::UsageEvent;
+use record::{Kind, Usage};
+use spool::Spool;
 
 /// The spool and its metrics: what the request path writes usage through.
 #[derive(Debug)]
@@ -38,10 +40,12 @@ pub struct Meter {
 impl Meter {
     /// Appends a record; a refusal of the disk is logged and counted (the request was already
     /// answered, so there is nothing else to do with it).
-    pub fn append(&self, record: &Record) {
-        match self.spool.append(record) {
+    pub fn append(&self, kind: Kind, usage: &Usage<'_>) {
+        let mut line = Vec::with_capacity(256);
+        record::encode(kind, usage, &mut line);
+        match self.spool.append(&line) {
             Ok(()) => {
-                if matches!(record, Record::Final(_)) {
+                if kind == Kind::Final {
                     self.metrics.spooled();
                 }
             }
@@ -58,6 +62,22 @@ impl Meter {
 pub struct Metered {
     /// Where its records go.
     pub meter: Arc<Meter>,
-    /// Its event, once the response header went out.
-    pub event: Option<UsageEvent>,
+    /// What its pending record said, once the response header went out.
+    pub written: Option<Written>,
+}
+
+/// The fields of a request's usage fixed when its response header went out; the final record
+/// repeats them with the final latency and sizes.
+#[derive(Debug, Clone, Copy)]
+pub struct Written {
+    /// The event id (UUIDv7 bytes).
+    pub id: [u8; 16],
+    /// The status the client received.
+    pub status: u16,
+    /// Unix ms of the decision.
+    pub at_ms: i64,
+    /// Billable units (0 when refunded).
+    pub units: u64,
+    /// Of them, overage units.
+    pub overage: u64,
 }

@@ -1,11 +1,12 @@
-//! The spool: usage records appended to files on local disk, one line of JSON each, before the
-//! response they describe goes out, so a crash of the process loses none.
+//! The spool: usage records appended to files on local disk, one line each (see [`record`]),
+//! before the response they describe goes out, so a crash of the process loses none.
 //!
-//! Records go to the active *segment* (`<seq>.jsonl`, `seq` increasing); a segment is closed when
+//! Records go to the active *segment* (`<seq>.tsv`, `seq` increasing); a segment is closed when
 //! it passes [`SEGMENT_BYTES`] or when the flusher finds it older than its interval, and a closed
 //! segment is read, sent and deleted by the flusher. Each append is one `write(2)` of a whole line
-//! under a mutex (no buffer in this process: what was written survives `kill -9`); the flusher
-//! `fsync`s the active segment every tick, so a power loss costs at most one tick. The total size
+//! under a mutex (no buffer in this process: what was written survives `kill -9`); a write that
+//! fails part-way (a full disk) closes its segment, so the fragment it may leave is the segment's
+//! last line and hides no other record. The flusher `fsync`s the active segment every tick, so a power loss costs at most one tick. The total size
 //! on disk is bounded: once the records not yet sent reach `max_bytes`, the request path refuses
 //! metered requests (503) rather than serve them unmetered; the records of requests already
 //! admitted are still appended.
@@ -16,24 +17,17 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Mutex, PoisonError};
 
-use serde::{Deserialize, Serialize};
 use tollgate_model::usage::UsageEvent;
+
+use super::record::{self, Kind, Record, Usage};
+
+/// The file extension of a segment: tab-separated values.
+const EXTENSION: &str = "tsv";
+/// Segments an earlier version wrote, one JSON object per line: still read, never written.
+const LEGACY_EXTENSION: &str = "jsonl";
 
 /// Size past which the active segment is closed.
 pub const SEGMENT_BYTES: u64 = 4 * 1024 * 1024;
-
-/// One line of the spool.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub enum Record {
-    /// Written as the response header goes out: the request counts even if this process dies
-    /// before it ends.
-    #[serde(rename = "p")]
-    Pending(UsageEvent),
-    /// Written when the request is over, with its final latency and sizes; replaces the pending
-    /// record of the same id.
-    #[serde(rename = "e")]
-    Final(UsageEvent),
-}
 
 #[derive(Debug)]
 struct Active {
@@ -118,13 +112,17 @@ impl Spool {
         self.first_own_seq
     }
 
-    /// Appends one record.
-    pub fn append(&self, record: &Record) -> std::io::Result<()> {
-        let mut line = serde_json::to_vec(record).map_err(std::io::Error::other)?;
-        line.push(b'\n');
+    /// Appends one record: a whole line, its newline included ([`record::encode`]).
+    pub fn append(&self, line: &[u8]) -> std::io::Result<()> {
         // Held for one write of one line; nothing else happens under it.
         let mut active = self.active.lock().unwrap_or_else(PoisonError::into_inner);
-        active.file.write_all(&line)?;
+        if let Err(error) = active.file.write_all(line) {
+            // Part of the line may be on disk: the next record goes to a new segment, so this
+            // fragment stays the last line of its own.
+            let opened_ms = active.opened_ms;
+            self.rotate(&mut active, opened_ms)?;
+            return Err(error);
+        }
         active.bytes += line.len() as u64;
         active.records += 1;
         self.bytes.fetch_add(line.len() as u64, Ordering::Relaxed);
@@ -185,14 +183,13 @@ impl Spool {
         let dir = self.dir.join("rejected");
         std::fs::create_dir_all(&dir)?;
         let first = events.first().map_or("empty", |e| e.id.as_str());
-        let path = dir.join(format!("{first}.jsonl"));
+        let path = dir.join(format!("{first}.{EXTENSION}"));
         let mut file = File::create(&path)?;
+        let mut lines = Vec::new();
         for event in events {
-            let mut line =
-                serde_json::to_vec(&Record::Final(event.clone())).map_err(std::io::Error::other)?;
-            line.push(b'\n');
-            file.write_all(&line)?;
+            record::encode(Kind::Final, &Usage::of(event), &mut lines);
         }
+        file.write_all(&lines)?;
         file.sync_all()?;
         Ok(path)
     }
@@ -210,7 +207,7 @@ fn create(dir: &Path, seq: u64) -> std::io::Result<File> {
     OpenOptions::new()
         .create_new(true)
         .append(true)
-        .open(dir.join(format!("{seq:016}.jsonl")))
+        .open(dir.join(format!("{seq:016}.{EXTENSION}")))
 }
 
 /// Segments in `dir`, by number.
@@ -221,7 +218,11 @@ fn segments(dir: &Path) -> std::io::Result<Vec<(u64, PathBuf)>> {
         let seq = path
             .file_name()
             .and_then(|n| n.to_str())
-            .and_then(|n| n.strip_suffix(".jsonl"))
+            .and_then(|n| {
+                n.strip_suffix(EXTENSION)
+                    .or_else(|| n.strip_suffix(LEGACY_EXTENSION))?
+                    .strip_suffix('.')
+            })
             .and_then(|n| n.parse::<u64>().ok());
         if let Some(seq) = seq {
             found.push((seq, path));
@@ -231,17 +232,31 @@ fn segments(dir: &Path) -> std::io::Result<Vec<(u64, PathBuf)>> {
     Ok(found)
 }
 
-/// The records of a segment, synced to disk first; a line that does not parse (torn by a crash mid-write: only the
-/// last can be) is skipped and counted.
+/// The records of a segment, synced to disk first. A line that does not parse, or the last one
+/// when it lacks its newline (torn by a crash or a full disk mid-write: only the last line of a
+/// segment can be), is skipped and counted.
 pub fn read(path: &Path) -> std::io::Result<(Vec<Record>, usize)> {
     File::open(path)?.sync_data()?;
     let text = std::fs::read(path)?;
     let mut records = Vec::new();
     let mut torn = 0;
-    for line in text.split(|&b| b == b'\n').filter(|l| !l.is_empty()) {
-        match serde_json::from_slice(line) {
-            Ok(record) => records.push(record),
-            Err(_) => torn += 1,
+    let (whole, fragment) = match text.iter().rposition(|&b| b == b'\n') {
+        Some(end) => (&text[..end], &text[end + 1..]),
+        None => (&[][..], &text[..]),
+    };
+    if !fragment.is_empty() {
+        torn += 1;
+    }
+    let legacy = path.extension().is_some_and(|e| e == LEGACY_EXTENSION);
+    for line in whole.split(|&b| b == b'\n').filter(|l| !l.is_empty()) {
+        let decoded = if legacy {
+            record::decode_legacy(line)
+        } else {
+            record::decode(line)
+        };
+        match decoded {
+            Some(record) => records.push(record),
+            None => torn += 1,
         }
     }
     Ok((records, torn))
@@ -269,17 +284,25 @@ mod tests {
         }
     }
 
+    fn line(kind: Kind, event: &UsageEvent) -> Vec<u8> {
+        let mut line = Vec::new();
+        record::encode(kind, &Usage::of(event), &mut line);
+        line
+    }
+
     #[test]
     fn records_survive_a_restart_and_a_torn_last_line_is_skipped() {
         let dir = tempfile::tempdir().unwrap();
         let spool = Spool::open(dir.path(), 1 << 20, 0).unwrap();
-        spool.append(&Record::Pending(event(1, 1))).unwrap();
-        spool.append(&Record::Final(event(1, 1))).unwrap();
+        spool.append(&line(Kind::Pending, &event(1, 1))).unwrap();
+        spool.append(&line(Kind::Final, &event(1, 1))).unwrap();
         let (seq, path) = segments(dir.path()).unwrap().remove(0);
         assert_eq!(seq, 1);
-        // A crash mid-write leaves half a line.
+        // A crash mid-write leaves a line without its end (here: all of its fields, the last
+        // one cut short).
         let mut file = OpenOptions::new().append(true).open(&path).unwrap();
-        file.write_all(b"{\"p\":{\"id\":\"evt_").unwrap();
+        let whole = line(Kind::Pending, &event(2, 1));
+        file.write_all(&whole[..whole.len() - 3]).unwrap();
         drop(spool);
         let reopened = Spool::open(dir.path(), 1 << 20, 0).unwrap();
         assert_eq!(reopened.first_own_seq(), 2);
@@ -295,22 +318,40 @@ mod tests {
     }
 
     #[test]
+    fn segments_an_earlier_version_wrote_as_json_are_read() {
+        let dir = tempfile::tempdir().unwrap();
+        let json = serde_json::to_string(&event(1, 1)).unwrap();
+        std::fs::write(
+            dir.path().join("0000000000000007.jsonl"),
+            format!("{{\"p\":{json}}}\n{{\"e\":{json}}}\n"),
+        )
+        .unwrap();
+        let spool = Spool::open(dir.path(), 1 << 20, 0).unwrap();
+        assert_eq!(spool.first_own_seq(), 8);
+        let closed = spool.closed(spool.first_own_seq()).unwrap();
+        assert_eq!(closed.len(), 1);
+        let (records, torn) = read(&closed[0].1).unwrap();
+        assert_eq!(
+            records,
+            [Record::Pending(event(1, 1)), Record::Final(event(1, 1))]
+        );
+        assert_eq!(torn, 0);
+    }
+
+    #[test]
     fn the_spool_is_full_at_its_bound_until_sent_segments_are_removed() {
         let dir = tempfile::tempdir().unwrap();
-        let line = serde_json::to_vec(&Record::Final(event(1, 1)))
-            .unwrap()
-            .len() as u64
-            + 1;
-        let spool = Spool::open(dir.path(), line * 2, 0).unwrap();
-        spool.append(&Record::Final(event(1, 1))).unwrap();
+        let size = line(Kind::Final, &event(1, 1)).len() as u64;
+        let spool = Spool::open(dir.path(), size * 2, 0).unwrap();
+        spool.append(&line(Kind::Final, &event(1, 1))).unwrap();
         assert!(!spool.is_full());
-        spool.append(&Record::Final(event(2, 1))).unwrap();
+        spool.append(&line(Kind::Final, &event(2, 1))).unwrap();
         assert!(spool.is_full());
-        assert_eq!(spool.bytes(), line * 2);
+        assert_eq!(spool.bytes(), size * 2);
         // Sent and kept only for a running request's final record: not counted.
-        spool.hold(line);
+        spool.hold(size);
         assert!(!spool.is_full());
-        spool.release(line);
+        spool.release(size);
         assert!(spool.is_full());
         let active = spool.tick(10, 0).unwrap();
         for (_, path) in spool.closed(active).unwrap() {
@@ -325,7 +366,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let spool = Spool::open(dir.path(), 1 << 20, 0).unwrap();
         assert_eq!(spool.tick(5_000, 1_000).unwrap(), 1, "empty: kept");
-        spool.append(&Record::Final(event(1, 1))).unwrap();
+        spool.append(&line(Kind::Final, &event(1, 1))).unwrap();
         assert_eq!(spool.tick(500, 1_000).unwrap(), 1, "young: kept");
         assert_eq!(spool.tick(1_000, 1_000).unwrap(), 2);
         assert_eq!(spool.closed(2).unwrap().len(), 1);

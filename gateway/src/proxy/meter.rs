@@ -4,14 +4,13 @@
 use std::sync::Arc;
 
 use pingora::proxy::Session;
-use tollgate_model::usage::UsageEvent;
 
 use super::RequestCtx;
 use super::problem::GatewayProblem;
-use crate::identity::index::format_id;
+use crate::identity::index::IdText;
 use crate::limits::Verdict;
-use crate::metering::Metered;
-use crate::metering::spool::Record;
+use crate::metering::record::{Kind, Usage};
+use crate::metering::{Metered, Written};
 use crate::state::Gateway;
 
 /// Decides the authenticated request of `ctx` against its customer's plan; the problem to answer
@@ -36,7 +35,7 @@ pub async fn admit(gateway: &Gateway, ctx: &mut RequestCtx) -> Option<GatewayPro
         Verdict::Admitted => {
             ctx.metered = Some(Metered {
                 meter: Arc::clone(meter),
-                event: None,
+                written: None,
             });
             None
         }
@@ -65,46 +64,67 @@ pub fn on_response_header(session: &Session, ctx: &mut RequestCtx, status: u16) 
     let Some(metered) = &ctx.metered else {
         return;
     };
-    if metered.event.is_some() {
+    if metered.written.is_some() {
         return;
     }
-    let (Some((caller, _)), Some(decision)) = (&ctx.caller, &ctx.limit) else {
+    let Some(reservation) = ctx.limit.as_ref().and_then(|d| d.reservation) else {
         return;
     };
-    let Some(reservation) = decision.reservation else {
+    let Some(at_ms) = ctx.limit.as_ref().map(|d| d.at_ms) else {
         return;
     };
     let counted = counts(status, ctx);
-    let event = UsageEvent {
-        id: format_id("evt", uuid::Uuid::now_v7().as_bytes()),
-        request_id: ctx.request_id.clone(),
-        customer_id: format_id("cus", &caller.customer),
-        key_id: caller.key.map(|key| format_id("key", &key)),
-        route: ctx.route().map_or_else(String::new, |r| r.name.clone()),
-        method: method_label(session.req_header().method.as_str()),
+    let written = Written {
+        id: uuid::Uuid::now_v7().into_bytes(),
         status: status.clamp(100, 599),
-        latency_us: u64::try_from(ctx.started.elapsed().as_micros()).unwrap_or(u64::MAX),
-        bytes_in: session.body_bytes_read() as u64,
-        bytes_out: 0,
-        at_ms: decision.at_ms,
+        at_ms,
         units: if counted { reservation.units } else { 0 },
         overage: if counted { reservation.overage } else { 0 },
     };
-    metered.meter.append(&Record::Pending(event.clone()));
+    record(session, ctx, metered, Kind::Pending, &written, 0);
     if let Some(metered) = &mut ctx.metered {
-        metered.event = Some(event);
+        metered.written = Some(written);
     }
+}
+
+/// Appends one record of `written` with the request's latency and sizes so far.
+fn record(
+    session: &Session,
+    ctx: &RequestCtx,
+    metered: &Metered,
+    kind: Kind,
+    written: &Written,
+    bytes_out: u64,
+) {
+    let Some((caller, _)) = &ctx.caller else {
+        return;
+    };
+    let id = IdText::new(b"evt", &written.id);
+    let customer_id = IdText::new(b"cus", &caller.customer);
+    let key_id = caller.key.map(|key| IdText::new(b"key", &key));
+    let usage = Usage {
+        id: id.as_str(),
+        request_id: &ctx.request_id,
+        customer_id: customer_id.as_str(),
+        key_id: key_id.as_ref().map(IdText::as_str),
+        route: ctx.route().map_or("", |r| r.name.as_str()),
+        method: method_label(session.req_header().method.as_str()),
+        status: written.status,
+        latency_us: u64::try_from(ctx.started.elapsed().as_micros()).unwrap_or(u64::MAX),
+        bytes_in: session.body_bytes_read() as u64,
+        bytes_out,
+        at_ms: written.at_ms,
+        units: written.units,
+        overage: written.overage,
+    };
+    metered.meter.append(kind, &usage);
 }
 
 /// The method as the ledger takes it (an HTTP token of at most 32 bytes): a longer one, which
 /// only a client playing games sends, is recorded as `OTHER` rather than let it make the
 /// control plane refuse the batch it is in.
-fn method_label(method: &str) -> String {
-    if method.len() <= 32 {
-        method.to_owned()
-    } else {
-        "OTHER".to_owned()
-    }
+fn method_label(method: &str) -> &str {
+    if method.len() <= 32 { method } else { "OTHER" }
 }
 
 /// Settles the request once it is over: its final usage record (latency and sizes), and its
@@ -117,18 +137,12 @@ pub async fn settle(gateway: &Gateway, session: &Session, ctx: &mut RequestCtx) 
     let Some((caller, _)) = &ctx.caller else {
         return;
     };
-    let refund = match ctx
-        .metered
-        .as_mut()
-        .and_then(|m| m.event.as_mut().map(|e| (e, &m.meter)))
-    {
+    let refund = match ctx.metered.as_ref().and_then(|m| m.written.map(|w| (m, w))) {
         None => true,
-        Some((event, meter)) => {
-            event.latency_us = u64::try_from(ctx.started.elapsed().as_micros()).unwrap_or(u64::MAX);
-            event.bytes_in = session.body_bytes_read() as u64;
-            event.bytes_out = session.body_bytes_sent() as u64;
-            meter.append(&Record::Final(event.clone()));
-            event.units == 0
+        Some((metered, written)) => {
+            let bytes_out = session.body_bytes_sent() as u64;
+            record(session, ctx, metered, Kind::Final, &written, bytes_out);
+            written.units == 0
         }
     };
     if refund {

@@ -91,6 +91,10 @@ fn a_snapshot_is_read_and_every_key_found_by_its_hash() {
     for n in [0, 1, 250, 499] {
         let caller = check_key(&identities, &key_text(n), "orders", 1).unwrap();
         assert_eq!(format_id("cus", &caller.customer), hex_id("cus", 1));
+        assert_eq!(
+            IdText::new(b"cus", &caller.customer).as_str(),
+            hex_id("cus", 1)
+        );
         assert_eq!(&*caller.plan_id, "plan_a");
         assert_eq!(format_id("key", &caller.key.unwrap()), keys[n as usize].id);
     }

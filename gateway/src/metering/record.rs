@@ -1,0 +1,357 @@
+//! One usage record as a line of the spool: tab-separated fields, written by the request path
+//! straight from what it holds (no intermediate event, no JSON), and read back by the flusher
+//! into a [`UsageEvent`].
+//!
+//! ```text
+//! p  evt_…  1795000000123  cus_…  key_…  api  GET  200  1  0  812  0  17  0195…-…
+//! ```
+//!
+//! Fields, in order: kind (`p` pending, `e` final), event id, time (Unix ms), customer id, key id
+//! (empty for a JWT caller), route, method, status, units, overage units, latency (µs), request
+//! body bytes, response body bytes, request id. Text fields are tokens by the time they get here
+//! (validated route names and request ids, HTTP methods); a tab, line break or backslash in one
+//! would still be escaped (`\t`, `\n`, `\r`, `\\`), so a line always has exactly 14 fields. A
+//! line that does not have them, or whose numbers do not parse, is torn (a crash mid-write) and
+//! is skipped by the reader.
+
+use tollgate_model::usage::UsageEvent;
+
+/// One record read back from the spool.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Record {
+    /// Written as the response header goes out: the request counts even if this process dies
+    /// before it ends.
+    Pending(UsageEvent),
+    /// Written when the request is over, with its final latency and sizes; replaces the pending
+    /// record of the same id.
+    Final(UsageEvent),
+}
+
+/// Which record of a request a line is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    /// As the response header goes out.
+    Pending,
+    /// When the request is over.
+    Final,
+}
+
+/// A usage event's fields, borrowed from wherever they are: what [`encode`] writes.
+#[derive(Debug, Clone, Copy)]
+pub struct Usage<'a> {
+    /// `evt_…`.
+    pub id: &'a str,
+    /// The request's `X-Request-Id`.
+    pub request_id: &'a str,
+    /// `cus_…`.
+    pub customer_id: &'a str,
+    /// `key_…`, when the caller used a key.
+    pub key_id: Option<&'a str>,
+    /// The route's name.
+    pub route: &'a str,
+    /// The request method.
+    pub method: &'a str,
+    /// The status the client received.
+    pub status: u16,
+    /// Microseconds from arrival to the last response byte.
+    pub latency_us: u64,
+    /// Request body bytes.
+    pub bytes_in: u64,
+    /// Response body bytes.
+    pub bytes_out: u64,
+    /// Unix ms of arrival.
+    pub at_ms: i64,
+    /// Billable units.
+    pub units: u64,
+    /// Of them, overage units.
+    pub overage: u64,
+}
+
+impl<'a> Usage<'a> {
+    /// The fields of `event`.
+    pub fn of(event: &'a UsageEvent) -> Self {
+        Self {
+            id: &event.id,
+            request_id: &event.request_id,
+            customer_id: &event.customer_id,
+            key_id: event.key_id.as_deref(),
+            route: &event.route,
+            method: &event.method,
+            status: event.status,
+            latency_us: event.latency_us,
+            bytes_in: event.bytes_in,
+            bytes_out: event.bytes_out,
+            at_ms: event.at_ms,
+            units: event.units,
+            overage: event.overage,
+        }
+    }
+}
+
+/// Fields of a line.
+const FIELDS: usize = 14;
+
+/// Appends the line of `usage` (its newline included) to `out`.
+pub fn encode(kind: Kind, usage: &Usage<'_>, out: &mut Vec<u8>) {
+    let mut numbers = itoa::Buffer::new();
+    out.push(match kind {
+        Kind::Pending => b'p',
+        Kind::Final => b'e',
+    });
+    let text = |out: &mut Vec<u8>, value: &str| {
+        out.push(b'\t');
+        escape(value.as_bytes(), out);
+    };
+    text(out, usage.id);
+    out.push(b'\t');
+    out.extend_from_slice(numbers.format(usage.at_ms).as_bytes());
+    text(out, usage.customer_id);
+    text(out, usage.key_id.unwrap_or(""));
+    text(out, usage.route);
+    text(out, usage.method);
+    for number in [
+        u64::from(usage.status),
+        usage.units,
+        usage.overage,
+        usage.latency_us,
+        usage.bytes_in,
+        usage.bytes_out,
+    ] {
+        out.push(b'\t');
+        out.extend_from_slice(numbers.format(number).as_bytes());
+    }
+    text(out, usage.request_id);
+    out.push(b'\n');
+}
+
+fn escape(value: &[u8], out: &mut Vec<u8>) {
+    if !value
+        .iter()
+        .any(|b| matches!(b, b'\t' | b'\n' | b'\r' | b'\\'))
+    {
+        out.extend_from_slice(value);
+        return;
+    }
+    for &byte in value {
+        match byte {
+            b'\t' => out.extend_from_slice(b"\\t"),
+            b'\n' => out.extend_from_slice(b"\\n"),
+            b'\r' => out.extend_from_slice(b"\\r"),
+            b'\\' => out.extend_from_slice(b"\\\\"),
+            other => out.push(other),
+        }
+    }
+}
+
+fn unescape(field: &[u8]) -> Option<String> {
+    if !field.contains(&b'\\') {
+        return String::from_utf8(field.to_vec()).ok();
+    }
+    let mut out = Vec::with_capacity(field.len());
+    let mut bytes = field.iter();
+    while let Some(&byte) = bytes.next() {
+        if byte != b'\\' {
+            out.push(byte);
+            continue;
+        }
+        out.push(match bytes.next()? {
+            b't' => b'\t',
+            b'n' => b'\n',
+            b'r' => b'\r',
+            b'\\' => b'\\',
+            _ => return None,
+        });
+    }
+    String::from_utf8(out).ok()
+}
+
+fn number<T: std::str::FromStr>(field: &[u8]) -> Option<T> {
+    std::str::from_utf8(field).ok()?.parse().ok()
+}
+
+/// The record of one line (without its newline); `None` for a torn or foreign line.
+pub fn decode(line: &[u8]) -> Option<Record> {
+    let mut fields = [&[][..]; FIELDS];
+    let mut parts = line.split(|&b| b == b'\t');
+    for field in &mut fields {
+        *field = parts.next()?;
+    }
+    if parts.next().is_some() {
+        return None;
+    }
+    let [
+        kind,
+        id,
+        at_ms,
+        customer_id,
+        key_id,
+        route,
+        method,
+        status,
+        units,
+        overage,
+        latency_us,
+        bytes_in,
+        bytes_out,
+        request_id,
+    ] = fields;
+    let event = UsageEvent {
+        id: unescape(id)?,
+        request_id: unescape(request_id)?,
+        customer_id: unescape(customer_id)?,
+        key_id: if key_id.is_empty() {
+            None
+        } else {
+            Some(unescape(key_id)?)
+        },
+        route: unescape(route)?,
+        method: unescape(method)?,
+        status: number(status)?,
+        latency_us: number(latency_us)?,
+        bytes_in: number(bytes_in)?,
+        bytes_out: number(bytes_out)?,
+        at_ms: number(at_ms)?,
+        units: number(units)?,
+        overage: number(overage)?,
+    };
+    if event.id.is_empty() || event.customer_id.is_empty() {
+        return None;
+    }
+    match kind {
+        b"p" => Some(Record::Pending(event)),
+        b"e" => Some(Record::Final(event)),
+        _ => None,
+    }
+}
+
+/// A record of a segment an earlier version wrote as JSON (`{"p":{…}}` or `{"e":{…}}`).
+pub fn decode_legacy(line: &[u8]) -> Option<Record> {
+    #[derive(serde::Deserialize)]
+    enum Legacy {
+        #[serde(rename = "p")]
+        Pending(UsageEvent),
+        #[serde(rename = "e")]
+        Final(UsageEvent),
+    }
+    Some(match serde_json::from_slice(line).ok()? {
+        Legacy::Pending(event) => Record::Pending(event),
+        Legacy::Final(event) => Record::Final(event),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn event() -> UsageEvent {
+        UsageEvent {
+            id: format!("evt_{}", "0a".repeat(16)),
+            request_id: "0195f3a2-7c1e-7000-8000-000000000001".into(),
+            customer_id: format!("cus_{}", "01".repeat(16)),
+            key_id: Some(format!("key_{}", "02".repeat(16))),
+            route: "api".into(),
+            method: "GET".into(),
+            status: 200,
+            latency_us: 812,
+            bytes_in: 0,
+            bytes_out: 17,
+            at_ms: 1_795_000_000_123,
+            units: 1,
+            overage: 0,
+        }
+    }
+
+    fn line(kind: Kind, event: &UsageEvent) -> Vec<u8> {
+        let mut out = Vec::new();
+        encode(kind, &Usage::of(event), &mut out);
+        out
+    }
+
+    #[test]
+    fn a_line_reads_back_as_the_event_it_was_written_from() {
+        let event = event();
+        let pending = line(Kind::Pending, &event);
+        assert_eq!(
+            String::from_utf8(pending.clone()).unwrap(),
+            format!(
+                "p\t{}\t1795000000123\t{}\t{}\tapi\tGET\t200\t1\t0\t812\t0\t17\t{}\n",
+                event.id,
+                event.customer_id,
+                event.key_id.as_deref().unwrap(),
+                event.request_id
+            )
+        );
+        assert_eq!(
+            decode(pending.strip_suffix(b"\n").unwrap()),
+            Some(Record::Pending(event.clone()))
+        );
+        let mut jwt = event.clone();
+        jwt.key_id = None;
+        jwt.units = u64::MAX;
+        jwt.at_ms = -5;
+        let last = line(Kind::Final, &jwt);
+        assert_eq!(decode(&last[..last.len() - 1]), Some(Record::Final(jwt)));
+    }
+
+    #[test]
+    fn separators_inside_a_field_are_escaped() {
+        let mut odd = event();
+        odd.route = "a\tb\\c\nd\re".into();
+        odd.method = "\\".into();
+        let written = line(Kind::Final, &odd);
+        assert_eq!(written.iter().filter(|&&b| b == b'\n').count(), 1);
+        assert_eq!(written.iter().filter(|&&b| b == b'\t').count(), FIELDS - 1);
+        assert_eq!(
+            decode(&written[..written.len() - 1]),
+            Some(Record::Final(odd))
+        );
+    }
+
+    #[test]
+    fn torn_and_foreign_lines_are_refused() {
+        let full = line(Kind::Pending, &event());
+        let full = &full[..full.len() - 1];
+        // Every prefix of a line is torn, except the line itself.
+        for end in 0..full.len() {
+            let cut = &full[..end];
+            // A cut inside the last field still has 14 fields: the reader refuses it because
+            // its newline is missing (`spool::read`).
+            if cut.iter().filter(|&&b| b == b'\t').count() == FIELDS - 1 {
+                continue;
+            }
+            assert_eq!(decode(cut), None, "{}", String::from_utf8_lossy(cut));
+        }
+        assert_eq!(
+            decode(b"x\tevt_1\t1\tcus_1\t\tr\tGET\t200\t1\t0\t1\t0\t0\tid"),
+            None
+        );
+        assert_eq!(
+            decode(b"p\tevt_1\tnot\tcus_1\t\tr\tGET\t200\t1\t0\t1\t0\t0\tid"),
+            None
+        );
+        assert_eq!(
+            decode(b"p\tevt_1\t1\tcus_1\t\tr\tGET\t200\t1\t0\t1\t0\t0\tid\textra"),
+            None
+        );
+        assert_eq!(
+            decode(b"p\tevt_1\t1\tcus_1\t\tr\tGET\t70000\t1\t0\t1\t0\t0\tid"),
+            None
+        );
+        assert_eq!(decode(b"{\"p\":{}}"), None);
+    }
+
+    #[test]
+    fn a_line_an_earlier_version_wrote_as_json_still_reads() {
+        let event = event();
+        let json = serde_json::to_string(&event).unwrap();
+        assert_eq!(
+            decode_legacy(format!("{{\"p\":{json}}}").as_bytes()),
+            Some(Record::Pending(event.clone()))
+        );
+        assert_eq!(
+            decode_legacy(format!("{{\"e\":{json}}}").as_bytes()),
+            Some(Record::Final(event))
+        );
+        assert_eq!(decode_legacy(b"{\"e\":{\"id\":"), None);
+    }
+}
