@@ -1,7 +1,9 @@
 -- One request's rate-limit windows and quota, decided and counted atomically.
 -- The arithmetic is that of window.rs and quota.rs; keep them in step.
 --
--- KEYS[1..n]: one hash per window (bucket index -> units, and h: the newest bucket written);
+-- KEYS[1..n]: one hash per window: bucket number -> units, and
+--   h: the newest bucket written, t: the units of the buckets counted then (h - slots to h),
+--   f: the oldest of those buckets holding units (absent while t is 0);
 --   KEYS[n+1]: the quota hash
 --   (u: units used, o: overage, s: 1 once seeded from the ledger, c: when the seed was claimed).
 -- ARGV: now_ms, units, n, slots, quota limit (-1: none), hard (1/0), quota ttl ms,
@@ -9,6 +11,10 @@
 -- Returns: verdict (0 admitted, 1 rate limited, 2 quota exceeded), units used, overage used,
 --   overage reserved now, seed (1: this caller must add the ledger's count), then remaining and
 --   reset ms of each window.
+--
+-- Most calls read three fields per window: the buckets themselves are read only when time has
+-- moved past the newest bucket written (what no longer counts is taken off t; once per bucket)
+-- and when a window is over its limit (the reset walks them).
 
 local now = tonumber(ARGV[1])
 local units = tonumber(ARGV[2])
@@ -18,29 +24,64 @@ local qlimit = tonumber(ARGV[5])
 local hard = ARGV[6] == '1'
 local qttl = tonumber(ARGV[7])
 
+-- Units of each bucket from `from` to `to`, as numbers (0 for none).
+local function buckets(key, from, to)
+  if from > to then
+    return {}
+  end
+  local fields = {}
+  for b = from, to do
+    fields[#fields + 1] = b
+  end
+  local values = redis.call('HMGET', key, unpack(fields))
+  local counts = {}
+  for k = 1, #fields do
+    counts[k] = tonumber(values[k]) or 0
+  end
+  return counts
+end
+
 local windows = {}
 local fits = true
 for i = 1, n do
+  local key = KEYS[i]
   local limit = tonumber(ARGV[6 + 2 * i])
   local length = tonumber(ARGV[7 + 2 * i])
   local width = math.max(1, math.floor(length / slots))
   local head = math.floor(now / width)
-  -- The counted buckets, oldest first, and the newest bucket ever written ('h'): one HMGET,
-  -- already in order.
-  local fields = { 'h' }
-  for b = head - slots, head do
-    fields[#fields + 1] = b
+  local oldest = head - slots
+  local state = redis.call('HMGET', key, 'h', 't', 'f')
+  local last, total, first = tonumber(state[1]), tonumber(state[2]) or 0, tonumber(state[3])
+  local stale = nil
+  if last == nil then
+    total, first = 0, nil
+  elseif last < head then
+    -- Buckets written before that no longer count: from the last write's oldest counted one to
+    -- the one before this call's oldest (all older ones were deleted then).
+    local from, to = last - slots, math.min(last, oldest - 1)
+    if from <= to then
+      stale = {}
+      for b = from, to do
+        stale[#stale + 1] = b
+      end
+      for _, count in ipairs(buckets(key, from, to)) do
+        total = total - count
+      end
+    end
+    if first and first < oldest then
+      first = nil
+      if total > 0 then
+        for k, count in ipairs(buckets(key, oldest, last)) do
+          if count > 0 then
+            first = oldest + k - 1
+            break
+          end
+        end
+      end
+    end
   end
-  local values = redis.call('HMGET', KEYS[i], unpack(fields))
-  -- counts[k]: units of bucket head - slots + k - 1 (0 when none).
-  local counts, total = {}, 0
-  for j = 2, #values do
-    local count = tonumber(values[j]) or 0
-    counts[j - 1] = count
-    total = total + count
-  end
-  windows[i] = { limit = limit, length = length, width = width, head = head, total = total,
-    counts = counts, last = tonumber(values[1]) }
+  windows[i] = { key = key, limit = limit, length = length, width = width, head = head,
+    total = total, first = first, last = last, stale = stale }
   if total + units > limit then
     fits = false
   end
@@ -75,27 +116,20 @@ local reserved_overage = 0
 if verdict == 0 then
   for i = 1, n do
     local w = windows[i]
-    -- Buckets written before that no longer count: those from the last write's oldest counted
-    -- one to the one before this write's oldest (all older ones were deleted then).
-    if w.last and w.last < w.head then
-      local stale = {}
-      for b = w.last - slots, math.min(w.last, w.head - slots - 1) do
-        stale[#stale + 1] = b
-      end
-      if #stale > 0 then
-        redis.call('HDEL', KEYS[i], unpack(stale))
-      end
+    if w.stale then
+      redis.call('HDEL', w.key, unpack(w.stale))
     end
-    redis.call('HINCRBY', KEYS[i], w.head, units)
-    -- The first write of a bucket moves 'h' and the key's lifetime: it must outlive the newest
-    -- bucket, which counts until (head + 1) * width + length, no later than now + length + width.
-    -- Later writes of the same bucket change neither.
-    if w.last ~= w.head then
-      redis.call('HSET', KEYS[i], 'h', w.head)
-      redis.call('PEXPIRE', KEYS[i], w.length + w.width)
-    end
+    redis.call('HINCRBY', w.key, w.head, units)
     w.total = w.total + units
-    w.counts[slots + 1] = w.counts[slots + 1] + units
+    w.first = w.first or w.head
+    -- A gateway whose clock is behind another's never moves 'h' back.
+    redis.call('HSET', w.key, 'h', math.max(w.head, w.last or w.head), 't', w.total, 'f', w.first)
+    -- The first write of a bucket moves the key's lifetime: it must outlive the newest bucket,
+    -- which counts until (head + 1) * width + length, no later than now + length + width.
+    -- Later writes of the same bucket need not move it.
+    if w.last == nil or w.last < w.head then
+      redis.call('PEXPIRE', w.key, w.length + w.width)
+    end
   end
   if qlimit >= 0 and not hard then
     reserved_overage = math.max(0, used + units - math.max(qlimit, used))
@@ -120,15 +154,19 @@ for i = 1, n do
   target = math.max(0, target)
   local reset = 0
   if w.total > target then
-    local counted = w.total
-    reset = w.length
-    for k = 1, slots + 1 do
-      local count = w.counts[k]
-      if count > 0 then
-        counted = counted - count
-        if counted <= target then
-          reset = (w.head - slots + k) * w.width + w.length - now
-          break
+    if target == w.total - 1 and w.first then
+      -- One unit fewer is enough: the oldest bucket holding units ends it.
+      reset = (w.first + 1) * w.width + w.length - now
+    else
+      local counted = w.total
+      reset = w.length
+      for k, count in ipairs(buckets(w.key, w.head - slots, w.head)) do
+        if count > 0 then
+          counted = counted - count
+          if counted <= target then
+            reset = (w.head - slots + k) * w.width + w.length - now
+            break
+          end
         end
       end
     end

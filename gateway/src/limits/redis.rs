@@ -2,10 +2,12 @@
 //! every window and the quota of a customer atomically, so N gateways admit exactly what one
 //! would.
 //!
-//! Every key of a customer carries the customer's id as its hash tag (`prefix:{cus_…}:w:60000`,
+//! Every key of a customer carries the customer's id as its hash tag (`prefix:{cus_…}:r:60000`,
 //! `prefix:{cus_…}:q:<period start>`), so one call touches one cluster slot. Windows are hashes of
-//! bucket counts (the arithmetic of [`super::window`], in `admit.lua`); the quota is a hash of
-//! units used and overage, kept until a day after its period ends.
+//! bucket counts and their running total (the arithmetic of [`super::window`], in `admit.lua`);
+//! the quota is a hash of units used and overage, kept until a day after its period ends. (Window
+//! keys were named `…:w:<ms>` before they carried the running total; a gateway of that version
+//! sharing Redis with this one counts apart from it until it is upgraded.)
 //!
 //! A quota key that does not exist (a new period, or Redis lost its data) is created empty and
 //! the caller that created it is told to *seed* it: it reads the customer's count for the period
@@ -264,7 +266,7 @@ impl RedisCounters {
     ) -> Result<Decision, Failure> {
         let mut invocation = self.admit.prepare_invoke();
         for window_ms in policy.window_ms() {
-            invocation.key(self.key(customer, "w", window_ms));
+            invocation.key(self.key(customer, "r", window_ms));
         }
         invocation.key(self.key(customer, "q", period.start_ms));
         let (quota_limit, hard) = policy.quota.map_or((-1, false), |q| {
