@@ -234,6 +234,29 @@ async fn the_script_decides_as_the_in_process_counters_do_across_plan_changes_an
 }
 
 #[tokio::test]
+async fn numbers_past_what_a_lua_number_prints_whole_come_back_exact() {
+    let redis = counters().await;
+    let limits = [RateLimit {
+        requests: 1_000_000_000_000_000,
+        window_seconds: 1,
+    }];
+    let policy = Policy {
+        rate_limits: &limits,
+        quota: Some(QuotaLimit {
+            limit: 1_000_000_000_000_000,
+            hard: true,
+        }),
+    };
+    let decision = redis
+        .admit(&[13; 16], &policy, PERIOD, 1, PERIOD.start_ms, None)
+        .await
+        .unwrap();
+    assert_eq!(decision.verdict, Verdict::Admitted);
+    assert_eq!(decision.windows[0].remaining, 999_999_999_999_999);
+    assert_eq!(decision.used, 1);
+}
+
+#[tokio::test]
 async fn concurrent_requests_from_many_tasks_are_admitted_exactly_up_to_the_limit() {
     let redis = Arc::new(counters().await);
     let tasks: Vec<_> = (0..500)

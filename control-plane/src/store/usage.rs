@@ -99,7 +99,8 @@ impl Store {
         let received_at = now_ms();
         let max_rows = self.max_rows(EVENT_BINDS);
         let mut tx = self.pool().begin().await?;
-        let mut rollup: BTreeMap<(&str, String, &str), Totals> = BTreeMap::new();
+        // Keyed by day number: formatted once per roll-up row, not once per event.
+        let mut rollup: BTreeMap<(&str, i64, &str), Totals> = BTreeMap::new();
         let mut inserted = 0_u64;
         let mut rest = unique.as_slice();
         while !rest.is_empty() {
@@ -111,7 +112,7 @@ impl Store {
                 let totals = rollup
                     .entry((
                         event.customer_id.as_str(),
-                        calendar::day_of(event.at_ms),
+                        calendar::day_number(event.at_ms),
                         event.route.as_str(),
                     ))
                     .or_default();
@@ -309,7 +310,7 @@ async fn insert_events(
 async fn add_to_rollup(
     connection: &mut AnyConnection,
     backend: Backend,
-    rows: &[((&str, String, &str), Totals)],
+    rows: &[((&str, i64, &str), Totals)],
 ) -> Result<(), StoreError> {
     let mut sql = format!("INSERT INTO usage_daily ({DAILY_COLUMNS}) VALUES ");
     values(&mut sql, rows.len(), DAILY_BINDS, backend);
@@ -327,7 +328,7 @@ async fn add_to_rollup(
     for ((customer_id, day, route), totals) in rows {
         query = query
             .bind(*customer_id)
-            .bind(day.as_str())
+            .bind(calendar::format_day(*day))
             .bind(*route)
             .bind(totals.requests)
             .bind(totals.units)

@@ -86,6 +86,20 @@ pub enum Failure {
     Error,
 }
 
+/// The admission script's reply: integers in one string, separated by spaces.
+struct Numbers(Vec<i64>);
+
+impl redis::FromRedisValue for Numbers {
+    fn from_redis_value(value: redis::Value) -> Result<Self, redis::ParsingError> {
+        let text = String::from_redis_value(value)?;
+        text.split_ascii_whitespace()
+            .map(|n| n.parse::<i64>())
+            .collect::<Result<Vec<_>, _>>()
+            .map(Numbers)
+            .map_err(|_| format!("the admission script answered {text:?}").into())
+    }
+}
+
 /// The shared counters.
 #[derive(Debug)]
 pub struct RedisCounters {
@@ -198,12 +212,20 @@ impl RedisCounters {
         self.connection.load().is_some()
     }
 
+    /// `prefix:{cus_…}:kind:n`, without `format!` (three of them per request).
     fn key(&self, customer: &Id, kind: &str, n: i64) -> String {
-        format!(
-            "{}:{{{}}}:{kind}:{n}",
-            self.settings.key_prefix,
-            IdText::new(b"cus", customer).as_str()
-        )
+        let mut number = itoa::Buffer::new();
+        let n = number.format(n);
+        let prefix = &self.settings.key_prefix;
+        let mut key = String::with_capacity(prefix.len() + kind.len() + n.len() + 44);
+        key.push_str(prefix);
+        key.push_str(":{");
+        key.push_str(IdText::new(b"cus", customer).as_str());
+        key.push_str("}:");
+        key.push_str(kind);
+        key.push(':');
+        key.push_str(n);
+        key
     }
 
     /// Runs `invocation` within the timeout, recording its duration or failure.
@@ -285,7 +307,7 @@ impl RedisCounters {
                 .arg(window.requests)
                 .arg(super::window_ms(window.window_seconds));
         }
-        let reply: Vec<i64> = self.call(&invocation, now_ms).await?;
+        let Numbers(reply) = self.call(&invocation, now_ms).await?;
         let value = |i: usize| reply.get(i).copied().unwrap_or(0);
         let as_u64 = |i: usize| u64::try_from(value(i)).unwrap_or(0);
         let verdict = match value(0) {

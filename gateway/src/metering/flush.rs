@@ -19,7 +19,7 @@ use pingora::services::background::BackgroundService;
 use tollgate_model::usage::UsageEvent;
 
 use super::Meter;
-use super::record::Record;
+use super::record::{Pending, Record};
 use super::spool;
 use crate::metering::ledger::{Ledger, LedgerError};
 use crate::state::Gateway;
@@ -36,7 +36,7 @@ struct Segment {
     /// Final records, to send (dropped once sent).
     finals: Vec<UsageEvent>,
     /// Pending records by id, until settled.
-    pending: HashMap<String, UsageEvent>,
+    pending: HashMap<String, Pending>,
     sent: bool,
     /// Sent, and kept only for the pending records of requests still running: not counted
     /// against the spool's bound.
@@ -92,8 +92,8 @@ impl Flusher {
             };
             for record in records {
                 match record {
-                    Record::Pending(event) => {
-                        segment.pending.insert(event.id.clone(), event);
+                    Record::Pending(pending) => {
+                        segment.pending.insert(pending.id.clone(), pending);
                     }
                     Record::Final(event) => segment.finals.push(event),
                 }
@@ -113,7 +113,15 @@ impl Flusher {
         // Left by an earlier process and never settled: the response went out, so they count.
         let first_own = self.meter.spool.first_own_seq();
         for (_, segment) in segments.range_mut(..first_own) {
-            let orphans: Vec<UsageEvent> = segment.pending.drain().map(|(_, e)| e).collect();
+            let left: Vec<Pending> = segment.pending.drain().map(|(_, p)| p).collect();
+            let orphans: Vec<UsageEvent> = left.iter().filter_map(Pending::event).collect();
+            if orphans.len() < left.len() {
+                tracing::warn!(
+                    segment = %segment.path.display(),
+                    torn = left.len() - orphans.len(),
+                    "skipped unreadable pending usage records (a crash mid-write)"
+                );
+            }
             if !orphans.is_empty() {
                 self.meter.metrics.recovered(orphans.len() as u64);
                 segment.finals.extend(orphans);

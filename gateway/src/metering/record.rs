@@ -21,10 +21,38 @@ use tollgate_model::usage::UsageEvent;
 pub enum Record {
     /// Written as the response header goes out: the request counts even if this process dies
     /// before it ends.
-    Pending(UsageEvent),
+    Pending(Pending),
     /// Written when the request is over, with its final latency and sizes; replaces the pending
     /// record of the same id.
     Final(UsageEvent),
+}
+
+/// A pending record as read back: its event id, and its line, decoded only if no final record
+/// settles it (most are settled: the final record follows within the request's duration).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Pending {
+    /// The event id.
+    pub id: String,
+    /// The whole line, without its newline.
+    line: Vec<u8>,
+}
+
+impl Pending {
+    /// The pending record of `event`.
+    pub fn of(event: &UsageEvent) -> Self {
+        let mut line = Vec::new();
+        encode(Kind::Pending, &Usage::of(event), &mut line);
+        line.pop();
+        Self {
+            id: event.id.clone(),
+            line,
+        }
+    }
+
+    /// Its event; `None` when the line holds none (torn).
+    pub fn event(&self) -> Option<UsageEvent> {
+        event(&fields(&self.line)?)
+    }
 }
 
 /// Which record of a request a line is.
@@ -169,8 +197,25 @@ fn number<T: std::str::FromStr>(field: &[u8]) -> Option<T> {
     std::str::from_utf8(field).ok()?.parse().ok()
 }
 
-/// The record of one line (without its newline); `None` for a torn or foreign line.
+/// The record of one line (without its newline); `None` for a torn or foreign line. A pending
+/// line is only split here: its fields are read if it is ever needed ([`Pending::event`]).
 pub fn decode(line: &[u8]) -> Option<Record> {
+    let fields = fields(line)?;
+    match fields[0] {
+        b"p" => {
+            let id = unescape(fields[1]).filter(|id| !id.is_empty())?;
+            Some(Record::Pending(Pending {
+                id,
+                line: line.to_vec(),
+            }))
+        }
+        b"e" => Some(Record::Final(event(&fields)?)),
+        _ => None,
+    }
+}
+
+/// The 14 fields of a line.
+fn fields(line: &[u8]) -> Option<[&[u8]; FIELDS]> {
     let mut fields = [&[][..]; FIELDS];
     let mut parts = line.split(|&b| b == b'\t');
     for field in &mut fields {
@@ -179,8 +224,13 @@ pub fn decode(line: &[u8]) -> Option<Record> {
     if parts.next().is_some() {
         return None;
     }
-    let [
-        kind,
+    Some(fields)
+}
+
+/// The event of a line's fields.
+fn event(fields: &[&[u8]; FIELDS]) -> Option<UsageEvent> {
+    let &[
+        _,
         id,
         at_ms,
         customer_id,
@@ -217,11 +267,7 @@ pub fn decode(line: &[u8]) -> Option<Record> {
     if event.id.is_empty() || event.customer_id.is_empty() {
         return None;
     }
-    match kind {
-        b"p" => Some(Record::Pending(event)),
-        b"e" => Some(Record::Final(event)),
-        _ => None,
-    }
+    Some(event)
 }
 
 /// A record of a segment an earlier version wrote as JSON (`{"p":{…}}` or `{"e":{…}}`).
@@ -234,7 +280,7 @@ pub fn decode_legacy(line: &[u8]) -> Option<Record> {
         Final(UsageEvent),
     }
     Some(match serde_json::from_slice(line).ok()? {
-        Legacy::Pending(event) => Record::Pending(event),
+        Legacy::Pending(event) => Record::Pending(Pending::of(&event)),
         Legacy::Final(event) => Record::Final(event),
     })
 }
@@ -281,10 +327,12 @@ mod tests {
                 event.request_id
             )
         );
-        assert_eq!(
-            decode(pending.strip_suffix(b"\n").unwrap()),
-            Some(Record::Pending(event.clone()))
-        );
+        let Some(Record::Pending(read)) = decode(pending.strip_suffix(b"\n").unwrap()) else {
+            panic!("not a pending record");
+        };
+        assert_eq!(read.id, event.id);
+        assert_eq!(read.event(), Some(event.clone()));
+        assert_eq!(read, Pending::of(&event));
         let mut jwt = event.clone();
         jwt.key_id = None;
         jwt.units = u64::MAX;
@@ -309,32 +357,46 @@ mod tests {
 
     #[test]
     fn torn_and_foreign_lines_are_refused() {
-        let full = line(Kind::Pending, &event());
-        let full = &full[..full.len() - 1];
-        // Every prefix of a line is torn, except the line itself.
-        for end in 0..full.len() {
-            let cut = &full[..end];
-            // A cut inside the last field still has 14 fields: the reader refuses it because
-            // its newline is missing (`spool::read`).
-            if cut.iter().filter(|&&b| b == b'\t').count() == FIELDS - 1 {
-                continue;
+        for kind in [Kind::Pending, Kind::Final] {
+            let full = line(kind, &event());
+            let full = &full[..full.len() - 1];
+            // Every prefix of a line is torn, except the line itself.
+            for end in 0..full.len() {
+                let cut = &full[..end];
+                // A cut inside the last field still has 14 fields: the reader refuses it because
+                // its newline is missing (`spool::read`).
+                if cut.iter().filter(|&&b| b == b'\t').count() == FIELDS - 1 {
+                    continue;
+                }
+                assert_eq!(decode(cut), None, "{}", String::from_utf8_lossy(cut));
             }
-            assert_eq!(decode(cut), None, "{}", String::from_utf8_lossy(cut));
         }
         assert_eq!(
             decode(b"x\tevt_1\t1\tcus_1\t\tr\tGET\t200\t1\t0\t1\t0\t0\tid"),
             None
         );
         assert_eq!(
-            decode(b"p\tevt_1\tnot\tcus_1\t\tr\tGET\t200\t1\t0\t1\t0\t0\tid"),
+            decode(b"e\tevt_1\tnot\tcus_1\t\tr\tGET\t200\t1\t0\t1\t0\t0\tid"),
             None
         );
+        // A pending line's numbers are read only when it is needed.
+        let Some(Record::Pending(unreadable)) =
+            decode(b"p\tevt_1\tnot\tcus_1\t\tr\tGET\t200\t1\t0\t1\t0\t0\tid")
+        else {
+            panic!("a pending line with 14 fields is kept");
+        };
+        assert_eq!(unreadable.id, "evt_1");
+        assert_eq!(unreadable.event(), None);
         assert_eq!(
             decode(b"p\tevt_1\t1\tcus_1\t\tr\tGET\t200\t1\t0\t1\t0\t0\tid\textra"),
             None
         );
         assert_eq!(
-            decode(b"p\tevt_1\t1\tcus_1\t\tr\tGET\t70000\t1\t0\t1\t0\t0\tid"),
+            decode(b"e\tevt_1\t1\tcus_1\t\tr\tGET\t70000\t1\t0\t1\t0\t0\tid"),
+            None
+        );
+        assert_eq!(
+            decode(b"p\t\t1\tcus_1\t\tr\tGET\t200\t1\t0\t1\t0\t0\tid"),
             None
         );
         assert_eq!(decode(b"{\"p\":{}}"), None);
@@ -346,7 +408,7 @@ mod tests {
         let json = serde_json::to_string(&event).unwrap();
         assert_eq!(
             decode_legacy(format!("{{\"p\":{json}}}").as_bytes()),
-            Some(Record::Pending(event.clone()))
+            Some(Record::Pending(Pending::of(&event)))
         );
         assert_eq!(
             decode_legacy(format!("{{\"e\":{json}}}").as_bytes()),

@@ -19,6 +19,8 @@ use std::sync::{Mutex, PoisonError};
 
 use tollgate_model::usage::UsageEvent;
 
+#[cfg(test)]
+use super::record::Pending;
 use super::record::{self, Kind, Record, Usage};
 
 /// The file extension of a segment: tab-separated values.
@@ -312,7 +314,10 @@ mod tests {
         let (records, torn) = read(&closed[0].1).unwrap();
         assert_eq!(
             records,
-            [Record::Pending(event(1, 1)), Record::Final(event(1, 1))]
+            [
+                Record::Pending(Pending::of(&event(1, 1))),
+                Record::Final(event(1, 1))
+            ]
         );
         assert_eq!(torn, 1);
     }
@@ -333,7 +338,10 @@ mod tests {
         let (records, torn) = read(&closed[0].1).unwrap();
         assert_eq!(
             records,
-            [Record::Pending(event(1, 1)), Record::Final(event(1, 1))]
+            [
+                Record::Pending(Pending::of(&event(1, 1))),
+                Record::Final(event(1, 1))
+            ]
         );
         assert_eq!(torn, 0);
     }
