@@ -103,6 +103,14 @@ impl Store {
             sqlx::query("PRAGMA foreign_keys = ON")
                 .execute(&pool)
                 .await?;
+            // Write-ahead logging: a commit appends to `<file>-wal` and syncs it once, where the
+            // default rollback journal writes and syncs a journal and the file itself (the usage
+            // ledger commits a batch several times a second). Durability is the same (every
+            // commit is synced); the setting stays with the file. An in-memory database keeps
+            // its own mode.
+            sqlx::query("PRAGMA journal_mode = WAL")
+                .execute(&pool)
+                .await?;
         }
         Ok(Self { pool, backend })
     }
