@@ -50,9 +50,15 @@ for i = 1, n do
   local length = tonumber(ARGV[7 + 2 * i])
   local width = math.max(1, math.floor(length / slots))
   local head = math.floor(now / width)
-  local oldest = head - slots
   local state = redis.call('HMGET', key, 'h', 't', 'f')
   local last, total, first = tonumber(state[1]), tonumber(state[2]) or 0, tonumber(state[3])
+  if last and last > head then
+    -- A call behind the newest bucket written (another gateway's clock is ahead, or the call
+    -- arrived late) decides and counts at that bucket, as window.rs does: the head never moves
+    -- back, so t always holds the buckets from h - slots to h.
+    head = last
+  end
+  local oldest = head - slots
   local stale = nil
   if last == nil then
     total, first = 0, nil
@@ -92,8 +98,7 @@ local qkey = KEYS[n + 1]
 local used, overage, seed = 0, 0, 0
 local quota = redis.call('HMGET', qkey, 'u', 'o', 's')
 if not quota[1] then
-  -- Created here, and given its lifetime (the period's end and a grace) once: the period of a
-  -- key never changes.
+  -- Created here, with its lifetime: the period's end and a grace.
   redis.call('HSET', qkey, 'u', 0, 'o', 0, 's', 0, 'c', now)
   redis.call('PEXPIRE', qkey, qttl)
   seed = 1
@@ -113,29 +118,49 @@ elseif not fits then
   verdict = 1
 end
 
-local reserved_overage = 0
-if verdict == 0 then
-  for i = 1, n do
-    local w = windows[i]
+-- Each window moves to this call's bucket, admitted or not, as window.rs advances its head
+-- whenever it counts: buckets that no longer count leave t and the hash.
+for i = 1, n do
+  local w = windows[i]
+  if w.last and w.last < w.head then
     if w.stale then
       redis.call('HDEL', w.key, unpack(w.stale))
     end
-    redis.call('HINCRBY', w.key, w.head, units)
-    if w.last == w.head and w.first then
-      -- Same newest bucket, same oldest one: only the total moves.
-      redis.call('HINCRBY', w.key, 't', units)
-      w.total = w.total + units
+    if w.first then
+      redis.call('HSET', w.key, 'h', w.head, 't', w.total, 'f', w.first)
     else
-      w.total = w.total + units
-      w.first = w.first or w.head
-      -- A gateway whose clock is behind another's never moves 'h' back.
-      redis.call('HSET', w.key, 'h', math.max(w.head, w.last or w.head), 't', w.total, 'f', w.first)
+      redis.call('HSET', w.key, 'h', w.head, 't', w.total)
+      redis.call('HDEL', w.key, 'f')
     end
-    -- The first write of a bucket moves the key's lifetime: it must outlive the newest bucket,
-    -- which counts until (head + 1) * width + length, no later than now + length + width.
-    -- Later writes of the same bucket need not move it.
-    if w.last == nil or w.last < w.head then
+    w.last = w.head
+  end
+end
+
+local reserved_overage = 0
+if verdict == 0 then
+  -- Whether a bucket got its first write: the quota key's lifetime is set again then (a
+  -- customer's billing period may end later than when the key was made), not on every call.
+  local moved = n == 0
+  for i = 1, n do
+    local w = windows[i]
+    local count = redis.call('HINCRBY', w.key, w.head, units)
+    w.total = w.total + units
+    if w.last == nil then
+      w.first = w.head
+      redis.call('HSET', w.key, 'h', w.head, 't', w.total, 'f', w.first)
+    else
+      redis.call('HINCRBY', w.key, 't', units)
+      if not w.first then
+        w.first = w.head
+        redis.call('HSET', w.key, 'f', w.first)
+      end
+    end
+    -- A bucket's first write moves the key's lifetime: it must outlive the newest bucket, which
+    -- counts until (head + 1) * width + length, no later than now + length + width. Later
+    -- writes of the same bucket need not move it.
+    if count == units then
       redis.call('PEXPIRE', w.key, w.length + w.width)
+      moved = true
     end
   end
   if qlimit >= 0 and not hard then
@@ -146,6 +171,9 @@ if verdict == 0 then
   redis.call('HINCRBY', qkey, 'u', units)
   if reserved_overage > 0 then
     redis.call('HINCRBY', qkey, 'o', reserved_overage)
+  end
+  if moved then
+    redis.call('PEXPIRE', qkey, qttl)
   end
 end
 

@@ -4,9 +4,10 @@
 //! Records go to the active *segment* (`<seq>.tsv`, `seq` increasing); a segment is closed when
 //! it passes [`SEGMENT_BYTES`] or when the flusher finds it older than its interval, and a closed
 //! segment is read, sent and deleted by the flusher. Each append is one `write(2)` of a whole line
-//! under a mutex (no buffer in this process: what was written survives `kill -9`); a write that
-//! fails part-way (a full disk) closes its segment, so the fragment it may leave is the segment's
-//! last line and hides no other record. The flusher `fsync`s the active segment every tick, so a power loss costs at most one tick. The total size
+//! under a mutex (no buffer in this process: what was written survives `kill -9`); after a write
+//! that failed part-way (a full disk), the next record starts with a line break, so the fragment
+//! is a line of its own (skipped as torn) and hides no other record, and its bytes are counted.
+//! The flusher `fsync`s the active segment every tick, so a power loss costs at most one tick. The total size
 //! on disk is bounded: once the records not yet sent reach `max_bytes`, the request path refuses
 //! metered requests (503) rather than serve them unmetered; the records of requests already
 //! admitted are still appended.
@@ -38,6 +39,8 @@ struct Active {
     bytes: u64,
     records: u64,
     opened_ms: i64,
+    /// A write failed part-way: the segment ends inside a line.
+    fragment: bool,
 }
 
 /// The spool directory and its active segment.
@@ -73,6 +76,7 @@ impl Spool {
                 bytes: 0,
                 records: 0,
                 opened_ms: now_ms,
+                fragment: false,
             }),
             bytes: AtomicU64::new(bytes),
             held: AtomicU64::new(0),
@@ -118,16 +122,35 @@ impl Spool {
     pub fn append(&self, line: &[u8]) -> std::io::Result<()> {
         // Held for one write of one line; nothing else happens under it.
         let mut active = self.active.lock().unwrap_or_else(PoisonError::into_inner);
-        if let Err(error) = active.file.write_all(line) {
-            // Part of the line may be on disk: the next record goes to a new segment, so this
-            // fragment stays the last line of its own.
-            let opened_ms = active.opened_ms;
-            self.rotate(&mut active, opened_ms)?;
-            return Err(error);
-        }
-        active.bytes += line.len() as u64;
+        let written = if active.fragment {
+            let mut after_fragment = Vec::with_capacity(line.len() + 1);
+            after_fragment.push(b'\n');
+            after_fragment.extend_from_slice(line);
+            active
+                .file
+                .write_all(&after_fragment)
+                .map(|()| after_fragment.len())
+        } else {
+            active.file.write_all(line).map(|()| line.len())
+        };
+        let written = match written {
+            Ok(written) => written as u64,
+            Err(error) => {
+                // Part of it may be on disk: count what is, and end it before the next record.
+                if let Ok(size) = active.file.metadata().map(|m| m.len())
+                    && size > active.bytes
+                {
+                    self.bytes.fetch_add(size - active.bytes, Ordering::Relaxed);
+                    active.bytes = size;
+                    active.fragment = true;
+                }
+                return Err(error);
+            }
+        };
+        active.fragment = false;
+        active.bytes += written;
         active.records += 1;
-        self.bytes.fetch_add(line.len() as u64, Ordering::Relaxed);
+        self.bytes.fetch_add(written, Ordering::Relaxed);
         if active.bytes >= SEGMENT_BYTES {
             let opened_ms = active.opened_ms;
             // Closed without a sync, so no request waits for the disk: the flusher syncs every
@@ -149,6 +172,7 @@ impl Spool {
                 bytes: 0,
                 records: 0,
                 opened_ms: now_ms,
+                fragment: false,
             },
         );
         Ok(old.file)
@@ -320,6 +344,36 @@ mod tests {
             ]
         );
         assert_eq!(torn, 1);
+    }
+
+    #[test]
+    fn the_record_after_a_write_that_failed_part_way_starts_on_its_own_line() {
+        let dir = tempfile::tempdir().unwrap();
+        let spool = Spool::open(dir.path(), 1 << 20, 0).unwrap();
+        spool.append(&line(Kind::Pending, &event(1, 1))).unwrap();
+        // What a full disk leaves: part of a line, and the mark the failed write sets.
+        {
+            let mut active = spool.active.lock().unwrap();
+            let whole = line(Kind::Final, &event(1, 1));
+            active.file.write_all(&whole[..40]).unwrap();
+            active.bytes += 40;
+            active.fragment = true;
+        }
+        spool.append(&line(Kind::Final, &event(2, 1))).unwrap();
+        let active = spool.tick(10, 0).unwrap();
+        let closed = spool.closed(active).unwrap();
+        let (records, torn) = read(&closed[0].1).unwrap();
+        assert_eq!(
+            records,
+            [
+                Record::Pending(Pending::of(&event(1, 1))),
+                Record::Final(event(2, 1))
+            ]
+        );
+        assert_eq!(torn, 1);
+        // The line break is counted with the record.
+        let size = std::fs::metadata(&closed[0].1).unwrap().len();
+        assert_eq!(spool.bytes(), size - 40);
     }
 
     #[test]
