@@ -77,6 +77,23 @@ pub async fn reload(
             "[control_plane] changed: the control plane followed changes after a restart"
         );
     }
+    if config.redis != gateway.redis {
+        tracing::warn!(
+            trigger,
+            "[redis] changed: the shared counters' settings apply after a restart"
+        );
+    }
+    let started = crate::config::Metering {
+        refund_upstream_5xx: config.metering.refund_upstream_5xx,
+        ..gateway.metering.clone()
+    };
+    if config.metering != started {
+        tracing::warn!(
+            trigger,
+            "[metering] changed: spool_dir, spool_max_bytes, flush_interval and batch_size apply \
+             after a restart (refund_upstream_5xx applies now)"
+        );
+    }
     let providers: Vec<String> = config
         .jwt_providers
         .iter()

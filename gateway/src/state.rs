@@ -94,6 +94,10 @@ pub struct Gateway {
     pub limiter: Limiter,
     /// The usage spool and its metrics, with a control plane (fixed at start).
     pub meter: Option<Arc<Meter>>,
+    /// `[redis]` as configured at start, to notice a reload that changes it.
+    pub redis: Option<crate::config::Redis>,
+    /// `[metering]` as configured at start (only `refund_upstream_5xx` follows reloads).
+    pub metering: crate::config::Metering,
 }
 
 impl Gateway {
@@ -147,6 +151,8 @@ impl Gateway {
         let log = config.log.clone();
         let failed_auth = FailedAuth::new(config.auth.failed_per_minute);
         let control_plane = config.control_plane.clone();
+        let redis = config.redis.clone();
+        let metering = config.metering.clone();
         let live = build_live(1, config, &health, &metrics);
         let (changed, _) = watch::channel(1);
         let gateway = Arc::new(Self {
@@ -170,6 +176,8 @@ impl Gateway {
             jwt_described,
             limiter,
             meter,
+            redis,
+            metering,
         });
         gateway.publish_gauges();
         Ok(gateway)

@@ -158,3 +158,52 @@ async fn a_request_in_flight_finishes_under_the_config_it_started_with() {
     let ready: Value = gateway.ready().await;
     assert_eq!(ready["upstreams"].as_array().unwrap().len(), 0);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reload_that_changes_settings_fixed_at_start_says_so() {
+    let upstream = Upstream::start("echo");
+    let settings = |prefix: &str, batch: u32, refund: bool| {
+        format!(
+            r#"
+[redis]
+url = "redis://127.0.0.1:6379"
+key_prefix = "{prefix}"
+[metering]
+batch_size = {batch}
+refund_upstream_5xx = {refund}
+"#
+        )
+    };
+    let gateway = Gateway::start(&routes(
+        &upstream,
+        &settings("tollgate-reload-a", 100, true),
+    ))
+    .await;
+    let redis_warning = |l: &Value| {
+        l["message"] == "[redis] changed: the shared counters' settings apply after a restart"
+    };
+    let metering_warning = |l: &Value| {
+        l["message"]
+            .as_str()
+            .is_some_and(|m| m.starts_with("[metering] changed"))
+    };
+    // Only refund_upstream_5xx changes: it applies now, nothing to warn about.
+    gateway.write_config(&routes(
+        &upstream,
+        &settings("tollgate-reload-a", 100, false),
+    ));
+    gateway.wait_for_version(2).await;
+    gateway
+        .wait_for_log(|l| l["message"] == "config reloaded" && l["version"] == 2)
+        .await;
+    let logs = gateway.logs();
+    assert!(!logs.iter().any(|l| redis_warning(l) || metering_warning(l)));
+    // The Redis key prefix and the batch size apply only after a restart: said.
+    gateway.write_config(&routes(
+        &upstream,
+        &settings("tollgate-reload-b", 200, false),
+    ));
+    gateway.wait_for_version(3).await;
+    gateway.wait_for_log(redis_warning).await;
+    gateway.wait_for_log(metering_warning).await;
+}
