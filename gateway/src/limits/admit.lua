@@ -156,10 +156,11 @@ if verdict == 0 then
       end
     end
     -- A bucket's first write moves the key's lifetime: it must outlive the newest bucket, which
-    -- counts until (head + 1) * width + length, no later than now + length + width. Later
-    -- writes of the same bucket need not move it.
+    -- counts until (head + 1) * width + length (later than now + length + width only when the
+    -- head is ahead of this gateway's clock). Later writes of the same bucket need not move it.
     if count == units then
-      redis.call('PEXPIRE', w.key, w.length + w.width)
+      redis.call('PEXPIRE', w.key, math.max(w.length + w.width,
+        (w.head + 1) * w.width + w.length - now))
       moved = true
     end
   end

@@ -264,7 +264,8 @@ fn event(fields: &[&[u8]; FIELDS]) -> Option<UsageEvent> {
         units: number(units)?,
         overage: number(overage)?,
     };
-    if event.id.is_empty() || event.customer_id.is_empty() {
+    // Every request has an id: an empty one is the end of a fragment a failed write left.
+    if event.id.is_empty() || event.customer_id.is_empty() || event.request_id.is_empty() {
         return None;
     }
     Some(event)

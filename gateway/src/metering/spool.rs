@@ -5,8 +5,10 @@
 //! it passes [`SEGMENT_BYTES`] or when the flusher finds it older than its interval, and a closed
 //! segment is read, sent and deleted by the flusher. Each append is one `write(2)` of a whole line
 //! under a mutex (no buffer in this process: what was written survives `kill -9`); after a write
-//! that failed part-way (a full disk), the next record starts with a line break, so the fragment
-//! is a line of its own (skipped as torn) and hides no other record, and its bytes are counted.
+//! that failed (a full disk), the next record starts with two tabs and a line break: whatever part
+//! of a line the failed write left becomes a line of its own that can never read as a record (two
+//! more fields, or an empty request id), so it is skipped as torn and hides no other record; its
+//! bytes are counted.
 //! The flusher `fsync`s the active segment every tick, so a power loss costs at most one tick. The total size
 //! on disk is bounded: once the records not yet sent reach `max_bytes`, the request path refuses
 //! metered requests (503) rather than serve them unmetered; the records of requests already
@@ -28,6 +30,9 @@ use super::record::{self, Kind, Record, Usage};
 const EXTENSION: &str = "tsv";
 /// Segments an earlier version wrote, one JSON object per line: still read, never written.
 const LEGACY_EXTENSION: &str = "jsonl";
+
+/// What ends the fragment a failed write may have left, before the next record.
+const FRAGMENT_END: &[u8] = b"\t\t\n";
 
 /// Size past which the active segment is closed.
 pub const SEGMENT_BYTES: u64 = 4 * 1024 * 1024;
@@ -123,8 +128,8 @@ impl Spool {
         // Held for one write of one line; nothing else happens under it.
         let mut active = self.active.lock().unwrap_or_else(PoisonError::into_inner);
         let written = if active.fragment {
-            let mut after_fragment = Vec::with_capacity(line.len() + 1);
-            after_fragment.push(b'\n');
+            let mut after_fragment = Vec::with_capacity(line.len() + 3);
+            after_fragment.extend_from_slice(FRAGMENT_END);
             after_fragment.extend_from_slice(line);
             active
                 .file
@@ -142,8 +147,8 @@ impl Spool {
                 {
                     self.bytes.fetch_add(size - active.bytes, Ordering::Relaxed);
                     active.bytes = size;
-                    active.fragment = true;
                 }
+                active.fragment = true;
                 return Err(error);
             }
         };
@@ -347,33 +352,34 @@ mod tests {
     }
 
     #[test]
-    fn the_record_after_a_write_that_failed_part_way_starts_on_its_own_line() {
+    fn no_part_of_a_failed_write_reads_as_a_record_nor_hides_the_next() {
         let dir = tempfile::tempdir().unwrap();
         let spool = Spool::open(dir.path(), 1 << 20, 0).unwrap();
         spool.append(&line(Kind::Pending, &event(1, 1))).unwrap();
-        // What a full disk leaves: part of a line, and the mark the failed write sets.
-        {
-            let mut active = spool.active.lock().unwrap();
-            let whole = line(Kind::Final, &event(1, 1));
-            active.file.write_all(&whole[..40]).unwrap();
-            active.bytes += 40;
-            active.fragment = true;
+        // What a full disk may leave: any part of a line (here each cut of a whole line, its
+        // newline excluded: a cut inside the last field still has all 14 fields), and the mark
+        // the failed write sets.
+        let whole = line(Kind::Final, &event(3, 1));
+        for cut in 0..whole.len() {
+            {
+                let mut active = spool.active.lock().unwrap();
+                active.file.write_all(&whole[..cut]).unwrap();
+                active.bytes += cut as u64;
+                active.fragment = true;
+            }
+            spool.append(&line(Kind::Final, &event(2, 1))).unwrap();
         }
-        spool.append(&line(Kind::Final, &event(2, 1))).unwrap();
         let active = spool.tick(10, 0).unwrap();
         let closed = spool.closed(active).unwrap();
         let (records, torn) = read(&closed[0].1).unwrap();
-        assert_eq!(
-            records,
-            [
-                Record::Pending(Pending::of(&event(1, 1))),
-                Record::Final(event(2, 1))
-            ]
-        );
-        assert_eq!(torn, 1);
-        // The line break is counted with the record.
+        let mut expected = vec![Record::Pending(Pending::of(&event(1, 1)))];
+        expected.extend((0..whole.len()).map(|_| Record::Final(event(2, 1))));
+        assert_eq!(records, expected, "no fragment reads as a record");
+        assert_eq!(torn, whole.len());
+        // The fragments' ends are counted with the records after them.
         let size = std::fs::metadata(&closed[0].1).unwrap().len();
-        assert_eq!(spool.bytes(), size - 40);
+        let fragments: u64 = (0..whole.len() as u64).sum();
+        assert_eq!(spool.bytes(), size - fragments);
     }
 
     #[test]
