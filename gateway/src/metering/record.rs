@@ -264,7 +264,7 @@ fn event(fields: &[&[u8]; FIELDS]) -> Option<UsageEvent> {
         units: number(units)?,
         overage: number(overage)?,
     };
-    // Every request has an id: an empty one is the end of a fragment a failed write left.
+    // Every request has an id: a line without one is not a record.
     if event.id.is_empty() || event.customer_id.is_empty() || event.request_id.is_empty() {
         return None;
     }

@@ -2,17 +2,30 @@
 //! before the response they describe goes out, so a crash of the process loses none.
 //!
 //! Records go to the active *segment* (`<seq>.tsv`, `seq` increasing); a segment is closed when
-//! it passes [`SEGMENT_BYTES`] or when the flusher finds it older than its interval, and a closed
-//! segment is read, sent and deleted by the flusher. Each append is one `write(2)` of a whole line
-//! under a mutex (no buffer in this process: what was written survives `kill -9`); after a write
-//! that failed (a full disk), the next record starts with two tabs and a line break: whatever part
-//! of a line the failed write left becomes a line of its own that can never read as a record (two
-//! more fields, or an empty request id), so it is skipped as torn and hides no other record; its
-//! bytes are counted.
-//! The flusher `fsync`s the active segment every tick, so a power loss costs at most one tick. The total size
-//! on disk is bounded: once the records not yet sent reach `max_bytes`, the request path refuses
-//! metered requests (503) rather than serve them unmetered; the records of requests already
-//! admitted are still appended.
+//! it is full ([`SEGMENT_BYTES`]) or when the flusher finds it older than its interval, and a
+//! closed segment is read, sent and deleted by the flusher.
+//!
+//! **No system call per record.** A segment is created at its full size (`fallocate`, so its
+//! blocks exist and writing into it cannot meet a full disk) and mapped into memory
+//! (`MAP_SHARED`): an append is one copy of a whole line into the mapping, under a mutex. The
+//! mapping's pages are the file's page cache, so what was copied survives `kill -9` exactly as a
+//! `write(2)` would (a power loss is what the sync is for). Two `write(2)`s per request cost more
+//! than the rest of metering on the request path; a copy costs tens of nanoseconds. A crash can
+//! cut only the last record, mid-copy: the segment then ends in a part of a line followed by the
+//! zeros of the unwritten rest, which the reader skips as torn.
+//!
+//! Closing a segment unmaps it and cuts the file to the records' length, so a closed segment is
+//! lines only. The request path never closes one: when the active segment is full it starts the
+//! next and leaves the full one to the flusher, whose [`Spool::tick`] closes it (and the active
+//! one when due), then syncs the active one, once per tick and outside the lock: a power loss
+//! costs at most one tick, and no request waits for the disk. A segment a killed process left
+//! mapped is cut to its records when the spool is next opened. The total size on disk is
+//! bounded: once the records not yet sent reach `max_bytes`, the request path refuses metered
+//! requests (503) rather than serve them unmetered; the records of requests already admitted are
+//! still appended.
+//!
+//! The spool's directory belongs to one gateway process: a segment cut short by another process
+//! while mapped would make the next copy into it fault.
 
 use std::fs::{File, OpenOptions};
 use std::io::Write;
@@ -20,6 +33,7 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Mutex, PoisonError};
 
+use memmap2::MmapMut;
 use tollgate_model::usage::UsageEvent;
 
 #[cfg(test)]
@@ -31,28 +45,111 @@ const EXTENSION: &str = "tsv";
 /// Segments an earlier version wrote, one JSON object per line: still read, never written.
 const LEGACY_EXTENSION: &str = "jsonl";
 
-/// What ends the fragment a failed write may have left, before the next record.
-const FRAGMENT_END: &[u8] = b"\t\t\n";
-
-/// Size past which the active segment is closed.
+/// The size of a segment: what its file is created at, and the most its records take.
 pub const SEGMENT_BYTES: u64 = 4 * 1024 * 1024;
+
+/// A segment's file and its mapping, while records are copied into it.
+#[derive(Debug)]
+struct Mapped {
+    file: File,
+    /// `None` once unmapped.
+    map: Option<MmapMut>,
+    /// Bytes of records written from the start.
+    len: usize,
+}
+
+impl Mapped {
+    /// Creates segment `seq` in `dir` at its full size and maps it.
+    fn create(dir: &Path, seq: u64) -> std::io::Result<Self> {
+        let path = dir.join(format!("{seq:016}.{EXTENSION}"));
+        let file = OpenOptions::new()
+            .create_new(true)
+            .read(true)
+            .write(true)
+            .open(&path)?;
+        let size = SEGMENT_BYTES as i64;
+        match nix::fcntl::fallocate(&file, nix::fcntl::FallocateFlags::empty(), 0, size) {
+            Ok(()) => {}
+            // A file system without it: the file is sparse, and blocks are taken as pages are
+            // first written.
+            Err(nix::errno::Errno::EOPNOTSUPP) => file.set_len(SEGMENT_BYTES)?,
+            Err(errno) => {
+                drop(file);
+                let _ = std::fs::remove_file(&path);
+                return Err(errno.into());
+            }
+        }
+        let map = map(&file)?;
+        Ok(Self {
+            file,
+            map: Some(map),
+            len: 0,
+        })
+    }
+
+    /// Copies `line` after the records; `false` when it does not fit.
+    fn push(&mut self, line: &[u8]) -> bool {
+        let Some(map) = self.map.as_mut() else {
+            return false;
+        };
+        let end = self.len + line.len();
+        let Some(room) = map.get_mut(self.len..end) else {
+            return false;
+        };
+        room.copy_from_slice(line);
+        self.len = end;
+        true
+    }
+
+    /// Unmaps the segment, cuts its file to the records and syncs it.
+    fn close(mut self) -> std::io::Result<()> {
+        self.map = None;
+        self.file.set_len(self.len as u64)?;
+        self.file.sync_data()
+    }
+}
+
+impl Drop for Mapped {
+    /// A segment dropped without [`close`](Mapped::close) (the spool dropped at shutdown) is cut
+    /// to its records all the same; if that fails, the reader skips the zeros.
+    fn drop(&mut self) {
+        if self.map.take().is_some() {
+            let _ = self.file.set_len(self.len as u64);
+        }
+    }
+}
+
+/// Maps a segment's whole file, shared: copies into it are the file's page cache.
+#[allow(unsafe_code)]
+fn map(file: &File) -> std::io::Result<MmapMut> {
+    // SAFETY: the mapping is only written through `Mapped::push`, within its length, under the
+    // spool's mutex, and never read while mapped. The file is this process's own: created here
+    // with `create_new`, at its full size, and cut only after it is unmapped. Another process
+    // cutting it short would make a copy fault; the module documentation says that the spool
+    // directory belongs to one gateway.
+    unsafe { MmapMut::map_mut(file) }
+}
 
 #[derive(Debug)]
 struct Active {
     seq: u64,
-    file: File,
-    bytes: u64,
+    segment: Mapped,
     records: u64,
     opened_ms: i64,
-    /// A write failed part-way: the segment ends inside a line.
-    fragment: bool,
+}
+
+/// The active segment, and the full ones the request path left for the flusher to close.
+#[derive(Debug)]
+struct Segments {
+    active: Active,
+    full: Vec<Mapped>,
 }
 
 /// The spool directory and its active segment.
 #[derive(Debug)]
 pub struct Spool {
     dir: PathBuf,
-    active: Mutex<Active>,
+    segments: Mutex<Segments>,
     bytes: AtomicU64,
     /// Bytes of segments sent and kept only for requests still running.
     held: AtomicU64,
@@ -62,26 +159,28 @@ pub struct Spool {
 }
 
 impl Spool {
-    /// Opens the spool in `dir` (created if needed), counting what earlier processes left, and
-    /// starts a new segment after theirs.
+    /// Opens the spool in `dir` (created if needed), counting what earlier processes left (a
+    /// segment a killed process left mapped is cut to its records first), and starts a new
+    /// segment after theirs.
     pub fn open(dir: &Path, max_bytes: u64, now_ms: i64) -> std::io::Result<Self> {
         std::fs::create_dir_all(dir)?;
         let mut bytes = 0;
         let mut last = 0;
         for (seq, path) in segments(dir)? {
-            bytes += std::fs::metadata(&path)?.len();
+            bytes += cut_to_records(&path)?;
             last = last.max(seq);
         }
         let seq = last + 1;
         Ok(Self {
             dir: dir.to_owned(),
-            active: Mutex::new(Active {
-                seq,
-                file: create(dir, seq)?,
-                bytes: 0,
-                records: 0,
-                opened_ms: now_ms,
-                fragment: false,
+            segments: Mutex::new(Segments {
+                active: Active {
+                    seq,
+                    segment: Mapped::create(dir, seq)?,
+                    records: 0,
+                    opened_ms: now_ms,
+                },
+                full: Vec::new(),
             }),
             bytes: AtomicU64::new(bytes),
             held: AtomicU64::new(0),
@@ -125,78 +224,68 @@ impl Spool {
 
     /// Appends one record: a whole line, its newline included ([`record::encode`]).
     pub fn append(&self, line: &[u8]) -> std::io::Result<()> {
-        // Held for one write of one line; nothing else happens under it.
-        let mut active = self.active.lock().unwrap_or_else(PoisonError::into_inner);
-        let written = if active.fragment {
-            let mut after_fragment = Vec::with_capacity(line.len() + 3);
-            after_fragment.extend_from_slice(FRAGMENT_END);
-            after_fragment.extend_from_slice(line);
-            active
-                .file
-                .write_all(&after_fragment)
-                .map(|()| after_fragment.len())
-        } else {
-            active.file.write_all(line).map(|()| line.len())
-        };
-        let written = match written {
-            Ok(written) => written as u64,
-            Err(error) => {
-                // Part of it may be on disk: count what is, and end it before the next record.
-                if let Ok(size) = active.file.metadata().map(|m| m.len())
-                    && size > active.bytes
-                {
-                    self.bytes.fetch_add(size - active.bytes, Ordering::Relaxed);
-                    active.bytes = size;
-                }
-                active.fragment = true;
-                return Err(error);
-            }
-        };
-        active.fragment = false;
-        active.bytes += written;
-        active.records += 1;
-        self.bytes.fetch_add(written, Ordering::Relaxed);
-        if active.bytes >= SEGMENT_BYTES {
-            let opened_ms = active.opened_ms;
-            // Closed without a sync, so no request waits for the disk: the flusher syncs every
-            // closed segment as it first reads it.
-            drop(self.rotate(&mut active, opened_ms)?);
+        if line.len() as u64 > SEGMENT_BYTES {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::InvalidInput,
+                format!(
+                    "a usage record of {} bytes is longer than a segment",
+                    line.len()
+                ),
+            ));
         }
+        // Held for one copy of one line, and once a segment (4 MiB of records) for creating the
+        // next one; nothing else happens under it.
+        let mut segments = self.segments.lock().unwrap_or_else(PoisonError::into_inner);
+        if !segments.active.segment.push(line) {
+            let opened_ms = segments.active.opened_ms;
+            self.rotate(&mut segments, opened_ms)?;
+            let pushed = segments.active.segment.push(line);
+            debug_assert!(pushed, "a line no longer than a segment fits a new one");
+        }
+        segments.active.records += 1;
+        self.bytes.fetch_add(line.len() as u64, Ordering::Relaxed);
         Ok(())
     }
 
-    /// Starts the next segment; returns the closed one's file, to sync once the lock is released.
-    fn rotate(&self, active: &mut Active, now_ms: i64) -> std::io::Result<File> {
-        let seq = active.seq + 1;
-        let file = create(&self.dir, seq)?;
+    /// Starts the next segment; the closed one waits in `full` for the flusher's next tick. If
+    /// the next one cannot be created, the active one stays.
+    fn rotate(&self, segments: &mut Segments, now_ms: i64) -> std::io::Result<()> {
+        let seq = segments.active.seq + 1;
+        let next = Mapped::create(&self.dir, seq)?;
         let old = std::mem::replace(
-            active,
+            &mut segments.active,
             Active {
                 seq,
-                file,
-                bytes: 0,
+                segment: next,
                 records: 0,
                 opened_ms: now_ms,
-                fragment: false,
             },
         );
-        Ok(old.file)
+        segments.full.push(old.segment);
+        Ok(())
     }
 
-    /// Syncs the active segment to disk, and closes it if it has records and was opened at least
-    /// `age_ms` before `now_ms`. Returns the active segment's number. The sync runs after the lock
-    /// is released: requests never wait for the disk.
+    /// Closes the full segments, and the active one too if it has records and was opened at
+    /// least `age_ms` before `now_ms`; then syncs the active one. Returns the active segment's
+    /// number: every segment before it is closed. Closing and syncing run after the lock is
+    /// released: requests never wait for the disk.
     pub fn tick(&self, now_ms: i64, age_ms: i64) -> std::io::Result<u64> {
-        let (seq, file) = {
-            let mut active = self.active.lock().unwrap_or_else(PoisonError::into_inner);
-            let file = if active.records > 0 && now_ms - active.opened_ms >= age_ms {
-                self.rotate(&mut active, now_ms)?
-            } else {
-                active.file.try_clone()?
-            };
-            (active.seq, file)
+        let (seq, full, active) = {
+            let mut segments = self.segments.lock().unwrap_or_else(PoisonError::into_inner);
+            if segments.active.records > 0 && now_ms - segments.active.opened_ms >= age_ms {
+                self.rotate(&mut segments, now_ms)?;
+            }
+            let full = std::mem::take(&mut segments.full);
+            (
+                segments.active.seq,
+                full,
+                segments.active.segment.file.try_clone()?,
+            )
         };
-        file.sync_data()?;
+        for segment in full {
+            segment.close()?;
+        }
+        active.sync_data()?;
         Ok(seq)
     }
 
@@ -234,11 +323,31 @@ impl Spool {
     }
 }
 
-fn create(dir: &Path, seq: u64) -> std::io::Result<File> {
+/// Cuts a segment a killed process left mapped to its records (they end at the first zero
+/// byte: a record never holds one); returns its size.
+fn cut_to_records(path: &Path) -> std::io::Result<u64> {
+    let size = std::fs::metadata(path)?.len();
+    if size == 0 {
+        return Ok(0);
+    }
+    let mut file = File::open(path)?;
+    let mut last = [0_u8; 1];
+    std::io::Seek::seek(&mut file, std::io::SeekFrom::End(-1))?;
+    std::io::Read::read_exact(&mut file, &mut last)?;
+    if last[0] != 0 {
+        return Ok(size);
+    }
+    let records = records_end(&std::fs::read(path)?) as u64;
     OpenOptions::new()
-        .create_new(true)
-        .append(true)
-        .open(dir.join(format!("{seq:016}.{EXTENSION}")))
+        .write(true)
+        .open(path)?
+        .set_len(records)?;
+    Ok(records)
+}
+
+/// Where the records of a segment's bytes end: at the first zero byte, or at its end.
+fn records_end(bytes: &[u8]) -> usize {
+    bytes.iter().position(|&b| b == 0).unwrap_or(bytes.len())
 }
 
 /// Segments in `dir`, by number.
@@ -268,7 +377,9 @@ fn segments(dir: &Path) -> std::io::Result<Vec<(u64, PathBuf)>> {
 /// segment can be), is skipped and counted.
 pub fn read(path: &Path) -> std::io::Result<(Vec<Record>, usize)> {
     File::open(path)?.sync_data()?;
-    let text = std::fs::read(path)?;
+    let mut text = std::fs::read(path)?;
+    // A segment still mapped when its process was killed: records, then zeros.
+    text.truncate(records_end(&text));
     let mut records = Vec::new();
     let mut torn = 0;
     let (whole, fragment) = match text.iter().rposition(|&b| b == b'\n') {
@@ -329,12 +440,15 @@ mod tests {
         spool.append(&line(Kind::Final, &event(1, 1))).unwrap();
         let (seq, path) = segments(dir.path()).unwrap().remove(0);
         assert_eq!(seq, 1);
-        // A crash mid-write leaves a line without its end (here: all of its fields, the last
-        // one cut short).
+        // Dropped (a clean stop): the segment is cut to its records.
+        drop(spool);
+        let size = std::fs::metadata(&path).unwrap().len();
+        assert!(size > 0 && size < SEGMENT_BYTES);
+        // A crash mid-write of an earlier version, which wrote with `write(2)`, leaves a line
+        // without its end (here: all of its fields, the last one cut short).
         let mut file = OpenOptions::new().append(true).open(&path).unwrap();
         let whole = line(Kind::Pending, &event(2, 1));
         file.write_all(&whole[..whole.len() - 3]).unwrap();
-        drop(spool);
         let reopened = Spool::open(dir.path(), 1 << 20, 0).unwrap();
         assert_eq!(reopened.first_own_seq(), 2);
         assert!(reopened.bytes() > 0);
@@ -352,34 +466,75 @@ mod tests {
     }
 
     #[test]
-    fn no_part_of_a_failed_write_reads_as_a_record_nor_hides_the_next() {
+    fn a_spool_killed_while_mapped_keeps_its_records_and_a_record_cut_mid_copy_is_skipped() {
+        let first = line(Kind::Pending, &event(1, 1));
+        let whole = line(Kind::Final, &event(3, 1));
+        // A process killed with its segment mapped: nothing unmapped or cut, the records in the
+        // page cache, the rest of the segment zeros.
         let dir = tempfile::tempdir().unwrap();
         let spool = Spool::open(dir.path(), 1 << 20, 0).unwrap();
-        spool.append(&line(Kind::Pending, &event(1, 1))).unwrap();
-        // What a full disk may leave: any part of a line (here each cut of a whole line, its
-        // newline excluded: a cut inside the last field still has all 14 fields), and the mark
-        // the failed write sets.
-        let whole = line(Kind::Final, &event(3, 1));
+        spool.append(&first).unwrap();
+        spool.append(&whole).unwrap();
+        std::mem::forget(spool);
+        let path = &segments(dir.path()).unwrap()[0].1;
+        assert_eq!(std::fs::metadata(path).unwrap().len(), SEGMENT_BYTES);
+        let reopened = Spool::open(dir.path(), 1 << 20, 0).unwrap();
+        let size = (first.len() + whole.len()) as u64;
+        assert_eq!(reopened.bytes(), size, "cut to its records");
+        assert_eq!(std::fs::metadata(path).unwrap().len(), size);
+        let (records, torn) = read(path).unwrap();
+        assert_eq!(records.len(), 2);
+        assert_eq!(torn, 0);
+
+        // Killed mid-copy: any part of the last line, then zeros.
         for cut in 0..whole.len() {
-            {
-                let mut active = spool.active.lock().unwrap();
-                active.file.write_all(&whole[..cut]).unwrap();
-                active.bytes += cut as u64;
-                active.fragment = true;
-            }
-            spool.append(&line(Kind::Final, &event(2, 1))).unwrap();
+            let dir = tempfile::tempdir().unwrap();
+            let mut bytes = first.clone();
+            bytes.extend_from_slice(&whole[..cut]);
+            bytes.resize(bytes.len() + 4096, 0);
+            let path = dir.path().join(format!("{:016}.{EXTENSION}", 1));
+            std::fs::write(&path, &bytes).unwrap();
+            let spool = Spool::open(dir.path(), 1 << 20, 0).unwrap();
+            assert_eq!(spool.bytes(), (first.len() + cut) as u64);
+            let (records, torn) = read(&path).unwrap();
+            assert_eq!(
+                records,
+                [Record::Pending(Pending::of(&event(1, 1)))],
+                "cut at {cut}"
+            );
+            assert_eq!(torn, usize::from(cut > 0), "cut at {cut}");
         }
-        let active = spool.tick(10, 0).unwrap();
+    }
+
+    #[test]
+    fn a_full_segment_is_closed_by_the_next_tick_with_every_record_in_order() {
+        let dir = tempfile::tempdir().unwrap();
+        let spool = Spool::open(dir.path(), u64::MAX, 0).unwrap();
+        let record = line(Kind::Final, &event(1, 1));
+        let per_segment = SEGMENT_BYTES as usize / record.len();
+        let count = per_segment + 10;
+        for _ in 0..count {
+            spool.append(&record).unwrap();
+        }
+        // The full segment waits for the flusher: the request path only started the next.
+        assert_eq!(segments(dir.path()).unwrap().len(), 2);
+        let active = spool.tick(0, i64::MAX).unwrap();
+        assert_eq!(active, 2, "the second segment is not due yet");
         let closed = spool.closed(active).unwrap();
-        let (records, torn) = read(&closed[0].1).unwrap();
-        let mut expected = vec![Record::Pending(Pending::of(&event(1, 1)))];
-        expected.extend((0..whole.len()).map(|_| Record::Final(event(2, 1))));
-        assert_eq!(records, expected, "no fragment reads as a record");
-        assert_eq!(torn, whole.len());
-        // The fragments' ends are counted with the records after them.
+        assert_eq!(closed.len(), 1);
         let size = std::fs::metadata(&closed[0].1).unwrap().len();
-        let fragments: u64 = (0..whole.len() as u64).sum();
-        assert_eq!(spool.bytes(), size - fragments);
+        assert_eq!(
+            size,
+            (per_segment * record.len()) as u64,
+            "cut to its records"
+        );
+        let (records, torn) = read(&closed[0].1).unwrap();
+        assert_eq!((records.len(), torn), (per_segment, 0));
+        let active = spool.tick(1, 0).unwrap();
+        let closed = spool.closed(active).unwrap();
+        let (rest, torn) = read(&closed[1].1).unwrap();
+        assert_eq!((rest.len(), torn), (10, 0));
+        assert_eq!(spool.bytes(), (count * record.len()) as u64);
     }
 
     #[test]
