@@ -361,6 +361,41 @@ async fn a_full_batch_of_5000_is_stored_in_one_call(db: &Db) {
     assert_eq!(requests, 5000);
 }
 
+/// A batch of 5000 goes in as several statements; one event of its last statement is stored
+/// already. The statements before it, inserted without asking which rows went in, are taken
+/// back, and the batch is stored again row by row: each event once, the roll-up counting the
+/// 4999 new ones.
+async fn a_stored_event_in_the_last_statement_takes_the_whole_batch_back(db: &Db) {
+    let store = &db.store;
+    let alice = customer(1);
+    let events: Vec<UsageEvent> = (0..5000_u64)
+        .map(|n| event(n, &alice, "orders", FIRST_OF_DECEMBER + n as i64))
+        .collect();
+    assert_eq!(
+        store.record_usage(&events[4999..]).await.unwrap(),
+        stored(1, 0)
+    );
+    assert_eq!(store.record_usage(&events).await.unwrap(), stored(4999, 1));
+    let sql = db.sql().await;
+    let n: i64 = sqlx::query("SELECT COUNT(*) AS n FROM usage_events")
+        .fetch_one(&sql)
+        .await
+        .unwrap()
+        .try_get("n")
+        .unwrap();
+    assert_eq!(n, 5000);
+    let days = store
+        .daily_usage(&alice, "2026-12-01", "2026-12-01")
+        .await
+        .unwrap();
+    assert_eq!(days.len(), 1);
+    assert_eq!((days[0].requests, days[0].units), (5000, 5000));
+    assert_eq!(
+        days[0].bytes_out, 500_000,
+        "every event added to the roll-up once"
+    );
+}
+
 /// Eight batches of 1000 events stored at once, each overlapping the next by half and sent in
 /// its own order: every event is inserted by exactly one of them, and nothing deadlocks.
 async fn overlapping_batches_stored_at_once_count_each_event_once(db: &Db) {
@@ -431,6 +466,7 @@ on_both_backends!(
     pruning_deletes_in_chunks_until_nothing_old_is_left,
     the_pruning_job_applies_the_retention_right_away,
     a_full_batch_of_5000_is_stored_in_one_call,
+    a_stored_event_in_the_last_statement_takes_the_whole_batch_back,
 );
 
 /// The race on Postgres, where batches really are stored at the same time (16 connections), with

@@ -2,14 +2,17 @@
 //! (`usage_daily`), a period's sums and pruning.
 //!
 //! **Exactly once.** [`Store::record_usage`] inserts a batch in one transaction, each row with
-//! `ON CONFLICT (id) DO NOTHING ... RETURNING id`, and adds to the roll-up only the events whose
-//! ids came back: the rows this transaction inserted. A replayed batch returns no id and counts
-//! nothing. On Postgres, a transaction inserting an id that another has inserted but not yet
-//! committed waits on the primary key, then skips it when the other commits (or inserts it when
-//! the other rolls back), so each id comes back to exactly one transaction even when overlapping
-//! batches are stored at the same time. Every batch inserts its events in id order and its
-//! roll-up rows in key order, so two overlapping batches take their row locks in one order and
-//! cannot deadlock. SQLite has one writer at a time, which serializes batches anyway.
+//! `ON CONFLICT (id) DO NOTHING`, and adds to the roll-up only the events that transaction
+//! inserted. A batch is first inserted under a savepoint without asking which rows went in: when
+//! the rows inserted are as many as its events (every batch but a replay), all of them count;
+//! otherwise it is taken back to the savepoint and inserted again with `RETURNING id`, and only
+//! the events whose ids come back count. A replayed batch returns no id and counts nothing. On
+//! Postgres, a transaction inserting an id that another has inserted but not yet committed waits
+//! on the primary key, then skips it when the other commits (or inserts it when the other rolls
+//! back), so each id counts in exactly one transaction even when overlapping batches are stored
+//! at the same time. Every batch inserts its events in id order and its roll-up rows in key
+//! order, so two overlapping batches take their row locks in one order and cannot deadlock.
+//! SQLite has one writer at a time, which serializes batches anyway.
 //!
 //! **Throughput.** Rows go in multi-row `INSERT`s: a batch of 5000 events is a handful of
 //! statements, not 5000 round trips. Statement sizes are powers of two up to what the bind
@@ -29,8 +32,9 @@ use std::collections::{BTreeMap, HashSet};
 use std::fmt::Write;
 
 use serde::Serialize;
-use sqlx::any::AnyRow;
-use sqlx::{AnyConnection, Row};
+use sqlx::any::{AnyArguments, AnyRow};
+use sqlx::query::Query;
+use sqlx::{Any, AnyConnection, Row};
 use tollgate_model::usage::{PeriodUsage, UsageEvent, UsageStored};
 use utoipa::ToSchema;
 
@@ -97,34 +101,27 @@ impl Store {
         unique.sort_by(|a, b| a.id.cmp(&b.id));
         unique.dedup_by(|later, earlier| later.id == earlier.id);
         let received_at = now_ms();
-        let max_rows = self.max_rows(EVENT_BINDS);
         let mut tx = self.pool().begin().await?;
+        let stored = if insert_all(&mut tx, self.backend(), &unique, received_at).await? {
+            unique
+        } else {
+            insert_new(&mut tx, self.backend(), &unique, received_at).await?
+        };
+        let inserted = stored.len() as u64;
         // Keyed by day number: formatted once per roll-up row, not once per event.
         let mut rollup: BTreeMap<(&str, i64, &str), Totals> = BTreeMap::new();
-        let mut inserted = 0_u64;
-        let mut rest = unique.as_slice();
-        while !rest.is_empty() {
-            let (chunk, after) = rest.split_at(statement_rows(rest.len(), max_rows));
-            rest = after;
-            let stored = insert_events(&mut tx, self.backend(), chunk, received_at).await?;
-            for event in chunk.iter().filter(|e| stored.contains(e.id.as_str())) {
-                inserted += 1;
-                let totals = rollup
-                    .entry((
-                        event.customer_id.as_str(),
-                        calendar::day_number(event.at_ms),
-                        event.route.as_str(),
-                    ))
-                    .or_default();
-                totals.add(event)?;
-            }
+        for event in stored {
+            rollup
+                .entry((
+                    event.customer_id.as_str(),
+                    calendar::day_number(event.at_ms),
+                    event.route.as_str(),
+                ))
+                .or_default()
+                .add(event)?;
         }
         let rows: Vec<_> = rollup.into_iter().collect();
-        let max_rows = self.max_rows(DAILY_BINDS);
-        let mut rest = rows.as_slice();
-        while !rest.is_empty() {
-            let (chunk, after) = rest.split_at(statement_rows(rest.len(), max_rows));
-            rest = after;
+        for chunk in statements(&rows, max_rows(self.backend(), DAILY_BINDS)) {
             add_to_rollup(&mut tx, self.backend(), chunk).await?;
         }
         tx.commit().await?;
@@ -212,15 +209,6 @@ impl Store {
             }
         }
     }
-
-    /// Most rows of `binds` parameters one statement may carry on this backend.
-    fn max_rows(&self, binds: usize) -> usize {
-        let limit = match self.backend() {
-            Backend::Postgres => 65_535,
-            Backend::Sqlite => 32_766,
-        };
-        limit / binds
-    }
 }
 
 impl Totals {
@@ -243,11 +231,33 @@ impl Totals {
     }
 }
 
+/// Most rows of `binds` parameters one statement may carry on `backend`.
+fn max_rows(backend: Backend, binds: usize) -> usize {
+    let limit = match backend {
+        Backend::Postgres => 65_535,
+        Backend::Sqlite => 32_766,
+    };
+    limit / binds
+}
+
 /// Rows for the next statement: the largest power of two up to `max_rows` that `remaining`
 /// fills, so that statement texts repeat across batches.
 fn statement_rows(remaining: usize, max_rows: usize) -> usize {
     let cap = remaining.min(max_rows);
     1 << (usize::BITS - 1 - cap.leading_zeros())
+}
+
+/// `items` cut into statements of [`statement_rows`] each.
+fn statements<T>(items: &[T], max_rows: usize) -> impl Iterator<Item = &[T]> {
+    let mut rest = items;
+    std::iter::from_fn(move || {
+        if rest.is_empty() {
+            return None;
+        }
+        let (chunk, after) = rest.split_at(statement_rows(rest.len(), max_rows));
+        rest = after;
+        Some(chunk)
+    })
 }
 
 /// `rows` groups of `binds` parameters: `($1, $2), ($3, $4)` on Postgres, `(?, ?), (?, ?)` on
@@ -272,17 +282,76 @@ fn values(sql: &mut String, rows: usize, binds: usize, backend: Backend) {
     }
 }
 
-/// Inserts `events` (ids unique and sorted); returns the ids this statement inserted.
-async fn insert_events(
+/// Inserts every one of `events` (ids unique and sorted) or none: `false`, with nothing
+/// inserted, when one of them is stored already. Every batch but a replay stores all its events,
+/// and a statement that does not say which rows it inserted is much cheaper (SQLite hands each
+/// returned row over from its worker thread): the rows inserted are counted, and a batch whose
+/// count falls short is taken back to the savepoint and stored by [`insert_new`].
+async fn insert_all(
     connection: &mut AnyConnection,
     backend: Backend,
     events: &[&UsageEvent],
     received_at: i64,
-) -> Result<HashSet<String>, StoreError> {
+) -> Result<bool, StoreError> {
+    sqlx::query("SAVEPOINT usage_batch")
+        .execute(&mut *connection)
+        .await?;
+    for chunk in statements(events, max_rows(backend, EVENT_BINDS)) {
+        let sql = insert_sql(backend, chunk.len(), "");
+        let inserted = bind_events(sqlx::query(&sql), chunk, received_at)?
+            .execute(&mut *connection)
+            .await?
+            .rows_affected();
+        if inserted != chunk.len() as u64 {
+            sqlx::query("ROLLBACK TO SAVEPOINT usage_batch")
+                .execute(&mut *connection)
+                .await?;
+            return Ok(false);
+        }
+    }
+    sqlx::query("RELEASE SAVEPOINT usage_batch")
+        .execute(&mut *connection)
+        .await?;
+    Ok(true)
+}
+
+/// Inserts those of `events` (ids unique and sorted) not stored yet; returns them.
+async fn insert_new<'e>(
+    connection: &mut AnyConnection,
+    backend: Backend,
+    events: &[&'e UsageEvent],
+    received_at: i64,
+) -> Result<Vec<&'e UsageEvent>, StoreError> {
+    let mut stored = Vec::new();
+    for chunk in statements(events, max_rows(backend, EVENT_BINDS)) {
+        let sql = insert_sql(backend, chunk.len(), " RETURNING id");
+        let rows = bind_events(sqlx::query(&sql), chunk, received_at)?
+            .fetch_all(&mut *connection)
+            .await?;
+        let ids = rows
+            .iter()
+            .map(|row| row.try_get::<String, _>("id"))
+            .collect::<Result<HashSet<String>, _>>()?;
+        stored.extend(chunk.iter().filter(|e| ids.contains(e.id.as_str())));
+    }
+    Ok(stored)
+}
+
+/// `INSERT` of `rows` events that skips ids stored already, then `tail`.
+fn insert_sql(backend: Backend, rows: usize, tail: &str) -> String {
     let mut sql = format!("INSERT INTO usage_events ({EVENT_COLUMNS}) VALUES ");
-    values(&mut sql, events.len(), EVENT_BINDS, backend);
-    sql.push_str(" ON CONFLICT (id) DO NOTHING RETURNING id");
-    let mut query = sqlx::query(&sql);
+    values(&mut sql, rows, EVENT_BINDS, backend);
+    sql.push_str(" ON CONFLICT (id) DO NOTHING");
+    sql.push_str(tail);
+    sql
+}
+
+/// `query` with the parameters of `events`.
+fn bind_events<'q>(
+    mut query: Query<'q, Any, AnyArguments<'q>>,
+    events: &[&'q UsageEvent],
+    received_at: i64,
+) -> Result<Query<'q, Any, AnyArguments<'q>>, StoreError> {
     for event in events {
         query = query
             .bind(event.id.as_str())
@@ -300,10 +369,7 @@ async fn insert_events(
             .bind(signed(event.overage)?)
             .bind(received_at);
     }
-    let rows = query.fetch_all(&mut *connection).await?;
-    rows.iter()
-        .map(|row| row.try_get::<String, _>("id").map_err(StoreError::from))
-        .collect()
+    Ok(query)
 }
 
 /// Adds `rows` (keys unique and sorted) to the roll-up.
@@ -369,13 +435,8 @@ mod tests {
         assert_eq!(statement_rows(904, 4681), 512);
         assert_eq!(statement_rows(5000, 2340), 2048);
         assert_eq!(statement_rows(1, 2340), 1);
-        let mut sizes = Vec::new();
-        let mut rest = 5000;
-        while rest > 0 {
-            let rows = statement_rows(rest, 2340);
-            sizes.push(rows);
-            rest -= rows;
-        }
+        let items = vec![0_u8; 5000];
+        let sizes: Vec<usize> = statements(&items, 2340).map(<[u8]>::len).collect();
         assert_eq!(sizes, vec![2048, 2048, 512, 256, 128, 8]);
     }
 
