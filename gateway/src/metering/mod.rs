@@ -25,7 +25,7 @@ pub mod spool;
 use std::sync::Arc;
 
 use metrics::MeteringMetrics;
-use record::{Kind, Usage};
+use record::{Kind, Measures, Usage};
 use spool::Spool;
 
 /// The spool and its metrics: what the request path writes usage through.
@@ -38,12 +38,36 @@ pub struct Meter {
 }
 
 impl Meter {
+    /// Appends the pending record of `usage`; returns what the final one is written from.
+    pub fn append_pending(&self, usage: &Usage<'_>) -> Written {
+        let mut line = Vec::with_capacity(256);
+        let measures = record::encode(Kind::Pending, usage, &mut line);
+        self.append(&line, Kind::Pending);
+        Written {
+            units: usage.units,
+            line,
+            measures,
+        }
+    }
+
+    /// Appends the final record of `written`, with the request's final latency and sizes.
+    pub fn append_final(&self, written: &Written, latency_us: u64, bytes_in: u64, bytes_out: u64) {
+        let mut line = Vec::with_capacity(written.line.len() + 16);
+        record::finish(
+            &written.line,
+            written.measures,
+            latency_us,
+            bytes_in,
+            bytes_out,
+            &mut line,
+        );
+        self.append(&line, Kind::Final);
+    }
+
     /// Appends a record; a refusal of the disk is logged and counted (the request was already
     /// answered, so there is nothing else to do with it).
-    pub fn append(&self, kind: Kind, usage: &Usage<'_>) {
-        let mut line = Vec::with_capacity(256);
-        record::encode(kind, usage, &mut line);
-        match self.spool.append(&line) {
+    fn append(&self, line: &[u8], kind: Kind) {
+        match self.spool.append(line) {
             Ok(()) => {
                 if kind == Kind::Final {
                     self.metrics.spooled();
@@ -62,22 +86,16 @@ impl Meter {
 pub struct Metered {
     /// Where its records go.
     pub meter: Arc<Meter>,
-    /// What its pending record said, once the response header went out.
+    /// Its pending record, once the response header went out.
     pub written: Option<Written>,
 }
 
-/// The fields of a request's usage fixed when its response header went out; the final record
-/// repeats them with the final latency and sizes.
-#[derive(Debug, Clone, Copy)]
+/// A request's pending record, as written when its response header went out: the final record
+/// repeats it with the final latency and sizes.
+#[derive(Debug)]
 pub struct Written {
-    /// The event id (UUIDv7 bytes).
-    pub id: [u8; 16],
-    /// The status the client received.
-    pub status: u16,
-    /// Unix ms of the decision.
-    pub at_ms: i64,
-    /// Billable units (0 when refunded).
+    /// The billable units it counts (0 when refunded).
     pub units: u64,
-    /// Of them, overage units.
-    pub overage: u64,
+    line: Vec<u8>,
+    measures: Measures,
 }

@@ -119,8 +119,19 @@ impl<'a> Usage<'a> {
 /// Fields of a line.
 const FIELDS: usize = 14;
 
-/// Appends the line of `usage` (its newline included) to `out`.
-pub fn encode(kind: Kind, usage: &Usage<'_>, out: &mut Vec<u8>) {
+/// Where the fields a final record changes lie in a line [`encode`] wrote.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Measures {
+    /// Offset of the latency field, the first of latency, bytes in and bytes out.
+    start: usize,
+    /// Offset of the request id field, the one after them.
+    end: usize,
+}
+
+/// Appends the line of `usage` (its newline included) to `out`; returns where its latency and
+/// sizes lie in it, so that [`finish`] can write the final record from it.
+pub fn encode(kind: Kind, usage: &Usage<'_>, out: &mut Vec<u8>) -> Measures {
+    let line_start = out.len();
     let mut numbers = itoa::Buffer::new();
     out.push(match kind {
         Kind::Pending => b'p',
@@ -137,26 +148,56 @@ pub fn encode(kind: Kind, usage: &Usage<'_>, out: &mut Vec<u8>) {
     text(out, usage.key_id.unwrap_or(""));
     text(out, usage.route);
     text(out, usage.method);
-    for number in [
-        u64::from(usage.status),
-        usage.units,
-        usage.overage,
-        usage.latency_us,
-        usage.bytes_in,
-        usage.bytes_out,
-    ] {
+    for number in [u64::from(usage.status), usage.units, usage.overage] {
         out.push(b'\t');
         out.extend_from_slice(numbers.format(number).as_bytes());
     }
+    let start = out.len() - line_start + 1;
+    for number in [usage.latency_us, usage.bytes_in, usage.bytes_out] {
+        out.push(b'\t');
+        out.extend_from_slice(numbers.format(number).as_bytes());
+    }
+    let end = out.len() - line_start + 1;
     text(out, usage.request_id);
     out.push(b'\n');
+    Measures { start, end }
 }
 
+/// Appends the final record of the pending `line` ([`encode`]d with `measures`) to `out`: the
+/// same fields, with the request's final latency and sizes. A copy and three numbers, where
+/// encoding the whole record again would format its ids and escape its text once more.
+pub fn finish(
+    line: &[u8],
+    measures: Measures,
+    latency_us: u64,
+    bytes_in: u64,
+    bytes_out: u64,
+    out: &mut Vec<u8>,
+) {
+    let mut numbers = itoa::Buffer::new();
+    out.push(b'e');
+    out.extend_from_slice(&line[1..measures.start]);
+    out.extend_from_slice(numbers.format(latency_us).as_bytes());
+    out.push(b'\t');
+    out.extend_from_slice(numbers.format(bytes_in).as_bytes());
+    out.push(b'\t');
+    out.extend_from_slice(numbers.format(bytes_out).as_bytes());
+    out.push(b'\t');
+    out.extend_from_slice(&line[measures.end..]);
+}
+
+/// Bytes a field escapes: tab, line feed, carriage return and backslash.
+const ESCAPED: [bool; 256] = {
+    let mut table = [false; 256];
+    table[b'\t' as usize] = true;
+    table[b'\n' as usize] = true;
+    table[b'\r' as usize] = true;
+    table[b'\\' as usize] = true;
+    table
+};
+
 fn escape(value: &[u8], out: &mut Vec<u8>) {
-    if !value
-        .iter()
-        .any(|b| matches!(b, b'\t' | b'\n' | b'\r' | b'\\'))
-    {
+    if !value.iter().any(|&b| ESCAPED[usize::from(b)]) {
         out.extend_from_slice(value);
         return;
     }
@@ -217,13 +258,17 @@ pub fn decode(line: &[u8]) -> Option<Record> {
 /// The 14 fields of a line.
 fn fields(line: &[u8]) -> Option<[&[u8]; FIELDS]> {
     let mut fields = [&[][..]; FIELDS];
-    let mut parts = line.split(|&b| b == b'\t');
-    for field in &mut fields {
-        *field = parts.next()?;
+    let mut tabs = memchr::memchr_iter(b'\t', line);
+    let mut start = 0;
+    for field in &mut fields[..FIELDS - 1] {
+        let end = tabs.next()?;
+        *field = &line[start..end];
+        start = end + 1;
     }
-    if parts.next().is_some() {
+    if tabs.next().is_some() {
         return None;
     }
+    fields[FIELDS - 1] = &line[start..];
     Some(fields)
 }
 
@@ -312,6 +357,40 @@ mod tests {
         let mut out = Vec::new();
         encode(kind, &Usage::of(event), &mut out);
         out
+    }
+
+    #[test]
+    fn the_final_record_finished_from_the_pending_line_is_the_final_record_encoded() {
+        let mut odd = event();
+        odd.key_id = None;
+        odd.request_id = "tab\there\\".into();
+        for base in [event(), odd] {
+            let mut pending = Vec::new();
+            let measures = encode(Kind::Pending, &Usage::of(&base), &mut pending);
+            for (latency_us, bytes_in, bytes_out) in [(0, 0, 0), (9, 1_000_000, u64::MAX)] {
+                let mut done = base.clone();
+                done.latency_us = latency_us;
+                done.bytes_in = bytes_in;
+                done.bytes_out = bytes_out;
+                let mut finished = Vec::new();
+                finish(
+                    &pending,
+                    measures,
+                    latency_us,
+                    bytes_in,
+                    bytes_out,
+                    &mut finished,
+                );
+                assert_eq!(
+                    String::from_utf8_lossy(&finished),
+                    String::from_utf8_lossy(&line(Kind::Final, &done))
+                );
+                assert_eq!(
+                    decode(&finished[..finished.len() - 1]),
+                    Some(Record::Final(done))
+                );
+            }
+        }
     }
 
     #[test]

@@ -323,8 +323,8 @@ impl Spool {
     }
 }
 
-/// Cuts a segment a killed process left mapped to its records (they end at the first zero
-/// byte: a record never holds one); returns its size.
+/// Cuts a segment a killed process left mapped to its records: they end where the zeros of its
+/// unwritten rest begin (a record never holds a zero byte). Returns its size.
 fn cut_to_records(path: &Path) -> std::io::Result<u64> {
     let size = std::fs::metadata(path)?.len();
     if size == 0 {
@@ -345,9 +345,16 @@ fn cut_to_records(path: &Path) -> std::io::Result<u64> {
     Ok(records)
 }
 
-/// Where the records of a segment's bytes end: at the first zero byte, or at its end.
+/// Where the records of a segment's bytes end: before the zeros at its end, if any. Zeros
+/// elsewhere (blocks a power loss left unwritten) stay, inside a line the reader skips as torn.
 fn records_end(bytes: &[u8]) -> usize {
-    bytes.iter().position(|&b| b == 0).unwrap_or(bytes.len())
+    match bytes.last() {
+        Some(0) => bytes
+            .iter()
+            .rposition(|&b| b != 0)
+            .map_or(0, |last| last + 1),
+        _ => bytes.len(),
+    }
 }
 
 /// Segments in `dir`, by number.
@@ -382,7 +389,7 @@ pub fn read(path: &Path) -> std::io::Result<(Vec<Record>, usize)> {
     text.truncate(records_end(&text));
     let mut records = Vec::new();
     let mut torn = 0;
-    let (whole, fragment) = match text.iter().rposition(|&b| b == b'\n') {
+    let (whole, fragment) = match memchr::memrchr(b'\n', &text) {
         Some(end) => (&text[..end], &text[end + 1..]),
         None => (&[][..], &text[..]),
     };
@@ -390,7 +397,14 @@ pub fn read(path: &Path) -> std::io::Result<(Vec<Record>, usize)> {
         torn += 1;
     }
     let legacy = path.extension().is_some_and(|e| e == LEGACY_EXTENSION);
-    for line in whole.split(|&b| b == b'\n').filter(|l| !l.is_empty()) {
+    records.reserve(memchr::memchr_iter(b'\n', whole).count() + 1);
+    let mut start = 0;
+    for end in memchr::memchr_iter(b'\n', whole).chain([whole.len()]) {
+        let line = &whole[start..end];
+        start = end + 1;
+        if line.is_empty() {
+            continue;
+        }
         let decoded = if legacy {
             record::decode_legacy(line)
         } else {

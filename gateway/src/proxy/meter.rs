@@ -9,8 +9,8 @@ use super::RequestCtx;
 use super::problem::GatewayProblem;
 use crate::identity::index::IdText;
 use crate::limits::Verdict;
-use crate::metering::record::{Kind, Usage};
-use crate::metering::{Metered, Written};
+use crate::metering::Metered;
+use crate::metering::record::Usage;
 use crate::state::Gateway;
 
 /// Decides the authenticated request of `ctx` against its customer's plan; the problem to answer
@@ -67,39 +67,14 @@ pub fn on_response_header(session: &Session, ctx: &mut RequestCtx, status: u16) 
     if metered.written.is_some() {
         return;
     }
-    let Some(reservation) = ctx.limit.as_ref().and_then(|d| d.reservation) else {
+    let (Some(decision), Some((caller, _))) = (&ctx.limit, &ctx.caller) else {
         return;
     };
-    let Some(at_ms) = ctx.limit.as_ref().map(|d| d.at_ms) else {
+    let Some(reservation) = decision.reservation else {
         return;
     };
     let counted = counts(status, ctx);
-    let written = Written {
-        id: uuid::Uuid::now_v7().into_bytes(),
-        status: status.clamp(100, 599),
-        at_ms,
-        units: if counted { reservation.units } else { 0 },
-        overage: if counted { reservation.overage } else { 0 },
-    };
-    record(session, ctx, metered, Kind::Pending, &written, 0);
-    if let Some(metered) = &mut ctx.metered {
-        metered.written = Some(written);
-    }
-}
-
-/// Appends one record of `written` with the request's latency and sizes so far.
-fn record(
-    session: &Session,
-    ctx: &RequestCtx,
-    metered: &Metered,
-    kind: Kind,
-    written: &Written,
-    bytes_out: u64,
-) {
-    let Some((caller, _)) = &ctx.caller else {
-        return;
-    };
-    let id = IdText::new(b"evt", &written.id);
+    let id = IdText::new(b"evt", &uuid::Uuid::now_v7().into_bytes());
     let customer_id = IdText::new(b"cus", &caller.customer);
     let key_id = caller.key.map(|key| IdText::new(b"key", &key));
     let usage = Usage {
@@ -109,15 +84,23 @@ fn record(
         key_id: key_id.as_ref().map(IdText::as_str),
         route: ctx.route().map_or("", |r| r.name.as_str()),
         method: method_label(session.req_header().method.as_str()),
-        status: written.status,
-        latency_us: u64::try_from(ctx.started.elapsed().as_micros()).unwrap_or(u64::MAX),
+        status: status.clamp(100, 599),
+        latency_us: latency_us(ctx),
         bytes_in: session.body_bytes_read() as u64,
-        bytes_out,
-        at_ms: written.at_ms,
-        units: written.units,
-        overage: written.overage,
+        bytes_out: 0,
+        at_ms: decision.at_ms,
+        units: if counted { reservation.units } else { 0 },
+        overage: if counted { reservation.overage } else { 0 },
     };
-    metered.meter.append(kind, &usage);
+    let written = metered.meter.append_pending(&usage);
+    if let Some(metered) = &mut ctx.metered {
+        metered.written = Some(written);
+    }
+}
+
+/// Microseconds since the request arrived.
+fn latency_us(ctx: &RequestCtx) -> u64 {
+    u64::try_from(ctx.started.elapsed().as_micros()).unwrap_or(u64::MAX)
 }
 
 /// The method as the ledger takes it (an HTTP token of at most 32 bytes): a longer one, which
@@ -137,11 +120,19 @@ pub async fn settle(gateway: &Gateway, session: &Session, ctx: &mut RequestCtx) 
     let Some((caller, _)) = &ctx.caller else {
         return;
     };
-    let refund = match ctx.metered.as_ref().and_then(|m| m.written.map(|w| (m, w))) {
+    let refund = match ctx
+        .metered
+        .as_ref()
+        .and_then(|m| Some((m, m.written.as_ref()?)))
+    {
         None => true,
         Some((metered, written)) => {
-            let bytes_out = session.body_bytes_sent() as u64;
-            record(session, ctx, metered, Kind::Final, &written, bytes_out);
+            metered.meter.append_final(
+                written,
+                latency_us(ctx),
+                session.body_bytes_read() as u64,
+                session.body_bytes_sent() as u64,
+            );
             written.units == 0
         }
     };
