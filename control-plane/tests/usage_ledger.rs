@@ -44,6 +44,19 @@ fn event(n: u64, customer_id: &str, route: &str, at_ms: i64) -> UsageEvent {
     }
 }
 
+/// Rows in `usage_events`.
+async fn stored_events(db: &Db) -> i64 {
+    let sql = db.sql().await;
+    let n = sqlx::query("SELECT COUNT(*) AS n FROM usage_events")
+        .fetch_one(&sql)
+        .await
+        .unwrap()
+        .try_get("n")
+        .unwrap();
+    sql.close().await;
+    n
+}
+
 fn stored(inserted: u64, duplicates: u64) -> UsageStored {
     UsageStored {
         inserted,
@@ -72,14 +85,7 @@ async fn a_batch_is_stored_once_however_often_it_is_sent(db: &Db) {
     altered.units = 1000;
     assert_eq!(store.record_usage(&[altered]).await.unwrap(), stored(0, 1));
 
-    let sql = db.sql().await;
-    let n: i64 = sqlx::query("SELECT COUNT(*) AS n FROM usage_events")
-        .fetch_one(&sql)
-        .await
-        .unwrap()
-        .try_get("n")
-        .unwrap();
-    assert_eq!(n, 5);
+    assert_eq!(stored_events(db).await, 5);
     assert_eq!(
         store.period_usage(&alice, at, at + 1).await.unwrap(),
         PeriodUsage {
@@ -106,6 +112,7 @@ async fn a_batch_is_stored_once_however_often_it_is_sent(db: &Db) {
             bytes_out: 500,
         }]
     );
+    let sql = db.sql().await;
     let latency: i64 = sqlx::query("SELECT latency_us_sum FROM usage_daily")
         .fetch_one(&sql)
         .await
@@ -376,14 +383,7 @@ async fn a_stored_event_in_the_last_statement_takes_the_whole_batch_back(db: &Db
         stored(1, 0)
     );
     assert_eq!(store.record_usage(&events).await.unwrap(), stored(4999, 1));
-    let sql = db.sql().await;
-    let n: i64 = sqlx::query("SELECT COUNT(*) AS n FROM usage_events")
-        .fetch_one(&sql)
-        .await
-        .unwrap()
-        .try_get("n")
-        .unwrap();
-    assert_eq!(n, 5000);
+    assert_eq!(stored_events(db).await, 5000);
     let days = store
         .daily_usage(&alice, "2026-12-01", "2026-12-01")
         .await

@@ -18,7 +18,11 @@
 //! lines only. The request path never closes one: when the active segment is full it starts the
 //! next and leaves the full one to the flusher, whose [`Spool::tick`] closes it (and the active
 //! one when due), then syncs the active one, once per tick and outside the lock: a power loss
-//! costs at most one tick, and no request waits for the disk. A segment a killed process left
+//! costs at most one tick, and no request waits for a sync. (Once a segment, the request that
+//! fills it creates the next, under the lock; and the first copy into a page after a sync takes
+//! a page fault.) A disk with no room for a new segment stalls the spool: it then counts as
+//! full, so metered requests are refused (503) rather than served without their usage, until
+//! the flusher's tick can create one. A segment a killed process left
 //! mapped is cut to its records when the spool is next opened. The total size on disk is
 //! bounded: once the records not yet sent reach `max_bytes`, the request path refuses metered
 //! requests (503) rather than serve them unmetered; the records of requests already admitted are
@@ -30,7 +34,7 @@
 use std::fs::{File, OpenOptions};
 use std::io::Write;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Mutex, PoisonError};
 
 use memmap2::MmapMut;
@@ -59,32 +63,28 @@ struct Mapped {
 }
 
 impl Mapped {
-    /// Creates segment `seq` in `dir` at its full size and maps it.
+    /// Creates segment `seq` in `dir` at its full size and maps it; on any error nothing is
+    /// left behind.
     fn create(dir: &Path, seq: u64) -> std::io::Result<Self> {
         let path = dir.join(format!("{seq:016}.{EXTENSION}"));
-        let file = OpenOptions::new()
+        let mut file = OpenOptions::new()
             .create_new(true)
             .read(true)
             .write(true)
             .open(&path)?;
-        let size = SEGMENT_BYTES as i64;
-        match nix::fcntl::fallocate(&file, nix::fcntl::FallocateFlags::empty(), 0, size) {
-            Ok(()) => {}
-            // A file system without it: the file is sparse, and blocks are taken as pages are
-            // first written.
-            Err(nix::errno::Errno::EOPNOTSUPP) => file.set_len(SEGMENT_BYTES)?,
-            Err(errno) => {
+        let mapped = allocate(&mut file).and_then(|()| map(&file));
+        match mapped {
+            Ok(map) => Ok(Self {
+                file,
+                map: Some(map),
+                len: 0,
+            }),
+            Err(error) => {
                 drop(file);
                 let _ = std::fs::remove_file(&path);
-                return Err(errno.into());
+                Err(error)
             }
         }
-        let map = map(&file)?;
-        Ok(Self {
-            file,
-            map: Some(map),
-            len: 0,
-        })
     }
 
     /// Copies `line` after the records; `false` when it does not fit.
@@ -102,7 +102,7 @@ impl Mapped {
     }
 
     /// Unmaps the segment, cuts its file to the records and syncs it.
-    fn close(mut self) -> std::io::Result<()> {
+    fn close(&mut self) -> std::io::Result<()> {
         self.map = None;
         self.file.set_len(self.len as u64)?;
         self.file.sync_data()
@@ -116,6 +116,24 @@ impl Drop for Mapped {
         if self.map.take().is_some() {
             let _ = self.file.set_len(self.len as u64);
         }
+    }
+}
+
+/// Gives a new segment's file its blocks, all of [`SEGMENT_BYTES`]: a copy into the mapping
+/// must never be the first to need a block (on a full disk that is a `SIGBUS`, where `write(2)`
+/// returned an error). Where the file system has no `fallocate`, zeros are written instead.
+fn allocate(file: &mut File) -> std::io::Result<()> {
+    let size = SEGMENT_BYTES as i64;
+    match nix::fcntl::fallocate(&*file, nix::fcntl::FallocateFlags::empty(), 0, size) {
+        Ok(()) => Ok(()),
+        Err(nix::errno::Errno::EOPNOTSUPP) => {
+            let zeros = vec![0_u8; 64 * 1024];
+            for _ in 0..SEGMENT_BYTES / zeros.len() as u64 {
+                file.write_all(&zeros)?;
+            }
+            Ok(())
+        }
+        Err(errno) => Err(errno.into()),
     }
 }
 
@@ -138,11 +156,12 @@ struct Active {
     opened_ms: i64,
 }
 
-/// The active segment, and the full ones the request path left for the flusher to close.
+/// The active segment, and the full ones (by number) the request path left for the flusher to
+/// close.
 #[derive(Debug)]
 struct Segments {
     active: Active,
-    full: Vec<Mapped>,
+    full: Vec<(u64, Mapped)>,
 }
 
 /// The spool directory and its active segment.
@@ -154,6 +173,9 @@ pub struct Spool {
     /// Bytes of segments sent and kept only for requests still running.
     held: AtomicU64,
     max_bytes: u64,
+    /// The active segment is full and the next could not be created (a full disk): records
+    /// cannot be written, so the spool counts as full until a new segment is made.
+    stalled: AtomicBool,
     /// The first segment of this process: older ones were left by an earlier one.
     first_own_seq: u64,
 }
@@ -185,6 +207,7 @@ impl Spool {
             bytes: AtomicU64::new(bytes),
             held: AtomicU64::new(0),
             max_bytes,
+            stalled: AtomicBool::new(false),
             first_own_seq: seq,
         })
     }
@@ -200,11 +223,14 @@ impl Spool {
     }
 
     /// Whether new metered requests must be refused: the records not yet sent reach the bound
-    /// (segments sent and kept only for long requests' final records do not count).
+    /// (segments sent and kept only for long requests' final records do not count), or no
+    /// record can be written at all (the disk has no room for a new segment).
     pub fn is_full(&self) -> bool {
-        self.bytes()
-            .saturating_sub(self.held.load(Ordering::Relaxed))
-            >= self.max_bytes
+        self.stalled.load(Ordering::Relaxed)
+            || self
+                .bytes()
+                .saturating_sub(self.held.load(Ordering::Relaxed))
+                >= self.max_bytes
     }
 
     /// Marks `bytes` of a sent segment as kept only for requests still running.
@@ -214,7 +240,7 @@ impl Spool {
 
     /// Ends [`hold`](Self::hold) for a segment that is deleted.
     pub fn release(&self, bytes: u64) {
-        self.held.fetch_sub(bytes, Ordering::Relaxed);
+        subtract(&self.held, bytes);
     }
 
     /// The first segment this process wrote.
@@ -238,7 +264,10 @@ impl Spool {
         let mut segments = self.segments.lock().unwrap_or_else(PoisonError::into_inner);
         if !segments.active.segment.push(line) {
             let opened_ms = segments.active.opened_ms;
-            self.rotate(&mut segments, opened_ms)?;
+            if let Err(error) = self.rotate(&mut segments, opened_ms) {
+                self.stalled.store(true, Ordering::Relaxed);
+                return Err(error);
+            }
             let pushed = segments.active.segment.push(line);
             debug_assert!(pushed, "a line no longer than a segment fits a new one");
         }
@@ -261,19 +290,25 @@ impl Spool {
                 opened_ms: now_ms,
             },
         );
-        segments.full.push(old.segment);
+        segments.full.push((old.seq, old.segment));
+        self.stalled.store(false, Ordering::Relaxed);
         Ok(())
     }
 
     /// Closes the full segments, and the active one too if it has records and was opened at
-    /// least `age_ms` before `now_ms`; then syncs the active one. Returns the active segment's
-    /// number: every segment before it is closed. Closing and syncing run after the lock is
-    /// released: requests never wait for the disk.
+    /// least `age_ms` before `now_ms` (or the spool is stalled); then syncs the active one.
+    /// Returns the first segment not closed: every segment before it is closed and can be read.
+    /// A segment that cannot be closed is tried again at the next tick; a new segment that
+    /// cannot be created is logged, and the active one stays. Closing and syncing run after the
+    /// lock is released.
     pub fn tick(&self, now_ms: i64, age_ms: i64) -> std::io::Result<u64> {
-        let (seq, full, active) = {
+        let (active_seq, full, active) = {
             let mut segments = self.segments.lock().unwrap_or_else(PoisonError::into_inner);
-            if segments.active.records > 0 && now_ms - segments.active.opened_ms >= age_ms {
-                self.rotate(&mut segments, now_ms)?;
+            let due = segments.active.records > 0 && now_ms - segments.active.opened_ms >= age_ms;
+            if (due || self.stalled.load(Ordering::Relaxed))
+                && let Err(error) = self.rotate(&mut segments, now_ms)
+            {
+                tracing::error!(%error, "cannot start a new usage spool segment");
             }
             let full = std::mem::take(&mut segments.full);
             (
@@ -282,11 +317,22 @@ impl Spool {
                 segments.active.segment.file.try_clone()?,
             )
         };
-        for segment in full {
-            segment.close()?;
+        let mut first_open = active_seq;
+        let mut open = Vec::new();
+        for (seq, mut segment) in full {
+            if let Err(error) = segment.close() {
+                tracing::error!(%error, seq, "cannot close a usage spool segment; trying again");
+                first_open = first_open.min(seq);
+                open.push((seq, segment));
+            }
+        }
+        if !open.is_empty() {
+            let mut segments = self.segments.lock().unwrap_or_else(PoisonError::into_inner);
+            open.append(&mut segments.full);
+            segments.full = open;
         }
         active.sync_data()?;
-        Ok(seq)
+        Ok(first_open)
     }
 
     /// Closed segments, oldest first: those before `active`.
@@ -318,9 +364,17 @@ impl Spool {
     pub fn remove(&self, path: &Path) -> std::io::Result<()> {
         let size = std::fs::metadata(path)?.len();
         std::fs::remove_file(path)?;
-        self.bytes.fetch_sub(size, Ordering::Relaxed);
+        subtract(&self.bytes, size);
         Ok(())
     }
+}
+
+/// Takes `amount` from `counter`, stopping at zero: a count that went wrong must not wrap and
+/// read as a full spool.
+fn subtract(counter: &AtomicU64, amount: u64) {
+    let _ = counter.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |value| {
+        Some(value.saturating_sub(amount))
+    });
 }
 
 /// Cuts a segment a killed process left mapped to its records: they end where the zeros of its
@@ -524,11 +578,13 @@ mod tests {
     fn a_full_segment_is_closed_by_the_next_tick_with_every_record_in_order() {
         let dir = tempfile::tempdir().unwrap();
         let spool = Spool::open(dir.path(), u64::MAX, 0).unwrap();
-        let record = line(Kind::Final, &event(1, 1));
-        let per_segment = SEGMENT_BYTES as usize / record.len();
-        let count = per_segment + 10;
-        for _ in 0..count {
-            spool.append(&record).unwrap();
+        // Records of one length, numbered by their units.
+        let record = |n: u64| line(Kind::Final, &event(1, 1_000_000 + n));
+        let size = record(0).len();
+        let per_segment = SEGMENT_BYTES as usize / size;
+        let count = per_segment as u64 + 10;
+        for n in 0..count {
+            spool.append(&record(n)).unwrap();
         }
         // The full segment waits for the flusher: the request path only started the next.
         assert_eq!(segments(dir.path()).unwrap().len(), 2);
@@ -536,19 +592,53 @@ mod tests {
         assert_eq!(active, 2, "the second segment is not due yet");
         let closed = spool.closed(active).unwrap();
         assert_eq!(closed.len(), 1);
-        let size = std::fs::metadata(&closed[0].1).unwrap().len();
-        assert_eq!(
-            size,
-            (per_segment * record.len()) as u64,
-            "cut to its records"
-        );
-        let (records, torn) = read(&closed[0].1).unwrap();
-        assert_eq!((records.len(), torn), (per_segment, 0));
+        let on_disk = std::fs::metadata(&closed[0].1).unwrap().len();
+        assert_eq!(on_disk, (per_segment * size) as u64, "cut to its records");
         let active = spool.tick(1, 0).unwrap();
         let closed = spool.closed(active).unwrap();
-        let (rest, torn) = read(&closed[1].1).unwrap();
-        assert_eq!((rest.len(), torn), (10, 0));
-        assert_eq!(spool.bytes(), (count * record.len()) as u64);
+        let mut units = Vec::new();
+        for (_, path) in &closed {
+            let (records, torn) = read(path).unwrap();
+            assert_eq!(torn, 0);
+            units.extend(records.into_iter().map(|record| match record {
+                Record::Final(event) => event.units - 1_000_000,
+                Record::Pending(_) => unreachable!("only final records were written"),
+            }));
+        }
+        assert_eq!(units, (0..count).collect::<Vec<_>>());
+        assert_eq!(spool.bytes(), count * size as u64);
+    }
+
+    #[test]
+    fn a_disk_without_room_for_the_next_segment_stalls_the_spool_until_a_tick_makes_one() {
+        let dir = tempfile::tempdir().unwrap();
+        let spool = Spool::open(dir.path(), u64::MAX, 0).unwrap();
+        let record = line(Kind::Final, &event(1, 1));
+        let per_segment = SEGMENT_BYTES as usize / record.len();
+        for _ in 0..per_segment {
+            spool.append(&record).unwrap();
+        }
+        assert!(!spool.is_full());
+        // The next segment cannot be created (here its name is taken, as a full disk would
+        // refuse its blocks): the record is refused, and so are new metered requests.
+        let blocker = dir.path().join(format!("{:016}.{EXTENSION}", 2));
+        std::fs::create_dir(&blocker).unwrap();
+        assert!(spool.append(&record).is_err());
+        assert!(spool.is_full(), "stalled: counts as full");
+        assert_eq!(spool.bytes(), (per_segment * record.len()) as u64);
+        // A tick that cannot make one either still syncs and reports the active segment.
+        assert_eq!(spool.tick(0, i64::MAX).unwrap(), 1);
+        assert!(spool.is_full());
+        std::fs::remove_dir(&blocker).unwrap();
+        assert_eq!(
+            spool.tick(0, i64::MAX).unwrap(),
+            2,
+            "a new segment, the full one closed"
+        );
+        assert!(!spool.is_full());
+        spool.append(&record).unwrap();
+        let (records, torn) = read(&spool.closed(2).unwrap()[0].1).unwrap();
+        assert_eq!((records.len(), torn), (per_segment, 0));
     }
 
     #[test]
