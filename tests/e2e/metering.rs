@@ -93,6 +93,62 @@ fn header(response: &reqwest::Response, name: &str) -> String {
         .map_or(String::new(), |v| v.to_str().unwrap().to_owned())
 }
 
+/// A response still streaming when the spool segment of its pending record is closed: its
+/// final record lands in a later segment. The request is stored once, with its final size, and
+/// the segment kept for it is deleted once it is settled.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_whose_records_span_two_segments_is_stored_once_with_its_final_size() {
+    let upstream = Upstream::start("api");
+    let token = admin_token();
+    let stream_route = r#"
+[[routes]]
+name = "stream"
+path_prefix = "/stream"
+upstream = "api"
+auth = "key"
+"#;
+    let gateway = Gateway::start_with_env(
+        tempfile::tempdir().unwrap(),
+        &standalone_config(&upstream, stream_route),
+        &[("TOLLGATE_ADMIN_TOKEN", token.as_str())],
+    )
+    .await;
+    let api = AdminApi::new(&format!("http://{}", gateway.admin), &token);
+    let customer = customer_on(&api, json!({"quota": {"requests": 100, "hard": true}})).await;
+    gateway.wait_for_keys(1).await;
+    let mut response = get(&gateway, "/stream", &customer.key).await;
+    assert_eq!(response.status(), 200);
+    assert_eq!(response.chunk().await.unwrap().unwrap(), "first\n");
+    // Five flush intervals: the segment holding the pending record is closed and read.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert!(gateway.metric("tollgate_usage_spool_bytes").await > Some(0.0));
+    upstream.release();
+    assert_eq!(response.chunk().await.unwrap().unwrap(), "last\n");
+    assert!(response.chunk().await.unwrap().is_none());
+
+    let usage = wait_for_used(&api, &customer.id, 1).await;
+    let days = usage["days"].as_array().unwrap();
+    assert_eq!(days.len(), 1, "{usage}");
+    assert_eq!(
+        (
+            &days[0]["route"],
+            &days[0]["requests"],
+            &days[0]["bytes_out"]
+        ),
+        (&json!("stream"), &json!(1), &json!(11)),
+        "stored once, with the size of the whole response"
+    );
+    gateway
+        .wait_for_metric("tollgate_usage_spool_bytes", 0.0)
+        .await;
+    assert_eq!(
+        gateway
+            .metric("tollgate_usage_events_stored_total{result=\"inserted\"}")
+            .await,
+        Some(1.0)
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_admitted_request_is_stored_once_and_both_usage_views_read_it() {
     let upstream = Upstream::start("api");

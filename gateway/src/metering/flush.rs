@@ -9,7 +9,7 @@
 //! (the store keeps each event id once), so a segment sent twice (a crash between sending and
 //! deleting it) counts once.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
@@ -82,33 +82,38 @@ impl Flusher {
             if torn > 0 {
                 tracing::warn!(segment = %path.display(), torn, "skipped torn usage records (a crash mid-write)");
             }
-            let mut segment = Segment {
-                bytes: std::fs::metadata(&path)?.len(),
-                path,
-                finals: Vec::new(),
-                pending: HashMap::new(),
-                sent: false,
-                held: false,
-            };
+            let mut finals = Vec::new();
+            let mut pending = Vec::new();
             for record in records {
                 match record {
-                    Record::Pending(pending) => {
-                        segment.pending.insert(pending.id.clone(), pending);
-                    }
-                    Record::Final(event) => segment.finals.push(event),
+                    Record::Pending(record) => pending.push(record),
+                    Record::Final(event) => finals.push(event),
                 }
             }
-            segments.insert(seq, segment);
-        }
-        // Settle pending records with the final ones read so far.
-        let finals: Vec<String> = segments
-            .values()
-            .flat_map(|s| s.finals.iter().map(|e| e.id.clone()))
-            .collect();
-        for id in &finals {
-            for segment in segments.values_mut() {
-                segment.pending.remove(id);
+            // A pending record is settled by the final record of its id, written after it: in
+            // this segment (nearly always) or a later one.
+            let settled: HashSet<&str> = finals.iter().map(|e| e.id.as_str()).collect();
+            for earlier in segments.values_mut().filter(|s| !s.pending.is_empty()) {
+                earlier
+                    .pending
+                    .retain(|id, _| !settled.contains(id.as_str()));
             }
+            let pending = pending
+                .into_iter()
+                .filter(|p| !settled.contains(p.id.as_str()))
+                .map(|p| (p.id.clone(), p))
+                .collect();
+            segments.insert(
+                seq,
+                Segment {
+                    bytes: std::fs::metadata(&path)?.len(),
+                    path,
+                    finals,
+                    pending,
+                    sent: false,
+                    held: false,
+                },
+            );
         }
         // Left by an earlier process and never settled: the response went out, so they count.
         let first_own = self.meter.spool.first_own_seq();
