@@ -8,7 +8,7 @@ use std::time::Duration;
 use anyhow::Context;
 use async_trait::async_trait;
 use tollgate_control_plane::store::Store;
-use tollgate_model::usage::{PeriodUsage, UsageBatch, UsageEvent, UsageStored};
+use tollgate_model::usage::{PeriodUsage, UsageEvent, UsageStored};
 
 use crate::identity::index::{Id, format_id};
 use crate::limits::period::Period;
@@ -77,6 +77,13 @@ impl HttpLedger {
     }
 }
 
+/// A `tollgate_model::usage::UsageBatch` as it is sent: the same JSON, serialized from the
+/// events where they are rather than from a copy of each.
+#[derive(serde::Serialize)]
+struct BorrowedBatch<'a> {
+    events: &'a [UsageEvent],
+}
+
 #[async_trait]
 impl Ledger for HttpLedger {
     async fn record(&self, events: &[UsageEvent]) -> Result<UsageStored, LedgerError> {
@@ -84,9 +91,7 @@ impl Ledger for HttpLedger {
             .client
             .post(format!("{}/v1/gateway/usage", self.base_url))
             .bearer_auth(&self.token)
-            .json(&UsageBatch {
-                events: events.to_vec(),
-            })
+            .json(&BorrowedBatch { events })
             .send()
             .await
             .context("cannot reach the control plane")?;
