@@ -93,6 +93,8 @@ pub const USAGE_SEND_FAILURES_TOTAL: &str = "tollgate_usage_send_failures_total"
 pub const USAGE_SPOOL_ERRORS_TOTAL: &str = "tollgate_usage_spool_errors_total";
 /// Metered requests refused because the spool was full.
 pub const USAGE_SPOOL_FULL_REFUSALS_TOTAL: &str = "tollgate_usage_spool_full_refusals_total";
+/// Ledger reads made for customers' usage views.
+pub const USAGE_VIEW_READS_TOTAL: &str = "tollgate_usage_view_reads_total";
 
 /// The route label of requests that matched no route (route names cannot contain parentheses).
 pub const NO_ROUTE: &str = "(none)";

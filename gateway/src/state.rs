@@ -98,6 +98,8 @@ pub struct Gateway {
     pub redis: Option<crate::config::Redis>,
     /// `[metering]` as configured at start (only `refund_upstream_5xx` follows reloads).
     pub metering: crate::config::Metering,
+    /// Recent ledger reads of customers' usage views.
+    pub usage_views: crate::proxy::usage::UsageViews,
 }
 
 impl Gateway {
@@ -178,6 +180,7 @@ impl Gateway {
             meter,
             redis,
             metering,
+            usage_views: crate::proxy::usage::UsageViews::default(),
         });
         gateway.publish_gauges();
         Ok(gateway)

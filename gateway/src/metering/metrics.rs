@@ -6,6 +6,7 @@ use crate::metrics::{
     Metrics, USAGE_EVENTS_RECOVERED_TOTAL, USAGE_EVENTS_REJECTED_TOTAL, USAGE_EVENTS_SPOOLED_TOTAL,
     USAGE_EVENTS_STORED_TOTAL, USAGE_SEND_FAILURES_TOTAL, USAGE_SPOOL_BYTES,
     USAGE_SPOOL_ERRORS_TOTAL, USAGE_SPOOL_FULL_REFUSALS_TOTAL, USAGE_SPOOL_MAX_BYTES,
+    USAGE_VIEW_READS_TOTAL,
 };
 
 /// Handles of the metering metrics.
@@ -21,6 +22,7 @@ pub struct MeteringMetrics {
     send_failures: IntCounter,
     spool_errors: IntCounter,
     full_refusals: IntCounter,
+    view_reads: IntCounter,
 }
 
 impl MeteringMetrics {
@@ -62,6 +64,10 @@ impl MeteringMetrics {
             USAGE_SPOOL_FULL_REFUSALS_TOTAL,
             "Metered requests refused because the spool was full.",
         )?;
+        let view_reads = IntCounter::new(
+            USAGE_VIEW_READS_TOTAL,
+            "Ledger reads made for customers' usage views (at most one a second per customer).",
+        )?;
         for collector in [&spool_bytes, &spool_max_bytes] {
             metrics.register(Box::new(collector.clone()))?;
         }
@@ -72,6 +78,7 @@ impl MeteringMetrics {
             &send_failures,
             &spool_errors,
             &full_refusals,
+            &view_reads,
         ] {
             metrics.register(Box::new(collector.clone()))?;
         }
@@ -87,6 +94,7 @@ impl MeteringMetrics {
             send_failures,
             spool_errors,
             full_refusals,
+            view_reads,
         })
     }
 
@@ -136,5 +144,10 @@ impl MeteringMetrics {
     /// Counts a request refused because the spool was full.
     pub fn full_refusal(&self) {
         self.full_refusals.inc();
+    }
+
+    /// Counts a ledger read for a usage view.
+    pub fn view_read(&self) {
+        self.view_reads.inc();
     }
 }

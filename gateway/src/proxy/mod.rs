@@ -20,7 +20,7 @@ pub(crate) mod meter;
 pub mod problem;
 pub mod request_id;
 pub mod respond;
-mod usage;
+pub(crate) mod usage;
 
 use ctx::InFlight;
 pub use ctx::RequestCtx;
