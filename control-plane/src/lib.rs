@@ -80,7 +80,8 @@ pub async fn embedded_gateway_token(store: &Store, instance: &str) -> anyhow::Re
 pub const PRUNE_EVERY: Duration = Duration::from_secs(3600);
 
 /// Starts the job that deletes raw usage events older than `retention` (the daily roll-up
-/// stays): right away, then every [`PRUNE_EVERY`]. `control-plane serve` starts it, and so
+/// stays), but none of a customer's current billing period ([`Store::prune_cutoff`]): right
+/// away, then every [`PRUNE_EVERY`]. `control-plane serve` starts it, and so
 /// does a gateway running the control plane in its own process. A failed pass is logged and the
 /// next one tries again; several control planes on one database may all run it (deleting twice
 /// deletes nothing more). Call it from within a Tokio runtime; abort the handle to stop it.
@@ -91,7 +92,13 @@ pub fn spawn_usage_pruning(store: Store, retention: Duration) -> tokio::task::Jo
         every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             every.tick().await;
-            let before_ms = store::now_ms().saturating_sub(retention_ms);
+            let before_ms = match store.prune_cutoff(retention_ms, store::now_ms()).await {
+                Ok(cutoff) => cutoff,
+                Err(error) => {
+                    tracing::warn!(%error, "cannot read the billing periods; pruning waits");
+                    continue;
+                }
+            };
             match store.prune_usage(before_ms).await {
                 Ok(0) => {}
                 Ok(deleted) => {

@@ -278,6 +278,67 @@ async fn pruning_deletes_old_events_and_keeps_the_rollup(db: &Db) {
     );
 }
 
+/// A billing period longer than the retention (a yearly plan): pruning stops at the start of
+/// the earliest current period, so that period's sum stays whole. A period that ended without a
+/// new one continues in periods of its length and holds nothing back.
+async fn pruning_keeps_every_event_of_a_current_billing_period(db: &Db) {
+    const DAY: i64 = 86_400_000;
+    let store = &db.store;
+    let now = FIRST_OF_DECEMBER;
+    let retention = 62 * DAY;
+    assert_eq!(
+        store.prune_cutoff(retention, now).await.unwrap(),
+        now - retention,
+        "no billing period: the retention decides"
+    );
+    let sql = db.sql().await;
+    sqlx::query(
+        "INSERT INTO plans (id, name, rate_limits, status, created_at, updated_at) \
+         VALUES ('plan_yearly', 'yearly', '[]', 'active', 0, 0)",
+    )
+    .execute(&sql)
+    .await
+    .unwrap();
+    let yearly_start = now - 200 * DAY;
+    let yearly_end = yearly_start + 365 * DAY;
+    for (id, start, end) in [
+        ("cus_yearly", yearly_start, yearly_end),
+        ("cus_lapsed", now - 400 * DAY, now - 370 * DAY),
+    ] {
+        sqlx::query(
+            "INSERT INTO customers (id, name, email, plan_id, status, period_start, period_end, \
+             created_at, updated_at) VALUES ($1, $2, $3, 'plan_yearly', 'active', $4, $5, 0, 0)",
+        )
+        .bind(id)
+        .bind(id)
+        .bind(format!("{id}@example.test"))
+        .bind(start)
+        .bind(end)
+        .execute(&sql)
+        .await
+        .unwrap();
+    }
+    sql.close().await;
+    let cutoff = store.prune_cutoff(retention, now).await.unwrap();
+    assert_eq!(cutoff, yearly_start);
+    // Events 150 days old, inside the yearly period and past the retention: they stay.
+    let events: Vec<UsageEvent> = (0..4)
+        .map(|n| event(n, "cus_yearly", "orders", now - 150 * DAY + n as i64))
+        .collect();
+    store.record_usage(&events).await.unwrap();
+    assert_eq!(store.prune_usage(cutoff).await.unwrap(), 0);
+    let period = store
+        .period_usage("cus_yearly", yearly_start, yearly_end)
+        .await
+        .unwrap();
+    assert_eq!(period.units, 4);
+    // Once that period is over (and a year has passed), they go.
+    let later = yearly_end + 100 * DAY;
+    let cutoff = store.prune_cutoff(retention, later).await.unwrap();
+    assert!(cutoff > now - 150 * DAY, "{cutoff}");
+    assert_eq!(store.prune_usage(cutoff).await.unwrap(), 4);
+}
+
 async fn pruning_deletes_in_chunks_until_nothing_old_is_left(db: &Db) {
     let store = &db.store;
     let alice = customer(1);
@@ -467,6 +528,7 @@ on_both_backends!(
     the_pruning_job_applies_the_retention_right_away,
     a_full_batch_of_5000_is_stored_in_one_call,
     a_stored_event_in_the_last_statement_takes_the_whole_batch_back,
+    pruning_keeps_every_event_of_a_current_billing_period,
 );
 
 /// The race on Postgres, where batches really are stored at the same time (16 connections), with

@@ -38,7 +38,7 @@ use sqlx::{Any, AnyConnection, Row};
 use tollgate_model::usage::{PeriodUsage, UsageEvent, UsageStored};
 use utoipa::ToSchema;
 
-use super::{Backend, Store, StoreError, now_ms};
+use super::{Backend, Store, StoreError, customers, now_ms};
 use crate::calendar;
 
 /// Most events one batch may hold.
@@ -187,6 +187,30 @@ impl Store {
                 })
             })
             .collect()
+    }
+
+    /// Where pruning may delete up to at `now_ms` with a retention of `retention_ms`: the
+    /// retention's start, or earlier, the start of the earliest current billing period that
+    /// began before it. A period's sum (a quota rebuilt after a restart or a flushed Redis, the
+    /// usage views) reads the raw events of the whole period, so none of a current period is
+    /// pruned, however long the period (up to 366 days) and however short the retention.
+    pub async fn prune_cutoff(&self, retention_ms: i64, now_ms: i64) -> Result<i64, StoreError> {
+        let retention_start = now_ms.saturating_sub(retention_ms);
+        // Only a stored period that began before the retention's start can hold it back: a
+        // current period begins at or after the stored one.
+        let rows = sqlx::query(
+            "SELECT period_start, period_end FROM customers \
+             WHERE period_start IS NOT NULL AND period_end IS NOT NULL AND period_start < $1",
+        )
+        .bind(retention_start)
+        .fetch_all(self.pool())
+        .await?;
+        let mut cutoff = retention_start;
+        for row in &rows {
+            let current = calendar::current_period(customers::billing_period(row)?, now_ms);
+            cutoff = cutoff.min(current.start_ms);
+        }
+        Ok(cutoff)
     }
 
     /// Deletes the raw events with `at_ms < before_ms`, [`PRUNE_CHUNK`] at a time; the roll-up
