@@ -12,6 +12,7 @@
 //! # Layout
 //! - [`record`]: a usage record as a line of the spool.
 //! - [`spool`]: the append-only segments on local disk.
+//! - [`segment`]: the segment being written, a file mapped into memory.
 //! - [`flush`]: the background service that sends and deletes them.
 //! - [`ledger`]: the ledger in the embedded store, or behind the control plane's API.
 //! - [`metrics`]: spool fill and events written, stored and recovered.
@@ -20,6 +21,7 @@ pub mod flush;
 pub mod ledger;
 pub mod metrics;
 pub mod record;
+pub mod segment;
 pub mod spool;
 
 use std::sync::Arc;

@@ -24,131 +24,29 @@
 //! fills it creates the next, under the lock; and the first copy into a page after a sync takes
 //! a page fault.) A disk with no room for a new segment stalls the spool: it then counts as
 //! full, so metered requests are refused (503) rather than served without their usage, until
-//! the flusher's tick can create one. A segment a killed process left
-//! mapped is cut to its records when the spool is next opened. The total size on disk is
-//! bounded: once the records not yet sent reach `max_bytes`, the request path refuses metered
-//! requests (503) rather than serve them unmetered; the records of requests already admitted are
-//! still appended.
+//! the flusher's tick can create one. A segment a killed process left mapped is cut to its
+//! records when the spool is next opened. The total size on disk is bounded: once the records
+//! not yet sent reach `max_bytes`, the request path refuses metered requests (503) rather than
+//! serve them unmetered; the records of requests already admitted are still appended.
 //!
 //! The spool's directory belongs to one gateway process: a segment cut short by another process
 //! while mapped would make the next copy into it fault.
 
-use std::fs::{File, OpenOptions};
+use std::fs::File;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Mutex, PoisonError};
 
-use memmap2::MmapMut;
 use tollgate_model::usage::UsageEvent;
 
 #[cfg(test)]
 use super::record::Pending;
 use super::record::{self, Kind, Record, Usage};
-
-/// The file extension of a segment: tab-separated values.
-const EXTENSION: &str = "tsv";
+pub use super::segment::SEGMENT_BYTES;
+use super::segment::{EXTENSION, Mapped, cut_to_records, records_end};
 /// Segments an earlier version wrote, one JSON object per line: still read, never written.
 const LEGACY_EXTENSION: &str = "jsonl";
-
-/// The size of a segment: what its file is created at, and the most its records take.
-pub const SEGMENT_BYTES: u64 = 4 * 1024 * 1024;
-
-/// A segment's file and its mapping, while records are copied into it.
-#[derive(Debug)]
-struct Mapped {
-    file: File,
-    /// `None` once unmapped.
-    map: Option<MmapMut>,
-    /// Bytes of records written from the start.
-    len: usize,
-}
-
-impl Mapped {
-    /// Creates segment `seq` in `dir` at its full size and maps it; on any error nothing is
-    /// left behind.
-    fn create(dir: &Path, seq: u64) -> std::io::Result<Self> {
-        let path = dir.join(format!("{seq:016}.{EXTENSION}"));
-        let mut file = OpenOptions::new()
-            .create_new(true)
-            .read(true)
-            .write(true)
-            .open(&path)?;
-        let mapped = allocate(&mut file).and_then(|()| map(&file));
-        match mapped {
-            Ok(map) => Ok(Self {
-                file,
-                map: Some(map),
-                len: 0,
-            }),
-            Err(error) => {
-                drop(file);
-                let _ = std::fs::remove_file(&path);
-                Err(error)
-            }
-        }
-    }
-
-    /// Copies `line` after the records; `false` when it does not fit.
-    fn push(&mut self, line: &[u8]) -> bool {
-        let Some(map) = self.map.as_mut() else {
-            return false;
-        };
-        let end = self.len + line.len();
-        let Some(room) = map.get_mut(self.len..end) else {
-            return false;
-        };
-        room.copy_from_slice(line);
-        self.len = end;
-        true
-    }
-
-    /// Unmaps the segment, cuts its file to the records and syncs it.
-    fn close(&mut self) -> std::io::Result<()> {
-        self.map = None;
-        self.file.set_len(self.len as u64)?;
-        self.file.sync_data()
-    }
-}
-
-impl Drop for Mapped {
-    /// A segment dropped without [`close`](Mapped::close) (the spool dropped at shutdown) is cut
-    /// to its records all the same; if that fails, the reader skips the zeros.
-    fn drop(&mut self) {
-        if self.map.take().is_some() {
-            let _ = self.file.set_len(self.len as u64);
-        }
-    }
-}
-
-/// Gives a new segment's file its blocks, all of [`SEGMENT_BYTES`]: a copy into the mapping
-/// must never be the first to need a block (on a full disk that is a `SIGBUS`, where `write(2)`
-/// returned an error). Where the file system has no `fallocate`, zeros are written instead.
-fn allocate(file: &mut File) -> std::io::Result<()> {
-    let size = SEGMENT_BYTES as i64;
-    match nix::fcntl::fallocate(&*file, nix::fcntl::FallocateFlags::empty(), 0, size) {
-        Ok(()) => Ok(()),
-        Err(nix::errno::Errno::EOPNOTSUPP) => {
-            let zeros = vec![0_u8; 64 * 1024];
-            for _ in 0..SEGMENT_BYTES / zeros.len() as u64 {
-                file.write_all(&zeros)?;
-            }
-            Ok(())
-        }
-        Err(errno) => Err(errno.into()),
-    }
-}
-
-/// Maps a segment's whole file, shared: copies into it are the file's page cache.
-#[allow(unsafe_code)]
-fn map(file: &File) -> std::io::Result<MmapMut> {
-    // SAFETY: the mapping is only written through `Mapped::push`, within its length, under the
-    // spool's mutex, and never read while mapped. The file is this process's own: created here
-    // with `create_new`, at its full size, and cut only after it is unmapped. Another process
-    // cutting it short would make a copy fault; the module documentation says that the spool
-    // directory belongs to one gateway.
-    unsafe { MmapMut::map_mut(file) }
-}
 
 #[derive(Debug)]
 struct Active {
@@ -379,40 +277,6 @@ fn subtract(counter: &AtomicU64, amount: u64) {
     });
 }
 
-/// Cuts a segment a killed process left mapped to its records: they end where the zeros of its
-/// unwritten rest begin (a record never holds a zero byte). Returns its size.
-fn cut_to_records(path: &Path) -> std::io::Result<u64> {
-    let size = std::fs::metadata(path)?.len();
-    if size == 0 {
-        return Ok(0);
-    }
-    let mut file = File::open(path)?;
-    let mut last = [0_u8; 1];
-    std::io::Seek::seek(&mut file, std::io::SeekFrom::End(-1))?;
-    std::io::Read::read_exact(&mut file, &mut last)?;
-    if last[0] != 0 {
-        return Ok(size);
-    }
-    let records = records_end(&std::fs::read(path)?) as u64;
-    OpenOptions::new()
-        .write(true)
-        .open(path)?
-        .set_len(records)?;
-    Ok(records)
-}
-
-/// Where the records of a segment's bytes end: before the zeros at its end, if any. Zeros
-/// elsewhere (blocks a power loss left unwritten) stay, inside a line the reader skips as torn.
-fn records_end(bytes: &[u8]) -> usize {
-    match bytes.last() {
-        Some(0) => bytes
-            .iter()
-            .rposition(|&b| b != 0)
-            .map_or(0, |last| last + 1),
-        _ => bytes.len(),
-    }
-}
-
 /// Segments in `dir`, by number.
 fn segments(dir: &Path) -> std::io::Result<Vec<(u64, PathBuf)>> {
     let mut found = Vec::new();
@@ -476,6 +340,8 @@ pub fn read(path: &Path) -> std::io::Result<(Vec<Record>, usize)> {
 
 #[cfg(test)]
 mod tests {
+    use std::fs::OpenOptions;
+
     use super::*;
 
     fn event(id: u8, units: u64) -> UsageEvent {
