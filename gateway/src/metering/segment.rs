@@ -17,8 +17,7 @@ pub const SEGMENT_BYTES: u64 = 4 * 1024 * 1024;
 /// A segment's file and its mapping, while records are copied into it.
 #[derive(Debug)]
 pub struct Mapped {
-    /// The segment's file.
-    pub file: File,
+    file: File,
     /// `None` once unmapped.
     map: Option<MmapMut>,
     /// Bytes of records written from the start.
@@ -50,6 +49,16 @@ impl Mapped {
         }
     }
 
+    /// Whether no record was copied into it yet.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// A second handle on its file, to sync it without holding the spool's lock.
+    pub fn sync_handle(&self) -> std::io::Result<File> {
+        self.file.try_clone()
+    }
+
     /// Copies `line` after the records; `false` when it does not fit.
     pub fn push(&mut self, line: &[u8]) -> bool {
         let Some(map) = self.map.as_mut() else {
@@ -73,8 +82,9 @@ impl Mapped {
 }
 
 impl Drop for Mapped {
-    /// A segment dropped without [`close`](Mapped::close) (the spool dropped at shutdown) is cut
-    /// to its records all the same; if that fails, the reader skips the zeros.
+    /// A segment dropped without [`close`](Mapped::close) (a spool dropped in a test; a gateway
+    /// ends with `process::exit`, so there it is the next start that cuts it) is cut to its
+    /// records all the same; if that fails, the reader skips the zeros.
     fn drop(&mut self) {
         if self.map.take().is_some() {
             let _ = self.file.set_len(self.len as u64);

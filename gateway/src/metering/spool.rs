@@ -11,7 +11,7 @@
 //! mapping's pages are the file's page cache, so what was copied survives `kill -9` exactly as a
 //! `write(2)` would (a power loss is what the sync is for). A `write(2)` of a record to a file
 //! took about 1.1 µs more than one to `/dev/null` on the development machine, twice per request;
-//! an append is now under 100 instructions (BENCHMARKS.md). A crash can cut only the last record,
+//! an append is now about 90 instructions (callgrind, BENCHMARKS.md). A crash can cut only the last record,
 //! mid-copy: the segment then ends in a part of a line followed by the zeros of the unwritten
 //! rest, and a copy need not write its bytes in order, so the reader skips as torn any line
 //! holding a zero byte.
@@ -52,7 +52,6 @@ const LEGACY_EXTENSION: &str = "jsonl";
 struct Active {
     seq: u64,
     segment: Mapped,
-    records: u64,
     opened_ms: i64,
 }
 
@@ -99,7 +98,6 @@ impl Spool {
                 active: Active {
                     seq,
                     segment: Mapped::create(dir, seq)?,
-                    records: 0,
                     opened_ms: now_ms,
                 },
                 full: Vec::new(),
@@ -171,7 +169,6 @@ impl Spool {
             let pushed = segments.active.segment.push(line);
             debug_assert!(pushed, "a line no longer than a segment fits a new one");
         }
-        segments.active.records += 1;
         self.bytes.fetch_add(line.len() as u64, Ordering::Relaxed);
         Ok(())
     }
@@ -186,7 +183,6 @@ impl Spool {
             Active {
                 seq,
                 segment: next,
-                records: 0,
                 opened_ms: now_ms,
             },
         );
@@ -204,7 +200,8 @@ impl Spool {
     pub fn tick(&self, now_ms: i64, age_ms: i64) -> std::io::Result<u64> {
         let (active_seq, full, active) = {
             let mut segments = self.segments.lock().unwrap_or_else(PoisonError::into_inner);
-            let due = segments.active.records > 0 && now_ms - segments.active.opened_ms >= age_ms;
+            let due =
+                !segments.active.segment.is_empty() && now_ms - segments.active.opened_ms >= age_ms;
             if (due || self.stalled.load(Ordering::Relaxed))
                 && let Err(error) = self.rotate(&mut segments, now_ms)
             {
@@ -214,7 +211,7 @@ impl Spool {
             (
                 segments.active.seq,
                 full,
-                segments.active.segment.file.try_clone()?,
+                segments.active.segment.sync_handle()?,
             )
         };
         let mut first_open = active_seq;
