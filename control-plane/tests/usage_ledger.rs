@@ -360,6 +360,45 @@ async fn pruning_deletes_in_chunks_until_nothing_old_is_left(db: &Db) {
     );
 }
 
+async fn pruning_goes_through_every_customer(db: &Db) {
+    let store = &db.store;
+    // Four customers' events in one batch, not in customer order: bob has only new events, and
+    // the last customer id is one no customer row has (its usage is kept, and pruned alike).
+    let (alice, bob, carol) = (customer(1), customer(2), customer(7));
+    let unknown = "cus_zzzz".to_owned();
+    let mut events = Vec::new();
+    let mut n = 0;
+    for (who, old, new) in [
+        (&carol, 3, 2),
+        (&alice, 5, 1),
+        (&bob, 0, 4),
+        (&unknown, 2, 0),
+    ] {
+        for i in 0..old + new {
+            let at = if i < old {
+                LAST_OF_NOVEMBER - i
+            } else {
+                FIRST_OF_DECEMBER + i
+            };
+            events.push(event(n, who, "orders", at));
+            n += 1;
+        }
+    }
+    store.record_usage(&events).await.unwrap();
+    assert_eq!(
+        store.prune_usage(FIRST_OF_DECEMBER).await.unwrap(),
+        3 + 5 + 2
+    );
+    for (who, left) in [(&alice, 1), (&bob, 4), (&carol, 2), (&unknown, 0)] {
+        assert_eq!(
+            store.period_usage(who, 0, i64::MAX).await.unwrap().units,
+            left,
+            "{who}"
+        );
+    }
+    assert_eq!(stored_events(db).await, 7);
+}
+
 async fn the_pruning_job_applies_the_retention_right_away(db: &Db) {
     let store = &db.store;
     let alice = customer(1);
@@ -525,6 +564,7 @@ on_both_backends!(
     a_period_counts_events_from_its_start_to_before_its_end,
     pruning_deletes_old_events_and_keeps_the_rollup,
     pruning_deletes_in_chunks_until_nothing_old_is_left,
+    pruning_goes_through_every_customer,
     the_pruning_job_applies_the_retention_right_away,
     a_full_batch_of_5000_is_stored_in_one_call,
     a_stored_event_in_the_last_statement_takes_the_whole_batch_back,
