@@ -331,6 +331,80 @@ async fn a_hard_quota_admits_exactly_its_limit_and_a_refund_gives_one_back() {
 }
 
 #[tokio::test]
+async fn units_counted_in_process_are_added_once_and_only_to_a_count_rebuilt_before_them() {
+    use tollgate_gateway::limits::{Counted, Reservation};
+
+    let prefix = format!("tollgate-test-{}", rand::random::<u64>());
+    let redis = counters_under(&prefix).await;
+    let mut raw = redis::Client::open("redis://127.0.0.1:6379")
+        .unwrap()
+        .get_multiplexed_async_connection()
+        .await
+        .unwrap();
+    let policy = Policy {
+        rate_limits: &[],
+        quota: Some(QuotaLimit {
+            limit: 100,
+            hard: true,
+        }),
+    };
+    let customer = [9; 16];
+    let quota_key = format!(
+        "{prefix}:{{cus_{}}}:q:{}",
+        hex::encode(customer),
+        PERIOD.start_ms
+    );
+    // Counted in Redis (the hash is created and rebuilt from the ledger: nothing).
+    let now = PERIOD.start_ms;
+    redis
+        .admit(&customer, &policy, PERIOD, 1, now, None)
+        .await
+        .unwrap();
+    let local = LocalCounters::default();
+    let fallback = Reservation {
+        period: PERIOD,
+        units: 7,
+        overage: 0,
+        counted: Counted::Fallback,
+    };
+    // Units counted right after the rebuild: it may have read them from the ledger.
+    local.note_unshared(&customer, &fallback, now + 1);
+    let batch = local.take_unshared(&customer, PERIOD).remove(0);
+    assert!(!redis.share(&customer, &batch, now + 2).await.unwrap());
+    // The same units, had the rebuild been a minute before them (its time in Redis moved back).
+    let seeded: i64 = redis::cmd("HGET")
+        .arg(&quota_key)
+        .arg("d")
+        .query_async(&mut raw)
+        .await
+        .unwrap();
+    let () = redis::cmd("HSET")
+        .arg(&quota_key)
+        .arg("d")
+        .arg(seeded - 60_000)
+        .query_async(&mut raw)
+        .await
+        .unwrap();
+    assert!(redis.share(&customer, &batch, now + 2).await.unwrap());
+    // Sent again (a call that timed out and ran after all): added once.
+    assert!(redis.share(&customer, &batch, now + 3).await.unwrap());
+    let next = redis
+        .admit(&customer, &policy, PERIOD, 1, now + 4, None)
+        .await
+        .unwrap();
+    assert_eq!(next.used, 1 + 7 + 1);
+    // A hash that is gone (Redis lost its data): the ledger's count will stand.
+    let () = redis::cmd("DEL")
+        .arg(&quota_key)
+        .query_async(&mut raw)
+        .await
+        .unwrap();
+    local.note_unshared(&customer, &fallback, now + 5);
+    let batch = local.take_unshared(&customer, PERIOD).remove(0);
+    assert!(!redis.share(&customer, &batch, now + 6).await.unwrap());
+}
+
+#[tokio::test]
 async fn a_window_hash_never_holds_more_than_one_window_of_buckets() {
     let prefix = format!("tollgate-test-{}", rand::random::<u64>());
     let redis = counters_under(&prefix).await;

@@ -164,6 +164,20 @@ timeout = "1s"
 
 /// A standalone gateway counting in `redis`, and a key on a plan of 1,000,000 requests a minute.
 async fn standalone_on(redis: &RedisServer, upstream: &Upstream) -> (Gateway, String) {
+    standalone_with_plan(
+        redis,
+        upstream,
+        json!({"rate_limits": [{"requests": 1_000_000, "window_seconds": 60}]}),
+    )
+    .await
+}
+
+/// A standalone gateway counting in `redis`, and a key on `plan`.
+async fn standalone_with_plan(
+    redis: &RedisServer,
+    upstream: &Upstream,
+    plan: Value,
+) -> (Gateway, String) {
     let token = admin_token();
     let text = config(&format!(
         r#"
@@ -187,11 +201,7 @@ retry_after = "200ms"
     )
     .await;
     let api = AdminApi::new(&format!("http://{}", gateway.admin), &token);
-    let key = customer_with_key(
-        &api,
-        json!({"rate_limits": [{"requests": 1_000_000, "window_seconds": 60}]}),
-    )
-    .await;
+    let key = customer_with_key(&api, plan).await;
     gateway.wait_for_keys(1).await;
     wait_for_redis(&gateway).await;
     (gateway, key)
@@ -321,6 +331,72 @@ async fn a_frozen_redis_costs_at_most_its_timeout_then_requests_count_in_process
     );
     assert!(decisions(&gateway, "fallback").await >= 19.0);
     redis.thaw();
+}
+
+/// Sends one request; its status.
+async fn status_of(gateway: &Gateway, key: &str, path: &str) -> u16 {
+    client()
+        .get(gateway.url(path))
+        .bearer_auth(key)
+        .send()
+        .await
+        .unwrap()
+        .status()
+        .as_u16()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn quota_units_counted_in_process_while_redis_was_frozen_are_added_to_its_count() {
+    let redis = RedisServer::start();
+    let upstream = Upstream::start("api");
+    let (gateway, key) = standalone_with_plan(
+        &redis,
+        &upstream,
+        json!({"quota": {"requests": 30, "hard": true}}),
+    )
+    .await;
+    for _ in 0..5 {
+        assert_eq!(status_of(&gateway, &key, "/api/shared").await, 200);
+    }
+    assert_eq!(decisions(&gateway, "redis").await, 5.0);
+    // The quota count was rebuilt from the ledger at the first request; units counted in process
+    // are added to a count rebuilt more than the Redis timeout before them.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    redis.freeze();
+    for _ in 0..10 {
+        assert_eq!(status_of(&gateway, &key, "/api/frozen").await, 200);
+    }
+    assert_eq!(decisions(&gateway, "fallback").await, 10.0);
+    redis.thaw();
+    // Past retry_after: the next request goes to Redis again.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let mut after = 0;
+    loop {
+        match status_of(&gateway, &key, "/api/after").await {
+            200 => after += 1,
+            429 => break,
+            other => panic!("status {other}"),
+        }
+        assert!(after <= 30, "the quota never ran out");
+    }
+    // A call that timed out was still queued in the frozen Redis, which counted it when it woke
+    // (documented): each such call takes one unit of the 30 without a response.
+    let timed_out = gateway
+        .metric("tollgate_redis_errors_total{kind=\"timeout\"}")
+        .await
+        .unwrap_or(0.0);
+    assert!(timed_out >= 1.0);
+    assert_eq!(
+        f64::from(5 + 10 + after),
+        30.0 - timed_out,
+        "the 10 units counted in process were added to Redis' count"
+    );
+    assert_eq!(
+        gateway
+            .metric("tollgate_quota_fallback_units_total{outcome=\"shared\"}")
+            .await,
+        Some(10.0)
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

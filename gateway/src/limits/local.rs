@@ -7,6 +7,7 @@
 //! customer are decided one after the other, never both on the same remaining unit.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Mutex, PoisonError};
 
 use super::period::Period;
@@ -24,18 +25,54 @@ struct Counts {
     /// One per window length the customer's plans had, by length: a plan change keeps them.
     windows: Vec<WindowCounts>,
     quota: QuotaCount,
+    /// Quota units counted here while Redis could not be reached, not yet added to Redis.
+    unshared: Vec<Unshared>,
+}
+
+impl Counts {
+    fn new(period: Period) -> Self {
+        Self {
+            windows: Vec::new(),
+            quota: QuotaCount::new(period),
+            unshared: Vec::new(),
+        }
+    }
+}
+
+/// Quota units a clustered gateway counted in process while Redis failed: they belong in the
+/// shared count once Redis answers again, or the customer would have had them for free.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Unshared {
+    /// The period they were counted in.
+    pub period: Period,
+    /// Units, overage included.
+    pub units: u64,
+    /// Of them, units past a soft quota.
+    pub overage: u64,
+    /// When the first of them was counted (Unix ms).
+    pub since_ms: i64,
+    /// Names this batch in Redis, so that a call adding it that timed out but ran after all
+    /// makes the next attempt add nothing.
+    pub token: u128,
+    /// Sent to Redis once without an answer: it may be counted there already, so it takes no
+    /// more units (they go into a batch of their own).
+    sealed: bool,
 }
 
 /// Counters of every customer that called, in this process.
 #[derive(Debug)]
 pub struct LocalCounters {
     shards: Box<[Mutex<HashMap<Id, Counts>>]>,
+    /// Customers holding [`Unshared`] units: while none do (always, but after a Redis failure),
+    /// a request does not look for any.
+    unshared: AtomicUsize,
 }
 
 impl Default for LocalCounters {
     fn default() -> Self {
         Self {
             shards: (0..SHARDS).map(|_| Mutex::default()).collect(),
+            unshared: AtomicUsize::new(0),
         }
     }
 }
@@ -59,10 +96,9 @@ impl LocalCounters {
         now_ms: i64,
     ) -> Decision {
         let mut shard = self.shard(customer);
-        let counts = shard.entry(*customer).or_insert_with(|| Counts {
-            windows: Vec::new(),
-            quota: QuotaCount::new(period),
-        });
+        let counts = shard
+            .entry(*customer)
+            .or_insert_with(|| Counts::new(period));
         counts.quota.roll(period);
         // Forget windows the plan no longer has once nothing counts in them.
         counts
@@ -133,10 +169,9 @@ impl LocalCounters {
     /// overage), once: a second seed of the same period adds nothing.
     pub fn seed(&self, customer: &Id, period: Period, used: u64, overage: u64) {
         let mut shard = self.shard(customer);
-        let counts = shard.entry(*customer).or_insert_with(|| Counts {
-            windows: Vec::new(),
-            quota: QuotaCount::new(period),
-        });
+        let counts = shard
+            .entry(*customer)
+            .or_insert_with(|| Counts::new(period));
         counts.quota.roll(period);
         if !counts.quota.seeded {
             counts.quota.used += used;
@@ -149,13 +184,93 @@ impl LocalCounters {
     /// process after Redis fails goes on from there rather than from nothing.
     pub fn follow(&self, customer: &Id, period: Period, used: u64) {
         let mut shard = self.shard(customer);
-        let counts = shard.entry(*customer).or_insert_with(|| Counts {
-            windows: Vec::new(),
-            quota: QuotaCount::new(period),
-        });
+        let counts = shard
+            .entry(*customer)
+            .or_insert_with(|| Counts::new(period));
         counts.quota.roll(period);
         counts.quota.used = used;
         counts.quota.seeded = true;
+    }
+
+    /// Notes that `reservation`, counted here because Redis failed, is not in Redis' count.
+    pub fn note_unshared(&self, customer: &Id, reservation: &Reservation, now_ms: i64) {
+        let mut shard = self.shard(customer);
+        let counts = shard
+            .entry(*customer)
+            .or_insert_with(|| Counts::new(reservation.period));
+        let open = counts
+            .unshared
+            .iter_mut()
+            .find(|u| u.period == reservation.period && !u.sealed);
+        match open {
+            Some(batch) => {
+                batch.units += reservation.units;
+                batch.overage += reservation.overage;
+            }
+            None => {
+                if counts.unshared.is_empty() {
+                    self.unshared.fetch_add(1, Ordering::Relaxed);
+                }
+                counts.unshared.push(Unshared {
+                    period: reservation.period,
+                    units: reservation.units,
+                    overage: reservation.overage,
+                    since_ms: now_ms,
+                    token: uuid::Uuid::now_v7().as_u128(),
+                    sealed: false,
+                });
+            }
+        }
+    }
+
+    /// Takes back from the unshared units a refunded reservation that was counted here because
+    /// Redis failed; `false` when they are not there to take (sent to Redis since), so the
+    /// refund belongs in Redis.
+    pub fn refund_unshared(&self, customer: &Id, reservation: &Reservation) -> bool {
+        let mut shard = self.shard(customer);
+        let Some(batch) = shard.get_mut(customer).and_then(|counts| {
+            counts.unshared.iter_mut().find(|u| {
+                u.period == reservation.period && !u.sealed && u.units >= reservation.units
+            })
+        }) else {
+            return false;
+        };
+        batch.units -= reservation.units;
+        batch.overage = batch.overage.saturating_sub(reservation.overage);
+        true
+    }
+
+    /// Takes the customer's unshared units of `period`, to add them to Redis; units of an
+    /// earlier period are dropped (that count is over). Costs one atomic load while no customer
+    /// has any.
+    pub fn take_unshared(&self, customer: &Id, period: Period) -> Vec<Unshared> {
+        if self.unshared.load(Ordering::Relaxed) == 0 {
+            return Vec::new();
+        }
+        let mut shard = self.shard(customer);
+        let Some(counts) = shard.get_mut(customer).filter(|c| !c.unshared.is_empty()) else {
+            return Vec::new();
+        };
+        self.unshared.fetch_sub(1, Ordering::Relaxed);
+        let mut taken = std::mem::take(&mut counts.unshared);
+        taken.retain(|u| u.period == period && u.units > 0);
+        taken
+    }
+
+    /// Puts back a batch [`take_unshared`](Self::take_unshared) took when Redis did not answer
+    /// for it, sealed: Redis may still have counted it.
+    pub fn restore_unshared(&self, customer: &Id, batch: Unshared) {
+        let mut shard = self.shard(customer);
+        let counts = shard
+            .entry(*customer)
+            .or_insert_with(|| Counts::new(batch.period));
+        if counts.unshared.is_empty() {
+            self.unshared.fetch_add(1, Ordering::Relaxed);
+        }
+        counts.unshared.push(Unshared {
+            sealed: true,
+            ..batch
+        });
     }
 
     /// A customer's units used in `period` so far.
@@ -303,5 +418,62 @@ mod tests {
                 .verdict,
             Verdict::QuotaExceeded
         );
+    }
+    fn fallback(units: u64, overage: u64, period: Period) -> Reservation {
+        Reservation {
+            period,
+            units,
+            overage,
+            counted: Counted::Fallback,
+        }
+    }
+
+    #[test]
+    fn units_counted_while_redis_failed_are_taken_once_and_only_for_their_period() {
+        let counters = LocalCounters::default();
+        let customer = [6; 16];
+        assert!(counters.take_unshared(&customer, PERIOD).is_empty());
+        counters.note_unshared(&customer, &fallback(1, 0, PERIOD), 100);
+        counters.note_unshared(&customer, &fallback(2, 1, PERIOD), 200);
+        // A refund of one of them takes it back here.
+        assert!(counters.refund_unshared(&customer, &fallback(1, 0, PERIOD)));
+        let taken = counters.take_unshared(&customer, PERIOD);
+        assert_eq!(taken.len(), 1);
+        assert_eq!(
+            (taken[0].units, taken[0].overage, taken[0].since_ms),
+            (2, 1, 100)
+        );
+        assert!(counters.take_unshared(&customer, PERIOD).is_empty());
+        // Sent since: a refund now belongs in Redis.
+        assert!(!counters.refund_unshared(&customer, &fallback(1, 0, PERIOD)));
+        // Units of a period that is over are dropped.
+        counters.note_unshared(&customer, &fallback(3, 0, PERIOD), 300);
+        let next = Period {
+            start_ms: PERIOD.end_ms,
+            end_ms: PERIOD.end_ms * 2,
+        };
+        assert!(counters.take_unshared(&customer, next).is_empty());
+        assert_eq!(counters.unshared.load(Ordering::Relaxed), 0);
+    }
+
+    #[test]
+    fn a_batch_put_back_unanswered_takes_no_more_units() {
+        let counters = LocalCounters::default();
+        let customer = [7; 16];
+        counters.note_unshared(&customer, &fallback(4, 0, PERIOD), 100);
+        let sent = counters.take_unshared(&customer, PERIOD).remove(0);
+        counters.restore_unshared(&customer, sent);
+        // Redis may have counted the first batch already: new units make a batch of their own,
+        // and a refund does not take from the one sent.
+        counters.note_unshared(&customer, &fallback(1, 0, PERIOD), 500);
+        assert!(counters.refund_unshared(&customer, &fallback(1, 0, PERIOD)));
+        assert!(!counters.refund_unshared(&customer, &fallback(1, 0, PERIOD)));
+        counters.note_unshared(&customer, &fallback(2, 0, PERIOD), 600);
+        let batches = counters.take_unshared(&customer, PERIOD);
+        assert_eq!(batches.len(), 2);
+        assert_eq!((batches[0].units, batches[0].token), (4, sent.token));
+        assert_eq!(batches[1].units, 2);
+        assert_ne!(batches[1].token, sent.token);
+        assert_eq!(counters.unshared.load(Ordering::Relaxed), 0);
     }
 }

@@ -4,7 +4,8 @@ use prometheus::{IntCounter, IntCounterVec, Opts};
 
 use super::Verdict;
 use crate::metrics::{
-    LIMIT_DECISIONS_TOTAL, Metrics, QUOTA_OVERAGE_UNITS_TOTAL, QUOTA_REFUNDS_TOTAL,
+    LIMIT_DECISIONS_TOTAL, Metrics, QUOTA_FALLBACK_UNITS_TOTAL, QUOTA_OVERAGE_UNITS_TOTAL,
+    QUOTA_REFUNDS_TOTAL,
 };
 
 /// Where a decision was counted.
@@ -27,6 +28,8 @@ pub struct LimitMetrics {
     decisions: Vec<IntCounter>,
     refunds: IntCounter,
     overage: IntCounter,
+    /// Fallback units added to Redis, and those left to a count rebuilt from the ledger.
+    fallback_units: [IntCounter; 2],
 }
 
 impl LimitMetrics {
@@ -47,6 +50,15 @@ impl LimitMetrics {
             QUOTA_OVERAGE_UNITS_TOTAL,
             "Units admitted past a soft quota.",
         )?;
+        let fallback_units = IntCounterVec::new(
+            Opts::new(
+                QUOTA_FALLBACK_UNITS_TOTAL,
+                "Quota units counted in process while Redis failed: added to Redis' count once it \
+                 answered (shared), or left to a count Redis rebuilt from the ledger (ledger).",
+            ),
+            &["outcome"],
+        )?;
+        metrics.register(Box::new(fallback_units.clone()))?;
         metrics.register(Box::new(decisions.clone()))?;
         metrics.register(Box::new(refunds.clone()))?;
         metrics.register(Box::new(overage.clone()))?;
@@ -62,6 +74,10 @@ impl LimitMetrics {
                 .collect(),
             refunds,
             overage,
+            fallback_units: [
+                fallback_units.with_label_values(&["shared"]),
+                fallback_units.with_label_values(&["ledger"]),
+            ],
         })
     }
 
@@ -79,6 +95,11 @@ impl LimitMetrics {
         };
         self.decisions[result * COUNTED.len() + counted].inc();
         self.overage.inc_by(overage);
+    }
+
+    /// Counts fallback units added to Redis (`shared`) or left to the ledger's count.
+    pub fn fallback_units(&self, units: u64, shared: bool) {
+        self.fallback_units[usize::from(!shared)].inc_by(units);
     }
 
     /// Counts a refund.

@@ -221,6 +221,7 @@ impl Limiter {
         let policy = Policy::of(plan);
         let mut decision = None;
         if let Some(redis) = &self.redis {
+            self.share_unshared(redis, customer, period, now).await;
             let ledger = self.ledger.get().map(|l| l.as_ref());
             match redis
                 .admit(customer, &policy, period, units, now, ledger)
@@ -238,6 +239,7 @@ impl Limiter {
                     local.counted = Counted::Fallback;
                     if let Some(reservation) = &mut local.reservation {
                         reservation.counted = Counted::Fallback;
+                        self.local.note_unshared(customer, reservation, now);
                     }
                     decision = Some(local);
                 }
@@ -254,6 +256,29 @@ impl Limiter {
         self.metrics
             .decision(decision.verdict, decision.counted, overage);
         decision
+    }
+
+    /// Adds to Redis the quota units this process counted for `customer` while Redis failed,
+    /// before Redis decides the customer's next request: otherwise an outage, or a slow Redis,
+    /// would hand out quota for free. Kept for a later request when Redis fails again.
+    async fn share_unshared(&self, redis: &RedisCounters, customer: &Id, period: Period, now: i64) {
+        if redis.is_failing(now) {
+            return;
+        }
+        for batch in self.local.take_unshared(customer, period) {
+            match redis.share(customer, &batch, now).await {
+                Ok(true) => self.metrics.fallback_units(batch.units, true),
+                Ok(false) => {
+                    self.metrics.fallback_units(batch.units, false);
+                    tracing::warn!(
+                        units = batch.units,
+                        "quota units counted while redis failed were left to a quota count \
+                         redis rebuilt from the ledger since"
+                    );
+                }
+                Err(_) => self.local.restore_unshared(customer, batch),
+            }
+        }
     }
 
     /// Before the first decision of a customer's period in this process, adds what the ledger
@@ -283,6 +308,17 @@ impl Limiter {
                 if !redis
                     .refund(customer, reservation, self.clock.now_ms())
                     .await
+                {
+                    tracing::warn!("cannot give a quota unit back in redis");
+                }
+            }
+            (Some(redis), Counted::Fallback) => {
+                self.local.refund(customer, reservation);
+                // Added to Redis since it was counted: given back there too.
+                if !self.local.refund_unshared(customer, reservation)
+                    && !redis
+                        .refund(customer, reservation, self.clock.now_ms())
+                        .await
                 {
                     tracing::warn!("cannot give a quota unit back in redis");
                 }

@@ -30,6 +30,7 @@ use redis::cluster::ClusterClient;
 use redis::cluster_async::ClusterConnection;
 use redis::{RedisResult, Script, ScriptInvocation};
 
+use super::local::Unshared;
 use super::period::Period;
 use super::window::{SLOTS, WindowState};
 use super::{Counted, Decision, Policy, Reservation, Verdict};
@@ -108,6 +109,7 @@ pub struct RedisCounters {
     admit: Script,
     seed: Script,
     refund: Script,
+    share: Script,
     /// Unix ms before which calls are not tried (after a failure).
     down_until_ms: AtomicI64,
     errors: IntCounterVec,
@@ -144,6 +146,7 @@ impl RedisCounters {
             admit: Script::new(ADMIT_SCRIPT),
             seed: Script::new(SEED_SCRIPT),
             refund: Script::new(REFUND_SCRIPT),
+            share: Script::new(SHARE_SCRIPT),
             down_until_ms: AtomicI64::new(0),
             errors,
             duration,
@@ -179,6 +182,7 @@ impl RedisCounters {
             (&self.admit, ADMIT_SCRIPT),
             (&self.seed, SEED_SCRIPT),
             (&self.refund, REFUND_SCRIPT),
+            (&self.share, SHARE_SCRIPT),
         ] {
             match connection.clone() {
                 Connection::Single(mut c) => {
@@ -409,6 +413,34 @@ impl RedisCounters {
         }
     }
 
+    /// Adds to the shared quota count a batch of units this gateway counted in process while
+    /// Redis failed (`Ok(true)`, also when an earlier call that timed out added it already).
+    /// Only to a quota hash whose rebuild from the ledger ended before the first of them was
+    /// counted, in Redis' own time (so no two gateways' clocks are compared): a hash rebuilt
+    /// since (Redis lost its data meanwhile) read a ledger that may hold them already, and adding
+    /// them would count them twice; the ledger's count stands then (`Ok(false)`), as it does for
+    /// a hash that is gone.
+    pub async fn share(
+        &self,
+        customer: &Id,
+        batch: &Unshared,
+        now_ms: i64,
+    ) -> Result<bool, Failure> {
+        // How long ago the first unit was counted, less the longest an answered call travels.
+        let timeout_ms = i64::try_from(self.settings.timeout.as_millis()).unwrap_or(i64::MAX);
+        let ago_ms = now_ms
+            .saturating_sub(batch.since_ms)
+            .saturating_add(timeout_ms);
+        let mut invocation = self.share.prepare_invoke();
+        invocation
+            .key(self.key(customer, "q", batch.period.start_ms))
+            .arg(batch.units)
+            .arg(batch.overage)
+            .arg(ago_ms)
+            .arg(format!("g{:032x}", batch.token));
+        Ok(self.call::<i64>(&invocation, now_ms).await? == 1)
+    }
+
     /// Gives back a reservation counted in Redis; false if Redis could not be reached.
     pub async fn refund(&self, customer: &Id, reservation: &Reservation, now_ms: i64) -> bool {
         let mut invocation = self.refund.prepare_invoke();
@@ -428,10 +460,34 @@ const SEED_SCRIPT: &str = r"
 if redis.call('HGET', KEYS[1], 's') == '0' then
   redis.call('HINCRBY', KEYS[1], 'u', ARGV[1])
   redis.call('HINCRBY', KEYS[1], 'o', ARGV[2])
-  redis.call('HSET', KEYS[1], 's', 1)
+  -- d: when, in Redis' time, the ledger's count was added (units counted in process before
+  -- then may be in it; see SHARE_SCRIPT).
+  local t = redis.call('TIME')
+  redis.call('HSET', KEYS[1], 's', 1, 'd', tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000))
   return 1
 end
 return 0
+";
+
+/// Adds a batch of units counted in process (ARGV: units, overage, how many ms ago the first
+/// was counted, the batch's token) to a quota hash seeded from the ledger (`s` = 1) at Redis time
+/// `d` before that; once per token. 1 if it did (now or before), 0 if the hash is too recent or
+/// gone.
+const SHARE_SCRIPT: &str = r"
+local state = redis.call('HMGET', KEYS[1], 's', 'd')
+if state[1] ~= '1' or not state[2] then
+  return 0
+end
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+if tonumber(state[2]) > now - tonumber(ARGV[3]) then
+  return 0
+end
+if redis.call('HSETNX', KEYS[1], ARGV[4], 1) == 1 then
+  redis.call('HINCRBY', KEYS[1], 'u', ARGV[1])
+  redis.call('HINCRBY', KEYS[1], 'o', ARGV[2])
+end
+return 1
 ";
 
 /// Gives back units of a quota hash that still exists (ARGV: units and overage, negated).
