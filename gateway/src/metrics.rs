@@ -67,6 +67,8 @@ pub const LIMIT_DECISIONS_TOTAL: &str = "tollgate_limit_decisions_total";
 pub const QUOTA_REFUNDS_TOTAL: &str = "tollgate_quota_refunds_total";
 /// Units admitted past a soft quota.
 pub const QUOTA_OVERAGE_UNITS_TOTAL: &str = "tollgate_quota_overage_units_total";
+/// Customers the in-process counters hold, as of the last sweep.
+pub const LIMIT_CUSTOMERS_COUNTED: &str = "tollgate_limit_customers_counted";
 /// Quota units counted in process while Redis failed, by what became of them.
 pub const QUOTA_FALLBACK_UNITS_TOTAL: &str = "tollgate_quota_fallback_units_total";
 

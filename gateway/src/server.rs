@@ -168,6 +168,10 @@ pub fn run(path: PathBuf) -> anyhow::Result<()> {
     {
         server.add_service(background_service("jwks refresh", refresher));
     }
+    server.add_service(background_service(
+        "counter sweep",
+        crate::limits::CounterSweep::new(gateway.clone()),
+    ));
     if gateway.limiter.redis().is_some() {
         server.add_service(background_service(
             "redis counters",

@@ -273,6 +273,27 @@ impl LocalCounters {
         });
     }
 
+    /// Forgets what no longer counts, so that memory follows the customers counting now rather
+    /// than every customer that ever called: windows with nothing left in them, and customers
+    /// whose windows are all empty and whose quota period is over (a new period starts from the
+    /// ledger anyway). A customer's count in a current period stays, however idle: dropped, it
+    /// would be rebuilt from a ledger that may not hold the last second of usage yet. Returns
+    /// how many customers are left. Each shard is locked in turn, for one pass over it.
+    pub fn sweep(&self, now_ms: i64) -> usize {
+        let mut left = 0;
+        for shard in &self.shards {
+            let mut shard = shard.lock().unwrap_or_else(PoisonError::into_inner);
+            shard.retain(|_, counts| {
+                counts.windows.retain_mut(|w| !w.is_idle(now_ms));
+                !(counts.windows.is_empty()
+                    && counts.unshared.is_empty()
+                    && counts.quota.period.end_ms <= now_ms)
+            });
+            left += shard.len();
+        }
+        left
+    }
+
     /// A customer's units used in `period` so far.
     pub fn used(&self, customer: &Id, period: Period) -> (u64, u64) {
         self.shard(customer)
@@ -475,5 +496,51 @@ mod tests {
         assert_eq!(batches[1].units, 2);
         assert_ne!(batches[1].token, sent.token);
         assert_eq!(counters.unshared.load(Ordering::Relaxed), 0);
+    }
+    #[test]
+    fn a_sweep_forgets_empty_windows_then_customers_whose_period_is_over() {
+        let counters = LocalCounters::default();
+        let limits = [RateLimit {
+            requests: 10,
+            window_seconds: 1,
+        }];
+        let quota = Some(QuotaLimit {
+            limit: 100,
+            hard: true,
+        });
+        let (busy, idle) = ([10; 16], [11; 16]);
+        counters.admit(&idle, &policy(&limits, quota), PERIOD, 1, 1_000);
+        counters.admit(&busy, &policy(&limits, quota), PERIOD, 1, 1_000);
+        counters.note_unshared(
+            &busy,
+            &Reservation {
+                period: PERIOD,
+                units: 1,
+                overage: 0,
+                counted: Counted::Fallback,
+            },
+            1_000,
+        );
+        // Within the window: everything counts.
+        assert_eq!(counters.sweep(1_500), 2);
+        let windows = |customer: &Id| counters.shard(customer)[customer].windows.len();
+        assert_eq!((windows(&idle), windows(&busy)), (1, 1));
+        // The window is empty, the period is not over: the quota counts stay.
+        assert_eq!(counters.sweep(3_000), 2);
+        assert_eq!((windows(&idle), windows(&busy)), (0, 0));
+        assert_eq!(counters.used(&idle, PERIOD), (1, 0));
+        // The period is over: only the customer with units still to add to Redis stays.
+        assert_eq!(counters.sweep(PERIOD.end_ms), 1);
+        assert_eq!(counters.used(&idle, PERIOD), (0, 0));
+        let next = Period {
+            start_ms: PERIOD.end_ms,
+            end_ms: PERIOD.end_ms * 2,
+        };
+        // Its units belong to a period that is over: dropped when next looked for.
+        assert!(counters.take_unshared(&busy, next).is_empty());
+        assert_eq!(counters.sweep(PERIOD.end_ms), 0);
+        // A customer forgotten starts again from nothing in the new period.
+        let decision = counters.admit(&idle, &policy(&limits, quota), next, 1, PERIOD.end_ms);
+        assert_eq!((decision.verdict, decision.used), (Verdict::Admitted, 1));
     }
 }

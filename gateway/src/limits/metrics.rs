@@ -1,11 +1,11 @@
 //! The metrics of limit decisions, resolved once so a decision costs one atomic add.
 
-use prometheus::{IntCounter, IntCounterVec, Opts};
+use prometheus::{IntCounter, IntCounterVec, IntGauge, Opts};
 
 use super::Verdict;
 use crate::metrics::{
-    LIMIT_DECISIONS_TOTAL, Metrics, QUOTA_FALLBACK_UNITS_TOTAL, QUOTA_OVERAGE_UNITS_TOTAL,
-    QUOTA_REFUNDS_TOTAL,
+    LIMIT_CUSTOMERS_COUNTED, LIMIT_DECISIONS_TOTAL, Metrics, QUOTA_FALLBACK_UNITS_TOTAL,
+    QUOTA_OVERAGE_UNITS_TOTAL, QUOTA_REFUNDS_TOTAL,
 };
 
 /// Where a decision was counted.
@@ -30,6 +30,8 @@ pub struct LimitMetrics {
     overage: IntCounter,
     /// Fallback units added to Redis, and those left to a count rebuilt from the ledger.
     fallback_units: [IntCounter; 2],
+    /// Customers with counters in this process, after the last sweep.
+    customers: IntGauge,
 }
 
 impl LimitMetrics {
@@ -59,6 +61,12 @@ impl LimitMetrics {
             &["outcome"],
         )?;
         metrics.register(Box::new(fallback_units.clone()))?;
+        let customers = IntGauge::new(
+            LIMIT_CUSTOMERS_COUNTED,
+            "Customers whose rate limits or quota this process counts, as of the last sweep \
+             (every minute: customers idle in every window and past their quota period go).",
+        )?;
+        metrics.register(Box::new(customers.clone()))?;
         metrics.register(Box::new(decisions.clone()))?;
         metrics.register(Box::new(refunds.clone()))?;
         metrics.register(Box::new(overage.clone()))?;
@@ -78,6 +86,7 @@ impl LimitMetrics {
                 fallback_units.with_label_values(&["shared"]),
                 fallback_units.with_label_values(&["ledger"]),
             ],
+            customers,
         })
     }
 
@@ -100,6 +109,12 @@ impl LimitMetrics {
     /// Counts fallback units added to Redis (`shared`) or left to the ledger's count.
     pub fn fallback_units(&self, units: u64, shared: bool) {
         self.fallback_units[usize::from(!shared)].inc_by(units);
+    }
+
+    /// Sets how many customers the in-process counters hold.
+    pub fn customers_counted(&self, customers: usize) {
+        self.customers
+            .set(i64::try_from(customers).unwrap_or(i64::MAX));
     }
 
     /// Counts a refund.

@@ -332,6 +332,41 @@ impl Limiter {
     pub fn counters(&self) -> &LocalCounters {
         &self.local
     }
+
+    /// Forgets in-process counters that no longer count ([`LocalCounters::sweep`]).
+    pub fn sweep(&self) {
+        let left = self.local.sweep(self.clock.now_ms());
+        self.metrics.customers_counted(left);
+    }
+}
+
+/// How often the in-process counters are swept.
+pub const SWEEP_INTERVAL: std::time::Duration = std::time::Duration::from_secs(60);
+
+/// Sweeps the in-process counters every [`SWEEP_INTERVAL`], so a long-running gateway holds
+/// counters for the customers counting now, not for every customer that ever called.
+#[derive(Debug)]
+pub struct CounterSweep {
+    gateway: Arc<crate::state::Gateway>,
+}
+
+impl CounterSweep {
+    /// The sweep of `gateway`'s counters.
+    pub fn new(gateway: Arc<crate::state::Gateway>) -> Self {
+        Self { gateway }
+    }
+}
+
+#[async_trait::async_trait]
+impl pingora::services::background::BackgroundService for CounterSweep {
+    async fn start(&self, mut shutdown: pingora::server::ShutdownWatch) {
+        loop {
+            tokio::select! {
+                () = tokio::time::sleep(SWEEP_INTERVAL) => self.gateway.limiter.sweep(),
+                _ = shutdown.changed() => break,
+            }
+        }
+    }
 }
 
 #[cfg(test)]
