@@ -33,6 +33,7 @@ async fn counters_under(prefix: &str) -> RedisCounters {
             timeout: Duration::from_secs(1),
             retry_after: Duration::from_secs(1),
             key_prefix: prefix,
+            tls_ca_file: None,
         },
         &Metrics::new(),
     )

@@ -333,6 +333,53 @@ async fn a_frozen_redis_costs_at_most_its_timeout_then_requests_count_in_process
     redis.thaw();
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_gateway_counts_in_a_redis_it_reaches_over_tls() {
+    let redis = RedisServer::start_tls();
+    let upstream = Upstream::start("api");
+    let token = admin_token();
+    let text = config(&format!(
+        r#"
+[control_plane]
+embedded = true
+
+[redis]
+url = "{url}"
+tls_ca_file = "{ca}"
+timeout = "200ms"
+
+{routes}
+"#,
+        url = redis.url(),
+        ca = redis.ca_file().display(),
+        routes = routes(&upstream)
+    ));
+    assert!(redis.url().starts_with("rediss://"));
+    let gateway = Gateway::start_with_env(
+        tempfile::tempdir().unwrap(),
+        &text,
+        &[("TOLLGATE_ADMIN_TOKEN", token.as_str())],
+    )
+    .await;
+    let api = AdminApi::new(&format!("http://{}", gateway.admin), &token);
+    let key = customer_with_key(
+        &api,
+        json!({"rate_limits": [{"requests": 5, "window_seconds": 60}]}),
+    )
+    .await;
+    gateway.wait_for_keys(1).await;
+    wait_for_redis(&gateway).await;
+    let mut statuses = Vec::new();
+    for _ in 0..7 {
+        statuses.push(status_of(&gateway, &key, "/api/tls").await);
+    }
+    assert_eq!(statuses, [200, 200, 200, 200, 200, 429, 429]);
+    assert_eq!(decisions(&gateway, "redis").await, 5.0);
+    assert_eq!(decisions(&gateway, "fallback").await, 0.0);
+    // The counters are in that server (read over TLS by redis-cli).
+    assert!(redis.cli(&["DBSIZE"]).parse::<u64>().unwrap() >= 2);
+}
+
 /// Sends one request; its status.
 async fn status_of(gateway: &Gateway, key: &str, path: &str) -> u16 {
     client()

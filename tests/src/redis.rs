@@ -11,6 +11,8 @@ pub struct RedisServer {
     child: Option<Child>,
     dir: tempfile::TempDir,
     extra: Vec<String>,
+    /// Whether it takes TLS only (its certificates, signed by `ca.pem`, are in `dir`).
+    tls: bool,
 }
 
 impl RedisServer {
@@ -21,24 +23,58 @@ impl RedisServer {
 
     /// [`start`](Self::start) with further `redis-server` arguments.
     pub fn start_with(extra: &[&str]) -> RedisServer {
-        let port = TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
         let mut server = RedisServer {
-            port,
+            port: free_port(),
             child: None,
             dir: tempfile::tempdir().unwrap(),
             extra: extra.iter().map(|a| (*a).to_owned()).collect(),
+            tls: false,
         };
         server.restart();
         server
     }
 
-    /// `redis://127.0.0.1:port`.
+    /// Starts one that takes TLS connections only, with a certificate for `127.0.0.1` signed by
+    /// a CA of its own ([`ca_file`](Self::ca_file)).
+    pub fn start_tls() -> RedisServer {
+        let dir = tempfile::tempdir().unwrap();
+        crate::tls::write_ca_signed(dir.path());
+        let port = free_port();
+        let file = |name: &str| dir.path().join(name).display().to_string();
+        let extra = vec![
+            "--port".to_owned(),
+            "0".to_owned(),
+            "--tls-port".to_owned(),
+            port.to_string(),
+            "--tls-cert-file".to_owned(),
+            file("cert.pem"),
+            "--tls-key-file".to_owned(),
+            file("key.pem"),
+            "--tls-ca-cert-file".to_owned(),
+            file("ca.pem"),
+            "--tls-auth-clients".to_owned(),
+            "no".to_owned(),
+        ];
+        let mut server = RedisServer {
+            port,
+            child: None,
+            dir,
+            extra,
+            tls: true,
+        };
+        server.restart();
+        server
+    }
+
+    /// `redis://127.0.0.1:port`, or `rediss://` for a TLS server.
     pub fn url(&self) -> String {
-        format!("redis://127.0.0.1:{}", self.port)
+        let scheme = if self.tls { "rediss" } else { "redis" };
+        format!("{scheme}://127.0.0.1:{}", self.port)
+    }
+
+    /// The PEM file of the CA that signed a TLS server's certificate.
+    pub fn ca_file(&self) -> std::path::PathBuf {
+        self.dir.path().join("ca.pem")
     }
 
     /// Starts it again (empty) on the same port after [`kill`](Self::kill).
@@ -75,8 +111,12 @@ impl RedisServer {
 
     /// Runs a command with `redis-cli`; its output.
     pub fn cli(&self, args: &[&str]) -> String {
-        let output = Command::new("redis-cli")
-            .args(["-p", &self.port.to_string()])
+        let mut command = Command::new("redis-cli");
+        command.args(["-p", &self.port.to_string()]);
+        if self.tls {
+            command.arg("--tls").arg("--cacert").arg(self.ca_file());
+        }
+        let output = command
             .args(args)
             .output()
             .expect("redis-cli must be installed");
@@ -107,6 +147,14 @@ impl Drop for RedisServer {
         }
         self.kill();
     }
+}
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
 }
 
 /// A Redis Cluster of three masters of the test's own, on free ports.

@@ -428,6 +428,9 @@ pub struct RedisConfig {
     /// Prefix of every key this gateway writes.
     #[serde(default = "defaults::redis_key_prefix")]
     pub key_prefix: String,
+    /// For `rediss://`: a PEM file of the certificate authorities to trust instead of the
+    /// system's (a private CA), relative to the config file.
+    pub tls_ca_file: Option<String>,
 }
 
 /// `[metering]`.

@@ -70,6 +70,8 @@ pub struct Redis {
     pub retry_after: Duration,
     /// Prefix of every key.
     pub key_prefix: String,
+    /// For `rediss://`: the certificate authorities to trust instead of the system's (PEM).
+    pub tls_ca_file: Option<std::path::PathBuf>,
 }
 
 /// Where the Redis counters are.

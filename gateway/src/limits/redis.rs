@@ -166,14 +166,22 @@ impl RedisCounters {
                     .set_response_timeout(Some(CONNECTION_RESPONSE_TIMEOUT))
                     .set_number_of_retries(3)
                     .set_max_delay(Duration::from_secs(1));
-                let client = redis::Client::open(url.as_str())?;
+                let client = match self.tls_certificates()? {
+                    Some(certificates) => {
+                        redis::Client::build_with_tls(url.as_str(), certificates)?
+                    }
+                    None => redis::Client::open(url.as_str())?,
+                };
                 Connection::Single(ConnectionManager::new_with_config(client, config).await?)
             }
             RedisNodes::Cluster(urls) => {
-                let client = ClusterClient::builder(urls.iter().map(String::as_str))
+                let mut builder = ClusterClient::builder(urls.iter().map(String::as_str))
                     .connection_timeout(CONNECT_TIMEOUT)
-                    .response_timeout(CONNECTION_RESPONSE_TIMEOUT)
-                    .build()?;
+                    .response_timeout(CONNECTION_RESPONSE_TIMEOUT);
+                if let Some(certificates) = self.tls_certificates()? {
+                    builder = builder.certs(certificates);
+                }
+                let client = builder.build()?;
                 Connection::Cluster(client.get_async_connection().await?)
             }
         };
@@ -204,6 +212,18 @@ impl RedisCounters {
         }
         self.connection.store(Some(Arc::new(connection)));
         Ok(())
+    }
+
+    /// The certificate authorities of `tls_ca_file`, when set (a `rediss://` URL without it
+    /// trusts the system's).
+    fn tls_certificates(&self) -> RedisResult<Option<redis::TlsCertificates>> {
+        let Some(path) = &self.settings.tls_ca_file else {
+            return Ok(None);
+        };
+        Ok(Some(redis::TlsCertificates {
+            client_tls: None,
+            root_cert: Some(std::fs::read(path)?),
+        }))
     }
 
     /// Whether a call failed within the last `retry_after`: requests are counted in process.

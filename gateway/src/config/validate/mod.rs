@@ -88,7 +88,7 @@ pub fn validate(
     let redis = file
         .redis
         .as_ref()
-        .and_then(|redis| self::redis::redis(redis, &mut errors));
+        .and_then(|redis| self::redis::redis(redis, base, &mut errors));
     if file.auth.failed_per_minute == 0 {
         errors.push(
             "auth.failed_per_minute",
@@ -310,7 +310,7 @@ fn socket_addr(text: &str, path: &str, errors: &mut Errors) -> Option<SocketAddr
     }
 }
 
-fn readable_file(
+pub(super) fn readable_file(
     name: &str,
     base: &Path,
     path: &str,

@@ -1,6 +1,7 @@
-//! Checks of `[redis]`: one server or a cluster's nodes, URLs a client can use, and a call
-//! timeout short enough for the request path.
+//! Checks of `[redis]`: one server or a cluster's nodes, URLs a client can use (TLS with
+//! `rediss://`, all of them or none), and a call timeout short enough for the request path.
 
+use std::path::Path;
 use std::time::Duration;
 
 use super::Errors;
@@ -10,7 +11,7 @@ use crate::config::{Redis, RedisNodes};
 /// The longest a request may wait for its counter call.
 const MAX_TIMEOUT: Duration = Duration::from_secs(1);
 
-pub(super) fn redis(file: &RedisConfig, errors: &mut Errors) -> Option<Redis> {
+pub(super) fn redis(file: &RedisConfig, base: &Path, errors: &mut Errors) -> Option<Redis> {
     let before = errors.0.len();
     let nodes = match (&file.url, file.cluster_urls.is_empty()) {
         (Some(url), true) => {
@@ -56,6 +57,26 @@ pub(super) fn redis(file: &RedisConfig, errors: &mut Errors) -> Option<Redis> {
             "must be 1 to 64 letters, digits, '-', '_', '.' or ':'",
         );
     }
+    let urls: Vec<&String> = file.url.iter().chain(&file.cluster_urls).collect();
+    let tls = urls.iter().filter(|u| u.starts_with("rediss://")).count();
+    if tls > 0 && tls < urls.len() {
+        errors.push(
+            "redis.cluster_urls",
+            "mixes rediss:// and redis://: a cluster's nodes are all reached with TLS or all without",
+        );
+    }
+    let tls_ca_file = match &file.tls_ca_file {
+        Some(_) if tls == 0 => {
+            errors.push(
+                "redis.tls_ca_file",
+                "is for TLS to Redis: the URLs must be rediss://",
+            );
+            None
+        }
+        Some(name) => super::readable_file(name, base, "redis.tls_ca_file", errors)
+            .filter(|path| holds_a_certificate(path, errors)),
+        None => None,
+    };
     if errors.0.len() > before {
         return None;
     }
@@ -64,19 +85,29 @@ pub(super) fn redis(file: &RedisConfig, errors: &mut Errors) -> Option<Redis> {
         timeout: file.timeout,
         retry_after: file.retry_after,
         key_prefix: file.key_prefix.clone(),
+        tls_ca_file,
     })
 }
 
-fn check_url(url: &str, path: &str, errors: &mut Errors) {
-    if url.starts_with("rediss://") {
+/// Whether the file at `path` holds a PEM certificate; an error saying so when not.
+fn holds_a_certificate(path: &Path, errors: &mut Errors) -> bool {
+    let holds = std::fs::read(path)
+        .is_ok_and(|pem| pem.windows(27).any(|w| w == b"-----BEGIN CERTIFICATE-----"));
+    if !holds {
         errors.push(
-            path,
-            "TLS to Redis (rediss://) is not supported yet; use redis://",
+            "redis.tls_ca_file",
+            format!("{} holds no PEM certificate", path.display()),
         );
-    } else if !url.starts_with("redis://") || redis::parse_redis_url(url).is_none() {
+    }
+    holds
+}
+
+fn check_url(url: &str, path: &str, errors: &mut Errors) {
+    let scheme_ok = url.starts_with("redis://") || url.starts_with("rediss://");
+    if !scheme_ok || redis::parse_redis_url(url).is_none() {
         errors.push(
             path,
-            format!("invalid URL {url:?}: expected redis://host:port[/db]"),
+            format!("invalid URL {url:?}: expected redis://host:port[/db] or rediss:// (TLS)"),
         );
     }
 }

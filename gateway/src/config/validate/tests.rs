@@ -530,9 +530,45 @@ cluster_urls = [\"redis://10.0.0.1:7000\", \"http://10.0.0.2:7000\", \"rediss://
     assert_eq!(
         errors,
         vec![
-            "redis.cluster_urls[1]: invalid URL \"http://10.0.0.2:7000\": expected redis://host:port[/db]",
-            "redis.cluster_urls[2]: TLS to Redis (rediss://) is not supported yet; use redis://",
+            "redis.cluster_urls[1]: invalid URL \"http://10.0.0.2:7000\": expected redis://host:port[/db] or rediss:// (TLS)",
+            "redis.cluster_urls: mixes rediss:// and redis://: a cluster's nodes are all reached with TLS or all without",
         ]
+    );
+    let errors = problems(&format!(
+        "{SERVER}
+[redis]
+url = \"redis://10.0.0.1:6379\"
+tls_ca_file = \"ca.pem\"
+"
+    ));
+    assert_eq!(
+        errors,
+        vec!["redis.tls_ca_file: is for TLS to Redis: the URLs must be rediss://"]
+    );
+    let errors = problems(&format!(
+        "{SERVER}
+[redis]
+url = \"rediss://10.0.0.1:6379\"
+tls_ca_file = \"/nonexistent/ca.pem\"
+"
+    ));
+    assert_eq!(errors.len(), 1);
+    assert!(
+        errors[0].starts_with("redis.tls_ca_file: cannot read /nonexistent/ca.pem:"),
+        "{errors:?}"
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let not_pem = dir.path().join("key.txt");
+    std::fs::write(&not_pem, "not a certificate").unwrap();
+    assert_eq!(
+        problems(&format!(
+            "{SERVER}\n[redis]\nurl = \"rediss://10.0.0.1:6379\"\ntls_ca_file = {:?}\n",
+            not_pem.display().to_string()
+        )),
+        vec![format!(
+            "redis.tls_ca_file: {} holds no PEM certificate",
+            not_pem.display()
+        )]
     );
     assert_eq!(
         problems(&format!("{SERVER}\n[redis]\ntimeout = \"10ms\"\n")),
