@@ -332,7 +332,7 @@ async fn a_hard_quota_admits_exactly_its_limit_and_a_refund_gives_one_back() {
 }
 
 #[tokio::test]
-async fn units_counted_in_process_are_added_once_and_only_to_a_count_rebuilt_before_them() {
+async fn units_counted_in_process_are_added_once_and_only_to_the_count_they_belong_in() {
     use tollgate_gateway::limits::{Counted, Reservation};
 
     let prefix = format!("tollgate-test-{}", rand::random::<u64>());
@@ -355,12 +355,7 @@ async fn units_counted_in_process_are_added_once_and_only_to_a_count_rebuilt_bef
         hex::encode(customer),
         PERIOD.start_ms
     );
-    // Counted in Redis (the hash is created and rebuilt from the ledger: nothing).
     let now = PERIOD.start_ms;
-    redis
-        .admit(&customer, &policy, PERIOD, 1, now, None)
-        .await
-        .unwrap();
     let local = LocalCounters::default();
     let fallback = Reservation {
         period: PERIOD,
@@ -368,24 +363,21 @@ async fn units_counted_in_process_are_added_once_and_only_to_a_count_rebuilt_bef
         overage: 0,
         counted: Counted::Fallback,
     };
-    // Units counted right after the rebuild: it may have read them from the ledger.
-    local.note_unshared(&customer, &fallback, now + 1);
+    // The call that creates the quota count and rebuilds it from the ledger (nothing) sees its
+    // generation; so does the next one.
+    let first = redis
+        .admit(&customer, &policy, PERIOD, 1, now, None)
+        .await
+        .unwrap();
+    let second = redis
+        .admit(&customer, &policy, PERIOD, 1, now + 1, None)
+        .await
+        .unwrap();
+    assert!(first.generation.is_some());
+    assert_eq!(second.generation, first.generation);
+    local.follow(&customer, PERIOD, second.used, second.generation);
+    local.note_unshared(&customer, &fallback);
     let batch = local.take_unshared(&customer, PERIOD).remove(0);
-    assert!(!redis.share(&customer, &batch, now + 2).await.unwrap());
-    // The same units, had the rebuild been a minute before them (its time in Redis moved back).
-    let seeded: i64 = redis::cmd("HGET")
-        .arg(&quota_key)
-        .arg("d")
-        .query_async(&mut raw)
-        .await
-        .unwrap();
-    let () = redis::cmd("HSET")
-        .arg(&quota_key)
-        .arg("d")
-        .arg(seeded - 60_000)
-        .query_async(&mut raw)
-        .await
-        .unwrap();
     assert!(redis.share(&customer, &batch, now + 2).await.unwrap());
     // Sent again (a call that timed out and ran after all): added once.
     assert!(redis.share(&customer, &batch, now + 3).await.unwrap());
@@ -393,16 +385,56 @@ async fn units_counted_in_process_are_added_once_and_only_to_a_count_rebuilt_bef
         .admit(&customer, &policy, PERIOD, 1, now + 4, None)
         .await
         .unwrap();
-    assert_eq!(next.used, 1 + 7 + 1);
-    // A hash that is gone (Redis lost its data): the ledger's count will stand.
+    assert_eq!(next.used, 2 + 7 + 1);
+    // Redis loses the count; a new one is made and rebuilt from the ledger, which may hold units
+    // counted in process before it: a batch of the old generation is not added to it.
+    local.note_unshared(&customer, &fallback);
+    let stale = local.take_unshared(&customer, PERIOD).remove(0);
     let () = redis::cmd("DEL")
         .arg(&quota_key)
         .query_async(&mut raw)
         .await
         .unwrap();
-    local.note_unshared(&customer, &fallback, now + 5);
+    assert!(!redis.share(&customer, &stale, now + 5).await.unwrap());
+    let rebuilt = redis
+        .admit(&customer, &policy, PERIOD, 1, now + 6, None)
+        .await
+        .unwrap();
+    assert!(rebuilt.generation.is_some());
+    assert_ne!(rebuilt.generation, first.generation);
+    assert!(!redis.share(&customer, &stale, now + 7).await.unwrap());
+    assert_eq!(
+        redis
+            .admit(&customer, &policy, PERIOD, 1, now + 8, None)
+            .await
+            .unwrap()
+            .used,
+        2
+    );
+    // A count made before generations existed (no `n`), seeded: units go to it.
+    let () = redis::cmd("HDEL")
+        .arg(&quota_key)
+        .arg("n")
+        .query_async(&mut raw)
+        .await
+        .unwrap();
+    let legacy = redis
+        .admit(&customer, &policy, PERIOD, 1, now + 9, None)
+        .await
+        .unwrap();
+    assert_eq!(legacy.generation, Some(-1));
+    local.follow(&customer, PERIOD, legacy.used, legacy.generation);
+    local.note_unshared(&customer, &fallback);
     let batch = local.take_unshared(&customer, PERIOD).remove(0);
-    assert!(!redis.share(&customer, &batch, now + 6).await.unwrap());
+    assert!(redis.share(&customer, &batch, now + 10).await.unwrap());
+    assert_eq!(
+        redis
+            .admit(&customer, &policy, PERIOD, 1, now + 11, None)
+            .await
+            .unwrap()
+            .used,
+        3 + 7 + 1
+    );
 }
 
 #[tokio::test]

@@ -5,13 +5,15 @@
 --   h: the newest bucket written, t: the units of the buckets counted then (h - slots to h),
 --   f: the oldest of those buckets holding units (absent while t is 0);
 --   KEYS[n+1]: the quota hash
---   (u: units used, o: overage, s: 1 once seeded from the ledger, c: when the seed was claimed).
+--   (u: units used, o: overage, s: 1 once seeded from the ledger, c: when the seed was claimed,
+--   n: its generation, the token of the call that created it).
 -- ARGV: now_ms, units, n, slots, quota limit (-1: none), hard (1/0), quota ttl ms,
---   then limit and window ms of each window.
+--   then limit and window ms of each window, then this call's token (1 to 2^53 - 1).
 -- Returns one string of integers separated by spaces (one bulk reply is far cheaper to build
 -- and to parse than an array): verdict (0 admitted, 1 rate limited, 2 quota exceeded), units
 -- used, overage used, overage reserved now, seed (1: this caller must add the ledger's count),
--- then remaining and reset ms of each window.
+-- then remaining and reset ms of each window, then whether the quota hash was seeded before
+-- this call (1/0) and its generation (-1 for a hash made before generations).
 --
 -- Most calls read three fields per window: the buckets themselves are read only when time has
 -- moved past the newest bucket written (what no longer counts is taken off t; once per bucket)
@@ -96,10 +98,12 @@ end
 
 local qkey = KEYS[n + 1]
 local used, overage, seed = 0, 0, 0
-local quota = redis.call('HMGET', qkey, 'u', 'o', 's')
+local quota = redis.call('HMGET', qkey, 'u', 'o', 's', 'n')
+local generation = tonumber(quota[4]) or -1
 if not quota[1] then
   -- Created here, with its lifetime: the period's end and a grace.
-  redis.call('HSET', qkey, 'u', 0, 'o', 0, 's', 0, 'c', now)
+  generation = tonumber(ARGV[8 + 2 * n])
+  redis.call('HSET', qkey, 'u', 0, 'o', 0, 's', 0, 'c', now, 'n', generation)
   redis.call('PEXPIRE', qkey, qttl)
   seed = 1
 else
@@ -210,5 +214,7 @@ for i = 1, n do
   out[#out + 1] = math.max(0, w.limit - w.total)
   out[#out + 1] = reset
 end
+out[#out + 1] = quota[3] == '1' and 1 or 0
+out[#out + 1] = generation
 -- %d: Lua's own number format would write 1e+15 for a window of 10^15.
 return string.rep('%d ', #out):format(unpack(out))

@@ -160,6 +160,7 @@ mod tests {
             used: 1_234,
             reservation: None,
             counted: crate::limits::Counted::Local,
+            generation: None,
         }
     }
 

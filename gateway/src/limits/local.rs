@@ -25,8 +25,13 @@ struct Counts {
     /// One per window length the customer's plans had, by length: a plan change keeps them.
     windows: Vec<WindowCounts>,
     quota: QuotaCount,
-    /// Quota units counted here while Redis could not be reached, not yet added to Redis.
+    /// Quota units counted here while Redis could not be asked, not yet added to Redis.
     unshared: Vec<Unshared>,
+    /// The generation of the customer's quota count in Redis, seeded, when last counted there.
+    generation: Option<(Period, i64)>,
+    /// Units of a period counted here that will never be added to Redis (its count there is
+    /// newer than they are): a refund of one of them is not Redis' to give.
+    dropped: (Period, u64),
 }
 
 impl Counts {
@@ -35,6 +40,8 @@ impl Counts {
             windows: Vec::new(),
             quota: QuotaCount::new(period),
             unshared: Vec::new(),
+            generation: None,
+            dropped: (period, 0),
         }
     }
 }
@@ -49,14 +56,25 @@ pub struct Unshared {
     pub units: u64,
     /// Of them, units past a soft quota.
     pub overage: u64,
-    /// When the first of them was counted (Unix ms).
-    pub since_ms: i64,
+    /// The generation of the Redis quota count they belong in.
+    pub generation: i64,
     /// Names this batch in Redis, so that a call adding it that timed out but ran after all
     /// makes the next attempt add nothing.
     pub token: u128,
     /// Sent to Redis once without an answer: it may be counted there already, so it takes no
     /// more units (they go into a batch of their own).
     sealed: bool,
+}
+
+impl Counts {
+    /// Notes `units` of `period` that will never be added to Redis.
+    fn drop_units(&mut self, period: Period, units: u64) {
+        if self.dropped.0 == period {
+            self.dropped.1 += units;
+        } else {
+            self.dropped = (period, units);
+        }
+    }
 }
 
 /// Counters of every customer that called, in this process.
@@ -146,6 +164,7 @@ impl LocalCounters {
             used: counts.quota.used,
             reservation,
             counted: Counted::Local,
+            generation: None,
         }
     }
 
@@ -181,8 +200,10 @@ impl LocalCounters {
     }
 
     /// Sets a customer's count in `period` to what the shared counters said, so that counting in
-    /// process after Redis fails goes on from there rather than from nothing.
-    pub fn follow(&self, customer: &Id, period: Period, used: u64) {
+    /// process after Redis fails goes on from there rather than from nothing; and the generation
+    /// of that count, when it was rebuilt from the ledger, which units counted here later are
+    /// added to.
+    pub fn follow(&self, customer: &Id, period: Period, used: u64, generation: Option<i64>) {
         let mut shard = self.shard(customer);
         let counts = shard
             .entry(*customer)
@@ -190,18 +211,30 @@ impl LocalCounters {
         counts.quota.roll(period);
         counts.quota.used = used;
         counts.quota.seeded = true;
+        if let Some(generation) = generation {
+            counts.generation = Some((period, generation));
+        }
     }
 
-    /// Notes that `reservation`, counted here because Redis failed, is not in Redis' count.
-    pub fn note_unshared(&self, customer: &Id, reservation: &Reservation, now_ms: i64) {
+    /// Notes that `reservation`, counted here because Redis could not be asked, is not in
+    /// Redis' count. Units of a customer this process has not seen counted in Redis this period
+    /// cannot be placed in a generation: they stay with the ledger's count.
+    pub fn note_unshared(&self, customer: &Id, reservation: &Reservation) {
         let mut shard = self.shard(customer);
         let counts = shard
             .entry(*customer)
             .or_insert_with(|| Counts::new(reservation.period));
+        let generation = match counts.generation {
+            Some((period, generation)) if period == reservation.period => generation,
+            _ => {
+                counts.drop_units(reservation.period, reservation.units);
+                return;
+            }
+        };
         let open = counts
             .unshared
             .iter_mut()
-            .find(|u| u.period == reservation.period && !u.sealed);
+            .find(|u| u.period == reservation.period && u.generation == generation && !u.sealed);
         match open {
             Some(batch) => {
                 batch.units += reservation.units;
@@ -215,7 +248,7 @@ impl LocalCounters {
                     period: reservation.period,
                     units: reservation.units,
                     overage: reservation.overage,
-                    since_ms: now_ms,
+                    generation,
                     token: uuid::Uuid::now_v7().as_u128(),
                     sealed: false,
                 });
@@ -223,21 +256,29 @@ impl LocalCounters {
         }
     }
 
-    /// Takes back from the unshared units a refunded reservation that was counted here because
-    /// Redis failed; `false` when they are not there to take (sent to Redis since), so the
-    /// refund belongs in Redis.
+    /// Takes back a refunded reservation that was counted here because Redis could not be
+    /// asked: from the units not yet sent to Redis, or from those that never will be. `false`
+    /// when neither holds it (it was added to Redis since), so the refund belongs in Redis.
     pub fn refund_unshared(&self, customer: &Id, reservation: &Reservation) -> bool {
         let mut shard = self.shard(customer);
-        let Some(batch) = shard.get_mut(customer).and_then(|counts| {
-            counts.unshared.iter_mut().find(|u| {
-                u.period == reservation.period && !u.sealed && u.units >= reservation.units
-            })
-        }) else {
+        let Some(counts) = shard.get_mut(customer) else {
             return false;
         };
-        batch.units -= reservation.units;
-        batch.overage = batch.overage.saturating_sub(reservation.overage);
-        true
+        if let Some(batch) = counts
+            .unshared
+            .iter_mut()
+            .find(|u| u.period == reservation.period && !u.sealed && u.units >= reservation.units)
+        {
+            batch.units -= reservation.units;
+            batch.overage = batch.overage.saturating_sub(reservation.overage);
+            return true;
+        }
+        let (period, units) = &mut counts.dropped;
+        if *period == reservation.period && *units >= reservation.units {
+            *units -= reservation.units;
+            return true;
+        }
+        false
     }
 
     /// Takes the customer's unshared units of `period`, to add them to Redis; units of an
@@ -257,9 +298,10 @@ impl LocalCounters {
         taken
     }
 
-    /// Puts back a batch [`take_unshared`](Self::take_unshared) took when Redis did not answer
-    /// for it, sealed: Redis may still have counted it.
-    pub fn restore_unshared(&self, customer: &Id, batch: Unshared) {
+    /// Puts back a batch [`take_unshared`](Self::take_unshared) took and Redis did not answer
+    /// for: `sent`, it may still be counted there, so it is sealed (it takes no more units and
+    /// gives none back).
+    pub fn restore_unshared(&self, customer: &Id, batch: Unshared, sent: bool) {
         let mut shard = self.shard(customer);
         let counts = shard
             .entry(*customer)
@@ -268,9 +310,16 @@ impl LocalCounters {
             self.unshared.fetch_add(1, Ordering::Relaxed);
         }
         counts.unshared.push(Unshared {
-            sealed: true,
+            sealed: batch.sealed || sent,
             ..batch
         });
+    }
+
+    /// Notes that a batch Redis would not take (its count there is newer) will never be added.
+    pub fn drop_unshared(&self, customer: &Id, batch: &Unshared) {
+        if let Some(counts) = self.shard(customer).get_mut(customer) {
+            counts.drop_units(batch.period, batch.units);
+        }
     }
 
     /// Forgets what no longer counts, so that memory follows the customers counting now rather
@@ -285,6 +334,11 @@ impl LocalCounters {
             let mut shard = shard.lock().unwrap_or_else(PoisonError::into_inner);
             shard.retain(|_, counts| {
                 counts.windows.retain_mut(|w| !w.is_idle(now_ms));
+                let had_unshared = !counts.unshared.is_empty();
+                counts.unshared.retain(|u| u.period.end_ms > now_ms);
+                if had_unshared && counts.unshared.is_empty() {
+                    self.unshared.fetch_sub(1, Ordering::Relaxed);
+                }
                 !(counts.windows.is_empty()
                     && counts.unshared.is_empty()
                     && counts.quota.period.end_ms <= now_ms)
@@ -454,21 +508,23 @@ mod tests {
         let counters = LocalCounters::default();
         let customer = [6; 16];
         assert!(counters.take_unshared(&customer, PERIOD).is_empty());
-        counters.note_unshared(&customer, &fallback(1, 0, PERIOD), 100);
-        counters.note_unshared(&customer, &fallback(2, 1, PERIOD), 200);
+        // Last counted in Redis in generation 42 of its quota count.
+        counters.follow(&customer, PERIOD, 5, Some(42));
+        counters.note_unshared(&customer, &fallback(1, 0, PERIOD));
+        counters.note_unshared(&customer, &fallback(2, 1, PERIOD));
         // A refund of one of them takes it back here.
         assert!(counters.refund_unshared(&customer, &fallback(1, 0, PERIOD)));
         let taken = counters.take_unshared(&customer, PERIOD);
         assert_eq!(taken.len(), 1);
         assert_eq!(
-            (taken[0].units, taken[0].overage, taken[0].since_ms),
-            (2, 1, 100)
+            (taken[0].units, taken[0].overage, taken[0].generation),
+            (2, 1, 42)
         );
         assert!(counters.take_unshared(&customer, PERIOD).is_empty());
         // Sent since: a refund now belongs in Redis.
         assert!(!counters.refund_unshared(&customer, &fallback(1, 0, PERIOD)));
         // Units of a period that is over are dropped.
-        counters.note_unshared(&customer, &fallback(3, 0, PERIOD), 300);
+        counters.note_unshared(&customer, &fallback(3, 0, PERIOD));
         let next = Period {
             start_ms: PERIOD.end_ms,
             end_ms: PERIOD.end_ms * 2,
@@ -478,25 +534,52 @@ mod tests {
     }
 
     #[test]
+    fn units_of_a_customer_never_counted_in_redis_this_period_stay_with_the_ledger() {
+        let counters = LocalCounters::default();
+        let customer = [8; 16];
+        // Counted in Redis, but its count there was not rebuilt from the ledger yet.
+        counters.follow(&customer, PERIOD, 5, None);
+        counters.note_unshared(&customer, &fallback(2, 0, PERIOD));
+        assert!(counters.take_unshared(&customer, PERIOD).is_empty());
+        // Their refunds are not Redis' to give.
+        assert!(counters.refund_unshared(&customer, &fallback(1, 0, PERIOD)));
+        assert!(counters.refund_unshared(&customer, &fallback(1, 0, PERIOD)));
+        assert!(!counters.refund_unshared(&customer, &fallback(1, 0, PERIOD)));
+    }
+
+    #[test]
     fn a_batch_put_back_unanswered_takes_no_more_units() {
         let counters = LocalCounters::default();
         let customer = [7; 16];
-        counters.note_unshared(&customer, &fallback(4, 0, PERIOD), 100);
+        counters.follow(&customer, PERIOD, 0, Some(7));
+        counters.note_unshared(&customer, &fallback(4, 0, PERIOD));
         let sent = counters.take_unshared(&customer, PERIOD).remove(0);
-        counters.restore_unshared(&customer, sent);
+        counters.restore_unshared(&customer, sent, true);
         // Redis may have counted the first batch already: new units make a batch of their own,
         // and a refund does not take from the one sent.
-        counters.note_unshared(&customer, &fallback(1, 0, PERIOD), 500);
+        counters.note_unshared(&customer, &fallback(1, 0, PERIOD));
         assert!(counters.refund_unshared(&customer, &fallback(1, 0, PERIOD)));
         assert!(!counters.refund_unshared(&customer, &fallback(1, 0, PERIOD)));
-        counters.note_unshared(&customer, &fallback(2, 0, PERIOD), 600);
-        let batches = counters.take_unshared(&customer, PERIOD);
+        counters.note_unshared(&customer, &fallback(2, 0, PERIOD));
+        // A batch that was never sent stays open.
+        let mut batches = counters.take_unshared(&customer, PERIOD);
         assert_eq!(batches.len(), 2);
         assert_eq!((batches[0].units, batches[0].token), (4, sent.token));
         assert_eq!(batches[1].units, 2);
         assert_ne!(batches[1].token, sent.token);
+        let unsent = batches.remove(1);
+        counters.restore_unshared(&customer, unsent, false);
+        counters.note_unshared(&customer, &fallback(3, 0, PERIOD));
+        let batches = counters.take_unshared(&customer, PERIOD);
+        assert_eq!(batches.len(), 1);
+        assert_eq!((batches[0].units, batches[0].token), (5, unsent.token));
+        // Counted in a new generation (Redis rebuilt the count): a batch of its own.
+        counters.follow(&customer, PERIOD, 0, Some(8));
+        counters.note_unshared(&customer, &fallback(1, 0, PERIOD));
+        assert_eq!(counters.take_unshared(&customer, PERIOD)[0].generation, 8);
         assert_eq!(counters.unshared.load(Ordering::Relaxed), 0);
     }
+
     #[test]
     fn a_sweep_forgets_empty_windows_then_customers_whose_period_is_over() {
         let counters = LocalCounters::default();
@@ -511,16 +594,8 @@ mod tests {
         let (busy, idle) = ([10; 16], [11; 16]);
         counters.admit(&idle, &policy(&limits, quota), PERIOD, 1, 1_000);
         counters.admit(&busy, &policy(&limits, quota), PERIOD, 1, 1_000);
-        counters.note_unshared(
-            &busy,
-            &Reservation {
-                period: PERIOD,
-                units: 1,
-                overage: 0,
-                counted: Counted::Fallback,
-            },
-            1_000,
-        );
+        counters.follow(&busy, PERIOD, 1, Some(3));
+        counters.note_unshared(&busy, &fallback(1, 0, PERIOD));
         // Within the window: everything counts.
         assert_eq!(counters.sweep(1_500), 2);
         let windows = |customer: &Id| counters.shard(customer)[customer].windows.len();
@@ -529,16 +604,16 @@ mod tests {
         assert_eq!(counters.sweep(3_000), 2);
         assert_eq!((windows(&idle), windows(&busy)), (0, 0));
         assert_eq!(counters.used(&idle, PERIOD), (1, 0));
-        // The period is over: only the customer with units still to add to Redis stays.
-        assert_eq!(counters.sweep(PERIOD.end_ms), 1);
+        // The period is over: both go, and units of that period still to add to Redis with
+        // them (that count is over).
+        assert_eq!(counters.unshared.load(Ordering::Relaxed), 1);
+        assert_eq!(counters.sweep(PERIOD.end_ms), 0);
         assert_eq!(counters.used(&idle, PERIOD), (0, 0));
+        assert_eq!(counters.unshared.load(Ordering::Relaxed), 0);
         let next = Period {
             start_ms: PERIOD.end_ms,
             end_ms: PERIOD.end_ms * 2,
         };
-        // Its units belong to a period that is over: dropped when next looked for.
-        assert!(counters.take_unshared(&busy, next).is_empty());
-        assert_eq!(counters.sweep(PERIOD.end_ms), 0);
         // A customer forgotten starts again from nothing in the new period.
         let decision = counters.admit(&idle, &policy(&limits, quota), next, 1, PERIOD.end_ms);
         assert_eq!((decision.verdict, decision.used), (Verdict::Admitted, 1));

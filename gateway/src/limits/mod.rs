@@ -37,7 +37,7 @@ pub use metrics::Counted;
 use metrics::LimitMetrics;
 use period::Period;
 use quota::QuotaLimit;
-use redis::RedisCounters;
+use redis::{Failure, RedisCounters};
 use window::WindowState;
 
 /// A plan's limits, borrowed from it for one decision.
@@ -128,6 +128,9 @@ pub struct Decision {
     pub reservation: Option<Reservation>,
     /// Where it was counted.
     pub counted: Counted,
+    /// Counted in Redis: the generation of the customer's quota count there, once rebuilt from
+    /// the ledger (units this process counts while Redis fails are added to that count only).
+    pub generation: Option<i64>,
 }
 
 impl Decision {
@@ -229,17 +232,23 @@ impl Limiter {
             {
                 Ok(shared) => {
                     // Remembered, so counting in process after a failure starts from here.
-                    self.local.follow(customer, period, shared.used);
+                    self.local
+                        .follow(customer, period, shared.used, shared.generation);
                     decision = Some(shared);
                 }
-                Err(_) => {
+                Err(failure) => {
                     // A customer this process never counted in Redis starts from the ledger.
                     self.seed_local(customer, period).await;
                     let mut local = self.local.admit(customer, &policy, period, units, now);
                     local.counted = Counted::Fallback;
                     if let Some(reservation) = &mut local.reservation {
                         reservation.counted = Counted::Fallback;
-                        self.local.note_unshared(customer, reservation, now);
+                        // A call that timed out may still be counted when Redis catches up
+                        // (documented); the others never reached it, and their units are added
+                        // to Redis once it answers.
+                        if failure != Failure::Timeout {
+                            self.local.note_unshared(customer, reservation);
+                        }
                     }
                     decision = Some(local);
                 }
@@ -258,25 +267,36 @@ impl Limiter {
         decision
     }
 
-    /// Adds to Redis the quota units this process counted for `customer` while Redis failed,
-    /// before Redis decides the customer's next request: otherwise an outage, or a slow Redis,
-    /// would hand out quota for free. Kept for a later request when Redis fails again.
+    /// Adds to Redis the quota units this process counted for `customer` while it could not ask
+    /// Redis, before Redis decides this customer's next request here: otherwise an outage, or a
+    /// slow Redis, would hand out quota for free. Kept for a later request when Redis fails
+    /// again.
     async fn share_unshared(&self, redis: &RedisCounters, customer: &Id, period: Period, now: i64) {
         if redis.is_failing(now) {
             return;
         }
-        for batch in self.local.take_unshared(customer, period) {
+        let mut batches = self.local.take_unshared(customer, period).into_iter();
+        while let Some(batch) = batches.next() {
             match redis.share(customer, &batch, now).await {
                 Ok(true) => self.metrics.fallback_units(batch.units, true),
                 Ok(false) => {
                     self.metrics.fallback_units(batch.units, false);
+                    self.local.drop_unshared(customer, &batch);
                     tracing::warn!(
                         units = batch.units,
                         "quota units counted while redis failed were left to a quota count \
                          redis rebuilt from the ledger since"
                     );
                 }
-                Err(_) => self.local.restore_unshared(customer, batch),
+                Err(failure) => {
+                    // Sent unless Redis was not asked at all; the rest were not sent.
+                    let sent = failure != Failure::Unavailable;
+                    self.local.restore_unshared(customer, batch, sent);
+                    for batch in batches {
+                        self.local.restore_unshared(customer, batch, false);
+                    }
+                    return;
+                }
             }
         }
     }

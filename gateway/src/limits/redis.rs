@@ -331,6 +331,9 @@ impl RedisCounters {
                 .arg(window.requests)
                 .arg(super::window_ms(window.window_seconds));
         }
+        // The generation of a quota hash this call creates: 1 to 2^53 - 1, whole in Lua.
+        let token = (uuid::Uuid::now_v7().as_u128() as i64 & ((1 << 53) - 1)).max(1);
+        invocation.arg(token);
         let Numbers(reply) = self.call(&invocation, now_ms).await?;
         let value = |i: usize| reply.get(i).copied().unwrap_or(0);
         let as_u64 = |i: usize| u64::try_from(value(i)).unwrap_or(0);
@@ -342,8 +345,14 @@ impl RedisCounters {
         let mut verdict = verdict;
         let mut used = as_u64(1);
         let mut reserved_overage = as_u64(3);
+        let tail = 5 + 2 * policy.rate_limits.len();
+        let mut generation = (value(tail) == 1).then_some(value(tail + 1));
         if value(4) == 1 {
-            used += self.seed(customer, period, now_ms, ledger).await;
+            let seeded = self.seed(customer, period, now_ms, ledger).await;
+            if seeded.is_some() {
+                generation = Some(value(tail + 1));
+            }
+            used += seeded.unwrap_or(0);
             // Admitted on the count before the seed: the seeded count decides.
             if let Some(quota) = policy.quota
                 && verdict == Verdict::Admitted
@@ -390,18 +399,19 @@ impl RedisCounters {
                 counted: Counted::Redis,
             }),
             counted: Counted::Redis,
+            generation,
         })
     }
 
     /// Adds the ledger's count of `period` to a quota key this caller created; returns the units
-    /// added.
+    /// added, `None` when it could not.
     async fn seed(
         &self,
         customer: &Id,
         period: Period,
         now_ms: i64,
         ledger: Option<&dyn Ledger>,
-    ) -> u64 {
+    ) -> Option<u64> {
         let base = match ledger {
             Some(ledger) => {
                 match tokio::time::timeout(SEED_TIMEOUT, ledger.period_usage(customer, period))
@@ -410,13 +420,13 @@ impl RedisCounters {
                     Ok(Ok(base)) => base,
                     Ok(Err(error)) => {
                         tracing::warn!(%error, "cannot read the ledger to seed a quota counter; another request will");
-                        return 0;
+                        return None;
                     }
                     Err(_) => {
                         tracing::warn!(
                             "the ledger did not answer in time to seed a quota counter; another request will"
                         );
-                        return 0;
+                        return None;
                     }
                 }
             }
@@ -428,35 +438,30 @@ impl RedisCounters {
             .arg(base.0)
             .arg(base.1);
         match self.call::<i64>(&invocation, now_ms).await {
-            Ok(1) => base.0,
-            _ => 0,
+            Ok(1) => Some(base.0),
+            _ => None,
         }
     }
 
     /// Adds to the shared quota count a batch of units this gateway counted in process while
-    /// Redis failed (`Ok(true)`, also when an earlier call that timed out added it already).
-    /// Only to a quota hash whose rebuild from the ledger ended before the first of them was
-    /// counted, in Redis' own time (so no two gateways' clocks are compared): a hash rebuilt
-    /// since (Redis lost its data meanwhile) read a ledger that may hold them already, and adding
-    /// them would count them twice; the ledger's count stands then (`Ok(false)`), as it does for
-    /// a hash that is gone.
+    /// Redis could not be asked (`Ok(true)`, also when an earlier call that timed out added it
+    /// already). Only to the quota hash the batch's customer was last counted in, seeded then:
+    /// its rebuild from the ledger was over before those units were counted, so they are not in
+    /// it. A hash made since (Redis lost its data meanwhile) has another generation; it was
+    /// rebuilt from a ledger that may hold them already, and adding them would count them twice:
+    /// the ledger's count stands then (`Ok(false)`), as it does for a hash that is gone.
     pub async fn share(
         &self,
         customer: &Id,
         batch: &Unshared,
         now_ms: i64,
     ) -> Result<bool, Failure> {
-        // How long ago the first unit was counted, less the longest an answered call travels.
-        let timeout_ms = i64::try_from(self.settings.timeout.as_millis()).unwrap_or(i64::MAX);
-        let ago_ms = now_ms
-            .saturating_sub(batch.since_ms)
-            .saturating_add(timeout_ms);
         let mut invocation = self.share.prepare_invoke();
         invocation
             .key(self.key(customer, "q", batch.period.start_ms))
             .arg(batch.units)
             .arg(batch.overage)
-            .arg(ago_ms)
+            .arg(batch.generation)
             .arg(format!("g{:032x}", batch.token));
         Ok(self.call::<i64>(&invocation, now_ms).await? == 1)
     }
@@ -480,27 +485,19 @@ const SEED_SCRIPT: &str = r"
 if redis.call('HGET', KEYS[1], 's') == '0' then
   redis.call('HINCRBY', KEYS[1], 'u', ARGV[1])
   redis.call('HINCRBY', KEYS[1], 'o', ARGV[2])
-  -- d: when, in Redis' time, the ledger's count was added (units counted in process before
-  -- then may be in it; see SHARE_SCRIPT).
-  local t = redis.call('TIME')
-  redis.call('HSET', KEYS[1], 's', 1, 'd', tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000))
+  redis.call('HSET', KEYS[1], 's', 1)
   return 1
 end
 return 0
 ";
 
-/// Adds a batch of units counted in process (ARGV: units, overage, how many ms ago the first
-/// was counted, the batch's token) to a quota hash seeded from the ledger (`s` = 1) at Redis time
-/// `d` before that; once per token. 1 if it did (now or before), 0 if the hash is too recent or
-/// gone.
+/// Adds a batch of units counted in process (ARGV: units, overage, the generation of the hash
+/// they belong in, the batch's token) to a quota hash seeded from the ledger (`s` = 1) of that
+/// generation (`n`, absent in a hash made before generations: -1); once per token. 1 if it did
+/// (now or before), 0 if the hash is of another generation, not seeded, or gone.
 const SHARE_SCRIPT: &str = r"
-local state = redis.call('HMGET', KEYS[1], 's', 'd')
-if state[1] ~= '1' or not state[2] then
-  return 0
-end
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-if tonumber(state[2]) > now - tonumber(ARGV[3]) then
+local state = redis.call('HMGET', KEYS[1], 's', 'n')
+if state[1] ~= '1' or (tonumber(state[2]) or -1) ~= tonumber(ARGV[3]) then
   return 0
 end
 if redis.call('HSETNX', KEYS[1], ARGV[4], 1) == 1 then
