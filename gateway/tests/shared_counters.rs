@@ -342,8 +342,18 @@ async fn units_counted_in_process_are_added_once_and_only_to_the_count_they_belo
         .get_multiplexed_async_connection()
         .await
         .unwrap();
+    // Two windows, so the generation is read past their numbers in the script's reply.
     let policy = Policy {
-        rate_limits: &[],
+        rate_limits: &[
+            RateLimit {
+                requests: 1000,
+                window_seconds: 1,
+            },
+            RateLimit {
+                requests: 1000,
+                window_seconds: 60,
+            },
+        ],
         quota: Some(QuotaLimit {
             limit: 100,
             hard: true,

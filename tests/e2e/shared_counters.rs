@@ -423,21 +423,20 @@ async fn quota_units_counted_in_process_while_redis_was_frozen_are_added_to_its_
         }
         assert!(after <= 30, "the quota never ran out");
     }
-    // The call that timed out was still queued in the frozen Redis, which counted it when it
-    // woke; the 9 requests after it did not call Redis, and their units were added to its count.
-    assert_eq!(
-        gateway
-            .metric("tollgate_redis_errors_total{kind=\"timeout\"}")
-            .await,
-        Some(1.0)
-    );
+    // A call that timed out was still queued in the frozen Redis, which counted it when it
+    // woke (one, unless the machine took longer than retry_after for the ten requests); the
+    // requests that did not call Redis had their units added to its count.
+    let timed_out = gateway
+        .metric("tollgate_redis_errors_total{kind=\"timeout\"}")
+        .await
+        .unwrap_or(0.0);
+    let shared = gateway
+        .metric("tollgate_quota_fallback_units_total{outcome=\"shared\"}")
+        .await
+        .unwrap_or(0.0);
+    assert!(timed_out >= 1.0 && shared >= 1.0, "{timed_out} {shared}");
+    assert_eq!(timed_out + shared, 10.0);
     assert_eq!(5 + 10 + after, 30, "exactly the quota, outage or not");
-    assert_eq!(
-        gateway
-            .metric("tollgate_quota_fallback_units_total{outcome=\"shared\"}")
-            .await,
-        Some(9.0)
-    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

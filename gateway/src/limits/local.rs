@@ -217,9 +217,10 @@ impl LocalCounters {
     }
 
     /// Notes that `reservation`, counted here because Redis could not be asked, is not in
-    /// Redis' count. Units of a customer this process has not seen counted in Redis this period
-    /// cannot be placed in a generation: they stay with the ledger's count.
-    pub fn note_unshared(&self, customer: &Id, reservation: &Reservation) {
+    /// Redis' count; `false` when it cannot be added there: this process has not seen the
+    /// customer's count in Redis rebuilt from the ledger this period, so there is no count it
+    /// is known not to be in (it is in the ledger, which a count rebuilt later reads).
+    pub fn note_unshared(&self, customer: &Id, reservation: &Reservation) -> bool {
         let mut shard = self.shard(customer);
         let counts = shard
             .entry(*customer)
@@ -228,7 +229,7 @@ impl LocalCounters {
             Some((period, generation)) if period == reservation.period => generation,
             _ => {
                 counts.drop_units(reservation.period, reservation.units);
-                return;
+                return false;
             }
         };
         let open = counts
@@ -254,6 +255,7 @@ impl LocalCounters {
                 });
             }
         }
+        true
     }
 
     /// Takes back a refunded reservation that was counted here because Redis could not be
@@ -510,7 +512,7 @@ mod tests {
         assert!(counters.take_unshared(&customer, PERIOD).is_empty());
         // Last counted in Redis in generation 42 of its quota count.
         counters.follow(&customer, PERIOD, 5, Some(42));
-        counters.note_unshared(&customer, &fallback(1, 0, PERIOD));
+        assert!(counters.note_unshared(&customer, &fallback(1, 0, PERIOD)));
         counters.note_unshared(&customer, &fallback(2, 1, PERIOD));
         // A refund of one of them takes it back here.
         assert!(counters.refund_unshared(&customer, &fallback(1, 0, PERIOD)));
@@ -539,7 +541,7 @@ mod tests {
         let customer = [8; 16];
         // Counted in Redis, but its count there was not rebuilt from the ledger yet.
         counters.follow(&customer, PERIOD, 5, None);
-        counters.note_unshared(&customer, &fallback(2, 0, PERIOD));
+        assert!(!counters.note_unshared(&customer, &fallback(2, 0, PERIOD)));
         assert!(counters.take_unshared(&customer, PERIOD).is_empty());
         // Their refunds are not Redis' to give.
         assert!(counters.refund_unshared(&customer, &fallback(1, 0, PERIOD)));

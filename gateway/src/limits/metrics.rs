@@ -8,6 +8,17 @@ use crate::metrics::{
     QUOTA_OVERAGE_UNITS_TOTAL, QUOTA_REFUNDS_TOTAL,
 };
 
+/// What became of quota units counted in process without asking Redis.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FallbackUnits {
+    /// Added to Redis' count once it answered.
+    Shared = 0,
+    /// Left to a count Redis rebuilt from the ledger since they were counted.
+    Ledger = 1,
+    /// No count in Redis was known to lack them (not seen rebuilt from the ledger this period).
+    Unplaced = 2,
+}
+
 /// Where a decision was counted.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Counted {
@@ -28,8 +39,8 @@ pub struct LimitMetrics {
     decisions: Vec<IntCounter>,
     refunds: IntCounter,
     overage: IntCounter,
-    /// Fallback units added to Redis, and those left to a count rebuilt from the ledger.
-    fallback_units: [IntCounter; 2],
+    /// Fallback units by [`FallbackUnits`].
+    fallback_units: [IntCounter; 3],
     /// Customers with counters in this process, after the last sweep.
     customers: IntGauge,
 }
@@ -55,8 +66,9 @@ impl LimitMetrics {
         let fallback_units = IntCounterVec::new(
             Opts::new(
                 QUOTA_FALLBACK_UNITS_TOTAL,
-                "Quota units counted in process while Redis failed: added to Redis' count once it \
-                 answered (shared), or left to a count Redis rebuilt from the ledger (ledger).",
+                "Quota units counted in process without asking Redis: added to Redis' count once \
+                 it answered (shared), left to a count Redis rebuilt from the ledger since \
+                 (ledger), or with no count in Redis known to lack them (unplaced).",
             ),
             &["outcome"],
         )?;
@@ -85,6 +97,7 @@ impl LimitMetrics {
             fallback_units: [
                 fallback_units.with_label_values(&["shared"]),
                 fallback_units.with_label_values(&["ledger"]),
+                fallback_units.with_label_values(&["unplaced"]),
             ],
             customers,
         })
@@ -106,9 +119,9 @@ impl LimitMetrics {
         self.overage.inc_by(overage);
     }
 
-    /// Counts fallback units added to Redis (`shared`) or left to the ledger's count.
-    pub fn fallback_units(&self, units: u64, shared: bool) {
-        self.fallback_units[usize::from(!shared)].inc_by(units);
+    /// Counts quota units counted in process, by what became of them.
+    pub fn fallback_units(&self, units: u64, outcome: FallbackUnits) {
+        self.fallback_units[outcome as usize].inc_by(units);
     }
 
     /// Sets how many customers the in-process counters hold.

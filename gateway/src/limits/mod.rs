@@ -34,10 +34,10 @@ use crate::metering::ledger::Ledger;
 use clock::Clock;
 use local::LocalCounters;
 pub use metrics::Counted;
-use metrics::LimitMetrics;
+use metrics::{FallbackUnits, LimitMetrics};
 use period::Period;
 use quota::QuotaLimit;
-use redis::{Failure, RedisCounters};
+use redis::RedisCounters;
 use window::WindowState;
 
 /// A plan's limits, borrowed from it for one decision.
@@ -243,11 +243,14 @@ impl Limiter {
                     local.counted = Counted::Fallback;
                     if let Some(reservation) = &mut local.reservation {
                         reservation.counted = Counted::Fallback;
-                        // A call that timed out may still be counted when Redis catches up
-                        // (documented); the others never reached it, and their units are added
-                        // to Redis once it answers.
-                        if failure != Failure::Timeout {
-                            self.local.note_unshared(customer, reservation);
+                        // A call that timed out or broke may be counted by Redis all the same
+                        // (documented); the others never ran, and their units are added to
+                        // Redis once it answers.
+                        if !failure.may_have_run()
+                            && !self.local.note_unshared(customer, reservation)
+                        {
+                            self.metrics
+                                .fallback_units(reservation.units, FallbackUnits::Unplaced);
                         }
                     }
                     decision = Some(local);
@@ -278,9 +281,12 @@ impl Limiter {
         let mut batches = self.local.take_unshared(customer, period).into_iter();
         while let Some(batch) = batches.next() {
             match redis.share(customer, &batch, now).await {
-                Ok(true) => self.metrics.fallback_units(batch.units, true),
+                Ok(true) => self
+                    .metrics
+                    .fallback_units(batch.units, FallbackUnits::Shared),
                 Ok(false) => {
-                    self.metrics.fallback_units(batch.units, false);
+                    self.metrics
+                        .fallback_units(batch.units, FallbackUnits::Ledger);
                     self.local.drop_unshared(customer, &batch);
                     tracing::warn!(
                         units = batch.units,
@@ -289,8 +295,8 @@ impl Limiter {
                     );
                 }
                 Err(failure) => {
-                    // Sent unless Redis was not asked at all; the rest were not sent.
-                    let sent = failure != Failure::Unavailable;
+                    // The rest were not sent.
+                    let sent = failure.may_have_run();
                     self.local.restore_unshared(customer, batch, sent);
                     for batch in batches {
                         self.local.restore_unshared(customer, batch, false);

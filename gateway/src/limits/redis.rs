@@ -81,10 +81,19 @@ impl Connection {
 pub enum Failure {
     /// No connection yet, or still within `retry_after` of a failure.
     Unavailable,
-    /// No answer within the timeout.
+    /// No answer within the timeout: Redis may still run the call.
     Timeout,
-    /// Redis answered with an error, or the connection broke.
+    /// The connection broke during the call: Redis may have run it.
     Error,
+    /// Refused without running: an error reply, or no connection to be had.
+    Refused,
+}
+
+impl Failure {
+    /// Whether Redis may have run (or may still run) the call.
+    pub fn may_have_run(self) -> bool {
+        matches!(self, Self::Timeout | Self::Error)
+    }
 }
 
 /// The admission script's reply: integers in one string, separated by spaces.
@@ -278,7 +287,11 @@ impl RedisCounters {
             }
             Ok(Err(error)) => {
                 tracing::warn!(%error, "redis counter call failed; counting in process");
-                Failure::Error
+                if error.is_io_error() && !error.is_connection_refusal() {
+                    Failure::Error
+                } else {
+                    Failure::Refused
+                }
             }
             Err(_) => {
                 tracing::warn!(
