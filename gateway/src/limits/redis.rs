@@ -345,7 +345,7 @@ impl RedisCounters {
                 .arg(super::window_ms(window.window_seconds));
         }
         // The generation of a quota hash this call creates: 1 to 2^53 - 1, whole in Lua.
-        let token = (uuid::Uuid::now_v7().as_u128() as i64 & ((1 << 53) - 1)).max(1);
+        let token = (uuid::Uuid::new_v4().as_u128() as i64 & ((1 << 53) - 1)).max(1);
         invocation.arg(token);
         let Numbers(reply) = self.call(&invocation, now_ms).await?;
         let value = |i: usize| reply.get(i).copied().unwrap_or(0);
