@@ -288,8 +288,13 @@ async fn requests_that_fail_upstream_give_their_quota_unit_back() {
         json!({"quota": {"requests": 2, "hard": true}}),
     )
     .await;
-    // An upstream 5xx is refunded by default.
+    // An upstream 5xx is refunded by default, once the request is over (its logging phase may
+    // come after the client has the response).
     assert_eq!(setup.get("/status/503").await.status(), 503);
+    setup
+        .gateway
+        .wait_for_metric("tollgate_quota_refunds_total", 1.0)
+        .await;
     // A 4xx is the customer's own: it counts.
     assert_eq!(setup.get("/status/404").await.status(), 404);
     let last = setup.get("/api/ok").await;
@@ -306,6 +311,10 @@ async fn requests_that_fail_upstream_give_their_quota_unit_back() {
         .await;
     upstream.stop();
     assert_eq!(setup.get("/api/down").await.status(), 502);
+    setup
+        .gateway
+        .wait_for_metric("tollgate_quota_refunds_total", 2.0)
+        .await;
     let after = setup.get("/demo").await;
     assert_eq!(after.status(), 200);
     assert_eq!(header(&after, "x-quota-remaining"), "0");
