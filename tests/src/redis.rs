@@ -23,15 +23,11 @@ impl RedisServer {
 
     /// [`start`](Self::start) with further `redis-server` arguments.
     pub fn start_with(extra: &[&str]) -> RedisServer {
-        let mut server = RedisServer {
-            port: free_port(),
-            child: None,
-            dir: tempfile::tempdir().unwrap(),
-            extra: extra.iter().map(|a| (*a).to_owned()).collect(),
-            tls: false,
-        };
-        server.restart();
-        server
+        Self::start_new(
+            tempfile::tempdir().unwrap(),
+            extra.iter().map(|a| (*a).to_owned()).collect(),
+            false,
+        )
     }
 
     /// Starts one that takes TLS connections only, with a certificate for `127.0.0.1` signed by
@@ -39,31 +35,26 @@ impl RedisServer {
     pub fn start_tls() -> RedisServer {
         let dir = tempfile::tempdir().unwrap();
         crate::tls::write_ca_signed(dir.path());
-        let port = free_port();
-        let file = |name: &str| dir.path().join(name).display().to_string();
-        let extra = vec![
-            "--port".to_owned(),
-            "0".to_owned(),
-            "--tls-port".to_owned(),
-            port.to_string(),
-            "--tls-cert-file".to_owned(),
-            file("cert.pem"),
-            "--tls-key-file".to_owned(),
-            file("key.pem"),
-            "--tls-ca-cert-file".to_owned(),
-            file("ca.pem"),
-            "--tls-auth-clients".to_owned(),
-            "no".to_owned(),
-        ];
+        Self::start_new(dir, Vec::new(), true)
+    }
+
+    /// A port is found free, then taken by `redis-server`: a test running beside this one may
+    /// take it in between, so another free port is tried until this server is the one there.
+    fn start_new(dir: tempfile::TempDir, extra: Vec<String>, tls: bool) -> RedisServer {
         let mut server = RedisServer {
-            port,
+            port: free_port(),
             child: None,
             dir,
             extra,
-            tls: true,
+            tls,
         };
-        server.restart();
-        server
+        for _ in 0..10 {
+            if server.launch() {
+                return server;
+            }
+            server.port = free_port();
+        }
+        panic!("redis-server found no free port in 10 tries");
     }
 
     /// `redis://127.0.0.1:port`, or `rediss://` for a TLS server.
@@ -77,12 +68,46 @@ impl RedisServer {
         self.dir.path().join("ca.pem")
     }
 
-    /// Starts it again (empty) on the same port after [`kill`](Self::kill).
+    /// Starts it again (empty) on the same port after [`kill`](Self::kill). The port is the one
+    /// gateways were given, so it is tried again while another process holds it a moment.
     pub fn restart(&mut self) {
         assert!(self.child.is_none(), "already running");
-        let child = Command::new("redis-server")
-            .args(["--port", &self.port.to_string(), "--bind", "127.0.0.1"])
-            .args(["--save", "", "--appendonly", "no"])
+        for _ in 0..50 {
+            if self.launch() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        panic!("redis-server could not listen on 127.0.0.1:{}", self.port);
+    }
+
+    /// Starts the process on `port`; whether it is the one answering there (its process id, in
+    /// `INFO server`), rather than a process that took the port first.
+    fn launch(&mut self) -> bool {
+        let port = self.port.to_string();
+        let mut command = Command::new("redis-server");
+        if self.tls {
+            let file = |name: &str| self.dir.path().join(name);
+            command
+                .args([
+                    "--port",
+                    "0",
+                    "--tls-port",
+                    &port,
+                    "--tls-auth-clients",
+                    "no",
+                ])
+                .arg("--tls-cert-file")
+                .arg(file("cert.pem"))
+                .arg("--tls-key-file")
+                .arg(file("key.pem"))
+                .arg("--tls-ca-cert-file")
+                .arg(file("ca.pem"));
+        } else {
+            command.args(["--port", &port]);
+        }
+        let mut child = command
+            .args(["--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
             .arg("--dir")
             .arg(self.dir.path())
             .args(&self.extra)
@@ -90,9 +115,25 @@ impl RedisServer {
             .stderr(Stdio::null())
             .spawn()
             .expect("redis-server must be installed (scripts/services installs it)");
-        self.child = Some(child);
+        let ours = format!("process_id:{}", child.id());
         let started = Instant::now();
-        while TcpStream::connect(("127.0.0.1", self.port)).is_err() {
+        loop {
+            if child.try_wait().ok().flatten().is_some() {
+                // It exited: the port is taken.
+                return false;
+            }
+            if TcpStream::connect(("127.0.0.1", self.port)).is_ok() {
+                if self.cli(&["INFO", "server"]).contains(&ours) {
+                    self.child = Some(child);
+                    return true;
+                }
+                if started.elapsed() > Duration::from_secs(2) {
+                    // Another process answers there.
+                    let _ = child.kill();
+                    let _ = child.wait();
+                    return false;
+                }
+            }
             assert!(
                 started.elapsed() < Duration::from_secs(10),
                 "redis-server did not start"
