@@ -372,6 +372,7 @@ async fn units_counted_in_process_are_added_once_and_only_to_the_count_they_belo
         units: 7,
         overage: 0,
         counted: Counted::Fallback,
+        fallback: None,
     };
     // The call that creates the quota count and rebuilds it from the ledger (nothing) sees its
     // generation; so does the next one.

@@ -29,9 +29,9 @@ struct Counts {
     unshared: Vec<Unshared>,
     /// The generation of the customer's quota count in Redis, seeded, when last counted there.
     generation: Option<(Period, i64)>,
-    /// Units of a period counted here that will never be added to Redis (its count there is
-    /// newer than they are): a refund of one of them is not Redis' to give.
-    dropped: (Period, u64),
+    /// The last batches sent: their tokens, and whether Redis took them (a refund of one of
+    /// their units is Redis' to give then, and nobody's when it did not).
+    settled: Vec<(u128, bool)>,
 }
 
 impl Counts {
@@ -41,7 +41,7 @@ impl Counts {
             quota: QuotaCount::new(period),
             unshared: Vec::new(),
             generation: None,
-            dropped: (period, 0),
+            settled: Vec::new(),
         }
     }
 }
@@ -66,16 +66,8 @@ pub struct Unshared {
     sealed: bool,
 }
 
-impl Counts {
-    /// Notes `units` of `period` that will never be added to Redis.
-    fn drop_units(&mut self, period: Period, units: u64) {
-        if self.dropped.0 == period {
-            self.dropped.1 += units;
-        } else {
-            self.dropped = (period, units);
-        }
-    }
-}
+/// Batches remembered per customer once sent, for refunds of their units.
+const SETTLED_KEPT: usize = 16;
 
 /// Counters of every customer that called, in this process.
 #[derive(Debug)]
@@ -153,6 +145,7 @@ impl LocalCounters {
                 units,
                 overage: reserved.overage,
                 counted: Counted::Local,
+                fallback: None,
             }
         });
         Decision {
@@ -217,20 +210,18 @@ impl LocalCounters {
     }
 
     /// Notes that `reservation`, counted here because Redis could not be asked, is not in
-    /// Redis' count; `false` when it cannot be added there: this process has not seen the
-    /// customer's count in Redis rebuilt from the ledger this period, so there is no count it
-    /// is known not to be in (it is in the ledger, which a count rebuilt later reads).
-    pub fn note_unshared(&self, customer: &Id, reservation: &Reservation) -> bool {
+    /// Redis' count; the token of the batch it joins, or `None` when it cannot be added there:
+    /// this process has not seen the customer's count in Redis rebuilt from the ledger this
+    /// period, so there is no count it is known not to be in (it is in the ledger, which a count
+    /// rebuilt later reads).
+    pub fn note_unshared(&self, customer: &Id, reservation: &Reservation) -> Option<u128> {
         let mut shard = self.shard(customer);
         let counts = shard
             .entry(*customer)
             .or_insert_with(|| Counts::new(reservation.period));
         let generation = match counts.generation {
             Some((period, generation)) if period == reservation.period => generation,
-            _ => {
-                counts.drop_units(reservation.period, reservation.units);
-                return false;
-            }
+            _ => return None,
         };
         let open = counts
             .unshared
@@ -240,47 +231,58 @@ impl LocalCounters {
             Some(batch) => {
                 batch.units += reservation.units;
                 batch.overage += reservation.overage;
+                Some(batch.token)
             }
             None => {
                 if counts.unshared.is_empty() {
                     self.unshared.fetch_add(1, Ordering::Relaxed);
                 }
+                let token = uuid::Uuid::new_v4().as_u128();
                 counts.unshared.push(Unshared {
                     period: reservation.period,
                     units: reservation.units,
                     overage: reservation.overage,
                     generation,
-                    token: uuid::Uuid::now_v7().as_u128(),
+                    token,
                     sealed: false,
                 });
+                Some(token)
             }
         }
-        true
     }
 
-    /// Takes back a refunded reservation that was counted here because Redis could not be
-    /// asked: from the units not yet sent to Redis, or from those that never will be. `false`
-    /// when neither holds it (it was added to Redis since), so the refund belongs in Redis.
-    pub fn refund_unshared(&self, customer: &Id, reservation: &Reservation) -> bool {
+    /// Takes back a refunded reservation whose unit went into the batch `token`: from that
+    /// batch while it is unsent (`true`), or nowhere when Redis did not take the batch (`true`).
+    /// `false` when the refund is Redis' to give: the batch was added there, or it was sent
+    /// without an answer (sealed: Redis may have it, and if not, the refund and the batch add
+    /// up the same whatever their order), or it is forgotten.
+    pub fn refund_unshared(&self, customer: &Id, reservation: &Reservation, token: u128) -> bool {
         let mut shard = self.shard(customer);
         let Some(counts) = shard.get_mut(customer) else {
             return false;
         };
-        if let Some(batch) = counts
-            .unshared
-            .iter_mut()
-            .find(|u| u.period == reservation.period && !u.sealed && u.units >= reservation.units)
-        {
+        if let Some(batch) = counts.unshared.iter_mut().find(|u| u.token == token) {
+            if batch.sealed || batch.units < reservation.units {
+                return false;
+            }
             batch.units -= reservation.units;
             batch.overage = batch.overage.saturating_sub(reservation.overage);
             return true;
         }
-        let (period, units) = &mut counts.dropped;
-        if *period == reservation.period && *units >= reservation.units {
-            *units -= reservation.units;
-            return true;
+        counts
+            .settled
+            .iter()
+            .any(|&(settled, shared)| settled == token && !shared)
+    }
+
+    /// Remembers that the batch `token` was sent and whether Redis took it (`shared`).
+    pub fn settle_unshared(&self, customer: &Id, token: u128, shared: bool) {
+        if let Some(counts) = self.shard(customer).get_mut(customer) {
+            if counts.settled.len() == SETTLED_KEPT {
+                counts.settled.remove(0);
+            }
+            counts.settled.push((token, shared));
         }
-        false
     }
 
     /// Takes the customer's unshared units of `period`, to add them to Redis; units of an
@@ -315,13 +317,6 @@ impl LocalCounters {
             sealed: batch.sealed || sent,
             ..batch
         });
-    }
-
-    /// Notes that a batch Redis would not take (its count there is newer) will never be added.
-    pub fn drop_unshared(&self, customer: &Id, batch: &Unshared) {
-        if let Some(counts) = self.shard(customer).get_mut(customer) {
-            counts.drop_units(batch.period, batch.units);
-        }
     }
 
     /// Forgets what no longer counts, so that memory follows the customers counting now rather
@@ -502,6 +497,7 @@ mod tests {
             units,
             overage,
             counted: Counted::Fallback,
+            fallback: None,
         }
     }
 
@@ -512,10 +508,16 @@ mod tests {
         assert!(counters.take_unshared(&customer, PERIOD).is_empty());
         // Last counted in Redis in generation 42 of its quota count.
         counters.follow(&customer, PERIOD, 5, Some(42));
-        assert!(counters.note_unshared(&customer, &fallback(1, 0, PERIOD)));
-        counters.note_unshared(&customer, &fallback(2, 1, PERIOD));
-        // A refund of one of them takes it back here.
-        assert!(counters.refund_unshared(&customer, &fallback(1, 0, PERIOD)));
+        let token = counters
+            .note_unshared(&customer, &fallback(1, 0, PERIOD))
+            .unwrap();
+        // Into the same batch.
+        assert_eq!(
+            counters.note_unshared(&customer, &fallback(2, 1, PERIOD)),
+            Some(token)
+        );
+        // A refund of one of them takes it back from the batch while it is unsent.
+        assert!(counters.refund_unshared(&customer, &fallback(1, 0, PERIOD), token));
         let taken = counters.take_unshared(&customer, PERIOD);
         assert_eq!(taken.len(), 1);
         assert_eq!(
@@ -523,8 +525,9 @@ mod tests {
             (2, 1, 42)
         );
         assert!(counters.take_unshared(&customer, PERIOD).is_empty());
-        // Sent since: a refund now belongs in Redis.
-        assert!(!counters.refund_unshared(&customer, &fallback(1, 0, PERIOD)));
+        // Added to Redis since: a refund now belongs in Redis.
+        counters.settle_unshared(&customer, token, true);
+        assert!(!counters.refund_unshared(&customer, &fallback(1, 0, PERIOD), token));
         // Units of a period that is over are dropped.
         counters.note_unshared(&customer, &fallback(3, 0, PERIOD));
         let next = Period {
@@ -536,17 +539,34 @@ mod tests {
     }
 
     #[test]
-    fn units_of_a_customer_never_counted_in_redis_this_period_stay_with_the_ledger() {
+    fn refunds_go_where_their_units_went() {
         let counters = LocalCounters::default();
         let customer = [8; 16];
-        // Counted in Redis, but its count there was not rebuilt from the ledger yet.
+        // Counted in Redis, but its count there was not rebuilt from the ledger yet: there is no
+        // batch to place units in.
         counters.follow(&customer, PERIOD, 5, None);
-        assert!(!counters.note_unshared(&customer, &fallback(2, 0, PERIOD)));
+        assert_eq!(
+            counters.note_unshared(&customer, &fallback(2, 0, PERIOD)),
+            None
+        );
         assert!(counters.take_unshared(&customer, PERIOD).is_empty());
-        // Their refunds are not Redis' to give.
-        assert!(counters.refund_unshared(&customer, &fallback(1, 0, PERIOD)));
-        assert!(counters.refund_unshared(&customer, &fallback(1, 0, PERIOD)));
-        assert!(!counters.refund_unshared(&customer, &fallback(1, 0, PERIOD)));
+        counters.follow(&customer, PERIOD, 5, Some(1));
+        let refused = counters
+            .note_unshared(&customer, &fallback(1, 0, PERIOD))
+            .unwrap();
+        counters.take_unshared(&customer, PERIOD);
+        // Redis did not take that batch (its count is newer): a refund of its unit is nobody's.
+        counters.settle_unshared(&customer, refused, false);
+        assert!(counters.refund_unshared(&customer, &fallback(1, 0, PERIOD), refused));
+        // A batch sent without an answer: the refund is Redis'.
+        let sent = counters
+            .note_unshared(&customer, &fallback(1, 0, PERIOD))
+            .unwrap();
+        let batch = counters.take_unshared(&customer, PERIOD).remove(0);
+        counters.restore_unshared(&customer, batch, true);
+        assert!(!counters.refund_unshared(&customer, &fallback(1, 0, PERIOD), sent));
+        // A batch long forgotten: Redis' too.
+        assert!(!counters.refund_unshared(&customer, &fallback(1, 0, PERIOD), 7));
     }
 
     #[test]
@@ -557,18 +577,17 @@ mod tests {
         counters.note_unshared(&customer, &fallback(4, 0, PERIOD));
         let sent = counters.take_unshared(&customer, PERIOD).remove(0);
         counters.restore_unshared(&customer, sent, true);
-        // Redis may have counted the first batch already: new units make a batch of their own,
-        // and a refund does not take from the one sent.
+        // Redis may have counted the first batch already: new units make a batch of their own.
+        let newer = counters
+            .note_unshared(&customer, &fallback(1, 0, PERIOD))
+            .unwrap();
+        assert_ne!(newer, sent.token);
         counters.note_unshared(&customer, &fallback(1, 0, PERIOD));
-        assert!(counters.refund_unshared(&customer, &fallback(1, 0, PERIOD)));
-        assert!(!counters.refund_unshared(&customer, &fallback(1, 0, PERIOD)));
-        counters.note_unshared(&customer, &fallback(2, 0, PERIOD));
         // A batch that was never sent stays open.
         let mut batches = counters.take_unshared(&customer, PERIOD);
         assert_eq!(batches.len(), 2);
         assert_eq!((batches[0].units, batches[0].token), (4, sent.token));
-        assert_eq!(batches[1].units, 2);
-        assert_ne!(batches[1].token, sent.token);
+        assert_eq!((batches[1].units, batches[1].token), (2, newer));
         let unsent = batches.remove(1);
         counters.restore_unshared(&customer, unsent, false);
         counters.note_unshared(&customer, &fallback(3, 0, PERIOD));

@@ -107,6 +107,20 @@ pub struct Reservation {
     pub overage: u64,
     /// Where it was counted, and so where it is given back.
     pub counted: Counted,
+    /// Counted in process without asking Redis: where its unit went.
+    pub fallback: Option<FallbackUnit>,
+}
+
+/// Where the unit of a request counted in process without asking Redis went, so that its
+/// refund is given back there.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FallbackUnit {
+    /// Its call may have run in Redis after all (it timed out, or the connection broke).
+    MaybeInRedis,
+    /// Into the batch of this token, to be added to Redis.
+    Batch(u128),
+    /// Nowhere but the ledger: no count in Redis is known to lack it.
+    Unplaced,
 }
 
 /// A decision and what the response headers say about it.
@@ -246,12 +260,17 @@ impl Limiter {
                         // A call that timed out or broke may be counted by Redis all the same
                         // (documented); the others never ran, and their units are added to
                         // Redis once it answers.
-                        if !failure.may_have_run()
-                            && !self.local.note_unshared(customer, reservation)
+                        let unit = if failure.may_have_run() {
+                            FallbackUnit::MaybeInRedis
+                        } else if let Some(token) = self.local.note_unshared(customer, reservation)
                         {
+                            FallbackUnit::Batch(token)
+                        } else {
                             self.metrics
                                 .fallback_units(reservation.units, FallbackUnits::Unplaced);
-                        }
+                            FallbackUnit::Unplaced
+                        };
+                        reservation.fallback = Some(unit);
                     }
                     decision = Some(local);
                 }
@@ -281,13 +300,15 @@ impl Limiter {
         let mut batches = self.local.take_unshared(customer, period).into_iter();
         while let Some(batch) = batches.next() {
             match redis.share(customer, &batch, now).await {
-                Ok(true) => self
-                    .metrics
-                    .fallback_units(batch.units, FallbackUnits::Shared),
+                Ok(true) => {
+                    self.metrics
+                        .fallback_units(batch.units, FallbackUnits::Shared);
+                    self.local.settle_unshared(customer, batch.token, true);
+                }
                 Ok(false) => {
                     self.metrics
                         .fallback_units(batch.units, FallbackUnits::Ledger);
-                    self.local.drop_unshared(customer, &batch);
+                    self.local.settle_unshared(customer, batch.token, false);
                     tracing::warn!(
                         units = batch.units,
                         "quota units counted while redis failed were left to a quota count \
@@ -340,8 +361,16 @@ impl Limiter {
             }
             (Some(redis), Counted::Fallback) => {
                 self.local.refund(customer, reservation);
-                // Added to Redis since it was counted: given back there too.
-                if !self.local.refund_unshared(customer, reservation)
+                // Given back where its unit went: its batch while unsent, Redis once the unit
+                // may be there, nowhere when only the ledger has it.
+                let in_redis = match reservation.fallback {
+                    Some(FallbackUnit::MaybeInRedis) => true,
+                    Some(FallbackUnit::Batch(token)) => {
+                        !self.local.refund_unshared(customer, reservation, token)
+                    }
+                    Some(FallbackUnit::Unplaced) | None => false,
+                };
+                if in_redis
                     && !redis
                         .refund(customer, reservation, self.clock.now_ms())
                         .await

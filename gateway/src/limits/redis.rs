@@ -377,6 +377,7 @@ impl RedisCounters {
                         units,
                         overage: reserved_overage,
                         counted: Counted::Redis,
+                        fallback: None,
                     };
                     if self.refund(customer, &reservation, now_ms).await {
                         verdict = Verdict::QuotaExceeded;
@@ -410,6 +411,7 @@ impl RedisCounters {
                 units,
                 overage: reserved_overage,
                 counted: Counted::Redis,
+                fallback: None,
             }),
             counted: Counted::Redis,
             generation,
