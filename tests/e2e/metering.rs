@@ -58,12 +58,7 @@ async fn customer_on(api: &AdminApi, plan: Value) -> Customer {
 }
 
 async fn get(gateway: &Gateway, path: &str, key: &str) -> reqwest::Response {
-    client()
-        .get(gateway.url(path))
-        .bearer_auth(key)
-        .send()
-        .await
-        .unwrap()
+    gateway.get_with_key(path, key).await
 }
 
 /// Polls the admin usage view until `used` is `expected`; the view.

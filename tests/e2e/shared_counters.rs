@@ -376,14 +376,7 @@ async fn a_gateway_counts_in_a_redis_it_reaches_over_tls() {
 
 /// Sends one request; its status.
 async fn status_of(gateway: &Gateway, key: &str, path: &str) -> u16 {
-    client()
-        .get(gateway.url(path))
-        .bearer_auth(key)
-        .send()
-        .await
-        .unwrap()
-        .status()
-        .as_u16()
+    gateway.get_with_key(path, key).await.status().as_u16()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

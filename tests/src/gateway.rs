@@ -247,6 +247,16 @@ impl Gateway {
         format!("http://{}{path}", self.proxy)
     }
 
+    /// `GET <path>` on the proxy with `key` as the bearer credential.
+    pub async fn get_with_key(&self, path: &str, key: &str) -> reqwest::Response {
+        crate::client()
+            .get(self.url(path))
+            .bearer_auth(key)
+            .send()
+            .await
+            .unwrap()
+    }
+
     /// `http://<admin><path>`.
     pub fn admin_url(&self, path: &str) -> String {
         format!("http://{}{path}", self.admin)
