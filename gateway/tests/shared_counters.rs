@@ -337,7 +337,7 @@ async fn units_counted_in_process_are_added_once_and_only_to_the_count_they_belo
 
     let prefix = format!("tollgate-test-{}", rand::random::<u64>());
     let redis = counters_under(&prefix).await;
-    let mut raw = redis::Client::open("redis://127.0.0.1:6379")
+    let connection = redis::Client::open("redis://127.0.0.1:6379")
         .unwrap()
         .get_multiplexed_async_connection()
         .await
@@ -360,6 +360,16 @@ async fn units_counted_in_process_are_added_once_and_only_to_the_count_they_belo
         }),
     };
     let customer = [9; 16];
+    let admit = |at: i64| redis.admit(&customer, &policy, PERIOD, 1, at, None);
+    // A command of the test's own, straight to Redis.
+    let raw = |args: &[&str]| {
+        let mut command = redis::cmd(args[0]);
+        command.arg(&args[1..]);
+        let mut connection = connection.clone();
+        async move {
+            let () = command.query_async(&mut connection).await.unwrap();
+        }
+    };
     let quota_key = format!(
         "{prefix}:{{cus_{}}}:q:{}",
         hex::encode(customer),
@@ -376,14 +386,8 @@ async fn units_counted_in_process_are_added_once_and_only_to_the_count_they_belo
     };
     // The call that creates the quota count and rebuilds it from the ledger (nothing) sees its
     // generation; so does the next one.
-    let first = redis
-        .admit(&customer, &policy, PERIOD, 1, now, None)
-        .await
-        .unwrap();
-    let second = redis
-        .admit(&customer, &policy, PERIOD, 1, now + 1, None)
-        .await
-        .unwrap();
+    let first = admit(now).await.unwrap();
+    let second = admit(now + 1).await.unwrap();
     assert!(first.generation.is_some());
     assert_eq!(second.generation, first.generation);
     local.follow(&customer, PERIOD, second.used, second.generation);
@@ -392,60 +396,28 @@ async fn units_counted_in_process_are_added_once_and_only_to_the_count_they_belo
     assert!(redis.share(&customer, &batch, now + 2).await.unwrap());
     // Sent again (a call that timed out and ran after all): added once.
     assert!(redis.share(&customer, &batch, now + 3).await.unwrap());
-    let next = redis
-        .admit(&customer, &policy, PERIOD, 1, now + 4, None)
-        .await
-        .unwrap();
+    let next = admit(now + 4).await.unwrap();
     assert_eq!(next.used, 2 + 7 + 1);
     // Redis loses the count; a new one is made and rebuilt from the ledger, which may hold units
     // counted in process before it: a batch of the old generation is not added to it.
     local.note_unshared(&customer, &fallback);
     let stale = local.take_unshared(&customer, PERIOD).remove(0);
-    let () = redis::cmd("DEL")
-        .arg(&quota_key)
-        .query_async(&mut raw)
-        .await
-        .unwrap();
+    raw(&["DEL", &quota_key]).await;
     assert!(!redis.share(&customer, &stale, now + 5).await.unwrap());
-    let rebuilt = redis
-        .admit(&customer, &policy, PERIOD, 1, now + 6, None)
-        .await
-        .unwrap();
+    let rebuilt = admit(now + 6).await.unwrap();
     assert!(rebuilt.generation.is_some());
     assert_ne!(rebuilt.generation, first.generation);
     assert!(!redis.share(&customer, &stale, now + 7).await.unwrap());
-    assert_eq!(
-        redis
-            .admit(&customer, &policy, PERIOD, 1, now + 8, None)
-            .await
-            .unwrap()
-            .used,
-        2
-    );
+    assert_eq!(admit(now + 8).await.unwrap().used, 2);
     // A count made before generations existed (no `n`), seeded: units go to it.
-    let () = redis::cmd("HDEL")
-        .arg(&quota_key)
-        .arg("n")
-        .query_async(&mut raw)
-        .await
-        .unwrap();
-    let legacy = redis
-        .admit(&customer, &policy, PERIOD, 1, now + 9, None)
-        .await
-        .unwrap();
+    raw(&["HDEL", &quota_key, "n"]).await;
+    let legacy = admit(now + 9).await.unwrap();
     assert_eq!(legacy.generation, Some(-1));
     local.follow(&customer, PERIOD, legacy.used, legacy.generation);
     local.note_unshared(&customer, &fallback);
     let batch = local.take_unshared(&customer, PERIOD).remove(0);
     assert!(redis.share(&customer, &batch, now + 10).await.unwrap());
-    assert_eq!(
-        redis
-            .admit(&customer, &policy, PERIOD, 1, now + 11, None)
-            .await
-            .unwrap()
-            .used,
-        3 + 7 + 1
-    );
+    assert_eq!(admit(now + 11).await.unwrap().used, 3 + 7 + 1);
 }
 
 #[tokio::test]

@@ -25,10 +25,18 @@ struct Counts {
     /// One per window length the customer's plans had, by length: a plan change keeps them.
     windows: Vec<WindowCounts>,
     quota: QuotaCount,
-    /// Quota units counted here while Redis could not be asked, not yet added to Redis.
-    unshared: Vec<Unshared>,
     /// The generation of the customer's quota count in Redis, seeded, when last counted there.
     generation: Option<(Period, i64)>,
+    /// What Redis failures left to settle; absent (one word) for the customers it never
+    /// concerned.
+    fallback: Option<Box<Fallback>>,
+}
+
+/// A customer's quota units counted in process without asking Redis.
+#[derive(Debug, Default)]
+struct Fallback {
+    /// Batches not yet added to Redis.
+    unshared: Vec<Unshared>,
     /// The last batches sent: their tokens, and whether Redis took them (a refund of one of
     /// their units is Redis' to give then, and nobody's when it did not).
     settled: Vec<(u128, bool)>,
@@ -39,11 +47,27 @@ impl Counts {
         Self {
             windows: Vec::new(),
             quota: QuotaCount::new(period),
-            unshared: Vec::new(),
             generation: None,
-            settled: Vec::new(),
+            fallback: None,
         }
     }
+
+    /// Batches not yet added to Redis (none without a fallback).
+    fn unshared(&self) -> &[Unshared] {
+        self.fallback.as_ref().map_or(&[], |f| &f.unshared)
+    }
+
+    /// The fallback state, made on first use.
+    fn fallback(&mut self) -> &mut Fallback {
+        self.fallback.get_or_insert_with(Box::default)
+    }
+}
+
+/// The customer's counts in `shard`, made for `period` if it has none yet.
+fn counts<'a>(shard: &'a mut HashMap<Id, Counts>, customer: &Id, period: Period) -> &'a mut Counts {
+    shard
+        .entry(*customer)
+        .or_insert_with(|| Counts::new(period))
 }
 
 /// Quota units a clustered gateway counted in process while Redis failed: they belong in the
@@ -106,9 +130,7 @@ impl LocalCounters {
         now_ms: i64,
     ) -> Decision {
         let mut shard = self.shard(customer);
-        let counts = shard
-            .entry(*customer)
-            .or_insert_with(|| Counts::new(period));
+        let counts = counts(&mut shard, customer, period);
         counts.quota.roll(period);
         // Forget windows the plan no longer has once nothing counts in them.
         counts
@@ -181,9 +203,7 @@ impl LocalCounters {
     /// overage), once: a second seed of the same period adds nothing.
     pub fn seed(&self, customer: &Id, period: Period, used: u64, overage: u64) {
         let mut shard = self.shard(customer);
-        let counts = shard
-            .entry(*customer)
-            .or_insert_with(|| Counts::new(period));
+        let counts = counts(&mut shard, customer, period);
         counts.quota.roll(period);
         if !counts.quota.seeded {
             counts.quota.used += used;
@@ -198,9 +218,7 @@ impl LocalCounters {
     /// added to.
     pub fn follow(&self, customer: &Id, period: Period, used: u64, generation: Option<i64>) {
         let mut shard = self.shard(customer);
-        let counts = shard
-            .entry(*customer)
-            .or_insert_with(|| Counts::new(period));
+        let counts = counts(&mut shard, customer, period);
         counts.quota.roll(period);
         counts.quota.used = used;
         counts.quota.seeded = true;
@@ -216,15 +234,15 @@ impl LocalCounters {
     /// rebuilt later reads).
     pub fn note_unshared(&self, customer: &Id, reservation: &Reservation) -> Option<u128> {
         let mut shard = self.shard(customer);
-        let counts = shard
-            .entry(*customer)
-            .or_insert_with(|| Counts::new(reservation.period));
+        // Counted in process just before: the customer has counts.
+        let counts = shard.get_mut(customer)?;
         let generation = match counts.generation {
             Some((period, generation)) if period == reservation.period => generation,
             _ => return None,
         };
-        let open = counts
-            .unshared
+        let was_empty = counts.unshared().is_empty();
+        let batches = &mut counts.fallback().unshared;
+        let open = batches
             .iter_mut()
             .find(|u| u.period == reservation.period && u.generation == generation && !u.sealed);
         match open {
@@ -234,11 +252,11 @@ impl LocalCounters {
                 Some(batch.token)
             }
             None => {
-                if counts.unshared.is_empty() {
+                if was_empty {
                     self.unshared.fetch_add(1, Ordering::Relaxed);
                 }
                 let token = uuid::Uuid::new_v4().as_u128();
-                counts.unshared.push(Unshared {
+                batches.push(Unshared {
                     period: reservation.period,
                     units: reservation.units,
                     overage: reservation.overage,
@@ -258,10 +276,10 @@ impl LocalCounters {
     /// up the same whatever their order), or it is forgotten.
     pub fn refund_unshared(&self, customer: &Id, reservation: &Reservation, token: u128) -> bool {
         let mut shard = self.shard(customer);
-        let Some(counts) = shard.get_mut(customer) else {
+        let Some(fallback) = shard.get_mut(customer).and_then(|c| c.fallback.as_mut()) else {
             return false;
         };
-        if let Some(batch) = counts.unshared.iter_mut().find(|u| u.token == token) {
+        if let Some(batch) = fallback.unshared.iter_mut().find(|u| u.token == token) {
             if batch.sealed || batch.units < reservation.units {
                 return false;
             }
@@ -269,7 +287,7 @@ impl LocalCounters {
             batch.overage = batch.overage.saturating_sub(reservation.overage);
             return true;
         }
-        counts
+        fallback
             .settled
             .iter()
             .any(|&(settled, shared)| settled == token && !shared)
@@ -278,10 +296,11 @@ impl LocalCounters {
     /// Remembers that the batch `token` was sent and whether Redis took it (`shared`).
     pub fn settle_unshared(&self, customer: &Id, token: u128, shared: bool) {
         if let Some(counts) = self.shard(customer).get_mut(customer) {
-            if counts.settled.len() == SETTLED_KEPT {
-                counts.settled.remove(0);
+            let settled = &mut counts.fallback().settled;
+            if settled.len() == SETTLED_KEPT {
+                settled.remove(0);
             }
-            counts.settled.push((token, shared));
+            settled.push((token, shared));
         }
     }
 
@@ -293,11 +312,15 @@ impl LocalCounters {
             return Vec::new();
         }
         let mut shard = self.shard(customer);
-        let Some(counts) = shard.get_mut(customer).filter(|c| !c.unshared.is_empty()) else {
+        let Some(fallback) = shard
+            .get_mut(customer)
+            .and_then(|c| c.fallback.as_mut())
+            .filter(|f| !f.unshared.is_empty())
+        else {
             return Vec::new();
         };
         self.unshared.fetch_sub(1, Ordering::Relaxed);
-        let mut taken = std::mem::take(&mut counts.unshared);
+        let mut taken = std::mem::take(&mut fallback.unshared);
         taken.retain(|u| u.period == period && u.units > 0);
         taken
     }
@@ -307,13 +330,11 @@ impl LocalCounters {
     /// gives none back).
     pub fn restore_unshared(&self, customer: &Id, batch: Unshared, sent: bool) {
         let mut shard = self.shard(customer);
-        let counts = shard
-            .entry(*customer)
-            .or_insert_with(|| Counts::new(batch.period));
-        if counts.unshared.is_empty() {
+        let counts = counts(&mut shard, customer, batch.period);
+        if counts.unshared().is_empty() {
             self.unshared.fetch_add(1, Ordering::Relaxed);
         }
-        counts.unshared.push(Unshared {
+        counts.fallback().unshared.push(Unshared {
             sealed: batch.sealed || sent,
             ..batch
         });
@@ -331,13 +352,15 @@ impl LocalCounters {
             let mut shard = shard.lock().unwrap_or_else(PoisonError::into_inner);
             shard.retain(|_, counts| {
                 counts.windows.retain_mut(|w| !w.is_idle(now_ms));
-                let had_unshared = !counts.unshared.is_empty();
-                counts.unshared.retain(|u| u.period.end_ms > now_ms);
-                if had_unshared && counts.unshared.is_empty() {
-                    self.unshared.fetch_sub(1, Ordering::Relaxed);
+                if let Some(fallback) = &mut counts.fallback {
+                    let had_unshared = !fallback.unshared.is_empty();
+                    fallback.unshared.retain(|u| u.period.end_ms > now_ms);
+                    if had_unshared && fallback.unshared.is_empty() {
+                        self.unshared.fetch_sub(1, Ordering::Relaxed);
+                    }
                 }
                 !(counts.windows.is_empty()
-                    && counts.unshared.is_empty()
+                    && counts.unshared().is_empty()
                     && counts.quota.period.end_ms <= now_ms)
             });
             left += shard.len();

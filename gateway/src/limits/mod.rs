@@ -520,4 +520,42 @@ mod tests {
         assert_eq!(december.verdict, Verdict::Admitted);
         assert_eq!(december.used, 1);
     }
+    #[tokio::test]
+    async fn a_sweep_keeps_this_months_counts_and_reports_how_many_customers_are_counted() {
+        let clock = Arc::new(ManualClock::at(START));
+        let metrics = Metrics::new();
+        let limiter = Limiter::local(
+            Arc::clone(&clock) as Arc<dyn Clock>,
+            LimitMetrics::new(&metrics).unwrap(),
+        );
+        let plan = plan(
+            vec![RateLimit {
+                requests: 10,
+                window_seconds: 1,
+            }],
+            Some(Quota {
+                requests: 5,
+                hard: true,
+            }),
+        );
+        let gauge = || {
+            let text = String::from_utf8(metrics.render()).unwrap();
+            text.lines()
+                .find_map(|l| l.strip_prefix("tollgate_limit_customers_counted "))
+                .map(str::to_owned)
+        };
+        for customer in [[3; 16], [4; 16]] {
+            limiter.admit(&customer, &plan, None, 1).await;
+        }
+        // A minute on, within the month: both counts stay, and so does what they counted.
+        clock.advance(60_000);
+        limiter.sweep();
+        assert_eq!(gauge().as_deref(), Some("2"));
+        assert_eq!(limiter.admit(&[3; 16], &plan, None, 1).await.used, 2);
+        // The month is over (2026-12-01): both go.
+        clock.set(START + 5 * 86_400_000);
+        limiter.sweep();
+        assert_eq!(gauge().as_deref(), Some("0"));
+        assert_eq!(limiter.admit(&[3; 16], &plan, None, 1).await.used, 1);
+    }
 }
