@@ -191,6 +191,26 @@ mod tests {
     }
 
     #[test]
+    fn a_plan_without_a_quota_sends_only_its_windows() {
+        let mut windows = decision();
+        windows.quota = None;
+        let values = values(&windows);
+        let names: Vec<&str> = values.iter().map(|(name, _)| *name).collect();
+        assert_eq!(
+            names,
+            [
+                RATELIMIT_POLICY,
+                RATELIMIT,
+                X_RATELIMIT_LIMIT,
+                X_RATELIMIT_REMAINING,
+                X_RATELIMIT_RESET
+            ]
+        );
+        assert_eq!(values[0].1, "\"rate-1s\";q=10;w=1, \"rate-60s\";q=500;w=60");
+        assert_eq!(values[1].1, "\"rate-1s\";r=9;t=2, \"rate-60s\";r=3;t=42");
+    }
+
+    #[test]
     fn a_plan_without_limits_sends_no_headers() {
         let mut empty = decision();
         empty.windows.clear();

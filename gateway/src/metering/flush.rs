@@ -1,9 +1,10 @@
 //! The flusher: a background service that sends closed spool segments to the ledger in batches
 //! and deletes them once sent.
 //!
-//! A pending record (written as a response header went out) is settled by the final record of
-//! the same id, in its segment or a later one; a segment is deleted only when it was sent and
-//! every pending record in it is settled, so a request still running keeps its segment. Pending
+//! A pending record (written as a response header went out) whose request was still running when
+//! its segment closed is settled by the final record of the same id, in a later segment; a
+//! segment is deleted only when it was sent and every pending record in it is settled, so a
+//! request still running keeps its segment. Pending
 //! records left unsettled by an earlier process (it died between a response and its end) are
 //! sent as they are: the client got a response, so the request counts. Sending is idempotent
 //! (the store keeps each event id once), so a segment sent twice (a crash between sending and
@@ -90,19 +91,26 @@ impl Flusher {
                     Record::Final(event) => finals.push(event),
                 }
             }
-            // A pending record is settled by the final record of its id, written after it: in
-            // this segment (nearly always) or a later one.
-            let settled: HashSet<&str> = finals.iter().map(|e| e.id.as_str()).collect();
-            for earlier in segments.values_mut().filter(|s| !s.pending.is_empty()) {
-                earlier
-                    .pending
-                    .retain(|id, _| !settled.contains(id.as_str()));
-            }
-            let pending = pending
-                .into_iter()
-                .filter(|p| !settled.contains(p.id.as_str()))
-                .map(|p| (p.id.clone(), p))
-                .collect();
+            // A pending record is settled by the final record of its id, appended after it in
+            // this segment or a later one. Most requests end while their segment is open, and
+            // their final record is written over the pending one: most segments have no pending
+            // record, and then nothing is looked up.
+            let waiting = !pending.is_empty() || segments.values().any(|s| !s.pending.is_empty());
+            let pending = if waiting {
+                let settled: HashSet<&str> = finals.iter().map(|e| e.id.as_str()).collect();
+                for earlier in segments.values_mut().filter(|s| !s.pending.is_empty()) {
+                    earlier
+                        .pending
+                        .retain(|id, _| !settled.contains(id.as_str()));
+                }
+                pending
+                    .into_iter()
+                    .filter(|p| !settled.contains(p.id.as_str()))
+                    .map(|p| (p.id.clone(), p))
+                    .collect()
+            } else {
+                HashMap::new()
+            };
             segments.insert(
                 seq,
                 Segment {

@@ -2,8 +2,9 @@
 //! crashes.
 //!
 //! The event is written to the [`spool`] as the response header goes out (a *pending* record: the
-//! client is getting a response, so the request counts), and again when the request is over with
-//! its final latency and sizes. The [`flush`]er sends closed segments to the ledger in batches
+//! client is getting a response, so the request counts), and made *final* when the request is over
+//! with its final latency and sizes: rewritten where it lies, or appended when its segment was
+//! closed in between. The [`flush`]er sends closed segments to the ledger in batches
 //! (the embedded store, or the control plane's `POST /v1/gateway/usage`); the store keeps each
 //! event id once, so what is sent twice counts once. A store outage only delays the sending; the
 //! spool is bounded, and a full spool refuses new metered requests (503) rather than lose their
@@ -28,7 +29,7 @@ use std::sync::Arc;
 
 use metrics::MeteringMetrics;
 use record::{Kind, Measures, Usage};
-use spool::Spool;
+use spool::{Place, Spool};
 
 /// The spool and its metrics: what the request path writes usage through.
 #[derive(Debug)]
@@ -44,40 +45,46 @@ impl Meter {
     pub fn append_pending(&self, usage: &Usage<'_>) -> Written {
         let mut line = Vec::with_capacity(256);
         let measures = record::encode(Kind::Pending, usage, &mut line);
-        self.append(&line, Kind::Pending);
+        let place = self.append(&line);
         Written {
             units: usage.units,
             line,
             measures,
+            place,
         }
     }
 
-    /// Appends the final record of `written`, with the request's final latency and sizes.
+    /// Writes the final record of `written`, with the request's final latency and sizes: over
+    /// the pending record where it lies while its segment is open (nearly always: one record per
+    /// request reaches the flusher), else appended (the flusher then settles the pending record
+    /// in an earlier segment with it).
     pub fn append_final(&self, written: &Written, latency_us: u64, bytes_in: u64, bytes_out: u64) {
-        let mut line = Vec::with_capacity(written.line.len() + 16);
-        record::finish(
-            &written.line,
-            written.measures,
-            latency_us,
-            bytes_in,
-            bytes_out,
-            &mut line,
-        );
-        self.append(&line, Kind::Final);
+        let finish = |line: &mut [u8]| {
+            record::finish_in_place(line, written.measures, latency_us, bytes_in, bytes_out);
+        };
+        let rewritten = written
+            .place
+            .is_some_and(|place| self.spool.rewrite(place, &written.line, finish));
+        if rewritten {
+            self.metrics.spooled();
+            return;
+        }
+        let mut line = written.line.clone();
+        finish(&mut line);
+        if self.append(&line).is_some() {
+            self.metrics.spooled();
+        }
     }
 
-    /// Appends a record; a refusal of the disk is logged and counted (the request was already
-    /// answered, so there is nothing else to do with it).
-    fn append(&self, line: &[u8], kind: Kind) {
+    /// Appends a record; where it went, or `None` when the disk refused it, which is logged
+    /// and counted (the request was already answered, so there is nothing else to do with it).
+    fn append(&self, line: &[u8]) -> Option<Place> {
         match self.spool.append(line) {
-            Ok(()) => {
-                if kind == Kind::Final {
-                    self.metrics.spooled();
-                }
-            }
+            Ok(place) => Some(place),
             Err(error) => {
                 self.metrics.spool_error();
                 tracing::error!(%error, "cannot write a usage record to the spool");
+                None
             }
         }
     }
@@ -100,4 +107,110 @@ pub struct Written {
     pub units: u64,
     line: Vec<u8>,
     measures: Measures,
+    /// Where the pending record went; `None` when the disk refused it.
+    place: Option<Place>,
+}
+
+#[cfg(test)]
+mod tests {
+    use tollgate_model::usage::UsageEvent;
+
+    use super::record::Record;
+    use super::spool::SEGMENT_BYTES;
+    use super::*;
+    use crate::metrics::Metrics;
+
+    fn meter(dir: &std::path::Path) -> Meter {
+        Meter {
+            spool: Spool::open(dir, 1 << 30, 0).unwrap(),
+            metrics: MeteringMetrics::new(&Metrics::new()).unwrap(),
+        }
+    }
+
+    fn event(n: u8) -> UsageEvent {
+        UsageEvent {
+            id: format!("evt_{}", hex::encode([n; 16])),
+            request_id: format!("req-{n}"),
+            customer_id: format!("cus_{}", hex::encode([1; 16])),
+            key_id: None,
+            route: "api".into(),
+            method: "GET".into(),
+            status: 200,
+            latency_us: 5,
+            bytes_in: 3,
+            bytes_out: 0,
+            at_ms: 1,
+            units: 1,
+            overage: 0,
+        }
+    }
+
+    fn finished(mut event: UsageEvent) -> UsageEvent {
+        event.latency_us = 900;
+        event.bytes_in = 4;
+        event.bytes_out = 17;
+        event
+    }
+
+    /// The records of every closed segment, by segment (torn lines left out).
+    fn closed(meter: &Meter) -> Vec<Vec<Record>> {
+        let active = meter.spool.tick(i64::MAX, 0).unwrap();
+        meter
+            .spool
+            .closed(active)
+            .unwrap()
+            .iter()
+            .map(|(_, path)| spool::read(path).unwrap().0)
+            .collect()
+    }
+
+    #[test]
+    fn a_request_that_ends_while_its_segment_is_open_leaves_one_final_record() {
+        let dir = tempfile::tempdir().unwrap();
+        let meter = meter(dir.path());
+        let first = meter.append_pending(&Usage::of(&event(1)));
+        let second = meter.append_pending(&Usage::of(&event(2)));
+        meter.append_final(&second, 900, 4, 17);
+        meter.append_final(&first, 900, 4, 17);
+        assert_eq!(
+            closed(&meter),
+            [vec![
+                Record::Final(finished(event(1))),
+                Record::Final(finished(event(2)))
+            ]]
+        );
+    }
+
+    #[test]
+    fn a_request_whose_segment_closed_first_appends_its_final_record_to_the_next() {
+        let dir = tempfile::tempdir().unwrap();
+        let meter = meter(dir.path());
+        let written = meter.append_pending(&Usage::of(&event(1)));
+        let pending = closed(&meter);
+        meter.append_final(&written, 900, 4, 17);
+        let mut segments = pending;
+        segments.extend(closed(&meter).into_iter().skip(1));
+        let [earlier, later] = segments.as_slice() else {
+            panic!("two segments: {segments:?}");
+        };
+        assert!(matches!(earlier.as_slice(), [Record::Pending(p)] if p.id == event(1).id));
+        assert_eq!(later, &[Record::Final(finished(event(1)))]);
+    }
+
+    #[test]
+    fn a_full_segment_not_yet_closed_is_still_finished_in_place() {
+        let dir = tempfile::tempdir().unwrap();
+        let meter = meter(dir.path());
+        let written = meter.append_pending(&Usage::of(&event(1)));
+        // Filled to the brim: the next record starts segment 2, and segment 1 waits for the
+        // flusher's tick, still mapped.
+        let filler = vec![b'#'; usize::try_from(SEGMENT_BYTES).unwrap() - written.line.len()];
+        meter.spool.append(&filler).unwrap();
+        meter.append_pending(&Usage::of(&event(2)));
+        meter.append_final(&written, 900, 4, 17);
+        let segments = closed(&meter);
+        assert_eq!(segments.len(), 2);
+        assert_eq!(segments[0][0], Record::Final(finished(event(1))));
+        assert!(matches!(segments[1].as_slice(), [Record::Pending(_)]));
+    }
 }

@@ -3,12 +3,15 @@
 //! into a [`UsageEvent`].
 //!
 //! ```text
-//! p  evt_…  1795000000123  cus_…  key_…  api  GET  200  1  0  812  0  17  0195…-…
+//! p  evt_…  1795000000123  cus_…  key_…  api  GET  200  1  0  0…0812  0…0  0…017  0195…-…
 //! ```
 //!
 //! Fields, in order: kind (`p` pending, `e` final), event id, time (Unix ms), customer id, key id
 //! (empty for a JWT caller), route, method, status, units, overage units, latency (µs), request
-//! body bytes, response body bytes, request id. Text fields are tokens by the time they get here
+//! body bytes, response body bytes, request id. Latency and sizes are written zero-padded to 20
+//! digits (any `u64`), so that the final record can be written over the pending one where it
+//! lies ([`finish_in_place`]); lines of earlier versions, with shorter numbers, read the same.
+//! Text fields are tokens by the time they get here
 //! (validated route names and request ids, HTTP methods); a tab, line break or backslash in one
 //! would still be escaped (`\t`, `\n`, `\r`, `\\`), so a line always has exactly 14 fields. A
 //! line that does not have them, or whose numbers do not parse, is torn (a crash mid-write) and
@@ -119,13 +122,31 @@ impl<'a> Usage<'a> {
 /// Fields of a line.
 const FIELDS: usize = 14;
 
+/// Digits of a latency or size field: enough for any `u64`, so a field's width never changes.
+const MEASURE_DIGITS: usize = 20;
+
 /// Where the fields a final record changes lie in a line [`encode`] wrote.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Measures {
-    /// Offset of the latency field, the first of latency, bytes in and bytes out.
+    /// Offset of the latency field, the first of latency, bytes in and bytes out; each is
+    /// [`MEASURE_DIGITS`] wide, with a tab between them.
     start: usize,
-    /// Offset of the request id field, the one after them.
-    end: usize,
+}
+
+/// Appends `value` zero-padded to [`MEASURE_DIGITS`] digits.
+fn push_measure(out: &mut Vec<u8>, value: u64) {
+    let start = out.len();
+    out.resize(start + MEASURE_DIGITS, b'0');
+    write_measure(&mut out[start..], value);
+}
+
+/// Writes `value` right-aligned over `field` ([`MEASURE_DIGITS`] bytes), zeros before it.
+fn write_measure(field: &mut [u8], value: u64) {
+    let mut number = itoa::Buffer::new();
+    let digits = number.format(value).as_bytes();
+    let (zeros, tail) = field.split_at_mut(MEASURE_DIGITS - digits.len());
+    zeros.fill(b'0');
+    tail.copy_from_slice(digits);
 }
 
 /// Appends the line of `usage` (its newline included) to `out`; returns where its latency and
@@ -155,35 +176,32 @@ pub fn encode(kind: Kind, usage: &Usage<'_>, out: &mut Vec<u8>) -> Measures {
     let start = out.len() - line_start + 1;
     for number in [usage.latency_us, usage.bytes_in, usage.bytes_out] {
         out.push(b'\t');
-        out.extend_from_slice(numbers.format(number).as_bytes());
+        push_measure(out, number);
     }
-    let end = out.len() - line_start + 1;
     text(out, usage.request_id);
     out.push(b'\n');
-    Measures { start, end }
+    Measures { start }
 }
 
-/// Appends the final record of the pending `line` ([`encode`]d with `measures`) to `out`: the
-/// same fields, with the request's final latency and sizes. A copy and three numbers, where
-/// encoding the whole record again would format its ids and escape its text once more.
-pub fn finish(
-    line: &[u8],
+/// Turns the pending `line` ([`encode`]d with `measures`) into its final record where it lies:
+/// the request's final latency and sizes written over the pending ones, then the kind. Nothing
+/// else of the line changes, and its length stays. The kind is written last: a process killed
+/// midway leaves a pending record (digits only, so it still reads), never a final one with
+/// numbers half written.
+pub fn finish_in_place(
+    line: &mut [u8],
     measures: Measures,
     latency_us: u64,
     bytes_in: u64,
     bytes_out: u64,
-    out: &mut Vec<u8>,
 ) {
-    let mut numbers = itoa::Buffer::new();
-    out.push(b'e');
-    out.extend_from_slice(&line[1..measures.start]);
-    out.extend_from_slice(numbers.format(latency_us).as_bytes());
-    out.push(b'\t');
-    out.extend_from_slice(numbers.format(bytes_in).as_bytes());
-    out.push(b'\t');
-    out.extend_from_slice(numbers.format(bytes_out).as_bytes());
-    out.push(b'\t');
-    out.extend_from_slice(&line[measures.end..]);
+    let mut start = measures.start;
+    for value in [latency_us, bytes_in, bytes_out] {
+        write_measure(&mut line[start..start + MEASURE_DIGITS], value);
+        start += MEASURE_DIGITS + 1;
+    }
+    std::sync::atomic::compiler_fence(std::sync::atomic::Ordering::Release);
+    line[0] = b'e';
 }
 
 /// Bytes a field escapes: tab, line feed, carriage return and backslash.
@@ -234,8 +252,31 @@ fn unescape(field: &[u8]) -> Option<String> {
     String::from_utf8(out).ok()
 }
 
-fn number<T: std::str::FromStr>(field: &[u8]) -> Option<T> {
-    std::str::from_utf8(field).ok()?.parse().ok()
+/// A field of decimal digits as a `T`; `None` for anything else, or a value `T` cannot hold.
+/// Read straight from the bytes: a line holds six numbers, the three measures 20 digits long.
+fn number<T: TryFrom<u64>>(field: &[u8]) -> Option<T> {
+    T::try_from(digits(field)?).ok()
+}
+
+/// A field of decimal digits, with a `-` before them for a negative value.
+fn signed(field: &[u8]) -> Option<i64> {
+    match field.split_first() {
+        Some((b'-', magnitude)) => 0i64.checked_sub_unsigned(digits(magnitude)?),
+        _ => i64::try_from(digits(field)?).ok(),
+    }
+}
+
+fn digits(field: &[u8]) -> Option<u64> {
+    if field.is_empty() {
+        return None;
+    }
+    field.iter().try_fold(0u64, |value, &byte| {
+        let digit = byte.wrapping_sub(b'0');
+        if digit > 9 {
+            return None;
+        }
+        value.checked_mul(10)?.checked_add(u64::from(digit))
+    })
 }
 
 /// The record of one line (without its newline); `None` for a torn or foreign line. A pending
@@ -310,7 +351,7 @@ fn event(fields: &[&[u8]; FIELDS]) -> Option<UsageEvent> {
         latency_us: number(latency_us)?,
         bytes_in: number(bytes_in)?,
         bytes_out: number(bytes_out)?,
-        at_ms: number(at_ms)?,
+        at_ms: signed(at_ms)?,
         units: number(units)?,
         overage: number(overage)?,
     };
@@ -365,7 +406,7 @@ mod tests {
     }
 
     #[test]
-    fn the_final_record_finished_from_the_pending_line_is_the_final_record_encoded() {
+    fn the_pending_line_finished_in_place_is_the_final_record_encoded() {
         let mut odd = event();
         odd.key_id = None;
         odd.request_id = "tab\there\\".into();
@@ -377,15 +418,8 @@ mod tests {
                 done.latency_us = latency_us;
                 done.bytes_in = bytes_in;
                 done.bytes_out = bytes_out;
-                let mut finished = Vec::new();
-                finish(
-                    &pending,
-                    measures,
-                    latency_us,
-                    bytes_in,
-                    bytes_out,
-                    &mut finished,
-                );
+                let mut finished = pending.clone();
+                finish_in_place(&mut finished, measures, latency_us, bytes_in, bytes_out);
                 assert_eq!(
                     String::from_utf8_lossy(&finished),
                     String::from_utf8_lossy(&line(Kind::Final, &done))
@@ -405,10 +439,13 @@ mod tests {
         assert_eq!(
             String::from_utf8(pending.clone()).unwrap(),
             format!(
-                "p\t{}\t1795000000123\t{}\t{}\tapi\tGET\t200\t1\t0\t812\t0\t17\t{}\n",
+                "p\t{}\t1795000000123\t{}\t{}\tapi\tGET\t200\t1\t0\t{:020}\t{:020}\t{:020}\t{}\n",
                 event.id,
                 event.customer_id,
                 event.key_id.as_deref().unwrap(),
+                812,
+                0,
+                17,
                 event.request_id
             )
         );
@@ -424,6 +461,42 @@ mod tests {
         jwt.at_ms = -5;
         let last = line(Kind::Final, &jwt);
         assert_eq!(decode(&last[..last.len() - 1]), Some(Record::Final(jwt)));
+        // Lines of earlier versions have their numbers as short as they are.
+        let Some(Record::Final(short)) =
+            decode(b"e\tevt_1\t1\tcus_1\t\tr\tGET\t200\t1\t0\t812\t0\t17\tid")
+        else {
+            panic!("a line with short numbers is a record");
+        };
+        assert_eq!(
+            (short.latency_us, short.bytes_in, short.bytes_out),
+            (812, 0, 17)
+        );
+    }
+
+    #[test]
+    fn numbers_are_digits_only_and_fit_their_type() {
+        assert_eq!(number::<u64>(b"00000000000000000812"), Some(812));
+        assert_eq!(number::<u64>(b"18446744073709551615"), Some(u64::MAX));
+        assert_eq!(number::<u64>(b"18446744073709551616"), None);
+        assert_eq!(number::<u16>(b"599"), Some(599));
+        assert_eq!(number::<u16>(b"70000"), None);
+        for junk in [
+            &b""[..],
+            b"+1",
+            b"-1",
+            b"1 ",
+            b"1e3",
+            b"0x10",
+            "١".as_bytes(),
+        ] {
+            assert_eq!(number::<u64>(junk), None, "{junk:?}");
+        }
+        assert_eq!(signed(b"-5"), Some(-5));
+        assert_eq!(signed(b"1795000000123"), Some(1_795_000_000_123));
+        assert_eq!(signed(b"-9223372036854775808"), Some(i64::MIN));
+        assert_eq!(signed(b"9223372036854775808"), None);
+        assert_eq!(signed(b"-"), None);
+        assert_eq!(signed(b"--1"), None);
     }
 
     #[test]

@@ -59,18 +59,20 @@ impl Mapped {
         self.file.try_clone()
     }
 
-    /// Copies `line` after the records; `false` when it does not fit.
-    pub fn push(&mut self, line: &[u8]) -> bool {
-        let Some(map) = self.map.as_mut() else {
-            return false;
-        };
-        let end = self.len + line.len();
-        let Some(room) = map.get_mut(self.len..end) else {
-            return false;
-        };
+    /// Copies `line` after the records; where it starts, or `None` when it does not fit.
+    pub fn push(&mut self, line: &[u8]) -> Option<usize> {
+        let start = self.len;
+        let end = start + line.len();
+        let room = self.map.as_mut()?.get_mut(start..end)?;
         room.copy_from_slice(line);
         self.len = end;
-        true
+        Some(start)
+    }
+
+    /// The record bytes at `start..start + len`, while the segment is mapped.
+    pub fn record_mut(&mut self, start: usize, len: usize) -> Option<&mut [u8]> {
+        let end = start.checked_add(len).filter(|&end| end <= self.len)?;
+        self.map.as_mut()?.get_mut(start..end)
     }
 
     /// Unmaps the segment, cuts its file to the records and syncs it.

@@ -63,6 +63,13 @@ struct Segments {
     full: Vec<(u64, Mapped)>,
 }
 
+/// Where a record was appended: its segment and its offset in it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Place {
+    seq: u64,
+    start: usize,
+}
+
 /// The spool directory and its active segment.
 #[derive(Debug)]
 pub struct Spool {
@@ -146,8 +153,9 @@ impl Spool {
         self.first_own_seq
     }
 
-    /// Appends one record: a whole line, its newline included ([`record::encode`]).
-    pub fn append(&self, line: &[u8]) -> std::io::Result<()> {
+    /// Appends one record: a whole line, its newline included ([`record::encode`]). Returns
+    /// where it went, for [`rewrite`](Self::rewrite).
+    pub fn append(&self, line: &[u8]) -> std::io::Result<Place> {
         if line.len() as u64 > SEGMENT_BYTES {
             return Err(std::io::Error::new(
                 std::io::ErrorKind::InvalidInput,
@@ -160,17 +168,51 @@ impl Spool {
         // Held for one copy of one line, and once a segment (4 MiB of records) for creating the
         // next one; nothing else happens under it.
         let mut segments = self.segments.lock().unwrap_or_else(PoisonError::into_inner);
-        if !segments.active.segment.push(line) {
-            let opened_ms = segments.active.opened_ms;
-            if let Err(error) = self.rotate(&mut segments, opened_ms) {
-                self.stalled.store(true, Ordering::Relaxed);
-                return Err(error);
+        let start = match segments.active.segment.push(line) {
+            Some(start) => start,
+            None => {
+                let opened_ms = segments.active.opened_ms;
+                if let Err(error) = self.rotate(&mut segments, opened_ms) {
+                    self.stalled.store(true, Ordering::Relaxed);
+                    return Err(error);
+                }
+                let pushed = segments.active.segment.push(line);
+                debug_assert!(
+                    pushed.is_some(),
+                    "a line no longer than a segment fits a new one"
+                );
+                pushed.unwrap_or(0)
             }
-            let pushed = segments.active.segment.push(line);
-            debug_assert!(pushed, "a line no longer than a segment fits a new one");
-        }
+        };
         self.bytes.fetch_add(line.len() as u64, Ordering::Relaxed);
-        Ok(())
+        Ok(Place {
+            seq: segments.active.seq,
+            start,
+        })
+    }
+
+    /// Changes the record `line` appended at `place` with `change`, where it lies, if its
+    /// segment is still mapped (active, or full and not yet closed by [`tick`](Self::tick)) and
+    /// holds that line there; `false` otherwise, and nothing changed. `change` keeps the line's
+    /// length. A closed segment is never changed: the flusher may be reading it.
+    pub fn rewrite(&self, place: Place, line: &[u8], change: impl FnOnce(&mut [u8])) -> bool {
+        let mut segments = self.segments.lock().unwrap_or_else(PoisonError::into_inner);
+        let Segments { active, full } = &mut *segments;
+        let segment = if active.seq == place.seq {
+            Some(&mut active.segment)
+        } else {
+            full.iter_mut()
+                .find(|(seq, _)| *seq == place.seq)
+                .map(|(_, segment)| segment)
+        };
+        let Some(record) = segment.and_then(|s| s.record_mut(place.start, line.len())) else {
+            return false;
+        };
+        if record != line {
+            return false;
+        }
+        change(record);
+        true
     }
 
     /// Starts the next segment; the closed one waits in `full` for the flusher's next tick. If
