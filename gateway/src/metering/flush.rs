@@ -2,7 +2,8 @@
 //! and deletes them once sent.
 //!
 //! A pending record (written as a response header went out) whose request was still running when
-//! its segment closed is settled by the final record of the same id, in a later segment; a
+//! its segment closed is settled by the final record of the same id, in a later segment (in
+//! segments of earlier versions, which appended every final record, often the same one); a
 //! segment is deleted only when it was sent and every pending record in it is settled, so a
 //! request still running keeps its segment. Pending
 //! records left unsettled by an earlier process (it died between a response and its end) are

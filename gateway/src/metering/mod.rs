@@ -57,7 +57,7 @@ impl Meter {
     /// Writes the final record of `written`, with the request's final latency and sizes: over
     /// the pending record where it lies while its segment is open (nearly always: one record per
     /// request reaches the flusher), else appended (the flusher then settles the pending record
-    /// in an earlier segment with it).
+    /// in an earlier segment with it; or the pending record could not be written at all).
     pub fn append_final(&self, written: &Written, latency_us: u64, bytes_in: u64, bytes_out: u64) {
         let finish = |line: &mut [u8]| {
             record::finish_in_place(line, written.measures, latency_us, bytes_in, bytes_out);

@@ -31,7 +31,9 @@ pub enum Record {
 }
 
 /// A pending record as read back: its event id, and its line, decoded only if no final record
-/// settles it (most are settled: the final record follows within the request's duration).
+/// settles it. Most requests end while their segment is open and their pending line becomes the
+/// final one in place; one read back as pending was still running when its segment closed (its
+/// final record is in a later segment) or was cut short by a crash.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Pending {
     /// The event id.
@@ -150,7 +152,7 @@ fn write_measure(field: &mut [u8], value: u64) {
 }
 
 /// Appends the line of `usage` (its newline included) to `out`; returns where its latency and
-/// sizes lie in it, so that [`finish`] can write the final record from it.
+/// sizes lie in it, so that [`finish_in_place`] can make it the final record.
 pub fn encode(kind: Kind, usage: &Usage<'_>, out: &mut Vec<u8>) -> Measures {
     let line_start = out.len();
     let mut numbers = itoa::Buffer::new();
@@ -186,8 +188,11 @@ pub fn encode(kind: Kind, usage: &Usage<'_>, out: &mut Vec<u8>) -> Measures {
 /// Turns the pending `line` ([`encode`]d with `measures`) into its final record where it lies:
 /// the request's final latency and sizes written over the pending ones, then the kind. Nothing
 /// else of the line changes, and its length stays. The kind is written last: a process killed
-/// midway leaves a pending record (digits only, so it still reads), never a final one with
-/// numbers half written.
+/// midway leaves a pending record (digits only, so it still reads; its latency and sizes may mix
+/// old and new digits, its units are whole), never a final one with numbers half written. That
+/// order holds for a killed process, whose stores reach the page cache in program order; a
+/// power loss before the next sync can keep any of the line's pages, so a line across a page
+/// boundary may come back final with some pending digits, its units still whole.
 pub fn finish_in_place(
     line: &mut [u8],
     measures: Measures,

@@ -115,8 +115,10 @@ fn allocate(file: &mut File) -> std::io::Result<()> {
 /// Maps a segment's whole file, shared: copies into it are the file's page cache.
 #[allow(unsafe_code)]
 fn map(file: &File) -> std::io::Result<MmapMut> {
-    // SAFETY: the mapping is only written through `Mapped::push`, within its length, under the
-    // spool's mutex, and never read while mapped. The file is this process's own: created here
+    // SAFETY: the mapping is only touched through `Mapped::push` (a copy after the records) and
+    // `Mapped::record_mut` (a record already copied, compared and rewritten in place), within the
+    // file's length, under the spool's mutex; nothing else reads it while mapped, and it is
+    // unmapped before the file is cut. The file is this process's own: created here
     // with `create_new`, at its full size, and cut only after it is unmapped. Another process
     // cutting it short would make a copy fault; the spool's documentation (and the README) say
     // that the spool directory belongs to one gateway.

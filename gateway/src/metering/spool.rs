@@ -166,7 +166,8 @@ impl Spool {
             ));
         }
         // Held for one copy of one line, and once a segment (4 MiB of records) for creating the
-        // next one; nothing else happens under it.
+        // next one; otherwise only `rewrite` (one line compared and rewritten) and `tick` (taking
+        // the full segments out) take it.
         let mut segments = self.segments.lock().unwrap_or_else(PoisonError::into_inner);
         let start = match segments.active.segment.push(line) {
             Some(start) => start,
@@ -176,12 +177,10 @@ impl Spool {
                     self.stalled.store(true, Ordering::Relaxed);
                     return Err(error);
                 }
-                let pushed = segments.active.segment.push(line);
-                debug_assert!(
-                    pushed.is_some(),
-                    "a line no longer than a segment fits a new one"
-                );
-                pushed.unwrap_or(0)
+                // A line no longer than a segment fits a new one.
+                segments.active.segment.push(line).ok_or_else(|| {
+                    std::io::Error::other("a usage record does not fit a new segment")
+                })?
             }
         };
         self.bytes.fetch_add(line.len() as u64, Ordering::Relaxed);
