@@ -58,7 +58,7 @@ impl Meter {
     /// the pending record where it lies while its segment is open (nearly always: one record per
     /// request reaches the flusher), else appended (the flusher then settles the pending record
     /// in an earlier segment with it; or the pending record could not be written at all).
-    pub fn append_final(&self, written: &Written, latency_us: u64, bytes_in: u64, bytes_out: u64) {
+    pub fn write_final(&self, written: &Written, latency_us: u64, bytes_in: u64, bytes_out: u64) {
         let finish = |line: &mut [u8]| {
             record::finish_in_place(line, written.measures, latency_us, bytes_in, bytes_out);
         };
@@ -170,8 +170,8 @@ mod tests {
         let meter = meter(dir.path());
         let first = meter.append_pending(&Usage::of(&event(1)));
         let second = meter.append_pending(&Usage::of(&event(2)));
-        meter.append_final(&second, 900, 4, 17);
-        meter.append_final(&first, 900, 4, 17);
+        meter.write_final(&second, 900, 4, 17);
+        meter.write_final(&first, 900, 4, 17);
         assert_eq!(
             closed(&meter),
             [vec![
@@ -187,7 +187,7 @@ mod tests {
         let meter = meter(dir.path());
         let written = meter.append_pending(&Usage::of(&event(1)));
         let pending = closed(&meter);
-        meter.append_final(&written, 900, 4, 17);
+        meter.write_final(&written, 900, 4, 17);
         let mut segments = pending;
         segments.extend(closed(&meter).into_iter().skip(1));
         let [earlier, later] = segments.as_slice() else {
@@ -207,7 +207,7 @@ mod tests {
         let filler = vec![b'#'; usize::try_from(SEGMENT_BYTES).unwrap() - written.line.len()];
         meter.spool.append(&filler).unwrap();
         meter.append_pending(&Usage::of(&event(2)));
-        meter.append_final(&written, 900, 4, 17);
+        meter.write_final(&written, 900, 4, 17);
         let segments = closed(&meter);
         assert_eq!(segments.len(), 2);
         assert_eq!(segments[0][0], Record::Final(finished(event(1))));

@@ -127,7 +127,7 @@ pub async fn settle(gateway: &Gateway, session: &Session, ctx: &mut RequestCtx) 
     {
         None => true,
         Some((metered, written)) => {
-            metered.meter.append_final(
+            metered.meter.write_final(
                 written,
                 latency_us(ctx),
                 session.body_bytes_read() as u64,
