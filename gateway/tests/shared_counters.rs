@@ -531,3 +531,44 @@ async fn keys_live_as_long_as_what_they_count_and_are_extended_only_by_a_new_buc
     assert!(quota_again <= quota_ttl, "{quota_again}");
     assert!(quota_again > PERIOD.end_ms - start - 1_000, "{quota_again}");
 }
+
+#[test]
+fn requests_call_redis_through_a_connection_their_own_runtime_drives() {
+    // The background connection, made on a runtime of its own whose workers drive it, as the
+    // gateway's background service does.
+    let background = tokio::runtime::Runtime::new().unwrap();
+    let redis = background.block_on(counters());
+    assert!(redis.is_connected());
+    assert!(!redis.is_near());
+    let requests = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let policy = Policy {
+        rate_limits: &[],
+        quota: Some(QuotaLimit {
+            limit: 10,
+            hard: true,
+        }),
+    };
+    let customer = [9; 16];
+    let admit = |at: i64| {
+        requests.block_on(redis.admit(&customer, &policy, PERIOD, 1, PERIOD.start_ms + at, None))
+    };
+    // Until the near connection is made, calls go through the background one.
+    assert_eq!(admit(0).unwrap().used, 1);
+    requests.block_on(async {
+        redis.connect_near(PERIOD.start_ms);
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        while !redis.is_near() {
+            assert!(std::time::Instant::now() < deadline, "no near connection");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    });
+    // With the background runtime gone its connection has no driver, so calls answered now
+    // went through the connection the requests' runtime drives.
+    background.shutdown_background();
+    for at in 1..5 {
+        assert_eq!(admit(at).unwrap().used, 1 + at as u64);
+    }
+}

@@ -238,6 +238,7 @@ impl Limiter {
         let policy = Policy::of(plan);
         let mut decision = None;
         if let Some(redis) = &self.redis {
+            redis.connect_near(now);
             self.share_unshared(redis, customer, period, now).await;
             let ledger = self.ledger.get().map(|l| l.as_ref());
             match redis

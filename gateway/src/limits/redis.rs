@@ -15,6 +15,11 @@
 //! counted between the flush and the seed (one ledger read, bounded by a timeout) are added to,
 //! not lost.
 //!
+//! Two connections: the background service makes one at start (it loads the scripts, and
+//! [`RedisCounters::is_connected`] reports it), and the first requests make a second on the
+//! runtime that serves them, which every call goes through once made. A call through the first
+//! crosses to the background runtime's thread and back (BENCHMARKS.md has what the second saves).
+//!
 //! A call that fails or takes longer than `timeout` is not retried on the request path: the
 //! request is counted in process instead (see [`super::Limiter`]), and for `retry_after` every
 //! request is, without waiting on Redis; then the next request tries Redis again.
@@ -114,7 +119,16 @@ impl redis::FromRedisValue for Numbers {
 #[derive(Debug)]
 pub struct RedisCounters {
     settings: Redis,
+    /// Made at start by the background service, which drives it on its own runtime: readiness,
+    /// and every call until `near` is made.
     connection: ArcSwapOption<Connection>,
+    /// A second connection, made by the first requests on the runtime that serves them, whose
+    /// workers then drive it themselves. Through `connection`, every call crosses to the
+    /// background runtime's thread and back (two thread wake-ups per request, each a context
+    /// switch on a busy vCPU); through this one it does not.
+    near: Arc<ArcSwapOption<Connection>>,
+    /// Unix ms of the last attempt at making `near` (0: none yet).
+    near_tried_ms: AtomicI64,
     admit: Script,
     seed: Script,
     refund: Script,
@@ -152,6 +166,8 @@ impl RedisCounters {
         Ok(Self {
             settings,
             connection: ArcSwapOption::empty(),
+            near: Arc::new(ArcSwapOption::empty()),
+            near_tried_ms: AtomicI64::new(0),
             admit: Script::new(ADMIT_SCRIPT),
             seed: Script::new(SEED_SCRIPT),
             refund: Script::new(REFUND_SCRIPT),
@@ -166,34 +182,7 @@ impl RedisCounters {
     /// then every request is counted in process; after, a single server's connection reconnects
     /// by itself, and a cluster's follows its slots.
     pub async fn connect(&self) -> RedisResult<()> {
-        // The request path gives up after `timeout`; the connection itself waits longer, so a
-        // slow answer is not mistaken for a broken connection.
-        let connection = match &self.settings.nodes {
-            RedisNodes::Single(url) => {
-                let config = ConnectionManagerConfig::new()
-                    .set_connection_timeout(Some(CONNECT_TIMEOUT))
-                    .set_response_timeout(Some(CONNECTION_RESPONSE_TIMEOUT))
-                    .set_number_of_retries(3)
-                    .set_max_delay(Duration::from_secs(1));
-                let client = match self.tls_certificates()? {
-                    Some(certificates) => {
-                        redis::Client::build_with_tls(url.as_str(), certificates)?
-                    }
-                    None => redis::Client::open(url.as_str())?,
-                };
-                Connection::Single(ConnectionManager::new_with_config(client, config).await?)
-            }
-            RedisNodes::Cluster(urls) => {
-                let mut builder = ClusterClient::builder(urls.iter().map(String::as_str))
-                    .connection_timeout(CONNECT_TIMEOUT)
-                    .response_timeout(CONNECTION_RESPONSE_TIMEOUT);
-                if let Some(certificates) = self.tls_certificates()? {
-                    builder = builder.certs(certificates);
-                }
-                let client = builder.build()?;
-                Connection::Cluster(client.get_async_connection().await?)
-            }
-        };
+        let connection = open(&self.settings, self.tls_certificates()?).await?;
         // Loaded everywhere up front: a script call is then one EVALSHA.
         for (script, source) in [
             (&self.admit, ADMIT_SCRIPT),
@@ -221,6 +210,43 @@ impl RedisCounters {
         }
         self.connection.store(Some(Arc::new(connection)));
         Ok(())
+    }
+
+    /// Starts making the request path's own connection on the runtime this is called from,
+    /// once the background one is made (so the scripts are loaded), and again at most once a
+    /// second until it is made. Until then calls go through the background connection.
+    pub fn connect_near(&self, now_ms: i64) {
+        const RETRY_MS: i64 = 1000;
+        if self.near.load().is_some() || self.connection.load().is_none() {
+            return;
+        }
+        let tried = self.near_tried_ms.load(Ordering::Relaxed);
+        if now_ms.saturating_sub(tried) < RETRY_MS
+            || self
+                .near_tried_ms
+                .compare_exchange(tried, now_ms, Ordering::Relaxed, Ordering::Relaxed)
+                .is_err()
+        {
+            return;
+        }
+        let Ok(certificates) = self.tls_certificates() else {
+            return;
+        };
+        let settings = self.settings.clone();
+        let near = self.near.clone();
+        tokio::spawn(async move {
+            match open(&settings, certificates).await {
+                Ok(connection) => near.store(Some(Arc::new(connection))),
+                Err(error) => {
+                    tracing::warn!(%error, "shared counters: cannot make the request path's connection; calls go through the background one");
+                }
+            }
+        });
+    }
+
+    /// Whether the request path's own connection is made.
+    pub fn is_near(&self) -> bool {
+        self.near.load().is_some()
     }
 
     /// The certificate authorities of `tls_ca_file`, when set (a `rediss://` URL without it
@@ -267,7 +293,10 @@ impl RedisCounters {
         invocation: &ScriptInvocation<'_>,
         now_ms: i64,
     ) -> Result<T, Failure> {
-        let connection = self.connection.load_full();
+        let connection = self
+            .near
+            .load_full()
+            .or_else(|| self.connection.load_full());
         let Some(connection) =
             connection.filter(|_| now_ms >= self.down_until_ms.load(Ordering::Relaxed))
         else {
@@ -531,6 +560,39 @@ if redis.call('EXISTS', KEYS[1]) == 1 then
 end
 return 0
 ";
+
+/// Opens a connection to the counters, driven by the runtime this is called on: one server's
+/// reconnects by itself, a cluster's follows its slots.
+async fn open(
+    settings: &Redis,
+    certificates: Option<redis::TlsCertificates>,
+) -> RedisResult<Connection> {
+    // The request path gives up after `timeout`; the connection itself waits longer, so a slow
+    // answer is not mistaken for a broken connection.
+    Ok(match &settings.nodes {
+        RedisNodes::Single(url) => {
+            let config = ConnectionManagerConfig::new()
+                .set_connection_timeout(Some(CONNECT_TIMEOUT))
+                .set_response_timeout(Some(CONNECTION_RESPONSE_TIMEOUT))
+                .set_number_of_retries(3)
+                .set_max_delay(Duration::from_secs(1));
+            let client = match certificates {
+                Some(certificates) => redis::Client::build_with_tls(url.as_str(), certificates)?,
+                None => redis::Client::open(url.as_str())?,
+            };
+            Connection::Single(ConnectionManager::new_with_config(client, config).await?)
+        }
+        RedisNodes::Cluster(urls) => {
+            let mut builder = ClusterClient::builder(urls.iter().map(String::as_str))
+                .connection_timeout(CONNECT_TIMEOUT)
+                .response_timeout(CONNECTION_RESPONSE_TIMEOUT);
+            if let Some(certificates) = certificates {
+                builder = builder.certs(certificates);
+            }
+            Connection::Cluster(builder.build()?.get_async_connection().await?)
+        }
+    })
+}
 
 /// Connects the shared counters in the background, retrying until it can, then holds its runtime
 /// (which drives the connection) until shutdown.
