@@ -1499,6 +1499,64 @@ async fn every_answer_has_its_pinned_shape(db: &Db) {
     );
 }
 
+async fn waiting_gateways_share_one_reader_and_learn_of_any_process_s_change(db: &Db) {
+    use tollgate_control_plane::api::{AppState, app};
+    let state = AppState::new(db.store.clone());
+    let here = app(state.clone());
+    // Another control-plane process on the same database: its writes are not announced here.
+    let elsewhere = db.app();
+    let gateway = db.gateway_token().await;
+    let (_, customer) = customer_on_a_plan(&here, db).await;
+    let customer_path = format!("/v1/customers/{}", customer["id"].as_str().unwrap());
+    for (writer, status) in [(&here, "suspended"), (&elsewhere, "active")] {
+        let (_, at, _) = call(
+            &here,
+            "GET",
+            "/v1/gateway/changes?since=0",
+            Some(&gateway),
+            None,
+        )
+        .await;
+        let version = at["version"].as_i64().unwrap();
+        let reads_before = state.versions.reads();
+        let waiting: Vec<_> = (0..50)
+            .map(|_| {
+                let here = here.clone();
+                let gateway = gateway.clone();
+                tokio::spawn(async move {
+                    let path = format!("/v1/gateway/changes?since={version}&wait_ms=10000");
+                    call(&here, "GET", &path, Some(&gateway), None).await.1
+                })
+            })
+            .collect();
+        tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+        let changed_at = std::time::Instant::now();
+        let (answer, _, _) = call(
+            writer,
+            "PATCH",
+            &customer_path,
+            Some(&db.admin),
+            Some(json!({"status": status})),
+        )
+        .await;
+        assert_eq!(answer, StatusCode::OK);
+        for waiter in waiting {
+            let changes = waiter.await.unwrap();
+            assert_eq!(changes["version"], version + 1, "{changes}");
+            assert_eq!(changes["changes"][0]["customer"]["status"], status);
+        }
+        assert!(
+            changed_at.elapsed() < std::time::Duration::from_secs(1),
+            "every waiting gateway learns of the change within a second"
+        );
+        // 50 gateways polling the store themselves every 100 ms would have read it about 250
+        // times while they waited; one reader reads it about 5 times (and a few more as they
+        // arrive and when the change is written here).
+        let reads = state.versions.reads() - reads_before;
+        assert!(reads <= 25, "the store's version was read {reads} times");
+    }
+}
+
 on_both_backends!(
     every_answer_has_its_pinned_shape,
     creates_reads_and_lists_plans,
@@ -1514,4 +1572,5 @@ on_both_backends!(
     the_snapshot_streams_as_gzip_or_json_and_follows_each_change,
     metrics_count_requests_by_route_pattern,
     readiness_reports_the_store,
+    waiting_gateways_share_one_reader_and_learn_of_any_process_s_change,
 );

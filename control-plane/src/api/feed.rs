@@ -2,17 +2,26 @@
 //! - `GET /v1/gateway/snapshot`: everything enforced, at a config version.
 //! - `GET /v1/gateway/changes?since=V&wait_ms=N`: the changes after `V`, in order; when there is
 //!   none yet, the request waits up to `wait_ms` (at most 30 s) and answers as soon as one is
-//!   committed. The store is polled every 100 ms while waiting, which also sees changes made by
-//!   other control-plane processes on the same database.
+//!   committed.
+//!
+//! **Waiting.** However many gateways wait, one task per process reads the store's latest
+//! version for all of them ([`Versions`]): every 100 ms while any waits, which sees changes made
+//! by other control-plane processes on the same database, and at once after a write through this
+//! process's API. A waiting request reads its changes only when the version moved. (Each waiting
+//! request polling the store itself cost 10 queries a second per gateway.)
 
-use std::time::{Duration, Instant};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
 
 use axum::Json;
 use axum::body::Body;
-use axum::extract::State;
-use axum::http::{HeaderMap, HeaderValue, header};
+use axum::extract::{Request, State};
+use axum::http::{HeaderMap, HeaderValue, Method, header};
+use axum::middleware::Next;
 use axum::response::Response;
 use serde::Deserialize;
+use tokio::sync::{Notify, watch};
 use tollgate_model::feed::{Changes, SNAPSHOT_VERSION_HEADER as VERSION_HEADER, Snapshot};
 use utoipa::IntoParams;
 
@@ -21,6 +30,7 @@ use super::auth::GatewayCaller;
 use super::body::{Query, error};
 use super::error::ApiError;
 use super::openapi::FeedProblems;
+use crate::store::Store;
 
 const MAX_WAIT: Duration = Duration::from_secs(30);
 const POLL: Duration = Duration::from_millis(100);
@@ -118,12 +128,147 @@ pub async fn changes(
             "since is not a version of this store: fetch the snapshot again".into(),
         ));
     }
-    let deadline = Instant::now() + wait;
+    let deadline = tokio::time::Instant::now() + wait;
+    // Subscribed before reading, so a version read after this read is not missed.
+    let mut moved = state.versions.subscribe(&state.store);
     loop {
         let changes = state.store.changes_since(query.since, limit).await?;
-        if !changes.changes.is_empty() || Instant::now() >= deadline {
+        if !changes.changes.is_empty()
+            || tokio::time::timeout_at(deadline, moved.changed())
+                .await
+                .is_err()
+        {
             return Ok(Json(changes));
         }
-        tokio::time::sleep(POLL.min(deadline.saturating_duration_since(Instant::now()))).await;
     }
+}
+
+/// The store's latest config version, read by one task for every waiting request.
+#[derive(Debug, Clone, Default)]
+pub struct Versions {
+    shared: Arc<Shared>,
+}
+
+#[derive(Debug)]
+struct Shared {
+    /// The latest version read; sent only when it grows.
+    latest: watch::Sender<i64>,
+    /// Reads the version now: a write went through this process, or the first request waits.
+    read_now: Notify,
+    /// The reading task, once started (started again if its runtime ended).
+    reader: std::sync::Mutex<Option<tokio::task::JoinHandle<()>>>,
+    /// Reads of the store's version so far.
+    reads: AtomicU64,
+}
+
+impl Default for Shared {
+    fn default() -> Self {
+        Self {
+            latest: watch::Sender::new(0),
+            read_now: Notify::new(),
+            reader: std::sync::Mutex::new(None),
+            reads: AtomicU64::new(0),
+        }
+    }
+}
+
+impl Versions {
+    /// A receiver whose `changed` resolves when the version grows past what it has seen (the
+    /// latest read, when subscribing). Starts the reading task on the first call, on the
+    /// caller's runtime.
+    pub fn subscribe(&self, store: &Store) -> VersionReceiver {
+        let receiver = self.shared.latest.subscribe();
+        {
+            let mut reader = self
+                .shared
+                .reader
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            if reader
+                .as_ref()
+                .is_none_or(tokio::task::JoinHandle::is_finished)
+            {
+                *reader = Some(tokio::spawn(read_versions(
+                    Arc::clone(&self.shared),
+                    store.clone(),
+                )));
+            }
+        }
+        self.shared.read_now.notify_one();
+        VersionReceiver(receiver)
+    }
+
+    /// A write went through this process: waiting gateways learn of it now rather than at the
+    /// next read.
+    pub fn written(&self) {
+        self.shared.read_now.notify_one();
+    }
+
+    /// How many times the store's version has been read.
+    pub fn reads(&self) -> u64 {
+        self.shared.reads.load(Ordering::Relaxed)
+    }
+}
+
+/// Told when the store's version grows.
+#[derive(Debug)]
+pub struct VersionReceiver(watch::Receiver<i64>);
+
+impl VersionReceiver {
+    /// Resolves once a version greater than every one this receiver has seen is read.
+    pub async fn changed(&mut self) {
+        if self.0.changed().await.is_err() {
+            // The sender lives as long as the state; never reached while it does.
+            std::future::pending::<()>().await;
+        }
+    }
+}
+
+/// Reads the version every [`POLL`] while a request waits (and at once when told to), and sends
+/// it when it grew; sleeps while none waits. Ends once its state is gone.
+async fn read_versions(shared: Arc<Shared>, store: Store) {
+    const IDLE_CHECK: Duration = Duration::from_secs(10);
+    loop {
+        while shared.latest.receiver_count() == 0 {
+            if Arc::strong_count(&shared) == 1 {
+                return;
+            }
+            let _ = tokio::time::timeout(IDLE_CHECK, shared.read_now.notified()).await;
+        }
+        shared.reads.fetch_add(1, Ordering::Relaxed);
+        match store.latest_version().await {
+            Ok(version) => {
+                shared.latest.send_if_modified(|latest| {
+                    let grew = version > *latest;
+                    *latest = (*latest).max(version);
+                    grew
+                });
+            }
+            Err(error) => {
+                tracing::warn!(%error, "cannot read the config version for waiting gateways")
+            }
+        }
+        tokio::select! {
+            () = tokio::time::sleep(POLL) => {}
+            () = shared.read_now.notified() => {}
+        }
+    }
+}
+
+/// Tells waiting gateways at once about a write made through this API (any request but a read,
+/// answered with success, outside the gateways' own routes).
+pub async fn written_layer(
+    State(state): State<super::AppState>,
+    request: Request,
+    next: Next,
+) -> Response {
+    let writes = !matches!(
+        *request.method(),
+        Method::GET | Method::HEAD | Method::OPTIONS
+    ) && !request.uri().path().starts_with("/v1/gateway/");
+    let response = next.run(request).await;
+    if writes && response.status().is_success() {
+        state.versions.written();
+    }
+    response
 }

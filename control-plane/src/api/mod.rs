@@ -52,6 +52,8 @@ pub struct AppState {
     pub metrics: metrics::Metrics,
     /// The latest gateway snapshot.
     pub snapshots: Snapshots,
+    /// The store's latest version, for gateways waiting on the change feed.
+    pub versions: feed::Versions,
 }
 
 impl AppState {
@@ -61,6 +63,7 @@ impl AppState {
             store,
             metrics: metrics::Metrics::new(),
             snapshots: Snapshots::default(),
+            versions: feed::Versions::default(),
         }
     }
 }
@@ -92,6 +95,10 @@ pub fn api(state: AppState) -> Router {
         .layer(axum::middleware::from_fn_with_state(
             state.clone(),
             idempotency::layer,
+        ))
+        .layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            feed::written_layer,
         ))
         .route_layer(axum::middleware::from_fn_with_state(
             state.clone(),
