@@ -101,6 +101,16 @@ impl Failure {
     }
 }
 
+/// The request path's own connection, and the making of it.
+#[derive(Debug, Default)]
+struct Near {
+    connection: ArcSwapOption<Connection>,
+    /// Whether an attempt at making it runs (one at a time).
+    trying: std::sync::atomic::AtomicBool,
+    /// Unix ms of the last attempt (0: none yet): at most one a second.
+    tried_ms: AtomicI64,
+}
+
 /// The admission script's reply: integers in one string, separated by spaces.
 struct Numbers(Vec<i64>);
 
@@ -126,9 +136,7 @@ pub struct RedisCounters {
     /// workers then drive it themselves. Through `connection`, every call crosses to the
     /// background runtime's thread and back (two thread wake-ups per request, each a context
     /// switch on a busy vCPU); through this one it does not.
-    near: Arc<ArcSwapOption<Connection>>,
-    /// Unix ms of the last attempt at making `near` (0: none yet).
-    near_tried_ms: AtomicI64,
+    near: Arc<Near>,
     admit: Script,
     seed: Script,
     refund: Script,
@@ -166,8 +174,7 @@ impl RedisCounters {
         Ok(Self {
             settings,
             connection: ArcSwapOption::empty(),
-            near: Arc::new(ArcSwapOption::empty()),
-            near_tried_ms: AtomicI64::new(0),
+            near: Arc::new(Near::default()),
             admit: Script::new(ADMIT_SCRIPT),
             seed: Script::new(SEED_SCRIPT),
             refund: Script::new(REFUND_SCRIPT),
@@ -213,40 +220,44 @@ impl RedisCounters {
     }
 
     /// Starts making the request path's own connection on the runtime this is called from,
-    /// once the background one is made (so the scripts are loaded), and again at most once a
-    /// second until it is made. Until then calls go through the background connection.
+    /// once the background one is made (so the scripts are loaded): one attempt at a time, at
+    /// most one a second, until it is made. Until then calls go through the background
+    /// connection.
     pub fn connect_near(&self, now_ms: i64) {
         const RETRY_MS: i64 = 1000;
-        if self.near.load().is_some() || self.connection.load().is_none() {
-            return;
-        }
-        let tried = self.near_tried_ms.load(Ordering::Relaxed);
-        if now_ms.saturating_sub(tried) < RETRY_MS
-            || self
-                .near_tried_ms
-                .compare_exchange(tried, now_ms, Ordering::Relaxed, Ordering::Relaxed)
-                .is_err()
+        let near = &self.near;
+        if near.connection.load().is_some()
+            || self.connection.load().is_none()
+            || now_ms.saturating_sub(near.tried_ms.load(Ordering::Relaxed)) < RETRY_MS
+            || near.trying.swap(true, Ordering::Acquire)
         {
             return;
         }
-        let Ok(certificates) = self.tls_certificates() else {
-            return;
+        near.tried_ms.store(now_ms, Ordering::Relaxed);
+        let certificates = match self.tls_certificates() {
+            Ok(certificates) => certificates,
+            Err(error) => {
+                tracing::warn!(%error, "shared counters: cannot make the request path's connection; calls go through the background one");
+                near.trying.store(false, Ordering::Release);
+                return;
+            }
         };
         let settings = self.settings.clone();
-        let near = self.near.clone();
+        let near = Arc::clone(near);
         tokio::spawn(async move {
             match open(&settings, certificates).await {
-                Ok(connection) => near.store(Some(Arc::new(connection))),
+                Ok(connection) => near.connection.store(Some(Arc::new(connection))),
                 Err(error) => {
                     tracing::warn!(%error, "shared counters: cannot make the request path's connection; calls go through the background one");
                 }
             }
+            near.trying.store(false, Ordering::Release);
         });
     }
 
     /// Whether the request path's own connection is made.
     pub fn is_near(&self) -> bool {
-        self.near.load().is_some()
+        self.near.connection.load().is_some()
     }
 
     /// The certificate authorities of `tls_ca_file`, when set (a `rediss://` URL without it
@@ -295,6 +306,7 @@ impl RedisCounters {
     ) -> Result<T, Failure> {
         let connection = self
             .near
+            .connection
             .load_full()
             .or_else(|| self.connection.load_full());
         let Some(connection) =
