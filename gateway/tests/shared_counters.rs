@@ -571,4 +571,24 @@ fn requests_call_redis_through_a_connection_their_own_runtime_drives() {
     for at in 1..5 {
         assert_eq!(admit(at).unwrap().used, 1 + at as u64);
     }
+    // When that runtime ends too, the next one to call makes its own.
+    drop(requests);
+    assert!(!redis.is_near());
+    let later = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    later.block_on(async {
+        redis.connect_near(PERIOD.start_ms + 5);
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        while !redis.is_near() {
+            assert!(std::time::Instant::now() < deadline, "no near connection");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        let decision = redis
+            .admit(&customer, &policy, PERIOD, 1, PERIOD.start_ms + 5, None)
+            .await
+            .unwrap();
+        assert_eq!(decision.used, 6);
+    });
 }

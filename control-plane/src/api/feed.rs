@@ -7,11 +7,12 @@
 //! **Waiting.** However many gateways wait, one task per process reads the store's latest
 //! version for all of them ([`Versions`]): every 100 ms while any waits, which sees changes made
 //! by other control-plane processes on the same database, and at once after a write through this
-//! process's API. A waiting request reads its changes only when the version moved. (Each waiting
-//! request polling the store itself cost 10 queries a second per gateway.)
+//! process's API. A waiting request reads its changes again only when the version moved. (Each
+//! waiting request polling the store itself cost 10 queries a second per gateway.) A request
+//! with no `wait_ms` reads its changes once and does not involve the reader.
 
-use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use axum::Json;
@@ -22,6 +23,7 @@ use axum::middleware::Next;
 use axum::response::Response;
 use serde::Deserialize;
 use tokio::sync::{Notify, watch};
+use tokio::task::JoinHandle;
 use tollgate_model::feed::{Changes, SNAPSHOT_VERSION_HEADER as VERSION_HEADER, Snapshot};
 use utoipa::IntoParams;
 
@@ -128,6 +130,9 @@ pub async fn changes(
             "since is not a version of this store: fetch the snapshot again".into(),
         ));
     }
+    if wait.is_zero() {
+        return Ok(Json(state.store.changes_since(query.since, limit).await?));
+    }
     let deadline = tokio::time::Instant::now() + wait;
     // Subscribed before reading, so a version read after this read is not missed.
     let mut moved = state.versions.subscribe(&state.store);
@@ -151,50 +156,68 @@ pub struct Versions {
 
 #[derive(Debug)]
 struct Shared {
-    /// The latest version read; sent only when it grows.
+    /// The latest version read; sent when it differs from the one before.
     latest: watch::Sender<i64>,
-    /// Reads the version now: a write went through this process, or the first request waits.
+    /// Reads the version now: a write went through this process, or a request waits on an idle
+    /// reader.
     read_now: Notify,
+    /// How often the version is read while a request waits.
+    poll: Duration,
     /// The reading task, once started (started again if its runtime ended).
-    reader: std::sync::Mutex<Option<tokio::task::JoinHandle<()>>>,
+    reader: Mutex<Option<JoinHandle<()>>>,
     /// Reads of the store's version so far.
     reads: AtomicU64,
 }
 
 impl Default for Shared {
     fn default() -> Self {
+        Self::polling_every(POLL)
+    }
+}
+
+impl Shared {
+    fn polling_every(poll: Duration) -> Self {
         Self {
             latest: watch::Sender::new(0),
             read_now: Notify::new(),
-            reader: std::sync::Mutex::new(None),
+            poll,
+            reader: Mutex::new(None),
             reads: AtomicU64::new(0),
         }
     }
 }
 
 impl Versions {
-    /// A receiver whose `changed` resolves when the version grows past what it has seen (the
-    /// latest read, when subscribing). Starts the reading task on the first call, on the
-    /// caller's runtime.
+    /// Versions read every `poll` while a request waits, instead of every 100 ms (a test's way
+    /// of telling the two ways a change is seen apart).
+    pub fn polling_every(poll: Duration) -> Self {
+        Self {
+            shared: Arc::new(Shared::polling_every(poll)),
+        }
+    }
+
+    /// A receiver whose `changed` resolves when a version other than the one it has seen (the
+    /// latest read, when subscribing) is read. Starts the reading task on the caller's runtime
+    /// if it does not run, and wakes it if it was idle.
     pub fn subscribe(&self, store: &Store) -> VersionReceiver {
+        let idle = self.shared.latest.receiver_count() == 0;
         let receiver = self.shared.latest.subscribe();
         {
             let mut reader = self
                 .shared
                 .reader
                 .lock()
-                .unwrap_or_else(std::sync::PoisonError::into_inner);
-            if reader
-                .as_ref()
-                .is_none_or(tokio::task::JoinHandle::is_finished)
-            {
+                .unwrap_or_else(PoisonError::into_inner);
+            if reader.as_ref().is_none_or(JoinHandle::is_finished) {
                 *reader = Some(tokio::spawn(read_versions(
                     Arc::clone(&self.shared),
                     store.clone(),
                 )));
             }
         }
-        self.shared.read_now.notify_one();
+        if idle {
+            self.shared.read_now.notify_one();
+        }
         VersionReceiver(receiver)
     }
 
@@ -210,12 +233,12 @@ impl Versions {
     }
 }
 
-/// Told when the store's version grows.
+/// Told when the store's version moves.
 #[derive(Debug)]
 pub struct VersionReceiver(watch::Receiver<i64>);
 
 impl VersionReceiver {
-    /// Resolves once a version greater than every one this receiver has seen is read.
+    /// Resolves once a version other than the last one this receiver has seen is read.
     pub async fn changed(&mut self) {
         if self.0.changed().await.is_err() {
             // The sender lives as long as the state; never reached while it does.
@@ -224,10 +247,12 @@ impl VersionReceiver {
     }
 }
 
-/// Reads the version every [`POLL`] while a request waits (and at once when told to), and sends
-/// it when it grew; sleeps while none waits. Ends once its state is gone.
+/// Reads the version every `poll` while a request waits (and at once when told to), and sends
+/// it when it moved; sleeps while none waits. Ends once its state is gone.
 async fn read_versions(shared: Arc<Shared>, store: Store) {
     const IDLE_CHECK: Duration = Duration::from_secs(10);
+    const READ_TIMEOUT: Duration = Duration::from_secs(1);
+    let mut failing = false;
     loop {
         while shared.latest.receiver_count() == 0 {
             if Arc::strong_count(&shared) == 1 {
@@ -236,20 +261,33 @@ async fn read_versions(shared: Arc<Shared>, store: Store) {
             let _ = tokio::time::timeout(IDLE_CHECK, shared.read_now.notified()).await;
         }
         shared.reads.fetch_add(1, Ordering::Relaxed);
-        match store.latest_version().await {
-            Ok(version) => {
+        match tokio::time::timeout(READ_TIMEOUT, store.latest_version()).await {
+            Ok(Ok(version)) => {
+                // Moved either way: a database restored to an earlier version counts up again
+                // past versions already seen.
                 shared.latest.send_if_modified(|latest| {
-                    let grew = version > *latest;
-                    *latest = (*latest).max(version);
-                    grew
+                    let moved = version != *latest;
+                    *latest = version;
+                    moved
                 });
+                if failing {
+                    failing = false;
+                    tracing::info!("the config version for waiting gateways is read again");
+                }
             }
-            Err(error) => {
-                tracing::warn!(%error, "cannot read the config version for waiting gateways")
+            failed => {
+                if !failing {
+                    failing = true;
+                    let error = match failed {
+                        Ok(Err(error)) => error.to_string(),
+                        _ => format!("no answer within {} ms", READ_TIMEOUT.as_millis()),
+                    };
+                    tracing::warn!(%error, "cannot read the config version for waiting gateways; they get changes when their wait ends");
+                }
             }
         }
         tokio::select! {
-            () = tokio::time::sleep(POLL) => {}
+            () = tokio::time::sleep(shared.poll) => {}
             () = shared.read_now.notified() => {}
         }
     }

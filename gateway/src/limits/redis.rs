@@ -24,8 +24,8 @@
 //! request is counted in process instead (see [`super::Limiter`]), and for `retry_after` every
 //! request is, without waiting on Redis; then the next request tries Redis again.
 
-use std::sync::Arc;
-use std::sync::atomic::{AtomicI64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
+use std::sync::{Arc, Mutex, OnceLock, PoisonError};
 use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwapOption;
@@ -50,6 +50,9 @@ const QUOTA_KEY_GRACE_MS: i64 = 86_400_000;
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
 /// How long the connection waits for an answer before it counts as broken.
 const CONNECTION_RESPONSE_TIMEOUT: Duration = Duration::from_secs(5);
+/// The first and the longest wait between two attempts at the near connection.
+const NEAR_RETRY_MIN: Duration = Duration::from_millis(250);
+const NEAR_RETRY_MAX: Duration = Duration::from_secs(10);
 /// The longest a seeding caller waits for the ledger.
 const SEED_TIMEOUT: Duration = Duration::from_secs(1);
 
@@ -104,11 +107,51 @@ impl Failure {
 /// The request path's own connection, and the making of it.
 #[derive(Debug, Default)]
 struct Near {
-    connection: ArcSwapOption<Connection>,
+    made: ArcSwapOption<Made>,
     /// Whether an attempt at making it runs (one at a time).
-    trying: std::sync::atomic::AtomicBool,
-    /// Unix ms of the last attempt (0: none yet): at most one a second.
-    tried_ms: AtomicI64,
+    trying: AtomicBool,
+    /// When the next attempt may start.
+    retry: Mutex<Retry>,
+}
+
+impl Near {
+    fn retry(&self) -> std::sync::MutexGuard<'_, Retry> {
+        self.retry.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+}
+
+/// A connection made on a request path's runtime.
+#[derive(Debug)]
+struct Made {
+    connection: Connection,
+    /// A task of that runtime that never ends by itself: finished once the runtime is gone.
+    runtime: tokio::task::JoinHandle<()>,
+}
+
+/// When the next attempt at the near connection may start, and the wait before it.
+#[derive(Debug)]
+struct Retry {
+    at: Instant,
+    delay: Duration,
+}
+
+impl Default for Retry {
+    fn default() -> Self {
+        Self {
+            at: Instant::now(),
+            delay: Duration::ZERO,
+        }
+    }
+}
+
+/// Marks the end of an attempt at the near connection when dropped, also when its task is
+/// dropped unfinished (its runtime shutting down).
+struct Trying(Arc<Near>);
+
+impl Drop for Trying {
+    fn drop(&mut self) {
+        self.0.trying.store(false, Ordering::Release);
+    }
 }
 
 /// The admission script's reply: integers in one string, separated by spaces.
@@ -137,6 +180,8 @@ pub struct RedisCounters {
     /// background runtime's thread and back (two thread wake-ups per request, each a context
     /// switch on a busy vCPU); through this one it does not.
     near: Arc<Near>,
+    /// The certificate authorities the background connection was made with, once made.
+    certificates: OnceLock<Option<redis::TlsCertificates>>,
     admit: Script,
     seed: Script,
     refund: Script,
@@ -175,6 +220,7 @@ impl RedisCounters {
             settings,
             connection: ArcSwapOption::empty(),
             near: Arc::new(Near::default()),
+            certificates: OnceLock::new(),
             admit: Script::new(ADMIT_SCRIPT),
             seed: Script::new(SEED_SCRIPT),
             refund: Script::new(REFUND_SCRIPT),
@@ -189,7 +235,8 @@ impl RedisCounters {
     /// then every request is counted in process; after, a single server's connection reconnects
     /// by itself, and a cluster's follows its slots.
     pub async fn connect(&self) -> RedisResult<()> {
-        let connection = open(&self.settings, self.tls_certificates()?).await?;
+        let certificates = self.tls_certificates()?;
+        let connection = open(&self.settings, certificates.clone()).await?;
         // Loaded everywhere up front: a script call is then one EVALSHA.
         for (script, source) in [
             (&self.admit, ADMIT_SCRIPT),
@@ -216,48 +263,64 @@ impl RedisCounters {
             }
         }
         self.connection.store(Some(Arc::new(connection)));
+        let _ = self.certificates.set(certificates);
         Ok(())
     }
 
     /// Starts making the request path's own connection on the runtime this is called from,
-    /// once the background one is made (so the scripts are loaded): one attempt at a time, at
-    /// most one a second, until it is made. Until then calls go through the background
-    /// connection.
+    /// once the background one is made (so the scripts are loaded) and while Redis is not
+    /// failing: one attempt at a time, waiting 250 ms after a failed one, doubling up to 10 s.
+    /// Until it is made, and again if the runtime that made it ends, calls go through the
+    /// background connection.
     pub fn connect_near(&self, now_ms: i64) {
-        const RETRY_MS: i64 = 1000;
         let near = &self.near;
-        if near.connection.load().is_some()
-            || self.connection.load().is_none()
-            || now_ms.saturating_sub(near.tried_ms.load(Ordering::Relaxed)) < RETRY_MS
+        if let Some(made) = near.made.load().as_ref() {
+            if !made.runtime.is_finished() {
+                return;
+            }
+            // Its runtime is gone, and with it whatever drove the connection.
+            near.made.store(None);
+        }
+        let Some(certificates) = self.certificates.get() else {
+            return;
+        };
+        if self.is_failing(now_ms)
+            || Instant::now() < near.retry().at
             || near.trying.swap(true, Ordering::Acquire)
         {
             return;
         }
-        near.tried_ms.store(now_ms, Ordering::Relaxed);
-        let certificates = match self.tls_certificates() {
-            Ok(certificates) => certificates,
-            Err(error) => {
-                tracing::warn!(%error, "shared counters: cannot make the request path's connection; calls go through the background one");
-                near.trying.store(false, Ordering::Release);
-                return;
-            }
-        };
         let settings = self.settings.clone();
+        let certificates = certificates.clone();
         let near = Arc::clone(near);
         tokio::spawn(async move {
+            let trying = Trying(Arc::clone(&near));
             match open(&settings, certificates).await {
-                Ok(connection) => near.connection.store(Some(Arc::new(connection))),
+                Ok(connection) => {
+                    near.made.store(Some(Arc::new(Made {
+                        connection,
+                        runtime: tokio::spawn(std::future::pending()),
+                    })));
+                    *near.retry() = Retry::default();
+                }
                 Err(error) => {
-                    tracing::warn!(%error, "shared counters: cannot make the request path's connection; calls go through the background one");
+                    let mut retry = near.retry();
+                    retry.delay = (retry.delay * 2).clamp(NEAR_RETRY_MIN, NEAR_RETRY_MAX);
+                    retry.at = Instant::now() + retry.delay;
+                    tracing::warn!(%error, retry_ms = retry.delay.as_millis() as u64, "shared counters: cannot make the request path's connection; calls go through the background one");
                 }
             }
-            near.trying.store(false, Ordering::Release);
+            drop(trying);
         });
     }
 
     /// Whether the request path's own connection is made.
     pub fn is_near(&self) -> bool {
-        self.near.connection.load().is_some()
+        self.near
+            .made
+            .load()
+            .as_ref()
+            .is_some_and(|made| !made.runtime.is_finished())
     }
 
     /// The certificate authorities of `tls_ca_file`, when set (a `rediss://` URL without it
@@ -304,11 +367,19 @@ impl RedisCounters {
         invocation: &ScriptInvocation<'_>,
         now_ms: i64,
     ) -> Result<T, Failure> {
-        let connection = self
+        let near = self
             .near
-            .connection
+            .made
             .load_full()
-            .or_else(|| self.connection.load_full());
+            .filter(|made| !made.runtime.is_finished());
+        let far = match near {
+            Some(_) => None,
+            None => self.connection.load_full(),
+        };
+        let connection = near
+            .as_ref()
+            .map(|made| &made.connection)
+            .or(far.as_deref());
         let Some(connection) =
             connection.filter(|_| now_ms >= self.down_until_ms.load(Ordering::Relaxed))
         else {
