@@ -1531,6 +1531,12 @@ async fn waiting_gateways_share_one_reader_and_learn_of_any_process_s_change(db:
         )
         .await;
         let version = at["version"].as_i64().unwrap();
+        // A wait that ends with nothing: the reader runs, then idles with no one waiting, and
+        // the next waiter must wake it.
+        let path = format!("/v1/gateway/changes?since={version}&wait_ms=50");
+        let (_, nothing, _) = call(&waited, "GET", &path, Some(&gateway), None).await;
+        assert_eq!(nothing["changes"], json!([]));
+        tokio::time::sleep(Duration::from_millis(300)).await;
         let reads_before = state.versions.reads();
         let waiting: Vec<_> = (0..50)
             .map(|_| {

@@ -574,6 +574,14 @@ fn requests_call_redis_through_a_connection_their_own_runtime_drives() {
     // When that runtime ends too, the next one to call makes its own.
     drop(requests);
     assert!(!redis.is_near());
+    // An attempt whose runtime ends before its task first runs is not left in the way.
+    let doomed = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    doomed.block_on(async { redis.connect_near(PERIOD.start_ms + 5) });
+    drop(doomed);
+    assert!(!redis.is_near());
     let later = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()

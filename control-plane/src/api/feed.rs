@@ -165,6 +165,9 @@ struct Shared {
     poll: Duration,
     /// The reading task, once started (started again if its runtime ended).
     reader: Mutex<Option<JoinHandle<()>>>,
+    /// Whether the reader waits for a request to wait: set by the reader, under this lock, only
+    /// when it saw none subscribed; taken by the next subscriber, who then wakes it.
+    idle: Mutex<bool>,
     /// Reads of the store's version so far.
     reads: AtomicU64,
 }
@@ -176,12 +179,24 @@ impl Default for Shared {
 }
 
 impl Shared {
+    fn idle(&self) -> std::sync::MutexGuard<'_, bool> {
+        self.idle.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Whether no request waits; if so, marks the reader idle (both under the lock).
+    fn nobody_waits(&self) -> bool {
+        let mut idle = self.idle();
+        *idle = self.latest.receiver_count() == 0;
+        *idle
+    }
+
     fn polling_every(poll: Duration) -> Self {
         Self {
             latest: watch::Sender::new(0),
             read_now: Notify::new(),
             poll,
             reader: Mutex::new(None),
+            idle: Mutex::new(false),
             reads: AtomicU64::new(0),
         }
     }
@@ -200,7 +215,6 @@ impl Versions {
     /// latest read, when subscribing) is read. Starts the reading task on the caller's runtime
     /// if it does not run, and wakes it if it was idle.
     pub fn subscribe(&self, store: &Store) -> VersionReceiver {
-        let idle = self.shared.latest.receiver_count() == 0;
         let receiver = self.shared.latest.subscribe();
         {
             let mut reader = self
@@ -215,6 +229,9 @@ impl Versions {
                 )));
             }
         }
+        // Subscribed first: a reader that looks after this sees the receiver, and one that
+        // looked before has set `idle` by now.
+        let idle = std::mem::take(&mut *self.shared.idle());
         if idle {
             self.shared.read_now.notify_one();
         }
@@ -254,7 +271,7 @@ async fn read_versions(shared: Arc<Shared>, store: Store) {
     const READ_TIMEOUT: Duration = Duration::from_secs(1);
     let mut failing = false;
     loop {
-        while shared.latest.receiver_count() == 0 {
+        while shared.nobody_waits() {
             if Arc::strong_count(&shared) == 1 {
                 return;
             }

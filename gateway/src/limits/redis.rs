@@ -118,6 +118,17 @@ impl Near {
     fn retry(&self) -> std::sync::MutexGuard<'_, Retry> {
         self.retry.lock().unwrap_or_else(PoisonError::into_inner)
     }
+
+    /// The connection, when made and its runtime still runs.
+    fn alive(&self) -> Option<Arc<Made>> {
+        self.made
+            .load_full()
+            .filter(|made| !made.runtime.is_finished())
+    }
+
+    fn is_alive(&self) -> bool {
+        self.alive().is_some()
+    }
 }
 
 /// A connection made on a request path's runtime.
@@ -126,6 +137,12 @@ struct Made {
     connection: Connection,
     /// A task of that runtime that never ends by itself: finished once the runtime is gone.
     runtime: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for Made {
+    fn drop(&mut self) {
+        self.runtime.abort();
+    }
 }
 
 /// When the next attempt at the near connection may start, and the wait before it.
@@ -274,12 +291,14 @@ impl RedisCounters {
     /// background connection.
     pub fn connect_near(&self, now_ms: i64) {
         let near = &self.near;
-        if let Some(made) = near.made.load().as_ref() {
-            if !made.runtime.is_finished() {
+        let made = near.made.load_full();
+        if let Some(alive) = &made {
+            if !alive.runtime.is_finished() {
                 return;
             }
-            // Its runtime is gone, and with it whatever drove the connection.
-            near.made.store(None);
+            // Its runtime is gone, and with it whatever drove the connection. Only that one is
+            // taken out: another request may have made the next already.
+            near.made.compare_and_swap(&made, None::<Arc<Made>>);
         }
         let Some(certificates) = self.certificates.get() else {
             return;
@@ -290,11 +309,18 @@ impl RedisCounters {
         {
             return;
         }
+        // From here the attempt is this call's: the flag goes down when `trying` drops, even if
+        // the task is dropped before it first runs (its runtime shutting down).
+        let trying = Trying(Arc::clone(near));
+        if near.is_alive() {
+            // Made by an attempt that ended between the first look and the flag.
+            return;
+        }
         let settings = self.settings.clone();
         let certificates = certificates.clone();
         let near = Arc::clone(near);
         tokio::spawn(async move {
-            let trying = Trying(Arc::clone(&near));
+            let _trying = trying;
             match open(&settings, certificates).await {
                 Ok(connection) => {
                     near.made.store(Some(Arc::new(Made {
@@ -310,17 +336,12 @@ impl RedisCounters {
                     tracing::warn!(%error, retry_ms = retry.delay.as_millis() as u64, "shared counters: cannot make the request path's connection; calls go through the background one");
                 }
             }
-            drop(trying);
         });
     }
 
     /// Whether the request path's own connection is made.
     pub fn is_near(&self) -> bool {
-        self.near
-            .made
-            .load()
-            .as_ref()
-            .is_some_and(|made| !made.runtime.is_finished())
+        self.near.is_alive()
     }
 
     /// The certificate authorities of `tls_ca_file`, when set (a `rediss://` URL without it
@@ -367,11 +388,7 @@ impl RedisCounters {
         invocation: &ScriptInvocation<'_>,
         now_ms: i64,
     ) -> Result<T, Failure> {
-        let near = self
-            .near
-            .made
-            .load_full()
-            .filter(|made| !made.runtime.is_finished());
+        let near = self.near.alive();
         let far = match near {
             Some(_) => None,
             None => self.connection.load_full(),
