@@ -291,8 +291,9 @@ impl RedisCounters {
     /// background connection.
     pub fn connect_near(&self, now_ms: i64) {
         let near = &self.near;
-        let made = near.made.load_full();
-        if let Some(alive) = &made {
+        // A guard, not a count: this runs before every call.
+        let made = near.made.load();
+        if let Some(alive) = &*made {
             if !alive.runtime.is_finished() {
                 return;
             }
