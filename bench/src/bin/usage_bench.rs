@@ -3,11 +3,11 @@
 //!
 //! ```text
 //! cargo build --release -p tollgate-bench --bin usage_bench
-//! usage_bench <DATABASE_URL> <label>
+//! usage_bench <DATABASE_URL> <label> [--customers N]
 //! ```
 //!
-//! Stores batches of 5000 new events (100 customers, 10 routes, three days, ids in creation
-//! order) through `Store::record_usage`, then the same batches again (all duplicates), then new
+//! Stores batches of 5000 new events (100 customers unless `--customers` says otherwise, 10
+//! routes, three days, ids in creation order) through `Store::record_usage`, then the same batches again (all duplicates), then new
 //! batches from four tasks at once, then batches through `POST /v1/gateway/usage` (JSON,
 //! validation and store), then batches of random ids, and prints events per second for each,
 //! with the time the endpoint spends reading and checking the JSON alone. Each phase adds
@@ -25,6 +25,20 @@ use tower::ServiceExt;
 const BATCH: u64 = 5000;
 const BATCHES: u64 = 40;
 
+/// How many customers the events are spread over (`--customers`). The index of a customer's
+/// events takes each batch's events at as many places as there are customers in it.
+static CUSTOMERS: std::sync::OnceLock<u64> = std::sync::OnceLock::new();
+
+fn customers() -> u64 {
+    *CUSTOMERS.get().unwrap_or(&100)
+}
+
+/// The customer of event `n`: scattered, as callers interleave, so that a batch's events of one
+/// customer are not next to each other (nor customers in order) when there are many.
+fn customer(n: u64) -> u64 {
+    (n.wrapping_mul(0x9e37_79b9_7f4a_7c15) >> 32) % customers()
+}
+
 /// Batch `number`: event ids in creation order (as a gateway making them from the time, like
 /// UUIDv7s, would) or scattered (random ids).
 fn batch_of(number: u64, ordered: bool) -> Vec<UsageEvent> {
@@ -36,8 +50,8 @@ fn batch_of(number: u64, ordered: bool) -> Vec<UsageEvent> {
                 format!("evt_{:032x}", n.wrapping_mul(0x9e37_79b9_7f4a_7c15))
             },
             request_id: format!("0192f0c4-e1a3-7f4c-8d2b-{n:012x}"),
-            customer_id: format!("cus_{:032x}", n % 100),
-            key_id: Some(format!("key_{:032x}", n % 300)),
+            customer_id: format!("cus_{:032x}", customer(n)),
+            key_id: Some(format!("key_{:032x}", customer(n) * 3 + n % 3)),
             route: format!("route-{}", n % 10),
             method: "GET".into(),
             status: if n % 50 == 0 { 502 } else { 200 },
@@ -163,9 +177,20 @@ async fn measure(store: &Store, backend: &str) -> anyhow::Result<()> {
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() -> anyhow::Result<()> {
     let mut args = std::env::args().skip(1);
+    let usage = "usage: usage_bench <DATABASE_URL> <label> [--customers N]";
     let (Some(url), Some(label)) = (args.next(), args.next()) else {
-        anyhow::bail!("usage: usage_bench <DATABASE_URL> <label>");
+        anyhow::bail!(usage);
     };
+    match (args.next().as_deref(), args.next()) {
+        (None, _) => {}
+        (Some("--customers"), Some(n)) => {
+            let n: u64 = n.parse().ok().filter(|&n| n > 0).ok_or_else(|| {
+                anyhow::anyhow!("--customers takes a number of customers, at least 1")
+            })?;
+            let _ = CUSTOMERS.set(n);
+        }
+        _ => anyhow::bail!(usage),
+    }
     let store = Store::connect(&url).await?;
     store.migrate().await?;
     measure(&store, &label).await
