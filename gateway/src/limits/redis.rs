@@ -291,7 +291,7 @@ impl RedisCounters {
     /// background connection.
     pub fn connect_near(&self, now_ms: i64) {
         let near = &self.near;
-        // A guard, not a count: this runs before every call.
+        // A guard, not a count: this runs before every admission call.
         let made = near.made.load();
         if let Some(alive) = &*made {
             if !alive.runtime.is_finished() {
@@ -304,17 +304,16 @@ impl RedisCounters {
         let Some(certificates) = self.certificates.get() else {
             return;
         };
-        if self.is_failing(now_ms)
-            || Instant::now() < near.retry().at
-            || near.trying.swap(true, Ordering::Acquire)
-        {
+        // The flag before the lock: while an attempt runs, requests take no lock here.
+        if self.is_failing(now_ms) || near.trying.swap(true, Ordering::Acquire) {
             return;
         }
         // From here the attempt is this call's: the flag goes down when `trying` drops, even if
         // the task is dropped before it first runs (its runtime shutting down).
         let trying = Trying(Arc::clone(near));
-        if near.is_alive() {
-            // Made by an attempt that ended between the first look and the flag.
+        // Not due yet after a failure, or made by an attempt that ended between the first look
+        // and the flag.
+        if Instant::now() < near.retry().at || near.is_alive() {
             return;
         }
         let settings = self.settings.clone();

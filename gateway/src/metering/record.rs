@@ -137,9 +137,10 @@ pub struct Measures {
 
 /// Appends `value` zero-padded to [`MEASURE_DIGITS`] digits.
 fn push_measure(out: &mut Vec<u8>, value: u64) {
-    let start = out.len();
-    out.resize(start + MEASURE_DIGITS, b'0');
-    write_measure(&mut out[start..], value);
+    let mut number = itoa::Buffer::new();
+    let digits = number.format(value).as_bytes();
+    out.resize(out.len() + MEASURE_DIGITS - digits.len(), b'0');
+    out.extend_from_slice(digits);
 }
 
 /// Writes `value` right-aligned over `field` ([`MEASURE_DIGITS`] bytes), zeros before it.
@@ -258,7 +259,8 @@ fn unescape(field: &[u8]) -> Option<String> {
 }
 
 /// A field of decimal digits as a `T`; `None` for anything else, or a value `T` cannot hold.
-/// Read straight from the bytes: a line holds six numbers, the three measures 20 digits long.
+/// Read straight from the bytes: six of a line's seven numbers (the time is [`signed`]), the
+/// three measures 20 digits long.
 fn number<T: TryFrom<u64>>(field: &[u8]) -> Option<T> {
     T::try_from(digits(field)?).ok()
 }
