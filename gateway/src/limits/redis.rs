@@ -194,8 +194,8 @@ pub struct RedisCounters {
     connection: ArcSwapOption<Connection>,
     /// A second connection, made by the first requests on the runtime that serves them, whose
     /// workers then drive it themselves. Through `connection`, every call crosses to the
-    /// background runtime's thread and back (two thread wake-ups per request, each a context
-    /// switch on a busy vCPU); through this one it does not.
+    /// background runtime's thread and back (by its design two thread wake-ups per request; what
+    /// that cost was measured as a whole, in BENCHMARKS.md); through this one it does not.
     near: Arc<Near>,
     /// The certificate authorities the background connection was made with, once made.
     certificates: OnceLock<Option<redis::TlsCertificates>>,
