@@ -600,3 +600,119 @@ fn requests_call_redis_through_a_connection_their_own_runtime_drives() {
         assert_eq!(decision.used, 6);
     });
 }
+
+#[tokio::test]
+async fn a_plan_without_limits_counts_in_batches_that_reach_redis_once_and_keep_the_count() {
+    use tollgate_gateway::limits::clock::ManualClock;
+    use tollgate_gateway::limits::metrics::LimitMetrics;
+    use tollgate_gateway::limits::{Counted, Limiter};
+    use tollgate_model::plan::{Plan, PlanStatus, Quota};
+
+    let plan = |quota: Option<Quota>| Plan {
+        id: "plan_test".into(),
+        name: "test".into(),
+        rate_limits: Vec::new(),
+        quota,
+        price: None,
+        upgrade_url: None,
+        status: PlanStatus::Active,
+        created_at: String::new(),
+        updated_at: String::new(),
+    };
+    let prefix = format!("tollgate-test-{}", rand::random::<u64>());
+    let metrics = Metrics::new();
+    // 2026-11-26T00:00:00Z: the quota counts in November (no billing period).
+    let clock = Arc::new(ManualClock::at(1_795_651_200_000));
+    let limiter = Limiter::shared(
+        clock.clone(),
+        LimitMetrics::new(&metrics).unwrap(),
+        counters_under(&prefix).await,
+    );
+    let customer = [11; 16];
+    let month = tollgate_model::period::calendar_month(limiter.now_ms());
+    let quota_key = format!(
+        "{prefix}:{{cus_{}}}:q:{}",
+        hex::encode(customer),
+        month.start_ms
+    );
+    let connection = redis::Client::open("redis://127.0.0.1:6379")
+        .unwrap()
+        .get_multiplexed_async_connection()
+        .await
+        .unwrap();
+    let used_in_redis = || {
+        let mut connection = connection.clone();
+        let command = redis::cmd("HGET").arg(&quota_key).arg("u").clone();
+        async move {
+            command
+                .query_async::<Option<u64>>(&mut connection)
+                .await
+                .unwrap()
+                .unwrap_or(0)
+        }
+    };
+    let unlimited = plan(None);
+
+    // The first request asks Redis, which makes the count and says its generation.
+    let first = limiter.admit(&customer, &unlimited, None, 1).await;
+    assert_eq!(first.counted, Counted::Redis);
+    // The next ones are counted here, into one batch, without a call.
+    let mut last = None;
+    for _ in 0..9 {
+        let decision = limiter.admit(&customer, &unlimited, None, 1).await;
+        assert_eq!(decision.counted, Counted::Batched);
+        last = decision.reservation;
+    }
+    assert_eq!(used_in_redis().await, 1);
+    // A unit refunded before its batch is sent leaves the batch.
+    limiter.refund(&customer, &last.unwrap()).await;
+    limiter.share_pending().await;
+    assert_eq!(used_in_redis().await, 1 + 9 - 1);
+    // Sent once: another pass has nothing to add.
+    limiter.share_pending().await;
+    assert_eq!(used_in_redis().await, 9);
+    // A refund after its batch was added is given back in Redis.
+    let sent = limiter.admit(&customer, &unlimited, None, 1).await;
+    limiter.share_pending().await;
+    assert_eq!(used_in_redis().await, 10);
+    limiter.refund(&customer, &sent.reservation.unwrap()).await;
+    assert_eq!(used_in_redis().await, 9);
+
+    // Three more in a batch not yet sent; then the plan changes to a quota of 13. Its first
+    // request adds this gateway's batch before Redis decides it: the count goes on exactly.
+    for _ in 0..3 {
+        let decision = limiter.admit(&customer, &unlimited, None, 1).await;
+        assert_eq!(decision.counted, Counted::Batched);
+    }
+    let capped = plan(Some(Quota {
+        requests: 13,
+        hard: true,
+    }));
+    let at_limit = limiter.admit(&customer, &capped, None, 1).await;
+    assert_eq!(at_limit.counted, Counted::Redis);
+    assert_eq!(at_limit.verdict, Verdict::Admitted);
+    assert_eq!(at_limit.used, 13);
+    let over = limiter.admit(&customer, &capped, None, 1).await;
+    assert_eq!(over.verdict, Verdict::QuotaExceeded);
+    assert_eq!(used_in_redis().await, 13);
+
+    // Back without limits. Redis then loses the count: the batch counted for the old one is left
+    // to the count Redis rebuilds from the ledger, and the next request asks Redis again rather
+    // than batching for a count that is gone.
+    let batched = limiter.admit(&customer, &unlimited, None, 1).await;
+    assert_eq!(batched.counted, Counted::Batched);
+    let () = redis::cmd("DEL")
+        .arg(&quota_key)
+        .query_async(&mut connection.clone())
+        .await
+        .unwrap();
+    limiter.share_pending().await;
+    assert_eq!(used_in_redis().await, 0);
+    let asked = limiter.admit(&customer, &unlimited, None, 1).await;
+    assert_eq!(asked.counted, Counted::Redis);
+    assert_eq!(used_in_redis().await, 1);
+    let batched = limiter.admit(&customer, &unlimited, None, 1).await;
+    assert_eq!(batched.counted, Counted::Batched);
+    limiter.share_pending().await;
+    assert_eq!(used_in_redis().await, 2);
+}

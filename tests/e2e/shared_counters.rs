@@ -485,3 +485,37 @@ timeout = "1s"
         "keys on one node only: {spread:?}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_plan_without_limits_asks_redis_once_and_its_units_reach_the_shared_count_in_batches() {
+    let redis = RedisServer::start();
+    let upstream = Upstream::start("api");
+    let (gateway, key) = standalone_with_plan(&redis, &upstream, json!({})).await;
+    for _ in 0..20 {
+        assert_eq!(status_of(&gateway, &key, "/api/free").await, 200);
+    }
+    // The first request made the customer's count in Redis; the others had nothing to decide
+    // and were counted in the gateway, without a call.
+    assert_eq!(decisions(&gateway, "redis").await, 1.0);
+    assert_eq!(decisions(&gateway, "batched").await, 19.0);
+    let keys = redis.cli(&["KEYS", "*:q:*"]);
+    let quota_key = keys.trim();
+    assert!(!quota_key.is_empty() && !quota_key.contains('\n'), "{keys}");
+    // The gateway adds their units to that count in the background, every 100 ms.
+    let started = Instant::now();
+    while redis.cli(&["HGET", quota_key, "u"]).trim() != "20" {
+        assert!(
+            started.elapsed() < Duration::from_secs(5),
+            "the shared count stayed at {}",
+            redis.cli(&["HGET", quota_key, "u"])
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(
+        gateway
+            .metric("tollgate_quota_fallback_units_total{outcome=\"shared\"}")
+            .await,
+        Some(19.0)
+    );
+    assert_eq!(upstream.requests(), 20);
+}

@@ -1,5 +1,6 @@
 //! In-process counters: how a standalone gateway (and a clustered one whose Redis is down)
-//! counts rate limits and quotas.
+//! counts rate limits and quotas, and how a clustered one counts the units of plans without
+//! either before adding them to Redis in batches.
 //!
 //! Customers are spread over [`SHARDS`] maps, each behind its own mutex. A request takes one
 //! shard's lock for the check-and-count of its customer only (a few hundred nanoseconds, no
@@ -13,7 +14,7 @@ use std::sync::{Mutex, PoisonError};
 use super::period::Period;
 use super::quota::QuotaCount;
 use super::window::{self, WindowCounts, WindowState};
-use super::{Counted, Decision, Policy, Reservation, Verdict};
+use super::{Counted, Decision, FallbackUnit, Policy, Reservation, Verdict};
 use crate::identity::index::Id;
 
 /// Shards of the customer map.
@@ -97,9 +98,12 @@ const SETTLED_KEPT: usize = 16;
 #[derive(Debug)]
 pub struct LocalCounters {
     shards: Box<[Mutex<HashMap<Id, Counts>>]>,
-    /// Customers holding [`Unshared`] units: while none do (always, but after a Redis failure),
-    /// a request does not look for any.
+    /// Customers holding [`Unshared`] units: while none do (always, but after a Redis failure,
+    /// or for plans without limits), a request does not look for any.
     unshared: AtomicUsize,
+    /// Customers that came to hold [`Unshared`] units since the last
+    /// [`take_pending`](Self::take_pending), for the task that adds them to Redis.
+    pending: Mutex<Vec<Id>>,
 }
 
 impl Default for LocalCounters {
@@ -107,6 +111,7 @@ impl Default for LocalCounters {
         Self {
             shards: (0..SHARDS).map(|_| Mutex::default()).collect(),
             unshared: AtomicUsize::new(0),
+            pending: Mutex::default(),
         }
     }
 }
@@ -130,56 +135,54 @@ impl LocalCounters {
         now_ms: i64,
     ) -> Decision {
         let mut shard = self.shard(customer);
-        let counts = counts(&mut shard, customer, period);
-        counts.quota.roll(period);
-        // Forget windows the plan no longer has once nothing counts in them.
-        counts
-            .windows
-            .retain_mut(|w| policy.window_ms().any(|ms| ms == w.window_ms()) || !w.is_idle(now_ms));
-        for window_ms in policy.window_ms() {
-            if !counts.windows.iter().any(|w| w.window_ms() == window_ms) {
-                counts.windows.push(WindowCounts::new(window_ms));
-            }
-        }
-        let quota_fits = counts.quota.fits(policy.quota, units);
-        let mut selected: Vec<(&mut WindowCounts, u64)> =
-            Vec::with_capacity(policy.rate_limits.len());
-        for window in counts.windows.iter_mut() {
-            if let Some(limit) = policy.limit_for(window.window_ms()) {
-                selected.push((window, limit));
-            }
-        }
-        let mut states: Vec<WindowState> = Vec::with_capacity(selected.len());
-        let unit_count = u32::try_from(units).unwrap_or(u32::MAX);
-        let verdict = if !quota_fits {
-            // Refused: count nothing, but report the windows as they stand.
-            window::peek(&mut selected, unit_count, now_ms, &mut states);
-            Verdict::QuotaExceeded
-        } else if window::admit(&mut selected, unit_count, now_ms, &mut states) {
-            Verdict::Admitted
-        } else {
-            Verdict::RateLimited
-        };
-        let reservation = (verdict == Verdict::Admitted).then(|| {
-            let reserved = counts.quota.reserve(policy.quota, units);
-            Reservation {
-                period,
-                units,
-                overage: reserved.overage,
-                counted: Counted::Local,
-                fallback: None,
-            }
-        });
-        Decision {
-            verdict,
-            windows: states,
-            quota: policy.quota,
+        decide(
+            counts(&mut shard, customer, period),
+            policy,
             period,
-            at_ms: now_ms,
-            used: counts.quota.used,
-            reservation,
-            counted: Counted::Local,
-            generation: None,
+            units,
+            now_ms,
+        )
+    }
+
+    /// Decides a request of a plan with neither rate limits nor a quota (admitted: there is
+    /// nothing to refuse on) and adds its units to the customer's batch for Redis, all under one
+    /// lock; `None`, with nothing counted, when this process does not know the generation of
+    /// the customer's count in Redis for `period` (it must ask Redis, which tells it).
+    pub fn admit_batched(
+        &self,
+        customer: &Id,
+        policy: &Policy<'_>,
+        period: Period,
+        units: u64,
+        now_ms: i64,
+    ) -> Option<Decision> {
+        debug_assert!(policy.is_empty());
+        let mut shard = self.shard(customer);
+        let counts = shard.get_mut(customer)?;
+        counts.generation.filter(|(known, _)| *known == period)?;
+        let mut decision = decide(counts, policy, period, units, now_ms);
+        decision.counted = Counted::Batched;
+        if let Some(reservation) = &mut decision.reservation {
+            reservation.counted = Counted::Batched;
+            let token = self.add_unshared(counts, customer, reservation)?;
+            reservation.fallback = Some(FallbackUnit::Batch(token));
+        }
+        Some(decision)
+    }
+
+    /// Customers that came to hold units for Redis since the last call, once each or more.
+    pub fn take_pending(&self) -> Vec<Id> {
+        std::mem::take(&mut *self.pending.lock().unwrap_or_else(PoisonError::into_inner))
+    }
+
+    /// Forgets the generation of the customer's count in Redis if it is still `generation` of
+    /// `period`: Redis has another count now (it lost its data and rebuilt it), so units must
+    /// not be batched for it until Redis has been asked again.
+    pub fn forget_generation(&self, customer: &Id, period: Period, generation: i64) {
+        if let Some(counts) = self.shard(customer).get_mut(customer)
+            && counts.generation == Some((period, generation))
+        {
+            counts.generation = None;
         }
     }
 
@@ -236,6 +239,16 @@ impl LocalCounters {
         let mut shard = self.shard(customer);
         // Counted in process just before: the customer has counts.
         let counts = shard.get_mut(customer)?;
+        self.add_unshared(counts, customer, reservation)
+    }
+
+    /// [`note_unshared`](Self::note_unshared) on the customer's counts.
+    fn add_unshared(
+        &self,
+        counts: &mut Counts,
+        customer: &Id,
+        reservation: &Reservation,
+    ) -> Option<u128> {
         let generation = match counts.generation {
             Some((period, generation)) if period == reservation.period => generation,
             _ => return None,
@@ -253,7 +266,7 @@ impl LocalCounters {
             }
             None => {
                 if was_empty {
-                    self.unshared.fetch_add(1, Ordering::Relaxed);
+                    self.now_unshared(customer);
                 }
                 let token = uuid::Uuid::new_v4().as_u128();
                 batches.push(Unshared {
@@ -308,6 +321,21 @@ impl LocalCounters {
     /// earlier period are dropped (that count is over). Costs one atomic load while no customer
     /// has any.
     pub fn take_unshared(&self, customer: &Id, period: Period) -> Vec<Unshared> {
+        self.take_unshared_where(customer, |batch| batch.period == period)
+    }
+
+    /// Takes the customer's unshared units of periods not over at `now_ms`; units of an earlier
+    /// period are dropped.
+    pub fn take_unshared_current(&self, customer: &Id, now_ms: i64) -> Vec<Unshared> {
+        self.take_unshared_where(customer, |batch| batch.period.end_ms > now_ms)
+    }
+
+    /// Takes the customer's unshared batches, keeping those `keep` says and that hold units.
+    fn take_unshared_where(
+        &self,
+        customer: &Id,
+        keep: impl Fn(&Unshared) -> bool,
+    ) -> Vec<Unshared> {
         if self.unshared.load(Ordering::Relaxed) == 0 {
             return Vec::new();
         }
@@ -321,8 +349,18 @@ impl LocalCounters {
         };
         self.unshared.fetch_sub(1, Ordering::Relaxed);
         let mut taken = std::mem::take(&mut fallback.unshared);
-        taken.retain(|u| u.period == period && u.units > 0);
+        taken.retain(|u| keep(u) && u.units > 0);
         taken
+    }
+
+    /// Counts a customer that has just come to hold unshared units, and lists it for the task
+    /// that adds them to Redis.
+    fn now_unshared(&self, customer: &Id) {
+        self.unshared.fetch_add(1, Ordering::Relaxed);
+        self.pending
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .push(*customer);
     }
 
     /// Puts back a batch [`take_unshared`](Self::take_unshared) took and Redis did not answer
@@ -332,7 +370,7 @@ impl LocalCounters {
         let mut shard = self.shard(customer);
         let counts = counts(&mut shard, customer, batch.period);
         if counts.unshared().is_empty() {
-            self.unshared.fetch_add(1, Ordering::Relaxed);
+            self.now_unshared(customer);
         }
         counts.fallback().unshared.push(Unshared {
             sealed: batch.sealed || sent,
@@ -374,6 +412,65 @@ impl LocalCounters {
             .get(customer)
             .filter(|counts| counts.quota.period == period)
             .map_or((0, 0), |counts| (counts.quota.used, counts.quota.overage))
+    }
+}
+
+/// [`LocalCounters::admit`] on one customer's counts.
+fn decide(
+    counts: &mut Counts,
+    policy: &Policy<'_>,
+    period: Period,
+    units: u64,
+    now_ms: i64,
+) -> Decision {
+    counts.quota.roll(period);
+    // Forget windows the plan no longer has once nothing counts in them.
+    counts
+        .windows
+        .retain_mut(|w| policy.window_ms().any(|ms| ms == w.window_ms()) || !w.is_idle(now_ms));
+    for window_ms in policy.window_ms() {
+        if !counts.windows.iter().any(|w| w.window_ms() == window_ms) {
+            counts.windows.push(WindowCounts::new(window_ms));
+        }
+    }
+    let quota_fits = counts.quota.fits(policy.quota, units);
+    let mut selected: Vec<(&mut WindowCounts, u64)> = Vec::with_capacity(policy.rate_limits.len());
+    for window in counts.windows.iter_mut() {
+        if let Some(limit) = policy.limit_for(window.window_ms()) {
+            selected.push((window, limit));
+        }
+    }
+    let mut states: Vec<WindowState> = Vec::with_capacity(selected.len());
+    let unit_count = u32::try_from(units).unwrap_or(u32::MAX);
+    let verdict = if !quota_fits {
+        // Refused: count nothing, but report the windows as they stand.
+        window::peek(&mut selected, unit_count, now_ms, &mut states);
+        Verdict::QuotaExceeded
+    } else if window::admit(&mut selected, unit_count, now_ms, &mut states) {
+        Verdict::Admitted
+    } else {
+        Verdict::RateLimited
+    };
+    let reservation = (verdict == Verdict::Admitted).then(|| {
+        let reserved = counts.quota.reserve(policy.quota, units);
+        Reservation {
+            period,
+            units,
+            overage: reserved.overage,
+            counted: Counted::Local,
+            fallback: None,
+        }
+    });
+    Decision {
+        verdict,
+        windows: states,
+        quota: policy.quota,
+        period,
+        at_ms: now_ms,
+        used: counts.quota.used,
+        reservation,
+        counted: Counted::Local,
+        generation: None,
     }
 }
 

@@ -28,10 +28,13 @@ pub enum Counted {
     Redis,
     /// In this process because Redis could not be reached in time.
     Fallback,
+    /// In this process, for a plan with neither rate limits nor a quota (nothing to decide):
+    /// its units are added to the customer's count in Redis in batches.
+    Batched,
 }
 
 const RESULTS: [&str; 3] = ["allowed", "rate_limited", "quota_exceeded"];
-const COUNTED: [&str; 3] = ["local", "redis", "fallback"];
+const COUNTED: [&str; 4] = ["local", "redis", "fallback", "batched"];
 
 /// Handles of the limit metrics.
 #[derive(Debug, Clone)]
@@ -114,6 +117,7 @@ impl LimitMetrics {
             Counted::Local => 0,
             Counted::Redis => 1,
             Counted::Fallback => 2,
+            Counted::Batched => 3,
         };
         self.decisions[result * COUNTED.len() + counted].inc();
         self.overage.inc_by(overage);

@@ -27,12 +27,13 @@ pub mod window;
 
 use std::sync::{Arc, OnceLock};
 
+use futures_util::StreamExt;
 use tollgate_model::plan::{Plan, RateLimit};
 
 use crate::identity::index::Id;
 use crate::metering::ledger::Ledger;
 use clock::Clock;
-use local::LocalCounters;
+use local::{LocalCounters, Unshared};
 pub use metrics::Counted;
 use metrics::{FallbackUnits, LimitMetrics};
 use period::Period;
@@ -239,7 +240,21 @@ impl Limiter {
         let mut decision = None;
         if let Some(redis) = &self.redis {
             redis.connect_near(now);
-            self.share_unshared(redis, customer, period, now).await;
+            if policy.is_empty() {
+                // Nothing to decide: once this process knows the customer's count in Redis,
+                // the unit waits in a batch that `share_pending` adds to it.
+                decision = self
+                    .local
+                    .admit_batched(customer, &policy, period, units, now);
+            }
+        }
+        if let Some(redis) = &self.redis
+            && decision.is_none()
+        {
+            if !redis.is_failing(now) {
+                let batches = self.local.take_unshared(customer, period);
+                self.share_unshared(redis, customer, batches, now).await;
+            }
             let ledger = self.ledger.get().map(|l| l.as_ref());
             match redis
                 .admit(customer, &policy, period, units, now, ledger)
@@ -290,15 +305,20 @@ impl Limiter {
         decision
     }
 
-    /// Adds to Redis the quota units this process counted for `customer` while it could not ask
-    /// Redis, before Redis decides this customer's next request here: otherwise an outage, or a
-    /// slow Redis, would hand out quota for free. Kept for a later request when Redis fails
+    /// Adds to Redis `batches`, quota units this process counted for `customer` without asking
+    /// Redis (while it failed, or for a plan without limits): before Redis decides this
+    /// customer's next request here, and every [`SHARE_INTERVAL`] ([`Self::share_pending`]).
+    /// Otherwise an outage, or a slow Redis, would hand out quota for free, and a plan change
+    /// would not go on from the customer's count. Kept for a later attempt when Redis fails
     /// again.
-    async fn share_unshared(&self, redis: &RedisCounters, customer: &Id, period: Period, now: i64) {
-        if redis.is_failing(now) {
-            return;
-        }
-        let mut batches = self.local.take_unshared(customer, period).into_iter();
+    async fn share_unshared(
+        &self,
+        redis: &RedisCounters,
+        customer: &Id,
+        batches: Vec<Unshared>,
+        now: i64,
+    ) {
+        let mut batches = batches.into_iter();
         while let Some(batch) = batches.next() {
             match redis.share(customer, &batch, now).await {
                 Ok(true) => {
@@ -310,10 +330,13 @@ impl Limiter {
                     self.metrics
                         .fallback_units(batch.units, FallbackUnits::Ledger);
                     self.local.settle_unshared(customer, batch.token, false);
+                    // Redis counts in another generation now: ask it before batching again.
+                    self.local
+                        .forget_generation(customer, batch.period, batch.generation);
                     tracing::warn!(
                         units = batch.units,
-                        "quota units counted while redis failed were left to a quota count \
-                         redis rebuilt from the ledger since"
+                        "quota units counted in process were left to a quota count redis \
+                         rebuilt from the ledger since"
                     );
                 }
                 Err(failure) => {
@@ -360,7 +383,7 @@ impl Limiter {
                     tracing::warn!("cannot give a quota unit back in redis");
                 }
             }
-            (Some(redis), Counted::Fallback) => {
+            (Some(redis), Counted::Fallback | Counted::Batched) => {
                 self.local.refund(customer, reservation);
                 // Given back where its unit went: its batch while unsent, Redis once the unit
                 // may be there, nowhere when only the ledger has it.
@@ -384,6 +407,30 @@ impl Limiter {
         self.metrics.refund();
     }
 
+    /// Adds to Redis the batches of every customer that came to hold some since the last
+    /// call (units of plans without limits, and units counted while Redis failed), unless Redis
+    /// is failing: then they wait for the next call, or for their customer's next request that
+    /// Redis decides. Run every [`SHARE_INTERVAL`].
+    pub async fn share_pending(&self) {
+        let Some(redis) = &self.redis else {
+            return;
+        };
+        let now = self.clock.now_ms();
+        if redis.is_failing(now) {
+            return;
+        }
+        // Customers' batches go in parallel over the multiplexed connection, one customer's in
+        // order.
+        futures_util::stream::iter(self.local.take_pending())
+            .for_each_concurrent(SHARE_CONCURRENCY, |customer| async move {
+                let batches = self.local.take_unshared_current(&customer, now);
+                if !batches.is_empty() {
+                    self.share_unshared(redis, &customer, batches, now).await;
+                }
+            })
+            .await;
+    }
+
     /// The in-process counters.
     pub fn counters(&self) -> &LocalCounters {
         &self.local
@@ -399,8 +446,16 @@ impl Limiter {
 /// How often the in-process counters are swept.
 pub const SWEEP_INTERVAL: std::time::Duration = std::time::Duration::from_secs(60);
 
+/// How often units counted in process are added to Redis ([`Limiter::share_pending`]): what
+/// the shared quota count of a customer on a plan without limits may lag by.
+pub const SHARE_INTERVAL: std::time::Duration = std::time::Duration::from_millis(100);
+
+/// Customers whose batches [`Limiter::share_pending`] sends at once.
+const SHARE_CONCURRENCY: usize = 64;
+
 /// Sweeps the in-process counters every [`SWEEP_INTERVAL`], so a long-running gateway holds
-/// counters for the customers counting now, not for every customer that ever called.
+/// counters for the customers counting now, not for every customer that ever called; and, with
+/// Redis, adds the units counted in process to it every [`SHARE_INTERVAL`].
 #[derive(Debug)]
 pub struct CounterSweep {
     gateway: Arc<crate::state::Gateway>,
@@ -416,10 +471,22 @@ impl CounterSweep {
 #[async_trait::async_trait]
 impl pingora::services::background::BackgroundService for CounterSweep {
     async fn start(&self, mut shutdown: pingora::server::ShutdownWatch) {
+        let mut sweep = tokio::time::interval(SWEEP_INTERVAL);
+        let mut share = tokio::time::interval(SHARE_INTERVAL);
+        for timer in [&mut sweep, &mut share] {
+            timer.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            // The first tick is at once.
+            timer.tick().await;
+        }
         loop {
             tokio::select! {
-                () = tokio::time::sleep(SWEEP_INTERVAL) => self.gateway.limiter.sweep(),
-                _ = shutdown.changed() => break,
+                _ = sweep.tick() => self.gateway.limiter.sweep(),
+                _ = share.tick() => self.gateway.limiter.share_pending().await,
+                _ = shutdown.changed() => {
+                    // What is batched goes to Redis before the process ends, where it can.
+                    self.gateway.limiter.share_pending().await;
+                    break;
+                }
             }
         }
     }
