@@ -134,6 +134,9 @@ impl Drain {
                         if gateway.metrics.in_flight.get() <= 0 {
                             idle_polls += 1;
                             if idle_polls >= 2 {
+                                // Quota units batched for Redis go there first (each call at
+                                // most the Redis timeout).
+                                gateway.limiter.share_pending().await;
                                 tracing::info!("drained: no request in flight, exiting");
                                 std::process::exit(0);
                             }

@@ -392,22 +392,22 @@ async fn units_counted_in_process_are_added_once_and_only_to_the_count_they_belo
     assert_eq!(second.generation, first.generation);
     local.follow(&customer, PERIOD, second.used, second.generation);
     local.note_unshared(&customer, &fallback);
-    let batch = local.take_unshared(&customer, PERIOD).remove(0);
-    assert!(redis.share(&customer, &batch, now + 2).await.unwrap());
+    let batch = local.take_unshared(&customer).remove(0);
+    assert!(redis.share(&customer, &batch, &[], now + 2).await.unwrap());
     // Sent again (a call that timed out and ran after all): added once.
-    assert!(redis.share(&customer, &batch, now + 3).await.unwrap());
+    assert!(redis.share(&customer, &batch, &[], now + 3).await.unwrap());
     let next = admit(now + 4).await.unwrap();
     assert_eq!(next.used, 2 + 7 + 1);
     // Redis loses the count; a new one is made and rebuilt from the ledger, which may hold units
     // counted in process before it: a batch of the old generation is not added to it.
     local.note_unshared(&customer, &fallback);
-    let stale = local.take_unshared(&customer, PERIOD).remove(0);
+    let stale = local.take_unshared(&customer).remove(0);
     raw(&["DEL", &quota_key]).await;
-    assert!(!redis.share(&customer, &stale, now + 5).await.unwrap());
+    assert!(!redis.share(&customer, &stale, &[], now + 5).await.unwrap());
     let rebuilt = admit(now + 6).await.unwrap();
     assert!(rebuilt.generation.is_some());
     assert_ne!(rebuilt.generation, first.generation);
-    assert!(!redis.share(&customer, &stale, now + 7).await.unwrap());
+    assert!(!redis.share(&customer, &stale, &[], now + 7).await.unwrap());
     assert_eq!(admit(now + 8).await.unwrap().used, 2);
     // A count made before generations existed (no `n`), seeded: units go to it.
     raw(&["HDEL", &quota_key, "n"]).await;
@@ -415,8 +415,8 @@ async fn units_counted_in_process_are_added_once_and_only_to_the_count_they_belo
     assert_eq!(legacy.generation, Some(-1));
     local.follow(&customer, PERIOD, legacy.used, legacy.generation);
     local.note_unshared(&customer, &fallback);
-    let batch = local.take_unshared(&customer, PERIOD).remove(0);
-    assert!(redis.share(&customer, &batch, now + 10).await.unwrap());
+    let batch = local.take_unshared(&customer).remove(0);
+    assert!(redis.share(&customer, &batch, &[], now + 10).await.unwrap());
     assert_eq!(admit(now + 11).await.unwrap().used, 3 + 7 + 1);
 }
 
@@ -651,6 +651,11 @@ async fn a_plan_without_limits_counts_in_batches_that_reach_redis_once_and_keep_
                 .unwrap_or(0)
         }
     };
+    let fields_in_redis = || {
+        let mut connection = connection.clone();
+        let command = redis::cmd("HLEN").arg(&quota_key).clone();
+        async move { command.query_async::<u64>(&mut connection).await.unwrap() }
+    };
     let unlimited = plan(None);
 
     // The first request asks Redis, which makes the count and says its generation.
@@ -664,8 +669,9 @@ async fn a_plan_without_limits_counts_in_batches_that_reach_redis_once_and_keep_
         last = decision.reservation;
     }
     assert_eq!(used_in_redis().await, 1);
-    // A unit refunded before its batch is sent leaves the batch.
+    // A unit refunded before its batch is sent leaves the batch: Redis is not touched.
     limiter.refund(&customer, &last.unwrap()).await;
+    assert_eq!(used_in_redis().await, 1);
     limiter.share_pending().await;
     assert_eq!(used_in_redis().await, 1 + 9 - 1);
     // Sent once: another pass has nothing to add.
@@ -695,6 +701,9 @@ async fn a_plan_without_limits_counts_in_batches_that_reach_redis_once_and_keep_
     let over = limiter.admit(&customer, &capped, None, 1).await;
     assert_eq!(over.verdict, Verdict::QuotaExceeded);
     assert_eq!(used_in_redis().await, 13);
+    // Three batches were added; each call deleted the mark the one before had left, so the
+    // count holds its five fields and the last mark.
+    assert_eq!(fields_in_redis().await, 6);
 
     // Back without limits. Redis then loses the count: the batch counted for the old one is left
     // to the count Redis rebuilds from the ledger, and the next request asks Redis again rather
@@ -715,4 +724,11 @@ async fn a_plan_without_limits_counts_in_batches_that_reach_redis_once_and_keep_
     assert_eq!(batched.counted, Counted::Batched);
     limiter.share_pending().await;
     assert_eq!(used_in_redis().await, 2);
+
+    // A batch counted just before the month ends reaches November's count in December.
+    let batched = limiter.admit(&customer, &unlimited, None, 1).await;
+    assert_eq!(batched.counted, Counted::Batched);
+    clock.set(month.end_ms + 1);
+    limiter.share_pending().await;
+    assert_eq!(used_in_redis().await, 3);
 }

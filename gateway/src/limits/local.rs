@@ -28,8 +28,8 @@ struct Counts {
     quota: QuotaCount,
     /// The generation of the customer's quota count in Redis, seeded, when last counted there.
     generation: Option<(Period, i64)>,
-    /// What Redis failures left to settle; absent (one word) for the customers it never
-    /// concerned.
+    /// Units counted in process for Redis (while it failed, or for a plan without limits), and
+    /// what is left to settle of them; absent (one word) for the customers that never had any.
     fallback: Option<Box<Fallback>>,
 }
 
@@ -38,9 +38,14 @@ struct Counts {
 struct Fallback {
     /// Batches not yet added to Redis.
     unshared: Vec<Unshared>,
-    /// The last batches sent: their tokens, and whether Redis took them (a refund of one of
-    /// their units is Redis' to give then, and nobody's when it did not).
-    settled: Vec<(u128, bool)>,
+    /// The last batches Redis did not take (their count was rebuilt from the ledger since): a
+    /// refund of one of their units is nobody's to give. Those it took are Redis' to refund,
+    /// as are units of batches not found here.
+    refused: Vec<u128>,
+    /// Batches Redis took, by period: the marks their calls left in the count (so that a call
+    /// made again adds nothing) are no longer needed, and the customer's next call to that
+    /// count deletes them.
+    answered: Vec<(Period, u128)>,
 }
 
 impl Counts {
@@ -71,8 +76,9 @@ fn counts<'a>(shard: &'a mut HashMap<Id, Counts>, customer: &Id, period: Period)
         .or_insert_with(|| Counts::new(period))
 }
 
-/// Quota units a clustered gateway counted in process while Redis failed: they belong in the
-/// shared count once Redis answers again, or the customer would have had them for free.
+/// Quota units a clustered gateway counted in process without asking Redis (while it failed, or
+/// for a plan without limits): they belong in the shared count, or the customer would have had
+/// them for free.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Unshared {
     /// The period they were counted in.
@@ -91,8 +97,14 @@ pub struct Unshared {
     sealed: bool,
 }
 
-/// Batches remembered per customer once sent, for refunds of their units.
-const SETTLED_KEPT: usize = 16;
+/// Batches Redis refused remembered per customer, for refunds of their units.
+const REFUSED_KEPT: usize = 16;
+/// Marks of batches Redis took remembered per customer for deletion; past this many (the
+/// customer's count could not be reached for that long), the oldest stay in the count until it
+/// expires.
+const ANSWERED_KEPT: usize = 256;
+/// Most marks one call deletes.
+pub const FORGET_PER_CALL: usize = 64;
 
 /// Counters of every customer that called, in this process.
 #[derive(Debug)]
@@ -300,42 +312,65 @@ impl LocalCounters {
             batch.overage = batch.overage.saturating_sub(reservation.overage);
             return true;
         }
-        fallback
-            .settled
-            .iter()
-            .any(|&(settled, shared)| settled == token && !shared)
+        fallback.refused.contains(&token)
     }
 
-    /// Remembers that the batch `token` was sent and whether Redis took it (`shared`).
-    pub fn settle_unshared(&self, customer: &Id, token: u128, shared: bool) {
+    /// Remembers that the batch `token` of `period` was sent and whether Redis took it
+    /// (`shared`): a refused batch for the refunds of its units, a taken one for deleting its
+    /// mark.
+    pub fn settle_unshared(&self, customer: &Id, period: Period, token: u128, shared: bool) {
         if let Some(counts) = self.shard(customer).get_mut(customer) {
-            let settled = &mut counts.fallback().settled;
-            if settled.len() == SETTLED_KEPT {
-                settled.remove(0);
+            let fallback = counts.fallback();
+            if shared {
+                if fallback.answered.len() == ANSWERED_KEPT {
+                    fallback.answered.remove(0);
+                }
+                fallback.answered.push((period, token));
+            } else {
+                if fallback.refused.len() == REFUSED_KEPT {
+                    fallback.refused.remove(0);
+                }
+                fallback.refused.push(token);
             }
-            settled.push((token, shared));
         }
     }
 
-    /// Takes the customer's unshared units of `period`, to add them to Redis; units of an
-    /// earlier period are dropped (that count is over). Costs one atomic load while no customer
-    /// has any.
-    pub fn take_unshared(&self, customer: &Id, period: Period) -> Vec<Unshared> {
-        self.take_unshared_where(customer, |batch| batch.period == period)
+    /// Takes up to [`FORGET_PER_CALL`] tokens of batches of `period` Redis took, whose marks the
+    /// next call to that count may delete.
+    pub fn take_answered(&self, customer: &Id, period: Period) -> Vec<u128> {
+        let mut shard = self.shard(customer);
+        let Some(fallback) = shard.get_mut(customer).and_then(|c| c.fallback.as_mut()) else {
+            return Vec::new();
+        };
+        let mut taken = Vec::new();
+        fallback.answered.retain(|&(of, token)| {
+            if of == period && taken.len() < FORGET_PER_CALL {
+                taken.push(token);
+                false
+            } else {
+                true
+            }
+        });
+        taken
     }
 
-    /// Takes the customer's unshared units of periods not over at `now_ms`; units of an earlier
-    /// period are dropped.
-    pub fn take_unshared_current(&self, customer: &Id, now_ms: i64) -> Vec<Unshared> {
-        self.take_unshared_where(customer, |batch| batch.period.end_ms > now_ms)
+    /// Puts back tokens [`take_answered`](Self::take_answered) took, whose call did not answer.
+    pub fn restore_answered(&self, customer: &Id, period: Period, tokens: Vec<u128>) {
+        if tokens.is_empty() {
+            return;
+        }
+        if let Some(counts) = self.shard(customer).get_mut(customer) {
+            let answered = &mut counts.fallback().answered;
+            answered.extend(tokens.into_iter().map(|token| (period, token)));
+            let over = answered.len().saturating_sub(ANSWERED_KEPT);
+            answered.drain(..over);
+        }
     }
 
-    /// Takes the customer's unshared batches, keeping those `keep` says and that hold units.
-    fn take_unshared_where(
-        &self,
-        customer: &Id,
-        keep: impl Fn(&Unshared) -> bool,
-    ) -> Vec<Unshared> {
+    /// Takes the customer's unshared units, to add them to Redis, each batch to the count of its
+    /// own period (Redis keeps a count a day past its period's end, so a batch of a period that
+    /// has just ended still reaches it). Costs one atomic load while no customer has any.
+    pub fn take_unshared(&self, customer: &Id) -> Vec<Unshared> {
         if self.unshared.load(Ordering::Relaxed) == 0 {
             return Vec::new();
         }
@@ -349,7 +384,7 @@ impl LocalCounters {
         };
         self.unshared.fetch_sub(1, Ordering::Relaxed);
         let mut taken = std::mem::take(&mut fallback.unshared);
-        taken.retain(|u| keep(u) && u.units > 0);
+        taken.retain(|u| u.units > 0);
         taken
     }
 
@@ -622,10 +657,10 @@ mod tests {
     }
 
     #[test]
-    fn units_counted_while_redis_failed_are_taken_once_and_only_for_their_period() {
+    fn units_counted_while_redis_failed_are_taken_once_each_for_their_own_period() {
         let counters = LocalCounters::default();
         let customer = [6; 16];
-        assert!(counters.take_unshared(&customer, PERIOD).is_empty());
+        assert!(counters.take_unshared(&customer).is_empty());
         // Last counted in Redis in generation 42 of its quota count.
         counters.follow(&customer, PERIOD, 5, Some(42));
         let token = counters
@@ -636,25 +671,38 @@ mod tests {
             counters.note_unshared(&customer, &fallback(2, 1, PERIOD)),
             Some(token)
         );
+        assert_eq!(counters.take_pending(), vec![customer]);
         // A refund of one of them takes it back from the batch while it is unsent.
         assert!(counters.refund_unshared(&customer, &fallback(1, 0, PERIOD), token));
-        let taken = counters.take_unshared(&customer, PERIOD);
+        let taken = counters.take_unshared(&customer);
         assert_eq!(taken.len(), 1);
         assert_eq!(
             (taken[0].units, taken[0].overage, taken[0].generation),
             (2, 1, 42)
         );
-        assert!(counters.take_unshared(&customer, PERIOD).is_empty());
-        // Added to Redis since: a refund now belongs in Redis.
-        counters.settle_unshared(&customer, token, true);
+        assert!(counters.take_unshared(&customer).is_empty());
+        // Added to Redis since: a refund now belongs in Redis, and the batch's mark may go with
+        // the next call to that period's count.
+        counters.settle_unshared(&customer, PERIOD, token, true);
         assert!(!counters.refund_unshared(&customer, &fallback(1, 0, PERIOD), token));
-        // Units of a period that is over are dropped.
-        counters.note_unshared(&customer, &fallback(3, 0, PERIOD));
         let next = Period {
             start_ms: PERIOD.end_ms,
             end_ms: PERIOD.end_ms * 2,
         };
-        assert!(counters.take_unshared(&customer, next).is_empty());
+        assert!(counters.take_answered(&customer, next).is_empty());
+        assert_eq!(counters.take_answered(&customer, PERIOD), vec![token]);
+        assert!(counters.take_answered(&customer, PERIOD).is_empty());
+        // Refused by Redis (its count was rebuilt from the ledger): a refund goes nowhere.
+        let refused = counters
+            .note_unshared(&customer, &fallback(4, 0, PERIOD))
+            .unwrap();
+        counters.take_unshared(&customer);
+        counters.settle_unshared(&customer, PERIOD, refused, false);
+        assert!(counters.refund_unshared(&customer, &fallback(1, 0, PERIOD), refused));
+        // Units of a period that has ended are still taken, for that period's count.
+        counters.note_unshared(&customer, &fallback(3, 0, PERIOD));
+        let late = counters.take_unshared(&customer);
+        assert_eq!((late.len(), late[0].units, late[0].period), (1, 3, PERIOD));
         assert_eq!(counters.unshared.load(Ordering::Relaxed), 0);
     }
 
@@ -669,20 +717,20 @@ mod tests {
             counters.note_unshared(&customer, &fallback(2, 0, PERIOD)),
             None
         );
-        assert!(counters.take_unshared(&customer, PERIOD).is_empty());
+        assert!(counters.take_unshared(&customer).is_empty());
         counters.follow(&customer, PERIOD, 5, Some(1));
         let refused = counters
             .note_unshared(&customer, &fallback(1, 0, PERIOD))
             .unwrap();
-        counters.take_unshared(&customer, PERIOD);
+        counters.take_unshared(&customer);
         // Redis did not take that batch (its count is newer): a refund of its unit is nobody's.
-        counters.settle_unshared(&customer, refused, false);
+        counters.settle_unshared(&customer, PERIOD, refused, false);
         assert!(counters.refund_unshared(&customer, &fallback(1, 0, PERIOD), refused));
         // A batch sent without an answer: the refund is Redis'.
         let sent = counters
             .note_unshared(&customer, &fallback(1, 0, PERIOD))
             .unwrap();
-        let batch = counters.take_unshared(&customer, PERIOD).remove(0);
+        let batch = counters.take_unshared(&customer).remove(0);
         counters.restore_unshared(&customer, batch, true);
         assert!(!counters.refund_unshared(&customer, &fallback(1, 0, PERIOD), sent));
         // A batch long forgotten: Redis' too.
@@ -695,7 +743,7 @@ mod tests {
         let customer = [7; 16];
         counters.follow(&customer, PERIOD, 0, Some(7));
         counters.note_unshared(&customer, &fallback(4, 0, PERIOD));
-        let sent = counters.take_unshared(&customer, PERIOD).remove(0);
+        let sent = counters.take_unshared(&customer).remove(0);
         counters.restore_unshared(&customer, sent, true);
         // Redis may have counted the first batch already: new units make a batch of their own.
         let newer = counters
@@ -704,20 +752,20 @@ mod tests {
         assert_ne!(newer, sent.token);
         counters.note_unshared(&customer, &fallback(1, 0, PERIOD));
         // A batch that was never sent stays open.
-        let mut batches = counters.take_unshared(&customer, PERIOD);
+        let mut batches = counters.take_unshared(&customer);
         assert_eq!(batches.len(), 2);
         assert_eq!((batches[0].units, batches[0].token), (4, sent.token));
         assert_eq!((batches[1].units, batches[1].token), (2, newer));
         let unsent = batches.remove(1);
         counters.restore_unshared(&customer, unsent, false);
         counters.note_unshared(&customer, &fallback(3, 0, PERIOD));
-        let batches = counters.take_unshared(&customer, PERIOD);
+        let batches = counters.take_unshared(&customer);
         assert_eq!(batches.len(), 1);
         assert_eq!((batches[0].units, batches[0].token), (5, unsent.token));
         // Counted in a new generation (Redis rebuilt the count): a batch of its own.
         counters.follow(&customer, PERIOD, 0, Some(8));
         counters.note_unshared(&customer, &fallback(1, 0, PERIOD));
-        assert_eq!(counters.take_unshared(&customer, PERIOD)[0].generation, 8);
+        assert_eq!(counters.take_unshared(&customer)[0].generation, 8);
         assert_eq!(counters.unshared.load(Ordering::Relaxed), 0);
     }
 

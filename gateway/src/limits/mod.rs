@@ -12,7 +12,7 @@
 //! - [`quota`]: counting units in a period against a hard or soft limit (pure arithmetic).
 //! - [`period`]: the period a quota counts in (billing period or calendar month in UTC).
 //! - [`local`]: the in-process counters.
-//! - [`redis`]: the shared counters, one script call per request.
+//! - [`redis`]: the shared counters, one script call per request of a plan with limits.
 //! - [`metrics`]: decisions, refunds and overage as metrics.
 //! - [`headers`]: `RateLimit-Policy`, `RateLimit`, `X-RateLimit-*` and `X-Quota-*`.
 
@@ -144,7 +144,8 @@ pub struct Decision {
     /// Where it was counted.
     pub counted: Counted,
     /// Counted in Redis: the generation of the customer's quota count there, once rebuilt from
-    /// the ledger (units this process counts while Redis fails are added to that count only).
+    /// the ledger (units this process counts without asking Redis, while it fails or for a plan
+    /// without limits, are added to that count only).
     pub generation: Option<i64>,
 }
 
@@ -252,7 +253,7 @@ impl Limiter {
             && decision.is_none()
         {
             if !redis.is_failing(now) {
-                let batches = self.local.take_unshared(customer, period);
+                let batches = self.local.take_unshared(customer);
                 self.share_unshared(redis, customer, batches, now).await;
             }
             let ledger = self.ledger.get().map(|l| l.as_ref());
@@ -320,16 +321,21 @@ impl Limiter {
     ) {
         let mut batches = batches.into_iter();
         while let Some(batch) = batches.next() {
-            match redis.share(customer, &batch, now).await {
+            // Marks of batches this count took before go with this call.
+            let forget = self.local.take_answered(customer, batch.period);
+            match redis.share(customer, &batch, &forget, now).await {
                 Ok(true) => {
                     self.metrics
                         .fallback_units(batch.units, FallbackUnits::Shared);
-                    self.local.settle_unshared(customer, batch.token, true);
+                    self.local
+                        .settle_unshared(customer, batch.period, batch.token, true);
                 }
                 Ok(false) => {
+                    // The count they were in is gone with their marks.
                     self.metrics
                         .fallback_units(batch.units, FallbackUnits::Ledger);
-                    self.local.settle_unshared(customer, batch.token, false);
+                    self.local
+                        .settle_unshared(customer, batch.period, batch.token, false);
                     // Redis counts in another generation now: ask it before batching again.
                     self.local
                         .forget_generation(customer, batch.period, batch.generation);
@@ -342,6 +348,7 @@ impl Limiter {
                 Err(failure) => {
                     // The rest were not sent.
                     let sent = failure.may_have_run();
+                    self.local.restore_answered(customer, batch.period, forget);
                     self.local.restore_unshared(customer, batch, sent);
                     for batch in batches {
                         self.local.restore_unshared(customer, batch, false);
@@ -423,7 +430,7 @@ impl Limiter {
         // order.
         futures_util::stream::iter(self.local.take_pending())
             .for_each_concurrent(SHARE_CONCURRENCY, |customer| async move {
-                let batches = self.local.take_unshared_current(&customer, now);
+                let batches = self.local.take_unshared(&customer);
                 if !batches.is_empty() {
                     self.share_unshared(redis, &customer, batches, now).await;
                 }
@@ -478,15 +485,14 @@ impl pingora::services::background::BackgroundService for CounterSweep {
             // The first tick is at once.
             timer.tick().await;
         }
+        let mut draining = false;
         loop {
             tokio::select! {
                 _ = sweep.tick() => self.gateway.limiter.sweep(),
                 _ = share.tick() => self.gateway.limiter.share_pending().await,
-                _ = shutdown.changed() => {
-                    // What is batched goes to Redis before the process ends, where it can.
-                    self.gateway.limiter.share_pending().await;
-                    break;
-                }
+                // Sharing goes on while the gateway drains (requests are still served), until
+                // the process ends; the drain shares once more just before it exits.
+                _ = shutdown.changed(), if !draining => draining = true,
             }
         }
     }

@@ -1,6 +1,7 @@
 //! Shared counters in Redis (or a Redis Cluster): one script call per request decides and counts
 //! every window and the quota of a customer atomically, so N gateways admit exactly what one
-//! would.
+//! would. (A plan with neither has nothing to decide: its units reach the quota count in batches,
+//! [`super::Limiter::share_pending`].)
 //!
 //! Every key of a customer carries the customer's id as its hash tag (`prefix:{cus_…}:r:60000`,
 //! `prefix:{cus_…}:q:<period start>`), so one call touches one cluster slot. Windows are hashes of
@@ -587,9 +588,10 @@ impl RedisCounters {
         }
     }
 
-    /// Adds to the shared quota count a batch of units this gateway counted in process while
-    /// Redis could not be asked (`Ok(true)`, also when an earlier call that timed out added it
-    /// already). Only to the quota hash the batch's customer was last counted in, seeded then:
+    /// Adds to the shared quota count a batch of units this gateway counted in process without
+    /// asking Redis, while it failed or for a plan without limits (`Ok(true)`, also when an
+    /// earlier call that timed out added it already), and deletes from that count the marks
+    /// of `forget`, batches it took before. Only to the quota hash the batch's customer was last counted in, seeded then:
     /// its rebuild from the ledger was over before those units were counted, so they are not in
     /// it. A hash made since (Redis lost its data meanwhile) has another generation; it was
     /// rebuilt from a ledger that may hold them already, and adding them would count them twice:
@@ -598,6 +600,7 @@ impl RedisCounters {
         &self,
         customer: &Id,
         batch: &Unshared,
+        forget: &[u128],
         now_ms: i64,
     ) -> Result<bool, Failure> {
         let mut invocation = self.share.prepare_invoke();
@@ -606,7 +609,10 @@ impl RedisCounters {
             .arg(batch.units)
             .arg(batch.overage)
             .arg(batch.generation)
-            .arg(format!("g{:032x}", batch.token));
+            .arg(mark(batch.token));
+        for &token in forget {
+            invocation.arg(mark(token));
+        }
         Ok(self.call::<i64>(&invocation, now_ms).await? == 1)
     }
 
@@ -636,9 +642,11 @@ return 0
 ";
 
 /// Adds a batch of units counted in process (ARGV: units, overage, the generation of the hash
-/// they belong in, the batch's token) to a quota hash seeded from the ledger (`s` = 1) of that
-/// generation (`n`, absent in a hash made before generations: -1); once per token. 1 if it did
-/// (now or before), 0 if the hash is of another generation, not seeded, or gone.
+/// they belong in, the batch's mark) to a quota hash seeded from the ledger (`s` = 1) of that
+/// generation (`n`, absent in a hash made before generations: -1); once per mark, which stays in
+/// the hash until a later call deletes it (ARGV 5 on: marks of batches whose calls answered,
+/// which are never sent again). 1 if it did (now or before), 0 if the hash is of another
+/// generation, not seeded, or gone.
 const SHARE_SCRIPT: &str = r"
 local state = redis.call('HMGET', KEYS[1], 's', 'n')
 if state[1] ~= '1' or (tonumber(state[2]) or -1) ~= tonumber(ARGV[3]) then
@@ -648,8 +656,16 @@ if redis.call('HSETNX', KEYS[1], ARGV[4], 1) == 1 then
   redis.call('HINCRBY', KEYS[1], 'u', ARGV[1])
   redis.call('HINCRBY', KEYS[1], 'o', ARGV[2])
 end
+if #ARGV > 4 then
+  redis.call('HDEL', KEYS[1], unpack(ARGV, 5))
+end
 return 1
 ";
+
+/// The field a batch's call leaves in its quota hash.
+fn mark(token: u128) -> String {
+    format!("g{token:032x}")
+}
 
 /// Gives back units of a quota hash that still exists (ARGV: units and overage, negated).
 const REFUND_SCRIPT: &str = r"
