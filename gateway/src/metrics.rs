@@ -61,7 +61,8 @@ pub const AUTH_RESULTS: [&str; 13] = [
 pub const AUTH_DECISIONS_TOTAL: &str = "tollgate_auth_decisions_total";
 
 /// Rate-limit and quota decisions, by result (`allowed`, `rate_limited`, `quota_exceeded`) and
-/// by where they were counted (`local`, `redis`, or `fallback`: locally because Redis failed).
+/// by where they were counted (`local`, `redis`, `fallback`: locally because Redis failed, or
+/// `batched`: locally for a plan without limits, added to Redis in batches).
 pub const LIMIT_DECISIONS_TOTAL: &str = "tollgate_limit_decisions_total";
 /// Quota units given back because the request must not count.
 pub const QUOTA_REFUNDS_TOTAL: &str = "tollgate_quota_refunds_total";
@@ -69,7 +70,8 @@ pub const QUOTA_REFUNDS_TOTAL: &str = "tollgate_quota_refunds_total";
 pub const QUOTA_OVERAGE_UNITS_TOTAL: &str = "tollgate_quota_overage_units_total";
 /// Customers the in-process counters hold, as of the last sweep.
 pub const LIMIT_CUSTOMERS_COUNTED: &str = "tollgate_limit_customers_counted";
-/// Quota units counted in process while Redis failed, by what became of them.
+/// Quota units counted in process without asking Redis (while it failed, or in batches for a
+/// plan without limits), by what became of them.
 pub const QUOTA_FALLBACK_UNITS_TOTAL: &str = "tollgate_quota_fallback_units_total";
 
 /// Counter calls to Redis that failed, by kind (`timeout`, `error`, or `unavailable`: not tried,

@@ -18,6 +18,8 @@ use crate::state::Gateway;
 
 /// How often the drain checks for requests in flight.
 const DRAIN_POLL: Duration = Duration::from_millis(20);
+/// The longest a drained gateway waits to add its batched quota units to Redis before it exits.
+const FINAL_SHARE: Duration = Duration::from_secs(2);
 
 /// The signal watcher handed to Pingora.
 #[derive(Debug)]
@@ -134,9 +136,14 @@ impl Drain {
                         if gateway.metrics.in_flight.get() <= 0 {
                             idle_polls += 1;
                             if idle_polls >= 2 {
-                                // Quota units batched for Redis go there first (each call at
-                                // most the Redis timeout).
-                                gateway.limiter.share_pending().await;
+                                // Quota units batched for Redis go there first, for at most
+                                // FINAL_SHARE (a signal still exits at once).
+                                let limit = FINAL_SHARE.min(deadline.saturating_duration_since(Instant::now()));
+                                tokio::select! {
+                                    _ = tokio::time::timeout(limit, gateway.limiter.share_pending()) => {}
+                                    _ = term.recv() => {}
+                                    _ = interrupt.recv() => {}
+                                }
                                 tracing::info!("drained: no request in flight, exiting");
                                 std::process::exit(0);
                             }

@@ -13,6 +13,7 @@ use std::sync::{Mutex, PoisonError};
 
 use super::period::Period;
 use super::quota::QuotaCount;
+use super::redis::QUOTA_KEY_GRACE_MS;
 use super::window::{self, WindowCounts, WindowState};
 use super::{Counted, Decision, FallbackUnit, Policy, Reservation, Verdict};
 use crate::identity::index::Id;
@@ -42,9 +43,11 @@ struct Fallback {
     /// refund of one of their units is nobody's to give. Those it took are Redis' to refund,
     /// as are units of batches not found here.
     refused: Vec<u128>,
-    /// Batches Redis took, by period: the marks their calls left in the count (so that a call
-    /// made again adds nothing) are no longer needed, and the customer's next call to that
-    /// count deletes them.
+    /// Batches Redis took on their first and only call, by period: the marks their calls left
+    /// in the count (so that a call made again adds nothing) are no longer needed, and the
+    /// customer's next call to that count deletes them. A batch sent more than once (its first
+    /// call timed out) keeps its mark until the count expires: the first call may still
+    /// arrive, over another connection.
     answered: Vec<(Period, u128)>,
 }
 
@@ -315,22 +318,21 @@ impl LocalCounters {
         fallback.refused.contains(&token)
     }
 
-    /// Remembers that the batch `token` of `period` was sent and whether Redis took it
-    /// (`shared`): a refused batch for the refunds of its units, a taken one for deleting its
-    /// mark.
-    pub fn settle_unshared(&self, customer: &Id, period: Period, token: u128, shared: bool) {
+    /// Remembers that `batch` was sent and whether Redis took it (`shared`): a refused batch
+    /// for the refunds of its units, a taken one sent only this once for deleting its mark.
+    pub fn settle_unshared(&self, customer: &Id, batch: &Unshared, shared: bool) {
         if let Some(counts) = self.shard(customer).get_mut(customer) {
             let fallback = counts.fallback();
-            if shared {
-                if fallback.answered.len() == ANSWERED_KEPT {
-                    fallback.answered.remove(0);
-                }
-                fallback.answered.push((period, token));
-            } else {
+            if !shared {
                 if fallback.refused.len() == REFUSED_KEPT {
                     fallback.refused.remove(0);
                 }
-                fallback.refused.push(token);
+                fallback.refused.push(batch.token);
+            } else if !batch.sealed {
+                if fallback.answered.len() == ANSWERED_KEPT {
+                    fallback.answered.remove(0);
+                }
+                fallback.answered.push((batch.period, batch.token));
             }
         }
     }
@@ -427,7 +429,10 @@ impl LocalCounters {
                 counts.windows.retain_mut(|w| !w.is_idle(now_ms));
                 if let Some(fallback) = &mut counts.fallback {
                     let had_unshared = !fallback.unshared.is_empty();
-                    fallback.unshared.retain(|u| u.period.end_ms > now_ms);
+                    // Kept as long as Redis keeps the count they belong in.
+                    fallback
+                        .unshared
+                        .retain(|u| u.period.end_ms.saturating_add(QUOTA_KEY_GRACE_MS) > now_ms);
                     if had_unshared && fallback.unshared.is_empty() {
                         self.unshared.fetch_sub(1, Ordering::Relaxed);
                     }
@@ -683,7 +688,7 @@ mod tests {
         assert!(counters.take_unshared(&customer).is_empty());
         // Added to Redis since: a refund now belongs in Redis, and the batch's mark may go with
         // the next call to that period's count.
-        counters.settle_unshared(&customer, PERIOD, token, true);
+        counters.settle_unshared(&customer, &taken[0], true);
         assert!(!counters.refund_unshared(&customer, &fallback(1, 0, PERIOD), token));
         let next = Period {
             start_ms: PERIOD.end_ms,
@@ -692,17 +697,30 @@ mod tests {
         assert!(counters.take_answered(&customer, next).is_empty());
         assert_eq!(counters.take_answered(&customer, PERIOD), vec![token]);
         assert!(counters.take_answered(&customer, PERIOD).is_empty());
+        // A batch sent twice (its first call timed out) keeps its mark: that call may still
+        // arrive.
+        counters.note_unshared(&customer, &fallback(1, 0, PERIOD));
+        let first = counters.take_unshared(&customer).remove(0);
+        counters.restore_unshared(&customer, first, true);
+        let again = counters.take_unshared(&customer).remove(0);
+        counters.settle_unshared(&customer, &again, true);
+        assert!(counters.take_answered(&customer, PERIOD).is_empty());
         // Refused by Redis (its count was rebuilt from the ledger): a refund goes nowhere.
         let refused = counters
             .note_unshared(&customer, &fallback(4, 0, PERIOD))
             .unwrap();
-        counters.take_unshared(&customer);
-        counters.settle_unshared(&customer, PERIOD, refused, false);
+        let batch = counters.take_unshared(&customer).remove(0);
+        counters.settle_unshared(&customer, &batch, false);
         assert!(counters.refund_unshared(&customer, &fallback(1, 0, PERIOD), refused));
-        // Units of a period that has ended are still taken, for that period's count.
+        // Units of a period that has ended are kept while Redis keeps its count, and taken for
+        // it; a sweep past that drops them.
         counters.note_unshared(&customer, &fallback(3, 0, PERIOD));
+        counters.sweep(PERIOD.end_ms + QUOTA_KEY_GRACE_MS - 1);
         let late = counters.take_unshared(&customer);
         assert_eq!((late.len(), late[0].units, late[0].period), (1, 3, PERIOD));
+        counters.note_unshared(&customer, &fallback(5, 0, PERIOD));
+        counters.sweep(PERIOD.end_ms + QUOTA_KEY_GRACE_MS);
+        assert!(counters.take_unshared(&customer).is_empty());
         assert_eq!(counters.unshared.load(Ordering::Relaxed), 0);
     }
 
@@ -722,9 +740,9 @@ mod tests {
         let refused = counters
             .note_unshared(&customer, &fallback(1, 0, PERIOD))
             .unwrap();
-        counters.take_unshared(&customer);
+        let batch = counters.take_unshared(&customer).remove(0);
         // Redis did not take that batch (its count is newer): a refund of its unit is nobody's.
-        counters.settle_unshared(&customer, PERIOD, refused, false);
+        counters.settle_unshared(&customer, &batch, false);
         assert!(counters.refund_unshared(&customer, &fallback(1, 0, PERIOD), refused));
         // A batch sent without an answer: the refund is Redis'.
         let sent = counters
@@ -793,11 +811,13 @@ mod tests {
         assert_eq!(counters.sweep(3_000), 2);
         assert_eq!((windows(&idle), windows(&busy)), (0, 0));
         assert_eq!(counters.used(&idle, PERIOD), (1, 0));
-        // The period is over: both go, and units of that period still to add to Redis with
-        // them (that count is over).
+        // The period is over: the idle customer goes; the busy one stays while it has units
+        // to add to Redis, whose count of that period lives a day longer, then goes too.
         assert_eq!(counters.unshared.load(Ordering::Relaxed), 1);
-        assert_eq!(counters.sweep(PERIOD.end_ms), 0);
+        assert_eq!(counters.sweep(PERIOD.end_ms), 1);
         assert_eq!(counters.used(&idle, PERIOD), (0, 0));
+        assert_eq!(counters.unshared.load(Ordering::Relaxed), 1);
+        assert_eq!(counters.sweep(PERIOD.end_ms + QUOTA_KEY_GRACE_MS), 0);
         assert_eq!(counters.unshared.load(Ordering::Relaxed), 0);
         let next = Period {
             start_ms: PERIOD.end_ms,

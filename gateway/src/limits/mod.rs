@@ -184,6 +184,8 @@ pub struct Limiter {
     metrics: LimitMetrics,
     /// The usage ledger, once the control plane is reachable (set at start).
     ledger: OnceLock<Arc<dyn Ledger>>,
+    /// Held by a pass of [`Limiter::share_pending`].
+    sharing: tokio::sync::Mutex<()>,
 }
 
 impl Limiter {
@@ -195,6 +197,7 @@ impl Limiter {
             redis: None,
             metrics,
             ledger: OnceLock::new(),
+            sharing: tokio::sync::Mutex::new(()),
         }
     }
 
@@ -327,15 +330,13 @@ impl Limiter {
                 Ok(true) => {
                     self.metrics
                         .fallback_units(batch.units, FallbackUnits::Shared);
-                    self.local
-                        .settle_unshared(customer, batch.period, batch.token, true);
+                    self.local.settle_unshared(customer, &batch, true);
                 }
                 Ok(false) => {
-                    // The count they were in is gone with their marks.
+                    // The marks of `forget` were deleted all the same.
                     self.metrics
                         .fallback_units(batch.units, FallbackUnits::Ledger);
-                    self.local
-                        .settle_unshared(customer, batch.period, batch.token, false);
+                    self.local.settle_unshared(customer, &batch, false);
                     // Redis counts in another generation now: ask it before batching again.
                     self.local
                         .forget_generation(customer, batch.period, batch.generation);
@@ -422,6 +423,8 @@ impl Limiter {
         let Some(redis) = &self.redis else {
             return;
         };
+        // One pass at a time: the drain's last pass waits for the one under way.
+        let _pass = self.sharing.lock().await;
         let now = self.clock.now_ms();
         if redis.is_failing(now) {
             return;

@@ -46,7 +46,7 @@ use crate::metering::ledger::Ledger;
 use crate::metrics::{Metrics, REDIS_CALL_DURATION, REDIS_ERRORS_TOTAL};
 
 /// How long a quota key outlives its period.
-const QUOTA_KEY_GRACE_MS: i64 = 86_400_000;
+pub const QUOTA_KEY_GRACE_MS: i64 = 86_400_000;
 /// How long connecting may take.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
 /// How long the connection waits for an answer before it counts as broken.
@@ -591,7 +591,8 @@ impl RedisCounters {
     /// Adds to the shared quota count a batch of units this gateway counted in process without
     /// asking Redis, while it failed or for a plan without limits (`Ok(true)`, also when an
     /// earlier call that timed out added it already), and deletes from that count the marks
-    /// of `forget`, batches it took before. Only to the quota hash the batch's customer was last counted in, seeded then:
+    /// of `forget`, batches it took before. Only to the quota hash the batch's customer was
+    /// last counted in, seeded then:
     /// its rebuild from the ledger was over before those units were counted, so they are not in
     /// it. A hash made since (Redis lost its data meanwhile) has another generation; it was
     /// rebuilt from a ledger that may hold them already, and adding them would count them twice:
@@ -644,10 +645,13 @@ return 0
 /// Adds a batch of units counted in process (ARGV: units, overage, the generation of the hash
 /// they belong in, the batch's mark) to a quota hash seeded from the ledger (`s` = 1) of that
 /// generation (`n`, absent in a hash made before generations: -1); once per mark, which stays in
-/// the hash until a later call deletes it (ARGV 5 on: marks of batches whose calls answered,
-/// which are never sent again). 1 if it did (now or before), 0 if the hash is of another
-/// generation, not seeded, or gone.
+/// the hash until a later call deletes it. ARGV 5 on: marks to delete first, of batches sent
+/// once and answered, of which no other copy can arrive. 1 if it added the batch (now or
+/// before), 0 if the hash is of another generation, not seeded, or gone.
 const SHARE_SCRIPT: &str = r"
+if #ARGV > 4 then
+  redis.call('HDEL', KEYS[1], unpack(ARGV, 5))
+end
 local state = redis.call('HMGET', KEYS[1], 's', 'n')
 if state[1] ~= '1' or (tonumber(state[2]) or -1) ~= tonumber(ARGV[3]) then
   return 0
@@ -655,9 +659,6 @@ end
 if redis.call('HSETNX', KEYS[1], ARGV[4], 1) == 1 then
   redis.call('HINCRBY', KEYS[1], 'u', ARGV[1])
   redis.call('HINCRBY', KEYS[1], 'o', ARGV[2])
-end
-if #ARGV > 4 then
-  redis.call('HDEL', KEYS[1], unpack(ARGV, 5))
 end
 return 1
 ";
