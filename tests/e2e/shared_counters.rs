@@ -519,3 +519,19 @@ async fn a_plan_without_limits_asks_redis_once_and_its_units_reach_the_shared_co
     );
     assert_eq!(upstream.requests(), 20);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_draining_gateway_adds_its_batched_units_to_redis_before_it_exits() {
+    let redis = RedisServer::start();
+    let upstream = Upstream::start("api");
+    let (mut gateway, key) = standalone_with_plan(&redis, &upstream, json!({})).await;
+    for _ in 0..10 {
+        assert_eq!(status_of(&gateway, &key, "/api/last").await, 200);
+    }
+    // Signalled straight after the last response: the drain's last pass adds what the
+    // background pass (every 100 ms) has not.
+    gateway.signal("TERM");
+    assert!(gateway.wait_exit(Duration::from_secs(10)).await.success());
+    let keys = redis.cli(&["KEYS", "*:q:*"]);
+    assert_eq!(redis.cli(&["HGET", keys.trim(), "u"]), "10");
+}
