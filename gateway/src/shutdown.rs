@@ -138,9 +138,10 @@ impl Drain {
                             if idle_polls >= 2 {
                                 // Quota units batched for Redis go there first, for at most
                                 // FINAL_SHARE (a signal still exits at once).
-                                let limit = FINAL_SHARE.min(deadline.saturating_duration_since(Instant::now()));
+                                let left = deadline.saturating_duration_since(Instant::now());
+                                let share = gateway.limiter.share_pending();
                                 tokio::select! {
-                                    _ = tokio::time::timeout(limit, gateway.limiter.share_pending()) => {}
+                                    _ = tokio::time::timeout(FINAL_SHARE.min(left), share) => {}
                                     _ = term.recv() => {}
                                     _ = interrupt.recv() => {}
                                 }

@@ -61,6 +61,12 @@ impl Counts {
         }
     }
 
+    /// The generation of the customer's count in Redis this process knows for `period`.
+    fn generation_of(&self, period: Period) -> Option<i64> {
+        self.generation
+            .and_then(|(known, generation)| (known == period).then_some(generation))
+    }
+
     /// Batches not yet added to Redis (none without a fallback).
     fn unshared(&self) -> &[Unshared] {
         self.fallback.as_ref().map_or(&[], |f| &f.unshared)
@@ -174,12 +180,12 @@ impl LocalCounters {
         debug_assert!(policy.is_empty());
         let mut shard = self.shard(customer);
         let counts = shard.get_mut(customer)?;
-        counts.generation.filter(|(known, _)| *known == period)?;
+        let generation = counts.generation_of(period)?;
         let mut decision = decide(counts, policy, period, units, now_ms);
         decision.counted = Counted::Batched;
         if let Some(reservation) = &mut decision.reservation {
             reservation.counted = Counted::Batched;
-            let token = self.add_unshared(counts, customer, reservation)?;
+            let token = self.add_unshared(counts, customer, reservation, generation);
             reservation.fallback = Some(FallbackUnit::Batch(token));
         }
         Some(decision)
@@ -254,20 +260,19 @@ impl LocalCounters {
         let mut shard = self.shard(customer);
         // Counted in process just before: the customer has counts.
         let counts = shard.get_mut(customer)?;
-        self.add_unshared(counts, customer, reservation)
+        let generation = counts.generation_of(reservation.period)?;
+        Some(self.add_unshared(counts, customer, reservation, generation))
     }
 
-    /// [`note_unshared`](Self::note_unshared) on the customer's counts.
+    /// Adds `reservation` to the customer's open batch for the count of `generation` (the one
+    /// this process knows for the reservation's period); the batch's token.
     fn add_unshared(
         &self,
         counts: &mut Counts,
         customer: &Id,
         reservation: &Reservation,
-    ) -> Option<u128> {
-        let generation = match counts.generation {
-            Some((period, generation)) if period == reservation.period => generation,
-            _ => return None,
-        };
+        generation: i64,
+    ) -> u128 {
         let was_empty = counts.unshared().is_empty();
         let batches = &mut counts.fallback().unshared;
         let open = batches
@@ -277,7 +282,7 @@ impl LocalCounters {
             Some(batch) => {
                 batch.units += reservation.units;
                 batch.overage += reservation.overage;
-                Some(batch.token)
+                batch.token
             }
             None => {
                 if was_empty {
@@ -292,7 +297,7 @@ impl LocalCounters {
                     token,
                     sealed: false,
                 });
-                Some(token)
+                token
             }
         }
     }
