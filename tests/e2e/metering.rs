@@ -394,12 +394,7 @@ async fn a_control_plane_outage_delays_usage_and_a_full_spool_refuses_rather_tha
     let control_plane = ControlPlane::start(&database.url()).await;
     let (address, admin) = (control_plane.address, control_plane.admin_token.clone());
     let api = control_plane.api();
-    let token = api
-        .create("/v1/admin-tokens", json!({"name": "gw", "role": "gateway"}))
-        .await["token"]
-        .as_str()
-        .unwrap()
-        .to_owned();
+    let token = api.gateway_token().await;
     let customer = customer_on(&api, json!({})).await;
     let upstream = Upstream::start("api");
     let text = config(&format!(

@@ -62,18 +62,48 @@ fn count(statuses: &[u16], status: u16) -> usize {
     statuses.iter().filter(|&&s| s == status).count()
 }
 
+/// Two gateways following `control_plane` with `token`, counting in `redis`, with `extra` in
+/// their config, once they have `keys` keys and count in Redis.
+async fn two_gateways(
+    control_plane: &ControlPlane,
+    token: &str,
+    redis: &RedisServer,
+    upstream: &Upstream,
+    extra: &str,
+    keys: u64,
+) -> (Gateway, Gateway) {
+    let text = config(&format!(
+        r#"
+[control_plane]
+url = "http://{cp}"
+
+[redis]
+url = "{redis}"
+{extra}
+
+{routes}
+"#,
+        cp = control_plane.address,
+        redis = redis.url(),
+        routes = routes(upstream)
+    ));
+    let env = [("TOLLGATE_GATEWAY_TOKEN", token)];
+    let first = Gateway::start_with_env(tempfile::tempdir().unwrap(), &text, &env).await;
+    let second = Gateway::start_with_env(tempfile::tempdir().unwrap(), &text, &env).await;
+    for gateway in [&first, &second] {
+        gateway.wait_for_keys(keys).await;
+        wait_for_redis(gateway).await;
+    }
+    (first, second)
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_gateways_sharing_redis_admit_exactly_the_limit_of_a_concurrent_burst() {
     let redis = RedisServer::start();
     let database = PostgresDatabase::create().await;
     let control_plane = ControlPlane::start(&database.url()).await;
     let api = control_plane.api();
-    let token = api
-        .create("/v1/admin-tokens", json!({"name": "gw", "role": "gateway"}))
-        .await["token"]
-        .as_str()
-        .unwrap()
-        .to_owned();
+    let token = api.gateway_token().await;
     let rate_key = customer_with_key(
         &api,
         json!({"rate_limits": [{"requests": 100, "window_seconds": 3600}]}),
@@ -83,29 +113,16 @@ async fn two_gateways_sharing_redis_admit_exactly_the_limit_of_a_concurrent_burs
         .customer_on_plan(json!({"quota": {"requests": 1000, "hard": true}}))
         .await;
     let upstream = Upstream::start("api");
-    let text = config(&format!(
-        r#"
-[control_plane]
-url = "http://{cp}"
-
-[redis]
-url = "{redis}"
-# Generous: this test is about exactness, and 500 requests land at once on a debug build.
-timeout = "1s"
-
-{routes}
-"#,
-        cp = control_plane.address,
-        redis = redis.url(),
-        routes = routes(&upstream)
-    ));
-    let env = [("TOLLGATE_GATEWAY_TOKEN", token.as_str())];
-    let first = Gateway::start_with_env(tempfile::tempdir().unwrap(), &text, &env).await;
-    let second = Gateway::start_with_env(tempfile::tempdir().unwrap(), &text, &env).await;
-    for gateway in [&first, &second] {
-        gateway.wait_for_keys(2).await;
-        wait_for_redis(gateway).await;
-    }
+    // Generous: this test is about exactness, and 500 requests land at once on a debug build.
+    let (first, second) = two_gateways(
+        &control_plane,
+        &token,
+        &redis,
+        &upstream,
+        "timeout = \"1s\"",
+        2,
+    )
+    .await;
 
     let (a, b) = tokio::join!(
         burst(&first, &rate_key, 250),
@@ -534,4 +551,142 @@ async fn a_draining_gateway_adds_its_batched_units_to_redis_before_it_exits() {
     assert!(gateway.wait_exit(Duration::from_secs(10)).await.success());
     let keys = redis.cli(&["KEYS", "*:q:*"]);
     assert_eq!(redis.cli(&["HGET", keys.trim(), "u"]), "10");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn batched_units_whose_calls_time_out_in_a_frozen_redis_are_added_once_when_it_wakes() {
+    let redis = RedisServer::start();
+    let upstream = Upstream::start("api");
+    let (gateway, key) = standalone_with_plan(&redis, &upstream, json!({})).await;
+    assert_eq!(status_of(&gateway, &key, "/api/first").await, 200);
+    assert_eq!(decisions(&gateway, "redis").await, 1.0);
+    redis.freeze();
+    // Nothing to decide: counted in the gateway while Redis sleeps, without a wait.
+    for _ in 0..10 {
+        assert_eq!(status_of(&gateway, &key, "/api/frozen").await, 200);
+    }
+    assert_eq!(decisions(&gateway, "batched").await, 10.0);
+    // The background pass sends the batch, times out (50 ms), and sends it again with the same
+    // token after `retry_after` (200 ms): Redis holds each call it was sent, unanswered.
+    let started = Instant::now();
+    while gateway
+        .metric("tollgate_redis_errors_total{kind=\"timeout\"}")
+        .await
+        .unwrap_or(0.0)
+        < 2.0
+    {
+        assert!(
+            started.elapsed() < Duration::from_secs(5),
+            "the batch was not sent twice"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    redis.thaw();
+    // Redis wakes and runs every queued call; the batch's units count once.
+    let keys = redis.cli(&["KEYS", "*:q:*"]);
+    let quota_key = keys.trim();
+    let started = Instant::now();
+    while gateway
+        .metric("tollgate_quota_fallback_units_total{outcome=\"shared\"}")
+        .await
+        != Some(10.0)
+    {
+        assert!(
+            started.elapsed() < Duration::from_secs(5),
+            "the batch was never added; the count is {}",
+            redis.cli(&["HGET", quota_key, "u"])
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // Several passes later, still once.
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    assert_eq!(redis.cli(&["HGET", quota_key, "u"]).trim(), "11");
+    assert_eq!(
+        gateway
+            .metric("tollgate_quota_fallback_units_total{outcome=\"shared\"}")
+            .await,
+        Some(10.0)
+    );
+}
+
+/// Requests with `key` through `gateway` until one is refused (at most `most`): how many passed.
+async fn admitted_until_refused(gateway: &Gateway, key: &str, most: usize) -> usize {
+    for passed in 0..=most {
+        match status_of(gateway, key, "/api/more").await {
+            200 => {}
+            429 => return passed,
+            other => panic!("status {other}"),
+        }
+    }
+    panic!("more than {most} passed")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_flushed_before_the_ledger_has_the_requests_goes_on_from_the_gateways_own_count() {
+    let redis = RedisServer::start();
+    let upstream = Upstream::start("api");
+    // The ledger is written every 5 s: when Redis is flushed, it has none of the 30 requests.
+    let section = format!(
+        "url = \"{}\"\ntimeout = \"1s\"\n\n[metering]\nflush_interval = \"5s\"",
+        redis.url()
+    );
+    let (gateway, key) = standalone_counting(
+        &section,
+        &upstream,
+        json!({"quota": {"requests": 50, "hard": true}}),
+    )
+    .await;
+    for _ in 0..30 {
+        assert_eq!(status_of(&gateway, &key, "/api/first").await, 200);
+    }
+    assert_eq!(redis.cli(&["FLUSHALL"]), "OK");
+    // The count Redis makes again starts from what this gateway counted, not from the ledger's
+    // nothing: exactly 20 more.
+    assert_eq!(admitted_until_refused(&gateway, &key, 50).await, 20);
+    assert_eq!(decisions(&gateway, "fallback").await, 0.0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_count_redis_rebuilt_on_another_gateway_takes_the_requests_the_ledger_had_yet_to_store() {
+    let redis = RedisServer::start();
+    let database = PostgresDatabase::create().await;
+    let control_plane = ControlPlane::start(&database.url()).await;
+    let api = control_plane.api();
+    let token = api.gateway_token().await;
+    let key = customer_with_key(&api, json!({"quota": {"requests": 50, "hard": true}})).await;
+    let upstream = Upstream::start("api");
+    let (first, second) = two_gateways(
+        &control_plane,
+        &token,
+        &redis,
+        &upstream,
+        "timeout = \"1s\"\n\n[metering]\nflush_interval = \"2s\"",
+        1,
+    )
+    .await;
+    for _ in 0..30 {
+        assert_eq!(status_of(&first, &key, "/api/first").await, 200);
+    }
+    assert_eq!(redis.cli(&["FLUSHALL"]), "OK");
+    // The second gateway never counted this customer: it rebuilds the count from a ledger that
+    // may lack the first gateway's requests until its next flush.
+    for _ in 0..10 {
+        assert_eq!(status_of(&second, &key, "/api/second").await, 200);
+    }
+    // It reads the ledger again once every gateway has flushed (2 flush intervals and 1 s):
+    // the count is then the 40 requests, once each.
+    let keys = redis.cli(&["KEYS", "*:q:*"]);
+    let quota_key = keys.trim();
+    let started = Instant::now();
+    while redis.cli(&["HGET", quota_key, "u"]).trim() != "40" {
+        assert!(
+            started.elapsed() < Duration::from_secs(15),
+            "the count stayed at {}",
+            redis.cli(&["HGET", quota_key, "u"])
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(admitted_until_refused(&second, &key, 50).await, 10);
+    assert_eq!(status_of(&first, &key, "/api/first").await, 429);
+    assert_eq!(redis.cli(&["HGET", quota_key, "u"]).trim(), "50");
 }

@@ -198,6 +198,18 @@ impl AdminApi {
         value
     }
 
+    /// A new token for gateways (role `gateway`), as gateways are given it.
+    pub async fn gateway_token(&self) -> String {
+        self.create(
+            "/v1/admin-tokens",
+            serde_json::json!({"name": "gw", "role": "gateway"}),
+        )
+        .await["token"]
+            .as_str()
+            .expect("a token")
+            .to_owned()
+    }
+
     /// A plan made of `plan` (a unique name added), a customer on it and a key of that customer:
     /// the customer's id and the key.
     pub async fn customer_on_plan(&self, plan: Value) -> (String, String) {

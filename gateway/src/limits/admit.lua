@@ -5,15 +5,19 @@
 --   h: the newest bucket written, t: the units of the buckets counted then (h - slots to h),
 --   f: the oldest of those buckets holding units (absent while t is 0);
 --   KEYS[n+1]: the quota hash
---   (u: units used, o: overage, s: 1 once seeded from the ledger, c: when the seed was claimed,
+--   (u: units used, o: overage, d and e: of them, those counted in this hash since it was made,
+--   s: 1 once seeded from the ledger, c: when the seed was claimed, a: when the hash was made,
 --   n: its generation, the token of the call that created it).
 -- ARGV: now_ms, units, n, slots, quota limit (-1: none), hard (1/0), quota ttl ms,
---   then limit and window ms of each window, then this call's token (1 to 2^53 - 1).
+--   then limit and window ms of each window, then this call's token (1 to 2^53 - 1), then the
+--   caller's own count of the period (units, overage; what Redis last told it and what it
+--   counted since) and the generation of the hash it last counted in (-2: none known).
 -- Returns one string of integers separated by spaces (one bulk reply is far cheaper to build
 -- and to parse than an array): verdict (0 admitted, 1 rate limited, 2 quota exceeded), units
--- used, overage used, overage reserved now, seed (1: this caller must add the ledger's count),
--- then remaining and reset ms of each window, then whether the quota hash was seeded before
--- this call (1/0) and its generation (-1 for a hash made before generations).
+-- used, overage used, overage reserved now, seed (0, or when the hash was made: this caller
+-- must add the ledger's count of the events before then), then remaining and reset ms of each
+-- window, then whether the quota hash was seeded before this call (1/0) and its generation (-1
+-- for a hash made before generations).
 --
 -- Most calls read three fields per window: the buckets themselves are read only when time has
 -- moved past the newest bucket written (what no longer counts is taken off t; once per bucket)
@@ -103,15 +107,32 @@ local generation = tonumber(quota[4]) or -1
 if not quota[1] then
   -- Created here, with its lifetime: the period's end and a grace.
   generation = tonumber(ARGV[8 + 2 * n])
-  redis.call('HSET', qkey, 'u', 0, 'o', 0, 's', 0, 'c', now, 'n', generation)
+  redis.call('HSET', qkey, 'u', 0, 'o', 0, 'd', 0, 'e', 0, 's', 0, 'c', now, 'a', now,
+    'n', generation)
   redis.call('PEXPIRE', qkey, qttl)
-  seed = 1
+  seed = now
 else
   used, overage = tonumber(quota[1]), tonumber(quota[2])
   -- A claim not honoured within 10 s (its gateway died) passes to this caller.
   if quota[3] == '0' and now - tonumber(redis.call('HGET', qkey, 'c')) > 10000 then
     redis.call('HSET', qkey, 'c', now)
-    seed = 1
+    seed = tonumber(redis.call('HGET', qkey, 'a')) or now
+  end
+end
+-- A caller that last counted in another hash of this period (Redis lost it since) knows a
+-- count this one may lack: units counted before it was made whose events the ledger does not
+-- hold yet (they wait in the gateways' spools), and units counted in process since. Each such
+-- count is a floor of the customer's true count: the hash takes the highest one it is told.
+local known_generation = tonumber(ARGV[11 + 2 * n])
+if known_generation ~= generation then
+  local known_used, known_overage = tonumber(ARGV[9 + 2 * n]), tonumber(ARGV[10 + 2 * n])
+  if known_used > used then
+    used = known_used
+    redis.call('HSET', qkey, 'u', used)
+  end
+  if known_overage > overage then
+    overage = known_overage
+    redis.call('HSET', qkey, 'o', overage)
   end
 end
 
@@ -174,8 +195,10 @@ if verdict == 0 then
   used = used + units
   overage = overage + reserved_overage
   redis.call('HINCRBY', qkey, 'u', units)
+  redis.call('HINCRBY', qkey, 'd', units)
   if reserved_overage > 0 then
     redis.call('HINCRBY', qkey, 'o', reserved_overage)
+    redis.call('HINCRBY', qkey, 'e', reserved_overage)
   end
   if moved then
     redis.call('PEXPIRE', qkey, qttl)

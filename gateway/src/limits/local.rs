@@ -451,6 +451,19 @@ impl LocalCounters {
         left
     }
 
+    /// What this process knows of the customer's count in `period`: the shared count as Redis
+    /// last said, and what it counted since.
+    pub fn known(&self, customer: &Id, period: Period) -> super::redis::Known {
+        self.shard(customer)
+            .get(customer)
+            .filter(|counts| counts.quota.period == period)
+            .map_or_else(Default::default, |counts| super::redis::Known {
+                used: counts.quota.used,
+                overage: counts.quota.overage,
+                generation: counts.generation_of(period),
+            })
+    }
+
     /// A customer's units used in `period` so far.
     pub fn used(&self, customer: &Id, period: Period) -> (u64, u64) {
         self.shard(customer)

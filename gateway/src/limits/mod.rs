@@ -259,9 +259,12 @@ impl Limiter {
                 let batches = self.local.take_unshared(customer);
                 self.share_unshared(redis, customer, batches, now).await;
             }
-            let ledger = self.ledger.get().map(|l| l.as_ref());
+            let rebuild = redis::Rebuild {
+                known: self.local.known(customer, period),
+                ledger: self.ledger.get().map(|l| l.as_ref()),
+            };
             match redis
-                .admit(customer, &policy, period, units, now, ledger)
+                .admit(customer, &policy, period, units, now, rebuild)
                 .await
             {
                 Ok(shared) => {
@@ -415,6 +418,14 @@ impl Limiter {
         self.metrics.refund();
     }
 
+    /// Seeds again from the ledger the quota counts this process rebuilt in Redis a while ago
+    /// ([`RedisCounters::reseed_due`]). Run every [`SHARE_INTERVAL`].
+    pub async fn reseed_due(&self) {
+        if let (Some(redis), Some(ledger)) = (&self.redis, self.ledger.get()) {
+            redis.reseed_due(ledger.as_ref(), self.clock.now_ms()).await;
+        }
+    }
+
     /// Adds to Redis the batches of every customer that came to hold some since the last
     /// call (units of plans without limits, and units counted while Redis failed), unless Redis
     /// is failing: then they wait for the next call, or for their customer's next request that
@@ -492,7 +503,10 @@ impl pingora::services::background::BackgroundService for CounterSweep {
         loop {
             tokio::select! {
                 _ = sweep.tick() => self.gateway.limiter.sweep(),
-                _ = share.tick() => self.gateway.limiter.share_pending().await,
+                _ = share.tick() => {
+                    self.gateway.limiter.share_pending().await;
+                    self.gateway.limiter.reseed_due().await;
+                }
                 // Sharing goes on while the gateway drains (requests are still served), until
                 // the process ends; the drain shares once more just before it exits.
                 _ = shutdown.changed(), if !draining => draining = true,

@@ -10,11 +10,20 @@
 //! keys were named `…:w:<ms>` before they carried the running total; a gateway of that version
 //! sharing Redis with this one counts apart from it until it is upgraded.)
 //!
-//! A quota key that does not exist (a new period, or Redis lost its data) is created empty and
-//! the caller that created it is told to *seed* it: it reads the customer's count for the period
-//! from the usage ledger and adds it, once. So a flushed Redis never resets a quota; requests
-//! counted between the flush and the seed (one ledger read, bounded by a timeout) are added to,
-//! not lost.
+//! A quota key that does not exist (a new period, or Redis lost its data) is created and the
+//! caller that created it is told to *seed* it: it reads from the usage ledger the customer's
+//! count of the events before the key was made, and raises the key to that count plus what the
+//! key counted since. So a flushed Redis never resets a quota. Two things the ledger lacks then
+//! are made good:
+//! - events still in the gateways' spools (a flush interval's worth): each gateway tells the new
+//!   key its own count of the period (what Redis last told it, and what it counted since), and
+//!   the key takes the highest it is told; and the creator reads the ledger once more
+//!   ([`RedisCounters::reseed_due`]) when the spools have been flushed;
+//! - requests counted between the key's creation and the seed (one ledger read, bounded by a
+//!   timeout): they are in the key, and stay.
+//!
+//! Every count the key is raised to is one the customer has reached, so a rebuild never counts
+//! a request twice.
 //!
 //! Two connections: the background service makes one at start (it loads the scripts, and
 //! [`RedisCounters::is_connected`] reports it), and the first requests make a second on the
@@ -56,6 +65,41 @@ const NEAR_RETRY_MIN: Duration = Duration::from_millis(250);
 const NEAR_RETRY_MAX: Duration = Duration::from_secs(10);
 /// The longest a seeding caller waits for the ledger.
 const SEED_TIMEOUT: Duration = Duration::from_secs(1);
+/// When a seeded key reads the ledger again, unless set ([`RedisCounters::reseed_after`]).
+const RESEED_AFTER: Duration = Duration::from_secs(3);
+
+/// What this gateway knows of a customer's count in a period, told to the shared count so that
+/// one Redis rebuilt goes on from there (see the module's documentation).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Known {
+    /// Units used, as Redis last said plus what this process counted since.
+    pub used: u64,
+    /// Of them, overage.
+    pub overage: u64,
+    /// The generation of the count they were last counted in, if known.
+    pub generation: Option<i64>,
+}
+
+/// What a call rebuilds a missing quota count from: this gateway's own count, and the ledger.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Rebuild<'a> {
+    /// This gateway's count of the customer's period.
+    pub known: Known,
+    /// The usage ledger, when reachable.
+    pub ledger: Option<&'a dyn Ledger>,
+}
+
+/// A quota key this gateway seeded, to seed again from the ledger once the gateways' spools
+/// have been flushed into it.
+#[derive(Debug, Clone, Copy)]
+struct Reseed {
+    customer: Id,
+    period: Period,
+    /// When the key was made: the ledger's events before then.
+    made_ms: i64,
+    generation: i64,
+    due_ms: i64,
+}
 
 /// A connection to the counters: one server (reconnecting by itself) or a cluster.
 #[derive(Clone)]
@@ -206,6 +250,10 @@ pub struct RedisCounters {
     share: Script,
     /// Unix ms before which calls are not tried (after a failure).
     down_until_ms: AtomicI64,
+    /// Keys this gateway seeded, to seed once more.
+    reseeds: Mutex<Vec<Reseed>>,
+    /// How long after a seed the ledger is read again, ms.
+    reseed_after_ms: AtomicI64,
     errors: IntCounterVec,
     duration: Histogram,
 }
@@ -244,6 +292,8 @@ impl RedisCounters {
             refund: Script::new(REFUND_SCRIPT),
             share: Script::new(SHARE_SCRIPT),
             down_until_ms: AtomicI64::new(0),
+            reseeds: Mutex::default(),
+            reseed_after_ms: AtomicI64::new(RESEED_AFTER.as_millis() as i64),
             errors,
             duration,
         })
@@ -443,7 +493,17 @@ impl RedisCounters {
         Err(failure)
     }
 
-    /// Decides a request in Redis; a quota key this call creates is seeded from `ledger`.
+    /// Sets how long after seeding a quota key from the ledger it is seeded again: longer than
+    /// it takes a request's usage event to reach the ledger (the flush interval, and more).
+    pub fn reseed_after(&self, after: Duration) {
+        self.reseed_after_ms.store(
+            i64::try_from(after.as_millis()).unwrap_or(i64::MAX),
+            Ordering::Relaxed,
+        );
+    }
+
+    /// Decides a request in Redis; a quota key this call finds missing is made again from
+    /// `rebuild`.
     pub async fn admit(
         &self,
         customer: &Id,
@@ -451,8 +511,9 @@ impl RedisCounters {
         period: Period,
         units: u64,
         now_ms: i64,
-        ledger: Option<&dyn Ledger>,
+        rebuild: Rebuild<'_>,
     ) -> Result<Decision, Failure> {
+        let Rebuild { known, ledger } = rebuild;
         let mut invocation = self.admit.prepare_invoke();
         for window_ms in policy.window_ms() {
             invocation.key(self.key(customer, "r", window_ms));
@@ -476,7 +537,11 @@ impl RedisCounters {
         }
         // The generation of a quota hash this call creates: 1 to 2^53 - 1, whole in Lua.
         let token = (uuid::Uuid::new_v4().as_u128() as i64 & ((1 << 53) - 1)).max(1);
-        invocation.arg(token);
+        invocation
+            .arg(token)
+            .arg(known.used)
+            .arg(known.overage)
+            .arg(known.generation.unwrap_or(-2));
         let Numbers(reply) = self.call(&invocation, now_ms).await?;
         let value = |i: usize| reply.get(i).copied().unwrap_or(0);
         let as_u64 = |i: usize| u64::try_from(value(i)).unwrap_or(0);
@@ -490,8 +555,23 @@ impl RedisCounters {
         let mut reserved_overage = as_u64(3);
         let tail = 5 + 2 * policy.rate_limits.len();
         let mut generation = (value(tail) == 1).then_some(value(tail + 1));
-        if value(4) == 1 {
-            let seeded = self.seed(customer, period, now_ms, ledger).await;
+        if value(4) > 0 {
+            let made_ms = value(4);
+            let seeded = self
+                .seed(customer, period, made_ms, value(tail + 1), now_ms, ledger)
+                .await;
+            if ledger.is_some() {
+                self.reseeds
+                    .lock()
+                    .unwrap_or_else(PoisonError::into_inner)
+                    .push(Reseed {
+                        customer: *customer,
+                        period,
+                        made_ms,
+                        generation: value(tail + 1),
+                        due_ms: now_ms.saturating_add(self.reseed_after_ms.load(Ordering::Relaxed)),
+                    });
+            }
             if seeded.is_some() {
                 generation = Some(value(tail + 1));
             }
@@ -548,18 +628,27 @@ impl RedisCounters {
         })
     }
 
-    /// Adds the ledger's count of `period` to a quota key this caller created; returns the units
-    /// added, `None` when it could not.
+    /// Raises the quota key of `generation`, made at `made_ms`, to the ledger's count of the
+    /// events of `period` before then plus what the key counted since; returns the units added,
+    /// `None` when it could not.
     async fn seed(
         &self,
         customer: &Id,
         period: Period,
+        made_ms: i64,
+        generation: i64,
         now_ms: i64,
         ledger: Option<&dyn Ledger>,
     ) -> Option<u64> {
+        let before = Period {
+            start_ms: period.start_ms,
+            end_ms: made_ms.min(period.end_ms),
+        };
         let base = match ledger {
+            // No event of the period is older than the key.
+            Some(_) if before.end_ms <= before.start_ms => (0, 0),
             Some(ledger) => {
-                match tokio::time::timeout(SEED_TIMEOUT, ledger.period_usage(customer, period))
+                match tokio::time::timeout(SEED_TIMEOUT, ledger.period_usage(customer, before))
                     .await
                 {
                     Ok(Ok(base)) => base,
@@ -581,10 +670,48 @@ impl RedisCounters {
         invocation
             .key(self.key(customer, "q", period.start_ms))
             .arg(base.0)
-            .arg(base.1);
+            .arg(base.1)
+            .arg(generation);
         match self.call::<i64>(&invocation, now_ms).await {
-            Ok(1) => Some(base.0),
-            _ => None,
+            Ok(added) => u64::try_from(added).ok(),
+            Err(_) => None,
+        }
+    }
+
+    /// Seeds again, from the ledger, the quota keys this gateway seeded long enough ago that
+    /// every gateway's usage events from before the key was made have reached the ledger:
+    /// those that were still in a spool at the first seed are counted now. Run in the
+    /// background.
+    pub async fn reseed_due(&self, ledger: &dyn Ledger, now_ms: i64) {
+        let due: Vec<Reseed> = {
+            let mut reseeds = self.reseeds.lock().unwrap_or_else(PoisonError::into_inner);
+            if reseeds.iter().all(|r| r.due_ms > now_ms) {
+                return;
+            }
+            let (due, later) = reseeds.drain(..).partition(|r| r.due_ms <= now_ms);
+            *reseeds = later;
+            due
+        };
+        for reseed in due {
+            let Reseed {
+                customer,
+                period,
+                made_ms,
+                generation,
+                ..
+            } = reseed;
+            if self
+                .seed(&customer, period, made_ms, generation, now_ms, Some(ledger))
+                .await
+                .is_none()
+                && self.is_failing(now_ms)
+            {
+                // Redis failed: tried again on a later pass (a ledger that failed is not).
+                self.reseeds
+                    .lock()
+                    .unwrap_or_else(PoisonError::into_inner)
+                    .push(reseed);
+            }
         }
     }
 
@@ -631,15 +758,28 @@ impl RedisCounters {
 /// Decides and counts one request.
 const ADMIT_SCRIPT: &str = include_str!("admit.lua");
 
-/// Adds the ledger's count to a quota hash not yet seeded; 1 if it did.
+/// Raises a quota hash of generation ARGV[3] to the ledger's count of the events before it was
+/// made (ARGV: units, overage) plus what it counted since (`d`, `e`), where that is higher, and
+/// marks it seeded. A ledger that lacks events still in the gateways' spools gives a lower
+/// count; a later call with more gives a higher one; neither is ever added twice. The units it
+/// added (0 or more), or -1 when the hash is gone or of another generation.
 const SEED_SCRIPT: &str = r"
-if redis.call('HGET', KEYS[1], 's') == '0' then
-  redis.call('HINCRBY', KEYS[1], 'u', ARGV[1])
-  redis.call('HINCRBY', KEYS[1], 'o', ARGV[2])
-  redis.call('HSET', KEYS[1], 's', 1)
-  return 1
+local state = redis.call('HMGET', KEYS[1], 'n', 'u', 'o', 'd', 'e')
+if not state[2] or (tonumber(state[1]) or -1) ~= tonumber(ARGV[3]) then
+  return -1
 end
-return 0
+local used = tonumber(ARGV[1]) + (tonumber(state[4]) or 0)
+local overage = tonumber(ARGV[2]) + (tonumber(state[5]) or 0)
+local added = 0
+if used > tonumber(state[2]) then
+  added = used - tonumber(state[2])
+  redis.call('HSET', KEYS[1], 'u', used)
+end
+if overage > tonumber(state[3]) then
+  redis.call('HSET', KEYS[1], 'o', overage)
+end
+redis.call('HSET', KEYS[1], 's', 1)
+return added
 ";
 
 /// Adds a batch of units counted in process (ARGV: units, overage, the generation of the hash
@@ -659,6 +799,8 @@ end
 if redis.call('HSETNX', KEYS[1], ARGV[4], 1) == 1 then
   redis.call('HINCRBY', KEYS[1], 'u', ARGV[1])
   redis.call('HINCRBY', KEYS[1], 'o', ARGV[2])
+  redis.call('HINCRBY', KEYS[1], 'd', ARGV[1])
+  redis.call('HINCRBY', KEYS[1], 'e', ARGV[2])
 end
 return 1
 ";
@@ -673,6 +815,8 @@ const REFUND_SCRIPT: &str = r"
 if redis.call('EXISTS', KEYS[1]) == 1 then
   redis.call('HINCRBY', KEYS[1], 'u', ARGV[1])
   redis.call('HINCRBY', KEYS[1], 'o', ARGV[2])
+  redis.call('HINCRBY', KEYS[1], 'd', ARGV[1])
+  redis.call('HINCRBY', KEYS[1], 'e', ARGV[2])
   return 1
 end
 return 0
