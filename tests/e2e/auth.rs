@@ -472,7 +472,11 @@ async fn a_gateway_on_a_separate_control_plane_keeps_serving_without_it_and_rest
         .await;
     let gateway_token = gateway_token["token"].as_str().unwrap().to_owned();
     let (_, _, key) = api.customer_with_key("pg").await;
-    let key = key["key"].as_str().unwrap().to_owned();
+    let (key_id, key) = (
+        key["id"].as_str().unwrap().to_owned(),
+        key["key"].as_str().unwrap().to_owned(),
+    );
+    let (address, admin_token) = (control_plane.address, control_plane.admin_token.clone());
     let upstream = Upstream::start("orders");
     let text = cluster_config(&upstream, &control_plane.address.to_string());
     let env = [("TOLLGATE_GATEWAY_TOKEN", gateway_token.as_str())];
@@ -529,6 +533,19 @@ async fn a_gateway_on_a_separate_control_plane_keeps_serving_without_it_and_rest
             .await
             .is_some()
     );
+
+    // Long after it went down (a growing delay between attempts would be past 8 s by now), the
+    // control plane comes back: a change made then is enforced within a second all the same.
+    tokio::time::sleep(Duration::from_secs(8)).await;
+    let _control_plane = ControlPlane::start_at(&database.url(), address, &admin_token).await;
+    let (status, _) = api
+        .call("POST", &format!("/v1/keys/{key_id}/revoke"), None)
+        .await;
+    assert_eq!(status, 200);
+    let took = until_status(&gateway, "/orders", &key, 401).await;
+    assert!(took < PROPAGATION, "revocation took {took:?}");
+    let ready = gateway.ready().await;
+    assert_eq!(ready["identities"]["source"], "control plane", "{ready}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

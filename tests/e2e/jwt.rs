@@ -591,3 +591,52 @@ secret_env = "TEST_WEAK_SECRET"
         "{stderr}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_jwks_of_one_key_without_a_kid_checks_tokens_that_name_none() {
+    let (ed, mut only) = generated(&rcgen::PKCS_ED25519, "unused", "EdDSA");
+    only.as_object_mut().unwrap().remove("kid");
+    let (_, other) = generated(&rcgen::PKCS_ED25519, "k2", "EdDSA");
+    let idp = fake_idp(json!({"keys": [other]}), json!({"keys": [only]})).await;
+    let providers = format!(
+        r#"{HS_AND_RS}
+[[jwt_providers]]
+name = "ed"
+issuer = "{ISSUER}"
+audiences = ["{AUDIENCE}"]
+algorithms = ["EdDSA"]
+jwks_url = "http://{idp}/ed/jwks.json"
+customer_claim = "customer_id"
+"#,
+        idp = idp.address
+    );
+    let routes = r#"
+[[routes]]
+name = "ed"
+path_prefix = "/ed"
+upstream = "api"
+auth = "jwt"
+jwt_provider = "ed"
+"#;
+    let upstream = Upstream::start("api");
+    let (gateway, _, customer, _) = gateway_with(&upstream, &providers, routes).await;
+    let token = sign(Algorithm::EdDSA, None, &claims(&customer, |_| {}), &ed);
+    let started = Instant::now();
+    while status_and_type(&gateway, "/ed", &token).await.0 != 200 {
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "{:?}",
+            status_and_type(&gateway, "/ed", &token).await
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // A token naming a key id the document does not have is refused, even by its only key.
+    let named = sign(
+        Algorithm::EdDSA,
+        Some("k1"),
+        &claims(&customer, |_| {}),
+        &ed,
+    );
+    let (status, kind, _) = status_and_type(&gateway, "/ed", &named).await;
+    assert_eq!((status, kind.as_str()), (401, "invalid-token"));
+}

@@ -9,7 +9,11 @@
 //!   reads and checks completely replaces the running identities and the stored file.
 //! - Otherwise the feed is long-polled (`wait_ms`), so a change reaches the request path about
 //!   as soon as it is committed. Each applied page of changes is appended to the journal.
-//! - Failures are retried with a growing delay (up to 10 s); the identities in use stay.
+//! - Failures are retried with a growing delay; the identities in use stay. A control plane
+//!   that cannot be reached is tried again at least every 500 ms, so a change made as it comes
+//!   back is enforced about as soon as one made while it was up; what it sent and could not be
+//!   used (a snapshot that does not check, a journal that cannot be written) is fetched again
+//!   after up to 10 s.
 
 use std::fs::{File, OpenOptions};
 use std::io::{BufRead, BufReader, Read, Write};
@@ -32,6 +36,9 @@ use crate::state::Gateway;
 const LONG_POLL: Duration = Duration::from_secs(25);
 /// Longest delay between failed attempts.
 const MAX_BACKOFF: Duration = Duration::from_secs(10);
+/// Longest delay between attempts to reach a control plane that could not be reached, or
+/// failed: an attempt costs it little, and a change made as it comes back waits for the next.
+const MAX_BACKOFF_UNREACHABLE: Duration = Duration::from_millis(500);
 /// Journaled change pages past which the next sync fetches a fresh snapshot instead.
 const JOURNAL_LIMIT: usize = 10_000;
 
@@ -306,6 +313,7 @@ impl Follower {
                 result = attempt => result,
                 _ = shutdown.changed() => return,
             };
+            let mut longest = MAX_BACKOFF;
             match result {
                 Ok(()) => {
                     self.gateway.identity.contacted(super::unix_ms());
@@ -333,6 +341,7 @@ impl Follower {
                     need_snapshot = true;
                 }
                 Err(error) => {
+                    longest = MAX_BACKOFF_UNREACHABLE;
                     if !failing {
                         tracing::warn!(%error, "cannot sync with the control plane; the last good identities stay");
                         failing = true;
@@ -346,7 +355,7 @@ impl Follower {
                 () = tokio::time::sleep(backoff) => {}
                 _ = shutdown.changed() => return,
             }
-            backoff = (backoff * 2).min(MAX_BACKOFF);
+            backoff = (backoff * 2).min(longest);
         }
     }
 

@@ -7,7 +7,6 @@
 //! unknown `kid` is refused and asks for a refresh, which happens at most once per
 //! `jwks_min_refresh`: the request path never fetches anything.
 
-use std::collections::HashMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
@@ -61,11 +60,11 @@ pub struct Claims {
     pub subject: Option<String>,
 }
 
-/// The keys of a JWKS document, by `kid`.
+/// The keys of a JWKS document, with their `kid` (a document of one key may give it none).
 #[derive(Debug)]
 pub struct Jwks {
     url: String,
-    keys: ArcSwap<HashMap<String, DecodingKey>>,
+    keys: ArcSwap<Vec<(Option<String>, DecodingKey)>>,
     wanted: AtomicBool,
     notify: Notify,
     refresh: Duration,
@@ -130,7 +129,7 @@ impl Verifier {
             ),
             JwtKeys::Jwks { url } => Keys::Jwks(Arc::new(Jwks {
                 url: url.clone(),
-                keys: ArcSwap::from_pointee(HashMap::new()),
+                keys: ArcSwap::from_pointee(Vec::new()),
                 wanted: AtomicBool::new(false),
                 notify: Notify::new(),
                 refresh: provider.jwks_refresh,
@@ -170,7 +169,7 @@ impl Verifier {
             Keys::Jwks(jwks) => {
                 jwks_keys = jwks.keys.load();
                 match pick(
-                    jwks_keys.iter().map(|(kid, key)| (Some(kid.as_str()), key)),
+                    jwks_keys.iter().map(|(kid, key)| (kid.as_deref(), key)),
                     header.kid.as_deref(),
                 ) {
                     Ok(key) => key,
@@ -292,7 +291,7 @@ impl JwksRefresher {
         }
     }
 
-    async fn fetch(&self, url: &str) -> anyhow::Result<HashMap<String, DecodingKey>> {
+    async fn fetch(&self, url: &str) -> anyhow::Result<Vec<(Option<String>, DecodingKey)>> {
         let set: JwkSet = self
             .client
             .get(url)
@@ -301,16 +300,21 @@ impl JwksRefresher {
             .error_for_status()?
             .json()
             .await?;
-        let mut keys = HashMap::new();
+        let mut keys = Vec::new();
         for jwk in &set.keys {
-            let Some(kid) = jwk.common.key_id.clone() else {
+            let kid = jwk.common.key_id.clone();
+            if kid.is_some() && keys.iter().any(|(known, _)| *known == kid) {
+                tracing::warn!(
+                    kid = kid.as_deref(),
+                    "skipping a JWKS key whose kid is taken"
+                );
                 continue;
-            };
+            }
             match DecodingKey::from_jwk(jwk) {
-                Ok(key) => {
-                    keys.insert(kid, key);
+                Ok(key) => keys.push((kid, key)),
+                Err(error) => {
+                    tracing::warn!(kid = kid.as_deref(), %error, "skipping a JWKS key");
                 }
-                Err(error) => tracing::warn!(%kid, %error, "skipping a JWKS key"),
             }
         }
         Ok(keys)

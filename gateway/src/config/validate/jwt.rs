@@ -14,6 +14,8 @@ use crate::config::{JwtKeys, JwtProvider, StaticKey};
 
 /// The largest clock skew a provider may allow.
 const MAX_LEEWAY: Duration = Duration::from_secs(60);
+/// The shortest interval between two fetches of a JWKS.
+const MIN_JWKS_REFRESH: Duration = Duration::from_secs(1);
 
 pub(super) fn provider(
     file: &JwtProviderConfig,
@@ -38,7 +40,13 @@ pub(super) fn provider(
     if file.leeway > MAX_LEEWAY {
         errors.push(format!("{path}.leeway"), "must be at most 60s");
     }
-    if file.jwks_min_refresh > file.jwks_refresh {
+    // Zero would fetch in a loop, or on every burst of tokens naming an unknown kid.
+    if file.jwks_refresh < MIN_JWKS_REFRESH {
+        errors.push(format!("{path}.jwks_refresh"), "must be at least 1s");
+    }
+    if file.jwks_min_refresh < MIN_JWKS_REFRESH {
+        errors.push(format!("{path}.jwks_min_refresh"), "must be at least 1s");
+    } else if file.jwks_min_refresh > file.jwks_refresh {
         errors.push(
             format!("{path}.jwks_min_refresh"),
             "must not be longer than jwks_refresh",

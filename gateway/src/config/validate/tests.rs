@@ -428,6 +428,17 @@ fn jwt_providers_refuse_none_mixed_families_and_keys_of_the_wrong_kind() {
             vec!["jwt_providers[0].leeway: must be at most 60s"],
         ),
         (
+            "algorithms = [\"ES256\"]\njwks_url = \"https://idp.test/jwks\"\njwks_refresh = \"0s\"\njwks_min_refresh = \"0s\"",
+            vec![
+                "jwt_providers[0].jwks_refresh: must be at least 1s",
+                "jwt_providers[0].jwks_min_refresh: must be at least 1s",
+            ],
+        ),
+        (
+            "algorithms = [\"ES256\"]\njwks_url = \"https://idp.test/jwks\"\njwks_refresh = \"5s\"\njwks_min_refresh = \"10s\"",
+            vec!["jwt_providers[0].jwks_min_refresh: must not be longer than jwks_refresh"],
+        ),
+        (
             "algorithms = [\"ES256\"]\npublic_keys = [{ file = \"missing.pem\" }]",
             vec![
                 "jwt_providers[0].public_keys[0].file: cannot read ./missing.pem: No such file or directory (os error 2)",
