@@ -32,8 +32,10 @@ use super::index::{Applied, Identities, Invalid, ScopeInterner};
 use super::snapshot;
 use crate::state::Gateway;
 
-/// How long one request to the change feed waits for a change.
-const LONG_POLL: Duration = Duration::from_secs(25);
+/// How long one request to the change feed waits for a change: the control plane confirms the
+/// identities current at least this often (`sync_age_seconds`), and a connection cut without a
+/// word shows after this and 10 s.
+const LONG_POLL: Duration = Duration::from_secs(5);
 /// Longest delay between failed attempts.
 const MAX_BACKOFF: Duration = Duration::from_secs(10);
 /// Longest delay between attempts to reach a control plane that could not be reached, or
