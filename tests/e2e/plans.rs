@@ -119,11 +119,20 @@ impl Setup {
 
     /// Changes the plan and waits until the gateway has the change.
     async fn patch_plan(&self, body: Value) {
-        let version = identity_version(&self.gateway).await;
-        let (status, answer) = self
-            .api
-            .call("PATCH", &format!("/v1/plans/{}", self.plan_id), Some(body))
+        self.patch(&format!("/v1/plans/{}", self.plan_id), body)
             .await;
+    }
+
+    /// Changes the customer and waits until the gateway has the change.
+    async fn patch_customer(&self, body: Value) {
+        self.patch(&format!("/v1/customers/{}", self.customer_id), body)
+            .await;
+    }
+
+    /// `PATCH path` with `body`, then waits until the gateway has the change.
+    async fn patch(&self, path: &str, body: Value) {
+        let version = identity_version(&self.gateway).await;
+        let (status, answer) = self.api.call("PATCH", path, Some(body)).await;
         assert_eq!(status, 200, "{answer}");
         let started = Instant::now();
         while identity_version(&self.gateway).await <= version {
@@ -423,4 +432,86 @@ async fn an_upgrade_and_a_downgrade_under_load_keep_the_count_exact() {
         statuses.len()
     );
     assert_eq!(upstream.requests(), 600);
+}
+
+/// An RFC 3339 time `offset` from now (negative: before).
+fn rfc3339_from_now(offset: i64) -> (String, std::time::SystemTime) {
+    let now = std::time::SystemTime::now();
+    let at = if offset >= 0 {
+        now + Duration::from_secs(offset.unsigned_abs())
+    } else {
+        now - Duration::from_secs(offset.unsigned_abs())
+    };
+    (humantime::format_rfc3339_seconds(at).to_string(), at)
+}
+
+/// Seconds from now to `at`.
+fn seconds_to(at: std::time::SystemTime) -> i64 {
+    at.duration_since(std::time::SystemTime::now())
+        .unwrap()
+        .as_secs() as i64
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_quota_counts_in_the_customers_billing_period_and_a_new_period_starts_afresh() {
+    let upstream = Upstream::start("api");
+    let setup = customer_on(
+        &upstream,
+        "",
+        json!({"quota": {"requests": 5, "hard": true}}),
+    )
+    .await;
+    const DAY: i64 = 86_400;
+    let (start, _) = rfc3339_from_now(-DAY);
+    let (end, end_at) = rfc3339_from_now(2 * DAY);
+    setup
+        .patch_customer(json!({"billing_period": {"start": start, "end": end}}))
+        .await;
+    for remaining in (0..5).rev() {
+        let response = setup.get("/demo").await;
+        assert_eq!(response.status(), 200);
+        assert_eq!(
+            header(&response, "x-quota-remaining"),
+            remaining.to_string()
+        );
+        // Reset: the end of the billing period, not of the month.
+        let reset: i64 = header(&response, "x-quota-reset").parse().unwrap();
+        assert!((seconds_to(end_at) - reset).abs() <= 2, "{reset}");
+    }
+    let refused = setup.get("/demo").await;
+    assert_eq!(refused.status(), 429);
+    let retry: i64 = header(&refused, "retry-after").parse().unwrap();
+    assert!((seconds_to(end_at) - retry).abs() <= 2, "{retry}");
+    // The admin view reads the same period.
+    let (status, usage) = setup
+        .api
+        .call(
+            "GET",
+            &format!("/v1/customers/{}/usage", setup.customer_id),
+            None,
+        )
+        .await;
+    assert_eq!(status, 200);
+    assert_eq!(
+        usage["period"]["end"].as_str().unwrap()[..19],
+        end[..19],
+        "{usage}"
+    );
+    assert_eq!(usage["quota"], 5);
+
+    // Billing moves the customer to a new period, starting after those calls: its quota is
+    // whole again, and ends with the new period.
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    let (start, _) = rfc3339_from_now(0);
+    let (end, end_at) = rfc3339_from_now(30 * DAY);
+    setup
+        .patch_customer(json!({"billing_period": {"start": start, "end": end}}))
+        .await;
+    let statuses = setup.burst("/demo", 8).await;
+    assert_eq!(count(&statuses, 200), 5, "{statuses:?}");
+    assert_eq!(count(&statuses, 429), 3);
+    let refused = setup.get("/demo").await;
+    assert_eq!(header(&refused, "x-quota-remaining"), "0");
+    let reset: i64 = header(&refused, "x-quota-reset").parse().unwrap();
+    assert!((seconds_to(end_at) - reset).abs() <= 2, "{reset}");
 }
