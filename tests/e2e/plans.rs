@@ -286,6 +286,22 @@ async fn a_soft_quota_lets_requests_through_and_counts_the_excess_as_overage() {
             .await,
         Some(2.0)
     );
+    // The ledger, which billing reads, records the two as overage.
+    let path = format!("/v1/customers/{}/usage", setup.customer_id);
+    let started = Instant::now();
+    loop {
+        let (status, usage) = setup.api.call("GET", &path, None).await;
+        assert_eq!(status, 200);
+        if usage["used"] == 5 {
+            assert_eq!(usage["overage"], 2, "{usage}");
+            assert_eq!(usage["remaining"], 0, "{usage}");
+            assert_eq!(usage["hard"], false, "{usage}");
+            assert_eq!(usage["days"][0]["overage"], 2, "{usage}");
+            break;
+        }
+        assert!(started.elapsed() < Duration::from_secs(10), "{usage}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
