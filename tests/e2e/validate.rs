@@ -5,6 +5,11 @@ use std::process::Command;
 use tollgate_tests::gateway::binary;
 
 fn validate(text: &str) -> (i32, String, String) {
+    validate_with_env(text, &[])
+}
+
+/// `--validate` of `text` with `env` set.
+fn validate_with_env(text: &str, env: &[(&str, &str)]) -> (i32, String, String) {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("gateway.toml");
     std::fs::write(&path, text).unwrap();
@@ -12,6 +17,7 @@ fn validate(text: &str) -> (i32, String, String) {
         .arg("--config")
         .arg(&path)
         .arg("--validate")
+        .envs(env.iter().copied())
         .output()
         .unwrap();
     (
@@ -176,4 +182,32 @@ fn a_port_in_use_stops_the_start_with_a_clear_error() {
         stderr.contains(&format!("cannot listen on 127.0.0.1:{port}")),
         "{stderr}"
     );
+}
+
+#[test]
+fn a_weak_hmac_secret_in_the_environment_fails_validation_with_the_field_named() {
+    let text = r#"
+[server]
+listen = ["127.0.0.1:8080"]
+admin_listen = "127.0.0.1:9090"
+[control_plane]
+embedded = true
+[[jwt_providers]]
+name = "idp"
+issuer = "https://idp.test/"
+audiences = ["api"]
+algorithms = ["HS256"]
+secret_env = "TOLLGATE_TEST_HS_SECRET"
+"#;
+    let (code, _, stderr) = validate_with_env(text, &[("TOLLGATE_TEST_HS_SECRET", "short")]);
+    assert_eq!(code, 1, "{stderr}");
+    assert!(
+        stderr.contains(
+            "jwt_providers[0].secret_env: TOLLGATE_TEST_HS_SECRET holds 5 bytes; an HMAC secret needs at least 32"
+        ),
+        "{stderr}"
+    );
+    let strong = "s".repeat(32);
+    let (code, _, stderr) = validate_with_env(text, &[("TOLLGATE_TEST_HS_SECRET", &strong)]);
+    assert_eq!(code, 0, "{stderr}");
 }

@@ -1,6 +1,6 @@
 //! Checks of `[[jwt_providers]]`: one key source, algorithms of the family that source allows
-//! (so an HMAC token can never be checked against a public key), keys that parse, and a leeway
-//! of at most a minute.
+//! (so an HMAC token can never be checked against a public key), keys that parse, a leeway
+//! of at most a minute, and an HMAC secret of at least 32 bytes where its variable is set.
 
 use std::path::Path;
 use std::str::FromStr;
@@ -11,6 +11,7 @@ use jsonwebtoken::{Algorithm, AlgorithmFamily, DecodingKey};
 use super::{Errors, check_name};
 use crate::config::file::JwtProviderConfig;
 use crate::config::{JwtKeys, JwtProvider, StaticKey};
+use crate::identity::jwt::MIN_SECRET_BYTES;
 
 /// The largest clock skew a provider may allow.
 const MAX_LEEWAY: Duration = Duration::from_secs(60);
@@ -94,6 +95,18 @@ pub(super) fn provider(
         }
         if env.is_empty() {
             errors.push(format!("{path}.secret_env"), "must name a variable");
+        } else if let Ok(secret) = std::env::var(env)
+            && secret.len() < MIN_SECRET_BYTES
+        {
+            // Checked here too, not only at start, so that `--validate` in the gateway's
+            // environment tells. (Unset here, it may be set where the gateway runs.)
+            errors.push(
+                format!("{path}.secret_env"),
+                format!(
+                    "{env} holds {} bytes; an HMAC secret needs at least {MIN_SECRET_BYTES}",
+                    secret.len()
+                ),
+            );
         }
         JwtKeys::Secret { env: env.clone() }
     } else {
