@@ -490,6 +490,16 @@ async fn a_quota_counts_in_the_customers_billing_period_and_a_new_period_starts_
             header(&response, "x-quota-remaining"),
             remaining.to_string()
         );
+        // A plan without windows: the older fields describe its quota.
+        assert_eq!(header(&response, "x-ratelimit-limit"), "5");
+        assert_eq!(
+            header(&response, "x-ratelimit-remaining"),
+            remaining.to_string()
+        );
+        assert_eq!(
+            header(&response, "x-ratelimit-reset"),
+            header(&response, "x-quota-reset")
+        );
         // Reset: the end of the billing period, not of the month.
         let reset: i64 = header(&response, "x-quota-reset").parse().unwrap();
         assert!((seconds_to(end_at) - reset).abs() <= 2, "{reset}");

@@ -10,7 +10,8 @@
 //! ```
 //!
 //! The older `X-RateLimit-*` fields describe the window closest to refusing (fewest units left,
-//! then longest wait), and `X-Quota-*` the quota; every `*-Reset` is in seconds from now, rounded up.
+//! then longest wait), or the quota for a plan without windows (its only limit), and `X-Quota-*`
+//! the quota; every `*-Reset` is in seconds from now, rounded up.
 
 use bytes::Bytes;
 use http::HeaderValue;
@@ -101,10 +102,19 @@ pub fn values(decision: &Decision) -> Vec<(&'static str, HeaderValue)> {
             .cmp(&b.remaining)
             .then(b.reset_ms.cmp(&a.reset_ms))
     });
-    if let Some(window) = closest {
-        values.push((X_RATELIMIT_LIMIT, window.limit.into()));
-        values.push((X_RATELIMIT_REMAINING, window.remaining.into()));
-        values.push((X_RATELIMIT_RESET, ceil_seconds(window.reset_ms).into()));
+    let limiting = match (closest, decision.quota, quota_remaining) {
+        (Some(window), _, _) => Some((
+            window.limit,
+            window.remaining,
+            ceil_seconds(window.reset_ms),
+        )),
+        (None, Some(quota), Some(remaining)) => Some((quota.limit, remaining, quota_reset)),
+        _ => None,
+    };
+    if let Some((limit, remaining, reset)) = limiting {
+        values.push((X_RATELIMIT_LIMIT, limit.into()));
+        values.push((X_RATELIMIT_REMAINING, remaining.into()));
+        values.push((X_RATELIMIT_RESET, reset.into()));
     }
     if let (Some(quota), Some(remaining)) = (decision.quota, quota_remaining) {
         values.push((X_QUOTA_LIMIT, quota.limit.into()));
@@ -228,6 +238,17 @@ mod tests {
         over.windows.clear();
         let values = values(&over);
         assert!(values.contains(&(X_QUOTA_REMAINING, HeaderValue::from_static("0"))));
-        assert!(!values.iter().any(|(n, _)| *n == X_RATELIMIT_LIMIT));
+        // Without windows, the quota is the limit the older fields describe.
+        for (name, value) in [
+            (X_RATELIMIT_LIMIT, "100"),
+            (X_RATELIMIT_REMAINING, "0"),
+            (X_RATELIMIT_RESET, "86401"),
+        ] {
+            assert!(
+                values.contains(&(name, HeaderValue::from_static(value))),
+                "{name}: {values:?}"
+            );
+        }
+        assert_eq!(values.len(), 8);
     }
 }
