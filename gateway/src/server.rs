@@ -144,10 +144,10 @@ pub fn run(path: PathBuf) -> anyhow::Result<()> {
             _ => Arc::new(HttpLedger::new(&source.base_url, &source.token)?),
         };
         gateway.limiter.set_ledger(ledger);
-        if let Some(redis) = gateway.limiter.redis() {
-            // By then every gateway has flushed the events it held when a count was rebuilt.
-            redis.reseed_after(2 * gateway.live().metering.flush_interval + Duration::from_secs(1));
-        }
+        // By then every gateway has flushed the events it held when a count was rebuilt.
+        gateway
+            .limiter
+            .reseed_after(2 * gateway.live().metering.flush_interval + Duration::from_secs(1));
         if let Some(meter) = &gateway.meter {
             let flusher = Flusher::new(
                 gateway.clone(),

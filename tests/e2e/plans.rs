@@ -541,3 +541,36 @@ async fn a_quota_counts_in_the_customers_billing_period_and_a_new_period_starts_
     let reset: i64 = header(&refused, "x-quota-reset").parse().unwrap();
     assert!((seconds_to(end_at) - reset).abs() <= 2, "{reset}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_billing_period_set_after_calls_it_covers_counts_them_once_they_reach_the_ledger() {
+    let upstream = Upstream::start("api");
+    let setup = customer_on(
+        &upstream,
+        "[metering]\nflush_interval = \"2s\"",
+        json!({"quota": {"requests": 5, "hard": true}}),
+    )
+    .await;
+    for _ in 0..2 {
+        assert_eq!(setup.get("/demo").await.status(), 200);
+    }
+    // A period that began a day ago covers the two calls, whose usage may still be in the
+    // spool when the gateway counts the new period from the ledger: it reads the ledger again
+    // two flush intervals and a second later.
+    const DAY: i64 = 86_400;
+    let (start, _) = rfc3339_from_now(-DAY);
+    let (end, _) = rfc3339_from_now(2 * DAY);
+    setup
+        .patch_customer(json!({"billing_period": {"start": start, "end": end}}))
+        .await;
+    assert_eq!(setup.get("/demo").await.status(), 200);
+    tokio::time::sleep(Duration::from_millis(5500)).await;
+    let statuses: Vec<u16> = {
+        let mut statuses = Vec::new();
+        for _ in 0..4 {
+            statuses.push(setup.get("/demo").await.status().as_u16());
+        }
+        statuses
+    };
+    assert_eq!(statuses, [200, 200, 429, 429]);
+}

@@ -12,7 +12,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Mutex, PoisonError};
 
 use super::period::Period;
-use super::quota::QuotaCount;
+use super::quota::{LedgerRead, QuotaCount};
 use super::redis::QUOTA_KEY_GRACE_MS;
 use super::window::{self, WindowCounts, WindowState};
 use super::{Counted, Decision, FallbackUnit, Policy, Reservation, Verdict};
@@ -223,16 +223,37 @@ impl LocalCounters {
             .is_none_or(|counts| counts.quota.period != period || !counts.quota.seeded)
     }
 
-    /// Adds what the ledger holds for the customer in `period` (`used` units, `overage` of them
-    /// overage), once: a second seed of the same period adds nothing.
-    pub fn seed(&self, customer: &Id, period: Period, used: u64, overage: u64) {
+    /// Adds what the ledger holds for the customer in `period` (`read`: its events before
+    /// `read.until_ms`), once: a second seed of the same period adds nothing.
+    pub fn seed(&self, customer: &Id, period: Period, read: LedgerRead) {
         let mut shard = self.shard(customer);
         let counts = counts(&mut shard, customer, period);
         counts.quota.roll(period);
         if !counts.quota.seeded {
-            counts.quota.used += used;
-            counts.quota.overage += overage;
+            counts.quota.used += read.used;
+            counts.quota.overage += read.overage;
             counts.quota.seeded = true;
+            counts.quota.ledger = Some(read);
+        }
+    }
+
+    /// Adds to a count seeded from the ledger what the ledger holds now of the same events
+    /// (those before the seed's `until_ms`) and did not then: events that were still in a spool
+    /// (this process's, or another's). Nothing for a count seeded otherwise since.
+    pub fn reseed(&self, customer: &Id, period: Period, read: LedgerRead) {
+        let mut shard = self.shard(customer);
+        let Some(counts) = shard.get_mut(customer) else {
+            return;
+        };
+        let quota = &mut counts.quota;
+        if let Some(seed) = &mut quota.ledger
+            && quota.period == period
+            && seed.until_ms == read.until_ms
+        {
+            quota.used += read.used.saturating_sub(seed.used);
+            quota.overage += read.overage.saturating_sub(seed.overage);
+            seed.used = seed.used.max(read.used);
+            seed.overage = seed.overage.max(read.overage);
         }
     }
 
@@ -246,6 +267,7 @@ impl LocalCounters {
         counts.quota.roll(period);
         counts.quota.used = used;
         counts.quota.seeded = true;
+        counts.quota.ledger = None;
         if let Some(generation) = generation {
             counts.generation = Some((period, generation));
         }
@@ -649,9 +671,27 @@ mod tests {
         let counters = LocalCounters::default();
         let customer = [5; 16];
         assert!(counters.needs_seed(&customer, PERIOD));
-        counters.seed(&customer, PERIOD, 9, 0);
-        counters.seed(&customer, PERIOD, 9, 0);
+        let read = |used| LedgerRead {
+            until_ms: 0,
+            used,
+            overage: 0,
+        };
+        counters.seed(&customer, PERIOD, read(8));
+        counters.seed(&customer, PERIOD, read(8));
         assert!(!counters.needs_seed(&customer, PERIOD));
+        // The ledger read again has one more of the same events (it was in a spool): added once.
+        counters.reseed(&customer, PERIOD, read(9));
+        counters.reseed(&customer, PERIOD, read(9));
+        // A read of other events (another seed's) adds nothing.
+        counters.reseed(
+            &customer,
+            PERIOD,
+            LedgerRead {
+                until_ms: 5,
+                used: 100,
+                overage: 0,
+            },
+        );
         let quota = Some(QuotaLimit {
             limit: 10,
             hard: true,

@@ -25,7 +25,9 @@ pub mod quota;
 pub mod redis;
 pub mod window;
 
-use std::sync::{Arc, OnceLock};
+use std::sync::atomic::{AtomicI64, Ordering};
+use std::sync::{Arc, Mutex, OnceLock, PoisonError};
+use std::time::Duration;
 
 use futures_util::StreamExt;
 use tollgate_model::plan::{Plan, RateLimit};
@@ -37,7 +39,7 @@ use local::{LocalCounters, Unshared};
 pub use metrics::Counted;
 use metrics::{FallbackUnits, LimitMetrics};
 use period::Period;
-use quota::QuotaLimit;
+use quota::{LedgerRead, QuotaLimit};
 use redis::RedisCounters;
 use window::WindowState;
 
@@ -173,7 +175,20 @@ pub fn ceil_seconds(ms: i64) -> u64 {
 }
 
 /// The longest a request waits for the ledger to rebuild its customer's quota count.
-pub const SEED_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(1);
+pub const SEED_TIMEOUT: Duration = Duration::from_secs(1);
+/// How long after a quota count is seeded from the ledger it reads the ledger again, unless set
+/// ([`Limiter::reseed_after`]).
+pub(crate) const RESEED_AFTER: Duration = Duration::from_secs(3);
+
+/// An in-process count seeded from the ledger, to read it again when the spools have been
+/// flushed.
+#[derive(Debug, Clone, Copy)]
+struct Reseed {
+    customer: Id,
+    period: Period,
+    until_ms: i64,
+    due_ms: i64,
+}
 
 /// Where the counters live: in process, or in Redis with the in-process counters as fallback.
 #[derive(Debug)]
@@ -186,6 +201,10 @@ pub struct Limiter {
     ledger: OnceLock<Arc<dyn Ledger>>,
     /// Held by a pass of [`Limiter::share_pending`].
     sharing: tokio::sync::Mutex<()>,
+    /// In-process counts seeded from the ledger, to seed once more.
+    reseeds: Mutex<Vec<Reseed>>,
+    /// How long after a seed the ledger is read again, ms.
+    reseed_after_ms: AtomicI64,
 }
 
 impl Limiter {
@@ -198,6 +217,8 @@ impl Limiter {
             metrics,
             ledger: OnceLock::new(),
             sharing: tokio::sync::Mutex::new(()),
+            reseeds: Mutex::default(),
+            reseed_after_ms: AtomicI64::new(RESEED_AFTER.as_millis() as i64),
         }
     }
 
@@ -212,6 +233,19 @@ impl Limiter {
     /// Sets the usage ledger (once).
     pub fn set_ledger(&self, ledger: Arc<dyn Ledger>) {
         let _ = self.ledger.set(ledger);
+    }
+
+    /// Sets how long after seeding a quota count from the ledger, in process or in Redis, it is
+    /// seeded again: longer than it takes a request's usage event to reach the ledger (the flush
+    /// interval, and more), so that the events that were still in a spool count then.
+    pub fn reseed_after(&self, after: Duration) {
+        self.reseed_after_ms.store(
+            i64::try_from(after.as_millis()).unwrap_or(i64::MAX),
+            Ordering::Relaxed,
+        );
+        if let Some(redis) = &self.redis {
+            redis.reseed_after(after);
+        }
     }
 
     /// The usage ledger, once set.
@@ -374,12 +408,19 @@ impl Limiter {
         if !self.local.needs_seed(customer, period) {
             return;
         }
-        match tokio::time::timeout(SEED_TIMEOUT, ledger.period_usage(customer, period)).await {
-            Ok(Ok((used, overage))) => self.local.seed(customer, period, used, overage),
-            Ok(Err(error)) => {
-                tracing::warn!(%error, "cannot read the ledger to rebuild a quota count");
-            }
-            Err(_) => tracing::warn!("the ledger did not answer in time to rebuild a quota count"),
+        let until_ms = self.clock.now_ms().min(period.end_ms);
+        if let Some(read) = read_ledger(ledger.as_ref(), customer, period, until_ms).await {
+            self.local.seed(customer, period, read);
+            let due_ms = until_ms.saturating_add(self.reseed_after_ms.load(Ordering::Relaxed));
+            self.reseeds
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .push(Reseed {
+                    customer: *customer,
+                    period,
+                    until_ms,
+                    due_ms,
+                });
         }
     }
 
@@ -418,11 +459,36 @@ impl Limiter {
         self.metrics.refund();
     }
 
-    /// Seeds again from the ledger the quota counts this process rebuilt in Redis a while ago
-    /// ([`RedisCounters::reseed_due`]). Run every [`SHARE_INTERVAL`].
+    /// Seeds again from the ledger the quota counts this process seeded from it a while ago,
+    /// in process and in Redis ([`RedisCounters::reseed_due`]): the events that were still in a
+    /// spool then are in the ledger now. Run every [`SHARE_INTERVAL`].
     pub async fn reseed_due(&self) {
-        if let (Some(redis), Some(ledger)) = (&self.redis, self.ledger.get()) {
-            redis.reseed_due(ledger.as_ref(), self.clock.now_ms()).await;
+        let Some(ledger) = self.ledger.get() else {
+            return;
+        };
+        let now = self.clock.now_ms();
+        if let Some(redis) = &self.redis {
+            redis.reseed_due(ledger.as_ref(), now).await;
+        }
+        let due: Vec<Reseed> = {
+            let mut reseeds = self.reseeds.lock().unwrap_or_else(PoisonError::into_inner);
+            if reseeds.iter().all(|r| r.due_ms > now) {
+                return;
+            }
+            let (due, later) = reseeds.drain(..).partition(|r| r.due_ms <= now);
+            *reseeds = later;
+            due
+        };
+        for reseed in due {
+            let Reseed {
+                customer,
+                period,
+                until_ms,
+                ..
+            } = reseed;
+            if let Some(read) = read_ledger(ledger.as_ref(), &customer, period, until_ms).await {
+                self.local.reseed(&customer, period, read);
+            }
         }
     }
 
@@ -473,6 +539,43 @@ pub const SHARE_INTERVAL: std::time::Duration = std::time::Duration::from_millis
 
 /// Customers whose batches [`Limiter::share_pending`] sends at once.
 const SHARE_CONCURRENCY: usize = 64;
+
+/// The ledger's count of the customer's events in `period` before `until_ms`; `None` (logged)
+/// when it cannot be read in [`SEED_TIMEOUT`].
+async fn read_ledger(
+    ledger: &dyn Ledger,
+    customer: &Id,
+    period: Period,
+    until_ms: i64,
+) -> Option<LedgerRead> {
+    let before = Period {
+        start_ms: period.start_ms,
+        end_ms: until_ms,
+    };
+    if before.end_ms <= before.start_ms {
+        // No event of the period is that old.
+        return Some(LedgerRead {
+            until_ms,
+            used: 0,
+            overage: 0,
+        });
+    }
+    match tokio::time::timeout(SEED_TIMEOUT, ledger.period_usage(customer, before)).await {
+        Ok(Ok((used, overage))) => Some(LedgerRead {
+            until_ms,
+            used,
+            overage,
+        }),
+        Ok(Err(error)) => {
+            tracing::warn!(%error, "cannot read the ledger to rebuild a quota count");
+            None
+        }
+        Err(_) => {
+            tracing::warn!("the ledger did not answer in time to rebuild a quota count");
+            None
+        }
+    }
+}
 
 /// Sweeps the in-process counters every [`SWEEP_INTERVAL`], so a long-running gateway holds
 /// counters for the customers counting now, not for every customer that ever called; and, with

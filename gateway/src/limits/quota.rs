@@ -13,6 +13,19 @@ pub struct QuotaCount {
     pub overage: u64,
     /// Whether what the ledger holds for the period was added (or the count came from Redis).
     pub seeded: bool,
+    /// What was added from the ledger, when this count was seeded from it (not from Redis).
+    pub ledger: Option<LedgerRead>,
+}
+
+/// The ledger's count of a period's events before `until_ms`, as read to seed a count.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LedgerRead {
+    /// Unix ms: the events read are those before then.
+    pub until_ms: i64,
+    /// Units, overage included.
+    pub used: u64,
+    /// Of them, overage.
+    pub overage: u64,
 }
 
 /// A plan's quota, as the hot path applies it.
@@ -39,6 +52,7 @@ impl QuotaCount {
             used: 0,
             overage: 0,
             seeded: false,
+            ledger: None,
         }
     }
 

@@ -63,10 +63,6 @@ const CONNECTION_RESPONSE_TIMEOUT: Duration = Duration::from_secs(5);
 /// The first and the longest wait between two attempts at the near connection.
 const NEAR_RETRY_MIN: Duration = Duration::from_millis(250);
 const NEAR_RETRY_MAX: Duration = Duration::from_secs(10);
-/// The longest a seeding caller waits for the ledger.
-const SEED_TIMEOUT: Duration = Duration::from_secs(1);
-/// When a seeded key reads the ledger again, unless set ([`RedisCounters::reseed_after`]).
-const RESEED_AFTER: Duration = Duration::from_secs(3);
 
 /// What this gateway knows of a customer's count in a period, told to the shared count so that
 /// one Redis rebuilt goes on from there (see the module's documentation).
@@ -293,7 +289,7 @@ impl RedisCounters {
             share: Script::new(SHARE_SCRIPT),
             down_until_ms: AtomicI64::new(0),
             reseeds: Mutex::default(),
-            reseed_after_ms: AtomicI64::new(RESEED_AFTER.as_millis() as i64),
+            reseed_after_ms: AtomicI64::new(super::RESEED_AFTER.as_millis() as i64),
             errors,
             duration,
         })
@@ -640,29 +636,11 @@ impl RedisCounters {
         now_ms: i64,
         ledger: Option<&dyn Ledger>,
     ) -> Option<u64> {
-        let before = Period {
-            start_ms: period.start_ms,
-            end_ms: made_ms.min(period.end_ms),
-        };
         let base = match ledger {
-            // No event of the period is older than the key.
-            Some(_) if before.end_ms <= before.start_ms => (0, 0),
             Some(ledger) => {
-                match tokio::time::timeout(SEED_TIMEOUT, ledger.period_usage(customer, before))
-                    .await
-                {
-                    Ok(Ok(base)) => base,
-                    Ok(Err(error)) => {
-                        tracing::warn!(%error, "cannot read the ledger to seed a quota counter; another request will");
-                        return None;
-                    }
-                    Err(_) => {
-                        tracing::warn!(
-                            "the ledger did not answer in time to seed a quota counter; another request will"
-                        );
-                        return None;
-                    }
-                }
+                let read = super::read_ledger(ledger, customer, period, made_ms.min(period.end_ms))
+                    .await?;
+                (read.used, read.overage)
             }
             None => (0, 0),
         };
