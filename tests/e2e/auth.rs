@@ -12,14 +12,17 @@ const PROPAGATION: Duration = Duration::from_secs(1);
 
 /// Tests poll new keys before they arrive: each poll is a failed authentication, so the
 /// limit is high except where it is under test.
-fn standalone_config(upstream: &Upstream) -> String {
+/// A gateway whose `[control_plane]` is `control_plane`, with the key route `/orders` (which also
+/// takes the key as `api_key`), a public route `/public` and the key route `/demo` that answers
+/// by itself.
+fn gateway_config(upstream: &Upstream, control_plane: &str) -> String {
     config(&format!(
         r#"
 [auth]
 failed_per_minute = 100000
 
 [control_plane]
-embedded = true
+{control_plane}
 
 [[upstreams]]
 name = "orders"
@@ -45,6 +48,10 @@ respond = {{ status = 200, body = "hello, customer" }}
 "#,
         target = upstream.target()
     ))
+}
+
+fn standalone_config(upstream: &Upstream) -> String {
+    gateway_config(upstream, "embedded = true")
 }
 
 async fn standalone(upstream: &Upstream) -> (Gateway, AdminApi) {
@@ -97,20 +104,21 @@ fn problem_type(body: &Value) -> &str {
         .trim_start_matches("urn:tollgate:problem:")
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_standalone_gateway_issues_keys_and_enforces_each_outcome() {
-    let upstream = Upstream::start("orders");
-    let (gateway, api) = standalone(&upstream).await;
+/// Every outcome of a key, through `gateway` following the control plane of `api`: a new key
+/// within a second, the upstream's view, the three places a key is taken from, public routes,
+/// each refusal with its problem type, scopes, expiry, and a suspension within a second and its
+/// end. The key of the customer it made.
+async fn enforces_each_outcome(gateway: &Gateway, api: &AdminApi) -> String {
     let (plan, customer, key) = api.customer_with_key("acme").await;
     let key = key["key"].as_str().unwrap().to_owned();
     let customer_id = customer["id"].as_str().unwrap().to_owned();
 
     // A new key works within a second of its creation.
-    let took = until_status(&gateway, "/orders/1", &key, 200).await;
+    let took = until_status(gateway, "/orders/1", &key, 200).await;
     assert!(took < PROPAGATION, "a new key took {took:?}");
 
     // The upstream learns who calls, never the credential.
-    let (status, echo) = call(&gateway, "/orders/1?x=1", Some(&key)).await;
+    let (status, echo) = call(gateway, "/orders/1?x=1", Some(&key)).await;
     assert_eq!(status, 200);
     let headers = &echo["headers"];
     assert_eq!(headers["x-tollgate-customer-id"], customer_id.as_str());
@@ -139,7 +147,7 @@ async fn a_standalone_gateway_issues_keys_and_enforces_each_outcome() {
         echo["headers"]["x-tollgate-customer-id"],
         customer_id.as_str()
     );
-    let (status, echo) = call(&gateway, &format!("/orders/3?a=1&api_key={key}&b=2"), None).await;
+    let (status, echo) = call(gateway, &format!("/orders/3?a=1&api_key={key}&b=2"), None).await;
     assert_eq!(status, 200, "{echo}");
     assert_eq!(
         echo["path"], "/orders/3?a=1&b=2",
@@ -168,7 +176,7 @@ async fn a_standalone_gateway_issues_keys_and_enforces_each_outcome() {
     );
 
     // The static demo route needs a key too.
-    assert_eq!(call(&gateway, "/demo", Some(&key)).await.0, 200);
+    assert_eq!(call(gateway, "/demo", Some(&key)).await.0, 200);
 
     // Each refusal with its own problem type.
     let response = client().get(gateway.url("/orders")).send().await.unwrap();
@@ -184,12 +192,12 @@ async fn a_standalone_gateway_issues_keys_and_enforces_each_outcome() {
     let body: Value = response.json().await.unwrap();
     assert_eq!(problem_type(&body), "missing-credential");
     assert!(body["request_id"].is_string());
-    let (status, body) = call(&gateway, "/orders", Some("tg_not-a-key")).await;
+    let (status, body) = call(gateway, "/orders", Some("tg_not-a-key")).await;
     assert_eq!((status, problem_type(&body)), (401, "malformed-key"));
     let mut typo = key.clone();
     let last = if typo.ends_with('A') { "B" } else { "A" };
     typo.replace_range(typo.len() - 1.., last);
-    let (status, body) = call(&gateway, "/orders", Some(&typo)).await;
+    let (status, body) = call(gateway, "/orders", Some(&typo)).await;
     assert_eq!(
         (status, problem_type(&body)),
         (401, "malformed-key"),
@@ -197,7 +205,7 @@ async fn a_standalone_gateway_issues_keys_and_enforces_each_outcome() {
     );
     let unknown = tollgate_model::key::from_random([7; 16]); // well formed, never issued
     let unknown = unknown.as_str();
-    let (status, body) = call(&gateway, "/orders", Some(unknown)).await;
+    let (status, body) = call(gateway, "/orders", Some(unknown)).await;
     assert_eq!(
         (status, problem_type(&body)),
         (401, "unknown-key"),
@@ -212,8 +220,8 @@ async fn a_standalone_gateway_issues_keys_and_enforces_each_outcome() {
         )
         .await;
     let scoped = scoped["key"].as_str().unwrap();
-    until_status(&gateway, "/demo", scoped, 200).await;
-    let (status, body) = call(&gateway, "/orders", Some(scoped)).await;
+    until_status(gateway, "/demo", scoped, 200).await;
+    let (status, body) = call(gateway, "/orders", Some(scoped)).await;
     assert_eq!((status, problem_type(&body)), (403, "key-not-allowed"));
 
     // An expiring key stops at its expiry.
@@ -228,9 +236,9 @@ async fn a_standalone_gateway_issues_keys_and_enforces_each_outcome() {
         )
         .await;
     let expiring = expiring["key"].as_str().unwrap();
-    until_status(&gateway, "/orders", expiring, 200).await;
-    until_status(&gateway, "/orders", expiring, 401).await;
-    let (_, body) = call(&gateway, "/orders", Some(expiring)).await;
+    until_status(gateway, "/orders", expiring, 200).await;
+    until_status(gateway, "/orders", expiring, 401).await;
+    let (_, body) = call(gateway, "/orders", Some(expiring)).await;
     assert_eq!(problem_type(&body), "expired-key");
 
     // Suspending the customer is enforced within a second, and so is its return.
@@ -242,9 +250,9 @@ async fn a_standalone_gateway_issues_keys_and_enforces_each_outcome() {
         )
         .await;
     assert_eq!(status, 200);
-    let took = until_status(&gateway, "/orders", &key, 403).await;
+    let took = until_status(gateway, "/orders", &key, 403).await;
     assert!(took < PROPAGATION, "suspension took {took:?}");
-    let (_, body) = call(&gateway, "/orders", Some(&key)).await;
+    let (_, body) = call(gateway, "/orders", Some(&key)).await;
     assert_eq!(problem_type(&body), "customer-suspended");
     api.call(
         "PATCH",
@@ -252,8 +260,16 @@ async fn a_standalone_gateway_issues_keys_and_enforces_each_outcome() {
         Some(json!({"status": "active"})),
     )
     .await;
-    until_status(&gateway, "/orders", &key, 200).await;
+    until_status(gateway, "/orders", &key, 200).await;
 
+    key
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_standalone_gateway_issues_keys_and_enforces_each_outcome() {
+    let upstream = Upstream::start("orders");
+    let (gateway, api) = standalone(&upstream).await;
+    let key = enforces_each_outcome(&gateway, &api).await;
     let ready = gateway.ready().await;
     assert_eq!(ready["status"], "ready");
     assert_eq!(ready["identities"]["source"], "control plane");
@@ -293,10 +309,26 @@ async fn a_standalone_gateway_issues_keys_and_enforces_each_outcome() {
 async fn revocation_rotation_and_plan_changes_reach_traffic_in_flight_within_a_second() {
     let upstream = Upstream::start("orders");
     let (gateway, api) = standalone(&upstream).await;
+    changes_reach_traffic_in_flight(&gateway, &api).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_gateway_on_a_separate_postgres_control_plane_enforces_each_outcome_and_change() {
+    let upstream = Upstream::start("orders");
+    let (gateway, api, _control_plane, _database) = on_postgres(&upstream).await;
+    enforces_each_outcome(&gateway, &api).await;
+    changes_reach_traffic_in_flight(&gateway, &api).await;
+    let ready = gateway.ready().await;
+    assert_eq!(ready["identities"]["source"], "control plane", "{ready}");
+}
+
+/// Through `gateway` following the control plane of `api`, while traffic flows: a plan change,
+/// a rotation with a grace and a revocation, each enforced within a second.
+async fn changes_reach_traffic_in_flight(gateway: &Gateway, api: &AdminApi) {
     let (_, customer, key) = api.customer_with_key("flow").await;
     let key_id = key["id"].as_str().unwrap().to_owned();
     let key = key["key"].as_str().unwrap().to_owned();
-    until_status(&gateway, "/orders", &key, 200).await;
+    until_status(gateway, "/orders", &key, 200).await;
 
     // Traffic flows with the key while the admin changes things.
     let traffic = {
@@ -327,7 +359,7 @@ async fn revocation_rotation_and_plan_changes_reach_traffic_in_flight_within_a_s
     assert_eq!(status, 200);
     let changed = Instant::now();
     loop {
-        let (_, echo) = call(&gateway, "/orders", Some(&key)).await;
+        let (_, echo) = call(gateway, "/orders", Some(&key)).await;
         if echo["headers"]["x-tollgate-plan-id"] == premium["id"] {
             break;
         }
@@ -346,9 +378,9 @@ async fn revocation_rotation_and_plan_changes_reach_traffic_in_flight_within_a_s
         )
         .await;
     let new_key = rotated["key"].as_str().unwrap();
-    let took = until_status(&gateway, "/orders", new_key, 200).await;
+    let took = until_status(gateway, "/orders", new_key, 200).await;
     assert!(took < PROPAGATION, "the rotated key took {took:?}");
-    assert_eq!(call(&gateway, "/orders", Some(&key)).await.0, 200, "grace");
+    assert_eq!(call(gateway, "/orders", Some(&key)).await.0, 200, "grace");
 
     // Revoking the new key is enforced within a second.
     let new_id = rotated["id"].as_str().unwrap();
@@ -356,13 +388,13 @@ async fn revocation_rotation_and_plan_changes_reach_traffic_in_flight_within_a_s
         .call("POST", &format!("/v1/keys/{new_id}/revoke"), None)
         .await;
     assert_eq!(status, 200);
-    let took = until_status(&gateway, "/orders", new_key, 401).await;
+    let took = until_status(gateway, "/orders", new_key, 401).await;
     assert!(took < PROPAGATION, "revocation took {took:?}");
-    let (_, body) = call(&gateway, "/orders", Some(new_key)).await;
+    let (_, body) = call(gateway, "/orders", Some(new_key)).await;
     assert_eq!(problem_type(&body), "revoked-key");
 
     // The old key stops once its grace is over.
-    until_status(&gateway, "/orders", &key, 401).await;
+    until_status(gateway, "/orders", &key, 401).await;
     let statuses = traffic.await.unwrap();
     assert!(statuses.len() > 50, "{} requests", statuses.len());
     let at = statuses
@@ -429,35 +461,29 @@ async fn failed_authentications_past_the_rate_are_refused_before_any_lookup() {
     );
 }
 
-/// A gateway following the control plane at `control_plane` (a `host:port`), with the key route
-/// `/orders` and a public route `/public`.
+/// A gateway following the control plane at `control_plane` (a `host:port`), with the routes of
+/// [`gateway_config`].
 fn cluster_config(upstream: &Upstream, control_plane: &str) -> String {
-    config(&format!(
-        r#"
-[auth]
-failed_per_minute = 100000
+    gateway_config(
+        upstream,
+        &format!("url = \"http://{control_plane}\"\ntoken_env = \"TOLLGATE_GATEWAY_TOKEN\""),
+    )
+}
 
-[control_plane]
-url = "http://{control_plane}"
-token_env = "TOLLGATE_GATEWAY_TOKEN"
-
-[[upstreams]]
-name = "orders"
-targets = ["{target}"]
-
-[[routes]]
-name = "orders"
-path_prefix = "/orders"
-upstream = "orders"
-auth = "key"
-
-[[routes]]
-name = "public"
-path_prefix = "/public"
-upstream = "orders"
-"#,
-        target = upstream.target()
-    ))
+/// A separate control plane on a database of its own, and a gateway following it: (gateway,
+/// admin API, control plane, database).
+async fn on_postgres(upstream: &Upstream) -> (Gateway, AdminApi, ControlPlane, PostgresDatabase) {
+    let database = PostgresDatabase::create().await;
+    let control_plane = ControlPlane::start(&database.url()).await;
+    let api = control_plane.api();
+    let token = api.gateway_token().await;
+    let gateway = Gateway::start_with_env(
+        tempfile::tempdir().unwrap(),
+        &cluster_config(upstream, &control_plane.address.to_string()),
+        &[("TOLLGATE_GATEWAY_TOKEN", token.as_str())],
+    )
+    .await;
+    (gateway, api, control_plane, database)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

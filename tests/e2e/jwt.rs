@@ -9,7 +9,7 @@ use base64::Engine;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use jsonwebtoken::{Algorithm, EncodingKey, Header};
 use serde_json::{Value, json};
-use tollgate_tests::control_plane::{AdminApi, admin_token};
+use tollgate_tests::control_plane::{AdminApi, ControlPlane, PostgresDatabase, admin_token};
 use tollgate_tests::{Gateway, Upstream, client, config};
 
 const ISSUER: &str = "https://idp.example.test/";
@@ -75,6 +75,18 @@ async fn status_and_type(gateway: &Gateway, path: &str, token: &str) -> (u16, St
     (status, kind, body)
 }
 
+/// Where the gateway's control plane runs.
+#[derive(Clone, Copy)]
+enum Backend {
+    /// In the gateway's process, on SQLite.
+    Embedded,
+    /// A separate process, on a Postgres database of its own.
+    Postgres,
+}
+
+/// A separate control plane and its database, kept for as long as the test needs them.
+type Separate = Option<(ControlPlane, PostgresDatabase)>;
+
 /// A standalone gateway with `providers` and routes `/hs` (HMAC JWT), `/rs` (RSA JWT or key),
 /// plus `extra` routes; returns it, its admin API and a customer id with its plan id.
 async fn gateway_with(
@@ -82,14 +94,43 @@ async fn gateway_with(
     providers: &str,
     extra_routes: &str,
 ) -> (Gateway, AdminApi, String, String) {
+    let (gateway, api, customer, plan, _) =
+        gateway_on(Backend::Embedded, upstream, providers, extra_routes).await;
+    (gateway, api, customer, plan)
+}
+
+/// [`gateway_with`], its control plane on `backend`.
+async fn gateway_on(
+    backend: Backend,
+    upstream: &Upstream,
+    providers: &str,
+    extra_routes: &str,
+) -> (Gateway, AdminApi, String, String, Separate) {
     let token = admin_token();
+    let (control_plane, separate, api) = match backend {
+        Backend::Embedded => ("embedded = true".to_owned(), None, None),
+        Backend::Postgres => {
+            let database = PostgresDatabase::create().await;
+            let control_plane = ControlPlane::start(&database.url()).await;
+            let api = control_plane.api();
+            let section = format!(
+                "url = \"http://{}\"\ntoken_env = \"TOLLGATE_GATEWAY_TOKEN\"",
+                control_plane.address
+            );
+            (section, Some((control_plane, database)), Some(api))
+        }
+    };
+    let gateway_token = match &api {
+        Some(api) => api.gateway_token().await,
+        None => String::new(),
+    };
     let text = config(&format!(
         r#"
 [auth]
 failed_per_minute = 100000
 
 [control_plane]
-embedded = true
+{control_plane}
 
 {providers}
 
@@ -126,11 +167,12 @@ jwt_provider = "rs"
         &text,
         &[
             ("TOLLGATE_ADMIN_TOKEN", token.as_str()),
+            ("TOLLGATE_GATEWAY_TOKEN", gateway_token.as_str()),
             ("TEST_JWT_SECRET", SECRET),
         ],
     )
     .await;
-    let api = AdminApi::new(&format!("http://{}", gateway.admin), &token);
+    let api = api.unwrap_or_else(|| AdminApi::new(&format!("http://{}", gateway.admin), &token));
     let (plan, customer, _) = api.customer_with_key("jwt").await;
     let customer = customer["id"].as_str().unwrap().to_owned();
     // Wait until the gateway knows the customer.
@@ -144,6 +186,7 @@ jwt_provider = "rs"
         api,
         customer,
         plan["id"].as_str().unwrap().to_owned(),
+        separate,
     )
 }
 
@@ -168,8 +211,20 @@ customer_claim = "customer_id"
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn hmac_tokens_map_to_a_customer_and_every_claim_is_checked() {
+    hmac_tokens(Backend::Embedded).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hmac_tokens_are_checked_alike_with_a_separate_postgres_control_plane() {
+    hmac_tokens(Backend::Postgres).await;
+}
+
+/// HMAC tokens through a gateway whose control plane is on `backend`: the upstream's view, and
+/// each claim checked.
+async fn hmac_tokens(backend: Backend) {
     let upstream = Upstream::start("api");
-    let (gateway, _api, customer, plan) = gateway_with(&upstream, HS_AND_RS, "").await;
+    let (gateway, _api, customer, plan, _separate) =
+        gateway_on(backend, &upstream, HS_AND_RS, "").await;
 
     let token = hmac(&claims(&customer, |_| {}));
     let response = client()
@@ -302,8 +357,20 @@ async fn hmac_tokens_map_to_a_customer_and_every_claim_is_checked() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn public_key_providers_refuse_algorithm_confusion_and_routes_may_take_keys_too() {
+    public_key_tokens(Backend::Embedded).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn public_key_tokens_are_checked_alike_with_a_separate_postgres_control_plane() {
+    public_key_tokens(Backend::Postgres).await;
+}
+
+/// RSA tokens through a gateway whose control plane is on `backend`: each algorithm, algorithm
+/// confusion refused, and a route that takes a key or a token.
+async fn public_key_tokens(backend: Backend) {
     let upstream = Upstream::start("api");
-    let (gateway, api, customer, _) = gateway_with(&upstream, HS_AND_RS, "").await;
+    let (gateway, api, customer, _, _separate) =
+        gateway_on(backend, &upstream, HS_AND_RS, "").await;
     for alg in [
         Algorithm::RS256,
         Algorithm::RS384,

@@ -113,13 +113,15 @@ async fn two_gateways_sharing_redis_admit_exactly_the_limit_of_a_concurrent_burs
         .customer_on_plan(json!({"quota": {"requests": 1000, "hard": true}}))
         .await;
     let upstream = Upstream::start("api");
-    // Generous: this test is about exactness, and 500 requests land at once on a debug build.
+    // Generous: this test is about exactness, and 1,500 requests land at once on two debug
+    // builds; with the rest of the suite running beside it, calls were seen to take 0.4 s on
+    // average, some over 1 s.
     let (first, second) = two_gateways(
         &control_plane,
         &token,
         &redis,
         &upstream,
-        "timeout = \"1s\"",
+        "timeout = \"5s\"",
         2,
     )
     .await;
