@@ -664,7 +664,16 @@ async fn a_jwks_of_one_key_without_a_kid_checks_tokens_that_name_none() {
     let (ed, mut only) = generated(&rcgen::PKCS_ED25519, "unused", "EdDSA");
     only.as_object_mut().unwrap().remove("kid");
     let (_, other) = generated(&rcgen::PKCS_ED25519, "k2", "EdDSA");
-    let idp = fake_idp(json!({"keys": [other]}), json!({"keys": [only]})).await;
+    // A key for encryption beside it, also without a kid: not a signing key, so not counted.
+    let (_, mut encryption) = generated(&rcgen::PKCS_ED25519, "unused", "EdDSA");
+    let encryption = encryption.as_object_mut().unwrap();
+    encryption.remove("kid");
+    encryption.insert("use".into(), json!("enc"));
+    let idp = fake_idp(
+        json!({"keys": [other]}),
+        json!({"keys": [only, encryption]}),
+    )
+    .await;
     let providers = format!(
         r#"{HS_AND_RS}
 [[jwt_providers]]

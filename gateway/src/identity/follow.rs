@@ -11,9 +11,9 @@
 //!   as soon as it is committed. Each applied page of changes is appended to the journal.
 //! - Failures are retried with a growing delay; the identities in use stay. A control plane
 //!   that cannot be reached is tried again at least every 500 ms, so a change made as it comes
-//!   back is enforced about as soon as one made while it was up; what it sent and could not be
-//!   used (a snapshot that does not check, a journal that cannot be written) is fetched again
-//!   after up to 10 s.
+//!   back is enforced about as soon as one made while it was up; one that answers with an error,
+//!   or sends what cannot be used (a snapshot that does not check), is asked again after a delay
+//!   growing to 10 s.
 
 use std::fs::{File, OpenOptions};
 use std::io::{BufRead, BufReader, Read, Write};
@@ -38,8 +38,8 @@ use crate::state::Gateway;
 const LONG_POLL: Duration = Duration::from_secs(5);
 /// Longest delay between failed attempts.
 const MAX_BACKOFF: Duration = Duration::from_secs(10);
-/// Longest delay between attempts to reach a control plane that could not be reached, or
-/// failed: an attempt costs it little, and a change made as it comes back waits for the next.
+/// Longest delay between attempts to reach a control plane that could not be reached: an
+/// attempt costs it nothing, and a change made as it comes back waits for the next.
 const MAX_BACKOFF_UNREACHABLE: Duration = Duration::from_millis(500);
 /// Journaled change pages past which the next sync fetches a fresh snapshot instead.
 const JOURNAL_LIMIT: usize = 10_000;
@@ -343,7 +343,11 @@ impl Follower {
                     need_snapshot = true;
                 }
                 Err(error) => {
-                    longest = MAX_BACKOFF_UNREACHABLE;
+                    // A control plane that answers with an error (a refused token, an overload)
+                    // is not pressed: only one that cannot be reached is tried at a short pace.
+                    if matches!(error, SyncError::Unreachable(_)) {
+                        longest = MAX_BACKOFF_UNREACHABLE;
+                    }
                     if !failing {
                         tracing::warn!(%error, "cannot sync with the control plane; the last good identities stay");
                         failing = true;

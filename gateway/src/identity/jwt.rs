@@ -302,8 +302,17 @@ impl JwksRefresher {
             .await?;
         let mut keys = Vec::new();
         for jwk in &set.keys {
+            // Keys for encryption (or another use) never check a signature.
+            if jwk
+                .common
+                .public_key_use
+                .as_ref()
+                .is_some_and(|u| *u != jsonwebtoken::jwk::PublicKeyUse::Signature)
+            {
+                continue;
+            }
             let kid = jwk.common.key_id.clone();
-            if kid.is_some() && keys.iter().any(|(known, _)| *known == kid) {
+            if keys.iter().any(|(known, _)| *known == kid) {
                 tracing::warn!(
                     kid = kid.as_deref(),
                     "skipping a JWKS key whose kid is taken"

@@ -10,7 +10,7 @@
 //! ```
 //!
 //! The older `X-RateLimit-*` fields describe the window closest to refusing (fewest units left,
-//! then longest wait), or the quota for a plan without windows (its only limit), and `X-Quota-*`
+//! then longest wait), or a hard quota for a plan without windows (its only limit), and `X-Quota-*`
 //! the quota; every `*-Reset` is in seconds from now, rounded up.
 
 use bytes::Bytes;
@@ -108,7 +108,10 @@ pub fn values(decision: &Decision) -> Vec<(&'static str, HeaderValue)> {
             window.remaining,
             ceil_seconds(window.reset_ms),
         )),
-        (None, Some(quota), Some(remaining)) => Some((quota.limit, remaining, quota_reset)),
+        // A soft quota refuses nothing: not a limit to tell clients to wait for.
+        (None, Some(quota), Some(remaining)) if quota.hard => {
+            Some((quota.limit, remaining, quota_reset))
+        }
         _ => None,
     };
     if let Some((limit, remaining, reset)) = limiting {
@@ -238,7 +241,20 @@ mod tests {
         over.windows.clear();
         let values = values(&over);
         assert!(values.contains(&(X_QUOTA_REMAINING, HeaderValue::from_static("0"))));
-        // Without windows, the quota is the limit the older fields describe.
+        // A soft quota refuses nothing: the older fields do not describe it.
+        assert!(!values.iter().any(|(n, _)| *n == X_RATELIMIT_LIMIT));
+        assert_eq!(values.len(), 5);
+    }
+
+    #[test]
+    fn without_windows_the_older_fields_describe_a_hard_quota() {
+        let mut over = decision();
+        over.quota = Some(QuotaLimit {
+            limit: 100,
+            hard: true,
+        });
+        over.windows.clear();
+        let values = values(&over);
         for (name, value) in [
             (X_RATELIMIT_LIMIT, "100"),
             (X_RATELIMIT_REMAINING, "0"),
