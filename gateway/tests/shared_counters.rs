@@ -428,6 +428,7 @@ async fn units_counted_in_process_are_added_once_and_only_to_the_count_they_belo
     let local = LocalCounters::default();
     let fallback = Reservation {
         period: PERIOD,
+        at_ms: PERIOD.start_ms,
         units: 7,
         overage: 0,
         counted: Counted::Fallback,
@@ -810,4 +811,165 @@ async fn a_plan_without_limits_counts_in_batches_that_reach_redis_once_and_keep_
     clock.set(month.end_ms + 1);
     limiter.share_pending().await;
     assert_eq!(used_in_redis().await, 17);
+}
+
+#[tokio::test]
+async fn a_count_redis_makes_again_takes_the_ledgers_earlier_events_once_and_what_it_counted_since()
+{
+    use tollgate_control_plane::store::Store;
+    use tollgate_gateway::limits::redis::Known;
+    use tollgate_gateway::metering::ledger::{Ledger, StoreLedger};
+    use tollgate_model::usage::UsageEvent;
+
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::connect(&format!(
+        "sqlite://{}?mode=rwc",
+        dir.path().join("ledger.db").display()
+    ))
+    .await
+    .unwrap();
+    store.migrate().await.unwrap();
+    let ledger = StoreLedger(store);
+    let customer = [21; 16];
+    let customer_id = format!("cus_{}", hex::encode(customer));
+    let mut stored = 0u8;
+    let mut store_events = async |at: &[i64]| {
+        let events: Vec<UsageEvent> = at
+            .iter()
+            .map(|&at_ms| {
+                stored += 1;
+                UsageEvent {
+                    id: format!("evt_{}", hex::encode([stored; 16])),
+                    request_id: format!("req-{stored}"),
+                    customer_id: customer_id.clone(),
+                    key_id: None,
+                    route: "api".into(),
+                    method: "GET".into(),
+                    status: 200,
+                    latency_us: 1,
+                    bytes_in: 0,
+                    bytes_out: 0,
+                    at_ms,
+                    units: 1,
+                    overage: 0,
+                }
+            })
+            .collect();
+        ledger.record(&events).await.unwrap();
+    };
+    let policy = Policy {
+        rate_limits: &[],
+        quota: Some(QuotaLimit {
+            limit: 1_000,
+            hard: true,
+        }),
+    };
+    let prefix = format!("tollgate-test-{}", rand::random::<u64>());
+    let redis = counters_under(&prefix).await;
+    let quota_key = format!(
+        "{prefix}:{{cus_{}}}:q:{}",
+        hex::encode(customer),
+        PERIOD.start_ms
+    );
+    let hget = |field: &str| {
+        let command = redis::cmd("HGET").arg(&quota_key).arg(field).clone();
+        async move {
+            let mut connection = redis::Client::open("redis://127.0.0.1:6379")
+                .unwrap()
+                .get_multiplexed_async_connection()
+                .await
+                .unwrap();
+            command
+                .query_async::<Option<i64>>(&mut connection)
+                .await
+                .unwrap()
+        }
+    };
+    let rebuild = |known: Known| Rebuild {
+        known,
+        ledger: Some(&ledger),
+    };
+
+    // Ten events in the ledger from the period's first hour.
+    let start = PERIOD.start_ms;
+    store_events(&(0..10).map(|i| start + 1_000 + i).collect::<Vec<_>>()).await;
+    // An hour in, the key is made (Redis lost it, say): seeded with the ten.
+    let made = start + 3_600_000;
+    let first = redis
+        .admit(
+            &customer,
+            &policy,
+            PERIOD,
+            1,
+            made,
+            rebuild(Known::default()),
+        )
+        .await
+        .unwrap();
+    assert_eq!(first.used, 11);
+    // A late call, decided before the key was made: in the count, but its event is one the
+    // ledger's events before `made` will hold.
+    let late = redis
+        .admit(
+            &customer,
+            &policy,
+            PERIOD,
+            1,
+            made - 50,
+            rebuild(Known::default()),
+        )
+        .await
+        .unwrap();
+    assert_eq!(late.used, 12);
+    assert_eq!(hget("d").await, Some(1));
+    // A gateway that never knew a seeded count of this period tells what it counted (the
+    // count's own numbers, maybe): nothing is raised. One that knew another generation (lost
+    // with Redis' data) raises the count to its own.
+    let unknown = Known {
+        used: 500,
+        overage: 0,
+        generation: None,
+    };
+    let same = redis
+        .admit(&customer, &policy, PERIOD, 1, made + 1, rebuild(unknown))
+        .await
+        .unwrap();
+    assert_eq!(same.used, 13);
+    redis
+        .refund(&customer, &same.reservation.unwrap(), made + 2)
+        .await;
+    assert_eq!(hget("u").await, Some(12));
+    assert_eq!(hget("d").await, Some(1));
+
+    // The spools reach the ledger: three more events from before `made`, the late call's, and
+    // the first call's (at `made`, so not among them).
+    store_events(&[start + 2_000, start + 2_001, start + 2_002, made - 50, made]).await;
+    // A pass before the second read is due does nothing; when due, the count takes the
+    // ledger's 14 events before `made` and the one it counted since: 15, each once.
+    redis.reseed_due(&ledger, made + 2_999).await;
+    assert_eq!(hget("u").await, Some(12));
+    redis.reseed_due(&ledger, made + 3_000).await;
+    assert_eq!(hget("u").await, Some(15));
+    redis.reseed_due(&ledger, made + 10_000).await;
+    assert_eq!(hget("u").await, Some(15));
+    // Refunds: the late call's unit leaves the count, not what it counted since; the first
+    // call's leaves both.
+    redis
+        .refund(&customer, &late.reservation.unwrap(), made + 10_001)
+        .await;
+    redis
+        .refund(&customer, &first.reservation.unwrap(), made + 10_002)
+        .await;
+    assert_eq!((hget("u").await, hget("d").await), (Some(13), Some(0)));
+
+    let lost = Known {
+        used: 40,
+        overage: 0,
+        generation: Some(first.generation.unwrap() + 1),
+    };
+    let raised = redis
+        .admit(&customer, &policy, PERIOD, 1, made + 10_003, rebuild(lost))
+        .await
+        .unwrap();
+    assert_eq!(raised.used, 41);
 }

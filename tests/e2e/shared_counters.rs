@@ -3,6 +3,7 @@
 
 use std::time::{Duration, Instant};
 
+use futures_util::StreamExt;
 use futures_util::future::join_all;
 use serde_json::{Value, json};
 use tollgate_tests::control_plane::{AdminApi, ControlPlane, PostgresDatabase, admin_token};
@@ -44,18 +45,22 @@ async fn wait_for_redis(gateway: &Gateway) {
     }
 }
 
+/// `count` requests with `key`, up to 250 in flight: the statuses. (All at once, 750 requests
+/// on each of two debug builds beside the rest of the suite made Redis calls of 0.4 s on
+/// average and some past the 1 s timeout, counted in process instead.)
 async fn burst(gateway: &Gateway, key: &str, count: usize) -> Vec<u16> {
     let client = client();
-    join_all((0..count).map(|_| {
-        client
-            .get(gateway.url("/api/burst"))
-            .bearer_auth(key)
-            .send()
-    }))
-    .await
-    .into_iter()
-    .map(|r| r.unwrap().status().as_u16())
-    .collect()
+    futures_util::stream::iter(0..count)
+        .map(|_| {
+            client
+                .get(gateway.url("/api/burst"))
+                .bearer_auth(key)
+                .send()
+        })
+        .buffer_unordered(250)
+        .map(|r| r.unwrap().status().as_u16())
+        .collect()
+        .await
 }
 
 fn count(statuses: &[u16], status: u16) -> usize {
@@ -113,15 +118,13 @@ async fn two_gateways_sharing_redis_admit_exactly_the_limit_of_a_concurrent_burs
         .customer_on_plan(json!({"quota": {"requests": 1000, "hard": true}}))
         .await;
     let upstream = Upstream::start("api");
-    // Generous: this test is about exactness, and 1,500 requests land at once on two debug
-    // builds; with the rest of the suite running beside it, calls were seen to take 0.4 s on
-    // average, some over 1 s.
+    // Generous (the most allowed): this test is about exactness, on two debug builds.
     let (first, second) = two_gateways(
         &control_plane,
         &token,
         &redis,
         &upstream,
-        "timeout = \"5s\"",
+        "timeout = \"1s\"",
         2,
     )
     .await;

@@ -5,9 +5,10 @@
 --   h: the newest bucket written, t: the units of the buckets counted then (h - slots to h),
 --   f: the oldest of those buckets holding units (absent while t is 0);
 --   KEYS[n+1]: the quota hash
---   (u: units used, o: overage, d and e: of them, those counted in this hash since it was made,
---   s: 1 once seeded from the ledger, c: when the seed was claimed, a: when the hash was made,
---   n: its generation, the token of the call that created it).
+--   (u: units used, o: overage, d and e: of them, those of calls made at or after a, which no
+--   ledger read of the events before a holds, s: 1 once seeded from the ledger, c: when the seed
+--   was claimed, a: when the hash was made, n: its generation, the token of the call that
+--   created it; a hash made before d, e and a existed has none of them).
 -- ARGV: now_ms, units, n, slots, quota limit (-1: none), hard (1/0), quota ttl ms,
 --   then limit and window ms of each window, then this call's token (1 to 2^53 - 1), then the
 --   caller's own count of the period (units, overage; what Redis last told it and what it
@@ -102,11 +103,14 @@ end
 
 local qkey = KEYS[n + 1]
 local used, overage, seed = 0, 0, 0
-local quota = redis.call('HMGET', qkey, 'u', 'o', 's', 'n')
+local quota = redis.call('HMGET', qkey, 'u', 'o', 's', 'n', 'a')
 local generation = tonumber(quota[4]) or -1
-if not quota[1] then
+local made = tonumber(quota[5])
+local created = not quota[1]
+if created then
   -- Created here, with its lifetime: the period's end and a grace.
   generation = tonumber(ARGV[8 + 2 * n])
+  made = now
   redis.call('HSET', qkey, 'u', 0, 'o', 0, 'd', 0, 'e', 0, 's', 0, 'c', now, 'a', now,
     'n', generation)
   redis.call('PEXPIRE', qkey, qttl)
@@ -116,15 +120,16 @@ else
   -- A claim not honoured within 10 s (its gateway died) passes to this caller.
   if quota[3] == '0' and now - tonumber(redis.call('HGET', qkey, 'c')) > 10000 then
     redis.call('HSET', qkey, 'c', now)
-    seed = tonumber(redis.call('HGET', qkey, 'a')) or now
+    seed = made or now
   end
 end
--- A caller that last counted in another hash of this period (Redis lost it since) knows a
--- count this one may lack: units counted before it was made whose events the ledger does not
--- hold yet (they wait in the gateways' spools), and units counted in process since. Each such
--- count is a floor of the customer's true count: the hash takes the highest one it is told.
+-- A caller that made this hash, or that last counted in another seeded hash of this period
+-- (Redis lost it since), knows a count this one may lack: units counted before it was made
+-- whose events the ledger does not hold yet (they wait in the gateways' spools), and units
+-- counted in process since. Each such count is a floor of the customer's true count: the hash
+-- takes the highest one it is told.
 local known_generation = tonumber(ARGV[11 + 2 * n])
-if known_generation ~= generation then
+if created or (known_generation ~= -2 and known_generation ~= generation) then
   local known_used, known_overage = tonumber(ARGV[9 + 2 * n]), tonumber(ARGV[10 + 2 * n])
   if known_used > used then
     used = known_used
@@ -194,11 +199,18 @@ if verdict == 0 then
   end
   used = used + units
   overage = overage + reserved_overage
+  -- A call made before the hash (by a clock behind the creator's, or a late one) has its event
+  -- in the ledger's read of the events before a: it is in u, not in d.
+  local since = made and now >= made
   redis.call('HINCRBY', qkey, 'u', units)
-  redis.call('HINCRBY', qkey, 'd', units)
+  if since then
+    redis.call('HINCRBY', qkey, 'd', units)
+  end
   if reserved_overage > 0 then
     redis.call('HINCRBY', qkey, 'o', reserved_overage)
-    redis.call('HINCRBY', qkey, 'e', reserved_overage)
+    if since then
+      redis.call('HINCRBY', qkey, 'e', reserved_overage)
+    end
   end
   if moved then
     redis.call('PEXPIRE', qkey, qttl)

@@ -210,9 +210,12 @@ impl LocalCounters {
     /// Gives back a reservation that must not count.
     pub fn refund(&self, customer: &Id, reservation: &Reservation) {
         if let Some(counts) = self.shard(customer).get_mut(customer) {
-            counts
-                .quota
-                .refund(reservation.period, reservation.units, reservation.overage);
+            counts.quota.refund(
+                reservation.period,
+                reservation.units,
+                reservation.overage,
+                reservation.at_ms,
+            );
         }
     }
 
@@ -237,23 +240,15 @@ impl LocalCounters {
         }
     }
 
-    /// Adds to a count seeded from the ledger what the ledger holds now of the same events
-    /// (those before the seed's `until_ms`) and did not then: events that were still in a spool
-    /// (this process's, or another's). Nothing for a count seeded otherwise since.
+    /// Raises a count seeded from the ledger to what the ledger holds now of the same events
+    /// (those before the seed's `until_ms`) plus what was counted here since (see
+    /// [`QuotaCount::reseed`]): the events that were still in a spool (this process's, or
+    /// another's) count now. Nothing for a count seeded otherwise since.
     pub fn reseed(&self, customer: &Id, period: Period, read: LedgerRead) {
-        let mut shard = self.shard(customer);
-        let Some(counts) = shard.get_mut(customer) else {
-            return;
-        };
-        let quota = &mut counts.quota;
-        if let Some(seed) = &mut quota.ledger
-            && quota.period == period
-            && seed.until_ms == read.until_ms
+        if let Some(counts) = self.shard(customer).get_mut(customer)
+            && counts.quota.period == period
         {
-            quota.used += read.used.saturating_sub(seed.used);
-            quota.overage += read.overage.saturating_sub(seed.overage);
-            seed.used = seed.used.max(read.used);
-            seed.overage = seed.overage.max(read.overage);
+            counts.quota.reseed(read);
         }
     }
 
@@ -268,6 +263,7 @@ impl LocalCounters {
         counts.quota.used = used;
         counts.quota.seeded = true;
         counts.quota.ledger = None;
+        counts.quota.since_seed = (0, 0);
         if let Some(generation) = generation {
             counts.generation = Some((period, generation));
         }
@@ -532,9 +528,10 @@ fn decide(
         Verdict::RateLimited
     };
     let reservation = (verdict == Verdict::Admitted).then(|| {
-        let reserved = counts.quota.reserve(policy.quota, units);
+        let reserved = counts.quota.reserve(policy.quota, units, now_ms);
         Reservation {
             period,
+            at_ms: now_ms,
             units,
             overage: reserved.overage,
             counted: Counted::Local,
@@ -709,9 +706,48 @@ mod tests {
             Verdict::QuotaExceeded
         );
     }
+
+    #[test]
+    fn a_second_read_of_the_ledger_adds_what_was_in_a_spool_and_nothing_twice() {
+        let counters = LocalCounters::default();
+        let customer = [6; 16];
+        let quota = Some(QuotaLimit {
+            limit: 100,
+            hard: true,
+        });
+        let read = |until_ms, used| LedgerRead {
+            until_ms,
+            used,
+            overage: 0,
+        };
+        // Seeded at 1,000 with the 5 events the ledger held from before then.
+        counters.seed(&customer, PERIOD, read(1_000, 5));
+        // A request decided at 999 (before the seed's read) but counted after it: its event
+        // will be in the second read.
+        let early = counters.admit(&customer, &policy(&[], quota), PERIOD, 1, 999);
+        let at = counters.admit(&customer, &policy(&[], quota), PERIOD, 1, 1_000);
+        let later = counters.admit(&customer, &policy(&[], quota), PERIOD, 1, 1_001);
+        assert_eq!(later.used, 8);
+        counters.refund(&customer, &later.reservation.unwrap());
+        // Read again: 2 more events from before 1,000 that were in a spool, and the early one.
+        counters.reseed(&customer, PERIOD, read(1_000, 8));
+        // 5 + 2 + early + at: each once.
+        assert_eq!(counters.used(&customer, PERIOD), (9, 0));
+        counters.reseed(&customer, PERIOD, read(1_000, 8));
+        assert_eq!(counters.used(&customer, PERIOD), (9, 0));
+        // A read of other events (another seed's) changes nothing.
+        counters.reseed(&customer, PERIOD, read(5_000, 50));
+        assert_eq!(counters.used(&customer, PERIOD), (9, 0));
+        // Refunds after the second read come off the count as before.
+        counters.refund(&customer, &at.reservation.unwrap());
+        counters.refund(&customer, &early.reservation.unwrap());
+        assert_eq!(counters.used(&customer, PERIOD), (7, 0));
+    }
+
     fn fallback(units: u64, overage: u64, period: Period) -> Reservation {
         Reservation {
             period,
+            at_ms: period.start_ms,
             units,
             overage,
             counted: Counted::Fallback,

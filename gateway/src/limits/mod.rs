@@ -104,6 +104,8 @@ pub enum Verdict {
 pub struct Reservation {
     /// The period it counts in.
     pub period: Period,
+    /// When it was decided, Unix ms.
+    pub at_ms: i64,
     /// Units reserved.
     pub units: u64,
     /// Of them, units past a soft quota.
@@ -180,15 +182,85 @@ pub const SEED_TIMEOUT: Duration = Duration::from_secs(1);
 /// ([`Limiter::reseed_after`]).
 pub(crate) const RESEED_AFTER: Duration = Duration::from_secs(3);
 
-/// An in-process count seeded from the ledger, to read it again when the spools have been
-/// flushed.
+/// Quota counts seeded from the ledger, each to seed again once the spools have been flushed
+/// ([`Limiter::reseed_after`] after its seed): in process ([`Limiter`]'s) or in Redis
+/// ([`RedisCounters`]'s).
+#[derive(Debug)]
+pub(crate) struct ReseedQueue<T> {
+    /// Each with when it is due and how many reads of the ledger failed.
+    items: Mutex<Vec<(i64, u32, T)>>,
+    after_ms: AtomicI64,
+}
+
+impl<T> Default for ReseedQueue<T> {
+    fn default() -> Self {
+        Self {
+            items: Mutex::default(),
+            after_ms: AtomicI64::new(RESEED_AFTER.as_millis() as i64),
+        }
+    }
+}
+
+impl<T> ReseedQueue<T> {
+    fn set_after(&self, after: Duration) {
+        self.after_ms.store(
+            i64::try_from(after.as_millis()).unwrap_or(i64::MAX),
+            Ordering::Relaxed,
+        );
+    }
+
+    /// Queues `item`, a count of `period` seeded with the ledger's events before `until_ms`:
+    /// unless the period began so shortly before that no event of it could be in a spool then
+    /// and not counted (a period's first count, say).
+    pub(crate) fn push(&self, period: Period, until_ms: i64, item: T) {
+        let after = self.after_ms.load(Ordering::Relaxed);
+        if until_ms.saturating_sub(period.start_ms) >= after {
+            self.items
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .push((until_ms.saturating_add(after), 0, item));
+        }
+    }
+
+    /// Queues `item` again after a read that failed (its `attempts`-th), unless that was the
+    /// last it may try.
+    pub(crate) fn retry(&self, attempts: u32, now_ms: i64, item: T) {
+        if attempts < RESEED_ATTEMPTS {
+            let due = now_ms.saturating_add(self.after_ms.load(Ordering::Relaxed));
+            self.items
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .push((due, attempts, item));
+        }
+    }
+
+    /// The items due at `now_ms`, with their failed attempts so far.
+    pub(crate) fn take_due(&self, now_ms: i64) -> Vec<(u32, T)> {
+        let mut items = self.items.lock().unwrap_or_else(PoisonError::into_inner);
+        if items.iter().all(|(due, _, _)| *due > now_ms) {
+            return Vec::new();
+        }
+        let (due, later): (Vec<_>, Vec<_>) =
+            items.drain(..).partition(|(due, _, _)| *due <= now_ms);
+        *items = later;
+        due.into_iter()
+            .map(|(_, attempts, item)| (attempts, item))
+            .collect()
+    }
+}
+
+/// An in-process count seeded from the ledger's events before `until_ms`.
 #[derive(Debug, Clone, Copy)]
-struct Reseed {
+struct LocalReseed {
     customer: Id,
     period: Period,
     until_ms: i64,
-    due_ms: i64,
 }
+
+/// Reads of the ledger a re-seed tries before it gives up.
+const RESEED_ATTEMPTS: u32 = 3;
+/// Re-seeds run at once.
+pub(crate) const RESEED_CONCURRENCY: usize = 16;
 
 /// Where the counters live: in process, or in Redis with the in-process counters as fallback.
 #[derive(Debug)]
@@ -201,10 +273,10 @@ pub struct Limiter {
     ledger: OnceLock<Arc<dyn Ledger>>,
     /// Held by a pass of [`Limiter::share_pending`].
     sharing: tokio::sync::Mutex<()>,
+    /// Held by a pass of [`Limiter::reseed_due`].
+    reseeding: tokio::sync::Mutex<()>,
     /// In-process counts seeded from the ledger, to seed once more.
-    reseeds: Mutex<Vec<Reseed>>,
-    /// How long after a seed the ledger is read again, ms.
-    reseed_after_ms: AtomicI64,
+    reseeds: ReseedQueue<LocalReseed>,
 }
 
 impl Limiter {
@@ -217,8 +289,8 @@ impl Limiter {
             metrics,
             ledger: OnceLock::new(),
             sharing: tokio::sync::Mutex::new(()),
-            reseeds: Mutex::default(),
-            reseed_after_ms: AtomicI64::new(RESEED_AFTER.as_millis() as i64),
+            reseeding: tokio::sync::Mutex::new(()),
+            reseeds: ReseedQueue::default(),
         }
     }
 
@@ -239,10 +311,7 @@ impl Limiter {
     /// seeded again: longer than it takes a request's usage event to reach the ledger (the flush
     /// interval, and more), so that the events that were still in a spool count then.
     pub fn reseed_after(&self, after: Duration) {
-        self.reseed_after_ms.store(
-            i64::try_from(after.as_millis()).unwrap_or(i64::MAX),
-            Ordering::Relaxed,
-        );
+        self.reseeds.set_after(after);
         if let Some(redis) = &self.redis {
             redis.reseed_after(after);
         }
@@ -411,16 +480,12 @@ impl Limiter {
         let until_ms = self.clock.now_ms().min(period.end_ms);
         if let Some(read) = read_ledger(ledger.as_ref(), customer, period, until_ms).await {
             self.local.seed(customer, period, read);
-            let due_ms = until_ms.saturating_add(self.reseed_after_ms.load(Ordering::Relaxed));
-            self.reseeds
-                .lock()
-                .unwrap_or_else(PoisonError::into_inner)
-                .push(Reseed {
-                    customer: *customer,
-                    period,
-                    until_ms,
-                    due_ms,
-                });
+            let reseed = LocalReseed {
+                customer: *customer,
+                period,
+                until_ms,
+            };
+            self.reseeds.push(period, until_ms, reseed);
         }
     }
 
@@ -428,6 +493,9 @@ impl Limiter {
     pub async fn refund(&self, customer: &Id, reservation: &Reservation) {
         match (&self.redis, reservation.counted) {
             (Some(redis), Counted::Redis) => {
+                // This process's own count follows Redis' (it is what a count Redis makes
+                // again is raised to): the unit leaves both.
+                self.local.refund(customer, reservation);
                 if !redis
                     .refund(customer, reservation, self.clock.now_ms())
                     .await
@@ -461,35 +529,33 @@ impl Limiter {
 
     /// Seeds again from the ledger the quota counts this process seeded from it a while ago,
     /// in process and in Redis ([`RedisCounters::reseed_due`]): the events that were still in a
-    /// spool then are in the ledger now. Run every [`SHARE_INTERVAL`].
+    /// spool then are in the ledger now. Run in the background (one pass at a time), every
+    /// [`SHARE_INTERVAL`]; a read of the ledger that fails is tried again, up to
+    /// [`RESEED_ATTEMPTS`] times.
     pub async fn reseed_due(&self) {
         let Some(ledger) = self.ledger.get() else {
+            return;
+        };
+        let Ok(_pass) = self.reseeding.try_lock() else {
             return;
         };
         let now = self.clock.now_ms();
         if let Some(redis) = &self.redis {
             redis.reseed_due(ledger.as_ref(), now).await;
         }
-        let due: Vec<Reseed> = {
-            let mut reseeds = self.reseeds.lock().unwrap_or_else(PoisonError::into_inner);
-            if reseeds.iter().all(|r| r.due_ms > now) {
-                return;
-            }
-            let (due, later) = reseeds.drain(..).partition(|r| r.due_ms <= now);
-            *reseeds = later;
-            due
-        };
-        for reseed in due {
-            let Reseed {
-                customer,
-                period,
-                until_ms,
-                ..
-            } = reseed;
-            if let Some(read) = read_ledger(ledger.as_ref(), &customer, period, until_ms).await {
-                self.local.reseed(&customer, period, read);
-            }
-        }
+        futures_util::stream::iter(self.reseeds.take_due(now))
+            .for_each_concurrent(RESEED_CONCURRENCY, |(attempts, reseed)| async move {
+                let LocalReseed {
+                    customer,
+                    period,
+                    until_ms,
+                } = reseed;
+                match read_ledger(ledger.as_ref(), &customer, period, until_ms).await {
+                    Some(read) => self.local.reseed(&customer, period, read),
+                    None => self.reseeds.retry(attempts + 1, now, reseed),
+                }
+            })
+            .await;
     }
 
     /// Adds to Redis the batches of every customer that came to hold some since the last
@@ -607,8 +673,11 @@ impl pingora::services::background::BackgroundService for CounterSweep {
             tokio::select! {
                 _ = sweep.tick() => self.gateway.limiter.sweep(),
                 _ = share.tick() => {
+                    // In a task of its own: a pass of many ledger reads (after Redis lost its
+                    // data) does not hold up the sharing.
+                    let gateway = Arc::clone(&self.gateway);
+                    tokio::spawn(async move { gateway.limiter.reseed_due().await });
                     self.gateway.limiter.share_pending().await;
-                    self.gateway.limiter.reseed_due().await;
                 }
                 // Sharing goes on while the gateway drains (requests are still served), until
                 // the process ends; the drain shares once more just before it exits.

@@ -39,6 +39,7 @@ use std::sync::{Arc, Mutex, OnceLock, PoisonError};
 use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwapOption;
+use futures_util::StreamExt;
 use prometheus::{Histogram, HistogramOpts, IntCounterVec, Opts};
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::cluster::ClusterClient;
@@ -48,7 +49,7 @@ use redis::{RedisResult, Script, ScriptInvocation};
 use super::local::Unshared;
 use super::period::Period;
 use super::window::{SLOTS, WindowState};
-use super::{Counted, Decision, Policy, Reservation, Verdict};
+use super::{Counted, Decision, Policy, ReseedQueue, Reservation, Verdict};
 use crate::config::{Redis, RedisNodes};
 use crate::identity::index::{Id, IdText};
 use crate::metering::ledger::Ledger;
@@ -94,7 +95,15 @@ struct Reseed {
     /// When the key was made: the ledger's events before then.
     made_ms: i64,
     generation: i64,
-    due_ms: i64,
+}
+
+/// Why a quota key was not seeded.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Unseeded {
+    /// The key is gone, or is another generation's.
+    Gone,
+    /// The ledger or Redis could not be read or reached.
+    Failed,
 }
 
 /// A connection to the counters: one server (reconnecting by itself) or a cluster.
@@ -247,9 +256,7 @@ pub struct RedisCounters {
     /// Unix ms before which calls are not tried (after a failure).
     down_until_ms: AtomicI64,
     /// Keys this gateway seeded, to seed once more.
-    reseeds: Mutex<Vec<Reseed>>,
-    /// How long after a seed the ledger is read again, ms.
-    reseed_after_ms: AtomicI64,
+    reseeds: ReseedQueue<Reseed>,
     errors: IntCounterVec,
     duration: Histogram,
 }
@@ -288,8 +295,7 @@ impl RedisCounters {
             refund: Script::new(REFUND_SCRIPT),
             share: Script::new(SHARE_SCRIPT),
             down_until_ms: AtomicI64::new(0),
-            reseeds: Mutex::default(),
-            reseed_after_ms: AtomicI64::new(super::RESEED_AFTER.as_millis() as i64),
+            reseeds: ReseedQueue::default(),
             errors,
             duration,
         })
@@ -492,10 +498,7 @@ impl RedisCounters {
     /// Sets how long after seeding a quota key from the ledger it is seeded again: longer than
     /// it takes a request's usage event to reach the ledger (the flush interval, and more).
     pub fn reseed_after(&self, after: Duration) {
-        self.reseed_after_ms.store(
-            i64::try_from(after.as_millis()).unwrap_or(i64::MAX),
-            Ordering::Relaxed,
-        );
+        self.reseeds.set_after(after);
     }
 
     /// Decides a request in Redis; a quota key this call finds missing is made again from
@@ -557,18 +560,15 @@ impl RedisCounters {
                 .seed(customer, period, made_ms, value(tail + 1), now_ms, ledger)
                 .await;
             if ledger.is_some() {
-                self.reseeds
-                    .lock()
-                    .unwrap_or_else(PoisonError::into_inner)
-                    .push(Reseed {
-                        customer: *customer,
-                        period,
-                        made_ms,
-                        generation: value(tail + 1),
-                        due_ms: now_ms.saturating_add(self.reseed_after_ms.load(Ordering::Relaxed)),
-                    });
+                let reseed = Reseed {
+                    customer: *customer,
+                    period,
+                    made_ms,
+                    generation: value(tail + 1),
+                };
+                self.reseeds.push(period, made_ms, reseed);
             }
-            if seeded.is_some() {
+            if seeded.is_ok() {
                 generation = Some(value(tail + 1));
             }
             used += seeded.unwrap_or(0);
@@ -580,6 +580,7 @@ impl RedisCounters {
                 if quota.hard {
                     let reservation = Reservation {
                         period,
+                        at_ms: now_ms,
                         units,
                         overage: reserved_overage,
                         counted: Counted::Redis,
@@ -614,6 +615,7 @@ impl RedisCounters {
             used,
             reservation: (verdict == Verdict::Admitted).then_some(Reservation {
                 period,
+                at_ms: now_ms,
                 units,
                 overage: reserved_overage,
                 counted: Counted::Redis,
@@ -625,8 +627,7 @@ impl RedisCounters {
     }
 
     /// Raises the quota key of `generation`, made at `made_ms`, to the ledger's count of the
-    /// events of `period` before then plus what the key counted since; returns the units added,
-    /// `None` when it could not.
+    /// events of `period` before then plus what the key counted since; returns the units added.
     async fn seed(
         &self,
         customer: &Id,
@@ -635,11 +636,13 @@ impl RedisCounters {
         generation: i64,
         now_ms: i64,
         ledger: Option<&dyn Ledger>,
-    ) -> Option<u64> {
+    ) -> Result<u64, Unseeded> {
         let base = match ledger {
             Some(ledger) => {
-                let read = super::read_ledger(ledger, customer, period, made_ms.min(period.end_ms))
-                    .await?;
+                let until_ms = made_ms.min(period.end_ms);
+                let read = super::read_ledger(ledger, customer, period, until_ms)
+                    .await
+                    .ok_or(Unseeded::Failed)?;
                 (read.used, read.overage)
             }
             None => (0, 0),
@@ -651,46 +654,32 @@ impl RedisCounters {
             .arg(base.1)
             .arg(generation);
         match self.call::<i64>(&invocation, now_ms).await {
-            Ok(added) => u64::try_from(added).ok(),
-            Err(_) => None,
+            Ok(added) => u64::try_from(added).map_err(|_| Unseeded::Gone),
+            Err(_) => Err(Unseeded::Failed),
         }
     }
 
     /// Seeds again, from the ledger, the quota keys this gateway seeded long enough ago that
     /// every gateway's usage events from before the key was made have reached the ledger:
     /// those that were still in a spool at the first seed are counted now. Run in the
-    /// background.
+    /// background ([`super::Limiter::reseed_due`]).
     pub async fn reseed_due(&self, ledger: &dyn Ledger, now_ms: i64) {
-        let due: Vec<Reseed> = {
-            let mut reseeds = self.reseeds.lock().unwrap_or_else(PoisonError::into_inner);
-            if reseeds.iter().all(|r| r.due_ms > now_ms) {
-                return;
-            }
-            let (due, later) = reseeds.drain(..).partition(|r| r.due_ms <= now_ms);
-            *reseeds = later;
-            due
-        };
-        for reseed in due {
-            let Reseed {
-                customer,
-                period,
-                made_ms,
-                generation,
-                ..
-            } = reseed;
-            if self
-                .seed(&customer, period, made_ms, generation, now_ms, Some(ledger))
-                .await
-                .is_none()
-                && self.is_failing(now_ms)
-            {
-                // Redis failed: tried again on a later pass (a ledger that failed is not).
-                self.reseeds
-                    .lock()
-                    .unwrap_or_else(PoisonError::into_inner)
-                    .push(reseed);
-            }
-        }
+        futures_util::stream::iter(self.reseeds.take_due(now_ms))
+            .for_each_concurrent(super::RESEED_CONCURRENCY, |(attempts, reseed)| async move {
+                let Reseed {
+                    customer,
+                    period,
+                    made_ms,
+                    generation,
+                } = reseed;
+                let seeded = self
+                    .seed(&customer, period, made_ms, generation, now_ms, Some(ledger))
+                    .await;
+                if seeded == Err(Unseeded::Failed) {
+                    self.reseeds.retry(attempts + 1, now_ms, reseed);
+                }
+            })
+            .await;
     }
 
     /// Adds to the shared quota count a batch of units this gateway counted in process without
@@ -728,7 +717,8 @@ impl RedisCounters {
         invocation
             .key(self.key(customer, "q", reservation.period.start_ms))
             .arg(-i64::try_from(reservation.units).unwrap_or(i64::MAX))
-            .arg(-i64::try_from(reservation.overage).unwrap_or(i64::MAX));
+            .arg(-i64::try_from(reservation.overage).unwrap_or(i64::MAX))
+            .arg(reservation.at_ms);
         self.call::<i64>(&invocation, now_ms).await.is_ok()
     }
 }
@@ -770,15 +760,18 @@ const SHARE_SCRIPT: &str = r"
 if #ARGV > 4 then
   redis.call('HDEL', KEYS[1], unpack(ARGV, 5))
 end
-local state = redis.call('HMGET', KEYS[1], 's', 'n')
+local state = redis.call('HMGET', KEYS[1], 's', 'n', 'a')
 if state[1] ~= '1' or (tonumber(state[2]) or -1) ~= tonumber(ARGV[3]) then
   return 0
 end
 if redis.call('HSETNX', KEYS[1], ARGV[4], 1) == 1 then
   redis.call('HINCRBY', KEYS[1], 'u', ARGV[1])
   redis.call('HINCRBY', KEYS[1], 'o', ARGV[2])
-  redis.call('HINCRBY', KEYS[1], 'd', ARGV[1])
-  redis.call('HINCRBY', KEYS[1], 'e', ARGV[2])
+  -- Counted by a gateway that knew this hash, so after it was made.
+  if state[3] then
+    redis.call('HINCRBY', KEYS[1], 'd', ARGV[1])
+    redis.call('HINCRBY', KEYS[1], 'e', ARGV[2])
+  end
 end
 return 1
 ";
@@ -788,13 +781,17 @@ fn mark(token: u128) -> String {
     format!("g{token:032x}")
 }
 
-/// Gives back units of a quota hash that still exists (ARGV: units and overage, negated).
+/// Gives back units of a quota hash that still exists (ARGV: units and overage, negated, and
+/// when they were counted), and of its `d` and `e` too when they were counted there.
 const REFUND_SCRIPT: &str = r"
-if redis.call('EXISTS', KEYS[1]) == 1 then
+local made = redis.call('HMGET', KEYS[1], 'u', 'a')
+if made[1] then
   redis.call('HINCRBY', KEYS[1], 'u', ARGV[1])
   redis.call('HINCRBY', KEYS[1], 'o', ARGV[2])
-  redis.call('HINCRBY', KEYS[1], 'd', ARGV[1])
-  redis.call('HINCRBY', KEYS[1], 'e', ARGV[2])
+  if made[2] and tonumber(ARGV[3]) >= tonumber(made[2]) then
+    redis.call('HINCRBY', KEYS[1], 'd', ARGV[1])
+    redis.call('HINCRBY', KEYS[1], 'e', ARGV[2])
+  end
   return 1
 end
 return 0
