@@ -921,7 +921,8 @@ async fn a_count_redis_makes_again_takes_the_ledgers_earlier_events_once_and_wha
         .await
         .unwrap();
     assert_eq!(late.used, 12);
-    assert_eq!(hget("d").await, Some(1));
+    // Of the count, the part from before the key: the ten, and the late call.
+    assert_eq!(hget("p").await, Some(11));
     // A gateway that never knew a seeded count of this period tells what it counted (the
     // count's own numbers, maybe): nothing is raised. One that knew another generation (lost
     // with Redis' data) raises the count to its own.
@@ -939,7 +940,7 @@ async fn a_count_redis_makes_again_takes_the_ledgers_earlier_events_once_and_wha
         .refund(&customer, &same.reservation.unwrap(), made + 2)
         .await;
     assert_eq!(hget("u").await, Some(12));
-    assert_eq!(hget("d").await, Some(1));
+    assert_eq!(hget("p").await, Some(11));
 
     // The spools reach the ledger: three more events from before `made`, the late call's, and
     // the first call's (at `made`, so not among them).
@@ -952,15 +953,16 @@ async fn a_count_redis_makes_again_takes_the_ledgers_earlier_events_once_and_wha
     assert_eq!(hget("u").await, Some(15));
     redis.reseed_due(&ledger, made + 10_000).await;
     assert_eq!(hget("u").await, Some(15));
-    // Refunds: the late call's unit leaves the count, not what it counted since; the first
-    // call's leaves both.
+    assert_eq!(hget("p").await, Some(14));
+    // Refunds: the late call's unit leaves the count and its part from before; the first
+    // call's only the count.
     redis
         .refund(&customer, &late.reservation.unwrap(), made + 10_001)
         .await;
     redis
         .refund(&customer, &first.reservation.unwrap(), made + 10_002)
         .await;
-    assert_eq!((hget("u").await, hget("d").await), (Some(13), Some(0)));
+    assert_eq!((hget("u").await, hget("p").await), (Some(13), Some(13)));
 
     let lost = Known {
         used: 40,
@@ -972,4 +974,5 @@ async fn a_count_redis_makes_again_takes_the_ledgers_earlier_events_once_and_wha
         .await
         .unwrap();
     assert_eq!(raised.used, 41);
+    assert_eq!(hget("p").await, Some(40));
 }

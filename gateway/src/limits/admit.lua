@@ -5,10 +5,11 @@
 --   h: the newest bucket written, t: the units of the buckets counted then (h - slots to h),
 --   f: the oldest of those buckets holding units (absent while t is 0);
 --   KEYS[n+1]: the quota hash
---   (u: units used, o: overage, d and e: of them, those of calls made at or after a, which no
---   ledger read of the events before a holds, s: 1 once seeded from the ledger, c: when the seed
---   was claimed, a: when the hash was made, n: its generation, the token of the call that
---   created it; a hash made before d, e and a existed has none of them).
+--   (u: units used, o: overage, p and q: of them, those from before the hash was made (what
+--   it was seeded and raised to, and calls decided before a), which a ledger read of the events
+--   before a may hold; s: 1 once seeded from the ledger, c: when the seed was claimed, a: when
+--   the hash was made, n: its generation, the token of the call that created it; a hash made
+--   before p, q and a existed has none of them).
 -- ARGV: now_ms, units, n, slots, quota limit (-1: none), hard (1/0), quota ttl ms,
 --   then limit and window ms of each window, then this call's token (1 to 2^53 - 1), then the
 --   caller's own count of the period (units, overage; what Redis last told it and what it
@@ -111,7 +112,7 @@ if created then
   -- Created here, with its lifetime: the period's end and a grace.
   generation = tonumber(ARGV[8 + 2 * n])
   made = now
-  redis.call('HSET', qkey, 'u', 0, 'o', 0, 'd', 0, 'e', 0, 's', 0, 'c', now, 'a', now,
+  redis.call('HSET', qkey, 'u', 0, 'o', 0, 'p', 0, 'q', 0, 's', 0, 'c', now, 'a', now,
     'n', generation)
   redis.call('PEXPIRE', qkey, qttl)
   seed = now
@@ -132,10 +133,12 @@ local known_generation = tonumber(ARGV[11 + 2 * n])
 if created or (known_generation ~= -2 and known_generation ~= generation) then
   local known_used, known_overage = tonumber(ARGV[9 + 2 * n]), tonumber(ARGV[10 + 2 * n])
   if known_used > used then
+    redis.call('HINCRBY', qkey, 'p', known_used - used)
     used = known_used
     redis.call('HSET', qkey, 'u', used)
   end
   if known_overage > overage then
+    redis.call('HINCRBY', qkey, 'q', known_overage - overage)
     overage = known_overage
     redis.call('HSET', qkey, 'o', overage)
   end
@@ -199,17 +202,17 @@ if verdict == 0 then
   end
   used = used + units
   overage = overage + reserved_overage
-  -- A call made before the hash (by a clock behind the creator's, or a late one) has its event
-  -- in the ledger's read of the events before a: it is in u, not in d.
-  local since = made and now >= made
+  -- A call decided before the hash was made (by a clock behind the creator's, or a late one)
+  -- has its event among the ledger's before a: it counts in p.
+  local early = made and now < made
   redis.call('HINCRBY', qkey, 'u', units)
-  if since then
-    redis.call('HINCRBY', qkey, 'd', units)
+  if early then
+    redis.call('HINCRBY', qkey, 'p', units)
   end
   if reserved_overage > 0 then
     redis.call('HINCRBY', qkey, 'o', reserved_overage)
-    if since then
-      redis.call('HINCRBY', qkey, 'e', reserved_overage)
+    if early then
+      redis.call('HINCRBY', qkey, 'q', reserved_overage)
     end
   end
   if moved then

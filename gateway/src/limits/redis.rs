@@ -727,24 +727,27 @@ impl RedisCounters {
 const ADMIT_SCRIPT: &str = include_str!("admit.lua");
 
 /// Raises a quota hash of generation ARGV[3] to the ledger's count of the events before it was
-/// made (ARGV: units, overage) plus what it counted since (`d`, `e`), where that is higher, and
-/// marks it seeded. A ledger that lacks events still in the gateways' spools gives a lower
-/// count; a later call with more gives a higher one; neither is ever added twice. The units it
-/// added (0 or more), or -1 when the hash is gone or of another generation.
+/// made (ARGV: units, overage) plus what it counted since, where that is higher, and marks it
+/// seeded: its part from before (`p`, `q`) becomes the ledger's count where that is higher. A
+/// ledger that lacks events still in the gateways' spools gives a lower count; a later call with
+/// more gives a higher one; neither is ever added twice. The units it added (0 or more), or -1
+/// when the hash is gone or of another generation. (A hash made before `p` existed counts all
+/// of its units as from before: the ledger's count raises it only past them.)
 const SEED_SCRIPT: &str = r"
-local state = redis.call('HMGET', KEYS[1], 'n', 'u', 'o', 'd', 'e')
+local state = redis.call('HMGET', KEYS[1], 'n', 'u', 'o', 'p', 'q')
 if not state[2] or (tonumber(state[1]) or -1) ~= tonumber(ARGV[3]) then
   return -1
 end
-local used = tonumber(ARGV[1]) + (tonumber(state[4]) or 0)
-local overage = tonumber(ARGV[2]) + (tonumber(state[5]) or 0)
+local used, overage = tonumber(state[2]), tonumber(state[3])
+local before, before_overage = tonumber(state[4]) or used, tonumber(state[5]) or overage
+local ledger, ledger_overage = tonumber(ARGV[1]), tonumber(ARGV[2])
 local added = 0
-if used > tonumber(state[2]) then
-  added = used - tonumber(state[2])
-  redis.call('HSET', KEYS[1], 'u', used)
+if ledger > before then
+  added = ledger - before
+  redis.call('HSET', KEYS[1], 'u', used + added, 'p', ledger)
 end
-if overage > tonumber(state[3]) then
-  redis.call('HSET', KEYS[1], 'o', overage)
+if ledger_overage > before_overage then
+  redis.call('HSET', KEYS[1], 'o', overage + ledger_overage - before_overage, 'q', ledger_overage)
 end
 redis.call('HSET', KEYS[1], 's', 1)
 return added
@@ -760,18 +763,13 @@ const SHARE_SCRIPT: &str = r"
 if #ARGV > 4 then
   redis.call('HDEL', KEYS[1], unpack(ARGV, 5))
 end
-local state = redis.call('HMGET', KEYS[1], 's', 'n', 'a')
+local state = redis.call('HMGET', KEYS[1], 's', 'n')
 if state[1] ~= '1' or (tonumber(state[2]) or -1) ~= tonumber(ARGV[3]) then
   return 0
 end
 if redis.call('HSETNX', KEYS[1], ARGV[4], 1) == 1 then
   redis.call('HINCRBY', KEYS[1], 'u', ARGV[1])
   redis.call('HINCRBY', KEYS[1], 'o', ARGV[2])
-  -- Counted by a gateway that knew this hash, so after it was made.
-  if state[3] then
-    redis.call('HINCRBY', KEYS[1], 'd', ARGV[1])
-    redis.call('HINCRBY', KEYS[1], 'e', ARGV[2])
-  end
 end
 return 1
 ";
@@ -782,15 +780,15 @@ fn mark(token: u128) -> String {
 }
 
 /// Gives back units of a quota hash that still exists (ARGV: units and overage, negated, and
-/// when they were counted), and of its `d` and `e` too when they were counted there.
+/// when they were counted), and of its part from before it was made when they were in it.
 const REFUND_SCRIPT: &str = r"
-local made = redis.call('HMGET', KEYS[1], 'u', 'a')
-if made[1] then
+local state = redis.call('HMGET', KEYS[1], 'u', 'a')
+if state[1] then
   redis.call('HINCRBY', KEYS[1], 'u', ARGV[1])
   redis.call('HINCRBY', KEYS[1], 'o', ARGV[2])
-  if made[2] and tonumber(ARGV[3]) >= tonumber(made[2]) then
-    redis.call('HINCRBY', KEYS[1], 'd', ARGV[1])
-    redis.call('HINCRBY', KEYS[1], 'e', ARGV[2])
+  if state[2] and tonumber(ARGV[3]) < tonumber(state[2]) then
+    redis.call('HINCRBY', KEYS[1], 'p', ARGV[1])
+    redis.call('HINCRBY', KEYS[1], 'q', ARGV[2])
   end
   return 1
 end
