@@ -124,13 +124,14 @@ else
     seed = made or now
   end
 end
--- A caller that made this hash, or that last counted in another seeded hash of this period
--- (Redis lost it since), knows a count this one may lack: units counted before it was made
+-- A caller that made this hash, or that last counted in another hash of this period (Redis
+-- lost it since), knows a count this one may lack (a hash made before `a` existed is not
+-- raised: its units have no part from before): units counted before it was made
 -- whose events the ledger does not hold yet (they wait in the gateways' spools), and units
 -- counted in process since. Each such count is a floor of the customer's true count: the hash
 -- takes the highest one it is told.
 local known_generation = tonumber(ARGV[11 + 2 * n])
-if created or (known_generation ~= -2 and known_generation ~= generation) then
+if made and (created or (known_generation ~= -2 and known_generation ~= generation)) then
   local known_used, known_overage = tonumber(ARGV[9 + 2 * n]), tonumber(ARGV[10 + 2 * n])
   if known_used > used then
     redis.call('HINCRBY', qkey, 'p', known_used - used)

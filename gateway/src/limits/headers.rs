@@ -174,6 +174,7 @@ mod tests {
             reservation: None,
             counted: crate::limits::Counted::Local,
             generation: None,
+            counted_in: None,
         }
     }
 

@@ -29,6 +29,9 @@ struct Counts {
     quota: QuotaCount,
     /// The generation of the customer's quota count in Redis, seeded, when last counted there.
     generation: Option<(Period, i64)>,
+    /// The generation of the count in Redis that `quota` follows (seeded or not): kept when
+    /// `generation` is forgotten, so that a count Redis makes again learns this process's.
+    followed: Option<(Period, i64)>,
     /// Units counted in process for Redis (while it failed, or for a plan without limits), and
     /// what is left to settle of them; absent (one word) for the customers that never had any.
     fallback: Option<Box<Fallback>>,
@@ -57,6 +60,7 @@ impl Counts {
             windows: Vec::new(),
             quota: QuotaCount::new(period),
             generation: None,
+            followed: None,
             fallback: None,
         }
     }
@@ -256,7 +260,15 @@ impl LocalCounters {
     /// process after Redis fails goes on from there rather than from nothing; and the generation
     /// of that count, when it was rebuilt from the ledger, which units counted here later are
     /// added to.
-    pub fn follow(&self, customer: &Id, period: Period, used: u64, generation: Option<i64>) {
+    /// `counted_in` is the generation of the count Redis said `used` of, seeded or not.
+    pub fn follow(
+        &self,
+        customer: &Id,
+        period: Period,
+        used: u64,
+        generation: Option<i64>,
+        counted_in: Option<i64>,
+    ) {
         let mut shard = self.shard(customer);
         let counts = counts(&mut shard, customer, period);
         counts.quota.roll(period);
@@ -266,6 +278,9 @@ impl LocalCounters {
         counts.quota.since_seed = (0, 0);
         if let Some(generation) = generation {
             counts.generation = Some((period, generation));
+        }
+        if let Some(counted_in) = counted_in {
+            counts.followed = Some((period, counted_in));
         }
     }
 
@@ -478,7 +493,9 @@ impl LocalCounters {
             .map_or_else(Default::default, |counts| super::redis::Known {
                 used: counts.quota.used,
                 overage: counts.quota.overage,
-                generation: counts.generation_of(period),
+                generation: counts
+                    .followed
+                    .and_then(|(known, generation)| (known == period).then_some(generation)),
             })
     }
 
@@ -548,6 +565,7 @@ fn decide(
         reservation,
         counted: Counted::Local,
         generation: None,
+        counted_in: None,
     }
 }
 
@@ -708,6 +726,35 @@ mod tests {
     }
 
     #[test]
+    fn the_count_told_to_redis_names_the_generation_it_was_last_told_of_seeded_or_not() {
+        let counters = LocalCounters::default();
+        let customer = [7; 16];
+        assert_eq!(counters.known(&customer, PERIOD).generation, None);
+        // Counted in a count not yet seeded: known as that count's, so a call to it does not
+        // raise it (refunds since would come back).
+        counters.follow(&customer, PERIOD, 3, None, Some(12));
+        assert_eq!(counters.known(&customer, PERIOD).generation, Some(12));
+        // Not seeded: no batching for it.
+        assert!(
+            counters
+                .admit_batched(&customer, &policy(&[], None), PERIOD, 1, 0)
+                .is_none()
+        );
+        // Seeded: batching may use it; forgotten for batching (Redis lost it), still the
+        // generation this process's count was last told of.
+        counters.follow(&customer, PERIOD, 4, Some(12), Some(12));
+        counters.forget_generation(&customer, PERIOD, 12);
+        let known = counters.known(&customer, PERIOD);
+        assert_eq!((known.used, known.generation), (4, Some(12)));
+        // Another period knows nothing.
+        let next = Period {
+            start_ms: PERIOD.end_ms,
+            end_ms: PERIOD.end_ms + 1_000,
+        };
+        assert_eq!(counters.known(&customer, next).generation, None);
+    }
+
+    #[test]
     fn a_second_read_of_the_ledger_adds_what_was_in_a_spool_and_nothing_twice() {
         let counters = LocalCounters::default();
         let customer = [6; 16];
@@ -761,7 +808,7 @@ mod tests {
         let customer = [6; 16];
         assert!(counters.take_unshared(&customer).is_empty());
         // Last counted in Redis in generation 42 of its quota count.
-        counters.follow(&customer, PERIOD, 5, Some(42));
+        counters.follow(&customer, PERIOD, 5, Some(42), Some(42));
         let token = counters
             .note_unshared(&customer, &fallback(1, 0, PERIOD))
             .unwrap();
@@ -824,13 +871,13 @@ mod tests {
         let customer = [8; 16];
         // Counted in Redis, but its count there was not rebuilt from the ledger yet: there is no
         // batch to place units in.
-        counters.follow(&customer, PERIOD, 5, None);
+        counters.follow(&customer, PERIOD, 5, None, None);
         assert_eq!(
             counters.note_unshared(&customer, &fallback(2, 0, PERIOD)),
             None
         );
         assert!(counters.take_unshared(&customer).is_empty());
-        counters.follow(&customer, PERIOD, 5, Some(1));
+        counters.follow(&customer, PERIOD, 5, Some(1), Some(1));
         let refused = counters
             .note_unshared(&customer, &fallback(1, 0, PERIOD))
             .unwrap();
@@ -853,7 +900,7 @@ mod tests {
     fn a_batch_put_back_unanswered_takes_no_more_units() {
         let counters = LocalCounters::default();
         let customer = [7; 16];
-        counters.follow(&customer, PERIOD, 0, Some(7));
+        counters.follow(&customer, PERIOD, 0, Some(7), Some(7));
         counters.note_unshared(&customer, &fallback(4, 0, PERIOD));
         let sent = counters.take_unshared(&customer).remove(0);
         counters.restore_unshared(&customer, sent, true);
@@ -875,7 +922,7 @@ mod tests {
         assert_eq!(batches.len(), 1);
         assert_eq!((batches[0].units, batches[0].token), (5, unsent.token));
         // Counted in a new generation (Redis rebuilt the count): a batch of its own.
-        counters.follow(&customer, PERIOD, 0, Some(8));
+        counters.follow(&customer, PERIOD, 0, Some(8), Some(8));
         counters.note_unshared(&customer, &fallback(1, 0, PERIOD));
         assert_eq!(counters.take_unshared(&customer)[0].generation, 8);
         assert_eq!(counters.unshared.load(Ordering::Relaxed), 0);
@@ -895,7 +942,7 @@ mod tests {
         let (busy, idle) = ([10; 16], [11; 16]);
         counters.admit(&idle, &policy(&limits, quota), PERIOD, 1, 1_000);
         counters.admit(&busy, &policy(&limits, quota), PERIOD, 1, 1_000);
-        counters.follow(&busy, PERIOD, 1, Some(3));
+        counters.follow(&busy, PERIOD, 1, Some(3), Some(3));
         counters.note_unshared(&busy, &fallback(1, 0, PERIOD));
         // Within the window: everything counts.
         assert_eq!(counters.sweep(1_500), 2);

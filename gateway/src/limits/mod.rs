@@ -151,6 +151,8 @@ pub struct Decision {
     /// the ledger (units this process counts without asking Redis, while it fails or for a plan
     /// without limits, are added to that count only).
     pub generation: Option<i64>,
+    /// Counted in Redis: the generation of the quota count it was counted in, seeded or not.
+    pub counted_in: Option<i64>,
 }
 
 impl Decision {
@@ -372,8 +374,13 @@ impl Limiter {
             {
                 Ok(shared) => {
                     // Remembered, so counting in process after a failure starts from here.
-                    self.local
-                        .follow(customer, period, shared.used, shared.generation);
+                    self.local.follow(
+                        customer,
+                        period,
+                        shared.used,
+                        shared.generation,
+                        shared.counted_in,
+                    );
                     decision = Some(shared);
                 }
                 Err(failure) => {

@@ -623,6 +623,7 @@ impl RedisCounters {
             }),
             counted: Counted::Redis,
             generation,
+            counted_in: Some(value(tail + 1)),
         })
     }
 
