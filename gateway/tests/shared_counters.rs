@@ -11,7 +11,7 @@ use tollgate_gateway::config::{Redis, RedisNodes};
 use tollgate_gateway::limits::local::LocalCounters;
 use tollgate_gateway::limits::period::Period;
 use tollgate_gateway::limits::quota::QuotaLimit;
-use tollgate_gateway::limits::redis::{Rebuild, RedisCounters};
+use tollgate_gateway::limits::redis::{Rebuild, RedisCounters, Sharing};
 use tollgate_gateway::limits::{Decision, Policy, Verdict};
 use tollgate_gateway::metrics::Metrics;
 use tollgate_model::plan::RateLimit;
@@ -449,9 +449,10 @@ async fn units_counted_in_process_are_added_once_and_only_to_the_count_they_belo
     );
     local.note_unshared(&customer, &fallback);
     let batch = local.take_unshared(&customer).remove(0);
-    assert!(redis.share(&customer, &batch, &[], now + 2).await.unwrap());
+    let added = Ok(Sharing::Added);
+    assert_eq!(redis.share(&customer, &batch, &[], now + 2).await, added);
     // Sent again (a call that timed out and ran after all): added once.
-    assert!(redis.share(&customer, &batch, &[], now + 3).await.unwrap());
+    assert_eq!(redis.share(&customer, &batch, &[], now + 3).await, added);
     let next = admit(now + 4).await.unwrap();
     assert_eq!(next.used, 2 + 7 + 1);
     // Redis loses the count; a new one is made and rebuilt from the ledger, which may hold units
@@ -459,12 +460,35 @@ async fn units_counted_in_process_are_added_once_and_only_to_the_count_they_belo
     local.note_unshared(&customer, &fallback);
     let stale = local.take_unshared(&customer).remove(0);
     raw(&["DEL", &quota_key]).await;
-    assert!(!redis.share(&customer, &stale, &[], now + 5).await.unwrap());
+    assert_eq!(
+        redis.share(&customer, &stale, &[], now + 5).await,
+        Ok(Sharing::Refused)
+    );
     let rebuilt = admit(now + 6).await.unwrap();
     assert!(rebuilt.generation.is_some());
     assert_ne!(rebuilt.generation, first.generation);
-    assert!(!redis.share(&customer, &stale, &[], now + 7).await.unwrap());
+    // A batch begun before the count was made again is refused by it: its events are the
+    // ledger's.
+    assert_eq!(
+        redis.share(&customer, &stale, &[], now + 7).await,
+        Ok(Sharing::Refused)
+    );
     assert_eq!(admit(now + 8).await.unwrap().used, 2);
+    // A batch of the old count begun after the new one was made: the new one holds none of its
+    // units, in either part, so they are added to it (once).
+    let after = Reservation {
+        at_ms: now + 6,
+        ..fallback
+    };
+    local.note_unshared(&customer, &after);
+    let late = local.take_unshared(&customer).remove(0);
+    assert_eq!(Some(late.generation), first.generation);
+    for at in [now + 8, now + 9] {
+        assert_eq!(
+            redis.share(&customer, &late, &[], at).await,
+            Ok(Sharing::AddedToLater)
+        );
+    }
     // A count made before generations existed (no `n`), seeded: units go to it.
     raw(&["HDEL", &quota_key, "n"]).await;
     let legacy = admit(now + 9).await.unwrap();
@@ -478,8 +502,8 @@ async fn units_counted_in_process_are_added_once_and_only_to_the_count_they_belo
     );
     local.note_unshared(&customer, &fallback);
     let batch = local.take_unshared(&customer).remove(0);
-    assert!(redis.share(&customer, &batch, &[], now + 10).await.unwrap());
-    assert_eq!(admit(now + 11).await.unwrap().used, 3 + 7 + 1);
+    assert_eq!(redis.share(&customer, &batch, &[], now + 10).await, added);
+    assert_eq!(admit(now + 11).await.unwrap().used, 3 + 7 + 7 + 1);
 }
 
 #[tokio::test]

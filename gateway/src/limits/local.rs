@@ -105,6 +105,9 @@ pub struct Unshared {
     /// Names this batch in Redis, so that a call adding it that timed out but ran after all
     /// makes the next attempt add nothing.
     pub token: u128,
+    /// When its earliest unit was decided, Unix ms: a count Redis made again after then holds
+    /// none of its units, in any part.
+    pub first_ms: i64,
     /// Sent to Redis once without an answer: it may be counted there already, so it takes no
     /// more units (they go into a batch of their own).
     sealed: bool,
@@ -315,6 +318,7 @@ impl LocalCounters {
             Some(batch) => {
                 batch.units += reservation.units;
                 batch.overage += reservation.overage;
+                batch.first_ms = batch.first_ms.min(reservation.at_ms);
                 batch.token
             }
             None => {
@@ -328,6 +332,7 @@ impl LocalCounters {
                     overage: reservation.overage,
                     generation,
                     token,
+                    first_ms: reservation.at_ms,
                     sealed: false,
                 });
                 token

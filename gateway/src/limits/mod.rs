@@ -41,6 +41,7 @@ use metrics::{FallbackUnits, LimitMetrics};
 use period::Period;
 use quota::{LedgerRead, QuotaLimit};
 use redis::RedisCounters;
+use redis::Sharing;
 use window::WindowState;
 
 /// A plan's limits, borrowed from it for one decision.
@@ -440,12 +441,20 @@ impl Limiter {
             // Marks of batches this count took before go with this call.
             let forget = self.local.take_answered(customer, batch.period);
             match redis.share(customer, &batch, &forget, now).await {
-                Ok(true) => {
+                Ok(Sharing::Added) => {
                     self.metrics
                         .fallback_units(batch.units, FallbackUnits::Shared);
                     self.local.settle_unshared(customer, &batch, true);
                 }
-                Ok(false) => {
+                Ok(Sharing::AddedToLater) => {
+                    self.metrics
+                        .fallback_units(batch.units, FallbackUnits::Shared);
+                    self.local.settle_unshared(customer, &batch, true);
+                    // Redis counts in another generation now: ask it before batching again.
+                    self.local
+                        .forget_generation(customer, batch.period, batch.generation);
+                }
+                Ok(Sharing::Refused) => {
                     // The marks of `forget` were deleted all the same.
                     self.metrics
                         .fallback_units(batch.units, FallbackUnits::Ledger);

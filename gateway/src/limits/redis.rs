@@ -97,6 +97,19 @@ struct Reseed {
     generation: i64,
 }
 
+/// What became of a batch sent to Redis ([`RedisCounters::share`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Sharing {
+    /// Added to the count it was counted for (now, or by an earlier call).
+    Added,
+    /// Added to a count Redis made again after losing that one, before any of its units was
+    /// decided: the new count held them in no part.
+    AddedToLater,
+    /// Not added: the count it was counted for is gone and the one made since may hold some
+    /// of its units (in the ledger's part), or there is none.
+    Refused,
+}
+
 /// Why a quota key was not seeded.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Unseeded {
@@ -684,32 +697,39 @@ impl RedisCounters {
     }
 
     /// Adds to the shared quota count a batch of units this gateway counted in process without
-    /// asking Redis, while it failed or for a plan without limits (`Ok(true)`, also when an
-    /// earlier call that timed out added it already), and deletes from that count the marks
-    /// of `forget`, batches it took before. Only to the quota hash the batch's customer was
-    /// last counted in, seeded then:
-    /// its rebuild from the ledger was over before those units were counted, so they are not in
-    /// it. A hash made since (Redis lost its data meanwhile) has another generation; it was
-    /// rebuilt from a ledger that may hold them already, and adding them would count them twice:
-    /// the ledger's count stands then (`Ok(false)`), as it does for a hash that is gone.
+    /// asking Redis, while it failed or for a plan without limits, and deletes from that count
+    /// the marks of `forget`, batches it took before:
+    /// - to the quota hash the batch's customer was last counted in, seeded then (its rebuild
+    ///   from the ledger was over before those units were counted, so they are not in it):
+    ///   [`Sharing::Added`], also when an earlier call that timed out added it already;
+    /// - to a hash made since (Redis lost its data meanwhile), when it was made before the
+    ///   batch's first unit was decided: that hash holds none of them, neither in the ledger's
+    ///   part (events before it was made) nor in its own ([`Sharing::AddedToLater`]);
+    /// - to no hash otherwise ([`Sharing::Refused`]): a hash made after some of its units were
+    ///   decided reads their events from the ledger, and adding them would count them twice.
     pub async fn share(
         &self,
         customer: &Id,
         batch: &Unshared,
         forget: &[u128],
         now_ms: i64,
-    ) -> Result<bool, Failure> {
+    ) -> Result<Sharing, Failure> {
         let mut invocation = self.share.prepare_invoke();
         invocation
             .key(self.key(customer, "q", batch.period.start_ms))
             .arg(batch.units)
             .arg(batch.overage)
             .arg(batch.generation)
-            .arg(mark(batch.token));
+            .arg(mark(batch.token))
+            .arg(batch.first_ms);
         for &token in forget {
             invocation.arg(mark(token));
         }
-        Ok(self.call::<i64>(&invocation, now_ms).await? == 1)
+        Ok(match self.call::<i64>(&invocation, now_ms).await? {
+            1 => Sharing::Added,
+            2 => Sharing::AddedToLater,
+            _ => Sharing::Refused,
+        })
     }
 
     /// Gives back a reservation counted in Redis; false if Redis could not be reached.
@@ -755,24 +775,31 @@ return added
 ";
 
 /// Adds a batch of units counted in process (ARGV: units, overage, the generation of the hash
-/// they belong in, the batch's mark) to a quota hash seeded from the ledger (`s` = 1) of that
-/// generation (`n`, absent in a hash made before generations: -1); once per mark, which stays in
-/// the hash until a later call deletes it. ARGV 5 on: marks to delete first, of batches sent
-/// once and answered, of which no other copy can arrive. 1 if it added the batch (now or
-/// before), 0 if the hash is of another generation, not seeded, or gone.
+/// they belong in, the batch's mark, when its earliest unit was decided) to a quota hash seeded
+/// from the ledger (`s` = 1) of that generation (`n`, absent in a hash made before generations:
+/// -1), or to one made since (Redis lost theirs) before any of its units was decided: that hash
+/// holds them in no part. Once per mark, which stays in the hash until a later call deletes it.
+/// ARGV 6 on: marks to delete first, of batches sent once and answered, of which no other copy
+/// can arrive. 1 if it added the batch (now or before) to its own hash, 2 to a later one, 0 if
+/// the hash is of another generation and made after the batch began, not seeded, or gone.
 const SHARE_SCRIPT: &str = r"
-if #ARGV > 4 then
-  redis.call('HDEL', KEYS[1], unpack(ARGV, 5))
+if #ARGV > 5 then
+  redis.call('HDEL', KEYS[1], unpack(ARGV, 6))
 end
-local state = redis.call('HMGET', KEYS[1], 's', 'n')
-if state[1] ~= '1' or (tonumber(state[2]) or -1) ~= tonumber(ARGV[3]) then
+local state = redis.call('HMGET', KEYS[1], 's', 'n', 'a')
+local own = state[1] == '1' and (tonumber(state[2]) or -1) == tonumber(ARGV[3])
+local later = not own and state[3] and tonumber(ARGV[5]) >= tonumber(state[3])
+if not own and not later then
   return 0
 end
 if redis.call('HSETNX', KEYS[1], ARGV[4], 1) == 1 then
   redis.call('HINCRBY', KEYS[1], 'u', ARGV[1])
   redis.call('HINCRBY', KEYS[1], 'o', ARGV[2])
 end
-return 1
+if own then
+  return 1
+end
+return 2
 ";
 
 /// The field a batch's call leaves in its quota hash.
