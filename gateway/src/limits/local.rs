@@ -42,6 +42,8 @@ struct Counts {
 struct Fallback {
     /// Batches not yet added to Redis.
     unshared: Vec<Unshared>,
+    /// Batches taken to be added to Redis and not yet settled or put back.
+    in_flight: Vec<Unshared>,
     /// The last batches Redis did not take (their count was rebuilt from the ledger since): a
     /// refund of one of their units is nobody's to give. Those it took are Redis' to refund,
     /// as are units of batches not found here.
@@ -366,6 +368,7 @@ impl LocalCounters {
     pub fn settle_unshared(&self, customer: &Id, batch: &Unshared, shared: bool) {
         if let Some(counts) = self.shard(customer).get_mut(customer) {
             let fallback = counts.fallback();
+            fallback.in_flight.retain(|u| u.token != batch.token);
             if !shared {
                 if fallback.refused.len() == REFUSED_KEPT {
                     fallback.refused.remove(0);
@@ -430,6 +433,7 @@ impl LocalCounters {
         self.unshared.fetch_sub(1, Ordering::Relaxed);
         let mut taken = std::mem::take(&mut fallback.unshared);
         taken.retain(|u| u.units > 0);
+        fallback.in_flight.extend_from_slice(&taken);
         taken
     }
 
@@ -452,7 +456,9 @@ impl LocalCounters {
         if counts.unshared().is_empty() {
             self.now_unshared(customer);
         }
-        counts.fallback().unshared.push(Unshared {
+        let fallback = counts.fallback();
+        fallback.in_flight.retain(|u| u.token != batch.token);
+        fallback.unshared.push(Unshared {
             sealed: batch.sealed || sent,
             ..batch
         });
@@ -491,16 +497,35 @@ impl LocalCounters {
 
     /// What this process knows of the customer's count in `period`: the shared count as Redis
     /// last said, and what it counted since.
+    ///
+    /// Units in batches not yet settled (unsent, or sent without an answer yet) are left out:
+    /// such a batch may still be added to a count Redis made again ([`Sharing::AddedToLater`]),
+    /// and a count raised to include them would then hold them twice. Once settled, the units
+    /// of a batch Redis refused are in what is known again.
+    ///
+    /// [`Sharing::AddedToLater`]: super::redis::Sharing::AddedToLater
     pub fn known(&self, customer: &Id, period: Period) -> super::redis::Known {
         self.shard(customer)
             .get(customer)
             .filter(|counts| counts.quota.period == period)
-            .map_or_else(Default::default, |counts| super::redis::Known {
-                used: counts.quota.used,
-                overage: counts.quota.overage,
-                generation: counts
-                    .followed
-                    .and_then(|(known, generation)| (known == period).then_some(generation)),
+            .map_or_else(Default::default, |counts| {
+                let (units, overage) = counts.fallback.as_ref().map_or((0, 0), |fallback| {
+                    fallback
+                        .unshared
+                        .iter()
+                        .chain(&fallback.in_flight)
+                        .filter(|u| u.period == period)
+                        .fold((0, 0), |(units, overage), u| {
+                            (units + u.units, overage + u.overage)
+                        })
+                });
+                super::redis::Known {
+                    used: counts.quota.used.saturating_sub(units),
+                    overage: counts.quota.overage.saturating_sub(overage),
+                    generation: counts
+                        .followed
+                        .and_then(|(known, generation)| (known == period).then_some(generation)),
+                }
             })
     }
 
@@ -748,9 +773,23 @@ mod tests {
         // Seeded: batching may use it; forgotten for batching (Redis lost it), still the
         // generation this process's count was last told of.
         counters.follow(&customer, PERIOD, 4, Some(12), Some(12));
+        // Units in a batch not yet settled are not told: the batch may still be added to a
+        // count made again. Once Redis refused it, they are.
+        let batched = counters
+            .admit_batched(&customer, &policy(&[], None), PERIOD, 1, 0)
+            .unwrap();
+        assert_eq!(batched.used, 5);
+        assert_eq!(counters.known(&customer, PERIOD).used, 4);
+        let batch = counters.take_unshared(&customer).remove(0);
+        assert_eq!(counters.known(&customer, PERIOD).used, 4);
+        counters.restore_unshared(&customer, batch, true);
+        assert_eq!(counters.known(&customer, PERIOD).used, 4);
+        let batch = counters.take_unshared(&customer).remove(0);
+        counters.settle_unshared(&customer, &batch, false);
+        assert_eq!(counters.known(&customer, PERIOD).used, 5);
         counters.forget_generation(&customer, PERIOD, 12);
         let known = counters.known(&customer, PERIOD);
-        assert_eq!((known.used, known.generation), (4, Some(12)));
+        assert_eq!((known.used, known.generation), (5, Some(12)));
         // Another period knows nothing.
         let next = Period {
             start_ms: PERIOD.end_ms,
