@@ -445,6 +445,32 @@ async fn public_key_tokens(backend: Backend) {
     }
 }
 
+/// The provider `ed`: EdDSA keys from the JWKS the fake identity provider at `idp` serves at
+/// `/ed/jwks.json`.
+fn ed_provider(idp: std::net::SocketAddr) -> String {
+    format!(
+        r#"
+[[jwt_providers]]
+name = "ed"
+issuer = "{ISSUER}"
+audiences = ["{AUDIENCE}"]
+algorithms = ["EdDSA"]
+jwks_url = "http://{idp}/ed/jwks.json"
+customer_claim = "customer_id"
+"#
+    )
+}
+
+/// The route `/ed`, checked by the provider `ed`.
+const ED_ROUTE: &str = r#"
+[[routes]]
+name = "ed"
+path_prefix = "/ed"
+upstream = "api"
+auth = "jwt"
+jwt_provider = "ed"
+"#;
+
 /// An identity provider serving JWKS documents that the test changes; counts fetches.
 struct FakeIdp {
     address: std::net::SocketAddr,
@@ -524,15 +550,9 @@ jwks_url = "http://{idp}/ec/jwks.json"
 jwks_min_refresh = "1s"
 customer_claim = "customer_id"
 
-[[jwt_providers]]
-name = "ed"
-issuer = "{ISSUER}"
-audiences = ["{AUDIENCE}"]
-algorithms = ["EdDSA"]
-jwks_url = "http://{idp}/ed/jwks.json"
-customer_claim = "customer_id"
-"#,
-        idp = idp.address
+{ed}"#,
+        idp = idp.address,
+        ed = ed_provider(idp.address),
     );
     let routes = r#"
 [[routes]]
@@ -541,16 +561,11 @@ path_prefix = "/ec"
 upstream = "api"
 auth = "jwt"
 jwt_provider = "ec"
-
-[[routes]]
-name = "ed"
-path_prefix = "/ed"
-upstream = "api"
-auth = "jwt"
-jwt_provider = "ed"
-"#;
+"#
+    .to_owned()
+        + ED_ROUTE;
     let upstream = Upstream::start("api");
-    let (gateway, _, customer, _) = gateway_with(&upstream, &providers, routes).await;
+    let (gateway, _, customer, _) = gateway_with(&upstream, &providers, &routes).await;
     let until_ok = |path: &'static str, token: String| {
         let gateway = &gateway;
         async move {
@@ -674,28 +689,9 @@ async fn a_jwks_of_one_key_without_a_kid_checks_tokens_that_name_none() {
         json!({"keys": [only, encryption]}),
     )
     .await;
-    let providers = format!(
-        r#"{HS_AND_RS}
-[[jwt_providers]]
-name = "ed"
-issuer = "{ISSUER}"
-audiences = ["{AUDIENCE}"]
-algorithms = ["EdDSA"]
-jwks_url = "http://{idp}/ed/jwks.json"
-customer_claim = "customer_id"
-"#,
-        idp = idp.address
-    );
-    let routes = r#"
-[[routes]]
-name = "ed"
-path_prefix = "/ed"
-upstream = "api"
-auth = "jwt"
-jwt_provider = "ed"
-"#;
+    let providers = format!("{HS_AND_RS}\n{}", ed_provider(idp.address));
     let upstream = Upstream::start("api");
-    let (gateway, _, customer, _) = gateway_with(&upstream, &providers, routes).await;
+    let (gateway, _, customer, _) = gateway_with(&upstream, &providers, ED_ROUTE).await;
     let token = sign(Algorithm::EdDSA, None, &claims(&customer, |_| {}), &ed);
     let started = Instant::now();
     while status_and_type(&gateway, "/ed", &token).await.0 != 200 {
