@@ -272,6 +272,32 @@ async fn decisions(gateway: &Gateway, counted: &str) -> f64 {
         .unwrap_or(0.0)
 }
 
+/// The one customer's quota count in `redis`: its key.
+fn quota_key(redis: &RedisServer) -> String {
+    let keys = redis.cli(&["KEYS", "*:q:*"]);
+    let key = keys.trim();
+    assert!(!key.is_empty() && !key.contains('\n'), "{keys}");
+    key.to_owned()
+}
+
+/// Units used in the quota count `key` of `redis`, as Redis prints them.
+fn used_in_redis(redis: &RedisServer, key: &str) -> String {
+    redis.cli(&["HGET", key, "u"]).trim().to_owned()
+}
+
+/// Waits until the quota count `key` of `redis` has `used` units, at most `within`.
+async fn until_used_in_redis(redis: &RedisServer, key: &str, used: &str, within: Duration) {
+    let started = Instant::now();
+    while used_in_redis(redis, key) != used {
+        assert!(
+            started.elapsed() < within,
+            "the count stayed at {}",
+            used_in_redis(redis, key)
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn redis_killed_and_restarted_under_load_costs_no_request_and_counting_returns_to_it() {
     let mut redis = RedisServer::start();
@@ -520,19 +546,9 @@ async fn a_plan_without_limits_asks_redis_once_and_its_units_reach_the_shared_co
     // and were counted in the gateway, without a call.
     assert_eq!(decisions(&gateway, "redis").await, 1.0);
     assert_eq!(decisions(&gateway, "batched").await, 19.0);
-    let keys = redis.cli(&["KEYS", "*:q:*"]);
-    let quota_key = keys.trim();
-    assert!(!quota_key.is_empty() && !quota_key.contains('\n'), "{keys}");
+    let quota_key = quota_key(&redis);
     // The gateway adds their units to that count in the background, every 100 ms.
-    let started = Instant::now();
-    while redis.cli(&["HGET", quota_key, "u"]).trim() != "20" {
-        assert!(
-            started.elapsed() < Duration::from_secs(5),
-            "the shared count stayed at {}",
-            redis.cli(&["HGET", quota_key, "u"])
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    until_used_in_redis(&redis, &quota_key, "20", Duration::from_secs(5)).await;
     assert_eq!(
         gateway
             .metric("tollgate_quota_fallback_units_total{outcome=\"shared\"}")
@@ -554,8 +570,7 @@ async fn a_draining_gateway_adds_its_batched_units_to_redis_before_it_exits() {
     // background pass (every 100 ms) has not.
     gateway.signal("TERM");
     assert!(gateway.wait_exit(Duration::from_secs(10)).await.success());
-    let keys = redis.cli(&["KEYS", "*:q:*"]);
-    assert_eq!(redis.cli(&["HGET", keys.trim(), "u"]), "10");
+    assert_eq!(used_in_redis(&redis, &quota_key(&redis)), "10");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -588,8 +603,7 @@ async fn batched_units_whose_calls_time_out_in_a_frozen_redis_are_added_once_whe
     }
     redis.thaw();
     // Redis wakes and runs every queued call; the batch's units count once.
-    let keys = redis.cli(&["KEYS", "*:q:*"]);
-    let quota_key = keys.trim();
+    let quota_key = quota_key(&redis);
     let started = Instant::now();
     while gateway
         .metric("tollgate_quota_fallback_units_total{outcome=\"shared\"}")
@@ -599,13 +613,13 @@ async fn batched_units_whose_calls_time_out_in_a_frozen_redis_are_added_once_whe
         assert!(
             started.elapsed() < Duration::from_secs(5),
             "the batch was never added; the count is {}",
-            redis.cli(&["HGET", quota_key, "u"])
+            used_in_redis(&redis, &quota_key)
         );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     // Several passes later, still once.
     tokio::time::sleep(Duration::from_millis(400)).await;
-    assert_eq!(redis.cli(&["HGET", quota_key, "u"]).trim(), "11");
+    assert_eq!(used_in_redis(&redis, &quota_key), "11");
     assert_eq!(
         gateway
             .metric("tollgate_quota_fallback_units_total{outcome=\"shared\"}")
@@ -680,18 +694,9 @@ async fn a_count_redis_rebuilt_on_another_gateway_takes_the_requests_the_ledger_
     }
     // It reads the ledger again once every gateway has flushed (2 flush intervals and 1 s):
     // the count is then the 40 requests, once each.
-    let keys = redis.cli(&["KEYS", "*:q:*"]);
-    let quota_key = keys.trim();
-    let started = Instant::now();
-    while redis.cli(&["HGET", quota_key, "u"]).trim() != "40" {
-        assert!(
-            started.elapsed() < Duration::from_secs(15),
-            "the count stayed at {}",
-            redis.cli(&["HGET", quota_key, "u"])
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    let quota_key = quota_key(&redis);
+    until_used_in_redis(&redis, &quota_key, "40", Duration::from_secs(15)).await;
     assert_eq!(admitted_until_refused(&second, &key, 50).await, 10);
     assert_eq!(status_of(&first, &key, "/api/first").await, 429);
-    assert_eq!(redis.cli(&["HGET", quota_key, "u"]).trim(), "50");
+    assert_eq!(used_in_redis(&redis, &quota_key), "50");
 }
