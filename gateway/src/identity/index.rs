@@ -243,6 +243,7 @@ impl Builder {
                 format_id("cus", &key.customer)
             )));
         }
+        let mut ids: Vec<Id> = self.keys.iter().map(|key| key.id).collect();
         let sorted = SortedKeys::new(self.keys);
         if let Some(pair) = sorted.entries.windows(2).find(|w| w[0].hash == w[1].hash) {
             return Err(Invalid(format!(
@@ -251,6 +252,14 @@ impl Builder {
                 format_id("key", &pair[1].id)
             )));
         }
+        ids.sort_unstable();
+        if let Some(pair) = ids.windows(2).find(|w| w[0] == w[1]) {
+            return Err(Invalid(format!(
+                "key {} appears twice, with different hashes",
+                format_id("key", &pair[0])
+            )));
+        }
+        drop(ids);
         Ok(Identities {
             version: self.version,
             applied_at: SystemTime::now(),

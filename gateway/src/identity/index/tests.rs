@@ -153,6 +153,13 @@ fn snapshots_that_do_not_check_are_refused() {
     );
     let error = read(&snapshot_json(&[key_record(1, 1), key_record(1, 1)])).unwrap_err();
     assert!(error.0.contains("the same hash"), "{error}");
+    let mut same_id = key_record(2, 1);
+    same_id.id = key_record(1, 1).id;
+    let error = read(&snapshot_json(&[key_record(1, 1), same_id])).unwrap_err();
+    assert!(
+        error.0.contains("appears twice, with different hashes"),
+        "{error}"
+    );
     let mut bad_hash = key_record(1, 1);
     bad_hash.hash = "xyz".into();
     let error = read(&snapshot_json(&[bad_hash])).unwrap_err();
