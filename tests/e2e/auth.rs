@@ -430,6 +430,24 @@ async fn failed_authentications_past_the_rate_are_refused_before_any_lookup() {
     gateway.wait_for_keys(1).await;
     assert_eq!(call(&gateway, "/orders", Some(&key)).await.0, 200);
 
+    // A real key that may not be used is not a guess: however often it is tried, its caller
+    // gets the reason, and the address is not throttled.
+    let (_, _, revoked) = api.customer_with_key("revoked").await;
+    api.call(
+        "POST",
+        &format!("/v1/keys/{}/revoke", revoked["id"].as_str().unwrap()),
+        None,
+    )
+    .await;
+    gateway.wait_for_keys(2).await;
+    let revoked = revoked["key"].as_str().unwrap();
+    until_status(&gateway, "/orders", revoked, 401).await;
+    for _ in 0..10 {
+        let (status, body) = call(&gateway, "/orders", Some(revoked)).await;
+        assert_eq!((status, problem_type(&body)), (401, "revoked-key"));
+    }
+    assert_eq!(call(&gateway, "/orders", Some(&key)).await.0, 200);
+
     for i in 0..5 {
         let guess = format!("tg_{i:0>22}AAAAAA");
         let (status, _) = call(&gateway, "/orders", Some(&guess)).await;

@@ -140,17 +140,14 @@ pub enum Refusal {
 
 impl Refusal {
     /// Whether it counts as a failed authentication of the client address: a credential that
-    /// may be a guess. A missing credential guesses nothing, and a known key that may not do
-    /// this is not a guess.
+    /// may be a guess (a key no one was given, or a token whose signature or claims do not
+    /// verify). A missing credential guesses nothing; a real key or a token that verified, but
+    /// may not be used (revoked, expired, suspended, out of scope), is not a guess: presenting
+    /// it again teaches nothing about other keys, and its caller keeps getting the reason.
     pub fn is_failure(self) -> bool {
         matches!(
             self,
-            Refusal::Malformed
-                | Refusal::Unknown
-                | Refusal::Revoked
-                | Refusal::Expired
-                | Refusal::InvalidToken(_)
-                | Refusal::ExpiredToken
+            Refusal::Malformed | Refusal::Unknown | Refusal::InvalidToken(_)
         )
     }
 
