@@ -6,6 +6,7 @@ use std::time::{Duration, Instant};
 
 use futures_util::future::join_all;
 use serde_json::{Value, json};
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt};
 use tollgate_tests::control_plane::{AdminApi, admin_token};
 use tollgate_tests::redis::RedisServer;
 use tollgate_tests::{Gateway, Upstream, client, config};
@@ -225,6 +226,103 @@ async fn every_admitted_request_is_stored_once_and_both_usage_views_read_it() {
     );
     assert_eq!(me["period"]["end"], usage["period"]["end"]);
     assert_eq!(me["upgrade_url"], "https://example.test/upgrade");
+}
+
+/// An upstream that answers every request with `100 Continue`, then (once it has the body)
+/// `503`: its address.
+async fn continue_then_503() -> String {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let address = listener.local_addr().unwrap().to_string();
+    tokio::spawn(async move {
+        while let Ok((stream, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let mut stream = tokio::io::BufReader::new(stream);
+                loop {
+                    let mut length = 0usize;
+                    let mut line = String::new();
+                    loop {
+                        line.clear();
+                        if stream.read_line(&mut line).await.unwrap_or(0) == 0 {
+                            return;
+                        }
+                        if line.trim_end().is_empty() {
+                            break;
+                        }
+                        if let Some((name, value)) = line.split_once(':')
+                            && name.eq_ignore_ascii_case("content-length")
+                        {
+                            length = value.trim().parse().unwrap();
+                        }
+                    }
+                    let answer = async |stream: &mut tokio::io::BufReader<_>, text: &str| {
+                        AsyncWriteExt::write_all(stream.get_mut(), text.as_bytes()).await
+                    };
+                    if answer(&mut stream, "HTTP/1.1 100 Continue\r\n\r\n")
+                        .await
+                        .is_err()
+                    {
+                        return;
+                    }
+                    let mut body = vec![0; length];
+                    if stream.read_exact(&mut body).await.is_err() {
+                        return;
+                    }
+                    let unavailable =
+                        "HTTP/1.1 503 Service Unavailable\r\ncontent-length: 0\r\n\r\n";
+                    if answer(&mut stream, unavailable).await.is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    address
+}
+
+/// A `100 Continue` on the way is not the response: the request is stored and settled by its
+/// final status (here an upstream 503: stored, its unit refunded, counted as an error).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_interim_100_continue_leaves_the_request_to_its_final_status() {
+    let placeholder = Upstream::start("api");
+    let text = standalone_config(&placeholder, "")
+        .replace(&placeholder.target(), &continue_then_503().await);
+    let token = admin_token();
+    let env = [("TOLLGATE_ADMIN_TOKEN", token.as_str())];
+    let gateway = Gateway::start_with_env(tempfile::tempdir().unwrap(), &text, &env).await;
+    let api = AdminApi::new(&format!("http://{}", gateway.admin), &token);
+    let customer = customer_on(&api, json!({"quota": {"requests": 100, "hard": true}})).await;
+    gateway.wait_for_keys(1).await;
+
+    let response = client()
+        .post(gateway.url("/api/upload"))
+        .bearer_auth(&customer.key)
+        .header("expect", "100-continue")
+        .body("twelve bytes")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 503);
+    assert_eq!(header(&response, "x-quota-remaining"), "99");
+
+    let started = Instant::now();
+    let stored = r#"tollgate_usage_events_stored_total{result="inserted"}"#;
+    while gateway.metric(stored).await != Some(1.0) {
+        assert!(started.elapsed() < Duration::from_secs(15), "never stored");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let usage = wait_for_used(&api, &customer.id, 0).await;
+    let day = &usage["days"][0];
+    assert_eq!(
+        (
+            &day["route"],
+            &day["requests"],
+            &day["units"],
+            &day["errors"]
+        ),
+        (&json!("api"), &json!(1), &json!(0), &json!(1)),
+        "{usage}"
+    );
+    assert_eq!(usage["remaining"], 100);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -377,7 +377,14 @@ impl ProxyHttp for Proxy {
         upstream_response: &mut ResponseHeader,
         ctx: &mut RequestCtx,
     ) -> Result<()> {
-        meter::on_response_header(session, ctx, upstream_response.status.as_u16());
+        let status = upstream_response.status;
+        // An interim response (`100 Continue`, `103 Early Hints`) comes before the response:
+        // the request is recorded and decorated when its final status is known. A `101` is
+        // final (the connection is switched).
+        if status.is_informational() && status != http::StatusCode::SWITCHING_PROTOCOLS {
+            return Ok(());
+        }
+        meter::on_response_header(session, ctx, status.as_u16());
         respond::decorate(upstream_response, ctx, false)
     }
 
