@@ -465,8 +465,8 @@ async fn the_usage_view_refuses_bad_days_and_unknown_customers(db: &Db) {
             json!([{"path": "to", "message": "must not be before from"}]),
         ),
         (
-            "from=2026-01-01&to=2027-01-02",
-            json!([{"path": "to", "message": "must be within 366 days of from, both included"}]),
+            "from=2026-01-01&to=2027-01-03",
+            json!([{"path": "to", "message": "must be within 367 days of from, both included"}]),
         ),
     ] {
         let (status, answer, _) = call(
@@ -483,16 +483,32 @@ async fn the_usage_view_refuses_bad_days_and_unknown_customers(db: &Db) {
             "{query}"
         );
     }
-    // 366 days, both ends included, is the widest range.
+    // 367 days, both ends included, is the widest range.
     let (status, _, _) = call(
         &app,
         "GET",
-        &format!("{path}?from=2026-01-01&to=2027-01-01"),
+        &format!("{path}?from=2026-01-01&to=2027-01-02"),
         Some(&db.viewer),
         None,
     )
     .await;
     assert_eq!(status, StatusCode::OK);
+    // The longest billing period (366 days) starting at noon touches 367 UTC days: its view,
+    // asked without days, lists them all.
+    let start = (day_number(now_ms()) - 100) * MS_PER_DAY + MS_PER_DAY / 2;
+    let period = json!({"start": rfc3339(start), "end": rfc3339(start + 366 * MS_PER_DAY)});
+    let (status, _, _) = call(
+        &app,
+        "PATCH",
+        &format!("/v1/customers/{}", customer["id"].as_str().unwrap()),
+        Some(&db.admin),
+        Some(json!({"billing_period": period})),
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK);
+    let (status, answer, _) = call(&app, "GET", &path, Some(&db.viewer), None).await;
+    assert_eq!(status, StatusCode::OK, "{answer}");
+    assert_eq!(answer["period"], period);
     let (status, answer, _) = call(
         &app,
         "GET",

@@ -36,8 +36,9 @@ use crate::store::{StoreError, now_ms, rfc3339};
 
 /// Largest usage batch body read: 5000 events of the longest fields, with room to spare.
 pub const MAX_BATCH_BODY: usize = 8 << 20;
-/// Most days the usage view lists at once.
-pub const MAX_DAYS: i64 = 366;
+/// Most days the usage view lists at once: the UTC days a billing period of the longest length
+/// (366 days) touches when it starts inside a day.
+pub const MAX_DAYS: i64 = 367;
 
 /// Body of `POST /v1/gateway/usage`.
 #[derive(Debug, ToSchema)]
@@ -172,7 +173,8 @@ pub struct UsageQuery {
     /// First day listed, `YYYY-MM-DD` (UTC); default the period's first day.
     #[param(format = Date)]
     pub from: Option<String>,
-    /// Last day listed, included; default the period's last day. At most 366 days from `from`.
+    /// Last day listed, included; default the period's last day. At most 367 days from `from`
+    /// (both included), so that a 366-day period starting inside a day is listed whole.
     #[param(format = Date)]
     pub to: Option<String>,
 }
