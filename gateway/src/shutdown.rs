@@ -1,4 +1,5 @@
-//! SIGTERM: stop accepting, let requests in flight finish within the grace period, exit 0.
+//! SIGTERM: stop accepting, let requests in flight finish within the grace period, send their
+//! usage to the ledger, exit 0.
 //! SIGINT, or a second SIGTERM while draining, exits at once.
 //!
 //! Pingora stops its listeners when told to terminate gracefully, then waits its whole grace
@@ -20,6 +21,9 @@ use crate::state::Gateway;
 const DRAIN_POLL: Duration = Duration::from_millis(20);
 /// The longest a drained gateway waits to add its batched quota units to Redis before it exits.
 const FINAL_SHARE: Duration = Duration::from_secs(2);
+/// The longest a drained gateway waits for the flusher to send the usage of the drained
+/// requests before it exits; what it has not sent by then is sent at the next start.
+const FINAL_FLUSH: Duration = Duration::from_secs(5);
 
 /// The signal watcher handed to Pingora.
 #[derive(Debug)]
@@ -137,11 +141,21 @@ impl Drain {
                             idle_polls += 1;
                             if idle_polls >= 2 {
                                 // Quota units batched for Redis go there first, for at most
-                                // FINAL_SHARE (a signal still exits at once).
+                                // FINAL_SHARE, and the usage the drained requests wrote goes
+                                // to the ledger, for at most FINAL_FLUSH (a signal still exits
+                                // at once).
                                 let left = deadline.saturating_duration_since(Instant::now());
-                                let share = gateway.limiter.share_pending();
+                                gateway.final_flush.drained();
+                                let share = tokio::time::timeout(
+                                    FINAL_SHARE.min(left),
+                                    gateway.limiter.share_pending(),
+                                );
+                                let flush = tokio::time::timeout(
+                                    FINAL_FLUSH.min(left),
+                                    gateway.final_flush.until_flushed(),
+                                );
                                 tokio::select! {
-                                    _ = tokio::time::timeout(FINAL_SHARE.min(left), share) => {}
+                                    _ = async { tokio::join!(share, flush) } => {}
                                     _ = term.recv() => {}
                                     _ = interrupt.recv() => {}
                                 }
@@ -158,6 +172,8 @@ impl Drain {
                 in_flight = gateway.metrics.in_flight.get(),
                 "grace period over with requests in flight; ending them"
             );
+            // The flusher sends what is written while Pingora ends the rest.
+            gateway.final_flush.drained();
         });
     }
 }

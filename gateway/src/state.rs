@@ -100,6 +100,8 @@ pub struct Gateway {
     pub metering: crate::config::Metering,
     /// Recent ledger reads of customers' usage views.
     pub usage_views: crate::proxy::usage::UsageViews,
+    /// The flusher's last pass, after the drain.
+    pub final_flush: crate::metering::flush::FinalFlush,
 }
 
 impl Gateway {
@@ -181,6 +183,7 @@ impl Gateway {
             redis,
             metering,
             usage_views: crate::proxy::usage::UsageViews::default(),
+            final_flush: crate::metering::flush::FinalFlush::default(),
         });
         gateway.publish_gauges();
         Ok(gateway)

@@ -228,6 +228,64 @@ async fn every_admitted_request_is_stored_once_and_both_usage_views_read_it() {
     assert_eq!(me["upgrade_url"], "https://example.test/upgrade");
 }
 
+/// The usage of requests that end while the gateway drains is in the ledger when it exits: the
+/// flusher's last pass waits for the drain (before, it ran at SIGTERM, and what the drained
+/// requests wrote stayed in the spool, lost with a disk that does not outlive the process).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn requests_drained_at_sigterm_are_in_the_ledger_when_the_gateway_exits() {
+    let upstream = Upstream::start("api");
+    let token = admin_token();
+    let slow_route = r#"
+[[routes]]
+name = "slow"
+path_prefix = "/slow"
+upstream = "api"
+auth = "key"
+"#;
+    // A flush interval longer than the test: only the last pass can send the usage.
+    let text = standalone_config(&upstream, slow_route)
+        .replace("flush_interval = \"200ms\"", "flush_interval = \"60s\"");
+    let mut gateway = Gateway::start_with_env(
+        tempfile::tempdir().unwrap(),
+        &text,
+        &[("TOLLGATE_ADMIN_TOKEN", token.as_str())],
+    )
+    .await;
+    let api = AdminApi::new(&format!("http://{}", gateway.admin), &token);
+    let customer = customer_on(&api, json!({"quota": {"requests": 100, "hard": true}})).await;
+    gateway.wait_for_keys(1).await;
+
+    let slow = tokio::spawn({
+        let url = gateway.url("/slow/1000");
+        let key = customer.key.clone();
+        async move { client().get(url).bearer_auth(key).send().await.unwrap() }
+    });
+    upstream.wait_for_requests(1).await;
+    gateway.signal("TERM");
+    gateway
+        .wait_for_log(|l| l["message"] == "SIGTERM: draining")
+        .await;
+    assert_eq!(slow.await.unwrap().status(), 200);
+    assert_eq!(
+        gateway.wait_exit(Duration::from_secs(9)).await.code(),
+        Some(0)
+    );
+
+    // Read the ledger the gateway left, without starting it again (a start sends the spool).
+    let database = format!(
+        "sqlite://{}",
+        gateway.dir.path().join("tollgate.db").display()
+    );
+    let pool = sqlx::SqlitePool::connect(&database).await.unwrap();
+    let stored: Vec<(String, i64, i64)> =
+        sqlx::query_as("SELECT route, status, units FROM usage_events WHERE customer_id = ?")
+            .bind(&customer.id)
+            .fetch_all(&pool)
+            .await
+            .unwrap();
+    assert_eq!(stored, [("slow".to_owned(), 200, 1)]);
+}
+
 /// An upstream that answers every request with `100 Continue`, then (once it has the body)
 /// `503`: its address.
 async fn continue_then_503() -> String {

@@ -14,10 +14,12 @@
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::path::PathBuf;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use pingora::server::ShutdownWatch;
 use pingora::services::background::BackgroundService;
+use tokio::sync::watch;
 use tollgate_model::usage::UsageEvent;
 
 use super::Meter;
@@ -45,6 +47,51 @@ struct Segment {
     held: bool,
 }
 
+/// The last pass at shutdown comes after the drain: requests that end while the gateway drains
+/// write their usage then, and it is sent before the process exits (a spool on a disk that does
+/// not outlive the process, as in a replaced container, would otherwise take it along). The
+/// drain says when no request is left; the flusher says when it has sent what they wrote.
+#[derive(Debug)]
+pub struct FinalFlush {
+    drained: watch::Sender<bool>,
+    flushed: watch::Sender<bool>,
+    /// Whether a flusher runs: without one there is nothing to wait for.
+    expected: AtomicBool,
+}
+
+impl Default for FinalFlush {
+    fn default() -> Self {
+        Self {
+            drained: watch::channel(false).0,
+            flushed: watch::channel(false).0,
+            expected: AtomicBool::new(false),
+        }
+    }
+}
+
+impl FinalFlush {
+    /// No request is in flight any more (or none will be waited for).
+    pub fn drained(&self) {
+        self.drained.send_replace(true);
+    }
+
+    async fn until_drained(&self) {
+        let _ = self.drained.subscribe().wait_for(|drained| *drained).await;
+    }
+
+    /// The flusher's last pass is over, whatever came of it.
+    fn flushed(&self) {
+        self.flushed.send_replace(true);
+    }
+
+    /// Until the flusher's last pass is over; at once when no flusher runs.
+    pub async fn until_flushed(&self) {
+        if self.expected.load(Ordering::SeqCst) {
+            let _ = self.flushed.subscribe().wait_for(|flushed| *flushed).await;
+        }
+    }
+}
+
 /// Sends the spool to the ledger.
 #[derive(Debug)]
 pub struct Flusher {
@@ -57,6 +104,7 @@ pub struct Flusher {
 impl Flusher {
     /// A flusher of `meter`'s spool every `interval`, `batch` events per call.
     pub fn new(gateway: Arc<Gateway>, meter: Arc<Meter>, interval: Duration, batch: usize) -> Self {
+        gateway.final_flush.expected.store(true, Ordering::SeqCst);
         Self {
             gateway,
             meter,
@@ -250,12 +298,30 @@ impl BackgroundService for Flusher {
                 _ = shutdown.changed() => break,
             }
         }
-        // Last pass at shutdown: requests drained, so everything written is final.
+        // The last pass, once the requests in flight are over (or the grace period is), so
+        // everything written is final.
+        let final_flush = &self.gateway.final_flush;
+        let grace = self.gateway.server.grace_period;
+        if tokio::time::timeout(grace, final_flush.until_drained())
+            .await
+            .is_err()
+        {
+            tracing::warn!(
+                "requests still in flight after the grace period; sending what is written"
+            );
+        }
         if let Some(ledger) = self.gateway.limiter.ledger() {
             let _ = self.meter.spool.tick(i64::MAX, 0);
-            if let Err(error) = self.pass(&mut segments, ledger.as_ref()).await {
-                tracing::warn!(%error, "usage left in the spool at shutdown; sent at next start");
+            match self.pass(&mut segments, ledger.as_ref()).await {
+                Ok(true) => tracing::info!("usage sent before exiting"),
+                Ok(false) => {
+                    tracing::warn!("the ledger did not take all usage; it is sent at next start");
+                }
+                Err(error) => {
+                    tracing::warn!(%error, "usage left in the spool at shutdown; sent at next start");
+                }
             }
         }
+        final_flush.flushed();
     }
 }
