@@ -415,5 +415,26 @@ impl Drop for Gateway {
             let _ = self.child.kill();
             let _ = self.child.wait();
         }
+        // A test that failed shows what its gateway said, to tell its failure from the
+        // gateway's (the last lines only: a gateway under load logs a lot).
+        if std::thread::panicking() {
+            let logs = self
+                .logs
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            let start = logs.len().saturating_sub(LOG_LINES_SHOWN);
+            eprintln!(
+                "gateway (proxy {}, admin {}), its last {} log lines:",
+                self.proxy,
+                self.admin,
+                logs.len() - start
+            );
+            for line in &logs[start..] {
+                eprintln!("  {line}");
+            }
+        }
     }
 }
+
+/// Log lines of its gateway a failed test prints.
+const LOG_LINES_SHOWN: usize = 60;

@@ -30,6 +30,21 @@ use crate::state::Gateway;
 
 /// The longest wait between passes while the ledger refuses.
 const MAX_BACKOFF: Duration = Duration::from_secs(5);
+/// Closed segments read into memory and not yet sent, at most: after an outage the spool may
+/// hold up to `spool_max_bytes` of them (a gigabyte by default), which read at once would take
+/// a few times that in memory. The rest are read as these are sent (16 MiB of records here).
+const MAX_UNSENT_SEGMENTS: usize = 4;
+
+/// What a pass came to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Passed {
+    /// Every closed segment was read and sent.
+    AllSent,
+    /// What was read was sent, and closed segments remain to be read: pass again at once.
+    MoreToRead,
+    /// The ledger did not take a batch: pass again later.
+    NotTaken,
+}
 
 /// What the flusher knows of a closed segment.
 #[derive(Debug)]
@@ -96,6 +111,12 @@ impl FinalFlush {
 #[derive(Debug)]
 pub struct Flusher {
     gateway: Arc<Gateway>,
+    sender: Sender,
+}
+
+/// What a pass needs: the spool, how often segments close, the batch size.
+#[derive(Debug)]
+struct Sender {
     meter: Arc<Meter>,
     interval: Duration,
     batch: usize,
@@ -107,26 +128,35 @@ impl Flusher {
         gateway.final_flush.expected.store(true, Ordering::SeqCst);
         Self {
             gateway,
-            meter,
-            interval,
-            batch,
+            sender: Sender {
+                meter,
+                interval,
+                batch,
+            },
         }
     }
+}
 
-    /// One pass: closes the active segment if due, reads new closed segments, settles pending
-    /// records, sends what is unsent, deletes what is done. Returns whether every closed segment
-    /// was sent.
+impl Sender {
+    /// One pass: closes the active segment if due, reads new closed segments (oldest first, up
+    /// to [`MAX_UNSENT_SEGMENTS`] unsent), settles pending records, sends what is unsent,
+    /// deletes what is done.
     async fn pass(
         &self,
         segments: &mut BTreeMap<u64, Segment>,
         ledger: &dyn Ledger,
-    ) -> anyhow::Result<bool> {
+    ) -> anyhow::Result<Passed> {
         let now = crate::identity::unix_ms();
         let interval_ms = i64::try_from(self.interval.as_millis()).unwrap_or(i64::MAX);
         let active = self.meter.spool.tick(now, interval_ms)?;
+        let mut first_unread = None;
         for (seq, path) in self.meter.spool.closed(active)? {
             if segments.contains_key(&seq) {
                 continue;
+            }
+            if segments.values().filter(|s| !s.sent).count() >= MAX_UNSENT_SEGMENTS {
+                first_unread = Some(seq);
+                break;
             }
             let (records, torn) = spool::read(&path)?;
             if torn > 0 {
@@ -173,8 +203,11 @@ impl Flusher {
             );
         }
         // Left by an earlier process and never settled: the response went out, so they count.
+        // Only once every segment it left is read: a later one may hold the final record.
         let first_own = self.meter.spool.first_own_seq();
-        for (_, segment) in segments.range_mut(..first_own) {
+        let earlier_read = first_unread.is_none_or(|unread| unread >= first_own);
+        let orphaned = if earlier_read { first_own } else { 0 };
+        for (_, segment) in segments.range_mut(..orphaned) {
             let left: Vec<Pending> = segment.pending.drain().map(|(_, p)| p).collect();
             let orphans: Vec<UsageEvent> = left.iter().filter_map(Pending::event).collect();
             if orphans.len() < left.len() {
@@ -190,7 +223,6 @@ impl Flusher {
                 segment.sent = false;
             }
         }
-        let mut all_sent = true;
         for segment in segments.values_mut().filter(|s| !s.sent) {
             for chunk in segment.finals.chunks(self.batch) {
                 match ledger.record(chunk).await {
@@ -208,7 +240,7 @@ impl Flusher {
                     Err(LedgerError::Unavailable(error)) => {
                         self.meter.metrics.send_failed();
                         tracing::warn!(%error, "cannot store usage yet; it stays in the spool");
-                        return Ok(false);
+                        return Ok(Passed::NotTaken);
                     }
                 }
             }
@@ -234,9 +266,26 @@ impl Flusher {
                 }
             }
         }
-        all_sent &= segments.values().all(|s| s.sent);
         self.meter.metrics.spool_bytes(self.meter.spool.bytes());
-        Ok(all_sent)
+        Ok(if first_unread.is_some() {
+            Passed::MoreToRead
+        } else {
+            Passed::AllSent
+        })
+    }
+
+    /// Passes until every closed segment is read and sent, or the ledger does not take a batch.
+    async fn pass_all(
+        &self,
+        segments: &mut BTreeMap<u64, Segment>,
+        ledger: &dyn Ledger,
+    ) -> anyhow::Result<Passed> {
+        loop {
+            match self.pass(segments, ledger).await? {
+                Passed::MoreToRead => {}
+                done => return Ok(done),
+            }
+        }
     }
 }
 
@@ -262,13 +311,13 @@ impl Flusher {
         let pass = runtime.block_on(async {
             tokio::time::timeout(
                 Duration::from_secs(10),
-                self.pass(&mut segments, ledger.as_ref()),
+                self.sender.pass_all(&mut segments, ledger.as_ref()),
             )
             .await
         });
         match pass {
-            Ok(Ok(true)) => tracing::info!("usage left by an earlier process is stored"),
-            Ok(Ok(false)) | Err(_) => tracing::warn!(
+            Ok(Ok(Passed::AllSent)) => tracing::info!("usage left by an earlier process is stored"),
+            Ok(Ok(_)) | Err(_) => tracing::warn!(
                 "usage left by an earlier process stays in the spool until the ledger takes it; \
                  quotas may count it late"
             ),
@@ -277,19 +326,27 @@ impl Flusher {
     }
 }
 
+/// The wait after a pass that failed: twice the last one (at least twice the interval), up to
+/// [`MAX_BACKOFF`].
+fn backoff(last: Duration, interval: Duration) -> Duration {
+    (last.max(interval) * 2).min(MAX_BACKOFF)
+}
+
 #[async_trait::async_trait]
 impl BackgroundService for Flusher {
     async fn start(&self, mut shutdown: ShutdownWatch) {
         let mut segments = BTreeMap::new();
-        let mut delay = self.interval;
+        let mut delay = self.sender.interval;
         loop {
             if let Some(ledger) = self.gateway.limiter.ledger() {
-                match self.pass(&mut segments, ledger.as_ref()).await {
-                    Ok(true) => delay = self.interval,
-                    Ok(false) => delay = (delay * 2).min(MAX_BACKOFF),
+                match self.sender.pass(&mut segments, ledger.as_ref()).await {
+                    Ok(Passed::AllSent) => delay = self.sender.interval,
+                    // A backlog (after an outage) is read and sent without waiting.
+                    Ok(Passed::MoreToRead) => delay = Duration::ZERO,
+                    Ok(Passed::NotTaken) => delay = backoff(delay, self.sender.interval),
                     Err(error) => {
                         tracing::error!(%error, "the usage spool cannot be read or written");
-                        delay = (delay * 2).min(MAX_BACKOFF);
+                        delay = backoff(delay, self.sender.interval);
                     }
                 }
             }
@@ -311,10 +368,10 @@ impl BackgroundService for Flusher {
             );
         }
         if let Some(ledger) = self.gateway.limiter.ledger() {
-            let _ = self.meter.spool.tick(i64::MAX, 0);
-            match self.pass(&mut segments, ledger.as_ref()).await {
-                Ok(true) => tracing::info!("usage sent before exiting"),
-                Ok(false) => {
+            let _ = self.sender.meter.spool.tick(i64::MAX, 0);
+            match self.sender.pass_all(&mut segments, ledger.as_ref()).await {
+                Ok(Passed::AllSent) => tracing::info!("usage sent before exiting"),
+                Ok(_) => {
                     tracing::warn!("the ledger did not take all usage; it is sent at next start");
                 }
                 Err(error) => {
@@ -323,5 +380,103 @@ impl BackgroundService for Flusher {
             }
         }
         final_flush.flushed();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use tollgate_control_plane::store::Store;
+
+    use super::*;
+    use crate::metering::ledger::{HttpLedger, StoreLedger};
+    use crate::metering::metrics::MeteringMetrics;
+    use crate::metering::record::{self, Kind, Usage};
+    use crate::metering::spool::Spool;
+    use crate::metrics::Metrics;
+
+    const CUSTOMER: &str = "cus_01010101010101010101010101010101";
+
+    fn event(n: u32) -> UsageEvent {
+        UsageEvent {
+            id: format!("evt_{n:032x}"),
+            request_id: format!("req-{n}"),
+            customer_id: CUSTOMER.into(),
+            key_id: None,
+            route: "api".into(),
+            method: "GET".into(),
+            status: 200,
+            latency_us: 10,
+            bytes_in: 0,
+            bytes_out: 5,
+            at_ms: 1_000,
+            units: 1,
+            overage: 0,
+        }
+    }
+
+    /// A spool of `segments` closed segments of `per_segment` final records each.
+    fn backlog(dir: &std::path::Path, segments: u32, per_segment: u32) -> Arc<Meter> {
+        let meter = Meter {
+            spool: Spool::open(dir, u64::MAX, 0).unwrap(),
+            metrics: MeteringMetrics::new(&Metrics::new()).unwrap(),
+        };
+        for segment in 0..segments {
+            for n in 0..per_segment {
+                let mut line = Vec::new();
+                record::encode(
+                    Kind::Final,
+                    &Usage::of(&event(segment * per_segment + n)),
+                    &mut line,
+                );
+                meter.spool.append(&line).unwrap();
+            }
+            meter.spool.tick(i64::from(segment) + 1, 0).unwrap();
+        }
+        Arc::new(meter)
+    }
+
+    #[tokio::test]
+    async fn a_backlog_is_read_a_few_segments_at_a_time_and_stored_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let sender = Sender {
+            meter: backlog(&dir.path().join("spool"), 10, 3),
+            interval: Duration::from_secs(3600),
+            batch: 2,
+        };
+        assert_eq!(sender.meter.spool.closed(u64::MAX).unwrap().len(), 11);
+
+        // The ledger cannot be reached (nothing listens on port 1): no more than
+        // MAX_UNSENT_SEGMENTS are read into memory, however long the backlog.
+        let unreachable = HttpLedger::new("http://127.0.0.1:1", "tgw_token").unwrap();
+        let mut segments = BTreeMap::new();
+        for _ in 0..3 {
+            let passed = sender.pass(&mut segments, &unreachable).await.unwrap();
+            assert_eq!(passed, Passed::NotTaken);
+            assert_eq!(segments.len(), MAX_UNSENT_SEGMENTS);
+        }
+
+        // The ledger back: a pass sends what it read and says more is left; the rest follows.
+        let store = Store::connect(&format!(
+            "sqlite://{}?mode=rwc",
+            dir.path().join("ledger.db").display()
+        ))
+        .await
+        .unwrap();
+        store.migrate().await.unwrap();
+        let ledger = StoreLedger(store.clone());
+        let passed = sender.pass(&mut segments, &ledger).await.unwrap();
+        assert_eq!(passed, Passed::MoreToRead);
+        let stored = store.period_usage(CUSTOMER, 0, i64::MAX).await.unwrap();
+        assert_eq!(stored.units, 3 * MAX_UNSENT_SEGMENTS as u64);
+        let passed = sender.pass_all(&mut segments, &ledger).await.unwrap();
+        assert_eq!(passed, Passed::AllSent);
+        let stored = store.period_usage(CUSTOMER, 0, i64::MAX).await.unwrap();
+        assert_eq!(stored.units, 30, "every event, once");
+        assert!(segments.is_empty());
+        assert_eq!(
+            sender.meter.spool.closed(u64::MAX).unwrap().len(),
+            1,
+            "only the active segment is left"
+        );
     }
 }
