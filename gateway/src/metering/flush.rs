@@ -224,15 +224,28 @@ impl Sender {
             }
         }
         for segment in segments.values_mut().filter(|s| !s.sent) {
-            for chunk in segment.finals.chunks(self.batch) {
-                match ledger.record(chunk).await {
+            // Batches a proxy in front of the ledger finds too large are sent in halves.
+            let mut batches: Vec<&[UsageEvent]> = segment.finals.chunks(self.batch).rev().collect();
+            while let Some(batch) = batches.pop() {
+                match ledger.record(batch).await {
                     Ok(stored) => self.meter.metrics.sent(stored.inserted, stored.duplicates),
-                    Err(LedgerError::Rejected(reason)) => {
-                        let kept = self.meter.spool.set_aside(chunk)?;
-                        self.meter.metrics.rejected(chunk.len() as u64);
+                    Err(LedgerError::TooLarge(reason)) if batch.len() > 1 => {
+                        tracing::warn!(
+                            %reason,
+                            events = batch.len(),
+                            "the ledger refused a usage batch as too large; sending it in halves \
+                             (a lower [metering] batch_size avoids this)"
+                        );
+                        let (first, second) = batch.split_at(batch.len() / 2);
+                        batches.push(second);
+                        batches.push(first);
+                    }
+                    Err(LedgerError::Rejected(reason) | LedgerError::TooLarge(reason)) => {
+                        let kept = self.meter.spool.set_aside(batch)?;
+                        self.meter.metrics.rejected(batch.len() as u64);
                         tracing::error!(
                             %reason,
-                            events = chunk.len(),
+                            events = batch.len(),
                             kept = %kept.display(),
                             "the ledger refused a usage batch; it is set aside, not sent again"
                         );
@@ -478,5 +491,53 @@ mod tests {
             1,
             "only the active segment is left"
         );
+    }
+
+    /// Stands in for a proxy in front of the control plane that takes request bodies of at
+    /// most two events (413 above), and the control plane behind it: the ids it was given.
+    async fn two_events_at_most() -> (String, Arc<std::sync::Mutex<Vec<String>>>) {
+        let given = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let app = axum::Router::new().route(
+            "/v1/gateway/usage",
+            axum::routing::post({
+                let given = Arc::clone(&given);
+                move |axum::Json(batch): axum::Json<tollgate_model::usage::UsageBatch>| async move {
+                    if batch.events.len() > 2 {
+                        return Err(axum::http::StatusCode::PAYLOAD_TOO_LARGE);
+                    }
+                    let mut given = given.lock().unwrap();
+                    given.extend(batch.events.iter().map(|e| e.id.clone()));
+                    Ok(axum::Json(serde_json::json!({
+                        "inserted": batch.events.len(),
+                        "duplicates": 0
+                    })))
+                }
+            }),
+        );
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let address = listener.local_addr().unwrap();
+        tokio::spawn(async move { axum::serve(listener, app).await });
+        (format!("http://{address}"), given)
+    }
+
+    #[tokio::test]
+    async fn a_batch_too_large_for_a_proxy_is_sent_in_halves_and_nothing_is_set_aside() {
+        let dir = tempfile::tempdir().unwrap();
+        let spool = dir.path().join("spool");
+        let sender = Sender {
+            meter: backlog(&spool, 1, 7),
+            interval: Duration::from_secs(3600),
+            batch: 1000,
+        };
+        let (url, given) = two_events_at_most().await;
+        let ledger = HttpLedger::new(&url, "tgw_token").unwrap();
+        let mut segments = BTreeMap::new();
+        let passed = sender.pass(&mut segments, &ledger).await.unwrap();
+        assert_eq!(passed, Passed::AllSent);
+        let mut given = given.lock().unwrap().clone();
+        given.sort();
+        let expected: Vec<String> = (0..7).map(|n| event(n).id).collect();
+        assert_eq!(given, expected, "every event, once");
+        assert!(!spool.join("rejected").exists(), "nothing set aside");
     }
 }

@@ -19,6 +19,10 @@ pub enum LedgerError {
     /// The ledger refused this batch for good (it will never take it as it is).
     #[error("the ledger refused the batch: {0}")]
     Rejected(String),
+    /// The batch is too large for the ledger (or a proxy in front of it): a smaller one may
+    /// pass.
+    #[error("the batch is too large for the ledger: {0}")]
+    TooLarge(String),
     /// The ledger could not be reached or failed: try again later.
     #[error(transparent)]
     Unavailable(#[from] anyhow::Error),
@@ -98,9 +102,13 @@ impl Ledger for HttpLedger {
         let status = response.status();
         if !status.is_success() {
             let body = response.text().await.unwrap_or_default();
+            // Too large for the control plane or a proxy in front of it: smaller batches pass.
+            if status == reqwest::StatusCode::PAYLOAD_TOO_LARGE {
+                return Err(LedgerError::TooLarge(format!("{status}: {body}")));
+            }
             // A body the control plane will never take; anything else (a token being rotated,
             // an overloaded or failing control plane) may pass later.
-            if matches!(status.as_u16(), 400 | 413 | 422) {
+            if matches!(status.as_u16(), 400 | 422) {
                 return Err(LedgerError::Rejected(format!("{status}: {body}")));
             }
             return Err(anyhow::anyhow!("the control plane answered {status}: {body}").into());
