@@ -287,8 +287,8 @@ auth = "key"
 }
 
 /// An upstream that answers every request with `100 Continue`, then (once it has the body)
-/// `503`: its address.
-async fn continue_then_503() -> String {
+/// `final_answer`, or closes the connection when there is none: its address.
+async fn continue_then(final_answer: Option<&'static str>) -> String {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let address = listener.local_addr().unwrap().to_string();
     tokio::spawn(async move {
@@ -325,9 +325,10 @@ async fn continue_then_503() -> String {
                     if stream.read_exact(&mut body).await.is_err() {
                         return;
                     }
-                    let unavailable =
-                        "HTTP/1.1 503 Service Unavailable\r\ncontent-length: 0\r\n\r\n";
-                    if answer(&mut stream, unavailable).await.is_err() {
+                    let Some(final_answer) = final_answer else {
+                        return;
+                    };
+                    if answer(&mut stream, final_answer).await.is_err() {
                         return;
                     }
                 }
@@ -341,9 +342,12 @@ async fn continue_then_503() -> String {
 /// final status (here an upstream 503: stored, its unit refunded, counted as an error).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_interim_100_continue_leaves_the_request_to_its_final_status() {
+    let unavailable = "HTTP/1.1 503 Service Unavailable\r\ncontent-length: 0\r\n\r\n";
     let placeholder = Upstream::start("api");
-    let text = standalone_config(&placeholder, "")
-        .replace(&placeholder.target(), &continue_then_503().await);
+    let text = standalone_config(&placeholder, "").replace(
+        &placeholder.target(),
+        &continue_then(Some(unavailable)).await,
+    );
     let token = admin_token();
     let env = [("TOLLGATE_ADMIN_TOKEN", token.as_str())];
     let gateway = Gateway::start_with_env(tempfile::tempdir().unwrap(), &text, &env).await;
@@ -380,6 +384,39 @@ async fn an_interim_100_continue_leaves_the_request_to_its_final_status() {
         (&json!("api"), &json!(1), &json!(0), &json!(1)),
         "{usage}"
     );
+    assert_eq!(usage["remaining"], 100);
+}
+
+/// An upstream that fails after a `100 Continue` went to the client: the gateway still answers
+/// with its own problem, and the request is refunded.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_upstream_failing_after_100_continue_gets_the_gateways_problem() {
+    let placeholder = Upstream::start("api");
+    let text = standalone_config(&placeholder, "")
+        .replace(&placeholder.target(), &continue_then(None).await);
+    let token = admin_token();
+    let env = [("TOLLGATE_ADMIN_TOKEN", token.as_str())];
+    let gateway = Gateway::start_with_env(tempfile::tempdir().unwrap(), &text, &env).await;
+    let api = AdminApi::new(&format!("http://{}", gateway.admin), &token);
+    let customer = customer_on(&api, json!({"quota": {"requests": 100, "hard": true}})).await;
+    gateway.wait_for_keys(1).await;
+
+    let response = client()
+        .post(gateway.url("/api/upload"))
+        .bearer_auth(&customer.key)
+        .header("expect", "100-continue")
+        .body("twelve bytes")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 502);
+    assert_eq!(
+        header(&response, "content-type"),
+        "application/problem+json"
+    );
+    let body: Value = response.json().await.unwrap();
+    assert_eq!(body["status"], 502, "{body}");
+    let usage = wait_for_used(&api, &customer.id, 0).await;
     assert_eq!(usage["remaining"], 100);
 }
 

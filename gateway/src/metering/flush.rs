@@ -14,7 +14,7 @@
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::Duration;
 
 use pingora::server::ShutdownWatch;
@@ -119,7 +119,8 @@ pub struct Flusher {
 struct Sender {
     meter: Arc<Meter>,
     interval: Duration,
-    batch: usize,
+    /// Events per batch: `batch_size`, or less once the ledger found a batch too large.
+    batch: AtomicUsize,
 }
 
 impl Flusher {
@@ -131,7 +132,7 @@ impl Flusher {
             sender: Sender {
                 meter,
                 interval,
-                batch,
+                batch: AtomicUsize::new(batch),
             },
         }
     }
@@ -224,8 +225,10 @@ impl Sender {
             }
         }
         for segment in segments.values_mut().filter(|s| !s.sent) {
-            // Batches a proxy in front of the ledger finds too large are sent in halves.
-            let mut batches: Vec<&[UsageEvent]> = segment.finals.chunks(self.batch).rev().collect();
+            // Batches a proxy in front of the ledger finds too large are sent in halves, and
+            // later ones no larger than what passed.
+            let size = self.batch.load(Ordering::Relaxed).max(1);
+            let mut batches: Vec<&[UsageEvent]> = segment.finals.chunks(size).rev().collect();
             while let Some(batch) = batches.pop() {
                 match ledger.record(batch).await {
                     Ok(stored) => self.meter.metrics.sent(stored.inserted, stored.duplicates),
@@ -236,6 +239,7 @@ impl Sender {
                             "the ledger refused a usage batch as too large; sending it in halves \
                              (a lower [metering] batch_size avoids this)"
                         );
+                        self.batch.fetch_min(batch.len() / 2, Ordering::Relaxed);
                         let (first, second) = batch.split_at(batch.len() / 2);
                         batches.push(second);
                         batches.push(first);
@@ -350,6 +354,8 @@ impl BackgroundService for Flusher {
     async fn start(&self, mut shutdown: ShutdownWatch) {
         let mut segments = BTreeMap::new();
         let mut delay = self.sender.interval;
+        let final_flush = &self.gateway.final_flush;
+        let mut shutting_down = false;
         loop {
             if let Some(ledger) = self.gateway.limiter.ledger() {
                 match self.sender.pass(&mut segments, ledger.as_ref()).await {
@@ -363,22 +369,14 @@ impl BackgroundService for Flusher {
                     }
                 }
             }
+            // On SIGTERM a pass at once (Pingora may end this task with the grace period),
+            // then passes as usual while requests drain, and the last one once they have (or
+            // the grace period is over): everything written is final then.
             tokio::select! {
                 () = tokio::time::sleep(delay) => {}
-                _ = shutdown.changed() => break,
+                _ = shutdown.changed(), if !shutting_down => shutting_down = true,
+                () = final_flush.until_drained() => break,
             }
-        }
-        // The last pass, once the requests in flight are over (or the grace period is), so
-        // everything written is final.
-        let final_flush = &self.gateway.final_flush;
-        let grace = self.gateway.server.grace_period;
-        if tokio::time::timeout(grace, final_flush.until_drained())
-            .await
-            .is_err()
-        {
-            tracing::warn!(
-                "requests still in flight after the grace period; sending what is written"
-            );
         }
         if let Some(ledger) = self.gateway.limiter.ledger() {
             let _ = self.sender.meter.spool.tick(i64::MAX, 0);
@@ -454,7 +452,7 @@ mod tests {
         let sender = Sender {
             meter: backlog(&dir.path().join("spool"), 10, 3),
             interval: Duration::from_secs(3600),
-            batch: 2,
+            batch: AtomicUsize::new(2),
         };
         assert_eq!(sender.meter.spool.closed(u64::MAX).unwrap().len(), 11);
 
@@ -527,7 +525,7 @@ mod tests {
         let sender = Sender {
             meter: backlog(&spool, 1, 7),
             interval: Duration::from_secs(3600),
-            batch: 1000,
+            batch: AtomicUsize::new(1000),
         };
         let (url, given) = two_events_at_most().await;
         let ledger = HttpLedger::new(&url, "tgw_token").unwrap();
@@ -539,5 +537,10 @@ mod tests {
         let expected: Vec<String> = (0..7).map(|n| event(n).id).collect();
         assert_eq!(given, expected, "every event, once");
         assert!(!spool.join("rejected").exists(), "nothing set aside");
+        let size = sender.batch.load(Ordering::Relaxed);
+        assert!(
+            (1..=2).contains(&size),
+            "later batches are no larger than what passes: {size}"
+        );
     }
 }

@@ -414,7 +414,13 @@ impl ProxyHttp for Proxy {
         ctx.proxy_failed = true;
         let problem = ctx.problem.take().or_else(|| GatewayProblem::from_error(e));
         let error_code = match problem {
-            Some(problem) if session.response_written().is_none() => {
+            // Nothing sent yet but perhaps an interim `100 Continue`: the final response is
+            // still ours to write.
+            Some(problem)
+                if session
+                    .response_written()
+                    .is_none_or(|header| header.status.is_informational()) =>
+            {
                 // Pingora closes the client connection after a failed proxy attempt; say so, or
                 // a client may send its next request on a connection that is going away.
                 session.set_keepalive(None);
