@@ -712,3 +712,79 @@ async fn a_jwks_of_one_key_without_a_kid_checks_tokens_that_name_none() {
     let (status, kind, _) = status_and_type(&gateway, "/ed", &named).await;
     assert_eq!((status, kind.as_str()), (401, "invalid-token"));
 }
+
+/// Failed-authentication throttling counts tokens that may be forged (their signature does not
+/// verify), not tokens whose signature verified but whose claims do not hold: a client with the
+/// wrong audience or an expired token keeps getting the reason, not 429.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn only_tokens_whose_signature_fails_count_toward_the_failed_authentication_limit() {
+    let upstream = Upstream::start("api");
+    let token = admin_token();
+    let text = config(&format!(
+        r#"
+[auth]
+failed_per_minute = 3
+
+[control_plane]
+embedded = true
+
+{HS_AND_RS}
+
+[[upstreams]]
+name = "api"
+targets = ["{target}"]
+
+[[routes]]
+name = "hs"
+path_prefix = "/hs"
+upstream = "api"
+auth = "jwt"
+jwt_provider = "hs"
+"#,
+        target = upstream.target()
+    ));
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::copy(
+        format!("{FIXTURES}/rsa-public.pem"),
+        dir.path().join("rsa-public.pem"),
+    )
+    .unwrap();
+    let env = [
+        ("TOLLGATE_ADMIN_TOKEN", token.as_str()),
+        ("TEST_JWT_SECRET", SECRET),
+    ];
+    let gateway = Gateway::start_with_env(dir, &text, &env).await;
+    let api = AdminApi::new(&format!("http://{}", gateway.admin), &token);
+    let (_, customer, _) = api.customer_with_key("jwt").await;
+    let customer = customer["id"].as_str().unwrap().to_owned();
+    gateway.wait_for_keys(1).await;
+
+    let wrong_audience = hmac(&claims(&customer, |c| {
+        c["aud"] = json!("https://else.test")
+    }));
+    let expired = hmac(&claims(&customer, |c| c["exp"] = json!(now() - 3600)));
+    for _ in 0..5 {
+        let (status, kind, body) = status_and_type(&gateway, "/hs", &wrong_audience).await;
+        assert_eq!((status, kind.as_str()), (401, "invalid-token"), "{body}");
+        let (status, kind, body) = status_and_type(&gateway, "/hs", &expired).await;
+        assert_eq!((status, kind.as_str()), (401, "expired-token"), "{body}");
+    }
+    let valid = hmac(&claims(&customer, |_| {}));
+    assert_eq!(status_and_type(&gateway, "/hs", &valid).await.0, 200);
+
+    let forged = sign(
+        Algorithm::HS256,
+        None,
+        &claims(&customer, |_| {}),
+        &EncodingKey::from_secret(b"another-secret-of-more-than-32-bytes!!"),
+    );
+    for _ in 0..3 {
+        let (status, kind, body) = status_and_type(&gateway, "/hs", &forged).await;
+        assert_eq!((status, kind.as_str()), (401, "invalid-token"), "{body}");
+    }
+    let (status, kind, _) = status_and_type(&gateway, "/hs", &valid).await;
+    assert_eq!(
+        (status, kind.as_str()),
+        (429, "too-many-failed-authentications")
+    );
+}

@@ -183,11 +183,11 @@ impl Verifier {
         let data = jsonwebtoken::decode::<Map<String, Value>>(token, key, &self.validation)
             .map_err(|error| match error.kind() {
                 ErrorKind::ExpiredSignature => Refusal::ExpiredToken,
-                ErrorKind::ImmatureSignature => Refusal::InvalidToken("not valid yet (nbf)"),
-                ErrorKind::InvalidIssuer => Refusal::InvalidToken("issuer not accepted"),
-                ErrorKind::InvalidAudience => Refusal::InvalidToken("audience not accepted"),
+                ErrorKind::ImmatureSignature => Refusal::InvalidClaims("not valid yet (nbf)"),
+                ErrorKind::InvalidIssuer => Refusal::InvalidClaims("issuer not accepted"),
+                ErrorKind::InvalidAudience => Refusal::InvalidClaims("audience not accepted"),
                 ErrorKind::MissingRequiredClaim(_) => {
-                    Refusal::InvalidToken("a required claim (exp, iss, aud) is missing")
+                    Refusal::InvalidClaims("a required claim (exp, iss, aud) is missing")
                 }
                 ErrorKind::InvalidAlgorithm => Refusal::InvalidToken("algorithm not accepted"),
                 ErrorKind::InvalidSignature => Refusal::InvalidToken("signature does not verify"),
@@ -197,7 +197,7 @@ impl Verifier {
             .claims
             .get(&self.customer_claim)
             .and_then(Value::as_str)
-            .ok_or(Refusal::InvalidToken("the customer claim is missing"))?
+            .ok_or(Refusal::InvalidClaims("the customer claim is missing"))?
             .to_owned();
         let subject = data
             .claims

@@ -130,8 +130,11 @@ pub enum Refusal {
     OutOfScope,
     /// This gateway has never had identities to check against (503).
     Unavailable,
-    /// A JWT that does not verify or whose claims do not hold; says why (401).
+    /// A JWT that does not verify (format, algorithm, key, signature); says why (401).
     InvalidToken(&'static str),
+    /// A JWT whose signature verified but whose claims do not hold (`nbf`, `iss`, `aud`, a
+    /// required claim); says why (401, answered as an invalid token).
+    InvalidClaims(&'static str),
     /// A JWT past its `exp` (401).
     ExpiredToken,
     /// A valid JWT whose customer claim names no customer (403).
@@ -140,10 +143,11 @@ pub enum Refusal {
 
 impl Refusal {
     /// Whether it counts as a failed authentication of the client address: a credential that
-    /// may be a guess (a key no one was given, or a token whose signature or claims do not
-    /// verify). A missing credential guesses nothing; a real key or a token that verified, but
-    /// may not be used (revoked, expired, suspended, out of scope), is not a guess: presenting
-    /// it again teaches nothing about other keys, and its caller keeps getting the reason.
+    /// may be a guess (a key no one was given, or a token whose signature does not verify). A
+    /// missing credential guesses nothing; a real key or a token whose signature verified, but
+    /// which may not be used (revoked, expired, suspended, out of scope, claims that do not
+    /// hold), is not a guess: presenting it again teaches nothing about other keys, and its
+    /// caller keeps getting the reason.
     pub fn is_failure(self) -> bool {
         matches!(
             self,
@@ -162,7 +166,7 @@ impl Refusal {
             Refusal::Suspended => "suspended",
             Refusal::OutOfScope => "out_of_scope",
             Refusal::Unavailable => "unavailable",
-            Refusal::InvalidToken(_) => "invalid_token",
+            Refusal::InvalidToken(_) | Refusal::InvalidClaims(_) => "invalid_token",
             Refusal::ExpiredToken => "expired_token",
             Refusal::UnknownCustomer => "unknown_customer",
         }
