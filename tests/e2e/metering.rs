@@ -338,23 +338,21 @@ async fn continue_then(final_answer: Option<&'static str>) -> String {
     address
 }
 
-/// A `100 Continue` on the way is not the response: the request is stored and settled by its
-/// final status (here an upstream 503: stored, its unit refunded, counted as an error).
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn an_interim_100_continue_leaves_the_request_to_its_final_status() {
-    let unavailable = "HTTP/1.1 503 Service Unavailable\r\ncontent-length: 0\r\n\r\n";
+/// A standalone gateway in front of [`continue_then`]`(final_answer)`, a customer with a quota
+/// of 100, and its `POST` with `Expect: 100-continue` through the gateway: (gateway, admin API,
+/// customer, response).
+async fn post_after_continue(
+    final_answer: Option<&'static str>,
+) -> (Gateway, AdminApi, Customer, reqwest::Response) {
     let placeholder = Upstream::start("api");
-    let text = standalone_config(&placeholder, "").replace(
-        &placeholder.target(),
-        &continue_then(Some(unavailable)).await,
-    );
+    let text = standalone_config(&placeholder, "")
+        .replace(&placeholder.target(), &continue_then(final_answer).await);
     let token = admin_token();
     let env = [("TOLLGATE_ADMIN_TOKEN", token.as_str())];
     let gateway = Gateway::start_with_env(tempfile::tempdir().unwrap(), &text, &env).await;
     let api = AdminApi::new(&format!("http://{}", gateway.admin), &token);
     let customer = customer_on(&api, json!({"quota": {"requests": 100, "hard": true}})).await;
     gateway.wait_for_keys(1).await;
-
     let response = client()
         .post(gateway.url("/api/upload"))
         .bearer_auth(&customer.key)
@@ -363,6 +361,15 @@ async fn an_interim_100_continue_leaves_the_request_to_its_final_status() {
         .send()
         .await
         .unwrap();
+    (gateway, api, customer, response)
+}
+
+/// A `100 Continue` on the way is not the response: the request is stored and settled by its
+/// final status (here an upstream 503: stored, its unit refunded, counted as an error).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_interim_100_continue_leaves_the_request_to_its_final_status() {
+    let unavailable = "HTTP/1.1 503 Service Unavailable\r\ncontent-length: 0\r\n\r\n";
+    let (gateway, api, customer, response) = post_after_continue(Some(unavailable)).await;
     assert_eq!(response.status(), 503);
     assert_eq!(header(&response, "x-quota-remaining"), "99");
 
@@ -391,24 +398,7 @@ async fn an_interim_100_continue_leaves_the_request_to_its_final_status() {
 /// with its own problem, and the request is refunded.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_upstream_failing_after_100_continue_gets_the_gateways_problem() {
-    let placeholder = Upstream::start("api");
-    let text = standalone_config(&placeholder, "")
-        .replace(&placeholder.target(), &continue_then(None).await);
-    let token = admin_token();
-    let env = [("TOLLGATE_ADMIN_TOKEN", token.as_str())];
-    let gateway = Gateway::start_with_env(tempfile::tempdir().unwrap(), &text, &env).await;
-    let api = AdminApi::new(&format!("http://{}", gateway.admin), &token);
-    let customer = customer_on(&api, json!({"quota": {"requests": 100, "hard": true}})).await;
-    gateway.wait_for_keys(1).await;
-
-    let response = client()
-        .post(gateway.url("/api/upload"))
-        .bearer_auth(&customer.key)
-        .header("expect", "100-continue")
-        .body("twelve bytes")
-        .send()
-        .await
-        .unwrap();
+    let (_gateway, api, customer, response) = post_after_continue(None).await;
     assert_eq!(response.status(), 502);
     assert_eq!(
         header(&response, "content-type"),
