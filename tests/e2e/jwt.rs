@@ -94,17 +94,28 @@ async fn gateway_with(
     providers: &str,
     extra_routes: &str,
 ) -> (Gateway, AdminApi, String, String) {
-    let (gateway, api, customer, plan, _) =
-        gateway_on(Backend::Embedded, upstream, providers, extra_routes).await;
+    let (gateway, api, customer, plan, _) = gateway_on(
+        Backend::Embedded,
+        upstream,
+        providers,
+        extra_routes,
+        NOT_THROTTLED,
+    )
+    .await;
     (gateway, api, customer, plan)
 }
 
-/// [`gateway_with`], its control plane on `backend`.
+/// `[auth] failed_per_minute` high enough that no test's refused tokens throttle it.
+const NOT_THROTTLED: u32 = 100_000;
+
+/// [`gateway_with`], its control plane on `backend`, throttling addresses past
+/// `failed_per_minute` failed authentications.
 async fn gateway_on(
     backend: Backend,
     upstream: &Upstream,
     providers: &str,
     extra_routes: &str,
+    failed_per_minute: u32,
 ) -> (Gateway, AdminApi, String, String, Separate) {
     let token = admin_token();
     let (control_plane, separate, api) = match backend {
@@ -127,7 +138,7 @@ async fn gateway_on(
     let text = config(&format!(
         r#"
 [auth]
-failed_per_minute = 100000
+failed_per_minute = {failed_per_minute}
 
 [control_plane]
 {control_plane}
@@ -224,7 +235,7 @@ async fn hmac_tokens_are_checked_alike_with_a_separate_postgres_control_plane() 
 async fn hmac_tokens(backend: Backend) {
     let upstream = Upstream::start("api");
     let (gateway, _api, customer, plan, _separate) =
-        gateway_on(backend, &upstream, HS_AND_RS, "").await;
+        gateway_on(backend, &upstream, HS_AND_RS, "", NOT_THROTTLED).await;
 
     let token = hmac(&claims(&customer, |_| {}));
     let response = client()
@@ -370,7 +381,7 @@ async fn public_key_tokens_are_checked_alike_with_a_separate_postgres_control_pl
 async fn public_key_tokens(backend: Backend) {
     let upstream = Upstream::start("api");
     let (gateway, api, customer, _, _separate) =
-        gateway_on(backend, &upstream, HS_AND_RS, "").await;
+        gateway_on(backend, &upstream, HS_AND_RS, "", NOT_THROTTLED).await;
     for alg in [
         Algorithm::RS256,
         Algorithm::RS384,
@@ -719,45 +730,8 @@ async fn a_jwks_of_one_key_without_a_kid_checks_tokens_that_name_none() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn only_tokens_whose_signature_fails_count_toward_the_failed_authentication_limit() {
     let upstream = Upstream::start("api");
-    let token = admin_token();
-    let text = config(&format!(
-        r#"
-[auth]
-failed_per_minute = 3
-
-[control_plane]
-embedded = true
-
-{HS_AND_RS}
-
-[[upstreams]]
-name = "api"
-targets = ["{target}"]
-
-[[routes]]
-name = "hs"
-path_prefix = "/hs"
-upstream = "api"
-auth = "jwt"
-jwt_provider = "hs"
-"#,
-        target = upstream.target()
-    ));
-    let dir = tempfile::tempdir().unwrap();
-    std::fs::copy(
-        format!("{FIXTURES}/rsa-public.pem"),
-        dir.path().join("rsa-public.pem"),
-    )
-    .unwrap();
-    let env = [
-        ("TOLLGATE_ADMIN_TOKEN", token.as_str()),
-        ("TEST_JWT_SECRET", SECRET),
-    ];
-    let gateway = Gateway::start_with_env(dir, &text, &env).await;
-    let api = AdminApi::new(&format!("http://{}", gateway.admin), &token);
-    let (_, customer, _) = api.customer_with_key("jwt").await;
-    let customer = customer["id"].as_str().unwrap().to_owned();
-    gateway.wait_for_keys(1).await;
+    let (gateway, _api, customer, _plan, _) =
+        gateway_on(Backend::Embedded, &upstream, HS_AND_RS, "", 3).await;
 
     let wrong_audience = hmac(&claims(&customer, |c| {
         c["aud"] = json!("https://else.test")

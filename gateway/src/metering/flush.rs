@@ -151,14 +151,16 @@ impl Sender {
         let interval_ms = i64::try_from(self.interval.as_millis()).unwrap_or(i64::MAX);
         let active = self.meter.spool.tick(now, interval_ms)?;
         let mut first_unread = None;
+        let mut unsent = segments.values().filter(|s| !s.sent).count();
         for (seq, path) in self.meter.spool.closed(active)? {
             if segments.contains_key(&seq) {
                 continue;
             }
-            if segments.values().filter(|s| !s.sent).count() >= MAX_UNSENT_SEGMENTS {
+            if unsent >= MAX_UNSENT_SEGMENTS {
                 first_unread = Some(seq);
                 break;
             }
+            unsent += 1;
             let (records, torn) = spool::read(&path)?;
             if torn > 0 {
                 tracing::warn!(segment = %path.display(), torn, "skipped torn usage records (a crash mid-write)");
@@ -403,30 +405,13 @@ mod tests {
     use crate::metering::metrics::MeteringMetrics;
     use crate::metering::record::{self, Kind, Usage};
     use crate::metering::spool::Spool;
+    use crate::metering::spool::tests::event;
     use crate::metrics::Metrics;
 
     const CUSTOMER: &str = "cus_01010101010101010101010101010101";
 
-    fn event(n: u32) -> UsageEvent {
-        UsageEvent {
-            id: format!("evt_{n:032x}"),
-            request_id: format!("req-{n}"),
-            customer_id: CUSTOMER.into(),
-            key_id: None,
-            route: "api".into(),
-            method: "GET".into(),
-            status: 200,
-            latency_us: 10,
-            bytes_in: 0,
-            bytes_out: 5,
-            at_ms: 1_000,
-            units: 1,
-            overage: 0,
-        }
-    }
-
     /// A spool of `segments` closed segments of `per_segment` final records each.
-    fn backlog(dir: &std::path::Path, segments: u32, per_segment: u32) -> Arc<Meter> {
+    fn backlog(dir: &std::path::Path, segments: u8, per_segment: u8) -> Arc<Meter> {
         let meter = Meter {
             spool: Spool::open(dir, u64::MAX, 0).unwrap(),
             metrics: MeteringMetrics::new(&Metrics::new()).unwrap(),
@@ -436,7 +421,7 @@ mod tests {
                 let mut line = Vec::new();
                 record::encode(
                     Kind::Final,
-                    &Usage::of(&event(segment * per_segment + n)),
+                    &Usage::of(&event(segment * per_segment + n, 1)),
                     &mut line,
                 );
                 meter.spool.append(&line).unwrap();
@@ -534,7 +519,7 @@ mod tests {
         assert_eq!(passed, Passed::AllSent);
         let mut given = given.lock().unwrap().clone();
         given.sort();
-        let expected: Vec<String> = (0..7).map(|n| event(n).id).collect();
+        let expected: Vec<String> = (0..7).map(|n| event(n, 1).id).collect();
         assert_eq!(given, expected, "every event, once");
         assert!(!spool.join("rejected").exists(), "nothing set aside");
         let size = sender.batch.load(Ordering::Relaxed);

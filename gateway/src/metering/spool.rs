@@ -377,12 +377,13 @@ pub fn read(path: &Path) -> std::io::Result<(Vec<Record>, usize)> {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use std::fs::OpenOptions;
 
     use super::*;
 
-    fn event(id: u8, units: u64) -> UsageEvent {
+    /// A final event numbered `id` of customer `cus_0101…`, counting `units`.
+    pub(crate) fn event(id: u8, units: u64) -> UsageEvent {
         UsageEvent {
             id: format!("evt_{}", hex::encode([id; 16])),
             request_id: "r".into(),
