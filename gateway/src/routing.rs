@@ -211,6 +211,7 @@ mod tests {
             max_request_body_bytes: 0,
             security_headers: SecurityHeaders::default(),
             auth: crate::config::RouteAuth::default(),
+            metered: false,
         }
     }
 

@@ -38,6 +38,13 @@ name = "demo"
 path_prefix = "/demo"
 auth = "key"
 respond = {{ status = 200, body = "hello, customer" }}
+
+[[routes]]
+name = "whoami"
+path_prefix = "/whoami"
+upstream = "api"
+auth = "key"
+metered = false
 "#,
         target = upstream.target()
     ))
@@ -573,4 +580,78 @@ async fn a_billing_period_set_after_calls_it_covers_counts_them_once_they_reach_
         statuses
     };
     assert_eq!(statuses, [200, 200, 429, 429]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_route_set_unmetered_checks_the_caller_but_leaves_the_plan_and_the_ledger_alone() {
+    let upstream = Upstream::start("api");
+    let setup = customer_on(
+        &upstream,
+        "",
+        json!({
+            "rate_limits": [{"requests": 2, "window_seconds": 60}],
+            "quota": {"requests": 2, "hard": true}
+        }),
+    )
+    .await;
+    // Five calls on a plan of two: all through, none told of limits, the caller named upstream.
+    for _ in 0..5 {
+        let response = setup.get("/whoami").await;
+        assert_eq!(response.status(), 200);
+        for name in [
+            "ratelimit",
+            "ratelimit-policy",
+            "x-ratelimit-remaining",
+            "x-quota-remaining",
+        ] {
+            assert_eq!(header(&response, name), "", "{name} on an unmetered route");
+        }
+        let echoed: Value = response.json().await.unwrap();
+        let seen = &echoed["headers"];
+        assert_eq!(seen["x-tollgate-customer-id"], setup.customer_id.as_str());
+        assert_eq!(seen["x-tollgate-plan-id"], setup.plan_id.as_str());
+        assert!(seen.get("authorization").is_none(), "{seen}");
+    }
+    // The caller is still checked.
+    let stranger = client()
+        .get(setup.gateway.url("/whoami"))
+        .bearer_auth("tg_not_a_key")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(stranger.status(), 401);
+    // The plan's two units are all still there on a metered route.
+    let statuses: Vec<u16> = [
+        setup.get("/api").await.status().as_u16(),
+        setup.get("/api").await.status().as_u16(),
+        setup.get("/api").await.status().as_u16(),
+    ]
+    .to_vec();
+    assert_eq!(statuses, [200, 200, 429]);
+    // The ledger holds the two metered calls and nothing of the five free ones.
+    let path = format!("/v1/customers/{}/usage", setup.customer_id);
+    let started = Instant::now();
+    loop {
+        let (status, usage) = setup.api.call("GET", &path, None).await;
+        assert_eq!(status, 200);
+        if usage["used"] == 2 {
+            let routes: Vec<&str> = usage["days"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|day| day["route"].as_str().unwrap())
+                .collect();
+            assert_eq!(routes, ["api"], "{usage}");
+            break;
+        }
+        assert!(
+            usage["used"].as_u64().unwrap_or(0) < 2 && started.elapsed() < Duration::from_secs(10),
+            "{usage}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // Let another flush pass run: still only the two.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let (_, usage) = setup.api.call("GET", &path, None).await;
+    assert_eq!(usage["used"], 2, "{usage}");
 }

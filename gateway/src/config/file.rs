@@ -305,6 +305,10 @@ pub struct RouteConfig {
     /// metered itself).
     #[serde(default)]
     pub usage: bool,
+    /// Whether the caller's plan applies: rate limits, quota, limit headers and a usage event.
+    /// Default: true on authenticated routes. `false` makes the route authenticated only, and
+    /// its calls free. A public route is never metered.
+    pub metered: Option<bool>,
     /// Compress responses (gzip, brotli or zstd, as the client accepts) at this level (1-9).
     pub compression_level: Option<u32>,
     /// Largest request body for this route, overriding `server.max_request_body_bytes`.

@@ -349,6 +349,10 @@ pub struct Route {
     pub security_headers: SecurityHeaders,
     /// Who may call it.
     pub auth: RouteAuth,
+    /// The caller's plan applies (rate limits, quota, limit headers, a usage event): an
+    /// authenticated route that does not answer with a usage view and was not set
+    /// `metered = false`.
+    pub metered: bool,
 }
 
 /// How a route matches the request's host.

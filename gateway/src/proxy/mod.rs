@@ -152,7 +152,7 @@ impl ProxyHttp for Proxy {
             respond::problem(session, ctx, &problem).await?;
             return Ok(true);
         }
-        let usage_route = matches!(route.action, RouteAction::Usage);
+        let metered = route.metered;
         if route.auth.required() {
             let client = session
                 .client_addr()
@@ -165,7 +165,7 @@ impl ProxyHttp for Proxy {
                     return Ok(true);
                 }
             }
-            if !usage_route && let Some(problem) = meter::admit(&self.gateway, ctx).await {
+            if metered && let Some(problem) = meter::admit(&self.gateway, ctx).await {
                 respond::problem(session, ctx, &problem).await?;
                 return Ok(true);
             }

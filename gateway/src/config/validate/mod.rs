@@ -452,6 +452,24 @@ fn route(
         None => resolve_security_headers(&[context.global_headers]),
     };
     let auth = route_auth(file, path, context, errors);
+    let metered = match file.metered {
+        Some(true) if !auth.required() => {
+            errors.push(
+                format!("{path}.metered"),
+                "only authenticated routes are metered: a public call has no customer to count",
+            );
+            false
+        }
+        Some(true) if file.usage => {
+            errors.push(
+                format!("{path}.metered"),
+                "a usage view is never metered: reading one's usage is free",
+            );
+            false
+        }
+        Some(metered) => metered,
+        None => auth.required() && !file.usage,
+    };
     let action = action?;
     (errors.0.len() == before).then(|| Route {
         name: file.name.clone(),
@@ -466,6 +484,7 @@ fn route(
             .unwrap_or(context.default_body_limit),
         security_headers,
         auth,
+        metered,
     })
 }
 

@@ -630,3 +630,71 @@ respond = {{ body = \"x\" }}
         ]
     );
 }
+
+#[test]
+fn authenticated_routes_are_metered_unless_set_otherwise_and_only_they_can_be() {
+    let routes = "
+[control_plane]
+embedded = true
+[[routes]]
+name = \"paid\"
+path_prefix = \"/paid\"
+auth = \"key\"
+respond = { body = \"a\" }
+[[routes]]
+name = \"free\"
+path_prefix = \"/free\"
+auth = \"key\"
+metered = false
+respond = { body = \"b\" }
+[[routes]]
+name = \"usage\"
+path_prefix = \"/usage\"
+auth = \"key\"
+usage = true
+[[routes]]
+name = \"public\"
+path_prefix = \"/public\"
+respond = { body = \"c\" }
+";
+    let checked = config(&format!("{SERVER}{routes}"));
+    let metered: Vec<(&str, bool)> = checked
+        .routes
+        .iter()
+        .map(|route| (route.name.as_str(), route.metered))
+        .collect();
+    assert_eq!(
+        metered,
+        vec![
+            ("paid", true),
+            ("free", false),
+            ("usage", false),
+            ("public", false)
+        ]
+    );
+
+    let errors = problems(&format!(
+        "{SERVER}
+[control_plane]
+embedded = true
+[[routes]]
+name = \"public\"
+path_prefix = \"/public\"
+metered = true
+respond = {{ body = \"a\" }}
+[[routes]]
+name = \"usage\"
+path_prefix = \"/usage\"
+auth = \"key\"
+usage = true
+metered = true
+"
+    ));
+    assert_eq!(
+        errors,
+        vec![
+            "routes[0].metered: only authenticated routes are metered: a public call has no customer to count",
+            "routes[1].metered: a usage view is never metered: reading one's usage is free",
+        ]
+    );
+}
