@@ -17,7 +17,6 @@
 //! guess one character off costing what a far miss costs, within the two far sets' own spread, is
 //! what shows that the check does not end early on a partial match.
 
-use std::collections::HashMap;
 use std::hint::black_box;
 use std::sync::Arc;
 use std::time::Instant;
@@ -216,8 +215,10 @@ fn index(entries: Vec<KeyEntry>, customer: Id) -> anyhow::Result<Identities> {
     let plan_id: Arc<str> = "plan_bench".into();
     let builder = Builder {
         version: 1,
-        plans: HashMap::from([(Arc::clone(&plan_id), Arc::new(plan))]),
-        customers: HashMap::from([(
+        plans: [(Arc::clone(&plan_id), Arc::new(plan))]
+            .into_iter()
+            .collect(),
+        customers: [(
             customer,
             CustomerEntry {
                 plan_id,
@@ -226,7 +227,9 @@ fn index(entries: Vec<KeyEntry>, customer: Id) -> anyhow::Result<Identities> {
                 plan_header: http::HeaderValue::from_static("plan_bench"),
                 billing_period: None,
             },
-        )]),
+        )]
+        .into_iter()
+        .collect(),
         keys: entries,
     };
     builder

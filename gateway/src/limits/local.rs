@@ -7,7 +7,6 @@
 //! `.await` inside), which is what makes the count exact under concurrency: two requests of one
 //! customer are decided one after the other, never both on the same remaining unit.
 
-use std::collections::HashMap;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Mutex, PoisonError};
 
@@ -16,7 +15,7 @@ use super::quota::{LedgerRead, QuotaCount};
 use super::redis::QUOTA_KEY_GRACE_MS;
 use super::window::{self, WindowCounts, WindowState};
 use super::{Counted, Decision, FallbackUnit, Policy, Reservation, Verdict};
-use crate::identity::index::Id;
+use crate::identity::index::{Id, Map};
 
 /// Shards of the customer map.
 pub const SHARDS: usize = 64;
@@ -85,7 +84,7 @@ impl Counts {
 }
 
 /// The customer's counts in `shard`, made for `period` if it has none yet.
-fn counts<'a>(shard: &'a mut HashMap<Id, Counts>, customer: &Id, period: Period) -> &'a mut Counts {
+fn counts<'a>(shard: &'a mut Map<Id, Counts>, customer: &Id, period: Period) -> &'a mut Counts {
     shard
         .entry(*customer)
         .or_insert_with(|| Counts::new(period))
@@ -127,7 +126,7 @@ pub const FORGET_PER_CALL: usize = 64;
 /// Counters of every customer that called, in this process.
 #[derive(Debug)]
 pub struct LocalCounters {
-    shards: Box<[Mutex<HashMap<Id, Counts>>]>,
+    shards: Box<[Mutex<Map<Id, Counts>>]>,
     /// Customers holding [`Unshared`] units: while none do (always, but after a Redis failure,
     /// or for plans without limits), a request does not look for any.
     unshared: AtomicUsize,
@@ -147,7 +146,7 @@ impl Default for LocalCounters {
 }
 
 impl LocalCounters {
-    fn shard(&self, customer: &Id) -> std::sync::MutexGuard<'_, HashMap<Id, Counts>> {
+    fn shard(&self, customer: &Id) -> std::sync::MutexGuard<'_, Map<Id, Counts>> {
         // Ids are random: their first byte spreads customers evenly.
         self.shards[usize::from(customer[0]) % SHARDS]
             .lock()

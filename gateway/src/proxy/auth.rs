@@ -26,13 +26,7 @@ pub const X_KEY_ID: &str = "x-tollgate-key-id";
 /// The JWT's `sub`, for the upstream.
 pub const X_SUBJECT: &str = "x-tollgate-subject";
 /// Identity headers only the gateway may set: a client's own are always removed.
-const IDENTITY_HEADER_NAMES: [HeaderName; 4] = [
-    HeaderName::from_static(X_CUSTOMER_ID),
-    HeaderName::from_static(X_PLAN_ID),
-    HeaderName::from_static(X_KEY_ID),
-    HeaderName::from_static(X_SUBJECT),
-];
-const X_API_KEY_NAME: HeaderName = HeaderName::from_static(X_API_KEY);
+const IDENTITY_HEADER_NAMES: [&str; 4] = [X_CUSTOMER_ID, X_PLAN_ID, X_KEY_ID, X_SUBJECT];
 
 /// A credential as sent.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -177,36 +171,28 @@ pub fn rewrite_upstream(
     route: &Route,
     caller: Option<&(Caller, Source)>,
 ) -> Result<()> {
-    // Looked up by a ready-made name (no parsing) and removed only when present: the common
-    // case costs four hash lookups.
-    for name in &IDENTITY_HEADER_NAMES {
-        if upstream_request.headers.contains_key(name) {
-            upstream_request.remove_header(name);
-        }
-    }
-    // CGI-style upstreams read `X_Tollgate_Customer_Id` as `X-Tollgate-Customer-Id`: those
-    // spellings go too.
-    let disguised: Vec<HeaderName> = upstream_request
+    // One pass over the names the client sent finds ours, also in the spelling CGI-style
+    // upstreams read as ours (`X_Tollgate_Customer_Id`), and on an authenticated request the
+    // key's own header; the common case finds none and allocates nothing.
+    let authenticated = caller.is_some();
+    let doomed: Vec<HeaderName> = upstream_request
         .headers
         .keys()
-        .filter(|name| name.as_str().contains('_'))
         .filter(|name| {
-            let dashed = name.as_str().replace('_', "-");
+            let name = name.as_str();
             IDENTITY_HEADER_NAMES
                 .iter()
-                .any(|ours| ours.as_str() == dashed)
+                .any(|ours| same_but_underscores(ours, name))
+                || (authenticated && name == X_API_KEY)
         })
         .cloned()
         .collect();
-    for name in &disguised {
+    for name in &doomed {
         upstream_request.remove_header(name);
     }
     let Some((caller, source)) = caller else {
         return Ok(());
     };
-    if upstream_request.headers.contains_key(&X_API_KEY_NAME) {
-        upstream_request.remove_header(&X_API_KEY_NAME);
-    }
     if *source == Source::Authorization {
         upstream_request.remove_header(&AUTHORIZATION);
     }
@@ -224,6 +210,15 @@ pub fn rewrite_upstream(
         upstream_request.insert_header(X_SUBJECT, value)?;
     }
     Ok(())
+}
+
+/// Whether `name` is `ours`, or `ours` with `_` for some of its `-`.
+fn same_but_underscores(ours: &str, name: &str) -> bool {
+    ours.len() == name.len()
+        && ours
+            .bytes()
+            .zip(name.bytes())
+            .all(|(a, b)| a == b || (a == b'-' && b == b'_'))
 }
 
 fn remove_query_param(upstream_request: &mut RequestHeader, name: &str) -> Result<()> {
