@@ -594,15 +594,26 @@ async fn a_route_set_unmetered_checks_the_caller_but_leaves_the_plan_and_the_led
         }),
     )
     .await;
-    // Five calls on a plan of two: all through, none told of limits, the caller named upstream.
-    for _ in 0..5 {
-        let response = setup.get("/whoami").await;
+    // Five calls on a plan of two: all through, none told of limits, the caller named upstream
+    // and the key (in either header) not.
+    for call in 0..5 {
+        let request = client().get(setup.gateway.url("/whoami"));
+        let request = if call % 2 == 0 {
+            request.bearer_auth(&setup.key)
+        } else {
+            request.header("x-api-key", &setup.key)
+        };
+        let response = request.send().await.unwrap();
         assert_eq!(response.status(), 200);
         for name in [
-            "ratelimit",
             "ratelimit-policy",
+            "ratelimit",
+            "x-ratelimit-limit",
             "x-ratelimit-remaining",
+            "x-ratelimit-reset",
+            "x-quota-limit",
             "x-quota-remaining",
+            "x-quota-reset",
         ] {
             assert_eq!(header(&response, name), "", "{name} on an unmetered route");
         }
@@ -610,7 +621,14 @@ async fn a_route_set_unmetered_checks_the_caller_but_leaves_the_plan_and_the_led
         let seen = &echoed["headers"];
         assert_eq!(seen["x-tollgate-customer-id"], setup.customer_id.as_str());
         assert_eq!(seen["x-tollgate-plan-id"], setup.plan_id.as_str());
+        assert!(
+            seen["x-tollgate-key-id"]
+                .as_str()
+                .is_some_and(|id| id.starts_with("key_")),
+            "{seen}"
+        );
         assert!(seen.get("authorization").is_none(), "{seen}");
+        assert!(seen.get("x-api-key").is_none(), "{seen}");
     }
     // The caller is still checked.
     let stranger = client()
@@ -654,4 +672,16 @@ async fn a_route_set_unmetered_checks_the_caller_but_leaves_the_plan_and_the_led
     tokio::time::sleep(Duration::from_millis(1500)).await;
     let (_, usage) = setup.api.call("GET", &path, None).await;
     assert_eq!(usage["used"], 2, "{usage}");
+    // A suspended customer is refused here too.
+    setup.patch_customer(json!({"status": "suspended"})).await;
+    let refused = setup.get("/whoami").await;
+    assert_eq!(refused.status(), 403);
+    let problem: Value = refused.json().await.unwrap();
+    assert!(
+        problem["type"]
+            .as_str()
+            .unwrap()
+            .ends_with("customer-suspended"),
+        "{problem}"
+    );
 }

@@ -306,8 +306,8 @@ pub struct RouteConfig {
     #[serde(default)]
     pub usage: bool,
     /// Whether the caller's plan applies: rate limits, quota, limit headers and a usage event.
-    /// Default: true on authenticated routes. `false` makes the route authenticated only, and
-    /// its calls free. A public route is never metered.
+    /// Default: true on authenticated routes other than usage views. `false` makes the route
+    /// authenticated only, and its calls free. Public routes and usage views are never metered.
     pub metered: Option<bool>,
     /// Compress responses (gzip, brotli or zstd, as the client accepts) at this level (1-9).
     pub compression_level: Option<u32>,

@@ -321,6 +321,48 @@ mod tests {
     }
 
     #[test]
+    fn a_clients_identity_headers_go_in_every_spelling_and_nothing_else_does() {
+        let route = Route {
+            name: "public".to_owned(),
+            host: None,
+            path_prefix: "/".to_owned(),
+            methods: None,
+            strip_prefix: false,
+            action: crate::config::RouteAction::Proxy(0),
+            compression_level: None,
+            max_request_body_bytes: 0,
+            security_headers: crate::config::SecurityHeaders::default(),
+            auth: RouteAuth::default(),
+            metered: false,
+        };
+        let mut req = request(
+            "/a",
+            &[
+                ("X-Tollgate-Customer-Id", "cus_forged"),
+                ("x_tollgate_plan_id", "plan_forged"),
+                ("X-Tollgate_Key-Id", "key_forged"),
+                ("X_TOLLGATE_SUBJECT", "forged"),
+                ("X-Tollgate-Customer", "kept"),
+                ("X-Tollgate-Customer-Idx", "kept"),
+                ("X-Tollgate.Plan-Id", "kept"),
+                ("X-API-Key", "kept on a public route"),
+            ],
+        );
+        rewrite_upstream(&mut req, &route, None).unwrap();
+        let mut left: Vec<&str> = req.headers.keys().map(HeaderName::as_str).collect();
+        left.sort_unstable();
+        assert_eq!(
+            left,
+            [
+                "x-api-key",
+                "x-tollgate-customer",
+                "x-tollgate-customer-idx",
+                "x-tollgate.plan-id"
+            ]
+        );
+    }
+
+    #[test]
     fn the_query_key_is_removed_and_the_rest_kept() {
         let mut req = request("/a/b?x=1&api_key=secret&y=2", &[]);
         remove_query_param(&mut req, "api_key").unwrap();

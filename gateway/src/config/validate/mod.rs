@@ -452,8 +452,10 @@ fn route(
         None => resolve_security_headers(&[context.global_headers]),
     };
     let auth = route_auth(file, path, context, errors);
+    // From the setting, not from `auth`: a JWT route whose provider is missing has its own error.
+    let authenticated = file.auth != RouteAuthConfig::None;
     let metered = match file.metered {
-        Some(true) if !auth.required() => {
+        Some(true) if !authenticated => {
             errors.push(
                 format!("{path}.metered"),
                 "only authenticated routes are metered: a public call has no customer to count",
@@ -468,7 +470,7 @@ fn route(
             false
         }
         Some(metered) => metered,
-        None => auth.required() && !file.usage,
+        None => authenticated && !file.usage,
     };
     let action = action?;
     (errors.0.len() == before).then(|| Route {

@@ -688,13 +688,21 @@ path_prefix = \"/usage\"
 auth = \"key\"
 usage = true
 metered = true
+[[routes]]
+name = \"token\"
+path_prefix = \"/token\"
+auth = \"jwt\"
+metered = true
+respond = {{ body = \"t\" }}
 "
     ));
+    // The JWT route without a provider is still an authenticated route: one error, its own.
     assert_eq!(
         errors,
         vec![
             "routes[0].metered: only authenticated routes are metered: a public call has no customer to count",
             "routes[1].metered: a usage view is never metered: reading one's usage is free",
+            "routes[2].auth: accepting JWTs needs a [[jwt_providers]] entry",
         ]
     );
 }
