@@ -11,6 +11,7 @@
 //! (the store keeps each event id once), so a segment sent twice (a crash between sending and
 //! deleting it) counts once.
 
+use std::borrow::Cow;
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -230,9 +231,15 @@ impl Sender {
             // Batches a proxy in front of the ledger finds too large are sent in halves, and
             // later ones no larger than what passed.
             let size = self.batch.load(Ordering::Relaxed).max(1);
-            let mut batches: Vec<&[UsageEvent]> = segment.finals.chunks(size).rev().collect();
+            let mut batches: Vec<Cow<'_, [UsageEvent]>> = segment
+                .finals
+                .chunks(size)
+                .rev()
+                .map(Cow::Borrowed)
+                .collect();
             while let Some(batch) = batches.pop() {
-                match ledger.record(batch).await {
+                let result = ledger.record(&batch).await;
+                match result {
                     Ok(stored) => self.meter.metrics.sent(stored.inserted, stored.duplicates),
                     Err(LedgerError::TooLarge(reason)) if batch.len() > 1 => {
                         tracing::warn!(
@@ -242,12 +249,36 @@ impl Sender {
                              (a lower [metering] batch_size avoids this)"
                         );
                         self.batch.fetch_min(batch.len() / 2, Ordering::Relaxed);
-                        let (first, second) = batch.split_at(batch.len() / 2);
+                        let (first, second) = halves(batch);
                         batches.push(second);
                         batches.push(first);
                     }
+                    // Only the events the ledger named are set aside; the others go again.
+                    Err(LedgerError::RefusedEvents(positions, reason)) => {
+                        let (refused, rest): (Vec<_>, Vec<_>) = batch
+                            .iter()
+                            .enumerate()
+                            .partition(|(i, _)| positions.binary_search(i).is_ok());
+                        let refused: Vec<UsageEvent> =
+                            refused.into_iter().map(|(_, e)| e.clone()).collect();
+                        let kept = self.meter.spool.set_aside(&refused)?;
+                        self.meter.metrics.rejected(refused.len() as u64);
+                        tracing::error!(
+                            %reason,
+                            events = refused.len(),
+                            of = batch.len(),
+                            kept = %kept.display(),
+                            "the ledger refused usage events; they are set aside, not sent \
+                             again, and the rest of their batch is sent without them"
+                        );
+                        if !rest.is_empty() {
+                            batches.push(Cow::Owned(
+                                rest.into_iter().map(|(_, e)| e.clone()).collect(),
+                            ));
+                        }
+                    }
                     Err(LedgerError::Rejected(reason) | LedgerError::TooLarge(reason)) => {
-                        let kept = self.meter.spool.set_aside(batch)?;
+                        let kept = self.meter.spool.set_aside(&batch)?;
                         self.meter.metrics.rejected(batch.len() as u64);
                         tracing::error!(
                             %reason,
@@ -396,6 +427,21 @@ impl BackgroundService for Flusher {
     }
 }
 
+/// The two halves of a batch, borrowed where it is.
+fn halves(batch: Cow<'_, [UsageEvent]>) -> (Cow<'_, [UsageEvent]>, Cow<'_, [UsageEvent]>) {
+    let middle = batch.len() / 2;
+    match batch {
+        Cow::Borrowed(events) => {
+            let (first, second) = events.split_at(middle);
+            (Cow::Borrowed(first), Cow::Borrowed(second))
+        }
+        Cow::Owned(mut events) => {
+            let second = events.split_off(middle);
+            (Cow::Owned(events), Cow::Owned(second))
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use tollgate_control_plane::store::Store;
@@ -501,6 +547,97 @@ mod tests {
         let address = listener.local_addr().unwrap();
         tokio::spawn(async move { axum::serve(listener, app).await });
         (format!("http://{address}"), given)
+    }
+
+    /// A control plane that refuses batches holding any of `bad`, answering 422 with its validation
+    /// problem (each bad event's field named by its position, as the ingest check does), and
+    /// stores the others: (URL, ids stored, calls made).
+    async fn refusing(
+        bad: Vec<String>,
+    ) -> (String, Arc<std::sync::Mutex<Vec<String>>>, Arc<AtomicUsize>) {
+        use tollgate_model::problem::{FieldError, Problem};
+        let given = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let calls = Arc::new(AtomicUsize::new(0));
+        let app = axum::Router::new().route(
+            "/v1/gateway/usage",
+            axum::routing::post({
+                let (given, calls) = (Arc::clone(&given), Arc::clone(&calls));
+                move |axum::Json(batch): axum::Json<tollgate_model::usage::UsageBatch>| async move {
+                    calls.fetch_add(1, Ordering::Relaxed);
+                    let errors: Vec<FieldError> = batch
+                        .events
+                        .iter()
+                        .enumerate()
+                        .filter(|(_, e)| bad.contains(&e.id))
+                        .map(|(i, _)| FieldError {
+                            path: format!("events[{i}].method"),
+                            message: "must be at most 32 characters".into(),
+                        })
+                        .collect();
+                    if !errors.is_empty() {
+                        let problem =
+                            Problem::new("validation", "Invalid request", 422).with_errors(errors);
+                        return Err((
+                            axum::http::StatusCode::UNPROCESSABLE_ENTITY,
+                            problem.to_json(),
+                        ));
+                    }
+                    let mut given = given.lock().unwrap();
+                    given.extend(batch.events.iter().map(|e| e.id.clone()));
+                    Ok(axum::Json(serde_json::json!({
+                        "inserted": batch.events.len(),
+                        "duplicates": 0
+                    })))
+                }
+            }),
+        );
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let address = listener.local_addr().unwrap();
+        tokio::spawn(async move { axum::serve(listener, app).await });
+        (format!("http://{address}"), given, calls)
+    }
+
+    #[tokio::test]
+    async fn events_the_ledger_refuses_are_set_aside_alone_and_the_rest_of_their_batch_stored() {
+        let dir = tempfile::tempdir().unwrap();
+        let spool = dir.path().join("spool");
+        let sender = Sender {
+            meter: backlog(&spool, 1, 7),
+            interval: Duration::from_secs(3600),
+            batch: AtomicUsize::new(1000),
+        };
+        let bad = vec![event(2, 1).id, event(5, 1).id];
+        let (url, given, calls) = refusing(bad.clone()).await;
+        let ledger = HttpLedger::new(&url, "tgw_token").unwrap();
+        let mut segments = BTreeMap::new();
+        let passed = sender.pass(&mut segments, &ledger).await.unwrap();
+        assert_eq!(passed, Passed::AllSent);
+        let mut given = given.lock().unwrap().clone();
+        given.sort();
+        let expected: Vec<String> = [0, 1, 3, 4, 6].map(|n| event(n, 1).id).to_vec();
+        assert_eq!(given, expected, "every other event, once");
+        assert_eq!(
+            calls.load(Ordering::Relaxed),
+            2,
+            "refused once, then stored"
+        );
+        // The two refused events are kept together for an operator, and only they.
+        let kept: Vec<String> = std::fs::read_dir(spool.join("rejected"))
+            .unwrap()
+            .map(|entry| std::fs::read_to_string(entry.unwrap().path()).unwrap())
+            .collect();
+        assert_eq!(kept.len(), 1, "{kept:?}");
+        let lines: Vec<&str> = kept[0].lines().collect();
+        assert_eq!(lines.len(), 2, "{kept:?}");
+        for id in &bad {
+            assert!(kept[0].contains(id.as_str()), "{id} not kept: {kept:?}");
+        }
+        // The segment is done with: nothing is sent again.
+        assert_eq!(
+            sender.pass(&mut segments, &ledger).await.unwrap(),
+            Passed::AllSent
+        );
+        assert_eq!(calls.load(Ordering::Relaxed), 2);
     }
 
     #[tokio::test]

@@ -8,6 +8,7 @@ use std::time::Duration;
 use anyhow::Context;
 use async_trait::async_trait;
 use tollgate_control_plane::store::Store;
+use tollgate_model::problem::Problem;
 use tollgate_model::usage::{PeriodUsage, UsageEvent, UsageStored};
 
 use crate::identity::index::{Id, format_id};
@@ -19,6 +20,10 @@ pub enum LedgerError {
     /// The ledger refused this batch for good (it will never take it as it is).
     #[error("the ledger refused the batch: {0}")]
     Rejected(String),
+    /// The ledger refused these events of the batch for good (their positions in it, in order,
+    /// each once), and would take the others.
+    #[error("the ledger refused {count} event(s) of the batch: {reason}", count = .0.len(), reason = .1)]
+    RefusedEvents(Vec<usize>, String),
     /// The batch is too large for the ledger (or a proxy in front of it): a smaller one may
     /// pass.
     #[error("the batch is too large for the ledger: {0}")]
@@ -81,6 +86,29 @@ impl HttpLedger {
     }
 }
 
+/// The events a validation problem names (`events[17].method`), when it names only events of a
+/// batch of `len`: the control plane checks every event and lists each invalid field, so the
+/// events it does not name would pass. `None` when the problem is about the batch as a whole, or
+/// is not one the control plane writes.
+fn refused_events(body: &str, len: usize) -> Option<Vec<usize>> {
+    let problem: Problem = serde_json::from_str(body).ok()?;
+    if problem.errors.is_empty() {
+        return None;
+    }
+    let mut positions = problem
+        .errors
+        .iter()
+        .map(|error| {
+            let (index, rest) = error.path.strip_prefix("events[")?.split_once(']')?;
+            let index: usize = index.parse().ok()?;
+            (index < len && (rest.is_empty() || rest.starts_with('.'))).then_some(index)
+        })
+        .collect::<Option<Vec<usize>>>()?;
+    positions.sort_unstable();
+    positions.dedup();
+    Some(positions)
+}
+
 /// A `tollgate_model::usage::UsageBatch` as it is sent: the same JSON, serialized from the
 /// events where they are rather than from a copy of each.
 #[derive(serde::Serialize)]
@@ -109,7 +137,11 @@ impl Ledger for HttpLedger {
             // A body the control plane will never take; anything else (a token being rotated,
             // an overloaded or failing control plane) may pass later.
             if matches!(status.as_u16(), 400 | 422) {
-                return Err(LedgerError::Rejected(format!("{status}: {body}")));
+                let reason = format!("{status}: {body}");
+                return Err(match refused_events(&body, events.len()) {
+                    Some(positions) => LedgerError::RefusedEvents(positions, reason),
+                    None => LedgerError::Rejected(reason),
+                });
             }
             return Err(anyhow::anyhow!("the control plane answered {status}: {body}").into());
         }
@@ -135,5 +167,47 @@ impl Ledger for HttpLedger {
         }
         let usage: PeriodUsage = response.json().await?;
         Ok((usage.units, usage.overage))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn problem(paths: &[&str]) -> String {
+        let errors: Vec<serde_json::Value> = paths
+            .iter()
+            .map(|path| serde_json::json!({"path": path, "message": "invalid"}))
+            .collect();
+        serde_json::json!({
+            "type": "urn:tollgate:problem:validation",
+            "title": "Invalid request",
+            "status": 422,
+            "errors": errors,
+        })
+        .to_string()
+    }
+
+    #[test]
+    fn a_problem_naming_only_events_refuses_those_events_each_once() {
+        let body = problem(&["events[7].method", "events[2]", "events[7].status"]);
+        assert_eq!(refused_events(&body, 10), Some(vec![2, 7]));
+    }
+
+    #[test]
+    fn a_problem_about_the_batch_or_not_from_the_control_plane_refuses_all_of_it() {
+        // The batch as a whole, or a field beside the events.
+        assert_eq!(refused_events(&problem(&["events"]), 10), None);
+        assert_eq!(
+            refused_events(&problem(&["events[1].method", "extra"]), 10),
+            None
+        );
+        // A position the batch does not have, or a path that only looks like one.
+        assert_eq!(refused_events(&problem(&["events[10].method"]), 10), None);
+        assert_eq!(refused_events(&problem(&["events[1]x"]), 10), None);
+        assert_eq!(refused_events(&problem(&["events[-1]"]), 10), None);
+        // No field named, or not a problem at all (a proxy's page).
+        assert_eq!(refused_events(&problem(&[]), 10), None);
+        assert_eq!(refused_events("<html>Bad Request</html>", 10), None);
     }
 }
