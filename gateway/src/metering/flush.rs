@@ -254,30 +254,44 @@ impl Sender {
                         batches.push(first);
                     }
                     // Only the events the ledger named are set aside; the others go again.
-                    Err(LedgerError::RefusedEvents(positions, reason)) => {
-                        let (refused, rest): (Vec<_>, Vec<_>) = batch
-                            .iter()
-                            .enumerate()
-                            .partition(|(i, _)| positions.binary_search(i).is_ok());
-                        let refused: Vec<UsageEvent> =
-                            refused.into_iter().map(|(_, e)| e.clone()).collect();
+                    // Positions are checked, so a ledger naming none (or ones the batch does not
+                    // have) cannot have the same batch sent for ever.
+                    Err(LedgerError::RefusedEvents(positions, reason))
+                        if !positions.is_empty()
+                            && positions.iter().all(|&p| p < batch.len())
+                            && positions.windows(2).all(|w| w[0] < w[1]) =>
+                    {
+                        let of = batch.len();
+                        let mut rest = batch.into_owned();
+                        let mut refused = Vec::with_capacity(positions.len());
+                        let mut position = 0;
+                        rest.retain(|event| {
+                            let keep = positions.binary_search(&position).is_err();
+                            if !keep {
+                                refused.push(event.clone());
+                            }
+                            position += 1;
+                            keep
+                        });
                         let kept = self.meter.spool.set_aside(&refused)?;
                         self.meter.metrics.rejected(refused.len() as u64);
                         tracing::error!(
                             %reason,
                             events = refused.len(),
-                            of = batch.len(),
+                            of,
                             kept = %kept.display(),
                             "the ledger refused usage events; they are set aside, not sent \
                              again, and the rest of their batch is sent without them"
                         );
                         if !rest.is_empty() {
-                            batches.push(Cow::Owned(
-                                rest.into_iter().map(|(_, e)| e.clone()).collect(),
-                            ));
+                            batches.push(Cow::Owned(rest));
                         }
                     }
-                    Err(LedgerError::Rejected(reason) | LedgerError::TooLarge(reason)) => {
+                    Err(
+                        LedgerError::Rejected(reason)
+                        | LedgerError::TooLarge(reason)
+                        | LedgerError::RefusedEvents(_, reason),
+                    ) => {
                         let kept = self.meter.spool.set_aside(&batch)?;
                         self.meter.metrics.rejected(batch.len() as u64);
                         tracing::error!(
@@ -549,48 +563,39 @@ mod tests {
         (format!("http://{address}"), given)
     }
 
-    /// A control plane that refuses batches holding any of `bad`, answering 422 with its validation
-    /// problem (each bad event's field named by its position, as the ingest check does), and
-    /// stores the others: (URL, ids stored, calls made).
-    async fn refusing(
-        bad: Vec<String>,
-    ) -> (String, Arc<std::sync::Mutex<Vec<String>>>, Arc<AtomicUsize>) {
-        use tollgate_model::problem::{FieldError, Problem};
+    /// The control plane's usage ingest as far as validation goes: each batch checked by the
+    /// control plane's own code and refused with its own 422 when an event is invalid; valid
+    /// batches stored: (URL, ids stored, calls made).
+    async fn validating() -> (String, Arc<std::sync::Mutex<Vec<String>>>, Arc<AtomicUsize>) {
+        use axum::response::IntoResponse;
+        use tollgate_control_plane::api::error::ApiError;
+        use tollgate_control_plane::api::usage::batch;
         let given = Arc::new(std::sync::Mutex::new(Vec::new()));
         let calls = Arc::new(AtomicUsize::new(0));
-        let app = axum::Router::new().route(
-            "/v1/gateway/usage",
-            axum::routing::post({
-                let (given, calls) = (Arc::clone(&given), Arc::clone(&calls));
-                move |axum::Json(batch): axum::Json<tollgate_model::usage::UsageBatch>| async move {
-                    calls.fetch_add(1, Ordering::Relaxed);
-                    let errors: Vec<FieldError> = batch
-                        .events
-                        .iter()
-                        .enumerate()
-                        .filter(|(_, e)| bad.contains(&e.id))
-                        .map(|(i, _)| FieldError {
-                            path: format!("events[{i}].method"),
-                            message: "must be at most 32 characters".into(),
-                        })
-                        .collect();
-                    if !errors.is_empty() {
-                        let problem =
-                            Problem::new("validation", "Invalid request", 422).with_errors(errors);
-                        return Err((
-                            axum::http::StatusCode::UNPROCESSABLE_ENTITY,
-                            problem.to_json(),
-                        ));
+        let app =
+            axum::Router::new().route(
+                "/v1/gateway/usage",
+                axum::routing::post({
+                    let (given, calls) = (Arc::clone(&given), Arc::clone(&calls));
+                    move |axum::Json(fields): axum::Json<
+                        serde_json::Map<String, serde_json::Value>,
+                    >| async move {
+                        calls.fetch_add(1, Ordering::Relaxed);
+                        match batch::events(fields) {
+                            Err(errors) => ApiError::Invalid(errors).into_response(),
+                            Ok(events) => {
+                                let mut given = given.lock().unwrap();
+                                given.extend(events.iter().map(|e| e.id.clone()));
+                                axum::Json(serde_json::json!({
+                                    "inserted": events.len(),
+                                    "duplicates": 0
+                                }))
+                                .into_response()
+                            }
+                        }
                     }
-                    let mut given = given.lock().unwrap();
-                    given.extend(batch.events.iter().map(|e| e.id.clone()));
-                    Ok(axum::Json(serde_json::json!({
-                        "inserted": batch.events.len(),
-                        "duplicates": 0
-                    })))
-                }
-            }),
-        );
+                }),
+            );
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let address = listener.local_addr().unwrap();
         tokio::spawn(async move { axum::serve(listener, app).await });
@@ -601,13 +606,28 @@ mod tests {
     async fn events_the_ledger_refuses_are_set_aside_alone_and_the_rest_of_their_batch_stored() {
         let dir = tempfile::tempdir().unwrap();
         let spool = dir.path().join("spool");
+        // Seven events in one segment; two with a method longer than the control plane takes.
+        let meter = Meter {
+            spool: Spool::open(&spool, u64::MAX, 0).unwrap(),
+            metrics: MeteringMetrics::new(&Metrics::new()).unwrap(),
+        };
+        let bad = [2, 5];
+        for n in 0..7 {
+            let mut usage = event(n, 1);
+            if bad.contains(&n) {
+                usage.method = "X".repeat(40);
+            }
+            let mut line = Vec::new();
+            record::encode(Kind::Final, &Usage::of(&usage), &mut line);
+            meter.spool.append(&line).unwrap();
+        }
+        meter.spool.tick(1, 0).unwrap();
         let sender = Sender {
-            meter: backlog(&spool, 1, 7),
+            meter: Arc::new(meter),
             interval: Duration::from_secs(3600),
             batch: AtomicUsize::new(1000),
         };
-        let bad = vec![event(2, 1).id, event(5, 1).id];
-        let (url, given, calls) = refusing(bad.clone()).await;
+        let (url, given, calls) = validating().await;
         let ledger = HttpLedger::new(&url, "tgw_token").unwrap();
         let mut segments = BTreeMap::new();
         let passed = sender.pass(&mut segments, &ledger).await.unwrap();
@@ -627,10 +647,9 @@ mod tests {
             .map(|entry| std::fs::read_to_string(entry.unwrap().path()).unwrap())
             .collect();
         assert_eq!(kept.len(), 1, "{kept:?}");
-        let lines: Vec<&str> = kept[0].lines().collect();
-        assert_eq!(lines.len(), 2, "{kept:?}");
-        for id in &bad {
-            assert!(kept[0].contains(id.as_str()), "{id} not kept: {kept:?}");
+        assert_eq!(kept[0].lines().count(), 2, "{kept:?}");
+        for n in bad {
+            assert!(kept[0].contains(&event(n, 1).id), "{n} not kept: {kept:?}");
         }
         // The segment is done with: nothing is sent again.
         assert_eq!(

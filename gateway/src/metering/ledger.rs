@@ -8,7 +8,7 @@ use std::time::Duration;
 use anyhow::Context;
 use async_trait::async_trait;
 use tollgate_control_plane::store::Store;
-use tollgate_model::problem::Problem;
+use tollgate_model::problem::{PROBLEM_TYPE_PREFIX, Problem};
 use tollgate_model::usage::{PeriodUsage, UsageEvent, UsageStored};
 
 use crate::identity::index::{Id, format_id};
@@ -92,7 +92,7 @@ impl HttpLedger {
 /// is not one the control plane writes.
 fn refused_events(body: &str, len: usize) -> Option<Vec<usize>> {
     let problem: Problem = serde_json::from_str(body).ok()?;
-    if problem.errors.is_empty() {
+    if problem.kind != format!("{PROBLEM_TYPE_PREFIX}validation") || problem.errors.is_empty() {
         return None;
     }
     let mut positions = problem
@@ -100,8 +100,11 @@ fn refused_events(body: &str, len: usize) -> Option<Vec<usize>> {
         .iter()
         .map(|error| {
             let (index, rest) = error.path.strip_prefix("events[")?.split_once(']')?;
-            let index: usize = index.parse().ok()?;
-            (index < len && (rest.is_empty() || rest.starts_with('.'))).then_some(index)
+            // Digits as the control plane writes a position: no sign, no leading zero.
+            let position: usize = index.parse().ok()?;
+            let canonical = position.to_string() == index;
+            (canonical && position < len && (rest.is_empty() || rest.starts_with('.')))
+                .then_some(position)
         })
         .collect::<Option<Vec<usize>>>()?;
     positions.sort_unstable();
@@ -138,7 +141,10 @@ impl Ledger for HttpLedger {
             // an overloaded or failing control plane) may pass later.
             if matches!(status.as_u16(), 400 | 422) {
                 let reason = format!("{status}: {body}");
-                return Err(match refused_events(&body, events.len()) {
+                let refused = (status == reqwest::StatusCode::UNPROCESSABLE_ENTITY)
+                    .then(|| refused_events(&body, events.len()))
+                    .flatten();
+                return Err(match refused {
                     Some(positions) => LedgerError::RefusedEvents(positions, reason),
                     None => LedgerError::Rejected(reason),
                 });
@@ -188,6 +194,29 @@ mod tests {
         .to_string()
     }
 
+    #[tokio::test]
+    async fn the_control_planes_own_refusal_names_the_events_it_refuses() {
+        use axum::response::IntoResponse;
+        use tollgate_control_plane::api::error::ApiError;
+        use tollgate_control_plane::api::usage::batch;
+
+        use crate::metering::spool::tests::event;
+        let mut bad = event(2, 1);
+        bad.method = "X".repeat(40);
+        let events = [event(1, 1), bad, event(3, 1)];
+        let serde_json::Value::Object(fields) = serde_json::json!({ "events": events }) else {
+            unreachable!("a JSON object")
+        };
+        let errors = batch::events(fields).unwrap_err();
+        let response = ApiError::Invalid(errors).into_response();
+        assert_eq!(response.status(), 422);
+        let body = axum::body::to_bytes(response.into_body(), usize::MAX)
+            .await
+            .unwrap();
+        let body = std::str::from_utf8(&body).unwrap();
+        assert_eq!(refused_events(body, 3), Some(vec![1]), "{body}");
+    }
+
     #[test]
     fn a_problem_naming_only_events_refuses_those_events_each_once() {
         let body = problem(&["events[7].method", "events[2]", "events[7].status"]);
@@ -206,8 +235,12 @@ mod tests {
         assert_eq!(refused_events(&problem(&["events[10].method"]), 10), None);
         assert_eq!(refused_events(&problem(&["events[1]x"]), 10), None);
         assert_eq!(refused_events(&problem(&["events[-1]"]), 10), None);
-        // No field named, or not a problem at all (a proxy's page).
+        assert_eq!(refused_events(&problem(&["events[+1]"]), 10), None);
+        assert_eq!(refused_events(&problem(&["events[01]"]), 10), None);
+        // No field named, not a validation problem, or not a problem at all (a proxy's page).
         assert_eq!(refused_events(&problem(&[]), 10), None);
+        let other = problem(&["events[1].method"]).replace("validation", "bad-request");
+        assert_eq!(refused_events(&other, 10), None);
         assert_eq!(refused_events("<html>Bad Request</html>", 10), None);
     }
 }

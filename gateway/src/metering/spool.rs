@@ -32,7 +32,7 @@
 //! The spool's directory belongs to one gateway process: a segment cut short by another process
 //! while mapped would make the next copy into it fault.
 
-use std::fs::File;
+use std::fs::{File, OpenOptions};
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -282,13 +282,24 @@ impl Spool {
     }
 
     /// Keeps events the ledger refused for good in `rejected/` of the spool directory (outside
-    /// the spool's count), for an operator to look at; returns the file.
+    /// the spool's count), for an operator to look at; returns the file. Named by the first
+    /// event's id, with `.1`, `.2`… when that name is taken: a file set aside is never replaced.
     pub fn set_aside(&self, events: &[UsageEvent]) -> std::io::Result<PathBuf> {
         let dir = self.dir.join("rejected");
         std::fs::create_dir_all(&dir)?;
         let first = events.first().map_or("empty", |e| e.id.as_str());
-        let path = dir.join(format!("{first}.{EXTENSION}"));
-        let mut file = File::create(&path)?;
+        let mut copy = 0u32;
+        let (mut file, path) = loop {
+            let path = match copy {
+                0 => dir.join(format!("{first}.{EXTENSION}")),
+                n => dir.join(format!("{first}.{n}.{EXTENSION}")),
+            };
+            match OpenOptions::new().write(true).create_new(true).open(&path) {
+                Ok(file) => break (file, path),
+                Err(error) if error.kind() == std::io::ErrorKind::AlreadyExists => copy += 1,
+                Err(error) => return Err(error),
+            }
+        };
         let mut lines = Vec::new();
         for event in events {
             record::encode(Kind::Final, &Usage::of(event), &mut lines);
@@ -378,8 +389,6 @@ pub fn read(path: &Path) -> std::io::Result<(Vec<Record>, usize)> {
 
 #[cfg(test)]
 pub(crate) mod tests {
-    use std::fs::OpenOptions;
-
     use super::*;
 
     /// A final event numbered `id` of customer `cus_0101…`, counting `units`.
@@ -405,6 +414,17 @@ pub(crate) mod tests {
         let mut line = Vec::new();
         record::encode(kind, &Usage::of(event), &mut line);
         line
+    }
+
+    #[test]
+    fn events_set_aside_under_a_name_already_taken_keep_both_files() {
+        let dir = tempfile::tempdir().unwrap();
+        let spool = Spool::open(dir.path(), 1 << 20, 0).unwrap();
+        let first = spool.set_aside(&[event(1, 1), event(2, 1)]).unwrap();
+        let second = spool.set_aside(&[event(1, 1)]).unwrap();
+        assert_ne!(first, second);
+        assert_eq!(std::fs::read_to_string(&first).unwrap().lines().count(), 2);
+        assert_eq!(std::fs::read_to_string(&second).unwrap().lines().count(), 1);
     }
 
     #[test]
