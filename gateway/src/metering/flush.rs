@@ -61,6 +61,9 @@ struct Segment {
     /// Sent, and kept only for the pending records of requests still running: not counted
     /// against the spool's bound.
     held: bool,
+    /// Ids of its events the ledger refused for good, set aside already: when the segment is
+    /// sent again (a later batch found the ledger unavailable), they are not.
+    refused: HashSet<String>,
 }
 
 /// The last pass at shutdown comes after the drain: requests that end while the gateway drains
@@ -203,6 +206,7 @@ impl Sender {
                     pending,
                     sent: false,
                     held: false,
+                    refused: HashSet::new(),
                 },
             );
         }
@@ -230,6 +234,10 @@ impl Sender {
         for segment in segments.values_mut().filter(|s| !s.sent) {
             // Batches a proxy in front of the ledger finds too large are sent in halves, and
             // later ones no larger than what passed.
+            if !segment.refused.is_empty() {
+                let refused = &segment.refused;
+                segment.finals.retain(|event| !refused.contains(&event.id));
+            }
             let size = self.batch.load(Ordering::Relaxed).max(1);
             let mut batches: Vec<Cow<'_, [UsageEvent]>> = segment
                 .finals
@@ -275,6 +283,9 @@ impl Sender {
                         });
                         let kept = self.meter.spool.set_aside(&refused)?;
                         self.meter.metrics.rejected(refused.len() as u64);
+                        segment
+                            .refused
+                            .extend(refused.iter().map(|event| event.id.clone()));
                         tracing::error!(
                             %reason,
                             events = refused.len(),
@@ -294,6 +305,9 @@ impl Sender {
                     ) => {
                         let kept = self.meter.spool.set_aside(&batch)?;
                         self.meter.metrics.rejected(batch.len() as u64);
+                        segment
+                            .refused
+                            .extend(batch.iter().map(|event| event.id.clone()));
                         tracing::error!(
                             %reason,
                             events = batch.len(),
@@ -565,8 +579,11 @@ mod tests {
 
     /// The control plane's usage ingest as far as validation goes: each batch checked by the
     /// control plane's own code and refused with its own 422 when an event is invalid; valid
-    /// batches stored: (URL, ids stored, calls made).
-    async fn validating() -> (String, Arc<std::sync::Mutex<Vec<String>>>, Arc<AtomicUsize>) {
+    /// batches stored; call number `unavailable_on` (counting from 1; 0: none) answered 503:
+    /// (URL, ids stored, calls made).
+    async fn validating(
+        unavailable_on: usize,
+    ) -> (String, Arc<std::sync::Mutex<Vec<String>>>, Arc<AtomicUsize>) {
         use axum::response::IntoResponse;
         use tollgate_control_plane::api::error::ApiError;
         use tollgate_control_plane::api::usage::batch;
@@ -580,7 +597,9 @@ mod tests {
                     move |axum::Json(fields): axum::Json<
                         serde_json::Map<String, serde_json::Value>,
                     >| async move {
-                        calls.fetch_add(1, Ordering::Relaxed);
+                        if calls.fetch_add(1, Ordering::Relaxed) + 1 == unavailable_on {
+                            return axum::http::StatusCode::SERVICE_UNAVAILABLE.into_response();
+                        }
                         match batch::events(fields) {
                             Err(errors) => ApiError::Invalid(errors).into_response(),
                             Ok(events) => {
@@ -627,7 +646,7 @@ mod tests {
             interval: Duration::from_secs(3600),
             batch: AtomicUsize::new(1000),
         };
-        let (url, given, calls) = validating().await;
+        let (url, given, calls) = validating(0).await;
         let ledger = HttpLedger::new(&url, "tgw_token").unwrap();
         let mut segments = BTreeMap::new();
         let passed = sender.pass(&mut segments, &ledger).await.unwrap();
@@ -657,6 +676,51 @@ mod tests {
             Passed::AllSent
         );
         assert_eq!(calls.load(Ordering::Relaxed), 2);
+    }
+
+    #[tokio::test]
+    async fn events_set_aside_are_not_refused_again_when_their_segment_is_sent_again() {
+        let dir = tempfile::tempdir().unwrap();
+        let spool = dir.path().join("spool");
+        let meter = Meter {
+            spool: Spool::open(&spool, u64::MAX, 0).unwrap(),
+            metrics: MeteringMetrics::new(&Metrics::new()).unwrap(),
+        };
+        for n in 0..7 {
+            let mut usage = event(n, 1);
+            if n == 1 {
+                usage.method = "X".repeat(40);
+            }
+            let mut line = Vec::new();
+            record::encode(Kind::Final, &Usage::of(&usage), &mut line);
+            meter.spool.append(&line).unwrap();
+        }
+        meter.spool.tick(1, 0).unwrap();
+        let sender = Sender {
+            meter: Arc::new(meter),
+            interval: Duration::from_secs(3600),
+            batch: AtomicUsize::new(3),
+        };
+        // Call 1 refuses event 1 of the first batch; call 2, the rest of it, meets an outage.
+        let (url, given, calls) = validating(2).await;
+        let ledger = HttpLedger::new(&url, "tgw_token").unwrap();
+        let mut segments = BTreeMap::new();
+        let passed = sender.pass(&mut segments, &ledger).await.unwrap();
+        assert_eq!(passed, Passed::NotTaken);
+        // The next pass sends the segment again, without the event set aside.
+        let passed = sender.pass(&mut segments, &ledger).await.unwrap();
+        assert_eq!(passed, Passed::AllSent);
+        let mut given = given.lock().unwrap().clone();
+        given.sort();
+        let expected: Vec<String> = [0, 2, 3, 4, 5, 6].map(|n| event(n, 1).id).to_vec();
+        assert_eq!(given, expected);
+        assert_eq!(
+            calls.load(Ordering::Relaxed),
+            4,
+            "refused, outage, then two batches"
+        );
+        let kept = std::fs::read_dir(spool.join("rejected")).unwrap().count();
+        assert_eq!(kept, 1, "set aside once");
     }
 
     #[tokio::test]
