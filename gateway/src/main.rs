@@ -20,6 +20,10 @@ struct Cli {
     /// Check the config file, print every problem with its field path, and exit.
     #[arg(long)]
     validate: bool,
+    /// Send the usage the ledger refused (the spool's `rejected/` directory) to it again, print
+    /// what was stored and what is kept, and exit (status 1 if any file is kept).
+    #[arg(long, conflicts_with = "validate")]
+    replay_rejected: bool,
 }
 
 fn main() -> ExitCode {
@@ -29,6 +33,16 @@ fn main() -> ExitCode {
             ExitCode::SUCCESS
         } else {
             ExitCode::FAILURE
+        };
+    }
+    if cli.replay_rejected {
+        return match tollgate_gateway::server::replay_rejected(&cli.config) {
+            Ok(true) => ExitCode::SUCCESS,
+            Ok(false) => ExitCode::FAILURE,
+            Err(error) => {
+                eprintln!("gateway: {error:#}");
+                ExitCode::FAILURE
+            }
         };
     }
     match tollgate_gateway::server::run(cli.config) {

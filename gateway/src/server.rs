@@ -265,6 +265,78 @@ fn choose_ports(requested: &[SocketAddr]) -> anyhow::Result<Vec<SocketAddr>> {
 }
 
 /// Checks the config at `path` and prints every problem; returns whether it is valid.
+/// `gateway --replay-rejected`: sends the usage kept in the spool's `rejected/` directory to the
+/// ledger of the config at `path` (the embedded store, or the control plane it follows), prints
+/// what happened, and says whether every file was stored.
+pub fn replay_rejected(path: &std::path::Path) -> anyhow::Result<bool> {
+    let (_, config) = Config::from_file(path).map_err(|errors| {
+        anyhow::anyhow!(
+            "{}: {} problem(s): {}",
+            path.display(),
+            errors.0.len(),
+            errors
+                .0
+                .iter()
+                .map(ToString::to_string)
+                .collect::<Vec<_>>()
+                .join("; ")
+        )
+    })?;
+    let Some(control_plane) = &config.control_plane else {
+        anyhow::bail!(
+            "{}: no [control_plane], so no usage ledger to replay to",
+            path.display()
+        );
+    };
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    runtime.block_on(async {
+        let ledger: Box<dyn Ledger> = match &control_plane.source {
+            FeedSource::Embedded { database_url } => {
+                let redacted = tollgate_control_plane::settings::redact_url(database_url);
+                let store = tollgate_control_plane::store::Store::connect(database_url)
+                    .await
+                    .with_context(|| {
+                        format!("control_plane.database_url: cannot open {redacted}")
+                    })?;
+                store.migrate().await.with_context(|| {
+                    format!("control_plane.database_url: cannot migrate {redacted}")
+                })?;
+                Box::new(StoreLedger(store))
+            }
+            FeedSource::Remote { url, token_env } => {
+                let token = std::env::var(token_env)
+                    .ok()
+                    .filter(|t| !t.trim().is_empty())
+                    .with_context(|| {
+                        format!(
+                            "control_plane.token_env: the environment variable {token_env} is not \
+                             set; it must hold a control-plane token with role \"gateway\""
+                        )
+                    })?;
+                Box::new(HttpLedger::new(url, &token)?)
+            }
+        };
+        let spool_dir = &config.metering.spool_dir;
+        let replayed =
+            crate::metering::replay::replay(spool_dir, ledger.as_ref(), config.metering.batch_size)
+                .await?;
+        println!(
+            "{}: {} file(s) stored ({} event(s) new to the ledger, {} it had already), {} kept",
+            spool_dir.join("rejected").display(),
+            replayed.files_stored,
+            replayed.inserted,
+            replayed.duplicates,
+            replayed.kept.len()
+        );
+        for (file, reason) in &replayed.kept {
+            println!("  kept {}: {reason}", file.display());
+        }
+        Ok(replayed.kept.is_empty())
+    })
+}
+
 pub fn validate(path: &std::path::Path) -> bool {
     match Config::from_file(path) {
         Ok((_, config)) => {

@@ -673,3 +673,76 @@ auth = "key"
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
+
+/// `gateway --replay-rejected` sends the usage kept in `rejected/` to the ledger, once, and
+/// deletes what was stored.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn usage_set_aside_is_replayed_into_the_ledger_once_by_the_command() {
+    let upstream = Upstream::start("api");
+    let token = admin_token();
+    let gateway = Gateway::start_with_env(
+        tempfile::tempdir().unwrap(),
+        &standalone_config(&upstream, ""),
+        &[("TOLLGATE_ADMIN_TOKEN", token.as_str())],
+    )
+    .await;
+    let api = AdminApi::new(&format!("http://{}", gateway.admin), &token);
+    let customer = customer_on(&api, json!({})).await;
+    gateway.wait_for_keys(1).await;
+    assert_eq!(get(&gateway, "/api/ok", &customer.key).await.status(), 200);
+    wait_for_used(&api, &customer.id, 1).await;
+
+    // Two events a ledger once refused, in the spool's format (README, "Metering").
+    let now_ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis();
+    let line = |n: u8| {
+        format!(
+            "e\tevt_{:032x}\t{now_ms}\t{}\t\tapi\tGET\t200\t1\t0\t812\t0\t17\treplayed-{n}\n",
+            u128::from(n) + 7,
+            customer.id
+        )
+    };
+    let rejected = gateway.dir.path().join("tollgate-spool").join("rejected");
+    std::fs::create_dir_all(&rejected).unwrap();
+    let file = rejected.join("evt_replayed.tsv");
+    std::fs::write(&file, format!("{}{}", line(1), line(2))).unwrap();
+    let replay = || {
+        std::process::Command::new(tollgate_tests::gateway::binary())
+            .arg("--config")
+            .arg(&gateway.config_path)
+            .arg("--replay-rejected")
+            .output()
+            .unwrap()
+    };
+    let output = replay();
+    let printed = String::from_utf8_lossy(&output.stdout).into_owned();
+    assert!(output.status.success(), "{printed} {output:?}");
+    assert!(
+        printed
+            .contains("1 file(s) stored (2 event(s) new to the ledger, 0 it had already), 0 kept"),
+        "{printed}"
+    );
+    assert!(!file.exists());
+    wait_for_used(&api, &customer.id, 3).await;
+
+    // The same file again: nothing counts twice.
+    std::fs::write(&file, format!("{}{}", line(1), line(2))).unwrap();
+    let output = replay();
+    let printed = String::from_utf8_lossy(&output.stdout).into_owned();
+    assert!(
+        printed.contains("1 file(s) stored (0 event(s) new to the ledger, 2 it had already)"),
+        "{printed}"
+    );
+    wait_for_used(&api, &customer.id, 3).await;
+
+    // A file that is not usage is kept, and the command says so with status 1.
+    std::fs::write(&file, "not usage\n").unwrap();
+    let output = replay();
+    let printed = String::from_utf8_lossy(&output.stdout).into_owned();
+    assert!(!output.status.success(), "{printed}");
+    assert!(printed.contains("0 file(s) stored"), "{printed}");
+    assert!(printed.contains("kept"), "{printed}");
+    assert!(file.exists());
+}

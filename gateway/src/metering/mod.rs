@@ -22,6 +22,7 @@ pub mod flush;
 pub mod ledger;
 pub mod metrics;
 pub mod record;
+pub mod replay;
 pub mod segment;
 pub mod spool;
 
