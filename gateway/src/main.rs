@@ -21,7 +21,8 @@ struct Cli {
     #[arg(long)]
     validate: bool,
     /// Send the usage the ledger refused (the spool's `rejected/` directory) to it again, print
-    /// what was stored and what is kept, and exit (status 1 if any file is kept).
+    /// what was stored and what is kept, and exit: 0 all stored, 1 some kept, 2 stopped (the
+    /// ledger unavailable) or failed.
     #[arg(long, conflicts_with = "validate")]
     replay_rejected: bool,
 }
@@ -36,12 +37,14 @@ fn main() -> ExitCode {
         };
     }
     if cli.replay_rejected {
+        use tollgate_gateway::server::ReplayOutcome;
         return match tollgate_gateway::server::replay_rejected(&cli.config) {
-            Ok(true) => ExitCode::SUCCESS,
-            Ok(false) => ExitCode::FAILURE,
+            Ok(ReplayOutcome::AllStored) => ExitCode::SUCCESS,
+            Ok(ReplayOutcome::SomeKept) => ExitCode::from(1),
+            Ok(ReplayOutcome::Stopped) => ExitCode::from(2),
             Err(error) => {
                 eprintln!("gateway: {error:#}");
-                ExitCode::FAILURE
+                ExitCode::from(2)
             }
         };
     }

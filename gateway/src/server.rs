@@ -264,11 +264,22 @@ fn choose_ports(requested: &[SocketAddr]) -> anyhow::Result<Vec<SocketAddr>> {
         .collect()
 }
 
-/// Checks the config at `path` and prints every problem; returns whether it is valid.
+/// How `gateway --replay-rejected` ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ReplayOutcome {
+    /// Every file was stored (or there was none).
+    AllStored,
+    /// Some files are kept: the ledger still refuses events, or a file is not whole.
+    SomeKept,
+    /// The ledger was unavailable: the replay stopped; run it again later.
+    Stopped,
+}
+
 /// `gateway --replay-rejected`: sends the usage kept in the spool's `rejected/` directory to the
-/// ledger of the config at `path` (the embedded store, or the control plane it follows), prints
-/// what happened, and says whether every file was stored.
-pub fn replay_rejected(path: &std::path::Path) -> anyhow::Result<bool> {
+/// ledger of the config at `path` (the embedded store, or the control plane it follows) and
+/// prints what happened. The embedded store is opened as it is: never created or migrated here,
+/// since the running gateway owns it.
+pub fn replay_rejected(path: &std::path::Path) -> anyhow::Result<ReplayOutcome> {
     let (_, config) = Config::from_file(path).map_err(|errors| {
         anyhow::anyhow!(
             "{}: {} problem(s): {}",
@@ -295,14 +306,21 @@ pub fn replay_rejected(path: &std::path::Path) -> anyhow::Result<bool> {
         let ledger: Box<dyn Ledger> = match &control_plane.source {
             FeedSource::Embedded { database_url } => {
                 let redacted = tollgate_control_plane::settings::redact_url(database_url);
-                let store = tollgate_control_plane::store::Store::connect(database_url)
+                // Open, never create: a missing store is an error, not an empty ledger.
+                let url = database_url.replace("mode=rwc", "mode=rw");
+                let store = tollgate_control_plane::store::Store::connect(&url)
                     .await
                     .with_context(|| {
                         format!("control_plane.database_url: cannot open {redacted}")
                     })?;
-                store.migrate().await.with_context(|| {
-                    format!("control_plane.database_url: cannot migrate {redacted}")
+                let ready = store.is_ready().await.with_context(|| {
+                    format!("control_plane.database_url: cannot read {redacted}")
                 })?;
+                anyhow::ensure!(
+                    ready,
+                    "control_plane.database_url: {redacted} is not at this gateway's version; \
+                     start the gateway once to bring it up to date"
+                );
                 Box::new(StoreLedger(store))
             }
             FeedSource::Remote { url, token_env } => {
@@ -333,10 +351,18 @@ pub fn replay_rejected(path: &std::path::Path) -> anyhow::Result<bool> {
         for (file, reason) in &replayed.kept {
             println!("  kept {}: {reason}", file.display());
         }
-        Ok(replayed.kept.is_empty())
+        Ok(match &replayed.stopped {
+            Some(why) => {
+                println!("  stopped: {why}");
+                ReplayOutcome::Stopped
+            }
+            None if replayed.kept.is_empty() => ReplayOutcome::AllStored,
+            None => ReplayOutcome::SomeKept,
+        })
     })
 }
 
+/// Checks the config at `path` and prints every problem; returns whether it is valid.
 pub fn validate(path: &std::path::Path) -> bool {
     match Config::from_file(path) {
         Ok((_, config)) => {

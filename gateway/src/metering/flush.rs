@@ -116,6 +116,9 @@ impl FinalFlush {
 pub struct Flusher {
     gateway: Arc<Gateway>,
     sender: Sender,
+    /// What the start-up pass read and did not finish, for the background passes to go on from
+    /// (so events it set aside are not set aside again).
+    recovered: std::sync::Mutex<BTreeMap<u64, Segment>>,
 }
 
 /// What a pass needs: the spool, how often segments close, the batch size.
@@ -138,6 +141,7 @@ impl Flusher {
                 interval,
                 batch: AtomicUsize::new(batch),
             },
+            recovered: std::sync::Mutex::default(),
         }
     }
 }
@@ -401,6 +405,10 @@ impl Flusher {
             ),
             Ok(Err(error)) => tracing::error!(%error, "the usage spool cannot be read"),
         }
+        *self
+            .recovered
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = segments;
     }
 }
 
@@ -413,7 +421,12 @@ fn backoff(last: Duration, interval: Duration) -> Duration {
 #[async_trait::async_trait]
 impl BackgroundService for Flusher {
     async fn start(&self, mut shutdown: ShutdownWatch) {
-        let mut segments = BTreeMap::new();
+        let mut segments = std::mem::take(
+            &mut *self
+                .recovered
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner),
+        );
         let mut delay = self.sender.interval;
         let final_flush = &self.gateway.final_flush;
         let mut shutting_down = false;

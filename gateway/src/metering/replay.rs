@@ -1,18 +1,26 @@
 //! `gateway --replay-rejected`: sends the usage the ledger refused for good, kept in the spool's
 //! `rejected/` directory, to the ledger again once the cause is mended (a control plane of
-//! another version upgraded, say). The ledger keeps each event id once, so replaying a file
-//! twice, or one whose events were partly stored, counts nothing twice.
+//! another version upgraded, say). The ledger keeps each event id once (while it keeps the raw
+//! events), so replaying a file twice, or one whose events were partly stored, counts nothing
+//! twice.
 //!
-//! A file whose events are all stored is deleted; one the ledger still refuses is kept as it is
-//! and named with the reason. An unavailable ledger stops the replay: what was not sent stays.
+//! A file whose events are all stored is deleted. Events the ledger still refuses stay, alone, in
+//! their file, with the reason printed. A file that is not whole (empty, its last line cut
+//! short, or a line that is not a final usage record) is kept unsent. An unavailable ledger stops
+//! the replay: what was not stored stays. Files appear in `rejected/` whole (see
+//! `Spool::set_aside`), so the command may run beside the gateway.
 
+use std::fs::File;
+use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use anyhow::Context;
+use tollgate_model::usage::UsageEvent;
 
 use super::ledger::{Ledger, LedgerError};
-use super::record::{self, Record};
+use super::record::{self, Kind, Record, Usage};
 use super::segment::EXTENSION;
+use super::spool::LEGACY_EXTENSION;
 
 /// What a replay did.
 #[derive(Debug, Default, PartialEq, Eq)]
@@ -25,6 +33,18 @@ pub struct Replayed {
     pub duplicates: u64,
     /// Files kept, with why.
     pub kept: Vec<(PathBuf, String)>,
+    /// Why the replay stopped before the end (the ledger unavailable), if it did.
+    pub stopped: Option<String>,
+}
+
+/// How one file went.
+enum Sent {
+    /// Every event stored.
+    All,
+    /// These events refused for good, the others stored; why.
+    Refused(Vec<UsageEvent>, String),
+    /// The ledger is unavailable: stop.
+    Unavailable(String),
 }
 
 /// Sends every file of `spool_dir/rejected` to `ledger`, `batch_size` events at a time.
@@ -44,60 +64,191 @@ pub async fn replay(
             return Err(error).with_context(|| format!("cannot list {}", dir.display()));
         }
     };
-    files.retain(|path| path.extension().is_some_and(|e| e == EXTENSION));
+    // Not the temporary files a gateway is writing (`.….partial`), nor anything else.
+    files.retain(|path| {
+        let visible = path
+            .file_name()
+            .is_some_and(|name| !name.to_string_lossy().starts_with('.'));
+        let ours = path
+            .extension()
+            .is_some_and(|e| e == EXTENSION || e == LEGACY_EXTENSION);
+        visible && ours
+    });
     files.sort();
     let mut replayed = Replayed::default();
     for path in files {
-        let text =
-            std::fs::read(&path).with_context(|| format!("cannot read {}", path.display()))?;
-        let mut events = Vec::new();
-        let mut unreadable = 0;
-        for line in text.split(|&b| b == b'\n').filter(|l| !l.is_empty()) {
-            match record::decode(line) {
-                Some(Record::Final(event)) => events.push(event),
-                Some(Record::Pending(pending)) => match pending.event() {
-                    Some(event) => events.push(event),
-                    None => unreadable += 1,
-                },
-                None => unreadable += 1,
+        let text = match std::fs::read(&path) {
+            Ok(text) => text,
+            // Taken by a replay running beside this one.
+            Err(error) if error.kind() == std::io::ErrorKind::NotFound => continue,
+            Err(error) => {
+                replayed
+                    .kept
+                    .push((path, format!("cannot be read: {error}")));
+                continue;
             }
-        }
-        if unreadable > 0 {
-            replayed.kept.push((
-                path,
-                format!("{unreadable} line(s) are not usage records; nothing of it was sent"),
-            ));
-            continue;
-        }
-        let mut refused = None;
-        for batch in events.chunks(batch_size.max(1)) {
-            match ledger.record(batch).await {
-                Ok(stored) => {
-                    replayed.inserted += stored.inserted;
-                    replayed.duplicates += stored.duplicates;
-                }
-                Err(LedgerError::Unavailable(error)) => {
-                    return Err(error.context(format!(
-                        "the ledger is unavailable; {} and the files after it stay",
-                        path.display()
-                    )));
-                }
-                Err(error) => {
-                    refused = Some(error.to_string());
-                    break;
+        };
+        let events = match events(&path, &text) {
+            Ok(events) => events,
+            Err(why) => {
+                replayed.kept.push((path, why));
+                continue;
+            }
+        };
+        match send(ledger, &events, batch_size, &mut replayed).await {
+            Sent::All => match remove(&path) {
+                Ok(()) => replayed.files_stored += 1,
+                // Stored: a later replay finds its events in the ledger already.
+                Err(error) => replayed
+                    .kept
+                    .push((path, format!("stored, but cannot be deleted: {error:#}"))),
+            },
+            Sent::Refused(refused, reason) => {
+                let why = format!("{} event(s) refused again: {reason}", refused.len());
+                if refused.len() == events.len() {
+                    replayed.kept.push((path, why));
+                } else {
+                    match keep_only(&path, &refused) {
+                        Ok(kept) => replayed.kept.push((kept, why)),
+                        Err(error) => replayed.kept.push((
+                            path,
+                            format!("{why} (the others stored; cannot rewrite it: {error:#})"),
+                        )),
+                    }
                 }
             }
-        }
-        match refused {
-            Some(reason) => replayed.kept.push((path, reason)),
-            None => {
-                std::fs::remove_file(&path)
-                    .with_context(|| format!("cannot delete {}", path.display()))?;
-                replayed.files_stored += 1;
+            Sent::Unavailable(reason) => {
+                replayed.stopped = Some(format!(
+                    "the ledger is unavailable ({reason}); {} and the files after it were not \
+                     sent",
+                    path.display()
+                ));
+                break;
             }
         }
     }
     Ok(replayed)
+}
+
+/// The events of a set-aside file, or why it is kept unsent.
+fn events(path: &Path, text: &[u8]) -> Result<Vec<UsageEvent>, String> {
+    if text.is_empty() {
+        return Err("empty".to_owned());
+    }
+    if !text.ends_with(b"\n") {
+        return Err("its last line is cut short; nothing of it was sent".to_owned());
+    }
+    let legacy = path.extension().is_some_and(|e| e == LEGACY_EXTENSION);
+    let mut events = Vec::new();
+    let mut foreign = 0;
+    for line in text.split(|&b| b == b'\n').filter(|l| !l.is_empty()) {
+        let record = if legacy {
+            record::decode_legacy(line)
+        } else {
+            record::decode(line)
+        };
+        // A set-aside file holds final records only.
+        match record {
+            Some(Record::Final(event)) => events.push(event),
+            _ => foreign += 1,
+        }
+    }
+    if foreign > 0 {
+        return Err(format!(
+            "{foreign} line(s) are not final usage records; nothing of it was sent"
+        ));
+    }
+    Ok(events)
+}
+
+/// Sends `events` in batches: halved when too large, without the events the ledger names when it
+/// refuses some, whole batches kept when it refuses them whole.
+async fn send(
+    ledger: &dyn Ledger,
+    events: &[UsageEvent],
+    batch_size: usize,
+    replayed: &mut Replayed,
+) -> Sent {
+    let mut batches: Vec<Vec<UsageEvent>> = events
+        .chunks(batch_size.max(1))
+        .rev()
+        .map(<[UsageEvent]>::to_vec)
+        .collect();
+    let mut refused = Vec::new();
+    let mut reason = String::new();
+    while let Some(mut batch) = batches.pop() {
+        match ledger.record(&batch).await {
+            Ok(stored) => {
+                replayed.inserted += stored.inserted;
+                replayed.duplicates += stored.duplicates;
+            }
+            Err(LedgerError::Unavailable(error)) => return Sent::Unavailable(format!("{error:#}")),
+            Err(LedgerError::TooLarge(_)) if batch.len() > 1 => {
+                let second = batch.split_off(batch.len() / 2);
+                batches.push(second);
+                batches.push(batch);
+            }
+            Err(LedgerError::RefusedEvents(positions, why))
+                if !positions.is_empty()
+                    && positions.iter().all(|&p| p < batch.len())
+                    && positions.windows(2).all(|w| w[0] < w[1]) =>
+            {
+                let mut position = 0;
+                batch.retain(|event| {
+                    let keep = positions.binary_search(&position).is_err();
+                    if !keep {
+                        refused.push(event.clone());
+                    }
+                    position += 1;
+                    keep
+                });
+                reason = why;
+                if !batch.is_empty() {
+                    batches.push(batch);
+                }
+            }
+            Err(error) => {
+                reason = error.to_string();
+                refused.extend(batch);
+            }
+        }
+    }
+    if refused.is_empty() {
+        Sent::All
+    } else {
+        Sent::Refused(refused, reason)
+    }
+}
+
+/// Replaces the file at `path` with one of `events` only (as `.tsv`); returns its path.
+fn keep_only(path: &Path, events: &[UsageEvent]) -> anyhow::Result<PathBuf> {
+    let kept = path.with_extension(EXTENSION);
+    let dir = path.parent().unwrap_or(Path::new("."));
+    let name = kept.file_name().map(|n| n.to_string_lossy().into_owned());
+    let temporary = dir.join(format!(".{}.partial", name.unwrap_or_default()));
+    let mut lines = Vec::new();
+    for event in events {
+        record::encode(Kind::Final, &Usage::of(event), &mut lines);
+    }
+    let mut file = File::create(&temporary)
+        .with_context(|| format!("cannot write {}", temporary.display()))?;
+    file.write_all(&lines)?;
+    file.sync_all()?;
+    std::fs::rename(&temporary, &kept)
+        .with_context(|| format!("cannot write {}", kept.display()))?;
+    if kept != path {
+        remove(path)?;
+    }
+    Ok(kept)
+}
+
+fn remove(path: &Path) -> anyhow::Result<()> {
+    match std::fs::remove_file(path) {
+        Err(error) if error.kind() != std::io::ErrorKind::NotFound => {
+            Err(error).with_context(|| format!("cannot delete {}", path.display()))
+        }
+        _ => Ok(()),
+    }
 }
 
 #[cfg(test)]
@@ -113,15 +264,25 @@ mod tests {
     use crate::metering::spool::Spool;
     use crate::metering::spool::tests::event;
 
-    /// A ledger in memory that refuses events whose method is `BAD`.
+    /// A ledger in memory that refuses events whose method is `BAD` (naming them, as the
+    /// control plane does) and is unavailable while `down` is set.
     #[derive(Debug, Default)]
-    struct Memory(Mutex<Vec<String>>);
+    struct Memory(Mutex<Vec<String>>, std::sync::atomic::AtomicBool);
 
     #[async_trait]
     impl Ledger for Memory {
         async fn record(&self, events: &[UsageEvent]) -> Result<UsageStored, LedgerError> {
-            if events.iter().any(|e| e.method == "BAD") {
-                return Err(LedgerError::Rejected("422: bad method".into()));
+            if self.1.load(std::sync::atomic::Ordering::Relaxed) {
+                return Err(LedgerError::Unavailable(anyhow::anyhow!("down")));
+            }
+            let bad: Vec<usize> = events
+                .iter()
+                .enumerate()
+                .filter(|(_, e)| e.method == "BAD")
+                .map(|(i, _)| i)
+                .collect();
+            if !bad.is_empty() {
+                return Err(LedgerError::RefusedEvents(bad, "422: bad method".into()));
             }
             let mut stored = self.0.lock().unwrap();
             let before = stored.len();
@@ -142,53 +303,96 @@ mod tests {
         }
     }
 
+    fn bad(id: u8) -> UsageEvent {
+        let mut event = event(id, 1);
+        event.method = "BAD".into();
+        event
+    }
+
+    fn write(dir: &Path, name: &str, text: &str) -> PathBuf {
+        std::fs::create_dir_all(dir.join("rejected")).unwrap();
+        let path = dir.join("rejected").join(name);
+        std::fs::write(&path, text).unwrap();
+        path
+    }
+
     #[tokio::test]
-    async fn stored_files_go_and_refused_ones_stay() {
+    async fn stored_files_go_and_refused_events_stay_alone() {
         let dir = tempfile::tempdir().unwrap();
         let spool = Spool::open(dir.path(), 1 << 20, 0).unwrap();
         let good = spool
             .set_aside(&[event(1, 1), event(2, 1), event(3, 1)])
             .unwrap();
-        let mut bad = event(4, 1);
-        bad.method = "BAD".into();
-        let refused = spool.set_aside(&[bad]).unwrap();
+        let mixed = spool
+            .set_aside(&[event(5, 1), bad(6), event(7, 1)])
+            .unwrap();
         let ledger = Memory::default();
         ledger.0.lock().unwrap().push(event(2, 1).id);
 
         let replayed = replay(dir.path(), &ledger, 2).await.unwrap();
         assert_eq!(replayed.files_stored, 1);
-        assert_eq!((replayed.inserted, replayed.duplicates), (2, 1));
+        assert_eq!((replayed.inserted, replayed.duplicates), (4, 1));
+        assert_eq!(replayed.stopped, None);
         assert_eq!(replayed.kept.len(), 1);
-        assert_eq!(replayed.kept[0].0, refused);
+        assert_eq!(replayed.kept[0].0, mixed);
         assert!(
-            replayed.kept[0].1.contains("bad method"),
-            "{:?}",
-            replayed.kept
+            replayed.kept[0]
+                .1
+                .contains("1 event(s) refused again: 422: bad method")
         );
         assert!(!good.exists());
-        assert!(refused.exists());
+        // The mixed file now holds the refused event only.
+        let left = std::fs::read_to_string(&mixed).unwrap();
+        assert_eq!(left.lines().count(), 1);
+        assert!(left.contains(&bad(6).id));
 
-        // Again: the refused file is still refused, nothing is stored twice.
+        // Again: still refused, nothing stored twice.
         let again = replay(dir.path(), &ledger, 2).await.unwrap();
-        assert_eq!((again.files_stored, again.inserted), (0, 0));
+        assert_eq!(
+            (again.files_stored, again.inserted, again.duplicates),
+            (0, 0, 0)
+        );
         assert_eq!(again.kept.len(), 1);
-        assert_eq!(ledger.0.lock().unwrap().len(), 3);
+        assert_eq!(ledger.0.lock().unwrap().len(), 5);
     }
 
     #[tokio::test]
-    async fn a_file_that_is_not_usage_records_is_kept_unsent() {
+    async fn a_file_that_is_not_whole_is_kept_unsent() {
         let dir = tempfile::tempdir().unwrap();
-        std::fs::create_dir_all(dir.path().join("rejected")).unwrap();
-        let path = dir
-            .path()
-            .join("rejected")
-            .join(format!("notes.{EXTENSION}"));
-        std::fs::write(&path, "not a record\n").unwrap();
+        let mut line = Vec::new();
+        record::encode(Kind::Final, &Usage::of(&event(1, 1)), &mut line);
+        let whole = String::from_utf8(line).unwrap();
+        let mut pending = Vec::new();
+        record::encode(Kind::Pending, &Usage::of(&event(2, 1)), &mut pending);
+        let empty = write(dir.path(), "a.tsv", "");
+        let cut = write(dir.path(), "b.tsv", &whole[..whole.len() - 1]);
+        let foreign = write(dir.path(), "c.tsv", "not a record\n");
+        let pending = write(dir.path(), "d.tsv", &String::from_utf8(pending).unwrap());
+        // Being written by a gateway, or not ours: not read.
+        write(dir.path(), &format!(".e.tsv.{}.partial", 1), &whole);
+        write(dir.path(), "notes.txt", "mine");
         let ledger = Memory::default();
         let replayed = replay(dir.path(), &ledger, 10).await.unwrap();
-        assert_eq!(replayed.kept.len(), 1);
-        assert!(path.exists());
+        let kept: Vec<&PathBuf> = replayed.kept.iter().map(|(path, _)| path).collect();
+        assert_eq!(kept, [&empty, &cut, &foreign, &pending]);
         assert!(ledger.0.lock().unwrap().is_empty());
+        assert_eq!(replayed.files_stored, 0);
+    }
+
+    #[tokio::test]
+    async fn an_unavailable_ledger_stops_the_replay_and_leaves_the_rest() {
+        let dir = tempfile::tempdir().unwrap();
+        let spool = Spool::open(dir.path(), 1 << 20, 0).unwrap();
+        let first = spool.set_aside(&[event(1, 1)]).unwrap();
+        let second = spool.set_aside(&[event(2, 1)]).unwrap();
+        let ledger = Memory::default();
+        ledger.1.store(true, std::sync::atomic::Ordering::Relaxed);
+        let replayed = replay(dir.path(), &ledger, 10).await.unwrap();
+        assert!(replayed.stopped.as_deref().unwrap().contains("unavailable"));
+        assert!(first.exists() && second.exists());
+        ledger.1.store(false, std::sync::atomic::Ordering::Relaxed);
+        let replayed = replay(dir.path(), &ledger, 10).await.unwrap();
+        assert_eq!((replayed.files_stored, replayed.stopped), (2, None));
     }
 
     #[tokio::test]

@@ -32,7 +32,7 @@
 //! The spool's directory belongs to one gateway process: a segment cut short by another process
 //! while mapped would make the next copy into it fault.
 
-use std::fs::{File, OpenOptions};
+use std::fs::File;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -46,7 +46,7 @@ use super::record::{self, Kind, Record, Usage};
 pub use super::segment::SEGMENT_BYTES;
 use super::segment::{EXTENSION, Mapped, cut_to_records, records_end};
 /// Segments an earlier version wrote, one JSON object per line: still read, never written.
-const LEGACY_EXTENSION: &str = "jsonl";
+pub(crate) const LEGACY_EXTENSION: &str = "jsonl";
 
 #[derive(Debug)]
 struct Active {
@@ -282,30 +282,41 @@ impl Spool {
     }
 
     /// Keeps events the ledger refused for good in `rejected/` of the spool directory (outside
-    /// the spool's count), for an operator to look at; returns the file. Named by the first
-    /// event's id, with `.1`, `.2`… when that name is taken: a file set aside is never replaced.
+    /// the spool's count), for an operator to look at and `gateway --replay-rejected` to send
+    /// again; returns the file. Named by the first event's id, with `.1`, `.2`… when that name is
+    /// taken: a file set aside is never replaced. It appears whole or not at all: written and
+    /// synced under a temporary name first, then linked to its name (which fails rather than
+    /// replace a file).
     pub fn set_aside(&self, events: &[UsageEvent]) -> std::io::Result<PathBuf> {
         let dir = self.dir.join("rejected");
         std::fs::create_dir_all(&dir)?;
         let first = events.first().map_or("empty", |e| e.id.as_str());
-        let mut copy = 0u32;
-        let (mut file, path) = loop {
-            let path = match copy {
-                0 => dir.join(format!("{first}.{EXTENSION}")),
-                n => dir.join(format!("{first}.{n}.{EXTENSION}")),
-            };
-            match OpenOptions::new().write(true).create_new(true).open(&path) {
-                Ok(file) => break (file, path),
-                Err(error) if error.kind() == std::io::ErrorKind::AlreadyExists => copy += 1,
-                Err(error) => return Err(error),
-            }
-        };
         let mut lines = Vec::new();
         for event in events {
             record::encode(Kind::Final, &Usage::of(event), &mut lines);
         }
+        let temporary = dir.join(format!(".{first}.{}.partial", std::process::id()));
+        let mut file = File::create(&temporary)?;
         file.write_all(&lines)?;
         file.sync_all()?;
+        drop(file);
+        let mut copy = 0u32;
+        let path = loop {
+            let path = match copy {
+                0 => dir.join(format!("{first}.{EXTENSION}")),
+                n => dir.join(format!("{first}.{n}.{EXTENSION}")),
+            };
+            match std::fs::hard_link(&temporary, &path) {
+                Ok(()) => break path,
+                Err(error) if error.kind() == std::io::ErrorKind::AlreadyExists => copy += 1,
+                Err(error) => {
+                    let _ = std::fs::remove_file(&temporary);
+                    return Err(error);
+                }
+            }
+        };
+        std::fs::remove_file(&temporary)?;
+        File::open(&dir)?.sync_all()?;
         Ok(path)
     }
 
@@ -441,7 +452,10 @@ pub(crate) mod tests {
         assert!(size > 0 && size < SEGMENT_BYTES);
         // A crash mid-write of an earlier version, which wrote with `write(2)`, leaves a line
         // without its end (here: all of its fields, the last one cut short).
-        let mut file = OpenOptions::new().append(true).open(&path).unwrap();
+        let mut file = std::fs::OpenOptions::new()
+            .append(true)
+            .open(&path)
+            .unwrap();
         let whole = line(Kind::Pending, &event(2, 1));
         file.write_all(&whole[..whole.len() - 3]).unwrap();
         let reopened = Spool::open(dir.path(), 1 << 20, 0).unwrap();
