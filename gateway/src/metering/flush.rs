@@ -519,6 +519,62 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_request_left_pending_counts_as_its_final_record_says_however_long_the_backlog() {
+        let dir = tempfile::tempdir().unwrap();
+        let spool_dir = dir.path().join("spool");
+        // An earlier process: seven segments of three requests; before them, a request admitted
+        // (pending, 1 unit) whose final record, refunded for an upstream 503, is in the last.
+        let refunded = 200;
+        {
+            let earlier = Spool::open(&spool_dir, u64::MAX, 0).unwrap();
+            let write = |kind: Kind, usage: &UsageEvent| {
+                let mut line = Vec::new();
+                record::encode(kind, &Usage::of(usage), &mut line);
+                earlier.append(&line).unwrap();
+            };
+            write(Kind::Pending, &event(refunded, 1));
+            for segment in 0..7u8 {
+                for n in 0..3 {
+                    write(Kind::Final, &event(segment * 3 + n, 1));
+                }
+                if segment == 6 {
+                    let mut settled = event(refunded, 0);
+                    settled.status = 503;
+                    write(Kind::Final, &settled);
+                }
+                earlier.tick(i64::from(segment) + 1, 0).unwrap();
+            }
+        }
+        // This process reads at most MAX_UNSENT_SEGMENTS of them at a time: the pending record
+        // must wait for the last one rather than count as left unsettled.
+        let sender = Sender {
+            meter: Arc::new(Meter {
+                spool: Spool::open(&spool_dir, u64::MAX, 100).unwrap(),
+                metrics: MeteringMetrics::new(&Metrics::new()).unwrap(),
+            }),
+            interval: Duration::from_secs(3600),
+            batch: AtomicUsize::new(2),
+        };
+        assert!(sender.meter.spool.closed(u64::MAX).unwrap().len() > MAX_UNSENT_SEGMENTS + 1);
+        let store = Store::connect(&format!(
+            "sqlite://{}?mode=rwc",
+            dir.path().join("ledger.db").display()
+        ))
+        .await
+        .unwrap();
+        store.migrate().await.unwrap();
+        let ledger = StoreLedger(store.clone());
+        let mut segments = BTreeMap::new();
+        let passed = sender.pass_all(&mut segments, &ledger).await.unwrap();
+        assert_eq!(passed, Passed::AllSent);
+        let stored = store.period_usage(CUSTOMER, 0, i64::MAX).await.unwrap();
+        assert_eq!(
+            stored.units, 21,
+            "the 21 requests, and the refunded one at 0 units"
+        );
+    }
+
+    #[tokio::test]
     async fn a_backlog_is_read_a_few_segments_at_a_time_and_stored_once() {
         let dir = tempfile::tempdir().unwrap();
         let sender = Sender {
