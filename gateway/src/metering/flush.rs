@@ -26,7 +26,7 @@ use tollgate_model::usage::UsageEvent;
 use super::Meter;
 use super::record::{Pending, Record};
 use super::spool;
-use crate::metering::ledger::{Ledger, LedgerError};
+use crate::metering::ledger::{Ledger, LedgerError, take_refused};
 use crate::state::Gateway;
 
 /// The longest wait between passes while the ledger refuses.
@@ -266,25 +266,12 @@ impl Sender {
                         batches.push(first);
                     }
                     // Only the events the ledger named are set aside; the others go again.
-                    // Positions are checked, so a ledger naming none (or ones the batch does not
-                    // have) cannot have the same batch sent for ever.
-                    Err(LedgerError::RefusedEvents(positions, reason))
-                        if !positions.is_empty()
-                            && positions.iter().all(|&p| p < batch.len())
-                            && positions.windows(2).all(|w| w[0] < w[1]) =>
-                    {
+                    Err(LedgerError::RefusedEvents(positions, reason)) => {
                         let of = batch.len();
                         let mut rest = batch.into_owned();
-                        let mut refused = Vec::with_capacity(positions.len());
-                        let mut position = 0;
-                        rest.retain(|event| {
-                            let keep = positions.binary_search(&position).is_err();
-                            if !keep {
-                                refused.push(event.clone());
-                            }
-                            position += 1;
-                            keep
-                        });
+                        // Positions not of this batch: it is set aside whole.
+                        let refused = take_refused(&mut rest, &positions)
+                            .unwrap_or_else(|| std::mem::take(&mut rest));
                         let kept = self.meter.spool.set_aside(&refused)?;
                         self.meter.metrics.rejected(refused.len() as u64);
                         segment
@@ -302,11 +289,7 @@ impl Sender {
                             batches.push(Cow::Owned(rest));
                         }
                     }
-                    Err(
-                        LedgerError::Rejected(reason)
-                        | LedgerError::TooLarge(reason)
-                        | LedgerError::RefusedEvents(_, reason),
-                    ) => {
+                    Err(LedgerError::Rejected(reason) | LedgerError::TooLarge(reason)) => {
                         let kept = self.meter.spool.set_aside(&batch)?;
                         self.meter.metrics.rejected(batch.len() as u64);
                         segment
@@ -498,24 +481,42 @@ mod tests {
     const CUSTOMER: &str = "cus_01010101010101010101010101010101";
 
     /// A spool of `segments` closed segments of `per_segment` final records each.
-    fn backlog(dir: &std::path::Path, segments: u8, per_segment: u8) -> Arc<Meter> {
+    /// A spool in `dir` holding `segments`, each a closed segment of these final records.
+    fn spool_of(dir: &std::path::Path, segments: &[Vec<UsageEvent>]) -> Arc<Meter> {
         let meter = Meter {
             spool: Spool::open(dir, u64::MAX, 0).unwrap(),
             metrics: MeteringMetrics::new(&Metrics::new()).unwrap(),
         };
-        for segment in 0..segments {
-            for n in 0..per_segment {
+        for (at, events) in segments.iter().enumerate() {
+            for usage in events {
                 let mut line = Vec::new();
-                record::encode(
-                    Kind::Final,
-                    &Usage::of(&event(segment * per_segment + n, 1)),
-                    &mut line,
-                );
+                record::encode(Kind::Final, &Usage::of(usage), &mut line);
                 meter.spool.append(&line).unwrap();
             }
-            meter.spool.tick(i64::from(segment) + 1, 0).unwrap();
+            meter.spool.tick(at as i64 + 1, 0).unwrap();
         }
         Arc::new(meter)
+    }
+
+    /// `segments` closed segments of `per_segment` events each, numbered from 0.
+    fn backlog(dir: &std::path::Path, segments: u8, per_segment: u8) -> Arc<Meter> {
+        let segments: Vec<Vec<UsageEvent>> = (0..segments)
+            .map(|segment| {
+                (0..per_segment)
+                    .map(|n| event(segment * per_segment + n, 1))
+                    .collect()
+            })
+            .collect();
+        spool_of(dir, &segments)
+    }
+
+    /// Event `n`, with a method longer than the control plane takes when `refused`.
+    fn event_refused_if(n: u8, refused: bool) -> UsageEvent {
+        let mut usage = event(n, 1);
+        if refused {
+            usage.method = "X".repeat(40);
+        }
+        usage
     }
 
     #[tokio::test]
@@ -695,23 +696,12 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let spool = dir.path().join("spool");
         // Seven events in one segment; two with a method longer than the control plane takes.
-        let meter = Meter {
-            spool: Spool::open(&spool, u64::MAX, 0).unwrap(),
-            metrics: MeteringMetrics::new(&Metrics::new()).unwrap(),
-        };
         let bad = [2, 5];
-        for n in 0..7 {
-            let mut usage = event(n, 1);
-            if bad.contains(&n) {
-                usage.method = "X".repeat(40);
-            }
-            let mut line = Vec::new();
-            record::encode(Kind::Final, &Usage::of(&usage), &mut line);
-            meter.spool.append(&line).unwrap();
-        }
-        meter.spool.tick(1, 0).unwrap();
+        let events = (0..7)
+            .map(|n| event_refused_if(n, bad.contains(&n)))
+            .collect();
         let sender = Sender {
-            meter: Arc::new(meter),
+            meter: spool_of(&spool, &[events]),
             interval: Duration::from_secs(3600),
             batch: AtomicUsize::new(1000),
         };
@@ -751,22 +741,9 @@ mod tests {
     async fn events_set_aside_are_not_refused_again_when_their_segment_is_sent_again() {
         let dir = tempfile::tempdir().unwrap();
         let spool = dir.path().join("spool");
-        let meter = Meter {
-            spool: Spool::open(&spool, u64::MAX, 0).unwrap(),
-            metrics: MeteringMetrics::new(&Metrics::new()).unwrap(),
-        };
-        for n in 0..7 {
-            let mut usage = event(n, 1);
-            if n == 1 {
-                usage.method = "X".repeat(40);
-            }
-            let mut line = Vec::new();
-            record::encode(Kind::Final, &Usage::of(&usage), &mut line);
-            meter.spool.append(&line).unwrap();
-        }
-        meter.spool.tick(1, 0).unwrap();
+        let events = (0..7).map(|n| event_refused_if(n, n == 1)).collect();
         let sender = Sender {
-            meter: Arc::new(meter),
+            meter: spool_of(&spool, &[events]),
             interval: Duration::from_secs(3600),
             batch: AtomicUsize::new(3),
         };

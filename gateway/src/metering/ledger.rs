@@ -33,6 +33,30 @@ pub enum LedgerError {
     Unavailable(#[from] anyhow::Error),
 }
 
+/// Takes out of `batch` the events at `positions` (a [`LedgerError::RefusedEvents`] answer to
+/// it) and returns them, in order; the others stay. `None`, and the batch untouched, unless the
+/// positions are some, ascending, each once and within the batch: a ledger naming none (or ones
+/// the batch does not have) must not have the same batch sent for ever.
+pub fn take_refused(batch: &mut Vec<UsageEvent>, positions: &[usize]) -> Option<Vec<UsageEvent>> {
+    let valid = !positions.is_empty()
+        && positions.iter().all(|&p| p < batch.len())
+        && positions.windows(2).all(|w| w[0] < w[1]);
+    if !valid {
+        return None;
+    }
+    let mut refused = Vec::with_capacity(positions.len());
+    let mut position = 0;
+    batch.retain(|event| {
+        let keep = positions.binary_search(&position).is_err();
+        if !keep {
+            refused.push(event.clone());
+        }
+        position += 1;
+        keep
+    });
+    Some(refused)
+}
+
 /// The usage ledger.
 #[async_trait]
 pub trait Ledger: Send + Sync + Debug {

@@ -17,7 +17,7 @@ use std::path::{Path, PathBuf};
 use anyhow::Context;
 use tollgate_model::usage::UsageEvent;
 
-use super::ledger::{Ledger, LedgerError};
+use super::ledger::{Ledger, LedgerError, take_refused};
 use super::record::{self, Kind, Record, Usage};
 use super::segment::EXTENSION;
 use super::spool::LEGACY_EXTENSION;
@@ -188,24 +188,18 @@ async fn send(
                 batches.push(second);
                 batches.push(batch);
             }
-            Err(LedgerError::RefusedEvents(positions, why))
-                if !positions.is_empty()
-                    && positions.iter().all(|&p| p < batch.len())
-                    && positions.windows(2).all(|w| w[0] < w[1]) =>
-            {
-                let mut position = 0;
-                batch.retain(|event| {
-                    let keep = positions.binary_search(&position).is_err();
-                    if !keep {
-                        refused.push(event.clone());
+            Err(LedgerError::RefusedEvents(positions, why)) => {
+                match take_refused(&mut batch, &positions) {
+                    Some(taken) => {
+                        refused.extend(taken);
+                        if !batch.is_empty() {
+                            batches.push(batch);
+                        }
                     }
-                    position += 1;
-                    keep
-                });
-                reason = why;
-                if !batch.is_empty() {
-                    batches.push(batch);
+                    // Not positions of this batch: all of it stays refused.
+                    None => refused.append(&mut batch),
                 }
+                reason = why;
             }
             Err(error) => {
                 reason = error.to_string();
