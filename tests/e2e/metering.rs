@@ -48,6 +48,20 @@ usage = true
     ))
 }
 
+/// A standalone gateway of `config`, its embedded control plane given an admin token of the
+/// test's own, and that control plane's admin API.
+async fn standalone(config: &str) -> (Gateway, AdminApi) {
+    let token = admin_token();
+    let gateway = Gateway::start_with_env(
+        tempfile::tempdir().unwrap(),
+        config,
+        &[("TOLLGATE_ADMIN_TOKEN", token.as_str())],
+    )
+    .await;
+    let api = AdminApi::new(&format!("http://{}", gateway.admin), &token);
+    (gateway, api)
+}
+
 struct Customer {
     id: String,
     key: String,
@@ -95,7 +109,6 @@ fn header(response: &reqwest::Response, name: &str) -> String {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_request_whose_records_span_two_segments_is_stored_once_with_its_final_size() {
     let upstream = Upstream::start("api");
-    let token = admin_token();
     let stream_route = r#"
 [[routes]]
 name = "stream"
@@ -103,13 +116,7 @@ path_prefix = "/stream"
 upstream = "api"
 auth = "key"
 "#;
-    let gateway = Gateway::start_with_env(
-        tempfile::tempdir().unwrap(),
-        &standalone_config(&upstream, stream_route),
-        &[("TOLLGATE_ADMIN_TOKEN", token.as_str())],
-    )
-    .await;
-    let api = AdminApi::new(&format!("http://{}", gateway.admin), &token);
+    let (gateway, api) = standalone(&standalone_config(&upstream, stream_route)).await;
     let customer = customer_on(&api, json!({"quota": {"requests": 100, "hard": true}})).await;
     gateway.wait_for_keys(1).await;
     let mut response = get(&gateway, "/stream", &customer.key).await;
@@ -148,14 +155,7 @@ auth = "key"
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_admitted_request_is_stored_once_and_both_usage_views_read_it() {
     let upstream = Upstream::start("api");
-    let token = admin_token();
-    let gateway = Gateway::start_with_env(
-        tempfile::tempdir().unwrap(),
-        &standalone_config(&upstream, ""),
-        &[("TOLLGATE_ADMIN_TOKEN", token.as_str())],
-    )
-    .await;
-    let api = AdminApi::new(&format!("http://{}", gateway.admin), &token);
+    let (gateway, api) = standalone(&standalone_config(&upstream, "")).await;
     let customer = customer_on(
         &api,
         json!({"quota": {"requests": 100, "hard": true}, "upgrade_url": "https://example.test/upgrade"}),
@@ -234,7 +234,6 @@ async fn every_admitted_request_is_stored_once_and_both_usage_views_read_it() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn requests_drained_at_sigterm_are_in_the_ledger_when_the_gateway_exits() {
     let upstream = Upstream::start("api");
-    let token = admin_token();
     let slow_route = r#"
 [[routes]]
 name = "slow"
@@ -245,13 +244,7 @@ auth = "key"
     // A flush interval longer than the test: only the last pass can send the usage.
     let text = standalone_config(&upstream, slow_route)
         .replace("flush_interval = \"200ms\"", "flush_interval = \"60s\"");
-    let mut gateway = Gateway::start_with_env(
-        tempfile::tempdir().unwrap(),
-        &text,
-        &[("TOLLGATE_ADMIN_TOKEN", token.as_str())],
-    )
-    .await;
-    let api = AdminApi::new(&format!("http://{}", gateway.admin), &token);
+    let (mut gateway, api) = standalone(&text).await;
     let customer = customer_on(&api, json!({"quota": {"requests": 100, "hard": true}})).await;
     gateway.wait_for_keys(1).await;
 
@@ -347,10 +340,7 @@ async fn post_after_continue(
     let placeholder = Upstream::start("api");
     let text = standalone_config(&placeholder, "")
         .replace(&placeholder.target(), &continue_then(final_answer).await);
-    let token = admin_token();
-    let env = [("TOLLGATE_ADMIN_TOKEN", token.as_str())];
-    let gateway = Gateway::start_with_env(tempfile::tempdir().unwrap(), &text, &env).await;
-    let api = AdminApi::new(&format!("http://{}", gateway.admin), &token);
+    let (gateway, api) = standalone(&text).await;
     let customer = customer_on(&api, json!({"quota": {"requests": 100, "hard": true}})).await;
     gateway.wait_for_keys(1).await;
     let response = client()
@@ -413,14 +403,7 @@ async fn an_upstream_failing_after_100_continue_gets_the_gateways_problem() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_exhausted_quota_names_the_plans_upgrade_url() {
     let upstream = Upstream::start("api");
-    let token = admin_token();
-    let gateway = Gateway::start_with_env(
-        tempfile::tempdir().unwrap(),
-        &standalone_config(&upstream, ""),
-        &[("TOLLGATE_ADMIN_TOKEN", token.as_str())],
-    )
-    .await;
-    let api = AdminApi::new(&format!("http://{}", gateway.admin), &token);
+    let (gateway, api) = standalone(&standalone_config(&upstream, "")).await;
     let customer = customer_on(
         &api,
         json!({"quota": {"requests": 1, "hard": true}, "upgrade_url": "https://example.test/upgrade"}),
@@ -537,15 +520,8 @@ async fn a_gateway_killed_under_load_stores_exactly_the_requests_that_got_a_resp
 async fn a_flushed_redis_continues_the_quota_from_the_ledger() {
     let redis = RedisServer::start();
     let upstream = Upstream::start("api");
-    let token = admin_token();
     let extra = format!("[redis]\nurl = \"{}\"\ntimeout = \"1s\"", redis.url());
-    let gateway = Gateway::start_with_env(
-        tempfile::tempdir().unwrap(),
-        &standalone_config(&upstream, &extra),
-        &[("TOLLGATE_ADMIN_TOKEN", token.as_str())],
-    )
-    .await;
-    let api = AdminApi::new(&format!("http://{}", gateway.admin), &token);
+    let (gateway, api) = standalone(&standalone_config(&upstream, &extra)).await;
     let customer = customer_on(&api, json!({"quota": {"requests": 50, "hard": true}})).await;
     gateway.wait_for_keys(1).await;
     for _ in 0..30 {
@@ -679,14 +655,7 @@ auth = "key"
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn usage_set_aside_is_replayed_into_the_ledger_once_by_the_command() {
     let upstream = Upstream::start("api");
-    let token = admin_token();
-    let gateway = Gateway::start_with_env(
-        tempfile::tempdir().unwrap(),
-        &standalone_config(&upstream, ""),
-        &[("TOLLGATE_ADMIN_TOKEN", token.as_str())],
-    )
-    .await;
-    let api = AdminApi::new(&format!("http://{}", gateway.admin), &token);
+    let (gateway, api) = standalone(&standalone_config(&upstream, "")).await;
     let customer = customer_on(&api, json!({})).await;
     gateway.wait_for_keys(1).await;
     assert_eq!(get(&gateway, "/api/ok", &customer.key).await.status(), 200);
