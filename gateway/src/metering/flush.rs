@@ -510,6 +510,24 @@ mod tests {
         spool_of(dir, &segments)
     }
 
+    /// A sender of `meter`'s spool in batches of `batch`, whose segments close only when a test
+    /// ticks them.
+    fn sender(meter: Arc<Meter>, batch: usize) -> Sender {
+        Sender {
+            meter,
+            interval: Duration::from_secs(3600),
+            batch: AtomicUsize::new(batch),
+        }
+    }
+
+    /// A new SQLite store in `dir`, migrated.
+    async fn sqlite_store(dir: &std::path::Path) -> Store {
+        let url = format!("sqlite://{}?mode=rwc", dir.join("ledger.db").display());
+        let store = Store::connect(&url).await.unwrap();
+        store.migrate().await.unwrap();
+        store
+    }
+
     /// Event `n`, with a method longer than the control plane takes when `refused`.
     fn event_refused_if(n: u8, refused: bool) -> UsageEvent {
         let mut usage = event(n, 1);
@@ -548,22 +566,9 @@ mod tests {
         }
         // This process reads at most MAX_UNSENT_SEGMENTS of them at a time: the pending record
         // must wait for the last one rather than count as left unsettled.
-        let sender = Sender {
-            meter: Arc::new(Meter {
-                spool: Spool::open(&spool_dir, u64::MAX, 100).unwrap(),
-                metrics: MeteringMetrics::new(&Metrics::new()).unwrap(),
-            }),
-            interval: Duration::from_secs(3600),
-            batch: AtomicUsize::new(2),
-        };
+        let sender = sender(spool_of(&spool_dir, &[]), 2);
         assert!(sender.meter.spool.closed(u64::MAX).unwrap().len() > MAX_UNSENT_SEGMENTS + 1);
-        let store = Store::connect(&format!(
-            "sqlite://{}?mode=rwc",
-            dir.path().join("ledger.db").display()
-        ))
-        .await
-        .unwrap();
-        store.migrate().await.unwrap();
+        let store = sqlite_store(dir.path()).await;
         let ledger = StoreLedger(store.clone());
         let mut segments = BTreeMap::new();
         let passed = sender.pass_all(&mut segments, &ledger).await.unwrap();
@@ -578,11 +583,7 @@ mod tests {
     #[tokio::test]
     async fn a_backlog_is_read_a_few_segments_at_a_time_and_stored_once() {
         let dir = tempfile::tempdir().unwrap();
-        let sender = Sender {
-            meter: backlog(&dir.path().join("spool"), 10, 3),
-            interval: Duration::from_secs(3600),
-            batch: AtomicUsize::new(2),
-        };
+        let sender = sender(backlog(&dir.path().join("spool"), 10, 3), 2);
         assert_eq!(sender.meter.spool.closed(u64::MAX).unwrap().len(), 11);
 
         // The ledger cannot be reached (nothing listens on port 1): no more than
@@ -596,13 +597,7 @@ mod tests {
         }
 
         // The ledger back: a pass sends what it read and says more is left; the rest follows.
-        let store = Store::connect(&format!(
-            "sqlite://{}?mode=rwc",
-            dir.path().join("ledger.db").display()
-        ))
-        .await
-        .unwrap();
-        store.migrate().await.unwrap();
+        let store = sqlite_store(dir.path()).await;
         let ledger = StoreLedger(store.clone());
         let passed = sender.pass(&mut segments, &ledger).await.unwrap();
         assert_eq!(passed, Passed::MoreToRead);
@@ -700,11 +695,7 @@ mod tests {
         let events = (0..7)
             .map(|n| event_refused_if(n, bad.contains(&n)))
             .collect();
-        let sender = Sender {
-            meter: spool_of(&spool, &[events]),
-            interval: Duration::from_secs(3600),
-            batch: AtomicUsize::new(1000),
-        };
+        let sender = sender(spool_of(&spool, &[events]), 1000);
         let (url, given, calls) = validating(0).await;
         let ledger = HttpLedger::new(&url, "tgw_token").unwrap();
         let mut segments = BTreeMap::new();
@@ -742,11 +733,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let spool = dir.path().join("spool");
         let events = (0..7).map(|n| event_refused_if(n, n == 1)).collect();
-        let sender = Sender {
-            meter: spool_of(&spool, &[events]),
-            interval: Duration::from_secs(3600),
-            batch: AtomicUsize::new(3),
-        };
+        let sender = sender(spool_of(&spool, &[events]), 3);
         // Call 1 refuses event 1 of the first batch; call 2, the rest of it, meets an outage.
         let (url, given, calls) = validating(2).await;
         let ledger = HttpLedger::new(&url, "tgw_token").unwrap();
@@ -773,11 +760,7 @@ mod tests {
     async fn a_batch_too_large_for_a_proxy_is_sent_in_halves_and_nothing_is_set_aside() {
         let dir = tempfile::tempdir().unwrap();
         let spool = dir.path().join("spool");
-        let sender = Sender {
-            meter: backlog(&spool, 1, 7),
-            interval: Duration::from_secs(3600),
-            batch: AtomicUsize::new(1000),
-        };
+        let sender = sender(backlog(&spool, 1, 7), 1000);
         let (url, given) = two_events_at_most().await;
         let ledger = HttpLedger::new(&url, "tgw_token").unwrap();
         let mut segments = BTreeMap::new();
