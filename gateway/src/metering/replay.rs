@@ -10,17 +10,15 @@
 //! the replay: what was not stored stays. Files appear in `rejected/` whole (see
 //! `Spool::set_aside`), so the command may run beside the gateway.
 
-use std::fs::File;
-use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use anyhow::Context;
 use tollgate_model::usage::UsageEvent;
 
 use super::ledger::{Ledger, LedgerError, take_refused};
-use super::record::{self, Kind, Record, Usage};
+use super::record::{self, Record};
 use super::segment::EXTENSION;
-use super::spool::LEGACY_EXTENSION;
+use super::spool::{LEGACY_EXTENSION, write_finals};
 
 /// What a replay did.
 #[derive(Debug, Default, PartialEq, Eq)]
@@ -95,7 +93,8 @@ pub async fn replay(
                 continue;
             }
         };
-        match send(ledger, &events, batch_size, &mut replayed).await {
+        let count = events.len();
+        match send(ledger, events, batch_size, &mut replayed).await {
             Sent::All => match remove(&path) {
                 Ok(()) => replayed.files_stored += 1,
                 // Stored: a later replay finds its events in the ledger already.
@@ -105,7 +104,7 @@ pub async fn replay(
             },
             Sent::Refused(refused, reason) => {
                 let why = format!("{} event(s) refused again: {reason}", refused.len());
-                if refused.len() == events.len() {
+                if refused.len() == count {
                     replayed.kept.push((path, why));
                 } else {
                     match keep_only(&path, &refused) {
@@ -165,15 +164,17 @@ fn events(path: &Path, text: &[u8]) -> Result<Vec<UsageEvent>, String> {
 /// refuses some, whole batches kept when it refuses them whole.
 async fn send(
     ledger: &dyn Ledger,
-    events: &[UsageEvent],
+    mut events: Vec<UsageEvent>,
     batch_size: usize,
     replayed: &mut Replayed,
 ) -> Sent {
-    let mut batches: Vec<Vec<UsageEvent>> = events
-        .chunks(batch_size.max(1))
-        .rev()
-        .map(<[UsageEvent]>::to_vec)
-        .collect();
+    // Split off from the end, so the first batch is the last pushed: the first popped.
+    let size = batch_size.max(1);
+    let mut batches = Vec::new();
+    while !events.is_empty() {
+        let start = (events.len() - 1) / size * size;
+        batches.push(events.split_off(start));
+    }
     let mut refused = Vec::new();
     let mut reason = String::new();
     while let Some(mut batch) = batches.pop() {
@@ -220,14 +221,8 @@ fn keep_only(path: &Path, events: &[UsageEvent]) -> anyhow::Result<PathBuf> {
     let dir = path.parent().unwrap_or(Path::new("."));
     let name = kept.file_name().map(|n| n.to_string_lossy().into_owned());
     let temporary = dir.join(format!(".{}.partial", name.unwrap_or_default()));
-    let mut lines = Vec::new();
-    for event in events {
-        record::encode(Kind::Final, &Usage::of(event), &mut lines);
-    }
-    let mut file = File::create(&temporary)
+    write_finals(&temporary, events)
         .with_context(|| format!("cannot write {}", temporary.display()))?;
-    file.write_all(&lines)?;
-    file.sync_all()?;
     std::fs::rename(&temporary, &kept)
         .with_context(|| format!("cannot write {}", kept.display()))?;
     if kept != path {
@@ -255,6 +250,7 @@ mod tests {
     use super::*;
     use crate::identity::index::Id;
     use crate::limits::period::Period;
+    use crate::metering::record::{Kind, Usage};
     use crate::metering::spool::Spool;
     use crate::metering::spool::tests::event;
 

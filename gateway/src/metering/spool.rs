@@ -291,15 +291,8 @@ impl Spool {
         let dir = self.dir.join("rejected");
         std::fs::create_dir_all(&dir)?;
         let first = events.first().map_or("empty", |e| e.id.as_str());
-        let mut lines = Vec::new();
-        for event in events {
-            record::encode(Kind::Final, &Usage::of(event), &mut lines);
-        }
         let temporary = dir.join(format!(".{first}.{}.partial", std::process::id()));
-        let mut file = File::create(&temporary)?;
-        file.write_all(&lines)?;
-        file.sync_all()?;
-        drop(file);
+        write_finals(&temporary, events)?;
         let mut copy = 0u32;
         let path = loop {
             let path = match copy {
@@ -327,6 +320,18 @@ impl Spool {
         subtract(&self.bytes, size);
         Ok(())
     }
+}
+
+/// Writes the final records of `events` to a new file at `path`, synced: a set-aside file's
+/// content, before it takes its name.
+pub(crate) fn write_finals(path: &Path, events: &[UsageEvent]) -> std::io::Result<()> {
+    let mut lines = Vec::new();
+    for event in events {
+        record::encode(Kind::Final, &Usage::of(event), &mut lines);
+    }
+    let mut file = File::create(path)?;
+    file.write_all(&lines)?;
+    file.sync_all()
 }
 
 /// Takes `amount` from `counter`, stopping at zero: a count that went wrong must not wrap and
