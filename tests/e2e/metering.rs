@@ -574,6 +574,13 @@ name = "api"
 path_prefix = "/api"
 upstream = "api"
 auth = "key"
+
+[[routes]]
+name = "whoami"
+path_prefix = "/whoami"
+upstream = "api"
+auth = "key"
+metered = false
 "#,
         target = upstream.target()
     ));
@@ -638,6 +645,8 @@ auth = "key"
             >= 1.0
     );
     assert!(gateway.metric("tollgate_usage_spool_bytes").await.unwrap() >= 1_048_576.0);
+    // A route that meters nothing is not refused: it writes nothing to the spool.
+    assert_eq!(get(&gateway, "/whoami", &customer.key).await.status(), 200);
 
     // Back: the spool drains into the ledger, every served request once, and requests pass again.
     let control_plane = ControlPlane::start_at(&database.url(), address, &admin).await;
