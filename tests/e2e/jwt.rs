@@ -762,3 +762,108 @@ async fn only_tokens_whose_signature_fails_count_toward_the_failed_authenticatio
         (429, "too-many-failed-authentications")
     );
 }
+
+/// A JWT route set `metered = false` checks the token as any other and names the caller
+/// upstream, but leaves the customer's plan alone: no limit, no limit headers, no usage.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_jwt_route_set_unmetered_checks_the_token_but_applies_no_plan() {
+    let upstream = Upstream::start("api");
+    let (gateway, api, customer, plan, _) = gateway_on(
+        Backend::Embedded,
+        &upstream,
+        HS_AND_RS,
+        r#"
+[[routes]]
+name = "hs-free"
+path_prefix = "/free"
+upstream = "api"
+auth = "jwt"
+jwt_provider = "hs"
+metered = false
+"#,
+        NOT_THROTTLED,
+    )
+    .await;
+    let version = gateway.ready().await["identities"]["version"].clone();
+    let (status, body) = api
+        .call(
+            "PATCH",
+            &format!("/v1/plans/{plan}"),
+            Some(json!({"rate_limits": [{"requests": 1, "window_seconds": 60}]})),
+        )
+        .await;
+    assert_eq!(status, 200, "{body}");
+    let started = Instant::now();
+    while gateway.ready().await["identities"]["version"] == version {
+        assert!(
+            started.elapsed() < Duration::from_secs(5),
+            "change never arrived"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+
+    let token = hmac(&claims(&customer, |_| {}));
+    for _ in 0..3 {
+        let response = client()
+            .get(gateway.url("/free/me"))
+            .bearer_auth(&token)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), 200);
+        for name in [
+            "ratelimit",
+            "ratelimit-policy",
+            "x-ratelimit-limit",
+            "x-quota-limit",
+        ] {
+            assert!(
+                response.headers().get(name).is_none(),
+                "{name} on an unmetered route"
+            );
+        }
+        let echo: Value = response.json().await.unwrap();
+        let headers = &echo["headers"];
+        assert_eq!(headers["x-tollgate-customer-id"], customer.as_str());
+        assert_eq!(headers["x-tollgate-plan-id"], plan.as_str());
+        assert_eq!(
+            headers["x-tollgate-subject"],
+            format!("user-of-{customer}").as_str()
+        );
+        assert!(headers.get("authorization").is_none(), "{headers}");
+    }
+    // The token is still checked.
+    let expired = hmac(&claims(&customer, |c| c["exp"] = json!(now() - 3600)));
+    let (status, kind, body) = status_and_type(&gateway, "/free", &expired).await;
+    assert_eq!((status, kind.as_str()), (401, "expired-token"), "{body}");
+    // The plan's one request a minute is whole on the metered JWT route.
+    let (status, _, body) = status_and_type(&gateway, "/hs", &token).await;
+    assert_eq!(status, 200, "{body}");
+    let (status, kind, body) = status_and_type(&gateway, "/hs", &token).await;
+    assert_eq!((status, kind.as_str()), (429, "rate-limited"), "{body}");
+    // Only the metered call reaches the ledger.
+    let path = format!("/v1/customers/{customer}/usage");
+    let started = Instant::now();
+    loop {
+        let (status, usage) = api.call("GET", &path, None).await;
+        assert_eq!(status, 200, "{usage}");
+        if usage["used"] == 1 {
+            let routes: Vec<&str> = usage["days"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|day| day["route"].as_str().unwrap())
+                .collect();
+            assert_eq!(routes, ["hs"], "{usage}");
+            break;
+        }
+        assert!(
+            usage["used"].as_u64().unwrap_or(0) < 1 && started.elapsed() < Duration::from_secs(10),
+            "{usage}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let (_, usage) = api.call("GET", &path, None).await;
+    assert_eq!(usage["used"], 1, "{usage}");
+}
