@@ -385,6 +385,34 @@ mod tests {
         assert_eq!((replayed.files_stored, replayed.stopped), (2, None));
     }
 
+    /// A file an earlier version set aside (`.jsonl`, one `{"e": event}` a line) is replayed
+    /// as well; what the ledger still refuses of it stays in a `.tsv` file of the same name.
+    #[tokio::test]
+    async fn a_file_an_earlier_version_set_aside_is_replayed_too() {
+        let dir = tempfile::tempdir().unwrap();
+        let lines: String = [event(1, 1), bad(2), event(3, 1)]
+            .iter()
+            .map(|e| format!("{}\n", serde_json::json!({ "e": e })))
+            .collect();
+        let legacy = write(dir.path(), "evt_legacy.jsonl", &lines);
+        let ledger = Memory::default();
+
+        let replayed = replay(dir.path(), &ledger, 10).await.unwrap();
+        assert_eq!((replayed.inserted, replayed.duplicates), (2, 0));
+        assert_eq!(*ledger.0.lock().unwrap(), [event(1, 1).id, event(3, 1).id]);
+        let kept = legacy.with_extension("tsv");
+        assert_eq!(replayed.kept.len(), 1);
+        assert_eq!(replayed.kept[0].0, kept);
+        assert!(!legacy.exists(), "the legacy file is replaced");
+        let left = std::fs::read(&kept).unwrap();
+        let records: Vec<Record> = left
+            .split(|&b| b == b'\n')
+            .filter(|l| !l.is_empty())
+            .map(|line| record::decode(line).unwrap())
+            .collect();
+        assert_eq!(records, [Record::Final(bad(2))]);
+    }
+
     #[tokio::test]
     async fn nothing_to_replay_is_not_an_error() {
         let dir = tempfile::tempdir().unwrap();
