@@ -725,3 +725,98 @@ async fn usage_set_aside_is_replayed_into_the_ledger_once_by_the_command() {
     assert!(printed.contains("kept"), "{printed}");
     assert!(file.exists());
 }
+
+/// In cluster mode `gateway --replay-rejected` sends the usage kept in `rejected/` through the
+/// control plane's ingest: what it stores goes, what it still refuses stays (alone, with the
+/// reason printed, status 1), and a control plane that is down stops the replay (status 2) with
+/// the file untouched.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn usage_set_aside_in_cluster_mode_is_replayed_through_the_control_plane() {
+    use tollgate_tests::control_plane::{ControlPlane, PostgresDatabase};
+
+    let database = PostgresDatabase::create().await;
+    let control_plane = ControlPlane::start(&database.url()).await;
+    let api = control_plane.api();
+    let token = api.gateway_token().await;
+    let customer = customer_on(&api, json!({})).await;
+    let dir = tempfile::tempdir().unwrap();
+    let config_path = dir.path().join("gateway.toml");
+    std::fs::write(
+        &config_path,
+        config(&format!(
+            r#"
+[control_plane]
+url = "http://{}"
+
+[[routes]]
+name = "api"
+path_prefix = "/api"
+auth = "key"
+usage = true
+"#,
+            control_plane.address
+        )),
+    )
+    .unwrap();
+    let now_ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis();
+    // The second event's method is longer than the control plane takes (32 bytes).
+    let line = |n: u8, method: &str| {
+        format!(
+            "e\tevt_{:032x}\t{now_ms}\t{}\t\tapi\t{method}\t200\t1\t0\t812\t0\t17\treplayed-{n}\n",
+            u128::from(n) + 7,
+            customer.id
+        )
+    };
+    let refused = line(2, &"X".repeat(40));
+    let rejected = dir.path().join("tollgate-spool").join("rejected");
+    std::fs::create_dir_all(&rejected).unwrap();
+    let file = rejected.join("evt_replayed.tsv");
+    std::fs::write(
+        &file,
+        format!("{}{refused}{}", line(1, "GET"), line(3, "POST")),
+    )
+    .unwrap();
+    let replay = |token: &str| {
+        std::process::Command::new(tollgate_tests::gateway::binary())
+            .arg("--config")
+            .arg(&config_path)
+            .arg("--replay-rejected")
+            .env("TOLLGATE_GATEWAY_TOKEN", token)
+            .output()
+            .unwrap()
+    };
+
+    // Without the gateway's token nothing is sent, and the command says which setting.
+    let output = replay("");
+    let printed = String::from_utf8_lossy(&output.stderr).into_owned();
+    assert_eq!(output.status.code(), Some(2), "{printed}");
+    assert!(printed.contains("control_plane.token_env"), "{printed}");
+
+    let output = replay(&token);
+    let printed = String::from_utf8_lossy(&output.stdout).into_owned();
+    assert_eq!(output.status.code(), Some(1), "{printed} {output:?}");
+    assert!(
+        printed
+            .contains("0 file(s) stored (2 event(s) new to the ledger, 0 it had already), 1 kept"),
+        "{printed}"
+    );
+    assert!(printed.contains("1 event(s) refused again"), "{printed}");
+    assert!(printed.contains("method"), "{printed}");
+    wait_for_used(&api, &customer.id, 2).await;
+    // Only the refused event is left (its numbers now written at full width).
+    let left = std::fs::read_to_string(&file).unwrap();
+    assert_eq!(left.lines().count(), 1, "{left}");
+    assert!(left.contains(&format!("evt_{:032x}", 9)), "{left}");
+    assert!(left.contains(&"X".repeat(40)), "{left}");
+
+    // The control plane gone: the replay stops, says why, and leaves the file as it was.
+    drop(control_plane);
+    let output = replay(&token);
+    let printed = String::from_utf8_lossy(&output.stdout).into_owned();
+    assert_eq!(output.status.code(), Some(2), "{printed} {output:?}");
+    assert!(printed.contains("unavailable"), "{printed}");
+    assert_eq!(std::fs::read_to_string(&file).unwrap(), left);
+}
