@@ -700,3 +700,49 @@ async fn a_count_redis_rebuilt_on_another_gateway_takes_the_requests_the_ledger_
     assert_eq!(status_of(&first, &key, "/api/first").await, 429);
     assert_eq!(used_in_redis(&redis, &quota_key), "50");
 }
+
+/// After Redis lost its data, a burst on a gateway that never counted the customer waits for
+/// the count rebuilt from the ledger: no request passes a hard quota the ledger shows spent,
+/// however many arrive while the first of them reads the ledger.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_burst_after_redis_lost_its_data_waits_for_the_count_rebuilt_from_the_ledger() {
+    let redis = RedisServer::start();
+    let database = PostgresDatabase::create().await;
+    let control_plane = ControlPlane::start(&database.url()).await;
+    let api = control_plane.api();
+    let token = api.gateway_token().await;
+    let (customer, key) = api
+        .customer_on_plan(json!({"quota": {"requests": 20, "hard": true}}))
+        .await;
+    let upstream = Upstream::start("api");
+    let (first, second) = two_gateways(
+        &control_plane,
+        &token,
+        &redis,
+        &upstream,
+        "timeout = \"1s\"\n\n[metering]\nflush_interval = \"200ms\"",
+        1,
+    )
+    .await;
+    for _ in 0..20 {
+        assert_eq!(status_of(&first, &key, "/api/first").await, 200);
+    }
+    // The ledger holds all twenty.
+    let started = Instant::now();
+    loop {
+        let (status, usage) = api
+            .call("GET", &format!("/v1/customers/{customer}/usage"), None)
+            .await;
+        assert_eq!(status, 200, "{usage}");
+        if usage["used"] == 20 {
+            break;
+        }
+        assert!(started.elapsed() < Duration::from_secs(15), "{usage}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(redis.cli(&["FLUSHALL"]), "OK");
+    let statuses = burst(&second, &key, 200).await;
+    assert_eq!(count(&statuses, 200), 0, "{statuses:?}");
+    assert_eq!(count(&statuses, 429), 200, "{statuses:?}");
+    assert_eq!(used_in_redis(&redis, &quota_key(&redis)), "20");
+}

@@ -15,7 +15,8 @@
 --   caller's own count of the period (units, overage; what Redis last told it and what it
 --   counted since) and the generation of the hash it last counted in (-2: none known).
 -- Returns one string of integers separated by spaces (one bulk reply is far cheaper to build
--- and to parse than an array): verdict (0 admitted, 1 rate limited, 2 quota exceeded), units
+-- and to parse than an array): verdict (0 admitted, 1 rate limited, 2 quota exceeded, 3 the
+-- quota is being seeded by another caller: only that, nothing counted, ask again), units
 -- used, overage used, overage reserved now, seed (0, or when the hash was made: this caller
 -- must add the ledger's count of the events before then), then remaining and reset ms of each
 -- window, then whether the quota hash was seeded before this call (1/0) and its generation (-1
@@ -118,10 +119,16 @@ if created then
   seed = now
 else
   used, overage = tonumber(quota[1]), tonumber(quota[2])
-  -- A claim not honoured within 10 s (its gateway died) passes to this caller.
-  if quota[3] == '0' and now - tonumber(redis.call('HGET', qkey, 'c')) > 10000 then
-    redis.call('HSET', qkey, 'c', now)
-    seed = made or now
+  if quota[3] == '0' then
+    -- A claim not honoured within 10 s (its gateway died) passes to this caller.
+    if now - tonumber(redis.call('HGET', qkey, 'c')) > 10000 then
+      redis.call('HSET', qkey, 'c', now)
+      seed = made or now
+    elseif qlimit >= 0 then
+      -- Another caller is reading the ledger for this count: deciding on it now would admit
+      -- on a count the ledger may be far above. Nothing is counted; the caller asks again.
+      return '3'
+    end
   end
 end
 -- A caller that made this hash, or that last counted in another hash of this period (Redis

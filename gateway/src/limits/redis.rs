@@ -57,6 +57,8 @@ use crate::metrics::{Metrics, REDIS_CALL_DURATION, REDIS_ERRORS_TOTAL};
 
 /// How long a quota key outlives its period.
 pub const QUOTA_KEY_GRACE_MS: i64 = 86_400_000;
+/// The admit script's verdict while another caller seeds the quota from the ledger.
+const SEEDING: i64 = 3;
 /// How long connecting may take.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
 /// How long the connection waits for an answer before it counts as broken.
@@ -449,6 +451,35 @@ impl RedisCounters {
     }
 
     /// Runs `invocation` within the timeout, recording its duration or failure.
+    /// The admit script's reply, once the quota it decides on is seeded: while another caller
+    /// reads the ledger for a count Redis lost, the script counts nothing and says so, and is
+    /// asked again, for up to [`SEED_TIMEOUT`](super::SEED_TIMEOUT) (that caller's own wait).
+    /// Past it, `Refused`: the request is counted in process, from the ledger, as for any
+    /// failure.
+    async fn call_seeded(
+        &self,
+        invocation: &ScriptInvocation<'_>,
+        now_ms: i64,
+    ) -> Result<Vec<i64>, Failure> {
+        let started = Instant::now();
+        let mut pause = Duration::from_millis(2);
+        loop {
+            let Numbers(reply) = self.call(invocation, now_ms).await?;
+            if reply.first() != Some(&SEEDING) {
+                return Ok(reply);
+            }
+            if started.elapsed() + pause > super::SEED_TIMEOUT {
+                tracing::warn!(
+                    "a quota count Redis lost is still being rebuilt from the ledger; counting \
+                     in process"
+                );
+                return Err(Failure::Refused);
+            }
+            tokio::time::sleep(pause).await;
+            pause = (pause * 2).min(Duration::from_millis(50));
+        }
+    }
+
     async fn call<T: redis::FromRedisValue>(
         &self,
         invocation: &ScriptInvocation<'_>,
@@ -554,7 +585,7 @@ impl RedisCounters {
             .arg(known.used)
             .arg(known.overage)
             .arg(known.generation.unwrap_or(-2));
-        let Numbers(reply) = self.call(&invocation, now_ms).await?;
+        let reply = self.call_seeded(&invocation, now_ms).await?;
         let value = |i: usize| reply.get(i).copied().unwrap_or(0);
         let as_u64 = |i: usize| u64::try_from(value(i)).unwrap_or(0);
         let verdict = match value(0) {
