@@ -160,6 +160,11 @@ pub fn run(path: PathBuf) -> anyhow::Result<()> {
             flusher.recover();
             server.add_service(background_service("usage flusher", flusher));
         }
+        if let Some(directory) = cp.snapshot_file.parent()
+            && let Err(error) = std::fs::create_dir_all(directory)
+        {
+            tracing::warn!(%error, directory = %directory.display(), "control_plane.snapshot_file: cannot make its directory; identities will not be kept for a restart");
+        }
         let follower = Follower::new(
             gateway.clone(),
             source,

@@ -789,3 +789,44 @@ fn a_weak_admin_token_stops_a_standalone_gateway_with_the_setting_named() {
         "{stderr}"
     );
 }
+
+/// A snapshot file the gateway cannot write (its directory is a file) costs only the copy kept
+/// for restarts: identities arrive, new keys work and a revocation is enforced within a second.
+/// Before, every snapshot was refused for it and the gateway answered 503 for ever.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_snapshot_file_that_cannot_be_written_leaves_identities_and_changes_working() {
+    let upstream = Upstream::start("orders");
+    let database = PostgresDatabase::create().await;
+    let control_plane = ControlPlane::start(&database.url()).await;
+    let api = control_plane.api();
+    let token = api.gateway_token().await;
+    let (_, _, first) = api.customer_with_key("unstored").await;
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("not-a-directory"), "a file").unwrap();
+    let text = gateway_config(
+        &upstream,
+        &format!(
+            "url = \"http://{}\"\ntoken_env = \"TOLLGATE_GATEWAY_TOKEN\"\n\
+             snapshot_file = \"not-a-directory/identities.json.gz\"",
+            control_plane.address
+        ),
+    );
+    let gateway =
+        Gateway::start_with_env(dir, &text, &[("TOLLGATE_GATEWAY_TOKEN", token.as_str())]).await;
+    let first = first["key"].as_str().unwrap().to_owned();
+    until_status(&gateway, "/demo", &first, 200).await;
+    // Changes still arrive (their journal cannot be written either).
+    let (_, customer, second) = api.customer_with_key("unstored-too").await;
+    let second_key = second["key"].as_str().unwrap();
+    assert!(until_status(&gateway, "/demo", second_key, 200).await < Duration::from_secs(1));
+    let (status, body) = api
+        .call(
+            "POST",
+            &format!("/v1/keys/{}/revoke", second["id"].as_str().unwrap()),
+            None,
+        )
+        .await;
+    assert_eq!(status, 200, "{body} {customer}");
+    assert!(until_status(&gateway, "/demo", second_key, 401).await < Duration::from_secs(1));
+    assert_eq!(call(&gateway, "/demo", Some(&first)).await.0, 200);
+}

@@ -19,7 +19,7 @@ use std::fs::{File, OpenOptions};
 use std::io::{BufRead, BufReader, Read, Write};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use bytes::Bytes;
@@ -43,6 +43,8 @@ const MAX_BACKOFF: Duration = Duration::from_secs(10);
 const MAX_BACKOFF_UNREACHABLE: Duration = Duration::from_millis(500);
 /// Journaled change pages past which the next sync fetches a fresh snapshot instead.
 const JOURNAL_LIMIT: usize = 10_000;
+/// Least time between two snapshots taken because changes could not be journaled.
+const STORAGE_RETRY: Duration = Duration::from_secs(300);
 
 /// Where the feed comes from.
 #[derive(Debug, Clone)]
@@ -297,6 +299,10 @@ impl Follower {
         let mut need_snapshot = self.gateway.identity.current().is_none();
         let mut journaled = 0usize;
         let mut failing = false;
+        // When the journal could last not be written, a snapshot stored instead (at most one
+        // every STORAGE_RETRY: a disk that refuses every write must not cost a snapshot per
+        // change; changes are applied all the same).
+        let mut storage_failed: Option<Instant> = None;
         loop {
             let attempt = async {
                 match self.gateway.identity.current() {
@@ -334,8 +340,15 @@ impl Follower {
                     continue;
                 }
                 Err(SyncError::Storage(error)) => {
-                    tracing::warn!(%error, "cannot journal changes; storing a new snapshot instead");
-                    need_snapshot = true;
+                    // The changes are applied; only their copy for restarts is missing.
+                    self.gateway.identity.contacted(super::unix_ms());
+                    if storage_failed.is_none_or(|at| at.elapsed() >= STORAGE_RETRY) {
+                        tracing::warn!(%error, "cannot journal changes; storing a new snapshot instead");
+                        storage_failed = Some(Instant::now());
+                        need_snapshot = true;
+                    }
+                    backoff = Duration::from_millis(250);
+                    continue;
                 }
                 Err(SyncError::Invalid(invalid)) => {
                     tracing::error!(%invalid, "refused what the control plane sent; the last good identities stay");
@@ -398,7 +411,7 @@ impl Follower {
             .await
             .map_err(|e| SyncError::Invalid(Invalid(format!("snapshot reader failed: {e}"))))?;
         streamed?;
-        let identities = read.map_err(SyncError::Invalid)?;
+        let (identities, written) = read.map_err(SyncError::Invalid)?;
         // The control plane is the authority: a store restored from a backup goes back in
         // versions, and the gateway follows it there.
         if let Some(current) = self.gateway.identity.current()
@@ -413,7 +426,10 @@ impl Follower {
         let (version, keys) = (identities.version, identities.key_count());
         self.publish(identities, false);
         self.gateway.metrics.identity_snapshot("applied");
-        if let Err(error) = self.keep_snapshot() {
+        if let Err(error) = written
+            .map_err(std::io::Error::other)
+            .and_then(|()| self.keep_snapshot())
+        {
             tracing::warn!(%error, file = %self.stored.snapshot.display(), "cannot store the snapshot; a restart will need the control plane");
         }
         tracing::info!(version, keys, "snapshot applied");
@@ -496,46 +512,66 @@ async fn check_status(response: reqwest::Response) -> Result<reqwest::Response, 
 }
 
 /// Reads the streamed snapshot: every chunk is written to `partial` as received and read,
-/// decompressed if `gzip`, into the index.
+/// decompressed if `gzip`, into the index. Returns with it whether `partial` holds all of it:
+/// a file that cannot be written (a full disk, a directory the gateway may not write) costs
+/// the copy kept for restarts, never the snapshot itself.
 fn read_streamed(
     receiver: mpsc::Receiver<Bytes>,
     partial: &Path,
     gzip: bool,
-) -> Result<Identities, Invalid> {
-    let file = File::create(partial)
-        .map_err(|e| Invalid(format!("cannot write {}: {e}", partial.display())))?;
-    let tee = Tee {
+) -> Result<(Identities, Result<(), String>), Invalid> {
+    let file =
+        File::create(partial).map_err(|e| format!("cannot write {}: {e}", partial.display()));
+    let mut tee = Tee {
         receiver,
         chunk: Bytes::new(),
         file,
     };
-    let reader: Box<dyn Read> = if gzip {
-        Box::new(flate2::read::GzDecoder::new(tee))
-    } else {
-        Box::new(tee)
-    };
     let mut interner = ScopeInterner::default();
-    let identities = snapshot::read(reader, &mut interner)?;
-    Ok(identities)
+    let identities = if gzip {
+        snapshot::read(flate2::read::GzDecoder::new(&mut tee), &mut interner)?
+    } else {
+        snapshot::read(&mut tee, &mut interner)?
+    };
+    let written = tee.file.map(drop);
+    if written.is_err() {
+        let _ = std::fs::remove_file(partial);
+    }
+    Ok((identities, written))
 }
 
-/// Reads chunks from a channel, writing each to a file on the way.
+/// Reads chunks from a channel, writing each to a file on the way while it can; once a write
+/// fails, `file` holds why and the rest is only read.
 struct Tee {
     receiver: mpsc::Receiver<Bytes>,
     chunk: Bytes,
-    file: File,
+    file: Result<File, String>,
 }
 
-impl Read for Tee {
+impl Tee {
+    fn write(&mut self, chunk: Option<&[u8]>) {
+        if let Ok(file) = &mut self.file {
+            let written = match chunk {
+                Some(chunk) => file.write_all(chunk),
+                None => file.sync_all(),
+            };
+            if let Err(error) = written {
+                self.file = Err(format!("cannot write the snapshot's copy: {error}"));
+            }
+        }
+    }
+}
+
+impl Read for &mut Tee {
     fn read(&mut self, buffer: &mut [u8]) -> std::io::Result<usize> {
         while self.chunk.is_empty() {
             match self.receiver.blocking_recv() {
                 Some(chunk) => {
-                    self.file.write_all(&chunk)?;
+                    self.write(Some(&chunk));
                     self.chunk = chunk;
                 }
                 None => {
-                    self.file.sync_all()?;
+                    self.write(None);
                     return Ok(0);
                 }
             }
