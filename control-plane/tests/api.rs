@@ -634,6 +634,48 @@ async fn keys_are_shown_once_stored_hashed_revoked_and_rotated(db: &Db) {
     .await;
     assert_eq!(status, StatusCode::OK);
     assert!(revoked["revoked_at"].is_string());
+    // A revoked key is not rotated into a working one (409), nor an expired one.
+    let (status, problem, _) = call(
+        &app,
+        "POST",
+        &format!("/v1/keys/{new_id}/rotate"),
+        Some(&db.admin),
+        None,
+    )
+    .await;
+    assert_eq!(status, StatusCode::CONFLICT, "{problem}");
+    assert!(
+        problem["detail"].as_str().unwrap().contains("revoked"),
+        "{problem}"
+    );
+    let (status, expiring, _) = call(
+        &app,
+        "POST",
+        &keys_path,
+        Some(&db.admin),
+        Some(json!({"name": "soon"})),
+    )
+    .await;
+    assert_eq!(status, StatusCode::CREATED, "{expiring}");
+    let expiring = expiring["id"].as_str().unwrap();
+    sqlx::query("UPDATE api_keys SET expires_at = 1 WHERE id = $1")
+        .bind(expiring)
+        .execute(&sql)
+        .await
+        .unwrap();
+    let (status, problem, _) = call(
+        &app,
+        "POST",
+        &format!("/v1/keys/{expiring}/rotate"),
+        Some(&db.admin),
+        None,
+    )
+    .await;
+    assert_eq!(status, StatusCode::CONFLICT, "{problem}");
+    assert!(
+        problem["detail"].as_str().unwrap().contains("expired"),
+        "{problem}"
+    );
 
     // Errors.
     let bad = json!({"name": "x y", "expires_at": "2001-01-01T00:00:00Z", "scopes": []});

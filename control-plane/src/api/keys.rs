@@ -194,7 +194,8 @@ pub async fn revoke(
     Ok(Json(key).into_response())
 }
 
-/// Issues a new key in place of this one; the old one keeps working for `grace_seconds`.
+/// Issues a new key in place of this one; the old one keeps working for `grace_seconds`. A
+/// revoked or expired key is not rotated (409): issue a new key instead.
 #[utoipa::path(post, operation_id = "rotateKey", path = "/v1/keys/{id}/rotate", tag = "keys", params(("id" = String, Path)),
     request_body(content = RotateBody, description = "May be left out: no grace"),
     responses((status = 201, description = "The new key, and when the old one stops", body = IssuedKey), UpdateProblems))]

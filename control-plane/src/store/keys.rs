@@ -120,12 +120,25 @@ impl Store {
     ) -> Result<(CreatedKey, ApiKey), StoreError> {
         let mut tx = self.pool().begin().await?;
         let old = fetch(&mut tx, id).await?;
-        let expires_at_ms: Option<i64> =
-            sqlx::query("SELECT expires_at FROM api_keys WHERE id = $1")
-                .bind(id)
-                .fetch_one(&mut *tx)
-                .await?
-                .try_get("expires_at")?;
+        let row = sqlx::query("SELECT expires_at, revoked_at FROM api_keys WHERE id = $1")
+            .bind(id)
+            .fetch_one(&mut *tx)
+            .await?;
+        let expires_at_ms: Option<i64> = row.try_get("expires_at")?;
+        let revoked_at_ms: Option<i64> = row.try_get("revoked_at")?;
+        // A key that no longer works has nothing to hand over: rotating a revoked (perhaps
+        // leaked) key must not mint a working one, nor an expired key one already expired.
+        let now = now_ms();
+        if revoked_at_ms.is_some_and(|at| at <= now) {
+            return Err(StoreError::Conflict(format!(
+                "key {id} is revoked; issue a new key instead"
+            )));
+        }
+        if expires_at_ms.is_some_and(|at| at <= now) {
+            return Err(StoreError::Conflict(format!(
+                "key {id} has expired; issue a new key instead"
+            )));
+        }
         let new = NewKey {
             name: old.name.clone(),
             expires_at_ms,
@@ -133,7 +146,7 @@ impl Store {
         };
         let created = insert(&mut tx, &old.customer_id, &new).await?;
         let grace_ms = i64::try_from(grace_seconds.saturating_mul(1000)).unwrap_or(i64::MAX / 2);
-        let ended = end(&mut tx, id, now_ms() + grace_ms).await?;
+        let ended = end(&mut tx, id, now + grace_ms).await?;
         audit::record(
             &mut tx,
             actor,
