@@ -725,8 +725,9 @@ async fn a_jwks_of_one_key_without_a_kid_checks_tokens_that_name_none() {
 }
 
 /// Failed-authentication throttling counts tokens that may be forged (their signature does not
-/// verify), not tokens whose signature verified but whose claims do not hold: a client with the
-/// wrong audience or an expired token keeps getting the reason, not 429.
+/// verify), not tokens whose signature verified but whose claims do not hold, nor tokens that
+/// name a signing key the provider does not hold: a client with the wrong audience, an expired
+/// token or a key its provider has just rotated in keeps getting the reason, not 429.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn only_tokens_whose_signature_fails_count_toward_the_failed_authentication_limit() {
     let upstream = Upstream::start("api");
@@ -742,6 +743,23 @@ async fn only_tokens_whose_signature_fails_count_toward_the_failed_authenticatio
         assert_eq!((status, kind.as_str()), (401, "invalid-token"), "{body}");
         let (status, kind, body) = status_and_type(&gateway, "/hs", &expired).await;
         assert_eq!((status, kind.as_str()), (401, "expired-token"), "{body}");
+    }
+    // Nor tokens naming a signing key the provider does not hold (yet: a provider that has
+    // just rotated its keys); nothing was verified.
+    let pem = std::fs::read(format!("{FIXTURES}/rsa-private.pem")).unwrap();
+    let unknown_kid = sign(
+        Algorithm::RS256,
+        Some("rotated-since"),
+        &claims(&customer, |_| {}),
+        &EncodingKey::from_rsa_pem(&pem).unwrap(),
+    );
+    for _ in 0..5 {
+        let (status, kind, body) = status_and_type(&gateway, "/rs", &unknown_kid).await;
+        assert_eq!((status, kind.as_str()), (401, "invalid-token"), "{body}");
+        assert!(
+            body["detail"].as_str().unwrap().contains("unknown key id"),
+            "{body}"
+        );
     }
     let valid = hmac(&claims(&customer, |_| {}));
     assert_eq!(status_and_type(&gateway, "/hs", &valid).await.0, 200);

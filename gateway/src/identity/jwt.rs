@@ -217,12 +217,14 @@ fn pick<'a>(
         Some(kid) => keys
             .find(|(candidate, _)| *candidate == Some(kid))
             .map(|(_, key)| key)
-            .ok_or(Refusal::InvalidToken("unknown key id (kid)")),
+            .ok_or(Refusal::UnknownSigningKey("unknown key id (kid)")),
         None => {
             let first = keys.next();
             match (first, keys.next()) {
                 (Some((_, key)), None) => Ok(key),
-                _ => Err(Refusal::InvalidToken("the token names no key id (kid)")),
+                _ => Err(Refusal::UnknownSigningKey(
+                    "the token names no key id (kid)",
+                )),
             }
         }
     }

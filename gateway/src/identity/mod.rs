@@ -132,6 +132,12 @@ pub enum Refusal {
     Unavailable,
     /// A JWT that does not verify (format, algorithm, key, signature); says why (401).
     InvalidToken(&'static str),
+    /// A JWT naming a signing key (`kid`) the provider's keys do not hold, or naming none where
+    /// several could sign (401, answered as an invalid token). Not counted as a failed
+    /// authentication: nothing was verified, so it guesses nothing, and a provider that has
+    /// just rotated its keys (the gateway fetches them again, at most once per
+    /// `jwks_min_refresh`) must not get its clients throttled.
+    UnknownSigningKey(&'static str),
     /// A JWT whose signature verified but whose claims do not hold (`nbf`, `iss`, `aud`, a
     /// required claim); says why (401, answered as an invalid token).
     InvalidClaims(&'static str),
@@ -166,7 +172,9 @@ impl Refusal {
             Refusal::Suspended => "suspended",
             Refusal::OutOfScope => "out_of_scope",
             Refusal::Unavailable => "unavailable",
-            Refusal::InvalidToken(_) | Refusal::InvalidClaims(_) => "invalid_token",
+            Refusal::InvalidToken(_)
+            | Refusal::UnknownSigningKey(_)
+            | Refusal::InvalidClaims(_) => "invalid_token",
             Refusal::ExpiredToken => "expired_token",
             Refusal::UnknownCustomer => "unknown_customer",
         }

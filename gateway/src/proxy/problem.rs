@@ -138,7 +138,11 @@ impl GatewayProblem {
                 "Internal error",
                 "the gateway failed to handle the request".to_owned(),
             ),
-            Self::Refused(Refusal::InvalidToken(reason) | Refusal::InvalidClaims(reason)) => (
+            Self::Refused(
+                Refusal::InvalidToken(reason)
+                | Refusal::UnknownSigningKey(reason)
+                | Refusal::InvalidClaims(reason),
+            ) => (
                 "invalid-token",
                 "Invalid token",
                 format!("the JWT was refused: {reason}"),
@@ -238,7 +242,7 @@ fn refusal_text(refusal: Refusal) -> (&'static str, &'static str, &'static str) 
             "Authentication required",
             "send a credential as Authorization: Bearer <key or token>, or X-API-Key: <key>",
         ),
-        Refusal::InvalidToken(_) | Refusal::InvalidClaims(_) => {
+        Refusal::InvalidToken(_) | Refusal::UnknownSigningKey(_) | Refusal::InvalidClaims(_) => {
             ("invalid-token", "Invalid token", "the JWT was refused")
         }
         Refusal::ExpiredToken => ("expired-token", "Expired token", "the JWT has expired"),
