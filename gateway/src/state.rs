@@ -218,6 +218,7 @@ impl Gateway {
     pub fn apply(&self, text: String, config: Config) -> u64 {
         let version = self.version.fetch_add(1, Ordering::SeqCst) + 1;
         let old = self.live();
+        self.failed_auth.set_limit(config.auth.failed_per_minute);
         let live = build_live(version, config, &self.health, &self.metrics);
         // Forget health and gauges of targets that are gone.
         self.health.retain(|upstream, address| {

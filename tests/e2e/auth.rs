@@ -477,6 +477,14 @@ async fn failed_authentications_past_the_rate_are_refused_before_any_lookup() {
             .await
             .contains("tollgate_auth_decisions_total{result=\"throttled\"} 1")
     );
+    // A reload changes the limit at once, the failures so far held against it: raised past
+    // them, the address is let through; lowered under them, it is refused again.
+    gateway.write_config(&text.replace("failed_per_minute = 5", "failed_per_minute = 1000"));
+    gateway.wait_for_version(2).await;
+    assert_eq!(call(&gateway, "/orders", Some(&key)).await.0, 200);
+    gateway.write_config(&text.replace("failed_per_minute = 5", "failed_per_minute = 1"));
+    gateway.wait_for_version(3).await;
+    assert_eq!(call(&gateway, "/orders", Some(&key)).await.0, 429);
 }
 
 /// A gateway following the control plane at `control_plane` (a `host:port`), with the routes of

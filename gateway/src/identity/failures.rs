@@ -9,7 +9,7 @@
 use std::collections::HashMap;
 use std::net::IpAddr;
 use std::sync::Mutex;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicUsize, Ordering};
 
 const WINDOW_MS: i64 = 60_000;
 const SHARDS: usize = 16;
@@ -19,7 +19,8 @@ const SWEEP_AT: usize = 16_384;
 /// The failure counts.
 #[derive(Debug)]
 pub struct FailedAuth {
-    limit: u32,
+    /// `[auth] failed_per_minute`, which a reload may change.
+    limit: AtomicU32,
     shards: Vec<Mutex<Shard>>,
     /// Addresses in all shards: while it is 0, the request path takes no lock.
     tracked: AtomicUsize,
@@ -69,7 +70,7 @@ impl FailedAuth {
     /// At most `limit` failures per address and minute.
     pub fn new(limit: u32) -> Self {
         Self {
-            limit,
+            limit: AtomicU32::new(limit),
             shards: (0..SHARDS).map(|_| Mutex::new(Shard::default())).collect(),
             tracked: AtomicUsize::new(0),
         }
@@ -77,7 +78,12 @@ impl FailedAuth {
 
     /// The limit.
     pub fn limit(&self) -> u32 {
-        self.limit
+        self.limit.load(Ordering::Relaxed)
+    }
+
+    /// Sets the limit (a reload): counts so far stay, and are held against the new limit.
+    pub fn set_limit(&self, limit: u32) {
+        self.limit.store(limit, Ordering::Relaxed);
     }
 
     /// `Some(seconds to wait)` when `address` is over the limit.
@@ -89,7 +95,7 @@ impl FailedAuth {
         let mut shard = self.shard(&key);
         let window = shard.windows.get_mut(&key)?;
         window.roll(now_ms);
-        if window.count(now_ms) < f64::from(self.limit) {
+        if window.count(now_ms) < f64::from(self.limit()) {
             return None;
         }
         // The count falls under the limit by the end of the next minute at the latest.
