@@ -838,3 +838,34 @@ async fn a_snapshot_file_that_cannot_be_written_leaves_identities_and_changes_wo
     assert!(until_status(&gateway, "/demo", second_key, 401).await < Duration::from_secs(1));
     assert_eq!(call(&gateway, "/demo", Some(&first)).await.0, 200);
 }
+
+/// A request carrying the upstream's own bearer token beside the product key in `X-API-Key` is
+/// checked by the key, and the upstream gets its token back, not the key.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_bearer_token_that_is_not_a_key_is_the_upstreams_own_beside_x_api_key() {
+    let upstream = Upstream::start("orders");
+    let (gateway, api) = standalone(&upstream).await;
+    let (_, customer, key) = api.customer_with_key("two-tokens").await;
+    let key = key["key"].as_str().unwrap().to_owned();
+    gateway.wait_for_keys(1).await;
+    let response = client()
+        .get(gateway.url("/orders/1"))
+        .header("authorization", "Bearer user-session-token")
+        .header("x-api-key", &key)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    let echo: Value = response.json().await.unwrap();
+    let headers = &echo["headers"];
+    assert_eq!(headers["authorization"], "Bearer user-session-token");
+    assert!(headers.get("x-api-key").is_none(), "{headers}");
+    assert_eq!(headers["x-tollgate-customer-id"], customer["id"]);
+    // Without the key the token alone is refused as not a key.
+    let (status, body) = call(&gateway, "/orders/1", Some("user-session-token")).await;
+    assert_eq!(
+        (status, problem_type(&body)),
+        (401, "malformed-key"),
+        "{body}"
+    );
+}

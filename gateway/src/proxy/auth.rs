@@ -50,28 +50,40 @@ pub enum Source {
 
 /// The credential of a request, as far as the route accepts one: `Authorization: Bearer` (a
 /// `tg_` key, else a JWT when the route takes JWTs), then `X-API-Key`, then the route's query
-/// parameter.
+/// parameter. A bearer token that is not a key yields to a key in `X-API-Key` or the query on a
+/// route that takes keys: it is then the upstream's own credential (a user's session token
+/// beside the product key), forwarded untouched.
 pub fn credential<'a>(
     req: &'a RequestHeader,
     auth: &RouteAuth,
 ) -> Option<(Credential<'a>, Source)> {
-    if let Some(token) = req
+    let bearer_token = req
         .headers
         .get(AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
-        .and_then(bearer)
+        .and_then(bearer);
+    if let Some(token) = bearer_token
+        && auth.key
+        && token.starts_with(tollgate_model::key::KEY_PREFIX)
     {
-        let looks_like_key = token.starts_with(tollgate_model::key::KEY_PREFIX);
-        let credential = if auth.key && (looks_like_key || auth.jwt.is_none()) {
-            Credential::Key(token)
-        } else {
-            Credential::Jwt(token)
-        };
-        return Some((credential, Source::Authorization));
+        return Some((Credential::Key(token), Source::Authorization));
     }
-    if !auth.key {
-        return None;
+    if auth.key
+        && let Some(found) = elsewhere(req, auth)
+    {
+        return Some(found);
     }
+    let token = bearer_token?;
+    let credential = if auth.jwt.is_some() {
+        Credential::Jwt(token)
+    } else {
+        Credential::Key(token)
+    };
+    Some((credential, Source::Authorization))
+}
+
+/// A key in `X-API-Key`, else in the route's query parameter.
+fn elsewhere<'a>(req: &'a RequestHeader, auth: &RouteAuth) -> Option<(Credential<'a>, Source)> {
     if let Some(key) = req
         .headers
         .get(X_API_KEY)
@@ -266,11 +278,11 @@ mod tests {
     fn the_key_comes_from_authorization_then_x_api_key_then_the_query() {
         let req = request(
             "/a?api_key=q",
-            &[("authorization", "bearer  k1 "), ("x-api-key", "k2")],
+            &[("authorization", "bearer  tg_k1 "), ("x-api-key", "k2")],
         );
         assert_eq!(
             credential(&req, &auth(Some("api_key"))),
-            Some((Credential::Key("k1"), Source::Authorization))
+            Some((Credential::Key("tg_k1"), Source::Authorization))
         );
         let req = request("/a?api_key=q", &[("x-api-key", "k2")]);
         assert_eq!(
@@ -283,6 +295,50 @@ mod tests {
             Some((Credential::Key("q"), Source::Query))
         );
         assert_eq!(credential(&req, &auth(None)), None, "query not allowed");
+    }
+
+    #[test]
+    fn a_bearer_token_that_is_not_a_key_yields_to_a_key_elsewhere() {
+        let either = RouteAuth {
+            key: true,
+            jwt: Some("idp".into()),
+            key_query_param: Some("api_key".into()),
+        };
+        let req = request(
+            "/a",
+            &[
+                ("authorization", "Bearer user-session"),
+                ("x-api-key", "tg_k"),
+            ],
+        );
+        assert_eq!(
+            credential(&req, &auth(None)),
+            Some((Credential::Key("tg_k"), Source::Header))
+        );
+        assert_eq!(
+            credential(&req, &either),
+            Some((Credential::Key("tg_k"), Source::Header))
+        );
+        let req = request("/a?api_key=tg_q", &[("authorization", "Bearer eyJ.a.b")]);
+        assert_eq!(
+            credential(&req, &either),
+            Some((Credential::Key("tg_q"), Source::Query))
+        );
+        // Alone, it is read as before: a JWT where the route takes them, else a key.
+        let req = request("/a", &[("authorization", "Bearer user-session")]);
+        assert_eq!(
+            credential(&req, &auth(None)),
+            Some((Credential::Key("user-session"), Source::Authorization))
+        );
+        // A `tg_` bearer still comes first.
+        let req = request(
+            "/a",
+            &[("authorization", "Bearer tg_a"), ("x-api-key", "tg_b")],
+        );
+        assert_eq!(
+            credential(&req, &either),
+            Some((Credential::Key("tg_a"), Source::Authorization))
+        );
     }
 
     #[test]
