@@ -746,3 +746,80 @@ async fn a_burst_after_redis_lost_its_data_waits_for_the_count_rebuilt_from_the_
     assert_eq!(count(&statuses, 429), 200, "{statuses:?}");
     assert_eq!(used_in_redis(&redis, &quota_key(&redis)), "20");
 }
+
+/// A unit to give back in Redis while Redis is failing (here: within `retry_after` of a call that
+/// timed out) is given back once Redis answers again, not lost: Redis' count stays the
+/// customer's true one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refund_due_while_redis_fails_is_made_once_it_answers() {
+    let redis = RedisServer::start();
+    let upstream = Upstream::start("api");
+    let token = admin_token();
+    let text = config(&format!(
+        r#"
+[control_plane]
+embedded = true
+
+[redis]
+url = "{redis}"
+timeout = "50ms"
+retry_after = "2s"
+
+[[upstreams]]
+name = "api"
+targets = ["{target}"]
+read_timeout = "600ms"
+
+[[routes]]
+name = "api"
+path_prefix = "/api"
+upstream = "api"
+auth = "key"
+strip_prefix = true
+"#,
+        redis = redis.url(),
+        target = upstream.target()
+    ));
+    let gateway = Gateway::start_with_env(
+        tempfile::tempdir().unwrap(),
+        &text,
+        &[("TOLLGATE_ADMIN_TOKEN", token.as_str())],
+    )
+    .await;
+    let api = AdminApi::new(&format!("http://{}", gateway.admin), &token);
+    let key = customer_with_key(&api, json!({"quota": {"requests": 10, "hard": true}})).await;
+    gateway.wait_for_keys(1).await;
+    wait_for_redis(&gateway).await;
+
+    // Counted in Redis, then answered 504 by the gateway at 600 ms: its unit is given back.
+    let slow = {
+        let url = gateway.url("/api/slow/3000");
+        let key = key.clone();
+        tokio::spawn(async move {
+            client()
+                .get(url)
+                .bearer_auth(key)
+                .send()
+                .await
+                .unwrap()
+                .status()
+                .as_u16()
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert_eq!(used_in_redis(&redis, &quota_key(&redis)), "1");
+    // A call that times out puts Redis aside for `retry_after`, past the 504's refund.
+    redis.freeze();
+    assert_eq!(status_of(&gateway, &key, "/api/frozen").await, 200);
+    redis.thaw();
+    assert_eq!(decisions(&gateway, "fallback").await, 1.0);
+    assert_eq!(slow.await.unwrap(), 504);
+    // The call that timed out ran once Redis woke (documented), and the 504's unit waits: 2.
+    let quota = quota_key(&redis);
+    until_used_in_redis(&redis, &quota, "2", Duration::from_secs(5)).await;
+    // Once Redis is asked again, the 504's unit is given back: it counts the one request
+    // that stays counted, and only once.
+    until_used_in_redis(&redis, &quota, "1", Duration::from_secs(10)).await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(used_in_redis(&redis, &quota), "1");
+}

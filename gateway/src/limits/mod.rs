@@ -280,7 +280,14 @@ pub struct Limiter {
     reseeding: tokio::sync::Mutex<()>,
     /// In-process counts seeded from the ledger, to seed once more.
     reseeds: ReseedQueue<LocalReseed>,
+    /// Units to give back in Redis whose call did not run (Redis failing then): given back by
+    /// [`Limiter::share_pending`] once it answers.
+    refunds: Mutex<Vec<(Id, Reservation)>>,
 }
+
+/// Most refunds waiting for Redis; past it, one is dropped with a warning (Redis then counts
+/// its unit until the period ends, never more than the customer used plus it).
+const MAX_PENDING_REFUNDS: usize = 100_000;
 
 impl Limiter {
     /// Counters in this process, on `clock`, counted in `metrics`.
@@ -294,6 +301,7 @@ impl Limiter {
             sharing: tokio::sync::Mutex::new(()),
             reseeding: tokio::sync::Mutex::new(()),
             reseeds: ReseedQueue::default(),
+            refunds: Mutex::new(Vec::new()),
         }
     }
 
@@ -512,12 +520,7 @@ impl Limiter {
                 // This process's own count follows Redis' (it is what a count Redis makes
                 // again is raised to): the unit leaves both.
                 self.local.refund(customer, reservation);
-                if !redis
-                    .refund(customer, reservation, self.clock.now_ms())
-                    .await
-                {
-                    tracing::warn!("cannot give a quota unit back in redis");
-                }
+                self.refund_in_redis(redis, customer, reservation).await;
             }
             (Some(redis), Counted::Fallback | Counted::Batched) => {
                 self.local.refund(customer, reservation);
@@ -530,17 +533,65 @@ impl Limiter {
                     }
                     Some(FallbackUnit::Unplaced) | None => false,
                 };
-                if in_redis
-                    && !redis
-                        .refund(customer, reservation, self.clock.now_ms())
-                        .await
-                {
-                    tracing::warn!("cannot give a quota unit back in redis");
+                if in_redis {
+                    self.refund_in_redis(redis, customer, reservation).await;
                 }
             }
             _ => self.local.refund(customer, reservation),
         }
         self.metrics.refund();
+    }
+
+    /// Gives `reservation`'s unit back in Redis; a call that did not run (Redis failing, or
+    /// within `retry_after` of a failure) waits for [`Limiter::share_pending`] to make it again.
+    /// One that may have run (a timeout, a broken connection) is not made again: giving the unit
+    /// back twice would let the customer past the quota.
+    async fn refund_in_redis(
+        &self,
+        redis: &RedisCounters,
+        customer: &Id,
+        reservation: &Reservation,
+    ) {
+        match redis
+            .refund(customer, reservation, self.clock.now_ms(), false)
+            .await
+        {
+            Ok(()) => {}
+            Err(failure) if failure.may_have_run() => {
+                tracing::warn!(
+                    "a quota unit given back in redis may not have arrived (the call failed \
+                     midway); it is not sent again"
+                );
+            }
+            Err(_) => self.hold_refund(customer, reservation),
+        }
+    }
+
+    fn hold_refund(&self, customer: &Id, reservation: &Reservation) {
+        let mut refunds = self.refunds.lock().unwrap_or_else(PoisonError::into_inner);
+        if refunds.len() >= MAX_PENDING_REFUNDS {
+            tracing::warn!("too many quota units wait to be given back in redis; one is dropped");
+            return;
+        }
+        refunds.push((*customer, *reservation));
+    }
+
+    /// Makes again the refunds Redis could not take when they were made.
+    async fn give_back_held(&self, redis: &RedisCounters, now: i64) {
+        let held =
+            std::mem::take(&mut *self.refunds.lock().unwrap_or_else(PoisonError::into_inner));
+        for (customer, reservation) in held {
+            match redis.refund(&customer, &reservation, now, true).await {
+                Ok(()) => {}
+                Err(failure) if failure.may_have_run() => {
+                    tracing::warn!(
+                        "a quota unit given back in redis may not have arrived (the call \
+                         failed midway); it is not sent again"
+                    );
+                }
+                Err(_) => self.hold_refund(&customer, &reservation),
+            }
+        }
     }
 
     /// Seeds again from the ledger the quota counts this process seeded from it a while ago,
@@ -588,6 +639,7 @@ impl Limiter {
         if redis.is_failing(now) {
             return;
         }
+        self.give_back_held(redis, now).await;
         // Customers' batches go in parallel over the multiplexed connection, one customer's in
         // order.
         futures_util::stream::iter(self.local.take_pending())

@@ -630,7 +630,11 @@ impl RedisCounters {
                         counted: Counted::Redis,
                         fallback: None,
                     };
-                    if self.refund(customer, &reservation, now_ms).await {
+                    if self
+                        .refund(customer, &reservation, now_ms, false)
+                        .await
+                        .is_ok()
+                    {
                         verdict = Verdict::QuotaExceeded;
                         used -= units;
                     }
@@ -764,14 +768,21 @@ impl RedisCounters {
     }
 
     /// Gives back a reservation counted in Redis; false if Redis could not be reached.
-    pub async fn refund(&self, customer: &Id, reservation: &Reservation, now_ms: i64) -> bool {
+    pub async fn refund(
+        &self,
+        customer: &Id,
+        reservation: &Reservation,
+        now_ms: i64,
+        late: bool,
+    ) -> Result<(), Failure> {
         let mut invocation = self.refund.prepare_invoke();
         invocation
             .key(self.key(customer, "q", reservation.period.start_ms))
             .arg(-i64::try_from(reservation.units).unwrap_or(i64::MAX))
             .arg(-i64::try_from(reservation.overage).unwrap_or(i64::MAX))
-            .arg(reservation.at_ms);
-        self.call::<i64>(&invocation, now_ms).await.is_ok()
+            .arg(reservation.at_ms)
+            .arg(u8::from(late));
+        self.call::<i64>(&invocation, now_ms).await.map(drop)
     }
 }
 
@@ -838,10 +849,16 @@ fn mark(token: u128) -> String {
     format!("g{token:032x}")
 }
 
-/// Gives back units of a quota hash that still exists (ARGV: units and overage, negated, and
-/// when they were counted), and of its part from before it was made when they were in it.
+/// Gives back units of a quota hash that still exists (ARGV: units and overage, negated, when
+/// they were counted, and 1 for a refund made late), and of its part from before it was made
+/// when they were in it. A refund made late (Redis failed when it was due) is not made in a
+/// hash made after its units were counted: that hash's count came from the ledger and from
+/// gateways' counts that had given them back already.
 const REFUND_SCRIPT: &str = r"
 local state = redis.call('HMGET', KEYS[1], 'u', 'a')
+if state[1] and ARGV[4] == '1' and state[2] and tonumber(ARGV[3]) < tonumber(state[2]) then
+  return 0
+end
 if state[1] then
   redis.call('HINCRBY', KEYS[1], 'u', ARGV[1])
   redis.call('HINCRBY', KEYS[1], 'o', ARGV[2])
