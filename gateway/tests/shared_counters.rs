@@ -441,13 +441,7 @@ async fn units_counted_in_process_are_added_once_and_only_to_the_count_they_belo
     let second = admit(now + 1).await.unwrap();
     assert!(first.generation.is_some());
     assert_eq!(second.generation, first.generation);
-    local.follow(
-        &customer,
-        PERIOD,
-        second.used,
-        second.generation,
-        second.counted_in,
-    );
+    local.follow(&customer, &second);
     local.note_unshared(&customer, &fallback);
     let batch = local.take_unshared(&customer).remove(0);
     let added = Ok(Sharing::Added);
@@ -494,13 +488,7 @@ async fn units_counted_in_process_are_added_once_and_only_to_the_count_they_belo
     raw(&["HDEL", &quota_key, "n"]).await;
     let legacy = admit(now + 9).await.unwrap();
     assert_eq!(legacy.generation, Some(-1));
-    local.follow(
-        &customer,
-        PERIOD,
-        legacy.used,
-        legacy.generation,
-        legacy.counted_in,
-    );
+    local.follow(&customer, &legacy);
     local.note_unshared(&customer, &fallback);
     let batch = local.take_unshared(&customer).remove(0);
     assert_eq!(redis.share(&customer, &batch, &[], now + 10).await, added);

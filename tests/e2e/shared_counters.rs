@@ -823,3 +823,43 @@ strip_prefix = true
     tokio::time::sleep(Duration::from_millis(500)).await;
     assert_eq!(used_in_redis(&redis, &quota), "1");
 }
+
+/// When Redis fails, counting in the gateway starts from the windows as Redis last told them,
+/// not from empty ones: a customer who had used its window gets no fresh one (the documented
+/// "at most N x limit across N gateways" holds from the first request on).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_window_redis_had_filled_stays_full_when_counting_falls_back_to_the_gateway() {
+    let redis = RedisServer::start();
+    let upstream = Upstream::start("api");
+    let (gateway, key) = standalone_with_plan(
+        &redis,
+        &upstream,
+        json!({"rate_limits": [{"requests": 5, "window_seconds": 3600}]}),
+    )
+    .await;
+    let mut statuses = Vec::new();
+    for _ in 0..6 {
+        statuses.push(status_of(&gateway, &key, "/api/shared").await);
+    }
+    assert_eq!(statuses, [200, 200, 200, 200, 200, 429]);
+    redis.freeze();
+    let mut frozen = Vec::new();
+    for _ in 0..5 {
+        let response = gateway.get_with_key("/api/frozen", &key).await;
+        frozen.push((
+            response.status().as_u16(),
+            response.headers()["x-ratelimit-remaining"]
+                .to_str()
+                .unwrap()
+                .to_owned(),
+        ));
+    }
+    redis.thaw();
+    assert_eq!(frozen, vec![(429, "0".to_owned()); 5]);
+    assert_eq!(
+        gateway
+            .metric(r#"tollgate_limit_decisions_total{counted="fallback",result="rate_limited"}"#)
+            .await,
+        Some(5.0)
+    );
+}

@@ -270,16 +270,35 @@ impl LocalCounters {
     /// of that count, when it was rebuilt from the ledger, which units counted here later are
     /// added to.
     /// `counted_in` is the generation of the count Redis said `used` of, seeded or not.
-    pub fn follow(
-        &self,
-        customer: &Id,
-        period: Period,
-        used: u64,
-        generation: Option<i64>,
-        counted_in: Option<i64>,
-    ) {
+    /// The customer's windows are raised to what Redis counts in them, for the same reason: so
+    /// that a window Redis had filled is not empty here.
+    pub fn follow(&self, customer: &Id, shared: &Decision) {
+        let Decision {
+            period,
+            used,
+            generation,
+            counted_in,
+            at_ms: now_ms,
+            ..
+        } = *shared;
         let mut shard = self.shard(customer);
         let counts = counts(&mut shard, customer, period);
+        for state in &shared.windows {
+            let counted = state.limit.saturating_sub(state.remaining);
+            match counts
+                .windows
+                .iter_mut()
+                .find(|w| w.window_ms() == state.window_ms)
+            {
+                Some(window) => window.follow(counted, now_ms),
+                None if counted > 0 => {
+                    let mut window = WindowCounts::new(state.window_ms);
+                    window.follow(counted, now_ms);
+                    counts.windows.push(window);
+                }
+                None => {}
+            }
+        }
         counts.quota.roll(period);
         counts.quota.used = used;
         counts.quota.seeded = true;
@@ -621,6 +640,72 @@ mod tests {
         Policy { rate_limits, quota }
     }
 
+    /// What Redis told of a customer's count in `PERIOD` (no windows), as `follow` takes it.
+    fn told(used: u64, generation: Option<i64>, counted_in: Option<i64>) -> Decision {
+        told_with(used, generation, counted_in, Vec::new(), 0)
+    }
+
+    fn told_with(
+        used: u64,
+        generation: Option<i64>,
+        counted_in: Option<i64>,
+        windows: Vec<WindowState>,
+        at_ms: i64,
+    ) -> Decision {
+        Decision {
+            verdict: Verdict::Admitted,
+            windows,
+            quota: None,
+            period: PERIOD,
+            at_ms,
+            used,
+            reservation: None,
+            counted: Counted::Redis,
+            generation,
+            counted_in,
+        }
+    }
+
+    #[test]
+    fn a_window_redis_had_filled_is_full_here_when_counting_falls_back() {
+        let counters = LocalCounters::default();
+        let customer = [9; 16];
+        let limits = [RateLimit {
+            requests: 5,
+            window_seconds: 3600,
+        }];
+        let window_ms = 3_600_000;
+        // Redis admitted five: none left in the window.
+        let full = WindowState {
+            limit: 5,
+            window_ms,
+            remaining: 0,
+            reset_ms: window_ms,
+        };
+        counters.follow(&customer, &told_with(5, None, None, vec![full], 1_000));
+        let decision = counters.admit(&customer, &policy(&limits, None), PERIOD, 1, 2_000);
+        assert_eq!(decision.verdict, Verdict::RateLimited);
+        assert_eq!(decision.windows[0].remaining, 0);
+        // Redis said two left: three counted here, two admitted.
+        let other = [10; 16];
+        let partly = WindowState {
+            remaining: 2,
+            ..full
+        };
+        counters.follow(&other, &told_with(3, None, None, vec![partly], 1_000));
+        let verdicts: Vec<Verdict> = (0..3)
+            .map(|i| {
+                counters
+                    .admit(&other, &policy(&limits, None), PERIOD, 1, 2_000 + i)
+                    .verdict
+            })
+            .collect();
+        assert_eq!(
+            verdicts,
+            [Verdict::Admitted, Verdict::Admitted, Verdict::RateLimited]
+        );
+    }
+
     #[test]
     fn customers_made_together_spread_over_the_shards() {
         let shards: std::collections::HashSet<usize> = (0..256)
@@ -775,7 +860,7 @@ mod tests {
         assert_eq!(counters.known(&customer, PERIOD).generation, None);
         // Counted in a count not yet seeded: known as that count's, so a call to it does not
         // raise it (refunds since would come back).
-        counters.follow(&customer, PERIOD, 3, None, Some(12));
+        counters.follow(&customer, &told(3, None, Some(12)));
         assert_eq!(counters.known(&customer, PERIOD).generation, Some(12));
         // Not seeded: no batching for it.
         assert!(
@@ -785,7 +870,7 @@ mod tests {
         );
         // Seeded: batching may use it; forgotten for batching (Redis lost it), still the
         // generation this process's count was last told of.
-        counters.follow(&customer, PERIOD, 4, Some(12), Some(12));
+        counters.follow(&customer, &told(4, Some(12), Some(12)));
         // Units in a batch not yet settled are not told: the batch may still be added to a
         // count made again. Once Redis refused it, they are.
         let batched = counters
@@ -865,7 +950,7 @@ mod tests {
         let customer = [6; 16];
         assert!(counters.take_unshared(&customer).is_empty());
         // Last counted in Redis in generation 42 of its quota count.
-        counters.follow(&customer, PERIOD, 5, Some(42), Some(42));
+        counters.follow(&customer, &told(5, Some(42), Some(42)));
         let token = counters
             .note_unshared(&customer, &fallback(1, 0, PERIOD))
             .unwrap();
@@ -928,13 +1013,13 @@ mod tests {
         let customer = [8; 16];
         // Counted in Redis, but its count there was not rebuilt from the ledger yet: there is no
         // batch to place units in.
-        counters.follow(&customer, PERIOD, 5, None, None);
+        counters.follow(&customer, &told(5, None, None));
         assert_eq!(
             counters.note_unshared(&customer, &fallback(2, 0, PERIOD)),
             None
         );
         assert!(counters.take_unshared(&customer).is_empty());
-        counters.follow(&customer, PERIOD, 5, Some(1), Some(1));
+        counters.follow(&customer, &told(5, Some(1), Some(1)));
         let refused = counters
             .note_unshared(&customer, &fallback(1, 0, PERIOD))
             .unwrap();
@@ -957,7 +1042,7 @@ mod tests {
     fn a_batch_put_back_unanswered_takes_no_more_units() {
         let counters = LocalCounters::default();
         let customer = [7; 16];
-        counters.follow(&customer, PERIOD, 0, Some(7), Some(7));
+        counters.follow(&customer, &told(0, Some(7), Some(7)));
         counters.note_unshared(&customer, &fallback(4, 0, PERIOD));
         let sent = counters.take_unshared(&customer).remove(0);
         counters.restore_unshared(&customer, sent, true);
@@ -979,7 +1064,7 @@ mod tests {
         assert_eq!(batches.len(), 1);
         assert_eq!((batches[0].units, batches[0].token), (5, unsent.token));
         // Counted in a new generation (Redis rebuilt the count): a batch of its own.
-        counters.follow(&customer, PERIOD, 0, Some(8), Some(8));
+        counters.follow(&customer, &told(0, Some(8), Some(8)));
         counters.note_unshared(&customer, &fallback(1, 0, PERIOD));
         assert_eq!(counters.take_unshared(&customer)[0].generation, 8);
         assert_eq!(counters.unshared.load(Ordering::Relaxed), 0);
@@ -999,7 +1084,7 @@ mod tests {
         let (busy, idle) = ([10; 16], [11; 16]);
         counters.admit(&idle, &policy(&limits, quota), PERIOD, 1, 1_000);
         counters.admit(&busy, &policy(&limits, quota), PERIOD, 1, 1_000);
-        counters.follow(&busy, PERIOD, 1, Some(3), Some(3));
+        counters.follow(&busy, &told(1, Some(3), Some(3)));
         counters.note_unshared(&busy, &fallback(1, 0, PERIOD));
         // Within the window: everything counts.
         assert_eq!(counters.sweep(1_500), 2);

@@ -383,13 +383,7 @@ impl Limiter {
             {
                 Ok(shared) => {
                     // Remembered, so counting in process after a failure starts from here.
-                    self.local.follow(
-                        customer,
-                        period,
-                        shared.used,
-                        shared.generation,
-                        shared.counted_in,
-                    );
+                    self.local.follow(customer, &shared);
                     decision = Some(shared);
                 }
                 Err(failure) => {

@@ -103,6 +103,18 @@ impl WindowCounts {
         self.window_ms
     }
 
+    /// Raises the units counted at `now_ms` to `counted` (what the shared counters said), by
+    /// counting the difference now; never lowers them. Counted in the newest bucket, those
+    /// units are given back up to one window later than the shared buckets give them back:
+    /// counting in process after Redis fails starts at least as full as Redis was, so a
+    /// customer cannot get a fresh window from every gateway at once.
+    pub fn follow(&mut self, counted: u64, now_ms: i64) {
+        let here = self.count(now_ms);
+        if counted > here {
+            self.add(u32::try_from(counted - here).unwrap_or(u32::MAX), now_ms);
+        }
+    }
+
     /// Counts `units` now.
     fn add(&mut self, units: u32, now_ms: i64) {
         self.advance(now_ms);
@@ -266,6 +278,20 @@ mod tests {
         assert_eq!(state.remaining, 3);
         // Bucket [0, 500) ends at 500, counts until 10_500.
         assert_eq!(state.reset_ms, 10_500 - 4_000);
+    }
+
+    #[test]
+    fn following_the_shared_count_raises_it_and_never_lowers_it() {
+        let mut counts = WindowCounts::new(1_000);
+        counts.add(2, 0);
+        counts.follow(5, 100);
+        assert_eq!(counts.count(100), 5);
+        counts.follow(3, 200);
+        assert_eq!(counts.count(200), 5, "a lower shared count leaves it");
+        // What was raised now is given back a window after its bucket ends.
+        assert_eq!(counts.count(1_049), 5);
+        assert_eq!(counts.count(1_050), 3);
+        assert_eq!(counts.count(1_150), 0);
     }
 
     #[test]
