@@ -57,6 +57,26 @@ async fn stored_events(db: &Db) -> i64 {
     n
 }
 
+/// Units of `customer_id`'s events still in `usage_events` with `start_ms <= at_ms < end_ms`
+/// (what pruning leaves; a period's sum also counts the roll-up of pruned days).
+async fn raw_units(db: &Db, customer_id: &str, start_ms: i64, end_ms: i64) -> i64 {
+    let sql = db.sql().await;
+    let units = sqlx::query(
+        "SELECT CAST(COALESCE(SUM(units), 0) AS BIGINT) AS units FROM usage_events \
+         WHERE customer_id = $1 AND at_ms >= $2 AND at_ms < $3",
+    )
+    .bind(customer_id)
+    .bind(start_ms)
+    .bind(end_ms)
+    .fetch_one(&sql)
+    .await
+    .unwrap()
+    .try_get("units")
+    .unwrap();
+    sql.close().await;
+    units
+}
+
 fn stored(inserted: u64, duplicates: u64) -> UsageStored {
     UsageStored {
         inserted,
@@ -241,6 +261,80 @@ async fn a_period_counts_events_from_its_start_to_before_its_end(db: &Db) {
     );
 }
 
+/// A period that starts and ends mid-day (a billing period of 14:37:12.345 UTC): its whole days
+/// are read from the roll-up, the parts of days at either end from the events. Events of a whole
+/// day taken out of `usage_events` (as pruning would, were they old) still count.
+async fn a_period_sums_its_whole_days_from_the_rollup_and_its_ends_from_events(db: &Db) {
+    const DAY: i64 = 86_400_000;
+    let store = &db.store;
+    let alice = customer(1);
+    let start = FIRST_OF_DECEMBER + 14 * 3_600_000 + 37 * 60_000 + 12_345;
+    let end = start + 3 * DAY;
+    let mut events = Vec::new();
+    for (n, at, units, overage) in [
+        (1, start - 1, 1, 0),
+        (2, start, 2, 0),
+        (3, FIRST_OF_DECEMBER + DAY - 1, 4, 0),
+        (4, FIRST_OF_DECEMBER + DAY, 8, 1),
+        (5, FIRST_OF_DECEMBER + 2 * DAY + 5, 16, 0),
+        (6, FIRST_OF_DECEMBER + 3 * DAY, 32, 2),
+        (7, end - 1, 64, 0),
+        (8, end, 128, 0),
+    ] {
+        let mut e = event(n, &alice, if n % 2 == 0 { "orders" } else { "users" }, at);
+        (e.units, e.overage) = (units, overage);
+        events.push(e);
+    }
+    events.push(event(9, &customer(2), "orders", start + DAY));
+    store.record_usage(&events).await.unwrap();
+    let expected = PeriodUsage {
+        start_ms: start,
+        end_ms: end,
+        units: 2 + 4 + 8 + 16 + 32 + 64,
+        overage: 1 + 2,
+    };
+    assert_eq!(
+        store.period_usage(&alice, start, end).await.unwrap(),
+        expected
+    );
+    // The whole days (December 2 and 3) no longer have their events: the roll-up still counts
+    // them; the ends still count theirs.
+    let sql = db.sql().await;
+    sqlx::query("DELETE FROM usage_events WHERE at_ms >= $1 AND at_ms < $2")
+        .bind(FIRST_OF_DECEMBER + DAY)
+        .bind(FIRST_OF_DECEMBER + 3 * DAY)
+        .execute(&sql)
+        .await
+        .unwrap();
+    sql.close().await;
+    assert_eq!(
+        store.period_usage(&alice, start, end).await.unwrap(),
+        expected
+    );
+    // Within one day, or across a single midnight: events only.
+    assert_eq!(
+        store
+            .period_usage(&alice, start, FIRST_OF_DECEMBER + DAY)
+            .await
+            .unwrap()
+            .units,
+        2 + 4
+    );
+    assert_eq!(
+        store
+            .period_usage(&alice, start - 1, start + 1)
+            .await
+            .unwrap()
+            .units,
+        1 + 2
+    );
+    // From the epoch to the end of time: every event, the roll-up's days bounded to year 9999.
+    assert_eq!(
+        store.period_usage(&alice, 0, i64::MAX).await.unwrap().units,
+        1 + 2 + 4 + 8 + 16 + 32 + 64 + 128
+    );
+}
+
 async fn pruning_deletes_old_events_and_keeps_the_rollup(db: &Db) {
     let store = &db.store;
     let alice = customer(1);
@@ -255,8 +349,10 @@ async fn pruning_deletes_old_events_and_keeps_the_rollup(db: &Db) {
     // The 10 events of November go, the 15 of December stay.
     assert_eq!(store.prune_usage(FIRST_OF_DECEMBER).await.unwrap(), 10);
     assert_eq!(store.prune_usage(FIRST_OF_DECEMBER).await.unwrap(), 0);
+    assert_eq!(raw_units(db, &alice, 0, i64::MAX).await, 15);
+    // A period's sum still counts the pruned day, from the roll-up.
     let all = store.period_usage(&alice, 0, i64::MAX).await.unwrap();
-    assert_eq!(all.units, 15);
+    assert_eq!(all.units, 25);
     assert_eq!(
         store
             .daily_usage(&alice, "2026-11-30", "2026-12-01")
@@ -354,10 +450,7 @@ async fn pruning_deletes_in_chunks_until_nothing_old_is_left(db: &Db) {
         .unwrap();
     // 15,000 old events: more than one chunk of 10,000.
     assert_eq!(store.prune_usage(FIRST_OF_DECEMBER).await.unwrap(), 15_000);
-    assert_eq!(
-        store.period_usage(&alice, 0, i64::MAX).await.unwrap().units,
-        1
-    );
+    assert_eq!(raw_units(db, &alice, 0, i64::MAX).await, 1);
 }
 
 async fn pruning_goes_through_every_customer(db: &Db) {
@@ -390,11 +483,7 @@ async fn pruning_goes_through_every_customer(db: &Db) {
         3 + 5 + 2
     );
     for (who, left) in [(&alice, 1), (&bob, 4), (&carol, 2), (&unknown, 0)] {
-        assert_eq!(
-            store.period_usage(who, 0, i64::MAX).await.unwrap().units,
-            left,
-            "{who}"
-        );
+        assert_eq!(raw_units(db, who, 0, i64::MAX).await, left, "{who}");
     }
     assert_eq!(stored_events(db).await, 7);
 }
@@ -414,17 +503,13 @@ async fn the_pruning_job_applies_the_retention_right_away(db: &Db) {
         Duration::from_secs(35 * 86_400),
     );
     let deadline = std::time::Instant::now() + Duration::from_secs(10);
-    while store.period_usage(&alice, 0, now).await.unwrap().units != 1 {
+    while raw_units(db, &alice, 0, now).await != 1 {
         assert!(std::time::Instant::now() < deadline, "not pruned in 10 s");
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     job.abort();
     assert_eq!(
-        store
-            .period_usage(&alice, now - 35 * day, now)
-            .await
-            .unwrap()
-            .units,
+        raw_units(db, &alice, now - 35 * day, now).await,
         1,
         "the event inside the retention stays"
     );
@@ -562,6 +647,7 @@ on_both_backends!(
     a_batch_is_stored_once_however_often_it_is_sent,
     the_rollup_sums_each_utc_day_and_route,
     a_period_counts_events_from_its_start_to_before_its_end,
+    a_period_sums_its_whole_days_from_the_rollup_and_its_ends_from_events,
     pruning_deletes_old_events_and_keeps_the_rollup,
     pruning_deletes_in_chunks_until_nothing_old_is_left,
     pruning_goes_through_every_customer,

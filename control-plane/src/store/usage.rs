@@ -133,21 +133,50 @@ impl Store {
         })
     }
 
-    /// The units and overage of `customer_id`'s events with `start_ms <= at_ms < end_ms`.
+    /// The units and overage of `customer_id`'s events with `start_ms <= at_ms < end_ms`. The
+    /// whole UTC days inside the period are read from the daily roll-up (a row per day and
+    /// route, written in the same transaction as the events), and only the parts of days at
+    /// either end from the events themselves: a quota rebuilt for a customer of millions of
+    /// requests a month reads a few dozen rows and two days of events, not the month's.
     pub async fn period_usage(
         &self,
         customer_id: &str,
         start_ms: i64,
         end_ms: i64,
     ) -> Result<PeriodUsage, StoreError> {
+        // The whole days: from the first that starts at or after `start_ms` to the last that
+        // ends at or before `end_ms` (days of the roll-up's four-digit years only).
+        let first_day = calendar::day_number(start_ms.saturating_add(calendar::MS_PER_DAY - 1))
+            .clamp(0, LAST_DAY);
+        let end_day = calendar::day_number(end_ms).clamp(0, LAST_DAY);
+        let (head, tail, days) = if first_day < end_day {
+            (
+                (start_ms, first_day * calendar::MS_PER_DAY),
+                (end_day * calendar::MS_PER_DAY, end_ms),
+                (
+                    calendar::format_day(first_day),
+                    calendar::format_day(end_day),
+                ),
+            )
+        } else {
+            ((start_ms, end_ms), (0, 0), (String::new(), String::new()))
+        };
         let row = sqlx::query(
             "SELECT CAST(COALESCE(SUM(units), 0) AS BIGINT) AS units, \
-             CAST(COALESCE(SUM(overage), 0) AS BIGINT) AS overage \
-             FROM usage_events WHERE customer_id = $1 AND at_ms >= $2 AND at_ms < $3",
+             CAST(COALESCE(SUM(overage), 0) AS BIGINT) AS overage FROM (\
+             SELECT units, overage FROM usage_events WHERE customer_id = $1 \
+             AND ((at_ms >= $2 AND at_ms < $3) OR (at_ms >= $4 AND at_ms < $5)) \
+             UNION ALL \
+             SELECT units, overage FROM usage_daily WHERE customer_id = $1 \
+             AND day >= $6 AND day < $7) AS parts",
         )
         .bind(customer_id)
-        .bind(start_ms)
-        .bind(end_ms)
+        .bind(head.0)
+        .bind(head.1)
+        .bind(tail.0)
+        .bind(tail.1)
+        .bind(days.0)
+        .bind(days.1)
         .fetch_one(self.pool())
         .await?;
         Ok(PeriodUsage {
@@ -194,8 +223,9 @@ impl Store {
     /// Where pruning may delete up to at `now_ms` with a retention of `retention_ms`: the
     /// retention's start, or earlier, the start of the earliest current billing period that
     /// began before it. A period's sum (a quota rebuilt after a restart or a flushed Redis, the
-    /// usage views) reads the raw events of the whole period, so none of a current period is
-    /// pruned, however long the period (up to 366 days) and however short the retention.
+    /// usage views) reads the raw events of the partial days at its ends, and the raw events
+    /// stay the ledger's record of each request, so none of a current period is pruned, however
+    /// long the period (up to 366 days) and however short the retention.
     pub async fn prune_cutoff(&self, retention_ms: i64, now_ms: i64) -> Result<i64, StoreError> {
         let retention_start = now_ms.saturating_sub(retention_ms);
         // Only a stored period that began before the retention's start can hold it back: a
@@ -256,6 +286,10 @@ impl Totals {
         Ok(())
     }
 }
+
+/// The last day the roll-up can name (9999-12-31): days are `YYYY-MM-DD`, compared as text. The
+/// roll-up is read for days before it, events for it and after.
+const LAST_DAY: i64 = 2_932_896;
 
 /// Most rows of `binds` parameters one statement may carry on `backend`.
 fn max_rows(backend: Backend, binds: usize) -> usize {
