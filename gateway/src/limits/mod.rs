@@ -283,7 +283,13 @@ pub struct Limiter {
     /// Units to give back in Redis whose call did not run (Redis failing then): given back by
     /// [`Limiter::share_pending`] once it answers.
     refunds: Mutex<Vec<(Id, Reservation)>>,
+    /// Customers whose count is being read from the ledger ([`Limiter::seed_local`]): one read
+    /// at a time per customer, when it last ended.
+    seeding: Mutex<std::collections::HashMap<Id, SeedGate>>,
 }
+
+/// One customer's ledger reads: held while one runs; when the last one ended.
+type SeedGate = Arc<tokio::sync::Mutex<Option<std::time::Instant>>>;
 
 /// Most refunds waiting for Redis; past it, one is dropped with a warning (Redis then counts
 /// its unit until the period ends, never more than the customer used plus it).
@@ -302,6 +308,7 @@ impl Limiter {
             reseeding: tokio::sync::Mutex::new(()),
             reseeds: ReseedQueue::default(),
             refunds: Mutex::new(Vec::new()),
+            seeding: Mutex::new(std::collections::HashMap::new()),
         }
     }
 
@@ -495,15 +502,40 @@ impl Limiter {
         if !self.local.needs_seed(customer, period) {
             return;
         }
-        let until_ms = self.clock.now_ms().min(period.end_ms);
-        if let Some(read) = read_ledger(ledger.as_ref(), customer, period, until_ms).await {
-            self.local.seed(customer, period, read);
-            let reseed = LocalReseed {
-                customer: *customer,
-                period,
-                until_ms,
-            };
-            self.reseeds.push(period, until_ms, reseed);
+        // One read per customer at a time: a burst of a customer's first requests waits for
+        // one read, not one each; those that waited while it ran take its outcome, even a
+        // failure, instead of a second of their own each.
+        let asked = std::time::Instant::now();
+        let gate = Arc::clone(
+            self.seeding
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .entry(*customer)
+                .or_default(),
+        );
+        let mut last_read = gate.lock().await;
+        if last_read.is_none_or(|ended| ended < asked) && self.local.needs_seed(customer, period) {
+            let until_ms = self.clock.now_ms().min(period.end_ms);
+            if let Some(read) = read_ledger(ledger.as_ref(), customer, period, until_ms).await {
+                self.local.seed(customer, period, read);
+                let reseed = LocalReseed {
+                    customer: *customer,
+                    period,
+                    until_ms,
+                };
+                self.reseeds.push(period, until_ms, reseed);
+            }
+            *last_read = Some(std::time::Instant::now());
+        }
+        drop(last_read);
+        // Forgotten once no one else waits on it (they took their clone under this lock).
+        let mut seeding = self.seeding.lock().unwrap_or_else(PoisonError::into_inner);
+        if Arc::strong_count(&gate) == 2
+            && seeding
+                .get(customer)
+                .is_some_and(|held| Arc::ptr_eq(held, &gate))
+        {
+            seeding.remove(customer);
         }
     }
 
@@ -773,6 +805,80 @@ mod tests {
 
     /// 2026-11-26T00:00:00Z, on a 3 s bucket boundary.
     const START: i64 = 1_795_651_200_000;
+
+    /// A ledger that holds `units` for every customer, answers after `delay` (or fails when
+    /// `fails`), and counts its reads.
+    #[derive(Debug)]
+    struct SlowLedger {
+        units: u64,
+        delay: Duration,
+        fails: bool,
+        reads: std::sync::atomic::AtomicUsize,
+    }
+
+    #[async_trait::async_trait]
+    impl Ledger for SlowLedger {
+        async fn record(
+            &self,
+            _: &[tollgate_model::usage::UsageEvent],
+        ) -> Result<tollgate_model::usage::UsageStored, crate::metering::ledger::LedgerError>
+        {
+            unreachable!("nothing is recorded here")
+        }
+
+        async fn period_usage(&self, _: &Id, _: Period) -> anyhow::Result<(u64, u64)> {
+            self.reads.fetch_add(1, Ordering::SeqCst);
+            tokio::time::sleep(self.delay).await;
+            anyhow::ensure!(!self.fails, "the ledger is down");
+            Ok((self.units, 0))
+        }
+    }
+
+    /// A burst of a customer's first requests after a start waits for one read of the ledger,
+    /// not one each; a read that fails is not made again by the requests that waited for it.
+    #[tokio::test]
+    async fn a_burst_of_first_requests_reads_the_ledger_once() {
+        let quota = plan(
+            Vec::new(),
+            Some(Quota {
+                requests: 100,
+                hard: true,
+            }),
+        );
+        for fails in [false, true] {
+            let limiter = Arc::new(Limiter::local(
+                Arc::new(ManualClock::at(START)) as Arc<dyn Clock>,
+                LimitMetrics::new(&Metrics::new()).unwrap(),
+            ));
+            let ledger = Arc::new(SlowLedger {
+                units: 95,
+                delay: Duration::from_millis(50),
+                fails,
+                reads: std::sync::atomic::AtomicUsize::new(0),
+            });
+            limiter.set_ledger(Arc::clone(&ledger) as Arc<dyn Ledger>);
+            let burst = (0..20).map(|_| {
+                let limiter = Arc::clone(&limiter);
+                let quota = quota.clone();
+                tokio::spawn(async move { limiter.admit(&[3; 16], &quota, None, 1).await.verdict })
+            });
+            let verdicts = futures_util::future::join_all(burst).await;
+            let admitted = verdicts
+                .iter()
+                .filter(|v| *v.as_ref().unwrap() == Verdict::Admitted)
+                .count();
+            assert_eq!(ledger.reads.load(Ordering::SeqCst), 1, "fails: {fails}");
+            assert!(limiter.seeding.lock().unwrap().is_empty());
+            if fails {
+                // Counted from nothing (documented), and the next request reads again.
+                assert_eq!(admitted, 20);
+                limiter.admit(&[3; 16], &quota, None, 1).await;
+                assert_eq!(ledger.reads.load(Ordering::SeqCst), 2);
+            } else {
+                assert_eq!(admitted, 5, "95 of 100 used before the start");
+            }
+        }
+    }
 
     #[tokio::test]
     async fn on_an_injected_clock_20_of_25_pass_and_all_come_back_after_the_window() {
