@@ -367,14 +367,53 @@ async fn upstream_5xx_counts_when_refunds_are_turned_off() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_plan_change_keeps_what_was_already_counted() {
+    plan_change_keeps_what_was_counted("").await;
+}
+
+/// The same with the counters in Redis: the shared counts are keyed by customer too.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_plan_change_keeps_what_was_already_counted_in_redis() {
+    let redis = tollgate_tests::redis::RedisServer::start();
+    let setup =
+        plan_change_keeps_what_was_counted(&format!("[redis]\nurl = \"{}\"", redis.url())).await;
+    assert_eq!(
+        setup
+            .gateway
+            .metric("tollgate_limit_decisions_total{counted=\"fallback\",result=\"allowed\"}")
+            .await
+            .unwrap_or(0.0),
+        0.0
+    );
+    assert!(
+        setup
+            .gateway
+            .metric("tollgate_limit_decisions_total{counted=\"redis\",result=\"allowed\"}")
+            .await
+            .unwrap_or(0.0)
+            >= 8.0
+    );
+}
+
+/// Upgrade, then downgrade below what was counted, on a gateway configured with `extra`.
+async fn plan_change_keeps_what_was_counted(extra: &str) -> Setup {
     let upstream = Upstream::start("api");
     let setup = customer_on(
         &upstream,
-        "",
+        extra,
         json!({"rate_limits": [{"requests": 5, "window_seconds": 3600}],
                "quota": {"requests": 100, "hard": true}}),
     )
     .await;
+    if extra.contains("[redis]") {
+        let started = Instant::now();
+        while setup.gateway.ready().await["counters"]["counting"] != "redis" {
+            assert!(
+                started.elapsed() < Duration::from_secs(10),
+                "never counted in redis"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
     for _ in 0..5 {
         assert_eq!(setup.get("/demo").await.status(), 200);
     }
@@ -395,6 +434,7 @@ async fn a_plan_change_keeps_what_was_already_counted() {
         .await;
     assert_eq!(setup.get("/demo").await.status(), 429);
     assert_eq!(setup.customer_id.len(), 36);
+    setup
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -683,5 +723,82 @@ async fn a_route_set_unmetered_checks_the_caller_but_leaves_the_plan_and_the_led
             .unwrap()
             .ends_with("customer-suspended"),
         "{problem}"
+    );
+}
+
+/// Every response of a metered route carries the limit headers, whoever answered it: an
+/// upstream 5xx, the gateway's 502 for an upstream it cannot reach, a HEAD request, and a 429
+/// for a window, which also tells of the quota.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_response_of_a_metered_route_carries_the_limit_headers() {
+    let upstream = Upstream::start("api");
+    let unreachable = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let dead = unreachable.local_addr().unwrap();
+    drop(unreachable);
+    let setup = customer_on(
+        &upstream,
+        &format!(
+            r#"
+[[upstreams]]
+name = "dead"
+targets = ["{dead}"]
+
+[[routes]]
+name = "dead"
+path_prefix = "/dead"
+upstream = "dead"
+auth = "key"
+"#
+        ),
+        json!({
+            "rate_limits": [{"requests": 3, "window_seconds": 3600}],
+            "quota": {"requests": 100, "hard": true}
+        }),
+    )
+    .await;
+    let names = [
+        "ratelimit-policy",
+        "ratelimit",
+        "x-ratelimit-limit",
+        "x-ratelimit-remaining",
+        "x-ratelimit-reset",
+        "x-quota-limit",
+        "x-quota-remaining",
+        "x-quota-reset",
+    ];
+    let upstream_503 = setup.get("/status/503").await;
+    let head = client()
+        .head(setup.gateway.url("/api/items"))
+        .bearer_auth(&setup.key)
+        .send()
+        .await
+        .unwrap();
+    let bad_gateway = setup.get("/dead/items").await;
+    let rate_limited = setup.get("/api/items").await;
+    for (response, status) in [
+        (&upstream_503, 503),
+        (&head, 200),
+        (&bad_gateway, 502),
+        (&rate_limited, 429),
+    ] {
+        assert_eq!(response.status(), status);
+        for name in names {
+            assert_ne!(header(response, name), "", "{name} missing on the {status}");
+        }
+        assert_eq!(header(response, "x-ratelimit-limit"), "3");
+        assert_eq!(header(response, "x-quota-limit"), "100");
+    }
+    assert_eq!(
+        [&upstream_503, &head, &bad_gateway, &rate_limited]
+            .map(|r| header(r, "x-ratelimit-remaining")),
+        ["2", "1", "0", "0"]
+    );
+    assert!(header(&rate_limited, "retry-after").parse::<u64>().unwrap() >= 1);
+    // The 5xx were refunded: only the HEAD counts against the quota, and the refused one not.
+    assert_eq!(header(&rate_limited, "x-quota-remaining"), "99");
+    let policy = header(&rate_limited, "ratelimit-policy");
+    assert!(
+        policy.contains("\"rate-3600s\";q=3;w=3600") && policy.contains("\"quota\";q=100;w="),
+        "{policy}"
     );
 }
