@@ -144,6 +144,8 @@ impl Admin {
                 .identity
                 .current_as_of_ms()
                 .map(|ms| (now - ms).max(0) / 1000),
+            // The control plane's clock less this gateway's, as last seen: key times follow it.
+            "control_plane_clock_offset_ms": self.gateway.identity.control_plane_now_ms(now) - now,
         })
     }
 }

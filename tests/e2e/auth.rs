@@ -869,3 +869,113 @@ async fn a_bearer_token_that_is_not_a_key_is_the_upstreams_own_beside_x_api_key(
         "{body}"
     );
 }
+
+/// Key times (revocation, expiry) are the control plane's clock: a gateway whose clock is behind
+/// it compares them with the control plane's time as its answers tell it, so a key revoked a
+/// minute ago by the control plane's clock is refused though this gateway's clock has not
+/// reached that time yet.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn key_times_are_compared_with_the_control_planes_clock() {
+    use axum::routing::get;
+    use sha2::{Digest, Sha256};
+
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as i64;
+    // The control plane's clock is ten minutes ahead of this machine's.
+    let ahead = 600_000;
+    let customer = "cus_00000000000000000000000000000001";
+    let keys: Vec<String> = (1..=3_u8)
+        .map(|n| tollgate_model::key::from_random([n; 16]))
+        .collect();
+    let record = |n: usize, revoked: Option<i64>, expires: Option<i64>| {
+        json!({
+            "id": format!("key_{:032x}", n + 1),
+            "customer_id": customer,
+            "hash": hex::encode(Sha256::digest(keys[n].as_bytes())),
+            "expires_at_ms": expires, "revoked_at_ms": revoked, "scopes": null
+        })
+    };
+    let snapshot = json!({
+        "version": 1,
+        "plans": [{
+            "id": "plan_1", "name": "basic", "rate_limits": [], "quota": null, "price": null,
+            "status": "active", "created_at": "2026-01-01T00:00:00Z",
+            "updated_at": "2026-01-01T00:00:00Z"
+        }],
+        "customers": [{"id": customer, "plan_id": "plan_1", "status": "active"}],
+        "keys": [
+            // Revoked a minute ago and expired a minute ago, by the control plane's clock (both
+            // still ahead of this gateway's), and one good for another minute by it.
+            record(0, Some(now + ahead - 60_000), None),
+            record(1, None, Some(now + ahead - 60_000)),
+            record(2, None, Some(now + ahead + 60_000)),
+        ]
+    })
+    .to_string();
+    let time = move || {
+        let server_now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_millis() as i64
+            + ahead;
+        server_now.to_string()
+    };
+    let app = axum::Router::new()
+        .route(
+            "/v1/gateway/snapshot",
+            get(move || {
+                let body = snapshot.clone();
+                let time = time();
+                async move {
+                    (
+                        [
+                            ("content-type", "application/json".to_owned()),
+                            ("tollgate-time-ms", time),
+                        ],
+                        body,
+                    )
+                }
+            }),
+        )
+        .route(
+            "/v1/gateway/changes",
+            get(move || async move {
+                tokio::time::sleep(Duration::from_secs(1)).await;
+                (
+                    [("content-type", "application/json")],
+                    json!({"version": 1, "changes": []}).to_string(),
+                )
+            }),
+        );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let address = listener.local_addr().unwrap();
+    tokio::spawn(async move { axum::serve(listener, app).await });
+
+    let upstream = Upstream::start("orders");
+    let gateway = Gateway::start_with_env(
+        tempfile::tempdir().unwrap(),
+        &cluster_config(&upstream, &address.to_string()),
+        &[("TOLLGATE_GATEWAY_TOKEN", "tgw_any")],
+    )
+    .await;
+    gateway.wait_for_keys(3).await;
+    let (status, body) = call(&gateway, "/demo", Some(&keys[0])).await;
+    assert_eq!(
+        (status, problem_type(&body)),
+        (401, "revoked-key"),
+        "{body}"
+    );
+    let (status, body) = call(&gateway, "/demo", Some(&keys[1])).await;
+    assert_eq!(
+        (status, problem_type(&body)),
+        (401, "expired-key"),
+        "{body}"
+    );
+    assert_eq!(call(&gateway, "/demo", Some(&keys[2])).await.0, 200);
+    let offset = gateway.ready().await["identities"]["control_plane_clock_offset_ms"]
+        .as_i64()
+        .unwrap();
+    assert!((ahead - 5_000..=ahead).contains(&offset), "{offset}");
+}

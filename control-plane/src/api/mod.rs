@@ -91,6 +91,7 @@ pub fn api(state: AppState) -> Router {
     let document = Json(openapi_document());
     router
         .route("/openapi.json", get(move || async move { document }))
+        .layer(axum::middleware::map_response(stamp_time))
         .layer(DefaultBodyLimit::max(body::MAX_BODY))
         .layer(axum::middleware::from_fn_with_state(
             state.clone(),
@@ -143,4 +144,17 @@ fn v1_routes() -> OpenApiRouter<AppState> {
 /// The OpenAPI document, as served at `/openapi.json`.
 pub fn openapi_document() -> utoipa::openapi::OpenApi {
     openapi::finish(v1_routes().merge(health_routes()).into_openapi())
+}
+
+/// The header with this control plane's clock (Unix ms) when it answered. Key expiries, ends
+/// of rotation grace and revocations are times of this clock; a gateway compares them with its
+/// own clock set off by the difference it sees here, so that a gateway whose clock is behind
+/// does not accept a revoked key for as long.
+pub const TIME_HEADER: &str = "tollgate-time-ms";
+
+async fn stamp_time(mut response: axum::response::Response) -> axum::response::Response {
+    response
+        .headers_mut()
+        .insert(TIME_HEADER, crate::store::now_ms().into());
+    response
 }

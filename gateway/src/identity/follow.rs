@@ -378,6 +378,21 @@ impl Follower {
         }
     }
 
+    /// Notes the control plane's clock from `response` (sent by one of an earlier version
+    /// without it: nothing).
+    fn observe_clock(&self, response: &reqwest::Response) {
+        if let Some(server_ms) = response
+            .headers()
+            .get(tollgate_control_plane::api::TIME_HEADER)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse::<i64>().ok())
+        {
+            self.gateway
+                .identity
+                .observe_clock(server_ms, super::unix_ms());
+        }
+    }
+
     /// Fetches, checks and installs the full snapshot, then stores it.
     async fn take_snapshot(&self) -> Result<(), SyncError> {
         let response = self
@@ -389,6 +404,7 @@ impl Follower {
             .send()
             .await?;
         let response = check_status(response).await?;
+        self.observe_clock(&response);
         let gzip = response
             .headers()
             .get(http::header::CONTENT_ENCODING)
@@ -472,7 +488,9 @@ impl Follower {
         if response.status() == reqwest::StatusCode::CONFLICT {
             return Err(SyncError::UnknownVersion);
         }
-        let page: Changes = check_status(response).await?.json().await?;
+        let response = check_status(response).await?;
+        self.observe_clock(&response);
+        let page: Changes = response.json().await?;
         if page.changes.is_empty() {
             return Ok(false);
         }

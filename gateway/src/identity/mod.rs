@@ -41,6 +41,9 @@ pub struct IdentityState {
     restored: AtomicBool,
     /// Unix ms the stored snapshot (or its journal) was last written, when restored from it.
     stored_at_ms: AtomicI64,
+    /// The control plane's clock less this gateway's, as last seen (0 until then): the times
+    /// of keys (expiry, end of grace, revocation) are the control plane's.
+    clock_offset_ms: AtomicI64,
 }
 
 impl IdentityState {
@@ -65,6 +68,26 @@ impl IdentityState {
     pub fn contacted(&self, now_ms: i64) {
         self.last_contact_ms.store(now_ms, Ordering::Relaxed);
         self.restored.store(false, Ordering::Relaxed);
+    }
+
+    /// Notes the control plane's clock, `server_ms`, read from an answer received at `local_ms`
+    /// by this gateway's clock.
+    pub fn observe_clock(&self, server_ms: i64, local_ms: i64) {
+        let offset = server_ms.saturating_sub(local_ms);
+        let before = self.clock_offset_ms.swap(offset, Ordering::Relaxed);
+        if offset.abs() > 1_000 && (offset - before).abs() > 1_000 {
+            tracing::warn!(
+                offset_ms = offset,
+                "this gateway's clock and the control plane's differ by more than a second; key \
+                 expiries and revocations follow the control plane's"
+            );
+        }
+    }
+
+    /// Unix ms now by the control plane's clock, as last seen: what the times of keys are
+    /// compared with.
+    pub fn control_plane_now_ms(&self, local_ms: i64) -> i64 {
+        local_ms.saturating_add(self.clock_offset_ms.load(Ordering::Relaxed))
     }
 
     /// Unix ms of the last answer from the control plane, if any.

@@ -143,6 +143,7 @@ pub fn authenticate(
         match credential(req, &route.auth) {
             None => Err(Refusal::Missing),
             Some((Credential::Key(key), source)) => {
+                let now = gateway.identity.control_plane_now_ms(now);
                 check_key(identities, key, &route.name, now).map(|caller| (caller, source))
             }
             Some((Credential::Jwt(token), source)) => {
