@@ -353,15 +353,18 @@ impl Identities {
             }
         }
         let plans = plans.map_or_else(|| Arc::clone(&self.plans), Arc::new);
-        // What changed must still refer to what exists.
+        // What changed must still refer to what exists. A page carries each entity as it is
+        // when the page is read, which can name one made after the page's last change (a
+        // customer moved to a plan made since): not a fault of the control plane, so a snapshot
+        // is taken, which is checked whole.
         for change in changes {
             match change {
                 ChangedEntity::Customer {
                     customer: Some(record),
                     ..
                 } if !plans.contains_key(record.plan_id.as_str()) => {
-                    return Err(Invalid(format!(
-                        "customer {} is on plan {}, which is unknown",
+                    return Ok(Applied::NeedsSnapshot(format!(
+                        "customer {} is on plan {}, which this page does not hold",
                         record.id, record.plan_id
                     )));
                 }
@@ -370,8 +373,8 @@ impl Identities {
                 } if parse_id("cus", &record.customer_id)
                     .is_none_or(|id| customers.get(&id).is_none()) =>
                 {
-                    return Err(Invalid(format!(
-                        "key {} belongs to customer {}, which is unknown",
+                    return Ok(Applied::NeedsSnapshot(format!(
+                        "key {} belongs to customer {}, which this page does not hold",
                         record.id, record.customer_id
                     )));
                 }
