@@ -841,43 +841,18 @@ async fn a_plan_without_limits_counts_in_batches_that_reach_redis_once_and_keep_
 #[tokio::test]
 async fn a_count_redis_makes_again_takes_the_ledgers_earlier_events_once_and_what_it_counted_since()
 {
-    use tollgate_control_plane::store::Store;
     use tollgate_gateway::limits::redis::Known;
-    use tollgate_gateway::metering::ledger::{Ledger, StoreLedger};
-    use tollgate_model::usage::UsageEvent;
+    use tollgate_gateway::metering::ledger::Ledger;
 
-    let dir = tempfile::tempdir().unwrap();
-    let store = Store::connect(&format!(
-        "sqlite://{}?mode=rwc",
-        dir.path().join("ledger.db").display()
-    ))
-    .await
-    .unwrap();
-    store.migrate().await.unwrap();
-    let ledger = StoreLedger(store);
+    let (_dir, ledger) = sqlite_ledger().await;
     let customer = [21; 16];
-    let customer_id = format!("cus_{}", hex::encode(customer));
     let mut stored = 0u8;
     let mut store_events = async |at: &[i64]| {
-        let events: Vec<UsageEvent> = at
+        let events: Vec<_> = at
             .iter()
             .map(|&at_ms| {
                 stored += 1;
-                UsageEvent {
-                    id: format!("evt_{}", hex::encode([stored; 16])),
-                    request_id: format!("req-{stored}"),
-                    customer_id: customer_id.clone(),
-                    key_id: None,
-                    route: "api".into(),
-                    method: "GET".into(),
-                    status: 200,
-                    latency_us: 1,
-                    bytes_in: 0,
-                    bytes_out: 0,
-                    at_ms,
-                    units: 1,
-                    overage: 0,
-                }
+                usage_event(&customer, stored, at_ms)
             })
             .collect();
         ledger.record(&events).await.unwrap();
@@ -896,20 +871,7 @@ async fn a_count_redis_makes_again_takes_the_ledgers_earlier_events_once_and_wha
         hex::encode(customer),
         PERIOD.start_ms
     );
-    let hget = |field: &str| {
-        let command = redis::cmd("HGET").arg(&quota_key).arg(field).clone();
-        async move {
-            let mut connection = redis::Client::open("redis://127.0.0.1:6379")
-                .unwrap()
-                .get_multiplexed_async_connection()
-                .await
-                .unwrap();
-            command
-                .query_async::<Option<i64>>(&mut connection)
-                .await
-                .unwrap()
-        }
-    };
+    let hget = |field: &'static str| hget(&quota_key, field);
     let rebuild = |known: Known| Rebuild {
         known,
         ledger: Some(&ledger),
@@ -1010,4 +972,239 @@ async fn a_count_redis_makes_again_takes_the_ledgers_earlier_events_once_and_wha
         .unwrap();
     assert_eq!(raised.used, 41);
     assert_eq!(hget("p").await, Some(40));
+}
+
+/// A ledger in a SQLite store of its own.
+async fn sqlite_ledger() -> (
+    tempfile::TempDir,
+    tollgate_gateway::metering::ledger::StoreLedger,
+) {
+    let dir = tempfile::tempdir().unwrap();
+    let store = tollgate_control_plane::store::Store::connect(&format!(
+        "sqlite://{}?mode=rwc",
+        dir.path().join("ledger.db").display()
+    ))
+    .await
+    .unwrap();
+    store.migrate().await.unwrap();
+    (dir, tollgate_gateway::metering::ledger::StoreLedger(store))
+}
+
+/// The `n`th usage event of `customer`: one unit at `at_ms`.
+fn usage_event(customer: &[u8; 16], n: u8, at_ms: i64) -> tollgate_model::usage::UsageEvent {
+    tollgate_model::usage::UsageEvent {
+        id: format!("evt_{}", hex::encode([n; 16])),
+        request_id: format!("req-{n}"),
+        customer_id: format!("cus_{}", hex::encode(customer)),
+        key_id: None,
+        route: "api".into(),
+        method: "GET".into(),
+        status: 200,
+        latency_us: 1,
+        bytes_in: 0,
+        bytes_out: 0,
+        at_ms,
+        units: 1,
+        overage: 0,
+    }
+}
+
+/// A field of a hash, as a number.
+async fn hget(key: &str, field: &str) -> Option<i64> {
+    let mut connection = redis::Client::open("redis://127.0.0.1:6379")
+        .unwrap()
+        .get_multiplexed_async_connection()
+        .await
+        .unwrap();
+    redis::cmd("HGET")
+        .arg(key)
+        .arg(field)
+        .query_async::<Option<i64>>(&mut connection)
+        .await
+        .unwrap()
+}
+
+/// A count Redis made again whose reading of the ledger fails (the control plane unreachable)
+/// is marked so: calls on every gateway count in it at once instead of waiting, none is counted
+/// elsewhere or lost, and a later call takes the claim and raises it from the ledger.
+#[tokio::test]
+async fn a_rebuild_whose_ledger_cannot_be_read_keeps_no_call_waiting_and_loses_no_unit() {
+    use tollgate_gateway::limits::redis::{Known, SEED_AGAIN_AFTER_FAILURE};
+    use tollgate_gateway::metering::ledger::{HttpLedger, Ledger};
+
+    let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let unreachable =
+        HttpLedger::new(&format!("http://{}", closed.local_addr().unwrap()), "token").unwrap();
+    drop(closed);
+    let (_dir, ledger) = sqlite_ledger().await;
+    let customer = [22; 16];
+    let policy = Policy {
+        rate_limits: &[],
+        quota: Some(QuotaLimit {
+            limit: 1_000,
+            hard: true,
+        }),
+    };
+    let prefix = format!("tollgate-test-{}", rand::random::<u64>());
+    let (first, second) = (counters_under(&prefix).await, counters_under(&prefix).await);
+    let quota_key = format!(
+        "{prefix}:{{cus_{}}}:q:{}",
+        hex::encode(customer),
+        PERIOD.start_ms
+    );
+    let made = PERIOD.start_ms + 3_600_000;
+    let cannot_read = Rebuild {
+        known: Known::default(),
+        ledger: Some(&unreachable),
+    };
+    let made_again = first
+        .admit(&customer, &policy, PERIOD, 1, made, cannot_read)
+        .await
+        .unwrap();
+    assert_eq!((made_again.used, made_again.generation), (1, None));
+    assert_eq!(hget(&quota_key, "f").await, Some(1));
+    assert_eq!(hget(&quota_key, "s").await, Some(0));
+    // The other gateway's calls count in the key at once: a wait would be its claim's 2 s.
+    let started = std::time::Instant::now();
+    for i in 0..5 {
+        let decision = second
+            .admit(&customer, &policy, PERIOD, 1, made + 1 + i, cannot_read)
+            .await
+            .unwrap();
+        assert_eq!(decision.verdict, Verdict::Admitted);
+        assert_eq!(decision.used, 2 + u64::try_from(i).unwrap());
+    }
+    assert!(
+        started.elapsed() < Duration::from_secs(1),
+        "{:?}",
+        started.elapsed()
+    );
+    assert_eq!(hget(&quota_key, "u").await, Some(6));
+    // The ledger comes back holding ten events from before the key was made. Until the
+    // failed claim's retry is due, calls go on counting on the key; then one reads the ledger.
+    ledger
+        .record(
+            &(1..=10)
+                .map(|n| usage_event(&customer, n, PERIOD.start_ms + i64::from(n)))
+                .collect::<Vec<_>>(),
+        )
+        .await
+        .unwrap();
+    let readable = Rebuild {
+        known: Known::default(),
+        ledger: Some(&ledger),
+    };
+    let retry_ms = i64::try_from(SEED_AGAIN_AFTER_FAILURE.as_millis()).unwrap();
+    let before = second
+        .admit(&customer, &policy, PERIOD, 1, made + retry_ms - 1, readable)
+        .await
+        .unwrap();
+    assert_eq!((before.used, before.generation), (7, None));
+    let seeded = second
+        .admit(&customer, &policy, PERIOD, 1, made + retry_ms + 1, readable)
+        .await
+        .unwrap();
+    assert_eq!(seeded.used, 18);
+    assert!(seeded.generation.is_some());
+    assert_eq!(hget(&quota_key, "s").await, Some(1));
+    assert_eq!(hget(&quota_key, "u").await, Some(18));
+}
+
+/// A claim to rebuild a count that its caller does not honour (its gateway died before reading
+/// the ledger) passes, once it ends, to a call that waited for it; a claim made by a clock far
+/// ahead is waited for no longer than a call's longest wait, after which calls count on what
+/// the key holds.
+#[tokio::test]
+async fn a_claim_left_unhonoured_passes_to_a_waiting_call_which_rebuilds_the_count() {
+    use tollgate_gateway::limits::redis::{Known, SEED_CLAIM};
+    use tollgate_gateway::metering::ledger::Ledger;
+
+    let (_dir, ledger) = sqlite_ledger().await;
+    let customer = [23; 16];
+    ledger
+        .record(
+            &(1..=10)
+                .map(|n| usage_event(&customer, n, PERIOD.start_ms + i64::from(n)))
+                .collect::<Vec<_>>(),
+        )
+        .await
+        .unwrap();
+    let policy = Policy {
+        rate_limits: &[],
+        quota: Some(QuotaLimit {
+            limit: 1_000,
+            hard: true,
+        }),
+    };
+    let prefix = format!("tollgate-test-{}", rand::random::<u64>());
+    let redis = counters_under(&prefix).await;
+    let quota_key = format!(
+        "{prefix}:{{cus_{}}}:q:{}",
+        hex::encode(customer),
+        PERIOD.start_ms
+    );
+    let made = PERIOD.start_ms + 3_600_000;
+    let mut connection = redis::Client::open("redis://127.0.0.1:6379")
+        .unwrap()
+        .get_multiplexed_async_connection()
+        .await
+        .unwrap();
+    // Made and claimed by a gateway that died then.
+    let _: () = redis::cmd("HSET")
+        .arg(&quota_key)
+        .arg(&["u", "0", "o", "0", "p", "0", "q", "0", "s", "0", "n", "77"])
+        .arg(&[
+            "c",
+            made.to_string().as_str(),
+            "a",
+            made.to_string().as_str(),
+        ])
+        .query_async(&mut connection)
+        .await
+        .unwrap();
+    let readable = Rebuild {
+        known: Known::default(),
+        ledger: Some(&ledger),
+    };
+    let started = std::time::Instant::now();
+    let decision = redis
+        .admit(&customer, &policy, PERIOD, 1, made + 1, readable)
+        .await
+        .unwrap();
+    assert!(started.elapsed() >= SEED_CLAIM, "{:?}", started.elapsed());
+    assert_eq!((decision.used, decision.generation), (11, Some(77)));
+    assert_eq!(hget(&quota_key, "s").await, Some(1));
+
+    // A claim whose clock is a minute ahead: the call waits its longest, then counts on what
+    // the key holds, unseeded.
+    let ahead = format!(
+        "{prefix}:{{cus_{}}}:q:{}",
+        hex::encode(customer),
+        PERIOD.end_ms
+    );
+    let next = Period {
+        start_ms: PERIOD.end_ms,
+        end_ms: PERIOD.end_ms + 86_400_000,
+    };
+    let at = next.start_ms + 1_000;
+    let _: () = redis::cmd("HSET")
+        .arg(&ahead)
+        .arg(&["u", "4", "o", "0", "p", "0", "q", "0", "s", "0", "n", "78"])
+        .arg(&[
+            "c",
+            (at + 60_000).to_string().as_str(),
+            "a",
+            at.to_string().as_str(),
+        ])
+        .query_async(&mut connection)
+        .await
+        .unwrap();
+    let started = std::time::Instant::now();
+    let decision = redis
+        .admit(&customer, &policy, next, 1, at, readable)
+        .await
+        .unwrap();
+    assert!(started.elapsed() >= SEED_CLAIM, "{:?}", started.elapsed());
+    assert_eq!((decision.used, decision.generation), (5, None));
+    assert_eq!(hget(&ahead, "s").await, Some(0));
 }

@@ -433,6 +433,18 @@ async fn public_key_tokens(backend: Backend) {
         .await
         .unwrap();
     assert_eq!(response.status(), 200);
+    // Beside that key, a bearer token that does not verify is still the credential it
+    // claims to be: refused, never handed to the upstream as if checked.
+    let response = client()
+        .get(gateway.url("/rs"))
+        .header("x-api-key", key)
+        .header("authorization", format!("Bearer {forged}"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 401);
+    let body: Value = response.json().await.unwrap();
+    assert_eq!(body["type"], "urn:tollgate:problem:invalid-token", "{body}");
     // A suspended customer's tokens are refused like its keys.
     api.call(
         "PATCH",

@@ -119,25 +119,36 @@ impl Store {
         actor: &Actor,
     ) -> Result<(CreatedKey, ApiKey), StoreError> {
         let mut tx = self.pool().begin().await?;
-        let old = fetch(&mut tx, id).await?;
-        let row = sqlx::query("SELECT expires_at, revoked_at FROM api_keys WHERE id = $1")
-            .bind(id)
-            .fetch_one(&mut *tx)
-            .await?;
-        let expires_at_ms: Option<i64> = row.try_get("expires_at")?;
-        let revoked_at_ms: Option<i64> = row.try_get("revoked_at")?;
         // A key that no longer works has nothing to hand over: rotating a revoked (perhaps
         // leaked) key must not mint a working one, nor an expired key one already expired.
+        // Checked by a write that holds the key's row to the end (a revocation made meanwhile
+        // either comes first and is seen here, or waits and ends the old key after this).
         let now = now_ms();
-        if revoked_at_ms.is_some_and(|at| at <= now) {
-            return Err(StoreError::Conflict(format!(
-                "key {id} is revoked; issue a new key instead"
-            )));
-        }
-        if expires_at_ms.is_some_and(|at| at <= now) {
-            return Err(StoreError::Conflict(format!(
-                "key {id} has expired; issue a new key instead"
-            )));
+        let live = sqlx::query(
+            "UPDATE api_keys SET id = id WHERE id = $1 \
+             AND (revoked_at IS NULL OR revoked_at > $2) AND (expires_at IS NULL OR expires_at > $2)",
+        )
+        .bind(id)
+        .bind(now)
+        .execute(&mut *tx)
+        .await?
+        .rows_affected()
+            == 1;
+        let old = fetch(&mut tx, id).await?;
+        let expires_at_ms: Option<i64> =
+            sqlx::query("SELECT expires_at FROM api_keys WHERE id = $1")
+                .bind(id)
+                .fetch_one(&mut *tx)
+                .await?
+                .try_get("expires_at")?;
+        if !live {
+            return Err(StoreError::Conflict(
+                if expires_at_ms.is_some_and(|at| at <= now) {
+                    format!("key {id} has expired; issue a new key instead")
+                } else {
+                    format!("key {id} is revoked; issue a new key instead")
+                },
+            ));
         }
         let new = NewKey {
             name: old.name.clone(),

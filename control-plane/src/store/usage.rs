@@ -23,10 +23,12 @@
 //! 40,000). Ids made in time order (such as UUIDv7 bytes) insert faster than random ones, as
 //! they land at the end of the primary-key index.
 //!
-//! **Reading.** A period's sums ([`Store::period_usage`]) are summed from the raw events, whose
-//! index on `(customer_id, at_ms)` carries `units` and `overage`, so any period boundary is
-//! exact. The roll-up serves the per-day view ([`Store::daily_usage`]) and outlives the raw
-//! events, which [`Store::prune_usage`] deletes once older than the retention.
+//! **Reading.** A period's sums ([`Store::period_usage`]) take its whole UTC days from the
+//! daily roll-up and only the parts of days at either end from the raw events (whose index on
+//! `(customer_id, at_ms)` carries `units` and `overage`), so any period boundary is exact and a
+//! month of millions of events reads a few dozen rows. The roll-up also serves the per-day view
+//! ([`Store::daily_usage`]) and outlives the raw events, which [`Store::prune_usage`] deletes
+//! once older than the retention.
 
 use std::borrow::Cow;
 use std::collections::{BTreeMap, HashSet};

@@ -19,6 +19,7 @@ use std::fs::{File, OpenOptions};
 use std::io::{BufRead, BufReader, Read, Write};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicI64, Ordering};
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
@@ -75,15 +76,11 @@ impl Stored {
         }
     }
 
-    /// Unix ms the stored state was last written (the newer of the snapshot and its journal).
-    pub fn written_at_ms(&self) -> i64 {
-        [&self.snapshot, &self.journal]
-            .iter()
-            .filter_map(|path| std::fs::metadata(path).and_then(|m| m.modified()).ok())
-            .filter_map(|time| time.duration_since(std::time::UNIX_EPOCH).ok())
-            .map(|d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
-            .max()
-            .unwrap_or(0)
+    /// Unix ms `path` was last modified, if it can be read.
+    fn modified_ms(path: &Path) -> Option<i64> {
+        let modified = std::fs::metadata(path).and_then(|m| m.modified()).ok()?;
+        let since_epoch = modified.duration_since(std::time::UNIX_EPOCH).ok()?;
+        Some(i64::try_from(since_epoch.as_millis()).unwrap_or(i64::MAX))
     }
 
     fn temporary(&self) -> PathBuf {
@@ -93,10 +90,7 @@ impl Stored {
     }
 
     /// Loads the stored snapshot and replays the journal. `Ok(None)` when nothing is stored.
-    pub fn restore(
-        &self,
-        interner: &mut ScopeInterner,
-    ) -> Result<Option<(Identities, usize)>, Invalid> {
+    pub fn restore(&self, interner: &mut ScopeInterner) -> Result<Option<Restored>, Invalid> {
         let file = match File::open(&self.snapshot) {
             Ok(file) => file,
             Err(error) if error.kind() == std::io::ErrorKind::NotFound => return Ok(None),
@@ -108,6 +102,11 @@ impl Stored {
             }
         };
         let mut identities = snapshot::read(decoded(file), interner)?;
+        // How old the state is: when its snapshot was stored, or its last replayed page
+        // written (the journal's time for a page of an earlier version, which wrote none; read
+        // before a cut, which sets it to now).
+        let mut written_at_ms = Self::modified_ms(&self.snapshot).unwrap_or(0);
+        let journal_written_ms = Self::modified_ms(&self.journal).unwrap_or(0);
         let mut pages = 0;
         if let Ok(journal) = File::open(&self.journal) {
             // Replay stops at a torn line (a crash mid-write) or a gap (a page that does not
@@ -139,6 +138,7 @@ impl Stored {
                 }
                 pages += 1;
                 kept += line.len() as u64 + 1;
+                written_at_ms = written_at_ms.max(entry.at_ms.unwrap_or(journal_written_ms));
             }
             if cut
                 && let Err(error) = OpenOptions::new()
@@ -149,12 +149,17 @@ impl Stored {
                 tracing::warn!(%error, file = %self.journal.display(), "cannot cut the journal");
             }
         }
-        Ok(Some((identities, pages)))
+        Ok(Some(Restored {
+            identities,
+            pages,
+            written_at_ms,
+        }))
     }
 
     fn append(&self, since: i64, page: &Changes) -> std::io::Result<()> {
         let entry = JournalPage {
             since,
+            at_ms: Some(super::unix_ms()),
             page: page.clone(),
         };
         let mut line = serde_json::to_vec(&entry).map_err(std::io::Error::other)?;
@@ -168,11 +173,25 @@ impl Stored {
     }
 }
 
+/// What a restart finds stored.
+#[derive(Debug)]
+pub struct Restored {
+    /// The snapshot with the journal's pages applied.
+    pub identities: Identities,
+    /// Pages replayed.
+    pub pages: usize,
+    /// Unix ms that state was stored (its age).
+    pub written_at_ms: i64,
+}
+
 /// One line of the journal: a page of changes and the version it was applied on.
 #[derive(Debug, serde::Serialize, serde::Deserialize)]
 struct JournalPage {
     /// The version the page starts from.
     since: i64,
+    /// Unix ms it was written (absent in a journal of an earlier version).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    at_ms: Option<i64>,
     /// The page.
     #[serde(flatten)]
     page: Changes,
@@ -240,8 +259,15 @@ pub struct Follower {
     gateway: Arc<Gateway>,
     source: Source,
     stored: Stored,
+    /// The version the stored state ends at (the snapshot's, or its journal's last page's):
+    /// a page of changes is journaled only when it starts there. [`NOT_STORED`] while the
+    /// running identities' snapshot could not be stored: their pages would not follow on.
+    journal_base: AtomicI64,
     client: reqwest::Client,
 }
+
+/// [`Follower::journal_base`] while nothing the journal can follow on from is stored.
+const NOT_STORED: i64 = i64::MIN;
 
 impl Follower {
     /// Follows `source` for `gateway`, keeping the last good state in `stored`.
@@ -255,6 +281,7 @@ impl Follower {
             gateway,
             source,
             stored,
+            journal_base: AtomicI64::new(NOT_STORED),
             client,
         })
     }
@@ -266,7 +293,13 @@ impl Follower {
         }
         let mut interner = ScopeInterner::default();
         match self.stored.restore(&mut interner) {
-            Ok(Some((identities, pages))) => {
+            Ok(Some(Restored {
+                identities,
+                pages,
+                written_at_ms,
+            })) => {
+                self.journal_base
+                    .store(identities.version, Ordering::Relaxed);
                 tracing::info!(
                     version = identities.version,
                     keys = identities.key_count(),
@@ -275,9 +308,7 @@ impl Follower {
                     "serving with the stored snapshot until the control plane answers"
                 );
                 self.publish(identities, true);
-                self.gateway
-                    .identity
-                    .restored_from(self.stored.written_at_ms());
+                self.gateway.identity.restored_from(written_at_ms);
                 self.gateway.metrics.identity_snapshot("restored");
             }
             Ok(None) => {}
@@ -442,11 +473,17 @@ impl Follower {
         let (version, keys) = (identities.version, identities.key_count());
         self.publish(identities, false);
         self.gateway.metrics.identity_snapshot("applied");
-        if let Err(error) = written
+        match written
             .map_err(std::io::Error::other)
             .and_then(|()| self.keep_snapshot())
         {
-            tracing::warn!(%error, file = %self.stored.snapshot.display(), "cannot store the snapshot; a restart will need the control plane");
+            Ok(()) => self.journal_base.store(version, Ordering::Relaxed),
+            Err(error) => {
+                // The stored state stays what it was (older, with its own age); changes to
+                // these identities are not journaled on it.
+                self.journal_base.store(NOT_STORED, Ordering::Relaxed);
+                tracing::warn!(%error, file = %self.stored.snapshot.display(), "cannot store the snapshot; a restart will serve the older stored state, or need the control plane");
+            }
         }
         tracing::info!(version, keys, "snapshot applied");
         Ok(())
@@ -499,12 +536,21 @@ impl Follower {
             Applied::Next(next) => {
                 let version = next.version;
                 self.publish(next, false);
+                if self.journal_base.load(Ordering::Relaxed) != current.version {
+                    return Err(SyncError::Storage(format!(
+                        "{} does not hold version {} to follow on from",
+                        self.stored.snapshot.display(),
+                        current.version
+                    )));
+                }
                 if let Err(error) = self.stored.append(current.version, &page) {
+                    self.journal_base.store(NOT_STORED, Ordering::Relaxed);
                     return Err(SyncError::Storage(format!(
                         "{}: {error}",
                         self.stored.journal.display()
                     )));
                 }
+                self.journal_base.store(version, Ordering::Relaxed);
                 tracing::debug!(version, changes = page.changes.len(), "changes applied");
                 Ok(true)
             }
@@ -654,7 +700,9 @@ mod tests {
     fn the_journal_is_replayed_in_order_and_cut_at_a_torn_line() {
         let good = format!("{}\n{}\n", line(7, 8, 1), line(8, 9, 2));
         let (_dir, stored) = stored(&format!("{good}{{\"since\": 9, \"vers"));
-        let (identities, pages) = stored
+        let Restored {
+            identities, pages, ..
+        } = stored
             .restore(&mut ScopeInterner::default())
             .unwrap()
             .unwrap();
@@ -666,10 +714,11 @@ mod tests {
         // What is appended next follows on from the replayed pages.
         let page: Changes = serde_json::from_str(&line(9, 10, 3)).unwrap();
         stored.append(9, &page).unwrap();
-        let (identities, _) = stored
+        let identities = stored
             .restore(&mut ScopeInterner::default())
             .unwrap()
-            .unwrap();
+            .unwrap()
+            .identities;
         assert_eq!((identities.version, identities.key_count()), (10, 3));
     }
 
@@ -677,7 +726,9 @@ mod tests {
     fn a_gap_in_the_journal_stops_the_replay_there() {
         // The page from 8 to 9 is missing: the page from 9 must not be applied on 8.
         let (_dir, stored) = stored(&format!("{}\n{}\n", line(7, 8, 1), line(9, 10, 3)));
-        let (identities, pages) = stored
+        let Restored {
+            identities, pages, ..
+        } = stored
             .restore(&mut ScopeInterner::default())
             .unwrap()
             .unwrap();
@@ -689,6 +740,43 @@ mod tests {
             std::fs::read_to_string(&stored.journal).unwrap(),
             format!("{}\n", line(7, 8, 1))
         );
+    }
+
+    #[test]
+    fn the_age_of_what_is_restored_is_when_it_was_written_not_when_the_journal_was_cut() {
+        let hour_ago = super::super::unix_ms() - 3_600_000;
+        let mut first: serde_json::Value = serde_json::from_str(&line(7, 8, 1)).unwrap();
+        first["at_ms"] = serde_json::json!(hour_ago);
+        // A page that does not follow on (journaled after a snapshot that was not stored) is
+        // cut, which writes the journal now.
+        let (_dir, cut) = stored(&format!("{first}\n{}\n", line(9, 10, 3)));
+        let two_hours_ago = std::time::SystemTime::now() - Duration::from_secs(7_200);
+        File::options()
+            .write(true)
+            .open(&cut.snapshot)
+            .unwrap()
+            .set_modified(two_hours_ago)
+            .unwrap();
+        let restored = cut.restore(&mut ScopeInterner::default()).unwrap().unwrap();
+        assert_eq!((restored.identities.version, restored.pages), (8, 1));
+        assert_eq!(restored.written_at_ms, hour_ago);
+        // Nothing replayed from the journal: the snapshot's own time.
+        let (_other, unreplayed) = stored(&format!("{}\n", line(9, 10, 3)));
+        File::options()
+            .write(true)
+            .open(&unreplayed.snapshot)
+            .unwrap()
+            .set_modified(two_hours_ago)
+            .unwrap();
+        let restored = unreplayed
+            .restore(&mut ScopeInterner::default())
+            .unwrap()
+            .unwrap();
+        let expected = two_hours_ago
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_millis() as i64;
+        assert_eq!((restored.pages, restored.written_at_ms), (0, expected));
     }
 
     #[test]

@@ -9,11 +9,14 @@
 --   it was seeded and raised to, and calls decided before a), which a ledger read of the events
 --   before a may hold; s: 1 once seeded from the ledger, c: when the seed was claimed, a: when
 --   the hash was made, n: its generation, the token of the call that created it; a hash made
---   before p, q and a existed has none of them).
+--   before p, q and a existed has none of them; f: 1 once a seed failed (the ledger could not
+--   be read), until one succeeds).
 -- ARGV: now_ms, units, n, slots, quota limit (-1: none), hard (1/0), quota ttl ms,
 --   then limit and window ms of each window, then this call's token (1 to 2^53 - 1), then the
 --   caller's own count of the period (units, overage; what Redis last told it and what it
---   counted since) and the generation of the hash it last counted in (-2: none known).
+--   counted since) and the generation of the hash it last counted in (-2: none known), then
+--   how long a claim to seed holds (ms), how long after a claim whose seed failed the next
+--   one is made (ms), and whether this call waits for another caller's seed (1/0).
 -- Returns one string of integers separated by spaces (one bulk reply is far cheaper to build
 -- and to parse than an array): verdict (0 admitted, 1 rate limited, 2 quota exceeded, 3 the
 -- quota is being seeded by another caller: only that, nothing counted, ask again), units
@@ -105,7 +108,7 @@ end
 
 local qkey = KEYS[n + 1]
 local used, overage, seed = 0, 0, 0
-local quota = redis.call('HMGET', qkey, 'u', 'o', 's', 'n', 'a')
+local quota = redis.call('HMGET', qkey, 'u', 'o', 's', 'n', 'a', 'c', 'f')
 local generation = tonumber(quota[4]) or -1
 local made = tonumber(quota[5])
 local created = not quota[1]
@@ -120,13 +123,21 @@ if created then
 else
   used, overage = tonumber(quota[1]), tonumber(quota[2])
   if quota[3] == '0' then
-    -- A claim not honoured within 10 s (its gateway died) passes to this caller.
-    if now - tonumber(redis.call('HGET', qkey, 'c')) > 10000 then
+    local failed = quota[7] == '1'
+    local hold = tonumber(ARGV[12 + 2 * n])
+    if failed then
+      hold = tonumber(ARGV[13 + 2 * n])
+    end
+    if now - (tonumber(quota[6]) or 0) > hold then
+      -- A claim not honoured in time (its caller died, or its reply was lost) passes to this
+      -- caller, as does, now and then, one whose seed failed.
       redis.call('HSET', qkey, 'c', now)
       seed = made or now
-    elseif qlimit >= 0 then
+    elseif qlimit >= 0 and not failed and ARGV[14 + 2 * n] == '1' then
       -- Another caller is reading the ledger for this count: deciding on it now would admit
       -- on a count the ledger may be far above. Nothing is counted; the caller asks again.
+      -- Once a reading failed, calls count on what the hash holds instead of waiting on
+      -- readings that may fail again.
       return '3'
     end
   end

@@ -546,21 +546,27 @@ impl Limiter {
                 // This process's own count follows Redis' (it is what a count Redis makes
                 // again is raised to): the unit leaves both.
                 self.local.refund(customer, reservation);
-                self.refund_in_redis(redis, customer, reservation).await;
+                self.refund_in_redis(redis, customer, reservation, true)
+                    .await;
             }
             (Some(redis), Counted::Fallback | Counted::Batched) => {
                 self.local.refund(customer, reservation);
-                // Given back where its unit went: its batch while unsent, Redis once the unit
-                // may be there, nowhere when only the ledger has it.
-                let in_redis = match reservation.fallback {
-                    Some(FallbackUnit::MaybeInRedis) => true,
-                    Some(FallbackUnit::Batch(token)) => {
-                        !self.local.refund_unshared(customer, reservation, token)
+                // Given back where its unit went: its batch while unsent, Redis once the batch
+                // is sent, nowhere when only the ledger has it. A unit whose call may have run
+                // in Redis is given back there if Redis takes it now, and never later: that
+                // call may not have run, and a refund then would free a unit never counted.
+                match reservation.fallback {
+                    Some(FallbackUnit::MaybeInRedis) => {
+                        self.refund_in_redis(redis, customer, reservation, false)
+                            .await;
                     }
-                    Some(FallbackUnit::Unplaced) | None => false,
-                };
-                if in_redis {
-                    self.refund_in_redis(redis, customer, reservation).await;
+                    Some(FallbackUnit::Batch(token)) => {
+                        if !self.local.refund_unshared(customer, reservation, token) {
+                            self.refund_in_redis(redis, customer, reservation, true)
+                                .await;
+                        }
+                    }
+                    Some(FallbackUnit::Unplaced) | None => {}
                 }
             }
             _ => self.local.refund(customer, reservation),
@@ -569,14 +575,15 @@ impl Limiter {
     }
 
     /// Gives `reservation`'s unit back in Redis; a call that did not run (Redis failing, or
-    /// within `retry_after` of a failure) waits for [`Limiter::share_pending`] to make it again.
-    /// One that may have run (a timeout, a broken connection) is not made again: giving the unit
-    /// back twice would let the customer past the quota.
+    /// within `retry_after` of a failure) waits, when `hold`, for [`Limiter::share_pending`] to
+    /// make it again. One that may have run (a timeout, a broken connection) is not made again:
+    /// giving the unit back twice would let the customer past the quota.
     async fn refund_in_redis(
         &self,
         redis: &RedisCounters,
         customer: &Id,
         reservation: &Reservation,
+        hold: bool,
     ) {
         match redis
             .refund(customer, reservation, self.clock.now_ms(), false)
@@ -589,7 +596,8 @@ impl Limiter {
                      midway); it is not sent again"
                 );
             }
-            Err(_) => self.hold_refund(customer, reservation),
+            Err(_) if hold => self.hold_refund(customer, reservation),
+            Err(_) => {}
         }
     }
 
@@ -606,18 +614,22 @@ impl Limiter {
     async fn give_back_held(&self, redis: &RedisCounters, now: i64) {
         let held =
             std::mem::take(&mut *self.refunds.lock().unwrap_or_else(PoisonError::into_inner));
-        for (customer, reservation) in held {
-            match redis.refund(&customer, &reservation, now, true).await {
-                Ok(()) => {}
-                Err(failure) if failure.may_have_run() => {
-                    tracing::warn!(
-                        "a quota unit given back in redis may not have arrived (the call \
-                         failed midway); it is not sent again"
-                    );
+        // In parallel over the multiplexed connection, as batches go: a long outage can leave
+        // many, and the batches wait for this.
+        futures_util::stream::iter(held)
+            .for_each_concurrent(SHARE_CONCURRENCY, |(customer, reservation)| async move {
+                match redis.refund(&customer, &reservation, now, true).await {
+                    Ok(()) => {}
+                    Err(failure) if failure.may_have_run() => {
+                        tracing::warn!(
+                            "a quota unit given back in redis may not have arrived (the call \
+                             failed midway); it is not sent again"
+                        );
+                    }
+                    Err(_) => self.hold_refund(&customer, &reservation),
                 }
-                Err(_) => self.hold_refund(&customer, &reservation),
-            }
-        }
+            })
+            .await;
     }
 
     /// Seeds again from the ledger the quota counts this process seeded from it a while ago,

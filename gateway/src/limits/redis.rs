@@ -112,6 +112,28 @@ pub enum Sharing {
     Refused,
 }
 
+/// One request's call to the admit script, whatever the time it is made at.
+#[derive(Clone, Copy)]
+struct AdmitCall<'a> {
+    customer: &'a Id,
+    policy: &'a Policy<'a>,
+    period: Period,
+    units: u64,
+    known: Known,
+    /// The generation of a quota hash the call creates.
+    token: i64,
+}
+
+/// How long a caller that makes a quota key again holds its claim to seed it from the ledger:
+/// its reading ([`SEED_TIMEOUT`](super::SEED_TIMEOUT)) and the seed's call. Other callers of a
+/// plan with a quota wait for it meanwhile; past it, the next caller takes the claim.
+pub const SEED_CLAIM: Duration = Duration::from_secs(2);
+/// How long after a claim whose reading failed the next caller tries again (the background
+/// reseed also does); meanwhile no caller waits.
+pub const SEED_AGAIN_AFTER_FAILURE: Duration = Duration::from_secs(30);
+/// The longest a call waits for another caller's seed: its claim, and a second for clocks apart.
+const SEED_WAIT_LONGEST: Duration = Duration::from_secs(3);
+
 /// Why a quota key was not seeded.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Unseeded {
@@ -266,6 +288,7 @@ pub struct RedisCounters {
     certificates: OnceLock<Option<redis::TlsCertificates>>,
     admit: Script,
     seed: Script,
+    unseeded: Script,
     refund: Script,
     share: Script,
     /// Unix ms before which calls are not tried (after a failure).
@@ -307,6 +330,7 @@ impl RedisCounters {
             certificates: OnceLock::new(),
             admit: Script::new(ADMIT_SCRIPT),
             seed: Script::new(SEED_SCRIPT),
+            unseeded: Script::new(UNSEEDED_SCRIPT),
             refund: Script::new(REFUND_SCRIPT),
             share: Script::new(SHARE_SCRIPT),
             down_until_ms: AtomicI64::new(0),
@@ -450,36 +474,89 @@ impl RedisCounters {
         key
     }
 
-    /// Runs `invocation` within the timeout, recording its duration or failure.
-    /// The admit script's reply, once the quota it decides on is seeded: while another caller
-    /// reads the ledger for a count Redis lost, the script counts nothing and says so, and is
-    /// asked again, for up to [`SEED_TIMEOUT`](super::SEED_TIMEOUT) (that caller's own wait).
-    /// Past it, `Refused`: the request is counted in process, from the ledger, as for any
-    /// failure.
+    /// The admit script's reply, once the quota it decides on is seeded, and the time it was
+    /// decided at: while another caller reads the ledger for a count Redis lost, the script
+    /// counts nothing and says so, and is asked again, the time moving on as it waits, until
+    /// that caller's claim ends ([`SEED_CLAIM`]: then this caller takes it and seeds itself).
+    /// A wait longer than that (clocks apart) ends in a call that counts on what the hash holds.
     async fn call_seeded(
         &self,
-        invocation: &ScriptInvocation<'_>,
+        call: &AdmitCall<'_>,
         now_ms: i64,
-    ) -> Result<Vec<i64>, Failure> {
+    ) -> Result<(Vec<i64>, i64), Failure> {
         let started = Instant::now();
         let mut pause = Duration::from_millis(2);
+        let mut at_ms = now_ms;
+        let mut wait = true;
         loop {
-            let Numbers(reply) = self.call(invocation, now_ms).await?;
+            let invocation = self.admit_invocation(call, at_ms, wait);
+            let Numbers(reply) = self.call(&invocation, at_ms).await?;
             if reply.first() != Some(&SEEDING) {
-                return Ok(reply);
+                return Ok((reply, at_ms));
             }
-            if started.elapsed() + pause > super::SEED_TIMEOUT {
+            if started.elapsed() + pause > SEED_WAIT_LONGEST {
                 tracing::warn!(
-                    "a quota count Redis lost is still being rebuilt from the ledger; counting \
-                     in process"
+                    "a quota count Redis lost is still being rebuilt from the ledger past the \
+                     rebuilding caller's claim; counting on what Redis holds"
                 );
-                return Err(Failure::Refused);
+                wait = false;
+            } else {
+                tokio::time::sleep(pause).await;
+                pause = (pause * 2).min(Duration::from_millis(50));
             }
-            tokio::time::sleep(pause).await;
-            pause = (pause * 2).min(Duration::from_millis(50));
+            let waited = i64::try_from(started.elapsed().as_millis()).unwrap_or(i64::MAX);
+            at_ms = now_ms.saturating_add(waited);
         }
     }
 
+    /// The admit script's call for `call` at `now_ms`.
+    fn admit_invocation(
+        &self,
+        call: &AdmitCall<'_>,
+        now_ms: i64,
+        wait: bool,
+    ) -> ScriptInvocation<'_> {
+        let AdmitCall {
+            customer,
+            policy,
+            period,
+            units,
+            known,
+            token,
+        } = *call;
+        let mut invocation = self.admit.prepare_invoke();
+        for window_ms in policy.window_ms() {
+            invocation.key(self.key(customer, "r", window_ms));
+        }
+        invocation.key(self.key(customer, "q", period.start_ms));
+        let (quota_limit, hard) = policy.quota.map_or((-1, false), |q| {
+            (i64::try_from(q.limit).unwrap_or(i64::MAX), q.hard)
+        });
+        invocation
+            .arg(now_ms)
+            .arg(units)
+            .arg(policy.rate_limits.len())
+            .arg(SLOTS)
+            .arg(quota_limit)
+            .arg(u8::from(hard))
+            .arg(period.end_ms.saturating_sub(now_ms).max(0) + QUOTA_KEY_GRACE_MS);
+        for window in policy.rate_limits {
+            invocation
+                .arg(window.requests)
+                .arg(super::window_ms(window.window_seconds));
+        }
+        invocation
+            .arg(token)
+            .arg(known.used)
+            .arg(known.overage)
+            .arg(known.generation.unwrap_or(-2))
+            .arg(SEED_CLAIM.as_millis() as u64)
+            .arg(SEED_AGAIN_AFTER_FAILURE.as_millis() as u64)
+            .arg(u8::from(wait));
+        invocation
+    }
+
+    /// Runs `invocation` within the timeout, recording its duration or failure.
     async fn call<T: redis::FromRedisValue>(
         &self,
         invocation: &ScriptInvocation<'_>,
@@ -557,35 +634,17 @@ impl RedisCounters {
         rebuild: Rebuild<'_>,
     ) -> Result<Decision, Failure> {
         let Rebuild { known, ledger } = rebuild;
-        let mut invocation = self.admit.prepare_invoke();
-        for window_ms in policy.window_ms() {
-            invocation.key(self.key(customer, "r", window_ms));
-        }
-        invocation.key(self.key(customer, "q", period.start_ms));
-        let (quota_limit, hard) = policy.quota.map_or((-1, false), |q| {
-            (i64::try_from(q.limit).unwrap_or(i64::MAX), q.hard)
-        });
-        invocation
-            .arg(now_ms)
-            .arg(units)
-            .arg(policy.rate_limits.len())
-            .arg(SLOTS)
-            .arg(quota_limit)
-            .arg(u8::from(hard))
-            .arg(period.end_ms.saturating_sub(now_ms).max(0) + QUOTA_KEY_GRACE_MS);
-        for window in policy.rate_limits {
-            invocation
-                .arg(window.requests)
-                .arg(super::window_ms(window.window_seconds));
-        }
-        // The generation of a quota hash this call creates: 1 to 2^53 - 1, whole in Lua.
-        let token = (uuid::Uuid::new_v4().as_u128() as i64 & ((1 << 53) - 1)).max(1);
-        invocation
-            .arg(token)
-            .arg(known.used)
-            .arg(known.overage)
-            .arg(known.generation.unwrap_or(-2));
-        let reply = self.call_seeded(&invocation, now_ms).await?;
+        let call = AdmitCall {
+            customer,
+            policy,
+            period,
+            units,
+            known,
+            // The generation of a quota hash this call creates: 1 to 2^53 - 1, whole in Lua.
+            token: (uuid::Uuid::new_v4().as_u128() as i64 & ((1 << 53) - 1)).max(1),
+        };
+        // Decided later than asked when it waited for another caller's seed.
+        let (reply, now_ms) = self.call_seeded(&call, now_ms).await?;
         let value = |i: usize| reply.get(i).copied().unwrap_or(0);
         let as_u64 = |i: usize| u64::try_from(value(i)).unwrap_or(0);
         let verdict = match value(0) {
@@ -603,6 +662,10 @@ impl RedisCounters {
             let seeded = self
                 .seed(customer, period, made_ms, value(tail + 1), now_ms, ledger)
                 .await;
+            if seeded == Err(Unseeded::Failed) {
+                self.mark_unseeded(customer, period, value(tail + 1), now_ms)
+                    .await;
+            }
             if ledger.is_some() {
                 let reseed = Reseed {
                     customer: *customer,
@@ -705,6 +768,22 @@ impl RedisCounters {
         match self.call::<i64>(&invocation, now_ms).await {
             Ok(added) => u64::try_from(added).map_err(|_| Unseeded::Gone),
             Err(_) => Err(Unseeded::Failed),
+        }
+    }
+
+    /// Tells the other callers that the seed of the quota key of `generation` failed, so that
+    /// they count on what it holds instead of waiting for it (the background reseed, and a
+    /// caller now and then, try again).
+    async fn mark_unseeded(&self, customer: &Id, period: Period, generation: i64, now_ms: i64) {
+        let mut invocation = self.unseeded.prepare_invoke();
+        invocation
+            .key(self.key(customer, "q", period.start_ms))
+            .arg(generation);
+        if self.call::<i64>(&invocation, now_ms).await.is_ok() {
+            tracing::warn!(
+                "a quota count Redis lost could not be rebuilt from the ledger; it counts on \
+                 what the gateways knew until a later reading succeeds"
+            );
         }
     }
 
@@ -814,6 +893,17 @@ if ledger_overage > before_overage then
 end
 redis.call('HSET', KEYS[1], 's', 1)
 return added
+";
+
+/// Marks a quota hash of generation ARGV[1] whose seed failed, while it is not seeded: the
+/// admit script's calls stop waiting for its seed.
+const UNSEEDED_SCRIPT: &str = r"
+local state = redis.call('HMGET', KEYS[1], 's', 'n')
+if state[1] == '0' and tonumber(state[2]) == tonumber(ARGV[1]) then
+  redis.call('HSET', KEYS[1], 'f', 1)
+  return 1
+end
+return 0
 ";
 
 /// Adds a batch of units counted in process (ARGV: units, overage, the generation of the hash

@@ -50,9 +50,10 @@ pub enum Source {
 
 /// The credential of a request, as far as the route accepts one: `Authorization: Bearer` (a
 /// `tg_` key, else a JWT when the route takes JWTs), then `X-API-Key`, then the route's query
-/// parameter. A bearer token that is not a key yields to a key in `X-API-Key` or the query on a
-/// route that takes keys: it is then the upstream's own credential (a user's session token
-/// beside the product key), forwarded untouched.
+/// parameter. On a route that takes keys and no JWTs, a bearer token that is not a key yields to
+/// a key in `X-API-Key` or the query: it is then the upstream's own credential (a user's session
+/// token beside the product key), forwarded untouched. On a route that takes JWTs too it is the
+/// JWT, checked: one the gateway did not verify never reaches the upstream as if it had.
 pub fn credential<'a>(
     req: &'a RequestHeader,
     auth: &RouteAuth,
@@ -69,6 +70,7 @@ pub fn credential<'a>(
         return Some((Credential::Key(token), Source::Authorization));
     }
     if auth.key
+        && (bearer_token.is_none() || auth.jwt.is_none())
         && let Some(found) = elsewhere(req, auth)
     {
         return Some(found);
@@ -299,7 +301,7 @@ mod tests {
     }
 
     #[test]
-    fn a_bearer_token_that_is_not_a_key_yields_to_a_key_elsewhere() {
+    fn a_bearer_token_that_is_not_a_key_yields_to_a_key_elsewhere_only_where_no_jwt_is_taken() {
         let either = RouteAuth {
             key: true,
             jwt: Some("idp".into()),
@@ -316,11 +318,26 @@ mod tests {
             credential(&req, &auth(None)),
             Some((Credential::Key("tg_k"), Source::Header))
         );
+        let req = request(
+            "/a?api_key=tg_q",
+            &[("authorization", "Bearer user-session")],
+        );
+        assert_eq!(
+            credential(&req, &auth(Some("api_key"))),
+            Some((Credential::Key("tg_q"), Source::Query))
+        );
+        // Where JWTs are taken it is the JWT, and it is checked: a key beside it does not let
+        // an unverified token through to the upstream.
+        let req = request(
+            "/a?api_key=tg_q",
+            &[("authorization", "Bearer eyJ.a.b"), ("x-api-key", "tg_k")],
+        );
         assert_eq!(
             credential(&req, &either),
-            Some((Credential::Key("tg_k"), Source::Header))
+            Some((Credential::Jwt("eyJ.a.b"), Source::Authorization))
         );
-        let req = request("/a?api_key=tg_q", &[("authorization", "Bearer eyJ.a.b")]);
+        // Without a bearer token, a key-or-JWT route reads the key where it is.
+        let req = request("/a?api_key=tg_q", &[]);
         assert_eq!(
             credential(&req, &either),
             Some((Credential::Key("tg_q"), Source::Query))
