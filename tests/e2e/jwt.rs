@@ -445,6 +445,21 @@ async fn public_key_tokens(backend: Backend) {
     assert_eq!(response.status(), 401);
     let body: Value = response.json().await.unwrap();
     assert_eq!(body["type"], "urn:tollgate:problem:invalid-token", "{body}");
+    // A bearer token that cannot be a JWT is the upstream's own, beside the key.
+    let response = client()
+        .get(gateway.url("/rs"))
+        .header("x-api-key", key)
+        .header("authorization", "Bearer user-session-token")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    let echo: Value = response.json().await.unwrap();
+    assert_eq!(
+        echo["headers"]["authorization"], "Bearer user-session-token",
+        "{echo}"
+    );
+    assert!(echo["headers"].get("x-api-key").is_none(), "{echo}");
     // A suspended customer's tokens are refused like its keys.
     api.call(
         "PATCH",

@@ -108,6 +108,7 @@ impl Stored {
         let mut written_at_ms = Self::modified_ms(&self.snapshot).unwrap_or(0);
         let journal_written_ms = Self::modified_ms(&self.journal).unwrap_or(0);
         let mut pages = 0;
+        let mut journal_follows = true;
         if let Ok(journal) = File::open(&self.journal) {
             // Replay stops at a torn line (a crash mid-write) or a gap (a page that does not
             // start where the last one ended); the journal is cut there, so later appends
@@ -147,12 +148,14 @@ impl Stored {
                     .and_then(|file| file.set_len(kept))
             {
                 tracing::warn!(%error, file = %self.journal.display(), "cannot cut the journal");
+                journal_follows = false;
             }
         }
         Ok(Some(Restored {
             identities,
             pages,
             written_at_ms,
+            journal_follows,
         }))
     }
 
@@ -182,6 +185,9 @@ pub struct Restored {
     pub pages: usize,
     /// Unix ms that state was stored (its age).
     pub written_at_ms: i64,
+    /// Whether pages appended to the journal follow on from it (false when what the replay
+    /// stopped at could not be cut away: a page appended after it would never be replayed).
+    pub journal_follows: bool,
 }
 
 /// One line of the journal: a page of changes and the version it was applied on.
@@ -297,9 +303,14 @@ impl Follower {
                 identities,
                 pages,
                 written_at_ms,
+                journal_follows,
             })) => {
-                self.journal_base
-                    .store(identities.version, Ordering::Relaxed);
+                let base = if journal_follows {
+                    identities.version
+                } else {
+                    NOT_STORED
+                };
+                self.journal_base.store(base, Ordering::Relaxed);
                 tracing::info!(
                     version = identities.version,
                     keys = identities.key_count(),

@@ -597,7 +597,10 @@ impl Limiter {
                 );
             }
             Err(_) if hold => self.hold_refund(customer, reservation),
-            Err(_) => {}
+            Err(_) => tracing::debug!(
+                "a quota unit whose admission call may not have run is not given back in redis \
+                 (redis is failing); the shared count keeps it"
+            ),
         }
     }
 

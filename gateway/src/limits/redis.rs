@@ -504,8 +504,12 @@ impl RedisCounters {
                 tokio::time::sleep(pause).await;
                 pause = (pause * 2).min(Duration::from_millis(50));
             }
+            // Within the period the request was placed in: its usage event is too.
             let waited = i64::try_from(started.elapsed().as_millis()).unwrap_or(i64::MAX);
-            at_ms = now_ms.saturating_add(waited);
+            at_ms = now_ms
+                .saturating_add(waited)
+                .min(call.period.end_ms - 1)
+                .max(now_ms);
         }
     }
 

@@ -50,10 +50,11 @@ pub enum Source {
 
 /// The credential of a request, as far as the route accepts one: `Authorization: Bearer` (a
 /// `tg_` key, else a JWT when the route takes JWTs), then `X-API-Key`, then the route's query
-/// parameter. On a route that takes keys and no JWTs, a bearer token that is not a key yields to
-/// a key in `X-API-Key` or the query: it is then the upstream's own credential (a user's session
-/// token beside the product key), forwarded untouched. On a route that takes JWTs too it is the
-/// JWT, checked: one the gateway did not verify never reaches the upstream as if it had.
+/// parameter. A bearer token that is not a key yields to a key in `X-API-Key` or the query: it
+/// is then the upstream's own credential (a user's session token beside the product key),
+/// forwarded untouched. Except, on a route that takes JWTs too, a token shaped as a JWT: that
+/// is the credential, checked (one the gateway did not verify never reaches the upstream as if
+/// it had).
 pub fn credential<'a>(
     req: &'a RequestHeader,
     auth: &RouteAuth,
@@ -70,7 +71,7 @@ pub fn credential<'a>(
         return Some((Credential::Key(token), Source::Authorization));
     }
     if auth.key
-        && (bearer_token.is_none() || auth.jwt.is_none())
+        && !bearer_token.is_some_and(|token| auth.jwt.is_some() && jwt_shaped(token))
         && let Some(found) = elsewhere(req, auth)
     {
         return Some(found);
@@ -82,6 +83,11 @@ pub fn credential<'a>(
         Credential::Key(token)
     };
     Some((credential, Source::Authorization))
+}
+
+/// Whether `token` has a JWT's form (JWS compact: three parts separated by dots).
+fn jwt_shaped(token: &str) -> bool {
+    token.bytes().filter(|&b| b == b'.').count() == 2
 }
 
 /// A key in `X-API-Key`, else in the route's query parameter.
@@ -301,7 +307,7 @@ mod tests {
     }
 
     #[test]
-    fn a_bearer_token_that_is_not_a_key_yields_to_a_key_elsewhere_only_where_no_jwt_is_taken() {
+    fn a_bearer_token_that_is_not_a_key_yields_to_a_key_elsewhere_unless_it_is_a_jwt_where_taken() {
         let either = RouteAuth {
             key: true,
             jwt: Some("idp".into()),
@@ -326,8 +332,8 @@ mod tests {
             credential(&req, &auth(Some("api_key"))),
             Some((Credential::Key("tg_q"), Source::Query))
         );
-        // Where JWTs are taken it is the JWT, and it is checked: a key beside it does not let
-        // an unverified token through to the upstream.
+        // Where JWTs are taken, one shaped as a JWT is the credential, and it is checked: a key
+        // beside it does not let an unverified token through to the upstream.
         let req = request(
             "/a?api_key=tg_q",
             &[("authorization", "Bearer eyJ.a.b"), ("x-api-key", "tg_k")],
@@ -335,6 +341,18 @@ mod tests {
         assert_eq!(
             credential(&req, &either),
             Some((Credential::Jwt("eyJ.a.b"), Source::Authorization))
+        );
+        // A token of another shape cannot be one: it yields there too.
+        let req = request(
+            "/a",
+            &[
+                ("authorization", "Bearer user-session"),
+                ("x-api-key", "tg_k"),
+            ],
+        );
+        assert_eq!(
+            credential(&req, &either),
+            Some((Credential::Key("tg_k"), Source::Header))
         );
         // Without a bearer token, a key-or-JWT route reads the key where it is.
         let req = request("/a?api_key=tg_q", &[]);
