@@ -852,6 +852,22 @@ async fn gateways_get_a_snapshot_then_every_change_once_in_order(db: &Db) {
         StatusCode::CONFLICT,
         "a version ahead of the store means: snapshot again"
     );
+    // The snapshot marks its version with when that change was made; asked with that mark, the
+    // store follows on, and with another (another store's history of that version) it refuses.
+    let at = snapshot["version_at_ms"]
+        .as_i64()
+        .expect("the version's mark");
+    for (mark, expected) in [(at, StatusCode::OK), (at + 1, StatusCode::CONFLICT)] {
+        let (status, _, _) = call(
+            &app,
+            "GET",
+            &format!("/v1/gateway/changes?since={version}&since_at_ms={mark}"),
+            Some(&gateway),
+            None,
+        )
+        .await;
+        assert_eq!(status, expected, "since_at_ms={mark}");
+    }
 
     // A gateway waits; changes made meanwhile reach it, in order, exactly once.
     let waiting = {
@@ -894,6 +910,7 @@ async fn gateways_get_a_snapshot_then_every_change_once_in_order(db: &Db) {
     );
     let mut seen: Vec<Value> = first["changes"].as_array().unwrap().clone();
     let mut at = first["version"].as_i64().unwrap();
+    let mut mark = first["version_at_ms"].as_i64().expect("a page's mark");
     while seen.len() < 2 {
         let (_, more, _) = call(
             &app,
@@ -905,6 +922,7 @@ async fn gateways_get_a_snapshot_then_every_change_once_in_order(db: &Db) {
         .await;
         seen.extend(more["changes"].as_array().unwrap().iter().cloned());
         at = more["version"].as_i64().unwrap();
+        mark = more["version_at_ms"].as_i64().expect("a page's mark");
     }
     let versions: Vec<i64> = seen
         .iter()
@@ -919,14 +937,16 @@ async fn gateways_get_a_snapshot_then_every_change_once_in_order(db: &Db) {
     assert!(seen[0]["key"]["revoked_at_ms"].is_i64());
     assert_eq!(seen[1]["kind"], "customer");
     assert_eq!(seen[1]["customer"]["status"], "suspended");
-    let (_, after, _) = call(
+    // A page's mark is its last change's: the changes after it follow on from there.
+    let (status, after, _) = call(
         &app,
         "GET",
-        &format!("/v1/gateway/changes?since={at}"),
+        &format!("/v1/gateway/changes?since={at}&since_at_ms={mark}"),
         Some(&gateway),
         None,
     )
     .await;
+    assert_eq!(status, StatusCode::OK, "{after}");
     assert_eq!(after["changes"], json!([]));
 }
 

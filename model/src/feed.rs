@@ -16,6 +16,12 @@ pub const SNAPSHOT_VERSION_HEADER: &str = "x-tollgate-config-version";
 pub struct Snapshot {
     /// The config version this snapshot is at (the last change it includes).
     pub version: i64,
+    /// When the change of `version` was made, Unix ms by the store's clock (absent at version
+    /// 0). With the version it names the store's history: a gateway sends it back as
+    /// `since_at_ms`, so that a store replaced or restored from a backup, whose version of that
+    /// number is another change, is not followed from a state it never had.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub version_at_ms: Option<i64>,
     /// Every plan, archived ones included (customers may still use them).
     pub plans: Vec<Plan>,
     /// Every customer, with the state and plan that apply.
@@ -113,6 +119,10 @@ pub struct Changes {
     /// The version the gateway is at once it applied these (the last change's, or the version it
     /// asked from when there are none).
     pub version: i64,
+    /// When the last change was made, Unix ms by the store's clock (absent when there are none):
+    /// see [`Snapshot::version_at_ms`].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub version_at_ms: Option<i64>,
     /// The changes, in version order.
     pub changes: Vec<Change>,
 }

@@ -512,6 +512,56 @@ async fn on_postgres(upstream: &Upstream) -> (Gateway, AdminApi, ControlPlane, P
     (gateway, api, control_plane, database)
 }
 
+/// A gateway restarted with the stored snapshot of one store and pointed at another whose
+/// version has reached the same number (a store replaced, or restored from a backup that has gone
+/// on since) does not follow that store's changes from a state it never had: the version's mark
+/// differs, so it takes that store's snapshot, and a key only the first store held stops working.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_gateway_pointed_at_another_store_at_the_same_version_takes_its_snapshot() {
+    let upstream = Upstream::start("orders");
+    let first_database = PostgresDatabase::create().await;
+    let first = ControlPlane::start(&first_database.url()).await;
+    let first_api = first.api();
+    let first_token = first_api.gateway_token().await;
+    let (_, _, old) = first_api.customer_with_key("first-store").await;
+    let old = old["key"].as_str().unwrap().to_owned();
+    let gateway = Gateway::start_with_env(
+        tempfile::tempdir().unwrap(),
+        &cluster_config(&upstream, &first.address.to_string()),
+        &[("TOLLGATE_GATEWAY_TOKEN", first_token.as_str())],
+    )
+    .await;
+    until_status(&gateway, "/orders", &old, 200).await;
+    let version = gateway.ready().await["identities"]["version"].clone();
+    let dir = gateway.kill();
+    first.kill();
+
+    // Another store, as many changes in: the same version number.
+    let second_database = PostgresDatabase::create().await;
+    let second = ControlPlane::start(&second_database.url()).await;
+    let second_api = second.api();
+    let second_token = second_api.gateway_token().await;
+    let (_, _, new) = second_api.customer_with_key("second-store").await;
+    let new = new["key"].as_str().unwrap().to_owned();
+    let gateway = Gateway::start_with_env(
+        dir,
+        &cluster_config(&upstream, &second.address.to_string()),
+        &[("TOLLGATE_GATEWAY_TOKEN", second_token.as_str())],
+    )
+    .await;
+    let took = until_status(&gateway, "/orders", &new, 200).await;
+    assert!(took < PROPAGATION, "the new store's key took {took:?}");
+    let (status, body) = call(&gateway, "/orders", Some(&old)).await;
+    assert_eq!(
+        (status, problem_type(&body)),
+        (401, "unknown-key"),
+        "{body}"
+    );
+    let ready = gateway.ready().await;
+    assert_eq!(ready["identities"]["version"], version, "{ready}");
+    assert_eq!(ready["identities"]["source"], "control plane", "{ready}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_gateway_on_a_separate_control_plane_keeps_serving_without_it_and_restarts_from_disk() {
     let database = PostgresDatabase::create().await;

@@ -215,6 +215,7 @@ fn index(entries: Vec<KeyEntry>, customer: Id) -> anyhow::Result<Identities> {
     let plan_id: Arc<str> = "plan_bench".into();
     let builder = Builder {
         version: 1,
+        version_at_ms: None,
         plans: [(Arc::clone(&plan_id), Arc::new(plan))]
             .into_iter()
             .collect(),

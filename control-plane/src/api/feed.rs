@@ -1,8 +1,10 @@
 //! The feed gateways follow, for `gateway` tokens only:
 //! - `GET /v1/gateway/snapshot`: everything enforced, at a config version.
-//! - `GET /v1/gateway/changes?since=V&wait_ms=N`: the changes after `V`, in order; when there is
-//!   none yet, the request waits up to `wait_ms` (at most 30 s) and answers as soon as one is
-//!   committed.
+//! - `GET /v1/gateway/changes?since=V&since_at_ms=T&wait_ms=N`: the changes after `V`, in order;
+//!   when there is none yet, the request waits up to `wait_ms` (at most 30 s) and answers as soon
+//!   as one is committed. `T`, when given, is when `V`'s change was made, as the snapshot or the
+//!   last page said: a store whose change `V` was made at another time is another history (a
+//!   replaced store, or one restored from a backup that has gone on since), answered 409.
 //!
 //! **Waiting.** However many gateways wait, one task per process reads the store's latest
 //! version for all of them ([`Versions`]): every 100 ms while any waits, which sees changes made
@@ -98,6 +100,10 @@ pub struct ChangesQuery {
     /// The version the gateway has.
     #[param(minimum = 0)]
     pub since: i64,
+    /// The `version_at_ms` of that version, as the snapshot or the last page gave it: when the
+    /// store's change of `since` was made at another time (the store was replaced, or restored
+    /// from a backup and has gone on since), the answer is 409 and the gateway takes a snapshot.
+    pub since_at_ms: Option<i64>,
     /// How long to wait for a change, in milliseconds (default 0, at most 30000).
     #[param(minimum = 0, maximum = 30000)]
     pub wait_ms: Option<u64>,
@@ -128,6 +134,16 @@ pub async fn changes(
     if query.since < 0 || query.since > state.store.latest_version().await? {
         return Err(ApiError::Conflict(
             "since is not a version of this store: fetch the snapshot again".into(),
+        ));
+    }
+    if let Some(at) = query.since_at_ms
+        && query.since > 0
+        && state.store.version_at(query.since).await? != Some(at)
+    {
+        return Err(ApiError::Conflict(
+            "since is a version of another history than this store's (the store was replaced \
+             or restored from a backup): fetch the snapshot again"
+                .into(),
         ));
     }
     if wait.is_zero() {

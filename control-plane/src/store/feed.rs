@@ -36,13 +36,20 @@ impl Store {
                 .execute(&mut *tx)
                 .await?;
         }
-        let version: i64 = sqlx::query("SELECT COALESCE(MAX(version), 0) AS v FROM change_log")
-            .fetch_one(&mut *tx)
-            .await?
-            .try_get("v")?;
+        let latest =
+            sqlx::query("SELECT version, at FROM change_log ORDER BY version DESC LIMIT 1")
+                .fetch_optional(&mut *tx)
+                .await?;
+        let (version, at): (i64, Option<i64>) = match &latest {
+            Some(row) => (row.try_get("version")?, Some(row.try_get("at")?)),
+            None => (0, None),
+        };
         let mut json = Chunks::new(out);
-        json.push(format!("{{\"version\":{version},\"plans\":[").as_bytes())
-            .await?;
+        let head = match at {
+            Some(at) => format!("{{\"version\":{version},\"version_at_ms\":{at},\"plans\":["),
+            None => format!("{{\"version\":{version},\"plans\":["),
+        };
+        json.push(head.as_bytes()).await?;
         let plan_ids: Vec<String> = sqlx::query("SELECT id FROM plans ORDER BY id")
             .fetch_all(&mut *tx)
             .await?
@@ -82,7 +89,7 @@ impl Store {
     /// Up to `limit` changes after `since`, each with its entity as it is now.
     pub async fn changes_since(&self, since: i64, limit: u32) -> Result<Changes, StoreError> {
         let mut connection = self.pool().acquire().await?;
-        let rows = sqlx::query("SELECT version, kind, entity_id FROM change_log WHERE version > $1 ORDER BY version LIMIT $2")
+        let rows = sqlx::query("SELECT version, at, kind, entity_id FROM change_log WHERE version > $1 ORDER BY version LIMIT $2")
             .bind(since)
             .bind(i64::from(limit))
             .fetch_all(&mut *connection)
@@ -132,7 +139,27 @@ impl Store {
             changes.push(Change { version, entity });
         }
         let version = changes.last().map_or(since, |c| c.version);
-        Ok(Changes { version, changes })
+        let version_at_ms = match rows.last() {
+            Some(row) => Some(row.try_get("at")?),
+            None => None,
+        };
+        Ok(Changes {
+            version,
+            version_at_ms,
+            changes,
+        })
+    }
+
+    /// When the change of `version` was made (`None`: no such change in this store).
+    pub async fn version_at(&self, version: i64) -> Result<Option<i64>, StoreError> {
+        let row = sqlx::query("SELECT at FROM change_log WHERE version = $1")
+            .bind(version)
+            .fetch_optional(self.pool())
+            .await?;
+        Ok(match row {
+            Some(row) => Some(row.try_get("at")?),
+            None => None,
+        })
     }
 }
 

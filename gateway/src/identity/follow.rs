@@ -221,7 +221,13 @@ fn apply(
     interner: &mut ScopeInterner,
 ) -> Result<Applied, Invalid> {
     let entities = page.changes.iter().map(|change| &change.entity);
-    identities.apply(page.version, entities, interner)
+    let mut applied = identities.apply(page.version, entities, interner)?;
+    if let Applied::Next(next) = &mut applied {
+        // The page's mark of its version (none from a control plane of an earlier version: the
+        // changes are then asked for by version alone).
+        next.version_at_ms = page.version_at_ms;
+    }
+    Ok(applied)
 }
 
 /// Why one attempt to sync failed.
@@ -522,13 +528,18 @@ impl Follower {
     /// Waits for the changes after the running version and applies them; returns whether any
     /// were applied.
     async fn follow_changes(&self, current: &Identities) -> Result<bool, SyncError> {
-        let response = self
+        let mut request = self
             .client
             .get(format!("{}/v1/gateway/changes", self.source.base_url))
             .query(&[
                 ("since", current.version.to_string()),
                 ("wait_ms", LONG_POLL.as_millis().to_string()),
-            ])
+            ]);
+        if let Some(at) = current.version_at_ms {
+            // Names the history the version is of: another store's is refused (409).
+            request = request.query(&[("since_at_ms", at)]);
+        }
+        let response = request
             .bearer_auth(&self.source.token)
             .timeout(LONG_POLL + Duration::from_secs(10))
             .send()

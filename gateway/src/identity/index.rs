@@ -205,6 +205,9 @@ pub fn id_header(prefix: &str, id: &Id) -> HeaderValue {
 pub struct Identities {
     /// The config version.
     pub version: i64,
+    /// When the store made the change of `version` (its history's mark, sent back when asking
+    /// for the changes after it), if the control plane said.
+    pub version_at_ms: Option<i64>,
     /// When this version was applied here.
     pub applied_at: SystemTime,
     plans: Arc<Map<Arc<str>, Arc<Plan>>>,
@@ -217,6 +220,8 @@ pub struct Identities {
 pub struct Builder {
     /// The snapshot's version.
     pub version: i64,
+    /// When its change was made, if said.
+    pub version_at_ms: Option<i64>,
     /// Plans by id.
     pub plans: Map<Arc<str>, Arc<Plan>>,
     /// Customers by id.
@@ -267,6 +272,7 @@ impl Builder {
         drop(ids);
         Ok(Identities {
             version: self.version,
+            version_at_ms: self.version_at_ms,
             applied_at: SystemTime::now(),
             plans: Arc::new(self.plans),
             customers: Layered::new(self.customers),
@@ -385,6 +391,8 @@ impl Identities {
         keys.compact_if_large();
         Ok(Applied::Next(Identities {
             version,
+            // Set by the caller from the page.
+            version_at_ms: None,
             applied_at: SystemTime::now(),
             plans,
             customers,

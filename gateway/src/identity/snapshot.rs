@@ -55,6 +55,9 @@ impl<'de> Visitor<'de> for SnapshotSeed<'_> {
                     }
                     seen[0] = true;
                 }
+                "version_at_ms" => {
+                    builder.version_at_ms = map.next_value()?;
+                }
                 "plans" => {
                     for plan in map.next_value::<Vec<Plan>>()? {
                         let id: Arc<str> = plan.id.as_str().into();
