@@ -226,6 +226,27 @@ async fn every_admitted_request_is_stored_once_and_both_usage_views_read_it() {
     );
     assert_eq!(me["period"]["end"], usage["period"]["end"]);
     assert_eq!(me["upgrade_url"], "https://example.test/upgrade");
+
+    // A key scoped to one route calls only that one, and reads its customer's usage all the
+    // same: its scopes name the routes it may call.
+    let scoped = api
+        .create(
+            &format!("/v1/customers/{}/keys", customer.id),
+            json!({"name": "api-only", "scopes": ["api"]}),
+        )
+        .await;
+    let scoped = scoped["key"].as_str().unwrap();
+    gateway.wait_for_keys(2).await;
+    let refused = get(&gateway, "/status/200", scoped).await;
+    assert_eq!(refused.status(), 403);
+    let body: Value = refused.json().await.unwrap();
+    assert_eq!(body["type"], "urn:tollgate:problem:key-not-allowed");
+    let me = get(&gateway, "/me", scoped).await;
+    assert_eq!(me.status(), 200);
+    assert_eq!(
+        me.json::<Value>().await.unwrap()["customer_id"],
+        customer.id.as_str()
+    );
 }
 
 /// The usage of requests that end while the gateway drains is in the ledger when it exits: the

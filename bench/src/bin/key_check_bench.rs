@@ -111,7 +111,7 @@ fn main() -> anyhow::Result<()> {
     ];
     for (name, guesses, expect) in &kinds {
         for guess in guesses.iter() {
-            let outcome = check_key(&identities, guess, "bench", 0);
+            let outcome = check_key(&identities, guess, Some("bench"), 0);
             anyhow::ensure!(expect.matches(&outcome), "{name}: {guess} gave {outcome:?}");
         }
     }
@@ -125,7 +125,7 @@ fn main() -> anyhow::Result<()> {
         for which in order {
             let started = Instant::now();
             for guess in kinds[which].1 {
-                black_box(check_key(&identities, black_box(guess), "bench", 0).is_ok());
+                black_box(check_key(&identities, black_box(guess), Some("bench"), 0).is_ok());
             }
             times[which].push(started.elapsed().as_secs_f64() * 1e9 / GUESSES as f64);
         }

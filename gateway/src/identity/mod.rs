@@ -204,13 +204,14 @@ impl Refusal {
     }
 }
 
-/// Checks an API key for `route` at `now_ms`. A malformed key is refused before any lookup;
+/// Checks an API key for `route` at `now_ms` (`None`: a customer's own usage view, which any
+/// of its keys may read, whatever its scopes). A malformed key is refused before any lookup;
 /// the lookup is by SHA-256, so its cost does not depend on how much of a real key a guess
 /// shares.
 pub fn check_key(
     identities: &Identities,
     key: &str,
-    route: &str,
+    route: Option<&str>,
     now_ms: i64,
 ) -> Result<Caller, Refusal> {
     if !tollgate_model::key::is_well_formed(key) {
@@ -230,7 +231,7 @@ pub fn check_key(
     if customer.status != CustomerStatus::Active {
         return Err(Refusal::Suspended);
     }
-    if let Some(scopes) = &entry.scopes
+    if let (Some(scopes), Some(route)) = (&entry.scopes, route)
         && !scopes.iter().any(|scope| &**scope == route)
     {
         return Err(Refusal::OutOfScope);

@@ -356,8 +356,9 @@ impl Sender {
 
 impl Flusher {
     /// Sends what earlier processes left in the spool, before this one serves: a quota counter
-    /// rebuilt from the ledger then includes it. Without an answer within 10 s (the control
-    /// plane is down) it stays in the spool for the background passes.
+    /// rebuilt from the ledger then includes it. What is not stored within [`RECOVER_WAIT`] (the
+    /// control plane down or unreachable, or a long backlog) stays in the spool for the
+    /// background passes: a restart while the control plane is away serves after that long.
     pub fn recover(&self) {
         let Some(ledger) = self.gateway.limiter.ledger().cloned() else {
             return;
@@ -375,7 +376,7 @@ impl Flusher {
         let mut segments = BTreeMap::new();
         let pass = runtime.block_on(async {
             tokio::time::timeout(
-                Duration::from_secs(10),
+                RECOVER_WAIT,
                 self.sender.pass_all(&mut segments, ledger.as_ref()),
             )
             .await
@@ -394,6 +395,9 @@ impl Flusher {
             .unwrap_or_else(std::sync::PoisonError::into_inner) = segments;
     }
 }
+
+/// The longest a start waits for the ledger to store what earlier processes left in the spool.
+const RECOVER_WAIT: Duration = Duration::from_secs(3);
 
 /// The wait after a pass that failed: twice the last one (at least twice the interval), up to
 /// [`MAX_BACKOFF`].

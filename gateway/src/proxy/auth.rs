@@ -10,7 +10,7 @@ use pingora::http::RequestHeader;
 use pingora::{Error, ErrorType, Result};
 
 use super::problem::GatewayProblem;
-use crate::config::{Route, RouteAuth};
+use crate::config::{Route, RouteAction, RouteAuth};
 use crate::identity::index::id_header;
 use crate::identity::{Caller, Refusal, check_jwt, check_key, unix_ms};
 use crate::state::Gateway;
@@ -152,7 +152,13 @@ pub fn authenticate(
             None => Err(Refusal::Missing),
             Some((Credential::Key(key), source)) => {
                 let now = gateway.identity.control_plane_now_ms(now);
-                check_key(identities, key, &route.name, now).map(|caller| (caller, source))
+                // Scopes name the routes a key may call; its customer's own usage view is
+                // readable with any of its keys.
+                let scope = match route.action {
+                    RouteAction::Usage => None,
+                    _ => Some(route.name.as_str()),
+                };
+                check_key(identities, key, scope, now).map(|caller| (caller, source))
             }
             Some((Credential::Jwt(token), source)) => {
                 // Providers are set up at start; a reload naming a new one needs a restart.

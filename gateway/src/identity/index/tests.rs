@@ -89,7 +89,7 @@ fn a_snapshot_is_read_and_every_key_found_by_its_hash() {
     assert_eq!(identities.version, 7);
     assert_eq!(identities.key_count(), 500);
     for n in [0, 1, 250, 499] {
-        let caller = check_key(&identities, &key_text(n), "orders", 1).unwrap();
+        let caller = check_key(&identities, &key_text(n), Some("orders"), 1).unwrap();
         assert_eq!(format_id("cus", &caller.customer), hex_id("cus", 1));
         assert_eq!(
             IdText::new(b"cus", &caller.customer).as_str(),
@@ -99,7 +99,7 @@ fn a_snapshot_is_read_and_every_key_found_by_its_hash() {
         assert_eq!(format_id("key", &caller.key.unwrap()), keys[n as usize].id);
     }
     assert_eq!(
-        check_key(&identities, &key_text(500), "orders", 1),
+        check_key(&identities, &key_text(500), Some("orders"), 1),
         Err(Refusal::Unknown)
     );
 }
@@ -115,7 +115,7 @@ fn each_refusal_has_its_reason() {
     let suspended = key_record(4, 2);
     let identities = load(&[expired, revoked, scoped, suspended]);
     let check = |n: u32, route: &str, now: i64| {
-        check_key(&identities, &key_text(n), route, now).map(|_| ())
+        check_key(&identities, &key_text(n), Some(route), now).map(|_| ())
     };
     assert_eq!(check(1, "orders", 999), Ok(()));
     assert_eq!(check(1, "orders", 1_000), Err(Refusal::Expired));
@@ -127,15 +127,22 @@ fn each_refusal_has_its_reason() {
     assert_eq!(check(2, "orders", 2_000), Err(Refusal::Revoked));
     assert_eq!(check(3, "users", 1), Ok(()));
     assert_eq!(check(3, "billing", 1), Err(Refusal::OutOfScope));
+    // The customer's own usage view names no scope: any of its keys reads it, but the other
+    // refusals hold there too.
+    assert!(check_key(&identities, &key_text(3), None, 1).is_ok());
+    assert_eq!(
+        check_key(&identities, &key_text(2), None, 2_000).map(|_| ()),
+        Err(Refusal::Revoked)
+    );
     assert_eq!(check(4, "orders", 1), Err(Refusal::Suspended));
     assert_eq!(
-        check_key(&identities, "tg_notakey", "orders", 1),
+        check_key(&identities, "tg_notakey", Some("orders"), 1),
         Err(Refusal::Malformed)
     );
     let mut typo = key_text(1);
     typo.replace_range(5..6, if &typo[5..6] == "A" { "B" } else { "A" });
     assert_eq!(
-        check_key(&identities, &typo, "orders", 1),
+        check_key(&identities, &typo, Some("orders"), 1),
         Err(Refusal::Malformed),
         "a changed character breaks the checksum: no lookup"
     );
@@ -211,13 +218,13 @@ fn changes_apply_on_top_and_compaction_keeps_every_key() {
     assert_eq!(next.version, 8);
     assert_eq!(next.key_count(), 11);
     assert_eq!(
-        check_key(&next, &key_text(3), "r", 1),
+        check_key(&next, &key_text(3), Some("r"), 1),
         Err(Refusal::Revoked)
     );
-    let caller = check_key(&next, &key_text(10), "r", 1).unwrap();
+    let caller = check_key(&next, &key_text(10), Some("r"), 1).unwrap();
     assert_eq!(&*caller.plan_id, "plan_a", "the customer moved to plan_a");
     // The earlier identities are untouched.
-    assert!(check_key(&identities, &key_text(3), "r", 1).is_ok());
+    assert!(check_key(&identities, &key_text(3), Some("r"), 1).is_ok());
 
     // Past the overlay limit, the overlay is merged into the base; nothing is lost.
     let many: Vec<ChangedEntity> = (100..100 + OVERLAY_LIMIT as u32 + 5)
