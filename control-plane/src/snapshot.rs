@@ -4,7 +4,7 @@
 //!
 //! Building reads the store in one consistent transaction ([`Store::write_snapshot`]) and
 //! compresses the JSON on a blocking thread into an unlinked temporary file. The file is kept
-//! while the store's version stays the same; the next request after a change builds a new one
+//! while the store's latest change stays the same; the next request after a change builds a new one
 //! (one build at a time: concurrent requests wait for it and share it).
 
 use std::fs::File;
@@ -26,6 +26,8 @@ use crate::store::{Store, StoreError};
 pub struct SnapshotFile {
     /// The config version it is at.
     pub version: i64,
+    /// When that version's change was made (`None` at version 0).
+    pub version_at_ms: Option<i64>,
     /// Bytes of JSON it holds.
     pub json_bytes: u64,
     /// Bytes of gzip in the file.
@@ -58,10 +60,11 @@ impl SnapshotFile {
             .await
             .map_err(|e| io_error(std::io::Error::other(e)))?
             .map_err(io_error)?;
-        let version = version?;
+        let (version, version_at_ms) = version?;
         let (file, json_bytes, gzip_bytes) = written;
         Ok(Self {
             version,
+            version_at_ms,
             json_bytes,
             gzip_bytes,
             build_time: started.elapsed(),
@@ -131,11 +134,17 @@ pub struct Snapshots {
 }
 
 impl Snapshots {
-    /// The snapshot at the store's latest version, built if needed.
+    /// The snapshot at the store's latest version, built if needed: the file is reused while
+    /// the store's latest change is the one it was built at (its version and its time, so a
+    /// store restored from a backup under a running process, whose history has reached the same
+    /// number again, is not served the old history's file).
     pub async fn current(&self, store: &Store) -> Result<Arc<SnapshotFile>, StoreError> {
         let mut latest = self.latest.lock().await;
-        let version = store.latest_version().await?;
-        if let Some(file) = latest.as_ref().filter(|file| file.version == version) {
+        let mark = store.latest_mark().await?;
+        if let Some(file) = latest
+            .as_ref()
+            .filter(|file| (file.version, file.version_at_ms) == mark)
+        {
             return Ok(Arc::clone(file));
         }
         let file = Arc::new(SnapshotFile::build(store).await?);

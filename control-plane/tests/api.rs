@@ -1032,6 +1032,73 @@ async fn snapshot_bytes(
     (status, headers, bytes.to_vec())
 }
 
+/// A store restored from a backup under a running control plane, whose history then reaches the
+/// same version number again, is not served the snapshot file built for the old history: the
+/// file is kept for a version and the time of its change.
+async fn a_snapshot_is_rebuilt_when_the_store_is_restored_to_another_history_of_its_version(
+    db: &Db,
+) {
+    let app = db.app();
+    let gateway = PlainToken::generate().expose().to_owned();
+    db.store
+        .create_admin_token("gw", Role::Gateway, &hash(&gateway))
+        .await
+        .unwrap();
+    let plan = |name: &str| {
+        let app = app.clone();
+        let admin = db.admin.clone();
+        let body = json!({"name": name});
+        async move {
+            let (status, plan, _) = call(&app, "POST", "/v1/plans", Some(&admin), Some(body)).await;
+            assert_eq!(status, StatusCode::CREATED, "{plan}");
+        }
+    };
+    plan("first").await;
+    plan("lost").await;
+    let (status, old, _) = call(&app, "GET", "/v1/gateway/snapshot", Some(&gateway), None).await;
+    assert_eq!(status, StatusCode::OK);
+    let version = old["version"].as_i64().unwrap();
+
+    // Restored to the version before, as a backup would be; then a different change is made.
+    let sql = db.sql().await;
+    sqlx::query("DELETE FROM plans WHERE name = 'lost'")
+        .execute(&sql)
+        .await
+        .unwrap();
+    sqlx::query("DELETE FROM change_log WHERE version = $1")
+        .bind(version)
+        .execute(&sql)
+        .await
+        .unwrap();
+    let reset = if db.url.starts_with("sqlite") {
+        "UPDATE sqlite_sequence SET seq = $1 WHERE name = 'change_log'"
+    } else {
+        "SELECT setval('change_log_version_seq', $1)"
+    };
+    sqlx::query(reset)
+        .bind(version - 1)
+        .execute(&sql)
+        .await
+        .unwrap();
+    tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+    plan("instead").await;
+
+    let (status, new, _) = call(&app, "GET", "/v1/gateway/snapshot", Some(&gateway), None).await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(new["version"], version, "the same version number");
+    assert_ne!(new["version_at_ms"], old["version_at_ms"], "{new}");
+    let names: Vec<&str> = new["plans"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p["name"].as_str().unwrap())
+        .collect();
+    assert!(
+        names.contains(&"instead") && !names.contains(&"lost"),
+        "{names:?}"
+    );
+}
+
 async fn the_snapshot_streams_as_gzip_or_json_and_follows_each_change(db: &Db) {
     use std::io::Read;
     use tollgate_model::feed::Snapshot;
@@ -1650,6 +1717,7 @@ on_both_backends!(
     idempotent_retries_replay_the_first_answer,
     gateways_get_a_snapshot_then_every_change_once_in_order,
     the_snapshot_streams_as_gzip_or_json_and_follows_each_change,
+    a_snapshot_is_rebuilt_when_the_store_is_restored_to_another_history_of_its_version,
     metrics_count_requests_by_route_pattern,
     readiness_reports_the_store,
     waiting_gateways_share_one_reader_and_learn_of_any_process_s_change,

@@ -560,6 +560,11 @@ async fn a_gateway_pointed_at_another_store_at_the_same_version_takes_its_snapsh
     let ready = gateway.ready().await;
     assert_eq!(ready["identities"]["version"], version, "{ready}");
     assert_eq!(ready["identities"]["source"], "control plane", "{ready}");
+    // It did start from the first store's snapshot, and replaced it.
+    for result in ["restored", "applied"] {
+        let name = format!("tollgate_identity_snapshots_total{{result=\"{result}\"}}");
+        assert_eq!(gateway.metric(&name).await, Some(1.0), "{name}");
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

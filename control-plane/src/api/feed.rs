@@ -136,16 +136,7 @@ pub async fn changes(
             "since is not a version of this store: fetch the snapshot again".into(),
         ));
     }
-    if let Some(at) = query.since_at_ms
-        && query.since > 0
-        && state.store.version_at(query.since).await? != Some(at)
-    {
-        return Err(ApiError::Conflict(
-            "since is a version of another history than this store's (the store was replaced \
-             or restored from a backup): fetch the snapshot again"
-                .into(),
-        ));
-    }
+    same_history(&state.store, &query).await?;
     if wait.is_zero() {
         return Ok(Json(state.store.changes_since(query.since, limit).await?));
     }
@@ -154,14 +145,35 @@ pub async fn changes(
     let mut moved = state.versions.subscribe(&state.store);
     loop {
         let changes = state.store.changes_since(query.since, limit).await?;
-        if !changes.changes.is_empty()
-            || tokio::time::timeout_at(deadline, moved.changed())
-                .await
-                .is_err()
+        if !changes.changes.is_empty() {
+            // Checked again: the store may have been restored, and have gone on past `since`,
+            // while the request waited.
+            same_history(&state.store, &query).await?;
+            return Ok(Json(changes));
+        }
+        if tokio::time::timeout_at(deadline, moved.changed())
+            .await
+            .is_err()
         {
             return Ok(Json(changes));
         }
     }
+}
+
+/// 409 when the store's change of `since` was made at another time than `since_at_ms` says:
+/// the gateway's state is of another history.
+async fn same_history(store: &Store, query: &ChangesQuery) -> Result<(), ApiError> {
+    if let Some(at) = query.since_at_ms
+        && query.since > 0
+        && store.version_at(query.since).await? != Some(at)
+    {
+        return Err(ApiError::Conflict(
+            "since is a version of another history than this store's (the store was replaced \
+             or restored from a backup): fetch the snapshot again"
+                .into(),
+        ));
+    }
+    Ok(())
 }
 
 /// The store's latest config version, read by one task for every waiting request.

@@ -24,11 +24,26 @@ impl Store {
         )
     }
 
+    /// The latest config version and when its change was made (`(0, None)` before any change):
+    /// two stores, or a store and its restored backup, at the same version differ in the time.
+    pub async fn latest_mark(&self) -> Result<(i64, Option<i64>), StoreError> {
+        let row = sqlx::query("SELECT version, at FROM change_log ORDER BY version DESC LIMIT 1")
+            .fetch_optional(self.pool())
+            .await?;
+        Ok(match row {
+            Some(row) => (row.try_get("version")?, Some(row.try_get("at")?)),
+            None => (0, None),
+        })
+    }
+
     /// Everything gateways enforce, read in one consistent transaction and written as the JSON
     /// of a [`Snapshot`](tollgate_model::feed::Snapshot) in chunks of about [`CHUNK`] bytes sent
     /// to `out`, row by row, so no more than a chunk is held whatever the number of keys.
-    /// Returns the snapshot's version.
-    pub async fn write_snapshot(&self, out: &Sender<Vec<u8>>) -> Result<i64, StoreError> {
+    /// Returns the snapshot's version and when its change was made.
+    pub async fn write_snapshot(
+        &self,
+        out: &Sender<Vec<u8>>,
+    ) -> Result<(i64, Option<i64>), StoreError> {
         let mut tx = self.pool().begin().await?;
         if self.backend() == Backend::Postgres {
             // One consistent view of every table and of the version it corresponds to.
@@ -83,7 +98,7 @@ impl Store {
         json.push(b"]}").await?;
         json.flush().await?;
         tx.commit().await?;
-        Ok(version)
+        Ok((version, at))
     }
 
     /// Up to `limit` changes after `since`, each with its entity as it is now.

@@ -351,16 +351,21 @@ impl Follower {
         // every STORAGE_RETRY: a disk that refuses every write must not cost a snapshot per
         // change; changes are applied all the same).
         let mut storage_failed: Option<Instant> = None;
+        // Whether the last attempt took a snapshot: a control plane that refuses to follow on
+        // from the snapshot it has just sent is not asked for another at once, in a loop.
+        let mut fresh_snapshot = false;
         loop {
             let attempt = async {
                 match self.gateway.identity.current() {
                     Some(current) if !need_snapshot && journaled < JOURNAL_LIMIT => {
+                        fresh_snapshot = false;
                         self.follow_changes(&current).await.map(|applied| {
                             journaled += usize::from(applied);
                         })
                     }
                     _ => self.take_snapshot().await.map(|()| {
                         need_snapshot = false;
+                        fresh_snapshot = true;
                         journaled = 0;
                     }),
                 }
@@ -380,12 +385,19 @@ impl Follower {
                     backoff = Duration::from_millis(250);
                     continue;
                 }
-                Err(SyncError::UnknownVersion) => {
+                Err(SyncError::UnknownVersion) if !fresh_snapshot => {
                     tracing::warn!(
                         "the control plane does not know our version; taking a new snapshot"
                     );
                     need_snapshot = true;
                     continue;
+                }
+                Err(SyncError::UnknownVersion) => {
+                    tracing::warn!(
+                        "the control plane does not know the version of the snapshot it has just \
+                         sent; taking another after a pause"
+                    );
+                    need_snapshot = true;
                 }
                 Err(SyncError::Storage(error)) => {
                     // The changes are applied; only their copy for restarts is missing.
