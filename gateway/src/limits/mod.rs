@@ -274,6 +274,8 @@ pub struct Limiter {
     metrics: LimitMetrics,
     /// The usage ledger, once the control plane is reachable (set at start).
     ledger: OnceLock<Arc<dyn Ledger>>,
+    /// The same, as requests read it to rebuild a quota count ([`Resting`]).
+    seed_ledger: OnceLock<Resting>,
     /// Held by a pass of [`Limiter::share_pending`].
     sharing: tokio::sync::Mutex<()>,
     /// Held by a pass of [`Limiter::reseed_due`].
@@ -304,6 +306,7 @@ impl Limiter {
             redis: None,
             metrics,
             ledger: OnceLock::new(),
+            seed_ledger: OnceLock::new(),
             sharing: tokio::sync::Mutex::new(()),
             reseeding: tokio::sync::Mutex::new(()),
             reseeds: ReseedQueue::default(),
@@ -322,7 +325,22 @@ impl Limiter {
 
     /// Sets the usage ledger (once).
     pub fn set_ledger(&self, ledger: Arc<dyn Ledger>) {
+        self.set_ledger_resting(ledger, LEDGER_REST);
+    }
+
+    /// [`Self::set_ledger`], with requests resting from it `rest` after a failed reading.
+    fn set_ledger_resting(&self, ledger: Arc<dyn Ledger>, rest: Duration) {
+        let _ = self.seed_ledger.set(Resting {
+            ledger: Arc::clone(&ledger),
+            rest,
+            until: Mutex::new(None),
+        });
         let _ = self.ledger.set(ledger);
+    }
+
+    /// The ledger as a request reads it to rebuild a quota count.
+    fn seed_ledger(&self) -> Option<&dyn Ledger> {
+        self.seed_ledger.get().map(|l| l as &dyn Ledger)
     }
 
     /// Sets how long after seeding a quota count from the ledger, in process or in Redis, it is
@@ -382,7 +400,7 @@ impl Limiter {
             }
             let rebuild = redis::Rebuild {
                 known: self.local.known(customer, period),
-                ledger: self.ledger.get().map(|l| l.as_ref()),
+                ledger: self.seed_ledger(),
             };
             match redis
                 .admit(customer, &policy, period, units, now, rebuild)
@@ -496,7 +514,7 @@ impl Limiter {
     /// wait at most [`SEED_TIMEOUT`] for it; without an answer they are counted from what this
     /// process has, and the next request tries again.
     async fn seed_local(&self, customer: &Id, period: Period) {
-        let Some(ledger) = self.ledger.get() else {
+        let Some(ledger) = self.seed_ledger() else {
             return;
         };
         if !self.local.needs_seed(customer, period) {
@@ -516,7 +534,7 @@ impl Limiter {
         let mut last_read = gate.lock().await;
         if last_read.is_none_or(|ended| ended < asked) && self.local.needs_seed(customer, period) {
             let until_ms = self.clock.now_ms().min(period.end_ms);
-            if let Some(read) = read_ledger(ledger.as_ref(), customer, period, until_ms).await {
+            if let Some(read) = read_ledger(ledger, customer, period, until_ms).await {
                 self.local.seed(customer, period, read);
                 let reseed = LocalReseed {
                     customer: *customer,
@@ -741,6 +759,10 @@ async fn read_ledger(
             used,
             overage,
         }),
+        Ok(Err(error)) if error.is::<LedgerResting>() => {
+            tracing::debug!(%error, "quota count not rebuilt from the ledger yet");
+            None
+        }
         Ok(Err(error)) => {
             tracing::warn!(%error, "cannot read the ledger to rebuild a quota count");
             None
@@ -749,6 +771,56 @@ async fn read_ledger(
             tracing::warn!("the ledger did not answer in time to rebuild a quota count");
             None
         }
+    }
+}
+
+/// How long after a reading of the ledger failed, or took longer than [`SEED_TIMEOUT`], requests
+/// rebuilding a quota count do not read it.
+pub const LEDGER_REST: Duration = Duration::from_secs(5);
+
+/// The ledger as requests read it to rebuild a quota count: after a reading that failed or did
+/// not answer within [`SEED_TIMEOUT`], readings are refused at once for [`LEDGER_REST`], so that
+/// while the control plane is unreachable (a network that drops packets rather than refusing
+/// them) requests do not each wait a second for it; they count from what the gateway has, and
+/// the first reading after the rest tries again. The background reseeds read the ledger itself.
+#[derive(Debug)]
+struct Resting {
+    ledger: Arc<dyn Ledger>,
+    /// How long readings are refused after one failed ([`LEDGER_REST`]).
+    rest: Duration,
+    /// Until when readings are refused.
+    until: Mutex<Option<std::time::Instant>>,
+}
+
+/// A reading [`Resting`] refused.
+#[derive(Debug, thiserror::Error)]
+#[error("the ledger failed less than {} s ago; not read again yet", LEDGER_REST.as_secs())]
+struct LedgerResting;
+
+#[async_trait::async_trait]
+impl Ledger for Resting {
+    async fn record(
+        &self,
+        events: &[tollgate_model::usage::UsageEvent],
+    ) -> Result<tollgate_model::usage::UsageStored, crate::metering::ledger::LedgerError> {
+        self.ledger.record(events).await
+    }
+
+    async fn period_usage(&self, customer: &Id, period: Period) -> anyhow::Result<(u64, u64)> {
+        let resting = |until: &Option<std::time::Instant>| {
+            until.is_some_and(|until| std::time::Instant::now() < until)
+        };
+        if resting(&self.until.lock().unwrap_or_else(PoisonError::into_inner)) {
+            return Err(anyhow::Error::new(LedgerResting));
+        }
+        let read = tokio::time::timeout(SEED_TIMEOUT, self.ledger.period_usage(customer, period))
+            .await
+            .unwrap_or_else(|_| Err(anyhow::anyhow!("no answer within {SEED_TIMEOUT:?}")));
+        if read.is_err() {
+            *self.until.lock().unwrap_or_else(PoisonError::into_inner) =
+                Some(std::time::Instant::now() + self.rest);
+        }
+        read
     }
 }
 
@@ -871,7 +943,10 @@ mod tests {
                 fails,
                 reads: std::sync::atomic::AtomicUsize::new(0),
             });
-            limiter.set_ledger(Arc::clone(&ledger) as Arc<dyn Ledger>);
+            limiter.set_ledger_resting(
+                Arc::clone(&ledger) as Arc<dyn Ledger>,
+                Duration::from_millis(300),
+            );
             let burst = (0..20).map(|_| {
                 let limiter = Arc::clone(&limiter);
                 let quota = quota.clone();
@@ -885,9 +960,15 @@ mod tests {
             assert_eq!(ledger.reads.load(Ordering::SeqCst), 1, "fails: {fails}");
             assert!(limiter.seeding.lock().unwrap().is_empty());
             if fails {
-                // Counted from nothing (documented), and the next request reads again.
+                // Counted from nothing (documented). Requests do not read it again while it
+                // rests, whichever customer they are for (a ledger that does not answer would
+                // cost each of them a second); the first after the rest does.
                 assert_eq!(admitted, 20);
                 limiter.admit(&[3; 16], &quota, None, 1).await;
+                limiter.admit(&[4; 16], &quota, None, 1).await;
+                assert_eq!(ledger.reads.load(Ordering::SeqCst), 1);
+                tokio::time::sleep(Duration::from_millis(350)).await;
+                limiter.admit(&[4; 16], &quota, None, 1).await;
                 assert_eq!(ledger.reads.load(Ordering::SeqCst), 2);
             } else {
                 assert_eq!(admitted, 5, "95 of 100 used before the start");
