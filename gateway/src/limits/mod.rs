@@ -945,7 +945,7 @@ mod tests {
             });
             limiter.set_ledger_resting(
                 Arc::clone(&ledger) as Arc<dyn Ledger>,
-                Duration::from_millis(300),
+                Duration::from_secs(2),
             );
             let burst = (0..20).map(|_| {
                 let limiter = Arc::clone(&limiter);
@@ -967,7 +967,7 @@ mod tests {
                 limiter.admit(&[3; 16], &quota, None, 1).await;
                 limiter.admit(&[4; 16], &quota, None, 1).await;
                 assert_eq!(ledger.reads.load(Ordering::SeqCst), 1);
-                tokio::time::sleep(Duration::from_millis(350)).await;
+                tokio::time::sleep(Duration::from_millis(2_100)).await;
                 limiter.admit(&[4; 16], &quota, None, 1).await;
                 assert_eq!(ledger.reads.load(Ordering::SeqCst), 2);
             } else {
