@@ -333,7 +333,7 @@ impl Limiter {
         let _ = self.seed_ledger.set(Resting {
             ledger: Arc::clone(&ledger),
             rest,
-            until: Mutex::new(None),
+            state: Mutex::new((0, None)),
         });
         let _ = self.ledger.set(ledger);
     }
@@ -774,27 +774,61 @@ async fn read_ledger(
     }
 }
 
-/// How long after a reading of the ledger failed, or took longer than [`SEED_TIMEOUT`], requests
-/// rebuilding a quota count do not read it.
+/// How long requests rebuilding a quota count do not read the ledger once readings of it have
+/// failed ([`Resting`]).
 pub const LEDGER_REST: Duration = Duration::from_secs(5);
 
-/// The ledger as requests read it to rebuild a quota count: after a reading that failed or did
-/// not answer within [`SEED_TIMEOUT`], readings are refused at once for [`LEDGER_REST`], so that
-/// while the control plane is unreachable (a network that drops packets rather than refusing
-/// them) requests do not each wait a second for it; they count from what the gateway has, and
-/// the first reading after the rest tries again. The background reseeds read the ledger itself.
+/// Readings failed in a row (failed, or no answer within [`SEED_TIMEOUT`]) that rest the ledger:
+/// more than one, so that one customer whose reading fails (or is slow) does not rest it for
+/// the others, whose readings, answered, start the count again.
+const FAILED_READINGS_TO_REST: u32 = 2;
+
+/// The ledger as requests read it to rebuild a quota count: once [`FAILED_READINGS_TO_REST`]
+/// readings in a row failed or did not answer within [`SEED_TIMEOUT`], readings are refused at
+/// once for [`LEDGER_REST`], so that while the control plane is unreachable (a network that drops
+/// packets rather than refusing them) requests do not each wait a second for it; they count
+/// from what the gateway has, and a reading after the rest tries again. The background reseeds
+/// read the ledger itself.
 #[derive(Debug)]
 struct Resting {
     ledger: Arc<dyn Ledger>,
-    /// How long readings are refused after one failed ([`LEDGER_REST`]).
+    /// How long readings are refused ([`LEDGER_REST`]).
     rest: Duration,
-    /// Until when readings are refused.
-    until: Mutex<Option<std::time::Instant>>,
+    /// Readings failed in a row, and until when readings are refused.
+    state: Mutex<(u32, Option<std::time::Instant>)>,
+}
+
+impl Resting {
+    fn state(&self) -> std::sync::MutexGuard<'_, (u32, Option<std::time::Instant>)> {
+        self.state.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+}
+
+/// Counts a reading as failed unless disarmed: a reading dropped before its answer (its
+/// caller's own deadline passed first) failed too.
+struct Reading<'a> {
+    resting: &'a Resting,
+    answered: bool,
+}
+
+impl Drop for Reading<'_> {
+    fn drop(&mut self) {
+        let mut state = self.resting.state();
+        if self.answered {
+            *state = (0, None);
+            return;
+        }
+        state.0 += 1;
+        if state.0 >= FAILED_READINGS_TO_REST {
+            state.1 = Some(std::time::Instant::now() + self.resting.rest);
+            state.0 = 0;
+        }
+    }
 }
 
 /// A reading [`Resting`] refused.
 #[derive(Debug, thiserror::Error)]
-#[error("the ledger failed less than {} s ago; not read again yet", LEDGER_REST.as_secs())]
+#[error("readings of the ledger failed just before; it is not read again yet")]
 struct LedgerResting;
 
 #[async_trait::async_trait]
@@ -807,19 +841,21 @@ impl Ledger for Resting {
     }
 
     async fn period_usage(&self, customer: &Id, period: Period) -> anyhow::Result<(u64, u64)> {
-        let resting = |until: &Option<std::time::Instant>| {
-            until.is_some_and(|until| std::time::Instant::now() < until)
-        };
-        if resting(&self.until.lock().unwrap_or_else(PoisonError::into_inner)) {
+        if self
+            .state()
+            .1
+            .is_some_and(|until| std::time::Instant::now() < until)
+        {
             return Err(anyhow::Error::new(LedgerResting));
         }
+        let mut reading = Reading {
+            resting: self,
+            answered: false,
+        };
         let read = tokio::time::timeout(SEED_TIMEOUT, self.ledger.period_usage(customer, period))
             .await
             .unwrap_or_else(|_| Err(anyhow::anyhow!("no answer within {SEED_TIMEOUT:?}")));
-        if read.is_err() {
-            *self.until.lock().unwrap_or_else(PoisonError::into_inner) =
-                Some(std::time::Instant::now() + self.rest);
-        }
+        reading.answered = read.is_ok();
         read
     }
 }
@@ -900,6 +936,8 @@ mod tests {
         units: u64,
         delay: Duration,
         fails: bool,
+        /// A customer whose readings fail even when the others' do not.
+        failing_customer: Option<Id>,
         reads: std::sync::atomic::AtomicUsize,
     }
 
@@ -913,10 +951,14 @@ mod tests {
             unreachable!("nothing is recorded here")
         }
 
-        async fn period_usage(&self, _: &Id, _: Period) -> anyhow::Result<(u64, u64)> {
+        async fn period_usage(&self, customer: &Id, _: Period) -> anyhow::Result<(u64, u64)> {
             self.reads.fetch_add(1, Ordering::SeqCst);
             tokio::time::sleep(self.delay).await;
             anyhow::ensure!(!self.fails, "the ledger is down");
+            anyhow::ensure!(
+                self.failing_customer != Some(*customer),
+                "this customer's reading fails"
+            );
             Ok((self.units, 0))
         }
     }
@@ -941,6 +983,7 @@ mod tests {
                 units: 95,
                 delay: Duration::from_millis(50),
                 fails,
+                failing_customer: None,
                 reads: std::sync::atomic::AtomicUsize::new(0),
             });
             limiter.set_ledger_resting(
@@ -960,20 +1003,58 @@ mod tests {
             assert_eq!(ledger.reads.load(Ordering::SeqCst), 1, "fails: {fails}");
             assert!(limiter.seeding.lock().unwrap().is_empty());
             if fails {
-                // Counted from nothing (documented). Requests do not read it again while it
-                // rests, whichever customer they are for (a ledger that does not answer would
-                // cost each of them a second); the first after the rest does.
+                // Counted from nothing (documented). The next request reads again; with that
+                // second failure in a row the ledger rests: requests do not read it, whichever
+                // customer they are for (a ledger that does not answer would cost each of them
+                // a second); the first after the rest does.
                 assert_eq!(admitted, 20);
                 limiter.admit(&[3; 16], &quota, None, 1).await;
-                limiter.admit(&[4; 16], &quota, None, 1).await;
-                assert_eq!(ledger.reads.load(Ordering::SeqCst), 1);
-                tokio::time::sleep(Duration::from_millis(2_100)).await;
+                assert_eq!(ledger.reads.load(Ordering::SeqCst), 2);
+                limiter.admit(&[3; 16], &quota, None, 1).await;
                 limiter.admit(&[4; 16], &quota, None, 1).await;
                 assert_eq!(ledger.reads.load(Ordering::SeqCst), 2);
+                tokio::time::sleep(Duration::from_millis(2_100)).await;
+                limiter.admit(&[4; 16], &quota, None, 1).await;
+                assert_eq!(ledger.reads.load(Ordering::SeqCst), 3);
             } else {
                 assert_eq!(admitted, 5, "95 of 100 used before the start");
             }
         }
+    }
+
+    /// One customer whose readings fail does not rest the ledger for the others: a reading of
+    /// another customer answered in between starts the count of failures again.
+    #[tokio::test]
+    async fn one_customers_failing_readings_do_not_rest_the_ledger_for_the_others() {
+        let quota = plan(
+            Vec::new(),
+            Some(Quota {
+                requests: 100,
+                hard: true,
+            }),
+        );
+        let limiter = Limiter::local(
+            Arc::new(ManualClock::at(START)) as Arc<dyn Clock>,
+            LimitMetrics::new(&Metrics::new()).unwrap(),
+        );
+        let ledger = Arc::new(SlowLedger {
+            units: 95,
+            delay: Duration::ZERO,
+            fails: false,
+            failing_customer: Some([5; 16]),
+            reads: std::sync::atomic::AtomicUsize::new(0),
+        });
+        limiter.set_ledger_resting(
+            Arc::clone(&ledger) as Arc<dyn Ledger>,
+            Duration::from_secs(60),
+        );
+        for customer in [[5; 16], [6; 16], [5; 16], [7; 16]] {
+            limiter.admit(&customer, &quota, None, 1).await;
+        }
+        assert_eq!(ledger.reads.load(Ordering::SeqCst), 4, "none refused");
+        // Each of the others was seeded: 95 of 100 used.
+        let decision = limiter.admit(&[7; 16], &quota, None, 1).await;
+        assert_eq!(decision.used, 97);
     }
 
     #[tokio::test]
