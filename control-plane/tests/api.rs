@@ -787,13 +787,19 @@ async fn idempotent_retries_replay_the_first_answer(db: &Db) {
     assert_eq!(status, StatusCode::CREATED);
 }
 
-async fn gateways_get_a_snapshot_then_every_change_once_in_order(db: &Db) {
-    let app = db.app();
-    let gateway = PlainToken::generate().expose().to_owned();
+/// A token of role `gateway`, for the feed.
+async fn gateway_token(db: &Db) -> String {
+    let token = PlainToken::generate().expose().to_owned();
     db.store
-        .create_admin_token("gw-1", Role::Gateway, &hash(&gateway))
+        .create_admin_token("gw", Role::Gateway, &hash(&token))
         .await
         .unwrap();
+    token
+}
+
+async fn gateways_get_a_snapshot_then_every_change_once_in_order(db: &Db) {
+    let app = db.app();
+    let gateway = gateway_token(db).await;
     let (plan, customer) = customer_on_a_plan(&app, db).await;
     let keys_path = format!("/v1/customers/{}/keys", customer["id"].as_str().unwrap());
     let (_, key, _) = call(
@@ -1039,11 +1045,7 @@ async fn a_snapshot_is_rebuilt_when_the_store_is_restored_to_another_history_of_
     db: &Db,
 ) {
     let app = db.app();
-    let gateway = PlainToken::generate().expose().to_owned();
-    db.store
-        .create_admin_token("gw", Role::Gateway, &hash(&gateway))
-        .await
-        .unwrap();
+    let gateway = gateway_token(db).await;
     let plan = |name: &str| {
         let app = app.clone();
         let admin = db.admin.clone();
@@ -1104,11 +1106,7 @@ async fn the_snapshot_streams_as_gzip_or_json_and_follows_each_change(db: &Db) {
     use tollgate_model::feed::Snapshot;
 
     let app = db.app();
-    let gateway = PlainToken::generate().expose().to_owned();
-    db.store
-        .create_admin_token("gw", Role::Gateway, &hash(&gateway))
-        .await
-        .unwrap();
+    let gateway = gateway_token(db).await;
     let (_, customer) = customer_on_a_plan(&app, db).await;
     let customer_id = customer["id"].as_str().unwrap().to_owned();
     // Enough keys for the JSON to span many chunks.

@@ -857,20 +857,10 @@ async fn a_count_redis_makes_again_takes_the_ledgers_earlier_events_once_and_wha
             .collect();
         ledger.record(&events).await.unwrap();
     };
-    let policy = Policy {
-        rate_limits: &[],
-        quota: Some(QuotaLimit {
-            limit: 1_000,
-            hard: true,
-        }),
-    };
+    let policy = HARD_QUOTA;
     let prefix = format!("tollgate-test-{}", rand::random::<u64>());
     let redis = counters_under(&prefix).await;
-    let quota_key = format!(
-        "{prefix}:{{cus_{}}}:q:{}",
-        hex::encode(customer),
-        PERIOD.start_ms
-    );
+    let quota_key = quota_key_of(&prefix, &customer, PERIOD);
     let hget = |field: &'static str| hget(&quota_key, field);
     let rebuild = |known: Known| Rebuild {
         known,
@@ -974,6 +964,36 @@ async fn a_count_redis_makes_again_takes_the_ledgers_earlier_events_once_and_wha
     assert_eq!(hget("p").await, Some(40));
 }
 
+/// A plan of a hard quota of 1,000 and no windows.
+const HARD_QUOTA: Policy<'static> = Policy {
+    rate_limits: &[],
+    quota: Some(QuotaLimit {
+        limit: 1_000,
+        hard: true,
+    }),
+};
+
+/// The quota key of `customer` in `period` under `prefix`.
+fn quota_key_of(prefix: &str, customer: &[u8; 16], period: Period) -> String {
+    format!(
+        "{prefix}:{{cus_{}}}:q:{}",
+        hex::encode(customer),
+        period.start_ms
+    )
+}
+
+/// Ten events of `customer` in the ledger, from the first milliseconds of [`PERIOD`].
+async fn record_ten_events(
+    ledger: &tollgate_gateway::metering::ledger::StoreLedger,
+    customer: &[u8; 16],
+) {
+    use tollgate_gateway::metering::ledger::Ledger;
+    let events: Vec<_> = (1..=10)
+        .map(|n| usage_event(customer, n, PERIOD.start_ms + i64::from(n)))
+        .collect();
+    ledger.record(&events).await.unwrap();
+}
+
 /// A ledger in a SQLite store of its own.
 async fn sqlite_ledger() -> (
     tempfile::TempDir,
@@ -1030,7 +1050,7 @@ async fn hget(key: &str, field: &str) -> Option<i64> {
 #[tokio::test]
 async fn a_rebuild_whose_ledger_cannot_be_read_keeps_no_call_waiting_and_loses_no_unit() {
     use tollgate_gateway::limits::redis::{Known, SEED_AGAIN_AFTER_FAILURE};
-    use tollgate_gateway::metering::ledger::{HttpLedger, Ledger};
+    use tollgate_gateway::metering::ledger::HttpLedger;
 
     let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let unreachable =
@@ -1038,20 +1058,10 @@ async fn a_rebuild_whose_ledger_cannot_be_read_keeps_no_call_waiting_and_loses_n
     drop(closed);
     let (_dir, ledger) = sqlite_ledger().await;
     let customer = [22; 16];
-    let policy = Policy {
-        rate_limits: &[],
-        quota: Some(QuotaLimit {
-            limit: 1_000,
-            hard: true,
-        }),
-    };
+    let policy = HARD_QUOTA;
     let prefix = format!("tollgate-test-{}", rand::random::<u64>());
     let (first, second) = (counters_under(&prefix).await, counters_under(&prefix).await);
-    let quota_key = format!(
-        "{prefix}:{{cus_{}}}:q:{}",
-        hex::encode(customer),
-        PERIOD.start_ms
-    );
+    let quota_key = quota_key_of(&prefix, &customer, PERIOD);
     let made = PERIOD.start_ms + 3_600_000;
     let cannot_read = Rebuild {
         known: Known::default(),
@@ -1082,14 +1092,7 @@ async fn a_rebuild_whose_ledger_cannot_be_read_keeps_no_call_waiting_and_loses_n
     assert_eq!(hget(&quota_key, "u").await, Some(6));
     // The ledger comes back holding ten events from before the key was made. Until the
     // failed claim's retry is due, calls go on counting on the key; then one reads the ledger.
-    ledger
-        .record(
-            &(1..=10)
-                .map(|n| usage_event(&customer, n, PERIOD.start_ms + i64::from(n)))
-                .collect::<Vec<_>>(),
-        )
-        .await
-        .unwrap();
+    record_ten_events(&ledger, &customer).await;
     let readable = Rebuild {
         known: Known::default(),
         ledger: Some(&ledger),
@@ -1117,32 +1120,14 @@ async fn a_rebuild_whose_ledger_cannot_be_read_keeps_no_call_waiting_and_loses_n
 #[tokio::test]
 async fn a_claim_left_unhonoured_passes_to_a_waiting_call_which_rebuilds_the_count() {
     use tollgate_gateway::limits::redis::{Known, SEED_CLAIM};
-    use tollgate_gateway::metering::ledger::Ledger;
 
     let (_dir, ledger) = sqlite_ledger().await;
     let customer = [23; 16];
-    ledger
-        .record(
-            &(1..=10)
-                .map(|n| usage_event(&customer, n, PERIOD.start_ms + i64::from(n)))
-                .collect::<Vec<_>>(),
-        )
-        .await
-        .unwrap();
-    let policy = Policy {
-        rate_limits: &[],
-        quota: Some(QuotaLimit {
-            limit: 1_000,
-            hard: true,
-        }),
-    };
+    record_ten_events(&ledger, &customer).await;
+    let policy = HARD_QUOTA;
     let prefix = format!("tollgate-test-{}", rand::random::<u64>());
     let redis = counters_under(&prefix).await;
-    let quota_key = format!(
-        "{prefix}:{{cus_{}}}:q:{}",
-        hex::encode(customer),
-        PERIOD.start_ms
-    );
+    let quota_key = quota_key_of(&prefix, &customer, PERIOD);
     let made = PERIOD.start_ms + 3_600_000;
     let mut connection = redis::Client::open("redis://127.0.0.1:6379")
         .unwrap()
