@@ -433,26 +433,21 @@ async fn public_key_tokens(backend: Backend) {
         .await
         .unwrap();
     assert_eq!(response.status(), 200);
+    let beside_the_key = |bearer: &str| {
+        client()
+            .get(gateway.url("/rs"))
+            .header("x-api-key", key)
+            .bearer_auth(bearer)
+            .send()
+    };
     // Beside that key, a bearer token that does not verify is still the credential it
     // claims to be: refused, never handed to the upstream as if checked.
-    let response = client()
-        .get(gateway.url("/rs"))
-        .header("x-api-key", key)
-        .header("authorization", format!("Bearer {forged}"))
-        .send()
-        .await
-        .unwrap();
+    let response = beside_the_key(&forged).await.unwrap();
     assert_eq!(response.status(), 401);
     let body: Value = response.json().await.unwrap();
     assert_eq!(body["type"], "urn:tollgate:problem:invalid-token", "{body}");
     // A bearer token that cannot be a JWT is the upstream's own, beside the key.
-    let response = client()
-        .get(gateway.url("/rs"))
-        .header("x-api-key", key)
-        .header("authorization", "Bearer user-session-token")
-        .send()
-        .await
-        .unwrap();
+    let response = beside_the_key("user-session-token").await.unwrap();
     assert_eq!(response.status(), 200);
     let echo: Value = response.json().await.unwrap();
     assert_eq!(

@@ -2,6 +2,7 @@
 
 use futures_util::TryStreamExt;
 use serde::Serialize;
+use sqlx::AnyConnection;
 use sqlx::Row;
 use sqlx::any::AnyRow;
 use tokio::sync::mpsc::Sender;
@@ -27,13 +28,7 @@ impl Store {
     /// The latest config version and when its change was made (`(0, None)` before any change):
     /// two stores, or a store and its restored backup, at the same version differ in the time.
     pub async fn latest_mark(&self) -> Result<(i64, Option<i64>), StoreError> {
-        let row = sqlx::query("SELECT version, at FROM change_log ORDER BY version DESC LIMIT 1")
-            .fetch_optional(self.pool())
-            .await?;
-        Ok(match row {
-            Some(row) => (row.try_get("version")?, Some(row.try_get("at")?)),
-            None => (0, None),
-        })
+        latest_mark(&mut *self.pool().acquire().await?).await
     }
 
     /// Everything gateways enforce, read in one consistent transaction and written as the JSON
@@ -51,14 +46,7 @@ impl Store {
                 .execute(&mut *tx)
                 .await?;
         }
-        let latest =
-            sqlx::query("SELECT version, at FROM change_log ORDER BY version DESC LIMIT 1")
-                .fetch_optional(&mut *tx)
-                .await?;
-        let (version, at): (i64, Option<i64>) = match &latest {
-            Some(row) => (row.try_get("version")?, Some(row.try_get("at")?)),
-            None => (0, None),
-        };
+        let (version, at) = latest_mark(&mut tx).await?;
         let mut json = Chunks::new(out);
         let head = match at {
             Some(at) => format!("{{\"version\":{version},\"version_at_ms\":{at},\"plans\":["),
@@ -154,10 +142,7 @@ impl Store {
             changes.push(Change { version, entity });
         }
         let version = changes.last().map_or(since, |c| c.version);
-        let version_at_ms = match rows.last() {
-            Some(row) => Some(row.try_get("at")?),
-            None => None,
-        };
+        let version_at_ms = rows.last().map(|row| row.try_get("at")).transpose()?;
         Ok(Changes {
             version,
             version_at_ms,
@@ -171,11 +156,19 @@ impl Store {
             .bind(version)
             .fetch_optional(self.pool())
             .await?;
-        Ok(match row {
-            Some(row) => Some(row.try_get("at")?),
-            None => None,
-        })
+        Ok(row.map(|row| row.try_get("at")).transpose()?)
     }
+}
+
+/// The latest change's version and time (`(0, None)` before any), read on `connection`.
+async fn latest_mark(connection: &mut AnyConnection) -> Result<(i64, Option<i64>), StoreError> {
+    let row = sqlx::query("SELECT version, at FROM change_log ORDER BY version DESC LIMIT 1")
+        .fetch_optional(connection)
+        .await?;
+    Ok(match row {
+        Some(row) => (row.try_get("version")?, Some(row.try_get("at")?)),
+        None => (0, None),
+    })
 }
 
 fn customer_record(row: &AnyRow) -> Result<CustomerRecord, StoreError> {

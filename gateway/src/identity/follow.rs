@@ -221,13 +221,9 @@ fn apply(
     interner: &mut ScopeInterner,
 ) -> Result<Applied, Invalid> {
     let entities = page.changes.iter().map(|change| &change.entity);
-    let mut applied = identities.apply(page.version, entities, interner)?;
-    if let Applied::Next(next) = &mut applied {
-        // The page's mark of its version (none from a control plane of an earlier version: the
-        // changes are then asked for by version alone).
-        next.version_at_ms = page.version_at_ms;
-    }
-    Ok(applied)
+    // The page's mark of its version: none from a control plane of an earlier version, whose
+    // changes are then asked for by version alone.
+    identities.apply(page.version, page.version_at_ms, entities, interner)
 }
 
 /// Why one attempt to sync failed.

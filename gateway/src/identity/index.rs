@@ -320,10 +320,12 @@ impl Identities {
         self.plans.get(id)
     }
 
-    /// These identities with `changes` (in version order, the last at `version`) applied.
+    /// These identities with `changes` (in version order, the last at `version`, made at
+    /// `version_at_ms` when the control plane said) applied.
     pub fn apply<'a>(
         &self,
         version: i64,
+        version_at_ms: Option<i64>,
         changes: impl Iterator<Item = &'a ChangedEntity> + Clone,
         interner: &mut ScopeInterner,
     ) -> Result<Applied, Invalid> {
@@ -391,8 +393,7 @@ impl Identities {
         keys.compact_if_large();
         Ok(Applied::Next(Identities {
             version,
-            // Set by the caller from the page.
-            version_at_ms: None,
+            version_at_ms,
             applied_at: SystemTime::now(),
             plans,
             customers,

@@ -319,68 +319,94 @@ mod tests {
             jwt: Some("idp".into()),
             key_query_param: Some("api_key".into()),
         };
-        let req = request(
-            "/a",
-            &[
-                ("authorization", "Bearer user-session"),
-                ("x-api-key", "tg_k"),
-            ],
+        let key_only = auth(Some("api_key"));
+        /// A request's URI and headers, the route's auth, and the credential read.
+        type Case<'a> = (
+            &'a str,
+            &'a [(&'a str, &'a str)],
+            &'a RouteAuth,
+            Credential<'a>,
+            Source,
         );
-        assert_eq!(
-            credential(&req, &auth(None)),
-            Some((Credential::Key("tg_k"), Source::Header))
-        );
-        let req = request(
-            "/a?api_key=tg_q",
-            &[("authorization", "Bearer user-session")],
-        );
-        assert_eq!(
-            credential(&req, &auth(Some("api_key"))),
-            Some((Credential::Key("tg_q"), Source::Query))
-        );
-        // Where JWTs are taken, one shaped as a JWT is the credential, and it is checked: a key
-        // beside it does not let an unverified token through to the upstream.
-        let req = request(
-            "/a?api_key=tg_q",
-            &[("authorization", "Bearer eyJ.a.b"), ("x-api-key", "tg_k")],
-        );
-        assert_eq!(
-            credential(&req, &either),
-            Some((Credential::Jwt("eyJ.a.b"), Source::Authorization))
-        );
-        // A token of another shape cannot be one: it yields there too.
-        let req = request(
-            "/a",
-            &[
-                ("authorization", "Bearer user-session"),
-                ("x-api-key", "tg_k"),
-            ],
-        );
-        assert_eq!(
-            credential(&req, &either),
-            Some((Credential::Key("tg_k"), Source::Header))
-        );
-        // Without a bearer token, a key-or-JWT route reads the key where it is.
-        let req = request("/a?api_key=tg_q", &[]);
-        assert_eq!(
-            credential(&req, &either),
-            Some((Credential::Key("tg_q"), Source::Query))
-        );
-        // Alone, it is read as before: a JWT where the route takes them, else a key.
-        let req = request("/a", &[("authorization", "Bearer user-session")]);
-        assert_eq!(
-            credential(&req, &auth(None)),
-            Some((Credential::Key("user-session"), Source::Authorization))
-        );
-        // A `tg_` bearer still comes first.
-        let req = request(
-            "/a",
-            &[("authorization", "Bearer tg_a"), ("x-api-key", "tg_b")],
-        );
-        assert_eq!(
-            credential(&req, &either),
-            Some((Credential::Key("tg_a"), Source::Authorization))
-        );
+        let cases: [Case<'_>; 8] = [
+            // The upstream's own token beside the product key, on a route of keys only.
+            (
+                "/a",
+                &[
+                    ("authorization", "Bearer user-session"),
+                    ("x-api-key", "tg_k"),
+                ],
+                &key_only,
+                Credential::Key("tg_k"),
+                Source::Header,
+            ),
+            (
+                "/a?api_key=tg_q",
+                &[("authorization", "Bearer user-session")],
+                &key_only,
+                Credential::Key("tg_q"),
+                Source::Query,
+            ),
+            // Where JWTs are taken, one shaped as a JWT is the credential, and it is checked: a
+            // key beside it does not let an unverified token through to the upstream.
+            (
+                "/a?api_key=tg_q",
+                &[("authorization", "Bearer eyJ.a.b"), ("x-api-key", "tg_k")],
+                &either,
+                Credential::Jwt("eyJ.a.b"),
+                Source::Authorization,
+            ),
+            // A token of another shape cannot be one: it yields there too.
+            (
+                "/a",
+                &[
+                    ("authorization", "Bearer user-session"),
+                    ("x-api-key", "tg_k"),
+                ],
+                &either,
+                Credential::Key("tg_k"),
+                Source::Header,
+            ),
+            // Without a bearer token, a key-or-JWT route reads the key where it is.
+            (
+                "/a?api_key=tg_q",
+                &[],
+                &either,
+                Credential::Key("tg_q"),
+                Source::Query,
+            ),
+            // Alone, it is read as before: a JWT where the route takes them, else a key.
+            (
+                "/a",
+                &[("authorization", "Bearer user-session")],
+                &key_only,
+                Credential::Key("user-session"),
+                Source::Authorization,
+            ),
+            (
+                "/a",
+                &[("authorization", "Bearer user-session")],
+                &either,
+                Credential::Jwt("user-session"),
+                Source::Authorization,
+            ),
+            // A `tg_` bearer still comes first.
+            (
+                "/a",
+                &[("authorization", "Bearer tg_a"), ("x-api-key", "tg_b")],
+                &either,
+                Credential::Key("tg_a"),
+                Source::Authorization,
+            ),
+        ];
+        for (uri, headers, route, expected, source) in cases {
+            let req = request(uri, headers);
+            assert_eq!(
+                credential(&req, route),
+                Some((expected, source)),
+                "{uri} {headers:?}"
+            );
+        }
     }
 
     #[test]

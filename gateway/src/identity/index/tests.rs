@@ -210,7 +210,7 @@ fn changes_apply_on_top_and_compaction_keeps_every_key() {
         },
     ];
     let Applied::Next(next) = identities
-        .apply(8, changes.iter(), &mut ScopeInterner::default())
+        .apply(8, None, changes.iter(), &mut ScopeInterner::default())
         .unwrap()
     else {
         panic!("applies");
@@ -234,7 +234,7 @@ fn changes_apply_on_top_and_compaction_keeps_every_key() {
         })
         .collect();
     let Applied::Next(merged) = next
-        .apply(9, many.iter(), &mut ScopeInterner::default())
+        .apply(9, None, many.iter(), &mut ScopeInterner::default())
         .unwrap()
     else {
         panic!("applies");
@@ -260,7 +260,7 @@ fn changes_that_refer_to_nothing_or_delete_ask_for_a_snapshot() {
     // A page can carry an entity as it is now, naming one made after the page: a snapshot is
     // taken (and checked whole), nothing is refused.
     assert!(matches!(
-        identities.apply(8, orphan.iter(), &mut ScopeInterner::default()),
+        identities.apply(8, None, orphan.iter(), &mut ScopeInterner::default()),
         Ok(Applied::NeedsSnapshot(why)) if why.contains("does not hold")
     ));
     let deleted = [ChangedEntity::Key {
@@ -268,7 +268,7 @@ fn changes_that_refer_to_nothing_or_delete_ask_for_a_snapshot() {
         key: None,
     }];
     assert!(matches!(
-        identities.apply(8, deleted.iter(), &mut ScopeInterner::default()),
+        identities.apply(8, None, deleted.iter(), &mut ScopeInterner::default()),
         Ok(Applied::NeedsSnapshot(_))
     ));
 }
