@@ -149,11 +149,12 @@ pub fn run(path: PathBuf) -> anyhow::Result<()> {
             .limiter
             .reseed_after(2 * gateway.live().metering.flush_interval + Duration::from_secs(1));
         if let Some(meter) = &gateway.meter {
+            let embedded = matches!(cp.source, FeedSource::Embedded { .. });
             let flusher = Flusher::new(
                 gateway.clone(),
                 Arc::clone(meter),
                 gateway.live().metering.flush_interval,
-                gateway.live().metering.batch_size,
+                gateway.live().metering.batch_size(embedded),
             );
             // What an earlier process left in the spool is stored before requests are counted,
             // so quota counters rebuilt from the ledger include it.
@@ -342,9 +343,13 @@ pub fn replay_rejected(path: &std::path::Path) -> anyhow::Result<ReplayOutcome> 
             }
         };
         let spool_dir = &config.metering.spool_dir;
-        let replayed =
-            crate::metering::replay::replay(spool_dir, ledger.as_ref(), config.metering.batch_size)
-                .await?;
+        let embedded = matches!(control_plane.source, FeedSource::Embedded { .. });
+        let replayed = crate::metering::replay::replay(
+            spool_dir,
+            ledger.as_ref(),
+            config.metering.batch_size(embedded),
+        )
+        .await?;
         println!(
             "{}: {} file(s) stored ({} event(s) new to the ledger, {} it had already), {} kept",
             spool_dir.join("rejected").display(),

@@ -453,9 +453,9 @@ pub struct MeteringConfig {
     /// How often the spool is sent to the usage ledger.
     #[serde(default = "defaults::flush_interval", deserialize_with = "duration")]
     pub flush_interval: Duration,
-    /// Events per batch sent.
-    #[serde(default = "defaults::flush_batch")]
-    pub batch_size: usize,
+    /// Events per batch sent; by default 1000 to a control plane, 5000 into the embedded store.
+    #[serde(default)]
+    pub batch_size: Option<usize>,
 }
 
 impl Default for MeteringConfig {
@@ -465,7 +465,7 @@ impl Default for MeteringConfig {
             spool_dir: defaults::spool_dir(),
             spool_max_bytes: defaults::spool_max_bytes(),
             flush_interval: defaults::flush_interval(),
-            batch_size: defaults::flush_batch(),
+            batch_size: None,
         }
     }
 }
@@ -523,10 +523,6 @@ mod defaults {
 
     pub fn flush_interval() -> Duration {
         Duration::from_secs(1)
-    }
-
-    pub fn flush_batch() -> usize {
-        1000
     }
 
     pub fn redis_timeout() -> Duration {

@@ -173,7 +173,8 @@ impl Sender {
             if torn > 0 {
                 tracing::warn!(segment = %path.display(), torn, "skipped torn usage records (a crash mid-write)");
             }
-            let mut finals = Vec::new();
+            // Most records are final: sized once, not grown (and copied) record by record.
+            let mut finals = Vec::with_capacity(records.len());
             let mut pending = Vec::new();
             for record in records {
                 match record {

@@ -561,7 +561,7 @@ fn route_auth(
 const EMBEDDED_DATABASE: &str = "sqlite://tollgate.db?mode=rwc";
 
 /// Largest batch the control plane takes.
-const MAX_BATCH: usize = 5000;
+const MAX_BATCH: usize = tollgate_control_plane::store::usage::MAX_BATCH;
 
 fn metering(file: &MeteringConfig, base: &Path, errors: &mut Errors) -> Option<Metering> {
     let before = errors.0.len();
@@ -579,7 +579,9 @@ fn metering(file: &MeteringConfig, base: &Path, errors: &mut Errors) -> Option<M
     {
         errors.push("metering.flush_interval", "must be between 100ms and 60s");
     }
-    if !(1..=MAX_BATCH).contains(&file.batch_size) {
+    if let Some(size) = file.batch_size
+        && !(1..=MAX_BATCH).contains(&size)
+    {
         errors.push(
             "metering.batch_size",
             format!("must be between 1 and {MAX_BATCH}"),

@@ -610,6 +610,22 @@ batch_size = 5001
 }
 
 #[test]
+fn a_batch_size_not_configured_depends_on_where_usage_goes() {
+    let checked = |metering: &str| {
+        let (file, parse_errors) = parse(&format!("{SERVER}{metering}")).unwrap();
+        validate(file, parse_errors, Path::new("."))
+            .unwrap()
+            .metering
+    };
+    let default = checked("");
+    assert_eq!(default.batch_size(true), 5000, "into the embedded store");
+    assert_eq!(default.batch_size(false), 1000, "to a control plane");
+    let configured = checked("[metering]\nbatch_size = 200\n");
+    assert_eq!(configured.batch_size(true), 200);
+    assert_eq!(configured.batch_size(false), 200);
+}
+
+#[test]
 fn a_usage_route_needs_auth_and_nothing_else_to_answer_with() {
     let errors = problems(&format!(
         "{SERVER}
