@@ -21,10 +21,8 @@
 //! - [`identity`]: plans, customers and keys from the control plane; API-key checks.
 //! - [`limits`]: rate limits and quotas per customer, and their response headers.
 //! - [`metering`]: usage events, spooled on disk and sent to the usage ledger.
-//! - [`allocator`]: the allocator's settings.
 
 pub mod admin;
-pub mod allocator;
 pub mod config;
 pub mod identity;
 pub mod limits;

@@ -28,7 +28,6 @@ struct Cli {
 }
 
 fn main() -> ExitCode {
-    tollgate_gateway::allocator::keep_freed_memory();
     let cli = Cli::parse();
     if cli.validate {
         return if tollgate_gateway::server::validate(&cli.config) {
