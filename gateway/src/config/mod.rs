@@ -60,13 +60,15 @@ pub struct Metering {
 }
 
 /// Events per batch sent to a control plane's ingest API unless configured: a request body of
-/// about 300 KiB.
+/// about 340 KB of JSON.
 pub const REMOTE_BATCH: usize = 1000;
 /// Events per batch stored into the embedded store unless configured: its largest. One
 /// transaction per 5000 events instead of per 1000 writes a third fewer pages (each commit
-/// rewrites the last page of each index) and wakes the store's thread a fifth as often
-/// (BENCHMARKS.md); the store's one connection is held for about as long as a 1000-event
-/// batch's HTTP request takes.
+/// rewrites the last page of each index) and halves the metered route's context switches
+/// (BENCHMARKS.md, session 19). The price: the store's one SQLite connection is held about 55 ms
+/// per batch of new events (`usage_bench`: 92,000 events/s on an idle machine; a batch partly
+/// stored already, replayed after a crash, takes up to about twice that), where a quota seed's
+/// ledger read, which waits for it, may take 1 s.
 pub const EMBEDDED_BATCH: usize = tollgate_control_plane::store::usage::MAX_BATCH;
 
 impl Metering {
