@@ -67,8 +67,8 @@ pub const REMOTE_BATCH: usize = 1000;
 /// rewrites the last page of each index) and halves the metered route's context switches
 /// (BENCHMARKS.md, session 19). The price: the store's one SQLite connection is held about 55 ms
 /// per batch of new events (`usage_bench`: 92,000 events/s on an idle machine; a batch partly
-/// stored already, replayed after a crash, takes up to about twice that), where a quota seed's
-/// ledger read, which waits for it, may take 1 s.
+/// stored already, replayed after a crash, is inserted, taken back and inserted again, so
+/// longer: not measured), where a quota seed's ledger read, which waits for it, may take 1 s.
 pub const EMBEDDED_BATCH: usize = tollgate_control_plane::store::usage::MAX_BATCH;
 
 impl Metering {
