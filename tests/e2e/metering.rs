@@ -602,6 +602,12 @@ path_prefix = "/whoami"
 upstream = "api"
 auth = "key"
 metered = false
+
+[[routes]]
+name = "me"
+path_prefix = "/me"
+auth = "key"
+usage = true
 "#,
         target = upstream.target()
     ));
@@ -616,10 +622,33 @@ metered = false
         assert_eq!(get(&gateway, "/api/ok", &customer.key).await.status(), 200);
     }
     wait_for_used(&api, &customer.id, 10).await;
+    let view = get(&gateway, "/me", &customer.key).await;
+    assert_eq!(view.status(), 200);
+    assert_eq!(header(&view, "content-type"), "application/json");
 
     // The control plane goes away: requests are still served and their usage waits in the
     // spool, until the spool is full and metered requests are refused.
     control_plane.kill();
+    // The customer's usage view cannot be read: a problem to retry, like every other refusal.
+    let started = Instant::now();
+    let view = loop {
+        let view = get(&gateway, "/me", &customer.key).await;
+        if view.status() != 200 {
+            break view;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "the usage view still answers"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert_eq!(view.status(), 503);
+    assert_eq!(header(&view, "content-type"), "application/problem+json");
+    assert_eq!(header(&view, "retry-after"), "5");
+    assert_eq!(header(&view, "cache-control"), "no-store");
+    let body: Value = view.json().await.unwrap();
+    assert_eq!(body["type"], "urn:tollgate:problem:usage-unavailable");
+    assert_eq!(body["status"], 503);
     let mut served = 10u64;
     let client = client();
     let started = Instant::now();

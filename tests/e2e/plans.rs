@@ -794,6 +794,14 @@ auth = "key"
         ["2", "1", "0", "0"]
     );
     assert!(header(&rate_limited, "retry-after").parse::<u64>().unwrap() >= 1);
+    // A response that will not count shows the quota with its unit given back (the first
+    // request: nothing else counted yet); its window keeps it.
+    assert_eq!(header(&upstream_503, "x-quota-remaining"), "100");
+    assert!(
+        header(&upstream_503, "ratelimit").contains("\"quota\";r=100;"),
+        "{}",
+        header(&upstream_503, "ratelimit")
+    );
     // The 5xx were refunded: only the HEAD counts against the quota, and the refused ones not.
     // A refund is settled in `logging`, just after its response went out, so a request sent at
     // once may not see it yet (a loaded machine widens that moment): further refused requests

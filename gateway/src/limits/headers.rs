@@ -60,8 +60,9 @@ fn item(list: &mut Vec<u8>, window_seconds: Option<u64>, parameters: [(&str, u64
     }
 }
 
-/// Every limit header of `decision`.
-pub fn values(decision: &Decision) -> Vec<(&'static str, HeaderValue)> {
+/// Every limit header of `decision`; `given_back` units of the request are to be refunded (its
+/// response will not count), so the quota is reported as the settlement will leave it.
+pub fn values(decision: &Decision, given_back: u64) -> Vec<(&'static str, HeaderValue)> {
     let mut policy = Vec::with_capacity(96);
     let mut state = Vec::with_capacity(96);
     for window in &decision.windows {
@@ -80,9 +81,11 @@ pub fn values(decision: &Decision) -> Vec<(&'static str, HeaderValue)> {
     }
     let mut values = Vec::with_capacity(8);
     let quota_reset = ceil_seconds(decision.period.end_ms.saturating_sub(decision.at_ms));
-    let quota_remaining = decision
-        .quota
-        .map(|quota| quota.limit.saturating_sub(decision.used));
+    let quota_remaining = decision.quota.map(|quota| {
+        quota
+            .limit
+            .saturating_sub(decision.used.saturating_sub(given_back))
+    });
     if let (Some(quota), Some(remaining)) = (decision.quota, quota_remaining) {
         let period = u64::try_from(decision.period.seconds()).unwrap_or(0);
         item(&mut policy, None, [("q", quota.limit), ("w", period)]);
@@ -127,9 +130,10 @@ pub fn values(decision: &Decision) -> Vec<(&'static str, HeaderValue)> {
     values
 }
 
-/// Sets every limit header of `decision` on a response, replacing any the upstream sent.
-pub fn write(header: &mut ResponseHeader, decision: &Decision) -> Result<()> {
-    for (name, value) in values(decision) {
+/// Sets every limit header of `decision` on a response, replacing any the upstream sent;
+/// `given_back` as in [`values`].
+pub fn write(header: &mut ResponseHeader, decision: &Decision, given_back: u64) -> Result<()> {
+    for (name, value) in values(decision, given_back) {
         // As written here on the wire (Pingora keeps a header's case), without copying the name.
         header.insert_header(Bytes::from_static(name.as_bytes()), value)?;
     }
@@ -180,7 +184,7 @@ mod tests {
 
     #[test]
     fn every_window_and_the_quota_is_a_named_policy() {
-        let values = values(&decision());
+        let values = values(&decision(), 0);
         let get = |name: &str| {
             values
                 .iter()
@@ -205,10 +209,24 @@ mod tests {
     }
 
     #[test]
+    fn a_response_that_will_not_count_reports_the_quota_with_its_unit_given_back() {
+        let values = values(&decision(), 1);
+        assert!(values.contains(&(X_QUOTA_REMAINING, HeaderValue::from_static("8767"))));
+        assert!(values.contains(&(
+            RATELIMIT,
+            HeaderValue::from_static(
+                "\"rate-1s\";r=9;t=2, \"rate-60s\";r=3;t=42, \"quota\";r=8767;t=86401"
+            )
+        )));
+        // The windows keep the request: only the quota unit is given back.
+        assert!(values.contains(&(X_RATELIMIT_REMAINING, HeaderValue::from_static("3"))));
+    }
+
+    #[test]
     fn a_plan_without_a_quota_sends_only_its_windows() {
         let mut windows = decision();
         windows.quota = None;
-        let values = values(&windows);
+        let values = values(&windows, 0);
         let names: Vec<&str> = values.iter().map(|(name, _)| *name).collect();
         assert_eq!(
             names,
@@ -229,7 +247,7 @@ mod tests {
         let mut empty = decision();
         empty.windows.clear();
         empty.quota = None;
-        assert!(values(&empty).is_empty());
+        assert!(values(&empty, 0).is_empty());
     }
 
     #[test]
@@ -240,7 +258,7 @@ mod tests {
             hard: false,
         });
         over.windows.clear();
-        let values = values(&over);
+        let values = values(&over, 0);
         assert!(values.contains(&(X_QUOTA_REMAINING, HeaderValue::from_static("0"))));
         // A soft quota refuses nothing: the older fields do not describe it.
         assert!(!values.iter().any(|(n, _)| *n == X_RATELIMIT_LIMIT));
@@ -255,7 +273,7 @@ mod tests {
             hard: true,
         });
         over.windows.clear();
-        let values = values(&over);
+        let values = values(&over, 0);
         for (name, value) in [
             (X_RATELIMIT_LIMIT, "100"),
             (X_RATELIMIT_REMAINING, "0"),

@@ -53,7 +53,7 @@ pub async fn admit(gateway: &Gateway, ctx: &mut RequestCtx) -> Option<GatewayPro
 
 /// Whether a response with `status` counts: not when the gateway answered for an upstream that
 /// failed, nor (unless turned off) when the upstream answered with a 5xx.
-fn counts(status: u16, ctx: &RequestCtx) -> bool {
+pub(super) fn counts(status: u16, ctx: &RequestCtx) -> bool {
     let refunded_5xx = status >= 500 && ctx.live.metering.refund_upstream_5xx;
     !(ctx.proxy_failed || refunded_5xx)
 }

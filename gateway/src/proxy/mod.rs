@@ -189,18 +189,19 @@ impl ProxyHttp for Proxy {
                 Ok(true)
             }
             RouteAction::Usage => {
-                let body = usage::view(&self.gateway, ctx).await;
-                let headers = [(
-                    http::header::CONTENT_TYPE,
-                    HeaderValue::from_static("application/json"),
-                )];
-                let status = if body.is_some() { 200 } else { 503 };
-                let body = body.unwrap_or_else(|| {
-                    GatewayProblem::UsageUnavailable
-                        .to_problem(&ctx.request_id)
-                        .to_json()
-                });
-                respond::write(session, ctx, status, &headers, Bytes::from(body)).await?;
+                match usage::view(&self.gateway, ctx).await {
+                    Some(body) => {
+                        let headers = [(
+                            http::header::CONTENT_TYPE,
+                            HeaderValue::from_static("application/json"),
+                        )];
+                        respond::write(session, ctx, 200, &headers, Bytes::from(body)).await?;
+                    }
+                    None => {
+                        let problem = GatewayProblem::UsageUnavailable;
+                        respond::problem(session, ctx, &problem).await?;
+                    }
+                }
                 Ok(true)
             }
             RouteAction::Proxy(_) => Ok(false),

@@ -22,7 +22,13 @@ static CONTENT_SECURITY_POLICY: HeaderName = http::header::CONTENT_SECURITY_POLI
 pub fn decorate(header: &mut ResponseHeader, ctx: &RequestCtx, generated: bool) -> Result<()> {
     header.insert_header(request_id::HEADER, ctx.request_id.as_str())?;
     if let Some(decision) = &ctx.limit {
-        crate::limits::headers::write(header, decision)?;
+        // A response that will not count (the gateway's answer for a failed upstream, a refunded
+        // upstream 5xx) shows the quota as its settlement in `logging` leaves it.
+        let given_back = decision
+            .reservation
+            .filter(|_| !super::meter::counts(header.status.as_u16(), ctx))
+            .map_or(0, |reservation| reservation.units);
+        crate::limits::headers::write(header, decision, given_back)?;
     }
     let security = ctx.security_headers();
     add_security_headers(header, security, ctx.tls, generated)
@@ -108,10 +114,9 @@ pub async fn problem(
         GatewayProblem::NoHealthyTarget => {
             headers.push((http::header::RETRY_AFTER, HeaderValue::from_static("1")));
         }
-        GatewayProblem::MeteringUnavailable => {
-            headers.push((http::header::RETRY_AFTER, HeaderValue::from_static("5")));
-        }
-        GatewayProblem::Refused(Refusal::Unavailable) => {
+        GatewayProblem::MeteringUnavailable
+        | GatewayProblem::UsageUnavailable
+        | GatewayProblem::Refused(Refusal::Unavailable) => {
             headers.push((http::header::RETRY_AFTER, HeaderValue::from_static("5")));
         }
         GatewayProblem::Refused(refusal) if problem.status() == 401 => {
