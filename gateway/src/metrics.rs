@@ -93,6 +93,8 @@ pub const USAGE_EVENTS_STORED_TOTAL: &str = "tollgate_usage_events_stored_total"
 pub const USAGE_EVENTS_RECOVERED_TOTAL: &str = "tollgate_usage_events_recovered_total";
 /// Usage events the ledger refused for good, set aside in the spool's `rejected/` directory.
 pub const USAGE_EVENTS_REJECTED_TOTAL: &str = "tollgate_usage_events_rejected_total";
+/// Batches of usage events the ledger stored.
+pub const USAGE_BATCHES_STORED_TOTAL: &str = "tollgate_usage_batches_stored_total";
 /// Batches the ledger did not accept.
 pub const USAGE_SEND_FAILURES_TOTAL: &str = "tollgate_usage_send_failures_total";
 /// Usage records the disk refused to write.

@@ -375,6 +375,49 @@ async fn post_after_continue(
     (gateway, api, customer, response)
 }
 
+/// In standalone mode the flusher stores up to 5000 events per transaction into the embedded
+/// store (a control plane's ingest takes 1000 per request): 2,500 requests sent well within one
+/// flush interval reach the ledger in one or two batches (two when a segment closed while they
+/// were sent), where batches of 1000 would take at least three.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_standalone_gateway_stores_up_to_5000_events_per_batch() {
+    let upstream = Upstream::start("api");
+    let text = standalone_config(&upstream, "")
+        .replace("flush_interval = \"200ms\"", "flush_interval = \"10s\"");
+    let (gateway, api) = standalone(&text).await;
+    let customer = customer_on(&api, json!({})).await;
+    gateway.wait_for_keys(1).await;
+    let client = client();
+    for _ in 0..100 {
+        let responses = join_all((0..25).map(|_| {
+            client
+                .get(gateway.url("/api/batched"))
+                .bearer_auth(&customer.key)
+                .send()
+        }))
+        .await;
+        for response in responses {
+            assert_eq!(response.unwrap().status(), 200);
+        }
+    }
+    let inserted = r#"tollgate_usage_events_stored_total{result="inserted"}"#;
+    let started = Instant::now();
+    while gateway.metric(inserted).await != Some(2500.0) {
+        assert!(
+            started.elapsed() < Duration::from_secs(40),
+            "stored: {:?}",
+            gateway.metric(inserted).await
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let batches = gateway
+        .metric("tollgate_usage_batches_stored_total")
+        .await
+        .unwrap();
+    assert!((1.0..=2.0).contains(&batches), "{batches} batches");
+    wait_for_used(&api, &customer.id, 2500).await;
+}
+
 /// A `100 Continue` on the way is not the response: the request is stored and settled by its
 /// final status (here an upstream 503: stored, its unit refunded, counted as an error).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

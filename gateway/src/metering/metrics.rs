@@ -3,10 +3,10 @@
 use prometheus::{IntCounter, IntCounterVec, IntGauge, Opts};
 
 use crate::metrics::{
-    Metrics, USAGE_EVENTS_RECOVERED_TOTAL, USAGE_EVENTS_REJECTED_TOTAL, USAGE_EVENTS_SPOOLED_TOTAL,
-    USAGE_EVENTS_STORED_TOTAL, USAGE_SEND_FAILURES_TOTAL, USAGE_SPOOL_BYTES,
-    USAGE_SPOOL_ERRORS_TOTAL, USAGE_SPOOL_FULL_REFUSALS_TOTAL, USAGE_SPOOL_MAX_BYTES,
-    USAGE_VIEW_READS_TOTAL,
+    Metrics, USAGE_BATCHES_STORED_TOTAL, USAGE_EVENTS_RECOVERED_TOTAL, USAGE_EVENTS_REJECTED_TOTAL,
+    USAGE_EVENTS_SPOOLED_TOTAL, USAGE_EVENTS_STORED_TOTAL, USAGE_SEND_FAILURES_TOTAL,
+    USAGE_SPOOL_BYTES, USAGE_SPOOL_ERRORS_TOTAL, USAGE_SPOOL_FULL_REFUSALS_TOTAL,
+    USAGE_SPOOL_MAX_BYTES, USAGE_VIEW_READS_TOTAL,
 };
 
 /// Handles of the metering metrics.
@@ -19,6 +19,7 @@ pub struct MeteringMetrics {
     rejected: IntCounter,
     inserted: IntCounter,
     duplicates: IntCounter,
+    batches: IntCounter,
     send_failures: IntCounter,
     spool_errors: IntCounter,
     full_refusals: IntCounter,
@@ -52,6 +53,10 @@ impl MeteringMetrics {
             ),
             &["result"],
         )?;
+        let batches = IntCounter::new(
+            USAGE_BATCHES_STORED_TOTAL,
+            "Batches of usage events the ledger stored (events stored per batch: the batch size in effect).",
+        )?;
         let send_failures = IntCounter::new(
             USAGE_SEND_FAILURES_TOTAL,
             "Batches the ledger did not accept (they stay in the spool and are sent again).",
@@ -75,6 +80,7 @@ impl MeteringMetrics {
             &spooled,
             &recovered,
             &rejected,
+            &batches,
             &send_failures,
             &spool_errors,
             &full_refusals,
@@ -91,6 +97,7 @@ impl MeteringMetrics {
             rejected,
             inserted: stored.with_label_values(&["inserted"]),
             duplicates: stored.with_label_values(&["duplicate"]),
+            batches,
             send_failures,
             spool_errors,
             full_refusals,
@@ -127,6 +134,7 @@ impl MeteringMetrics {
 
     /// Counts a batch stored.
     pub fn sent(&self, inserted: u64, duplicates: u64) {
+        self.batches.inc();
         self.inserted.inc_by(inserted);
         self.duplicates.inc_by(duplicates);
     }
