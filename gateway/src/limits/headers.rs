@@ -220,6 +220,13 @@ mod tests {
         )));
         // The windows keep the request: only the quota unit is given back.
         assert!(values.contains(&(X_RATELIMIT_REMAINING, HeaderValue::from_static("3"))));
+
+        // A plan whose only limit is a hard quota: the older fields describe it, given back too.
+        let mut quota_only = decision();
+        quota_only.windows.clear();
+        let values = super::values(&quota_only, 1);
+        assert!(values.contains(&(X_RATELIMIT_REMAINING, HeaderValue::from_static("8767"))));
+        assert!(values.contains(&(X_QUOTA_REMAINING, HeaderValue::from_static("8767"))));
     }
 
     #[test]

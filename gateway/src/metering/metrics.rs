@@ -55,7 +55,7 @@ impl MeteringMetrics {
         )?;
         let batches = IntCounter::new(
             USAGE_BATCHES_STORED_TOTAL,
-            "Batches of usage events the ledger stored (events stored per batch: the batch size in effect).",
+            "Batches of usage events the ledger stored, each of at most batch_size events (a closed spool segment's events, cut to that size).",
         )?;
         let send_failures = IntCounter::new(
             USAGE_SEND_FAILURES_TOTAL,

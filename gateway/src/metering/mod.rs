@@ -29,7 +29,7 @@ pub mod spool;
 use std::sync::Arc;
 
 use metrics::MeteringMetrics;
-use record::{Kind, Measures, Usage};
+use record::{Kind, Measures, Record, Usage};
 use spool::{Place, Spool};
 
 /// The spool and its metrics: what the request path writes usage through.
@@ -52,6 +52,7 @@ impl Meter {
             line,
             measures,
             place,
+            answered: None,
         }
     }
 
@@ -60,6 +61,11 @@ impl Meter {
     /// request reaches the flusher), else appended (the flusher then settles the pending record
     /// in an earlier segment with it; or the pending record could not be written at all).
     pub fn write_final(&self, written: &Written, latency_us: u64, bytes_in: u64, bytes_out: u64) {
+        if let Some(status) = written.answered
+            && self.write_answered(written, status, latency_us, bytes_in, bytes_out)
+        {
+            return;
+        }
         let finish = |line: &mut [u8]| {
             record::finish_in_place(line, written.measures, latency_us, bytes_in, bytes_out);
         };
@@ -75,6 +81,40 @@ impl Meter {
         if self.append(&line).is_some() {
             self.metrics.spooled();
         }
+    }
+
+    /// The final record of a request the gateway answered itself with `status` after the
+    /// upstream's response header was recorded, before that header went out: appended (it
+    /// settles the pending record of its id wherever that lies) with the gateway's status and
+    /// no units. `false` when the pending line cannot be read back, which cannot happen for a
+    /// line this process encoded; the request then counts as recorded.
+    fn write_answered(
+        &self,
+        written: &Written,
+        status: u16,
+        latency_us: u64,
+        bytes_in: u64,
+        bytes_out: u64,
+    ) -> bool {
+        let line = written.line.strip_suffix(b"\n").unwrap_or(&written.line);
+        let Some(Record::Pending(pending)) = record::decode(line) else {
+            return false;
+        };
+        let Some(mut event) = pending.event() else {
+            return false;
+        };
+        event.status = status;
+        event.units = 0;
+        event.overage = 0;
+        event.latency_us = latency_us;
+        event.bytes_in = bytes_in;
+        event.bytes_out = bytes_out;
+        let mut line = Vec::with_capacity(written.line.len());
+        record::encode(Kind::Final, &Usage::of(&event), &mut line);
+        if self.append(&line).is_some() {
+            self.metrics.spooled();
+        }
+        true
     }
 
     /// Appends a record; where it went, or `None` when the disk refused it, which is logged
@@ -110,6 +150,19 @@ pub struct Written {
     measures: Measures,
     /// Where the pending record went; `None` when the disk refused it.
     place: Option<Place>,
+    /// The status the gateway answered with instead of the recorded upstream header's, which
+    /// never went out.
+    answered: Option<u16>,
+}
+
+impl Written {
+    /// The gateway answered `status` for a failed upstream after the upstream's response header
+    /// was recorded but before it went out: the client got the gateway's answer, so the request
+    /// does not count, and its final record says so.
+    pub fn answered_instead(&mut self, status: u16) {
+        self.answered = Some(status);
+        self.units = 0;
+    }
 }
 
 #[cfg(test)]
@@ -196,6 +249,28 @@ mod tests {
         };
         assert!(matches!(earlier.as_slice(), [Record::Pending(p)] if p.id == event(1).id));
         assert_eq!(later, &[Record::Final(finished(event(1)))]);
+    }
+
+    #[test]
+    fn a_request_the_gateway_answered_after_its_header_was_recorded_counts_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let meter = meter(dir.path());
+        let mut written = meter.append_pending(&Usage::of(&event(1)));
+        written.answered_instead(504);
+        assert_eq!(written.units, 0);
+        meter.write_final(&written, 900, 4, 17);
+        let mut answered = finished(event(1));
+        answered.status = 504;
+        answered.units = 0;
+        // The pending record stays as it was; the final one after it settles it.
+        let segments = closed(&meter);
+        let [records] = segments.as_slice() else {
+            panic!("one segment: {segments:?}");
+        };
+        assert!(
+            matches!(records.as_slice(), [Record::Pending(p), Record::Final(e)] if p.id == event(1).id && *e == answered),
+            "{records:?}"
+        );
     }
 
     #[test]

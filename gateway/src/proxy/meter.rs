@@ -53,7 +53,7 @@ pub async fn admit(gateway: &Gateway, ctx: &mut RequestCtx) -> Option<GatewayPro
 
 /// Whether a response with `status` counts: not when the gateway answered for an upstream that
 /// failed, nor (unless turned off) when the upstream answered with a 5xx.
-pub(super) fn counts(status: u16, ctx: &RequestCtx) -> bool {
+fn counts(status: u16, ctx: &RequestCtx) -> bool {
     let refunded_5xx = status >= 500 && ctx.live.metering.refund_upstream_5xx;
     !(ctx.proxy_failed || refunded_5xx)
 }
@@ -120,23 +120,41 @@ pub async fn settle(gateway: &Gateway, session: &Session, ctx: &mut RequestCtx) 
     let Some((caller, _)) = &ctx.caller else {
         return;
     };
-    let refund = match ctx
+    if let Some((metered, written)) = ctx
         .metered
         .as_ref()
         .and_then(|m| Some((m, m.written.as_ref()?)))
     {
-        None => true,
-        Some((metered, written)) => {
-            metered.meter.write_final(
-                written,
-                latency_us(ctx),
-                session.body_bytes_read() as u64,
-                session.body_bytes_sent() as u64,
-            );
-            written.units == 0
-        }
-    };
-    if refund {
+        metered.meter.write_final(
+            written,
+            latency_us(ctx),
+            session.body_bytes_read() as u64,
+            session.body_bytes_sent() as u64,
+        );
+    }
+    if given_back(ctx) > 0 {
         gateway.limiter.refund(&caller.customer, &reservation).await;
+    }
+}
+
+/// The units of the request's reservation its settlement gives back: all of them when no usage
+/// record counts it (none was written: no response reached the client; or the one written
+/// counts nothing), else none. The limit headers report the quota with these given back.
+pub fn given_back(ctx: &RequestCtx) -> u64 {
+    let Some(reservation) = ctx.limit.as_ref().and_then(|d| d.reservation) else {
+        return 0;
+    };
+    match ctx.metered.as_ref().and_then(|m| m.written.as_ref()) {
+        Some(written) if written.units > 0 => 0,
+        _ => reservation.units,
+    }
+}
+
+/// The gateway answers `status` for a failed upstream after the upstream's response header was
+/// recorded (in `response_filter`) but before it went out to the client: the request does not
+/// count, and its usage record says what the client got.
+pub fn answered_instead(ctx: &mut RequestCtx, status: u16) {
+    if let Some(written) = ctx.metered.as_mut().and_then(|m| m.written.as_mut()) {
+        written.answered_instead(status);
     }
 }

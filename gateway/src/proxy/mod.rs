@@ -425,6 +425,9 @@ impl ProxyHttp for Proxy {
                 // Pingora closes the client connection after a failed proxy attempt; say so, or
                 // a client may send its next request on a connection that is going away.
                 session.set_keepalive(None);
+                // An upstream header already recorded (filtered, then its body failed before
+                // either went out) is not what the client gets.
+                meter::answered_instead(ctx, problem.status());
                 if let Err(error) = respond::problem(session, ctx, &problem).await {
                     tracing::debug!(request_id = %ctx.request_id, %error, "cannot write the error response");
                 }

@@ -23,11 +23,9 @@ pub fn decorate(header: &mut ResponseHeader, ctx: &RequestCtx, generated: bool) 
     header.insert_header(request_id::HEADER, ctx.request_id.as_str())?;
     if let Some(decision) = &ctx.limit {
         // A response that will not count (the gateway's answer for a failed upstream, a refunded
-        // upstream 5xx) shows the quota as its settlement in `logging` leaves it.
-        let given_back = decision
-            .reservation
-            .filter(|_| !super::meter::counts(header.status.as_u16(), ctx))
-            .map_or(0, |reservation| reservation.units);
+        // upstream 5xx) shows the quota as its settlement in `logging` leaves it. Its usage
+        // record is written by now (before this call on every path), and says so.
+        let given_back = super::meter::given_back(ctx);
         crate::limits::headers::write(header, decision, given_back)?;
     }
     let security = ctx.security_headers();
