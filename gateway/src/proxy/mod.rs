@@ -189,19 +189,7 @@ impl ProxyHttp for Proxy {
                 Ok(true)
             }
             RouteAction::Usage => {
-                match usage::view(&self.gateway, ctx).await {
-                    Some(body) => {
-                        let headers = [(
-                            http::header::CONTENT_TYPE,
-                            HeaderValue::from_static("application/json"),
-                        )];
-                        respond::write(session, ctx, 200, &headers, Bytes::from(body)).await?;
-                    }
-                    None => {
-                        let problem = GatewayProblem::UsageUnavailable;
-                        respond::problem(session, ctx, &problem).await?;
-                    }
-                }
+                usage::answer(&self.gateway, session, ctx).await?;
                 Ok(true)
             }
             RouteAction::Proxy(_) => Ok(false),

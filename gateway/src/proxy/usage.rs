@@ -10,10 +10,16 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
+use bytes::Bytes;
+use http::HeaderValue;
+use http::header::CONTENT_TYPE;
+use pingora::Result;
+use pingora::proxy::Session;
 use serde_json::json;
 use tokio::sync::OnceCell;
 
-use super::RequestCtx;
+use super::problem::GatewayProblem;
+use super::{RequestCtx, respond};
 use crate::identity::index::{Id, format_id};
 use crate::limits::{SEED_TIMEOUT, period};
 use crate::state::Gateway;
@@ -53,8 +59,20 @@ impl UsageViews {
     }
 }
 
+/// Answers a usage view: the JSON body, or a 503 `usage-unavailable` problem when the ledger
+/// cannot be read.
+pub async fn answer(gateway: &Gateway, session: &mut Session, ctx: &mut RequestCtx) -> Result<()> {
+    match view(gateway, ctx).await {
+        Some(body) => {
+            let headers = [(CONTENT_TYPE, HeaderValue::from_static("application/json"))];
+            respond::write(session, ctx, 200, &headers, Bytes::from(body)).await
+        }
+        None => respond::problem(session, ctx, &GatewayProblem::UsageUnavailable).await,
+    }
+}
+
 /// The JSON body, or `None` when the ledger cannot be read.
-pub async fn view(gateway: &Gateway, ctx: &RequestCtx) -> Option<Vec<u8>> {
+async fn view(gateway: &Gateway, ctx: &RequestCtx) -> Option<Vec<u8>> {
     let (caller, _) = ctx.caller.as_ref()?;
     let ledger = gateway.limiter.ledger()?;
     let period = period::current(caller.billing_period, gateway.limiter.now_ms());
