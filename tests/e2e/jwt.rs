@@ -53,6 +53,17 @@ fn hmac(claims: &Value) -> String {
     )
 }
 
+/// An RS256 token naming `kid`, signed with the fixture's RSA key.
+fn rsa_named(kid: Option<&str>, claims: &Value) -> String {
+    let pem = std::fs::read(format!("{FIXTURES}/rsa-private.pem")).unwrap();
+    sign(
+        Algorithm::RS256,
+        kid,
+        claims,
+        &EncodingKey::from_rsa_pem(&pem).unwrap(),
+    )
+}
+
 fn rsa(alg: Algorithm, claims: &Value) -> String {
     let pem = std::fs::read(format!("{FIXTURES}/rsa-private.pem")).unwrap();
     sign(alg, None, claims, &EncodingKey::from_rsa_pem(&pem).unwrap())
@@ -402,6 +413,10 @@ async fn public_key_tokens(backend: Backend) {
     );
     let (status, kind, _) = status_and_type(&gateway, "/rs", &forged).await;
     assert_eq!((status, kind.as_str()), (401, "invalid-token"));
+    // The provider's key has no kid in the config: it checks a token naming any kid.
+    let named = rsa_named(Some("idp-key-2026"), &claims(&customer, |_| {}));
+    let (status, _, body) = status_and_type(&gateway, "/rs", &named).await;
+    assert_eq!(status, 200, "{body}");
     // The other audience of the provider is accepted.
     let other = rsa(
         Algorithm::RS256,
@@ -565,6 +580,26 @@ fn generated(
     }
 }
 
+/// A provider whose only key, the fixture's RSA key, is named `rsa-1`.
+const NAMED_RS: &str = r#"
+[[jwt_providers]]
+name = "named"
+issuer = "https://idp.example.test/"
+audiences = ["https://api.example.test"]
+algorithms = ["RS256"]
+public_keys = [{ file = "rsa-public.pem", kid = "rsa-1" }]
+customer_claim = "customer_id"
+"#;
+
+const NAMED_RS_ROUTE: &str = r#"
+[[routes]]
+name = "named"
+path_prefix = "/named"
+upstream = "api"
+auth = "jwt"
+jwt_provider = "named"
+"#;
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn jwks_keys_are_fetched_in_the_background_and_an_unknown_kid_refreshes_them_at_most_once_per_interval()
  {
@@ -708,7 +743,7 @@ secret_env = "TEST_WEAK_SECRET"
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_jwks_of_one_key_without_a_kid_checks_tokens_that_name_none() {
+async fn a_jwks_key_without_a_kid_checks_tokens_that_name_none_or_an_unknown_one() {
     let (ed, mut only) = generated(&rcgen::PKCS_ED25519, "unused", "EdDSA");
     only.as_object_mut().unwrap().remove("kid");
     let (_, other) = generated(&rcgen::PKCS_ED25519, "k2", "EdDSA");
@@ -735,15 +770,28 @@ async fn a_jwks_of_one_key_without_a_kid_checks_tokens_that_name_none() {
         );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    // A token naming a key id the document does not have is refused, even by its only key.
+    // A token naming a key id no key of the document has is checked with its key without one
+    // (as many identity providers name a key in every token), and must verify with it.
     let named = sign(
         Algorithm::EdDSA,
         Some("k1"),
         &claims(&customer, |_| {}),
         &ed,
     );
-    let (status, kind, _) = status_and_type(&gateway, "/ed", &named).await;
-    assert_eq!((status, kind.as_str()), (401, "invalid-token"));
+    assert_eq!(status_and_type(&gateway, "/ed", &named).await.0, 200);
+    let (other_key, _) = generated(&rcgen::PKCS_ED25519, "unused", "EdDSA");
+    let forged = sign(
+        Algorithm::EdDSA,
+        Some("k1"),
+        &claims(&customer, |_| {}),
+        &other_key,
+    );
+    let (status, kind, body) = status_and_type(&gateway, "/ed", &forged).await;
+    assert_eq!((status, kind.as_str()), (401, "invalid-token"), "{body}");
+    assert!(
+        body["detail"].as_str().unwrap().contains("signature"),
+        "{body}"
+    );
 }
 
 /// Failed-authentication throttling counts tokens that may be forged (their signature does not
@@ -753,8 +801,14 @@ async fn a_jwks_of_one_key_without_a_kid_checks_tokens_that_name_none() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn only_tokens_whose_signature_fails_count_toward_the_failed_authentication_limit() {
     let upstream = Upstream::start("api");
-    let (gateway, _api, customer, _plan, _) =
-        gateway_on(Backend::Embedded, &upstream, HS_AND_RS, "", 3).await;
+    let (gateway, _api, customer, _plan, _) = gateway_on(
+        Backend::Embedded,
+        &upstream,
+        &format!("{HS_AND_RS}\n{NAMED_RS}"),
+        NAMED_RS_ROUTE,
+        3,
+    )
+    .await;
 
     let wrong_audience = hmac(&claims(&customer, |c| {
         c["aud"] = json!("https://else.test")
@@ -767,16 +821,10 @@ async fn only_tokens_whose_signature_fails_count_toward_the_failed_authenticatio
         assert_eq!((status, kind.as_str()), (401, "expired-token"), "{body}");
     }
     // Nor tokens naming a signing key the provider does not hold (yet: a provider that has
-    // just rotated its keys); nothing was verified.
-    let pem = std::fs::read(format!("{FIXTURES}/rsa-private.pem")).unwrap();
-    let unknown_kid = sign(
-        Algorithm::RS256,
-        Some("rotated-since"),
-        &claims(&customer, |_| {}),
-        &EncodingKey::from_rsa_pem(&pem).unwrap(),
-    );
+    // just rotated its keys) when every key it has is named; nothing was verified.
+    let unknown_kid = rsa_named(Some("rotated-since"), &claims(&customer, |_| {}));
     for _ in 0..5 {
-        let (status, kind, body) = status_and_type(&gateway, "/rs", &unknown_kid).await;
+        let (status, kind, body) = status_and_type(&gateway, "/named", &unknown_kid).await;
         assert_eq!((status, kind.as_str()), (401, "invalid-token"), "{body}");
         assert!(
             body["detail"].as_str().unwrap().contains("unknown key id"),
@@ -792,10 +840,17 @@ async fn only_tokens_whose_signature_fails_count_toward_the_failed_authenticatio
         &claims(&customer, |_| {}),
         &EncodingKey::from_secret(b"another-secret-of-more-than-32-bytes!!"),
     );
-    for _ in 0..3 {
+    for _ in 0..2 {
         let (status, kind, body) = status_and_type(&gateway, "/hs", &forged).await;
         assert_eq!((status, kind.as_str()), (401, "invalid-token"), "{body}");
     }
+    // A made-up kid buys no unthrottled checks: `/rs`'s key has no kid, so it checks the token,
+    // and its signature (altered here) fails.
+    let mut altered = rsa_named(Some("made-up"), &claims(&customer, |_| {}));
+    let last = altered.pop().unwrap();
+    altered.push(if last == 'A' { 'B' } else { 'A' });
+    let (status, kind, body) = status_and_type(&gateway, "/rs", &altered).await;
+    assert_eq!((status, kind.as_str()), (401, "invalid-token"), "{body}");
     let (status, kind, _) = status_and_type(&gateway, "/hs", &valid).await;
     assert_eq!(
         (status, kind.as_str()),

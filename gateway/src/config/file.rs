@@ -375,7 +375,8 @@ pub struct JwtProviderConfig {
 /// A static public key of a JWT provider.
 #[derive(Debug, Clone, Deserialize)]
 pub struct PublicKeyConfig {
-    /// The `kid` tokens name it by; may be left out when it is the only key.
+    /// The `kid` tokens name it by; may be left out when it is the only key, which then checks
+    /// tokens naming no `kid` or one no key is named by.
     pub kid: Option<String>,
     /// PEM file of the public key.
     pub file: String,

@@ -1,6 +1,6 @@
 //! JWT verification: the token's algorithm must be one the provider lists (all of one family,
 //! so an HMAC token is never checked against a public key), its signature must verify with the
-//! provider's key named by `kid`, and `exp` (required), `nbf`, `iss` and `aud` must hold within the
+//! provider's key named by `kid` (or its only key without one), and `exp` (required), `nbf`, `iss` and `aud` must hold within the
 //! leeway. `alg: none` is never accepted.
 //!
 //! JWKS keys are fetched and refreshed in the background ([`JwksRefresher`]). A token naming an
@@ -160,28 +160,32 @@ impl Verifier {
             return Err(Refusal::InvalidToken("algorithm not accepted"));
         }
         let jwks_keys;
-        let key = match &self.keys {
-            Keys::Secret(key) => key,
+        let (key, named) = match &self.keys {
+            Keys::Secret(key) => (key, true),
             Keys::Static(keys) => pick(
                 keys.iter().map(|(kid, key)| (kid.as_deref(), key)),
                 header.kid.as_deref(),
             )?,
             Keys::Jwks(jwks) => {
                 jwks_keys = jwks.keys.load();
-                match pick(
+                pick(
                     jwks_keys.iter().map(|(kid, key)| (kid.as_deref(), key)),
                     header.kid.as_deref(),
-                ) {
-                    Ok(key) => key,
-                    Err(refusal) => {
-                        jwks.ask_for_refresh();
-                        return Err(refusal);
-                    }
-                }
+                )
+                .inspect_err(|_| jwks.ask_for_refresh())?
             }
         };
         let data = jsonwebtoken::decode::<Map<String, Value>>(token, key, &self.validation)
             .map_err(|error| match error.kind() {
+                ErrorKind::InvalidSignature if !named => {
+                    // A key without a kid tried for a token naming another: the key it names may
+                    // be one a JWKS has gained since. Still counted as a failed authentication
+                    // (a signature was checked and failed), so a made-up kid buys no free checks.
+                    if let Keys::Jwks(jwks) = &self.keys {
+                        jwks.ask_for_refresh();
+                    }
+                    Refusal::InvalidToken("signature does not verify with the key without a kid")
+                }
                 ErrorKind::ExpiredSignature => Refusal::ExpiredToken,
                 ErrorKind::ImmatureSignature => Refusal::InvalidClaims("not valid yet (nbf)"),
                 ErrorKind::InvalidIssuer => Refusal::InvalidClaims("issuer not accepted"),
@@ -208,20 +212,29 @@ impl Verifier {
     }
 }
 
-/// The key named `kid`, or the only key when the token names none.
+/// The key a token is checked with, and whether the token named it: the key named `kid`; for a
+/// `kid` no key is named by, the only key without one (as Envoy does, since many identity
+/// providers name a key in every token while a key configured by hand often has no name); for a
+/// token naming none, the only key.
 fn pick<'a>(
-    mut keys: impl Iterator<Item = (Option<&'a str>, &'a DecodingKey)> + Clone,
+    keys: impl Iterator<Item = (Option<&'a str>, &'a DecodingKey)> + Clone,
     kid: Option<&str>,
-) -> Result<&'a DecodingKey, Refusal> {
+) -> Result<(&'a DecodingKey, bool), Refusal> {
     match kid {
-        Some(kid) => keys
-            .find(|(candidate, _)| *candidate == Some(kid))
-            .map(|(_, key)| key)
-            .ok_or(Refusal::UnknownSigningKey("unknown key id (kid)")),
+        Some(kid) => {
+            if let Some((_, key)) = keys.clone().find(|(candidate, _)| *candidate == Some(kid)) {
+                return Ok((key, true));
+            }
+            let mut unnamed = keys.filter(|(candidate, _)| candidate.is_none());
+            match (unnamed.next(), unnamed.next()) {
+                (Some((_, key)), None) => Ok((key, false)),
+                _ => Err(Refusal::UnknownSigningKey("unknown key id (kid)")),
+            }
+        }
         None => {
-            let first = keys.next();
-            match (first, keys.next()) {
-                (Some((_, key)), None) => Ok(key),
+            let mut keys = keys;
+            match (keys.next(), keys.next()) {
+                (Some((_, key)), None) => Ok((key, true)),
                 _ => Err(Refusal::UnknownSigningKey(
                     "the token names no key id (kid)",
                 )),
