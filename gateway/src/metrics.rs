@@ -60,7 +60,7 @@ pub const AUTH_RESULTS: [&str; 13] = [
 /// Authentication decisions by result (`ok`, or why the credential was refused, or `throttled`).
 pub const AUTH_DECISIONS_TOTAL: &str = "tollgate_auth_decisions_total";
 
-/// Rate-limit and quota decisions, by result (`allowed`, `rate_limited`, `quota_exceeded`) and
+/// Rate-limit and quota decisions, by result (`allowed`, `rate-limited`, `quota-exceeded`) and
 /// by where they were counted (`local`, `redis`, `fallback`: locally because Redis failed, or
 /// `batched`: locally for a plan without limits, added to Redis in batches).
 pub const LIMIT_DECISIONS_TOTAL: &str = "tollgate_limit_decisions_total";

@@ -218,7 +218,7 @@ async fn exactly_20_of_25_sequential_requests_pass_and_the_headers_count_down() 
     assert_eq!(
         setup
             .gateway
-            .metric("tollgate_limit_decisions_total{counted=\"local\",result=\"rate_limited\"}")
+            .metric("tollgate_limit_decisions_total{counted=\"local\",result=\"rate-limited\"}")
             .await,
         Some(5.0)
     );
@@ -820,4 +820,47 @@ auth = "key"
         policy.contains("\"rate-3600s\";q=3;w=3600") && policy.contains("\"quota\";q=100;w="),
         "{policy}"
     );
+}
+
+/// On a metered route the limit headers are the gateway's: an upstream's own are replaced, and
+/// those the plan has no figure for (here the quota's) are removed, not passed on beside them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_upstreams_own_limit_headers_give_way_to_the_plans() {
+    let upstream = Upstream::start("api");
+    let setup = customer_on(
+        &upstream,
+        r#"
+[[routes]]
+name = "limited"
+path_prefix = "/own-limit-headers"
+upstream = "api"
+auth = "key"
+"#,
+        json!({"rate_limits": [{"requests": 5, "window_seconds": 60}]}),
+    )
+    .await;
+    let response = client()
+        .get(setup.gateway.url("/own-limit-headers"))
+        .bearer_auth(&setup.key)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    assert_eq!(header(&response, "x-ratelimit-limit"), "5");
+    assert_eq!(header(&response, "x-ratelimit-remaining"), "4");
+    assert!(
+        header(&response, "ratelimit").starts_with("\"rate-60s\";r=4;t="),
+        "{}",
+        header(&response, "ratelimit")
+    );
+    for name in ["x-quota-limit", "x-quota-remaining", "x-quota-reset"] {
+        assert_eq!(header(&response, name), "", "{name}: the plan has no quota");
+    }
+    for name in tollgate_tests::upstream::LIMIT_HEADERS {
+        assert_eq!(
+            response.headers().get_all(name).iter().count(),
+            usize::from(!name.starts_with("x-quota")),
+            "{name}"
+        );
+    }
 }

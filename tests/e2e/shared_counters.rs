@@ -858,7 +858,7 @@ async fn a_window_redis_had_filled_stays_full_when_counting_falls_back_to_the_ga
     assert_eq!(frozen, vec![(429, "0".to_owned()); 5]);
     assert_eq!(
         gateway
-            .metric(r#"tollgate_limit_decisions_total{counted="fallback",result="rate_limited"}"#)
+            .metric(r#"tollgate_limit_decisions_total{counted="fallback",result="rate-limited"}"#)
             .await,
         Some(5.0)
     );

@@ -8,6 +8,7 @@
 //! - `/stream`: sends `first\n`, then `last\n` once the test calls `release()`.
 //! - `/status/{code}`: answers with that status.
 //! - `/ws`: a WebSocket echo.
+//! - `/own-limit-headers`: 200 with limit headers of its own (each of the gateway's eight, `42`).
 //! - anything else: a JSON echo of the request (upstream name, method, path with query,
 //!   headers, body length).
 
@@ -158,6 +159,7 @@ fn router(shared: Arc<Shared>) -> Router {
         .route("/stream", any(stream))
         .route("/status/{code}", any(status))
         .route("/ws", any(websocket))
+        .route("/own-limit-headers", any(own_limit_headers))
         .fallback(echo)
         .with_state(shared)
 }
@@ -226,6 +228,32 @@ async fn status(
 ) -> StatusCode {
     count(&shared, peer);
     StatusCode::from_u16(code).unwrap_or(StatusCode::BAD_REQUEST)
+}
+
+/// The names of the gateway's limit headers, as an upstream with limits of its own might send them.
+pub const LIMIT_HEADERS: [&str; 8] = [
+    "ratelimit-policy",
+    "ratelimit",
+    "x-ratelimit-limit",
+    "x-ratelimit-remaining",
+    "x-ratelimit-reset",
+    "x-quota-limit",
+    "x-quota-remaining",
+    "x-quota-reset",
+];
+
+async fn own_limit_headers(
+    State(shared): State<Arc<Shared>>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+) -> Response {
+    count(&shared, peer);
+    let mut response = "limited upstream".into_response();
+    for name in LIMIT_HEADERS {
+        response
+            .headers_mut()
+            .insert(name, axum::http::HeaderValue::from_static("42"));
+    }
+    response
 }
 
 async fn websocket(

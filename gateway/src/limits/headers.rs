@@ -130,10 +130,31 @@ pub fn values(decision: &Decision, given_back: u64) -> Vec<(&'static str, Header
     values
 }
 
-/// Sets every limit header of `decision` on a response, replacing any the upstream sent;
-/// `given_back` as in [`values`].
+/// Every limit header the gateway may set.
+const ALL: [&str; 8] = [
+    RATELIMIT_POLICY,
+    RATELIMIT,
+    X_RATELIMIT_LIMIT,
+    X_RATELIMIT_REMAINING,
+    X_RATELIMIT_RESET,
+    X_QUOTA_LIMIT,
+    X_QUOTA_REMAINING,
+    X_QUOTA_RESET,
+];
+
+/// Sets every limit header of `decision` on a response, replacing any the upstream sent, and
+/// removes those of the eight the plan has no figure for (say `X-Quota-*` for a plan without a
+/// quota), so a client reads the gateway's limits only; `given_back` as in [`values`].
 pub fn write(header: &mut ResponseHeader, decision: &Decision, given_back: u64) -> Result<()> {
-    for (name, value) in values(decision, given_back) {
+    let values = values(decision, given_back);
+    if values.len() < ALL.len() {
+        for name in ALL {
+            if !values.iter().any(|(written, _)| *written == name) {
+                header.remove_header(name);
+            }
+        }
+    }
+    for (name, value) in values {
         // As written here on the wire (Pingora keeps a header's case), without copying the name.
         header.insert_header(Bytes::from_static(name.as_bytes()), value)?;
     }
@@ -292,5 +313,37 @@ mod tests {
             );
         }
         assert_eq!(values.len(), 8);
+    }
+
+    #[test]
+    fn the_upstreams_limit_headers_give_way_to_the_plans() {
+        let mut upstream = ResponseHeader::build(200, None).unwrap();
+        for name in ALL {
+            upstream.insert_header(name, "7").unwrap();
+        }
+        upstream.insert_header("X-Other", "kept").unwrap();
+        let mut no_quota = decision();
+        no_quota.quota = None;
+        write(&mut upstream, &no_quota, 0).unwrap();
+        let get = |header: &ResponseHeader, name: &str| {
+            header
+                .headers
+                .get(name)
+                .map(|value| value.to_str().unwrap().to_owned())
+        };
+        assert_eq!(get(&upstream, X_RATELIMIT_REMAINING).as_deref(), Some("3"));
+        for name in [X_QUOTA_LIMIT, X_QUOTA_REMAINING, X_QUOTA_RESET] {
+            assert_eq!(get(&upstream, name), None, "{name}");
+        }
+        assert_eq!(get(&upstream, "X-Other").as_deref(), Some("kept"));
+
+        let mut none = decision();
+        none.quota = None;
+        none.windows.clear();
+        write(&mut upstream, &none, 0).unwrap();
+        for name in ALL {
+            assert_eq!(get(&upstream, name), None, "{name}");
+        }
+        assert_eq!(upstream.headers.len(), 1);
     }
 }

@@ -33,7 +33,8 @@ pub enum Counted {
     Batched,
 }
 
-const RESULTS: [&str; 3] = ["allowed", "rate_limited", "quota_exceeded"];
+/// Spelled as the problem types of the refusals.
+const RESULTS: [&str; 3] = ["allowed", "rate-limited", "quota-exceeded"];
 const COUNTED: [&str; 4] = ["local", "redis", "fallback", "batched"];
 
 /// Handles of the limit metrics.
