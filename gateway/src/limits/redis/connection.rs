@@ -1,0 +1,393 @@
+//! The connections to Redis: the background one made at start, the request path's own, and
+//! calls through either within the timeout.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::{Duration, Instant};
+
+use arc_swap::ArcSwapOption;
+use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use redis::cluster::ClusterClient;
+use redis::cluster_async::ClusterConnection;
+use redis::{RedisResult, ScriptInvocation};
+
+use super::seed::SEED_SCRIPT;
+use super::{ADMIT_SCRIPT, REFUND_SCRIPT, RedisCounters, SHARE_SCRIPT};
+use crate::config::{Redis, RedisNodes};
+
+/// How long connecting may take.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
+/// How long the connection waits for an answer before it counts as broken.
+const CONNECTION_RESPONSE_TIMEOUT: Duration = Duration::from_secs(5);
+/// The first and the longest wait between two attempts at the near connection.
+const NEAR_RETRY_MIN: Duration = Duration::from_millis(250);
+const NEAR_RETRY_MAX: Duration = Duration::from_secs(10);
+
+/// A connection to the counters: one server (reconnecting by itself) or a cluster.
+#[derive(Clone)]
+pub(super) enum Connection {
+    Single(ConnectionManager),
+    Cluster(ClusterConnection),
+}
+
+impl std::fmt::Debug for Connection {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Connection::Single(_) => "Connection::Single",
+            Connection::Cluster(_) => "Connection::Cluster",
+        })
+    }
+}
+
+impl Connection {
+    async fn invoke<T: redis::FromRedisValue>(
+        &self,
+        invocation: &ScriptInvocation<'_>,
+    ) -> RedisResult<T> {
+        match self.clone() {
+            Connection::Single(mut connection) => invocation.invoke_async(&mut connection).await,
+            Connection::Cluster(mut connection) => invocation.invoke_async(&mut connection).await,
+        }
+    }
+}
+
+/// Why a call was not answered.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Failure {
+    /// No connection yet, or still within `retry_after` of a failure.
+    Unavailable,
+    /// No answer within the timeout: Redis may still run the call.
+    Timeout,
+    /// The connection broke during the call: Redis may have run it.
+    Error,
+    /// Refused without running: an error reply, or no connection to be had.
+    Refused,
+}
+
+impl Failure {
+    /// Whether Redis may have run (or may still run) the call.
+    pub fn may_have_run(self) -> bool {
+        matches!(self, Self::Timeout | Self::Error)
+    }
+}
+
+/// The request path's own connection, and the making of it.
+#[derive(Debug, Default)]
+pub(super) struct Near {
+    made: ArcSwapOption<Made>,
+    /// Whether an attempt at making it runs (one at a time).
+    trying: AtomicBool,
+    /// When the next attempt may start.
+    retry: Mutex<Retry>,
+}
+
+impl Near {
+    fn retry(&self) -> std::sync::MutexGuard<'_, Retry> {
+        self.retry.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// The connection, when made and its runtime still runs.
+    fn alive(&self) -> Option<Arc<Made>> {
+        self.made
+            .load_full()
+            .filter(|made| !made.runtime.is_finished())
+    }
+
+    fn is_alive(&self) -> bool {
+        self.alive().is_some()
+    }
+}
+
+/// A connection made on a request path's runtime.
+#[derive(Debug)]
+struct Made {
+    connection: Connection,
+    /// A task of that runtime that never ends by itself: finished once the runtime is gone.
+    runtime: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for Made {
+    fn drop(&mut self) {
+        self.runtime.abort();
+    }
+}
+
+/// When the next attempt at the near connection may start, and the wait before it.
+#[derive(Debug)]
+struct Retry {
+    at: Instant,
+    delay: Duration,
+}
+
+impl Default for Retry {
+    fn default() -> Self {
+        Self {
+            at: Instant::now(),
+            delay: Duration::ZERO,
+        }
+    }
+}
+
+/// Marks the end of an attempt at the near connection when dropped, also when its task is
+/// dropped unfinished (its runtime shutting down).
+struct Trying(Arc<Near>);
+
+impl Drop for Trying {
+    fn drop(&mut self) {
+        self.0.trying.store(false, Ordering::Release);
+    }
+}
+
+impl RedisCounters {
+    /// Connects and loads the scripts, so that the first requests do not pay for either. Until
+    /// then every request is counted in process; after, a single server's connection reconnects
+    /// by itself, and a cluster's follows its slots.
+    pub async fn connect(&self) -> RedisResult<()> {
+        let certificates = self.tls_certificates()?;
+        let connection = open(&self.settings, certificates.clone()).await?;
+        // Loaded everywhere up front: a script call is then one EVALSHA.
+        for (script, source) in [
+            (&self.admit, ADMIT_SCRIPT),
+            (&self.seed, SEED_SCRIPT),
+            (&self.refund, REFUND_SCRIPT),
+            (&self.share, SHARE_SCRIPT),
+        ] {
+            match connection.clone() {
+                Connection::Single(mut c) => {
+                    script.prepare_invoke().load_async(&mut c).await?;
+                }
+                Connection::Cluster(mut c) => {
+                    let mut load = redis::cmd("SCRIPT");
+                    load.arg("LOAD").arg(source);
+                    c.route_command(
+                        load,
+                        redis::cluster_routing::RoutingInfo::MultiNode((
+                            redis::cluster_routing::MultipleNodeRoutingInfo::AllMasters,
+                            None,
+                        )),
+                    )
+                    .await?;
+                }
+            }
+        }
+        self.connection.store(Some(Arc::new(connection)));
+        let _ = self.certificates.set(certificates);
+        Ok(())
+    }
+
+    /// Starts making the request path's own connection on the runtime this is called from,
+    /// once the background one is made (so the scripts are loaded) and while Redis is not
+    /// failing: one attempt at a time, waiting 250 ms after a failed one, doubling up to 10 s.
+    /// Until it is made, and again if the runtime that made it ends, calls go through the
+    /// background connection.
+    pub fn connect_near(&self, now_ms: i64) {
+        let near = &self.near;
+        // A guard, not a count: this runs before every admission call.
+        let made = near.made.load();
+        if let Some(alive) = &*made {
+            if !alive.runtime.is_finished() {
+                return;
+            }
+            // Its runtime is gone, and with it whatever drove the connection. Only that one is
+            // taken out: another request may have made the next already.
+            near.made.compare_and_swap(&made, None::<Arc<Made>>);
+        }
+        let Some(certificates) = self.certificates.get() else {
+            return;
+        };
+        // The flag before the lock: while an attempt runs, requests take no lock here.
+        if self.is_failing(now_ms) || near.trying.swap(true, Ordering::Acquire) {
+            return;
+        }
+        // From here the attempt is this call's: the flag goes down when `trying` drops, even if
+        // the task is dropped before it first runs (its runtime shutting down).
+        let trying = Trying(Arc::clone(near));
+        // Not due yet after a failure, or made by an attempt that ended between the first look
+        // and the flag.
+        if Instant::now() < near.retry().at || near.is_alive() {
+            return;
+        }
+        let settings = self.settings.clone();
+        let certificates = certificates.clone();
+        let near = Arc::clone(near);
+        tokio::spawn(async move {
+            let _trying = trying;
+            match open(&settings, certificates).await {
+                Ok(connection) => {
+                    near.made.store(Some(Arc::new(Made {
+                        connection,
+                        runtime: tokio::spawn(std::future::pending()),
+                    })));
+                    *near.retry() = Retry::default();
+                }
+                Err(error) => {
+                    let mut retry = near.retry();
+                    retry.delay = (retry.delay * 2).clamp(NEAR_RETRY_MIN, NEAR_RETRY_MAX);
+                    retry.at = Instant::now() + retry.delay;
+                    tracing::warn!(%error, retry_ms = retry.delay.as_millis() as u64, "shared counters: cannot make the request path's connection; calls go through the background one");
+                }
+            }
+        });
+    }
+
+    /// Whether the request path's own connection is made.
+    pub fn is_near(&self) -> bool {
+        self.near.is_alive()
+    }
+
+    /// The certificate authorities of `tls_ca_file`, when set (a `rediss://` URL without it
+    /// trusts the system's).
+    fn tls_certificates(&self) -> RedisResult<Option<redis::TlsCertificates>> {
+        let Some(path) = &self.settings.tls_ca_file else {
+            return Ok(None);
+        };
+        Ok(Some(redis::TlsCertificates {
+            client_tls: None,
+            root_cert: Some(std::fs::read(path)?),
+        }))
+    }
+
+    /// Whether a call failed within the last `retry_after`: requests are counted in process.
+    pub fn is_failing(&self, now_ms: i64) -> bool {
+        now_ms < self.down_until_ms.load(Ordering::Relaxed)
+    }
+
+    /// Whether the connection is made (a call may still fail).
+    pub fn is_connected(&self) -> bool {
+        self.connection.load().is_some()
+    }
+
+    /// Runs `invocation` within the timeout, recording its duration or failure.
+    pub(super) async fn call<T: redis::FromRedisValue>(
+        &self,
+        invocation: &ScriptInvocation<'_>,
+        now_ms: i64,
+    ) -> Result<T, Failure> {
+        let near = self.near.alive();
+        let far = match near {
+            Some(_) => None,
+            None => self.connection.load_full(),
+        };
+        let connection = near
+            .as_ref()
+            .map(|made| &made.connection)
+            .or(far.as_deref());
+        let Some(connection) =
+            connection.filter(|_| now_ms >= self.down_until_ms.load(Ordering::Relaxed))
+        else {
+            self.errors.with_label_values(&["unavailable"]).inc();
+            return Err(Failure::Unavailable);
+        };
+        let started = Instant::now();
+        let failure = match tokio::time::timeout(
+            self.settings.timeout,
+            connection.invoke(invocation),
+        )
+        .await
+        {
+            Ok(Ok(value)) => {
+                self.duration.observe(started.elapsed().as_secs_f64());
+                return Ok(value);
+            }
+            Ok(Err(error)) => {
+                tracing::warn!(%error, "redis counter call failed; counting in process");
+                if error.is_io_error() && !error.is_connection_refusal() {
+                    Failure::Error
+                } else {
+                    Failure::Refused
+                }
+            }
+            Err(_) => {
+                tracing::warn!(
+                    timeout_ms = self.settings.timeout.as_millis() as u64,
+                    "redis counter call timed out; counting in process"
+                );
+                Failure::Timeout
+            }
+        };
+        let kind = if failure == Failure::Timeout {
+            "timeout"
+        } else {
+            "error"
+        };
+        self.errors.with_label_values(&[kind]).inc();
+        let retry_ms = i64::try_from(self.settings.retry_after.as_millis()).unwrap_or(i64::MAX);
+        self.down_until_ms
+            .store(now_ms.saturating_add(retry_ms), Ordering::Relaxed);
+        Err(failure)
+    }
+}
+
+/// Opens a connection to the counters, driven by the runtime this is called on: one server's
+/// reconnects by itself, a cluster's follows its slots.
+async fn open(
+    settings: &Redis,
+    certificates: Option<redis::TlsCertificates>,
+) -> RedisResult<Connection> {
+    // The request path gives up after `timeout`; the connection itself waits longer, so a slow
+    // answer is not mistaken for a broken connection.
+    Ok(match &settings.nodes {
+        RedisNodes::Single(url) => {
+            let config = ConnectionManagerConfig::new()
+                .set_connection_timeout(Some(CONNECT_TIMEOUT))
+                .set_response_timeout(Some(CONNECTION_RESPONSE_TIMEOUT))
+                .set_number_of_retries(3)
+                .set_max_delay(Duration::from_secs(1));
+            let client = match certificates {
+                Some(certificates) => redis::Client::build_with_tls(url.as_str(), certificates)?,
+                None => redis::Client::open(url.as_str())?,
+            };
+            Connection::Single(ConnectionManager::new_with_config(client, config).await?)
+        }
+        RedisNodes::Cluster(urls) => {
+            let mut builder = ClusterClient::builder(urls.iter().map(String::as_str))
+                .connection_timeout(CONNECT_TIMEOUT)
+                .response_timeout(CONNECTION_RESPONSE_TIMEOUT);
+            if let Some(certificates) = certificates {
+                builder = builder.certs(certificates);
+            }
+            Connection::Cluster(builder.build()?.get_async_connection().await?)
+        }
+    })
+}
+
+/// Connects the shared counters in the background, retrying until it can, then holds its runtime
+/// (which drives the connection) until shutdown.
+#[derive(Debug)]
+pub struct Connector {
+    gateway: Arc<crate::state::Gateway>,
+}
+
+impl Connector {
+    /// A connector for the gateway's shared counters.
+    pub fn new(gateway: Arc<crate::state::Gateway>) -> Self {
+        Self { gateway }
+    }
+}
+
+#[async_trait::async_trait]
+impl pingora::services::background::BackgroundService for Connector {
+    async fn start(&self, mut shutdown: pingora::server::ShutdownWatch) {
+        let Some(redis) = self.gateway.limiter.redis() else {
+            return;
+        };
+        let mut delay = Duration::from_millis(250);
+        loop {
+            match redis.connect().await {
+                Ok(()) => {
+                    tracing::info!("shared counters: connected to redis");
+                    break;
+                }
+                Err(error) => {
+                    tracing::warn!(%error, retry_ms = delay.as_millis() as u64, "shared counters: cannot connect to redis; counting in process");
+                }
+            }
+            tokio::select! {
+                () = tokio::time::sleep(delay) => {}
+                _ = shutdown.changed() => return,
+            }
+            delay = (delay * 2).min(Duration::from_secs(10));
+        }
+        let _ = shutdown.changed().await;
+    }
+}

@@ -1,0 +1,434 @@
+//! Shared counters in Redis (or a Redis Cluster): one script call per request decides and counts
+//! every window and the quota of a customer atomically, so N gateways admit exactly what one
+//! would. (A plan with neither has nothing to decide: its units reach the quota count in batches,
+//! [`super::Limiter::share_pending`].)
+//!
+//! Every key of a customer carries the customer's id as its hash tag (`prefix:{cus_…}:r:60000`,
+//! `prefix:{cus_…}:q:<period start>`), so one call touches one cluster slot. Windows are hashes of
+//! bucket counts and their running total (the arithmetic of [`super::window`], in `admit.lua`);
+//! the quota is a hash of units used and overage, kept until a day after its period ends. (Window
+//! keys were named `…:w:<ms>` before they carried the running total; a gateway of that version
+//! sharing Redis with this one counts apart from it until it is upgraded.)
+//!
+//! A quota key that does not exist (a new period, or Redis lost its data) is created and the
+//! caller that created it is told to *seed* it: it reads from the usage ledger the customer's
+//! count of the events before the key was made, and raises the key to that count plus what the
+//! key counted since. So a flushed Redis never resets a quota. Two things the ledger lacks then
+//! are made good:
+//! - events still in the gateways' spools (a flush interval's worth): each gateway tells the new
+//!   key its own count of the period (what Redis last told it, and what it counted since), and
+//!   the key takes the highest it is told; and the creator reads the ledger once more
+//!   ([`RedisCounters::reseed_due`]) when the spools have been flushed;
+//! - requests counted between the key's creation and the seed (one ledger read, bounded by a
+//!   timeout): they are in the key, and stay.
+//!
+//! Every count the key is raised to is one the customer has reached, so a rebuild never counts
+//! a request twice.
+//!
+//! Two connections: the background service makes one at start (it loads the scripts, and
+//! [`RedisCounters::is_connected`] reports it), and the first requests make a second on the
+//! runtime that serves them, which every call goes through once made. A call through the first
+//! crosses to the background runtime's thread and back (BENCHMARKS.md has what the second saves).
+//!
+//! A call that fails or takes longer than `timeout` is not retried on the request path: the
+//! request is counted in process instead (see [`super::Limiter`]), and for `retry_after` every
+//! request is, without waiting on Redis; then the next request tries Redis again.
+//!
+//! # Layout
+//! - here: the admission call and its decision, adding batches and refunds, their scripts.
+//! - `connection`: the two connections, and a call within the timeout.
+//! - `seed`: rebuilding a lost quota count from the ledger, and waiting for another's rebuild.
+
+mod connection;
+mod seed;
+
+use std::sync::Arc;
+use std::sync::OnceLock;
+use std::sync::atomic::AtomicI64;
+use std::time::Duration;
+
+use arc_swap::ArcSwapOption;
+use prometheus::{Histogram, HistogramOpts, IntCounterVec, Opts};
+use redis::Script;
+
+use connection::{Connection, Near};
+pub use connection::{Connector, Failure};
+use seed::{Reseed, SEED_SCRIPT, UNSEEDED_SCRIPT, Unseeded};
+pub use seed::{SEED_AGAIN_AFTER_FAILURE, SEED_CLAIM};
+
+use super::local::Unshared;
+use super::period::Period;
+use super::window::WindowState;
+use super::{Counted, Decision, Policy, ReseedQueue, Reservation, Verdict};
+use crate::config::Redis;
+use crate::identity::index::{Id, IdText};
+use crate::metering::ledger::Ledger;
+use crate::metrics::{Metrics, REDIS_CALL_DURATION, REDIS_ERRORS_TOTAL};
+
+/// How long a quota key outlives its period.
+pub const QUOTA_KEY_GRACE_MS: i64 = 86_400_000;
+
+/// What this gateway knows of a customer's count in a period, told to the shared count so that
+/// one Redis rebuilt goes on from there (see the module's documentation).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Known {
+    /// Units used, as Redis last said plus what this process counted since.
+    pub used: u64,
+    /// Of them, overage.
+    pub overage: u64,
+    /// The generation of the count they were last counted in, if known.
+    pub generation: Option<i64>,
+}
+
+/// What a call rebuilds a missing quota count from: this gateway's own count, and the ledger.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Rebuild<'a> {
+    /// This gateway's count of the customer's period.
+    pub known: Known,
+    /// The usage ledger, when reachable.
+    pub ledger: Option<&'a dyn Ledger>,
+}
+
+/// What became of a batch sent to Redis ([`RedisCounters::share`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Sharing {
+    /// Added to the count it was counted for (now, or by an earlier call).
+    Added,
+    /// Added to a count Redis made again after losing that one, before any of its units was
+    /// decided: the new count held them in no part.
+    AddedToLater,
+    /// Not added: the count it was counted for is gone and the one made since may hold some
+    /// of its units (in the ledger's part), or there is none.
+    Refused,
+}
+
+/// One request's call to the admit script, whatever the time it is made at.
+#[derive(Clone, Copy)]
+struct AdmitCall<'a> {
+    customer: &'a Id,
+    policy: &'a Policy<'a>,
+    period: Period,
+    units: u64,
+    known: Known,
+    /// The generation of a quota hash the call creates.
+    token: i64,
+}
+
+/// The shared counters.
+#[derive(Debug)]
+pub struct RedisCounters {
+    settings: Redis,
+    /// Made at start by the background service, which drives it on its own runtime: readiness,
+    /// and every call until `near` is made.
+    connection: ArcSwapOption<Connection>,
+    /// A second connection, made by the first requests on the runtime that serves them, whose
+    /// workers then drive it themselves. Through `connection`, every call crosses to the
+    /// background runtime's thread and back (by its design two thread wake-ups per request; what
+    /// that cost was measured as a whole, in BENCHMARKS.md); through this one it does not.
+    near: Arc<Near>,
+    /// The certificate authorities the background connection was made with, once made.
+    certificates: OnceLock<Option<redis::TlsCertificates>>,
+    admit: Script,
+    seed: Script,
+    unseeded: Script,
+    refund: Script,
+    share: Script,
+    /// Unix ms before which calls are not tried (after a failure).
+    down_until_ms: AtomicI64,
+    /// Keys this gateway seeded, to seed once more.
+    reseeds: ReseedQueue<Reseed>,
+    errors: IntCounterVec,
+    duration: Histogram,
+}
+
+impl RedisCounters {
+    /// Counters at `settings`, not yet connected ([`connect`](Self::connect) does).
+    pub fn new(settings: Redis, metrics: &Metrics) -> prometheus::Result<Self> {
+        let errors = IntCounterVec::new(
+            Opts::new(
+                REDIS_ERRORS_TOTAL,
+                "Counter calls to Redis that failed, by kind (timeout, error, unavailable).",
+            ),
+            &["kind"],
+        )?;
+        let duration = Histogram::with_opts(
+            HistogramOpts::new(
+                REDIS_CALL_DURATION,
+                "Time of answered counter calls to Redis.",
+            )
+            .buckets(vec![
+                0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1,
+            ]),
+        )?;
+        metrics.register(Box::new(errors.clone()))?;
+        metrics.register(Box::new(duration.clone()))?;
+        for kind in ["timeout", "error", "unavailable"] {
+            errors.with_label_values(&[kind]);
+        }
+        Ok(Self {
+            settings,
+            connection: ArcSwapOption::empty(),
+            near: Arc::new(Near::default()),
+            certificates: OnceLock::new(),
+            admit: Script::new(ADMIT_SCRIPT),
+            seed: Script::new(SEED_SCRIPT),
+            unseeded: Script::new(UNSEEDED_SCRIPT),
+            refund: Script::new(REFUND_SCRIPT),
+            share: Script::new(SHARE_SCRIPT),
+            down_until_ms: AtomicI64::new(0),
+            reseeds: ReseedQueue::default(),
+            errors,
+            duration,
+        })
+    }
+
+    /// `prefix:{cus_…}:kind:n`, without `format!` (three of them per request).
+    fn key(&self, customer: &Id, kind: &str, n: i64) -> String {
+        let mut number = itoa::Buffer::new();
+        let n = number.format(n);
+        let prefix = &self.settings.key_prefix;
+        let mut key = String::with_capacity(prefix.len() + kind.len() + n.len() + 44);
+        key.push_str(prefix);
+        key.push_str(":{");
+        key.push_str(IdText::new(b"cus", customer).as_str());
+        key.push_str("}:");
+        key.push_str(kind);
+        key.push(':');
+        key.push_str(n);
+        key
+    }
+
+    /// Sets how long after seeding a quota key from the ledger it is seeded again: longer than
+    /// it takes a request's usage event to reach the ledger (the flush interval, and more).
+    pub fn reseed_after(&self, after: Duration) {
+        self.reseeds.set_after(after);
+    }
+
+    /// Decides a request in Redis; a quota key this call finds missing is made again from
+    /// `rebuild`.
+    pub async fn admit(
+        &self,
+        customer: &Id,
+        policy: &Policy<'_>,
+        period: Period,
+        units: u64,
+        now_ms: i64,
+        rebuild: Rebuild<'_>,
+    ) -> Result<Decision, Failure> {
+        let Rebuild { known, ledger } = rebuild;
+        let call = AdmitCall {
+            customer,
+            policy,
+            period,
+            units,
+            known,
+            // The generation of a quota hash this call creates: 1 to 2^53 - 1, whole in Lua.
+            token: (uuid::Uuid::new_v4().as_u128() as i64 & ((1 << 53) - 1)).max(1),
+        };
+        // Decided later than asked when it waited for another caller's seed.
+        let (reply, now_ms) = self.call_seeded(&call, now_ms).await?;
+        let value = |i: usize| reply.get(i).copied().unwrap_or(0);
+        let as_u64 = |i: usize| u64::try_from(value(i)).unwrap_or(0);
+        let verdict = match value(0) {
+            0 => Verdict::Admitted,
+            1 => Verdict::RateLimited,
+            _ => Verdict::QuotaExceeded,
+        };
+        let mut verdict = verdict;
+        let mut used = as_u64(1);
+        let mut reserved_overage = as_u64(3);
+        let tail = 5 + 2 * policy.rate_limits.len();
+        let mut generation = (value(tail) == 1).then_some(value(tail + 1));
+        if value(4) > 0 {
+            let made_ms = value(4);
+            let seeded = self
+                .seed(customer, period, made_ms, value(tail + 1), now_ms, ledger)
+                .await;
+            if seeded == Err(Unseeded::Failed) {
+                self.mark_unseeded(customer, period, value(tail + 1), now_ms)
+                    .await;
+            }
+            if ledger.is_some() {
+                let reseed = Reseed {
+                    customer: *customer,
+                    period,
+                    made_ms,
+                    generation: value(tail + 1),
+                };
+                self.reseeds.push(period, made_ms, reseed);
+            }
+            if seeded.is_ok() {
+                generation = Some(value(tail + 1));
+            }
+            used += seeded.unwrap_or(0);
+            // Admitted on the count before the seed: the seeded count decides.
+            if let Some(quota) = policy.quota
+                && verdict == Verdict::Admitted
+                && used > quota.limit
+            {
+                if quota.hard {
+                    let reservation = Reservation {
+                        period,
+                        at_ms: now_ms,
+                        units,
+                        overage: reserved_overage,
+                        counted: Counted::Redis,
+                        fallback: None,
+                    };
+                    if self
+                        .refund(customer, &reservation, now_ms, false)
+                        .await
+                        .is_ok()
+                    {
+                        verdict = Verdict::QuotaExceeded;
+                        used -= units;
+                    }
+                } else {
+                    reserved_overage = units.min(used - quota.limit);
+                }
+            }
+        }
+        let windows = policy
+            .rate_limits
+            .iter()
+            .enumerate()
+            .map(|(i, window)| WindowState {
+                limit: window.requests,
+                window_ms: super::window_ms(window.window_seconds),
+                remaining: as_u64(5 + 2 * i),
+                reset_ms: value(6 + 2 * i),
+            })
+            .collect();
+        Ok(Decision {
+            verdict,
+            windows,
+            quota: policy.quota,
+            period,
+            at_ms: now_ms,
+            used,
+            reservation: (verdict == Verdict::Admitted).then_some(Reservation {
+                period,
+                at_ms: now_ms,
+                units,
+                overage: reserved_overage,
+                counted: Counted::Redis,
+                fallback: None,
+            }),
+            counted: Counted::Redis,
+            generation,
+            counted_in: Some(value(tail + 1)),
+        })
+    }
+
+    /// Adds to the shared quota count a batch of units this gateway counted in process without
+    /// asking Redis, while it failed or for a plan without limits, and deletes from that count
+    /// the marks of `forget`, batches it took before:
+    /// - to the quota hash the batch's customer was last counted in, seeded then (its rebuild
+    ///   from the ledger was over before those units were counted, so they are not in it):
+    ///   [`Sharing::Added`], also when an earlier call that timed out added it already;
+    /// - to a hash made since (Redis lost its data meanwhile), when it was made before the
+    ///   batch's first unit was decided: that hash holds none of them, neither in the ledger's
+    ///   part (events before it was made) nor in its own ([`Sharing::AddedToLater`]);
+    /// - to no hash otherwise ([`Sharing::Refused`]): a hash made after some of its units were
+    ///   decided reads their events from the ledger, and adding them would count them twice.
+    pub async fn share(
+        &self,
+        customer: &Id,
+        batch: &Unshared,
+        forget: &[u128],
+        now_ms: i64,
+    ) -> Result<Sharing, Failure> {
+        let mut invocation = self.share.prepare_invoke();
+        invocation
+            .key(self.key(customer, "q", batch.period.start_ms))
+            .arg(batch.units)
+            .arg(batch.overage)
+            .arg(batch.generation)
+            .arg(mark(batch.token))
+            .arg(batch.first_ms);
+        for &token in forget {
+            invocation.arg(mark(token));
+        }
+        Ok(match self.call::<i64>(&invocation, now_ms).await? {
+            1 => Sharing::Added,
+            2 => Sharing::AddedToLater,
+            _ => Sharing::Refused,
+        })
+    }
+
+    /// Gives back a reservation counted in Redis; false if Redis could not be reached.
+    pub async fn refund(
+        &self,
+        customer: &Id,
+        reservation: &Reservation,
+        now_ms: i64,
+        late: bool,
+    ) -> Result<(), Failure> {
+        let mut invocation = self.refund.prepare_invoke();
+        invocation
+            .key(self.key(customer, "q", reservation.period.start_ms))
+            .arg(-i64::try_from(reservation.units).unwrap_or(i64::MAX))
+            .arg(-i64::try_from(reservation.overage).unwrap_or(i64::MAX))
+            .arg(reservation.at_ms)
+            .arg(u8::from(late));
+        self.call::<i64>(&invocation, now_ms).await.map(drop)
+    }
+}
+
+/// Decides and counts one request.
+const ADMIT_SCRIPT: &str = include_str!("admit.lua");
+
+/// Adds a batch of units counted in process (ARGV: units, overage, the generation of the hash
+/// they belong in, the batch's mark, when its earliest unit was decided) to a quota hash seeded
+/// from the ledger (`s` = 1) of that generation (`n`, absent in a hash made before generations:
+/// -1), or to one made since (Redis lost theirs) before any of its units was decided: that hash
+/// holds them in no part. Once per mark, which stays in the hash until a later call deletes it.
+/// ARGV 6 on: marks to delete first, of batches sent once and answered, of which no other copy
+/// can arrive. 1 if it added the batch (now or before) to its own hash, 2 to a later one, 0 if
+/// the hash is of another generation and made after the batch began, not seeded, or gone.
+const SHARE_SCRIPT: &str = r"
+if #ARGV > 5 then
+  redis.call('HDEL', KEYS[1], unpack(ARGV, 6))
+end
+local state = redis.call('HMGET', KEYS[1], 's', 'n', 'a')
+local own = state[1] == '1' and (tonumber(state[2]) or -1) == tonumber(ARGV[3])
+local later = not own and state[3] and tonumber(ARGV[5]) >= tonumber(state[3])
+if not own and not later then
+  return 0
+end
+if redis.call('HSETNX', KEYS[1], ARGV[4], 1) == 1 then
+  redis.call('HINCRBY', KEYS[1], 'u', ARGV[1])
+  redis.call('HINCRBY', KEYS[1], 'o', ARGV[2])
+end
+if own then
+  return 1
+end
+return 2
+";
+
+/// The field a batch's call leaves in its quota hash.
+fn mark(token: u128) -> String {
+    format!("g{token:032x}")
+}
+
+/// Gives back units of a quota hash that still exists (ARGV: units and overage, negated, when
+/// they were counted, and 1 for a refund made late), and of its part from before it was made
+/// when they were in it. A refund made late (Redis failed when it was due) is not made in a
+/// hash made after its units were counted: that hash's count came from the ledger and from
+/// gateways' counts that had given them back already.
+const REFUND_SCRIPT: &str = r"
+local state = redis.call('HMGET', KEYS[1], 'u', 'a')
+if state[1] and ARGV[4] == '1' and state[2] and tonumber(ARGV[3]) < tonumber(state[2]) then
+  return 0
+end
+if state[1] then
+  redis.call('HINCRBY', KEYS[1], 'u', ARGV[1])
+  redis.call('HINCRBY', KEYS[1], 'o', ARGV[2])
+  if state[2] and tonumber(ARGV[3]) < tonumber(state[2]) then
+    redis.call('HINCRBY', KEYS[1], 'p', ARGV[1])
+    redis.call('HINCRBY', KEYS[1], 'q', ARGV[2])
+  end
+  return 1
+end
+return 0
+";
