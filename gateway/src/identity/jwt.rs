@@ -1,11 +1,12 @@
 //! JWT verification: the token's algorithm must be one the provider lists (all of one family,
 //! so an HMAC token is never checked against a public key), its signature must verify with the
-//! provider's key named by `kid` (or its only key without one), and `exp` (required), `nbf`, `iss` and `aud` must hold within the
-//! leeway. `alg: none` is never accepted.
+//! provider's key named by `kid` (or, for a `kid` no key is named by, its one key without a
+//! `kid`), and `exp` (required), `nbf`, `iss` and `aud` must hold within the leeway. `alg: none`
+//! is never accepted.
 //!
 //! JWKS keys are fetched and refreshed in the background ([`JwksRefresher`]). A token naming an
-//! unknown `kid` is refused and asks for a refresh, which happens at most once per
-//! `jwks_min_refresh`: the request path never fetches anything.
+//! unknown `kid` asks for a refresh (and is refused unless a key without a `kid` verifies it),
+//! which happens at most once per `jwks_min_refresh`: the request path never fetches anything.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -160,8 +161,8 @@ impl Verifier {
             return Err(Refusal::InvalidToken("algorithm not accepted"));
         }
         let jwks_keys;
-        let (key, named) = match &self.keys {
-            Keys::Secret(key) => (key, true),
+        let picked = match &self.keys {
+            Keys::Secret(key) => Picked::Named(key),
             Keys::Static(keys) => pick(
                 keys.iter().map(|(kid, key)| (kid.as_deref(), key)),
                 header.kid.as_deref(),
@@ -175,27 +176,36 @@ impl Verifier {
                 .inspect_err(|_| jwks.ask_for_refresh())?
             }
         };
+        let (key, named) = match picked {
+            Picked::Named(key) => (key, true),
+            Picked::WithoutKid(key) => (key, false),
+        };
         let data = jsonwebtoken::decode::<Map<String, Value>>(token, key, &self.validation)
-            .map_err(|error| match error.kind() {
-                ErrorKind::InvalidSignature if !named => {
-                    // A key without a kid tried for a token naming another: the key it names may
-                    // be one a JWKS has gained since. Still counted as a failed authentication
-                    // (a signature was checked and failed), so a made-up kid buys no free checks.
-                    if let Keys::Jwks(jwks) = &self.keys {
-                        jwks.ask_for_refresh();
+            .map_err(|error| {
+                // Checked with the key without a kid for a token naming another: the key it
+                // names may be one a JWKS has gained since.
+                if let (false, Keys::Jwks(jwks)) = (named, &self.keys) {
+                    jwks.ask_for_refresh();
+                }
+                match error.kind() {
+                    // Still counted as a failed authentication (a signature was checked and
+                    // failed), so a made-up kid buys no unthrottled checks.
+                    ErrorKind::InvalidSignature if !named => Refusal::InvalidToken(
+                        "signature does not verify with the key without a kid",
+                    ),
+                    ErrorKind::ExpiredSignature => Refusal::ExpiredToken,
+                    ErrorKind::ImmatureSignature => Refusal::InvalidClaims("not valid yet (nbf)"),
+                    ErrorKind::InvalidIssuer => Refusal::InvalidClaims("issuer not accepted"),
+                    ErrorKind::InvalidAudience => Refusal::InvalidClaims("audience not accepted"),
+                    ErrorKind::MissingRequiredClaim(_) => {
+                        Refusal::InvalidClaims("a required claim (exp, iss, aud) is missing")
                     }
-                    Refusal::InvalidToken("signature does not verify with the key without a kid")
+                    ErrorKind::InvalidAlgorithm => Refusal::InvalidToken("algorithm not accepted"),
+                    ErrorKind::InvalidSignature => {
+                        Refusal::InvalidToken("signature does not verify")
+                    }
+                    _ => Refusal::InvalidToken("malformed token"),
                 }
-                ErrorKind::ExpiredSignature => Refusal::ExpiredToken,
-                ErrorKind::ImmatureSignature => Refusal::InvalidClaims("not valid yet (nbf)"),
-                ErrorKind::InvalidIssuer => Refusal::InvalidClaims("issuer not accepted"),
-                ErrorKind::InvalidAudience => Refusal::InvalidClaims("audience not accepted"),
-                ErrorKind::MissingRequiredClaim(_) => {
-                    Refusal::InvalidClaims("a required claim (exp, iss, aud) is missing")
-                }
-                ErrorKind::InvalidAlgorithm => Refusal::InvalidToken("algorithm not accepted"),
-                ErrorKind::InvalidSignature => Refusal::InvalidToken("signature does not verify"),
-                _ => Refusal::InvalidToken("malformed token"),
             })?;
         let customer = data
             .claims
@@ -212,34 +222,44 @@ impl Verifier {
     }
 }
 
-/// The key a token is checked with, and whether the token named it: the key named `kid`; for a
-/// `kid` no key is named by, the only key without one (as Envoy does, since many identity
-/// providers name a key in every token while a key configured by hand often has no name); for a
-/// token naming none, the only key.
+/// The key a token is checked with.
+#[derive(Debug)]
+enum Picked<'a> {
+    /// The key the token names by its `kid`, or the only key for a token naming none.
+    Named(&'a DecodingKey),
+    /// The provider's one key without a `kid`, for a token naming a `kid` no key is named by (as
+    /// Envoy does: identity providers often name a key in every token, while a key configured
+    /// by hand often has no name).
+    WithoutKid(&'a DecodingKey),
+}
+
+/// The key to check a token naming `kid` with, among `keys`.
 fn pick<'a>(
     keys: impl Iterator<Item = (Option<&'a str>, &'a DecodingKey)> + Clone,
     kid: Option<&str>,
-) -> Result<(&'a DecodingKey, bool), Refusal> {
+) -> Result<Picked<'a>, Refusal> {
     match kid {
         Some(kid) => {
             if let Some((_, key)) = keys.clone().find(|(candidate, _)| *candidate == Some(kid)) {
-                return Ok((key, true));
+                return Ok(Picked::Named(key));
             }
-            let mut unnamed = keys.filter(|(candidate, _)| candidate.is_none());
-            match (unnamed.next(), unnamed.next()) {
-                (Some((_, key)), None) => Ok((key, false)),
-                _ => Err(Refusal::UnknownSigningKey("unknown key id (kid)")),
-            }
+            only(keys.filter(|(candidate, _)| candidate.is_none()))
+                .map(|(_, key)| Picked::WithoutKid(key))
+                .ok_or(Refusal::UnknownSigningKey("unknown key id (kid)"))
         }
-        None => {
-            let mut keys = keys;
-            match (keys.next(), keys.next()) {
-                (Some((_, key)), None) => Ok((key, true)),
-                _ => Err(Refusal::UnknownSigningKey(
-                    "the token names no key id (kid)",
-                )),
-            }
-        }
+        None => only(keys)
+            .map(|(_, key)| Picked::Named(key))
+            .ok_or(Refusal::UnknownSigningKey(
+                "the token names no key id (kid)",
+            )),
+    }
+}
+
+/// The one item of `items`, if it has exactly one.
+fn only<T>(mut items: impl Iterator<Item = T>) -> Option<T> {
+    match (items.next(), items.next()) {
+        (Some(item), None) => Some(item),
+        _ => None,
     }
 }
 
@@ -327,7 +347,9 @@ impl JwksRefresher {
                 continue;
             }
             let kid = jwk.common.key_id.clone();
-            if keys.iter().any(|(known, _)| *known == kid) {
+            // Keys without a kid are all kept: with more than one, tokens naming none (or an
+            // unknown kid) are refused rather than checked with whichever came first.
+            if kid.is_some() && keys.iter().any(|(known, _)| *known == kid) {
                 tracing::warn!(
                     kid = kid.as_deref(),
                     "skipping a JWKS key whose kid is taken"
@@ -357,5 +379,53 @@ impl BackgroundService for JwksRefresher {
             _ = all => {}
             _ = shutdown.changed() => {}
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn key(secret: &[u8]) -> DecodingKey {
+        DecodingKey::from_secret(secret)
+    }
+
+    /// Which of `keys` `pick` chose for `kid`, by position, and whether the token named it.
+    fn picked(keys: &[(Option<&str>, DecodingKey)], kid: Option<&str>) -> Option<(usize, bool)> {
+        let chosen = pick(keys.iter().map(|(kid, key)| (*kid, key)), kid).ok()?;
+        let (chosen, named) = match chosen {
+            Picked::Named(key) => (key, true),
+            Picked::WithoutKid(key) => (key, false),
+        };
+        let index = keys.iter().position(|(_, key)| std::ptr::eq(key, chosen))?;
+        Some((index, named))
+    }
+
+    #[test]
+    fn a_named_key_wins_and_the_one_without_a_kid_takes_unknown_kids() {
+        let keys = [(Some("k1"), key(b"one")), (None, key(b"two"))];
+        assert_eq!(picked(&keys, Some("k1")), Some((0, true)));
+        assert_eq!(picked(&keys, Some("k9")), Some((1, false)));
+        // Two keys: a token naming none could be either's.
+        assert_eq!(picked(&keys, None), None);
+    }
+
+    #[test]
+    fn the_only_key_checks_a_token_naming_none() {
+        assert_eq!(picked(&[(None, key(b"one"))], None), Some((0, true)));
+        assert_eq!(picked(&[(Some("k1"), key(b"one"))], None), Some((0, true)));
+    }
+
+    #[test]
+    fn an_unknown_kid_is_refused_without_exactly_one_key_without_a_kid() {
+        let named = [(Some("k1"), key(b"one")), (Some("k2"), key(b"two"))];
+        assert_eq!(picked(&named, Some("k9")), None);
+        let two_unnamed = [(None, key(b"one")), (None, key(b"two"))];
+        assert_eq!(picked(&two_unnamed, Some("k9")), None);
+        assert_eq!(picked(&two_unnamed, None), None);
+        assert!(matches!(
+            pick(named.iter().map(|(kid, key)| (*kid, key)), Some("k9")),
+            Err(Refusal::UnknownSigningKey(_))
+        ));
     }
 }

@@ -155,8 +155,9 @@ pub enum Refusal {
     Unavailable,
     /// A JWT that does not verify (format, algorithm, key, signature); says why (401).
     InvalidToken(&'static str),
-    /// A JWT naming a signing key (`kid`) the provider's keys do not hold, or naming none where
-    /// several could sign (401, answered as an invalid token). Not counted as a failed
+    /// A JWT naming a signing key (`kid`) the provider's keys do not hold, where it has no one
+    /// key without a `kid` to check it with, or naming none where several could sign (401,
+    /// answered as an invalid token). Not counted as a failed
     /// authentication: nothing was verified, so it guesses nothing, and a provider that has
     /// just rotated its keys (the gateway fetches them again, at most once per
     /// `jwks_min_refresh`) must not get its clients throttled.
@@ -193,13 +194,13 @@ impl Refusal {
             Refusal::Revoked => "revoked",
             Refusal::Expired => "expired",
             Refusal::Suspended => "suspended",
-            Refusal::OutOfScope => "out_of_scope",
+            Refusal::OutOfScope => "out-of-scope",
             Refusal::Unavailable => "unavailable",
             Refusal::InvalidToken(_)
             | Refusal::UnknownSigningKey(_)
-            | Refusal::InvalidClaims(_) => "invalid_token",
-            Refusal::ExpiredToken => "expired_token",
-            Refusal::UnknownCustomer => "unknown_customer",
+            | Refusal::InvalidClaims(_) => "invalid-token",
+            Refusal::ExpiredToken => "expired-token",
+            Refusal::UnknownCustomer => "unknown-customer",
         }
     }
 }
