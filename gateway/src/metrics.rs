@@ -50,11 +50,11 @@ pub const AUTH_RESULTS: [&str; 13] = [
     "revoked",
     "expired",
     "suspended",
-    "out_of_scope",
+    "out-of-scope",
     "unavailable",
-    "invalid_token",
-    "expired_token",
-    "unknown_customer",
+    "invalid-token",
+    "expired-token",
+    "unknown-customer",
     "throttled",
 ];
 /// Authentication decisions by result (`ok`, or why the credential was refused, or `throttled`).

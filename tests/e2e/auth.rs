@@ -290,7 +290,7 @@ async fn a_standalone_gateway_issues_keys_and_enforces_each_outcome() {
         "tollgate_auth_decisions_total{result=\"missing\"}",
         "tollgate_auth_decisions_total{result=\"malformed\"}",
         "tollgate_auth_decisions_total{result=\"unknown\"}",
-        "tollgate_auth_decisions_total{result=\"out_of_scope\"}",
+        "tollgate_auth_decisions_total{result=\"out-of-scope\"}",
         "tollgate_auth_decisions_total{result=\"expired\"}",
         "tollgate_auth_decisions_total{result=\"suspended\"}",
         "tollgate_identity_version ",

@@ -822,8 +822,8 @@ auth = "key"
     );
 }
 
-/// On a metered route the limit headers are the gateway's: an upstream's own are replaced, and
-/// those the plan has no figure for (here the quota's) are removed, not passed on beside them.
+/// On a metered route the limit headers are the gateway's: an upstream's own (of the gateway's
+/// names or others) are removed, and only the plan's figures sent (here no quota's).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_upstreams_own_limit_headers_give_way_to_the_plans() {
     let upstream = Upstream::start("api");
@@ -862,5 +862,8 @@ auth = "key"
             usize::from(!name.starts_with("x-quota")),
             "{name}"
         );
+    }
+    for name in tollgate_tests::upstream::OTHER_LIMIT_HEADERS {
+        assert_eq!(header(&response, name), "", "{name}: the upstream's");
     }
 }

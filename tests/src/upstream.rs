@@ -8,7 +8,8 @@
 //! - `/stream`: sends `first\n`, then `last\n` once the test calls `release()`.
 //! - `/status/{code}`: answers with that status.
 //! - `/ws`: a WebSocket echo.
-//! - `/own-limit-headers`: 200 with limit headers of its own (each of the gateway's eight, `42`).
+//! - `/own-limit-headers`: 200 with limit headers of its own (each of the gateway's eight and
+//!   two other spellings, `42`).
 //! - anything else: a JSON echo of the request (upstream name, method, path with query,
 //!   headers, body length).
 
@@ -242,13 +243,16 @@ pub const LIMIT_HEADERS: [&str; 8] = [
     "x-quota-reset",
 ];
 
+/// Limit headers of other spellings than the gateway's, as an upstream might send them.
+pub const OTHER_LIMIT_HEADERS: [&str; 2] = ["ratelimit-limit", "x-ratelimit-used"];
+
 async fn own_limit_headers(
     State(shared): State<Arc<Shared>>,
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
 ) -> Response {
     count(&shared, peer);
     let mut response = "limited upstream".into_response();
-    for name in LIMIT_HEADERS {
+    for name in LIMIT_HEADERS.into_iter().chain(OTHER_LIMIT_HEADERS) {
         response
             .headers_mut()
             .insert(name, axum::http::HeaderValue::from_static("42"));

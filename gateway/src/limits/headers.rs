@@ -14,7 +14,7 @@
 //! the quota; every `*-Reset` is in seconds from now, rounded up.
 
 use bytes::Bytes;
-use http::HeaderValue;
+use http::{HeaderName, HeaderValue};
 use pingora::Result;
 use pingora::http::ResponseHeader;
 
@@ -130,31 +130,29 @@ pub fn values(decision: &Decision, given_back: u64) -> Vec<(&'static str, Header
     values
 }
 
-/// Every limit header the gateway may set.
-const ALL: [&str; 8] = [
-    RATELIMIT_POLICY,
-    RATELIMIT,
-    X_RATELIMIT_LIMIT,
-    X_RATELIMIT_REMAINING,
-    X_RATELIMIT_RESET,
-    X_QUOTA_LIMIT,
-    X_QUOTA_REMAINING,
-    X_QUOTA_RESET,
-];
+/// Whether `name` (lower case) is a rate-limit or quota header of one of the usual spellings:
+/// the IETF fields of any draft (`RateLimit`, `RateLimit-Policy`, `RateLimit-Remaining`, ...),
+/// `X-RateLimit-*` (with Kong's `X-RateLimit-Limit-Minute` and the like) and `X-Quota-*`.
+fn is_limit_header(name: &str) -> bool {
+    name.starts_with("ratelimit") || name.starts_with("x-ratelimit") || name.starts_with("x-quota-")
+}
 
-/// Sets every limit header of `decision` on a response, replacing any the upstream sent, and
-/// removes those of the eight the plan has no figure for (say `X-Quota-*` for a plan without a
-/// quota), so a client reads the gateway's limits only; `given_back` as in [`values`].
+/// Sets every limit header of `decision` on a response, after removing every limit header the
+/// response had (an upstream's own limits, which are not the customer's plan): a client reads
+/// the gateway's limits only, and none where the plan has no figure (say `X-Quota-*` for a plan
+/// without a quota). `given_back` as in [`values`].
 pub fn write(header: &mut ResponseHeader, decision: &Decision, given_back: u64) -> Result<()> {
-    let values = values(decision, given_back);
-    if values.len() < ALL.len() {
-        for name in ALL {
-            if !values.iter().any(|(written, _)| *written == name) {
-                header.remove_header(name);
-            }
-        }
+    // One pass over the names; the common case finds none and allocates nothing.
+    let theirs: Vec<HeaderName> = header
+        .headers
+        .keys()
+        .filter(|name| is_limit_header(name.as_str()))
+        .cloned()
+        .collect();
+    for name in &theirs {
+        header.remove_header(name);
     }
-    for (name, value) in values {
+    for (name, value) in values(decision, given_back) {
         // As written here on the wire (Pingora keeps a header's case), without copying the name.
         header.insert_header(Bytes::from_static(name.as_bytes()), value)?;
     }
@@ -318,10 +316,25 @@ mod tests {
     #[test]
     fn the_upstreams_limit_headers_give_way_to_the_plans() {
         let mut upstream = ResponseHeader::build(200, None).unwrap();
-        for name in ALL {
+        let theirs = [
+            RATELIMIT_POLICY,
+            RATELIMIT,
+            X_RATELIMIT_LIMIT,
+            X_RATELIMIT_REMAINING,
+            X_RATELIMIT_RESET,
+            X_QUOTA_LIMIT,
+            X_QUOTA_REMAINING,
+            X_QUOTA_RESET,
+            "RateLimit-Limit",
+            "RateLimit-Remaining",
+            "X-RateLimit-Used",
+            "X-RateLimit-Limit-Minute",
+        ];
+        for name in theirs {
             upstream.insert_header(name, "7").unwrap();
         }
         upstream.insert_header("X-Other", "kept").unwrap();
+        upstream.insert_header("X-Quotas", "kept").unwrap();
         let mut no_quota = decision();
         no_quota.quota = None;
         write(&mut upstream, &no_quota, 0).unwrap();
@@ -332,18 +345,20 @@ mod tests {
                 .map(|value| value.to_str().unwrap().to_owned())
         };
         assert_eq!(get(&upstream, X_RATELIMIT_REMAINING).as_deref(), Some("3"));
-        for name in [X_QUOTA_LIMIT, X_QUOTA_REMAINING, X_QUOTA_RESET] {
+        for name in &theirs[5..] {
             assert_eq!(get(&upstream, name), None, "{name}");
         }
         assert_eq!(get(&upstream, "X-Other").as_deref(), Some("kept"));
+        assert_eq!(get(&upstream, "X-Quotas").as_deref(), Some("kept"));
+        assert_eq!(upstream.headers.len(), 2 + 5);
 
         let mut none = decision();
         none.quota = None;
         none.windows.clear();
         write(&mut upstream, &none, 0).unwrap();
-        for name in ALL {
+        for name in theirs {
             assert_eq!(get(&upstream, name), None, "{name}");
         }
-        assert_eq!(upstream.headers.len(), 1);
+        assert_eq!(upstream.headers.len(), 2);
     }
 }

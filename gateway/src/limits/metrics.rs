@@ -33,7 +33,7 @@ pub enum Counted {
     Batched,
 }
 
-/// Spelled as the problem types of the refusals.
+/// Spelled as the problem types of the refusals (words joined by hyphens, as every label here).
 const RESULTS: [&str; 3] = ["allowed", "rate-limited", "quota-exceeded"];
 const COUNTED: [&str; 4] = ["local", "redis", "fallback", "batched"];
 
