@@ -579,6 +579,14 @@ async fn a_gateway_killed_under_load_stores_exactly_the_requests_that_got_a_resp
         requests, used,
         "one stored event per counted request, no duplicate"
     );
+    // What the killed process had not sent was sent by this one, and counted as such.
+    assert!(
+        gateway
+            .metric("tollgate_usage_events_replayed_total")
+            .await
+            .unwrap()
+            >= 1.0
+    );
     // The quota counter starts from the stored count, not from nothing.
     let next = get(&gateway, "/api/after", &customer.key).await;
     assert_eq!(next.status(), 200);
@@ -753,6 +761,14 @@ usage = true
     let control_plane = ControlPlane::start_at(&database.url(), address, &admin).await;
     let api = control_plane.api();
     wait_for_used(&api, &customer.id, served).await;
+    assert!(
+        gateway
+            .metric("tollgate_usage_events_replayed_total")
+            .await
+            .unwrap()
+            >= 1.0,
+        "the batches the ledger did not take were sent again"
+    );
     let started = Instant::now();
     while get(&gateway, "/api/again", &customer.key).await.status() != 200 {
         assert!(started.elapsed() < Duration::from_secs(30), "still refused");

@@ -64,6 +64,8 @@ struct Segment {
     /// Ids of its events the ledger refused for good, set aside already: when the segment is
     /// sent again (a later batch found the ledger unavailable), they are not.
     refused: HashSet<String>,
+    /// Whether the ledger did not take a batch of it: its events are sent again.
+    again: bool,
 }
 
 /// The last pass at shutdown comes after the drain: requests that end while the gateway drains
@@ -212,6 +214,8 @@ impl Sender {
                     sent: false,
                     held: false,
                     refused: HashSet::new(),
+                    // Written by an earlier process: sent again after a restart.
+                    again: seq < self.meter.spool.first_own_seq(),
                 },
             );
         }
@@ -253,7 +257,12 @@ impl Sender {
             while let Some(batch) = batches.pop() {
                 let result = ledger.record(&batch).await;
                 match result {
-                    Ok(stored) => self.meter.metrics.sent(stored.inserted, stored.duplicates),
+                    Ok(stored) => {
+                        self.meter.metrics.sent(stored.inserted, stored.duplicates);
+                        if segment.again {
+                            self.meter.metrics.replayed(batch.len() as u64);
+                        }
+                    }
                     Err(LedgerError::TooLarge(reason)) if batch.len() > 1 => {
                         tracing::warn!(
                             %reason,
@@ -305,6 +314,7 @@ impl Sender {
                     }
                     Err(LedgerError::Unavailable(error)) => {
                         self.meter.metrics.send_failed();
+                        segment.again = true;
                         tracing::warn!(%error, "cannot store usage yet; it stays in the spool");
                         return Ok(Passed::NotTaken);
                     }
@@ -583,6 +593,11 @@ mod tests {
             stored.units, 21,
             "the 21 requests, and the refunded one at 0 units"
         );
+        assert_eq!(
+            sender.meter.metrics.replayed_so_far(),
+            22,
+            "every event an earlier process spooled is sent again"
+        );
     }
 
     #[tokio::test]
@@ -604,10 +619,14 @@ mod tests {
         // The ledger back: a pass sends what it read and says more is left; the rest follows.
         let store = sqlite_store(dir.path()).await;
         let ledger = StoreLedger(store.clone());
+        assert_eq!(sender.meter.metrics.replayed_so_far(), 0);
         let passed = sender.pass(&mut segments, &ledger).await.unwrap();
         assert_eq!(passed, Passed::MoreToRead);
         let stored = store.period_usage(CUSTOMER, 0, i64::MAX).await.unwrap();
         assert_eq!(stored.units, 3 * MAX_UNSENT_SEGMENTS as u64);
+        // Only the first segment's batch was tried while the ledger was away: its 3 events
+        // were sent again; the others' first sending was now.
+        assert_eq!(sender.meter.metrics.replayed_so_far(), 3);
         let passed = sender.pass_all(&mut segments, &ledger).await.unwrap();
         assert_eq!(passed, Passed::AllSent);
         let stored = store.period_usage(CUSTOMER, 0, i64::MAX).await.unwrap();

@@ -4,9 +4,9 @@ use prometheus::{IntCounter, IntCounterVec, IntGauge, Opts};
 
 use crate::metrics::{
     Metrics, USAGE_BATCHES_STORED_TOTAL, USAGE_EVENTS_RECOVERED_TOTAL, USAGE_EVENTS_REJECTED_TOTAL,
-    USAGE_EVENTS_SPOOLED_TOTAL, USAGE_EVENTS_STORED_TOTAL, USAGE_SEND_FAILURES_TOTAL,
-    USAGE_SPOOL_BYTES, USAGE_SPOOL_ERRORS_TOTAL, USAGE_SPOOL_FULL_REFUSALS_TOTAL,
-    USAGE_SPOOL_MAX_BYTES, USAGE_VIEW_READS_TOTAL,
+    USAGE_EVENTS_REPLAYED_TOTAL, USAGE_EVENTS_SPOOLED_TOTAL, USAGE_EVENTS_STORED_TOTAL,
+    USAGE_SEND_FAILURES_TOTAL, USAGE_SPOOL_BYTES, USAGE_SPOOL_ERRORS_TOTAL,
+    USAGE_SPOOL_FULL_REFUSALS_TOTAL, USAGE_SPOOL_MAX_BYTES, USAGE_VIEW_READS_TOTAL,
 };
 
 /// Handles of the metering metrics.
@@ -16,6 +16,7 @@ pub struct MeteringMetrics {
     spool_max_bytes: IntGauge,
     spooled: IntCounter,
     recovered: IntCounter,
+    replayed: IntCounter,
     rejected: IntCounter,
     inserted: IntCounter,
     duplicates: IntCounter,
@@ -41,6 +42,11 @@ impl MeteringMetrics {
         let recovered = IntCounter::new(
             USAGE_EVENTS_RECOVERED_TOTAL,
             "Usage events an earlier process left pending, recovered from the spool.",
+        )?;
+        let replayed = IntCounter::new(
+            USAGE_EVENTS_REPLAYED_TOTAL,
+            "Usage events sent to the ledger again: spooled by an earlier process (a restart), or \
+             sent once more after the ledger did not take them (an outage).",
         )?;
         let rejected = IntCounter::new(
             USAGE_EVENTS_REJECTED_TOTAL,
@@ -79,6 +85,7 @@ impl MeteringMetrics {
         for collector in [
             &spooled,
             &recovered,
+            &replayed,
             &rejected,
             &batches,
             &send_failures,
@@ -94,6 +101,7 @@ impl MeteringMetrics {
             spool_max_bytes,
             spooled,
             recovered,
+            replayed,
             rejected,
             inserted: stored.with_label_values(&["inserted"]),
             duplicates: stored.with_label_values(&["duplicate"]),
@@ -125,6 +133,17 @@ impl MeteringMetrics {
     /// Counts events recovered from an earlier process's pending records.
     pub fn recovered(&self, events: u64) {
         self.recovered.inc_by(events);
+    }
+
+    /// Counts events sent to the ledger again.
+    pub fn replayed(&self, events: u64) {
+        self.replayed.inc_by(events);
+    }
+
+    /// Events counted as sent again, for tests.
+    #[cfg(test)]
+    pub fn replayed_so_far(&self) -> u64 {
+        self.replayed.get()
     }
 
     /// Counts events the ledger refused for good.
