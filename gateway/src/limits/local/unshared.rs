@@ -1,0 +1,240 @@
+//! Units counted in process for Redis (while it failed, or for a plan without limits): the
+//! batches they are kept in until Redis takes them, and what becomes of a batch it took,
+//! refused or did not answer.
+
+use std::sync::PoisonError;
+use std::sync::atomic::Ordering;
+
+use super::{Counts, LocalCounters, counts};
+use crate::identity::index::Id;
+use crate::limits::Reservation;
+use crate::limits::period::Period;
+
+/// A customer's quota units counted in process without asking Redis.
+#[derive(Debug, Default)]
+pub(super) struct Fallback {
+    /// Batches not yet added to Redis.
+    pub(super) unshared: Vec<Unshared>,
+    /// Batches taken to be added to Redis and not yet settled or put back.
+    pub(super) in_flight: Vec<Unshared>,
+    /// The last batches Redis did not take (their count was rebuilt from the ledger since): a
+    /// refund of one of their units is nobody's to give. Those it took are Redis' to refund,
+    /// as are units of batches not found here.
+    pub(super) refused: Vec<u128>,
+    /// Batches Redis took on their first and only call, by period: the marks their calls left
+    /// in the count (so that a call made again adds nothing) are no longer needed, and the
+    /// customer's next call to that count deletes them. A batch sent more than once (its first
+    /// call timed out) keeps its mark until the count expires: the first call may still
+    /// arrive, over another connection.
+    pub(super) answered: Vec<(Period, u128)>,
+}
+
+/// Quota units a clustered gateway counted in process without asking Redis (while it failed, or
+/// for a plan without limits): they belong in the shared count, or the customer would have had
+/// them for free.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Unshared {
+    /// The period they were counted in.
+    pub period: Period,
+    /// Units, overage included.
+    pub units: u64,
+    /// Of them, units past a soft quota.
+    pub overage: u64,
+    /// The generation of the Redis quota count they belong in.
+    pub generation: i64,
+    /// Names this batch in Redis, so that a call adding it that timed out but ran after all
+    /// makes the next attempt add nothing.
+    pub token: u128,
+    /// When its earliest unit was decided, Unix ms: a count Redis made again after then holds
+    /// none of its units, in any part.
+    pub first_ms: i64,
+    /// Sent to Redis once without an answer: it may be counted there already, so it takes no
+    /// more units (they go into a batch of their own).
+    pub(super) sealed: bool,
+}
+
+/// Batches Redis refused remembered per customer, for refunds of their units.
+const REFUSED_KEPT: usize = 16;
+/// Marks of batches Redis took remembered per customer for deletion; past this many (the
+/// customer's count could not be reached for that long), the oldest stay in the count until it
+/// expires.
+const ANSWERED_KEPT: usize = 256;
+/// Most marks one call deletes.
+pub const FORGET_PER_CALL: usize = 64;
+
+impl LocalCounters {
+    /// Notes that `reservation`, counted here because Redis could not be asked, is not in
+    /// Redis' count; the token of the batch it joins, or `None` when it cannot be added there:
+    /// this process has not seen the customer's count in Redis rebuilt from the ledger this
+    /// period, so there is no count it is known not to be in (it is in the ledger, which a count
+    /// rebuilt later reads).
+    pub fn note_unshared(&self, customer: &Id, reservation: &Reservation) -> Option<u128> {
+        let mut shard = self.shard(customer);
+        // Counted in process just before: the customer has counts.
+        let counts = shard.get_mut(customer)?;
+        let generation = counts.generation_of(reservation.period)?;
+        Some(self.add_unshared(counts, customer, reservation, generation))
+    }
+
+    /// Adds `reservation` to the customer's open batch for the count of `generation` (the one
+    /// this process knows for the reservation's period); the batch's token.
+    pub(super) fn add_unshared(
+        &self,
+        counts: &mut Counts,
+        customer: &Id,
+        reservation: &Reservation,
+        generation: i64,
+    ) -> u128 {
+        let was_empty = counts.unshared().is_empty();
+        let batches = &mut counts.fallback().unshared;
+        let open = batches
+            .iter_mut()
+            .find(|u| u.period == reservation.period && u.generation == generation && !u.sealed);
+        match open {
+            Some(batch) => {
+                batch.units += reservation.units;
+                batch.overage += reservation.overage;
+                batch.first_ms = batch.first_ms.min(reservation.at_ms);
+                batch.token
+            }
+            None => {
+                if was_empty {
+                    self.now_unshared(customer);
+                }
+                let token = uuid::Uuid::new_v4().as_u128();
+                batches.push(Unshared {
+                    period: reservation.period,
+                    units: reservation.units,
+                    overage: reservation.overage,
+                    generation,
+                    token,
+                    first_ms: reservation.at_ms,
+                    sealed: false,
+                });
+                token
+            }
+        }
+    }
+
+    /// Takes back a refunded reservation whose unit went into the batch `token`: from that
+    /// batch while it is unsent (`true`), or nowhere when Redis did not take the batch (`true`).
+    /// `false` when the refund is Redis' to give: the batch was added there, or it was sent
+    /// without an answer (sealed: Redis may have it, and if not, the refund and the batch add
+    /// up the same whatever their order), or it is forgotten.
+    pub fn refund_unshared(&self, customer: &Id, reservation: &Reservation, token: u128) -> bool {
+        let mut shard = self.shard(customer);
+        let Some(fallback) = shard.get_mut(customer).and_then(|c| c.fallback.as_mut()) else {
+            return false;
+        };
+        if let Some(batch) = fallback.unshared.iter_mut().find(|u| u.token == token) {
+            if batch.sealed || batch.units < reservation.units {
+                return false;
+            }
+            batch.units -= reservation.units;
+            batch.overage = batch.overage.saturating_sub(reservation.overage);
+            return true;
+        }
+        fallback.refused.contains(&token)
+    }
+
+    /// Remembers that `batch` was sent and whether Redis took it (`shared`): a refused batch
+    /// for the refunds of its units, a taken one sent only this once for deleting its mark.
+    pub fn settle_unshared(&self, customer: &Id, batch: &Unshared, shared: bool) {
+        if let Some(counts) = self.shard(customer).get_mut(customer) {
+            let fallback = counts.fallback();
+            fallback.in_flight.retain(|u| u.token != batch.token);
+            if !shared {
+                if fallback.refused.len() == REFUSED_KEPT {
+                    fallback.refused.remove(0);
+                }
+                fallback.refused.push(batch.token);
+            } else if !batch.sealed {
+                if fallback.answered.len() == ANSWERED_KEPT {
+                    fallback.answered.remove(0);
+                }
+                fallback.answered.push((batch.period, batch.token));
+            }
+        }
+    }
+
+    /// Takes up to [`FORGET_PER_CALL`] tokens of batches of `period` Redis took, whose marks the
+    /// next call to that count may delete.
+    pub fn take_answered(&self, customer: &Id, period: Period) -> Vec<u128> {
+        let mut shard = self.shard(customer);
+        let Some(fallback) = shard.get_mut(customer).and_then(|c| c.fallback.as_mut()) else {
+            return Vec::new();
+        };
+        let mut taken = Vec::new();
+        fallback.answered.retain(|&(of, token)| {
+            if of == period && taken.len() < FORGET_PER_CALL {
+                taken.push(token);
+                false
+            } else {
+                true
+            }
+        });
+        taken
+    }
+
+    /// Puts back tokens [`take_answered`](Self::take_answered) took, whose call did not answer.
+    pub fn restore_answered(&self, customer: &Id, period: Period, tokens: Vec<u128>) {
+        if tokens.is_empty() {
+            return;
+        }
+        if let Some(counts) = self.shard(customer).get_mut(customer) {
+            let answered = &mut counts.fallback().answered;
+            answered.extend(tokens.into_iter().map(|token| (period, token)));
+            let over = answered.len().saturating_sub(ANSWERED_KEPT);
+            answered.drain(..over);
+        }
+    }
+
+    /// Takes the customer's unshared units, to add them to Redis, each batch to the count of its
+    /// own period (Redis keeps a count a day past its period's end, so a batch of a period that
+    /// has just ended still reaches it). Costs one atomic load while no customer has any.
+    pub fn take_unshared(&self, customer: &Id) -> Vec<Unshared> {
+        if self.unshared.load(Ordering::Relaxed) == 0 {
+            return Vec::new();
+        }
+        let mut shard = self.shard(customer);
+        let Some(fallback) = shard
+            .get_mut(customer)
+            .and_then(|c| c.fallback.as_mut())
+            .filter(|f| !f.unshared.is_empty())
+        else {
+            return Vec::new();
+        };
+        self.unshared.fetch_sub(1, Ordering::Relaxed);
+        let mut taken = std::mem::take(&mut fallback.unshared);
+        taken.retain(|u| u.units > 0);
+        fallback.in_flight.extend_from_slice(&taken);
+        taken
+    }
+
+    /// Counts a customer that has just come to hold unshared units, and lists it for the task
+    /// that adds them to Redis.
+    fn now_unshared(&self, customer: &Id) {
+        self.unshared.fetch_add(1, Ordering::Relaxed);
+        self.pending
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .push(*customer);
+    }
+
+    /// Puts back a batch [`take_unshared`](Self::take_unshared) took and Redis did not answer
+    /// for: `sent`, it may still be counted there, so it is sealed (it takes no more units and
+    /// gives none back).
+    pub fn restore_unshared(&self, customer: &Id, batch: Unshared, sent: bool) {
+        let mut shard = self.shard(customer);
+        let counts = counts(&mut shard, customer, batch.period);
+        if counts.unshared().is_empty() {
+            self.now_unshared(customer);
+        }
+        let fallback = counts.fallback();
+        fallback.in_flight.retain(|u| u.token != batch.token);
+        fallback.unshared.push(Unshared {
+            sealed: batch.sealed || sent,
+            ..batch
+        });
+    }
+}
