@@ -15,9 +15,8 @@
 //!   or sends what cannot be used (a snapshot that does not check), is asked again after a delay
 //!   growing to 10 s.
 
-use std::fs::{File, OpenOptions};
-use std::io::{BufRead, BufReader, Read, Write};
-use std::path::{Path, PathBuf};
+use std::fs::File;
+use std::path::Path;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicI64, Ordering};
 use std::time::{Duration, Instant};
@@ -31,6 +30,8 @@ use tollgate_model::feed::Changes;
 
 use super::index::{Applied, Identities, Invalid, ScopeInterner};
 use super::snapshot;
+use super::stored::apply;
+pub use super::stored::{Restored, Stored};
 use crate::state::Gateway;
 
 /// How long one request to the change feed waits for a change: the control plane confirms the
@@ -54,176 +55,6 @@ pub struct Source {
     pub base_url: String,
     /// A token with role `gateway`.
     pub token: String,
-}
-
-/// The stored snapshot and the changes applied after it.
-#[derive(Debug, Clone)]
-pub struct Stored {
-    /// The snapshot as received (gzip or plain JSON).
-    pub snapshot: PathBuf,
-    /// One JSON `Changes` per line.
-    pub journal: PathBuf,
-}
-
-impl Stored {
-    /// The files for `snapshot`: the journal sits beside it.
-    pub fn new(snapshot: PathBuf) -> Self {
-        let mut journal = snapshot.clone().into_os_string();
-        journal.push(".changes");
-        Self {
-            snapshot,
-            journal: PathBuf::from(journal),
-        }
-    }
-
-    /// Unix ms `path` was last modified, if it can be read.
-    fn modified_ms(path: &Path) -> Option<i64> {
-        let modified = std::fs::metadata(path).and_then(|m| m.modified()).ok()?;
-        let since_epoch = modified.duration_since(std::time::UNIX_EPOCH).ok()?;
-        Some(i64::try_from(since_epoch.as_millis()).unwrap_or(i64::MAX))
-    }
-
-    fn temporary(&self) -> PathBuf {
-        let mut path = self.snapshot.clone().into_os_string();
-        path.push(".partial");
-        PathBuf::from(path)
-    }
-
-    /// Loads the stored snapshot and replays the journal. `Ok(None)` when nothing is stored.
-    pub fn restore(&self, interner: &mut ScopeInterner) -> Result<Option<Restored>, Invalid> {
-        let file = match File::open(&self.snapshot) {
-            Ok(file) => file,
-            Err(error) if error.kind() == std::io::ErrorKind::NotFound => return Ok(None),
-            Err(error) => {
-                return Err(Invalid(format!(
-                    "cannot read {}: {error}",
-                    self.snapshot.display()
-                )));
-            }
-        };
-        let mut identities = snapshot::read(decoded(file), interner)?;
-        // How old the state is: when its snapshot was stored, or its last replayed page
-        // written (the journal's time for a page of an earlier version, which wrote none; read
-        // before a cut, which sets it to now).
-        let mut written_at_ms = Self::modified_ms(&self.snapshot).unwrap_or(0);
-        let journal_written_ms = Self::modified_ms(&self.journal).unwrap_or(0);
-        let mut pages = 0;
-        let mut journal_follows = true;
-        if let Ok(journal) = File::open(&self.journal) {
-            // Replay stops at a torn line (a crash mid-write) or a gap (a page that does not
-            // start where the last one ended); the journal is cut there, so later appends
-            // follow on from what was replayed, and the feed fills the rest.
-            let mut kept = 0u64;
-            let mut cut = false;
-            for line in BufReader::new(journal).split(b'\n') {
-                let Ok(line) = line else {
-                    cut = true;
-                    break;
-                };
-                let Ok(entry) = serde_json::from_slice::<JournalPage>(&line) else {
-                    cut = true;
-                    break;
-                };
-                if entry.page.version > identities.version {
-                    if entry.since != identities.version {
-                        cut = true;
-                        break;
-                    }
-                    match apply(&identities, &entry.page, interner)? {
-                        Applied::Next(next) => identities = next,
-                        Applied::NeedsSnapshot(_) => {
-                            cut = true;
-                            break;
-                        }
-                    }
-                }
-                pages += 1;
-                kept += line.len() as u64 + 1;
-                written_at_ms = written_at_ms.max(entry.at_ms.unwrap_or(journal_written_ms));
-            }
-            if cut
-                && let Err(error) = OpenOptions::new()
-                    .write(true)
-                    .open(&self.journal)
-                    .and_then(|file| file.set_len(kept))
-            {
-                tracing::warn!(%error, file = %self.journal.display(), "cannot cut the journal");
-                journal_follows = false;
-            }
-        }
-        Ok(Some(Restored {
-            identities,
-            pages,
-            written_at_ms,
-            journal_follows,
-        }))
-    }
-
-    fn append(&self, since: i64, page: &Changes) -> std::io::Result<()> {
-        let entry = JournalPage {
-            since,
-            at_ms: Some(super::unix_ms()),
-            page: page.clone(),
-        };
-        let mut line = serde_json::to_vec(&entry).map_err(std::io::Error::other)?;
-        line.push(b'\n');
-        let mut journal = OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&self.journal)?;
-        journal.write_all(&line)?;
-        journal.sync_data()
-    }
-}
-
-/// What a restart finds stored.
-#[derive(Debug)]
-pub struct Restored {
-    /// The snapshot with the journal's pages applied.
-    pub identities: Identities,
-    /// Pages replayed.
-    pub pages: usize,
-    /// Unix ms that state was stored (its age).
-    pub written_at_ms: i64,
-    /// Whether pages appended to the journal follow on from it (false when what the replay
-    /// stopped at could not be cut away: a page appended after it would never be replayed).
-    pub journal_follows: bool,
-}
-
-/// One line of the journal: a page of changes and the version it was applied on.
-#[derive(Debug, serde::Serialize, serde::Deserialize)]
-struct JournalPage {
-    /// The version the page starts from.
-    since: i64,
-    /// Unix ms it was written (absent in a journal of an earlier version).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    at_ms: Option<i64>,
-    /// The page.
-    #[serde(flatten)]
-    page: Changes,
-}
-
-/// A snapshot file as plain JSON, whether it was stored gzip-compressed or not.
-fn decoded(mut file: File) -> Box<dyn Read + Send> {
-    let mut magic = [0u8; 2];
-    let gzip = file.read_exact(&mut magic).is_ok() && magic == [0x1f, 0x8b];
-    let file = Box::new(std::io::Cursor::new(magic).chain(file));
-    if gzip {
-        Box::new(flate2::read::GzDecoder::new(file))
-    } else {
-        file
-    }
-}
-
-fn apply(
-    identities: &Identities,
-    page: &Changes,
-    interner: &mut ScopeInterner,
-) -> Result<Applied, Invalid> {
-    let entities = page.changes.iter().map(|change| &change.entity);
-    // The page's mark of its version: none from a control plane of an earlier version, whose
-    // changes are then asked for by version alone.
-    identities.apply(page.version, page.version_at_ms, entities, interner)
 }
 
 /// Why one attempt to sync failed.
@@ -467,7 +298,8 @@ impl Follower {
             .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"gzip"));
         let (sender, receiver) = mpsc::channel::<Bytes>(16);
         let partial = self.stored.temporary();
-        let reader = tokio::task::spawn_blocking(move || read_streamed(receiver, &partial, gzip));
+        let reader =
+            tokio::task::spawn_blocking(move || snapshot::read_streamed(receiver, &partial, gzip));
         let mut response = response;
         let streamed: Result<(), SyncError> = async {
             while let Some(chunk) = response.chunk().await? {
@@ -605,219 +437,10 @@ async fn check_status(response: reqwest::Response) -> Result<reqwest::Response, 
     Err(SyncError::Refused(status.as_u16(), detail))
 }
 
-/// Reads the streamed snapshot: every chunk is written to `partial` as received and read,
-/// decompressed if `gzip`, into the index. Returns with it whether `partial` holds all of it:
-/// a file that cannot be written (a full disk, a directory the gateway may not write) costs
-/// the copy kept for restarts, never the snapshot itself.
-fn read_streamed(
-    receiver: mpsc::Receiver<Bytes>,
-    partial: &Path,
-    gzip: bool,
-) -> Result<(Identities, Result<(), String>), Invalid> {
-    let file =
-        File::create(partial).map_err(|e| format!("cannot write {}: {e}", partial.display()));
-    let mut tee = Tee {
-        receiver,
-        chunk: Bytes::new(),
-        file,
-    };
-    let mut interner = ScopeInterner::default();
-    let identities = if gzip {
-        snapshot::read(flate2::read::GzDecoder::new(&mut tee), &mut interner)?
-    } else {
-        snapshot::read(&mut tee, &mut interner)?
-    };
-    let written = tee.file.map(drop);
-    if written.is_err() {
-        let _ = std::fs::remove_file(partial);
-    }
-    Ok((identities, written))
-}
-
-/// Reads chunks from a channel, writing each to a file on the way while it can; once a write
-/// fails, `file` holds why and the rest is only read.
-struct Tee {
-    receiver: mpsc::Receiver<Bytes>,
-    chunk: Bytes,
-    file: Result<File, String>,
-}
-
-impl Tee {
-    fn write(&mut self, chunk: Option<&[u8]>) {
-        if let Ok(file) = &mut self.file {
-            let written = match chunk {
-                Some(chunk) => file.write_all(chunk),
-                None => file.sync_all(),
-            };
-            if let Err(error) = written {
-                self.file = Err(format!("cannot write the snapshot's copy: {error}"));
-            }
-        }
-    }
-}
-
-impl Read for &mut Tee {
-    fn read(&mut self, buffer: &mut [u8]) -> std::io::Result<usize> {
-        while self.chunk.is_empty() {
-            match self.receiver.blocking_recv() {
-                Some(chunk) => {
-                    self.write(Some(&chunk));
-                    self.chunk = chunk;
-                }
-                None => {
-                    self.write(None);
-                    return Ok(0);
-                }
-            }
-        }
-        let n = buffer.len().min(self.chunk.len());
-        buffer[..n].copy_from_slice(&self.chunk.split_to(n));
-        Ok(n)
-    }
-}
-
 #[async_trait]
 impl BackgroundService for Follower {
     /// [`Follower::restore`] runs before the proxy starts; this follows the feed.
     async fn start(&self, shutdown: ShutdownWatch) {
         self.follow(shutdown).await;
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    const CUSTOMER: &str = "cus_00000000000000000000000000000001";
-
-    fn plan_json() -> serde_json::Value {
-        serde_json::json!({
-            "id": "plan_1", "name": "p", "rate_limits": [], "quota": null, "price": null,
-            "status": "active", "created_at": "t", "updated_at": "t"
-        })
-    }
-
-    fn key_change(version: i64, n: u8) -> serde_json::Value {
-        serde_json::json!({
-            "version": version, "kind": "key", "id": format!("key_{:032x}", n),
-            "key": {
-                "id": format!("key_{:032x}", n), "customer_id": CUSTOMER,
-                "hash": format!("{:064x}", n), "expires_at_ms": null, "revoked_at_ms": null,
-                "scopes": null
-            }
-        })
-    }
-
-    fn line(since: i64, version: i64, n: u8) -> String {
-        serde_json::json!({"since": since, "version": version, "changes": [key_change(version, n)]})
-            .to_string()
-    }
-
-    fn stored(journal: &str) -> (tempfile::TempDir, Stored) {
-        let dir = tempfile::tempdir().unwrap();
-        let stored = Stored::new(dir.path().join("snapshot.json"));
-        let snapshot = serde_json::json!({
-            "version": 7, "plans": [plan_json()],
-            "customers": [{"id": CUSTOMER, "plan_id": "plan_1", "status": "active"}],
-            "keys": []
-        });
-        std::fs::write(&stored.snapshot, snapshot.to_string()).unwrap();
-        std::fs::write(&stored.journal, journal).unwrap();
-        (dir, stored)
-    }
-
-    #[test]
-    fn the_journal_is_replayed_in_order_and_cut_at_a_torn_line() {
-        let good = format!("{}\n{}\n", line(7, 8, 1), line(8, 9, 2));
-        let (_dir, stored) = stored(&format!("{good}{{\"since\": 9, \"vers"));
-        let Restored {
-            identities, pages, ..
-        } = stored
-            .restore(&mut ScopeInterner::default())
-            .unwrap()
-            .unwrap();
-        assert_eq!(
-            (identities.version, pages, identities.key_count()),
-            (9, 2, 2)
-        );
-        assert_eq!(std::fs::read_to_string(&stored.journal).unwrap(), good);
-        // What is appended next follows on from the replayed pages.
-        let page: Changes = serde_json::from_str(&line(9, 10, 3)).unwrap();
-        stored.append(9, &page).unwrap();
-        let identities = stored
-            .restore(&mut ScopeInterner::default())
-            .unwrap()
-            .unwrap()
-            .identities;
-        assert_eq!((identities.version, identities.key_count()), (10, 3));
-    }
-
-    #[test]
-    fn a_gap_in_the_journal_stops_the_replay_there() {
-        // The page from 8 to 9 is missing: the page from 9 must not be applied on 8.
-        let (_dir, stored) = stored(&format!("{}\n{}\n", line(7, 8, 1), line(9, 10, 3)));
-        let Restored {
-            identities, pages, ..
-        } = stored
-            .restore(&mut ScopeInterner::default())
-            .unwrap()
-            .unwrap();
-        assert_eq!(
-            (identities.version, pages, identities.key_count()),
-            (8, 1, 1)
-        );
-        assert_eq!(
-            std::fs::read_to_string(&stored.journal).unwrap(),
-            format!("{}\n", line(7, 8, 1))
-        );
-    }
-
-    #[test]
-    fn the_age_of_what_is_restored_is_when_it_was_written_not_when_the_journal_was_cut() {
-        let hour_ago = super::super::unix_ms() - 3_600_000;
-        let mut first: serde_json::Value = serde_json::from_str(&line(7, 8, 1)).unwrap();
-        first["at_ms"] = serde_json::json!(hour_ago);
-        // A page that does not follow on (journaled after a snapshot that was not stored) is
-        // cut, which writes the journal now.
-        let (_dir, cut) = stored(&format!("{first}\n{}\n", line(9, 10, 3)));
-        let two_hours_ago = std::time::SystemTime::now() - Duration::from_secs(7_200);
-        File::options()
-            .write(true)
-            .open(&cut.snapshot)
-            .unwrap()
-            .set_modified(two_hours_ago)
-            .unwrap();
-        let restored = cut.restore(&mut ScopeInterner::default()).unwrap().unwrap();
-        assert_eq!((restored.identities.version, restored.pages), (8, 1));
-        assert_eq!(restored.written_at_ms, hour_ago);
-        // Nothing replayed from the journal: the snapshot's own time.
-        let (_other, unreplayed) = stored(&format!("{}\n", line(9, 10, 3)));
-        File::options()
-            .write(true)
-            .open(&unreplayed.snapshot)
-            .unwrap()
-            .set_modified(two_hours_ago)
-            .unwrap();
-        let restored = unreplayed
-            .restore(&mut ScopeInterner::default())
-            .unwrap()
-            .unwrap();
-        let expected = two_hours_ago
-            .duration_since(std::time::UNIX_EPOCH)
-            .unwrap()
-            .as_millis() as i64;
-        assert_eq!((restored.pages, restored.written_at_ms), (0, expected));
-    }
-
-    #[test]
-    fn nothing_stored_is_no_identities() {
-        let dir = tempfile::tempdir().unwrap();
-        let stored = Stored::new(dir.path().join("absent.json.gz"));
-        assert!(
-            stored
-                .restore(&mut ScopeInterner::default())
-                .unwrap()
-                .is_none()
-        );
     }
 }

@@ -4,8 +4,8 @@
 //! # Layout
 //! - [`index`]: the compact, immutable index of plans, customers and keys at one version.
 //! - [`snapshot`]: reading a snapshot's JSON entry by entry into the index.
-//! - [`follow`]: loading the snapshot, following the change feed, keeping the last good snapshot
-//!   on disk.
+//! - [`follow`]: loading the snapshot, following the change feed.
+//! - [`stored`]: the last good snapshot and its journal of changes, on disk.
 //! - [`failures`]: failed authentications per client address, refused past a rate.
 //! - [`jwt`]: JWT verification and the background JWKS refresh.
 
@@ -14,6 +14,7 @@ pub mod follow;
 pub mod index;
 pub mod jwt;
 pub mod snapshot;
+pub mod stored;
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};

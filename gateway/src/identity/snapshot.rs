@@ -1,12 +1,18 @@
 //! Reading a snapshot's JSON entry by entry, straight into the index, so a million keys never
-//! exist as a document or as a vector of feed records: only as compact entries.
+//! exist as a document or as a vector of feed records: only as compact entries. A snapshot
+//! being downloaded is read as its chunks arrive, and copied to a file on the way.
 
 use std::fmt;
-use std::io::Read;
+use std::fs::File;
+use std::io::{Read, Write};
+use std::path::Path;
 use std::sync::Arc;
+
+use bytes::Bytes;
 
 use serde::Deserializer;
 use serde::de::{DeserializeSeed, Error as _, IgnoredAny, MapAccess, SeqAccess, Visitor};
+use tokio::sync::mpsc;
 use tollgate_model::feed::{CustomerRecord, KeyRecord};
 use tollgate_model::plan::Plan;
 
@@ -149,5 +155,76 @@ impl<'de> Visitor<'de> for Keys<'_> {
             self.builder.keys.push(entry);
         }
         Ok(())
+    }
+}
+
+/// Reads the streamed snapshot: every chunk is written to `partial` as received and read,
+/// decompressed if `gzip`, into the index. Returns with it whether `partial` holds all of it:
+/// a file that cannot be written (a full disk, a directory the gateway may not write) costs
+/// the copy kept for restarts, never the snapshot itself.
+pub fn read_streamed(
+    receiver: mpsc::Receiver<Bytes>,
+    partial: &Path,
+    gzip: bool,
+) -> Result<(Identities, Result<(), String>), Invalid> {
+    let file =
+        File::create(partial).map_err(|e| format!("cannot write {}: {e}", partial.display()));
+    let mut tee = Tee {
+        receiver,
+        chunk: Bytes::new(),
+        file,
+    };
+    let mut interner = ScopeInterner::default();
+    let identities = if gzip {
+        read(flate2::read::GzDecoder::new(&mut tee), &mut interner)?
+    } else {
+        read(&mut tee, &mut interner)?
+    };
+    let written = tee.file.map(drop);
+    if written.is_err() {
+        let _ = std::fs::remove_file(partial);
+    }
+    Ok((identities, written))
+}
+
+/// Reads chunks from a channel, writing each to a file on the way while it can; once a write
+/// fails, `file` holds why and the rest is only read.
+struct Tee {
+    receiver: mpsc::Receiver<Bytes>,
+    chunk: Bytes,
+    file: Result<File, String>,
+}
+
+impl Tee {
+    fn write(&mut self, chunk: Option<&[u8]>) {
+        if let Ok(file) = &mut self.file {
+            let written = match chunk {
+                Some(chunk) => file.write_all(chunk),
+                None => file.sync_all(),
+            };
+            if let Err(error) = written {
+                self.file = Err(format!("cannot write the snapshot's copy: {error}"));
+            }
+        }
+    }
+}
+
+impl Read for &mut Tee {
+    fn read(&mut self, buffer: &mut [u8]) -> std::io::Result<usize> {
+        while self.chunk.is_empty() {
+            match self.receiver.blocking_recv() {
+                Some(chunk) => {
+                    self.write(Some(&chunk));
+                    self.chunk = chunk;
+                }
+                None => {
+                    self.write(None);
+                    return Ok(0);
+                }
+            }
+        }
+        let n = buffer.len().min(self.chunk.len());
+        buffer[..n].copy_from_slice(&self.chunk.split_to(n));
+        Ok(n)
     }
 }
