@@ -1,4 +1,7 @@
 //! Semantic checks, one behaviour per test, with the exact messages operators see.
+use http::Method;
+
+use super::super::{FeedSource, HostMatch, RouteAction};
 use super::*;
 use crate::config::load::parse;
 use std::path::Path;
