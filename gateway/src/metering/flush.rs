@@ -160,6 +160,30 @@ impl Sender {
         let now = crate::identity::unix_ms();
         let interval_ms = i64::try_from(self.interval.as_millis()).unwrap_or(i64::MAX);
         let active = self.meter.spool.tick(now, interval_ms)?;
+        let first_unread = self.read_closed(segments, active)?;
+        self.recover_orphans(segments, first_unread);
+        for segment in segments.values_mut().filter(|s| !s.sent) {
+            if !self.send(segment, ledger).await? {
+                return Ok(Passed::NotTaken);
+            }
+        }
+        self.remove_done(segments)?;
+        self.meter.metrics.spool_bytes(self.meter.spool.bytes());
+        Ok(if first_unread.is_some() {
+            Passed::MoreToRead
+        } else {
+            Passed::AllSent
+        })
+    }
+
+    /// Reads the closed segments before `active` not read yet, oldest first, while fewer than
+    /// [`MAX_UNSENT_SEGMENTS`] are unsent, settling pending records by the final records read;
+    /// the first segment left unread, if any.
+    fn read_closed(
+        &self,
+        segments: &mut BTreeMap<u64, Segment>,
+        active: u64,
+    ) -> anyhow::Result<Option<u64>> {
         let mut first_unread = None;
         let mut unsent = segments.values().filter(|s| !s.sent).count();
         for (seq, path) in self.meter.spool.closed(active)? {
@@ -219,8 +243,13 @@ impl Sender {
                 },
             );
         }
-        // Left by an earlier process and never settled: the response went out, so they count.
-        // Only once every segment it left is read: a later one may hold the final record.
+        Ok(first_unread)
+    }
+
+    /// Pending records an earlier process left and never settled: the response went out, so
+    /// they count, sent as they are. Only once every segment it left is read: a later one may
+    /// hold the final record.
+    fn recover_orphans(&self, segments: &mut BTreeMap<u64, Segment>, first_unread: Option<u64>) {
         let first_own = self.meter.spool.first_own_seq();
         let earlier_read = first_unread.is_none_or(|unread| unread >= first_own);
         let orphaned = if earlier_read { first_own } else { 0 };
@@ -240,95 +269,103 @@ impl Sender {
                 segment.sent = false;
             }
         }
-        for segment in segments.values_mut().filter(|s| !s.sent) {
-            // Batches a proxy in front of the ledger finds too large are sent in halves, and
-            // later ones no larger than what passed.
-            if !segment.refused.is_empty() {
-                let refused = &segment.refused;
-                segment.finals.retain(|event| !refused.contains(&event.id));
-            }
-            let size = self.batch.load(Ordering::Relaxed).max(1);
-            let mut batches: Vec<Cow<'_, [UsageEvent]>> = segment
-                .finals
-                .chunks(size)
-                .rev()
-                .map(Cow::Borrowed)
-                .collect();
-            while let Some(batch) = batches.pop() {
-                let result = ledger.record(&batch).await;
-                match result {
-                    Ok(stored) => {
-                        self.meter.metrics.sent(stored.inserted, stored.duplicates);
-                        if segment.again {
-                            self.meter.metrics.replayed(batch.len() as u64);
-                        }
-                    }
-                    Err(LedgerError::TooLarge(reason)) if batch.len() > 1 => {
-                        tracing::warn!(
-                            %reason,
-                            events = batch.len(),
-                            "the ledger refused a usage batch as too large; sending it in halves \
-                             (a lower [metering] batch_size avoids this)"
-                        );
-                        self.batch.fetch_min(batch.len() / 2, Ordering::Relaxed);
-                        let (first, second) = halves(batch);
-                        batches.push(second);
-                        batches.push(first);
-                    }
-                    // Only the events the ledger named are set aside; the others go again.
-                    Err(LedgerError::RefusedEvents(positions, reason)) => {
-                        let of = batch.len();
-                        let mut rest = batch.into_owned();
-                        // Positions not of this batch: it is set aside whole.
-                        let refused = take_refused(&mut rest, &positions)
-                            .unwrap_or_else(|| std::mem::take(&mut rest));
-                        let kept = self.meter.spool.set_aside(&refused)?;
-                        self.meter.metrics.rejected(refused.len() as u64);
-                        segment
-                            .refused
-                            .extend(refused.iter().map(|event| event.id.clone()));
-                        tracing::error!(
-                            %reason,
-                            events = refused.len(),
-                            of,
-                            kept = %kept.display(),
-                            "the ledger refused usage events; they are set aside, not sent \
-                             again, and the rest of their batch is sent without them"
-                        );
-                        if !rest.is_empty() {
-                            batches.push(Cow::Owned(rest));
-                        }
-                    }
-                    Err(LedgerError::Rejected(reason) | LedgerError::TooLarge(reason)) => {
-                        let kept = self.meter.spool.set_aside(&batch)?;
-                        self.meter.metrics.rejected(batch.len() as u64);
-                        segment
-                            .refused
-                            .extend(batch.iter().map(|event| event.id.clone()));
-                        tracing::error!(
-                            %reason,
-                            events = batch.len(),
-                            kept = %kept.display(),
-                            "the ledger refused a usage batch; it is set aside, not sent again"
-                        );
-                    }
-                    Err(LedgerError::Unavailable(error)) => {
-                        self.meter.metrics.send_failed();
-                        segment.again = true;
-                        tracing::warn!(%error, "cannot store usage yet; it stays in the spool");
-                        return Ok(Passed::NotTaken);
+    }
+
+    /// Sends `segment`'s unsent events in batches; false when the ledger did not take one
+    /// (the segment is sent again, whole, by a later pass).
+    async fn send(&self, segment: &mut Segment, ledger: &dyn Ledger) -> anyhow::Result<bool> {
+        // Batches a proxy in front of the ledger finds too large are sent in halves, and
+        // later ones no larger than what passed.
+        if !segment.refused.is_empty() {
+            let refused = &segment.refused;
+            segment.finals.retain(|event| !refused.contains(&event.id));
+        }
+        let size = self.batch.load(Ordering::Relaxed).max(1);
+        let mut batches: Vec<Cow<'_, [UsageEvent]>> = segment
+            .finals
+            .chunks(size)
+            .rev()
+            .map(Cow::Borrowed)
+            .collect();
+        while let Some(batch) = batches.pop() {
+            let result = ledger.record(&batch).await;
+            match result {
+                Ok(stored) => {
+                    self.meter.metrics.sent(stored.inserted, stored.duplicates);
+                    if segment.again {
+                        self.meter.metrics.replayed(batch.len() as u64);
                     }
                 }
-            }
-            segment.sent = true;
-            // Every pending record before this segment's final ones is settled in this pass;
-            // the final ones are not needed any more.
-            segment.finals = Vec::new();
-            if !segment.pending.is_empty() && !segment.held {
-                segment.held = true;
-                self.meter.spool.hold(segment.bytes);
+                Err(LedgerError::TooLarge(reason)) if batch.len() > 1 => {
+                    tracing::warn!(
+                        %reason,
+                        events = batch.len(),
+                        "the ledger refused a usage batch as too large; sending it in halves \
+                         (a lower [metering] batch_size avoids this)"
+                    );
+                    self.batch.fetch_min(batch.len() / 2, Ordering::Relaxed);
+                    let (first, second) = halves(batch);
+                    batches.push(second);
+                    batches.push(first);
+                }
+                // Only the events the ledger named are set aside; the others go again.
+                Err(LedgerError::RefusedEvents(positions, reason)) => {
+                    let of = batch.len();
+                    let mut rest = batch.into_owned();
+                    // Positions not of this batch: it is set aside whole.
+                    let refused = take_refused(&mut rest, &positions)
+                        .unwrap_or_else(|| std::mem::take(&mut rest));
+                    let kept = self.meter.spool.set_aside(&refused)?;
+                    self.meter.metrics.rejected(refused.len() as u64);
+                    segment
+                        .refused
+                        .extend(refused.iter().map(|event| event.id.clone()));
+                    tracing::error!(
+                        %reason,
+                        events = refused.len(),
+                        of,
+                        kept = %kept.display(),
+                        "the ledger refused usage events; they are set aside, not sent \
+                         again, and the rest of their batch is sent without them"
+                    );
+                    if !rest.is_empty() {
+                        batches.push(Cow::Owned(rest));
+                    }
+                }
+                Err(LedgerError::Rejected(reason) | LedgerError::TooLarge(reason)) => {
+                    let kept = self.meter.spool.set_aside(&batch)?;
+                    self.meter.metrics.rejected(batch.len() as u64);
+                    segment
+                        .refused
+                        .extend(batch.iter().map(|event| event.id.clone()));
+                    tracing::error!(
+                        %reason,
+                        events = batch.len(),
+                        kept = %kept.display(),
+                        "the ledger refused a usage batch; it is set aside, not sent again"
+                    );
+                }
+                Err(LedgerError::Unavailable(error)) => {
+                    self.meter.metrics.send_failed();
+                    segment.again = true;
+                    tracing::warn!(%error, "cannot store usage yet; it stays in the spool");
+                    return Ok(false);
+                }
             }
         }
+        segment.sent = true;
+        // Every pending record before this segment's final ones is settled in this pass;
+        // the final ones are not needed any more.
+        segment.finals = Vec::new();
+        if !segment.pending.is_empty() && !segment.held {
+            segment.held = true;
+            self.meter.spool.hold(segment.bytes);
+        }
+        Ok(true)
+    }
+
+    /// Deletes the segments sent whose pending records are all settled.
+    fn remove_done(&self, segments: &mut BTreeMap<u64, Segment>) -> anyhow::Result<()> {
         let done: Vec<u64> = segments
             .iter()
             .filter(|(_, s)| s.sent && s.pending.is_empty())
@@ -342,12 +379,7 @@ impl Sender {
                 }
             }
         }
-        self.meter.metrics.spool_bytes(self.meter.spool.bytes());
-        Ok(if first_unread.is_some() {
-            Passed::MoreToRead
-        } else {
-            Passed::AllSent
-        })
+        Ok(())
     }
 
     /// Passes until every closed segment is read and sent, or the ledger does not take a batch.
