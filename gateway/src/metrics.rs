@@ -91,8 +91,8 @@ pub const USAGE_EVENTS_STORED_TOTAL: &str = "tollgate_usage_events_stored_total"
 /// Usage events an earlier process left pending (killed between a response and its end),
 /// recovered from the spool.
 pub const USAGE_EVENTS_RECOVERED_TOTAL: &str = "tollgate_usage_events_recovered_total";
-/// Usage events sent to the ledger again: spooled by an earlier process (a restart), or sent
-/// once more after the ledger did not take them (an outage).
+/// Usage events sent to the ledger again: spooled by an earlier process (a restart), or offered
+/// before while the ledger was unavailable (an outage).
 pub const USAGE_EVENTS_REPLAYED_TOTAL: &str = "tollgate_usage_events_replayed_total";
 /// Usage events the ledger refused for good, set aside in the spool's `rejected/` directory.
 pub const USAGE_EVENTS_REJECTED_TOTAL: &str = "tollgate_usage_events_rejected_total";

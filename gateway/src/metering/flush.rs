@@ -64,8 +64,10 @@ struct Segment {
     /// Ids of its events the ledger refused for good, set aside already: when the segment is
     /// sent again (a later batch found the ledger unavailable), they are not.
     refused: HashSet<String>,
-    /// Whether the ledger did not take a batch of it: its events are sent again.
-    again: bool,
+    /// How many of its events (in order, of those not set aside) were offered to the ledger
+    /// before: all of a segment an earlier process spooled (it may have sent them), and up to
+    /// the batch the ledger was unavailable for otherwise. Sending them counts as a replay.
+    offered: usize,
 }
 
 /// The last pass at shutdown comes after the drain: requests that end while the gateway drains
@@ -238,8 +240,11 @@ impl Sender {
                     sent: false,
                     held: false,
                     refused: HashSet::new(),
-                    // Written by an earlier process: sent again after a restart.
-                    again: seq < self.meter.spool.first_own_seq(),
+                    offered: if seq < self.meter.spool.first_own_seq() {
+                        usize::MAX
+                    } else {
+                        0
+                    },
                 },
             );
         }
@@ -287,14 +292,18 @@ impl Sender {
             .rev()
             .map(Cow::Borrowed)
             .collect();
+        // Where the batch being sent starts, among the segment's events in order.
+        let mut position = 0;
         while let Some(batch) = batches.pop() {
             let result = ledger.record(&batch).await;
             match result {
                 Ok(stored) => {
                     self.meter.metrics.sent(stored.inserted, stored.duplicates);
-                    if segment.again {
-                        self.meter.metrics.replayed(batch.len() as u64);
+                    let replayed = segment.offered.saturating_sub(position).min(batch.len());
+                    if replayed > 0 {
+                        self.meter.metrics.replayed(replayed as u64);
                     }
+                    position += batch.len();
                 }
                 Err(LedgerError::TooLarge(reason)) if batch.len() > 1 => {
                     tracing::warn!(
@@ -317,6 +326,7 @@ impl Sender {
                         .unwrap_or_else(|| std::mem::take(&mut rest));
                     let kept = self.meter.spool.set_aside(&refused)?;
                     self.meter.metrics.rejected(refused.len() as u64);
+                    position += refused.len();
                     segment
                         .refused
                         .extend(refused.iter().map(|event| event.id.clone()));
@@ -335,6 +345,7 @@ impl Sender {
                 Err(LedgerError::Rejected(reason) | LedgerError::TooLarge(reason)) => {
                     let kept = self.meter.spool.set_aside(&batch)?;
                     self.meter.metrics.rejected(batch.len() as u64);
+                    position += batch.len();
                     segment
                         .refused
                         .extend(batch.iter().map(|event| event.id.clone()));
@@ -347,7 +358,7 @@ impl Sender {
                 }
                 Err(LedgerError::Unavailable(error)) => {
                     self.meter.metrics.send_failed();
-                    segment.again = true;
+                    segment.offered = segment.offered.max(position + batch.len());
                     tracing::warn!(%error, "cannot store usage yet; it stays in the spool");
                     return Ok(false);
                 }
@@ -656,9 +667,9 @@ mod tests {
         assert_eq!(passed, Passed::MoreToRead);
         let stored = store.period_usage(CUSTOMER, 0, i64::MAX).await.unwrap();
         assert_eq!(stored.units, 3 * MAX_UNSENT_SEGMENTS as u64);
-        // Only the first segment's batch was tried while the ledger was away: its 3 events
-        // were sent again; the others' first sending was now.
-        assert_eq!(sender.meter.metrics.replayed_so_far(), 3);
+        // Only the first segment's first batch (2 events) was offered while the ledger was
+        // away: those were sent again; every other event's first sending was now.
+        assert_eq!(sender.meter.metrics.replayed_so_far(), 2);
         let passed = sender.pass_all(&mut segments, &ledger).await.unwrap();
         assert_eq!(passed, Passed::AllSent);
         let stored = store.period_usage(CUSTOMER, 0, i64::MAX).await.unwrap();

@@ -46,7 +46,7 @@ impl MeteringMetrics {
         let replayed = IntCounter::new(
             USAGE_EVENTS_REPLAYED_TOTAL,
             "Usage events sent to the ledger again: spooled by an earlier process (a restart), or \
-             sent once more after the ledger did not take them (an outage).",
+             offered before while the ledger was unavailable (an outage).",
         )?;
         let rejected = IntCounter::new(
             USAGE_EVENTS_REJECTED_TOTAL,
