@@ -1,6 +1,6 @@
 //! Configuration: the file (`gateway.toml`) and the checked, internal form the gateway runs on.
 //!
-//! [`load`] reads the file into [`file`] types, [`validate`] converts them into [`Config`] or
+//! [`load`] reads the file into [`file`](mod@file) types, [`validate`] converts them into [`Config`] or
 //! returns every problem with its field path. Nothing outside this module sees the file types.
 
 pub mod file;

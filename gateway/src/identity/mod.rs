@@ -3,7 +3,7 @@
 //!
 //! # Layout
 //! - [`index`]: the compact, immutable index of plans, customers and keys at one version.
-//! - [`snapshot`]: reading a snapshot's JSON entry by entry into the index.
+//! - [`snapshot`]: reading a snapshot's JSON entry by entry into the index, also as it downloads.
 //! - [`follow`]: loading the snapshot, following the change feed.
 //! - [`stored`]: the last good snapshot and its journal of changes, on disk.
 //! - [`failures`]: failed authentications per client address, refused past a rate.

@@ -162,7 +162,7 @@ impl<'de> Visitor<'de> for Keys<'_> {
 /// decompressed if `gzip`, into the index. Returns with it whether `partial` holds all of it:
 /// a file that cannot be written (a full disk, a directory the gateway may not write) costs
 /// the copy kept for restarts, never the snapshot itself.
-pub fn read_streamed(
+pub(super) fn read_streamed(
     receiver: mpsc::Receiver<Bytes>,
     partial: &Path,
     gzip: bool,

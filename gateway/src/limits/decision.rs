@@ -49,7 +49,7 @@ impl<'a> Policy<'a> {
     }
 }
 
-pub(crate) fn window_ms(seconds: u64) -> i64 {
+pub(super) fn window_ms(seconds: u64) -> i64 {
     i64::try_from(seconds.saturating_mul(1000)).unwrap_or(i64::MAX)
 }
 

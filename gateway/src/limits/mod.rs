@@ -46,16 +46,17 @@ use tollgate_model::plan::Plan;
 use crate::identity::index::Id;
 use crate::metering::ledger::Ledger;
 use clock::Clock;
-pub(crate) use decision::window_ms;
+use decision::window_ms;
 pub use decision::{Decision, FallbackUnit, Policy, Reservation, Verdict, ceil_seconds};
 use local::LocalCounters;
 pub use metrics::Counted;
 use metrics::{FallbackUnits, LimitMetrics};
 use period::Period;
 use redis::RedisCounters;
+use reseed::read_ledger;
 pub use reseed::{LEDGER_REST, SEED_TIMEOUT};
 use reseed::{LocalReseed, Resting};
-pub(crate) use reseed::{RESEED_CONCURRENCY, ReseedQueue, read_ledger};
+pub(crate) use reseed::{RESEED_CONCURRENCY, ReseedQueue};
 pub use sweep::{CounterSweep, SHARE_INTERVAL, SWEEP_INTERVAL};
 
 /// Where the counters live: in process, or in Redis with the in-process counters as fallback.
@@ -291,7 +292,7 @@ impl Limiter {
     /// in process and in Redis ([`RedisCounters::reseed_due`]): the events that were still in a
     /// spool then are in the ledger now. Run in the background (one pass at a time), every
     /// [`SHARE_INTERVAL`]; a read of the ledger that fails is tried again, up to
-    /// `RESEED_ATTEMPTS` (3) times.
+    /// [`RESEED_ATTEMPTS`](reseed::RESEED_ATTEMPTS) times.
     pub async fn reseed_due(&self) {
         let Some(ledger) = self.ledger.get() else {
             return;

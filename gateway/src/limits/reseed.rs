@@ -14,12 +14,12 @@ use crate::metering::ledger::Ledger;
 /// The longest a request waits for the ledger to rebuild its customer's quota count.
 pub const SEED_TIMEOUT: Duration = Duration::from_secs(1);
 /// How long after a quota count is seeded from the ledger it reads the ledger again, unless set
-/// ([`Limiter::reseed_after`]).
+/// ([`Limiter::reseed_after`](super::Limiter::reseed_after)).
 pub(crate) const RESEED_AFTER: Duration = Duration::from_secs(3);
 
 /// Quota counts seeded from the ledger, each to seed again once the spools have been flushed
-/// ([`Limiter::reseed_after`] after its seed): in process ([`Limiter`]'s) or in Redis
-/// ([`RedisCounters`]'s).
+/// ([`Limiter::reseed_after`](super::Limiter::reseed_after) after its seed): in process
+/// ([`Limiter`](super::Limiter)'s) or in Redis ([`RedisCounters`](super::redis::RedisCounters)'s).
 #[derive(Debug)]
 pub(crate) struct ReseedQueue<T> {
     /// Each with when it is due and how many reads of the ledger failed.
@@ -37,7 +37,7 @@ impl<T> Default for ReseedQueue<T> {
 }
 
 impl<T> ReseedQueue<T> {
-    pub(crate) fn set_after(&self, after: Duration) {
+    pub(super) fn set_after(&self, after: Duration) {
         self.after_ms.store(
             i64::try_from(after.as_millis()).unwrap_or(i64::MAX),
             Ordering::Relaxed,
@@ -93,13 +93,13 @@ pub(super) struct LocalReseed {
 }
 
 /// Reads of the ledger a re-seed tries before it gives up.
-const RESEED_ATTEMPTS: u32 = 3;
+pub(super) const RESEED_ATTEMPTS: u32 = 3;
 /// Re-seeds run at once.
 pub(crate) const RESEED_CONCURRENCY: usize = 16;
 
 /// The ledger's count of the customer's events in `period` before `until_ms`; `None` (logged)
 /// when it cannot be read in [`SEED_TIMEOUT`].
-pub(crate) async fn read_ledger(
+pub(super) async fn read_ledger(
     ledger: &dyn Ledger,
     customer: &Id,
     period: Period,

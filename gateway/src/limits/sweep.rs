@@ -6,8 +6,9 @@ use std::sync::Arc;
 /// How often the in-process counters are swept.
 pub const SWEEP_INTERVAL: std::time::Duration = std::time::Duration::from_secs(60);
 
-/// How often units counted in process are added to Redis ([`Limiter::share_pending`]): what
-/// the shared quota count of a customer on a plan without limits may lag by.
+/// How often units counted in process are added to Redis
+/// ([`Limiter::share_pending`](super::Limiter::share_pending)): what the shared quota count of a
+/// customer on a plan without limits may lag by.
 pub const SHARE_INTERVAL: std::time::Duration = std::time::Duration::from_millis(100);
 
 /// Sweeps the in-process counters every [`SWEEP_INTERVAL`], so a long-running gateway holds

@@ -3,6 +3,14 @@
 //! Every check runs even when others failed, so an operator sees all problems at once; an
 //! element that could not be read is skipped without hiding the problems of the others, and a
 //! reference to it (by name) is not reported a second time.
+//!
+//! # Layout
+//! - here: the whole file, `[server]`, names, and what the sections share.
+//! - `route`: `[[routes]]`, and routes that overlap.
+//! - `upstream`: `[[upstreams]]`.
+//! - `jwt`: `[[jwt_providers]]`.
+//! - `redis`: `[redis]`.
+//! - `control_plane`: `[metering]` and `[control_plane]`.
 
 mod control_plane;
 mod jwt;

@@ -230,8 +230,8 @@ impl RedisCounters {
     }
 }
 
-/// Raises a quota hash of generation ARGV[3] to the ledger's count of the events before it was
-/// made (ARGV: units, overage) plus what it counted since, where that is higher, and marks it
+/// Raises a quota hash of generation `ARGV[3]` to the ledger's count of the events before it
+/// was made (ARGV: units, overage) plus what it counted since, where that is higher, and marks it
 /// seeded: its part from before (`p`, `q`) becomes the ledger's count where that is higher. A
 /// ledger that lacks events still in the gateways' spools gives a lower count; a later call with
 /// more gives a higher one; neither is ever added twice. The units it added (0 or more), or -1
@@ -257,7 +257,7 @@ redis.call('HSET', KEYS[1], 's', 1)
 return added
 ";
 
-/// Marks a quota hash of generation ARGV[1] whose seed failed, while it is not seeded: the
+/// Marks a quota hash of generation `ARGV[1]` whose seed failed, while it is not seeded: the
 /// admit script's calls stop waiting for its seed.
 pub(super) const UNSEEDED_SCRIPT: &str = r"
 local state = redis.call('HMGET', KEYS[1], 's', 'n')
