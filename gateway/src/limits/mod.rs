@@ -292,7 +292,7 @@ impl Limiter {
     /// in process and in Redis ([`RedisCounters::reseed_due`]): the events that were still in a
     /// spool then are in the ledger now. Run in the background (one pass at a time), every
     /// [`SHARE_INTERVAL`]; a read of the ledger that fails is tried again, up to
-    /// [`RESEED_ATTEMPTS`](reseed::RESEED_ATTEMPTS) times.
+    /// `RESEED_ATTEMPTS` times in all.
     pub async fn reseed_due(&self) {
         let Some(ledger) = self.ledger.get() else {
             return;

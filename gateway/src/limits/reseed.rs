@@ -139,7 +139,7 @@ pub(super) async fn read_ledger(
 }
 
 /// How long requests rebuilding a quota count do not read the ledger once readings of it have
-/// failed ([`Resting`]).
+/// failed (`Resting`).
 pub const LEDGER_REST: Duration = Duration::from_secs(5);
 
 /// Readings failed in a row (failed, or no answer within [`SEED_TIMEOUT`]) that rest the ledger:

@@ -410,7 +410,7 @@ impl Sender {
 
 impl Flusher {
     /// Sends what earlier processes left in the spool, before this one serves: a quota counter
-    /// rebuilt from the ledger then includes it. What is not stored within [`RECOVER_WAIT`] (the
+    /// rebuilt from the ledger then includes it. What is not stored within `RECOVER_WAIT` (the
     /// control plane down or unreachable, or a long backlog) stays in the spool for the
     /// background passes: a restart while the control plane is away serves after that long.
     pub fn recover(&self) {
