@@ -920,12 +920,7 @@ metered = false
             .await
             .unwrap();
         assert_eq!(response.status(), 200);
-        for name in [
-            "ratelimit",
-            "ratelimit-policy",
-            "x-ratelimit-limit",
-            "x-quota-limit",
-        ] {
+        for name in tollgate_tests::LIMIT_HEADERS {
             assert!(
                 response.headers().get(name).is_none(),
                 "{name} on an unmetered route"

@@ -7,7 +7,7 @@ use futures_util::future::join_all;
 use reqwest::Response;
 use serde_json::{Value, json};
 use tollgate_tests::control_plane::{AdminApi, admin_token};
-use tollgate_tests::{Gateway, Upstream, client, config};
+use tollgate_tests::{Gateway, LIMIT_HEADERS, Upstream, client, config};
 
 fn standalone_config(upstream: &Upstream, metering: &str) -> String {
     config(&format!(
@@ -645,16 +645,7 @@ async fn a_route_set_unmetered_checks_the_caller_but_leaves_the_plan_and_the_led
         };
         let response = request.send().await.unwrap();
         assert_eq!(response.status(), 200);
-        for name in [
-            "ratelimit-policy",
-            "ratelimit",
-            "x-ratelimit-limit",
-            "x-ratelimit-remaining",
-            "x-ratelimit-reset",
-            "x-quota-limit",
-            "x-quota-remaining",
-            "x-quota-reset",
-        ] {
+        for name in LIMIT_HEADERS {
             assert_eq!(header(&response, name), "", "{name} on an unmetered route");
         }
         let echoed: Value = response.json().await.unwrap();
@@ -756,16 +747,7 @@ auth = "key"
         }),
     )
     .await;
-    let names = [
-        "ratelimit-policy",
-        "ratelimit",
-        "x-ratelimit-limit",
-        "x-ratelimit-remaining",
-        "x-ratelimit-reset",
-        "x-quota-limit",
-        "x-quota-remaining",
-        "x-quota-reset",
-    ];
+    let names = LIMIT_HEADERS;
     let upstream_503 = setup.get("/status/503").await;
     let head = client()
         .head(setup.gateway.url("/api/items"))
@@ -856,7 +838,7 @@ auth = "key"
     for name in ["x-quota-limit", "x-quota-remaining", "x-quota-reset"] {
         assert_eq!(header(&response, name), "", "{name}: the plan has no quota");
     }
-    for name in tollgate_tests::upstream::LIMIT_HEADERS {
+    for name in LIMIT_HEADERS {
         assert_eq!(
             response.headers().get_all(name).iter().count(),
             usize::from(!name.starts_with("x-quota")),

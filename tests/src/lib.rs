@@ -28,6 +28,18 @@ pub mod upstream;
 pub use gateway::{Gateway, config, proxy_route};
 pub use upstream::Upstream;
 
+/// The names of the gateway's eight limit headers, as clients read them (lower case).
+pub const LIMIT_HEADERS: [&str; 8] = [
+    "ratelimit-policy",
+    "ratelimit",
+    "x-ratelimit-limit",
+    "x-ratelimit-remaining",
+    "x-ratelimit-reset",
+    "x-quota-limit",
+    "x-quota-remaining",
+    "x-quota-reset",
+];
+
 /// A client that keeps connections alive and never follows redirects.
 pub fn client() -> reqwest::Client {
     reqwest::Client::builder()

@@ -231,18 +231,6 @@ async fn status(
     StatusCode::from_u16(code).unwrap_or(StatusCode::BAD_REQUEST)
 }
 
-/// The names of the gateway's limit headers, as an upstream with limits of its own might send them.
-pub const LIMIT_HEADERS: [&str; 8] = [
-    "ratelimit-policy",
-    "ratelimit",
-    "x-ratelimit-limit",
-    "x-ratelimit-remaining",
-    "x-ratelimit-reset",
-    "x-quota-limit",
-    "x-quota-remaining",
-    "x-quota-reset",
-];
-
 /// Limit headers of other spellings than the gateway's, as an upstream might send them.
 pub const OTHER_LIMIT_HEADERS: [&str; 2] = ["ratelimit-limit", "x-ratelimit-used"];
 
@@ -252,7 +240,7 @@ async fn own_limit_headers(
 ) -> Response {
     count(&shared, peer);
     let mut response = "limited upstream".into_response();
-    for name in LIMIT_HEADERS.into_iter().chain(OTHER_LIMIT_HEADERS) {
+    for name in crate::LIMIT_HEADERS.into_iter().chain(OTHER_LIMIT_HEADERS) {
         response
             .headers_mut()
             .insert(name, axum::http::HeaderValue::from_static("42"));
