@@ -188,7 +188,12 @@ async fn the_script_decides_every_request_as_the_in_process_counters_do() {
             if let (Some(a), Some(b)) = (shared.reservation, own.reservation)
                 && random.random_ratio(1, 10)
             {
-                assert!(redis.refund(&customer, &a, now, false).await.is_ok());
+                assert!(
+                    redis
+                        .refund(&customer, &a, rand::random(), &[], now, false)
+                        .await
+                        .is_ok()
+                );
                 local.refund(&customer, &b);
             }
         }
@@ -334,8 +339,9 @@ async fn concurrent_requests_from_many_tasks_are_admitted_exactly_up_to_the_limi
 }
 
 #[tokio::test]
-async fn a_hard_quota_admits_exactly_its_limit_and_a_refund_gives_one_back() {
-    let redis = counters().await;
+async fn a_hard_quota_admits_exactly_its_limit_and_a_refund_gives_one_back_once() {
+    let prefix = format!("tollgate-test-{}", rand::random::<u64>());
+    let redis = counters_under(&prefix).await;
     let policy = Policy {
         rate_limits: &[],
         quota: Some(QuotaLimit {
@@ -360,25 +366,50 @@ async fn a_hard_quota_admits_exactly_its_limit_and_a_refund_gives_one_back() {
         reservations.extend(decision.reservation);
     }
     assert_eq!(reservations.len(), 3);
-    assert!(
-        redis
-            .refund(&customer, &reservations[0], PERIOD.start_ms, false)
-            .await
-            .is_ok()
+    // Sent twice (a call that timed out and ran after all, then made again): one unit back.
+    let token: u128 = rand::random();
+    for _ in 0..2 {
+        assert!(
+            redis
+                .refund(
+                    &customer,
+                    &reservations[0],
+                    token,
+                    &[],
+                    PERIOD.start_ms,
+                    false
+                )
+                .await
+                .is_ok()
+        );
+    }
+    let admit = |at: i64| redis.admit(&customer, &policy, PERIOD, 1, at, Rebuild::default());
+    let again = admit(PERIOD.start_ms + 10).await.unwrap();
+    assert_eq!(again.verdict, Verdict::Admitted);
+    assert_eq!(again.used, 3);
+    assert_eq!(
+        admit(PERIOD.start_ms + 11).await.unwrap().verdict,
+        Verdict::QuotaExceeded
     );
-    let again = redis
-        .admit(
+    // The next refund's call deletes the first one's mark, answered: its own stays.
+    let mark = |token: u128| format!("g{token:032x}");
+    let key = quota_key_of(&prefix, &customer, PERIOD);
+    assert_eq!(hget(&key, &mark(token)).await, Some(1));
+    let next: u128 = rand::random();
+    redis
+        .refund(
             &customer,
-            &policy,
-            PERIOD,
-            1,
-            PERIOD.start_ms + 10,
-            Rebuild::default(),
+            &reservations[1],
+            next,
+            &[token],
+            PERIOD.start_ms + 12,
+            false,
         )
         .await
         .unwrap();
-    assert_eq!(again.verdict, Verdict::Admitted);
-    assert_eq!(again.used, 3);
+    assert_eq!(hget(&key, &mark(token)).await, None);
+    assert_eq!(hget(&key, &mark(next)).await, Some(1));
+    assert_eq!(hget(&key, "u").await, Some(2));
 }
 
 #[tokio::test]
@@ -841,6 +872,7 @@ async fn a_plan_without_limits_counts_in_batches_that_reach_redis_once_and_keep_
 #[tokio::test]
 async fn a_count_redis_makes_again_takes_the_ledgers_earlier_events_once_and_what_it_counted_since()
 {
+    use tollgate_gateway::limits::Reservation;
     use tollgate_gateway::limits::redis::Known;
     use tollgate_gateway::metering::ledger::Ledger;
 
@@ -862,6 +894,12 @@ async fn a_count_redis_makes_again_takes_the_ledgers_earlier_events_once_and_wha
     let redis = counters_under(&prefix).await;
     let quota_key = quota_key_of(&prefix, &customer, PERIOD);
     let hget = |field: &'static str| hget(&quota_key, field);
+    // A refund of its own (a new mark) at `at_ms`.
+    let refund = async |reservation: Reservation, at_ms: i64, late: bool| {
+        redis
+            .refund(&customer, &reservation, rand::random(), &[], at_ms, late)
+            .await
+    };
     let rebuild = |known: Known| Rebuild {
         known,
         ledger: Some(&ledger),
@@ -913,8 +951,7 @@ async fn a_count_redis_makes_again_takes_the_ledgers_earlier_events_once_and_wha
         .await
         .unwrap();
     assert_eq!(same.used, 13);
-    redis
-        .refund(&customer, &same.reservation.unwrap(), made + 2, false)
+    refund(same.reservation.unwrap(), made + 2, false)
         .await
         .unwrap();
     assert_eq!(hget("u").await, Some(12));
@@ -934,19 +971,16 @@ async fn a_count_redis_makes_again_takes_the_ledgers_earlier_events_once_and_wha
     assert_eq!(hget("p").await, Some(14));
     // A refund made late (Redis failed when it was due) of a unit counted before the count
     // was made again is not made: the ledger's part holds the refund already.
-    redis
-        .refund(&customer, &late.reservation.unwrap(), made + 10_001, true)
+    refund(late.reservation.unwrap(), made + 10_001, true)
         .await
         .unwrap();
     assert_eq!((hget("u").await, hget("p").await), (Some(15), Some(14)));
     // Refunds: the late call's unit leaves the count and its part from before; the first
     // call's only the count.
-    redis
-        .refund(&customer, &late.reservation.unwrap(), made + 10_001, false)
+    refund(late.reservation.unwrap(), made + 10_001, false)
         .await
         .unwrap();
-    redis
-        .refund(&customer, &first.reservation.unwrap(), made + 10_002, false)
+    refund(first.reservation.unwrap(), made + 10_002, false)
         .await
         .unwrap();
     assert_eq!((hget("u").await, hget("p").await), (Some(13), Some(13)));

@@ -8,6 +8,7 @@ use futures_util::future::join_all;
 use serde_json::{Value, json};
 use tollgate_tests::control_plane::{AdminApi, ControlPlane, PostgresDatabase, admin_token};
 use tollgate_tests::redis::RedisServer;
+use tollgate_tests::relay::Relay;
 use tollgate_tests::{Gateway, Upstream, client, config};
 
 fn routes(upstream: &Upstream) -> String {
@@ -749,13 +750,9 @@ async fn a_burst_after_redis_lost_its_data_waits_for_the_count_rebuilt_from_the_
     assert_eq!(used_in_redis(&redis, &quota_key(&redis)), "20");
 }
 
-/// A unit to give back in Redis while Redis is failing (here: within `retry_after` of a call that
-/// timed out) is given back once Redis answers again, not lost: Redis' count stays the
-/// customer's true one.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_refund_due_while_redis_fails_is_made_once_it_answers() {
-    let redis = RedisServer::start();
-    let upstream = Upstream::start("api");
+/// A gateway counting in Redis at `redis_url` (50 ms timeout, 2 s `retry_after`) whose upstream
+/// is answered 504 past 600 ms, and the key of a customer with a hard quota of 10.
+async fn refunding_gateway(redis_url: &str, upstream: &Upstream) -> (Gateway, String) {
     let token = admin_token();
     let text = config(&format!(
         r#"
@@ -763,7 +760,7 @@ async fn a_refund_due_while_redis_fails_is_made_once_it_answers() {
 embedded = true
 
 [redis]
-url = "{redis}"
+url = "{redis_url}"
 timeout = "50ms"
 retry_after = "2s"
 
@@ -779,7 +776,6 @@ upstream = "api"
 auth = "key"
 strip_prefix = true
 "#,
-        redis = redis.url(),
         target = upstream.target()
     ));
     let gateway = Gateway::start_with_env(
@@ -792,22 +788,36 @@ strip_prefix = true
     let key = customer_with_key(&api, json!({"quota": {"requests": 10, "hard": true}})).await;
     gateway.wait_for_keys(1).await;
     wait_for_redis(&gateway).await;
+    (gateway, key)
+}
+
+/// A request the upstream answers in 3 s, so the gateway answers 504 at 600 ms: its status.
+fn too_slow(gateway: &Gateway, key: &str) -> tokio::task::JoinHandle<u16> {
+    let url = gateway.url("/api/slow/3000");
+    let key = key.to_owned();
+    tokio::spawn(async move {
+        client()
+            .get(url)
+            .bearer_auth(key)
+            .send()
+            .await
+            .unwrap()
+            .status()
+            .as_u16()
+    })
+}
+
+/// A unit to give back in Redis while Redis is failing (here: within `retry_after` of a call that
+/// timed out) is given back once Redis answers again, not lost: Redis' count stays the
+/// customer's true one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refund_due_while_redis_fails_is_made_once_it_answers() {
+    let redis = RedisServer::start();
+    let upstream = Upstream::start("api");
+    let (gateway, key) = refunding_gateway(&redis.url(), &upstream).await;
 
     // Counted in Redis, then answered 504 by the gateway at 600 ms: its unit is given back.
-    let slow = {
-        let url = gateway.url("/api/slow/3000");
-        let key = key.clone();
-        tokio::spawn(async move {
-            client()
-                .get(url)
-                .bearer_auth(key)
-                .send()
-                .await
-                .unwrap()
-                .status()
-                .as_u16()
-        })
-    };
+    let slow = too_slow(&gateway, &key);
     tokio::time::sleep(Duration::from_millis(200)).await;
     assert_eq!(used_in_redis(&redis, &quota_key(&redis)), "1");
     // A call that times out puts Redis aside for `retry_after`, past the 504's refund.
@@ -824,6 +834,53 @@ strip_prefix = true
     until_used_in_redis(&redis, &quota, "1", Duration::from_secs(10)).await;
     tokio::time::sleep(Duration::from_millis(500)).await;
     assert_eq!(used_in_redis(&redis, &quota), "1");
+}
+
+/// A unit given back in Redis whose call got no answer within the timeout is given back again
+/// once Redis answers, and counts once, whether that first call was lost on the way (its
+/// connection broke before Redis read it) or ran after all.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refund_whose_call_got_no_answer_is_made_again_and_counts_once() {
+    let redis = RedisServer::start();
+    let relay = Relay::start(redis.addr());
+    let upstream = Upstream::start("api");
+    let (gateway, key) = refunding_gateway(&relay.redis_url(), &upstream).await;
+    let timeouts = r#"tollgate_redis_errors_total{kind="timeout"}"#;
+    let answered = "tollgate_redis_call_duration_seconds_count";
+    for lost in [true, false] {
+        let slow = too_slow(&gateway, &key);
+        let quota = loop {
+            let keys = redis.cli(&["KEYS", "*:q:*"]);
+            if !keys.is_empty() {
+                break quota_key(&redis);
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        };
+        until_used_in_redis(&redis, &quota, "1", Duration::from_secs(5)).await;
+        // Redis is sent the 504's refund, and sees nothing of it until the call timed out.
+        let timed_out = gateway.metric(timeouts).await.unwrap_or(0.0);
+        relay.hold();
+        assert_eq!(slow.await.unwrap(), 504);
+        gateway.wait_for_metric(timeouts, timed_out + 1.0).await;
+        let calls = gateway.metric(answered).await.unwrap_or(0.0);
+        if lost {
+            relay.cut();
+            assert_eq!(used_in_redis(&redis, &quota), "1");
+        } else {
+            relay.release();
+            until_used_in_redis(&redis, &quota, "0", Duration::from_secs(5)).await;
+        }
+        // Once Redis is asked again (`retry_after` after the timeout), the refund is made
+        // again: given back if it was lost, nothing more if it ran.
+        let started = Instant::now();
+        while gateway.metric(answered).await.unwrap_or(0.0) <= calls {
+            assert!(started.elapsed() < Duration::from_secs(10), "no call again");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        until_used_in_redis(&redis, &quota, "0", Duration::from_secs(5)).await;
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        assert_eq!(used_in_redis(&redis, &quota), "0", "lost: {lost}");
+    }
 }
 
 /// When Redis fails, counting in the gateway starts from the windows as Redis last told them,

@@ -10,6 +10,7 @@
 //! - [`raw`]: a bare HTTP/1.1 connection, for tests about one particular connection.
 //! - [`redis`]: a Redis server of the test's own, to kill, restart, freeze or flush.
 //! - [`blackhole`]: an address whose connections never complete, for connect timeouts.
+//! - [`relay`]: a TCP relay that holds what clients send, then passes it on or drops it.
 
 #![allow(
     clippy::unwrap_used,
@@ -22,6 +23,7 @@ pub mod control_plane;
 pub mod gateway;
 pub mod raw;
 pub mod redis;
+pub mod relay;
 pub mod tls;
 pub mod upstream;
 

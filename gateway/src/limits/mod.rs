@@ -76,9 +76,9 @@ pub struct Limiter {
     reseeding: tokio::sync::Mutex<()>,
     /// In-process counts seeded from the ledger, to seed once more.
     reseeds: ReseedQueue<LocalReseed>,
-    /// Units to give back in Redis whose call did not run (Redis failing then): given back by
-    /// [`Limiter::share_pending`] once it answers.
-    refunds: Mutex<Vec<(Id, Reservation)>>,
+    /// Units to give back in Redis whose call did not answer (Redis failing then): given back
+    /// by [`Limiter::share_pending`] once it answers.
+    refunds: Mutex<Vec<refund::HeldRefund>>,
     /// Customers whose count is being read from the ledger ([`Limiter::seed_local`]): one read
     /// at a time per customer, when it last ended.
     seeding: Mutex<std::collections::HashMap<Id, SeedGate>>,

@@ -1,6 +1,6 @@
 //! Giving back a quota unit that must not count, where it was counted: in process, in Redis,
-//! or in the batch of units Redis has yet to be told of; refunds Redis could not take wait for
-//! it to answer.
+//! or in the batch of units Redis has yet to be told of; refunds Redis did not answer wait for
+//! it to, and are given back once however often they are sent.
 
 use std::sync::PoisonError;
 
@@ -51,10 +51,10 @@ impl Limiter {
         self.metrics.refund();
     }
 
-    /// Gives `reservation`'s unit back in Redis; a call that did not run (Redis failing, or
-    /// within `retry_after` of a failure) waits, when `hold`, for [`Limiter::share_pending`] to
-    /// make it again. One that may have run (a timeout, a broken connection) is not made again:
-    /// giving the unit back twice would let the customer past the quota.
+    /// Gives back `reservation`'s unit in Redis. A call that did not answer (Redis failing,
+    /// within `retry_after` of a failure, or a call that timed out or broke midway) waits, when
+    /// `hold`, for [`Limiter::share_pending`] to make it again: Redis counts each refund's mark
+    /// once, so one that ran after all is not given back twice.
     async fn refund_in_redis(
         &self,
         redis: &RedisCounters,
@@ -62,53 +62,105 @@ impl Limiter {
         reservation: &Reservation,
         hold: bool,
     ) {
-        match redis
-            .refund(customer, reservation, self.clock.now_ms(), false)
+        let refund = HeldRefund {
+            customer: *customer,
+            reservation: *reservation,
+            token: uuid::Uuid::new_v4().as_u128(),
+            sealed: false,
+        };
+        let Some(unanswered) = self
+            .send_refund(redis, refund, self.clock.now_ms(), false)
             .await
-        {
-            Ok(()) => {}
-            Err(failure) if failure.may_have_run() => {
-                tracing::warn!(
-                    "a quota unit given back in redis may not have arrived (the call failed \
-                     midway); it is not sent again"
-                );
-            }
-            Err(_) if hold => self.hold_refund(customer, reservation),
-            Err(_) => tracing::debug!(
+        else {
+            return;
+        };
+        if hold {
+            self.hold_refund(unanswered);
+        } else {
+            tracing::debug!(
                 "a quota unit whose admission call may not have run is not given back in redis \
                  (redis is failing); the shared count keeps it"
-            ),
+            );
         }
     }
 
-    fn hold_refund(&self, customer: &Id, reservation: &Reservation) {
+    /// Sends `refund` (`late` when made again) with the marks of the customer's calls Redis
+    /// answered, to delete; the refund back when Redis did not answer.
+    async fn send_refund(
+        &self,
+        redis: &RedisCounters,
+        mut refund: HeldRefund,
+        now: i64,
+        late: bool,
+    ) -> Option<HeldRefund> {
+        let period = refund.reservation.period;
+        let forget = self.local.take_answered(&refund.customer, period);
+        let sent = redis
+            .refund(
+                &refund.customer,
+                &refund.reservation,
+                refund.token,
+                &forget,
+                now,
+                late,
+            )
+            .await;
+        match sent {
+            Ok(()) => {
+                if !refund.sealed {
+                    self.local
+                        .note_answered(&refund.customer, period, refund.token);
+                }
+                None
+            }
+            Err(failure) => {
+                self.local
+                    .restore_answered(&refund.customer, period, forget);
+                if failure.may_have_run() {
+                    tracing::debug!(
+                        "a quota unit given back in redis may not have arrived (the call failed \
+                         midway); it is sent again once redis answers, and counts once"
+                    );
+                    refund.sealed = true;
+                }
+                Some(refund)
+            }
+        }
+    }
+
+    fn hold_refund(&self, refund: HeldRefund) {
         let mut refunds = self.refunds.lock().unwrap_or_else(PoisonError::into_inner);
         if refunds.len() >= MAX_PENDING_REFUNDS {
             tracing::warn!("too many quota units wait to be given back in redis; one is dropped");
             return;
         }
-        refunds.push((*customer, *reservation));
+        refunds.push(refund);
     }
 
-    /// Makes again the refunds Redis could not take when they were made.
+    /// Makes again the refunds Redis did not answer when they were made.
     pub(super) async fn give_back_held(&self, redis: &RedisCounters, now: i64) {
         let held =
             std::mem::take(&mut *self.refunds.lock().unwrap_or_else(PoisonError::into_inner));
         // In parallel over the multiplexed connection, as batches go: a long outage can leave
         // many, and the batches wait for this.
         futures_util::stream::iter(held)
-            .for_each_concurrent(SHARE_CONCURRENCY, |(customer, reservation)| async move {
-                match redis.refund(&customer, &reservation, now, true).await {
-                    Ok(()) => {}
-                    Err(failure) if failure.may_have_run() => {
-                        tracing::warn!(
-                            "a quota unit given back in redis may not have arrived (the call \
-                             failed midway); it is not sent again"
-                        );
-                    }
-                    Err(_) => self.hold_refund(&customer, &reservation),
+            .for_each_concurrent(SHARE_CONCURRENCY, |refund| async move {
+                if let Some(unanswered) = self.send_refund(redis, refund, now, true).await {
+                    self.hold_refund(unanswered);
                 }
             })
             .await;
     }
+}
+
+/// A refund to give back in Redis, held while Redis does not answer.
+#[derive(Debug, Clone, Copy)]
+pub(super) struct HeldRefund {
+    customer: Id,
+    reservation: Reservation,
+    /// Its mark in the customer's count: Redis gives it back once.
+    token: u128,
+    /// Sent without an answer: Redis may have taken it (or may yet, over another connection),
+    /// so its mark stays until the count expires.
+    sealed: bool,
 }

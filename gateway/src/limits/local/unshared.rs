@@ -21,12 +21,21 @@ pub(super) struct Fallback {
     /// refund of one of their units is nobody's to give. Those it took are Redis' to refund,
     /// as are units of batches not found here.
     pub(super) refused: Vec<u128>,
-    /// Batches Redis took on their first and only call, by period: the marks their calls left
-    /// in the count (so that a call made again adds nothing) are no longer needed, and the
-    /// customer's next call to that count deletes them. A batch sent more than once (its first
-    /// call timed out) keeps its mark until the count expires: the first call may still
-    /// arrive, over another connection.
+    /// Batches and refunds Redis took on their first and only call, by period: the marks their
+    /// calls left in the count (so that a call made again adds or gives back nothing) are no
+    /// longer needed, and the customer's next call to that count deletes them. One sent more
+    /// than once (its first call timed out) keeps its mark until the count expires: the first
+    /// call may still arrive, over another connection.
     pub(super) answered: Vec<(Period, u128)>,
+}
+
+impl Fallback {
+    fn note_answered(&mut self, period: Period, token: u128) {
+        if self.answered.len() == ANSWERED_KEPT {
+            self.answered.remove(0);
+        }
+        self.answered.push((period, token));
+    }
 }
 
 /// Quota units a clustered gateway counted in process without asking Redis (while it failed, or
@@ -149,16 +158,22 @@ impl LocalCounters {
                 }
                 fallback.refused.push(batch.token);
             } else if !batch.sealed {
-                if fallback.answered.len() == ANSWERED_KEPT {
-                    fallback.answered.remove(0);
-                }
-                fallback.answered.push((batch.period, batch.token));
+                fallback.note_answered(batch.period, batch.token);
             }
         }
     }
 
-    /// Takes up to [`FORGET_PER_CALL`] tokens of batches of `period` Redis took, whose marks the
-    /// next call to that count may delete.
+    /// Remembers that Redis answered the first and only call that left the mark `token` in the
+    /// customer's count of `period` (a refund's): the customer's next call to that count
+    /// deletes it.
+    pub fn note_answered(&self, customer: &Id, period: Period, token: u128) {
+        if let Some(counts) = self.shard(customer).get_mut(customer) {
+            counts.fallback().note_answered(period, token);
+        }
+    }
+
+    /// Takes up to [`FORGET_PER_CALL`] tokens of batches and refunds of `period` Redis took,
+    /// whose marks the next call to that count may delete.
     pub fn take_answered(&self, customer: &Id, period: Period) -> Vec<u128> {
         let mut shard = self.shard(customer);
         let Some(fallback) = shard.get_mut(customer).and_then(|c| c.fallback.as_mut()) else {

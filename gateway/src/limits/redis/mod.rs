@@ -275,8 +275,11 @@ impl RedisCounters {
                         counted: Counted::Redis,
                         fallback: None,
                     };
+                    // Rare (the call that made the count, over its quota once seeded): its
+                    // mark stays until the count expires.
+                    let token = uuid::Uuid::new_v4().as_u128();
                     if self
-                        .refund(customer, &reservation, now_ms, false)
+                        .refund(customer, &reservation, token, &[], now_ms, false)
                         .await
                         .is_ok()
                     {
@@ -356,11 +359,16 @@ impl RedisCounters {
         })
     }
 
-    /// Gives back a reservation counted in Redis; false if Redis could not be reached.
+    /// Gives back a reservation counted in Redis, once for `token` however often it is sent
+    /// (a call that timed out may have run: it is sent again with the same token), and deletes
+    /// from the count the marks of `forget`, as [`Self::share`] does. `late` for a refund Redis
+    /// could not take when it was due.
     pub async fn refund(
         &self,
         customer: &Id,
         reservation: &Reservation,
+        token: u128,
+        forget: &[u128],
         now_ms: i64,
         late: bool,
     ) -> Result<(), Failure> {
@@ -370,7 +378,11 @@ impl RedisCounters {
             .arg(-i64::try_from(reservation.units).unwrap_or(i64::MAX))
             .arg(-i64::try_from(reservation.overage).unwrap_or(i64::MAX))
             .arg(reservation.at_ms)
-            .arg(u8::from(late));
+            .arg(u8::from(late))
+            .arg(mark(token));
+        for &token in forget {
+            invocation.arg(mark(token));
+        }
         self.call::<i64>(&invocation, now_ms).await.map(drop)
     }
 }
@@ -406,22 +418,29 @@ end
 return 2
 ";
 
-/// The field a batch's call leaves in its quota hash.
+/// The field a batch's or a refund's call leaves in its quota hash.
 fn mark(token: u128) -> String {
     format!("g{token:032x}")
 }
 
 /// Gives back units of a quota hash that still exists (ARGV: units and overage, negated, when
-/// they were counted, and 1 for a refund made late), and of its part from before it was made
-/// when they were in it. A refund made late (Redis failed when it was due) is not made in a
-/// hash made after its units were counted: that hash's count came from the ledger and from
-/// gateways' counts that had given them back already.
+/// they were counted, 1 for a refund made late, and the refund's mark), and of its part from
+/// before it was made when they were in it. Once per mark, which stays in the hash until a later
+/// call deletes it (ARGV 6 on: marks to delete first, as for batches). A refund made late (Redis
+/// failed when it was due) is not made in a hash made after its units were counted: that hash's
+/// count came from the ledger and from gateways' counts that had given them back already.
 const REFUND_SCRIPT: &str = r"
+if #ARGV > 5 then
+  redis.call('HDEL', KEYS[1], unpack(ARGV, 6))
+end
 local state = redis.call('HMGET', KEYS[1], 'u', 'a')
 if state[1] and ARGV[4] == '1' and state[2] and tonumber(ARGV[3]) < tonumber(state[2]) then
   return 0
 end
 if state[1] then
+  if redis.call('HSETNX', KEYS[1], ARGV[5], 1) == 0 then
+    return 1
+  end
   redis.call('HINCRBY', KEYS[1], 'u', ARGV[1])
   redis.call('HINCRBY', KEYS[1], 'o', ARGV[2])
   if state[2] and tonumber(ARGV[3]) < tonumber(state[2]) then
