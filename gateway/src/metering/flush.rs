@@ -304,6 +304,9 @@ impl Sender {
                         self.meter.metrics.replayed(replayed as u64);
                     }
                     position += batch.len();
+                    // Stored: sent again only if a later step fails (the ledger, or the disk
+                    // setting refused events aside), and then replayed.
+                    segment.offered = segment.offered.max(position);
                 }
                 Err(LedgerError::TooLarge(reason)) if batch.len() > 1 => {
                     tracing::warn!(
@@ -320,6 +323,7 @@ impl Sender {
                 // Only the events the ledger named are set aside; the others go again.
                 Err(LedgerError::RefusedEvents(positions, reason)) => {
                     let of = batch.len();
+                    segment.offered = segment.offered.max(position + of);
                     let mut rest = batch.into_owned();
                     // Positions not of this batch: it is set aside whole.
                     let refused = take_refused(&mut rest, &positions)
@@ -343,6 +347,7 @@ impl Sender {
                     }
                 }
                 Err(LedgerError::Rejected(reason) | LedgerError::TooLarge(reason)) => {
+                    segment.offered = segment.offered.max(position + batch.len());
                     let kept = self.meter.spool.set_aside(&batch)?;
                     self.meter.metrics.rejected(batch.len() as u64);
                     position += batch.len();
@@ -821,6 +826,28 @@ mod tests {
         );
         let kept = std::fs::read_dir(spool.join("rejected")).unwrap().count();
         assert_eq!(kept, 1, "set aside once");
+    }
+
+    #[tokio::test]
+    async fn a_segment_sent_again_after_a_disk_error_counts_what_it_had_offered_as_replayed() {
+        let dir = tempfile::tempdir().unwrap();
+        let spool = dir.path().join("spool");
+        let events = (0..7).map(|n| event_refused_if(n, n == 4)).collect();
+        let sender = sender(spool_of(&spool, &[events]), 2);
+        let (url, given, _) = validating(0).await;
+        let ledger = HttpLedger::new(&url, "tgw_token").unwrap();
+        // Event 4 cannot be set aside: a file stands where its directory goes.
+        std::fs::write(spool.join("rejected"), b"").unwrap();
+        let mut segments = BTreeMap::new();
+        assert!(sender.pass(&mut segments, &ledger).await.is_err());
+        assert_eq!(given.lock().unwrap().len(), 4, "events 0 to 3 stored");
+        std::fs::remove_file(spool.join("rejected")).unwrap();
+        let passed = sender.pass(&mut segments, &ledger).await.unwrap();
+        assert_eq!(passed, Passed::AllSent);
+        // Sent again: events 0 to 3 (stored) and 5 (in the batch refused for event 4); 6 for
+        // the first time.
+        assert_eq!(sender.meter.metrics.replayed_so_far(), 5);
+        assert_eq!(given.lock().unwrap().len(), 4 + 6);
     }
 
     #[tokio::test]
