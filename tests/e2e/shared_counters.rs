@@ -849,13 +849,12 @@ async fn a_refund_whose_call_got_no_answer_is_made_again_and_counts_once() {
     let answered = "tollgate_redis_call_duration_seconds_count";
     for lost in [true, false] {
         let slow = too_slow(&gateway, &key);
-        let quota = loop {
-            let keys = redis.cli(&["KEYS", "*:q:*"]);
-            if !keys.is_empty() {
-                break quota_key(&redis);
-            }
+        let started = Instant::now();
+        while redis.cli(&["KEYS", "*:q:*"]).is_empty() {
+            assert!(started.elapsed() < Duration::from_secs(5), "no quota count");
             tokio::time::sleep(Duration::from_millis(20)).await;
-        };
+        }
+        let quota = quota_key(&redis);
         until_used_in_redis(&redis, &quota, "1", Duration::from_secs(5)).await;
         // Redis is sent the 504's refund, and sees nothing of it until the call timed out.
         let timed_out = gateway.metric(timeouts).await.unwrap_or(0.0);
@@ -867,8 +866,10 @@ async fn a_refund_whose_call_got_no_answer_is_made_again_and_counts_once() {
             relay.cut();
             assert_eq!(used_in_redis(&redis, &quota), "1");
         } else {
+            // The held call runs now, long before Redis is asked again (`retry_after`).
             relay.release();
-            until_used_in_redis(&redis, &quota, "0", Duration::from_secs(5)).await;
+            until_used_in_redis(&redis, &quota, "0", Duration::from_secs(1)).await;
+            assert_eq!(gateway.metric(answered).await.unwrap_or(0.0), calls);
         }
         // Once Redis is asked again (`retry_after` after the timeout), the refund is made
         // again: given back if it was lost, nothing more if it ran.

@@ -97,11 +97,12 @@ impl Relay {
     pub fn cut(&self) {
         self.shared.holding.store(false, Ordering::SeqCst);
         for connection in self.shared.connections.lock().unwrap().drain(..) {
+            // First, so that a pump blocked writing (holding the state) lets go.
+            let _ = connection.client.shutdown(Shutdown::Both);
+            let _ = connection.server.shutdown(Shutdown::Both);
             let mut state = connection.state.lock().unwrap();
             state.held.clear();
             state.holding = false;
-            let _ = connection.client.shutdown(Shutdown::Both);
-            let _ = connection.server.shutdown(Shutdown::Both);
         }
     }
 }
@@ -121,7 +122,10 @@ impl Connection {
                 break;
             }
         }
-        let _ = self.server.shutdown(Shutdown::Write);
+        // What is held still goes on at `release`.
+        if self.state.lock().unwrap().held.is_empty() {
+            let _ = self.server.shutdown(Shutdown::Write);
+        }
     }
 
     fn server_to_client(&self) {

@@ -78,7 +78,7 @@ pub struct Limiter {
     reseeds: ReseedQueue<LocalReseed>,
     /// Units to give back in Redis whose call did not answer (Redis failing then): given back
     /// by [`Limiter::share_pending`] once it answers.
-    refunds: Mutex<Vec<refund::HeldRefund>>,
+    refunds: Mutex<Vec<redis::HeldRefund>>,
     /// Customers whose count is being read from the ledger ([`Limiter::seed_local`]): one read
     /// at a time per customer, when it last ended.
     seeding: Mutex<std::collections::HashMap<Id, SeedGate>>,

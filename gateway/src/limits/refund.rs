@@ -6,7 +6,7 @@ use std::sync::PoisonError;
 
 use futures_util::StreamExt;
 
-use super::redis::RedisCounters;
+use super::redis::{HeldRefund, RedisCounters};
 use super::share::SHARE_CONCURRENCY;
 use super::{Counted, FallbackUnit, Limiter, Reservation};
 use crate::identity::index::Id;
@@ -79,7 +79,7 @@ impl Limiter {
         } else {
             tracing::debug!(
                 "a quota unit whose admission call may not have run is not given back in redis \
-                 (redis is failing); the shared count keeps it"
+                 (its call got no answer); the shared count keeps it"
             );
         }
     }
@@ -139,8 +139,9 @@ impl Limiter {
 
     /// Makes again the refunds Redis did not answer when they were made.
     pub(super) async fn give_back_held(&self, redis: &RedisCounters, now: i64) {
-        let held =
+        let mut held =
             std::mem::take(&mut *self.refunds.lock().unwrap_or_else(PoisonError::into_inner));
+        held.extend(redis.take_unanswered());
         // In parallel over the multiplexed connection, as batches go: a long outage can leave
         // many, and the batches wait for this.
         futures_util::stream::iter(held)
@@ -151,16 +152,4 @@ impl Limiter {
             })
             .await;
     }
-}
-
-/// A refund to give back in Redis, held while Redis does not answer.
-#[derive(Debug, Clone, Copy)]
-pub(super) struct HeldRefund {
-    customer: Id,
-    reservation: Reservation,
-    /// Its mark in the customer's count: Redis gives it back once.
-    token: u128,
-    /// Sent without an answer: Redis may have taken it (or may yet, over another connection),
-    /// so its mark stays until the count expires.
-    sealed: bool,
 }

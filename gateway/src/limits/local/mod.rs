@@ -39,7 +39,8 @@ struct Counts {
     /// `generation` is forgotten, so that a count Redis makes again learns this process's.
     followed: Option<(Period, i64)>,
     /// Units counted in process for Redis (while it failed, or for a plan without limits), and
-    /// what is left to settle of them; absent (one word) for the customers that never had any.
+    /// what is left to settle of them, and the marks of answered calls to delete; absent (one
+    /// word) for the customers that never had any.
     fallback: Option<Box<Fallback>>,
 }
 

@@ -35,11 +35,13 @@
 //! request is, without waiting on Redis; then the next request tries Redis again.
 //!
 //! # Layout
-//! - here: the admission call and its decision, adding batches and refunds, their scripts.
+//! - here: the admission call and its decision.
 //! - `connection`: the two connections, and a call within the timeout.
+//! - `marked`: adding batches and giving units back, once per mark.
 //! - `seed`: rebuilding a lost quota count from the ledger, and waiting for another's rebuild.
 
 mod connection;
+mod marked;
 mod seed;
 
 use std::sync::Arc;
@@ -53,10 +55,11 @@ use redis::Script;
 
 use connection::{Connection, Near};
 pub use connection::{Connector, Failure};
+pub use marked::{HeldRefund, Sharing};
+use marked::{REFUND_SCRIPT, SHARE_SCRIPT};
 use seed::{Reseed, SEED_SCRIPT, UNSEEDED_SCRIPT, Unseeded};
 pub use seed::{SEED_AGAIN_AFTER_FAILURE, SEED_CLAIM};
 
-use super::local::Unshared;
 use super::period::Period;
 use super::window::WindowState;
 use super::{Counted, Decision, Policy, ReseedQueue, Reservation, Verdict};
@@ -87,19 +90,6 @@ pub struct Rebuild<'a> {
     pub known: Known,
     /// The usage ledger, when reachable.
     pub ledger: Option<&'a dyn Ledger>,
-}
-
-/// What became of a batch sent to Redis ([`RedisCounters::share`]).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Sharing {
-    /// Added to the count it was counted for (now, or by an earlier call).
-    Added,
-    /// Added to a count Redis made again after losing that one, before any of its units was
-    /// decided: the new count held them in no part.
-    AddedToLater,
-    /// Not added: the count it was counted for is gone and the one made since may hold some
-    /// of its units (in the ledger's part), or there is none.
-    Refused,
 }
 
 /// One request's call to the admit script, whatever the time it is made at.
@@ -137,6 +127,9 @@ pub struct RedisCounters {
     down_until_ms: AtomicI64,
     /// Keys this gateway seeded, to seed once more.
     reseeds: ReseedQueue<Reseed>,
+    /// Refunds the admission made that got no answer, for [`super::Limiter::share_pending`]
+    /// to make again.
+    unanswered: std::sync::Mutex<Vec<HeldRefund>>,
     errors: IntCounterVec,
     duration: Histogram,
 }
@@ -177,6 +170,7 @@ impl RedisCounters {
             share: Script::new(SHARE_SCRIPT),
             down_until_ms: AtomicI64::new(0),
             reseeds: ReseedQueue::default(),
+            unanswered: std::sync::Mutex::new(Vec::new()),
             errors,
             duration,
         })
@@ -276,16 +270,25 @@ impl RedisCounters {
                         fallback: None,
                     };
                     // Rare (the call that made the count, over its quota once seeded): its
-                    // mark stays until the count expires.
+                    // mark stays until the count expires. Refused whatever Redis answers: a
+                    // refund that got no answer is made again, once.
                     let token = uuid::Uuid::new_v4().as_u128();
-                    if self
+                    if let Err(failure) = self
                         .refund(customer, &reservation, token, &[], now_ms, false)
                         .await
-                        .is_ok()
                     {
-                        verdict = Verdict::QuotaExceeded;
-                        used -= units;
+                        self.unanswered
+                            .lock()
+                            .unwrap_or_else(std::sync::PoisonError::into_inner)
+                            .push(HeldRefund {
+                                customer: *customer,
+                                reservation,
+                                token,
+                                sealed: failure.may_have_run(),
+                            });
                     }
+                    verdict = Verdict::QuotaExceeded;
+                    used -= units;
                 } else {
                     reserved_overage = units.min(used - quota.limit);
                 }
@@ -322,132 +325,7 @@ impl RedisCounters {
             counted_in: Some(value(tail + 1)),
         })
     }
-
-    /// Adds to the shared quota count a batch of units this gateway counted in process without
-    /// asking Redis, while it failed or for a plan without limits, and deletes from that count
-    /// the marks of `forget`, batches it took before:
-    /// - to the quota hash the batch's customer was last counted in, seeded then (its rebuild
-    ///   from the ledger was over before those units were counted, so they are not in it):
-    ///   [`Sharing::Added`], also when an earlier call that timed out added it already;
-    /// - to a hash made since (Redis lost its data meanwhile), when it was made before the
-    ///   batch's first unit was decided: that hash holds none of them, neither in the ledger's
-    ///   part (events before it was made) nor in its own ([`Sharing::AddedToLater`]);
-    /// - to no hash otherwise ([`Sharing::Refused`]): a hash made after some of its units were
-    ///   decided reads their events from the ledger, and adding them would count them twice.
-    pub async fn share(
-        &self,
-        customer: &Id,
-        batch: &Unshared,
-        forget: &[u128],
-        now_ms: i64,
-    ) -> Result<Sharing, Failure> {
-        let mut invocation = self.share.prepare_invoke();
-        invocation
-            .key(self.key(customer, "q", batch.period.start_ms))
-            .arg(batch.units)
-            .arg(batch.overage)
-            .arg(batch.generation)
-            .arg(mark(batch.token))
-            .arg(batch.first_ms);
-        for &token in forget {
-            invocation.arg(mark(token));
-        }
-        Ok(match self.call::<i64>(&invocation, now_ms).await? {
-            1 => Sharing::Added,
-            2 => Sharing::AddedToLater,
-            _ => Sharing::Refused,
-        })
-    }
-
-    /// Gives back a reservation counted in Redis, once for `token` however often it is sent
-    /// (a call that timed out may have run: it is sent again with the same token), and deletes
-    /// from the count the marks of `forget`, as [`Self::share`] does. `late` for a refund Redis
-    /// could not take when it was due.
-    pub async fn refund(
-        &self,
-        customer: &Id,
-        reservation: &Reservation,
-        token: u128,
-        forget: &[u128],
-        now_ms: i64,
-        late: bool,
-    ) -> Result<(), Failure> {
-        let mut invocation = self.refund.prepare_invoke();
-        invocation
-            .key(self.key(customer, "q", reservation.period.start_ms))
-            .arg(-i64::try_from(reservation.units).unwrap_or(i64::MAX))
-            .arg(-i64::try_from(reservation.overage).unwrap_or(i64::MAX))
-            .arg(reservation.at_ms)
-            .arg(u8::from(late))
-            .arg(mark(token));
-        for &token in forget {
-            invocation.arg(mark(token));
-        }
-        self.call::<i64>(&invocation, now_ms).await.map(drop)
-    }
 }
 
 /// Decides and counts one request.
 const ADMIT_SCRIPT: &str = include_str!("admit.lua");
-
-/// Adds a batch of units counted in process (ARGV: units, overage, the generation of the hash
-/// they belong in, the batch's mark, when its earliest unit was decided) to a quota hash seeded
-/// from the ledger (`s` = 1) of that generation (`n`, absent in a hash made before generations:
-/// -1), or to one made since (Redis lost theirs) before any of its units was decided: that hash
-/// holds them in no part. Once per mark, which stays in the hash until a later call deletes it.
-/// ARGV 6 on: marks to delete first, of batches sent once and answered, of which no other copy
-/// can arrive. 1 if it added the batch (now or before) to its own hash, 2 to a later one, 0 if
-/// the hash is of another generation and made after the batch began, not seeded, or gone.
-const SHARE_SCRIPT: &str = r"
-if #ARGV > 5 then
-  redis.call('HDEL', KEYS[1], unpack(ARGV, 6))
-end
-local state = redis.call('HMGET', KEYS[1], 's', 'n', 'a')
-local own = state[1] == '1' and (tonumber(state[2]) or -1) == tonumber(ARGV[3])
-local later = not own and state[3] and tonumber(ARGV[5]) >= tonumber(state[3])
-if not own and not later then
-  return 0
-end
-if redis.call('HSETNX', KEYS[1], ARGV[4], 1) == 1 then
-  redis.call('HINCRBY', KEYS[1], 'u', ARGV[1])
-  redis.call('HINCRBY', KEYS[1], 'o', ARGV[2])
-end
-if own then
-  return 1
-end
-return 2
-";
-
-/// The field a batch's or a refund's call leaves in its quota hash.
-fn mark(token: u128) -> String {
-    format!("g{token:032x}")
-}
-
-/// Gives back units of a quota hash that still exists (ARGV: units and overage, negated, when
-/// they were counted, 1 for a refund made late, and the refund's mark), and of its part from
-/// before it was made when they were in it. Once per mark, which stays in the hash until a later
-/// call deletes it (ARGV 6 on: marks to delete first, as for batches). A refund made late (Redis
-/// failed when it was due) is not made in a hash made after its units were counted: that hash's
-/// count came from the ledger and from gateways' counts that had given them back already.
-const REFUND_SCRIPT: &str = r"
-if #ARGV > 5 then
-  redis.call('HDEL', KEYS[1], unpack(ARGV, 6))
-end
-local state = redis.call('HMGET', KEYS[1], 'u', 'a')
-if state[1] and ARGV[4] == '1' and state[2] and tonumber(ARGV[3]) < tonumber(state[2]) then
-  return 0
-end
-if state[1] then
-  if redis.call('HSETNX', KEYS[1], ARGV[5], 1) == 0 then
-    return 1
-  end
-  redis.call('HINCRBY', KEYS[1], 'u', ARGV[1])
-  redis.call('HINCRBY', KEYS[1], 'o', ARGV[2])
-  if state[2] and tonumber(ARGV[3]) < tonumber(state[2]) then
-    redis.call('HINCRBY', KEYS[1], 'p', ARGV[1])
-    redis.call('HINCRBY', KEYS[1], 'q', ARGV[2])
-  end
-  return 1
-end
-return 0
-";

@@ -195,8 +195,17 @@ impl Sender {
         // Batches a proxy in front of the ledger finds too large are sent in halves, and
         // later ones no larger than what passed.
         if !segment.refused.is_empty() {
+            // `offered` counts events of the list as the last pass sent it, which held those it
+            // set aside: those before the mark leave the count with the list.
             let refused = &segment.refused;
-            segment.finals.retain(|event| !refused.contains(&event.id));
+            let (mut index, mut gone_before) = (0, 0);
+            segment.finals.retain(|event| {
+                let keep = !refused.contains(&event.id);
+                gone_before += usize::from(!keep && index < segment.offered);
+                index += 1;
+                keep
+            });
+            segment.offered = segment.offered.saturating_sub(gone_before);
         }
         let size = self.batch.load(Ordering::Relaxed).max(1);
         let mut batches: Vec<Cow<'_, [UsageEvent]>> = segment

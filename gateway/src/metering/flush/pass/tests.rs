@@ -293,6 +293,8 @@ async fn events_set_aside_are_not_refused_again_when_their_segment_is_sent_again
     );
     let kept = std::fs::read_dir(spool.join("rejected")).unwrap().count();
     assert_eq!(kept, 1, "set aside once");
+    // Offered before the outage: events 0 and 2 (1 was set aside); they alone are replayed.
+    assert_eq!(sender.meter.metrics.replayed_so_far(), 2);
 }
 
 #[tokio::test]
