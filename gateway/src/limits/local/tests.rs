@@ -1,0 +1,486 @@
+use std::sync::Arc;
+
+use tollgate_model::plan::RateLimit;
+
+use super::*;
+use crate::limits::quota::QuotaLimit;
+
+const PERIOD: Period = Period {
+    start_ms: 0,
+    end_ms: 1_000_000_000,
+};
+
+fn policy(rate_limits: &[RateLimit], quota: Option<QuotaLimit>) -> Policy<'_> {
+    Policy { rate_limits, quota }
+}
+
+/// What Redis told of a customer's count in `PERIOD` (no windows), as `follow` takes it.
+fn told(used: u64, generation: Option<i64>, counted_in: Option<i64>) -> Decision {
+    told_with(used, generation, counted_in, Vec::new(), 0)
+}
+
+fn told_with(
+    used: u64,
+    generation: Option<i64>,
+    counted_in: Option<i64>,
+    windows: Vec<WindowState>,
+    at_ms: i64,
+) -> Decision {
+    Decision {
+        verdict: Verdict::Admitted,
+        windows,
+        quota: None,
+        period: PERIOD,
+        at_ms,
+        used,
+        reservation: None,
+        counted: Counted::Redis,
+        generation,
+        counted_in,
+    }
+}
+
+#[test]
+fn a_window_redis_had_filled_is_full_here_when_counting_falls_back() {
+    let counters = LocalCounters::default();
+    let customer = [9; 16];
+    let limits = [RateLimit {
+        requests: 5,
+        window_seconds: 3600,
+    }];
+    let window_ms = 3_600_000;
+    // Redis admitted five: none left in the window.
+    let full = WindowState {
+        limit: 5,
+        window_ms,
+        remaining: 0,
+        reset_ms: window_ms,
+    };
+    counters.follow(&customer, &told_with(5, None, None, vec![full], 1_000));
+    let decision = counters.admit(&customer, &policy(&limits, None), PERIOD, 1, 2_000);
+    assert_eq!(decision.verdict, Verdict::RateLimited);
+    assert_eq!(decision.windows[0].remaining, 0);
+    // Redis said two left: three counted here, two admitted.
+    let other = [10; 16];
+    let partly = WindowState {
+        remaining: 2,
+        ..full
+    };
+    counters.follow(&other, &told_with(3, None, None, vec![partly], 1_000));
+    let verdicts: Vec<Verdict> = (0..3)
+        .map(|i| {
+            counters
+                .admit(&other, &policy(&limits, None), PERIOD, 1, 2_000 + i)
+                .verdict
+        })
+        .collect();
+    assert_eq!(
+        verdicts,
+        [Verdict::Admitted, Verdict::Admitted, Verdict::RateLimited]
+    );
+}
+
+#[test]
+fn customers_made_together_spread_over_the_shards() {
+    let shards: std::collections::HashSet<usize> = (0..256)
+        .map(|_| shard_index(&uuid::Uuid::now_v7().into_bytes()))
+        .collect();
+    // 256 random bytes modulo 64 miss a given shard with odds of (63/64)^256, about 2%.
+    assert!(shards.len() >= 48, "{} shards used", shards.len());
+}
+
+#[test]
+fn a_quota_refusal_counts_in_no_window() {
+    let limits = [RateLimit {
+        requests: 10,
+        window_seconds: 60,
+    }];
+    let quota = Some(QuotaLimit {
+        limit: 2,
+        hard: true,
+    });
+    let counters = LocalCounters::default();
+    let customer = [1; 16];
+    let verdicts: Vec<Verdict> = (0..4)
+        .map(|i| {
+            counters
+                .admit(&customer, &policy(&limits, quota), PERIOD, 1, 1_000 + i)
+                .verdict
+        })
+        .collect();
+    assert_eq!(
+        verdicts,
+        [
+            Verdict::Admitted,
+            Verdict::Admitted,
+            Verdict::QuotaExceeded,
+            Verdict::QuotaExceeded
+        ]
+    );
+    let decision = counters.admit(&customer, &policy(&limits, None), PERIOD, 1, 2_000);
+    assert_eq!(decision.verdict, Verdict::Admitted);
+    // Two admitted before, one now: the refusals counted nothing.
+    assert_eq!(decision.windows[0].remaining, 7);
+}
+
+#[test]
+fn a_plan_change_keeps_the_counts_of_windows_of_the_same_length() {
+    let counters = LocalCounters::default();
+    let customer = [2; 16];
+    let small = [RateLimit {
+        requests: 5,
+        window_seconds: 60,
+    }];
+    for t in 0..3 {
+        counters.admit(&customer, &policy(&small, None), PERIOD, 1, t);
+    }
+    let large = [RateLimit {
+        requests: 100,
+        window_seconds: 60,
+    }];
+    let decision = counters.admit(&customer, &policy(&large, None), PERIOD, 1, 10);
+    assert_eq!(decision.windows[0].remaining, 96);
+}
+
+#[test]
+fn concurrent_requests_of_one_customer_are_admitted_exactly_up_to_the_limit() {
+    let counters = Arc::new(LocalCounters::default());
+    let limits = [RateLimit {
+        requests: 100,
+        window_seconds: 3600,
+    }];
+    let threads: Vec<_> = (0..8)
+        .map(|_| {
+            let counters = Arc::clone(&counters);
+            std::thread::spawn(move || {
+                (0..100)
+                    .filter(|_| {
+                        counters
+                            .admit(&[3; 16], &policy(&limits, None), PERIOD, 1, 5_000)
+                            .verdict
+                            == Verdict::Admitted
+                    })
+                    .count()
+            })
+        })
+        .collect();
+    let admitted: usize = threads.into_iter().map(|t| t.join().unwrap()).sum();
+    assert_eq!(admitted, 100);
+}
+
+#[test]
+fn a_refund_gives_the_unit_back_to_the_quota() {
+    let counters = LocalCounters::default();
+    let customer = [4; 16];
+    let quota = Some(QuotaLimit {
+        limit: 1,
+        hard: true,
+    });
+    let first = counters.admit(&customer, &policy(&[], quota), PERIOD, 1, 0);
+    counters.refund(&customer, &first.reservation.unwrap());
+    let second = counters.admit(&customer, &policy(&[], quota), PERIOD, 1, 1);
+    assert_eq!(second.verdict, Verdict::Admitted);
+    assert_eq!(counters.used(&customer, PERIOD), (1, 0));
+}
+
+#[test]
+fn seeded_units_count_against_the_quota_once() {
+    let counters = LocalCounters::default();
+    let customer = [5; 16];
+    assert!(counters.needs_seed(&customer, PERIOD));
+    let read = |used| LedgerRead {
+        until_ms: 0,
+        used,
+        overage: 0,
+    };
+    counters.seed(&customer, PERIOD, read(8));
+    counters.seed(&customer, PERIOD, read(8));
+    assert!(!counters.needs_seed(&customer, PERIOD));
+    // The ledger read again has one more of the same events (it was in a spool): added once.
+    counters.reseed(&customer, PERIOD, read(9));
+    counters.reseed(&customer, PERIOD, read(9));
+    // A read of other events (another seed's) adds nothing.
+    counters.reseed(
+        &customer,
+        PERIOD,
+        LedgerRead {
+            until_ms: 5,
+            used: 100,
+            overage: 0,
+        },
+    );
+    let quota = Some(QuotaLimit {
+        limit: 10,
+        hard: true,
+    });
+    assert_eq!(
+        counters
+            .admit(&customer, &policy(&[], quota), PERIOD, 1, 0)
+            .verdict,
+        Verdict::Admitted
+    );
+    assert_eq!(
+        counters
+            .admit(&customer, &policy(&[], quota), PERIOD, 1, 0)
+            .verdict,
+        Verdict::QuotaExceeded
+    );
+}
+
+#[test]
+fn the_count_told_to_redis_names_the_generation_it_was_last_told_of_seeded_or_not() {
+    let counters = LocalCounters::default();
+    let customer = [7; 16];
+    assert_eq!(counters.known(&customer, PERIOD).generation, None);
+    // Counted in a count not yet seeded: known as that count's, so a call to it does not
+    // raise it (refunds since would come back).
+    counters.follow(&customer, &told(3, None, Some(12)));
+    assert_eq!(counters.known(&customer, PERIOD).generation, Some(12));
+    // Not seeded: no batching for it.
+    assert!(
+        counters
+            .admit_batched(&customer, &policy(&[], None), PERIOD, 1, 0)
+            .is_none()
+    );
+    // Seeded: batching may use it; forgotten for batching (Redis lost it), still the
+    // generation this process's count was last told of.
+    counters.follow(&customer, &told(4, Some(12), Some(12)));
+    // Units in a batch not yet settled are not told: the batch may still be added to a
+    // count made again. Once Redis refused it, they are.
+    let batched = counters
+        .admit_batched(&customer, &policy(&[], None), PERIOD, 1, 0)
+        .unwrap();
+    assert_eq!(batched.used, 5);
+    assert_eq!(counters.known(&customer, PERIOD).used, 4);
+    let batch = counters.take_unshared(&customer).remove(0);
+    assert_eq!(counters.known(&customer, PERIOD).used, 4);
+    counters.restore_unshared(&customer, batch, true);
+    assert_eq!(counters.known(&customer, PERIOD).used, 4);
+    let batch = counters.take_unshared(&customer).remove(0);
+    counters.settle_unshared(&customer, &batch, false);
+    assert_eq!(counters.known(&customer, PERIOD).used, 5);
+    counters.forget_generation(&customer, PERIOD, 12);
+    let known = counters.known(&customer, PERIOD);
+    assert_eq!((known.used, known.generation), (5, Some(12)));
+    // Another period knows nothing.
+    let next = Period {
+        start_ms: PERIOD.end_ms,
+        end_ms: PERIOD.end_ms + 1_000,
+    };
+    assert_eq!(counters.known(&customer, next).generation, None);
+}
+
+#[test]
+fn a_second_read_of_the_ledger_adds_what_was_in_a_spool_and_nothing_twice() {
+    let counters = LocalCounters::default();
+    let customer = [6; 16];
+    let quota = Some(QuotaLimit {
+        limit: 100,
+        hard: true,
+    });
+    let read = |until_ms, used| LedgerRead {
+        until_ms,
+        used,
+        overage: 0,
+    };
+    // Seeded at 1,000 with the 5 events the ledger held from before then.
+    counters.seed(&customer, PERIOD, read(1_000, 5));
+    // A request decided at 999 (before the seed's read) but counted after it: its event
+    // will be in the second read.
+    let early = counters.admit(&customer, &policy(&[], quota), PERIOD, 1, 999);
+    let at = counters.admit(&customer, &policy(&[], quota), PERIOD, 1, 1_000);
+    let later = counters.admit(&customer, &policy(&[], quota), PERIOD, 1, 1_001);
+    assert_eq!(later.used, 8);
+    counters.refund(&customer, &later.reservation.unwrap());
+    // Read again: 2 more events from before 1,000 that were in a spool, and the early one.
+    counters.reseed(&customer, PERIOD, read(1_000, 8));
+    // 5 + 2 + early + at: each once.
+    assert_eq!(counters.used(&customer, PERIOD), (9, 0));
+    counters.reseed(&customer, PERIOD, read(1_000, 8));
+    assert_eq!(counters.used(&customer, PERIOD), (9, 0));
+    // A read of other events (another seed's) changes nothing.
+    counters.reseed(&customer, PERIOD, read(5_000, 50));
+    assert_eq!(counters.used(&customer, PERIOD), (9, 0));
+    // Refunds after the second read come off the count as before.
+    counters.refund(&customer, &at.reservation.unwrap());
+    counters.refund(&customer, &early.reservation.unwrap());
+    assert_eq!(counters.used(&customer, PERIOD), (7, 0));
+}
+
+fn fallback(units: u64, overage: u64, period: Period) -> Reservation {
+    Reservation {
+        period,
+        at_ms: period.start_ms,
+        units,
+        overage,
+        counted: Counted::Fallback,
+        fallback: None,
+    }
+}
+
+#[test]
+fn units_counted_while_redis_failed_are_taken_once_each_for_their_own_period() {
+    let counters = LocalCounters::default();
+    let customer = [6; 16];
+    assert!(counters.take_unshared(&customer).is_empty());
+    // Last counted in Redis in generation 42 of its quota count.
+    counters.follow(&customer, &told(5, Some(42), Some(42)));
+    let token = counters
+        .note_unshared(&customer, &fallback(1, 0, PERIOD))
+        .unwrap();
+    // Into the same batch.
+    assert_eq!(
+        counters.note_unshared(&customer, &fallback(2, 1, PERIOD)),
+        Some(token)
+    );
+    assert_eq!(counters.take_pending(), vec![customer]);
+    // A refund of one of them takes it back from the batch while it is unsent.
+    assert!(counters.refund_unshared(&customer, &fallback(1, 0, PERIOD), token));
+    let taken = counters.take_unshared(&customer);
+    assert_eq!(taken.len(), 1);
+    assert_eq!(
+        (taken[0].units, taken[0].overage, taken[0].generation),
+        (2, 1, 42)
+    );
+    assert!(counters.take_unshared(&customer).is_empty());
+    // Added to Redis since: a refund now belongs in Redis, and the batch's mark may go with
+    // the next call to that period's count.
+    counters.settle_unshared(&customer, &taken[0], true);
+    assert!(!counters.refund_unshared(&customer, &fallback(1, 0, PERIOD), token));
+    let next = Period {
+        start_ms: PERIOD.end_ms,
+        end_ms: PERIOD.end_ms * 2,
+    };
+    assert!(counters.take_answered(&customer, next).is_empty());
+    assert_eq!(counters.take_answered(&customer, PERIOD), vec![token]);
+    assert!(counters.take_answered(&customer, PERIOD).is_empty());
+    // A batch sent twice (its first call timed out) keeps its mark: that call may still
+    // arrive.
+    counters.note_unshared(&customer, &fallback(1, 0, PERIOD));
+    let first = counters.take_unshared(&customer).remove(0);
+    counters.restore_unshared(&customer, first, true);
+    let again = counters.take_unshared(&customer).remove(0);
+    counters.settle_unshared(&customer, &again, true);
+    assert!(counters.take_answered(&customer, PERIOD).is_empty());
+    // Refused by Redis (its count was rebuilt from the ledger): a refund goes nowhere.
+    let refused = counters
+        .note_unshared(&customer, &fallback(4, 0, PERIOD))
+        .unwrap();
+    let batch = counters.take_unshared(&customer).remove(0);
+    counters.settle_unshared(&customer, &batch, false);
+    assert!(counters.refund_unshared(&customer, &fallback(1, 0, PERIOD), refused));
+    // Units of a period that has ended are kept while Redis keeps its count, and taken for
+    // it; a sweep past that drops them.
+    counters.note_unshared(&customer, &fallback(3, 0, PERIOD));
+    counters.sweep(PERIOD.end_ms + QUOTA_KEY_GRACE_MS - 1);
+    let late = counters.take_unshared(&customer);
+    assert_eq!((late.len(), late[0].units, late[0].period), (1, 3, PERIOD));
+    counters.note_unshared(&customer, &fallback(5, 0, PERIOD));
+    counters.sweep(PERIOD.end_ms + QUOTA_KEY_GRACE_MS);
+    assert!(counters.take_unshared(&customer).is_empty());
+    assert_eq!(counters.unshared.load(Ordering::Relaxed), 0);
+}
+
+#[test]
+fn refunds_go_where_their_units_went() {
+    let counters = LocalCounters::default();
+    let customer = [8; 16];
+    // Counted in Redis, but its count there was not rebuilt from the ledger yet: there is no
+    // batch to place units in.
+    counters.follow(&customer, &told(5, None, None));
+    assert_eq!(
+        counters.note_unshared(&customer, &fallback(2, 0, PERIOD)),
+        None
+    );
+    assert!(counters.take_unshared(&customer).is_empty());
+    counters.follow(&customer, &told(5, Some(1), Some(1)));
+    let refused = counters
+        .note_unshared(&customer, &fallback(1, 0, PERIOD))
+        .unwrap();
+    let batch = counters.take_unshared(&customer).remove(0);
+    // Redis did not take that batch (its count is newer): a refund of its unit is nobody's.
+    counters.settle_unshared(&customer, &batch, false);
+    assert!(counters.refund_unshared(&customer, &fallback(1, 0, PERIOD), refused));
+    // A batch sent without an answer: the refund is Redis'.
+    let sent = counters
+        .note_unshared(&customer, &fallback(1, 0, PERIOD))
+        .unwrap();
+    let batch = counters.take_unshared(&customer).remove(0);
+    counters.restore_unshared(&customer, batch, true);
+    assert!(!counters.refund_unshared(&customer, &fallback(1, 0, PERIOD), sent));
+    // A batch long forgotten: Redis' too.
+    assert!(!counters.refund_unshared(&customer, &fallback(1, 0, PERIOD), 7));
+}
+
+#[test]
+fn a_batch_put_back_unanswered_takes_no_more_units() {
+    let counters = LocalCounters::default();
+    let customer = [7; 16];
+    counters.follow(&customer, &told(0, Some(7), Some(7)));
+    counters.note_unshared(&customer, &fallback(4, 0, PERIOD));
+    let sent = counters.take_unshared(&customer).remove(0);
+    counters.restore_unshared(&customer, sent, true);
+    // Redis may have counted the first batch already: new units make a batch of their own.
+    let newer = counters
+        .note_unshared(&customer, &fallback(1, 0, PERIOD))
+        .unwrap();
+    assert_ne!(newer, sent.token);
+    counters.note_unshared(&customer, &fallback(1, 0, PERIOD));
+    // A batch that was never sent stays open.
+    let mut batches = counters.take_unshared(&customer);
+    assert_eq!(batches.len(), 2);
+    assert_eq!((batches[0].units, batches[0].token), (4, sent.token));
+    assert_eq!((batches[1].units, batches[1].token), (2, newer));
+    let unsent = batches.remove(1);
+    counters.restore_unshared(&customer, unsent, false);
+    counters.note_unshared(&customer, &fallback(3, 0, PERIOD));
+    let batches = counters.take_unshared(&customer);
+    assert_eq!(batches.len(), 1);
+    assert_eq!((batches[0].units, batches[0].token), (5, unsent.token));
+    // Counted in a new generation (Redis rebuilt the count): a batch of its own.
+    counters.follow(&customer, &told(0, Some(8), Some(8)));
+    counters.note_unshared(&customer, &fallback(1, 0, PERIOD));
+    assert_eq!(counters.take_unshared(&customer)[0].generation, 8);
+    assert_eq!(counters.unshared.load(Ordering::Relaxed), 0);
+}
+
+#[test]
+fn a_sweep_forgets_empty_windows_then_customers_whose_period_is_over() {
+    let counters = LocalCounters::default();
+    let limits = [RateLimit {
+        requests: 10,
+        window_seconds: 1,
+    }];
+    let quota = Some(QuotaLimit {
+        limit: 100,
+        hard: true,
+    });
+    let (busy, idle) = ([10; 16], [11; 16]);
+    counters.admit(&idle, &policy(&limits, quota), PERIOD, 1, 1_000);
+    counters.admit(&busy, &policy(&limits, quota), PERIOD, 1, 1_000);
+    counters.follow(&busy, &told(1, Some(3), Some(3)));
+    counters.note_unshared(&busy, &fallback(1, 0, PERIOD));
+    // Within the window: everything counts.
+    assert_eq!(counters.sweep(1_500), 2);
+    let windows = |customer: &Id| counters.shard(customer)[customer].windows.len();
+    assert_eq!((windows(&idle), windows(&busy)), (1, 1));
+    // The window is empty, the period is not over: the quota counts stay.
+    assert_eq!(counters.sweep(3_000), 2);
+    assert_eq!((windows(&idle), windows(&busy)), (0, 0));
+    assert_eq!(counters.used(&idle, PERIOD), (1, 0));
+    // The period is over: the idle customer goes; the busy one stays while it has units
+    // to add to Redis, whose count of that period lives a day longer, then goes too.
+    assert_eq!(counters.unshared.load(Ordering::Relaxed), 1);
+    assert_eq!(counters.sweep(PERIOD.end_ms), 1);
+    assert_eq!(counters.used(&idle, PERIOD), (0, 0));
+    assert_eq!(counters.unshared.load(Ordering::Relaxed), 1);
+    assert_eq!(counters.sweep(PERIOD.end_ms + QUOTA_KEY_GRACE_MS), 0);
+    assert_eq!(counters.unshared.load(Ordering::Relaxed), 0);
+    let next = Period {
+        start_ms: PERIOD.end_ms,
+        end_ms: PERIOD.end_ms * 2,
+    };
+    // A customer forgotten starts again from nothing in the new period.
+    let decision = counters.admit(&idle, &policy(&limits, quota), next, 1, PERIOD.end_ms);
+    assert_eq!((decision.verdict, decision.used), (Verdict::Admitted, 1));
+}
