@@ -64,6 +64,29 @@ impl Window {
         let into = (now_ms - self.start_ms).clamp(0, WINDOW_MS) as f64 / WINDOW_MS as f64;
         f64::from(self.current) + f64::from(self.previous) * (1.0 - into)
     }
+
+    /// The first millisecond the estimate is under `limit`, if no failure is added: later in
+    /// this minute as the previous minute's share shrinks, or else in the next one as this
+    /// minute's does.
+    fn under_limit_at(&self, limit: u32) -> i64 {
+        let window = WINDOW_MS as f64;
+        let (limit, current, previous) = (
+            f64::from(limit),
+            f64::from(self.current),
+            f64::from(self.previous),
+        );
+        let after = if current < limit && previous > 0.0 {
+            // current + previous × (1 − into) < limit
+            window * (1.0 - (limit - current) / previous)
+        } else if limit > 0.0 && current > 0.0 {
+            // From the next minute on: current × (1 − into) < limit.
+            window + window * (1.0 - limit / current)
+        } else {
+            // A limit of 0: every count is over it; say the longest the estimate remembers.
+            2.0 * window
+        };
+        self.start_ms + after.max(0.0).floor() as i64 + 1
+    }
 }
 
 impl FailedAuth {
@@ -98,8 +121,7 @@ impl FailedAuth {
         if window.count(now_ms) < f64::from(self.limit()) {
             return None;
         }
-        // The count falls under the limit by the end of the next minute at the latest.
-        let until = window.start_ms + 2 * WINDOW_MS;
+        let until = window.under_limit_at(self.limit());
         Some(((until - now_ms).max(1000) as u64).div_ceil(1000))
     }
 
@@ -177,8 +199,8 @@ mod tests {
             assert_eq!(failures.blocked(ip, T0 + i), None, "failure {i}");
             failures.record(ip, T0 + i);
         }
-        let wait = failures.blocked(ip, T0 + 10).unwrap();
-        assert!((60..=120).contains(&wait), "{wait}");
+        // T0 starts a minute: the three count in full until the next one starts.
+        assert_eq!(failures.blocked(ip, T0 + 10), Some(60));
         // Another address is not affected.
         assert_eq!(failures.blocked("192.0.2.8".parse().unwrap(), T0), None);
     }
@@ -198,6 +220,27 @@ mod tests {
             None
         );
         assert_eq!(failures.blocked(ip, start + 3 * WINDOW_MS), None);
+    }
+
+    #[test]
+    fn the_wait_said_is_until_the_estimate_falls_under_the_limit() {
+        let failures = FailedAuth::new(4);
+        let ip: IpAddr = "192.0.2.7".parse().unwrap();
+        let start = T0 - T0.rem_euclid(WINDOW_MS);
+        for _ in 0..6 {
+            failures.record(ip, start);
+        }
+        // 10 s into the next minute, 6 × 5/6 = 5 still count; under 4 once a third of the
+        // minute has passed, 20 s in: 10 s from now.
+        let next = start + WINDOW_MS;
+        assert_eq!(failures.blocked(ip, next + 10_000), Some(11));
+        assert!(failures.blocked(ip, next + 20_000).is_some());
+        assert_eq!(failures.blocked(ip, next + 20_001), None);
+        // Two this minute on top of the six: under 4 once 6 × (1 − into) < 2, 40 s in.
+        failures.record(ip, next + 20_001);
+        failures.record(ip, next + 20_002);
+        assert_eq!(failures.blocked(ip, next + 30_000), Some(11));
+        assert_eq!(failures.blocked(ip, next + 40_001), None);
     }
 
     #[test]

@@ -115,6 +115,14 @@ impl Flusher {
         let Some(ledger) = self.gateway.limiter.ledger().cloned() else {
             return;
         };
+        let spool = &self.sender.meter.spool;
+        if spool
+            .closed(spool.first_own_seq())
+            .is_ok_and(|earlier| earlier.is_empty())
+        {
+            // Nothing left by an earlier process (a first start, or a clean shutdown).
+            return;
+        }
         let runtime = match tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()
