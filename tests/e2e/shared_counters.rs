@@ -576,6 +576,42 @@ async fn a_draining_gateway_adds_its_batched_units_to_redis_before_it_exits() {
     assert_eq!(used_in_redis(&redis, &quota_key(&redis)), "10");
 }
 
+/// Waits until `gateway` counted `count` Redis calls that timed out.
+async fn until_timeouts(gateway: &Gateway, count: f64) {
+    let started = Instant::now();
+    while gateway
+        .metric("tollgate_redis_errors_total{kind=\"timeout\"}")
+        .await
+        .unwrap_or(0.0)
+        < count
+    {
+        assert!(
+            started.elapsed() < Duration::from_secs(5),
+            "fewer than {count} calls timed out"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Waits until `gateway` added `units` batched units to Redis, then checks that several passes
+/// later they were added once: Redis' count is `used`.
+async fn added_once(gateway: &Gateway, redis: &RedisServer, units: f64, used: &str) {
+    let shared = "tollgate_quota_fallback_units_total{outcome=\"shared\"}";
+    let quota_key = quota_key(redis);
+    let started = Instant::now();
+    while gateway.metric(shared).await != Some(units) {
+        assert!(
+            started.elapsed() < Duration::from_secs(5),
+            "the batch was never added; the count is {}",
+            used_in_redis(redis, &quota_key)
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    assert_eq!(used_in_redis(redis, &quota_key), used);
+    assert_eq!(gateway.metric(shared).await, Some(units));
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn batched_units_whose_calls_time_out_in_a_frozen_redis_are_added_once_when_it_wakes() {
     let redis = RedisServer::start();
@@ -591,44 +627,36 @@ async fn batched_units_whose_calls_time_out_in_a_frozen_redis_are_added_once_whe
     assert_eq!(decisions(&gateway, "batched").await, 10.0);
     // The background pass sends the batch, times out (50 ms), and sends it again with the same
     // token after `retry_after` (200 ms): Redis holds each call it was sent, unanswered.
-    let started = Instant::now();
-    while gateway
-        .metric("tollgate_redis_errors_total{kind=\"timeout\"}")
-        .await
-        .unwrap_or(0.0)
-        < 2.0
-    {
-        assert!(
-            started.elapsed() < Duration::from_secs(5),
-            "the batch was not sent twice"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    until_timeouts(&gateway, 2.0).await;
     redis.thaw();
     // Redis wakes and runs every queued call; the batch's units count once.
-    let quota_key = quota_key(&redis);
-    let started = Instant::now();
-    while gateway
-        .metric("tollgate_quota_fallback_units_total{outcome=\"shared\"}")
-        .await
-        != Some(10.0)
-    {
-        assert!(
-            started.elapsed() < Duration::from_secs(5),
-            "the batch was never added; the count is {}",
-            used_in_redis(&redis, &quota_key)
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    // Several passes later, still once.
-    tokio::time::sleep(Duration::from_millis(400)).await;
-    assert_eq!(used_in_redis(&redis, &quota_key), "11");
-    assert_eq!(
-        gateway
-            .metric("tollgate_quota_fallback_units_total{outcome=\"shared\"}")
-            .await,
-        Some(10.0)
+    added_once(&gateway, &redis, 10.0, "11").await;
+}
+
+/// Batched units whose calls never reached Redis (held on the way, then dropped with their
+/// connection) are sent again with the same token once Redis answers, and count once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn batched_units_whose_calls_were_lost_on_the_way_are_added_once_when_redis_answers() {
+    let redis = RedisServer::start();
+    let relay = Relay::start(redis.addr());
+    let upstream = Upstream::start("api");
+    let section = format!(
+        "url = \"{}\"\ntimeout = \"50ms\"\nretry_after = \"200ms\"",
+        relay.redis_url()
     );
+    let (gateway, key) = standalone_counting(&section, &upstream, json!({})).await;
+    assert_eq!(status_of(&gateway, &key, "/api/first").await, 200);
+    assert_eq!(decisions(&gateway, "redis").await, 1.0);
+    relay.hold();
+    for _ in 0..10 {
+        assert_eq!(status_of(&gateway, &key, "/api/held").await, 200);
+    }
+    assert_eq!(decisions(&gateway, "batched").await, 10.0);
+    // Sent, and sent again after `retry_after`: both held, neither reaches Redis.
+    until_timeouts(&gateway, 2.0).await;
+    relay.cut();
+    assert_eq!(used_in_redis(&redis, &quota_key(&redis)), "1");
+    added_once(&gateway, &redis, 10.0, "11").await;
 }
 
 /// Requests with `key` through `gateway` until one is refused (at most `most`): how many passed.
