@@ -634,7 +634,8 @@ async fn batched_units_whose_calls_time_out_in_a_frozen_redis_are_added_once_whe
 }
 
 /// Batched units whose calls never reached Redis (held on the way, then dropped with their
-/// connection) are sent again with the same token once Redis answers, and count once.
+/// connection) are sent again once Redis answers, and count once. (That a copy which arrives
+/// after all adds nothing is the frozen-Redis test's.)
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn batched_units_whose_calls_were_lost_on_the_way_are_added_once_when_redis_answers() {
     let redis = RedisServer::start();

@@ -47,6 +47,9 @@ impl Relay {
                 let Ok(server) = TcpStream::connect(target) else {
                     continue;
                 };
+                // Under the list's lock, as `hold` and `cut` take it: a connection made
+                // meanwhile holds, or is cut, with the others.
+                let mut connections = accepting.connections.lock().unwrap();
                 let connection = Arc::new(Connection {
                     client,
                     server,
@@ -55,11 +58,8 @@ impl Relay {
                         held: Vec::new(),
                     }),
                 });
-                accepting
-                    .connections
-                    .lock()
-                    .unwrap()
-                    .push(connection.clone());
+                connections.push(connection.clone());
+                drop(connections);
                 let upward = connection.clone();
                 std::thread::spawn(move || upward.client_to_server());
                 std::thread::spawn(move || connection.server_to_client());
@@ -75,16 +75,18 @@ impl Relay {
 
     /// Holds from now on what every client sends.
     pub fn hold(&self) {
+        let connections = self.shared.connections.lock().unwrap();
         self.shared.holding.store(true, Ordering::SeqCst);
-        for connection in self.shared.connections.lock().unwrap().iter() {
+        for connection in connections.iter() {
             connection.state.lock().unwrap().holding = true;
         }
     }
 
     /// Passes on what was held, and everything sent from now on.
     pub fn release(&self) {
+        let connections = self.shared.connections.lock().unwrap();
         self.shared.holding.store(false, Ordering::SeqCst);
-        for connection in self.shared.connections.lock().unwrap().iter() {
+        for connection in connections.iter() {
             let mut state = connection.state.lock().unwrap();
             let held = std::mem::take(&mut state.held);
             let _ = (&connection.server).write_all(&held);
@@ -95,8 +97,9 @@ impl Relay {
     /// Drops what was held, and closes every connection: the server never sees it. Connections
     /// made from now on pass everything on.
     pub fn cut(&self) {
+        let mut connections = self.shared.connections.lock().unwrap();
         self.shared.holding.store(false, Ordering::SeqCst);
-        for connection in self.shared.connections.lock().unwrap().drain(..) {
+        for connection in connections.drain(..) {
             // First, so that a pump blocked writing (holding the state) lets go.
             let _ = connection.client.shutdown(Shutdown::Both);
             let _ = connection.server.shutdown(Shutdown::Both);

@@ -67,25 +67,25 @@ impl Window {
 
     /// The first millisecond the estimate is under `limit`, if no failure is added: later in
     /// this minute as the previous minute's share shrinks, or else in the next one as this
-    /// minute's does.
+    /// minute's does. In whole numbers, so it is never a millisecond early.
     fn under_limit_at(&self, limit: u32) -> i64 {
-        let window = WINDOW_MS as f64;
         let (limit, current, previous) = (
-            f64::from(limit),
-            f64::from(self.current),
-            f64::from(self.previous),
+            i64::from(limit),
+            i64::from(self.current),
+            i64::from(self.previous),
         );
-        let after = if current < limit && previous > 0.0 {
-            // current + previous × (1 − into) < limit
-            window * (1.0 - (limit - current) / previous)
-        } else if limit > 0.0 && current > 0.0 {
-            // From the next minute on: current × (1 − into) < limit.
-            window + window * (1.0 - limit / current)
+        if current < limit && previous > 0 {
+            // current + previous × (W − d) / W < limit  ⇔  previous × d > W × (previous + current − limit)
+            let past = WINDOW_MS * (previous + current - limit);
+            self.start_ms + past.div_euclid(previous) + 1
+        } else if limit > 0 && current > 0 {
+            // From the next minute on: current × (W − d) / W < limit  ⇔  current × d > W × (current − limit)
+            let past = WINDOW_MS * (current - limit);
+            self.start_ms + WINDOW_MS + past.div_euclid(current) + 1
         } else {
-            // A limit of 0: every count is over it; say the longest the estimate remembers.
-            2.0 * window
-        };
-        self.start_ms + after.max(0.0).floor() as i64 + 1
+            // A limit of 0 (refused by the config's checks): every count is over it.
+            self.start_ms + 2 * WINDOW_MS
+        }
     }
 }
 
@@ -118,10 +118,11 @@ impl FailedAuth {
         let mut shard = self.shard(&key);
         let window = shard.windows.get_mut(&key)?;
         window.roll(now_ms);
-        if window.count(now_ms) < f64::from(self.limit()) {
+        let limit = self.limit();
+        if window.count(now_ms) < f64::from(limit) {
             return None;
         }
-        let until = window.under_limit_at(self.limit());
+        let until = window.under_limit_at(limit);
         Some(((until - now_ms).max(1000) as u64).div_ceil(1000))
     }
 
@@ -241,6 +242,16 @@ mod tests {
         failures.record(ip, next + 20_002);
         assert_eq!(failures.blocked(ip, next + 30_000), Some(11));
         assert_eq!(failures.blocked(ip, next + 40_001), None);
+
+        // Where the estimate reaches the limit on a whole millisecond (72 × 50/60 = 60 at
+        // 10 s), the wait is past it, not to it.
+        let failures = FailedAuth::new(60);
+        for _ in 0..72 {
+            failures.record(ip, start);
+        }
+        assert_eq!(failures.blocked(ip, next + 5_000), Some(6));
+        assert!(failures.blocked(ip, next + 10_000).is_some());
+        assert_eq!(failures.blocked(ip, next + 10_001), None);
     }
 
     #[test]

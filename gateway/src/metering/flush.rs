@@ -116,11 +116,13 @@ impl Flusher {
             return;
         };
         let spool = &self.sender.meter.spool;
+        let empty = |path: &std::path::PathBuf| std::fs::metadata(path).is_ok_and(|m| m.len() == 0);
         if spool
             .closed(spool.first_own_seq())
-            .is_ok_and(|earlier| earlier.is_empty())
+            .is_ok_and(|earlier| earlier.iter().all(|(_, path)| empty(path)))
         {
-            // Nothing left by an earlier process (a first start, or a clean shutdown).
+            // Nothing left by an earlier process (a first start, or a clean shutdown, which
+            // leaves an empty segment): the background passes delete what is there.
             return;
         }
         let runtime = match tokio::runtime::Builder::new_current_thread()

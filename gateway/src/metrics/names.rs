@@ -1,5 +1,5 @@
-//! The name of every metric the gateway exports, and the label values fixed in advance, in one
-//! place.
+//! The name of every metric the gateway exports, and the authentication decisions' label values,
+//! in one place.
 
 /// Requests answered, by route, method and status class.
 pub const REQUESTS_TOTAL: &str = "tollgate_requests_total";
