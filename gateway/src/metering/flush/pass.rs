@@ -218,17 +218,21 @@ impl Sender {
         let mut position = 0;
         while let Some(batch) = batches.pop() {
             let result = ledger.record(&batch).await;
+            // Of this batch, the events offered before: a replay if the ledger stores them.
+            let replayed = segment.offered.saturating_sub(position).min(batch.len());
+            // Offered now, whatever came of it (unless it is sent again in halves): when the
+            // segment is sent again (the ledger unavailable, or the disk failing to set
+            // refused events aside), that is a replay.
+            if !matches!(&result, Err(LedgerError::TooLarge(_)) if batch.len() > 1) {
+                segment.offered = segment.offered.max(position + batch.len());
+            }
             match result {
                 Ok(stored) => {
                     self.meter.metrics.sent(stored.inserted, stored.duplicates);
-                    let replayed = segment.offered.saturating_sub(position).min(batch.len());
                     if replayed > 0 {
                         self.meter.metrics.replayed(replayed as u64);
                     }
                     position += batch.len();
-                    // Stored: sent again only if a later step fails (the ledger, or the disk
-                    // setting refused events aside), and then replayed.
-                    segment.offered = segment.offered.max(position);
                 }
                 Err(LedgerError::TooLarge(reason)) if batch.len() > 1 => {
                     tracing::warn!(
@@ -245,7 +249,6 @@ impl Sender {
                 // Only the events the ledger named are set aside; the others go again.
                 Err(LedgerError::RefusedEvents(positions, reason)) => {
                     let of = batch.len();
-                    segment.offered = segment.offered.max(position + of);
                     let mut rest = batch.into_owned();
                     // Positions not of this batch: it is set aside whole.
                     let refused = take_refused(&mut rest, &positions)
@@ -269,7 +272,6 @@ impl Sender {
                     }
                 }
                 Err(LedgerError::Rejected(reason) | LedgerError::TooLarge(reason)) => {
-                    segment.offered = segment.offered.max(position + batch.len());
                     let kept = self.meter.spool.set_aside(&batch)?;
                     self.meter.metrics.rejected(batch.len() as u64);
                     position += batch.len();
@@ -285,7 +287,6 @@ impl Sender {
                 }
                 Err(LedgerError::Unavailable(error)) => {
                     self.meter.metrics.send_failed();
-                    segment.offered = segment.offered.max(position + batch.len());
                     tracing::warn!(%error, "cannot store usage yet; it stays in the spool");
                     return Ok(false);
                 }
