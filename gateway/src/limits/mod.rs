@@ -76,9 +76,6 @@ pub struct Limiter {
     reseeding: tokio::sync::Mutex<()>,
     /// In-process counts seeded from the ledger, to seed once more.
     reseeds: ReseedQueue<LocalReseed>,
-    /// Units to give back in Redis whose call did not answer (Redis failing then): given back
-    /// by [`Limiter::share_pending`] once it answers.
-    refunds: Mutex<Vec<redis::HeldRefund>>,
     /// Customers whose count is being read from the ledger ([`Limiter::seed_local`]): one read
     /// at a time per customer, when it last ended.
     seeding: Mutex<std::collections::HashMap<Id, SeedGate>>,
@@ -100,7 +97,6 @@ impl Limiter {
             sharing: tokio::sync::Mutex::new(()),
             reseeding: tokio::sync::Mutex::new(()),
             reseeds: ReseedQueue::default(),
-            refunds: Mutex::new(Vec::new()),
             seeding: Mutex::new(std::collections::HashMap::new()),
         }
     }

@@ -2,18 +2,12 @@
 //! or in the batch of units Redis has yet to be told of; refunds Redis did not answer wait for
 //! it to, and are given back once however often they are sent.
 
-use std::sync::PoisonError;
-
 use futures_util::StreamExt;
 
 use super::redis::{HeldRefund, RedisCounters};
 use super::share::SHARE_CONCURRENCY;
 use super::{Counted, FallbackUnit, Limiter, Reservation};
 use crate::identity::index::Id;
-
-/// Most refunds waiting for Redis; past it, one is dropped with a warning (Redis then counts
-/// its unit until the period ends, never more than the customer used plus it).
-const MAX_PENDING_REFUNDS: usize = 100_000;
 
 impl Limiter {
     /// Gives back a reservation that must not count, where it was counted.
@@ -75,7 +69,7 @@ impl Limiter {
             return;
         };
         if hold {
-            self.hold_refund(unanswered);
+            redis.hold_refund(unanswered);
         } else {
             tracing::debug!(
                 "a quota unit whose admission call may not have run is not given back in redis \
@@ -128,26 +122,15 @@ impl Limiter {
         }
     }
 
-    fn hold_refund(&self, refund: HeldRefund) {
-        let mut refunds = self.refunds.lock().unwrap_or_else(PoisonError::into_inner);
-        if refunds.len() >= MAX_PENDING_REFUNDS {
-            tracing::warn!("too many quota units wait to be given back in redis; one is dropped");
-            return;
-        }
-        refunds.push(refund);
-    }
-
     /// Makes again the refunds Redis did not answer when they were made.
     pub(super) async fn give_back_held(&self, redis: &RedisCounters, now: i64) {
-        let mut held =
-            std::mem::take(&mut *self.refunds.lock().unwrap_or_else(PoisonError::into_inner));
-        held.extend(redis.take_unanswered());
+        let held = redis.take_held_refunds();
         // In parallel over the multiplexed connection, as batches go: a long outage can leave
         // many, and the batches wait for this.
         futures_util::stream::iter(held)
             .for_each_concurrent(SHARE_CONCURRENCY, |refund| async move {
                 if let Some(unanswered) = self.send_refund(redis, refund, now, true).await {
-                    self.hold_refund(unanswered);
+                    redis.hold_refund(unanswered);
                 }
             })
             .await;

@@ -21,6 +21,9 @@ pub enum Sharing {
     Refused,
 }
 
+/// Most refunds held for Redis at once.
+const MAX_HELD_REFUNDS: usize = 100_000;
+
 /// A refund to give back in Redis whose call got no answer, held until Redis answers.
 #[derive(Debug, Clone, Copy)]
 pub struct HeldRefund {
@@ -72,11 +75,26 @@ impl RedisCounters {
         })
     }
 
-    /// The refunds the admission made that got no answer, to make again.
-    pub fn take_unanswered(&self) -> Vec<HeldRefund> {
+    /// Keeps a refund whose call got no answer, to make again once Redis answers; past
+    /// `MAX_HELD_REFUNDS` (100,000), drops it with a warning (Redis then counts its unit until the
+    /// period ends, never more than the customer used plus it).
+    pub fn hold_refund(&self, refund: HeldRefund) {
+        let mut held = self
+            .held_refunds
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if held.len() >= MAX_HELD_REFUNDS {
+            tracing::warn!("too many quota units wait to be given back in redis; one is dropped");
+            return;
+        }
+        held.push(refund);
+    }
+
+    /// The refunds held, to make again.
+    pub fn take_held_refunds(&self) -> Vec<HeldRefund> {
         std::mem::take(
             &mut *self
-                .unanswered
+                .held_refunds
                 .lock()
                 .unwrap_or_else(std::sync::PoisonError::into_inner),
         )

@@ -127,9 +127,9 @@ pub struct RedisCounters {
     down_until_ms: AtomicI64,
     /// Keys this gateway seeded, to seed once more.
     reseeds: ReseedQueue<Reseed>,
-    /// Refunds the admission made that got no answer, for [`super::Limiter::share_pending`]
-    /// to make again.
-    unanswered: std::sync::Mutex<Vec<HeldRefund>>,
+    /// Refunds whose call got no answer (the admission's own, and the requests' through
+    /// [`super::Limiter::refund`]), for [`super::Limiter::share_pending`] to make again.
+    held_refunds: std::sync::Mutex<Vec<HeldRefund>>,
     errors: IntCounterVec,
     duration: Histogram,
 }
@@ -170,7 +170,7 @@ impl RedisCounters {
             share: Script::new(SHARE_SCRIPT),
             down_until_ms: AtomicI64::new(0),
             reseeds: ReseedQueue::default(),
-            unanswered: std::sync::Mutex::new(Vec::new()),
+            held_refunds: std::sync::Mutex::new(Vec::new()),
             errors,
             duration,
         })
@@ -277,15 +277,12 @@ impl RedisCounters {
                         .refund(customer, &reservation, token, &[], now_ms, false)
                         .await
                     {
-                        self.unanswered
-                            .lock()
-                            .unwrap_or_else(std::sync::PoisonError::into_inner)
-                            .push(HeldRefund {
-                                customer: *customer,
-                                reservation,
-                                token,
-                                sealed: failure.may_have_run(),
-                            });
+                        self.hold_refund(HeldRefund {
+                            customer: *customer,
+                            reservation,
+                            token,
+                            sealed: failure.may_have_run(),
+                        });
                     }
                     verdict = Verdict::QuotaExceeded;
                     used -= units;
