@@ -11,6 +11,7 @@ use redis::cluster::ClusterClient;
 use redis::cluster_async::ClusterConnection;
 use redis::{RedisResult, ScriptInvocation};
 
+use super::probe::PROBE_INTERVAL;
 use super::seed::SEED_SCRIPT;
 use super::{ADMIT_SCRIPT, REFUND_SCRIPT, RedisCounters, SHARE_SCRIPT};
 use crate::config::{Redis, RedisNodes};
@@ -47,6 +48,15 @@ impl Connection {
         match self.clone() {
             Connection::Single(mut connection) => invocation.invoke_async(&mut connection).await,
             Connection::Cluster(mut connection) => invocation.invoke_async(&mut connection).await,
+        }
+    }
+
+    /// Sends a `PING` (to every master of a cluster).
+    pub(super) async fn ping(&self) -> RedisResult<()> {
+        let ping = redis::cmd("PING");
+        match self.clone() {
+            Connection::Single(mut connection) => ping.query_async(&mut connection).await,
+            Connection::Cluster(mut connection) => ping.query_async(&mut connection).await,
         }
     }
 }
@@ -87,7 +97,7 @@ impl Near {
     }
 
     /// The connection, when made and its runtime still runs.
-    fn alive(&self) -> Option<Arc<Made>> {
+    pub(super) fn alive(&self) -> Option<Arc<Made>> {
         self.made
             .load_full()
             .filter(|made| !made.runtime.is_finished())
@@ -100,8 +110,8 @@ impl Near {
 
 /// A connection made on a request path's runtime.
 #[derive(Debug)]
-struct Made {
-    connection: Connection,
+pub(super) struct Made {
+    pub(super) connection: Connection,
     /// A task of that runtime that never ends by itself: finished once the runtime is gone.
     runtime: tokio::task::JoinHandle<()>,
 }
@@ -171,6 +181,7 @@ impl RedisCounters {
             }
         }
         self.connection.store(Some(Arc::new(connection)));
+        self.up.set(1);
         let _ = self.certificates.set(certificates);
         Ok(())
     }
@@ -311,10 +322,24 @@ impl RedisCounters {
             "error"
         };
         self.errors.with_label_values(&[kind]).inc();
-        let retry_ms = i64::try_from(self.settings.retry_after.as_millis()).unwrap_or(i64::MAX);
-        self.down_until_ms
-            .store(now_ms.saturating_add(retry_ms), Ordering::Relaxed);
+        self.note_failure(
+            now_ms.saturating_add(self.retry_after_ms()),
+            failure != Failure::Timeout,
+        );
         Err(failure)
+    }
+
+    /// `retry_after`, in ms.
+    pub(super) fn retry_after_ms(&self) -> i64 {
+        i64::try_from(self.settings.retry_after.as_millis()).unwrap_or(i64::MAX)
+    }
+
+    /// Counts requests in process until `until_ms` (or later, if a failure said so). `broken`:
+    /// the connection broke or was refused (Redis gone, not slow), so a `PING` answered ends
+    /// that wait early ([`Self::probe`]).
+    pub(super) fn note_failure(&self, until_ms: i64, broken: bool) {
+        self.broken.store(broken, Ordering::Relaxed);
+        self.down_until_ms.fetch_max(until_ms, Ordering::Relaxed);
     }
 }
 
@@ -331,8 +356,10 @@ async fn open(
             let config = ConnectionManagerConfig::new()
                 .set_connection_timeout(Some(CONNECT_TIMEOUT))
                 .set_response_timeout(Some(CONNECTION_RESPONSE_TIMEOUT))
-                .set_number_of_retries(3)
-                .set_max_delay(Duration::from_secs(1));
+                // One attempt per reconnection: the probes' `PING`s, every 250 ms, are the
+                // retries, and a call made while Redis is down learns it at once (refused)
+                // rather than waiting out the backoff (a timeout, which may have run).
+                .set_number_of_retries(0);
             let client = match certificates {
                 Some(certificates) => redis::Client::build_with_tls(url.as_str(), certificates)?,
                 None => redis::Client::open(url.as_str())?,
@@ -388,6 +415,12 @@ impl pingora::services::background::BackgroundService for Connector {
             }
             delay = (delay * 2).min(Duration::from_secs(10));
         }
-        let _ = shutdown.changed().await;
+        loop {
+            tokio::select! {
+                () = tokio::time::sleep(PROBE_INTERVAL) => {}
+                _ = shutdown.changed() => return,
+            }
+            redis.probe(self.gateway.limiter.now_ms()).await;
+        }
     }
 }

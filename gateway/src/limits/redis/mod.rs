@@ -32,25 +32,30 @@
 //!
 //! A call that fails or takes longer than `timeout` is not retried on the request path: the
 //! request is counted in process instead (see [`super::Limiter`]), and for `retry_after` every
-//! request is, without waiting on Redis; then the next request tries Redis again.
+//! request is, without waiting on Redis; then the next request tries Redis again. Between
+//! requests, a `PING` every 250 ms over each connection ([`RedisCounters::probe`]) makes a
+//! connection Redis broke again before a request needs it, and ends that wait as soon as Redis
+//! answers when it began with a broken connection (Redis gone or restarted, not slow).
 //!
 //! # Layout
 //! - here: the admission call and its decision.
 //! - `connection`: the two connections, and a call within the timeout.
+//! - `probe`: the `PING`s between requests.
 //! - `marked`: adding batches and giving units back, once per mark.
 //! - `seed`: rebuilding a lost quota count from the ledger, and waiting for another's rebuild.
 
 mod connection;
 mod marked;
+mod probe;
 mod seed;
 
 use std::sync::Arc;
 use std::sync::OnceLock;
-use std::sync::atomic::AtomicI64;
+use std::sync::atomic::{AtomicBool, AtomicI64};
 use std::time::Duration;
 
 use arc_swap::ArcSwapOption;
-use prometheus::{Histogram, HistogramOpts, IntCounterVec, Opts};
+use prometheus::{Histogram, HistogramOpts, IntCounterVec, IntGauge, Opts};
 use redis::Script;
 
 use connection::{Connection, Near};
@@ -66,7 +71,7 @@ use super::{Counted, Decision, Policy, ReseedQueue, Reservation, Verdict};
 use crate::config::Redis;
 use crate::identity::index::{Id, IdText};
 use crate::metering::ledger::Ledger;
-use crate::metrics::{Metrics, REDIS_CALL_DURATION, REDIS_ERRORS_TOTAL};
+use crate::metrics::{Metrics, REDIS_CALL_DURATION, REDIS_ERRORS_TOTAL, REDIS_UP};
 
 /// How long a quota key outlives its period.
 pub const QUOTA_KEY_GRACE_MS: i64 = 86_400_000;
@@ -125,6 +130,8 @@ pub struct RedisCounters {
     share: Script,
     /// Unix ms before which calls are not tried (after a failure).
     down_until_ms: AtomicI64,
+    /// Whether that failure was a broken or refused connection, not a slow answer.
+    broken: AtomicBool,
     /// Keys this gateway seeded, to seed once more.
     reseeds: ReseedQueue<Reseed>,
     /// Refunds whose call got no answer (the admission's own, and the requests' through
@@ -132,6 +139,8 @@ pub struct RedisCounters {
     held_refunds: std::sync::Mutex<Vec<HeldRefund>>,
     errors: IntCounterVec,
     duration: Histogram,
+    /// 1 while Redis answers the probes' `PING`s.
+    up: IntGauge,
 }
 
 impl RedisCounters {
@@ -153,8 +162,13 @@ impl RedisCounters {
                 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1,
             ]),
         )?;
+        let up = IntGauge::new(
+            REDIS_UP,
+            "1 while Redis answers a PING over every connection (sent every 250 ms), 0 otherwise.",
+        )?;
         metrics.register(Box::new(errors.clone()))?;
         metrics.register(Box::new(duration.clone()))?;
+        metrics.register(Box::new(up.clone()))?;
         for kind in ["timeout", "error", "unavailable"] {
             errors.with_label_values(&[kind]);
         }
@@ -169,10 +183,12 @@ impl RedisCounters {
             refund: Script::new(REFUND_SCRIPT),
             share: Script::new(SHARE_SCRIPT),
             down_until_ms: AtomicI64::new(0),
+            broken: AtomicBool::new(false),
             reseeds: ReseedQueue::default(),
             held_refunds: std::sync::Mutex::new(Vec::new()),
             errors,
             duration,
+            up,
         })
     }
 
