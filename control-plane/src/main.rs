@@ -29,6 +29,8 @@ fn main() -> ExitCode {
             tracing_subscriber::EnvFilter::try_from_default_env()
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
         )
+        // Colours only for a terminal, not in a log file.
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stdout()))
         .try_init();
     let runtime = match tokio::runtime::Runtime::new() {
         Ok(runtime) => runtime,
@@ -40,9 +42,42 @@ fn main() -> ExitCode {
     match runtime.block_on(run(&command, settings)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(error) => {
-            eprintln!("control-plane: {error:#}");
+            eprintln!("control-plane: {}", causes(&error));
             ExitCode::FAILURE
         }
+    }
+}
+
+/// `error` and its causes, each once: a cause whose text its error already ends with (sqlx's
+/// database errors repeat their source's) is not repeated.
+fn causes(error: &anyhow::Error) -> String {
+    let mut text = String::new();
+    for cause in error.chain() {
+        let cause = cause.to_string();
+        if text.ends_with(&cause) {
+            continue;
+        }
+        if !text.is_empty() {
+            text.push_str(": ");
+        }
+        text.push_str(&cause);
+    }
+    text
+}
+
+/// Resolves on SIGINT or SIGTERM (what service managers send to stop a process).
+async fn stop_signal() {
+    let terminate = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut signal) => {
+                signal.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        () = terminate => {}
     }
 }
 
@@ -80,8 +115,10 @@ async fn run(command: &str, settings: Settings) -> anyhow::Result<()> {
     tracing::info!(listen = %listener.local_addr()?, "control plane listening");
     axum::serve(listener, app(AppState::new(store)))
         .with_graceful_shutdown(async {
-            let _ = tokio::signal::ctrl_c().await;
+            stop_signal().await;
+            tracing::info!("stopping: requests in flight finish first");
         })
         .await?;
+    tracing::info!("control plane stopped");
     Ok(())
 }

@@ -176,6 +176,20 @@ async fn roles_are_enforced(db: &Db) {
     );
     let (status, _, _) = call(&app, "GET", "/v1/plans", Some(&db.viewer), None).await;
     assert_eq!(status, StatusCode::OK);
+    // The scheme's name in any case, as HTTP has it.
+    for scheme in ["bearer", "BEARER"] {
+        let response = app
+            .clone()
+            .oneshot(
+                Request::get("/v1/plans")
+                    .header("authorization", format!("{scheme} {}", db.viewer))
+                    .body(Body::empty())
+                    .unwrap(),
+            )
+            .await
+            .unwrap();
+        assert_eq!(response.status(), StatusCode::OK, "{scheme}");
+    }
 }
 
 async fn plans_are_patched_and_deleted_or_archived_with_an_audit_entry_each(db: &Db) {
@@ -1456,7 +1470,8 @@ async fn every_answer_has_its_pinned_shape(db: &Db) {
                 "unauthenticated",
                 "Authentication required",
                 401,
-                "send an admin token as Authorization: Bearer <token>"
+                "no token, or one this control plane does not know: send a token it issued \
+                 (TOLLGATE_ADMIN_TOKEN, or POST /v1/admin-tokens) as Authorization: Bearer <token>"
             )
         )
     );

@@ -54,7 +54,10 @@ impl IntoResponse for ApiError {
         let problem = match self {
             ApiError::Unauthenticated => {
                 Problem::new("unauthenticated", "Authentication required", 401)
-                    .with_detail("send an admin token as Authorization: Bearer <token>")
+                    .with_detail(
+                        "no token, or one this control plane does not know: send a token it issued \
+                         (TOLLGATE_ADMIN_TOKEN, or POST /v1/admin-tokens) as Authorization: Bearer <token>",
+                    )
             }
             ApiError::Forbidden(detail) => {
                 Problem::new("forbidden", "Forbidden", 403).with_detail(detail)

@@ -101,6 +101,15 @@ pub(super) fn control_plane(
                     "control_plane.token_env",
                     "must name the environment variable holding the gateway token",
                 );
+            } else if super::check_variable_name(&file.token_env, "control_plane.token_env", errors)
+                && std::env::var(&file.token_env).is_ok_and(|token| token.trim().is_empty())
+            {
+                // Checked here too, not only at start, so that `--validate` in the gateway's
+                // environment tells. (Unset here, it may be set where the gateway runs.)
+                errors.push(
+                    "control_plane.token_env",
+                    format!("{} is set but empty", file.token_env),
+                );
             }
             valid.then(|| FeedSource::Remote {
                 url: url.trim_end_matches('/').to_owned(),

@@ -95,7 +95,8 @@ pub(super) fn provider(
         }
         if env.is_empty() {
             errors.push(format!("{path}.secret_env"), "must name a variable");
-        } else if let Ok(secret) = std::env::var(env)
+        } else if super::check_variable_name(env, &format!("{path}.secret_env"), errors)
+            && let Ok(secret) = std::env::var(env)
             && secret.len() < MIN_SECRET_BYTES
         {
             // Checked here too, not only at start, so that `--validate` in the gateway's

@@ -342,6 +342,27 @@ pub(super) fn check_name(name: &str, path: &str, errors: &mut Errors) {
     }
 }
 
+/// Checks that `name` (at `path`) names an environment variable a shell can set: a letter or
+/// `_`, then letters, digits and `_`. Whether it is set is checked at start: `--validate` may run
+/// where the gateway's secrets are not.
+pub(super) fn check_variable_name(name: &str, path: &str, errors: &mut Errors) -> bool {
+    let mut chars = name.chars();
+    let valid = chars
+        .next()
+        .is_some_and(|c| c.is_ascii_alphabetic() || c == '_')
+        && chars.all(|c| c.is_ascii_alphanumeric() || c == '_');
+    if !valid {
+        errors.push(
+            path,
+            format!(
+                "{name:?} is not an environment variable's name: a letter or '_', then letters, \
+                 digits and '_'"
+            ),
+        );
+    }
+    valid
+}
+
 fn unique_names(names: &[Option<&str>], section: &str, errors: &mut Errors) {
     let mut seen: HashMap<&str, usize> = HashMap::new();
     for (i, name) in names.iter().enumerate() {

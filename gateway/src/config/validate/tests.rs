@@ -382,6 +382,39 @@ fn relative_store_and_snapshot_paths_are_next_to_the_config_file() {
     );
 }
 
+#[test]
+fn variables_named_for_secrets_must_be_names_a_shell_can_set() {
+    let remote = |name: &str| {
+        problems(&format!(
+            "{SERVER}\n[control_plane]\nurl = \"http://127.0.0.1:9100\"\ntoken_env = \"{name}\"\n"
+        ))
+    };
+    assert_eq!(
+        remote("MY GW TOKEN"),
+        vec![
+            "control_plane.token_env: \"MY GW TOKEN\" is not an environment variable's name: a letter \
+             or '_', then letters, digits and '_'"
+        ]
+    );
+    assert_eq!(
+        remote("1TOKEN").len(),
+        1,
+        "a name cannot start with a digit"
+    );
+    config(&format!(
+        "{SERVER}\n[control_plane]\nurl = \"http://127.0.0.1:9100\"\ntoken_env = \"_GW_TOKEN_2\"\n"
+    ));
+    assert_eq!(
+        problems(&provider(
+            "algorithms = [\"HS256\"]\nsecret_env = \"JWT-SECRET\""
+        )),
+        vec![
+            "jwt_providers[0].secret_env: \"JWT-SECRET\" is not an environment variable's name: a \
+             letter or '_', then letters, digits and '_'"
+        ]
+    );
+}
+
 const CONTROL_PLANE: &str = "[control_plane]\nembedded = true\n";
 
 fn provider(lines: &str) -> String {

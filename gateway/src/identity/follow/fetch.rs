@@ -34,6 +34,11 @@ impl std::fmt::Display for SyncError {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             SyncError::Unreachable(error) => write!(f, "control plane unreachable: {error}"),
+            SyncError::Refused(status @ (401 | 403), detail) => write!(
+                f,
+                "control plane answered {status}: {detail} (the variable control_plane.token_env \
+                 names must hold one of its tokens with role \"gateway\")"
+            ),
             SyncError::Refused(status, detail) => {
                 write!(f, "control plane answered {status}: {detail}")
             }
