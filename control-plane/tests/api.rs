@@ -1593,7 +1593,7 @@ async fn every_answer_has_its_pinned_shape(db: &Db) {
                 "bad-request",
                 "Bad request",
                 400,
-                "Failed to deserialize query string: limit: invalid digit found in string"
+                "a query parameter does not parse: limit: invalid digit found in string"
             )
         )
     );

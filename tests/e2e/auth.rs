@@ -191,6 +191,11 @@ async fn enforces_each_outcome(gateway: &Gateway, api: &AdminApi) -> String {
     );
     let body: Value = response.json().await.unwrap();
     assert_eq!(problem_type(&body), "missing-credential");
+    assert_eq!(
+        body["detail"],
+        "send an API key as Authorization: Bearer <key>, X-API-Key: <key> or in this route's \
+         query parameter"
+    );
     assert!(body["request_id"].is_string());
     let (status, body) = call(gateway, "/orders", Some("tg_not-a-key")).await;
     assert_eq!((status, problem_type(&body)), (401, "malformed-key"));

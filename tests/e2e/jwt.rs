@@ -372,6 +372,61 @@ async fn hmac_tokens(backend: Backend) {
         let (got, got_kind, body) = status_and_type(&gateway, "/hs", &token).await;
         assert_eq!((got, got_kind.as_str()), (status, kind), "{case}: {body}");
     }
+    // The detail says why.
+    let mut critical = Header::new(Algorithm::HS256);
+    critical.crit = Some(vec!["x-unknown".to_owned()]);
+    let critical = jsonwebtoken::encode(
+        &critical,
+        &claims(&customer, |_| {}),
+        &EncodingKey::from_secret(SECRET.as_bytes()),
+    )
+    .unwrap();
+    let why = [
+        (
+            critical,
+            "the header names critical extensions (crit), which are not supported",
+        ),
+        (
+            format!(
+                "{}.{}.",
+                URL_SAFE_NO_PAD.encode(r#"{"alg":"none"}"#),
+                URL_SAFE_NO_PAD.encode(claims(&customer, |_| {}).to_string())
+            ),
+            "alg none is never accepted",
+        ),
+        ("not.a.jwt".to_owned(), "not a JWT"),
+        (
+            hmac(&claims(&customer, |c| c["exp"] = json!("9999999999"))),
+            "exp is missing or not a number of seconds",
+        ),
+        (
+            hmac(&claims(&customer, |c| c["customer_id"] = json!(12345))),
+            "the customer claim is not a string",
+        ),
+    ];
+    for (token, reason) in why {
+        let (status, _, body) = status_and_type(&gateway, "/hs", &token).await;
+        assert_eq!(
+            (status, body["detail"].as_str()),
+            (401, Some(format!("the JWT was refused: {reason}").as_str()))
+        );
+    }
+    // A JWT-only route says what it takes: not the key sent.
+    let response = client()
+        .get(gateway.url("/hs"))
+        .header("x-api-key", "tg_whatever")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 401);
+    let body: Value = response.json().await.unwrap();
+    assert_eq!(
+        (body["type"].as_str(), body["detail"].as_str()),
+        (
+            Some("urn:tollgate:problem:missing-credential"),
+            Some("send a JWT as Authorization: Bearer <token>")
+        )
+    );
     let metrics = gateway.metrics().await;
     assert!(metrics.contains("tollgate_auth_decisions_total{result=\"expired-token\"} 1"));
     assert!(metrics.contains("tollgate_auth_decisions_total{result=\"invalid-token\"}"));
@@ -480,9 +535,13 @@ async fn public_key_tokens(backend: Backend) {
     let token = rsa(Algorithm::RS256, &claims(&customer, |_| {}));
     let started = Instant::now();
     loop {
-        let (status, kind, _) = status_and_type(&gateway, "/rs", &token).await;
+        let (status, kind, body) = status_and_type(&gateway, "/rs", &token).await;
         if status == 403 {
             assert_eq!(kind, "customer-suspended");
+            assert_eq!(
+                body["detail"],
+                "the customer this credential belongs to is suspended"
+            );
             break;
         }
         assert!(

@@ -74,7 +74,14 @@ impl<T: DeserializeOwned, S: Send + Sync> FromRequestParts<S> for Query<T> {
         axum::extract::Query::<T>::from_request_parts(parts, state)
             .await
             .map(|axum::extract::Query(query)| Query(query))
-            .map_err(|rejection: QueryRejection| ApiError::BadRequest(rejection.body_text()))
+            .map_err(|rejection: QueryRejection| {
+                // axum's "Failed to deserialize query string: limit: …", in this API's words.
+                let text = rejection.body_text();
+                let reason = text
+                    .strip_prefix("Failed to deserialize query string: ")
+                    .unwrap_or(&text);
+                ApiError::BadRequest(format!("a query parameter does not parse: {reason}"))
+            })
     }
 }
 

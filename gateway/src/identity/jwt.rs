@@ -155,10 +155,17 @@ impl Verifier {
 
     /// Checks `token`.
     pub fn verify(&self, token: &str) -> Result<Claims, Refusal> {
-        let header =
-            jsonwebtoken::decode_header(token).map_err(|_| Refusal::InvalidToken("not a JWT"))?;
+        let header = jsonwebtoken::decode_header(token)
+            .map_err(|_| Refusal::InvalidToken(unreadable_header(token)))?;
         if !self.validation.algorithms.contains(&header.alg) {
             return Err(Refusal::InvalidToken("algorithm not accepted"));
+        }
+        // RFC 7515: a token naming an extension its recipient does not implement is invalid,
+        // and this gateway implements none.
+        if header.crit.is_some() {
+            return Err(Refusal::InvalidToken(
+                "the header names critical extensions (crit), which are not supported",
+            ));
         }
         let jwks_keys;
         let picked = match &self.keys {
@@ -197,8 +204,9 @@ impl Verifier {
                     ErrorKind::ImmatureSignature => Refusal::InvalidClaims("not valid yet (nbf)"),
                     ErrorKind::InvalidIssuer => Refusal::InvalidClaims("issuer not accepted"),
                     ErrorKind::InvalidAudience => Refusal::InvalidClaims("audience not accepted"),
-                    ErrorKind::MissingRequiredClaim(_) => {
-                        Refusal::InvalidClaims("a required claim (exp, iss, aud) is missing")
+                    ErrorKind::MissingRequiredClaim(claim)
+                    | ErrorKind::InvalidClaimFormat(claim) => {
+                        Refusal::InvalidClaims(claim_problem(claim))
                     }
                     ErrorKind::InvalidAlgorithm => Refusal::InvalidToken("algorithm not accepted"),
                     ErrorKind::InvalidSignature => {
@@ -207,18 +215,50 @@ impl Verifier {
                     _ => Refusal::InvalidToken("malformed token"),
                 }
             })?;
-        let customer = data
-            .claims
-            .get(&self.customer_claim)
-            .and_then(Value::as_str)
-            .ok_or(Refusal::InvalidClaims("the customer claim is missing"))?
-            .to_owned();
+        let customer = match data.claims.get(&self.customer_claim) {
+            Some(Value::String(customer)) => customer.clone(),
+            Some(_) => return Err(Refusal::InvalidClaims("the customer claim is not a string")),
+            None => return Err(Refusal::InvalidClaims("the customer claim is missing")),
+        };
         let subject = data
             .claims
             .get("sub")
             .and_then(Value::as_str)
             .map(str::to_owned);
         Ok(Claims { customer, subject })
+    }
+}
+
+/// Why a token's header does not read: `alg: none` is told as such.
+fn unreadable_header(token: &str) -> &'static str {
+    use base64::Engine;
+    let header = token
+        .split('.')
+        .next()
+        .and_then(|part| {
+            base64::engine::general_purpose::URL_SAFE_NO_PAD
+                .decode(part)
+                .ok()
+        })
+        .and_then(|json| serde_json::from_slice::<Map<String, Value>>(&json).ok());
+    let Some(header) = header else {
+        return "not a JWT";
+    };
+    match header.get("alg").and_then(Value::as_str) {
+        Some(alg) if alg.eq_ignore_ascii_case("none") => "alg none is never accepted",
+        Some(alg) if alg.parse::<jsonwebtoken::Algorithm>().is_err() => "algorithm not accepted",
+        _ => "the header is malformed",
+    }
+}
+
+/// What is wrong with a registered claim that is missing or not of its type.
+fn claim_problem(claim: &str) -> &'static str {
+    match claim {
+        "exp" => "exp is missing or not a number of seconds",
+        "nbf" => "nbf is not a number of seconds",
+        "iss" => "iss is missing or not a string",
+        "aud" => "aud is missing or not a string or list of strings",
+        _ => "a required claim is missing",
     }
 }
 

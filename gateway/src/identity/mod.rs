@@ -138,8 +138,8 @@ pub struct Caller {
 /// Why a credential was refused.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Refusal {
-    /// No credential was sent (401).
-    Missing,
+    /// No credential the route accepts was sent (401); what to send.
+    Missing(&'static str),
     /// Not a key: wrong prefix, length, alphabet or checksum (401, no lookup made).
     Malformed,
     /// No such key (401).
@@ -148,7 +148,7 @@ pub enum Refusal {
     Revoked,
     /// Past its expiry (401).
     Expired,
-    /// The key's customer is suspended (403).
+    /// The customer of the key or token is suspended (403).
     Suspended,
     /// The key's scopes do not include the route (403).
     OutOfScope,
@@ -189,7 +189,7 @@ impl Refusal {
     /// The metric label.
     pub fn label(self) -> &'static str {
         match self {
-            Refusal::Missing => "missing",
+            Refusal::Missing(_) => "missing",
             Refusal::Malformed => "malformed",
             Refusal::Unknown => "unknown",
             Refusal::Revoked => "revoked",

@@ -149,7 +149,7 @@ pub fn authenticate(
             return Err(Refusal::Unavailable);
         };
         match credential(req, &route.auth) {
-            None => Err(Refusal::Missing),
+            None => Err(Refusal::Missing(what_to_send(&route.auth))),
             Some((Credential::Key(key), source)) => {
                 let now = gateway.identity.control_plane_now_ms(now);
                 // Scopes name the routes a key may call; its customer's own usage view is
@@ -188,6 +188,28 @@ pub fn authenticate(
             }
             Err(GatewayProblem::Refused(refusal))
         }
+    }
+}
+
+/// What a request without a credential `auth` accepts is told to send.
+fn what_to_send(auth: &RouteAuth) -> &'static str {
+    match (auth.key, auth.jwt.is_some(), auth.key_query_param.is_some()) {
+        (true, true, false) => {
+            "send an API key as Authorization: Bearer <key> or X-API-Key: <key>, or a JWT as \
+             Authorization: Bearer <token>"
+        }
+        (true, true, true) => {
+            "send an API key as Authorization: Bearer <key>, X-API-Key: <key> or in this route's \
+             query parameter, or a JWT as Authorization: Bearer <token>"
+        }
+        (true, false, false) => {
+            "send an API key as Authorization: Bearer <key> or X-API-Key: <key>"
+        }
+        (true, false, true) => {
+            "send an API key as Authorization: Bearer <key>, X-API-Key: <key> or in this route's \
+             query parameter"
+        }
+        (false, _, _) => "send a JWT as Authorization: Bearer <token>",
     }
 }
 

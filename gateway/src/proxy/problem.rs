@@ -237,11 +237,7 @@ impl GatewayProblem {
 
 fn refusal_text(refusal: Refusal) -> (&'static str, &'static str, &'static str) {
     match refusal {
-        Refusal::Missing => (
-            "missing-credential",
-            "Authentication required",
-            "send a credential as Authorization: Bearer <key or token>, or X-API-Key: <key>",
-        ),
+        Refusal::Missing(what) => ("missing-credential", "Authentication required", what),
         Refusal::InvalidToken(_) | Refusal::UnknownSigningKey(_) | Refusal::InvalidClaims(_) => {
             ("invalid-token", "Invalid token", "the JWT was refused")
         }
@@ -266,7 +262,7 @@ fn refusal_text(refusal: Refusal) -> (&'static str, &'static str, &'static str) 
         Refusal::Suspended => (
             "customer-suspended",
             "Customer suspended",
-            "the account this API key belongs to is suspended",
+            "the customer this credential belongs to is suspended",
         ),
         Refusal::OutOfScope => (
             "key-not-allowed",

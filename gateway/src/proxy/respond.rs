@@ -118,7 +118,7 @@ pub async fn problem(
             headers.push((http::header::RETRY_AFTER, HeaderValue::from_static("5")));
         }
         GatewayProblem::Refused(refusal) if problem.status() == 401 => {
-            let challenge = if *refusal == Refusal::Missing {
+            let challenge = if matches!(refusal, Refusal::Missing(_)) {
                 HeaderValue::from_static("Bearer realm=\"tollgate\"")
             } else {
                 HeaderValue::from_static("Bearer realm=\"tollgate\", error=\"invalid_token\"")

@@ -141,10 +141,15 @@ pub(super) fn provider(
                         return None;
                     }
                 };
-                let decoded = match family? {
-                    AlgorithmFamily::Rsa => DecodingKey::from_rsa_pem(&pem),
-                    AlgorithmFamily::Ec => DecodingKey::from_ec_pem(&pem),
-                    AlgorithmFamily::Ed => DecodingKey::from_ed_pem(&pem),
+                let (decoded, kind) = match family? {
+                    AlgorithmFamily::Rsa => (DecodingKey::from_rsa_pem(&pem), "an RSA public key"),
+                    AlgorithmFamily::Ec => (
+                        DecodingKey::from_ec_pem(&pem),
+                        "an EC public key (P-256 for ES256, P-384 for ES384)",
+                    ),
+                    AlgorithmFamily::Ed => {
+                        (DecodingKey::from_ed_pem(&pem), "an Ed25519 public key")
+                    }
                     AlgorithmFamily::Hmac => return None,
                 };
                 match decoded {
@@ -152,12 +157,13 @@ pub(super) fn provider(
                         kid: key.kid.clone(),
                         key: decoded,
                     }),
-                    Err(error) => {
+                    Err(_) => {
                         errors.push(
                             format!("{key_path}.file"),
                             format!(
-                                "{} is not a PEM public key for {:?}: {error}",
+                                "{} is not a PEM public key for {:?}: {:?} takes {kind}",
                                 file_path.display(),
+                                algorithms[0],
                                 algorithms[0]
                             ),
                         );

@@ -480,6 +480,12 @@ fn jwt_providers_refuse_none_mixed_families_and_keys_of_the_wrong_kind() {
                 "jwt_providers[0].public_keys[0].file: cannot read ./missing.pem: No such file or directory (os error 2)",
             ],
         ),
+        (
+            "algorithms = [\"ES256\"]\npublic_keys = [{ file = \"../tests/fixtures/jwt/rsa-public.pem\" }]",
+            vec![
+                "jwt_providers[0].public_keys[0].file: ./../tests/fixtures/jwt/rsa-public.pem is not a PEM public key for ES256: ES256 takes an EC public key (P-256 for ES256, P-384 for ES384)",
+            ],
+        ),
     ] {
         assert_eq!(problems(&provider(lines)), expected, "{lines}");
     }
