@@ -38,7 +38,7 @@ impl RedisCounters {
     ///   runs its course: answering one `PING` fast says little of the next call.
     ///
     /// Whether Redis answered is `/health/ready`'s `redis_connected` and the
-    /// `tollgate_redis_up` gauge. Run every [`PROBE_INTERVAL`].
+    /// `tollgate_redis_up` gauge. Run every `PROBE_INTERVAL` (250 ms).
     pub async fn probe(&self, now_ms: i64) {
         let Some(far) = self.connection.load_full() else {
             return;
