@@ -109,3 +109,61 @@ pub fn spawn_usage_pruning(store: Store, retention: Duration) -> tokio::task::Jo
         }
     })
 }
+
+/// `error` and its causes, each once: a cause whose text its error already ends with (sqlx's
+/// database errors repeat their source's) is not repeated.
+pub fn causes(error: &anyhow::Error) -> String {
+    let mut text = String::new();
+    for cause in error.chain() {
+        let cause = cause.to_string();
+        if text.ends_with(&cause) {
+            continue;
+        }
+        if !text.is_empty() {
+            text.push_str(": ");
+        }
+        text.push_str(&cause);
+    }
+    text
+}
+
+/// Resolves on SIGINT or SIGTERM (what service managers send to stop a process).
+pub async fn stop_signal() {
+    let terminate = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut signal) => {
+                signal.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        () = terminate => {}
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_cause_its_error_already_tells_is_printed_once() {
+        #[derive(Debug)]
+        struct Repeats;
+        impl std::fmt::Display for Repeats {
+            fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("database \"x\" does not exist")
+            }
+        }
+        impl std::error::Error for Repeats {}
+        let error = anyhow::Error::new(Repeats)
+            .context("error returned from database: database \"x\" does not exist")
+            .context("DATABASE_URL: cannot connect");
+        assert_eq!(
+            causes(&error),
+            "DATABASE_URL: cannot connect: error returned from database: database \"x\" does not \
+             exist"
+        );
+    }
+}

@@ -42,42 +42,9 @@ fn main() -> ExitCode {
     match runtime.block_on(run(&command, settings)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(error) => {
-            eprintln!("control-plane: {}", causes(&error));
+            eprintln!("control-plane: {}", tollgate_control_plane::causes(&error));
             ExitCode::FAILURE
         }
-    }
-}
-
-/// `error` and its causes, each once: a cause whose text its error already ends with (sqlx's
-/// database errors repeat their source's) is not repeated.
-fn causes(error: &anyhow::Error) -> String {
-    let mut text = String::new();
-    for cause in error.chain() {
-        let cause = cause.to_string();
-        if text.ends_with(&cause) {
-            continue;
-        }
-        if !text.is_empty() {
-            text.push_str(": ");
-        }
-        text.push_str(&cause);
-    }
-    text
-}
-
-/// Resolves on SIGINT or SIGTERM (what service managers send to stop a process).
-async fn stop_signal() {
-    let terminate = async {
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(mut signal) => {
-                signal.recv().await;
-            }
-            Err(_) => std::future::pending::<()>().await,
-        }
-    };
-    tokio::select! {
-        _ = tokio::signal::ctrl_c() => {}
-        () = terminate => {}
     }
 }
 
@@ -115,7 +82,7 @@ async fn run(command: &str, settings: Settings) -> anyhow::Result<()> {
     tracing::info!(listen = %listener.local_addr()?, "control plane listening");
     axum::serve(listener, app(AppState::new(store)))
         .with_graceful_shutdown(async {
-            stop_signal().await;
+            tollgate_control_plane::stop_signal().await;
             tracing::info!("stopping: requests in flight finish first");
         })
         .await?;

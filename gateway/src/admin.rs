@@ -112,11 +112,10 @@ impl Admin {
             None => json!({"store": "in_process"}),
             Some(redis) => {
                 let failing = redis.is_failing(self.gateway.limiter.now_ms());
-                let answering = redis.is_answering();
                 json!({
                     "store": "redis",
-                    "redis_connected": answering,
-                    "counting": if answering && !failing { "redis" } else { "in_process_fallback" },
+                    "redis_connected": redis.is_answering(),
+                    "counting": if redis.is_connected() && !failing { "redis" } else { "in_process_fallback" },
                 })
             }
         }

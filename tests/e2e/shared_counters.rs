@@ -400,30 +400,38 @@ async fn a_frozen_redis_costs_at_most_its_timeout_then_requests_count_in_process
 
 /// Redis stopped and started again between requests: the gateway's `PING`s find it gone (the
 /// health and `tollgate_redis_up` say so, and a request is counted in process without trying
-/// it), then back, and the requests after are all counted in Redis. Before, the first request
-/// after the restart found the broken connection and sent counting in process for
-/// `retry_after`: two gateways admitted twice the limit with Redis up.
+/// it), then back, and counting returns to Redis at once, long before `retry_after` (30 s here):
+/// the requests after are all counted there. Before, the first request after the restart found
+/// the broken connection and sent counting in process for `retry_after`: two gateways admitted
+/// twice the limit with Redis up.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_redis_restarted_between_requests_counts_the_first_request_after() {
     let mut redis = RedisServer::start();
     let upstream = Upstream::start("api");
-    let (gateway, key) = standalone_with_plan(
-        &redis,
+    let section = format!(
+        "url = \"{}\"\ntimeout = \"50ms\"\nretry_after = \"30s\"",
+        redis.url()
+    );
+    let (gateway, key) = standalone_counting(
+        &section,
         &upstream,
         json!({"rate_limits": [{"requests": 5, "window_seconds": 60}]}),
     )
     .await;
     let counters = |ready: Value| ready["counters"].clone();
-    let up = json!({"store": "redis", "redis_connected": true, "counting": "redis"});
-    let down =
-        json!({"store": "redis", "redis_connected": false, "counting": "in_process_fallback"});
     assert_eq!(status_of(&gateway, &key, "/api/before").await, 200);
-    assert_eq!(counters(gateway.ready().await), up);
-    gateway.wait_for_metric("tollgate_redis_up", 1.0).await;
+    assert_eq!(
+        counters(gateway.ready().await),
+        json!({"store": "redis", "redis_connected": true, "counting": "redis"})
+    );
+    assert_eq!(gateway.metric("tollgate_redis_up").await, Some(1.0));
 
     redis.kill();
     gateway.wait_for_metric("tollgate_redis_up", 0.0).await;
-    assert_eq!(counters(gateway.ready().await), down);
+    assert_eq!(
+        counters(gateway.ready().await),
+        json!({"store": "redis", "redis_connected": false, "counting": "in_process_fallback"})
+    );
     let tried = |kind: &'static str| {
         let gateway = &gateway;
         async move {
@@ -443,8 +451,8 @@ async fn a_redis_restarted_between_requests_counts_the_first_request_after() {
     );
 
     redis.restart();
-    gateway.wait_for_metric("tollgate_redis_up", 1.0).await;
-    assert_eq!(counters(gateway.ready().await), up);
+    wait_for_redis(&gateway).await;
+    assert_eq!(gateway.metric("tollgate_redis_up").await, Some(1.0));
     let mut statuses = Vec::new();
     for _ in 0..7 {
         statuses.push(status_of(&gateway, &key, "/api/after").await);
@@ -453,6 +461,10 @@ async fn a_redis_restarted_between_requests_counts_the_first_request_after() {
     assert_eq!(statuses, [200, 200, 200, 200, 200, 429, 429]);
     assert_eq!(decisions(&gateway, "fallback").await, 1.0);
     assert_eq!(decisions(&gateway, "redis").await, 6.0);
+    assert_eq!(
+        (tried("error").await, tried("timeout").await),
+        (errors, timeouts)
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -2,6 +2,7 @@
 
 use std::time::{Duration, Instant};
 
+use tollgate_tests::control_plane::{ControlPlane, PostgresDatabase};
 use tollgate_tests::{Gateway, Upstream, client, config, proxy_route};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -121,4 +122,19 @@ async fn a_second_sigterm_ends_the_drain_at_once() {
     let status = gateway.wait_exit(Duration::from_secs(5)).await;
     assert_eq!(status.code(), Some(0));
     assert!(signalled.elapsed() < Duration::from_secs(2));
+}
+
+/// A control plane stops on SIGTERM (what service managers send) as on Ctrl-C: it stops
+/// listening, lets requests in flight finish, and exits 0, rather than being killed by the signal.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_control_plane_exits_zero_on_sigterm() {
+    let database = PostgresDatabase::create().await;
+    let control_plane = ControlPlane::start(&database.url()).await;
+    let address = control_plane.address;
+    let status = control_plane.terminate(Duration::from_secs(10)).await;
+    assert!(status.success(), "{status:?}");
+    assert!(
+        std::net::TcpStream::connect(address).is_err(),
+        "still listening after it exited"
+    );
 }

@@ -138,6 +138,23 @@ impl ControlPlane {
         AdminApi::new(&format!("http://{}", self.address), &self.admin_token)
     }
 
+    /// Sends it SIGTERM and waits, at most `within`, for it to exit; its exit status.
+    pub async fn terminate(mut self, within: Duration) -> std::process::ExitStatus {
+        let pid = nix::unistd::Pid::from_raw(i32::try_from(self.child.id()).unwrap());
+        nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM).unwrap();
+        let started = Instant::now();
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return status;
+            }
+            assert!(
+                started.elapsed() < within,
+                "the control plane still runs {within:?} after SIGTERM"
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+
     /// Stops it at once (SIGKILL).
     pub fn kill(mut self) {
         let _ = self.child.kill();

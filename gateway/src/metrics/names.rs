@@ -71,7 +71,7 @@ pub const QUOTA_FALLBACK_UNITS_TOTAL: &str = "tollgate_quota_fallback_units_tota
 pub const REDIS_ERRORS_TOTAL: &str = "tollgate_redis_errors_total";
 /// Time of answered counter calls to Redis.
 pub const REDIS_CALL_DURATION: &str = "tollgate_redis_call_duration_seconds";
-/// 1 while Redis answers the `PING` sent over every connection every 250 ms.
+/// 1 while Redis answers the `PING` sent every 250 ms, within 1 s.
 pub const REDIS_UP: &str = "tollgate_redis_up";
 
 /// Bytes of usage records in the spool.

@@ -157,14 +157,20 @@ pub(super) fn provider(
                         kid: key.kid.clone(),
                         key: decoded,
                     }),
-                    Err(_) => {
+                    Err(error) => {
+                        // A key of another kind reads as `InvalidKeyFormat`: say which it takes.
+                        let why = match error.kind() {
+                            jsonwebtoken::errors::ErrorKind::InvalidKeyFormat => {
+                                format!("{:?} takes {kind}", algorithms[0])
+                            }
+                            _ => error.to_string(),
+                        };
                         errors.push(
                             format!("{key_path}.file"),
                             format!(
-                                "{} is not a PEM public key for {:?}: {:?} takes {kind}",
+                                "{} is not a PEM public key for {:?}: {why}",
                                 file_path.display(),
                                 algorithms[0],
-                                algorithms[0]
                             ),
                         );
                         None

@@ -11,7 +11,6 @@ use redis::cluster::ClusterClient;
 use redis::cluster_async::ClusterConnection;
 use redis::{RedisResult, ScriptInvocation};
 
-use super::probe::PROBE_INTERVAL;
 use super::seed::SEED_SCRIPT;
 use super::{ADMIT_SCRIPT, REFUND_SCRIPT, RedisCounters, SHARE_SCRIPT};
 use crate::config::{Redis, RedisNodes};
@@ -105,6 +104,13 @@ impl Near {
 
     fn is_alive(&self) -> bool {
         self.alive().is_some()
+    }
+
+    /// Forgets `made`, found broken, unless another has replaced it already: the next request
+    /// makes the connection again, on its own runtime.
+    pub(super) fn forget(&self, made: &Arc<Made>) {
+        let current = Some(Arc::clone(made));
+        self.made.compare_and_swap(&current, None::<Arc<Made>>);
     }
 }
 
@@ -290,6 +296,7 @@ impl RedisCounters {
             return Err(Failure::Unavailable);
         };
         let started = Instant::now();
+        let mut broken = false;
         let failure = match tokio::time::timeout(
             self.settings.timeout,
             connection.invoke(invocation),
@@ -302,6 +309,7 @@ impl RedisCounters {
             }
             Ok(Err(error)) => {
                 tracing::warn!(%error, "redis counter call failed; counting in process");
+                broken = error.is_io_error();
                 if error.is_io_error() && !error.is_connection_refusal() {
                     Failure::Error
                 } else {
@@ -322,10 +330,7 @@ impl RedisCounters {
             "error"
         };
         self.errors.with_label_values(&[kind]).inc();
-        self.note_failure(
-            now_ms.saturating_add(self.retry_after_ms()),
-            failure != Failure::Timeout,
-        );
+        self.note_failure(now_ms.saturating_add(self.retry_after_ms()), broken);
         Err(failure)
     }
 
@@ -335,8 +340,8 @@ impl RedisCounters {
     }
 
     /// Counts requests in process until `until_ms` (or later, if a failure said so). `broken`:
-    /// the connection broke or was refused (Redis gone, not slow), so a `PING` answered ends
-    /// that wait early ([`Self::probe`]).
+    /// the connection broke or was refused (Redis gone: not slow, not answering with an error),
+    /// so a `PING` answered ends that wait early (the probe, in `watch`).
     pub(super) fn note_failure(&self, until_ms: i64, broken: bool) {
         self.broken.store(broken, Ordering::Relaxed);
         self.down_until_ms.fetch_max(until_ms, Ordering::Relaxed);
@@ -344,7 +349,8 @@ impl RedisCounters {
 }
 
 /// Opens a connection to the counters, driven by the runtime this is called on: one server's
-/// reconnects by itself, a cluster's follows its slots.
+/// reconnects by itself (on the runtime of the call that found it broken), a cluster's follows
+/// its slots.
 async fn open(
     settings: &Redis,
     certificates: Option<redis::TlsCertificates>,
@@ -356,9 +362,9 @@ async fn open(
             let config = ConnectionManagerConfig::new()
                 .set_connection_timeout(Some(CONNECT_TIMEOUT))
                 .set_response_timeout(Some(CONNECTION_RESPONSE_TIMEOUT))
-                // One attempt per reconnection: the probes' `PING`s, every 250 ms, are the
-                // retries, and a call made while Redis is down learns it at once (refused)
-                // rather than waiting out the backoff (a timeout, which may have run).
+                // One attempt per reconnection: the next call, or the probe's `PING` every
+                // 250 ms, tries again, and a call made while Redis is down learns it at once
+                // (refused) rather than waiting out a backoff (a timeout, which may have run).
                 .set_number_of_retries(0);
             let client = match certificates {
                 Some(certificates) => redis::Client::build_with_tls(url.as_str(), certificates)?,
@@ -376,51 +382,4 @@ async fn open(
             Connection::Cluster(builder.build()?.get_async_connection().await?)
         }
     })
-}
-
-/// Connects the shared counters in the background, retrying until it can, then holds its runtime
-/// (which drives the connection) until shutdown.
-#[derive(Debug)]
-pub struct Connector {
-    gateway: Arc<crate::state::Gateway>,
-}
-
-impl Connector {
-    /// A connector for the gateway's shared counters.
-    pub fn new(gateway: Arc<crate::state::Gateway>) -> Self {
-        Self { gateway }
-    }
-}
-
-#[async_trait::async_trait]
-impl pingora::services::background::BackgroundService for Connector {
-    async fn start(&self, mut shutdown: pingora::server::ShutdownWatch) {
-        let Some(redis) = self.gateway.limiter.redis() else {
-            return;
-        };
-        let mut delay = Duration::from_millis(250);
-        loop {
-            match redis.connect().await {
-                Ok(()) => {
-                    tracing::info!("shared counters: connected to redis");
-                    break;
-                }
-                Err(error) => {
-                    tracing::warn!(%error, retry_ms = delay.as_millis() as u64, "shared counters: cannot connect to redis; counting in process");
-                }
-            }
-            tokio::select! {
-                () = tokio::time::sleep(delay) => {}
-                _ = shutdown.changed() => return,
-            }
-            delay = (delay * 2).min(Duration::from_secs(10));
-        }
-        loop {
-            tokio::select! {
-                () = tokio::time::sleep(PROBE_INTERVAL) => {}
-                _ = shutdown.changed() => return,
-            }
-            redis.probe(self.gateway.limiter.now_ms()).await;
-        }
-    }
 }

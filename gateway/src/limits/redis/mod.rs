@@ -33,21 +33,21 @@
 //! A call that fails or takes longer than `timeout` is not retried on the request path: the
 //! request is counted in process instead (see [`super::Limiter`]), and for `retry_after` every
 //! request is, without waiting on Redis; then the next request tries Redis again. Between
-//! requests, a `PING` every 250 ms over each connection ([`RedisCounters::probe`]) makes a
-//! connection Redis broke again before a request needs it, and ends that wait as soon as Redis
-//! answers when it began with a broken connection (Redis gone or restarted, not slow).
+//! requests, a `PING` every 250 ms (`watch`) finds a connection Redis broke before a request
+//! needs it, and ends that wait as soon as Redis answers when it began with a broken connection
+//! (Redis gone or restarted, not slow or answering errors).
 //!
 //! # Layout
 //! - here: the admission call and its decision.
 //! - `connection`: the two connections, and a call within the timeout.
-//! - `probe`: the `PING`s between requests.
+//! - `watch`: the background service: connecting at start, then the `PING`s between requests.
 //! - `marked`: adding batches and giving units back, once per mark.
 //! - `seed`: rebuilding a lost quota count from the ledger, and waiting for another's rebuild.
 
 mod connection;
 mod marked;
-mod probe;
 mod seed;
+mod watch;
 
 use std::sync::Arc;
 use std::sync::OnceLock;
@@ -58,12 +58,13 @@ use arc_swap::ArcSwapOption;
 use prometheus::{Histogram, HistogramOpts, IntCounterVec, IntGauge, Opts};
 use redis::Script;
 
+pub use connection::Failure;
 use connection::{Connection, Near};
-pub use connection::{Connector, Failure};
 pub use marked::{HeldRefund, Sharing};
 use marked::{REFUND_SCRIPT, SHARE_SCRIPT};
 use seed::{Reseed, SEED_SCRIPT, UNSEEDED_SCRIPT, Unseeded};
 pub use seed::{SEED_AGAIN_AFTER_FAILURE, SEED_CLAIM};
+pub use watch::Connector;
 
 use super::period::Period;
 use super::window::WindowState;
@@ -164,7 +165,7 @@ impl RedisCounters {
         )?;
         let up = IntGauge::new(
             REDIS_UP,
-            "1 while Redis answers a PING over every connection (sent every 250 ms), 0 otherwise.",
+            "1 while Redis answers the PING sent every 250 ms within 1 s, 0 otherwise.",
         )?;
         metrics.register(Box::new(errors.clone()))?;
         metrics.register(Box::new(duration.clone()))?;
