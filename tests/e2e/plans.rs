@@ -7,6 +7,7 @@ use futures_util::future::join_all;
 use reqwest::Response;
 use serde_json::{Value, json};
 use tollgate_tests::control_plane::{AdminApi, admin_token};
+use tollgate_tests::redis::RedisServer;
 use tollgate_tests::{Gateway, LIMIT_HEADERS, Upstream, client, config};
 
 fn standalone_config(upstream: &Upstream, metering: &str) -> String {
@@ -122,6 +123,29 @@ impl Setup {
             .into_iter()
             .map(|r| r.unwrap().status().as_u16())
             .collect()
+    }
+
+    /// Waits until the ledger holds `used` units of the customer's current period.
+    async fn until_stored(&self, used: u64) {
+        let started = Instant::now();
+        loop {
+            let (status, usage) = self
+                .api
+                .call(
+                    "GET",
+                    &format!("/v1/customers/{}/usage", self.customer_id),
+                    None,
+                )
+                .await;
+            if status == 200 && usage["used"] == used {
+                return;
+            }
+            assert!(
+                started.elapsed() < Duration::from_secs(10),
+                "the ledger never held {used}: {usage}"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
     }
 
     /// Changes the plan and waits until the gateway has the change.
@@ -620,6 +644,45 @@ async fn a_billing_period_set_after_calls_it_covers_counts_them_once_they_reach_
         statuses
     };
     assert_eq!(statuses, [200, 200, 429, 429]);
+}
+
+/// A billing period set and then taken away (a subscription started and cancelled within the
+/// month): the calendar month counts again with every call made in it, also those counted in
+/// the billing period meanwhile. Counted in process, and in Redis, whose count of the month is
+/// still there from before: found stale (the customer was counted in another period since), it
+/// is rebuilt from the ledger. Before, Redis went on from it: a hard quota of 10 admitted 14.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_billing_period_set_then_taken_away_counts_the_month_whole_again() {
+    let redis = RedisServer::start();
+    let upstream = Upstream::start("api");
+    for section in [String::new(), format!("[redis]\nurl = \"{}\"", redis.url())] {
+        let setup = customer_on(
+            &upstream,
+            &format!("{section}\n[metering]\nflush_interval = \"200ms\""),
+            json!({"quota": {"requests": 10, "hard": true}}),
+        )
+        .await;
+        for _ in 0..6 {
+            assert_eq!(setup.get("/demo").await.status(), 200, "{section}");
+        }
+        setup.until_stored(6).await;
+        const DAY: i64 = 86_400;
+        let (start, _) = rfc3339_from_now(-DAY);
+        let (end, _) = rfc3339_from_now(10 * DAY);
+        setup
+            .patch_customer(json!({"billing_period": {"start": start, "end": end}}))
+            .await;
+        let mut statuses = Vec::new();
+        for _ in 0..6 {
+            statuses.push(setup.get("/demo").await.status().as_u16());
+        }
+        assert_eq!(statuses, [200, 200, 200, 200, 429, 429], "{section}");
+        setup.until_stored(10).await;
+        setup.patch_customer(json!({"billing_period": null})).await;
+        // The month holds the 10 calls: none more.
+        let statuses = setup.burst("/demo", 4).await;
+        assert_eq!(statuses, [429, 429, 429, 429], "{section}");
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

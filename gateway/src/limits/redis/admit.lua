@@ -10,13 +10,20 @@
 --   before a may hold; s: 1 once seeded from the ledger, c: when the seed was claimed, a: when
 --   the hash was made, n: its generation, the token of the call that created it; a hash made
 --   before p, q and a existed has none of them; f: 1 once a seed failed (the ledger could not
---   be read), until one succeeds).
+--   be read), until one succeeds);
+--   KEYS[n+2]: the period the customer was last counted in ("start end", ms). A customer whose
+--   billing period changed, and changed back, returns to a hash that lacks what was counted in
+--   the other period meanwhile: a call whose period overlaps that one without being it counts
+--   in a new hash, rebuilt from the ledger as one Redis lost would be. (One period after
+--   another, as at a month's end, do not overlap: a gateway whose clock is behind still
+--   counts in the period that is ending.)
 -- ARGV: now_ms, units, n, slots, quota limit (-1: none), hard (1/0), quota ttl ms,
 --   then limit and window ms of each window, then this call's token (1 to 2^53 - 1), then the
 --   caller's own count of the period (units, overage; what Redis last told it and what it
 --   counted since) and the generation of the hash it last counted in (-2: none known), then
 --   how long a claim to seed holds (ms), how long after a claim whose seed failed the next
---   one is made (ms), and whether this call waits for another caller's seed (1/0).
+--   one is made (ms), whether this call waits for another caller's seed (1/0), and the
+--   period's start and end (ms).
 -- Returns one string of integers separated by spaces (one bulk reply is far cheaper to build
 -- and to parse than an array): verdict (0 admitted, 1 rate limited, 2 quota exceeded, 3 the
 -- quota is being seeded by another caller: only that, nothing counted, ask again), units
@@ -107,6 +114,19 @@ for i = 1, n do
 end
 
 local qkey = KEYS[n + 1]
+local period = ARGV[15 + 2 * n] .. ' ' .. ARGV[16 + 2 * n]
+local last = redis.call('GET', KEYS[n + 2])
+if last ~= period then
+  if last then
+    local start, finish = string.match(last, '^(%-?%d+) (%-?%d+)$')
+    start, finish = tonumber(start), tonumber(finish)
+    if start and start ~= tonumber(ARGV[15 + 2 * n]) and start < tonumber(ARGV[16 + 2 * n])
+      and tonumber(ARGV[15 + 2 * n]) < finish then
+      redis.call('DEL', qkey)
+    end
+  end
+  redis.call('SET', KEYS[n + 2], period, 'PX', qttl)
+end
 local used, overage, seed = 0, 0, 0
 local quota = redis.call('HMGET', qkey, 'u', 'o', 's', 'n', 'a', 'c', 'f')
 local generation = tonumber(quota[4]) or -1

@@ -121,6 +121,8 @@ impl RedisCounters {
             invocation.key(self.key(customer, "r", window_ms));
         }
         invocation.key(self.key(customer, "q", period.start_ms));
+        // The period the customer was last counted in (see `admit.lua`).
+        invocation.key(self.key(customer, "p", 0));
         let (quota_limit, hard) = policy.quota.map_or((-1, false), |q| {
             (i64::try_from(q.limit).unwrap_or(i64::MAX), q.hard)
         });
@@ -144,7 +146,9 @@ impl RedisCounters {
             .arg(known.generation.unwrap_or(-2))
             .arg(SEED_CLAIM.as_millis() as u64)
             .arg(SEED_AGAIN_AFTER_FAILURE.as_millis() as u64)
-            .arg(u8::from(wait));
+            .arg(u8::from(wait))
+            .arg(period.start_ms)
+            .arg(period.end_ms);
         invocation
     }
 
