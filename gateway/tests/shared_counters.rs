@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use rand::{Rng, SeedableRng};
 use tollgate_gateway::config::{Redis, RedisNodes};
-use tollgate_gateway::limits::local::LocalCounters;
+use tollgate_gateway::limits::local::{LocalCounters, UNKNOWN_GENERATION};
 use tollgate_gateway::limits::period::Period;
 use tollgate_gateway::limits::quota::QuotaLimit;
 use tollgate_gateway::limits::redis::{Rebuild, RedisCounters, Sharing};
@@ -524,6 +524,24 @@ async fn units_counted_in_process_are_added_once_and_only_to_the_count_they_belo
     let batch = local.take_unshared(&customer).remove(0);
     assert_eq!(redis.share(&customer, &batch, &[], now + 10).await, added);
     assert_eq!(admit(now + 11).await.unwrap().used, 3 + 7 + 7 + 1);
+    // A process that knows no count of the period (started while Redis was away) batches for
+    // an unknown generation: added, once, to a count made before the batch's first unit, and
+    // left to the ledger by one made after it.
+    let unknowing = LocalCounters::default();
+    unknowing.admit(&customer, &policy, PERIOD, 1, now + 12);
+    for (at_ms, shared) in [
+        (now + 12, Ok(Sharing::AddedToLater)),
+        (now + 1, Ok(Sharing::Refused)),
+    ] {
+        unknowing.note_unshared(&customer, &Reservation { at_ms, ..fallback });
+        let batch = unknowing.take_unshared(&customer).remove(0);
+        assert_eq!(batch.generation, UNKNOWN_GENERATION);
+        for at in [now + 13, now + 14] {
+            assert_eq!(redis.share(&customer, &batch, &[], at).await, shared);
+        }
+        unknowing.settle_unshared(&customer, &batch, shared == Ok(Sharing::AddedToLater));
+    }
+    assert_eq!(admit(now + 15).await.unwrap().used, 3 + 7 + 7 + 1 + 7 + 1);
 }
 
 #[tokio::test]

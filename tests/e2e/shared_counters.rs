@@ -467,6 +467,49 @@ async fn a_redis_restarted_between_requests_counts_the_first_request_after() {
     );
 }
 
+/// A gateway started again while Redis does not answer knows no count of the customer's period
+/// in Redis: the units it counts in process meanwhile are still added to Redis' count, which was
+/// made before them, once Redis answers. Before, they were left out ("unplaced") and a hard
+/// quota of 10 admitted 13.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn units_counted_by_a_gateway_restarted_while_redis_was_away_reach_its_count() {
+    let redis = RedisServer::start();
+    let upstream = Upstream::start("api");
+    let (gateway, key) = standalone_with_plan(
+        &redis,
+        &upstream,
+        json!({"quota": {"requests": 10, "hard": true}}),
+    )
+    .await;
+    for _ in 0..4 {
+        assert_eq!(status_of(&gateway, &key, "/api/before").await, 200);
+    }
+    let text = std::fs::read_to_string(&gateway.config_path).unwrap();
+    redis.freeze();
+    let dir = gateway.kill();
+    let gateway = Gateway::start_in(dir, &text).await;
+    gateway.wait_for_keys(1).await;
+    for _ in 0..3 {
+        assert_eq!(status_of(&gateway, &key, "/api/away").await, 200);
+    }
+    assert_eq!(decisions(&gateway, "fallback").await, 3.0);
+    redis.thaw();
+    wait_for_redis(&gateway).await;
+    gateway
+        .wait_for_metric(
+            "tollgate_quota_fallback_units_total{outcome=\"shared\"}",
+            3.0,
+        )
+        .await;
+    let mut admitted = 0;
+    for _ in 0..6 {
+        if status_of(&gateway, &key, "/api/after").await == 200 {
+            admitted += 1;
+        }
+    }
+    assert_eq!(4 + 3 + admitted, 10, "exactly the quota");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_gateway_counts_in_a_redis_it_reaches_over_tls() {
     let redis = RedisServer::start_tls();

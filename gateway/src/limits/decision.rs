@@ -89,7 +89,8 @@ pub enum FallbackUnit {
     MaybeInRedis,
     /// Into the batch of this token, to be added to Redis.
     Batch(u128),
-    /// Nowhere but the ledger: no count in Redis is known to lack it.
+    /// Nowhere but the ledger: the customer had no counts here to note it in (not expected:
+    /// it was counted here just before).
     Unplaced,
 }
 

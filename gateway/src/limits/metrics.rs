@@ -15,7 +15,7 @@ pub enum FallbackUnits {
     Shared = 0,
     /// Left to a count Redis rebuilt from the ledger since they were counted.
     Ledger = 1,
-    /// No count in Redis was known to lack them (not seen rebuilt from the ledger this period).
+    /// Nowhere but the ledger: no counts in process to note them in (not expected).
     Unplaced = 2,
 }
 
@@ -72,7 +72,7 @@ impl LimitMetrics {
                 QUOTA_FALLBACK_UNITS_TOTAL,
                 "Quota units counted in process without asking Redis: added to Redis' count once \
                  it answered (shared), left to a count Redis rebuilt from the ledger since \
-                 (ledger), or with no count in Redis known to lack them (unplaced).",
+                 (ledger), or nowhere but the ledger (unplaced, not expected).",
             ),
             &["outcome"],
         )?;

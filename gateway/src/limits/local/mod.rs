@@ -22,7 +22,7 @@ use crate::identity::index::{Id, Map};
 mod unshared;
 
 use unshared::Fallback;
-pub use unshared::{FORGET_PER_CALL, Unshared};
+pub use unshared::{FORGET_PER_CALL, UNKNOWN_GENERATION, Unshared};
 
 /// Shards of the customer map.
 pub const SHARDS: usize = 64;

@@ -318,6 +318,25 @@ fn fallback(units: u64, overage: u64, period: Period) -> Reservation {
     }
 }
 
+/// Units counted while no count of the period in Redis is known here (a process started
+/// while Redis was away, or one that forgot the count Redis made again) are batched all the
+/// same, for Redis to place by when its count was made.
+#[test]
+fn units_counted_with_no_count_known_in_redis_are_batched_for_an_unknown_generation() {
+    let counters = LocalCounters::default();
+    let customer = [7; 16];
+    counters.admit(&customer, &policy(&[], None), PERIOD, 1, 1_000);
+    let token = counters
+        .note_unshared(&customer, &fallback(1, 0, PERIOD))
+        .expect("batched");
+    let taken = counters.take_unshared(&customer);
+    assert_eq!(taken.len(), 1);
+    assert_eq!(
+        (taken[0].token, taken[0].units, taken[0].generation),
+        (token, 1, UNKNOWN_GENERATION)
+    );
+}
+
 #[test]
 fn units_counted_while_redis_failed_are_taken_once_each_for_their_own_period() {
     let counters = LocalCounters::default();
@@ -385,14 +404,18 @@ fn units_counted_while_redis_failed_are_taken_once_each_for_their_own_period() {
 fn refunds_go_where_their_units_went() {
     let counters = LocalCounters::default();
     let customer = [8; 16];
-    // Counted in Redis, but its count there was not rebuilt from the ledger yet: there is no
-    // batch to place units in.
+    // Counted in Redis, but its count there was not rebuilt from the ledger yet: the batch is
+    // for an unknown generation, which Redis places by when its count was made.
     counters.follow(&customer, &told(5, None, None));
-    assert_eq!(
-        counters.note_unshared(&customer, &fallback(2, 0, PERIOD)),
-        None
+    assert!(
+        counters
+            .note_unshared(&customer, &fallback(2, 0, PERIOD))
+            .is_some()
     );
-    assert!(counters.take_unshared(&customer).is_empty());
+    assert_eq!(
+        counters.take_unshared(&customer)[0].generation,
+        UNKNOWN_GENERATION
+    );
     counters.follow(&customer, &told(5, Some(1), Some(1)));
     let refused = counters
         .note_unshared(&customer, &fallback(1, 0, PERIOD))

@@ -70,18 +70,25 @@ const REFUSED_KEPT: usize = 16;
 const ANSWERED_KEPT: usize = 256;
 /// Most marks one call deletes.
 pub const FORGET_PER_CALL: usize = 64;
+/// The generation of a batch counted while this process knew no count of its period in Redis:
+/// no count's (theirs are 1 to 2^53 - 1, and -1 for a count made before generations).
+pub const UNKNOWN_GENERATION: i64 = -3;
 
 impl LocalCounters {
     /// Notes that `reservation`, counted here because Redis could not be asked, is not in
-    /// Redis' count; the token of the batch it joins, or `None` when it cannot be added there:
-    /// this process has not seen the customer's count in Redis rebuilt from the ledger this
-    /// period, so there is no count it is known not to be in (it is in the ledger, which a count
-    /// rebuilt later reads).
+    /// Redis' count; the token of the batch it joins (`None` only for a customer without counts
+    /// here, which the caller has just counted). Its batch is for the count of the generation
+    /// this process knows for the period, or, when it knows none (it has not seen the customer's
+    /// count rebuilt from the ledger this period, or forgot it when Redis made another),
+    /// [`UNKNOWN_GENERATION`]: Redis then adds it to a count made before its first unit was
+    /// decided, which holds none of its units, and leaves it to the ledger otherwise (a count
+    /// made later reads the ledger, which holds its events).
     pub fn note_unshared(&self, customer: &Id, reservation: &Reservation) -> Option<u128> {
         let mut shard = self.shard(customer);
-        // Counted in process just before: the customer has counts.
         let counts = shard.get_mut(customer)?;
-        let generation = counts.generation_of(reservation.period)?;
+        let generation = counts
+            .generation_of(reservation.period)
+            .unwrap_or(UNKNOWN_GENERATION);
         Some(self.add_unshared(counts, customer, reservation, generation))
     }
 
