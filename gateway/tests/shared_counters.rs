@@ -1245,3 +1245,41 @@ async fn a_claim_left_unhonoured_passes_to_a_waiting_call_which_rebuilds_the_cou
     assert_eq!((decision.used, decision.generation), (5, None));
     assert_eq!(hget(&ahead, "s").await, Some(0));
 }
+
+/// A customer counted in another period overlapping this one (a billing period set, then taken
+/// away) returns to a count made again: from what the stale one held, raised by the ledger's
+/// count, never reset (here the ledger cannot be read: the stale count is the floor), and not
+/// again for a period that follows another, as at a month's end.
+#[tokio::test]
+async fn a_period_returned_to_is_counted_again_from_its_stale_count_at_least() {
+    let redis = counters().await;
+    let customer = [31; 16];
+    let policy = HARD_QUOTA;
+    let day = 86_400_000;
+    let billing = Period {
+        start_ms: PERIOD.start_ms + 3 * day,
+        end_ms: PERIOD.start_ms + 6 * day,
+    };
+    let admit = |period: Period, at: i64| {
+        redis.admit(&customer, &policy, period, 1, at, Rebuild::default())
+    };
+    let month = PERIOD.start_ms + 4 * day;
+    for i in 0..3 {
+        admit(PERIOD, month + i).await.unwrap();
+    }
+    let first = admit(PERIOD, month + 3).await.unwrap();
+    assert_eq!(first.used, 4);
+    assert_eq!(admit(billing, month + 10).await.unwrap().used, 1);
+    // Back to the month: a new count (another generation), from the 4 the stale one held.
+    let back = admit(PERIOD, month + 20).await.unwrap();
+    assert_eq!(back.used, 5);
+    assert_ne!(back.counted_in, first.counted_in);
+    // The next period follows the month: nothing made again.
+    let next = Period {
+        start_ms: PERIOD.end_ms,
+        end_ms: PERIOD.end_ms + 30 * day,
+    };
+    assert_eq!(admit(next, PERIOD.end_ms).await.unwrap().used, 1);
+    let late = admit(PERIOD, PERIOD.end_ms - 1).await.unwrap();
+    assert_eq!((late.used, late.counted_in), (6, back.counted_in));
+}

@@ -14,9 +14,9 @@
 --   KEYS[n+2]: the period the customer was last counted in ("start end", ms). A customer whose
 --   billing period changed, and changed back, returns to a hash that lacks what was counted in
 --   the other period meanwhile: a call whose period overlaps that one without being it counts
---   in a new hash, rebuilt from the ledger as one Redis lost would be. (One period after
---   another, as at a month's end, do not overlap: a gateway whose clock is behind still
---   counts in the period that is ending.)
+--   in a new hash, rebuilt from the ledger as one Redis lost would be, from what the stale
+--   one counted (its part from before). (One period after another, as at a month's end, do
+--   not overlap: a gateway whose clock is behind still counts in the period that is ending.)
 -- ARGV: now_ms, units, n, slots, quota limit (-1: none), hard (1/0), quota ttl ms,
 --   then limit and window ms of each window, then this call's token (1 to 2^53 - 1), then the
 --   caller's own count of the period (units, overage; what Redis last told it and what it
@@ -116,16 +116,25 @@ end
 local qkey = KEYS[n + 1]
 local period = ARGV[15 + 2 * n] .. ' ' .. ARGV[16 + 2 * n]
 local last = redis.call('GET', KEYS[n + 2])
+-- What the stale hash counted: units of this period all the same, decided before the hash made
+-- again, so its floor from before (raised by the ledger's count, never added to it).
+local floor = nil
 if last ~= period then
   if last then
     local start, finish = string.match(last, '^(%-?%d+) (%-?%d+)$')
     start, finish = tonumber(start), tonumber(finish)
     if start and start ~= tonumber(ARGV[15 + 2 * n]) and start < tonumber(ARGV[16 + 2 * n])
       and tonumber(ARGV[15 + 2 * n]) < finish then
+      floor = redis.call('HMGET', qkey, 'u', 'o')
       redis.call('DEL', qkey)
     end
   end
-  redis.call('SET', KEYS[n + 2], period, 'PX', qttl)
+  -- As long as the longest of the periods it was set for: a hash it made stale lives that long.
+  local ttl = redis.call('PTTL', KEYS[n + 2])
+  if ttl < qttl then
+    ttl = qttl
+  end
+  redis.call('SET', KEYS[n + 2], period, 'PX', ttl)
 end
 local used, overage, seed = 0, 0, 0
 local quota = redis.call('HMGET', qkey, 'u', 'o', 's', 'n', 'a', 'c', 'f')
@@ -140,6 +149,10 @@ if created then
     'n', generation)
   redis.call('PEXPIRE', qkey, qttl)
   seed = now
+  if floor and floor[1] then
+    used, overage = tonumber(floor[1]) or 0, tonumber(floor[2]) or 0
+    redis.call('HSET', qkey, 'u', used, 'o', overage, 'p', used, 'q', overage)
+  end
 else
   used, overage = tonumber(quota[1]), tonumber(quota[2])
   if quota[3] == '0' then
