@@ -49,7 +49,7 @@ impl Limiter {
     /// within `retry_after` of a failure, or a call that timed out or broke midway) waits, when
     /// `hold`, for [`Limiter::share_pending`] to make it again: Redis counts each refund's mark
     /// once, so one that ran after all is not given back twice.
-    async fn refund_in_redis(
+    pub(super) async fn refund_in_redis(
         &self,
         redis: &RedisCounters,
         customer: &Id,

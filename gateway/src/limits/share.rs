@@ -34,12 +34,14 @@ impl Limiter {
                 Ok(Sharing::Added) => {
                     self.metrics
                         .fallback_units(batch.units, FallbackUnits::Shared);
-                    self.local.settle_unshared(customer, &batch, true);
+                    let refunds = self.local.settle_unshared(customer, &batch, true);
+                    self.give_back_held_for(redis, customer, &refunds).await;
                 }
                 Ok(Sharing::AddedToLater) => {
                     self.metrics
                         .fallback_units(batch.units, FallbackUnits::Shared);
-                    self.local.settle_unshared(customer, &batch, true);
+                    let refunds = self.local.settle_unshared(customer, &batch, true);
+                    self.give_back_held_for(redis, customer, &refunds).await;
                     // Redis counts in another generation now: ask it before batching again.
                     self.local
                         .forget_generation(customer, batch.period, batch.generation);
@@ -48,6 +50,7 @@ impl Limiter {
                     // The marks of `forget` were deleted all the same.
                     self.metrics
                         .fallback_units(batch.units, FallbackUnits::Ledger);
+                    // Refunds of its units held meanwhile are nobody's: it never counted.
                     self.local.settle_unshared(customer, &batch, false);
                     // Redis counts in another generation now: ask it before batching again.
                     self.local
@@ -69,6 +72,20 @@ impl Limiter {
                     return;
                 }
             }
+        }
+    }
+
+    /// Gives back in Redis the units of a batch it has just taken that were refunded while it
+    /// was on its way there.
+    async fn give_back_held_for(
+        &self,
+        redis: &RedisCounters,
+        customer: &Id,
+        refunds: &[super::Reservation],
+    ) {
+        for reservation in refunds {
+            self.refund_in_redis(redis, customer, reservation, true)
+                .await;
         }
     }
 

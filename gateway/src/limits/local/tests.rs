@@ -433,6 +433,22 @@ fn refunds_go_where_their_units_went() {
     assert!(!counters.refund_unshared(&customer, &fallback(1, 0, PERIOD), sent));
     // A batch long forgotten: Redis' too.
     assert!(!counters.refund_unshared(&customer, &fallback(1, 0, PERIOD), 7));
+    // A batch on its way to Redis: its refunds wait for the answer. Refused, they are nobody's;
+    // taken, they are Redis' to give.
+    for shared in [false, true] {
+        let token = counters
+            .note_unshared(&customer, &fallback(2, 0, PERIOD))
+            .unwrap();
+        let batch = counters.take_unshared(&customer).remove(0);
+        assert!(counters.refund_unshared(&customer, &fallback(1, 0, PERIOD), token));
+        let refunds = counters.settle_unshared(&customer, &batch, shared);
+        let expected = if shared {
+            vec![fallback(1, 0, PERIOD)]
+        } else {
+            Vec::new()
+        };
+        assert_eq!(refunds, expected, "shared: {shared}");
+    }
 }
 
 #[test]

@@ -17,6 +17,9 @@ pub(super) struct Fallback {
     pub(super) unshared: Vec<Unshared>,
     /// Batches taken to be added to Redis and not yet settled or put back.
     pub(super) in_flight: Vec<Unshared>,
+    /// Refunds of units of batches in flight, by batch: Redis' to give if it takes the batch,
+    /// nobody's if it refuses it.
+    pub(super) held: Vec<(u128, Reservation)>,
     /// The last batches Redis did not take (their count was rebuilt from the ledger since): a
     /// refund of one of their units is nobody's to give. Those it took are Redis' to refund,
     /// as are units of batches not found here.
@@ -133,10 +136,12 @@ impl LocalCounters {
     }
 
     /// Takes back a refunded reservation whose unit went into the batch `token`: from that
-    /// batch while it is unsent (`true`), or nowhere when Redis did not take the batch (`true`).
-    /// `false` when the refund is Redis' to give: the batch was added there, or it was sent
-    /// without an answer (sealed: Redis may have it, and if not, the refund and the batch add
-    /// up the same whatever their order), or it is forgotten.
+    /// batch while it is unsent (`true`), nowhere when Redis did not take the batch (`true`), or
+    /// later while the batch is sent and not answered yet (`true`: held until it is settled,
+    /// [`settle_unshared`](Self::settle_unshared)). `false` when the refund is Redis' to give:
+    /// the batch was added there, or it was sent without an answer (sealed: Redis may have it,
+    /// and if not, the refund and the batch add up the same whatever their order), or it is
+    /// forgotten.
     pub fn refund_unshared(&self, customer: &Id, reservation: &Reservation, token: u128) -> bool {
         let mut shard = self.shard(customer);
         let Some(fallback) = shard.get_mut(customer).and_then(|c| c.fallback.as_mut()) else {
@@ -150,24 +155,48 @@ impl LocalCounters {
             batch.overage = batch.overage.saturating_sub(reservation.overage);
             return true;
         }
+        if fallback.in_flight.iter().any(|u| u.token == token) {
+            fallback.held.push((token, *reservation));
+            return true;
+        }
         fallback.refused.contains(&token)
     }
 
     /// Remembers that `batch` was sent and whether Redis took it (`shared`): a refused batch
-    /// for the refunds of its units, a taken one sent only this once for deleting its mark.
-    pub fn settle_unshared(&self, customer: &Id, batch: &Unshared, shared: bool) {
-        if let Some(counts) = self.shard(customer).get_mut(customer) {
-            let fallback = counts.fallback();
-            fallback.in_flight.retain(|u| u.token != batch.token);
-            if !shared {
-                if fallback.refused.len() == REFUSED_KEPT {
-                    fallback.refused.remove(0);
-                }
-                fallback.refused.push(batch.token);
-            } else if !batch.sealed {
-                fallback.note_answered(batch.period, batch.token);
+    /// for the refunds of its units, a taken one sent only this once for deleting its mark. The
+    /// refunds of its units held while it was in flight: to give back in Redis when it took the
+    /// batch (returned), nobody's when it refused it.
+    pub fn settle_unshared(
+        &self,
+        customer: &Id,
+        batch: &Unshared,
+        shared: bool,
+    ) -> Vec<Reservation> {
+        let mut shard = self.shard(customer);
+        let Some(counts) = shard.get_mut(customer) else {
+            return Vec::new();
+        };
+        let fallback = counts.fallback();
+        fallback.in_flight.retain(|u| u.token != batch.token);
+        let mut refunds = Vec::new();
+        fallback.held.retain(|(token, reservation)| {
+            if *token == batch.token {
+                refunds.push(*reservation);
+                false
+            } else {
+                true
             }
+        });
+        if !shared {
+            if fallback.refused.len() == REFUSED_KEPT {
+                fallback.refused.remove(0);
+            }
+            fallback.refused.push(batch.token);
+            refunds.clear();
+        } else if !batch.sealed {
+            fallback.note_answered(batch.period, batch.token);
         }
+        refunds
     }
 
     /// Remembers that Redis answered the first and only call that left the mark `token` in the
