@@ -253,12 +253,8 @@ impl Sender {
                     // Positions not of this batch: it is set aside whole.
                     let refused = take_refused(&mut rest, &positions)
                         .unwrap_or_else(|| std::mem::take(&mut rest));
-                    let kept = self.meter.spool.set_aside(&refused)?;
-                    self.meter.metrics.rejected(refused.len() as u64);
+                    let kept = self.set_aside(&mut segment.refused, &refused)?;
                     position += refused.len();
-                    segment
-                        .refused
-                        .extend(refused.iter().map(|event| event.id.clone()));
                     tracing::error!(
                         %reason,
                         events = refused.len(),
@@ -272,12 +268,8 @@ impl Sender {
                     }
                 }
                 Err(LedgerError::Rejected(reason) | LedgerError::TooLarge(reason)) => {
-                    let kept = self.meter.spool.set_aside(&batch)?;
-                    self.meter.metrics.rejected(batch.len() as u64);
+                    let kept = self.set_aside(&mut segment.refused, &batch)?;
                     position += batch.len();
-                    segment
-                        .refused
-                        .extend(batch.iter().map(|event| event.id.clone()));
                     tracing::error!(
                         %reason,
                         events = batch.len(),
@@ -304,6 +296,20 @@ impl Sender {
     }
 
     /// Deletes the segments sent whose pending records are all settled.
+    /// Keeps `events`, which the ledger refused for good, in the spool's `rejected/` directory,
+    /// counts them, and notes them in `refused` (their segment's) as not to send again; the file
+    /// kept.
+    fn set_aside(
+        &self,
+        refused: &mut HashSet<String>,
+        events: &[UsageEvent],
+    ) -> anyhow::Result<PathBuf> {
+        let kept = self.meter.spool.set_aside(events)?;
+        self.meter.metrics.rejected(events.len() as u64);
+        refused.extend(events.iter().map(|event| event.id.clone()));
+        Ok(kept)
+    }
+
     fn remove_done(&self, segments: &mut BTreeMap<u64, Segment>) -> anyhow::Result<()> {
         let done: Vec<u64> = segments
             .iter()
