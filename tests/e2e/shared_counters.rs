@@ -268,11 +268,10 @@ async fn load(gateway: &Gateway, key: &str, until: Instant) -> Vec<u16> {
 
 async fn decisions(gateway: &Gateway, counted: &str) -> f64 {
     gateway
-        .metric(&format!(
+        .counted(&format!(
             "tollgate_limit_decisions_total{{counted=\"{counted}\",result=\"allowed\"}}"
         ))
         .await
-        .unwrap_or(0.0)
 }
 
 /// The one customer's quota count in `redis`: its key.
@@ -328,13 +327,11 @@ async fn redis_killed_and_restarted_under_load_costs_no_request_and_counting_ret
     assert!(decisions(&gateway, "fallback").await > 0.0);
     assert!(
         gateway
-            .metric("tollgate_redis_errors_total{kind=\"error\"}")
+            .counted("tollgate_redis_errors_total{kind=\"error\"}")
             .await
-            .unwrap_or(0.0)
             + gateway
-                .metric("tollgate_redis_errors_total{kind=\"timeout\"}")
+                .counted("tollgate_redis_errors_total{kind=\"timeout\"}")
                 .await
-                .unwrap_or(0.0)
             > 0.0
     );
     // Back on Redis by itself.
@@ -389,9 +386,8 @@ async fn a_frozen_redis_costs_at_most_its_timeout_then_requests_count_in_process
     assert!(slowest < Duration::from_millis(1000), "{slowest:?}");
     assert!(
         gateway
-            .metric("tollgate_redis_errors_total{kind=\"timeout\"}")
+            .counted("tollgate_redis_errors_total{kind=\"timeout\"}")
             .await
-            .unwrap_or(0.0)
             >= 1.0
     );
     assert!(decisions(&gateway, "fallback").await >= 19.0);
@@ -432,23 +428,16 @@ async fn a_redis_restarted_between_requests_counts_the_first_request_after() {
         counters(gateway.ready().await),
         json!({"store": "redis", "redis_connected": false, "counting": "in_process_fallback"})
     );
-    let tried = |kind: &'static str| {
-        let gateway = &gateway;
-        async move {
-            gateway
-                .metric(&format!("tollgate_redis_errors_total{{kind=\"{kind}\"}}"))
-                .await
-                .unwrap_or(0.0)
-        }
-    };
-    let (errors, timeouts) = (tried("error").await, tried("timeout").await);
+    let (error, timeout) = (
+        r#"tollgate_redis_errors_total{kind="error"}"#,
+        r#"tollgate_redis_errors_total{kind="timeout"}"#,
+    );
+    let tried = async || (gateway.counted(error).await, gateway.counted(timeout).await);
+    let before = tried().await;
     assert_eq!(status_of(&gateway, &key, "/api/down").await, 200);
     assert_eq!(decisions(&gateway, "fallback").await, 1.0);
     // Not tried: Redis refused the last `PING`.
-    assert_eq!(
-        (tried("error").await, tried("timeout").await),
-        (errors, timeouts)
-    );
+    assert_eq!(tried().await, before);
 
     redis.restart();
     wait_for_redis(&gateway).await;
@@ -461,10 +450,7 @@ async fn a_redis_restarted_between_requests_counts_the_first_request_after() {
     assert_eq!(statuses, [200, 200, 200, 200, 200, 429, 429]);
     assert_eq!(decisions(&gateway, "fallback").await, 1.0);
     assert_eq!(decisions(&gateway, "redis").await, 6.0);
-    assert_eq!(
-        (tried("error").await, tried("timeout").await),
-        (errors, timeouts)
-    );
+    assert_eq!(tried().await, before);
 }
 
 /// A gateway started again while Redis does not answer knows no count of the customer's period
@@ -577,13 +563,11 @@ async fn quota_units_counted_in_process_while_redis_was_frozen_are_added_to_its_
     // woke (one, unless the machine took longer than retry_after for the ten requests); the
     // requests that did not call Redis had their units added to its count.
     let timed_out = gateway
-        .metric("tollgate_redis_errors_total{kind=\"timeout\"}")
-        .await
-        .unwrap_or(0.0);
+        .counted("tollgate_redis_errors_total{kind=\"timeout\"}")
+        .await;
     let shared = gateway
-        .metric("tollgate_quota_fallback_units_total{outcome=\"shared\"}")
-        .await
-        .unwrap_or(0.0);
+        .counted("tollgate_quota_fallback_units_total{outcome=\"shared\"}")
+        .await;
     assert!(timed_out >= 1.0 && shared >= 1.0, "{timed_out} {shared}");
     assert_eq!(timed_out + shared, 10.0);
     assert_eq!(5 + 10 + after, 30, "exactly the quota, outage or not");
@@ -692,9 +676,8 @@ async fn a_draining_gateway_adds_its_batched_units_to_redis_before_it_exits() {
 async fn until_timeouts(gateway: &Gateway, count: f64) {
     let started = Instant::now();
     while gateway
-        .metric("tollgate_redis_errors_total{kind=\"timeout\"}")
+        .counted("tollgate_redis_errors_total{kind=\"timeout\"}")
         .await
-        .unwrap_or(0.0)
         < count
     {
         assert!(
@@ -998,11 +981,11 @@ async fn a_refund_whose_call_got_no_answer_is_made_again_and_counts_once() {
         let quota = quota_key(&redis);
         until_used_in_redis(&redis, &quota, "1", Duration::from_secs(5)).await;
         // Redis is sent the 504's refund, and sees nothing of it until the call timed out.
-        let timed_out = gateway.metric(timeouts).await.unwrap_or(0.0);
+        let timed_out = gateway.counted(timeouts).await;
         relay.hold();
         assert_eq!(slow.await.unwrap(), 504);
         gateway.wait_for_metric(timeouts, timed_out + 1.0).await;
-        let calls = gateway.metric(answered).await.unwrap_or(0.0);
+        let calls = gateway.counted(answered).await;
         if lost {
             relay.cut();
             assert_eq!(used_in_redis(&redis, &quota), "1");
@@ -1010,12 +993,12 @@ async fn a_refund_whose_call_got_no_answer_is_made_again_and_counts_once() {
             // The held call runs now, long before Redis is asked again (`retry_after`).
             relay.release();
             until_used_in_redis(&redis, &quota, "0", Duration::from_secs(1)).await;
-            assert_eq!(gateway.metric(answered).await.unwrap_or(0.0), calls);
+            assert_eq!(gateway.counted(answered).await, calls);
         }
         // Once Redis is asked again (`retry_after` after the timeout), the refund is made
         // again: given back if it was lost, nothing more if it ran.
         let started = Instant::now();
-        while gateway.metric(answered).await.unwrap_or(0.0) <= calls {
+        while gateway.counted(answered).await <= calls {
             assert!(started.elapsed() < Duration::from_secs(10), "no call again");
             tokio::time::sleep(Duration::from_millis(20)).await;
         }

@@ -314,6 +314,11 @@ impl Gateway {
             .find_map(|line| line.strip_prefix(series)?.strip_prefix(' ')?.parse().ok())
     }
 
+    /// The value of a counter series, 0 while it has not been counted yet (not rendered).
+    pub async fn counted(&self, series: &str) -> f64 {
+        self.metric(series).await.unwrap_or(0.0)
+    }
+
     /// Waits until a metric series has `value` (a request is counted until just after its
     /// response is sent, so gauges settle a moment after the client has its answer).
     pub async fn wait_for_metric(&self, series: &str, value: f64) {
