@@ -89,9 +89,6 @@ pub enum FallbackUnit {
     MaybeInRedis,
     /// Into the batch of this token, to be added to Redis.
     Batch(u128),
-    /// Nowhere but the ledger: the customer had no counts here to note it in (not expected:
-    /// it was counted here just before).
-    Unplaced,
 }
 
 /// A decision and what the response headers say about it.

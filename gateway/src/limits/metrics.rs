@@ -15,8 +15,6 @@ pub enum FallbackUnits {
     Shared = 0,
     /// Left to a count Redis rebuilt from the ledger since they were counted.
     Ledger = 1,
-    /// Nowhere but the ledger: no counts in process to note them in (not expected).
-    Unplaced = 2,
 }
 
 /// Where a decision was counted.
@@ -44,7 +42,7 @@ pub struct LimitMetrics {
     refunds: IntCounter,
     overage: IntCounter,
     /// Fallback units by [`FallbackUnits`].
-    fallback_units: [IntCounter; 3],
+    fallback_units: [IntCounter; 2],
     /// Customers with counters in this process, after the last sweep.
     customers: IntGauge,
 }
@@ -71,8 +69,8 @@ impl LimitMetrics {
             Opts::new(
                 QUOTA_FALLBACK_UNITS_TOTAL,
                 "Quota units counted in process without asking Redis: added to Redis' count once \
-                 it answered (shared), left to a count Redis rebuilt from the ledger since \
-                 (ledger), or nowhere but the ledger (unplaced, not expected).",
+                 it answered (shared), or left to a count Redis rebuilt from the ledger since \
+                 (ledger).",
             ),
             &["outcome"],
         )?;
@@ -101,7 +99,6 @@ impl LimitMetrics {
             fallback_units: [
                 fallback_units.with_label_values(&["shared"]),
                 fallback_units.with_label_values(&["ledger"]),
-                fallback_units.with_label_values(&["unplaced"]),
             ],
             customers,
         })

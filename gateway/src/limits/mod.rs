@@ -50,7 +50,7 @@ use decision::window_ms;
 pub use decision::{Decision, FallbackUnit, Policy, Reservation, Verdict, ceil_seconds};
 use local::LocalCounters;
 pub use metrics::Counted;
-use metrics::{FallbackUnits, LimitMetrics};
+use metrics::LimitMetrics;
 use period::Period;
 use redis::RedisCounters;
 use reseed::read_ledger;
@@ -209,13 +209,8 @@ impl Limiter {
                         // Redis once it answers.
                         let unit = if failure.may_have_run() {
                             FallbackUnit::MaybeInRedis
-                        } else if let Some(token) = self.local.note_unshared(customer, reservation)
-                        {
-                            FallbackUnit::Batch(token)
                         } else {
-                            self.metrics
-                                .fallback_units(reservation.units, FallbackUnits::Unplaced);
-                            FallbackUnit::Unplaced
+                            FallbackUnit::Batch(self.local.note_unshared(customer, reservation))
                         };
                         reservation.fallback = Some(unit);
                     }

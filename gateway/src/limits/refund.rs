@@ -31,13 +31,14 @@ impl Limiter {
                         self.refund_in_redis(redis, customer, reservation, false)
                             .await;
                     }
-                    Some(FallbackUnit::Batch(token)) => {
-                        if !self.local.refund_unshared(customer, reservation, token) {
-                            self.refund_in_redis(redis, customer, reservation, true)
-                                .await;
-                        }
+                    // Taken back here unless the batch is Redis' to give from.
+                    Some(FallbackUnit::Batch(token))
+                        if !self.local.refund_unshared(customer, reservation, token) =>
+                    {
+                        self.refund_in_redis(redis, customer, reservation, true)
+                            .await;
                     }
-                    Some(FallbackUnit::Unplaced) | None => {}
+                    Some(FallbackUnit::Batch(_)) | None => {}
                 }
             }
             _ => self.local.refund(customer, reservation),

@@ -326,9 +326,7 @@ fn units_counted_with_no_count_known_in_redis_are_batched_for_an_unknown_generat
     let counters = LocalCounters::default();
     let customer = [7; 16];
     counters.admit(&customer, &policy(&[], None), PERIOD, 1, 1_000);
-    let token = counters
-        .note_unshared(&customer, &fallback(1, 0, PERIOD))
-        .expect("batched");
+    let token = counters.note_unshared(&customer, &fallback(1, 0, PERIOD));
     let taken = counters.take_unshared(&customer);
     assert_eq!(taken.len(), 1);
     assert_eq!(
@@ -344,13 +342,11 @@ fn units_counted_while_redis_failed_are_taken_once_each_for_their_own_period() {
     assert!(counters.take_unshared(&customer).is_empty());
     // Last counted in Redis in generation 42 of its quota count.
     counters.follow(&customer, &told(5, Some(42), Some(42)));
-    let token = counters
-        .note_unshared(&customer, &fallback(1, 0, PERIOD))
-        .unwrap();
+    let token = counters.note_unshared(&customer, &fallback(1, 0, PERIOD));
     // Into the same batch.
     assert_eq!(
         counters.note_unshared(&customer, &fallback(2, 1, PERIOD)),
-        Some(token)
+        token
     );
     assert_eq!(counters.take_pending(), vec![customer]);
     // A refund of one of them takes it back from the batch while it is unsent.
@@ -382,9 +378,7 @@ fn units_counted_while_redis_failed_are_taken_once_each_for_their_own_period() {
     counters.settle_unshared(&customer, &again, true);
     assert!(counters.take_answered(&customer, PERIOD).is_empty());
     // Refused by Redis (its count was rebuilt from the ledger): a refund goes nowhere.
-    let refused = counters
-        .note_unshared(&customer, &fallback(4, 0, PERIOD))
-        .unwrap();
+    let refused = counters.note_unshared(&customer, &fallback(4, 0, PERIOD));
     let batch = counters.take_unshared(&customer).remove(0);
     counters.settle_unshared(&customer, &batch, false);
     assert!(counters.refund_unshared(&customer, &fallback(1, 0, PERIOD), refused));
@@ -407,27 +401,19 @@ fn refunds_go_where_their_units_went() {
     // Counted in Redis, but its count there was not rebuilt from the ledger yet: the batch is
     // for an unknown generation, which Redis places by when its count was made.
     counters.follow(&customer, &told(5, None, None));
-    assert!(
-        counters
-            .note_unshared(&customer, &fallback(2, 0, PERIOD))
-            .is_some()
-    );
+    counters.note_unshared(&customer, &fallback(2, 0, PERIOD));
     assert_eq!(
         counters.take_unshared(&customer)[0].generation,
         UNKNOWN_GENERATION
     );
     counters.follow(&customer, &told(5, Some(1), Some(1)));
-    let refused = counters
-        .note_unshared(&customer, &fallback(1, 0, PERIOD))
-        .unwrap();
+    let refused = counters.note_unshared(&customer, &fallback(1, 0, PERIOD));
     let batch = counters.take_unshared(&customer).remove(0);
     // Redis did not take that batch (its count is newer): a refund of its unit is nobody's.
     counters.settle_unshared(&customer, &batch, false);
     assert!(counters.refund_unshared(&customer, &fallback(1, 0, PERIOD), refused));
     // A batch sent without an answer: the refund is Redis'.
-    let sent = counters
-        .note_unshared(&customer, &fallback(1, 0, PERIOD))
-        .unwrap();
+    let sent = counters.note_unshared(&customer, &fallback(1, 0, PERIOD));
     let batch = counters.take_unshared(&customer).remove(0);
     counters.restore_unshared(&customer, batch, true);
     assert!(!counters.refund_unshared(&customer, &fallback(1, 0, PERIOD), sent));
@@ -436,9 +422,7 @@ fn refunds_go_where_their_units_went() {
     // A batch on its way to Redis: its refunds wait for the answer. Refused, they are nobody's;
     // taken, they are Redis' to give.
     for shared in [false, true] {
-        let token = counters
-            .note_unshared(&customer, &fallback(2, 0, PERIOD))
-            .unwrap();
+        let token = counters.note_unshared(&customer, &fallback(2, 0, PERIOD));
         let batch = counters.take_unshared(&customer).remove(0);
         assert!(counters.refund_unshared(&customer, &fallback(1, 0, PERIOD), token));
         let refunds = counters.settle_unshared(&customer, &batch, shared);
@@ -460,9 +444,7 @@ fn a_batch_put_back_unanswered_takes_no_more_units() {
     let sent = counters.take_unshared(&customer).remove(0);
     counters.restore_unshared(&customer, sent, true);
     // Redis may have counted the first batch already: new units make a batch of their own.
-    let newer = counters
-        .note_unshared(&customer, &fallback(1, 0, PERIOD))
-        .unwrap();
+    let newer = counters.note_unshared(&customer, &fallback(1, 0, PERIOD));
     assert_ne!(newer, sent.token);
     counters.note_unshared(&customer, &fallback(1, 0, PERIOD));
     // A batch that was never sent stays open.

@@ -79,20 +79,19 @@ pub const UNKNOWN_GENERATION: i64 = -3;
 
 impl LocalCounters {
     /// Notes that `reservation`, counted here because Redis could not be asked, is not in
-    /// Redis' count; the token of the batch it joins (`None` only for a customer without counts
-    /// here, which the caller has just counted). Its batch is for the count of the generation
+    /// Redis' count; the token of the batch it joins. Its batch is for the count of the generation
     /// this process knows for the period, or, when it knows none (it has not seen the customer's
     /// count rebuilt from the ledger this period, or forgot it when Redis made another),
     /// [`UNKNOWN_GENERATION`]: Redis then adds it to a count made before its first unit was
     /// decided, which holds none of its units, and leaves it to the ledger otherwise (a count
     /// made later reads the ledger, which holds its events).
-    pub fn note_unshared(&self, customer: &Id, reservation: &Reservation) -> Option<u128> {
+    pub fn note_unshared(&self, customer: &Id, reservation: &Reservation) -> u128 {
         let mut shard = self.shard(customer);
-        let counts = shard.get_mut(customer)?;
+        let counts = counts(&mut shard, customer, reservation.period);
         let generation = counts
             .generation_of(reservation.period)
             .unwrap_or(UNKNOWN_GENERATION);
-        Some(self.add_unshared(counts, customer, reservation, generation))
+        self.add_unshared(counts, customer, reservation, generation)
     }
 
     /// Adds `reservation` to the customer's open batch for the count of `generation` (the one
@@ -178,15 +177,11 @@ impl LocalCounters {
         };
         let fallback = counts.fallback();
         fallback.in_flight.retain(|u| u.token != batch.token);
-        let mut refunds = Vec::new();
-        fallback.held.retain(|(token, reservation)| {
-            if *token == batch.token {
-                refunds.push(*reservation);
-                false
-            } else {
-                true
-            }
-        });
+        let mut refunds: Vec<Reservation> = fallback
+            .held
+            .extract_if(.., |(token, _)| *token == batch.token)
+            .map(|(_, reservation)| reservation)
+            .collect();
         if !shared {
             if fallback.refused.len() == REFUSED_KEPT {
                 fallback.refused.remove(0);
