@@ -227,3 +227,22 @@ async fn check_status(response: reqwest::Response) -> Result<reqwest::Response, 
         .unwrap_or_else(|| body.chars().take(200).collect());
     Err(SyncError::Refused(status.as_u16(), detail))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::SyncError;
+
+    #[test]
+    fn a_refused_token_is_told_which_token_the_gateway_needs() {
+        let refused = SyncError::Refused(401, "no token".into()).to_string();
+        assert_eq!(
+            refused,
+            "control plane answered 401: no token (the variable control_plane.token_env names \
+             must hold one of its tokens with role \"gateway\")"
+        );
+        assert_eq!(
+            SyncError::Refused(500, "down".into()).to_string(),
+            "control plane answered 500: down"
+        );
+    }
+}
