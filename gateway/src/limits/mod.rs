@@ -200,20 +200,17 @@ impl Limiter {
                 Err(failure) => {
                     // A customer this process never counted in Redis starts from the ledger.
                     self.seed_local(customer, period).await;
-                    let mut local = self.local.admit(customer, &policy, period, units, now);
-                    local.counted = Counted::Fallback;
-                    if let Some(reservation) = &mut local.reservation {
-                        reservation.counted = Counted::Fallback;
-                        // A call that timed out or broke may be counted by Redis all the same
-                        // (documented); the others never ran, and their units are added to
-                        // Redis once it answers.
-                        let unit = if failure.may_have_run() {
-                            FallbackUnit::MaybeInRedis
-                        } else {
-                            FallbackUnit::Batch(self.local.note_unshared(customer, reservation))
-                        };
-                        reservation.fallback = Some(unit);
-                    }
+                    // A call that timed out or broke may be counted by Redis all the same
+                    // (documented); the others never ran, and their units are added to Redis
+                    // once it answers.
+                    let local = self.local.admit_fallback(
+                        customer,
+                        &policy,
+                        period,
+                        units,
+                        now,
+                        failure.may_have_run(),
+                    );
                     decision = Some(local);
                 }
             }

@@ -335,6 +335,41 @@ fn units_counted_with_no_count_known_in_redis_are_batched_for_an_unknown_generat
     );
 }
 
+/// A unit counted here because Redis' call never ran is in a batch for Redis as soon as it is
+/// counted: what this process holds beyond Redis' count (`known`, which a rebuild of Redis'
+/// count adds) never includes it, so it cannot reach Redis both ways. One whose call may have
+/// run is not batched, and is part of what this process holds.
+#[test]
+fn a_unit_counted_in_fallback_is_batched_under_the_lock_it_is_counted_under() {
+    let counters = LocalCounters::default();
+    let customer = [5; 16];
+    counters.follow(&customer, &told(5, Some(42), Some(42)));
+    let never_ran = counters.admit_fallback(&customer, &policy(&[], None), PERIOD, 1, 1_000, false);
+    let reservation = never_ran.reservation.expect("admitted");
+    assert_eq!(never_ran.counted, Counted::Fallback);
+    let Some(FallbackUnit::Batch(token)) = reservation.fallback else {
+        panic!("not batched: {:?}", reservation.fallback);
+    };
+    assert_eq!(counters.used(&customer, PERIOD), (6, 0));
+    assert_eq!(counters.known(&customer, PERIOD).used, 5);
+
+    let may_have_run =
+        counters.admit_fallback(&customer, &policy(&[], None), PERIOD, 1, 1_000, true);
+    assert_eq!(
+        may_have_run.reservation.expect("admitted").fallback,
+        Some(FallbackUnit::MaybeInRedis)
+    );
+    assert_eq!(counters.used(&customer, PERIOD), (7, 0));
+    assert_eq!(counters.known(&customer, PERIOD).used, 6);
+
+    let taken = counters.take_unshared(&customer);
+    assert_eq!(taken.len(), 1);
+    assert_eq!(
+        (taken[0].token, taken[0].units, taken[0].generation),
+        (token, 1, 42)
+    );
+}
+
 #[test]
 fn units_counted_while_redis_failed_are_taken_once_each_for_their_own_period() {
     let counters = LocalCounters::default();

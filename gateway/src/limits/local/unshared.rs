@@ -5,10 +5,10 @@
 use std::sync::PoisonError;
 use std::sync::atomic::Ordering;
 
-use super::{Counts, LocalCounters, counts};
+use super::{Counts, LocalCounters, counts, decide};
 use crate::identity::index::Id;
-use crate::limits::Reservation;
 use crate::limits::period::Period;
+use crate::limits::{Counted, Decision, FallbackUnit, Policy, Reservation};
 
 /// A customer's quota units counted in process without asking Redis.
 #[derive(Debug, Default)]
@@ -79,19 +79,60 @@ pub const UNKNOWN_GENERATION: i64 = -3;
 
 impl LocalCounters {
     /// Notes that `reservation`, counted here because Redis could not be asked, is not in
-    /// Redis' count; the token of the batch it joins. Its batch is for the count of the generation
-    /// this process knows for the period, or, when it knows none (it has not seen the customer's
-    /// count rebuilt from the ledger this period, or forgot it when Redis made another),
-    /// [`UNKNOWN_GENERATION`]: Redis then adds it to a count made before its first unit was
-    /// decided, which holds none of its units, and leaves it to the ledger otherwise (a count
-    /// made later reads the ledger, which holds its events).
+    /// Redis' count, as [`admit_fallback`](Self::admit_fallback) does; the token of the batch it
+    /// joins.
     pub fn note_unshared(&self, customer: &Id, reservation: &Reservation) -> u128 {
         let mut shard = self.shard(customer);
         let counts = counts(&mut shard, customer, reservation.period);
+        self.batch_unshared(counts, customer, reservation)
+    }
+
+    /// Adds `reservation` to a batch for Redis; the batch's token. The batch is for the count of
+    /// the generation this process knows for the period, or, when it knows none (it has not
+    /// seen the customer's count rebuilt from the ledger this period, or forgot it when Redis
+    /// made another), [`UNKNOWN_GENERATION`]: Redis then adds it to a count made before its
+    /// first unit was decided, which holds none of its units, and leaves it to the ledger
+    /// otherwise (a count made later reads the ledger, which holds its events).
+    fn batch_unshared(
+        &self,
+        counts: &mut Counts,
+        customer: &Id,
+        reservation: &Reservation,
+    ) -> u128 {
         let generation = counts
             .generation_of(reservation.period)
             .unwrap_or(UNKNOWN_GENERATION);
         self.add_unshared(counts, customer, reservation, generation)
+    }
+
+    /// [`admit`](Self::admit) for a request Redis could not decide (`failure`), counted here:
+    /// when admitted, its unit joins the customer's batch for Redis under
+    /// the same lock as its count, so that no call reading what this process holds beyond
+    /// Redis' count ([`known`](Self::known)) sees the unit counted and not batched, and puts it
+    /// in Redis a second time. A unit whose call may have run in Redis is not batched.
+    pub fn admit_fallback(
+        &self,
+        customer: &Id,
+        policy: &Policy<'_>,
+        period: Period,
+        units: u64,
+        now_ms: i64,
+        may_have_run: bool,
+    ) -> Decision {
+        let mut shard = self.shard(customer);
+        let counts = counts(&mut shard, customer, period);
+        let mut decision = decide(counts, policy, period, units, now_ms);
+        decision.counted = Counted::Fallback;
+        if let Some(reservation) = &mut decision.reservation {
+            reservation.counted = Counted::Fallback;
+            let unit = if may_have_run {
+                FallbackUnit::MaybeInRedis
+            } else {
+                FallbackUnit::Batch(self.batch_unshared(counts, customer, reservation))
+            };
+            reservation.fallback = Some(unit);
+        }
+        decision
     }
 
     /// Adds `reservation` to the customer's open batch for the count of `generation` (the one
