@@ -453,6 +453,58 @@ async fn a_redis_restarted_between_requests_counts_the_first_request_after() {
     assert_eq!(tried().await, before);
 }
 
+/// A connection whose reconnection Redis refused with an error answer (the gateway's password,
+/// changed in Redis meanwhile) is never made again by redis-rs itself: before, counting stayed
+/// in process for good, even once Redis took the password again. The probe now makes a new
+/// connection, and counting returns to Redis, without waiting out `retry_after`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_password_refused_while_reconnecting_then_taken_again_brings_counting_back_to_redis() {
+    let redis = RedisServer::start();
+    let password = |secret: &str| {
+        let user = ["ACL", "SETUSER", "tollgate", "on", "resetpass"];
+        let rights = ["~*", "&*", "+@all"];
+        let set = format!(">{secret}");
+        let args: Vec<&str> = user
+            .into_iter()
+            .chain([set.as_str()])
+            .chain(rights)
+            .collect();
+        assert_eq!(redis.cli(&args), "OK");
+    };
+    password("first-secret");
+    let url = redis
+        .url()
+        .replace("redis://", "redis://tollgate:first-secret@");
+    let upstream = Upstream::start("api");
+    let (gateway, key) = standalone_counting(
+        &format!("url = \"{url}\"\ntimeout = \"50ms\"\nretry_after = \"30s\""),
+        &upstream,
+        json!({"rate_limits": [{"requests": 100, "window_seconds": 60}]}),
+    )
+    .await;
+    assert_eq!(status_of(&gateway, &key, "/api/before").await, 200);
+    assert_eq!(decisions(&gateway, "redis").await, 1.0);
+
+    // The password changes in Redis, and the gateway's connections are cut: each reconnection is
+    // refused (`WRONGPASS`).
+    password("second-secret");
+    assert_ne!(redis.cli(&["CLIENT", "KILL", "USER", "tollgate"]), "0");
+    gateway.wait_for_metric("tollgate_redis_up", 0.0).await;
+    assert_eq!(status_of(&gateway, &key, "/api/refused").await, 200);
+    assert_eq!(decisions(&gateway, "fallback").await, 1.0);
+
+    // The old password is taken again: a new connection answers within a few probes, and
+    // requests are decided in Redis again, long before `retry_after`.
+    password("first-secret");
+    gateway.wait_for_metric("tollgate_redis_up", 1.0).await;
+    wait_for_redis(&gateway).await;
+    for _ in 0..3 {
+        assert_eq!(status_of(&gateway, &key, "/api/after").await, 200);
+    }
+    assert_eq!(decisions(&gateway, "redis").await, 4.0);
+    assert_eq!(decisions(&gateway, "fallback").await, 1.0);
+}
+
 /// A gateway started again while Redis does not answer knows no count of the customer's period
 /// in Redis: the units it counts in process meanwhile are still added to Redis' count, which was
 /// made before them, once Redis answers. Before, they were left out ("unplaced") and a hard

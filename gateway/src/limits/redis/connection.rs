@@ -351,7 +351,7 @@ impl RedisCounters {
 /// Opens a connection to the counters, driven by the runtime this is called on: one server's
 /// reconnects by itself (on the runtime of the call that found it broken), a cluster's follows
 /// its slots.
-async fn open(
+pub(super) async fn open(
     settings: &Redis,
     certificates: Option<redis::TlsCertificates>,
 ) -> RedisResult<Connection> {

@@ -8,12 +8,18 @@ use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use super::RedisCounters;
-use super::connection::Connection;
+use super::connection::{Connection, open};
 
 /// How often the connections are sent a `PING`.
 const PROBE_INTERVAL: Duration = Duration::from_millis(250);
 /// How long a `PING` may take before it counts as unanswered.
 const PROBE_TIMEOUT: Duration = Duration::from_secs(1);
+/// How many `PING`s in a row the background connection answers with an error before a new
+/// connection is tried beside it.
+const REMAKE_AFTER: u32 = 4;
+/// The first and the longest wait between two such tries.
+const REMAKE_MIN: Duration = Duration::from_secs(1);
+const REMAKE_MAX: Duration = Duration::from_secs(10);
 
 /// What became of a `PING`.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -54,6 +60,16 @@ fn window(pong: &Pong, timeout: Duration, retry_after_ms: i64, now_ms: i64) -> W
     }
 }
 
+/// What the probe remembers from one `PING` to the next.
+#[derive(Debug, Default)]
+struct Probing {
+    /// `PING`s in a row the background connection answered with an error.
+    refused: u32,
+    /// When a new connection may be tried next, and the wait after that one fails.
+    remake_at: Option<Instant>,
+    remake_delay: Duration,
+}
+
 impl RedisCounters {
     /// Sends a `PING` over each connection, once connected:
     /// - the background connection: one Redis broke connects again on its way to failing the
@@ -64,21 +80,43 @@ impl RedisCounters {
     ///   thread, and every call would cross to it and back). Meanwhile calls go through the
     ///   background connection.
     ///
+    /// A connection whose reconnection failed with an error answer (an authentication refused
+    /// while a password was changed) keeps that error for good: redis-rs makes it again only
+    /// after an I/O error. So when the background connection answers [`REMAKE_AFTER`] `PING`s in
+    /// a row with an error, a new one is made beside it, and takes its place if it answers
+    /// (see [`remake`](Self::remake)); a request path's connection answering with an error while
+    /// the background one answers is forgotten.
+    ///
     /// Whether the background connection answered is `/health/ready`'s `redis_connected` and
     /// the `tollgate_redis_up` gauge. Run every `PROBE_INTERVAL` (250 ms).
-    async fn probe(&self, clock: impl Fn() -> i64) {
+    async fn probe(&self, clock: impl Fn() -> i64, probing: &mut Probing) {
         let Some(far) = self.connection.load_full() else {
             return;
         };
         let near = self.near.alive();
-        let (far_pong, near_pong) = futures_util::join!(ping_until_made(&far), async {
+        let (mut far_pong, near_pong) = futures_util::join!(ping_until_made(&far), async {
             match &near {
                 Some(made) => Some(ping(&made.connection).await),
                 None => None,
             }
         });
-        if let (Some(made), Some(Pong::Broken(_))) = (&near, &near_pong) {
-            self.near.forget(made);
+        match (&near, &near_pong, &far_pong) {
+            (Some(made), Some(Pong::Broken(_)), _)
+            | (Some(made), Some(Pong::Refusing(_)), Pong::Answered(_)) => self.near.forget(made),
+            _ => {}
+        }
+        let mut remade = false;
+        if let Pong::Refusing(error) = &far_pong {
+            probing.refused += 1;
+            if probing.refused >= REMAKE_AFTER
+                && probing.remake_at.is_none_or(|at| Instant::now() >= at)
+                && let Some(pong) = self.remake(error, probing).await
+            {
+                far_pong = pong;
+                remade = true;
+            }
+        } else {
+            probing.refused = 0;
         }
         let seen = self.down_until_ms.load(Ordering::Relaxed);
         let now_ms = clock();
@@ -89,10 +127,11 @@ impl RedisCounters {
             now_ms,
         ) {
             Window::Open(until_ms) => self.note_failure(until_ms, true),
-            // Unless a request's call failed since the `PING`s were sent.
+            // Unless a request's call failed since the `PING`s were sent. A wait after error
+            // answers ends too when a new connection answers in place of the one giving them.
             Window::End
                 if seen > now_ms
-                    && self.broken.load(Ordering::Relaxed)
+                    && (self.broken.load(Ordering::Relaxed) || remade)
                     && self
                         .down_until_ms
                         .compare_exchange(seen, 0, Ordering::Relaxed, Ordering::Relaxed)
@@ -116,6 +155,40 @@ impl RedisCounters {
             (Pong::Answered(_), false) => tracing::info!("shared counters: redis answers a ping"),
             _ => {}
         }
+    }
+
+    /// Makes a new background connection while the one in place answers with an error (the
+    /// last, `error`): it takes that one's place, and the request path's connection is made
+    /// again, when it answers a `PING`; its `PING`'s answer then. Otherwise it is dropped, and
+    /// tried again after a wait that doubles from 1 s to 10 s.
+    async fn remake(&self, error: &str, probing: &mut Probing) -> Option<Pong> {
+        let certificates = self.certificates.get()?.clone();
+        let pong = match open(&self.settings, certificates).await {
+            Ok(connection) => match ping(&connection).await {
+                pong @ Pong::Answered(_) => {
+                    self.connection.store(Some(Arc::new(connection)));
+                    if let Some(near) = self.near.alive() {
+                        self.near.forget(&near);
+                    }
+                    tracing::info!(
+                        %error,
+                        "shared counters: the connection to redis kept answering with an error; a new one answers and replaces it"
+                    );
+                    *probing = Probing::default();
+                    return Some(pong);
+                }
+                pong => pong,
+            },
+            Err(error) => Pong::Refusing(error.to_string()),
+        };
+        probing.remake_delay = (probing.remake_delay * 2).clamp(REMAKE_MIN, REMAKE_MAX);
+        probing.remake_at = Some(Instant::now() + probing.remake_delay);
+        tracing::debug!(
+            ?pong,
+            retry_ms = probing.remake_delay.as_millis() as u64,
+            "shared counters: a new connection to redis does not answer either"
+        );
+        None
     }
 
     /// Whether Redis answered the last `PING` over the background connection (before the
@@ -187,12 +260,15 @@ impl pingora::services::background::BackgroundService for Connector {
             }
             delay = (delay * 2).min(Duration::from_secs(10));
         }
+        let mut probing = Probing::default();
         loop {
             tokio::select! {
                 () = tokio::time::sleep(PROBE_INTERVAL) => {}
                 _ = shutdown.changed() => return,
             }
-            redis.probe(|| self.gateway.limiter.now_ms()).await;
+            redis
+                .probe(|| self.gateway.limiter.now_ms(), &mut probing)
+                .await;
         }
     }
 }
