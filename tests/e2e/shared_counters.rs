@@ -625,10 +625,11 @@ async fn quota_units_counted_in_process_while_redis_was_frozen_are_added_to_its_
     assert_eq!(5 + 10 + after, 30, "exactly the quota, outage or not");
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_redis_cluster_counts_each_customer_exactly_on_its_own_slot() {
-    let cluster = tollgate_tests::redis::RedisCluster::start();
-    let upstream = Upstream::start("api");
+/// A gateway in standalone mode counting on `cluster`, and its admin API.
+async fn on_cluster(
+    cluster: &tollgate_tests::redis::RedisCluster,
+    upstream: &Upstream,
+) -> (Gateway, AdminApi) {
     let token = admin_token();
     let urls = cluster
         .urls()
@@ -647,7 +648,7 @@ timeout = "1s"
 
 {routes}
 "#,
-        routes = routes(&upstream)
+        routes = routes(upstream)
     ));
     let gateway = Gateway::start_with_env(
         tempfile::tempdir().unwrap(),
@@ -656,6 +657,14 @@ timeout = "1s"
     )
     .await;
     let api = AdminApi::new(&format!("http://{}", gateway.admin), &token);
+    (gateway, api)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_redis_cluster_counts_each_customer_exactly_on_its_own_slot() {
+    let cluster = tollgate_tests::redis::RedisCluster::start();
+    let upstream = Upstream::start("api");
+    let (gateway, api) = on_cluster(&cluster, &upstream).await;
     let mut keys = Vec::new();
     for _ in 0..6 {
         keys.push(
@@ -683,6 +692,40 @@ timeout = "1s"
         spread.iter().filter(|&&n| n > 0).count() >= 2,
         "keys on one node only: {spread:?}"
     );
+}
+
+/// One master of a cluster lost: `tollgate_redis_up` and `/health/ready` say so (before, the
+/// `PING` went only to the masters the gateway was connected to, and both stayed up), and back
+/// once it answers again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cluster_master_lost_shows_as_redis_down_until_it_is_back() {
+    let mut cluster = tollgate_tests::redis::RedisCluster::start();
+    let upstream = Upstream::start("api");
+    let (gateway, api) = on_cluster(&cluster, &upstream).await;
+    let key = customer_with_key(
+        &api,
+        json!({"rate_limits": [{"requests": 20, "window_seconds": 3600}]}),
+    )
+    .await;
+    gateway.wait_for_keys(1).await;
+    wait_for_redis(&gateway).await;
+    assert_eq!(status_of(&gateway, &key, "/api/before").await, 200);
+    assert_eq!(gateway.metric("tollgate_redis_up").await, Some(1.0));
+
+    cluster.node(1).kill();
+    gateway.wait_for_metric("tollgate_redis_up", 0.0).await;
+    assert_eq!(
+        gateway.ready().await["counters"]["redis_connected"],
+        json!(false)
+    );
+
+    cluster.node(1).restart();
+    gateway.wait_for_metric("tollgate_redis_up", 1.0).await;
+    assert_eq!(
+        gateway.ready().await["counters"]["redis_connected"],
+        json!(true)
+    );
+    assert_eq!(status_of(&gateway, &key, "/api/after").await, 200);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

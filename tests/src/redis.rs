@@ -248,6 +248,12 @@ impl RedisCluster {
         self.nodes.iter().map(RedisServer::url).collect()
     }
 
+    /// Its `n`th node, to kill or restart (it keeps its cluster state, `nodes.conf`, in its
+    /// directory, so it comes back as the same master of the same slots, empty).
+    pub fn node(&mut self, n: usize) -> &mut RedisServer {
+        &mut self.nodes[n]
+    }
+
     /// Keys held by each node, to see that customers are spread over the cluster.
     pub fn key_counts(&self) -> Vec<u64> {
         self.nodes

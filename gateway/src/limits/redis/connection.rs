@@ -9,6 +9,7 @@ use arc_swap::ArcSwapOption;
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::cluster::ClusterClient;
 use redis::cluster_async::ClusterConnection;
+use redis::cluster_routing::{RoutingInfo, SingleNodeRoutingInfo};
 use redis::{RedisResult, ScriptInvocation};
 
 use super::seed::SEED_SCRIPT;
@@ -50,7 +51,7 @@ impl Connection {
         }
     }
 
-    /// Sends a `PING` (to every master of a cluster).
+    /// Sends a `PING` (to every master of a cluster this connection is connected to).
     pub(super) async fn ping(&self) -> RedisResult<()> {
         let ping = redis::cmd("PING");
         match self.clone() {
@@ -58,6 +59,64 @@ impl Connection {
             Connection::Cluster(mut connection) => ping.query_async(&mut connection).await,
         }
     }
+
+    /// [`ping`](Self::ping), sent in a cluster to each master the cluster names (`CLUSTER
+    /// SLOTS`), one by one: a master this connection has lost is then an error
+    /// (`ClusterConnectionNotFound`, or the I/O error of a connection found broken), where a
+    /// `PING` to every master skips it.
+    pub(super) async fn ping_every_master(&self) -> RedisResult<()> {
+        let Connection::Cluster(connection) = self else {
+            return self.ping().await;
+        };
+        let slots: redis::Value = redis::cmd("CLUSTER")
+            .arg("SLOTS")
+            .query_async(&mut connection.clone())
+            .await?;
+        let pings = masters(slots).into_iter().map(|(host, port)| {
+            let mut connection = connection.clone();
+            async move {
+                let at = SingleNodeRoutingInfo::ByAddress { host, port };
+                connection
+                    .route_command(redis::cmd("PING"), RoutingInfo::SingleNode(at))
+                    .await
+            }
+        });
+        futures_util::future::join_all(pings)
+            .await
+            .into_iter()
+            .try_for_each(|answer| answer.map(drop))
+    }
+}
+
+/// The masters' addresses in an answer to `CLUSTER SLOTS` (each range's first node), once each;
+/// a node whose address is not given (empty, or `?`) is left out.
+fn masters(slots: redis::Value) -> Vec<(String, u16)> {
+    let mut masters: Vec<(String, u16)> = Vec::new();
+    let redis::Value::Array(ranges) = slots else {
+        return masters;
+    };
+    for range in ranges {
+        let redis::Value::Array(range) = range else {
+            continue;
+        };
+        let Some(redis::Value::Array(node)) = range.into_iter().nth(2) else {
+            continue;
+        };
+        let (Some(redis::Value::BulkString(host)), Some(redis::Value::Int(port))) =
+            (node.first(), node.get(1))
+        else {
+            continue;
+        };
+        let host = String::from_utf8_lossy(host).into_owned();
+        let Ok(port) = u16::try_from(*port) else {
+            continue;
+        };
+        if host.is_empty() || host == "?" || masters.contains(&(host.clone(), port)) {
+            continue;
+        }
+        masters.push((host, port));
+    }
+    masters
 }
 
 /// Why a call was not answered.
@@ -177,7 +236,7 @@ impl RedisCounters {
                     load.arg("LOAD").arg(source);
                     c.route_command(
                         load,
-                        redis::cluster_routing::RoutingInfo::MultiNode((
+                        RoutingInfo::MultiNode((
                             redis::cluster_routing::MultipleNodeRoutingInfo::AllMasters,
                             None,
                         )),
@@ -382,4 +441,51 @@ pub(super) async fn open(
             Connection::Cluster(builder.build()?.get_async_connection().await?)
         }
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use redis::Value;
+
+    use super::masters;
+
+    fn node(host: &str, port: i64) -> Value {
+        Value::Array(vec![
+            Value::BulkString(host.as_bytes().to_vec()),
+            Value::Int(port),
+            Value::BulkString(b"07c37dfeb235213a872192d90877d0cd55635b91".to_vec()),
+        ])
+    }
+
+    fn range(start: i64, end: i64, nodes: Vec<Value>) -> Value {
+        Value::Array(
+            [Value::Int(start), Value::Int(end)]
+                .into_iter()
+                .chain(nodes)
+                .collect(),
+        )
+    }
+
+    #[test]
+    fn each_master_of_cluster_slots_is_named_once_and_replicas_not_at_all() {
+        let slots = Value::Array(vec![
+            range(
+                0,
+                5460,
+                vec![node("10.0.0.1", 7000), node("10.0.0.4", 7003)],
+            ),
+            range(5461, 10922, vec![node("10.0.0.2", 7001)]),
+            // A master holding two ranges.
+            range(10923, 12000, vec![node("10.0.0.1", 7000)]),
+            // Addresses the cluster does not give.
+            range(12001, 13000, vec![node("", 7004)]),
+            range(13001, 14000, vec![node("?", 7005)]),
+            range(14001, 16383, vec![]),
+        ]);
+        assert_eq!(
+            masters(slots),
+            [("10.0.0.1".to_owned(), 7000), ("10.0.0.2".to_owned(), 7001)]
+        );
+        assert!(masters(Value::Nil).is_empty());
+    }
 }

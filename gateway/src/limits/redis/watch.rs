@@ -141,10 +141,21 @@ impl RedisCounters {
             }
             Window::End | Window::Keep => {}
         }
-        let answered = matches!(far_pong, Pong::Answered(_));
+        // In a cluster, that `PING` skips masters the connection has lost. Each master the
+        // cluster names is asked on its own, for the gauge alone: the wait is left to requests'
+        // calls, which reach a lost master (so making the connection to it again, and finding it
+        // back) where a `PING` by address would not.
+        let current = self.connection.load_full();
+        let seen = match (&far_pong, current.as_deref()) {
+            (Pong::Answered(_), Some(cluster @ Connection::Cluster(_))) => {
+                answer(cluster.ping_every_master()).await
+            }
+            _ => far_pong,
+        };
+        let answered = matches!(seen, Pong::Answered(_));
         let was = self.up.get();
         self.up.set(i64::from(answered));
-        match (&far_pong, was == 1) {
+        match (&seen, was == 1) {
             (Pong::Broken(error) | Pong::Refusing(error), true) => {
                 tracing::warn!(%error, "shared counters: redis does not answer a ping");
             }
@@ -191,8 +202,8 @@ impl RedisCounters {
         None
     }
 
-    /// Whether Redis answered the last `PING` over the background connection (before the
-    /// first, whether that connection is made).
+    /// Whether Redis answered the last `PING` over the background connection, in a cluster each
+    /// master on its own (before the first, whether that connection is made).
     pub fn is_answering(&self) -> bool {
         self.is_connected() && self.up.get() == 1
     }
@@ -214,10 +225,20 @@ async fn ping_until_made(connection: &Connection) -> Pong {
 
 /// Sends a `PING` over `connection`, within [`PROBE_TIMEOUT`].
 async fn ping(connection: &Connection) -> Pong {
+    answer(connection.ping()).await
+}
+
+/// What became of `ping`, given [`PROBE_TIMEOUT`].
+async fn answer(ping: impl Future<Output = redis::RedisResult<()>>) -> Pong {
     let started = Instant::now();
-    match tokio::time::timeout(PROBE_TIMEOUT, connection.ping()).await {
+    match tokio::time::timeout(PROBE_TIMEOUT, ping).await {
         Ok(Ok(())) => Pong::Answered(started.elapsed()),
-        Ok(Err(error)) if error.is_io_error() => Pong::Broken(error.to_string()),
+        Ok(Err(error))
+            if error.is_io_error()
+                || error.kind() == redis::ErrorKind::ClusterConnectionNotFound =>
+        {
+            Pong::Broken(error.to_string())
+        }
         Ok(Err(error)) => Pong::Refusing(error.to_string()),
         Err(_) => Pong::Silent,
     }
