@@ -799,6 +799,53 @@ async fn idempotent_retries_replay_the_first_answer(db: &Db) {
     assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY);
     let (status, _, _) = send("retry-2", json!({"name": "good"})).await;
     assert_eq!(status, StatusCode::CREATED);
+
+    // A key's creation retried shows the same key again, though the store keeps no readable
+    // copy of it: the remembered answer is sealed with the caller's token, which it does not
+    // hold.
+    let body = json!({"name": "Acme", "email": "a@acme.example", "plan_id": first["id"]});
+    let (status, customer, _) =
+        call(&app, "POST", "/v1/customers", Some(&db.admin), Some(body)).await;
+    assert_eq!(status, StatusCode::CREATED, "{customer}");
+    let keys_path = format!("/v1/customers/{}/keys", customer["id"].as_str().unwrap());
+    let create_key = |token: &str| {
+        Request::builder()
+            .method("POST")
+            .uri(&keys_path)
+            .header("authorization", format!("Bearer {token}"))
+            .header("idempotency-key", "key-retry-1")
+            .body(Body::from(json!({"name": "k"}).to_string()))
+            .unwrap()
+    };
+    let read = async |response: axum::response::Response| {
+        let replayed = response.headers().contains_key("idempotent-replayed");
+        let bytes = axum::body::to_bytes(response.into_body(), 1 << 20)
+            .await
+            .unwrap();
+        (replayed, serde_json::from_slice::<Value>(&bytes).unwrap())
+    };
+    let (replayed, first) = read(app.clone().oneshot(create_key(&db.admin)).await.unwrap()).await;
+    assert!(!replayed);
+    let key = first["key"].as_str().unwrap().to_owned();
+    assert!(key.starts_with("tg_"), "{first}");
+    let (replayed, again) = read(app.clone().oneshot(create_key(&db.admin)).await.unwrap()).await;
+    assert!(replayed);
+    assert_eq!(again, first, "the same key, shown again");
+    let sql = db.sql().await;
+    let stored: Vec<String> = sqlx::query("SELECT response FROM idempotency_keys")
+        .fetch_all(&sql)
+        .await
+        .unwrap()
+        .iter()
+        .map(|row| row.get("response"))
+        .collect();
+    assert_eq!(stored.len(), 3, "{stored:?}");
+    for response in &stored {
+        assert!(response.contains("\"sealed\""), "{response}");
+        assert!(!response.contains(&key), "the key is stored: {response}");
+        assert!(!response.contains(first["id"].as_str().unwrap()));
+    }
+    sql.close().await;
 }
 
 /// A token of role `gateway`, for the feed.

@@ -5,12 +5,19 @@
 //!
 //! Usage batches ([`NOT_REMEMBERED`]) pass through without it: their event ids already make a
 //! retry count nothing twice, and their bodies are larger than what is remembered.
+//!
+//! An answer may hold a secret shown once (a new key, a rotated key, a new admin token), and the
+//! store keeps only hashes of those. So the body is kept sealed (ChaCha20-Poly1305) with a key
+//! made from the caller's `Authorization` header and the `Idempotency-Key`, which the store does
+//! not hold (it keeps the header's SHA-256): only the caller's retry can open it, and a copy of
+//! the store holds no usable secret.
 
 use axum::body::{Body, to_bytes};
 use axum::extract::{Request, State};
 use axum::http::{HeaderValue, Method, StatusCode, header};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
+use ring::aead::{Aad, CHACHA20_POLY1305, LessSafeKey, NONCE_LEN, Nonce, UnboundKey};
 use serde_json::{Value, json};
 use sha2::{Digest, Sha256};
 use tollgate_model::FieldError;
@@ -49,12 +56,13 @@ pub async fn layer(State(state): State<AppState>, request: Request, next: Next) 
         }
     };
     // Keyed by the caller's token (hashed): keys of different admins never collide.
-    let actor = request
+    let authorization = request
         .headers()
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
-        .map(crate::secret::hash)
         .unwrap_or_default();
+    let actor = crate::secret::hash(authorization);
+    let seal_key = seal_key(authorization, &key);
     let path = request.uri().path().to_owned();
     let (parts, body) = request.into_parts();
     let Ok(body) = to_bytes(body, MAX_BODY).await else {
@@ -71,7 +79,7 @@ pub async fn layer(State(state): State<AppState>, request: Request, next: Next) 
     );
     match state.store.remembered(&actor, &key).await {
         Ok(Some(remembered)) if remembered.request_hash == request_hash => {
-            return replay(&remembered);
+            return replay(&remembered, &seal_key);
         }
         Ok(Some(_)) => {
             return ApiError::Invalid(vec![FieldError {
@@ -98,10 +106,13 @@ pub async fn layer(State(state): State<AppState>, request: Request, next: Next) 
             .and_then(|v| v.to_str().ok())
             .map(str::to_owned)
     };
+    let Some(sealed) = seal(&seal_key, &request_hash, &body) else {
+        return ApiError::Internal("cannot seal an idempotent answer".into()).into_response();
+    };
     let stored = json!({
         "content_type": header_text(header::CONTENT_TYPE),
         "location": header_text(header::LOCATION),
-        "body": String::from_utf8_lossy(&body),
+        "sealed": sealed,
     });
     let answer = Remembered {
         request_hash,
@@ -114,10 +125,20 @@ pub async fn layer(State(state): State<AppState>, request: Request, next: Next) 
     Response::from_parts(parts, Body::from(body))
 }
 
-fn replay(remembered: &Remembered) -> Response {
+fn replay(remembered: &Remembered, seal_key: &LessSafeKey) -> Response {
     let stored: Value = serde_json::from_str(&remembered.response).unwrap_or(Value::Null);
     let status = StatusCode::from_u16(remembered.status).unwrap_or(StatusCode::OK);
-    let body = stored["body"].as_str().unwrap_or("").to_owned();
+    let body = match stored["sealed"].as_str() {
+        Some(sealed) => match open(seal_key, &remembered.request_hash, sealed) {
+            Some(body) => body,
+            None => {
+                return ApiError::Internal("a remembered answer cannot be opened".into())
+                    .into_response();
+            }
+        },
+        // Kept by an earlier version, unsealed.
+        None => stored["body"].as_str().unwrap_or("").as_bytes().to_vec(),
+    };
     let mut response = (status, body).into_response();
     let headers = response.headers_mut();
     for (name, field) in [
@@ -133,4 +154,71 @@ fn replay(remembered: &Remembered) -> Response {
     }
     headers.insert(REPLAYED, HeaderValue::from_static("true"));
     response
+}
+
+/// The key an answer to `authorization` under `idempotency_key` is sealed with.
+fn seal_key(authorization: &str, idempotency_key: &str) -> LessSafeKey {
+    let digest = Sha256::new()
+        .chain_update(b"tollgate idempotent answer v1\0")
+        .chain_update(authorization)
+        .chain_update(b"\0")
+        .chain_update(idempotency_key)
+        .finalize();
+    let key = UnboundKey::new(&CHACHA20_POLY1305, &digest)
+        .unwrap_or_else(|_| unreachable!("a SHA-256 is a ChaCha20 key's 32 bytes"));
+    LessSafeKey::new(key)
+}
+
+/// `body` sealed under `key` for the request `request_hash`: a random nonce, then the
+/// ciphertext and its tag, in hex. `None` only for a body beyond the cipher's limit (256 GiB).
+fn seal(key: &LessSafeKey, request_hash: &str, body: &[u8]) -> Option<String> {
+    let mut nonce = [0u8; NONCE_LEN];
+    rand::fill(&mut nonce);
+    let mut sealed = body.to_vec();
+    key.seal_in_place_append_tag(
+        Nonce::assume_unique_for_key(nonce),
+        Aad::from(request_hash.as_bytes()),
+        &mut sealed,
+    )
+    .ok()?;
+    Some(hex::encode([&nonce[..], &sealed].concat()))
+}
+
+/// What [`seal`] sealed, when `key` and `request_hash` are the ones it was sealed with.
+fn open(key: &LessSafeKey, request_hash: &str, sealed: &str) -> Option<Vec<u8>> {
+    let sealed = hex::decode(sealed).ok()?;
+    let (nonce, ciphertext) = sealed.split_at_checked(NONCE_LEN)?;
+    let nonce = Nonce::try_assume_unique_for_key(nonce).ok()?;
+    let mut ciphertext = ciphertext.to_vec();
+    let body = key
+        .open_in_place(nonce, Aad::from(request_hash.as_bytes()), &mut ciphertext)
+        .ok()?;
+    Some(body.to_vec())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_answer_opens_only_with_the_callers_header_key_and_request() {
+        let key = seal_key("Bearer tga_1", "retry-1");
+        let sealed = seal(&key, "hash-1", b"{\"key\":\"tg_secret\"}").unwrap();
+        assert!(!sealed.contains("tg_secret"));
+        assert_eq!(
+            open(&key, "hash-1", &sealed).as_deref(),
+            Some(&b"{\"key\":\"tg_secret\"}"[..])
+        );
+        assert_eq!(
+            open(&seal_key("Bearer tga_2", "retry-1"), "hash-1", &sealed),
+            None
+        );
+        assert_eq!(
+            open(&seal_key("Bearer tga_1", "retry-2"), "hash-1", &sealed),
+            None
+        );
+        assert_eq!(open(&key, "hash-2", &sealed), None);
+        assert_eq!(open(&key, "hash-1", "00"), None);
+        assert_eq!(open(&key, "hash-1", "not hex"), None);
+    }
 }
