@@ -27,21 +27,36 @@ use std::time::Duration;
 use secret::{PlainToken, Role, hash};
 use store::Store;
 
+/// The name of the admin token `TOLLGATE_ADMIN_TOKEN` sets.
+pub const BOOTSTRAP_TOKEN_NAME: &str = "bootstrap (TOLLGATE_ADMIN_TOKEN)";
+
 /// Makes sure the first admin can log in: the token from `TOLLGATE_ADMIN_TOKEN` is registered if
-/// given; otherwise a store without any admin token gets a new one, returned to be printed once.
+/// given, in place of the one an earlier value of it set, unless it was deleted through the API
+/// (a deleted token stays deleted); otherwise a store without any admin token gets a new one,
+/// returned to be printed once.
 pub async fn ensure_first_admin(
     store: &Store,
     configured: Option<&str>,
 ) -> anyhow::Result<Option<PlainToken>> {
     if let Some(token) = configured {
-        if store.admin_token_by_hash(&hash(token)).await?.is_none() {
-            store
-                .create_admin_token(
-                    "bootstrap (TOLLGATE_ADMIN_TOKEN)",
-                    Role::Admin,
-                    &hash(token),
-                )
-                .await?;
+        let hash = hash(token);
+        if store.admin_token_by_hash(&hash).await?.is_some() {
+            return Ok(None);
+        }
+        if store.admin_token_was_deleted(&hash).await? {
+            tracing::warn!(
+                "TOLLGATE_ADMIN_TOKEN is a token deleted through the admin API; it stays deleted \
+                 (set a new one, or use another admin token)"
+            );
+            return Ok(None);
+        }
+        let (_, replaced) = store
+            .replace_admin_token(BOOTSTRAP_TOKEN_NAME, Role::Admin, &hash)
+            .await?;
+        if replaced > 0 {
+            tracing::info!(
+                "TOLLGATE_ADMIN_TOKEN changed: the token its earlier value set no longer works"
+            );
         }
         return Ok(None);
     }

@@ -848,6 +848,62 @@ async fn idempotent_retries_replay_the_first_answer(db: &Db) {
     sql.close().await;
 }
 
+/// `TOLLGATE_ADMIN_TOKEN` registers its token at each start, in place of the one an earlier value
+/// set; a token deleted through the API stays deleted though the variable still names it (before,
+/// the next start registered it again).
+async fn the_environment_s_admin_token_is_replaced_by_a_new_value_and_stays_deleted(db: &Db) {
+    let app = db.app();
+    let can_read = async |token: &str| {
+        let (status, _, _) = call(&app, "GET", "/v1/plans", Some(token), None).await;
+        status == StatusCode::OK
+    };
+    let first = format!("first-{}", "a".repeat(40));
+    let second = format!("second-{}", "b".repeat(40));
+    let start = async |token: &str| {
+        tollgate_control_plane::ensure_first_admin(&db.store, Some(token))
+            .await
+            .unwrap()
+    };
+    assert!(start(&first).await.is_none(), "nothing generated");
+    assert!(can_read(&first).await);
+    // Registered once, however many starts.
+    assert!(start(&first).await.is_none());
+    let bootstrap = async || {
+        let (_, page, _) = call(&app, "GET", "/v1/admin-tokens", Some(&db.admin), None).await;
+        page["data"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|t| t["name"] == tollgate_control_plane::BOOTSTRAP_TOKEN_NAME)
+            .map(|t| t["id"].as_str().unwrap().to_owned())
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(bootstrap().await.len(), 1);
+
+    start(&second).await;
+    assert!(can_read(&second).await);
+    assert!(!can_read(&first).await, "the earlier value's token is replaced");
+    let ids = bootstrap().await;
+    assert_eq!(ids.len(), 1);
+
+    let (status, _, _) = call(
+        &app,
+        "DELETE",
+        &format!("/v1/admin-tokens/{}", ids[0]),
+        Some(&db.admin),
+        None,
+    )
+    .await;
+    assert_eq!(status, StatusCode::NO_CONTENT);
+    assert!(!can_read(&second).await);
+    start(&second).await;
+    assert!(!can_read(&second).await, "a deleted token stays deleted");
+    assert!(bootstrap().await.is_empty());
+    // A new value is registered.
+    start(&first).await;
+    assert!(can_read(&first).await);
+}
+
 /// A token of role `gateway`, for the feed.
 async fn gateway_token(db: &Db) -> String {
     let token = PlainToken::generate().expose().to_owned();
@@ -1775,6 +1831,7 @@ on_both_backends!(
     admin_tokens_are_shown_once_and_audited,
     keys_are_shown_once_stored_hashed_revoked_and_rotated,
     idempotent_retries_replay_the_first_answer,
+    the_environment_s_admin_token_is_replaced_by_a_new_value_and_stays_deleted,
     gateways_get_a_snapshot_then_every_change_once_in_order,
     the_snapshot_streams_as_gzip_or_json_and_follows_each_change,
     a_snapshot_is_rebuilt_when_the_store_is_restored_to_another_history_of_its_version,

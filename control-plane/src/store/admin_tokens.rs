@@ -66,22 +66,24 @@ impl Store {
     }
 
     /// Replaces every token named `name` with `role` by one with this hash (at start-up, with no
-    /// one to audit): for the token a gateway gives its own embedded control plane.
+    /// one to audit): for the token a gateway gives its own embedded control plane, and the one
+    /// `TOLLGATE_ADMIN_TOKEN` sets. The new token, and how many it replaced.
     pub async fn replace_admin_token(
         &self,
         name: &str,
         role: Role,
         hash: &str,
-    ) -> Result<AdminToken, StoreError> {
+    ) -> Result<(AdminToken, u64), StoreError> {
         let mut tx = self.pool().begin().await?;
-        sqlx::query("DELETE FROM admin_tokens WHERE name = $1 AND role = $2")
+        let replaced = sqlx::query("DELETE FROM admin_tokens WHERE name = $1 AND role = $2")
             .bind(name)
             .bind(role.as_str())
             .execute(&mut *tx)
-            .await?;
+            .await?
+            .rows_affected();
         let token = insert(&mut tx, name, role, hash).await?;
         tx.commit().await?;
-        Ok(token)
+        Ok((token, replaced))
     }
 
     /// Stores a token by its hash, on behalf of `actor`.
@@ -150,6 +152,15 @@ impl Store {
                 return Err(DeleteTokenError::LastAdmin);
             }
         }
+        // Remembered, so that `TOLLGATE_ADMIN_TOKEN` still set to it does not bring it back.
+        sqlx::query(
+            "INSERT INTO deleted_admin_tokens (hash, deleted_at) \
+             SELECT hash, $2 FROM admin_tokens WHERE id = $1 ON CONFLICT (hash) DO NOTHING",
+        )
+        .bind(id)
+        .bind(now_ms())
+        .execute(&mut *tx)
+        .await?;
         sqlx::query("DELETE FROM admin_tokens WHERE id = $1")
             .bind(id)
             .execute(&mut *tx)
@@ -179,6 +190,15 @@ impl Store {
                 .fetch_optional(self.pool())
                 .await?;
         row.as_ref().map(decode).transpose()
+    }
+
+    /// Whether a token whose hash is `hash` was deleted through the API.
+    pub async fn admin_token_was_deleted(&self, hash: &str) -> Result<bool, StoreError> {
+        let row = sqlx::query("SELECT hash FROM deleted_admin_tokens WHERE hash = $1")
+            .bind(hash)
+            .fetch_optional(self.pool())
+            .await?;
+        Ok(row.is_some())
     }
 
     /// How many admin tokens exist.
