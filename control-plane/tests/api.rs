@@ -882,7 +882,10 @@ async fn the_environment_s_admin_token_is_replaced_by_a_new_value_and_stays_dele
 
     start(&second).await;
     assert!(can_read(&second).await);
-    assert!(!can_read(&first).await, "the earlier value's token is replaced");
+    assert!(
+        !can_read(&first).await,
+        "the earlier value's token is replaced"
+    );
     let ids = bootstrap().await;
     assert_eq!(ids.len(), 1);
 
