@@ -8,10 +8,10 @@ use std::time::Duration;
 
 use rand::{Rng, SeedableRng};
 use tollgate_gateway::config::{Redis, RedisNodes};
-use tollgate_gateway::limits::local::{LocalCounters, UNKNOWN_GENERATION};
+use tollgate_gateway::limits::local::{LocalCounters, Taken, UNKNOWN_GENERATION};
 use tollgate_gateway::limits::period::Period;
 use tollgate_gateway::limits::quota::QuotaLimit;
-use tollgate_gateway::limits::redis::{Rebuild, RedisCounters, Sharing};
+use tollgate_gateway::limits::redis::{Known, Rebuild, RedisCounters, Sharing};
 use tollgate_gateway::limits::{Decision, Policy, Verdict};
 use tollgate_gateway::metrics::Metrics;
 use tollgate_model::plan::RateLimit;
@@ -412,6 +412,48 @@ async fn a_hard_quota_admits_exactly_its_limit_and_a_refund_gives_one_back_once(
     assert_eq!(hget(&key, "u").await, Some(2));
 }
 
+/// Units a gateway counted in process that Redis' count may not hold yet (`pending`) count
+/// against a hard quota as if they were in it, and are not added to it; a soft quota is not
+/// affected.
+#[tokio::test]
+async fn a_hard_quota_refuses_as_if_the_units_pending_in_process_were_counted() {
+    let prefix = format!("tollgate-test-{}", rand::random::<u64>());
+    let redis = counters_under(&prefix).await;
+    let quota = |hard| Policy {
+        rate_limits: &[],
+        quota: Some(QuotaLimit { limit: 5, hard }),
+    };
+    let customer = [8; 16];
+    let with_pending = |pending| Rebuild {
+        known: Known {
+            pending,
+            ..Known::default()
+        },
+        ledger: None,
+    };
+    let verdict = async |hard, pending, i| {
+        let decision = redis
+            .admit(
+                &customer,
+                &quota(hard),
+                PERIOD,
+                1,
+                PERIOD.start_ms + i,
+                with_pending(pending),
+            )
+            .await
+            .unwrap();
+        (decision.verdict, decision.used)
+    };
+    for i in 0..3 {
+        assert_eq!(verdict(true, 0, i).await, (Verdict::Admitted, i as u64 + 1));
+    }
+    // 3 in Redis and 2 pending: the quota of 5 is spent.
+    assert_eq!(verdict(true, 2, 3).await.0, Verdict::QuotaExceeded);
+    assert_eq!(verdict(true, 1, 4).await, (Verdict::Admitted, 4));
+    assert_eq!(verdict(false, 9, 5).await.0, Verdict::Admitted);
+}
+
 #[tokio::test]
 async fn units_counted_in_process_are_added_once_and_only_to_the_count_they_belong_in() {
     use tollgate_gateway::limits::{Counted, Reservation};
@@ -476,9 +518,21 @@ async fn units_counted_in_process_are_added_once_and_only_to_the_count_they_belo
     local.note_unshared(&customer, &fallback);
     let batch = local.take_unshared(&customer).remove(0);
     let added = Ok(Sharing::Added);
-    assert_eq!(redis.share(&customer, &batch, &[], now + 2).await, added);
+    assert_eq!(
+        redis
+            .share(&customer, &batch, &[], now + 2)
+            .await
+            .map(|(sharing, _)| sharing),
+        added
+    );
     // Sent again (a call that timed out and ran after all): added once.
-    assert_eq!(redis.share(&customer, &batch, &[], now + 3).await, added);
+    assert_eq!(
+        redis
+            .share(&customer, &batch, &[], now + 3)
+            .await
+            .map(|(sharing, _)| sharing),
+        added
+    );
     let next = admit(now + 4).await.unwrap();
     assert_eq!(next.used, 2 + 7 + 1);
     // Redis loses the count; a new one is made and rebuilt from the ledger, which may hold units
@@ -487,7 +541,10 @@ async fn units_counted_in_process_are_added_once_and_only_to_the_count_they_belo
     let stale = local.take_unshared(&customer).remove(0);
     raw(&["DEL", &quota_key]).await;
     assert_eq!(
-        redis.share(&customer, &stale, &[], now + 5).await,
+        redis
+            .share(&customer, &stale, &[], now + 5)
+            .await
+            .map(|(sharing, _)| sharing),
         Ok(Sharing::Refused)
     );
     let rebuilt = admit(now + 6).await.unwrap();
@@ -496,7 +553,10 @@ async fn units_counted_in_process_are_added_once_and_only_to_the_count_they_belo
     // A batch begun before the count was made again is refused by it: its events are the
     // ledger's.
     assert_eq!(
-        redis.share(&customer, &stale, &[], now + 7).await,
+        redis
+            .share(&customer, &stale, &[], now + 7)
+            .await
+            .map(|(sharing, _)| sharing),
         Ok(Sharing::Refused)
     );
     assert_eq!(admit(now + 8).await.unwrap().used, 2);
@@ -511,7 +571,10 @@ async fn units_counted_in_process_are_added_once_and_only_to_the_count_they_belo
     assert_eq!(Some(late.generation), first.generation);
     for at in [now + 8, now + 9] {
         assert_eq!(
-            redis.share(&customer, &late, &[], at).await,
+            redis
+                .share(&customer, &late, &[], at)
+                .await
+                .map(|(sharing, _)| sharing),
             Ok(Sharing::AddedToLater)
         );
     }
@@ -522,7 +585,13 @@ async fn units_counted_in_process_are_added_once_and_only_to_the_count_they_belo
     local.follow(&customer, &legacy);
     local.note_unshared(&customer, &fallback);
     let batch = local.take_unshared(&customer).remove(0);
-    assert_eq!(redis.share(&customer, &batch, &[], now + 10).await, added);
+    assert_eq!(
+        redis
+            .share(&customer, &batch, &[], now + 10)
+            .await
+            .map(|(sharing, _)| sharing),
+        added
+    );
     assert_eq!(admit(now + 11).await.unwrap().used, 3 + 7 + 7 + 1);
     // A process that knows no count of the period (started while Redis was away) batches for
     // an unknown generation: added, once, to a count made before the batch's first unit, and
@@ -537,9 +606,19 @@ async fn units_counted_in_process_are_added_once_and_only_to_the_count_they_belo
         let batch = unknowing.take_unshared(&customer).remove(0);
         assert_eq!(batch.generation, UNKNOWN_GENERATION);
         for at in [now + 13, now + 14] {
-            assert_eq!(redis.share(&customer, &batch, &[], at).await, shared);
+            assert_eq!(
+                redis
+                    .share(&customer, &batch, &[], at)
+                    .await
+                    .map(|(sharing, _)| sharing),
+                shared
+            );
         }
-        unknowing.settle_unshared(&customer, &batch, shared == Ok(Sharing::AddedToLater));
+        let taken = (shared == Ok(Sharing::AddedToLater)).then_some(Taken {
+            at_ms: now + 14,
+            version: 1,
+        });
+        unknowing.settle_unshared(&customer, &batch, taken);
     }
     assert_eq!(admit(now + 15).await.unwrap().used, 3 + 7 + 7 + 1 + 7 + 1);
 }
@@ -854,8 +933,8 @@ async fn a_plan_without_limits_counts_in_batches_that_reach_redis_once_and_keep_
     assert_eq!(over.verdict, Verdict::QuotaExceeded);
     assert_eq!(used_in_redis().await, 13);
     // Three batches were added; each call deleted the mark the one before had left, so the
-    // count holds its eight fields and the last mark.
-    assert_eq!(fields_in_redis().await, 9);
+    // count holds its eight fields, its version (`v`), and the last mark.
+    assert_eq!(fields_in_redis().await, 10);
 
     // Back without limits. Redis then loses the count: the batch counted for the old one is not
     // added to the new one, and the next request asks Redis again rather than batching for a
@@ -891,7 +970,6 @@ async fn a_plan_without_limits_counts_in_batches_that_reach_redis_once_and_keep_
 async fn a_count_redis_makes_again_takes_the_ledgers_earlier_events_once_and_what_it_counted_since()
 {
     use tollgate_gateway::limits::Reservation;
-    use tollgate_gateway::limits::redis::Known;
     use tollgate_gateway::metering::ledger::Ledger;
 
     let (_dir, ledger) = sqlite_ledger().await;
@@ -963,6 +1041,7 @@ async fn a_count_redis_makes_again_takes_the_ledgers_earlier_events_once_and_wha
         used: 500,
         overage: 0,
         generation: None,
+        pending: 0,
     };
     let same = redis
         .admit(&customer, &policy, PERIOD, 1, made + 1, rebuild(unknown))
@@ -1007,6 +1086,7 @@ async fn a_count_redis_makes_again_takes_the_ledgers_earlier_events_once_and_wha
         used: 40,
         overage: 0,
         generation: Some(first.generation.unwrap() + 1),
+        pending: 0,
     };
     let raised = redis
         .admit(&customer, &policy, PERIOD, 1, made + 10_003, rebuild(lost))

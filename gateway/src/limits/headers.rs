@@ -198,6 +198,7 @@ mod tests {
             counted: crate::limits::Counted::Local,
             generation: None,
             counted_in: None,
+            count_version: None,
         }
     }
 

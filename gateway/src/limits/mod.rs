@@ -192,9 +192,19 @@ impl Limiter {
                 .admit(customer, &policy, period, units, now, rebuild)
                 .await
             {
-                Ok(shared) => {
+                Ok(mut shared) => {
                     // Remembered, so counting in process after a failure starts from here.
-                    self.local.follow(customer, &shared);
+                    let used = self.local.follow(customer, &shared);
+                    // Redis decided on the units this process had counted without it when the
+                    // call left; those counted while it was on its way (other requests' calls
+                    // failed meanwhile) may leave no room for it. Refused then: its unit, counted
+                    // in Redis, is given back as the request settles (nothing was metered).
+                    if shared.verdict == Verdict::Admitted
+                        && policy.quota.is_some_and(|q| q.hard && used > q.limit)
+                    {
+                        shared.verdict = Verdict::QuotaExceeded;
+                        shared.used = used;
+                    }
                     decision = Some(shared);
                 }
                 Err(failure) => {
@@ -209,7 +219,7 @@ impl Limiter {
                         period,
                         units,
                         now,
-                        failure.may_have_run(),
+                        failure.may_have_run().then(|| self.clock.now_ms()),
                     );
                     decision = Some(local);
                 }

@@ -4,7 +4,7 @@
 use futures_util::StreamExt;
 
 use super::Limiter;
-use super::local::Unshared;
+use super::local::{Taken, Unshared};
 use super::metrics::FallbackUnits;
 use super::redis::{RedisCounters, Sharing};
 use crate::identity::index::Id;
@@ -30,28 +30,35 @@ impl Limiter {
         while let Some(batch) = batches.next() {
             // Marks of batches this count took before go with this call.
             let forget = self.local.take_answered(customer, batch.period);
-            match redis.share(customer, &batch, &forget, now).await {
-                Ok(Sharing::Added) => {
+            let shared = redis.share(customer, &batch, &forget, now).await;
+            let taken = |version| {
+                Some(Taken {
+                    at_ms: self.clock.now_ms(),
+                    version,
+                })
+            };
+            match shared {
+                Ok((Sharing::Added, version)) => {
                     self.metrics
                         .fallback_units(batch.units, FallbackUnits::Shared);
-                    let refunds = self.local.settle_unshared(customer, &batch, true);
+                    let refunds = self.local.settle_unshared(customer, &batch, taken(version));
                     self.give_back_held_for(redis, customer, &refunds).await;
                 }
-                Ok(Sharing::AddedToLater) => {
+                Ok((Sharing::AddedToLater, version)) => {
                     self.metrics
                         .fallback_units(batch.units, FallbackUnits::Shared);
-                    let refunds = self.local.settle_unshared(customer, &batch, true);
+                    let refunds = self.local.settle_unshared(customer, &batch, taken(version));
                     self.give_back_held_for(redis, customer, &refunds).await;
                     // Redis counts in another generation now: ask it before batching again.
                     self.local
                         .forget_generation(customer, batch.period, batch.generation);
                 }
-                Ok(Sharing::Refused) => {
+                Ok((Sharing::Refused, _)) => {
                     // The marks of `forget` were deleted all the same.
                     self.metrics
                         .fallback_units(batch.units, FallbackUnits::Ledger);
                     // Refunds of its units held meanwhile are nobody's: it never counted.
-                    self.local.settle_unshared(customer, &batch, false);
+                    self.local.settle_unshared(customer, &batch, None);
                     // Redis counts in another generation now: ask it before batching again.
                     self.local
                         .forget_generation(customer, batch.period, batch.generation);

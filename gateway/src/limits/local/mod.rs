@@ -22,7 +22,7 @@ use crate::identity::index::{Id, Map};
 mod unshared;
 
 use unshared::Fallback;
-pub use unshared::{FORGET_PER_CALL, UNKNOWN_GENERATION, Unshared};
+pub use unshared::{FORGET_PER_CALL, Taken, UNKNOWN_GENERATION, Unshared};
 
 /// Shards of the customer map.
 pub const SHARDS: usize = 64;
@@ -36,8 +36,10 @@ struct Counts {
     /// The generation of the customer's quota count in Redis, seeded, when last counted there.
     generation: Option<(Period, i64)>,
     /// The generation of the count in Redis that `quota` follows (seeded or not): kept when
-    /// `generation` is forgotten, so that a count Redis makes again learns this process's.
-    followed: Option<(Period, i64)>,
+    /// `generation` is forgotten, so that a count Redis makes again learns this process's; and
+    /// the newest version of it followed, so that an older answer (their calls overtake one
+    /// another) does not take the count back.
+    followed: Option<(Period, i64, i64)>,
     /// Units counted in process for Redis (while it failed, or for a plan without limits), and
     /// what is left to settle of them, and the marks of answered calls to delete; absent (one
     /// word) for the customers that never had any.
@@ -221,14 +223,17 @@ impl LocalCounters {
         }
     }
 
-    /// Sets a customer's count in `period` to what the shared counters said, so that counting in
-    /// process after Redis fails goes on from there rather than from nothing; and the generation
-    /// of that count, when it was rebuilt from the ledger, which units counted here later are
-    /// added to.
+    /// Sets a customer's count in `period` to what the shared counters said, plus the units
+    /// counted here that Redis may not hold yet (batches not added to it, units whose call may
+    /// still run there), so that counting in process after Redis fails goes on from there rather
+    /// than from nothing; and the generation of that count, when it was rebuilt from the
+    /// ledger, which units counted here later are added to.
     /// `counted_in` is the generation of the count Redis said `used` of, seeded or not.
     /// The customer's windows are raised to what Redis counts in them, for the same reason: so
     /// that a window Redis had filled is not empty here.
-    pub fn follow(&self, customer: &Id, shared: &Decision) {
+    /// Returns the customer's count after it (units used in the period, this process's pending
+    /// ones included).
+    pub fn follow(&self, customer: &Id, shared: &Decision) -> u64 {
         let Decision {
             period,
             used,
@@ -256,7 +261,23 @@ impl LocalCounters {
             }
         }
         counts.quota.roll(period);
-        counts.quota.used = used;
+        let version = shared.count_version.unwrap_or(0);
+        let older = counted_in.is_some_and(|counted_in| {
+            counts
+                .followed
+                .is_some_and(|(p, g, newest)| p == period && g == counted_in && version < newest)
+        });
+        if older {
+            // A newer answer set the count already, this call's units in it.
+            return counts.quota.used;
+        }
+        // Plus what this process counted that Redis may not hold yet: set to Redis' count alone,
+        // a slow Redis answering some calls in time while others time out would take the units
+        // counted here meanwhile out of the count that decides the next ones in process.
+        let beyond = counts.fallback.as_mut().map_or(0, |fallback| {
+            fallback.beyond_answer(period, version, now_ms)
+        });
+        counts.quota.used = used.saturating_add(beyond);
         counts.quota.seeded = true;
         counts.quota.ledger = None;
         counts.quota.since_seed = (0, 0);
@@ -264,8 +285,9 @@ impl LocalCounters {
             counts.generation = Some((period, generation));
         }
         if let Some(counted_in) = counted_in {
-            counts.followed = Some((period, counted_in));
+            counts.followed = Some((period, counted_in, version));
         }
+        counts.quota.used
     }
 
     /// Forgets what no longer counts, so that memory follows the customers counting now rather
@@ -309,28 +331,32 @@ impl LocalCounters {
     ///
     /// [`Sharing::AddedToLater`]: super::redis::Sharing::AddedToLater
     pub fn known(&self, customer: &Id, period: Period) -> super::redis::Known {
-        self.shard(customer)
+        let shard = self.shard(customer);
+        let Some(counts) = shard
             .get(customer)
             .filter(|counts| counts.quota.period == period)
-            .map_or_else(Default::default, |counts| {
-                let (units, overage) = counts.fallback.as_ref().map_or((0, 0), |fallback| {
-                    fallback
-                        .unshared
-                        .iter()
-                        .chain(&fallback.in_flight)
-                        .filter(|u| u.period == period)
-                        .fold((0, 0), |(units, overage), u| {
-                            (units + u.units, overage + u.overage)
-                        })
-                });
-                super::redis::Known {
-                    used: counts.quota.used.saturating_sub(units),
-                    overage: counts.quota.overage.saturating_sub(overage),
-                    generation: counts
-                        .followed
-                        .and_then(|(known, generation)| (known == period).then_some(generation)),
-                }
-            })
+        else {
+            return Default::default();
+        };
+        let (units, overage) = counts.fallback.as_ref().map_or((0, 0), |fallback| {
+            fallback
+                .unshared
+                .iter()
+                .chain(&fallback.in_flight)
+                .filter(|u| u.period == period)
+                .fold((0, 0), |(units, overage), u| {
+                    (units + u.units, overage + u.overage)
+                })
+        });
+        super::redis::Known {
+            used: counts.quota.used.saturating_sub(units),
+            overage: counts.quota.overage.saturating_sub(overage),
+            generation: counts
+                .followed
+                .and_then(|(known, generation, _)| (known == period).then_some(generation)),
+            // Batches not added to it yet: a hard quota refuses as if they were.
+            pending: units,
+        }
     }
 
     /// A customer's units used in `period` so far.
@@ -400,6 +426,7 @@ fn decide(
         counted: Counted::Local,
         generation: None,
         counted_in: None,
+        count_version: None,
     }
 }
 

@@ -5,6 +5,12 @@ use tollgate_model::plan::RateLimit;
 use super::*;
 use crate::limits::quota::QuotaLimit;
 
+/// Redis took a batch (when, and at which version of its count, does not matter here).
+const TAKEN: Option<Taken> = Some(Taken {
+    at_ms: 0,
+    version: 1,
+});
+
 const PERIOD: Period = Period {
     start_ms: 0,
     end_ms: 1_000_000_000,
@@ -37,6 +43,7 @@ fn told_with(
         counted: Counted::Redis,
         generation,
         counted_in,
+        count_version: None,
     }
 }
 
@@ -257,7 +264,7 @@ fn the_count_told_to_redis_names_the_generation_it_was_last_told_of_seeded_or_no
     counters.restore_unshared(&customer, batch, true);
     assert_eq!(counters.known(&customer, PERIOD).used, 4);
     let batch = counters.take_unshared(&customer).remove(0);
-    counters.settle_unshared(&customer, &batch, false);
+    counters.settle_unshared(&customer, &batch, None);
     assert_eq!(counters.known(&customer, PERIOD).used, 5);
     counters.forget_generation(&customer, PERIOD, 12);
     let known = counters.known(&customer, PERIOD);
@@ -344,7 +351,7 @@ fn a_unit_counted_in_fallback_is_batched_under_the_lock_it_is_counted_under() {
     let counters = LocalCounters::default();
     let customer = [5; 16];
     counters.follow(&customer, &told(5, Some(42), Some(42)));
-    let never_ran = counters.admit_fallback(&customer, &policy(&[], None), PERIOD, 1, 1_000, false);
+    let never_ran = counters.admit_fallback(&customer, &policy(&[], None), PERIOD, 1, 1_000, None);
     let reservation = never_ran.reservation.expect("admitted");
     assert_eq!(never_ran.counted, Counted::Fallback);
     let Some(FallbackUnit::Batch(token)) = reservation.fallback else {
@@ -354,7 +361,7 @@ fn a_unit_counted_in_fallback_is_batched_under_the_lock_it_is_counted_under() {
     assert_eq!(counters.known(&customer, PERIOD).used, 5);
 
     let may_have_run =
-        counters.admit_fallback(&customer, &policy(&[], None), PERIOD, 1, 1_000, true);
+        counters.admit_fallback(&customer, &policy(&[], None), PERIOD, 1, 1_000, Some(1_000));
     assert_eq!(
         may_have_run.reservation.expect("admitted").fallback,
         Some(FallbackUnit::MaybeInRedis)
@@ -368,6 +375,61 @@ fn a_unit_counted_in_fallback_is_batched_under_the_lock_it_is_counted_under() {
         (taken[0].token, taken[0].units, taken[0].generation),
         (token, 1, 42)
     );
+}
+
+/// What Redis says a customer used does not take out of this process's count the units it
+/// counted that Redis may not hold yet: before, a slow Redis answering some calls in time set the
+/// count back to its own, and the units counted here for calls that timed out meanwhile were
+/// admitted again (a hard quota of 1,000 admitted 1,483 of a burst of 1,500).
+#[test]
+fn redis_answering_keeps_the_units_counted_here_that_it_may_not_hold_yet() {
+    let counters = LocalCounters::default();
+    let customer = [4; 16];
+    let none = policy(&[], None);
+    counters.follow(&customer, &told(5, Some(42), Some(42)));
+    // Its call never ran: batched for Redis.
+    counters.admit_fallback(&customer, &none, PERIOD, 1, 1_000, None);
+    // Its call, sent by 1,050, timed out: it may still run there.
+    counters.admit_fallback(&customer, &none, PERIOD, 2, 1_000, Some(1_050));
+    assert_eq!(counters.used(&customer, PERIOD), (8, 0));
+    // Answers to calls sent at `sent_ms`, decided at the count's `version`.
+    let answered = |used, sent_ms, version| Decision {
+        count_version: Some(version),
+        ..told_with(used, Some(42), Some(42), Vec::new(), sent_ms)
+    };
+    // A call that left before the timed-out one: neither the batch nor those units are in it.
+    counters.follow(&customer, &answered(6, 1_020, 1));
+    assert_eq!(counters.used(&customer, PERIOD), (9, 0));
+    // On its way to Redis, the batch still counts.
+    let batch = counters.take_unshared(&customer);
+    assert_eq!(batch.len(), 1);
+    counters.follow(&customer, &answered(6, 1_040, 1));
+    assert_eq!(counters.used(&customer, PERIOD), (9, 0));
+    // Taken by Redis, its count at version 3 then: an answer decided at version 2 lacks it,
+    // one decided at 3 holds it.
+    let third = Taken {
+        at_ms: 1_045,
+        version: 3,
+    };
+    counters.settle_unshared(&customer, &batch[0], Some(third));
+    counters.follow(&customer, &answered(6, 1_045, 2));
+    assert_eq!(counters.used(&customer, PERIOD), (9, 0));
+    counters.follow(&customer, &answered(7, 1_046, 3));
+    assert_eq!(counters.used(&customer, PERIOD), (9, 0));
+    // A call sent after the timed-out one: Redis ran that one first (here, it counted it), or
+    // never will.
+    counters.follow(&customer, &answered(9, 1_100, 4));
+    assert_eq!(counters.used(&customer, PERIOD), (9, 0));
+    // An answer older than one followed already (their calls overtook one another) does not
+    // take the count back.
+    counters.follow(&customer, &answered(7, 1_047, 3));
+    assert_eq!(counters.used(&customer, PERIOD), (9, 0));
+    // Units whose call may still run count until an answer to a call sent after theirs.
+    counters.admit_fallback(&customer, &none, PERIOD, 1, 2_000, Some(2_000));
+    counters.follow(&customer, &answered(9, 1_990, 5));
+    assert_eq!(counters.used(&customer, PERIOD), (10, 0));
+    counters.follow(&customer, &answered(9, 2_001, 6));
+    assert_eq!(counters.used(&customer, PERIOD), (9, 0));
 }
 
 #[test]
@@ -395,7 +457,7 @@ fn units_counted_while_redis_failed_are_taken_once_each_for_their_own_period() {
     assert!(counters.take_unshared(&customer).is_empty());
     // Added to Redis since: a refund now belongs in Redis, and the batch's mark may go with
     // the next call to that period's count.
-    counters.settle_unshared(&customer, &taken[0], true);
+    counters.settle_unshared(&customer, &taken[0], TAKEN);
     assert!(!counters.refund_unshared(&customer, &fallback(1, 0, PERIOD), token));
     let next = Period {
         start_ms: PERIOD.end_ms,
@@ -410,12 +472,12 @@ fn units_counted_while_redis_failed_are_taken_once_each_for_their_own_period() {
     let first = counters.take_unshared(&customer).remove(0);
     counters.restore_unshared(&customer, first, true);
     let again = counters.take_unshared(&customer).remove(0);
-    counters.settle_unshared(&customer, &again, true);
+    counters.settle_unshared(&customer, &again, TAKEN);
     assert!(counters.take_answered(&customer, PERIOD).is_empty());
     // Refused by Redis (its count was rebuilt from the ledger): a refund goes nowhere.
     let refused = counters.note_unshared(&customer, &fallback(4, 0, PERIOD));
     let batch = counters.take_unshared(&customer).remove(0);
-    counters.settle_unshared(&customer, &batch, false);
+    counters.settle_unshared(&customer, &batch, None);
     assert!(counters.refund_unshared(&customer, &fallback(1, 0, PERIOD), refused));
     // Units of a period that has ended are kept while Redis keeps its count, and taken for
     // it; a sweep past that drops them.
@@ -445,7 +507,7 @@ fn refunds_go_where_their_units_went() {
     let refused = counters.note_unshared(&customer, &fallback(1, 0, PERIOD));
     let batch = counters.take_unshared(&customer).remove(0);
     // Redis did not take that batch (its count is newer): a refund of its unit is nobody's.
-    counters.settle_unshared(&customer, &batch, false);
+    counters.settle_unshared(&customer, &batch, None);
     assert!(counters.refund_unshared(&customer, &fallback(1, 0, PERIOD), refused));
     // A batch sent without an answer: the refund is Redis'.
     let sent = counters.note_unshared(&customer, &fallback(1, 0, PERIOD));
@@ -460,7 +522,8 @@ fn refunds_go_where_their_units_went() {
         let token = counters.note_unshared(&customer, &fallback(2, 0, PERIOD));
         let batch = counters.take_unshared(&customer).remove(0);
         assert!(counters.refund_unshared(&customer, &fallback(1, 0, PERIOD), token));
-        let refunds = counters.settle_unshared(&customer, &batch, shared);
+        let refunds =
+            counters.settle_unshared(&customer, &batch, if shared { TAKEN } else { None });
         let expected = if shared {
             vec![fallback(1, 0, PERIOD)]
         } else {

@@ -24,6 +24,14 @@ pub(super) struct Fallback {
     /// refund of one of their units is nobody's to give. Those it took are Redis' to refund,
     /// as are units of batches not found here.
     pub(super) refused: Vec<u128>,
+    /// Units counted here whose call may still run in Redis (it timed out or broke): when the
+    /// call had been sent by (its failure), period, units; one entry per 100 ms, at most
+    /// [`MAYBE_KEPT`]. An answer to a call sent later holds them if they ran, since Redis runs
+    /// a connection's calls in order: they are kept until then.
+    pub(super) maybe: Vec<(i64, Period, u64)>,
+    /// Batches Redis took within the longest call timeout (1 s): kept until, period, units, and
+    /// the count's version once it held it. An answer decided at a lower version lacks it.
+    pub(super) landed: Vec<(i64, Period, u64, i64)>,
     /// Batches and refunds Redis took on their first and only call, by period: the marks their
     /// calls left in the count (so that a call made again adds or gives back nothing) are no
     /// longer needed, and the customer's next call to that count deletes them. One sent more
@@ -33,6 +41,53 @@ pub(super) struct Fallback {
 }
 
 impl Fallback {
+    /// Units counted here in `period` that an answer of Redis may not hold, for a call sent at
+    /// `sent_ms` and decided at the count's `version`: batches not added to it yet or on their
+    /// way, batches it took at a later version, and units whose call may still run there, sent
+    /// after the answered one. Batches taken more than [`LANDED_KEPT_MS`] ago, and units whose
+    /// call was sent before the answered one (Redis ran it first, or never will), are forgotten.
+    pub(super) fn beyond_answer(&mut self, period: Period, version: i64, sent_ms: i64) -> u64 {
+        self.maybe.retain(|&(maybe_ms, _, _)| maybe_ms >= sent_ms);
+        self.landed
+            .retain(|&(until_ms, _, _, _)| until_ms > sent_ms);
+        let batched: u64 = self
+            .unshared
+            .iter()
+            .chain(&self.in_flight)
+            .filter(|u| u.period == period)
+            .map(|u| u.units)
+            .sum();
+        let maybe: u64 = self
+            .maybe
+            .iter()
+            .filter(|&&(_, p, _)| p == period)
+            .map(|&(_, _, units)| units)
+            .sum();
+        let landed: u64 = self
+            .landed
+            .iter()
+            .filter(|&&(_, p, _, with)| p == period && with > version)
+            .map(|&(_, _, units, _)| units)
+            .sum();
+        batched + maybe + landed
+    }
+
+    /// Notes `units` counted here in `period` whose call, sent by `sent_ms`, may still run in
+    /// Redis.
+    fn note_maybe(&mut self, sent_ms: i64, period: Period, units: u64) {
+        let full = self.maybe.len() >= MAYBE_KEPT;
+        match self.maybe.last_mut() {
+            Some((last_ms, last_period, last_units))
+                if *last_period == period && (full || (sent_ms - *last_ms).abs() < 100) =>
+            {
+                // The later time: resolved only by an answer to a call sent after both.
+                *last_ms = (*last_ms).max(sent_ms);
+                *last_units += units;
+            }
+            _ => self.maybe.push((sent_ms, period, units)),
+        }
+    }
+
     fn note_answered(&mut self, period: Period, token: u128) {
         if self.answered.len() == ANSWERED_KEPT {
             self.answered.remove(0);
@@ -65,6 +120,23 @@ pub struct Unshared {
     pub(super) sealed: bool,
 }
 
+/// Entries of units whose call may still run in Redis kept per customer; past this many, units
+/// join the newest entry.
+const MAYBE_KEPT: usize = 64;
+/// How long a batch Redis took is taken to be possibly missing from answers: the longest call
+/// timeout.
+const LANDED_KEPT_MS: i64 = 1_000;
+
+/// When Redis took a batch, and the version of its count with it ([`Decision::count_version`]).
+///
+/// [`Decision::count_version`]: crate::limits::Decision::count_version
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Taken {
+    /// When the answer came, Unix ms.
+    pub at_ms: i64,
+    /// The count's version once it held the batch.
+    pub version: i64,
+}
 /// Batches Redis refused remembered per customer, for refunds of their units.
 const REFUSED_KEPT: usize = 16;
 /// Marks of batches Redis took remembered per customer for deletion; past this many (the
@@ -105,11 +177,13 @@ impl LocalCounters {
         self.add_unshared(counts, customer, reservation, generation)
     }
 
-    /// [`admit`](Self::admit) for a request Redis could not decide (`failure`), counted here:
-    /// when admitted, its unit joins the customer's batch for Redis under
-    /// the same lock as its count, so that no call reading what this process holds beyond
-    /// Redis' count ([`known`](Self::known)) sees the unit counted and not batched, and puts it
-    /// in Redis a second time. A unit whose call may have run in Redis is not batched.
+    /// [`admit`](Self::admit) for a request Redis could not decide, counted here: when
+    /// admitted, its unit joins the customer's batch for Redis under the same lock as its
+    /// count, so that no call reading what this process holds beyond Redis' count
+    /// ([`known`](Self::known)) sees the unit counted and not batched, and puts it in Redis a
+    /// second time. A unit whose call may have run in Redis (`maybe_sent_by`: the call timed out
+    /// or broke, sent by then) is not batched; it counts beyond what Redis says until Redis
+    /// answers a call sent later.
     pub fn admit_fallback(
         &self,
         customer: &Id,
@@ -117,7 +191,7 @@ impl LocalCounters {
         period: Period,
         units: u64,
         now_ms: i64,
-        may_have_run: bool,
+        maybe_sent_by: Option<i64>,
     ) -> Decision {
         let mut shard = self.shard(customer);
         let counts = counts(&mut shard, customer, period);
@@ -125,7 +199,10 @@ impl LocalCounters {
         decision.counted = Counted::Fallback;
         if let Some(reservation) = &mut decision.reservation {
             reservation.counted = Counted::Fallback;
-            let unit = if may_have_run {
+            let unit = if let Some(sent_ms) = maybe_sent_by {
+                counts
+                    .fallback()
+                    .note_maybe(sent_ms, period, reservation.units);
                 FallbackUnit::MaybeInRedis
             } else {
                 FallbackUnit::Batch(self.batch_unshared(counts, customer, reservation))
@@ -210,8 +287,9 @@ impl LocalCounters {
         &self,
         customer: &Id,
         batch: &Unshared,
-        shared: bool,
+        taken: Option<Taken>,
     ) -> Vec<Reservation> {
+        let shared = taken.is_some();
         let mut shard = self.shard(customer);
         let Some(counts) = shard.get_mut(customer) else {
             return Vec::new();
@@ -229,8 +307,16 @@ impl LocalCounters {
             }
             fallback.refused.push(batch.token);
             refunds.clear();
-        } else if !batch.sealed {
-            fallback.note_answered(batch.period, batch.token);
+        } else if let Some(Taken { at_ms, version }) = taken {
+            fallback.landed.push((
+                at_ms.saturating_add(LANDED_KEPT_MS),
+                batch.period,
+                batch.units,
+                version,
+            ));
+            if !batch.sealed {
+                fallback.note_answered(batch.period, batch.token);
+            }
         }
         refunds
     }

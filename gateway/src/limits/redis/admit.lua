@@ -8,7 +8,9 @@
 --   (u: units used, o: overage, p and q: of them, those from before the hash was made (what
 --   it was seeded and raised to, and calls decided before a), which a ledger read of the events
 --   before a may hold; s: 1 once seeded from the ledger, c: when the seed was claimed, a: when
---   the hash was made, n: its generation, the token of the call that created it; a hash made
+--   the hash was made, n: its generation, the token of the call that created it, v: its
+--   version, raised by every call that raises u (an admission, a rebuild's raise, a batch the
+--   share script adds), so that a gateway tells an older answer from a newer; a hash made
 --   before p, q and a existed has none of them; f: 1 once a seed failed (the ledger could not
 --   be read), until one succeeds);
 --   KEYS[n+2]: the period the customer was last counted in ("start end", ms). A customer whose
@@ -22,15 +24,16 @@
 --   caller's own count of the period (units, overage; what Redis last told it and what it
 --   counted since) and the generation of the hash it last counted in (-2: none known), then
 --   how long a claim to seed holds (ms), how long after a claim whose seed failed the next
---   one is made (ms), whether this call waits for another caller's seed (1/0), and the
---   period's start and end (ms).
+--   one is made (ms), whether this call waits for another caller's seed (1/0), the
+--   period's start and end (ms), and the units the caller counted in process that this hash may
+--   not hold yet (a hard quota refuses as if they were in it).
 -- Returns one string of integers separated by spaces (one bulk reply is far cheaper to build
 -- and to parse than an array): verdict (0 admitted, 1 rate limited, 2 quota exceeded, 3 the
 -- quota is being seeded by another caller: only that, nothing counted, ask again), units
 -- used, overage used, overage reserved now, seed (0, or when the hash was made: this caller
 -- must add the ledger's count of the events before then), then remaining and reset ms of each
 -- window, then whether the quota hash was seeded before this call (1/0) and its generation (-1
--- for a hash made before generations).
+-- for a hash made before generations), and the hash's version after this call (v).
 --
 -- Most calls read three fields per window: the buckets themselves are read only when time has
 -- moved past the newest bucket written (what no longer counts is taken off t; once per bucket)
@@ -137,10 +140,11 @@ if last ~= period then
   redis.call('SET', KEYS[n + 2], period, 'PX', ttl)
 end
 local used, overage, seed = 0, 0, 0
-local quota = redis.call('HMGET', qkey, 'u', 'o', 's', 'n', 'a', 'c', 'f')
+local quota = redis.call('HMGET', qkey, 'u', 'o', 's', 'n', 'a', 'c', 'f', 'v')
 local generation = tonumber(quota[4]) or -1
 local made = tonumber(quota[5])
 local created = not quota[1]
+local version = tonumber(quota[8]) or 0
 if created then
   -- Created here, with its lifetime: the period's end and a grace.
   generation = tonumber(ARGV[8 + 2 * n])
@@ -188,6 +192,7 @@ if made and (created or (known_generation ~= -2 and known_generation ~= generati
     redis.call('HINCRBY', qkey, 'p', known_used - used)
     used = known_used
     redis.call('HSET', qkey, 'u', used)
+    version = redis.call('HINCRBY', qkey, 'v', 1)
   end
   if known_overage > overage then
     redis.call('HINCRBY', qkey, 'q', known_overage - overage)
@@ -197,7 +202,8 @@ if made and (created or (known_generation ~= -2 and known_generation ~= generati
 end
 
 local verdict = 0
-if qlimit >= 0 and hard and used + units > qlimit then
+local pending = tonumber(ARGV[17 + 2 * n]) or 0
+if qlimit >= 0 and hard and used + pending + units > qlimit then
   verdict = 2
 elseif not fits then
   verdict = 1
@@ -258,6 +264,7 @@ if verdict == 0 then
   -- has its event among the ledger's before a: it counts in p.
   local early = made and now < made
   redis.call('HINCRBY', qkey, 'u', units)
+  version = redis.call('HINCRBY', qkey, 'v', 1)
   if early then
     redis.call('HINCRBY', qkey, 'p', units)
   end
@@ -306,5 +313,6 @@ for i = 1, n do
 end
 out[#out + 1] = quota[3] == '1' and 1 or 0
 out[#out + 1] = generation
+out[#out + 1] = version
 -- %d: Lua's own number format would write 1e+15 for a window of 10^15.
 return string.rep('%d ', #out):format(unpack(out))

@@ -50,13 +50,18 @@ impl RedisCounters {
     ///   part (events before it was made) nor in its own ([`Sharing::AddedToLater`]);
     /// - to no hash otherwise ([`Sharing::Refused`]): a hash made after some of its units were
     ///   decided reads their events from the ledger, and adding them would count them twice.
+    ///
+    /// With it, how many batches the hash has taken (this one included when added): a decision
+    /// whose count had taken fewer ([`Decision::batches_taken`]) does not hold this one.
+    ///
+    /// [`Decision::batches_taken`]: crate::limits::Decision::batches_taken
     pub async fn share(
         &self,
         customer: &Id,
         batch: &Unshared,
         forget: &[u128],
         now_ms: i64,
-    ) -> Result<Sharing, Failure> {
+    ) -> Result<(Sharing, i64), Failure> {
         let mut invocation = self.share.prepare_invoke();
         invocation
             .key(self.key(customer, "q", batch.period.start_ms))
@@ -68,11 +73,13 @@ impl RedisCounters {
         for &token in forget {
             invocation.arg(mark(token));
         }
-        Ok(match self.call::<i64>(&invocation, now_ms).await? {
+        let answer = self.call::<i64>(&invocation, now_ms).await?;
+        let sharing = match answer % 4 {
             1 => Sharing::Added,
             2 => Sharing::AddedToLater,
             _ => Sharing::Refused,
-        })
+        };
+        Ok((sharing, answer / 4))
     }
 
     /// Keeps a refund whose call got no answer, to make again once Redis answers; past
@@ -135,7 +142,9 @@ impl RedisCounters {
 /// holds them in no part. Once per mark, which stays in the hash until a later call deletes it.
 /// ARGV 6 on: marks to delete first, of batches sent once and answered, of which no other copy
 /// can arrive. 1 if it added the batch (now or before) to its own hash, 2 to a later one, 0 if
-/// the hash is of another generation and made after the batch began, not seeded, or gone.
+/// the hash is of another generation and made after the batch began, not seeded, or gone; plus
+/// 4 times the hash's version (`v`, raised when the batch is added; the admission script
+/// raises it too, and returns it).
 pub(super) const SHARE_SCRIPT: &str = r"
 if #ARGV > 5 then
   redis.call('HDEL', KEYS[1], unpack(ARGV, 6))
@@ -149,11 +158,13 @@ end
 if redis.call('HSETNX', KEYS[1], ARGV[4], 1) == 1 then
   redis.call('HINCRBY', KEYS[1], 'u', ARGV[1])
   redis.call('HINCRBY', KEYS[1], 'o', ARGV[2])
+  redis.call('HINCRBY', KEYS[1], 'v', 1)
 end
+local version = tonumber(redis.call('HGET', KEYS[1], 'v')) or 0
 if own then
-  return 1
+  return 1 + 4 * version
 end
-return 2
+return 2 + 4 * version
 ";
 
 /// The field a batch's or a refund's call leaves in its quota hash.

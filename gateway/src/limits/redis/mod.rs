@@ -87,6 +87,11 @@ pub struct Known {
     pub overage: u64,
     /// The generation of the count they were last counted in, if known.
     pub generation: Option<i64>,
+    /// Units counted in this process that Redis' count may not hold yet: batches not added to it
+    /// yet or on their way, and units whose call timed out or broke within the last 6 s (it may
+    /// still run there). A hard quota refuses as if they were in it, so that Redis answering
+    /// some calls while others fail admits no more than the quota in all.
+    pub pending: u64,
 }
 
 /// What a call rebuilds a missing quota count from: this gateway's own count, and the ledger.
@@ -337,6 +342,7 @@ impl RedisCounters {
             counted: Counted::Redis,
             generation,
             counted_in: Some(value(tail + 1)),
+            count_version: Some(value(tail + 2)),
         })
     }
 }

@@ -148,7 +148,8 @@ impl RedisCounters {
             .arg(SEED_AGAIN_AFTER_FAILURE.as_millis() as u64)
             .arg(u8::from(wait))
             .arg(period.start_ms)
-            .arg(period.end_ms);
+            .arg(period.end_ms)
+            .arg(known.pending);
         invocation
     }
 
