@@ -86,6 +86,72 @@ pub fn parse_day(text: &str) -> Option<i64> {
     (civil_from_days(days) == (i64::from(year), month, day)).then_some(days)
 }
 
+/// Unix milliseconds of an RFC 3339 date-time (section 5.6): `2027-01-31T00:00:00Z`, with
+/// fractional seconds (to the millisecond, further digits dropped), any offset
+/// (`2027-01-31T01:00:00+01:00`), and `t` and `z` in either case. `None` for anything else: no
+/// offset, a space for `T`, a date or time that does not exist, or an instant before 1970.
+/// A leap second (`:60`) is taken as the last millisecond of its minute.
+pub fn parse_rfc3339(text: &str) -> Option<i64> {
+    let bytes = text.as_bytes();
+    let number = |at: usize, len: usize| -> Option<i64> {
+        let digits = bytes.get(at..at + len)?;
+        digits
+            .iter()
+            .all(u8::is_ascii_digit)
+            .then(|| std::str::from_utf8(digits).ok()?.parse().ok())
+            .flatten()
+    };
+    let separated = |at: usize, what: u8| bytes.get(at) == Some(&what);
+    let shaped = separated(4, b'-')
+        && separated(7, b'-')
+        && matches!(bytes.get(10), Some(b'T' | b't'))
+        && separated(13, b':')
+        && separated(16, b':');
+    if !shaped {
+        return None;
+    }
+    let days = parse_day(text.get(..10)?)?;
+    let (hour, minute, second) = (number(11, 2)?, number(14, 2)?, number(17, 2)?);
+    if hour > 23 || minute > 59 || second > 60 {
+        return None;
+    }
+    let mut at = 19;
+    let mut millis = 0;
+    if separated(at, b'.') {
+        at += 1;
+        let digits = bytes[at..]
+            .iter()
+            .take_while(|b| b.is_ascii_digit())
+            .count();
+        if digits == 0 {
+            return None;
+        }
+        for (i, digit) in bytes[at..at + digits.min(3)].iter().enumerate() {
+            millis += i64::from(digit - b'0') * [100, 10, 1][i];
+        }
+        at += digits;
+    }
+    let offset_minutes = match bytes.get(at..)? {
+        [b'Z' | b'z'] => 0,
+        [sign @ (b'+' | b'-'), ..] if bytes.len() == at + 6 && separated(at + 3, b':') => {
+            let (hours, minutes) = (number(at + 1, 2)?, number(at + 4, 2)?);
+            if hours > 23 || minutes > 59 {
+                return None;
+            }
+            let offset = hours * 60 + minutes;
+            if *sign == b'-' { -offset } else { offset }
+        }
+        _ => return None,
+    };
+    let (second, millis) = if second == 60 {
+        (59, 999)
+    } else {
+        (second, millis)
+    };
+    let ms = ((days * 24 + hour) * 60 + minute - offset_minutes) * 60_000 + second * 1000 + millis;
+    (ms >= 0).then_some(ms)
+}
+
 /// The calendar month in UTC holding the instant `ms`: its first millisecond (included) to the
 /// next month's first (excluded).
 pub fn month_containing(ms: i64) -> PeriodMs {
@@ -124,6 +190,53 @@ mod tests {
         ] {
             assert_eq!(civil_from_days(days), date);
             assert_eq!(days_from_civil(date.0, date.1, date.2), days);
+        }
+    }
+
+    #[test]
+    fn rfc3339_date_times_are_read_with_any_offset_and_nothing_else_is() {
+        let new_year_2027 = 1_798_761_600_000;
+        for text in [
+            "2027-01-01T00:00:00Z",
+            "2027-01-01t00:00:00z",
+            "2027-01-01T00:00:00+00:00",
+            "2027-01-01T00:00:00-00:00",
+            "2027-01-01T05:30:00+05:30",
+            "2026-12-31T19:00:00-05:00",
+            "2027-01-01T00:00:00.000Z",
+        ] {
+            assert_eq!(parse_rfc3339(text), Some(new_year_2027), "{text}");
+        }
+        assert_eq!(
+            parse_rfc3339("2027-01-01T00:00:00.25Z"),
+            Some(new_year_2027 + 250)
+        );
+        assert_eq!(
+            parse_rfc3339("2027-01-01T00:00:00.123456Z"),
+            Some(new_year_2027 + 123)
+        );
+        assert_eq!(
+            parse_rfc3339("2026-12-31T23:59:60Z"),
+            Some(new_year_2027 - 1)
+        );
+        assert_eq!(parse_rfc3339("1970-01-01T00:00:00Z"), Some(0));
+        for text in [
+            "2027-01-01T00:00:00",
+            "2027-01-01 00:00:00Z",
+            "2027-01-01",
+            "2027-02-29T00:00:00Z",
+            "2027-01-01T24:00:00Z",
+            "2027-01-01T00:60:00Z",
+            "2027-01-01T00:00:00.Z",
+            "2027-01-01T00:00:00+0100",
+            "2027-01-01T00:00:00+24:00",
+            "2027-01-01T00:00:00Z ",
+            "1969-12-31T23:59:59Z",
+            "1970-01-01T00:30:00+01:00",
+            "2027-1-01T00:00:00Z",
+            "",
+        ] {
+            assert_eq!(parse_rfc3339(text), None, "{text}");
         }
     }
 

@@ -214,6 +214,22 @@ async fn billing_periods_are_set_cleared_refused_and_published(db: &Db) {
     .await;
     assert_eq!(status, StatusCode::OK);
 
+    // Any RFC 3339 offset: the same instants.
+    let offset = json!({"start": "2027-12-02T05:30:00+05:30", "end": "2028-12-01T19:00:00-05:00"});
+    let (status, with_offsets, _) = call(
+        &app,
+        "PATCH",
+        &path,
+        admin,
+        Some(json!({"billing_period": offset})),
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK, "{with_offsets}");
+    assert_eq!(
+        with_offsets["billing_period"],
+        json!({"start": "2027-12-02T00:00:00.000Z", "end": "2028-12-02T00:00:00.000Z"})
+    );
+
     let rfc3339 = "must be an RFC 3339 time such as 2027-01-31T00:00:00Z";
     for (bad, errors) in [
         (
@@ -237,6 +253,14 @@ async fn billing_periods_are_set_cleared_refused_and_published(db: &Db) {
         ),
         (
             json!({"start": 1_793_491_200_000_i64, "end": "1969-12-31T23:59:59Z"}),
+            json!([
+                {"path": "billing_period.start", "message": rfc3339},
+                {"path": "billing_period.end", "message": rfc3339}
+            ]),
+        ),
+        (
+            // Not RFC 3339: no offset, a space for the T.
+            json!({"start": "2026-11-01T00:00:00", "end": "2026-12-01 00:00:00Z"}),
             json!([
                 {"path": "billing_period.start", "message": rfc3339},
                 {"path": "billing_period.end", "message": rfc3339}

@@ -161,13 +161,10 @@ pub fn name(value: &Value, path: &str, errors: &mut Vec<FieldError>) -> Option<S
     }
 }
 
-/// Unix milliseconds of an RFC 3339 time (`2027-01-31T00:00:00Z`), `None` unless it is one
-/// at or after 1970.
+/// Unix milliseconds of an RFC 3339 time (`2027-01-31T00:00:00Z`, any offset), `None` unless
+/// it is one at or after 1970 ([`crate::calendar::parse_rfc3339`]).
 pub fn rfc3339_ms(text: &str) -> Option<i64> {
-    humantime::parse_rfc3339_weak(text)
-        .ok()
-        .and_then(|time| time.duration_since(std::time::UNIX_EPOCH).ok())
-        .and_then(|since| i64::try_from(since.as_millis()).ok())
+    crate::calendar::parse_rfc3339(text)
 }
 
 /// Longest upgrade URL accepted, in bytes (what browsers and proxies reliably carry).

@@ -9,9 +9,9 @@
 //! RateLimit: "rate-1s";r=9;t=2, "rate-60s";r=499;t=63, "quota";r=9999;t=1774800
 //! ```
 //!
-//! The older `X-RateLimit-*` fields describe the window closest to refusing (fewest units left,
-//! then longest wait), or a hard quota for a plan without windows (its only limit), and `X-Quota-*`
-//! the quota; every `*-Reset` is in seconds from now, rounded up.
+//! The older `X-RateLimit-*` fields describe the limit closest to refusing, a window or a hard
+//! quota (fewest units left, then longest wait), and `X-Quota-*` the quota; every `*-Reset` is in
+//! seconds from now, rounded up.
 
 use bytes::Bytes;
 use http::{HeaderName, HeaderValue};
@@ -100,23 +100,17 @@ pub fn values(decision: &Decision, given_back: u64) -> Vec<(&'static str, Header
             values.push((name, value));
         }
     }
-    let closest = decision.windows.iter().min_by(|a, b| {
-        a.remaining
-            .cmp(&b.remaining)
-            .then(b.reset_ms.cmp(&a.reset_ms))
-    });
-    let limiting = match (closest, decision.quota, quota_remaining) {
-        (Some(window), _, _) => Some((
-            window.limit,
-            window.remaining,
-            ceil_seconds(window.reset_ms),
-        )),
-        // A soft quota refuses nothing: not a limit to tell clients to wait for.
-        (None, Some(quota), Some(remaining)) if quota.hard => {
-            Some((quota.limit, remaining, quota_reset))
-        }
+    // A soft quota refuses nothing: not a limit to tell clients to wait for.
+    let hard_quota = match (decision.quota, quota_remaining) {
+        (Some(quota), Some(remaining)) if quota.hard => Some((quota.limit, remaining, quota_reset)),
         _ => None,
     };
+    let limiting = decision
+        .windows
+        .iter()
+        .map(|w| (w.limit, w.remaining, ceil_seconds(w.reset_ms)))
+        .chain(hard_quota)
+        .min_by(|a, b| a.1.cmp(&b.1).then(b.2.cmp(&a.2)));
     if let Some((limit, remaining, reset)) = limiting {
         values.push((X_RATELIMIT_LIMIT, limit.into()));
         values.push((X_RATELIMIT_REMAINING, remaining.into()));
@@ -290,6 +284,35 @@ mod tests {
         // A soft quota refuses nothing: the older fields do not describe it.
         assert!(!values.iter().any(|(n, _)| *n == X_RATELIMIT_LIMIT));
         assert_eq!(values.len(), 5);
+    }
+
+    /// Before, a plan with windows told a request refused for its spent hard quota the room of a
+    /// window ("Remaining: 10, Reset: 0"), and clients reading only these retried at once.
+    #[test]
+    fn the_older_fields_describe_a_hard_quota_closer_to_refusing_than_any_window() {
+        let mut spent = decision();
+        spent.quota = Some(QuotaLimit {
+            limit: 1_234,
+            hard: true,
+        });
+        let get = |values: &[(&str, HeaderValue)], name: &str| {
+            values
+                .iter()
+                .find(|(n, _)| *n == name)
+                .map(|(_, v)| v.to_str().unwrap().to_owned())
+        };
+        let values = values(&spent, 0);
+        assert_eq!(get(&values, X_RATELIMIT_LIMIT).as_deref(), Some("1234"));
+        assert_eq!(get(&values, X_RATELIMIT_REMAINING).as_deref(), Some("0"));
+        assert_eq!(get(&values, X_RATELIMIT_RESET).as_deref(), Some("86401"));
+        // A soft quota spent refuses nothing: the window closest to refusing stays.
+        spent.quota = Some(QuotaLimit {
+            limit: 1_234,
+            hard: false,
+        });
+        let values = super::values(&spent, 0);
+        assert_eq!(get(&values, X_RATELIMIT_LIMIT).as_deref(), Some("500"));
+        assert_eq!(get(&values, X_RATELIMIT_REMAINING).as_deref(), Some("3"));
     }
 
     #[test]

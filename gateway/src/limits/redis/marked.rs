@@ -51,10 +51,10 @@ impl RedisCounters {
     /// - to no hash otherwise ([`Sharing::Refused`]): a hash made after some of its units were
     ///   decided reads their events from the ledger, and adding them would count them twice.
     ///
-    /// With it, how many batches the hash has taken (this one included when added): a decision
-    /// whose count had taken fewer ([`Decision::batches_taken`]) does not hold this one.
+    /// With it, the count's version once it holds the batch: a decision made at a lower one
+    /// ([`Decision::count_version`]) does not hold it.
     ///
-    /// [`Decision::batches_taken`]: crate::limits::Decision::batches_taken
+    /// [`Decision::count_version`]: crate::limits::Decision::count_version
     pub async fn share(
         &self,
         customer: &Id,
