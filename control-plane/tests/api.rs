@@ -635,6 +635,22 @@ async fn keys_are_shown_once_stored_hashed_revoked_and_rotated(db: &Db) {
         (keys[1].0.as_str(), keys[1].1),
         (rotated["id"].as_str().unwrap(), None)
     );
+    // Rotated already, in its grace: it has its successor, and is not given a second one.
+    let (status, problem, _) = call(
+        &app,
+        "POST",
+        &format!("/v1/keys/{id}/rotate"),
+        Some(&db.admin),
+        Some(json!({"grace_seconds": 600})),
+    )
+    .await;
+    assert_eq!(status, StatusCode::CONFLICT, "{problem}");
+    let detail = problem["detail"].as_str().unwrap();
+    assert!(
+        detail.contains("rotated already")
+            && detail.contains(rotated["replaces"]["works_until"].as_str().unwrap()),
+        "{problem}"
+    );
 
     // Revocation: now.
     let new_id = rotated["id"].as_str().unwrap();

@@ -483,6 +483,37 @@ async fn the_usage_view_refuses_bad_days_and_unknown_customers(db: &Db) {
             "{query}"
         );
     }
+    // One end sent: the refusal names it, and the default of the other it was checked against.
+    for (query, field, message) in [
+        (
+            "to=2020-01-01",
+            "to",
+            "must not be before from, which defaults to the period's first day, 20",
+        ),
+        (
+            "from=2099-01-01",
+            "from",
+            "must not be after to, which defaults to the period's last day, 20",
+        ),
+        (
+            "from=2020-01-01",
+            "from",
+            "must be within 367 days of to, which defaults to the period's last day, 20",
+        ),
+    ] {
+        let (status, answer, _) = call(
+            &app,
+            "GET",
+            &format!("{path}?{query}"),
+            Some(&db.viewer),
+            None,
+        )
+        .await;
+        assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY, "{query}");
+        assert_eq!(answer["errors"][0]["path"], field, "{query}");
+        let said = answer["errors"][0]["message"].as_str().unwrap();
+        assert!(said.starts_with(message), "{query}: {said}");
+    }
     // 367 days, both ends included, is the widest range.
     let (status, _, _) = call(
         &app,

@@ -660,6 +660,57 @@ async fn a_gateway_on_a_separate_control_plane_keeps_serving_without_it_and_rest
     assert_eq!(ready["identities"]["source"], "control plane", "{ready}");
 }
 
+/// A sync failure is logged as a warning when it starts, and again when its kind changes: a
+/// control plane unreachable at first, then up but refusing the gateway's token. Before, only
+/// the first was logged, so the 401 and its hint (the token's role) were never seen; and the
+/// warning said "the last good identities stay" of a gateway that had none.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sync_failure_is_logged_again_when_its_kind_changes() {
+    let database = PostgresDatabase::create().await;
+    let control_plane = ControlPlane::start(&database.url()).await;
+    let (address, admin_token) = (control_plane.address, control_plane.admin_token.clone());
+    control_plane.kill();
+    let upstream = Upstream::start("orders");
+    let wrong_token = format!("tga_{}", "0".repeat(64));
+    let gateway = Gateway::start_with_env(
+        tempfile::tempdir().unwrap(),
+        &cluster_config(&upstream, &address.to_string()),
+        &[("TOLLGATE_GATEWAY_TOKEN", wrong_token.as_str())],
+    )
+    .await;
+    let warning = |needle: &'static str| {
+        move |line: &Value| {
+            line["level"] == "WARN"
+                && line["message"]
+                    .as_str()
+                    .is_some_and(|m| m.starts_with("cannot sync with the control plane"))
+                && line["error"].as_str().is_some_and(|e| e.contains(needle))
+        }
+    };
+    let unreachable = gateway.wait_for_log(warning("unreachable")).await;
+    assert_eq!(
+        unreachable["message"],
+        "cannot sync with the control plane; no identities yet, so authenticated routes answer 503"
+    );
+    let _control_plane = ControlPlane::start_at(&database.url(), address, &admin_token).await;
+    let refused = gateway.wait_for_log(warning("answered 401")).await;
+    assert!(
+        refused["error"]
+            .as_str()
+            .unwrap()
+            .contains("with role \"gateway\""),
+        "{refused}"
+    );
+    // Logged once per kind: the attempts after it are at debug level.
+    tokio::time::sleep(Duration::from_millis(1_500)).await;
+    let refusals = gateway
+        .logs()
+        .iter()
+        .filter(|line| warning("answered 401")(line))
+        .count();
+    assert_eq!(refusals, 1);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_gateway_that_never_had_identities_answers_503_on_authenticated_routes_only() {
     let upstream = Upstream::start("orders");

@@ -218,6 +218,8 @@ async fn every_admitted_request_is_stored_once_and_both_usage_views_read_it() {
     assert_eq!(reads().await, Some(1.0));
     let me = get(&gateway, "/me", &customer.key).await;
     assert_eq!(me.status(), 200);
+    // One customer's usage: no shared cache keeps it.
+    assert_eq!(me.headers()["cache-control"], "private, no-store");
     let me: Value = me.json().await.unwrap();
     assert_eq!(me["customer_id"], customer.id.as_str());
     assert_eq!(

@@ -120,13 +120,15 @@ impl Store {
     ) -> Result<(CreatedKey, ApiKey), StoreError> {
         let mut tx = self.pool().begin().await?;
         // A key that no longer works has nothing to hand over: rotating a revoked (perhaps
-        // leaked) key must not mint a working one, nor an expired key one already expired.
-        // Checked by a write that holds the key's row to the end (a revocation made meanwhile
-        // either comes first and is seen here, or waits and ends the old key after this).
+        // leaked) key must not mint a working one, nor an expired key one already expired. A
+        // key rotated already (working until its grace ends) has its successor: rotated again,
+        // it would have two. Checked by a write that holds the key's row to the end (a
+        // revocation made meanwhile either comes first and is seen here, or waits and ends the
+        // old key after this).
         let now = now_ms();
         let live = sqlx::query(
             "UPDATE api_keys SET id = id WHERE id = $1 \
-             AND (revoked_at IS NULL OR revoked_at > $2) AND (expires_at IS NULL OR expires_at > $2)",
+             AND revoked_at IS NULL AND (expires_at IS NULL OR expires_at > $2)",
         )
         .bind(id)
         .bind(now)
@@ -142,9 +144,19 @@ impl Store {
                 .await?
                 .try_get("expires_at")?;
         if !live {
+            // Ending in the future: a rotation's grace.
+            let grace_until = old
+                .revoked_at
+                .as_deref()
+                .filter(|at| crate::calendar::parse_rfc3339(at).is_some_and(|at| at > now));
             return Err(StoreError::Conflict(
                 if expires_at_ms.is_some_and(|at| at <= now) {
                     format!("key {id} has expired; issue a new key instead")
+                } else if let Some(until) = grace_until {
+                    format!(
+                        "key {id} was rotated already and works until {until}; rotate its \
+                         successor instead"
+                    )
                 } else {
                     format!("key {id} is revoked; issue a new key instead")
                 },

@@ -139,7 +139,9 @@ impl Follower {
         let mut backoff = Duration::from_millis(250);
         let mut need_snapshot = self.gateway.identity.current().is_none();
         let mut journaled = 0usize;
-        let mut failing = false;
+        // The kind of failure the last attempts had (`None` while they succeed): a warning is
+        // logged when it starts or changes (a control plane unreachable, then answering 401).
+        let mut failing: Option<FailureKind> = None;
         // When the journal could last not be written, a snapshot stored instead (at most one
         // every STORAGE_RETRY: a disk that refuses every write must not cost a snapshot per
         // change; changes are applied all the same).
@@ -171,9 +173,8 @@ impl Follower {
             match result {
                 Ok(()) => {
                     self.gateway.identity.contacted(super::unix_ms());
-                    if failing {
+                    if failing.take().is_some() {
                         tracing::info!("control plane reachable again");
-                        failing = false;
                     }
                     backoff = Duration::from_millis(250);
                     continue;
@@ -214,12 +215,15 @@ impl Follower {
                     if matches!(error, SyncError::Unreachable(_)) {
                         longest = MAX_BACKOFF_UNREACHABLE;
                     }
-                    if !failing {
-                        tracing::warn!(%error, "cannot sync with the control plane; the last good identities stay");
-                        failing = true;
-                    } else {
+                    let kind = FailureKind::of(&error);
+                    if failing == Some(kind) {
                         tracing::debug!(%error, "sync still failing");
+                    } else if self.gateway.identity.current().is_some() {
+                        tracing::warn!(%error, "cannot sync with the control plane; the last good identities stay");
+                    } else {
+                        tracing::warn!(%error, "cannot sync with the control plane; no identities yet, so authenticated routes answer 503");
                     }
+                    failing = Some(kind);
                 }
             }
             self.gateway.metrics.identity_sync_failure();
@@ -228,6 +232,24 @@ impl Follower {
                 _ = shutdown.changed() => return,
             }
             backoff = (backoff * 2).min(longest);
+        }
+    }
+}
+
+/// What kind of failure a sync attempt had, to log a change of it once.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum FailureKind {
+    Unreachable,
+    Refused(u16),
+    Other,
+}
+
+impl FailureKind {
+    fn of(error: &SyncError) -> Self {
+        match error {
+            SyncError::Unreachable(_) => Self::Unreachable,
+            SyncError::Refused(status, _) => Self::Refused(*status),
+            _ => Self::Other,
         }
     }
 }

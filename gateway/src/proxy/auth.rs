@@ -270,13 +270,37 @@ fn same_but_underscores(ours: &str, name: &str) -> bool {
             .all(|(a, b)| a == b || (a == b'-' && b == b'_'))
 }
 
+/// Whether the query parameter name `raw`, its `%XX` escapes decoded, is `name`.
+fn decodes_to(raw: &str, name: &str) -> bool {
+    let (raw, name) = (raw.as_bytes(), name.as_bytes());
+    let (mut at, mut matched) = (0, 0);
+    while at < raw.len() {
+        let escaped = match raw.get(at..at + 3) {
+            Some([b'%', high, low]) => {
+                let hex = |b: &u8| (*b as char).to_digit(16);
+                hex(high).zip(hex(low)).map(|(h, l)| (h * 16 + l) as u8)
+            }
+            _ => None,
+        };
+        let (byte, width) = escaped.map_or((raw[at], 1), |byte| (byte, 3));
+        if name.get(matched) != Some(&byte) {
+            return false;
+        }
+        at += width;
+        matched += 1;
+    }
+    matched == name.len()
+}
+
 fn remove_query_param(upstream_request: &mut RequestHeader, name: &str) -> Result<()> {
     let Some(query) = upstream_request.uri.query() else {
         return Ok(());
     };
+    // Also spelled with escapes (`api%5Fkey`), which the upstream's framework decodes to the
+    // name itself.
     let kept: Vec<&str> = query
         .split('&')
-        .filter(|pair| pair.split_once('=').map_or(*pair, |(key, _)| key) != name)
+        .filter(|pair| !decodes_to(pair.split_once('=').map_or(*pair, |(key, _)| key), name))
         .collect();
     let path = upstream_request.uri.path();
     let rebuilt = if kept.is_empty() {
@@ -516,5 +540,13 @@ mod tests {
         let mut req = request("/a?api_key=secret", &[]);
         remove_query_param(&mut req, "api_key").unwrap();
         assert_eq!(req.uri.to_string(), "/a");
+        // Spelled with escapes, as the upstream's framework would decode it: removed too.
+        let mut req = request(
+            "/a?api%5Fkey=one&api%5fkey=two&%61pi_key=three&api_keys=4",
+            &[],
+        );
+        remove_query_param(&mut req, "api_key").unwrap();
+        assert_eq!(req.uri.to_string(), "/a?api_keys=4");
+        assert!(!decodes_to("api%5", "api_key") && !decodes_to("api", "api_key"));
     }
 }

@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use http::HeaderValue;
-use http::header::CONTENT_TYPE;
+use http::header::{CACHE_CONTROL, CONTENT_TYPE};
 use pingora::Result;
 use pingora::proxy::Session;
 use serde_json::json;
@@ -64,7 +64,12 @@ impl UsageViews {
 pub async fn answer(gateway: &Gateway, session: &mut Session, ctx: &mut RequestCtx) -> Result<()> {
     match view(gateway, ctx).await {
         Some(body) => {
-            let headers = [(CONTENT_TYPE, HeaderValue::from_static("application/json"))];
+            // One customer's usage: never kept by a shared cache (a key sent as `X-API-Key` is
+            // not `Authorization`, which RFC 9111 keeps shared caches from storing answers to).
+            let headers = [
+                (CONTENT_TYPE, HeaderValue::from_static("application/json")),
+                (CACHE_CONTROL, HeaderValue::from_static("private, no-store")),
+            ];
             respond::write(session, ctx, 200, &headers, Bytes::from(body)).await
         }
         None => respond::problem(session, ctx, &GatewayProblem::UsageUnavailable).await,

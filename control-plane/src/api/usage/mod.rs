@@ -248,19 +248,46 @@ pub async fn customer(
         })
     });
     let period = calendar::current_period(billing_period, now_ms());
+    let given = (from.is_some(), to.is_some());
     let from = from.unwrap_or_else(|| calendar::day_number(period.start_ms));
     let to = to.unwrap_or_else(|| calendar::day_number(period.end_ms - 1));
+    // Each refusal names a parameter the caller sent, and the default it was checked against.
+    let default_from = || {
+        format!(
+            "from, which defaults to the period's first day, {}",
+            calendar::format_day(from)
+        )
+    };
+    let default_to = || {
+        format!(
+            "to, which defaults to the period's last day, {}",
+            calendar::format_day(to)
+        )
+    };
     if to < from {
-        return Err(ApiError::Invalid(vec![error(
-            "to",
-            "must not be before from",
-        )]));
+        let (path, message) = match given {
+            (false, _) => ("to", format!("must not be before {}", default_from())),
+            (true, false) => ("from", format!("must not be after {}", default_to())),
+            (true, true) => ("to", "must not be before from".to_owned()),
+        };
+        return Err(ApiError::Invalid(vec![error(path, &message)]));
     }
     if to - from >= MAX_DAYS {
-        return Err(ApiError::Invalid(vec![error(
-            "to",
-            &format!("must be within {MAX_DAYS} days of from, both included"),
-        )]));
+        let (path, message) = match given {
+            (false, _) => (
+                "to",
+                format!("must be within {MAX_DAYS} days of {}", default_from()),
+            ),
+            (true, false) => (
+                "from",
+                format!("must be within {MAX_DAYS} days of {}", default_to()),
+            ),
+            (true, true) => (
+                "to",
+                format!("must be within {MAX_DAYS} days of from, both included"),
+            ),
+        };
+        return Err(ApiError::Invalid(vec![error(path, &message)]));
     }
     let used = state
         .store

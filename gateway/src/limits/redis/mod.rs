@@ -164,8 +164,10 @@ impl RedisCounters {
                 REDIS_CALL_DURATION,
                 "Time of answered counter calls to Redis.",
             )
+            // Up to the longest `timeout` (1 s): how close calls come to it shows.
             .buckets(vec![
-                0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1,
+                0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5,
+                1.0,
             ]),
         )?;
         let up = IntGauge::new(
