@@ -533,10 +533,12 @@ async fn a_redis_stalling_during_a_burst_admits_no_more_than_a_hard_quota() {
     });
     let statuses = burst(&gateway, &key, 900).await;
     stalls.join().unwrap();
-    assert!(
-        decisions(&gateway, "fallback").await > 0.0,
-        "never fell back"
-    );
+    // Calls timed out while others were answered in time: both ways decided.
+    let timed_out = gateway
+        .counted("tollgate_redis_errors_total{kind=\"timeout\"}")
+        .await;
+    assert!(timed_out >= 2.0, "{timed_out} calls timed out");
+    assert!(decisions(&gateway, "redis").await > 1.0);
     let admitted = count(&statuses, 200);
     assert!(admitted <= 299, "{admitted} admitted");
     // Units counted in process whose calls may still run in Redis count beyond its answers

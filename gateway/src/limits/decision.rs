@@ -117,8 +117,8 @@ pub struct Decision {
     /// Counted in Redis: the generation of the quota count it was counted in, seeded or not.
     pub counted_in: Option<i64>,
     /// Counted in Redis: the quota count's version when it decided (`v`, raised by every call
-    /// that raises the count: an admission, a batch of units counted in process added, a
-    /// rebuild's raise). An answer of a lower version than one seen already is older than it,
+    /// that changes the count: an admission, a batch of units counted in process added, a
+    /// rebuild's raise, a seed from the ledger, a refund). An answer of a lower version than one seen already is older than it,
     /// and a batch added at a higher version is not in its `used`.
     pub count_version: Option<i64>,
 }

@@ -194,16 +194,24 @@ impl Limiter {
             {
                 Ok(mut shared) => {
                     // Remembered, so counting in process after a failure starts from here.
-                    let used = self.local.follow(customer, &shared);
+                    let followed = self.local.follow(customer, &shared);
                     // Redis decided on the units this process had counted without it when the
                     // call left; those counted while it was on its way (other requests' calls
-                    // failed meanwhile) may leave no room for it. Refused then: its unit, counted
-                    // in Redis, is given back as the request settles (nothing was metered).
+                    // failed meanwhile) may leave no room for it. Refused then.
                     if shared.verdict == Verdict::Admitted
-                        && policy.quota.is_some_and(|q| q.hard && used > q.limit)
+                        && policy
+                            .quota
+                            .is_some_and(|q| q.hard && followed.used > q.limit)
                     {
                         shared.verdict = Verdict::QuotaExceeded;
-                        shared.used = used;
+                        shared.used = followed.used;
+                        // Units counted here whose calls left after this one ran after it in
+                        // Redis, finding no room: its unit stands for them, and stays. Otherwise
+                        // it is given back as the request settles (nothing was metered): the
+                        // units counted here are on their way to Redis in a batch.
+                        if followed.maybe >= units && self.local.stand_in(customer, period, units) {
+                            shared.reservation = None;
+                        }
                     }
                     decision = Some(shared);
                 }

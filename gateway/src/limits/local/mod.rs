@@ -27,6 +27,15 @@ pub use unshared::{FORGET_PER_CALL, Taken, UNKNOWN_GENERATION, Unshared};
 /// Shards of the customer map.
 pub const SHARDS: usize = 64;
 
+/// A customer's count after [`LocalCounters::follow`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Followed {
+    /// Units used in the period, those this process counted that Redis may not hold included.
+    pub used: u64,
+    /// Of them, units whose call (sent after the followed one) may still run in Redis.
+    pub maybe: u64,
+}
+
 /// One customer's counters.
 #[derive(Debug)]
 struct Counts {
@@ -231,9 +240,9 @@ impl LocalCounters {
     /// `counted_in` is the generation of the count Redis said `used` of, seeded or not.
     /// The customer's windows are raised to what Redis counts in them, for the same reason: so
     /// that a window Redis had filled is not empty here.
-    /// Returns the customer's count after it (units used in the period, this process's pending
-    /// ones included).
-    pub fn follow(&self, customer: &Id, shared: &Decision) -> u64 {
+    /// Returns the customer's count after it: units used in the period, this process's pending
+    /// ones included, and of those the units whose call may still run in Redis.
+    pub fn follow(&self, customer: &Id, shared: &Decision) -> Followed {
         let Decision {
             period,
             used,
@@ -269,12 +278,15 @@ impl LocalCounters {
         });
         if older {
             // A newer answer set the count already, this call's units in it.
-            return counts.quota.used;
+            return Followed {
+                used: counts.quota.used,
+                maybe: 0,
+            };
         }
         // Plus what this process counted that Redis may not hold yet: set to Redis' count alone,
         // a slow Redis answering some calls in time while others time out would take the units
         // counted here meanwhile out of the count that decides the next ones in process.
-        let beyond = counts.fallback.as_mut().map_or(0, |fallback| {
+        let (beyond, maybe) = counts.fallback.as_mut().map_or((0, 0), |fallback| {
             fallback.beyond_answer(period, version, now_ms)
         });
         counts.quota.used = used.saturating_add(beyond);
@@ -287,7 +299,27 @@ impl LocalCounters {
         if let Some(counted_in) = counted_in {
             counts.followed = Some((period, counted_in, version));
         }
-        counts.quota.used
+        Followed {
+            used: counts.quota.used,
+            maybe,
+        }
+    }
+
+    /// Lets the unit Redis counted for a request it admitted but this process refuses stand for
+    /// `units` counted here whose call was sent after that request's and may still run there:
+    /// Redis ran that call after this one, with no room left, so it did not count them. They
+    /// leave the count here, which Redis' unit now holds. Whether there were as many.
+    pub fn stand_in(&self, customer: &Id, period: Period, units: u64) -> bool {
+        let mut shard = self.shard(customer);
+        let Some(counts) = shard.get_mut(customer) else {
+            return false;
+        };
+        let Some(fallback) = counts.fallback.as_mut() else {
+            return false;
+        };
+        let taken = fallback.take_maybe(period, units);
+        counts.quota.used = counts.quota.used.saturating_sub(taken);
+        taken == units
     }
 
     /// Forgets what no longer counts, so that memory follows the customers counting now rather
@@ -348,8 +380,18 @@ impl LocalCounters {
                     (units + u.units, overage + u.overage)
                 })
         });
+        // Units whose call may still run in Redis are left out too: counted there already, they
+        // would be counted twice in a count Redis makes again from this.
+        let maybe = counts
+            .fallback
+            .as_ref()
+            .map_or(0, |fallback| fallback.maybe_units(period));
         super::redis::Known {
-            used: counts.quota.used.saturating_sub(units),
+            used: counts
+                .quota
+                .used
+                .saturating_sub(units)
+                .saturating_sub(maybe),
             overage: counts.quota.overage.saturating_sub(overage),
             generation: counts
                 .followed

@@ -345,7 +345,7 @@ fn units_counted_with_no_count_known_in_redis_are_batched_for_an_unknown_generat
 /// A unit counted here because Redis' call never ran is in a batch for Redis as soon as it is
 /// counted: what this process holds beyond Redis' count (`known`, which a rebuild of Redis'
 /// count adds) never includes it, so it cannot reach Redis both ways. One whose call may have
-/// run is not batched, and is part of what this process holds.
+/// run is not batched, and is left out of it too: Redis may hold it already.
 #[test]
 fn a_unit_counted_in_fallback_is_batched_under_the_lock_it_is_counted_under() {
     let counters = LocalCounters::default();
@@ -367,7 +367,7 @@ fn a_unit_counted_in_fallback_is_batched_under_the_lock_it_is_counted_under() {
         Some(FallbackUnit::MaybeInRedis)
     );
     assert_eq!(counters.used(&customer, PERIOD), (7, 0));
-    assert_eq!(counters.known(&customer, PERIOD).used, 6);
+    assert_eq!(counters.known(&customer, PERIOD).used, 5);
 
     let taken = counters.take_unshared(&customer);
     assert_eq!(taken.len(), 1);
@@ -430,6 +430,64 @@ fn redis_answering_keeps_the_units_counted_here_that_it_may_not_hold_yet() {
     assert_eq!(counters.used(&customer, PERIOD), (10, 0));
     counters.follow(&customer, &answered(9, 2_001, 6));
     assert_eq!(counters.used(&customer, PERIOD), (9, 0));
+}
+
+/// A request Redis admitted that this process refuses (units counted here while its call was on
+/// its way left no room) lets its unit in Redis stand for units whose calls left after it: Redis
+/// ran those after it, with no room, so they are in no count but this one.
+#[test]
+fn a_refused_request_s_unit_in_redis_stands_for_units_whose_calls_left_after_it() {
+    let counters = LocalCounters::default();
+    let customer = [3; 16];
+    let none = policy(&[], None);
+    counters.follow(&customer, &told(9, Some(42), Some(42)));
+    // Sent at 1,050, timed out, counted here: 10.
+    counters.admit_fallback(&customer, &none, PERIOD, 1, 1_000, Some(1_050));
+    // The answer to a call sent at 1,000, which Redis admitted (10 there too): 11 here.
+    let answer = Decision {
+        count_version: Some(7),
+        ..told_with(10, Some(42), Some(42), Vec::new(), 1_000)
+    };
+    let followed = counters.follow(&customer, &answer);
+    assert_eq!(followed, Followed { used: 11, maybe: 1 });
+    assert!(counters.stand_in(&customer, PERIOD, 1));
+    assert_eq!(counters.used(&customer, PERIOD), (10, 0));
+    // Nothing left to stand for.
+    assert!(!counters.stand_in(&customer, PERIOD, 1));
+    assert_eq!(counters.used(&customer, PERIOD), (10, 0));
+}
+
+/// Batches Redis took are remembered a call timeout at most, and never more than a few entries,
+/// whatever follows them: before, a customer whose answers were not followed (a plan without
+/// limits) kept one per batch until its period ended.
+#[test]
+fn batches_redis_took_are_kept_a_few_entries_for_a_call_timeout() {
+    let counters = LocalCounters::default();
+    let customer = [2; 16];
+    counters.follow(&customer, &told(0, Some(42), Some(42)));
+    for i in 0..1_000 {
+        counters.note_unshared(&customer, &fallback(1, 0, PERIOD));
+        let batch = counters.take_unshared(&customer).remove(0);
+        let taken = Taken {
+            at_ms: i64::from(i),
+            version: i64::from(i) + 1,
+        };
+        counters.settle_unshared(&customer, &batch, Some(taken));
+    }
+    let kept = counters.shard(&customer)[&customer]
+        .fallback
+        .as_ref()
+        .unwrap()
+        .landed
+        .len();
+    assert!(kept <= 64, "{kept}");
+    // An answer decided before the last of them lacks them; one after holds them all.
+    let answered = |version| Decision {
+        count_version: Some(version),
+        ..told_with(1_000, Some(42), Some(42), Vec::new(), 1_000)
+    };
+    assert!(counters.follow(&customer, &answered(900)).used > 1_000);
+    assert_eq!(counters.follow(&customer, &answered(1_000)).used, 1_000);
 }
 
 #[test]

@@ -46,7 +46,13 @@ impl Fallback {
     /// way, batches it took at a later version, and units whose call may still run there, sent
     /// after the answered one. Batches taken more than [`LANDED_KEPT_MS`] ago, and units whose
     /// call was sent before the answered one (Redis ran it first, or never will), are forgotten.
-    pub(super) fn beyond_answer(&mut self, period: Period, version: i64, sent_ms: i64) -> u64 {
+    /// Returns them all, and of them the units whose call may still run there.
+    pub(super) fn beyond_answer(
+        &mut self,
+        period: Period,
+        version: i64,
+        sent_ms: i64,
+    ) -> (u64, u64) {
         self.maybe.retain(|&(maybe_ms, _, _)| maybe_ms >= sent_ms);
         self.landed
             .retain(|&(until_ms, _, _, _)| until_ms > sent_ms);
@@ -69,7 +75,32 @@ impl Fallback {
             .filter(|&&(_, p, _, with)| p == period && with > version)
             .map(|&(_, _, units, _)| units)
             .sum();
-        batched + maybe + landed
+        (batched + maybe + landed, maybe)
+    }
+
+    /// Takes up to `units` units whose call may still run in Redis out of `period`'s newest
+    /// entries; how many it took.
+    pub(super) fn take_maybe(&mut self, period: Period, units: u64) -> u64 {
+        let mut taken = 0;
+        for entry in self.maybe.iter_mut().rev().filter(|(_, p, _)| *p == period) {
+            let now = entry.2.min(units - taken);
+            entry.2 -= now;
+            taken += now;
+            if taken == units {
+                break;
+            }
+        }
+        self.maybe.retain(|&(_, _, units)| units > 0);
+        taken
+    }
+
+    /// Units counted here in `period` whose call may still run in Redis, whenever sent.
+    pub(super) fn maybe_units(&self, period: Period) -> u64 {
+        self.maybe
+            .iter()
+            .filter(|&&(_, p, _)| p == period)
+            .map(|&(_, _, units)| units)
+            .sum()
     }
 
     /// Notes `units` counted here in `period` whose call, sent by `sent_ms`, may still run in
@@ -126,6 +157,8 @@ const MAYBE_KEPT: usize = 64;
 /// How long a batch Redis took is taken to be possibly missing from answers: the longest call
 /// timeout.
 const LANDED_KEPT_MS: i64 = 1_000;
+/// Entries of batches Redis took kept per customer; past this many, a batch joins the newest.
+const LANDED_KEPT: usize = 64;
 
 /// When Redis took a batch, and the version of its count with it ([`Decision::count_version`]).
 ///
@@ -308,12 +341,25 @@ impl LocalCounters {
             fallback.refused.push(batch.token);
             refunds.clear();
         } else if let Some(Taken { at_ms, version }) = taken {
-            fallback.landed.push((
-                at_ms.saturating_add(LANDED_KEPT_MS),
-                batch.period,
-                batch.units,
-                version,
-            ));
+            // Pruned here too: a customer whose answers are not followed (a plan without
+            // limits, batched) would keep one per batch.
+            fallback
+                .landed
+                .retain(|&(until_ms, _, _, _)| until_ms > at_ms);
+            let until_ms = at_ms.saturating_add(LANDED_KEPT_MS);
+            let full = fallback.landed.len() >= LANDED_KEPT;
+            match fallback.landed.last_mut() {
+                // Full: into the newest, with the later version and end (counted for answers
+                // below that version: early rather than late).
+                Some(last) if full && last.1 == batch.period => {
+                    last.0 = last.0.max(until_ms);
+                    last.2 += batch.units;
+                    last.3 = last.3.max(version);
+                }
+                _ => fallback
+                    .landed
+                    .push((until_ms, batch.period, batch.units, version)),
+            }
             if !batch.sealed {
                 fallback.note_answered(batch.period, batch.token);
             }

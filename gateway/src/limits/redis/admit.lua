@@ -9,8 +9,9 @@
 --   it was seeded and raised to, and calls decided before a), which a ledger read of the events
 --   before a may hold; s: 1 once seeded from the ledger, c: when the seed was claimed, a: when
 --   the hash was made, n: its generation, the token of the call that created it, v: its
---   version, raised by every call that raises u (an admission, a rebuild's raise, a batch the
---   share script adds), so that a gateway tells an older answer from a newer; a hash made
+--   version, raised by every call that changes u (an admission, a rebuild's raise, a batch the
+--   share script adds, a seed, a refund), so that a gateway tells an older answer from a
+--   newer; a hash made
 --   before p, q and a existed has none of them; f: 1 once a seed failed (the ledger could not
 --   be read), until one succeeds);
 --   KEYS[n+2]: the period the customer was last counted in ("start end", ms). A customer whose

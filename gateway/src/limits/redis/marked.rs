@@ -192,6 +192,7 @@ if ARGV[4] == '1' and state[2] and tonumber(ARGV[3]) < tonumber(state[2]) then
 end
 redis.call('HINCRBY', KEYS[1], 'u', ARGV[1])
 redis.call('HINCRBY', KEYS[1], 'o', ARGV[2])
+redis.call('HINCRBY', KEYS[1], 'v', 1)
 if state[2] and tonumber(ARGV[3]) < tonumber(state[2]) then
   redis.call('HINCRBY', KEYS[1], 'p', ARGV[1])
   redis.call('HINCRBY', KEYS[1], 'q', ARGV[2])

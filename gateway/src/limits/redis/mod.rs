@@ -88,9 +88,8 @@ pub struct Known {
     /// The generation of the count they were last counted in, if known.
     pub generation: Option<i64>,
     /// Units counted in this process that Redis' count may not hold yet: batches not added to it
-    /// yet or on their way, and units whose call timed out or broke within the last 6 s (it may
-    /// still run there). A hard quota refuses as if they were in it, so that Redis answering
-    /// some calls while others fail admits no more than the quota in all.
+    /// yet or on their way (one that lands before this call runs is counted twice by it, so
+    /// refusing early rather than late). A hard quota refuses as if they were in it.
     pub pending: u64,
 }
 

@@ -254,6 +254,7 @@ local added = 0
 if ledger > before then
   added = ledger - before
   redis.call('HSET', KEYS[1], 'u', used + added, 'p', ledger)
+  redis.call('HINCRBY', KEYS[1], 'v', 1)
 end
 if ledger_overage > before_overage then
   redis.call('HSET', KEYS[1], 'o', overage + ledger_overage - before_overage, 'q', ledger_overage)
