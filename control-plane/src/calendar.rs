@@ -90,7 +90,8 @@ pub fn parse_day(text: &str) -> Option<i64> {
 /// fractional seconds (to the millisecond, further digits dropped), any offset
 /// (`2027-01-31T01:00:00+01:00`), and `t` and `z` in either case. `None` for anything else: no
 /// offset, a space for `T`, a date or time that does not exist, or an instant before 1970.
-/// A leap second (`:60`) is taken as the last millisecond of its minute.
+/// A leap second (`:60`, at the end of a UTC day only) is taken as the last millisecond of its
+/// minute.
 pub fn parse_rfc3339(text: &str) -> Option<i64> {
     let bytes = text.as_bytes();
     let number = |at: usize, len: usize| -> Option<i64> {
@@ -143,6 +144,11 @@ pub fn parse_rfc3339(text: &str) -> Option<i64> {
         }
         _ => return None,
     };
+    let utc_minute = (hour * 60 + minute - offset_minutes).rem_euclid(24 * 60);
+    if second == 60 && utc_minute != 23 * 60 + 59 {
+        // Leap seconds are inserted at the end of a UTC day only.
+        return None;
+    }
     let (second, millis) = if second == 60 {
         (59, 999)
     } else {
@@ -219,6 +225,10 @@ mod tests {
             parse_rfc3339("2026-12-31T23:59:60Z"),
             Some(new_year_2027 - 1)
         );
+        assert_eq!(
+            parse_rfc3339("2027-01-01T00:59:60+01:00"),
+            Some(new_year_2027 - 1)
+        );
         assert_eq!(parse_rfc3339("1970-01-01T00:00:00Z"), Some(0));
         for text in [
             "2027-01-01T00:00:00",
@@ -227,6 +237,7 @@ mod tests {
             "2027-02-29T00:00:00Z",
             "2027-01-01T24:00:00Z",
             "2027-01-01T00:60:00Z",
+            "2027-06-15T12:34:60Z",
             "2027-01-01T00:00:00.Z",
             "2027-01-01T00:00:00+0100",
             "2027-01-01T00:00:00+24:00",

@@ -32,8 +32,8 @@ pub const BOOTSTRAP_TOKEN_NAME: &str = "bootstrap (TOLLGATE_ADMIN_TOKEN)";
 
 /// Makes sure the first admin can log in: the token from `TOLLGATE_ADMIN_TOKEN` is registered if
 /// given, in place of the one an earlier value of it set, unless it was deleted through the API
-/// (a deleted token stays deleted); otherwise a store without any admin token gets a new one,
-/// returned to be printed once.
+/// or replaced by a later value (it stays deleted); otherwise a store without any admin token
+/// gets a new one, returned to be printed once.
 pub async fn ensure_first_admin(
     store: &Store,
     configured: Option<&str>,
@@ -45,18 +45,23 @@ pub async fn ensure_first_admin(
         }
         if store.admin_token_was_deleted(&hash).await? {
             tracing::warn!(
-                "TOLLGATE_ADMIN_TOKEN is a token deleted through the admin API; it stays deleted \
-                 (set a new one, or use another admin token)"
+                "TOLLGATE_ADMIN_TOKEN is a token deleted through the admin API or replaced by a \
+                 later value; it stays deleted (set a new one, or use another admin token)"
             );
             return Ok(None);
         }
-        let (_, replaced) = store
-            .replace_admin_token(BOOTSTRAP_TOKEN_NAME, Role::Admin, &hash)
-            .await?;
-        if replaced > 0 {
-            tracing::info!(
+        match store
+            .replace_admin_token(BOOTSTRAP_TOKEN_NAME, Role::Admin, &hash, true)
+            .await
+        {
+            Ok((_, replaced)) if replaced > 0 => tracing::info!(
                 "TOLLGATE_ADMIN_TOKEN changed: the token its earlier value set no longer works"
-            );
+            ),
+            Ok(_) => {}
+            // Another control plane on the store registered the same value at the same moment.
+            Err(store::StoreError::Conflict(_))
+                if store.admin_token_by_hash(&hash).await?.is_some() => {}
+            Err(error) => return Err(error.into()),
         }
         return Ok(None);
     }
@@ -86,6 +91,7 @@ pub async fn embedded_gateway_token(store: &Store, instance: &str) -> anyhow::Re
             &embedded_gateway_token_name(instance),
             Role::Gateway,
             &hash(token.expose()),
+            false,
         )
         .await?;
     Ok(token)

@@ -824,11 +824,11 @@ async fn idempotent_retries_replay_the_first_answer(db: &Db) {
         call(&app, "POST", "/v1/customers", Some(&db.admin), Some(body)).await;
     assert_eq!(status, StatusCode::CREATED, "{customer}");
     let keys_path = format!("/v1/customers/{}/keys", customer["id"].as_str().unwrap());
-    let create_key = |token: &str| {
+    let create_key = |authorization: String| {
         Request::builder()
             .method("POST")
             .uri(&keys_path)
-            .header("authorization", format!("Bearer {token}"))
+            .header("authorization", authorization)
             .header("idempotency-key", "key-retry-1")
             .body(Body::from(json!({"name": "k"}).to_string()))
             .unwrap()
@@ -840,14 +840,70 @@ async fn idempotent_retries_replay_the_first_answer(db: &Db) {
             .unwrap();
         (replayed, serde_json::from_slice::<Value>(&bytes).unwrap())
     };
-    let (replayed, first) = read(app.clone().oneshot(create_key(&db.admin)).await.unwrap()).await;
+    let (replayed, first) = read(
+        app.clone()
+            .oneshot(create_key(format!("Bearer {}", db.admin)))
+            .await
+            .unwrap(),
+    )
+    .await;
     assert!(!replayed);
     let key = first["key"].as_str().unwrap().to_owned();
     assert!(key.starts_with("tg_"), "{first}");
-    let (replayed, again) = read(app.clone().oneshot(create_key(&db.admin)).await.unwrap()).await;
+    let (replayed, again) = read(
+        app.clone()
+            .oneshot(create_key(format!("Bearer {}", db.admin)))
+            .await
+            .unwrap(),
+    )
+    .await;
     assert!(replayed);
     assert_eq!(again, first, "the same key, shown again");
+    // The scheme's name in another case is the same caller.
+    let lower = format!("bearer  {}", db.admin);
+    let (replayed, again) = read(app.clone().oneshot(create_key(lower)).await.unwrap()).await;
+    assert!(replayed);
+    assert_eq!(again, first);
+    // A token deleted since gets nothing replayed: it is refused.
+    let (_, other, _) = call(
+        &app,
+        "POST",
+        "/v1/admin-tokens",
+        Some(&db.admin),
+        Some(json!({"name": "temp", "role": "admin"})),
+    )
+    .await;
+    let other_token = other["token"].as_str().unwrap().to_owned();
+    let by_other = || create_key(format!("Bearer {other_token}"));
+    let (replayed, _) = read(app.clone().oneshot(by_other()).await.unwrap()).await;
+    assert!(!replayed);
+    let (status, _, _) = call(
+        &app,
+        "DELETE",
+        &format!("/v1/admin-tokens/{}", other["id"].as_str().unwrap()),
+        Some(&db.admin),
+        None,
+    )
+    .await;
+    assert_eq!(status, StatusCode::NO_CONTENT);
+    let response = app.clone().oneshot(by_other()).await.unwrap();
+    assert_eq!(response.status(), StatusCode::UNAUTHORIZED);
+    assert!(!response.headers().contains_key("idempotent-replayed"));
+    // Remembered 24 hours: an answer older than that is not replayed.
     let sql = db.sql().await;
+    sqlx::query("UPDATE idempotency_keys SET created_at = created_at - 86400001")
+        .execute(&sql)
+        .await
+        .unwrap();
+    let (replayed, later) = read(
+        app.clone()
+            .oneshot(create_key(format!("Bearer {}", db.admin)))
+            .await
+            .unwrap(),
+    )
+    .await;
+    assert!(!replayed);
+    assert_ne!(later["key"], first["key"], "a new key");
     let stored: Vec<String> = sqlx::query("SELECT response FROM idempotency_keys")
         .fetch_all(&sql)
         .await
@@ -855,11 +911,16 @@ async fn idempotent_retries_replay_the_first_answer(db: &Db) {
         .iter()
         .map(|row| row.get("response"))
         .collect();
-    assert_eq!(stored.len(), 3, "{stored:?}");
+    // The expired ones were deleted as the last one was remembered.
+    assert_eq!(stored.len(), 1, "{stored:?}");
+    let later_key = later["key"].as_str().unwrap();
     for response in &stored {
         assert!(response.contains("\"sealed\""), "{response}");
-        assert!(!response.contains(&key), "the key is stored: {response}");
-        assert!(!response.contains(first["id"].as_str().unwrap()));
+        assert!(
+            !response.contains(later_key),
+            "the key is stored: {response}"
+        );
+        assert!(!response.contains(later["id"].as_str().unwrap()));
     }
     sql.close().await;
 }
@@ -918,9 +979,13 @@ async fn the_environment_s_admin_token_is_replaced_by_a_new_value_and_stays_dele
     start(&second).await;
     assert!(!can_read(&second).await, "a deleted token stays deleted");
     assert!(bootstrap().await.is_empty());
-    // A new value is registered.
+    // A value replaced by a later one stays retired too (a rollback, a stale replica).
     start(&first).await;
-    assert!(can_read(&first).await);
+    assert!(!can_read(&first).await, "a replaced value stays retired");
+    // A new value is registered.
+    let third = format!("third-{}", "c".repeat(40));
+    start(&third).await;
+    assert!(can_read(&third).await);
 }
 
 /// A token of role `gateway`, for the feed.

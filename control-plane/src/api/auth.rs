@@ -54,19 +54,21 @@ impl FromRequestParts<AppState> for GatewayCaller {
     }
 }
 
-async fn authenticate(parts: &Parts, state: &AppState) -> Result<AdminToken, ApiError> {
-    let token = parts
-        .headers
+/// The token of an `Authorization: Bearer` header (the scheme's name in any case, RFC 9110).
+pub(super) fn bearer_token(headers: &axum::http::HeaderMap) -> Option<&str> {
+    headers
         .get(axum::http::header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
-        // The scheme's name is case-insensitive (RFC 9110).
         .and_then(|v| {
             let (scheme, token) = v.split_once(' ')?;
             scheme.eq_ignore_ascii_case("bearer").then_some(token)
         })
         .map(str::trim)
         .filter(|t| !t.is_empty())
-        .ok_or(ApiError::Unauthenticated)?;
+}
+
+async fn authenticate(parts: &Parts, state: &AppState) -> Result<AdminToken, ApiError> {
+    let token = bearer_token(&parts.headers).ok_or(ApiError::Unauthenticated)?;
     state
         .store
         .admin_token_by_hash(&hash(token))

@@ -8,9 +8,10 @@
 //!
 //! An answer may hold a secret shown once (a new key, a rotated key, a new admin token), and the
 //! store keeps only hashes of those. So the body is kept sealed (ChaCha20-Poly1305) with a key
-//! made from the caller's `Authorization` header and the `Idempotency-Key`, which the store does
-//! not hold (it keeps the header's SHA-256): only the caller's retry can open it, and a copy of
-//! the store holds no usable secret.
+//! made from the caller's token and the `Idempotency-Key`; the store holds the key and the
+//! token's hash, not the token: only the caller's retry can open it, and a copy of the store
+//! holds no usable secret without a token that was valid when it was written. Answers are kept
+//! [`KEPT_MS`] (24 h), and replayed only to a caller whose token still works.
 
 use axum::body::{Body, to_bytes};
 use axum::extract::{Request, State};
@@ -31,6 +32,9 @@ use crate::store::idempotency::Remembered;
 pub const HEADER: &str = "idempotency-key";
 /// Marks a replayed answer.
 pub const REPLAYED: &str = "idempotent-replayed";
+
+/// How long an answer is remembered: a retry later than this is a new request.
+pub const KEPT_MS: i64 = 24 * 3_600_000;
 
 /// `POST` paths that do not read `Idempotency-Key`: idempotent by their content.
 pub const NOT_REMEMBERED: [&str; 1] = ["/v1/gateway/usage"];
@@ -55,14 +59,25 @@ pub async fn layer(State(state): State<AppState>, request: Request, next: Next) 
             .into_response();
         }
     };
-    // Keyed by the caller's token (hashed): keys of different admins never collide.
-    let authorization = request
-        .headers()
-        .get(header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .unwrap_or_default();
-    let actor = crate::secret::hash(authorization);
-    let seal_key = seal_key(authorization, &key);
+    // Only for a caller whose token works now: a deleted token gets no answer remembered for it
+    // (the handler refuses it).
+    let Some(token) = super::auth::bearer_token(request.headers()).map(str::to_owned) else {
+        return next.run(request).await;
+    };
+    match state
+        .store
+        .admin_token_by_hash(&crate::secret::hash(&token))
+        .await
+    {
+        Ok(Some(_)) => {}
+        Ok(None) => return next.run(request).await,
+        Err(error) => return ApiError::from(error).into_response(),
+    }
+    // Keyed by the caller's token (hashed): keys of different admins never collide. The header
+    // as `Bearer <token>` whatever the scheme's case, as earlier versions keyed it.
+    let authorization = format!("Bearer {token}");
+    let actor = crate::secret::hash(&authorization);
+    let seal_key = seal_key(&authorization, &key);
     let path = request.uri().path().to_owned();
     let (parts, body) = request.into_parts();
     let Ok(body) = to_bytes(body, MAX_BODY).await else {
@@ -77,7 +92,7 @@ pub async fn layer(State(state): State<AppState>, request: Request, next: Next) 
             .chain_update(&body)
             .finalize(),
     );
-    match state.store.remembered(&actor, &key).await {
+    match state.store.remembered(&actor, &key, KEPT_MS).await {
         Ok(Some(remembered)) if remembered.request_hash == request_hash => {
             return replay(&remembered, &seal_key);
         }
@@ -119,7 +134,11 @@ pub async fn layer(State(state): State<AppState>, request: Request, next: Next) 
         status: parts.status.as_u16(),
         response: stored.to_string(),
     };
-    if let Err(error) = state.store.remember(&actor, &key, &path, &answer).await {
+    if let Err(error) = state
+        .store
+        .remember(&actor, &key, &path, &answer, KEPT_MS)
+        .await
+    {
         tracing::warn!(%error, "cannot remember an idempotent answer");
     }
     Response::from_parts(parts, Body::from(body))

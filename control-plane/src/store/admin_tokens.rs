@@ -67,14 +67,29 @@ impl Store {
 
     /// Replaces every token named `name` with `role` by one with this hash (at start-up, with no
     /// one to audit): for the token a gateway gives its own embedded control plane, and the one
-    /// `TOLLGATE_ADMIN_TOKEN` sets. The new token, and how many it replaced.
+    /// `TOLLGATE_ADMIN_TOKEN` sets, whose replaced tokens are `retire`d: remembered as deleted,
+    /// so that an old value set again (a rollback, a stale replica) does not bring one back. The
+    /// new token, and how many it replaced.
     pub async fn replace_admin_token(
         &self,
         name: &str,
         role: Role,
         hash: &str,
+        retire: bool,
     ) -> Result<(AdminToken, u64), StoreError> {
         let mut tx = self.pool().begin().await?;
+        if retire {
+            sqlx::query(
+                "INSERT INTO deleted_admin_tokens (hash, deleted_at) \
+                 SELECT hash, $3 FROM admin_tokens WHERE name = $1 AND role = $2 \
+                 ON CONFLICT (hash) DO NOTHING",
+            )
+            .bind(name)
+            .bind(role.as_str())
+            .bind(now_ms())
+            .execute(&mut *tx)
+            .await?;
+        }
         let replaced = sqlx::query("DELETE FROM admin_tokens WHERE name = $1 AND role = $2")
             .bind(name)
             .bind(role.as_str())

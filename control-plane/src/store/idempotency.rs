@@ -16,17 +16,22 @@ pub struct Remembered {
 }
 
 impl Store {
-    /// The answer remembered for `key` of `actor`.
+    /// The answer remembered for `key` of `actor`, unless older than `kept_ms`.
     pub async fn remembered(
         &self,
         actor: &str,
         key: &str,
+        kept_ms: i64,
     ) -> Result<Option<Remembered>, StoreError> {
-        let row = sqlx::query("SELECT request_hash, status, response FROM idempotency_keys WHERE actor = $1 AND key = $2")
-            .bind(actor)
-            .bind(key)
-            .fetch_optional(self.pool())
-            .await?;
+        let row = sqlx::query(
+            "SELECT request_hash, status, response FROM idempotency_keys \
+             WHERE actor = $1 AND key = $2 AND created_at > $3",
+        )
+        .bind(actor)
+        .bind(key)
+        .bind(now_ms() - kept_ms)
+        .fetch_optional(self.pool())
+        .await?;
         row.map(|row| {
             let status: i64 = row.try_get("status")?;
             Ok(Remembered {
@@ -38,14 +43,20 @@ impl Store {
         .transpose()
     }
 
-    /// Remembers an answer; a concurrent first answer for the same key wins.
+    /// Remembers an answer, after deleting those older than `kept_ms`; a concurrent first answer
+    /// for the same key wins.
     pub async fn remember(
         &self,
         actor: &str,
         key: &str,
         path: &str,
         answer: &Remembered,
+        kept_ms: i64,
     ) -> Result<(), StoreError> {
+        sqlx::query("DELETE FROM idempotency_keys WHERE created_at <= $1")
+            .bind(now_ms() - kept_ms)
+            .execute(self.pool())
+            .await?;
         let result = sqlx::query(
             "INSERT INTO idempotency_keys (actor, key, path, request_hash, status, response, created_at) \
              VALUES ($1, $2, $3, $4, $5, $6, $7)",

@@ -82,6 +82,11 @@ pub fn values(decision: &Decision, given_back: u64) -> Vec<(&'static str, Header
     let mut values = Vec::with_capacity(8);
     let quota_reset = ceil_seconds(decision.period.end_ms.saturating_sub(decision.at_ms));
     let quota_remaining = decision.quota.map(|quota| {
+        if quota.hard && decision.verdict == super::Verdict::QuotaExceeded {
+            // Refused for it: none left, whatever the count says (Redis refuses on its count
+            // plus units a gateway holds that it does not have yet).
+            return 0;
+        }
         quota
             .limit
             .saturating_sub(decision.used.saturating_sub(given_back))
@@ -313,6 +318,14 @@ mod tests {
         let values = super::values(&spent, 0);
         assert_eq!(get(&values, X_RATELIMIT_LIMIT).as_deref(), Some("500"));
         assert_eq!(get(&values, X_RATELIMIT_REMAINING).as_deref(), Some("3"));
+        // Refused for a hard quota whose count shows room (Redis counted units a gateway held
+        // that it had not been given yet): none left, everywhere.
+        let mut refused = decision();
+        refused.verdict = Verdict::QuotaExceeded;
+        let values = super::values(&refused, 0);
+        assert_eq!(get(&values, X_QUOTA_REMAINING).as_deref(), Some("0"));
+        assert_eq!(get(&values, X_RATELIMIT_REMAINING).as_deref(), Some("0"));
+        assert_eq!(get(&values, X_RATELIMIT_LIMIT).as_deref(), Some("10000"));
     }
 
     #[test]

@@ -120,11 +120,12 @@ fn bearer(value: &str) -> Option<&str> {
     Some(token.trim()).filter(|t| !t.is_empty())
 }
 
+/// The value of the parameter `name` (also spelled with escapes, as it is removed upstream).
 fn query_value<'a>(query: &'a str, name: &str) -> Option<&'a str> {
     query
         .split('&')
         .filter_map(|pair| pair.split_once('='))
-        .find(|(key, _)| *key == name)
+        .find(|(key, _)| decodes_to(key, name))
         .map(|(_, value)| value)
 }
 
@@ -356,6 +357,12 @@ mod tests {
             Some((Credential::Key("q"), Source::Query))
         );
         assert_eq!(credential(&req, &auth(None)), None, "query not allowed");
+        // Spelled with escapes, as it is also removed before the upstream.
+        let req = request("/a?api%5Fkey=q", &[]);
+        assert_eq!(
+            credential(&req, &auth(Some("api_key"))),
+            Some((Credential::Key("q"), Source::Query))
+        );
     }
 
     #[test]

@@ -89,7 +89,8 @@ impl Connection {
 }
 
 /// The masters' addresses in an answer to `CLUSTER SLOTS` (each range's first node), once each;
-/// a node whose address is not given (empty, or `?`) is left out.
+/// a node whose address is not given (empty, `?`, or a wildcard such as `0.0.0.0`, which
+/// redis-rs takes as the answering node's) is left out.
 fn masters(slots: redis::Value) -> Vec<(String, u16)> {
     let mut masters: Vec<(String, u16)> = Vec::new();
     let redis::Value::Array(ranges) = slots else {
@@ -111,7 +112,12 @@ fn masters(slots: redis::Value) -> Vec<(String, u16)> {
         let Ok(port) = u16::try_from(*port) else {
             continue;
         };
-        if host.is_empty() || host == "?" || masters.contains(&(host.clone(), port)) {
+        let unnamed = host.is_empty()
+            || host == "?"
+            || host
+                .parse::<std::net::IpAddr>()
+                .is_ok_and(|ip| ip.is_unspecified());
+        if unnamed || masters.contains(&(host.clone(), port)) {
             continue;
         }
         masters.push((host, port));
@@ -480,7 +486,9 @@ mod tests {
             // Addresses the cluster does not give.
             range(12001, 13000, vec![node("", 7004)]),
             range(13001, 14000, vec![node("?", 7005)]),
-            range(14001, 16383, vec![]),
+            range(14001, 14100, vec![node("0.0.0.0", 7006)]),
+            range(14101, 14200, vec![node("::", 7007)]),
+            range(14201, 16383, vec![]),
         ]);
         assert_eq!(
             masters(slots),

@@ -14,7 +14,7 @@ use super::connection::{Connection, open};
 const PROBE_INTERVAL: Duration = Duration::from_millis(250);
 /// How long a `PING` may take before it counts as unanswered.
 const PROBE_TIMEOUT: Duration = Duration::from_secs(1);
-/// How many `PING`s in a row the background connection answers with an error before a new
+/// How many `PING`s in a row the background connection's credentials are refused before a new
 /// connection is tried beside it.
 const REMAKE_AFTER: u32 = 4;
 /// The first and the longest wait between two such tries.
@@ -30,6 +30,9 @@ enum Pong {
     Broken(String),
     /// Redis answered with an error (such as an ACL refusing `PING`): the connection works.
     Refusing(String),
+    /// Redis refused the connection's credentials (`WRONGPASS`, `NOAUTH`): a connection made
+    /// again while a password was changed, which redis-rs keeps as it is.
+    Unauthenticated(String),
     /// No answer within [`PROBE_TIMEOUT`]: Redis is slow, or the way to it is.
     Silent,
 }
@@ -56,14 +59,16 @@ fn window(pong: &Pong, timeout: Duration, retry_after_ms: i64, now_ms: i64) -> W
             let next_probe = (PROBE_INTERVAL + 3 * PROBE_TIMEOUT).as_millis() as i64;
             Window::Open(now_ms.saturating_add(retry_after_ms.max(next_probe)))
         }
-        Pong::Answered(_) | Pong::Refusing(_) | Pong::Silent => Window::Keep,
+        Pong::Answered(_) | Pong::Refusing(_) | Pong::Unauthenticated(_) | Pong::Silent => {
+            Window::Keep
+        }
     }
 }
 
 /// What the probe remembers from one `PING` to the next.
 #[derive(Debug, Default)]
 struct Probing {
-    /// `PING`s in a row the background connection answered with an error.
+    /// `PING`s in a row the background connection's credentials were refused.
     refused: u32,
     /// When a new connection may be tried next, and the wait after that one fails.
     remake_at: Option<Instant>,
@@ -82,10 +87,10 @@ impl RedisCounters {
     ///
     /// A connection whose reconnection failed with an error answer (an authentication refused
     /// while a password was changed) keeps that error for good: redis-rs makes it again only
-    /// after an I/O error. So when the background connection answers [`REMAKE_AFTER`] `PING`s in
-    /// a row with an error, a new one is made beside it, and takes its place if it answers
-    /// (see [`remake`](Self::remake)); a request path's connection answering with an error while
-    /// the background one answers is forgotten.
+    /// after an I/O error. So when the background connection's credentials are refused for
+    /// [`REMAKE_AFTER`] `PING`s in a row, a new one is made beside it, and takes its place if it
+    /// answers (see [`remake`](Self::remake)); a request path's connection refused so while the
+    /// background one answers is forgotten.
     ///
     /// Whether the background connection answered is `/health/ready`'s `redis_connected` and
     /// the `tollgate_redis_up` gauge. Run every `PROBE_INTERVAL` (250 ms).
@@ -102,11 +107,15 @@ impl RedisCounters {
         });
         match (&near, &near_pong, &far_pong) {
             (Some(made), Some(Pong::Broken(_)), _)
-            | (Some(made), Some(Pong::Refusing(_)), Pong::Answered(_)) => self.near.forget(made),
+            | (Some(made), Some(Pong::Unauthenticated(_)), Pong::Answered(_)) => {
+                self.near.forget(made);
+            }
             _ => {}
         }
         let mut remade = false;
-        if let Pong::Refusing(error) = &far_pong {
+        // Only a refusal of its credentials: an ACL refusing `PING`, or `LOADING`, leaves the
+        // connection as good as a new one.
+        if let Pong::Unauthenticated(error) = &far_pong {
             probing.refused += 1;
             if probing.refused >= REMAKE_AFTER
                 && probing.remake_at.is_none_or(|at| Instant::now() >= at)
@@ -156,7 +165,7 @@ impl RedisCounters {
         let was = self.up.get();
         self.up.set(i64::from(answered));
         match (&seen, was == 1) {
-            (Pong::Broken(error) | Pong::Refusing(error), true) => {
+            (Pong::Broken(error) | Pong::Refusing(error) | Pong::Unauthenticated(error), true) => {
                 tracing::warn!(%error, "shared counters: redis does not answer a ping");
             }
             (Pong::Silent, true) => tracing::warn!(
@@ -168,8 +177,8 @@ impl RedisCounters {
         }
     }
 
-    /// Makes a new background connection while the one in place answers with an error (the
-    /// last, `error`): it takes that one's place, and the request path's connection is made
+    /// Makes a new background connection while the one in place has its credentials refused (the
+    /// last error, `error`): it takes that one's place, and the request path's connection is made
     /// again, when it answers a `PING`; its `PING`'s answer then. Otherwise it is dropped, and
     /// tried again after a wait that doubles from 1 s to 10 s.
     async fn remake(&self, error: &str, probing: &mut Probing) -> Option<Pong> {
@@ -190,7 +199,7 @@ impl RedisCounters {
                 }
                 pong => pong,
             },
-            Err(error) => Pong::Refusing(error.to_string()),
+            Err(error) => Pong::Unauthenticated(error.to_string()),
         };
         probing.remake_delay = (probing.remake_delay * 2).clamp(REMAKE_MIN, REMAKE_MAX);
         probing.remake_at = Some(Instant::now() + probing.remake_delay);
@@ -238,6 +247,12 @@ async fn answer(ping: impl Future<Output = redis::RedisResult<()>>) -> Pong {
                 || error.kind() == redis::ErrorKind::ClusterConnectionNotFound =>
         {
             Pong::Broken(error.to_string())
+        }
+        Ok(Err(error))
+            if error.kind() == redis::ErrorKind::AuthenticationFailed
+                || matches!(error.code(), Some("WRONGPASS" | "NOAUTH")) =>
+        {
+            Pong::Unauthenticated(error.to_string())
         }
         Ok(Err(error)) => Pong::Refusing(error.to_string()),
         Err(_) => Pong::Silent,
