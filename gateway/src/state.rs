@@ -52,6 +52,8 @@ pub struct Live {
     pub security_headers: SecurityHeaders,
     /// What counts against quotas.
     pub metering: crate::config::Metering,
+    /// Proxies whose `X-Forwarded-For` names the client failed authentications count against.
+    pub trusted_proxies: Vec<crate::config::IpBlock>,
 }
 
 /// State shared by every part of one gateway process.
@@ -306,5 +308,6 @@ fn build_live(version: u64, config: Config, health: &HealthRegistry, metrics: &M
         limits: config.limits,
         security_headers: config.security_headers,
         metering: config.metering,
+        trusted_proxies: config.auth.trusted_proxies,
     }
 }

@@ -492,6 +492,56 @@ async fn failed_authentications_past_the_rate_are_refused_before_any_lookup() {
     assert_eq!(call(&gateway, "/orders", Some(&key)).await.0, 429);
 }
 
+/// Behind a trusted proxy (here the test itself, on 127.0.0.1), failures count against the
+/// client `X-Forwarded-For` names: one client guessing keys is refused, another behind the same
+/// proxy is not. Before, the proxy's address counted, so every client behind it was refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn behind_a_trusted_proxy_failures_count_against_the_forwarded_client() {
+    let upstream = Upstream::start("orders");
+    let token = admin_token();
+    let text = standalone_config(&upstream).replace(
+        "failed_per_minute = 100000",
+        "failed_per_minute = 3\ntrusted_proxies = [\"127.0.0.0/8\"]",
+    );
+    let gateway = Gateway::start_with_env(
+        tempfile::tempdir().unwrap(),
+        &text,
+        &[("TOLLGATE_ADMIN_TOKEN", token.as_str())],
+    )
+    .await;
+    let api = AdminApi::new(&format!("http://{}", gateway.admin), &token);
+    let (_, _, key) = api.customer_with_key("behind").await;
+    let key = key["key"].as_str().unwrap().to_owned();
+    gateway.wait_for_keys(1).await;
+    let from = async |client_ip: &str, credential: &str| {
+        client()
+            .get(gateway.url("/orders"))
+            .bearer_auth(credential)
+            // What the client wrote itself comes first; the proxy appended the address it saw.
+            .header("x-forwarded-for", format!("6.6.6.6, {client_ip}"))
+            .send()
+            .await
+            .unwrap()
+            .status()
+            .as_u16()
+    };
+    for i in 0..3 {
+        let guess = format!("tg_{i:0>22}AAAAAA");
+        assert_eq!(from("198.51.100.1", &guess).await, 401, "guess {i}");
+    }
+    assert_eq!(from("198.51.100.1", &key).await, 429);
+    // Another client behind the same proxy, and one claiming the guesser's address to its left.
+    assert_eq!(from("198.51.100.2", &key).await, 200);
+    let spoofed = client()
+        .get(gateway.url("/orders"))
+        .bearer_auth(&key)
+        .header("x-forwarded-for", "198.51.100.1, 198.51.100.3")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(spoofed.status(), 200);
+}
+
 /// A gateway following the control plane at `control_plane` (a `host:port`), with the routes of
 /// [`gateway_config`].
 fn cluster_config(upstream: &Upstream, control_plane: &str) -> String {

@@ -20,8 +20,8 @@ use http::{HeaderName, HeaderValue, Method};
 pub use file::LogFormat;
 pub use load::{ConfigError, ConfigErrors};
 pub use plans::{
-    AuthSettings, ControlPlane, EMBEDDED_BATCH, FeedSource, JwtKeys, JwtProvider, Metering,
-    REMOTE_BATCH, Redis, RedisNodes, RouteAuth, StaticKey,
+    AuthSettings, ControlPlane, EMBEDDED_BATCH, FeedSource, IpBlock, JwtKeys, JwtProvider,
+    Metering, REMOTE_BATCH, Redis, RedisNodes, RouteAuth, StaticKey,
 };
 
 /// A checked configuration.

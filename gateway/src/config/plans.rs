@@ -142,10 +142,56 @@ pub enum FeedSource {
 }
 
 /// Protection of authenticated routes.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct AuthSettings {
     /// Failed authentications per client address and minute before 429.
     pub failed_per_minute: u32,
+    /// Proxies whose `X-Forwarded-For` names the client the failures count against.
+    pub trusted_proxies: Vec<IpBlock>,
+}
+
+/// An address block: an address and how many of its leading bits a member shares.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct IpBlock {
+    addr: std::net::IpAddr,
+    prefix: u8,
+}
+
+impl IpBlock {
+    /// `10.0.0.0/8`, `2001:db8::/32`, or one address (`127.0.0.1`: all its bits); `None` for
+    /// anything else, or a prefix longer than the address.
+    pub fn parse(text: &str) -> Option<Self> {
+        let (addr, prefix) = match text.split_once('/') {
+            Some((addr, prefix)) => (addr, Some(prefix)),
+            None => (text, None),
+        };
+        let addr: std::net::IpAddr = addr.parse().ok()?;
+        let bits = if addr.is_ipv4() { 32 } else { 128 };
+        let prefix = match prefix {
+            Some(prefix) if prefix.bytes().all(|b| b.is_ascii_digit()) => prefix.parse().ok()?,
+            Some(_) => return None,
+            None => bits,
+        };
+        (prefix <= bits).then_some(Self { addr, prefix })
+    }
+
+    /// Whether `ip` is in the block (an IPv4 address written as IPv6, `::ffff:a.b.c.d`, as its
+    /// IPv4 self).
+    pub fn contains(&self, ip: std::net::IpAddr) -> bool {
+        let masked = |bits: u128, width: u32| {
+            let shift = width - u32::from(self.prefix);
+            if shift >= 128 { 0 } else { bits >> shift }
+        };
+        match (self.addr, ip.to_canonical()) {
+            (std::net::IpAddr::V4(block), std::net::IpAddr::V4(ip)) => {
+                masked(u128::from(u32::from(block)), 32) == masked(u128::from(u32::from(ip)), 32)
+            }
+            (std::net::IpAddr::V6(block), std::net::IpAddr::V6(ip)) => {
+                masked(u128::from(block), 128) == masked(u128::from(ip), 128)
+            }
+            _ => false,
+        }
+    }
 }
 
 /// Who may call a route.

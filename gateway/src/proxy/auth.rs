@@ -129,6 +129,39 @@ fn query_value<'a>(query: &'a str, name: &str) -> Option<&'a str> {
         .map(|(_, value)| value)
 }
 
+/// The address failed authentications count against: the peer's, or, when the peer is one of
+/// the `trusted` proxies, the right-most address of `X-Forwarded-For` (every line of it, in
+/// order) that is not one of them. Entries to its left are the client's own to write, so never
+/// taken; an entry that is not an address stops the walk at the last trusted one.
+pub fn client_address(
+    peer: Option<IpAddr>,
+    req: &RequestHeader,
+    trusted: &[crate::config::IpBlock],
+) -> Option<IpAddr> {
+    let peer = peer?;
+    let is_trusted = |ip: IpAddr| trusted.iter().any(|block| block.contains(ip));
+    if !is_trusted(peer) {
+        return Some(peer);
+    }
+    let lines: Vec<&str> = req
+        .headers
+        .get_all("x-forwarded-for")
+        .iter()
+        .filter_map(|value| value.to_str().ok())
+        .collect();
+    let mut client = peer;
+    for entry in lines.iter().rev().flat_map(|line| line.rsplit(',')) {
+        let Ok(ip) = entry.trim().parse::<IpAddr>() else {
+            break;
+        };
+        client = ip;
+        if !is_trusted(ip) {
+            break;
+        }
+    }
+    Some(client)
+}
+
 /// Checks the request's credential for `route`. Failures count against the client address,
 /// which is refused (429) before any check once over the limit.
 pub fn authenticate(
@@ -536,6 +569,43 @@ mod tests {
                 "x-tollgate-customer-idx",
                 "x-tollgate.plan-id"
             ]
+        );
+    }
+
+    #[test]
+    fn behind_trusted_proxies_the_client_is_the_right_most_untrusted_forwarded_address() {
+        let trusted = [
+            crate::config::IpBlock::parse("10.0.0.0/8").unwrap(),
+            crate::config::IpBlock::parse("127.0.0.1").unwrap(),
+        ];
+        let ip = |text: &str| text.parse::<IpAddr>().unwrap();
+        let client = |peer: &str, forwarded: &[&str]| {
+            let headers: Vec<(&str, &str)> =
+                forwarded.iter().map(|f| ("x-forwarded-for", *f)).collect();
+            client_address(Some(ip(peer)), &request("/a", &headers), &trusted)
+        };
+        // An untrusted peer is the client, whatever it forwards.
+        assert_eq!(
+            client("203.0.113.9", &["198.51.100.1"]),
+            Some(ip("203.0.113.9"))
+        );
+        // A trusted one: the right-most address that is not a trusted proxy; what the client
+        // wrote to its left is not taken.
+        assert_eq!(
+            client("127.0.0.1", &["6.6.6.6, 198.51.100.1, 10.1.2.3"]),
+            Some(ip("198.51.100.1"))
+        );
+        assert_eq!(
+            client("10.0.0.1", &["6.6.6.6", "198.51.100.2"]),
+            Some(ip("198.51.100.2"))
+        );
+        // Nothing forwarded, or nothing usable: the proxy itself.
+        assert_eq!(client("10.0.0.1", &[]), Some(ip("10.0.0.1")));
+        assert_eq!(client("10.0.0.1", &["unknown"]), Some(ip("10.0.0.1")));
+        // IPv4 written as IPv6 is matched as IPv4.
+        assert_eq!(
+            client("::ffff:10.0.0.1", &["2001:db8::7"]),
+            Some(ip("2001:db8::7"))
         );
     }
 

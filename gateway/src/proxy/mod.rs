@@ -155,10 +155,12 @@ impl ProxyHttp for Proxy {
         }
         let metered = route.metered;
         if route.auth.required() {
-            let client = session
+            let peer = session
                 .client_addr()
                 .and_then(|a| a.as_inet())
                 .map(|a| a.ip());
+            let client =
+                auth::client_address(peer, session.req_header(), &ctx.live.trusted_proxies);
             match auth::authenticate(&self.gateway, session.req_header(), route, client) {
                 Ok(caller) => ctx.caller = Some(caller),
                 Err(problem) => {

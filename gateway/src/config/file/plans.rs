@@ -73,12 +73,17 @@ pub struct AuthConfig {
     /// Failed authentications per client address and minute; past it, 429 before any lookup.
     #[serde(default = "defaults::failed_auth_per_minute")]
     pub failed_per_minute: u32,
+    /// Addresses and CIDR blocks of proxies in front of the gateway whose `X-Forwarded-For`
+    /// names the client, for counting failed authentications.
+    #[serde(default)]
+    pub trusted_proxies: Vec<String>,
 }
 
 impl Default for AuthConfig {
     fn default() -> Self {
         Self {
             failed_per_minute: defaults::failed_auth_per_minute(),
+            trusted_proxies: Vec::new(),
         }
     }
 }

@@ -103,6 +103,19 @@ pub fn validate(
             "must be at least 1 (failed authentications per client address and minute)",
         );
     }
+    let mut trusted_proxies = Vec::new();
+    for (i, text) in file.auth.trusted_proxies.iter().enumerate() {
+        match crate::config::IpBlock::parse(text) {
+            Some(block) => trusted_proxies.push(block),
+            None => errors.push(
+                format!("auth.trusted_proxies[{i}]"),
+                format!(
+                    "{text:?} is not an IP address or a CIDR block such as 10.0.0.0/8 or \
+                     2001:db8::/32"
+                ),
+            ),
+        }
+    }
     let routes: Vec<Route> = file
         .routes
         .iter()
@@ -146,6 +159,7 @@ pub fn validate(
             control_plane,
             auth: AuthSettings {
                 failed_per_minute: file.auth.failed_per_minute,
+                trusted_proxies,
             },
             jwt_providers,
             metering,

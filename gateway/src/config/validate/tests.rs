@@ -349,6 +349,43 @@ fn the_control_plane_is_embedded_or_followed_by_url_not_both() {
             "auth.failed_per_minute: must be at least 1 (failed authentications per client address and minute)"
         ]
     );
+    let errors = problems(&format!(
+        "{SERVER}\n[auth]\ntrusted_proxies = [\"10.0.0.0/8\", \"::1\", \"10.0.0.0/33\", \"lb.internal\"]\n"
+    ));
+    assert_eq!(
+        errors,
+        vec![
+            "auth.trusted_proxies[2]: \"10.0.0.0/33\" is not an IP address or a CIDR block such as 10.0.0.0/8 or 2001:db8::/32",
+            "auth.trusted_proxies[3]: \"lb.internal\" is not an IP address or a CIDR block such as 10.0.0.0/8 or 2001:db8::/32",
+        ]
+    );
+}
+
+#[test]
+fn an_address_block_holds_the_addresses_its_prefix_covers() {
+    let block = |text| crate::config::IpBlock::parse(text).unwrap();
+    let ip = |text: &str| text.parse::<std::net::IpAddr>().unwrap();
+    assert!(block("10.0.0.0/8").contains(ip("10.255.0.1")));
+    assert!(!block("10.0.0.0/8").contains(ip("11.0.0.1")));
+    assert!(block("0.0.0.0/0").contains(ip("203.0.113.1")));
+    assert!(block("127.0.0.1").contains(ip("127.0.0.1")));
+    assert!(!block("127.0.0.1").contains(ip("127.0.0.2")));
+    assert!(block("2001:db8::/32").contains(ip("2001:db8:1::5")));
+    assert!(!block("2001:db8::/32").contains(ip("2001:db9::5")));
+    assert!(block("::/0").contains(ip("::1")));
+    // IPv4 written as IPv6 is IPv4; the families do not mix otherwise.
+    assert!(block("10.0.0.0/8").contains(ip("::ffff:10.1.1.1")));
+    assert!(!block("::/0").contains(ip("10.1.1.1")));
+    for bad in [
+        "10.0.0.0/",
+        "10.0.0.0/-1",
+        "10.0.0.0/+8",
+        "::/129",
+        "10.0.0/8",
+        "",
+    ] {
+        assert!(crate::config::IpBlock::parse(bad).is_none(), "{bad}");
+    }
 }
 
 #[test]
