@@ -922,6 +922,45 @@ async fn idempotent_retries_replay_the_first_answer(db: &Db) {
         );
         assert!(!response.contains(later["id"].as_str().unwrap()));
     }
+    // An answer an earlier version kept unsealed (one still running during an upgrade) is not
+    // replayed: it is deleted, and the request made anew.
+    let actor = hash(&format!("Bearer {}", db.admin));
+    let plaintext = json!({"body": "{\"key\":\"tg_plaintext\"}"}).to_string();
+    let now_ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis();
+    sqlx::query(
+        "INSERT INTO idempotency_keys (actor, key, path, request_hash, status, response, created_at) \
+         VALUES ($1, 'old-version', $2, 'any', 201, $3, $4)",
+    )
+    .bind(&actor)
+    .bind(&keys_path)
+    .bind(&plaintext)
+    .bind(i64::try_from(now_ms).unwrap())
+    .execute(&sql)
+    .await
+    .unwrap();
+    let retried = Request::builder()
+        .method("POST")
+        .uri(&keys_path)
+        .header("authorization", format!("Bearer {}", db.admin))
+        .header("idempotency-key", "old-version")
+        .body(Body::from(json!({"name": "k"}).to_string()))
+        .unwrap();
+    let (replayed, made) = read(app.clone().oneshot(retried).await.unwrap()).await;
+    assert!(!replayed);
+    assert!(made["key"].as_str().unwrap().starts_with("tg_"), "{made}");
+    let left: String =
+        sqlx::query("SELECT response FROM idempotency_keys WHERE key = 'old-version'")
+            .fetch_one(&sql)
+            .await
+            .unwrap()
+            .get("response");
+    assert!(
+        left.contains("\"sealed\"") && !left.contains("tg_plaintext"),
+        "{left}"
+    );
     sql.close().await;
 }
 

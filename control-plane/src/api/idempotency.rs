@@ -93,6 +93,14 @@ pub async fn layer(State(state): State<AppState>, request: Request, next: Next) 
             .finalize(),
     );
     match state.store.remembered(&actor, &key, KEPT_MS).await {
+        // Written unsealed by an earlier version (one still running during an upgrade, maybe,
+        // after the migration dropped the others): it may hold a secret, so it is deleted, and
+        // the request is made as a new one.
+        Ok(Some(remembered)) if !remembered.response.contains("\"sealed\"") => {
+            if let Err(error) = state.store.forget_remembered(&actor, &key).await {
+                return ApiError::from(error).into_response();
+            }
+        }
         Ok(Some(remembered)) if remembered.request_hash == request_hash => {
             return replay(&remembered, &seal_key);
         }
@@ -147,16 +155,11 @@ pub async fn layer(State(state): State<AppState>, request: Request, next: Next) 
 fn replay(remembered: &Remembered, seal_key: &LessSafeKey) -> Response {
     let stored: Value = serde_json::from_str(&remembered.response).unwrap_or(Value::Null);
     let status = StatusCode::from_u16(remembered.status).unwrap_or(StatusCode::OK);
-    let body = match stored["sealed"].as_str() {
-        Some(sealed) => match open(seal_key, &remembered.request_hash, sealed) {
-            Some(body) => body,
-            None => {
-                return ApiError::Internal("a remembered answer cannot be opened".into())
-                    .into_response();
-            }
-        },
-        // Kept by an earlier version, unsealed.
-        None => stored["body"].as_str().unwrap_or("").as_bytes().to_vec(),
+    let opened = stored["sealed"]
+        .as_str()
+        .and_then(|sealed| open(seal_key, &remembered.request_hash, sealed));
+    let Some(body) = opened else {
+        return ApiError::Internal("a remembered answer cannot be opened".into()).into_response();
     };
     let mut response = (status, body).into_response();
     let headers = response.headers_mut();

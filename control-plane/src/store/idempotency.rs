@@ -43,6 +43,16 @@ impl Store {
         .transpose()
     }
 
+    /// Forgets the answer remembered for `key` of `actor`.
+    pub async fn forget_remembered(&self, actor: &str, key: &str) -> Result<(), StoreError> {
+        sqlx::query("DELETE FROM idempotency_keys WHERE actor = $1 AND key = $2")
+            .bind(actor)
+            .bind(key)
+            .execute(self.pool())
+            .await?;
+        Ok(())
+    }
+
     /// Remembers an answer, after deleting those older than `kept_ms`; a concurrent first answer
     /// for the same key wins.
     pub async fn remember(
