@@ -199,6 +199,19 @@ async fn enforces_each_outcome(gateway: &Gateway, api: &AdminApi) -> String {
     assert!(body["request_id"].is_string());
     let (status, body) = call(gateway, "/orders", Some("tg_not-a-key")).await;
     assert_eq!((status, problem_type(&body)), (401, "malformed-key"));
+    // Not visible ASCII: sent, so malformed, not missing.
+    let response = client()
+        .get(gateway.url("/orders"))
+        .header(
+            "x-api-key",
+            reqwest::header::HeaderValue::from_bytes(b"tg_caf\xc3\xa9").unwrap(),
+        )
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 401);
+    let body: Value = response.json().await.unwrap();
+    assert_eq!(problem_type(&body), "malformed-key");
     let mut typo = key.clone();
     let last = if typo.ends_with('A') { "B" } else { "A" };
     typo.replace_range(typo.len() - 1.., last);

@@ -90,12 +90,16 @@ fn jwt_shaped(token: &str) -> bool {
     token.bytes().filter(|&b| b == b'.').count() == 2
 }
 
+/// What an `X-API-Key` value that is not visible ASCII is taken as: a key no check accepts.
+const NOT_A_KEY: &str = "\u{fffd}";
+
 /// A key in `X-API-Key`, else in the route's query parameter.
 fn elsewhere<'a>(req: &'a RequestHeader, auth: &RouteAuth) -> Option<(Credential<'a>, Source)> {
     if let Some(key) = req
         .headers
         .get(X_API_KEY)
-        .and_then(|v| v.to_str().ok())
+        // A value that is not visible ASCII is no key: malformed, not missing.
+        .map(|v| v.to_str().unwrap_or(NOT_A_KEY))
         .map(str::trim)
         .filter(|k| !k.is_empty())
     {
@@ -395,6 +399,17 @@ mod tests {
         assert_eq!(
             credential(&req, &auth(Some("api_key"))),
             Some((Credential::Key("q"), Source::Query))
+        );
+        // An X-API-Key that is not visible ASCII is sent, and malformed: not a missing key.
+        let mut req = request("/a", &[]);
+        req.insert_header(
+            "x-api-key",
+            http::HeaderValue::from_bytes(b"tg_\xc3\xa9").unwrap(),
+        )
+        .unwrap();
+        assert_eq!(
+            credential(&req, &auth(None)),
+            Some((Credential::Key(NOT_A_KEY), Source::Header))
         );
     }
 
