@@ -55,10 +55,15 @@ fn standalone_config(upstream: &Upstream) -> String {
 }
 
 async fn standalone(upstream: &Upstream) -> (Gateway, AdminApi) {
+    standalone_with(&standalone_config(upstream)).await
+}
+
+/// A standalone gateway on the config `text`, and its admin API.
+async fn standalone_with(text: &str) -> (Gateway, AdminApi) {
     let token = admin_token();
     let gateway = Gateway::start_with_env(
         tempfile::tempdir().unwrap(),
-        &standalone_config(upstream),
+        text,
         &[("TOLLGATE_ADMIN_TOKEN", token.as_str())],
     )
     .await;
@@ -432,16 +437,9 @@ async fn changes_reach_traffic_in_flight(gateway: &Gateway, api: &AdminApi) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn failed_authentications_past_the_rate_are_refused_before_any_lookup() {
     let upstream = Upstream::start("orders");
-    let token = admin_token();
     let text =
         standalone_config(&upstream).replace("failed_per_minute = 100000", "failed_per_minute = 5");
-    let gateway = Gateway::start_with_env(
-        tempfile::tempdir().unwrap(),
-        &text,
-        &[("TOLLGATE_ADMIN_TOKEN", token.as_str())],
-    )
-    .await;
-    let api = AdminApi::new(&format!("http://{}", gateway.admin), &token);
+    let (gateway, api) = standalone_with(&text).await;
     let (_, _, key) = api.customer_with_key("scanner").await;
     let key = key["key"].as_str().unwrap().to_owned();
     // Wait for the key without trying it: each try before it arrives would count.
@@ -511,18 +509,11 @@ async fn failed_authentications_past_the_rate_are_refused_before_any_lookup() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn behind_a_trusted_proxy_failures_count_against_the_forwarded_client() {
     let upstream = Upstream::start("orders");
-    let token = admin_token();
     let text = standalone_config(&upstream).replace(
         "failed_per_minute = 100000",
         "failed_per_minute = 3\ntrusted_proxies = [\"127.0.0.0/8\"]",
     );
-    let gateway = Gateway::start_with_env(
-        tempfile::tempdir().unwrap(),
-        &text,
-        &[("TOLLGATE_ADMIN_TOKEN", token.as_str())],
-    )
-    .await;
-    let api = AdminApi::new(&format!("http://{}", gateway.admin), &token);
+    let (gateway, api) = standalone_with(&text).await;
     let (_, _, key) = api.customer_with_key("behind").await;
     let key = key["key"].as_str().unwrap().to_owned();
     gateway.wait_for_keys(1).await;

@@ -96,7 +96,7 @@ pub async fn layer(State(state): State<AppState>, request: Request, next: Next) 
         // Written unsealed by an earlier version (one still running during an upgrade, maybe,
         // after the migration dropped the others): it may hold a secret, so it is deleted, and
         // the request is made as a new one.
-        Ok(Some(remembered)) if !remembered.response.contains("\"sealed\"") => {
+        Ok(Some(remembered)) if !is_sealed(&remembered) => {
             if let Err(error) = state.store.forget_remembered(&actor, &key).await {
                 return ApiError::from(error).into_response();
             }
@@ -150,6 +150,12 @@ pub async fn layer(State(state): State<AppState>, request: Request, next: Next) 
         tracing::warn!(%error, "cannot remember an idempotent answer");
     }
     Response::from_parts(parts, Body::from(body))
+}
+
+/// Whether `remembered` was kept sealed (by this version), not in plaintext (by an earlier one).
+fn is_sealed(remembered: &Remembered) -> bool {
+    serde_json::from_str::<Value>(&remembered.response)
+        .is_ok_and(|stored| stored["sealed"].is_string())
 }
 
 fn replay(remembered: &Remembered, seal_key: &LessSafeKey) -> Response {

@@ -30,28 +30,21 @@ impl Limiter {
         while let Some(batch) = batches.next() {
             // Marks of batches this count took before go with this call.
             let forget = self.local.take_answered(customer, batch.period);
-            let shared = redis.share(customer, &batch, &forget, now).await;
-            let taken = |version| {
-                Some(Taken {
-                    at_ms: self.clock.now_ms(),
-                    version,
-                })
-            };
-            match shared {
-                Ok((Sharing::Added, version)) => {
+            match redis.share(customer, &batch, &forget, now).await {
+                Ok((sharing @ (Sharing::Added | Sharing::AddedToLater), version)) => {
                     self.metrics
                         .fallback_units(batch.units, FallbackUnits::Shared);
-                    let refunds = self.local.settle_unshared(customer, &batch, taken(version));
+                    let taken = Taken {
+                        at_ms: self.clock.now_ms(),
+                        version,
+                    };
+                    let refunds = self.local.settle_unshared(customer, &batch, Some(taken));
                     self.give_back_held_for(redis, customer, &refunds).await;
-                }
-                Ok((Sharing::AddedToLater, version)) => {
-                    self.metrics
-                        .fallback_units(batch.units, FallbackUnits::Shared);
-                    let refunds = self.local.settle_unshared(customer, &batch, taken(version));
-                    self.give_back_held_for(redis, customer, &refunds).await;
-                    // Redis counts in another generation now: ask it before batching again.
-                    self.local
-                        .forget_generation(customer, batch.period, batch.generation);
+                    if sharing == Sharing::AddedToLater {
+                        // Redis counts in another generation now: ask it before batching again.
+                        self.local
+                            .forget_generation(customer, batch.period, batch.generation);
+                    }
                 }
                 Ok((Sharing::Refused, _)) => {
                     // The marks of `forget` were deleted all the same.

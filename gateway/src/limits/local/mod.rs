@@ -370,22 +370,11 @@ impl LocalCounters {
         else {
             return Default::default();
         };
-        let (units, overage) = counts.fallback.as_ref().map_or((0, 0), |fallback| {
-            fallback
-                .unshared
-                .iter()
-                .chain(&fallback.in_flight)
-                .filter(|u| u.period == period)
-                .fold((0, 0), |(units, overage), u| {
-                    (units + u.units, overage + u.overage)
-                })
-        });
         // Units whose call may still run in Redis are left out too: counted there already, they
         // would be counted twice in a count Redis makes again from this.
-        let maybe = counts
-            .fallback
-            .as_ref()
-            .map_or(0, |fallback| fallback.maybe_units(period));
+        let ((units, overage), maybe) = counts.fallback.as_ref().map_or(((0, 0), 0), |fallback| {
+            (fallback.batched(period), fallback.maybe_units(period))
+        });
         super::redis::Known {
             used: counts
                 .quota

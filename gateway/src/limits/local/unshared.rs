@@ -56,19 +56,8 @@ impl Fallback {
         self.maybe.retain(|&(maybe_ms, _, _)| maybe_ms >= sent_ms);
         self.landed
             .retain(|&(until_ms, _, _, _)| until_ms > sent_ms);
-        let batched: u64 = self
-            .unshared
-            .iter()
-            .chain(&self.in_flight)
-            .filter(|u| u.period == period)
-            .map(|u| u.units)
-            .sum();
-        let maybe: u64 = self
-            .maybe
-            .iter()
-            .filter(|&&(_, p, _)| p == period)
-            .map(|&(_, _, units)| units)
-            .sum();
+        let (batched, _) = self.batched(period);
+        let maybe = self.maybe_units(period);
         let landed: u64 = self
             .landed
             .iter()
@@ -92,6 +81,17 @@ impl Fallback {
         }
         self.maybe.retain(|&(_, _, units)| units > 0);
         taken
+    }
+
+    /// Units, and of them overage, of `period`'s batches not added to Redis yet or on their way.
+    pub(super) fn batched(&self, period: Period) -> (u64, u64) {
+        self.unshared
+            .iter()
+            .chain(&self.in_flight)
+            .filter(|u| u.period == period)
+            .fold((0, 0), |(units, overage), u| {
+                (units + u.units, overage + u.overage)
+            })
     }
 
     /// Units counted here in `period` whose call may still run in Redis, whenever sent.
