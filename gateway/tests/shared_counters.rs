@@ -11,7 +11,7 @@ use tollgate_gateway::config::{Redis, RedisNodes};
 use tollgate_gateway::limits::local::{LocalCounters, Taken, UNKNOWN_GENERATION};
 use tollgate_gateway::limits::period::Period;
 use tollgate_gateway::limits::quota::QuotaLimit;
-use tollgate_gateway::limits::redis::{Known, Rebuild, RedisCounters, Sharing};
+use tollgate_gateway::limits::redis::{Known, Rebuild, RedisCounters, Sharing, VIA_BACKGROUND};
 use tollgate_gateway::limits::{Decision, Policy, Verdict};
 use tollgate_gateway::metrics::Metrics;
 use tollgate_model::plan::RateLimit;
@@ -511,10 +511,10 @@ async fn units_counted_in_process_are_added_once_and_only_to_the_count_they_belo
     // The call that creates the quota count and rebuilds it from the ledger (nothing) sees its
     // generation; so does the next one.
     let first = admit(now).await.unwrap();
-    let second = admit(now + 1).await.unwrap();
+    let mut second = admit(now + 1).await.unwrap();
     assert!(first.generation.is_some());
     assert_eq!(second.generation, first.generation);
-    local.follow(&customer, &second);
+    local.follow(&customer, &mut second, VIA_BACKGROUND);
     local.note_unshared(&customer, &fallback);
     let batch = local.take_unshared(&customer).remove(0);
     let added = Ok(Sharing::Added);
@@ -580,9 +580,9 @@ async fn units_counted_in_process_are_added_once_and_only_to_the_count_they_belo
     }
     // A count made before generations existed (no `n`), seeded: units go to it.
     raw(&["HDEL", &quota_key, "n"]).await;
-    let legacy = admit(now + 9).await.unwrap();
+    let mut legacy = admit(now + 9).await.unwrap();
     assert_eq!(legacy.generation, Some(-1));
-    local.follow(&customer, &legacy);
+    local.follow(&customer, &mut legacy, VIA_BACKGROUND);
     local.note_unshared(&customer, &fallback);
     let batch = local.take_unshared(&customer).remove(0);
     assert_eq!(

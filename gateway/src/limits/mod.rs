@@ -48,11 +48,11 @@ use crate::metering::ledger::Ledger;
 use clock::Clock;
 use decision::window_ms;
 pub use decision::{Decision, FallbackUnit, Policy, Reservation, Verdict, ceil_seconds};
-use local::LocalCounters;
+use local::{LocalCounters, Sent, VIA_AWAITING};
 pub use metrics::Counted;
 use metrics::LimitMetrics;
 use period::Period;
-use redis::RedisCounters;
+use redis::{HeldRefund, LateAnswer, RedisCounters};
 use reseed::read_ledger;
 pub use reseed::{LEDGER_REST, SEED_TIMEOUT};
 use reseed::{LocalReseed, Resting};
@@ -63,7 +63,7 @@ pub use sweep::{CounterSweep, SHARE_INTERVAL, SWEEP_INTERVAL};
 #[derive(Debug)]
 pub struct Limiter {
     clock: Arc<dyn Clock>,
-    local: LocalCounters,
+    local: Arc<LocalCounters>,
     redis: Option<RedisCounters>,
     metrics: LimitMetrics,
     /// The usage ledger, once the control plane is reachable (set at start).
@@ -89,7 +89,7 @@ impl Limiter {
     pub fn local(clock: Arc<dyn Clock>, metrics: LimitMetrics) -> Self {
         Self {
             clock,
-            local: LocalCounters::default(),
+            local: Arc::default(),
             redis: None,
             metrics,
             ledger: OnceLock::new(),
@@ -189,12 +189,12 @@ impl Limiter {
                 ledger: self.seed_ledger(),
             };
             match redis
-                .admit(customer, &policy, period, units, now, rebuild)
+                .decide(customer, &policy, period, units, now, rebuild)
                 .await
             {
-                Ok(mut shared) => {
+                Ok((mut shared, via)) => {
                     // Remembered, so counting in process after a failure starts from here.
-                    let followed = self.local.follow(customer, &shared);
+                    let followed = self.local.follow(customer, &mut shared, via);
                     // Redis decided on the units this process had counted without it when the
                     // call left; those counted while it was on its way (other requests' calls
                     // failed meanwhile) may leave no room for it. Refused then.
@@ -205,30 +205,37 @@ impl Limiter {
                     {
                         shared.verdict = Verdict::QuotaExceeded;
                         shared.used = followed.used;
-                        // Units counted here whose calls left after this one ran after it in
-                        // Redis, finding no room: its unit stands for them, and stays. Otherwise
-                        // it is given back as the request settles (nothing was metered): the
-                        // units counted here are on their way to Redis in a batch.
-                        if followed.maybe >= units && self.local.stand_in(customer, period, units) {
-                            shared.reservation = None;
-                        }
+                        // Its unit in Redis is given back as the request settles (nothing is
+                        // metered). The units counted here reach Redis' count: in a batch, or
+                        // by their own call, which Redis runs or refuses in the end
+                        // (`follow_late`).
+                    } else if shared.verdict == Verdict::Admitted && followed.window_full {
+                        // The same for a window: the requests this process admitted without
+                        // Redis fill it. Redis' unit stays in its window; the quota's is given
+                        // back as the request settles.
+                        shared.verdict = Verdict::RateLimited;
                     }
                     decision = Some(shared);
                 }
-                Err(failure) => {
+                Err(not_decided) => {
                     // A customer this process never counted in Redis starts from the ledger.
                     self.seed_local(customer, period).await;
                     // A call that timed out or broke may be counted by Redis all the same
                     // (documented); the others never ran, and their units are added to Redis
                     // once it answers.
-                    let local = self.local.admit_fallback(
-                        customer,
-                        &policy,
-                        period,
-                        units,
-                        now,
-                        failure.may_have_run().then(|| self.clock.now_ms()),
-                    );
+                    let sent = not_decided.failure.may_have_run().then(|| Sent {
+                        at_ms: self.clock.now_ms(),
+                        via: match not_decided.late {
+                            Some(_) => VIA_AWAITING,
+                            None => not_decided.via,
+                        },
+                    });
+                    let local = self
+                        .local
+                        .admit_fallback(customer, &policy, period, units, now, sent);
+                    if let (Some(late), Some(sent)) = (not_decided.late, sent) {
+                        self.follow_late(redis, customer, &local, units, late, sent);
+                    }
                     decision = Some(local);
                 }
             }
@@ -244,6 +251,63 @@ impl Limiter {
         self.metrics
             .decision(decision.verdict, decision.counted, overage);
         decision
+    }
+
+    /// Follows to its end, in the background, the call of a request `decided` here because it
+    /// timed out (`sent` as said), so that what Redis counted and what this process decided
+    /// come to agree: a request refused here that Redis admitted all the same has its unit
+    /// given back in Redis (the customer would otherwise pay for a request refused); for one
+    /// admitted here, what Redis answered says whether its unit is in Redis' count now, or
+    /// must be added to it ([`LocalCounters::late_answer`]).
+    fn follow_late(
+        &self,
+        redis: &RedisCounters,
+        customer: &Id,
+        decided: &Decision,
+        units: u64,
+        late: std::pin::Pin<Box<dyn std::future::Future<Output = LateAnswer> + Send>>,
+        sent: Sent,
+    ) {
+        let local = Arc::clone(&self.local);
+        let held = redis.refund_holder();
+        let clock = Arc::clone(&self.clock);
+        let customer = *customer;
+        let admitted_here = decided.reservation;
+        let period = decided.period;
+        let at_ms = decided.at_ms;
+        tokio::spawn(async move {
+            let answer = late.await;
+            let counted = match answer {
+                LateAnswer::Admitted { .. } => Some(true),
+                LateAnswer::NotCounted => Some(false),
+                LateAnswer::Unknown => None,
+            };
+            match (admitted_here, answer) {
+                (Some(reservation), _) => {
+                    local.late_answer(&customer, &reservation, sent, counted, clock.now_ms());
+                }
+                (None, LateAnswer::Admitted { overage }) => {
+                    tracing::debug!(
+                        "redis admitted a request refused here after its call timed out; its \
+                         unit is given back there"
+                    );
+                    held.hold(HeldRefund {
+                        customer,
+                        reservation: Reservation {
+                            period,
+                            at_ms,
+                            units,
+                            overage,
+                            counted: Counted::Redis,
+                            fallback: None,
+                        },
+                        token: uuid::Uuid::new_v4().as_u128(),
+                        sealed: false,
+                    });
+                }
+                (None, _) => {}
+            }
+        });
     }
 
     /// Before the first decision of a customer's period in this process, adds what the ledger

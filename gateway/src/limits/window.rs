@@ -123,6 +123,14 @@ impl WindowCounts {
     }
 }
 
+/// Whether a unit counted at `at_ms` still counts in a window of `window_ms` at `now_ms`: until
+/// its bucket's end is a window in the past, as [`WindowCounts`] and the Redis script count.
+pub fn still_counted(at_ms: i64, window_ms: i64, now_ms: i64) -> bool {
+    let width = (window_ms / SLOTS).max(1);
+    let bucket_end = (at_ms.div_euclid(width) + 1).saturating_mul(width);
+    bucket_end.saturating_add(window_ms) > now_ms
+}
+
 /// Admits `units` at `now_ms` if every window has room, counting them in all; otherwise counts
 /// nothing. Fills `states` with each window's state (in the order given); returns whether the
 /// units were admitted.
@@ -194,6 +202,21 @@ mod tests {
         assert_eq!(admitted, 20);
         let expected: Vec<u64> = (0..20).rev().chain([0; 5]).collect();
         assert_eq!(remaining, expected);
+    }
+
+    #[test]
+    fn a_unit_still_counts_exactly_while_its_window_counts_it() {
+        let mut counts = WindowCounts::new(60_000);
+        counts.add(1, 1_000);
+        for now in [1_000, 62_999, 63_000, 70_000] {
+            assert_eq!(
+                still_counted(1_000, 60_000, now),
+                counts.count(now) == 1,
+                "at {now}"
+            );
+        }
+        assert!(still_counted(1_000, 60_000, 62_999));
+        assert!(!still_counted(1_000, 60_000, 63_000));
     }
 
     #[test]

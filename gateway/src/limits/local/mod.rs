@@ -14,7 +14,7 @@ use std::sync::{Mutex, PoisonError};
 
 use super::period::Period;
 use super::quota::{LedgerRead, QuotaCount};
-use super::redis::QUOTA_KEY_GRACE_MS;
+use super::redis::{QUOTA_KEY_GRACE_MS, Via};
 use super::window::{self, WindowCounts, WindowState};
 use super::{Counted, Decision, FallbackUnit, Policy, Reservation, Verdict};
 use crate::identity::index::{Id, Map};
@@ -22,7 +22,9 @@ use crate::identity::index::{Id, Map};
 mod unshared;
 
 use unshared::Fallback;
-pub use unshared::{FORGET_PER_CALL, Taken, UNKNOWN_GENERATION, Unshared};
+pub use unshared::{
+    FORGET_PER_CALL, Sent, Taken, UNKNOWN_GENERATION, Unshared, VIA_ANY, VIA_AWAITING,
+};
 
 /// Shards of the customer map.
 pub const SHARDS: usize = 64;
@@ -32,8 +34,9 @@ pub const SHARDS: usize = 64;
 pub struct Followed {
     /// Units used in the period, those this process counted that Redis may not hold included.
     pub used: u64,
-    /// Of them, units whose call (sent after the followed one) may still run in Redis.
-    pub maybe: u64,
+    /// Whether units this process admitted that Redis' windows do not hold leave no room in a
+    /// window for the request Redis admitted.
+    pub window_full: bool,
 }
 
 /// One customer's counters.
@@ -239,10 +242,15 @@ impl LocalCounters {
     /// ledger, which units counted here later are added to.
     /// `counted_in` is the generation of the count Redis said `used` of, seeded or not.
     /// The customer's windows are raised to what Redis counts in them, for the same reason: so
-    /// that a window Redis had filled is not empty here.
-    /// Returns the customer's count after it: units used in the period, this process's pending
-    /// ones included, and of those the units whose call may still run in Redis.
-    pub fn follow(&self, customer: &Id, shared: &Decision) -> Followed {
+    /// that a window Redis had filled is not empty here. Units this process admitted whose call
+    /// did not run before the answered one are not in Redis' windows (which never take units
+    /// counted here): they are added to what Redis counts, here and in the room `shared`
+    /// reports, so that a gateway admits no more than a window's limit however Redis' answers
+    /// and timeouts alternate.
+    /// Returns the customer's count after it (units used in the period, this process's pending
+    /// ones included), and whether the units admitted here leave no room in a window for the
+    /// request Redis admitted.
+    pub fn follow(&self, customer: &Id, shared: &mut Decision, via: Via) -> Followed {
         let Decision {
             period,
             used,
@@ -253,7 +261,28 @@ impl LocalCounters {
         } = *shared;
         let mut shard = self.shard(customer);
         let counts = counts(&mut shard, customer, period);
-        for state in &shared.windows {
+        // The answered call left when the request was decided, at `now_ms`.
+        let sent = Sent { at_ms: now_ms, via };
+        let mut in_windows = counts
+            .fallback
+            .as_deref_mut()
+            .filter(|f| !f.in_windows.is_empty());
+        if let Some(fallback) = &mut in_windows {
+            let longest = shared
+                .windows
+                .iter()
+                .map(|w| w.window_ms)
+                .max()
+                .unwrap_or(0);
+            fallback.forget_in_windows(sent, longest, now_ms);
+        }
+        let mut window_full = false;
+        for state in &mut shared.windows {
+            let beyond = in_windows
+                .as_ref()
+                .map_or(0, |f| f.in_window(state.window_ms, now_ms));
+            window_full |= beyond > state.remaining;
+            state.remaining = state.remaining.saturating_sub(beyond);
             let counted = state.limit.saturating_sub(state.remaining);
             match counts
                 .windows
@@ -280,15 +309,16 @@ impl LocalCounters {
             // A newer answer set the count already, this call's units in it.
             return Followed {
                 used: counts.quota.used,
-                maybe: 0,
+                window_full,
             };
         }
         // Plus what this process counted that Redis may not hold yet: set to Redis' count alone,
         // a slow Redis answering some calls in time while others time out would take the units
         // counted here meanwhile out of the count that decides the next ones in process.
-        let (beyond, maybe) = counts.fallback.as_mut().map_or((0, 0), |fallback| {
-            fallback.beyond_answer(period, version, now_ms)
-        });
+        let beyond = counts
+            .fallback
+            .as_mut()
+            .map_or(0, |fallback| fallback.beyond_answer(period, version, sent));
         counts.quota.used = used.saturating_add(beyond);
         counts.quota.seeded = true;
         counts.quota.ledger = None;
@@ -301,25 +331,8 @@ impl LocalCounters {
         }
         Followed {
             used: counts.quota.used,
-            maybe,
+            window_full,
         }
-    }
-
-    /// Lets the unit Redis counted for a request it admitted but this process refuses stand for
-    /// `units` counted here whose call was sent after that request's and may still run there:
-    /// Redis ran that call after this one, with no room left, so it did not count them. They
-    /// leave the count here, which Redis' unit now holds. Whether there were as many.
-    pub fn stand_in(&self, customer: &Id, period: Period, units: u64) -> bool {
-        let mut shard = self.shard(customer);
-        let Some(counts) = shard.get_mut(customer) else {
-            return false;
-        };
-        let Some(fallback) = counts.fallback.as_mut() else {
-            return false;
-        };
-        let taken = fallback.take_maybe(period, units);
-        counts.quota.used = counts.quota.used.saturating_sub(taken);
-        taken == units
     }
 
     /// Forgets what no longer counts, so that memory follows the customers counting now rather

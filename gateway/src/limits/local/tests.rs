@@ -16,6 +16,14 @@ const PERIOD: Period = Period {
     end_ms: 1_000_000_000,
 };
 
+/// The connection the calls of these tests go through.
+const VIA: Via = 1;
+
+/// A call sent at `at_ms` through [`VIA`].
+fn sent(at_ms: i64) -> Sent {
+    Sent { at_ms, via: VIA }
+}
+
 fn policy(rate_limits: &[RateLimit], quota: Option<QuotaLimit>) -> Policy<'_> {
     Policy { rate_limits, quota }
 }
@@ -63,7 +71,11 @@ fn a_window_redis_had_filled_is_full_here_when_counting_falls_back() {
         remaining: 0,
         reset_ms: window_ms,
     };
-    counters.follow(&customer, &told_with(5, None, None, vec![full], 1_000));
+    counters.follow(
+        &customer,
+        &mut told_with(5, None, None, vec![full], 1_000),
+        VIA,
+    );
     let decision = counters.admit(&customer, &policy(&limits, None), PERIOD, 1, 2_000);
     assert_eq!(decision.verdict, Verdict::RateLimited);
     assert_eq!(decision.windows[0].remaining, 0);
@@ -73,7 +85,11 @@ fn a_window_redis_had_filled_is_full_here_when_counting_falls_back() {
         remaining: 2,
         ..full
     };
-    counters.follow(&other, &told_with(3, None, None, vec![partly], 1_000));
+    counters.follow(
+        &other,
+        &mut told_with(3, None, None, vec![partly], 1_000),
+        VIA,
+    );
     let verdicts: Vec<Verdict> = (0..3)
         .map(|i| {
             counters
@@ -241,7 +257,7 @@ fn the_count_told_to_redis_names_the_generation_it_was_last_told_of_seeded_or_no
     assert_eq!(counters.known(&customer, PERIOD).generation, None);
     // Counted in a count not yet seeded: known as that count's, so a call to it does not
     // raise it (refunds since would come back).
-    counters.follow(&customer, &told(3, None, Some(12)));
+    counters.follow(&customer, &mut told(3, None, Some(12)), VIA);
     assert_eq!(counters.known(&customer, PERIOD).generation, Some(12));
     // Not seeded: no batching for it.
     assert!(
@@ -251,7 +267,7 @@ fn the_count_told_to_redis_names_the_generation_it_was_last_told_of_seeded_or_no
     );
     // Seeded: batching may use it; forgotten for batching (Redis lost it), still the
     // generation this process's count was last told of.
-    counters.follow(&customer, &told(4, Some(12), Some(12)));
+    counters.follow(&customer, &mut told(4, Some(12), Some(12)), VIA);
     // Units in a batch not yet settled are not told: the batch may still be added to a
     // count made again. Once Redis refused it, they are.
     let batched = counters
@@ -350,7 +366,7 @@ fn units_counted_with_no_count_known_in_redis_are_batched_for_an_unknown_generat
 fn a_unit_counted_in_fallback_is_batched_under_the_lock_it_is_counted_under() {
     let counters = LocalCounters::default();
     let customer = [5; 16];
-    counters.follow(&customer, &told(5, Some(42), Some(42)));
+    counters.follow(&customer, &mut told(5, Some(42), Some(42)), VIA);
     let never_ran = counters.admit_fallback(&customer, &policy(&[], None), PERIOD, 1, 1_000, None);
     let reservation = never_ran.reservation.expect("admitted");
     assert_eq!(never_ran.counted, Counted::Fallback);
@@ -360,8 +376,14 @@ fn a_unit_counted_in_fallback_is_batched_under_the_lock_it_is_counted_under() {
     assert_eq!(counters.used(&customer, PERIOD), (6, 0));
     assert_eq!(counters.known(&customer, PERIOD).used, 5);
 
-    let may_have_run =
-        counters.admit_fallback(&customer, &policy(&[], None), PERIOD, 1, 1_000, Some(1_000));
+    let may_have_run = counters.admit_fallback(
+        &customer,
+        &policy(&[], None),
+        PERIOD,
+        1,
+        1_000,
+        Some(sent(1_000)),
+    );
     assert_eq!(
         may_have_run.reservation.expect("admitted").fallback,
         Some(FallbackUnit::MaybeInRedis)
@@ -386,11 +408,11 @@ fn redis_answering_keeps_the_units_counted_here_that_it_may_not_hold_yet() {
     let counters = LocalCounters::default();
     let customer = [4; 16];
     let none = policy(&[], None);
-    counters.follow(&customer, &told(5, Some(42), Some(42)));
+    counters.follow(&customer, &mut told(5, Some(42), Some(42)), VIA);
     // Its call never ran: batched for Redis.
     counters.admit_fallback(&customer, &none, PERIOD, 1, 1_000, None);
     // Its call, sent by 1,050, timed out: it may still run there.
-    counters.admit_fallback(&customer, &none, PERIOD, 2, 1_000, Some(1_050));
+    counters.admit_fallback(&customer, &none, PERIOD, 2, 1_000, Some(sent(1_050)));
     assert_eq!(counters.used(&customer, PERIOD), (8, 0));
     // Answers to calls sent at `sent_ms`, decided at the count's `version`.
     let answered = |used, sent_ms, version| Decision {
@@ -398,12 +420,12 @@ fn redis_answering_keeps_the_units_counted_here_that_it_may_not_hold_yet() {
         ..told_with(used, Some(42), Some(42), Vec::new(), sent_ms)
     };
     // A call that left before the timed-out one: neither the batch nor those units are in it.
-    counters.follow(&customer, &answered(6, 1_020, 1));
+    counters.follow(&customer, &mut answered(6, 1_020, 1), VIA);
     assert_eq!(counters.used(&customer, PERIOD), (9, 0));
     // On its way to Redis, the batch still counts.
     let batch = counters.take_unshared(&customer);
     assert_eq!(batch.len(), 1);
-    counters.follow(&customer, &answered(6, 1_040, 1));
+    counters.follow(&customer, &mut answered(6, 1_040, 1), VIA);
     assert_eq!(counters.used(&customer, PERIOD), (9, 0));
     // Taken by Redis, its count at version 3 then: an answer decided at version 2 lacks it,
     // one decided at 3 holds it.
@@ -412,49 +434,121 @@ fn redis_answering_keeps_the_units_counted_here_that_it_may_not_hold_yet() {
         version: 3,
     };
     counters.settle_unshared(&customer, &batch[0], Some(third));
-    counters.follow(&customer, &answered(6, 1_045, 2));
+    counters.follow(&customer, &mut answered(6, 1_045, 2), VIA);
     assert_eq!(counters.used(&customer, PERIOD), (9, 0));
-    counters.follow(&customer, &answered(7, 1_046, 3));
+    counters.follow(&customer, &mut answered(7, 1_046, 3), VIA);
     assert_eq!(counters.used(&customer, PERIOD), (9, 0));
     // A call sent after the timed-out one: Redis ran that one first (here, it counted it), or
     // never will.
-    counters.follow(&customer, &answered(9, 1_100, 4));
+    counters.follow(&customer, &mut answered(9, 1_100, 4), VIA);
     assert_eq!(counters.used(&customer, PERIOD), (9, 0));
     // An answer older than one followed already (their calls overtook one another) does not
     // take the count back.
-    counters.follow(&customer, &answered(7, 1_047, 3));
+    counters.follow(&customer, &mut answered(7, 1_047, 3), VIA);
     assert_eq!(counters.used(&customer, PERIOD), (9, 0));
     // Units whose call may still run count until an answer to a call sent after theirs.
-    counters.admit_fallback(&customer, &none, PERIOD, 1, 2_000, Some(2_000));
-    counters.follow(&customer, &answered(9, 1_990, 5));
+    counters.admit_fallback(&customer, &none, PERIOD, 1, 2_000, Some(sent(2_000)));
+    counters.follow(&customer, &mut answered(9, 1_990, 5), VIA);
     assert_eq!(counters.used(&customer, PERIOD), (10, 0));
-    counters.follow(&customer, &answered(9, 2_001, 6));
+    counters.follow(&customer, &mut answered(9, 2_001, 6), VIA);
     assert_eq!(counters.used(&customer, PERIOD), (9, 0));
 }
 
 /// A request Redis admitted that this process refuses (units counted here while its call was on
-/// its way left no room) lets its unit in Redis stand for units whose calls left after it: Redis
-/// ran those after it, with no room, so they are in no count but this one.
+/// its way left no room) is refused here; the units counted here stay in the count.
 #[test]
-fn a_refused_request_s_unit_in_redis_stands_for_units_whose_calls_left_after_it() {
+fn units_whose_calls_left_after_the_answered_one_stay_beyond_its_answer() {
     let counters = LocalCounters::default();
     let customer = [3; 16];
     let none = policy(&[], None);
-    counters.follow(&customer, &told(9, Some(42), Some(42)));
+    counters.follow(&customer, &mut told(9, Some(42), Some(42)), VIA);
     // Sent at 1,050, timed out, counted here: 10.
-    counters.admit_fallback(&customer, &none, PERIOD, 1, 1_000, Some(1_050));
+    counters.admit_fallback(&customer, &none, PERIOD, 1, 1_000, Some(sent(1_050)));
     // The answer to a call sent at 1,000, which Redis admitted (10 there too): 11 here.
-    let answer = Decision {
+    let mut answer = Decision {
         count_version: Some(7),
         ..told_with(10, Some(42), Some(42), Vec::new(), 1_000)
     };
-    let followed = counters.follow(&customer, &answer);
-    assert_eq!(followed, Followed { used: 11, maybe: 1 });
-    assert!(counters.stand_in(&customer, PERIOD, 1));
-    assert_eq!(counters.used(&customer, PERIOD), (10, 0));
-    // Nothing left to stand for.
-    assert!(!counters.stand_in(&customer, PERIOD, 1));
-    assert_eq!(counters.used(&customer, PERIOD), (10, 0));
+    let followed = counters.follow(&customer, &mut answer, VIA);
+    assert_eq!(
+        followed,
+        Followed {
+            used: 11,
+            window_full: false
+        }
+    );
+    // Through another connection, an answer to a call sent later may still lack it.
+    let mut other = Decision {
+        count_version: Some(8),
+        ..told_with(11, Some(42), Some(42), Vec::new(), 1_100)
+    };
+    assert_eq!(counters.follow(&customer, &mut other, VIA + 1).used, 12);
+    // Through the same one, it holds it.
+    let mut same = Decision {
+        count_version: Some(9),
+        ..told_with(12, Some(42), Some(42), Vec::new(), 1_100)
+    };
+    assert_eq!(counters.follow(&customer, &mut same, VIA).used, 12);
+}
+
+/// What Redis in the end answers a call that timed out settles where the unit of the request
+/// admitted here in its stead is: one Redis counted is held beyond answers to calls sent before
+/// its answer came (through any connection), and no longer; one Redis refused (no room left,
+/// or a window full) joins a batch for Redis, so that its count comes to hold it.
+#[test]
+fn a_late_answer_settles_where_a_unit_admitted_here_is_counted() {
+    let counters = LocalCounters::default();
+    let customer = [4; 16];
+    let none = policy(&[], None);
+    counters.follow(&customer, &mut told(9, Some(42), Some(42)), VIA);
+    // Two calls time out, sent at 1,050 and 1,060: both admitted here, 11.
+    let first = counters
+        .admit_fallback(&customer, &none, PERIOD, 1, 1_000, Some(sent(1_050)))
+        .reservation
+        .unwrap();
+    let second = counters
+        .admit_fallback(&customer, &none, PERIOD, 1, 1_000, Some(sent(1_060)))
+        .reservation
+        .unwrap();
+    assert_eq!(counters.used(&customer, PERIOD), (11, 0));
+    // Redis counted the first (its answer came at 1,200) and refused the second.
+    counters.late_answer(&customer, &first, sent(1_050), Some(true), 1_200);
+    counters.late_answer(&customer, &second, sent(1_060), Some(false), 1_210);
+    assert_eq!(counters.used(&customer, PERIOD), (11, 0));
+    let batch = counters.take_unshared(&customer);
+    assert_eq!(
+        batch
+            .iter()
+            .map(|b| (b.units, b.generation))
+            .collect::<Vec<_>>(),
+        [(1, 42)]
+    );
+    // An answer to a call sent at 1,150 through another connection may lack the first (10
+    // there): 10 + the first + the batch.
+    let mut before = Decision {
+        count_version: Some(8),
+        ..told_with(10, Some(42), Some(42), Vec::new(), 1_150)
+    };
+    assert_eq!(counters.follow(&customer, &mut before, VIA + 1).used, 12);
+    // One to a call sent at 1,300, through any connection, holds it: 10 + the batch.
+    let mut after = Decision {
+        count_version: Some(9),
+        ..told_with(10, Some(42), Some(42), Vec::new(), 1_300)
+    };
+    assert_eq!(counters.follow(&customer, &mut after, VIA + 1).used, 11);
+    // A late answer whose unit an earlier answer let go of (taken to be in Redis, which
+    // refused it) puts it back, in a batch.
+    let third = counters
+        .admit_fallback(&customer, &none, PERIOD, 1, 1_400, Some(sent(1_400)))
+        .reservation
+        .unwrap();
+    let mut later = Decision {
+        count_version: Some(10),
+        ..told_with(10, Some(42), Some(42), Vec::new(), 1_500)
+    };
+    assert_eq!(counters.follow(&customer, &mut later, VIA).used, 11);
+    counters.late_answer(&customer, &third, sent(1_400), Some(false), 1_600);
+    assert_eq!(counters.used(&customer, PERIOD), (12, 0));
 }
 
 /// Batches Redis took are remembered a call timeout at most, and never more than a few entries,
@@ -464,7 +558,7 @@ fn a_refused_request_s_unit_in_redis_stands_for_units_whose_calls_left_after_it(
 fn batches_redis_took_are_kept_a_few_entries_for_a_call_timeout() {
     let counters = LocalCounters::default();
     let customer = [2; 16];
-    counters.follow(&customer, &told(0, Some(42), Some(42)));
+    counters.follow(&customer, &mut told(0, Some(42), Some(42)), VIA);
     for i in 0..1_000 {
         counters.note_unshared(&customer, &fallback(1, 0, PERIOD));
         let batch = counters.take_unshared(&customer).remove(0);
@@ -486,8 +580,11 @@ fn batches_redis_took_are_kept_a_few_entries_for_a_call_timeout() {
         count_version: Some(version),
         ..told_with(1_000, Some(42), Some(42), Vec::new(), 1_000)
     };
-    assert!(counters.follow(&customer, &answered(900)).used > 1_000);
-    assert_eq!(counters.follow(&customer, &answered(1_000)).used, 1_000);
+    assert!(counters.follow(&customer, &mut answered(900), VIA).used > 1_000);
+    assert_eq!(
+        counters.follow(&customer, &mut answered(1_000), VIA).used,
+        1_000
+    );
 }
 
 #[test]
@@ -496,7 +593,7 @@ fn units_counted_while_redis_failed_are_taken_once_each_for_their_own_period() {
     let customer = [6; 16];
     assert!(counters.take_unshared(&customer).is_empty());
     // Last counted in Redis in generation 42 of its quota count.
-    counters.follow(&customer, &told(5, Some(42), Some(42)));
+    counters.follow(&customer, &mut told(5, Some(42), Some(42)), VIA);
     let token = counters.note_unshared(&customer, &fallback(1, 0, PERIOD));
     // Into the same batch.
     assert_eq!(
@@ -555,13 +652,13 @@ fn refunds_go_where_their_units_went() {
     let customer = [8; 16];
     // Counted in Redis, but its count there was not rebuilt from the ledger yet: the batch is
     // for an unknown generation, which Redis places by when its count was made.
-    counters.follow(&customer, &told(5, None, None));
+    counters.follow(&customer, &mut told(5, None, None), VIA);
     counters.note_unshared(&customer, &fallback(2, 0, PERIOD));
     assert_eq!(
         counters.take_unshared(&customer)[0].generation,
         UNKNOWN_GENERATION
     );
-    counters.follow(&customer, &told(5, Some(1), Some(1)));
+    counters.follow(&customer, &mut told(5, Some(1), Some(1)), VIA);
     let refused = counters.note_unshared(&customer, &fallback(1, 0, PERIOD));
     let batch = counters.take_unshared(&customer).remove(0);
     // Redis did not take that batch (its count is newer): a refund of its unit is nobody's.
@@ -595,7 +692,7 @@ fn refunds_go_where_their_units_went() {
 fn a_batch_put_back_unanswered_takes_no_more_units() {
     let counters = LocalCounters::default();
     let customer = [7; 16];
-    counters.follow(&customer, &told(0, Some(7), Some(7)));
+    counters.follow(&customer, &mut told(0, Some(7), Some(7)), VIA);
     counters.note_unshared(&customer, &fallback(4, 0, PERIOD));
     let sent = counters.take_unshared(&customer).remove(0);
     counters.restore_unshared(&customer, sent, true);
@@ -615,7 +712,7 @@ fn a_batch_put_back_unanswered_takes_no_more_units() {
     assert_eq!(batches.len(), 1);
     assert_eq!((batches[0].units, batches[0].token), (5, unsent.token));
     // Counted in a new generation (Redis rebuilt the count): a batch of its own.
-    counters.follow(&customer, &told(0, Some(8), Some(8)));
+    counters.follow(&customer, &mut told(0, Some(8), Some(8)), VIA);
     counters.note_unshared(&customer, &fallback(1, 0, PERIOD));
     assert_eq!(counters.take_unshared(&customer)[0].generation, 8);
     assert_eq!(counters.unshared.load(Ordering::Relaxed), 0);
@@ -635,7 +732,7 @@ fn a_sweep_forgets_empty_windows_then_customers_whose_period_is_over() {
     let (busy, idle) = ([10; 16], [11; 16]);
     counters.admit(&idle, &policy(&limits, quota), PERIOD, 1, 1_000);
     counters.admit(&busy, &policy(&limits, quota), PERIOD, 1, 1_000);
-    counters.follow(&busy, &told(1, Some(3), Some(3)));
+    counters.follow(&busy, &mut told(1, Some(3), Some(3)), VIA);
     counters.note_unshared(&busy, &fallback(1, 0, PERIOD));
     // Within the window: everything counts.
     assert_eq!(counters.sweep(1_500), 2);
@@ -660,4 +757,162 @@ fn a_sweep_forgets_empty_windows_then_customers_whose_period_is_over() {
     // A customer forgotten starts again from nothing in the new period.
     let decision = counters.admit(&idle, &policy(&limits, quota), next, 1, PERIOD.end_ms);
     assert_eq!((decision.verdict, decision.used), (Verdict::Admitted, 1));
+}
+
+/// Redis' answer about a window of 10 per minute: `remaining` left, this request counted.
+fn window_told(remaining: u64, sent_ms: i64) -> Decision {
+    let state = WindowState {
+        limit: 10,
+        window_ms: 60_000,
+        remaining,
+        reset_ms: 1_000,
+    };
+    told_with(0, None, None, vec![state], sent_ms)
+}
+
+const TEN_A_MINUTE: [RateLimit; 1] = [RateLimit {
+    requests: 10,
+    window_seconds: 60,
+}];
+
+/// Units admitted here never reach Redis' windows: an answer holds them only if their call ran
+/// before the answered one. Before, each answer set the window here to Redis' count alone, and
+/// one gateway admitted about twice a window's limit while Redis answered some calls and not
+/// others.
+#[test]
+fn requests_admitted_here_stay_in_the_windows_beyond_what_redis_answers() {
+    let counters = LocalCounters::default();
+    let customer = [6; 16];
+    let limits = policy(&TEN_A_MINUTE, None);
+    // Redis counted 4. Then three calls time out (sent by 1,100) and two are not made (Redis
+    // known to be failing): five admitted here.
+    let mut first = window_told(6, 1_000);
+    assert!(!counters.follow(&customer, &mut first, VIA).window_full);
+    for _ in 0..3 {
+        let decision =
+            counters.admit_fallback(&customer, &limits, PERIOD, 1, 1_100, Some(sent(1_100)));
+        assert_eq!(decision.verdict, Verdict::Admitted);
+    }
+    for _ in 0..2 {
+        let decision = counters.admit_fallback(&customer, &limits, PERIOD, 1, 1_150, None);
+        assert_eq!(decision.verdict, Verdict::Admitted);
+    }
+    // Redis answers a call sent at 1,050, before the three: 6 counted there (a unit of another
+    // gateway, and this request's). None of the five is in it: 11 of 10, so this request gets
+    // no room, and the window says none is left.
+    let mut late = window_told(4, 1_050);
+    let followed = counters.follow(&customer, &mut late, VIA);
+    assert!(followed.window_full);
+    assert_eq!(late.windows[0].remaining, 0);
+    // A call sent at 1,200, after the three, ran after them: Redis holds them (it counted 8
+    // with this request), but not the two never sent: 10 of 10, this request fits exactly.
+    let mut after = window_told(2, 1_200);
+    let followed = counters.follow(&customer, &mut after, VIA);
+    assert!(!followed.window_full);
+    assert_eq!(after.windows[0].remaining, 0);
+    // Counting here again: the window is full.
+    let decision = counters.admit_fallback(&customer, &limits, PERIOD, 1, 1_300, None);
+    assert_eq!(decision.verdict, Verdict::RateLimited);
+}
+
+/// Units admitted here leave the windows as they would have in Redis: a minute (and a bucket)
+/// later, an answer does not count them any more; and however many requests fall back, only a
+/// few entries are kept.
+#[test]
+fn units_admitted_here_leave_the_windows_in_time_and_take_little_memory() {
+    let counters = LocalCounters::default();
+    let customer = [7; 16];
+    let limits = policy(&TEN_A_MINUTE, None);
+    // Ten requests 200 ms apart, no call made for any: ten entries.
+    for i in 0..10 {
+        counters.admit_fallback(&customer, &limits, PERIOD, 1, 1_000 + 200 * i, None);
+    }
+    let entries = |counters: &LocalCounters| {
+        counters.shard(&customer)[&customer]
+            .fallback
+            .as_ref()
+            .map_or(0, |f| f.in_windows.len())
+    };
+    assert_eq!(entries(&counters), 10);
+    // At 62,999 they all still count (their bucket is [0, 3,000)): Redis' 9 plus 10 is over.
+    let mut answer = window_told(1, 62_999);
+    assert!(counters.follow(&customer, &mut answer, VIA).window_full);
+    assert_eq!(entries(&counters), 10);
+    // At 63,000 they are out of the window, and forgotten.
+    let mut answer = window_told(1, 63_000);
+    assert!(!counters.follow(&customer, &mut answer, VIA).window_full);
+    assert_eq!(answer.windows[0].remaining, 1);
+    assert_eq!(entries(&counters), 0);
+
+    let roomy = [RateLimit {
+        requests: 1_000_000,
+        window_seconds: 60,
+    }];
+    for i in 0..1_000 {
+        let at_ms = 100_000 + 150 * i;
+        counters.admit_fallback(
+            &customer,
+            &policy(&roomy, None),
+            PERIOD,
+            1,
+            at_ms,
+            Some(sent(at_ms)),
+        );
+    }
+    assert_eq!(entries(&counters), unshared::IN_WINDOWS_KEPT);
+    // All 1,000 count beyond an answer to a call sent before them.
+    let mut answer = told_with(
+        0,
+        None,
+        None,
+        vec![WindowState {
+            limit: 1_000_000,
+            window_ms: 60_000,
+            remaining: 1_000_000,
+            reset_ms: 0,
+        }],
+        100_000,
+    );
+    counters.follow(&customer, &mut answer, VIA);
+    assert_eq!(answer.windows[0].remaining, 1_000_000 - 1_000);
+}
+
+/// A unit whose call is followed to its end stays beyond every answer until its own comes,
+/// whatever the order of the calls: Redis may refuse it, and admit a call sent after it in a
+/// unit given back meanwhile.
+#[test]
+fn a_unit_awaiting_its_own_answer_stays_beyond_every_other_answer() {
+    let counters = LocalCounters::default();
+    let customer = [8; 16];
+    let none = policy(&[], None);
+    counters.follow(&customer, &mut told(9, Some(42), Some(42)), VIA);
+    let awaiting = Sent {
+        at_ms: 1_050,
+        via: VIA_AWAITING,
+    };
+    let reservation = counters
+        .admit_fallback(&customer, &none, PERIOD, 1, 1_000, Some(awaiting))
+        .reservation
+        .unwrap();
+    let answer_at = |sent_ms: i64, version: i64| Decision {
+        count_version: Some(version),
+        ..told_with(9, Some(42), Some(42), Vec::new(), sent_ms)
+    };
+    for via in [VIA, VIA + 1, VIA_ANY] {
+        assert_eq!(
+            counters
+                .follow(&customer, &mut answer_at(2_000, 8), via)
+                .used,
+            10
+        );
+    }
+    // Redis refused it: it joins a batch, and stays in the count.
+    counters.late_answer(&customer, &reservation, awaiting, Some(false), 2_100);
+    assert_eq!(
+        counters
+            .follow(&customer, &mut answer_at(2_200, 9), VIA)
+            .used,
+        10
+    );
+    assert_eq!(counters.take_unshared(&customer)[0].units, 1);
 }

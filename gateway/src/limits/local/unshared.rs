@@ -8,6 +8,8 @@ use std::sync::atomic::Ordering;
 use super::{Counts, LocalCounters, counts, decide};
 use crate::identity::index::Id;
 use crate::limits::period::Period;
+use crate::limits::redis::Via;
+use crate::limits::window;
 use crate::limits::{Counted, Decision, FallbackUnit, Policy, Reservation};
 
 /// A customer's quota units counted in process without asking Redis.
@@ -24,11 +26,12 @@ pub(super) struct Fallback {
     /// refund of one of their units is nobody's to give. Those it took are Redis' to refund,
     /// as are units of batches not found here.
     pub(super) refused: Vec<u128>,
-    /// Units counted here whose call may still run in Redis (it timed out or broke): when the
-    /// call had been sent by (its failure), period, units; one entry per 100 ms, at most
-    /// [`MAYBE_KEPT`]. An answer to a call sent later holds them if they ran, since Redis runs
-    /// a connection's calls in order: they are kept until then.
-    pub(super) maybe: Vec<(i64, Period, u64)>,
+    /// Units counted here whose call may still run in Redis (it timed out or broke): when and
+    /// through which connection the call had been sent, period, units; one entry per 100 ms
+    /// and connection, at most [`MAYBE_KEPT`]. An answer to a call sent later through the same
+    /// connection holds them if they ran, since Redis runs a connection's calls in order: they
+    /// are kept until then.
+    pub(super) maybe: Vec<Maybe>,
     /// Batches Redis took within the longest call timeout (1 s): kept until, period, units, and
     /// the count's version once it held it. An answer decided at a lower version lacks it.
     pub(super) landed: Vec<(i64, Period, u64, i64)>,
@@ -38,24 +41,69 @@ pub(super) struct Fallback {
     /// than once (its first call timed out) keeps its mark until the count expires: the first
     /// call may still arrive, over another connection.
     pub(super) answered: Vec<(Period, u128)>,
+    /// Requests admitted here, for the rate-limit windows: Redis' windows never take their
+    /// units (a window is over before they could be added), so an answer holds them only if
+    /// their own call ran before the answered one. One entry per 100 ms, at most
+    /// [`IN_WINDOWS_KEPT`]; forgotten once out of the customer's longest window.
+    pub(super) in_windows: Vec<InWindows>,
+}
+
+/// Units counted here whose call may still run in Redis.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) struct Maybe {
+    pub(super) sent: Sent,
+    pub(super) period: Period,
+    pub(super) units: u64,
+}
+
+/// When a call had been sent by, and through which connection; [`VIA_ANY`] once the call has
+/// run (or never will) by then.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Sent {
+    pub at_ms: i64,
+    pub via: Via,
+}
+
+/// The [`Sent::via`] of a call known to have run by its time, or never to run, whatever
+/// connection it went through: its answer came, or its connection gave up on it.
+pub const VIA_ANY: Via = Via::MAX;
+/// The [`Sent::via`] of a call that timed out and is followed to its end: whether Redis counts
+/// it is learnt from its own answer ([`LocalCounters::late_answer`]), not from the order of
+/// calls (Redis may refuse it, and admit a call sent after it once a unit was given back), so
+/// no other answer is taken to hold it meanwhile.
+pub const VIA_AWAITING: Via = Via::MAX - 1;
+
+impl Sent {
+    /// Whether a call sent as `self` has run (or never will) when Redis runs one sent as
+    /// `answered`: it was sent first, through the same connection (or has run by its time).
+    pub(super) fn ran_before(self, answered: Sent) -> bool {
+        self.at_ms < answered.at_ms && (self.via == answered.via || self.via == VIA_ANY)
+    }
+}
+
+/// Units admitted in process at about the same time, counted in the rate-limit windows.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) struct InWindows {
+    /// When (the latest of them) were counted, Unix ms.
+    pub(super) at_ms: i64,
+    /// When and through which connection their call had been sent by (the latest of them): it
+    /// may have run in Redis. `None` when no call was made for one of them (Redis was known
+    /// to be failing), or Redis counted none of them.
+    pub(super) sent: Option<Sent>,
+    pub(super) units: u64,
 }
 
 impl Fallback {
-    /// Units counted here in `period` that an answer of Redis may not hold, for a call sent at
-    /// `sent_ms` and decided at the count's `version`: batches not added to it yet or on their
-    /// way, batches it took at a later version, and units whose call may still run there, sent
-    /// after the answered one. Batches taken more than [`LANDED_KEPT_MS`] ago, and units whose
-    /// call was sent before the answered one (Redis ran it first, or never will), are forgotten.
-    /// Returns them all, and of them the units whose call may still run there.
-    pub(super) fn beyond_answer(
-        &mut self,
-        period: Period,
-        version: i64,
-        sent_ms: i64,
-    ) -> (u64, u64) {
-        self.maybe.retain(|&(maybe_ms, _, _)| maybe_ms >= sent_ms);
+    /// Units counted here in `period` that an answer of Redis may not hold, for a call `sent`
+    /// and decided at the count's `version`: batches not added to it yet or on their way,
+    /// batches it took at a later version, and units whose call may still run there, not
+    /// [`ran_before`](Sent::ran_before) the answered one. Batches taken more than
+    /// [`LANDED_KEPT_MS`] ago, and units whose call ran before the answered one (or never
+    /// will), are forgotten.
+    pub(super) fn beyond_answer(&mut self, period: Period, version: i64, sent: Sent) -> u64 {
+        self.maybe.retain(|m| !m.sent.ran_before(sent));
         self.landed
-            .retain(|&(until_ms, _, _, _)| until_ms > sent_ms);
+            .retain(|&(until_ms, _, _, _)| until_ms > sent.at_ms);
         let (batched, _) = self.batched(period);
         let maybe = self.maybe_units(period);
         let landed: u64 = self
@@ -64,22 +112,27 @@ impl Fallback {
             .filter(|&&(_, p, _, with)| p == period && with > version)
             .map(|&(_, _, units, _)| units)
             .sum();
-        (batched + maybe + landed, maybe)
+        batched + maybe + landed
     }
 
-    /// Takes up to `units` units whose call may still run in Redis out of `period`'s newest
-    /// entries; how many it took.
-    pub(super) fn take_maybe(&mut self, period: Period, units: u64) -> u64 {
+    /// Takes up to `units` units of `period` whose call went through `via` and may still run in
+    /// Redis out of the oldest such entries (a call's answer comes before those of calls sent
+    /// after it through the same connection); how many it took.
+    fn take_maybe_via(&mut self, period: Period, via: Via, units: u64) -> u64 {
         let mut taken = 0;
-        for entry in self.maybe.iter_mut().rev().filter(|(_, p, _)| *p == period) {
-            let now = entry.2.min(units - taken);
-            entry.2 -= now;
+        for entry in self
+            .maybe
+            .iter_mut()
+            .filter(|m| m.period == period && m.sent.via == via)
+        {
+            let now = entry.units.min(units - taken);
+            entry.units -= now;
             taken += now;
             if taken == units {
                 break;
             }
         }
-        self.maybe.retain(|&(_, _, units)| units > 0);
+        self.maybe.retain(|m| m.units > 0);
         taken
     }
 
@@ -98,25 +151,139 @@ impl Fallback {
     pub(super) fn maybe_units(&self, period: Period) -> u64 {
         self.maybe
             .iter()
-            .filter(|&&(_, p, _)| p == period)
-            .map(|&(_, _, units)| units)
+            .filter(|m| m.period == period)
+            .map(|m| m.units)
             .sum()
     }
 
-    /// Notes `units` counted here in `period` whose call, sent by `sent_ms`, may still run in
-    /// Redis.
-    fn note_maybe(&mut self, sent_ms: i64, period: Period, units: u64) {
+    /// Notes `units` counted here in `period` whose call, `sent`, may still run in Redis.
+    fn note_maybe(&mut self, sent: Sent, period: Period, units: u64) {
         let full = self.maybe.len() >= MAYBE_KEPT;
-        match self.maybe.last_mut() {
-            Some((last_ms, last_period, last_units))
-                if *last_period == period && (full || (sent_ms - *last_ms).abs() < 100) =>
+        // The newest entry of the same connection when full (the last one otherwise).
+        let last = if full {
+            self.maybe
+                .iter()
+                .rposition(|m| m.period == period && m.sent.via == sent.via)
+                .or(self.maybe.len().checked_sub(1))
+        } else {
+            self.maybe.len().checked_sub(1)
+        };
+        match last.map(|i| &mut self.maybe[i]) {
+            Some(last)
+                if last.period == period
+                    && (full
+                        || (last.sent.via == sent.via
+                            && (sent.at_ms - last.sent.at_ms).abs() < 100)) =>
             {
                 // The later time: resolved only by an answer to a call sent after both.
-                *last_ms = (*last_ms).max(sent_ms);
-                *last_units += units;
+                last.sent.at_ms = last.sent.at_ms.max(sent.at_ms);
+                last.units += units;
             }
-            _ => self.maybe.push((sent_ms, period, units)),
+            _ => self.maybe.push(Maybe {
+                sent,
+                period,
+                units,
+            }),
         }
+    }
+
+    /// Redis has answered a call `via` a connection, which this process had timed out on and
+    /// admitted `units` of `period` for, at `now_ms`: the call has run by now (`counted`: it
+    /// counted them) or never will. Its units are held beyond an answer until a call sent after
+    /// now answers, whatever its connection; those Redis did not count are never in its
+    /// answers, nor in its windows. Returns, when Redis did not count them, the units to add
+    /// to its count, and of them those the count here had let go of (an answer to a later call
+    /// through the same connection was taken to hold them).
+    pub(super) fn ran(
+        &mut self,
+        period: Period,
+        units: u64,
+        sent: Sent,
+        counted: Option<bool>,
+        now_ms: i64,
+    ) -> (u64, u64) {
+        let taken = self.take_maybe_via(period, sent.via, units);
+        let now = Sent {
+            at_ms: now_ms,
+            via: VIA_ANY,
+        };
+        if counted != Some(false) && taken > 0 {
+            self.maybe.push(Maybe {
+                sent: now,
+                period,
+                units: taken,
+            });
+        }
+        // The same for the windows: the oldest entries of that connection.
+        let mut left = units;
+        let mut moved = Vec::new();
+        for entry in self
+            .in_windows
+            .iter_mut()
+            .filter(|u| u.sent.is_some_and(|s| s.via == sent.via))
+        {
+            let now_units = entry.units.min(left);
+            entry.units -= now_units;
+            left -= now_units;
+            moved.push(InWindows {
+                at_ms: entry.at_ms,
+                sent: (counted != Some(false)).then_some(now),
+                units: now_units,
+            });
+            if left == 0 {
+                break;
+            }
+        }
+        self.in_windows.retain(|u| u.units > 0);
+        self.in_windows
+            .extend(moved.into_iter().filter(|u| u.units > 0));
+        if counted == Some(false) {
+            (units, units - taken)
+        } else {
+            (0, 0)
+        }
+    }
+
+    /// Notes `units` admitted here at `at_ms` and counted in the windows, whose call was sent by
+    /// `sent_ms` (`None`: none was).
+    pub(super) fn note_in_windows(&mut self, at_ms: i64, sent: Option<Sent>, units: u64) {
+        let full = self.in_windows.len() >= IN_WINDOWS_KEPT;
+        match self.in_windows.last_mut() {
+            Some(last)
+                if full
+                    || (last.sent.map(|s| s.via) == sent.map(|s| s.via)
+                        && (at_ms - last.at_ms).abs() < 100) =>
+            {
+                // The later times, and no call if one had none: held beyond any answer for
+                // at least as long as each of them.
+                last.at_ms = last.at_ms.max(at_ms);
+                last.sent = last.sent.zip(sent).map(|(a, b)| Sent {
+                    at_ms: a.at_ms.max(b.at_ms),
+                    via: a.via,
+                });
+                last.units += units;
+            }
+            _ => self.in_windows.push(InWindows { at_ms, sent, units }),
+        }
+    }
+
+    /// Forgets the units admitted here that an answer to a call `sent` holds (their call ran
+    /// before it, or never will) and those out of a window of `longest_ms` at `now_ms`.
+    pub(super) fn forget_in_windows(&mut self, sent: Sent, longest_ms: i64, now_ms: i64) {
+        self.in_windows.retain(|u| {
+            u.sent.is_none_or(|own| !own.ran_before(sent))
+                && window::still_counted(u.at_ms, longest_ms, now_ms)
+        });
+    }
+
+    /// Units admitted here that Redis' answer does not hold and that still count in a window of
+    /// `window_ms` at `now_ms` (after [`forget_in_windows`](Self::forget_in_windows)).
+    pub(super) fn in_window(&self, window_ms: i64, now_ms: i64) -> u64 {
+        self.in_windows
+            .iter()
+            .filter(|u| window::still_counted(u.at_ms, window_ms, now_ms))
+            .map(|u| u.units)
+            .sum()
     }
 
     fn note_answered(&mut self, period: Period, token: u128) {
@@ -154,6 +321,9 @@ pub struct Unshared {
 /// Entries of units whose call may still run in Redis kept per customer; past this many, units
 /// join the newest entry.
 const MAYBE_KEPT: usize = 64;
+/// Entries of units admitted here kept per customer for the windows; past this many, units join
+/// the newest entry.
+pub(super) const IN_WINDOWS_KEPT: usize = 64;
 /// How long a batch Redis took is taken to be possibly missing from answers: the longest call
 /// timeout.
 const LANDED_KEPT_MS: i64 = 1_000;
@@ -214,7 +384,7 @@ impl LocalCounters {
     /// admitted, its unit joins the customer's batch for Redis under the same lock as its
     /// count, so that no call reading what this process holds beyond Redis' count
     /// ([`known`](Self::known)) sees the unit counted and not batched, and puts it in Redis a
-    /// second time. A unit whose call may have run in Redis (`maybe_sent_by`: the call timed out
+    /// second time. A unit whose call may have run in Redis (`maybe_sent`: the call timed out
     /// or broke, sent by then) is not batched; it counts beyond what Redis says until Redis
     /// answers a call sent later.
     pub fn admit_fallback(
@@ -224,7 +394,7 @@ impl LocalCounters {
         period: Period,
         units: u64,
         now_ms: i64,
-        maybe_sent_by: Option<i64>,
+        maybe_sent: Option<Sent>,
     ) -> Decision {
         let mut shard = self.shard(customer);
         let counts = counts(&mut shard, customer, period);
@@ -232,10 +402,15 @@ impl LocalCounters {
         decision.counted = Counted::Fallback;
         if let Some(reservation) = &mut decision.reservation {
             reservation.counted = Counted::Fallback;
-            let unit = if let Some(sent_ms) = maybe_sent_by {
+            if !policy.rate_limits.is_empty() {
                 counts
                     .fallback()
-                    .note_maybe(sent_ms, period, reservation.units);
+                    .note_in_windows(now_ms, maybe_sent, reservation.units);
+            }
+            let unit = if let Some(sent) = maybe_sent {
+                counts
+                    .fallback()
+                    .note_maybe(sent, period, reservation.units);
                 FallbackUnit::MaybeInRedis
             } else {
                 FallbackUnit::Batch(self.batch_unshared(counts, customer, reservation))
@@ -243,6 +418,40 @@ impl LocalCounters {
             reservation.fallback = Some(unit);
         }
         decision
+    }
+
+    /// Redis answered, in the end, the call of a request admitted here in its stead after the
+    /// call timed out (`reservation`, counted here as whose call may still run in Redis, `sent`
+    /// as said): `counted`, whether Redis counted it; `None` when the connection gave up on it.
+    /// From now on an answer to any call sent later holds what Redis counted; what it did not
+    /// count joins the customer's batch for Redis, so that its count comes to hold it.
+    pub fn late_answer(
+        &self,
+        customer: &Id,
+        reservation: &Reservation,
+        sent: Sent,
+        counted: Option<bool>,
+        now_ms: i64,
+    ) {
+        let mut shard = self.shard(customer);
+        let Some(counts) = shard.get_mut(customer) else {
+            return;
+        };
+        let Some(fallback) = counts.fallback.as_mut() else {
+            return;
+        };
+        let (batch, dropped) =
+            fallback.ran(reservation.period, reservation.units, sent, counted, now_ms);
+        if batch > 0 {
+            if counts.quota.period == reservation.period {
+                counts.quota.used += dropped;
+            }
+            let unit = Reservation {
+                units: batch,
+                ..*reservation
+            };
+            self.batch_unshared(counts, customer, &unit);
+        }
     }
 
     /// Adds `reservation` to the customer's open batch for the count of `generation` (the one

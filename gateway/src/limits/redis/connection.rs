@@ -1,7 +1,9 @@
 //! The connections to Redis: the background one made at start, the request path's own, and
 //! calls through either within the timeout.
 
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
@@ -10,7 +12,7 @@ use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::cluster::ClusterClient;
 use redis::cluster_async::ClusterConnection;
 use redis::cluster_routing::{RoutingInfo, SingleNodeRoutingInfo};
-use redis::{RedisResult, ScriptInvocation};
+use redis::{Cmd, ErrorKind, RedisResult, Script, ScriptInvocation, ServerErrorKind};
 
 use super::seed::SEED_SCRIPT;
 use super::{ADMIT_SCRIPT, REFUND_SCRIPT, RedisCounters, SHARE_SCRIPT};
@@ -42,12 +44,38 @@ impl std::fmt::Debug for Connection {
 
 impl Connection {
     async fn invoke<T: redis::FromRedisValue>(
-        &self,
+        self,
         invocation: &ScriptInvocation<'_>,
     ) -> RedisResult<T> {
-        match self.clone() {
+        match self {
             Connection::Single(mut connection) => invocation.invoke_async(&mut connection).await,
             Connection::Cluster(mut connection) => invocation.invoke_async(&mut connection).await,
+        }
+    }
+
+    /// Runs `command`, an `EVALSHA` of `script`; loads the script and runs it again when Redis
+    /// lacks it (`NOSCRIPT`: Redis restarted), as a [`ScriptInvocation`] does.
+    async fn eval<T: redis::FromRedisValue>(
+        self,
+        command: Cmd,
+        script: Arc<Script>,
+    ) -> RedisResult<T> {
+        async fn run<T: redis::FromRedisValue>(
+            connection: &mut impl redis::aio::ConnectionLike,
+            command: &Cmd,
+            script: &Script,
+        ) -> RedisResult<T> {
+            match command.query_async(connection).await {
+                Err(error) if error.kind() == ErrorKind::Server(ServerErrorKind::NoScript) => {
+                    script.load_async(connection).await?;
+                    command.query_async(connection).await
+                }
+                answer => answer,
+            }
+        }
+        match self {
+            Connection::Single(mut connection) => run(&mut connection, &command, &script).await,
+            Connection::Cluster(mut connection) => run(&mut connection, &command, &script).await,
         }
     }
 
@@ -125,6 +153,37 @@ fn masters(slots: redis::Value) -> Vec<(String, u16)> {
     masters
 }
 
+/// Which connection a call went through: [`VIA_BACKGROUND`], or the request path's own, by the
+/// order it was made in. Redis runs the calls of one connection in the order they were sent,
+/// and nothing is known of the order of calls on two.
+pub type Via = u64;
+/// The background connection's [`Via`].
+pub const VIA_BACKGROUND: Via = 0;
+/// Request path connections made so far in this process.
+static NEAR_MADE: AtomicU64 = AtomicU64::new(0);
+
+/// A call that timed out, still on its way: it ends when Redis answers it or the connection
+/// gives up on it (5 s).
+pub type LateCall<T> = Pin<Box<dyn Future<Output = RedisResult<T>> + Send>>;
+
+/// A call that got no answer in time: why, which connection it went through, and, when it
+/// timed out, the call itself, still on its way.
+pub struct Unanswered<T> {
+    pub failure: Failure,
+    pub via: Via,
+    pub late: Option<LateCall<T>>,
+}
+
+impl<T> std::fmt::Debug for Unanswered<T> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Unanswered")
+            .field("failure", &self.failure)
+            .field("via", &self.via)
+            .field("late", &self.late.is_some())
+            .finish()
+    }
+}
+
 /// Why a call was not answered.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Failure {
@@ -183,6 +242,8 @@ impl Near {
 #[derive(Debug)]
 pub(super) struct Made {
     pub(super) connection: Connection,
+    /// Which one it is ([`Via`]): 1 for the first made, and so on.
+    via: Via,
     /// A task of that runtime that never ends by itself: finished once the runtime is gone.
     runtime: tokio::task::JoinHandle<()>,
 }
@@ -228,7 +289,7 @@ impl RedisCounters {
         let connection = open(&self.settings, certificates.clone()).await?;
         // Loaded everywhere up front: a script call is then one EVALSHA.
         for (script, source) in [
-            (&self.admit, ADMIT_SCRIPT),
+            (&*self.admit, ADMIT_SCRIPT),
             (&self.seed, SEED_SCRIPT),
             (&self.refund, REFUND_SCRIPT),
             (&self.share, SHARE_SCRIPT),
@@ -298,6 +359,7 @@ impl RedisCounters {
                 Ok(connection) => {
                     near.made.store(Some(Arc::new(Made {
                         connection,
+                        via: NEAR_MADE.fetch_add(1, Ordering::Relaxed) + 1,
                         runtime: tokio::spawn(std::future::pending()),
                     })));
                     *near.retry() = Retry::default();
@@ -345,29 +407,71 @@ impl RedisCounters {
         invocation: &ScriptInvocation<'_>,
         now_ms: i64,
     ) -> Result<T, Failure> {
-        let near = self.near.alive();
-        let far = match near {
-            Some(_) => None,
-            None => self.connection.load_full(),
-        };
-        let connection = near
-            .as_ref()
-            .map(|made| &made.connection)
-            .or(far.as_deref());
-        let Some(connection) =
-            connection.filter(|_| now_ms >= self.down_until_ms.load(Ordering::Relaxed))
-        else {
-            self.errors.with_label_values(&["unavailable"]).inc();
-            return Err(Failure::Unavailable);
-        };
+        let (connection, _) = self.callable(now_ms)?;
         let started = Instant::now();
+        let answer =
+            tokio::time::timeout(self.settings.timeout, connection.invoke(invocation)).await;
+        self.answered(answer, started, now_ms)
+    }
+
+    /// [`call`](Self::call) of `command`, an `EVALSHA` of `script`, that is not dropped when it
+    /// times out: the call is handed back, still on its way, for the caller to follow to its
+    /// end. Dropped, a call still queued for the connection's writer would never be sent
+    /// (redis-rs skips a call nobody waits for), where a timeout is taken to mean that it may
+    /// run. Also says which connection the call went through.
+    pub(super) async fn call_to_the_end<T: redis::FromRedisValue + Send + 'static>(
+        &self,
+        command: Cmd,
+        script: &Arc<Script>,
+        now_ms: i64,
+    ) -> Result<(T, Via), Unanswered<T>> {
+        let (connection, via) = self.callable(now_ms).map_err(|failure| Unanswered {
+            failure,
+            via: VIA_BACKGROUND,
+            late: None,
+        })?;
+        let started = Instant::now();
+        let mut call: LateCall<T> = Box::pin(connection.eval::<T>(command, Arc::clone(script)));
+        let answer = tokio::time::timeout(self.settings.timeout, &mut call).await;
+        let timed_out = answer.is_err();
+        self.answered(answer, started, now_ms)
+            .map(|value| (value, via))
+            .map_err(|failure| Unanswered {
+                failure,
+                via,
+                late: timed_out.then_some(call),
+            })
+    }
+
+    /// The connection a call made at `now_ms` goes through, and which: the request path's own
+    /// when made, else the background one; none while Redis is failing.
+    fn callable(&self, now_ms: i64) -> Result<(Connection, Via), Failure> {
+        let connection = match self.near.alive() {
+            Some(made) => Some((made.connection.clone(), made.via)),
+            None => self
+                .connection
+                .load()
+                .as_deref()
+                .map(|connection| (connection.clone(), VIA_BACKGROUND)),
+        };
+        match connection.filter(|_| now_ms >= self.down_until_ms.load(Ordering::Relaxed)) {
+            Some(connection) => Ok(connection),
+            None => {
+                self.errors.with_label_values(&["unavailable"]).inc();
+                Err(Failure::Unavailable)
+            }
+        }
+    }
+
+    /// What a call's `answer` (or its timeout) comes to, recording its duration or failure.
+    fn answered<T>(
+        &self,
+        answer: Result<RedisResult<T>, tokio::time::error::Elapsed>,
+        started: Instant,
+        now_ms: i64,
+    ) -> Result<T, Failure> {
         let mut broken = false;
-        let failure = match tokio::time::timeout(
-            self.settings.timeout,
-            connection.invoke(invocation),
-        )
-        .await
-        {
+        let failure = match answer {
             Ok(Ok(value)) => {
                 self.duration.observe(started.elapsed().as_secs_f64());
                 return Ok(value);

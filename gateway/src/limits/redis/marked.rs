@@ -3,6 +3,8 @@
 //! timeout (it may have run) adds or gives back nothing; the customer's next call deletes the
 //! marks of calls answered the first time.
 
+use std::sync::{Arc, Mutex, PoisonError};
+
 use super::{Failure, RedisCounters};
 use crate::identity::index::Id;
 use crate::limits::Reservation;
@@ -23,6 +25,30 @@ pub enum Sharing {
 
 /// Most refunds held for Redis at once.
 const MAX_HELD_REFUNDS: usize = 100_000;
+
+/// The refunds held for Redis, until a pass of [`Limiter::share_pending`] makes them.
+///
+/// [`Limiter::share_pending`]: crate::limits::Limiter::share_pending
+#[derive(Debug, Clone, Default)]
+pub struct RefundHolder(Arc<Mutex<Vec<HeldRefund>>>);
+
+impl RefundHolder {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Vec<HeldRefund>> {
+        self.0.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Keeps `refund`, to make once Redis answers; past `MAX_HELD_REFUNDS` (100,000), drops it
+    /// with a warning (Redis then counts its unit until the period ends, never more than the
+    /// customer used plus it).
+    pub fn hold(&self, refund: HeldRefund) {
+        let mut held = self.lock();
+        if held.len() >= MAX_HELD_REFUNDS {
+            tracing::warn!("too many quota units wait to be given back in redis; one is dropped");
+            return;
+        }
+        held.push(refund);
+    }
+}
 
 /// A refund to give back in Redis whose call got no answer, held until Redis answers.
 #[derive(Debug, Clone, Copy)]
@@ -82,29 +108,20 @@ impl RedisCounters {
         Ok((sharing, answer / 4))
     }
 
-    /// Keeps a refund whose call got no answer, to make again once Redis answers; past
-    /// `MAX_HELD_REFUNDS` (100,000), drops it with a warning (Redis then counts its unit until the
-    /// period ends, never more than the customer used plus it).
+    /// Keeps a refund whose call got no answer, to make again once Redis answers
+    /// ([`RefundHolder::hold`]).
     pub fn hold_refund(&self, refund: HeldRefund) {
-        let mut held = self
-            .held_refunds
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
-        if held.len() >= MAX_HELD_REFUNDS {
-            tracing::warn!("too many quota units wait to be given back in redis; one is dropped");
-            return;
-        }
-        held.push(refund);
+        self.held_refunds.hold(refund);
+    }
+
+    /// Where refunds are held, for a task that outlives its request.
+    pub fn refund_holder(&self) -> RefundHolder {
+        self.held_refunds.clone()
     }
 
     /// The refunds held, to make again.
     pub fn take_held_refunds(&self) -> Vec<HeldRefund> {
-        std::mem::take(
-            &mut *self
-                .held_refunds
-                .lock()
-                .unwrap_or_else(std::sync::PoisonError::into_inner),
-        )
+        std::mem::take(&mut *self.held_refunds.lock())
     }
 
     /// Gives back a reservation counted in Redis, once for `token` however often it is sent

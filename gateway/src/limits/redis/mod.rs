@@ -32,7 +32,9 @@
 //!
 //! A call that fails or takes longer than `timeout` is not retried on the request path: the
 //! request is counted in process instead (see [`super::Limiter`]), and for `retry_after` every
-//! request is, without waiting on Redis; then the next request tries Redis again. Between
+//! request is, without waiting on Redis; then the next request tries Redis again. An admission
+//! call that timed out is not dropped ([`NotDecided::late`]): Redis runs it all the same, and
+//! what it answers settles the request decided in process meanwhile. Between
 //! requests, a `PING` every 250 ms (`watch`) finds a connection Redis broke before a request
 //! needs it, and ends that wait as soon as Redis answers when it began with a broken connection
 //! (Redis gone or restarted, not slow or answering errors).
@@ -49,6 +51,8 @@ mod marked;
 mod seed;
 mod watch;
 
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::OnceLock;
 use std::sync::atomic::{AtomicBool, AtomicI64};
@@ -58,9 +62,9 @@ use arc_swap::ArcSwapOption;
 use prometheus::{Histogram, HistogramOpts, IntCounterVec, IntGauge, Opts};
 use redis::Script;
 
-pub use connection::Failure;
-use connection::{Connection, Near};
-pub use marked::{HeldRefund, Sharing};
+use connection::{Connection, Near, Unanswered};
+pub use connection::{Failure, VIA_BACKGROUND, Via};
+pub use marked::{HeldRefund, RefundHolder, Sharing};
 use marked::{REFUND_SCRIPT, SHARE_SCRIPT};
 use seed::{Reseed, SEED_SCRIPT, UNSEEDED_SCRIPT, Unseeded};
 pub use seed::{SEED_AGAIN_AFTER_FAILURE, SEED_CLAIM};
@@ -128,7 +132,8 @@ pub struct RedisCounters {
     near: Arc<Near>,
     /// The certificate authorities the background connection was made with, once made.
     certificates: OnceLock<Option<redis::TlsCertificates>>,
-    admit: Script,
+    /// Shared with the calls that outlive their request ([`Connection::eval`]).
+    admit: Arc<Script>,
     seed: Script,
     unseeded: Script,
     refund: Script,
@@ -141,7 +146,7 @@ pub struct RedisCounters {
     reseeds: ReseedQueue<Reseed>,
     /// Refunds whose call got no answer (the admission's own, and the requests' through
     /// [`super::Limiter::refund`]), for [`super::Limiter::share_pending`] to make again.
-    held_refunds: std::sync::Mutex<Vec<HeldRefund>>,
+    held_refunds: RefundHolder,
     errors: IntCounterVec,
     duration: Histogram,
     /// 1 while Redis answers the probes' `PING`s.
@@ -184,7 +189,7 @@ impl RedisCounters {
             connection: ArcSwapOption::empty(),
             near: Arc::new(Near::default()),
             certificates: OnceLock::new(),
-            admit: Script::new(ADMIT_SCRIPT),
+            admit: Arc::new(Script::new(ADMIT_SCRIPT)),
             seed: Script::new(SEED_SCRIPT),
             unseeded: Script::new(UNSEEDED_SCRIPT),
             refund: Script::new(REFUND_SCRIPT),
@@ -192,7 +197,7 @@ impl RedisCounters {
             down_until_ms: AtomicI64::new(0),
             broken: AtomicBool::new(false),
             reseeds: ReseedQueue::default(),
-            held_refunds: std::sync::Mutex::new(Vec::new()),
+            held_refunds: RefundHolder::default(),
             errors,
             duration,
             up,
@@ -221,8 +226,7 @@ impl RedisCounters {
         self.reseeds.set_after(after);
     }
 
-    /// Decides a request in Redis; a quota key this call finds missing is made again from
-    /// `rebuild`.
+    /// [`decide`](Self::decide), the decision alone: a call that times out is dropped.
     pub async fn admit(
         &self,
         customer: &Id,
@@ -232,6 +236,23 @@ impl RedisCounters {
         now_ms: i64,
         rebuild: Rebuild<'_>,
     ) -> Result<Decision, Failure> {
+        self.decide(customer, policy, period, units, now_ms, rebuild)
+            .await
+            .map(|(decision, _)| decision)
+            .map_err(|not_decided| not_decided.failure)
+    }
+
+    /// Decides a request in Redis; a quota key this call finds missing is made again from
+    /// `rebuild`. Also says which connection decided.
+    pub async fn decide(
+        &self,
+        customer: &Id,
+        policy: &Policy<'_>,
+        period: Period,
+        units: u64,
+        now_ms: i64,
+        rebuild: Rebuild<'_>,
+    ) -> Result<(Decision, Via), NotDecided> {
         let Rebuild { known, ledger } = rebuild;
         let call = AdmitCall {
             customer,
@@ -243,7 +264,10 @@ impl RedisCounters {
             token: (uuid::Uuid::new_v4().as_u128() as i64 & ((1 << 53) - 1)).max(1),
         };
         // Decided later than asked when it waited for another caller's seed.
-        let (reply, now_ms) = self.call_seeded(&call, now_ms).await?;
+        let (reply, now_ms, via) = self
+            .call_seeded(&call, now_ms)
+            .await
+            .map_err(NotDecided::from)?;
         let value = |i: usize| reply.get(i).copied().unwrap_or(0);
         let as_u64 = |i: usize| u64::try_from(value(i)).unwrap_or(0);
         let verdict = match value(0) {
@@ -325,26 +349,85 @@ impl RedisCounters {
                 reset_ms: value(6 + 2 * i),
             })
             .collect();
-        Ok(Decision {
-            verdict,
-            windows,
-            quota: policy.quota,
-            period,
-            at_ms: now_ms,
-            used,
-            reservation: (verdict == Verdict::Admitted).then_some(Reservation {
+        Ok((
+            Decision {
+                verdict,
+                windows,
+                quota: policy.quota,
                 period,
                 at_ms: now_ms,
-                units,
-                overage: reserved_overage,
+                used,
+                reservation: (verdict == Verdict::Admitted).then_some(Reservation {
+                    period,
+                    at_ms: now_ms,
+                    units,
+                    overage: reserved_overage,
+                    counted: Counted::Redis,
+                    fallback: None,
+                }),
                 counted: Counted::Redis,
-                fallback: None,
+                generation,
+                counted_in: Some(value(tail + 1)),
+                count_version: Some(value(tail + 2)),
+            },
+            via,
+        ))
+    }
+}
+
+/// What Redis in the end answered an admission call that timed out.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LateAnswer {
+    /// It admitted the request and counted its units, `overage` of them past a soft quota.
+    Admitted { overage: u64 },
+    /// It counted nothing (it refused the request, or waited for a rebuild of the count).
+    NotCounted,
+    /// Nothing: the connection gave up on the call, which ran before then or never will.
+    Unknown,
+}
+
+/// An admission Redis did not decide in time.
+pub struct NotDecided {
+    pub failure: Failure,
+    /// The connection its call went through.
+    pub via: Via,
+    /// When the call timed out: the call itself, still on its way, and what Redis answers it.
+    pub late: Option<Pin<Box<dyn Future<Output = LateAnswer> + Send>>>,
+}
+
+impl From<Unanswered<seed::Numbers>> for NotDecided {
+    fn from(unanswered: Unanswered<seed::Numbers>) -> Self {
+        let Unanswered { failure, via, late } = unanswered;
+        Self {
+            failure,
+            via,
+            late: late.map(|call| -> Pin<Box<dyn Future<Output = LateAnswer> + Send>> {
+                Box::pin(async move {
+                    match call.await {
+                        Ok(seed::Numbers(reply)) if reply.first() == Some(&0) => {
+                            LateAnswer::Admitted {
+                                overage: reply.get(3).map_or(0, |&o| u64::try_from(o).unwrap_or(0)),
+                            }
+                        }
+                        Ok(_) => LateAnswer::NotCounted,
+                        Err(error) => {
+                            tracing::debug!(%error, "an admission call that timed out got no answer");
+                            LateAnswer::Unknown
+                        }
+                    }
+                })
             }),
-            counted: Counted::Redis,
-            generation,
-            counted_in: Some(value(tail + 1)),
-            count_version: Some(value(tail + 2)),
-        })
+        }
+    }
+}
+
+impl std::fmt::Debug for NotDecided {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("NotDecided")
+            .field("failure", &self.failure)
+            .field("via", &self.via)
+            .field("late", &self.late.is_some())
+            .finish()
     }
 }
 

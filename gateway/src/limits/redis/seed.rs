@@ -4,9 +4,8 @@
 use std::time::{Duration, Instant};
 
 use futures_util::StreamExt;
-use redis::ScriptInvocation;
 
-use super::connection::Failure;
+use super::connection::{Unanswered, Via};
 use super::{AdmitCall, QUOTA_KEY_GRACE_MS, RedisCounters};
 use crate::identity::index::Id;
 use crate::limits::period::Period;
@@ -48,7 +47,7 @@ pub(super) enum Unseeded {
 }
 
 /// The admission script's reply: integers in one string, separated by spaces.
-struct Numbers(Vec<i64>);
+pub(super) struct Numbers(pub(super) Vec<i64>);
 
 impl redis::FromRedisValue for Numbers {
     fn from_redis_value(value: redis::Value) -> Result<Self, redis::ParsingError> {
@@ -67,20 +66,21 @@ impl RedisCounters {
     /// counts nothing and says so, and is asked again, the time moving on as it waits, until
     /// that caller's claim ends ([`SEED_CLAIM`]: then this caller takes it and seeds itself).
     /// A wait longer than that (clocks apart) ends in a call that counts on what the hash holds.
+    /// Also says which connection the call that decided went through.
     pub(super) async fn call_seeded(
         &self,
         call: &AdmitCall<'_>,
         now_ms: i64,
-    ) -> Result<(Vec<i64>, i64), Failure> {
+    ) -> Result<(Vec<i64>, i64, Via), Unanswered<Numbers>> {
         let started = Instant::now();
         let mut pause = Duration::from_millis(2);
         let mut at_ms = now_ms;
         let mut wait = true;
         loop {
-            let invocation = self.admit_invocation(call, at_ms, wait);
-            let Numbers(reply) = self.call(&invocation, at_ms).await?;
+            let command = self.admit_command(call, at_ms, wait);
+            let (Numbers(reply), via) = self.call_to_the_end(command, &self.admit, at_ms).await?;
             if reply.first() != Some(&SEEDING) {
-                return Ok((reply, at_ms));
+                return Ok((reply, at_ms, via));
             }
             if started.elapsed() + pause > SEED_WAIT_LONGEST {
                 tracing::warn!(
@@ -101,13 +101,9 @@ impl RedisCounters {
         }
     }
 
-    /// The admit script's call for `call` at `now_ms`.
-    fn admit_invocation(
-        &self,
-        call: &AdmitCall<'_>,
-        now_ms: i64,
-        wait: bool,
-    ) -> ScriptInvocation<'_> {
+    /// The admit script's call for `call` at `now_ms`: an `EVALSHA` of its own, which a call
+    /// that outlives its request owns.
+    fn admit_command(&self, call: &AdmitCall<'_>, now_ms: i64, wait: bool) -> redis::Cmd {
         let AdmitCall {
             customer,
             policy,
@@ -116,17 +112,20 @@ impl RedisCounters {
             known,
             token,
         } = *call;
-        let mut invocation = self.admit.prepare_invoke();
+        let mut command = redis::cmd("EVALSHA");
+        command
+            .arg(self.admit.get_hash())
+            .arg(policy.rate_limits.len() + 2);
         for window_ms in policy.window_ms() {
-            invocation.key(self.key(customer, "r", window_ms));
+            command.arg(self.key(customer, "r", window_ms));
         }
-        invocation.key(self.key(customer, "q", period.start_ms));
+        command.arg(self.key(customer, "q", period.start_ms));
         // The period the customer was last counted in (see `admit.lua`).
-        invocation.key(self.key(customer, "p", 0));
+        command.arg(self.key(customer, "p", 0));
         let (quota_limit, hard) = policy.quota.map_or((-1, false), |q| {
             (i64::try_from(q.limit).unwrap_or(i64::MAX), q.hard)
         });
-        invocation
+        command
             .arg(now_ms)
             .arg(units)
             .arg(policy.rate_limits.len())
@@ -135,11 +134,11 @@ impl RedisCounters {
             .arg(u8::from(hard))
             .arg(period.end_ms.saturating_sub(now_ms).max(0) + QUOTA_KEY_GRACE_MS);
         for window in policy.rate_limits {
-            invocation
+            command
                 .arg(window.requests)
                 .arg(crate::limits::window_ms(window.window_seconds));
         }
-        invocation
+        command
             .arg(token)
             .arg(known.used)
             .arg(known.overage)
@@ -150,7 +149,7 @@ impl RedisCounters {
             .arg(period.start_ms)
             .arg(period.end_ms)
             .arg(known.pending);
-        invocation
+        command
     }
 
     /// Raises the quota key of `generation`, made at `made_ms`, to the ledger's count of the
