@@ -87,6 +87,11 @@ pub struct Reservation {
 pub enum FallbackUnit {
     /// Its call may have run in Redis after all (it timed out, or the connection broke).
     MaybeInRedis,
+    /// Its call timed out and is followed to its end, named by this token: what Redis answers
+    /// says where the unit is ([`LocalCounters::late_answer`]), and so where a refund goes.
+    ///
+    /// [`LocalCounters::late_answer`]: super::local::LocalCounters::late_answer
+    Awaiting(u128),
     /// Into the batch of this token, to be added to Redis.
     Batch(u128),
 }

@@ -282,30 +282,34 @@ impl Limiter {
                 LateAnswer::NotCounted => Some(false),
                 LateAnswer::Unknown => None,
             };
-            match (admitted_here, answer) {
-                (Some(reservation), _) => {
-                    local.late_answer(&customer, &reservation, sent, counted, clock.now_ms());
-                }
+            let give_back = match (admitted_here, answer) {
+                // Admitted here: given back meanwhile (an upstream 5xx), Redis' unit is too.
+                (Some(reservation), _) => local
+                    .late_answer(&customer, &reservation, sent, counted, clock.now_ms())
+                    .then_some(reservation.overage),
                 (None, LateAnswer::Admitted { overage }) => {
                     tracing::debug!(
                         "redis admitted a request refused here after its call timed out; its \
                          unit is given back there"
                     );
-                    held.hold(HeldRefund {
-                        customer,
-                        reservation: Reservation {
-                            period,
-                            at_ms,
-                            units,
-                            overage,
-                            counted: Counted::Redis,
-                            fallback: None,
-                        },
-                        token: uuid::Uuid::new_v4().as_u128(),
-                        sealed: false,
-                    });
+                    Some(overage)
                 }
-                (None, _) => {}
+                (None, _) => None,
+            };
+            if let Some(overage) = give_back {
+                held.hold(HeldRefund {
+                    customer,
+                    reservation: Reservation {
+                        period,
+                        at_ms,
+                        units,
+                        overage,
+                        counted: Counted::Redis,
+                        fallback: None,
+                    },
+                    token: uuid::Uuid::new_v4().as_u128(),
+                    sealed: false,
+                });
             }
         });
     }

@@ -4,6 +4,7 @@
 
 use futures_util::StreamExt;
 
+use super::local::Settled;
 use super::redis::{HeldRefund, RedisCounters};
 use super::share::SHARE_CONCURRENCY;
 use super::{Counted, FallbackUnit, Limiter, Reservation};
@@ -30,6 +31,28 @@ impl Limiter {
                     Some(FallbackUnit::MaybeInRedis) => {
                         self.refund_in_redis(redis, customer, reservation, false)
                             .await;
+                    }
+                    // A call followed to its end: where its answer put the unit, or, before
+                    // it comes, where that answer says (`follow_late`).
+                    Some(FallbackUnit::Awaiting(token)) => {
+                        match self.local.refund_awaiting(customer, token) {
+                            None => {}
+                            Some(Settled::InRedis) => {
+                                self.refund_in_redis(redis, customer, reservation, true)
+                                    .await;
+                            }
+                            Some(Settled::Batch(batch))
+                                if !self.local.refund_unshared(customer, reservation, batch) =>
+                            {
+                                self.refund_in_redis(redis, customer, reservation, true)
+                                    .await;
+                            }
+                            Some(Settled::Batch(_)) => {}
+                            Some(Settled::Unknown) => {
+                                self.refund_in_redis(redis, customer, reservation, false)
+                                    .await;
+                            }
+                        }
                     }
                     // Taken back here unless the batch is Redis' to give from.
                     Some(FallbackUnit::Batch(token))

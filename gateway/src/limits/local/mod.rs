@@ -23,7 +23,7 @@ mod unshared;
 
 use unshared::Fallback;
 pub use unshared::{
-    FORGET_PER_CALL, Sent, Taken, UNKNOWN_GENERATION, Unshared, VIA_ANY, VIA_AWAITING,
+    FORGET_PER_CALL, Sent, Settled, Taken, UNKNOWN_GENERATION, Unshared, VIA_ANY, VIA_AWAITING,
 };
 
 /// Shards of the customer map.

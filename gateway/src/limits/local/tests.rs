@@ -491,6 +491,22 @@ fn units_whose_calls_left_after_the_answered_one_stay_beyond_its_answer() {
     assert_eq!(counters.follow(&customer, &mut same, VIA).used, 12);
 }
 
+/// A call followed to its end ([`VIA_AWAITING`]) at 1,000 + `ms`.
+fn awaiting(ms: i64) -> Sent {
+    Sent {
+        at_ms: 1_000 + ms,
+        via: VIA_AWAITING,
+    }
+}
+
+/// An answer of Redis to a call sent at `sent_ms`, `used` there, at `version`.
+fn answer_at(used: u64, sent_ms: i64, version: i64) -> Decision {
+    Decision {
+        count_version: Some(version),
+        ..told_with(used, Some(42), Some(42), Vec::new(), sent_ms)
+    }
+}
+
 /// What Redis in the end answers a call that timed out settles where the unit of the request
 /// admitted here in its stead is: one Redis counted is held beyond answers to calls sent before
 /// its answer came (through any connection), and no longer; one Redis refused (no room left,
@@ -503,17 +519,25 @@ fn a_late_answer_settles_where_a_unit_admitted_here_is_counted() {
     counters.follow(&customer, &mut told(9, Some(42), Some(42)), VIA);
     // Two calls time out, sent at 1,050 and 1,060: both admitted here, 11.
     let first = counters
-        .admit_fallback(&customer, &none, PERIOD, 1, 1_000, Some(sent(1_050)))
+        .admit_fallback(&customer, &none, PERIOD, 1, 1_000, Some(awaiting(50)))
         .reservation
         .unwrap();
     let second = counters
-        .admit_fallback(&customer, &none, PERIOD, 1, 1_000, Some(sent(1_060)))
+        .admit_fallback(&customer, &none, PERIOD, 1, 1_000, Some(awaiting(60)))
         .reservation
         .unwrap();
+    assert!(matches!(first.fallback, Some(FallbackUnit::Awaiting(_))));
     assert_eq!(counters.used(&customer, PERIOD), (11, 0));
+    // Until their answers come, no answer holds them, whatever its order or connection.
+    assert_eq!(
+        counters
+            .follow(&customer, &mut answer_at(9, 1_100, 8), VIA)
+            .used,
+        11
+    );
     // Redis counted the first (its answer came at 1,200) and refused the second.
-    counters.late_answer(&customer, &first, sent(1_050), Some(true), 1_200);
-    counters.late_answer(&customer, &second, sent(1_060), Some(false), 1_210);
+    assert!(!counters.late_answer(&customer, &first, awaiting(50), Some(true), 1_200));
+    assert!(!counters.late_answer(&customer, &second, awaiting(60), Some(false), 1_210));
     assert_eq!(counters.used(&customer, PERIOD), (11, 0));
     let batch = counters.take_unshared(&customer);
     assert_eq!(
@@ -523,32 +547,131 @@ fn a_late_answer_settles_where_a_unit_admitted_here_is_counted() {
             .collect::<Vec<_>>(),
         [(1, 42)]
     );
-    // An answer to a call sent at 1,150 through another connection may lack the first (10
-    // there): 10 + the first + the batch.
-    let mut before = Decision {
-        count_version: Some(8),
-        ..told_with(10, Some(42), Some(42), Vec::new(), 1_150)
-    };
-    assert_eq!(counters.follow(&customer, &mut before, VIA + 1).used, 12);
+    // An answer to a call sent at 1,150 may lack the first (9 there, whatever the connection):
+    // 9 + the first + the batch.
+    assert_eq!(
+        counters
+            .follow(&customer, &mut answer_at(9, 1_150, 9), VIA + 1)
+            .used,
+        11
+    );
     // One to a call sent at 1,300, through any connection, holds it: 10 + the batch.
-    let mut after = Decision {
-        count_version: Some(9),
-        ..told_with(10, Some(42), Some(42), Vec::new(), 1_300)
+    assert_eq!(
+        counters
+            .follow(&customer, &mut answer_at(10, 1_300, 10), VIA + 1)
+            .used,
+        11
+    );
+    // Refunds go where the answers put the units: Redis' count, and the batch.
+    let token = |r: &Reservation| match r.fallback {
+        Some(FallbackUnit::Awaiting(token)) => token,
+        other => panic!("{other:?}"),
     };
-    assert_eq!(counters.follow(&customer, &mut after, VIA + 1).used, 11);
-    // A late answer whose unit an earlier answer let go of (taken to be in Redis, which
-    // refused it) puts it back, in a batch.
-    let third = counters
-        .admit_fallback(&customer, &none, PERIOD, 1, 1_400, Some(sent(1_400)))
-        .reservation
-        .unwrap();
-    let mut later = Decision {
-        count_version: Some(10),
-        ..told_with(10, Some(42), Some(42), Vec::new(), 1_500)
+    assert_eq!(
+        counters.refund_awaiting(&customer, token(&first)),
+        Some(Settled::InRedis)
+    );
+    assert_eq!(
+        counters.refund_awaiting(&customer, token(&second)),
+        Some(Settled::Batch(batch[0].token))
+    );
+}
+
+/// A request admitted here whose call is awaited and whose unit is given back meanwhile (an
+/// upstream 5xx): its refund waits for the answer, which says where it goes. Before, it was
+/// sent to Redis at once, and dropped if Redis did not answer: a unit Redis counted stayed.
+#[test]
+fn a_unit_given_back_while_its_call_is_awaited_is_given_back_where_redis_put_it() {
+    let counters = LocalCounters::default();
+    let customer = [5; 16];
+    let none = policy(&[], None);
+    counters.follow(&customer, &mut told(9, Some(42), Some(42)), VIA);
+    let admit = |ms: i64| {
+        counters
+            .admit_fallback(&customer, &none, PERIOD, 1, 1_000, Some(awaiting(ms)))
+            .reservation
+            .unwrap()
     };
-    assert_eq!(counters.follow(&customer, &mut later, VIA).used, 11);
-    counters.late_answer(&customer, &third, sent(1_400), Some(false), 1_600);
-    assert_eq!(counters.used(&customer, PERIOD), (12, 0));
+    let (counted, refused) = (admit(10), admit(20));
+    for reservation in [&counted, &refused] {
+        let Some(FallbackUnit::Awaiting(token)) = reservation.fallback else {
+            panic!("not awaited");
+        };
+        assert_eq!(counters.refund_awaiting(&customer, token), None);
+        counters.refund(&customer, reservation);
+    }
+    assert_eq!(counters.used(&customer, PERIOD), (9, 0));
+    // Redis counted the first: give it back there. It refused the second: nothing to do.
+    assert!(counters.late_answer(&customer, &counted, awaiting(10), Some(true), 1_100));
+    assert!(!counters.late_answer(&customer, &refused, awaiting(20), Some(false), 1_110));
+    assert!(counters.take_unshared(&customer).is_empty());
+    // Nothing of theirs is left beyond an answer.
+    assert_eq!(
+        counters
+            .follow(&customer, &mut answer_at(9, 900, 8), VIA)
+            .used,
+        9
+    );
+}
+
+/// However many calls time out, the units admitted here are kept in a few entries, one
+/// connection's never merged into another's (a unit awaiting its answer merged into the
+/// entry of a call that has run would be let go of before its answer; one merged into an
+/// awaited entry would wait for an answer that never takes it); and a call whose answer is
+/// never heard of (the task following it ended) is let go of after 30 s.
+#[test]
+fn units_of_different_connections_are_kept_apart_and_awaited_ones_not_for_ever() {
+    let counters = LocalCounters::default();
+    let customer = [6; 16];
+    let roomy = [RateLimit {
+        requests: 1_000_000,
+        window_seconds: 3_600,
+    }];
+    let limits = policy(&roomy, None);
+    counters.follow(&customer, &mut told(0, Some(42), Some(42)), VIA);
+    for i in 0..500 {
+        let at_ms = 1_000 + 50 * i;
+        let sent = if i % 2 == 0 {
+            awaiting(50 * i)
+        } else {
+            sent(at_ms)
+        };
+        counters.admit_fallback(&customer, &limits, PERIOD, 1, at_ms, Some(sent));
+    }
+    let (maybe, windows) = {
+        let shard = counters.shard(&customer);
+        let fallback = shard[&customer].fallback.as_ref().unwrap();
+        (fallback.maybe.clone(), fallback.in_windows.clone())
+    };
+    assert!(maybe.len() <= unshared::MAYBE_KEPT + 1, "{}", maybe.len());
+    assert!(windows.len() <= unshared::IN_WINDOWS_KEPT + 1);
+    let units_of = |via| {
+        maybe
+            .iter()
+            .filter(|m| m.sent.via == via)
+            .map(|m| m.units)
+            .sum::<u64>()
+    };
+    assert_eq!((units_of(VIA_AWAITING), units_of(VIA)), (250, 250));
+    // An answer to a call sent after them all through VIA holds VIA's units, not the others.
+    let last = 1_000 + 50 * 500;
+    let mut answer = told_with(
+        250,
+        Some(42),
+        Some(42),
+        vec![WindowState {
+            limit: 1_000_000,
+            window_ms: 3_600_000,
+            remaining: 1_000_000 - 250,
+            reset_ms: 0,
+        }],
+        last,
+    );
+    assert_eq!(counters.follow(&customer, &mut answer, VIA).used, 500);
+    assert_eq!(answer.windows[0].remaining, 1_000_000 - 500);
+    // Thirty seconds after the last was sent, none is awaited any more.
+    let mut answer = told_with(250, Some(42), Some(42), Vec::new(), last + 30_001);
+    assert_eq!(counters.follow(&customer, &mut answer, VIA).used, 250);
 }
 
 /// Batches Redis took are remembered a call timeout at most, and never more than a few entries,

@@ -46,6 +46,23 @@ pub(super) struct Fallback {
     /// their own call ran before the answered one. One entry per 100 ms, at most
     /// [`IN_WINDOWS_KEPT`]; forgotten once out of the customer's longest window.
     pub(super) in_windows: Vec<InWindows>,
+    /// Units of calls followed to their end ([`FallbackUnit::Awaiting`]) given back before
+    /// Redis answered them: their token. What Redis answers then decides where the refund goes.
+    pub(super) given_back: Vec<u128>,
+    /// Where the units of calls followed to their end went once Redis answered them, by token,
+    /// for a refund that comes after: the newest [`SETTLED_KEPT`].
+    pub(super) settled: Vec<(u128, Settled)>,
+}
+
+/// Where the unit of a call followed to its end went, once Redis answered it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Settled {
+    /// Redis counted it.
+    InRedis,
+    /// Redis did not: into the batch of this token.
+    Batch(u128),
+    /// The connection gave up on the call: it ran, or never will.
+    Unknown,
 }
 
 /// Units counted here whose call may still run in Redis.
@@ -79,7 +96,17 @@ impl Sent {
     pub(super) fn ran_before(self, answered: Sent) -> bool {
         self.at_ms < answered.at_ms && (self.via == answered.via || self.via == VIA_ANY)
     }
+
+    /// Whether a call followed to its end ([`VIA_AWAITING`]) is taken, at `now_ms`, to have
+    /// run or never to run without its answer being heard of: past [`AWAITING_KEPT_MS`] (the
+    /// connection gives up on a call after 5 s; the task following it ended with its runtime).
+    fn given_up(self, now_ms: i64) -> bool {
+        self.via == VIA_AWAITING && now_ms.saturating_sub(self.at_ms) > AWAITING_KEPT_MS
+    }
 }
+
+/// How long a call followed to its end is waited for ([`Sent::given_up`]).
+const AWAITING_KEPT_MS: i64 = 30_000;
 
 /// Units admitted in process at about the same time, counted in the rate-limit windows.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -101,7 +128,8 @@ impl Fallback {
     /// [`LANDED_KEPT_MS`] ago, and units whose call ran before the answered one (or never
     /// will), are forgotten.
     pub(super) fn beyond_answer(&mut self, period: Period, version: i64, sent: Sent) -> u64 {
-        self.maybe.retain(|m| !m.sent.ran_before(sent));
+        self.maybe
+            .retain(|m| !m.sent.ran_before(sent) && !m.sent.given_up(sent.at_ms));
         self.landed
             .retain(|&(until_ms, _, _, _)| until_ms > sent.at_ms);
         let (batched, _) = self.batched(period);
@@ -156,30 +184,25 @@ impl Fallback {
             .sum()
     }
 
-    /// Notes `units` counted here in `period` whose call, `sent`, may still run in Redis.
+    /// Notes `units` counted here in `period` whose call, `sent`, may still run in Redis: into
+    /// the newest entry of the same period and connection when it is less than 100 ms older,
+    /// or when [`MAYBE_KEPT`] are kept (so the entries are at most that many, and one per
+    /// period and connection beyond).
     fn note_maybe(&mut self, sent: Sent, period: Period, units: u64) {
         let full = self.maybe.len() >= MAYBE_KEPT;
-        // The newest entry of the same connection when full (the last one otherwise).
-        let last = if full {
-            self.maybe
-                .iter()
-                .rposition(|m| m.period == period && m.sent.via == sent.via)
-                .or(self.maybe.len().checked_sub(1))
-        } else {
-            self.maybe.len().checked_sub(1)
-        };
-        match last.map(|i| &mut self.maybe[i]) {
-            Some(last)
-                if last.period == period
-                    && (full
-                        || (last.sent.via == sent.via
-                            && (sent.at_ms - last.sent.at_ms).abs() < 100)) =>
-            {
+        let same = self
+            .maybe
+            .iter_mut()
+            .rev()
+            .find(|m| m.period == period && m.sent.via == sent.via)
+            .filter(|m| full || (sent.at_ms - m.sent.at_ms).abs() < 100);
+        match same {
+            Some(same) => {
                 // The later time: resolved only by an answer to a call sent after both.
-                last.sent.at_ms = last.sent.at_ms.max(sent.at_ms);
-                last.units += units;
+                same.sent.at_ms = same.sent.at_ms.max(sent.at_ms);
+                same.units += units;
             }
-            _ => self.maybe.push(Maybe {
+            None => self.maybe.push(Maybe {
                 sent,
                 period,
                 units,
@@ -194,12 +217,14 @@ impl Fallback {
     /// answers, nor in its windows. Returns, when Redis did not count them, the units to add
     /// to its count, and of them those the count here had let go of (an answer to a later call
     /// through the same connection was taken to hold them).
+    /// `kept`: whether the unit still counts here (it was not given back meanwhile).
     pub(super) fn ran(
         &mut self,
         period: Period,
         units: u64,
         sent: Sent,
         counted: Option<bool>,
+        kept: bool,
         now_ms: i64,
     ) -> (u64, u64) {
         let taken = self.take_maybe_via(period, sent.via, units);
@@ -207,13 +232,25 @@ impl Fallback {
             at_ms: now_ms,
             via: VIA_ANY,
         };
-        if counted != Some(false) && taken > 0 {
-            self.maybe.push(Maybe {
-                sent: now,
-                period,
-                units: taken,
-            });
+        if !kept {
+            self.move_in_windows(units, sent, counted, now);
+            return (0, 0);
         }
+        if counted != Some(false) && taken > 0 {
+            self.note_maybe(now, period, taken);
+        }
+        self.move_in_windows(units, sent, counted, now);
+        if counted == Some(false) {
+            (units, units - taken)
+        } else {
+            (0, 0)
+        }
+    }
+
+    /// The windows' side of [`ran`](Self::ran): `units` of the oldest entries of `sent`'s
+    /// connection are held until an answer to a call sent after `now` if Redis `counted` them
+    /// (or may have), and for their whole window otherwise.
+    fn move_in_windows(&mut self, units: u64, sent: Sent, counted: Option<bool>, now: Sent) {
         // The same for the windows: the oldest entries of that connection.
         let mut left = units;
         let mut moved = Vec::new();
@@ -235,35 +272,34 @@ impl Fallback {
             }
         }
         self.in_windows.retain(|u| u.units > 0);
-        self.in_windows
-            .extend(moved.into_iter().filter(|u| u.units > 0));
-        if counted == Some(false) {
-            (units, units - taken)
-        } else {
-            (0, 0)
+        for unit in moved.into_iter().filter(|u| u.units > 0) {
+            self.note_in_windows(unit.at_ms, unit.sent, unit.units);
         }
     }
 
     /// Notes `units` admitted here at `at_ms` and counted in the windows, whose call was sent by
     /// `sent_ms` (`None`: none was).
+    /// Into the newest entry of the same connection (or of no call) when it is less than 100
+    /// ms older, or when [`IN_WINDOWS_KEPT`] are kept.
     pub(super) fn note_in_windows(&mut self, at_ms: i64, sent: Option<Sent>, units: u64) {
         let full = self.in_windows.len() >= IN_WINDOWS_KEPT;
-        match self.in_windows.last_mut() {
-            Some(last)
-                if full
-                    || (last.sent.map(|s| s.via) == sent.map(|s| s.via)
-                        && (at_ms - last.at_ms).abs() < 100) =>
-            {
-                // The later times, and no call if one had none: held beyond any answer for
-                // at least as long as each of them.
-                last.at_ms = last.at_ms.max(at_ms);
-                last.sent = last.sent.zip(sent).map(|(a, b)| Sent {
-                    at_ms: a.at_ms.max(b.at_ms),
-                    via: a.via,
-                });
-                last.units += units;
+        let via = sent.map(|s| s.via);
+        let same = self
+            .in_windows
+            .iter_mut()
+            .rev()
+            .find(|u| u.sent.map(|s| s.via) == via)
+            .filter(|u| full || (at_ms - u.at_ms).abs() < 100);
+        match same {
+            Some(same) => {
+                // The later times: held beyond any answer for at least as long as each.
+                same.at_ms = same.at_ms.max(at_ms);
+                if let (Some(own), Some(sent)) = (&mut same.sent, sent) {
+                    own.at_ms = own.at_ms.max(sent.at_ms);
+                }
+                same.units += units;
             }
-            _ => self.in_windows.push(InWindows { at_ms, sent, units }),
+            None => self.in_windows.push(InWindows { at_ms, sent, units }),
         }
     }
 
@@ -271,7 +307,8 @@ impl Fallback {
     /// before it, or never will) and those out of a window of `longest_ms` at `now_ms`.
     pub(super) fn forget_in_windows(&mut self, sent: Sent, longest_ms: i64, now_ms: i64) {
         self.in_windows.retain(|u| {
-            u.sent.is_none_or(|own| !own.ran_before(sent))
+            u.sent
+                .is_none_or(|own| !own.ran_before(sent) && !own.given_up(now_ms))
                 && window::still_counted(u.at_ms, longest_ms, now_ms)
         });
     }
@@ -320,7 +357,9 @@ pub struct Unshared {
 
 /// Entries of units whose call may still run in Redis kept per customer; past this many, units
 /// join the newest entry.
-const MAYBE_KEPT: usize = 64;
+pub(super) const MAYBE_KEPT: usize = 64;
+/// Calls followed to their end whose unit's place is remembered per customer, for refunds.
+const SETTLED_KEPT: usize = 256;
 /// Entries of units admitted here kept per customer for the windows; past this many, units join
 /// the newest entry.
 pub(super) const IN_WINDOWS_KEPT: usize = 64;
@@ -411,7 +450,11 @@ impl LocalCounters {
                 counts
                     .fallback()
                     .note_maybe(sent, period, reservation.units);
-                FallbackUnit::MaybeInRedis
+                if sent.via == VIA_AWAITING {
+                    FallbackUnit::Awaiting(uuid::Uuid::new_v4().as_u128())
+                } else {
+                    FallbackUnit::MaybeInRedis
+                }
             } else {
                 FallbackUnit::Batch(self.batch_unshared(counts, customer, reservation))
             };
@@ -421,10 +464,12 @@ impl LocalCounters {
     }
 
     /// Redis answered, in the end, the call of a request admitted here in its stead after the
-    /// call timed out (`reservation`, counted here as whose call may still run in Redis, `sent`
-    /// as said): `counted`, whether Redis counted it; `None` when the connection gave up on it.
+    /// call timed out (`reservation`, counted here as [`FallbackUnit::Awaiting`], `sent` as
+    /// said): `counted`, whether Redis counted it; `None` when the connection gave up on it.
     /// From now on an answer to any call sent later holds what Redis counted; what it did not
-    /// count joins the customer's batch for Redis, so that its count comes to hold it.
+    /// count joins the customer's batch for Redis, so that its count comes to hold it. A unit
+    /// given back meanwhile is nowhere here any more; returns whether it is to be given back in
+    /// Redis (Redis counted it).
     pub fn late_answer(
         &self,
         customer: &Id,
@@ -432,17 +477,33 @@ impl LocalCounters {
         sent: Sent,
         counted: Option<bool>,
         now_ms: i64,
-    ) {
+    ) -> bool {
+        let token = match reservation.fallback {
+            Some(FallbackUnit::Awaiting(token)) => token,
+            _ => return false,
+        };
         let mut shard = self.shard(customer);
-        let Some(counts) = shard.get_mut(customer) else {
-            return;
+        let counts = counts(&mut shard, customer, reservation.period);
+        let fallback = counts.fallback();
+        let given_back = match fallback.given_back.iter().position(|&t| t == token) {
+            Some(i) => {
+                fallback.given_back.swap_remove(i);
+                true
+            }
+            None => false,
         };
-        let Some(fallback) = counts.fallback.as_mut() else {
-            return;
-        };
-        let (batch, dropped) =
-            fallback.ran(reservation.period, reservation.units, sent, counted, now_ms);
-        if batch > 0 {
+        let (batch, dropped) = fallback.ran(
+            reservation.period,
+            reservation.units,
+            sent,
+            counted,
+            !given_back,
+            now_ms,
+        );
+        if given_back {
+            return counted == Some(true);
+        }
+        let settled = if batch > 0 {
             if counts.quota.period == reservation.period {
                 counts.quota.used += dropped;
             }
@@ -450,8 +511,43 @@ impl LocalCounters {
                 units: batch,
                 ..*reservation
             };
-            self.batch_unshared(counts, customer, &unit);
+            Settled::Batch(self.batch_unshared(counts, customer, &unit))
+        } else if counted == Some(true) {
+            Settled::InRedis
+        } else {
+            Settled::Unknown
+        };
+        let kept = &mut counts.fallback().settled;
+        if kept.len() >= SETTLED_KEPT {
+            kept.remove(0);
         }
+        kept.push((token, settled));
+        false
+    }
+
+    /// Where the refund of a unit counted here as [`FallbackUnit::Awaiting`] goes: `None` when
+    /// Redis has not answered its call yet (noted: the answer decides), else where the unit
+    /// went ([`Settled::Unknown`] also when that is no longer remembered).
+    pub fn refund_awaiting(&self, customer: &Id, token: u128) -> Option<Settled> {
+        let mut shard = self.shard(customer);
+        let Some(fallback) = shard
+            .get_mut(customer)
+            .and_then(|counts| counts.fallback.as_mut())
+        else {
+            return Some(Settled::Unknown);
+        };
+        if let Some(i) = fallback.settled.iter().position(|&(t, _)| t == token) {
+            return Some(fallback.settled.remove(i).1);
+        }
+        let awaited = fallback.maybe.iter().any(|m| m.sent.via == VIA_AWAITING);
+        if !awaited {
+            return Some(Settled::Unknown);
+        }
+        if fallback.given_back.len() >= SETTLED_KEPT {
+            fallback.given_back.remove(0);
+        }
+        fallback.given_back.push(token);
+        None
     }
 
     /// Adds `reservation` to the customer's open batch for the count of `generation` (the one

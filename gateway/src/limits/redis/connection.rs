@@ -430,10 +430,14 @@ impl RedisCounters {
             via: VIA_BACKGROUND,
             late: None,
         })?;
+        // A cluster's connection sends a call again, elsewhere too, until it is answered or
+        // dropped: followed, one that broke after it ran could run twice, and its order
+        // against other calls is not that of its connection. Dropped as it times out.
+        let followed = matches!(connection, Connection::Single(_));
         let started = Instant::now();
         let mut call: LateCall<T> = Box::pin(connection.eval::<T>(command, Arc::clone(script)));
         let answer = tokio::time::timeout(self.settings.timeout, &mut call).await;
-        let timed_out = answer.is_err();
+        let timed_out = answer.is_err() && followed;
         self.answered(answer, started, now_ms)
             .map(|value| (value, via))
             .map_err(|failure| Unanswered {
