@@ -514,33 +514,58 @@ async fn a_password_refused_while_reconnecting_then_taken_again_brings_counting_
 /// quota of 1,000).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_redis_stalling_during_a_burst_admits_no_more_than_a_hard_quota() {
-    let redis = RedisServer::start_with(&["--enable-debug-command", "yes"]);
-    let upstream = Upstream::start("api");
-    let (gateway, key) = standalone_with_plan(
-        &redis,
-        &upstream,
-        json!({"quota": {"requests": 300, "hard": true}}),
-    )
-    .await;
-    assert_eq!(status_of(&gateway, &key, "/api/before").await, 200);
-    let stalls = stall_redis(&redis, 8);
-    let statuses = burst(&gateway, &key, 900).await;
-    stalls.join().unwrap();
-    // Calls timed out while others were answered in time: both ways decided.
-    let timed_out = gateway
-        .counted("tollgate_redis_errors_total{kind=\"timeout\"}")
-        .await;
-    assert!(timed_out >= 2.0, "{timed_out} calls timed out");
-    assert!(decisions(&gateway, "redis").await > 1.0);
-    let admitted = count(&statuses, 200);
+    let stalled = Stalled::burst(json!({"quota": {"requests": 300, "hard": true}})).await;
+    let (gateway, key, admitted) = (&stalled.gateway, &stalled.key, stalled.admitted);
     assert!(admitted <= 299, "{admitted} admitted");
     // Units counted in process whose calls may still run in Redis count beyond its answers
     // until it answers a call sent after theirs: meanwhile the gateway may refuse early, never
     // late. Counting in Redis again, what is left of the quota passes, exactly.
-    tokio::time::sleep(Duration::from_millis(300)).await;
-    wait_for_redis(&gateway).await;
-    let later = admitted_until_refused(&gateway, &key, 300).await;
+    let later = admitted_until_refused(gateway, key, 300).await;
     assert_eq!(1 + admitted + later, 300, "{admitted} then {later}");
+}
+
+/// A gateway counting in a Redis that stalled 80 ms eight times during a burst of 900 requests
+/// of one customer, on `plan`; the gateway's `timeout` is 50 ms.
+struct Stalled {
+    _redis: RedisServer,
+    _upstream: Upstream,
+    gateway: Gateway,
+    key: String,
+    /// Requests of the burst admitted (one more was before it).
+    admitted: usize,
+    /// Calls that timed out.
+    timed_out: f64,
+}
+
+impl Stalled {
+    async fn burst(plan: Value) -> Self {
+        let redis = RedisServer::start_with(&["--enable-debug-command", "yes"]);
+        let upstream = Upstream::start("api");
+        let (gateway, key) = standalone_with_plan(&redis, &upstream, plan).await;
+        assert_eq!(status_of(&gateway, &key, "/api/before").await, 200);
+        let stalls = stall_redis(&redis, 8);
+        let statuses = burst(&gateway, &key, 900).await;
+        stalls.join().unwrap();
+        // Calls timed out while others were answered in time: both ways decided.
+        let timed_out = gateway
+            .counted("tollgate_redis_errors_total{kind=\"timeout\"}")
+            .await;
+        assert!(timed_out >= 2.0, "{timed_out} calls timed out");
+        assert!(decisions(&gateway, "redis").await > 1.0);
+        let admitted = count(&statuses, 200);
+        assert_eq!(admitted + count(&statuses, 429), 900, "no other status");
+        // Counting in Redis again.
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        wait_for_redis(&gateway).await;
+        Self {
+            _redis: redis,
+            _upstream: upstream,
+            gateway,
+            key,
+            admitted,
+            timed_out,
+        }
+    }
 }
 
 /// The same for a rate-limit window: one gateway admits no more than the limit while Redis
@@ -550,33 +575,16 @@ async fn a_redis_stalling_during_a_burst_admits_no_more_than_a_hard_quota() {
 /// of 100.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_redis_stalling_during_a_burst_admits_no_more_than_a_window_allows() {
-    let redis = RedisServer::start_with(&["--enable-debug-command", "yes"]);
-    let upstream = Upstream::start("api");
-    let (gateway, key) = standalone_with_plan(
-        &redis,
-        &upstream,
-        json!({"rate_limits": [{"requests": 300, "window_seconds": 3600}]}),
-    )
-    .await;
-    assert_eq!(status_of(&gateway, &key, "/api/before").await, 200);
-    let stalls = stall_redis(&redis, 8);
-    let statuses = burst(&gateway, &key, 900).await;
-    stalls.join().unwrap();
-    let timed_out = gateway
-        .counted("tollgate_redis_errors_total{kind=\"timeout\"}")
-        .await;
-    assert!(timed_out >= 2.0, "{timed_out} calls timed out");
-    assert!(decisions(&gateway, "redis").await > 1.0);
-    let admitted = count(&statuses, 200);
+    let stalled =
+        Stalled::burst(json!({"rate_limits": [{"requests": 300, "window_seconds": 3600}]})).await;
+    let (gateway, key, admitted) = (&stalled.gateway, &stalled.key, stalled.admitted);
+    let timed_out = stalled.timed_out;
     assert!(admitted <= 299, "{admitted} admitted");
-    assert_eq!(admitted + count(&statuses, 429), 900, "no other status");
     // Counting in Redis again, the window has room for what is left of it, but for the units
     // of calls that timed out and that Redis counted in its window all the same for requests
     // refused here (a window, unlike a quota, does not give units back): nothing the gateway
     // counted is kept beyond that.
-    tokio::time::sleep(Duration::from_millis(300)).await;
-    wait_for_redis(&gateway).await;
-    let later = admitted_until_refused(&gateway, &key, 300).await;
+    let later = admitted_until_refused(gateway, key, 300).await;
     let total = 1 + admitted + later;
     assert!(
         total <= 300 && total + timed_out as usize >= 300,

@@ -52,7 +52,7 @@ use local::{LocalCounters, Sent, VIA_AWAITING};
 pub use metrics::Counted;
 use metrics::LimitMetrics;
 use period::Period;
-use redis::{HeldRefund, LateAnswer, RedisCounters};
+use redis::{HeldRefund, Late, LateAnswer, RedisCounters};
 use reseed::read_ledger;
 pub use reseed::{LEDGER_REST, SEED_TIMEOUT};
 use reseed::{LocalReseed, Resting};
@@ -265,7 +265,7 @@ impl Limiter {
         customer: &Id,
         decided: &Decision,
         units: u64,
-        late: std::pin::Pin<Box<dyn std::future::Future<Output = LateAnswer> + Send>>,
+        late: Late<LateAnswer>,
         sent: Sent,
     ) {
         let local = Arc::clone(&self.local);
@@ -277,16 +277,11 @@ impl Limiter {
         let at_ms = decided.at_ms;
         tokio::spawn(async move {
             let answer = late.await;
-            let counted = match answer {
-                LateAnswer::Admitted { .. } => Some(true),
-                LateAnswer::NotCounted => Some(false),
-                LateAnswer::Unknown => None,
-            };
             let give_back = match (admitted_here, answer) {
                 // Admitted here: given back meanwhile (an upstream 5xx), Redis' unit is too.
-                (Some(reservation), _) => local
-                    .late_answer(&customer, &reservation, sent, counted, clock.now_ms())
-                    .then_some(reservation.overage),
+                (Some(reservation), _) => {
+                    local.late_answer(&customer, &reservation, sent, answer, clock.now_ms())
+                }
                 (None, LateAnswer::Admitted { overage }) => {
                     tracing::debug!(
                         "redis admitted a request refused here after its call timed out; its \

@@ -35,11 +35,14 @@ impl Limiter {
                     // A call followed to its end: where its answer put the unit, or, before
                     // it comes, where that answer says (`follow_late`).
                     Some(FallbackUnit::Awaiting(token)) => {
-                        match self.local.refund_awaiting(customer, token) {
+                        match self.local.refund_awaiting(customer, reservation, token) {
                             None => {}
-                            Some(Settled::InRedis) => {
-                                self.refund_in_redis(redis, customer, reservation, true)
-                                    .await;
+                            Some(Settled::InRedis { overage }) => {
+                                let counted = Reservation {
+                                    overage,
+                                    ..*reservation
+                                };
+                                self.refund_in_redis(redis, customer, &counted, true).await;
                             }
                             Some(Settled::Batch(batch))
                                 if !self.local.refund_unshared(customer, reservation, batch) =>
@@ -47,11 +50,9 @@ impl Limiter {
                                 self.refund_in_redis(redis, customer, reservation, true)
                                     .await;
                             }
-                            Some(Settled::Batch(_)) => {}
-                            Some(Settled::Unknown) => {
-                                self.refund_in_redis(redis, customer, reservation, false)
-                                    .await;
-                            }
+                            // It may never have run: nothing to give back that is known to
+                            // be there.
+                            Some(Settled::Batch(_) | Settled::Unknown) => {}
                         }
                     }
                     // Taken back here unless the batch is Redis' to give from.

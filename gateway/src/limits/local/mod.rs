@@ -359,6 +359,10 @@ impl LocalCounters {
                 }
                 !(counts.windows.is_empty()
                     && counts.unshared().is_empty()
+                    && counts
+                        .fallback
+                        .as_ref()
+                        .is_none_or(|f| f.awaiting.is_empty())
                     && counts.quota.period.end_ms <= now_ms)
             });
             left += shard.len();

@@ -4,6 +4,7 @@ use tollgate_model::plan::RateLimit;
 
 use super::*;
 use crate::limits::quota::QuotaLimit;
+use crate::limits::redis::LateAnswer;
 
 /// Redis took a batch (when, and at which version of its count, does not matter here).
 const TAKEN: Option<Taken> = Some(Taken {
@@ -491,6 +492,9 @@ fn units_whose_calls_left_after_the_answered_one_stay_beyond_its_answer() {
     assert_eq!(counters.follow(&customer, &mut same, VIA).used, 12);
 }
 
+/// Redis counted the unit of a call followed to its end.
+const COUNTED: LateAnswer = LateAnswer::Admitted { overage: 0 };
+
 /// A call followed to its end ([`VIA_AWAITING`]) at 1,000 + `ms`.
 fn awaiting(ms: i64) -> Sent {
     Sent {
@@ -536,8 +540,20 @@ fn a_late_answer_settles_where_a_unit_admitted_here_is_counted() {
         11
     );
     // Redis counted the first (its answer came at 1,200) and refused the second.
-    assert!(!counters.late_answer(&customer, &first, awaiting(50), Some(true), 1_200));
-    assert!(!counters.late_answer(&customer, &second, awaiting(60), Some(false), 1_210));
+    assert_eq!(
+        counters.late_answer(&customer, &first, awaiting(50), COUNTED, 1_200),
+        None
+    );
+    assert_eq!(
+        counters.late_answer(
+            &customer,
+            &second,
+            awaiting(60),
+            LateAnswer::NotCounted,
+            1_210
+        ),
+        None
+    );
     assert_eq!(counters.used(&customer, PERIOD), (11, 0));
     let batch = counters.take_unshared(&customer);
     assert_eq!(
@@ -562,17 +578,46 @@ fn a_late_answer_settles_where_a_unit_admitted_here_is_counted() {
             .used,
         11
     );
+    // A unit an answer through the call's own connection let go of (a call that broke, taken
+    // to have run), which Redis in the end says it did not count, is put back, in a batch.
+    let broke = counters
+        .admit_fallback(&customer, &none, PERIOD, 1, 1_400, Some(sent(1_400)))
+        .reservation
+        .unwrap();
+    assert_eq!(
+        counters
+            .follow(&customer, &mut answer_at(10, 1_500, 11), VIA)
+            .used,
+        11
+    );
+    let as_awaited = Reservation {
+        fallback: Some(FallbackUnit::Awaiting(7)),
+        ..broke
+    };
+    {
+        let mut shard = counters.shard(&customer);
+        let fallback = shard.get_mut(&customer).unwrap().fallback.as_mut().unwrap();
+        fallback.awaiting.push((7, 1_400, false));
+    }
+    counters.late_answer(
+        &customer,
+        &as_awaited,
+        sent(1_400),
+        LateAnswer::NotCounted,
+        1_600,
+    );
+    assert_eq!(counters.used(&customer, PERIOD), (12, 0));
     // Refunds go where the answers put the units: Redis' count, and the batch.
     let token = |r: &Reservation| match r.fallback {
         Some(FallbackUnit::Awaiting(token)) => token,
         other => panic!("{other:?}"),
     };
     assert_eq!(
-        counters.refund_awaiting(&customer, token(&first)),
-        Some(Settled::InRedis)
+        counters.refund_awaiting(&customer, &first, token(&first)),
+        Some(Settled::InRedis { overage: 0 })
     );
     assert_eq!(
-        counters.refund_awaiting(&customer, token(&second)),
+        counters.refund_awaiting(&customer, &second, token(&second)),
         Some(Settled::Batch(batch[0].token))
     );
 }
@@ -597,13 +642,35 @@ fn a_unit_given_back_while_its_call_is_awaited_is_given_back_where_redis_put_it(
         let Some(FallbackUnit::Awaiting(token)) = reservation.fallback else {
             panic!("not awaited");
         };
-        assert_eq!(counters.refund_awaiting(&customer, token), None);
+        assert_eq!(
+            counters.refund_awaiting(&customer, reservation, token),
+            None
+        );
         counters.refund(&customer, reservation);
     }
     assert_eq!(counters.used(&customer, PERIOD), (9, 0));
+    // They left the count here: an answer meanwhile does not bring them back.
+    assert_eq!(
+        counters
+            .follow(&customer, &mut answer_at(9, 1_050, 7), VIA)
+            .used,
+        9
+    );
     // Redis counted the first: give it back there. It refused the second: nothing to do.
-    assert!(counters.late_answer(&customer, &counted, awaiting(10), Some(true), 1_100));
-    assert!(!counters.late_answer(&customer, &refused, awaiting(20), Some(false), 1_110));
+    assert_eq!(
+        counters.late_answer(&customer, &counted, awaiting(10), COUNTED, 1_100),
+        Some(0)
+    );
+    assert_eq!(
+        counters.late_answer(
+            &customer,
+            &refused,
+            awaiting(20),
+            LateAnswer::NotCounted,
+            1_110
+        ),
+        None
+    );
     assert!(counters.take_unshared(&customer).is_empty());
     // Nothing of theirs is left beyond an answer.
     assert_eq!(
@@ -1030,7 +1097,13 @@ fn a_unit_awaiting_its_own_answer_stays_beyond_every_other_answer() {
         );
     }
     // Redis refused it: it joins a batch, and stays in the count.
-    counters.late_answer(&customer, &reservation, awaiting, Some(false), 2_100);
+    counters.late_answer(
+        &customer,
+        &reservation,
+        awaiting,
+        LateAnswer::NotCounted,
+        2_100,
+    );
     assert_eq!(
         counters
             .follow(&customer, &mut answer_at(2_200, 9), VIA)

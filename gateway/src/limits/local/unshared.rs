@@ -8,7 +8,7 @@ use std::sync::atomic::Ordering;
 use super::{Counts, LocalCounters, counts, decide};
 use crate::identity::index::Id;
 use crate::limits::period::Period;
-use crate::limits::redis::Via;
+use crate::limits::redis::{LateAnswer, Via};
 use crate::limits::window;
 use crate::limits::{Counted, Decision, FallbackUnit, Policy, Reservation};
 
@@ -46,9 +46,11 @@ pub(super) struct Fallback {
     /// their own call ran before the answered one. One entry per 100 ms, at most
     /// [`IN_WINDOWS_KEPT`]; forgotten once out of the customer's longest window.
     pub(super) in_windows: Vec<InWindows>,
-    /// Units of calls followed to their end ([`FallbackUnit::Awaiting`]) given back before
-    /// Redis answered them: their token. What Redis answers then decides where the refund goes.
-    pub(super) given_back: Vec<u128>,
+    /// Units admitted here whose call is followed to its end ([`FallbackUnit::Awaiting`]),
+    /// until Redis answers it: token, when admitted (let go of after [`AWAITING_KEPT_MS`], as
+    /// their units are), and whether the unit was given back meanwhile (what Redis answers
+    /// then says where the refund goes).
+    pub(super) awaiting: Vec<(u128, i64, bool)>,
     /// Where the units of calls followed to their end went once Redis answered them, by token,
     /// for a refund that comes after: the newest [`SETTLED_KEPT`].
     pub(super) settled: Vec<(u128, Settled)>,
@@ -57,11 +59,12 @@ pub(super) struct Fallback {
 /// Where the unit of a call followed to its end went, once Redis answered it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Settled {
-    /// Redis counted it.
-    InRedis,
+    /// Redis counted it, `overage` of it past a soft quota.
+    InRedis { overage: u64 },
     /// Redis did not: into the batch of this token.
     Batch(u128),
-    /// The connection gave up on the call: it ran, or never will.
+    /// The connection gave up on the call: it ran, or never will. Its unit is not given back
+    /// in Redis (it may never have been counted there).
     Unknown,
 }
 
@@ -227,15 +230,16 @@ impl Fallback {
         kept: bool,
         now_ms: i64,
     ) -> (u64, u64) {
-        let taken = self.take_maybe_via(period, sent.via, units);
         let now = Sent {
             at_ms: now_ms,
             via: VIA_ANY,
         };
         if !kept {
+            // Its unit left the count here when it was given back.
             self.move_in_windows(units, sent, counted, now);
             return (0, 0);
         }
+        let taken = self.take_maybe_via(period, sent.via, units);
         if counted != Some(false) && taken > 0 {
             self.note_maybe(now, period, taken);
         }
@@ -289,7 +293,13 @@ impl Fallback {
             .iter_mut()
             .rev()
             .find(|u| u.sent.map(|s| s.via) == via)
-            .filter(|u| full || (at_ms - u.at_ms).abs() < 100);
+            .filter(|u| {
+                let close = |a: i64, b: i64| (a - b).abs() < 100;
+                full || (close(at_ms, u.at_ms)
+                    && u.sent
+                        .zip(sent)
+                        .is_none_or(|(own, new)| close(own.at_ms, new.at_ms)))
+            });
         match same {
             Some(same) => {
                 // The later times: held beyond any answer for at least as long as each.
@@ -451,7 +461,11 @@ impl LocalCounters {
                     .fallback()
                     .note_maybe(sent, period, reservation.units);
                 if sent.via == VIA_AWAITING {
-                    FallbackUnit::Awaiting(uuid::Uuid::new_v4().as_u128())
+                    let token = uuid::Uuid::new_v4().as_u128();
+                    let awaiting = &mut counts.fallback().awaiting;
+                    awaiting.retain(|&(_, at_ms, _)| now_ms - at_ms <= AWAITING_KEPT_MS);
+                    awaiting.push((token, now_ms, false));
+                    FallbackUnit::Awaiting(token)
                 } else {
                     FallbackUnit::MaybeInRedis
                 }
@@ -465,31 +479,35 @@ impl LocalCounters {
 
     /// Redis answered, in the end, the call of a request admitted here in its stead after the
     /// call timed out (`reservation`, counted here as [`FallbackUnit::Awaiting`], `sent` as
-    /// said): `counted`, whether Redis counted it; `None` when the connection gave up on it.
-    /// From now on an answer to any call sent later holds what Redis counted; what it did not
-    /// count joins the customer's batch for Redis, so that its count comes to hold it. A unit
-    /// given back meanwhile is nowhere here any more; returns whether it is to be given back in
-    /// Redis (Redis counted it).
+    /// said). From now on an answer to any call sent later holds what Redis counted; what it
+    /// did not count joins the customer's batch for Redis, so that its count comes to hold it.
+    /// A unit given back meanwhile is nowhere here any more; returns, when Redis counted it,
+    /// its overage there: the unit is to be given back in Redis.
     pub fn late_answer(
         &self,
         customer: &Id,
         reservation: &Reservation,
         sent: Sent,
-        counted: Option<bool>,
+        answer: LateAnswer,
         now_ms: i64,
-    ) -> bool {
-        let token = match reservation.fallback {
-            Some(FallbackUnit::Awaiting(token)) => token,
-            _ => return false,
+    ) -> Option<u64> {
+        let Some(FallbackUnit::Awaiting(token)) = reservation.fallback else {
+            return None;
+        };
+        let counted = match answer {
+            LateAnswer::Admitted { .. } => Some(true),
+            LateAnswer::NotCounted => Some(false),
+            LateAnswer::Unknown => None,
+        };
+        let in_redis = match answer {
+            LateAnswer::Admitted { overage } => Some(overage),
+            _ => None,
         };
         let mut shard = self.shard(customer);
         let counts = counts(&mut shard, customer, reservation.period);
         let fallback = counts.fallback();
-        let given_back = match fallback.given_back.iter().position(|&t| t == token) {
-            Some(i) => {
-                fallback.given_back.swap_remove(i);
-                true
-            }
+        let given_back = match fallback.awaiting.iter().position(|&(t, _, _)| t == token) {
+            Some(i) => fallback.awaiting.swap_remove(i).2,
             None => false,
         };
         let (batch, dropped) = fallback.ran(
@@ -501,7 +519,7 @@ impl LocalCounters {
             now_ms,
         );
         if given_back {
-            return counted == Some(true);
+            return in_redis;
         }
         let settled = if batch > 0 {
             if counts.quota.period == reservation.period {
@@ -512,8 +530,8 @@ impl LocalCounters {
                 ..*reservation
             };
             Settled::Batch(self.batch_unshared(counts, customer, &unit))
-        } else if counted == Some(true) {
-            Settled::InRedis
+        } else if let Some(overage) = in_redis {
+            Settled::InRedis { overage }
         } else {
             Settled::Unknown
         };
@@ -522,13 +540,19 @@ impl LocalCounters {
             kept.remove(0);
         }
         kept.push((token, settled));
-        false
+        None
     }
 
-    /// Where the refund of a unit counted here as [`FallbackUnit::Awaiting`] goes: `None` when
-    /// Redis has not answered its call yet (noted: the answer decides), else where the unit
-    /// went ([`Settled::Unknown`] also when that is no longer remembered).
-    pub fn refund_awaiting(&self, customer: &Id, token: u128) -> Option<Settled> {
+    /// Where the refund of `reservation`, counted here as [`FallbackUnit::Awaiting`] with
+    /// `token`, goes: `None` while Redis has not answered its call (the unit leaves the count
+    /// here now, and the answer says whether Redis' count is to give it back), else where the
+    /// answer put the unit ([`Settled::Unknown`] also when that is no longer remembered).
+    pub fn refund_awaiting(
+        &self,
+        customer: &Id,
+        reservation: &Reservation,
+        token: u128,
+    ) -> Option<Settled> {
         let mut shard = self.shard(customer);
         let Some(fallback) = shard
             .get_mut(customer)
@@ -536,18 +560,17 @@ impl LocalCounters {
         else {
             return Some(Settled::Unknown);
         };
-        if let Some(i) = fallback.settled.iter().position(|&(t, _)| t == token) {
-            return Some(fallback.settled.remove(i).1);
+        if let Some(awaited) = fallback.awaiting.iter_mut().find(|(t, _, _)| *t == token) {
+            if !awaited.2 {
+                awaited.2 = true;
+                fallback.take_maybe_via(reservation.period, VIA_AWAITING, reservation.units);
+            }
+            return None;
         }
-        let awaited = fallback.maybe.iter().any(|m| m.sent.via == VIA_AWAITING);
-        if !awaited {
-            return Some(Settled::Unknown);
+        match fallback.settled.iter().position(|&(t, _)| t == token) {
+            Some(i) => Some(fallback.settled.remove(i).1),
+            None => Some(Settled::Unknown),
         }
-        if fallback.given_back.len() >= SETTLED_KEPT {
-            fallback.given_back.remove(0);
-        }
-        fallback.given_back.push(token);
-        None
     }
 
     /// Adds `reservation` to the customer's open batch for the count of `generation` (the one

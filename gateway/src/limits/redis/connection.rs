@@ -163,18 +163,33 @@ pub const VIA_BACKGROUND: Via = 0;
 static NEAR_MADE: AtomicU64 = AtomicU64::new(0);
 
 /// A call that timed out, still on its way: it ends when Redis answers it or the connection
-/// gives up on it (5 s).
-pub type LateCall<T> = Pin<Box<dyn Future<Output = RedisResult<T>> + Send>>;
+/// gives up on it (5 s); `O`, what it comes to.
+pub type Late<O> = Pin<Box<dyn Future<Output = O> + Send>>;
+/// A [`Late`] call as the connection hands it back.
+pub type LateCall<T> = Late<RedisResult<T>>;
 
 /// A call that got no answer in time: why, which connection it went through, and, when it
-/// timed out, the call itself, still on its way.
-pub struct Unanswered<T> {
+/// timed out, the call itself, still on its way, coming to `O`.
+pub struct Unanswered<O> {
     pub failure: Failure,
     pub via: Via,
-    pub late: Option<LateCall<T>>,
+    pub late: Option<Late<O>>,
 }
 
-impl<T> std::fmt::Debug for Unanswered<T> {
+impl<O: 'static> Unanswered<O> {
+    /// The same, with what the late call comes to turned by `then`.
+    pub fn map_late<P>(self, then: impl FnOnce(O) -> P + Send + 'static) -> Unanswered<P> {
+        Unanswered {
+            failure: self.failure,
+            via: self.via,
+            late: self
+                .late
+                .map(|late| -> Late<P> { Box::pin(async move { then(late.await) }) }),
+        }
+    }
+}
+
+impl<O> std::fmt::Debug for Unanswered<O> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Unanswered")
             .field("failure", &self.failure)
@@ -415,8 +430,8 @@ impl RedisCounters {
     }
 
     /// [`call`](Self::call) of `command`, an `EVALSHA` of `script`, that is not dropped when it
-    /// times out: the call is handed back, still on its way, for the caller to follow to its
-    /// end. Dropped, a call still queued for the connection's writer would never be sent
+    /// times out (but in a cluster): the call is handed back, still on its way, for the caller
+    /// to follow to its end. Dropped, a call still queued for the connection's writer would never be sent
     /// (redis-rs skips a call nobody waits for), where a timeout is taken to mean that it may
     /// run. Also says which connection the call went through.
     pub(super) async fn call_to_the_end<T: redis::FromRedisValue + Send + 'static>(
@@ -424,7 +439,7 @@ impl RedisCounters {
         command: Cmd,
         script: &Arc<Script>,
         now_ms: i64,
-    ) -> Result<(T, Via), Unanswered<T>> {
+    ) -> Result<(T, Via), Unanswered<RedisResult<T>>> {
         let (connection, via) = self.callable(now_ms).map_err(|failure| Unanswered {
             failure,
             via: VIA_BACKGROUND,

@@ -33,8 +33,8 @@
 //! A call that fails or takes longer than `timeout` is not retried on the request path: the
 //! request is counted in process instead (see [`super::Limiter`]), and for `retry_after` every
 //! request is, without waiting on Redis; then the next request tries Redis again. An admission
-//! call that timed out is not dropped ([`NotDecided::late`]): Redis runs it all the same, and
-//! what it answers settles the request decided in process meanwhile. Between
+//! call that timed out is not dropped ([`Unanswered::late`]), but in a cluster: Redis runs it
+//! all the same, and what it answers settles the request decided in process meanwhile. Between
 //! requests, a `PING` every 250 ms (`watch`) finds a connection Redis broke before a request
 //! needs it, and ends that wait as soon as Redis answers when it began with a broken connection
 //! (Redis gone or restarted, not slow or answering errors).
@@ -51,8 +51,6 @@ mod marked;
 mod seed;
 mod watch;
 
-use std::future::Future;
-use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::OnceLock;
 use std::sync::atomic::{AtomicBool, AtomicI64};
@@ -62,8 +60,8 @@ use arc_swap::ArcSwapOption;
 use prometheus::{Histogram, HistogramOpts, IntCounterVec, IntGauge, Opts};
 use redis::Script;
 
-use connection::{Connection, Near, Unanswered};
-pub use connection::{Failure, VIA_BACKGROUND, Via};
+use connection::{Connection, Near};
+pub use connection::{Failure, Late, Unanswered, VIA_BACKGROUND, Via};
 pub use marked::{HeldRefund, RefundHolder, Sharing};
 use marked::{REFUND_SCRIPT, SHARE_SCRIPT};
 use seed::{Reseed, SEED_SCRIPT, UNSEEDED_SCRIPT, Unseeded};
@@ -267,7 +265,7 @@ impl RedisCounters {
         let (reply, now_ms, via) = self
             .call_seeded(&call, now_ms)
             .await
-            .map_err(NotDecided::from)?;
+            .map_err(|unanswered| unanswered.map_late(late_answer))?;
         let value = |i: usize| reply.get(i).copied().unwrap_or(0);
         let as_u64 = |i: usize| u64::try_from(value(i)).unwrap_or(0);
         let verdict = match value(0) {
@@ -386,48 +384,21 @@ pub enum LateAnswer {
     Unknown,
 }
 
-/// An admission Redis did not decide in time.
-pub struct NotDecided {
-    pub failure: Failure,
-    /// The connection its call went through.
-    pub via: Via,
-    /// When the call timed out: the call itself, still on its way, and what Redis answers it.
-    pub late: Option<Pin<Box<dyn Future<Output = LateAnswer> + Send>>>,
-}
+/// An admission Redis did not decide in time; when its call timed out, the call, coming to
+/// what Redis answered it in the end.
+pub type NotDecided = Unanswered<LateAnswer>;
 
-impl From<Unanswered<seed::Numbers>> for NotDecided {
-    fn from(unanswered: Unanswered<seed::Numbers>) -> Self {
-        let Unanswered { failure, via, late } = unanswered;
-        Self {
-            failure,
-            via,
-            late: late.map(|call| -> Pin<Box<dyn Future<Output = LateAnswer> + Send>> {
-                Box::pin(async move {
-                    match call.await {
-                        Ok(seed::Numbers(reply)) if reply.first() == Some(&0) => {
-                            LateAnswer::Admitted {
-                                overage: reply.get(3).map_or(0, |&o| u64::try_from(o).unwrap_or(0)),
-                            }
-                        }
-                        Ok(_) => LateAnswer::NotCounted,
-                        Err(error) => {
-                            tracing::debug!(%error, "an admission call that timed out got no answer");
-                            LateAnswer::Unknown
-                        }
-                    }
-                })
-            }),
+/// What Redis' answer to an admission call that timed out comes to.
+fn late_answer(answer: redis::RedisResult<seed::Numbers>) -> LateAnswer {
+    match answer {
+        Ok(seed::Numbers(reply)) if reply.first() == Some(&0) => LateAnswer::Admitted {
+            overage: reply.get(3).map_or(0, |&o| u64::try_from(o).unwrap_or(0)),
+        },
+        Ok(_) => LateAnswer::NotCounted,
+        Err(error) => {
+            tracing::debug!(%error, "an admission call that timed out got no answer");
+            LateAnswer::Unknown
         }
-    }
-}
-
-impl std::fmt::Debug for NotDecided {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("NotDecided")
-            .field("failure", &self.failure)
-            .field("via", &self.via)
-            .field("late", &self.late.is_some())
-            .finish()
     }
 }
 

@@ -71,7 +71,7 @@ impl RedisCounters {
         &self,
         call: &AdmitCall<'_>,
         now_ms: i64,
-    ) -> Result<(Vec<i64>, i64, Via), Unanswered<Numbers>> {
+    ) -> Result<(Vec<i64>, i64, Via), Unanswered<redis::RedisResult<Numbers>>> {
         let started = Instant::now();
         let mut pause = Duration::from_millis(2);
         let mut at_ms = now_ms;
