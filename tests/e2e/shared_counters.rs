@@ -23,6 +23,12 @@ name = "api"
 path_prefix = "/api"
 upstream = "api"
 auth = "key"
+
+[[routes]]
+name = "status"
+path_prefix = "/status"
+upstream = "api"
+auth = "key"
 "#,
         target = upstream.target()
     )
@@ -52,14 +58,14 @@ async fn wait_for_redis(gateway: &Gateway) {
 /// in process instead), so the bound keeps calls well inside the timeout while a burst still
 /// races on each count.
 async fn burst(gateway: &Gateway, key: &str, count: usize) -> Vec<u16> {
+    burst_to(gateway, key, "/api/burst", count).await
+}
+
+/// [`burst`] to `path`.
+async fn burst_to(gateway: &Gateway, key: &str, path: &str, count: usize) -> Vec<u16> {
     let client = client();
     futures_util::stream::iter(0..count)
-        .map(|_| {
-            client
-                .get(gateway.url("/api/burst"))
-                .bearer_auth(key)
-                .send()
-        })
+        .map(|_| client.get(gateway.url(path)).bearer_auth(key).send())
         .buffer_unordered(100)
         .map(|r| r.unwrap().status().as_u16())
         .collect()
@@ -522,6 +528,35 @@ async fn a_redis_stalling_during_a_burst_admits_no_more_than_a_hard_quota() {
     // late. Counting in Redis again, what is left of the quota passes, exactly.
     let later = admitted_until_refused(gateway, key, 300).await;
     assert_eq!(1 + admitted + later, 300, "{admitted} then {later}");
+}
+
+/// Requests admitted in process because their calls to a stalling Redis timed out, and then
+/// answered 5xx by the upstream, are given back where Redis' answers to those calls put their
+/// units: in the end Redis counts none of them. Before, the refund was sent to Redis at once,
+/// and dropped while Redis was failing; the units Redis counted when it ran the calls stayed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn requests_given_back_while_their_calls_are_awaited_cost_nothing_in_redis() {
+    let redis = RedisServer::start_with(&["--enable-debug-command", "yes"]);
+    let upstream = Upstream::start("api");
+    let (gateway, key) = standalone_with_plan(
+        &redis,
+        &upstream,
+        json!({"quota": {"requests": 1_000, "hard": true}}),
+    )
+    .await;
+    assert_eq!(status_of(&gateway, &key, "/status/200").await, 200);
+    let quota = quota_key(&redis);
+    let stalls = stall_redis(&redis, 8);
+    let statuses = burst_to(&gateway, &key, "/status/500", 600).await;
+    stalls.join().unwrap();
+    assert_eq!(count(&statuses, 500), 600);
+    let timed_out = gateway
+        .counted("tollgate_redis_errors_total{kind=\"timeout\"}")
+        .await;
+    assert!(timed_out >= 2.0, "{timed_out} calls timed out");
+    assert!(decisions(&gateway, "fallback").await >= 1.0);
+    // Only the first request counts.
+    until_used_in_redis(&redis, &quota, "1", Duration::from_secs(10)).await;
 }
 
 /// A gateway counting in a Redis that stalled 80 ms eight times during a burst of 900 requests
