@@ -589,9 +589,21 @@ impl Stalled {
         assert!(decisions(&gateway, "redis").await > 1.0);
         let admitted = count(&statuses, 200);
         assert_eq!(admitted + count(&statuses, 429), 900, "no other status");
-        // Counting in Redis again.
+        // Counting in Redis again; admission calls that timed out were answered in the end
+        // (other calls, adding batches, time out too).
         tokio::time::sleep(Duration::from_millis(300)).await;
         wait_for_redis(&gateway).await;
+        let mut late = 0.0;
+        for redis in ["counted", "not_counted", "unknown"] {
+            for decided in ["admitted", "refused"] {
+                late += gateway
+                    .counted(&format!(
+                        "tollgate_redis_late_answers_total{{gateway=\"{decided}\",redis=\"{redis}\"}}"
+                    ))
+                    .await;
+            }
+        }
+        assert!(late >= 1.0 && late <= timed_out, "{late} late answers");
         Self {
             _redis: redis,
             _upstream: upstream,

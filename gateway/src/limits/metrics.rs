@@ -3,9 +3,10 @@
 use prometheus::{IntCounter, IntCounterVec, IntGauge, Opts};
 
 use super::Verdict;
+use super::redis::LateAnswer;
 use crate::metrics::{
     LIMIT_CUSTOMERS_COUNTED, LIMIT_DECISIONS_TOTAL, Metrics, QUOTA_FALLBACK_UNITS_TOTAL,
-    QUOTA_OVERAGE_UNITS_TOTAL, QUOTA_REFUNDS_TOTAL,
+    QUOTA_OVERAGE_UNITS_TOTAL, QUOTA_REFUNDS_TOTAL, REDIS_LATE_ANSWERS_TOTAL,
 };
 
 /// What became of quota units counted in process without asking Redis.
@@ -45,6 +46,8 @@ pub struct LimitMetrics {
     fallback_units: [IntCounter; 2],
     /// Customers with counters in this process, after the last sweep.
     customers: IntGauge,
+    /// Late answers: counted, not counted, unknown; each for admitted, then refused here.
+    late_answers: [IntCounter; 6],
 }
 
 impl LimitMetrics {
@@ -81,6 +84,17 @@ impl LimitMetrics {
              (every minute: customers idle in every window and past their quota period go).",
         )?;
         metrics.register(Box::new(customers.clone()))?;
+        let late_answers = IntCounterVec::new(
+            Opts::new(
+                REDIS_LATE_ANSWERS_TOTAL,
+                "Admission calls to Redis that timed out, by what Redis answered them in the end \
+                 (counted, not_counted, unknown: the connection gave up) and what the gateway \
+                 had decided in process meanwhile (admitted, refused).",
+            ),
+            &["redis", "gateway"],
+        )?;
+        metrics.register(Box::new(late_answers.clone()))?;
+        let late = |redis: &str, gateway: &str| late_answers.with_label_values(&[redis, gateway]);
         metrics.register(Box::new(decisions.clone()))?;
         metrics.register(Box::new(refunds.clone()))?;
         metrics.register(Box::new(overage.clone()))?;
@@ -101,7 +115,26 @@ impl LimitMetrics {
                 fallback_units.with_label_values(&["ledger"]),
             ],
             customers,
+            late_answers: [
+                late("counted", "admitted"),
+                late("counted", "refused"),
+                late("not_counted", "admitted"),
+                late("not_counted", "refused"),
+                late("unknown", "admitted"),
+                late("unknown", "refused"),
+            ],
         })
+    }
+
+    /// Counts what Redis answered in the end a call that had timed out, and whether the request
+    /// was `admitted` in process meanwhile.
+    pub fn late_answer(&self, answer: LateAnswer, admitted: bool) {
+        let redis = match answer {
+            LateAnswer::Admitted { .. } => 0,
+            LateAnswer::NotCounted => 1,
+            LateAnswer::Unknown => 2,
+        };
+        self.late_answers[redis * 2 + usize::from(!admitted)].inc();
     }
 
     /// Counts a decision.

@@ -275,8 +275,10 @@ impl Limiter {
         let admitted_here = decided.reservation;
         let period = decided.period;
         let at_ms = decided.at_ms;
+        let metrics = self.metrics.clone();
         tokio::spawn(async move {
             let answer = late.await;
+            metrics.late_answer(answer, admitted_here.is_some());
             let give_back = match (admitted_here, answer) {
                 // Admitted here: given back meanwhile (an upstream 5xx), Redis' unit is too.
                 (Some(reservation), _) => {

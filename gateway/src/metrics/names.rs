@@ -71,6 +71,10 @@ pub const QUOTA_FALLBACK_UNITS_TOTAL: &str = "tollgate_quota_fallback_units_tota
 pub const REDIS_ERRORS_TOTAL: &str = "tollgate_redis_errors_total";
 /// Time of answered counter calls to Redis.
 pub const REDIS_CALL_DURATION: &str = "tollgate_redis_call_duration_seconds";
+/// Admission calls that timed out, by what Redis answered them in the end (`redis`: `counted`,
+/// `not_counted`, or `unknown` when the connection gave up on the call) and what the gateway
+/// had decided meanwhile (`gateway`: `admitted` or `refused`).
+pub const REDIS_LATE_ANSWERS_TOTAL: &str = "tollgate_redis_late_answers_total";
 /// 1 while Redis answers the `PING` sent every 250 ms, within 1 s.
 pub const REDIS_UP: &str = "tollgate_redis_up";
 
