@@ -148,7 +148,7 @@ impl Drain {
                                 gateway.final_flush.drained();
                                 let share = tokio::time::timeout(
                                     FINAL_SHARE.min(left),
-                                    gateway.limiter.share_pending(),
+                                    gateway.limiter.share_last(),
                                 );
                                 let flush = tokio::time::timeout(
                                     FINAL_FLUSH.min(left),

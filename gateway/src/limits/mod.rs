@@ -72,6 +72,8 @@ pub struct Limiter {
     seed_ledger: OnceLock<Resting>,
     /// Held by a pass of [`Limiter::share_pending`].
     sharing: tokio::sync::Mutex<()>,
+    /// Admission calls that timed out and are still followed ([`Limiter::follow_late`]).
+    following: Arc<std::sync::atomic::AtomicUsize>,
     /// Held by a pass of [`Limiter::reseed_due`].
     reseeding: tokio::sync::Mutex<()>,
     /// In-process counts seeded from the ledger, to seed once more.
@@ -95,6 +97,7 @@ impl Limiter {
             ledger: OnceLock::new(),
             seed_ledger: OnceLock::new(),
             sharing: tokio::sync::Mutex::new(()),
+            following: Arc::default(),
             reseeding: tokio::sync::Mutex::new(()),
             reseeds: ReseedQueue::default(),
             seeding: Mutex::new(std::collections::HashMap::new()),
@@ -276,7 +279,9 @@ impl Limiter {
         let period = decided.period;
         let at_ms = decided.at_ms;
         let metrics = self.metrics.clone();
+        let following = Following::start(&self.following);
         tokio::spawn(async move {
+            let _following = following;
             let answer = late.await;
             metrics.late_answer(answer, admitted_here.is_some());
             let give_back = match (admitted_here, answer) {
@@ -309,6 +314,19 @@ impl Limiter {
                 });
             }
         });
+    }
+
+    /// The last [`share_pending`](Self::share_pending) of a draining gateway: once the calls
+    /// still followed have ended, for at most 1 s (the units their answers put in batches go
+    /// too).
+    pub async fn share_last(&self) {
+        let waited = std::time::Instant::now();
+        while self.following.load(std::sync::atomic::Ordering::Acquire) > 0
+            && waited.elapsed() < Duration::from_secs(1)
+        {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        self.share_pending().await;
     }
 
     /// Before the first decision of a customer's period in this process, adds what the ledger
@@ -399,6 +417,23 @@ impl Limiter {
     pub fn sweep(&self) {
         let left = self.local.sweep(self.clock.now_ms());
         self.metrics.customers_counted(left);
+    }
+}
+
+/// One admission call followed to its end, counted in [`Limiter::following`] while it lasts
+/// (also when its task is dropped unfinished).
+struct Following(Arc<std::sync::atomic::AtomicUsize>);
+
+impl Following {
+    fn start(count: &Arc<std::sync::atomic::AtomicUsize>) -> Self {
+        count.fetch_add(1, std::sync::atomic::Ordering::AcqRel);
+        Self(Arc::clone(count))
+    }
+}
+
+impl Drop for Following {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, std::sync::atomic::Ordering::AcqRel);
     }
 }
 
