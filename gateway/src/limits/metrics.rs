@@ -129,10 +129,10 @@ impl LimitMetrics {
     /// Counts what Redis answered in the end a call that had timed out, and whether the request
     /// was `admitted` in process meanwhile.
     pub fn late_answer(&self, answer: LateAnswer, admitted: bool) {
-        let redis = match answer {
-            LateAnswer::Admitted { .. } => 0,
-            LateAnswer::NotCounted => 1,
-            LateAnswer::Unknown => 2,
+        let redis = match answer.counted() {
+            Some(true) => 0,
+            Some(false) => 1,
+            None => 2,
         };
         self.late_answers[redis * 2 + usize::from(!admitted)].inc();
     }

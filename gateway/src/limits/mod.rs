@@ -37,6 +37,7 @@ mod share;
 mod sweep;
 pub mod window;
 
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, OnceLock, PoisonError};
 use std::time::Duration;
 
@@ -73,7 +74,7 @@ pub struct Limiter {
     /// Held by a pass of [`Limiter::share_pending`].
     sharing: tokio::sync::Mutex<()>,
     /// Admission calls that timed out and are still followed ([`Limiter::follow_late`]).
-    following: Arc<std::sync::atomic::AtomicUsize>,
+    following: Arc<AtomicUsize>,
     /// Held by a pass of [`Limiter::reseed_due`].
     reseeding: tokio::sync::Mutex<()>,
     /// In-process counts seeded from the ledger, to seed once more.
@@ -299,19 +300,15 @@ impl Limiter {
                 (None, _) => None,
             };
             if let Some(overage) = give_back {
-                held.hold(HeldRefund {
-                    customer,
-                    reservation: Reservation {
-                        period,
-                        at_ms,
-                        units,
-                        overage,
-                        counted: Counted::Redis,
-                        fallback: None,
-                    },
-                    token: uuid::Uuid::new_v4().as_u128(),
-                    sealed: false,
-                });
+                let counted = Reservation {
+                    period,
+                    at_ms,
+                    units,
+                    overage,
+                    counted: Counted::Redis,
+                    fallback: None,
+                };
+                held.hold(HeldRefund::new(customer, counted));
             }
         });
     }
@@ -321,7 +318,7 @@ impl Limiter {
     /// too).
     pub async fn share_last(&self) {
         let waited = std::time::Instant::now();
-        while self.following.load(std::sync::atomic::Ordering::Acquire) > 0
+        while self.following.load(Ordering::Acquire) > 0
             && waited.elapsed() < Duration::from_secs(1)
         {
             tokio::time::sleep(Duration::from_millis(10)).await;
@@ -422,18 +419,18 @@ impl Limiter {
 
 /// One admission call followed to its end, counted in [`Limiter::following`] while it lasts
 /// (also when its task is dropped unfinished).
-struct Following(Arc<std::sync::atomic::AtomicUsize>);
+struct Following(Arc<AtomicUsize>);
 
 impl Following {
-    fn start(count: &Arc<std::sync::atomic::AtomicUsize>) -> Self {
-        count.fetch_add(1, std::sync::atomic::Ordering::AcqRel);
+    fn start(count: &Arc<AtomicUsize>) -> Self {
+        count.fetch_add(1, Ordering::AcqRel);
         Self(Arc::clone(count))
     }
 }
 
 impl Drop for Following {
     fn drop(&mut self) {
-        self.0.fetch_sub(1, std::sync::atomic::Ordering::AcqRel);
+        self.0.fetch_sub(1, Ordering::AcqRel);
     }
 }
 

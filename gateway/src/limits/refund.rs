@@ -81,12 +81,7 @@ impl Limiter {
         reservation: &Reservation,
         hold: bool,
     ) {
-        let refund = HeldRefund {
-            customer: *customer,
-            reservation: *reservation,
-            token: uuid::Uuid::new_v4().as_u128(),
-            sealed: false,
-        };
+        let refund = HeldRefund::new(*customer, *reservation);
         let Some(unanswered) = self
             .send_refund(redis, refund, self.clock.now_ms(), false)
             .await

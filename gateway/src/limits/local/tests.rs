@@ -492,6 +492,15 @@ fn units_whose_calls_left_after_the_answered_one_stay_beyond_its_answer() {
     assert_eq!(counters.follow(&customer, &mut same, VIA).used, 12);
 }
 
+/// The reservation of one unit `customer` (on a plan without limits) is admitted in process
+/// for at `at_ms`, its call `sent` and timed out.
+fn admitted_unit(counters: &LocalCounters, customer: &Id, at_ms: i64, sent: Sent) -> Reservation {
+    counters
+        .admit_fallback(customer, &policy(&[], None), PERIOD, 1, at_ms, Some(sent))
+        .reservation
+        .expect("admitted")
+}
+
 /// Redis counted the unit of a call followed to its end.
 const COUNTED: LateAnswer = LateAnswer::Admitted { overage: 0 };
 
@@ -519,17 +528,10 @@ fn answer_at(used: u64, sent_ms: i64, version: i64) -> Decision {
 fn a_late_answer_settles_where_a_unit_admitted_here_is_counted() {
     let counters = LocalCounters::default();
     let customer = [4; 16];
-    let none = policy(&[], None);
     counters.follow(&customer, &mut told(9, Some(42), Some(42)), VIA);
     // Two calls time out, sent at 1,050 and 1,060: both admitted here, 11.
-    let first = counters
-        .admit_fallback(&customer, &none, PERIOD, 1, 1_000, Some(awaiting(50)))
-        .reservation
-        .unwrap();
-    let second = counters
-        .admit_fallback(&customer, &none, PERIOD, 1, 1_000, Some(awaiting(60)))
-        .reservation
-        .unwrap();
+    let first = admitted_unit(&counters, &customer, 1_000, awaiting(50));
+    let second = admitted_unit(&counters, &customer, 1_000, awaiting(60));
     assert!(matches!(first.fallback, Some(FallbackUnit::Awaiting(_))));
     assert_eq!(counters.used(&customer, PERIOD), (11, 0));
     // Until their answers come, no answer holds them, whatever its order or connection.
@@ -580,10 +582,7 @@ fn a_late_answer_settles_where_a_unit_admitted_here_is_counted() {
     );
     // A unit an answer through the call's own connection let go of (a call that broke, taken
     // to have run), which Redis in the end says it did not count, is put back, in a batch.
-    let broke = counters
-        .admit_fallback(&customer, &none, PERIOD, 1, 1_400, Some(sent(1_400)))
-        .reservation
-        .unwrap();
+    let broke = admitted_unit(&counters, &customer, 1_400, sent(1_400));
     assert_eq!(
         counters
             .follow(&customer, &mut answer_at(10, 1_500, 11), VIA)
@@ -629,14 +628,8 @@ fn a_late_answer_settles_where_a_unit_admitted_here_is_counted() {
 fn a_unit_given_back_while_its_call_is_awaited_is_given_back_where_redis_put_it() {
     let counters = LocalCounters::default();
     let customer = [5; 16];
-    let none = policy(&[], None);
     counters.follow(&customer, &mut told(9, Some(42), Some(42)), VIA);
-    let admit = |ms: i64| {
-        counters
-            .admit_fallback(&customer, &none, PERIOD, 1, 1_000, Some(awaiting(ms)))
-            .reservation
-            .unwrap()
-    };
+    let admit = |ms: i64| admitted_unit(&counters, &customer, 1_000, awaiting(ms));
     let (counted, refused) = (admit(10), admit(20));
     for reservation in [&counted, &refused] {
         let Some(FallbackUnit::Awaiting(token)) = reservation.fallback else {
@@ -1074,16 +1067,12 @@ fn units_admitted_here_leave_the_windows_in_time_and_take_little_memory() {
 fn a_unit_awaiting_its_own_answer_stays_beyond_every_other_answer() {
     let counters = LocalCounters::default();
     let customer = [8; 16];
-    let none = policy(&[], None);
     counters.follow(&customer, &mut told(9, Some(42), Some(42)), VIA);
     let awaiting = Sent {
         at_ms: 1_050,
         via: VIA_AWAITING,
     };
-    let reservation = counters
-        .admit_fallback(&customer, &none, PERIOD, 1, 1_000, Some(awaiting))
-        .reservation
-        .unwrap();
+    let reservation = admitted_unit(&counters, &customer, 1_000, awaiting);
     let answer_at = |sent_ms: i64, version: i64| Decision {
         count_version: Some(version),
         ..told_with(9, Some(42), Some(42), Vec::new(), sent_ms)

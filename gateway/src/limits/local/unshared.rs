@@ -150,21 +150,15 @@ impl Fallback {
     /// Redis out of the oldest such entries (a call's answer comes before those of calls sent
     /// after it through the same connection); how many it took.
     fn take_maybe_via(&mut self, period: Period, via: Via, units: u64) -> u64 {
-        let mut taken = 0;
-        for entry in self
-            .maybe
-            .iter_mut()
-            .filter(|m| m.period == period && m.sent.via == via)
-        {
-            let now = entry.units.min(units - taken);
-            entry.units -= now;
-            taken += now;
-            if taken == units {
-                break;
-            }
-        }
-        self.maybe.retain(|m| m.units > 0);
-        taken
+        take_oldest(
+            &mut self.maybe,
+            units,
+            |m| m.period == period && m.sent.via == via,
+            |m| &mut m.units,
+        )
+        .iter()
+        .map(|&(_, taken)| taken)
+        .sum()
     }
 
     /// Units, and of them overage, of `period`'s batches not added to Redis yet or on their way.
@@ -214,19 +208,19 @@ impl Fallback {
     }
 
     /// Redis has answered a call `via` a connection, which this process had timed out on and
-    /// admitted `units` of `period` for, at `now_ms`: the call has run by now (`counted`: it
-    /// counted them) or never will. Its units are held beyond an answer until a call sent after
-    /// now answers, whatever its connection; those Redis did not count are never in its
-    /// answers, nor in its windows. Returns, when Redis did not count them, the units to add
-    /// to its count, and of them those the count here had let go of (an answer to a later call
+    /// admitted `units` of `period` for, at `now_ms`: the call has run by now (`answer` says
+    /// whether it counted them) or never will. Its units are held beyond an answer until a call
+    /// sent after now answers, whatever its connection; those Redis did not count are never in
+    /// its answers, nor in its windows. `kept`: whether the unit still counts here (it was not
+    /// given back meanwhile). Returns, when Redis did not count them, the units to add to its
+    /// count, and of them those the count here had let go of (an answer to a later call
     /// through the same connection was taken to hold them).
-    /// `kept`: whether the unit still counts here (it was not given back meanwhile).
     pub(super) fn ran(
         &mut self,
         period: Period,
         units: u64,
         sent: Sent,
-        counted: Option<bool>,
+        answer: LateAnswer,
         kept: bool,
         now_ms: i64,
     ) -> (u64, u64) {
@@ -234,16 +228,28 @@ impl Fallback {
             at_ms: now_ms,
             via: VIA_ANY,
         };
+        let counted = answer.counted();
+        // In the windows, the oldest entries of that connection: held until an answer to a
+        // call sent after now if Redis counted them (or may have), for their whole window
+        // otherwise.
+        let moved = take_oldest(
+            &mut self.in_windows,
+            units,
+            |u| u.sent.is_some_and(|s| s.via == sent.via),
+            |u| &mut u.units,
+        );
+        for (entry, taken) in moved {
+            let held = (counted != Some(false)).then_some(now);
+            self.note_in_windows(entry.at_ms, held, taken);
+        }
         if !kept {
             // Its unit left the count here when it was given back.
-            self.move_in_windows(units, sent, counted, now);
             return (0, 0);
         }
         let taken = self.take_maybe_via(period, sent.via, units);
         if counted != Some(false) && taken > 0 {
             self.note_maybe(now, period, taken);
         }
-        self.move_in_windows(units, sent, counted, now);
         if counted == Some(false) {
             (units, units - taken)
         } else {
@@ -251,40 +257,10 @@ impl Fallback {
         }
     }
 
-    /// The windows' side of [`ran`](Self::ran): `units` of the oldest entries of `sent`'s
-    /// connection are held until an answer to a call sent after `now` if Redis `counted` them
-    /// (or may have), and for their whole window otherwise.
-    fn move_in_windows(&mut self, units: u64, sent: Sent, counted: Option<bool>, now: Sent) {
-        // The same for the windows: the oldest entries of that connection.
-        let mut left = units;
-        let mut moved = Vec::new();
-        for entry in self
-            .in_windows
-            .iter_mut()
-            .filter(|u| u.sent.is_some_and(|s| s.via == sent.via))
-        {
-            let now_units = entry.units.min(left);
-            entry.units -= now_units;
-            left -= now_units;
-            moved.push(InWindows {
-                at_ms: entry.at_ms,
-                sent: (counted != Some(false)).then_some(now),
-                units: now_units,
-            });
-            if left == 0 {
-                break;
-            }
-        }
-        self.in_windows.retain(|u| u.units > 0);
-        for unit in moved.into_iter().filter(|u| u.units > 0) {
-            self.note_in_windows(unit.at_ms, unit.sent, unit.units);
-        }
-    }
-
-    /// Notes `units` admitted here at `at_ms` and counted in the windows, whose call was sent by
-    /// `sent_ms` (`None`: none was).
-    /// Into the newest entry of the same connection (or of no call) when it is less than 100
-    /// ms older, or when [`IN_WINDOWS_KEPT`] are kept.
+    /// Notes `units` admitted here at `at_ms` and counted in the windows, whose call was `sent`
+    /// (`None`: none was, or Redis did not count it): into the newest entry of the same
+    /// connection (or of no call) when both times are less than 100 ms apart, or when
+    /// [`IN_WINDOWS_KEPT`] are kept.
     pub(super) fn note_in_windows(&mut self, at_ms: i64, sent: Option<Sent>, units: u64) {
         let full = self.in_windows.len() >= IN_WINDOWS_KEPT;
         let via = sent.map(|s| s.via);
@@ -363,6 +339,32 @@ pub struct Unshared {
     /// Sent to Redis once without an answer: it may be counted there already, so it takes no
     /// more units (they go into a batch of their own).
     pub(super) sealed: bool,
+}
+
+/// Takes up to `units` units out of the oldest of `entries` that `matches` (their units in
+/// `units_of`), dropping those left empty; each entry taken from, as it was, and the units
+/// taken from it.
+fn take_oldest<T: Copy>(
+    entries: &mut Vec<T>,
+    units: u64,
+    matches: impl Fn(&T) -> bool,
+    units_of: impl Fn(&mut T) -> &mut u64,
+) -> Vec<(T, u64)> {
+    let mut left = units;
+    let mut taken = Vec::new();
+    for entry in entries.iter_mut().filter(|e| matches(e)) {
+        if left == 0 {
+            break;
+        }
+        let before = *entry;
+        let own = units_of(entry);
+        let now = (*own).min(left);
+        *own -= now;
+        left -= now;
+        taken.push((before, now));
+    }
+    entries.retain_mut(|e| *units_of(e) > 0);
+    taken
 }
 
 /// Entries of units whose call may still run in Redis kept per customer; past this many, units
@@ -494,11 +496,6 @@ impl LocalCounters {
         let Some(FallbackUnit::Awaiting(token)) = reservation.fallback else {
             return None;
         };
-        let counted = match answer {
-            LateAnswer::Admitted { .. } => Some(true),
-            LateAnswer::NotCounted => Some(false),
-            LateAnswer::Unknown => None,
-        };
         let in_redis = match answer {
             LateAnswer::Admitted { overage } => Some(overage),
             _ => None,
@@ -514,7 +511,7 @@ impl LocalCounters {
             reservation.period,
             reservation.units,
             sent,
-            counted,
+            answer,
             !given_back,
             now_ms,
         );

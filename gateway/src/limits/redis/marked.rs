@@ -26,6 +26,18 @@ pub enum Sharing {
 /// Most refunds held for Redis at once.
 const MAX_HELD_REFUNDS: usize = 100_000;
 
+impl HeldRefund {
+    /// A refund of `reservation`, not sent yet, with a mark of its own.
+    pub fn new(customer: Id, reservation: Reservation) -> Self {
+        Self {
+            customer,
+            reservation,
+            token: uuid::Uuid::new_v4().as_u128(),
+            sealed: false,
+        }
+    }
+}
+
 /// The refunds held for Redis, until a pass of [`Limiter::share_pending`] makes them.
 ///
 /// [`Limiter::share_pending`]: crate::limits::Limiter::share_pending

@@ -384,6 +384,17 @@ pub enum LateAnswer {
     Unknown,
 }
 
+impl LateAnswer {
+    /// Whether Redis counted the call's units; `None` when that is not known.
+    pub fn counted(self) -> Option<bool> {
+        match self {
+            LateAnswer::Admitted { .. } => Some(true),
+            LateAnswer::NotCounted => Some(false),
+            LateAnswer::Unknown => None,
+        }
+    }
+}
+
 /// An admission Redis did not decide in time; when its call timed out, the call, coming to
 /// what Redis answered it in the end.
 pub type NotDecided = Unanswered<LateAnswer>;
