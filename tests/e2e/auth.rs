@@ -226,6 +226,44 @@ async fn enforces_each_outcome(gateway: &Gateway, api: &AdminApi) -> String {
         (401, "malformed-key"),
         "bad checksum"
     );
+
+    // A credential sent twice in its place is checked in neither: a proxy in front may read the
+    // other one (RFC 6750's invalid_request). Even the valid key beside a forged one.
+    let twice = [
+        ("authorization", format!("Bearer {key}"), "/orders/4"),
+        ("x-api-key", key.clone(), "/orders/4"),
+    ];
+    for (name, value, path) in &twice {
+        let response = client()
+            .get(gateway.url(path))
+            .header(*name, value)
+            .header(*name, "tg_forged")
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), 400, "{name} twice");
+        assert_eq!(
+            response.headers()["www-authenticate"],
+            "Bearer realm=\"tollgate\", error=\"invalid_request\""
+        );
+        let body: Value = response.json().await.unwrap();
+        assert_eq!(problem_type(&body), "repeated-credential", "{body}");
+        assert!(
+            body["detail"].as_str().unwrap().contains("send one"),
+            "{body}"
+        );
+    }
+    let (status, body) = call(
+        gateway,
+        &format!("/orders/5?api_key={key}&api%5Fkey=x"),
+        None,
+    )
+    .await;
+    assert_eq!(
+        (status, problem_type(&body)),
+        (400, "repeated-credential"),
+        "{body}"
+    );
     let unknown = tollgate_model::key::from_random([7; 16]); // well formed, never issued
     let unknown = unknown.as_str();
     let (status, body) = call(gateway, "/orders", Some(unknown)).await;
@@ -244,8 +282,19 @@ async fn enforces_each_outcome(gateway: &Gateway, api: &AdminApi) -> String {
         .await;
     let scoped = scoped["key"].as_str().unwrap();
     until_status(gateway, "/demo", scoped, 200).await;
-    let (status, body) = call(gateway, "/orders", Some(scoped)).await;
-    assert_eq!((status, problem_type(&body)), (403, "key-not-allowed"));
+    let response = client()
+        .get(gateway.url("/orders"))
+        .bearer_auth(scoped)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 403);
+    assert_eq!(
+        response.headers()["www-authenticate"],
+        "Bearer realm=\"tollgate\", error=\"insufficient_scope\""
+    );
+    let body: Value = response.json().await.unwrap();
+    assert_eq!(problem_type(&body), "key-not-allowed");
 
     // An expiring key stops at its expiry.
     let expires_at = humantime::format_rfc3339_millis(

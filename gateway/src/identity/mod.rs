@@ -142,6 +142,9 @@ pub enum Refusal {
     Missing(&'static str),
     /// Not a key: wrong prefix, length, alphabet or checksum (401, no lookup made).
     Malformed,
+    /// The credential's header or query parameter sent more than once (400, nothing checked:
+    /// which one counts is ambiguous); what to send instead.
+    Repeated(&'static str),
     /// No such key (401).
     Unknown,
     /// Revoked, or past a rotation's grace (401).
@@ -191,6 +194,7 @@ impl Refusal {
         match self {
             Refusal::Missing(_) => "missing",
             Refusal::Malformed => "malformed",
+            Refusal::Repeated(_) => "repeated",
             Refusal::Unknown => "unknown",
             Refusal::Revoked => "revoked",
             Refusal::Expired => "expired",

@@ -34,9 +34,10 @@ pub const IDENTITY_SNAPSHOTS_TOTAL: &str = "tollgate_identity_snapshots_total";
 /// JWKS fetches, by JWT provider and result (`ok`, `failed`).
 pub const JWKS_FETCHES_TOTAL: &str = "tollgate_jwks_fetches_total";
 /// The results of authentication decisions, as labelled.
-pub const AUTH_RESULTS: [&str; 13] = [
+pub const AUTH_RESULTS: [&str; 14] = [
     "ok",
     "missing",
+    "repeated",
     "malformed",
     "unknown",
     "revoked",

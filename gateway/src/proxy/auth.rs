@@ -35,6 +35,10 @@ pub enum Credential<'a> {
     Key(&'a str),
     /// A JWT.
     Jwt(&'a str),
+    /// More than one where the credential is read (two `Authorization` or `X-API-Key` headers,
+    /// or the key's query parameter twice): which one counts is ambiguous, so none is checked.
+    /// Says what to send instead.
+    Repeated(&'static str),
 }
 
 /// Where the credential came from.
@@ -54,16 +58,19 @@ pub enum Source {
 /// is then the upstream's own credential (a user's session token beside the product key),
 /// forwarded untouched. Except, on a route that takes JWTs too, a token shaped as a JWT: that
 /// is the credential, checked (one the gateway did not verify never reaches the upstream as if
-/// it had).
+/// it had). A credential sent twice in its place is [`Credential::Repeated`]: a proxy in front
+/// may read the other one (RFC 6750's `invalid_request`), and the upstream gets neither.
 pub fn credential<'a>(
     req: &'a RequestHeader,
     auth: &RouteAuth,
 ) -> Option<(Credential<'a>, Source)> {
-    let bearer_token = req
-        .headers
-        .get(AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(bearer);
+    let Some(authorization) = single(req, AUTHORIZATION.as_str()) else {
+        return Some((
+            Credential::Repeated("send one Authorization header, not several"),
+            Source::Authorization,
+        ));
+    };
+    let bearer_token = authorization.and_then(|v| v.to_str().ok()).and_then(bearer);
     if let Some(token) = bearer_token
         && auth.key
         && token.starts_with(tollgate_model::key::KEY_PREFIX)
@@ -93,11 +100,22 @@ fn jwt_shaped(token: &str) -> bool {
 /// What an `X-API-Key` value that is not visible ASCII is taken as: a key no check accepts.
 const NOT_A_KEY: &str = "\u{fffd}";
 
+/// The one value of the header `name`, if any; `None` when it is sent more than once.
+fn single<'a>(req: &'a RequestHeader, name: &str) -> Option<Option<&'a HeaderValue>> {
+    let mut values = req.headers.get_all(name).iter();
+    let first = values.next();
+    values.next().is_none().then_some(first)
+}
+
 /// A key in `X-API-Key`, else in the route's query parameter.
 fn elsewhere<'a>(req: &'a RequestHeader, auth: &RouteAuth) -> Option<(Credential<'a>, Source)> {
-    if let Some(key) = req
-        .headers
-        .get(X_API_KEY)
+    let Some(x_api_key) = single(req, X_API_KEY) else {
+        return Some((
+            Credential::Repeated("send one X-API-Key header, not several"),
+            Source::Header,
+        ));
+    };
+    if let Some(key) = x_api_key
         // A value that is not visible ASCII is no key: malformed, not missing.
         .map(|v| v.to_str().unwrap_or(NOT_A_KEY))
         .map(str::trim)
@@ -106,7 +124,13 @@ fn elsewhere<'a>(req: &'a RequestHeader, auth: &RouteAuth) -> Option<(Credential
         return Some((Credential::Key(key), Source::Header));
     }
     let name = auth.key_query_param.as_deref()?;
-    query_value(req.uri.query()?, name).map(|key| (Credential::Key(key), Source::Query))
+    let mut values = query_values(req.uri.query()?, name);
+    let key = values.next()?;
+    let credential = match values.next() {
+        None => Credential::Key(key),
+        Some(_) => Credential::Repeated("send the key's query parameter once"),
+    };
+    Some((credential, Source::Query))
 }
 
 fn bearer(value: &str) -> Option<&str> {
@@ -124,12 +148,12 @@ fn bearer(value: &str) -> Option<&str> {
     Some(token.trim()).filter(|t| !t.is_empty())
 }
 
-/// The value of the parameter `name` (also spelled with escapes, as it is removed upstream).
-fn query_value<'a>(query: &'a str, name: &str) -> Option<&'a str> {
+/// The values of the parameter `name` (also spelled with escapes, as it is removed upstream).
+fn query_values<'a>(query: &'a str, name: &str) -> impl Iterator<Item = &'a str> {
     query
         .split('&')
         .filter_map(|pair| pair.split_once('='))
-        .find(|(key, _)| decodes_to(key, name))
+        .filter(move |(key, _)| decodes_to(key, name))
         .map(|(_, value)| value)
 }
 
@@ -198,6 +222,7 @@ pub fn authenticate(
                 };
                 check_key(identities, key, scope, now).map(|caller| (caller, source))
             }
+            Some((Credential::Repeated(what), _)) => Err(Refusal::Repeated(what)),
             Some((Credential::Jwt(token), source)) => {
                 // Providers are set up at start; a reload naming a new one needs a restart.
                 let name = route.auth.jwt.as_deref();
@@ -508,6 +533,53 @@ mod tests {
                 "{uri} {headers:?}"
             );
         }
+    }
+
+    #[test]
+    fn a_credential_sent_twice_where_it_is_read_is_repeated() {
+        let twice = |name: &str, values: [&str; 2], uri: &str| {
+            let mut req = RequestHeader::build("GET", uri.as_bytes(), None).unwrap();
+            for value in values {
+                req.append_header(name.to_owned(), value).unwrap();
+            }
+            req
+        };
+        let repeated = |req: &RequestHeader, auth: &RouteAuth| {
+            matches!(credential(req, auth), Some((Credential::Repeated(_), _)))
+        };
+        let jwt_only = RouteAuth {
+            key: false,
+            jwt: Some("idp".into()),
+            key_query_param: None,
+        };
+        let req = twice("authorization", ["Bearer tg_a", "Bearer tg_b"], "/");
+        assert!(repeated(&req, &auth(None)));
+        assert!(repeated(&req, &jwt_only));
+        // Whatever the first one holds: the second may be the credential a proxy reads.
+        let req = twice("authorization", ["Basic abc", "Bearer tg_b"], "/");
+        assert!(repeated(&req, &auth(None)));
+        let req = twice("x-api-key", ["tg_a", "tg_b"], "/");
+        assert!(repeated(&req, &auth(None)));
+        assert_eq!(
+            credential(&req, &jwt_only),
+            None,
+            "a JWT route reads no X-API-Key"
+        );
+        // X-API-Key is not read when Authorization holds the key (and goes, as every copy).
+        let mut req = twice("x-api-key", ["tg_a", "tg_b"], "/");
+        req.insert_header("authorization", "Bearer tg_c").unwrap();
+        assert_eq!(
+            credential(&req, &auth(None)),
+            Some((Credential::Key("tg_c"), Source::Authorization))
+        );
+        let query = auth(Some("api_key"));
+        let req = request("/a?api_key=tg_a&x=1&api%5fkey=tg_b", &[]);
+        assert!(repeated(&req, &query));
+        let req = request("/a?api_key=tg_a&api_keys=tg_b", &[]);
+        assert_eq!(
+            credential(&req, &query),
+            Some((Credential::Key("tg_a"), Source::Query))
+        );
     }
 
     #[test]

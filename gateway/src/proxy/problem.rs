@@ -71,6 +71,7 @@ impl GatewayProblem {
                 403
             }
             Self::Refused(Refusal::Unavailable) => 503,
+            Self::Refused(Refusal::Repeated(_)) => 400,
             Self::Refused(_) => 401,
             Self::TooManyFailedAuthentications { .. }
             | Self::RateLimited { .. }
@@ -238,6 +239,11 @@ impl GatewayProblem {
 fn refusal_text(refusal: Refusal) -> (&'static str, &'static str, &'static str) {
     match refusal {
         Refusal::Missing(what) => ("missing-credential", "Authentication required", what),
+        Refusal::Repeated(what) => (
+            "repeated-credential",
+            "Credential sent more than once",
+            what,
+        ),
         Refusal::InvalidToken(_) | Refusal::UnknownSigningKey(_) | Refusal::InvalidClaims(_) => {
             ("invalid-token", "Invalid token", "the JWT was refused")
         }

@@ -117,13 +117,10 @@ pub async fn problem(
         | GatewayProblem::Refused(Refusal::Unavailable) => {
             headers.push((http::header::RETRY_AFTER, HeaderValue::from_static("5")));
         }
-        GatewayProblem::Refused(refusal) if problem.status() == 401 => {
-            let challenge = if matches!(refusal, Refusal::Missing(_)) {
-                HeaderValue::from_static("Bearer realm=\"tollgate\"")
-            } else {
-                HeaderValue::from_static("Bearer realm=\"tollgate\", error=\"invalid_token\"")
-            };
-            headers.push((http::header::WWW_AUTHENTICATE, challenge));
+        GatewayProblem::Refused(refusal) => {
+            if let Some(challenge) = challenge(*refusal) {
+                headers.push((http::header::WWW_AUTHENTICATE, challenge));
+            }
         }
         GatewayProblem::TooManyFailedAuthentications { retry_after }
         | GatewayProblem::RateLimited { retry_after }
@@ -134,6 +131,26 @@ pub async fn problem(
     }
     let body = problem.to_problem(&ctx.request_id).to_json();
     write(session, ctx, problem.status(), &headers, Bytes::from(body)).await
+}
+
+/// The `WWW-Authenticate` challenge of a refusal (RFC 6750 section 3): none where the credential
+/// is not at fault (a suspended customer, a gateway without identities).
+fn challenge(refusal: Refusal) -> Option<HeaderValue> {
+    let value = match refusal {
+        Refusal::Missing(_) => "Bearer realm=\"tollgate\"",
+        Refusal::Repeated(_) => "Bearer realm=\"tollgate\", error=\"invalid_request\"",
+        Refusal::OutOfScope => "Bearer realm=\"tollgate\", error=\"insufficient_scope\"",
+        Refusal::Suspended | Refusal::UnknownCustomer | Refusal::Unavailable => return None,
+        Refusal::Malformed
+        | Refusal::Unknown
+        | Refusal::Revoked
+        | Refusal::Expired
+        | Refusal::InvalidToken(_)
+        | Refusal::UnknownSigningKey(_)
+        | Refusal::InvalidClaims(_)
+        | Refusal::ExpiredToken => "Bearer realm=\"tollgate\", error=\"invalid_token\"",
+    };
+    Some(HeaderValue::from_static(value))
 }
 
 fn may_have_body(req: &pingora::http::RequestHeader) -> bool {
