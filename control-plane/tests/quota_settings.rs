@@ -241,6 +241,15 @@ async fn billing_periods_are_set_cleared_refused_and_published(db: &Db) {
             json!([{"path": "billing_period.end", "message": "must be after start"}]),
         ),
         (
+            // Seconds where days were meant.
+            json!({"start": "2026-12-01T00:00:00Z", "end": "2026-12-01T00:00:30Z"}),
+            json!([{"path": "billing_period.end", "message": "must be at least 1 day after start"}]),
+        ),
+        (
+            json!({"start": "2026-12-01T00:00:00Z", "end": "2026-12-01T23:59:59.999Z"}),
+            json!([{"path": "billing_period.end", "message": "must be at least 1 day after start"}]),
+        ),
+        (
             json!({"start": "2026-11-01T00:00:00Z", "end": "2027-11-03T00:00:00Z"}),
             json!([{"path": "billing_period.end", "message": "must be at most 366 days after start"}]),
         ),

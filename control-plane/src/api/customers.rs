@@ -23,6 +23,10 @@ use crate::store::customers::{CustomerError, CustomerPatch, NewCustomer};
 pub const FIELDS: [&str; 5] = ["name", "email", "plan_id", "status", "billing_period"];
 /// Longest billing period accepted: a year, as subscriptions bill at most yearly.
 pub const MAX_BILLING_PERIOD_MS: i64 = 366 * 86_400_000;
+/// The shortest billing period: a day, the shortest interval billing providers bill in (Stripe's
+/// `interval: day`). A shorter one is an admin's mistake (seconds typed for days), and a
+/// period that has ended goes on in periods of its length, resetting the quota each time.
+pub const MIN_BILLING_PERIOD_MS: i64 = 86_400_000;
 
 /// Body of `POST /v1/customers`.
 #[derive(Debug, ToSchema)]
@@ -241,8 +245,8 @@ fn plan_id(value: &Value, errors: &mut Vec<FieldError>) -> Option<String> {
     }
 }
 
-/// A billing period `{start, end}` (RFC 3339, end after start, at most
-/// [`MAX_BILLING_PERIOD_MS`]) or `null`.
+/// A billing period `{start, end}` (RFC 3339, end at least [`MIN_BILLING_PERIOD_MS`] and at
+/// most [`MAX_BILLING_PERIOD_MS`] after start) or `null`.
 fn billing_period(value: &Value, errors: &mut Vec<FieldError>) -> Option<Option<PeriodMs>> {
     if value.is_null() {
         return Some(None);
@@ -279,6 +283,11 @@ fn billing_period(value: &Value, errors: &mut Vec<FieldError>) -> Option<Option<
     if let (Some(start_ms), Some(end_ms)) = (start, end) {
         if end_ms <= start_ms {
             errors.push(error("billing_period.end", "must be after start"));
+        } else if end_ms - start_ms < MIN_BILLING_PERIOD_MS {
+            errors.push(error(
+                "billing_period.end",
+                "must be at least 1 day after start",
+            ));
         } else if end_ms - start_ms > MAX_BILLING_PERIOD_MS {
             errors.push(error(
                 "billing_period.end",
