@@ -652,8 +652,40 @@ async fn keys_are_shown_once_stored_hashed_revoked_and_rotated(db: &Db) {
         "{problem}"
     );
 
-    // Revocation: now.
+    // Revocation: now. It takes no body: a field (a reason, say) would be dropped.
     let new_id = rotated["id"].as_str().unwrap();
+    let (status, problem, _) = call(
+        &app,
+        "POST",
+        &format!("/v1/keys/{new_id}/revoke"),
+        Some(&db.admin),
+        Some(json!({"reason": "leaked"})),
+    )
+    .await;
+    assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY, "{problem}");
+    assert_eq!(
+        problem["errors"],
+        json!([{"path": "reason", "message": "unknown field"}])
+    );
+    let (status, read, _) = call(
+        &app,
+        "GET",
+        &format!("/v1/keys/{new_id}"),
+        Some(&db.viewer),
+        None,
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK, "{read}");
+    assert_eq!(
+        read["revoked_at"],
+        Value::Null,
+        "not revoked by the refused call"
+    );
+    assert_eq!(read["id"], rotated["id"]);
+    assert!(
+        read.get("key").is_none() && read.get("hash").is_none(),
+        "{read}"
+    );
     let (status, revoked, _) = call(
         &app,
         "POST",
@@ -664,6 +696,15 @@ async fn keys_are_shown_once_stored_hashed_revoked_and_rotated(db: &Db) {
     .await;
     assert_eq!(status, StatusCode::OK);
     assert!(revoked["revoked_at"].is_string());
+    let (_, read, _) = call(
+        &app,
+        "GET",
+        &format!("/v1/keys/{new_id}"),
+        Some(&db.viewer),
+        None,
+    )
+    .await;
+    assert_eq!(read, revoked, "read as revoked");
     // A revoked key is not rotated into a working one (409), nor an expired one.
     let (status, problem, _) = call(
         &app,
@@ -737,6 +778,8 @@ async fn keys_are_shown_once_stored_hashed_revoked_and_rotated(db: &Db) {
     )
     .await;
     assert_eq!(status, StatusCode::NOT_FOUND);
+    let (status, problem, _) = call(&app, "GET", "/v1/keys/key_nope", Some(&db.viewer), None).await;
+    assert_eq!(status, StatusCode::NOT_FOUND, "{problem}");
     let (status, _, _) = call(
         &app,
         "POST",
@@ -1943,8 +1986,58 @@ async fn waiting_gateways_share_one_reader_and_learn_of_any_process_s_change(db:
     }
 }
 
+/// A PATCH that changes nothing (no field, or every field as it is) writes nothing: the same
+/// `updated_at`, no audit entry, and no change for gateways to load.
+async fn a_patch_that_changes_nothing_writes_nothing(db: &Db) {
+    let app = db.app();
+    let (plan, customer) = customer_on_a_plan(&app, db).await;
+    let audit_entries = || async {
+        let (_, log, _) = call(
+            &app,
+            "GET",
+            "/v1/audit-log?limit=100",
+            Some(&db.admin),
+            None,
+        )
+        .await;
+        log["data"].as_array().unwrap().len()
+    };
+    let entries = audit_entries().await;
+    let plan_path = format!("/v1/plans/{}", plan["id"].as_str().unwrap());
+    let customer_path = format!("/v1/customers/{}", customer["id"].as_str().unwrap());
+    let same_plan =
+        json!({"name": plan["name"], "rate_limits": plan["rate_limits"], "quota": plan["quota"]});
+    let same_customer = json!({"name": customer["name"], "plan_id": customer["plan_id"], "status": "active", "billing_period": null});
+    for (path, patch, before) in [
+        (&plan_path, json!({}), &plan),
+        (&plan_path, same_plan, &plan),
+        (&customer_path, json!({}), &customer),
+        (&customer_path, same_customer, &customer),
+    ] {
+        tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+        let (status, after, _) =
+            call(&app, "PATCH", path, Some(&db.admin), Some(patch.clone())).await;
+        assert_eq!(status, StatusCode::OK, "{after}");
+        assert_eq!(&after, before, "{path} {patch}");
+    }
+    assert_eq!(audit_entries().await, entries);
+    // A real change still writes, once.
+    let (status, after, _) = call(
+        &app,
+        "PATCH",
+        &customer_path,
+        Some(&db.admin),
+        Some(json!({"name": "Acme 2"})),
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK, "{after}");
+    assert_ne!(after["updated_at"], customer["updated_at"]);
+    assert_eq!(audit_entries().await, entries + 1);
+}
+
 on_both_backends!(
     every_answer_has_its_pinned_shape,
+    a_patch_that_changes_nothing_writes_nothing,
     creates_reads_and_lists_plans,
     an_invalid_plan_lists_every_invalid_field,
     duplicate_names_conflict_and_unknown_ids_are_not_found,

@@ -84,6 +84,7 @@ fn every_operation_of_the_api_is_documented_once_with_a_unique_id() {
         "PATCH /v1/customers/{id}",
         "GET /v1/customers/{id}/keys",
         "POST /v1/customers/{id}/keys",
+        "GET /v1/keys/{id}",
         "POST /v1/keys/{id}/revoke",
         "POST /v1/keys/{id}/rotate",
         "GET /v1/admin-tokens",
@@ -100,7 +101,7 @@ fn every_operation_of_the_api_is_documented_once_with_a_unique_id() {
     .map(str::to_owned)
     .collect();
     assert_eq!(operations, expected);
-    assert_eq!(operations.len(), 24);
+    assert_eq!(operations.len(), 25);
 }
 
 #[test]

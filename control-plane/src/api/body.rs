@@ -108,13 +108,81 @@ async fn bytes_up_to<S: Send + Sync>(
 
 fn object(body: &[u8]) -> Result<Map<String, Value>, ApiError> {
     match serde_json::from_slice::<Value>(body) {
-        Ok(Value::Object(map)) => Ok(map),
+        // An object naming a field twice would keep the last silently: which one was meant is
+        // the caller's to say (RFC 8259 leaves it to the receiver).
+        Ok(Value::Object(map)) => match serde_json::from_slice::<FieldsOnce>(body) {
+            Ok(FieldsOnce) => Ok(map),
+            Err(error) => Err(ApiError::BadRequest(format!(
+                "the body is ambiguous: {error}"
+            ))),
+        },
         Ok(_) => Err(ApiError::BadRequest(
             "the body must be a JSON object".into(),
         )),
         Err(error) => Err(ApiError::BadRequest(format!(
             "the body is not valid JSON: {error}"
         ))),
+    }
+}
+
+/// A JSON value in which no object names a field twice (at any depth).
+struct FieldsOnce;
+
+impl<'de> serde::Deserialize<'de> for FieldsOnce {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        deserializer.deserialize_any(FieldsOnceVisitor)
+    }
+}
+
+struct FieldsOnceVisitor;
+
+impl<'de> serde::de::Visitor<'de> for FieldsOnceVisitor {
+    type Value = FieldsOnce;
+
+    fn expecting(&self, formatter: &mut std::fmt::Formatter) -> std::fmt::Result {
+        formatter.write_str("a JSON value")
+    }
+
+    fn visit_bool<E>(self, _: bool) -> Result<FieldsOnce, E> {
+        Ok(FieldsOnce)
+    }
+
+    fn visit_i64<E>(self, _: i64) -> Result<FieldsOnce, E> {
+        Ok(FieldsOnce)
+    }
+
+    fn visit_u64<E>(self, _: u64) -> Result<FieldsOnce, E> {
+        Ok(FieldsOnce)
+    }
+
+    fn visit_f64<E>(self, _: f64) -> Result<FieldsOnce, E> {
+        Ok(FieldsOnce)
+    }
+
+    fn visit_str<E>(self, _: &str) -> Result<FieldsOnce, E> {
+        Ok(FieldsOnce)
+    }
+
+    fn visit_unit<E>(self) -> Result<FieldsOnce, E> {
+        Ok(FieldsOnce)
+    }
+
+    fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<FieldsOnce, A::Error> {
+        while seq.next_element::<FieldsOnce>()?.is_some() {}
+        Ok(FieldsOnce)
+    }
+
+    fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<FieldsOnce, A::Error> {
+        let mut seen = std::collections::HashSet::new();
+        while let Some(name) = map.next_key::<String>()? {
+            if !seen.insert(name.clone()) {
+                return Err(serde::de::Error::custom(format!(
+                    "the field \"{name}\" is given twice"
+                )));
+            }
+            map.next_value::<FieldsOnce>()?;
+        }
+        Ok(FieldsOnce)
     }
 }
 
@@ -234,4 +302,37 @@ pub fn page<T>(mut items: Vec<T>, limit: u32, cursor: impl Fn(&T) -> String) -> 
         data: items,
         next_cursor,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn refusal(body: &str) -> String {
+        match object(body.as_bytes()) {
+            Err(ApiError::BadRequest(detail)) => detail,
+            other => panic!("{body}: {other:?}"),
+        }
+    }
+
+    #[test]
+    fn a_field_given_twice_is_refused_at_any_depth() {
+        assert_eq!(
+            refusal(r#"{"name": "a", "name": "b"}"#),
+            "the body is ambiguous: the field \"name\" is given twice at line 1 column 20"
+        );
+        assert!(
+            refusal(r#"{"quota": {"requests": 1, "hard": true, "requests": 2}}"#)
+                .contains("\"requests\" is given twice"),
+        );
+        assert!(refusal(r#"{"rate_limits": [{"a": 1}, {"b": 1, "b": 2}]}"#).contains("\"b\""));
+        // Escapes decode first: the same name.
+        assert!(refusal(r#"{"name": 1, "n\u0061me": 2}"#).contains("\"name\""));
+        let fields = object(
+            br#"{"name": "a", "nested": {"name": "b"}, "list": [{"name": 1}, {"name": 2}]}"#,
+        )
+        .unwrap();
+        assert_eq!(fields.len(), 3);
+        assert_eq!(refusal("[1]"), "the body must be a JSON object");
+    }
 }

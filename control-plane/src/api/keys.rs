@@ -1,5 +1,5 @@
-//! API keys: `POST|GET /v1/customers/{id}/keys`, `POST /v1/keys/{id}/revoke`,
-//! `POST /v1/keys/{id}/rotate`. The plaintext key appears only in the creation and rotation
+//! API keys: `POST|GET /v1/customers/{id}/keys`, `GET /v1/keys/{id}`,
+//! `POST /v1/keys/{id}/revoke`, `POST /v1/keys/{id}/rotate`. The plaintext key appears only in the creation and rotation
 //! answers; listings show its first characters.
 
 use axum::Json;
@@ -16,7 +16,7 @@ use super::body::{
     Object, OptionalObject, Page, Query, error, name, page, page_limit, rfc3339_ms, unknown_fields,
 };
 use super::error::ApiError;
-use super::openapi::{ListProblems, UpdateProblems};
+use super::openapi::{ListProblems, ReadProblems, UpdateProblems};
 use super::plans::ListQuery;
 use crate::store::keys::{ApiKey, CreatedKey, NewKey};
 use crate::store::now_ms;
@@ -177,15 +177,38 @@ pub async fn list(
     Ok(page(keys, limit, |k| k.id.clone()))
 }
 
-/// Revokes a key at once.
+/// Reads a key's metadata: never the key or its hash.
+#[utoipa::path(get, operation_id = "getKey", path = "/v1/keys/{id}", tag = "keys", params(("id" = String, Path)),
+    responses((status = 200, description = "The key", body = ApiKey), ReadProblems))]
+pub async fn get(
+    State(state): State<AppState>,
+    _caller: Caller,
+    Path(id): Path<String>,
+) -> Result<Json<ApiKey>, ApiError> {
+    let key = state
+        .store
+        .key(&id)
+        .await
+        .map_err(ApiError::from_store("key"))?;
+    Ok(Json(key))
+}
+
+/// Revokes a key at once. Takes no body (an empty object or none): a field such as a reason
+/// would be dropped, so it is refused.
 #[utoipa::path(post, operation_id = "revokeKey", path = "/v1/keys/{id}/revoke", tag = "keys", params(("id" = String, Path)),
     responses((status = 200, description = "The key, revoked", body = ApiKey), UpdateProblems))]
 pub async fn revoke(
     State(state): State<AppState>,
     caller: Caller,
     Path(id): Path<String>,
+    OptionalObject(fields): OptionalObject,
 ) -> Result<Response, ApiError> {
     caller.require_admin()?;
+    let mut errors = Vec::new();
+    unknown_fields(&fields, &[], "", &mut errors);
+    if !errors.is_empty() {
+        return Err(ApiError::Invalid(errors));
+    }
     let key = state
         .store
         .revoke_key(&id, &caller.actor)

@@ -123,6 +123,7 @@ fn v1_routes() -> OpenApiRouter<AppState> {
         .routes(routes!(customers::list, customers::create))
         .routes(routes!(customers::get, customers::update))
         .routes(routes!(keys::list, keys::create))
+        .routes(routes!(keys::get))
         .routes(routes!(keys::revoke))
         .routes(routes!(keys::rotate))
         .routes(routes!(admin_tokens::list, admin_tokens::create))

@@ -138,19 +138,32 @@ impl Store {
         {
             require_active_plan(&mut tx, plan_id).await?;
         }
+        let name = patch.name.unwrap_or_else(|| before.name.clone());
         let email = patch.email.unwrap_or_else(|| before.email.clone());
-        let period = match patch.billing_period {
-            Some(period) => period,
-            None => period_ms(&mut tx, id).await?,
-        };
+        let plan_id = patch.plan_id.unwrap_or_else(|| before.plan_id.clone());
+        let status = patch.status.unwrap_or(before.status);
+        let stored_period = period_ms(&mut tx, id).await?;
+        let period = patch.billing_period.unwrap_or(stored_period);
+        if (&name, &email, &plan_id, status, period)
+            == (
+                &before.name,
+                &before.email,
+                &before.plan_id,
+                before.status,
+                stored_period,
+            )
+        {
+            // Nothing changes: no write, no audit entry, no change for gateways to load.
+            return Ok(before);
+        }
         sqlx::query(
             "UPDATE customers SET name = $1, email = $2, plan_id = $3, status = $4, \
              period_start = $5, period_end = $6, updated_at = $7 WHERE id = $8",
         )
-        .bind(patch.name.unwrap_or_else(|| before.name.clone()))
+        .bind(name)
         .bind(&email)
-        .bind(patch.plan_id.unwrap_or_else(|| before.plan_id.clone()))
-        .bind(patch.status.unwrap_or(before.status).as_str())
+        .bind(plan_id)
+        .bind(status.as_str())
         .bind(period.map(|p| p.start_ms))
         .bind(period.map(|p| p.end_ms))
         .bind(now_ms())

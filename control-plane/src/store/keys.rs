@@ -105,6 +105,12 @@ impl Store {
         rows.iter().map(decode).collect()
     }
 
+    /// A key's metadata.
+    pub async fn key(&self, id: &str) -> Result<ApiKey, StoreError> {
+        let mut connection = self.pool().acquire().await?;
+        fetch(&mut connection, id).await
+    }
+
     /// Revokes a key now (a key already revoked earlier stays so).
     pub async fn revoke_key(&self, id: &str, actor: &Actor) -> Result<ApiKey, StoreError> {
         self.end_key(id, now_ms(), "key.revoke", actor).await

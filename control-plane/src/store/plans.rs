@@ -125,6 +125,18 @@ impl Store {
         let upgrade_url = patch
             .upgrade_url
             .unwrap_or_else(|| before.upgrade_url.clone());
+        if (&name, &rate_limits, quota, &price, &upgrade_url)
+            == (
+                &before.name,
+                &before.rate_limits,
+                before.quota,
+                &before.price,
+                &before.upgrade_url,
+            )
+        {
+            // Nothing changes: no write, no audit entry, no change for gateways to load.
+            return Ok(before);
+        }
         sqlx::query(
             "UPDATE plans SET name = $1, rate_limits = $2, quota = $3, price = $4, upgrade_url = $5, \
              updated_at = $6 WHERE id = $7",
