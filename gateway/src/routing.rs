@@ -212,6 +212,7 @@ mod tests {
             security_headers: SecurityHeaders::default(),
             auth: crate::config::RouteAuth::default(),
             metered: false,
+            cors: None,
         }
     }
 

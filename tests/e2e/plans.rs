@@ -910,3 +910,153 @@ auth = "key"
         assert_eq!(header(&response, name), "", "{name}: the upstream's");
     }
 }
+
+/// A route with a CORS policy: the gateway answers preflights from the origins it names without
+/// asking for a key or counting them, and puts the policy's headers on every response, its own
+/// 401 too, in place of the upstream's. Other routes are left as they were.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cors_route_answers_preflights_and_lets_its_origins_read_every_answer() {
+    let upstream = Upstream::start("api");
+    let routes = r#"
+[[routes]]
+name = "browser"
+path_prefix = "/browser"
+upstream = "api"
+auth = "key"
+methods = ["GET", "POST"]
+cors = { allowed_origins = ["https://app.example.com"], allowed_headers = ["x-trace"], max_age = "10m" }
+
+[[routes]]
+name = "own-cors"
+path_prefix = "/own-cors"
+upstream = "api"
+auth = "key"
+cors = { allowed_origins = ["https://app.example.com"] }
+
+[[routes]]
+name = "open"
+path_prefix = "/open"
+upstream = "api"
+cors = { allowed_origins = ["*"] }
+"#;
+    let setup = customer_on(
+        &upstream,
+        routes,
+        json!({"quota": {"requests": 100, "hard": true}}),
+    )
+    .await;
+    let app = "https://app.example.com";
+    let preflight = |path: &str, origin: &str, method: &str| {
+        client()
+            .request(reqwest::Method::OPTIONS, setup.gateway.url(path))
+            .header("origin", origin)
+            .header("access-control-request-method", method)
+            .header("access-control-request-headers", "authorization, x-trace")
+            .send()
+    };
+    let from_app = |path: &str| {
+        client()
+            .get(setup.gateway.url(path))
+            .header("origin", app)
+            .bearer_auth(&setup.key)
+            .send()
+    };
+
+    let first = from_app("/browser/orders").await.unwrap();
+    assert_eq!(first.status(), 200);
+    assert_eq!(header(&first, "access-control-allow-origin"), app);
+    let exposed = header(&first, "access-control-expose-headers");
+    for name in [
+        "ratelimit",
+        "x-quota-remaining",
+        "retry-after",
+        "x-request-id",
+    ] {
+        assert!(
+            exposed.split(", ").any(|n| n == name),
+            "{name} in {exposed}"
+        );
+    }
+    assert!(header(&first, "vary").contains("Origin"));
+    assert_eq!(header(&first, "x-quota-remaining"), "99");
+
+    // The preflight: answered by the gateway, no key asked for, nothing counted or forwarded.
+    let before = upstream.requests();
+    let answer = preflight("/browser/orders", app, "POST").await.unwrap();
+    assert_eq!(answer.status(), 204);
+    assert_eq!(header(&answer, "access-control-allow-origin"), app);
+    assert_eq!(header(&answer, "access-control-allow-methods"), "GET, POST");
+    let allowed = header(&answer, "access-control-allow-headers");
+    assert!(
+        allowed.contains("authorization") && allowed.contains("x-trace"),
+        "{allowed}"
+    );
+    assert_eq!(header(&answer, "access-control-max-age"), "600");
+    assert!(header(&answer, "vary").contains("Origin"));
+    assert!(answer.text().await.unwrap().is_empty());
+    // From an origin the policy does not name: refused, and nothing opens it.
+    let refused = preflight("/browser/orders", "https://evil.test", "POST")
+        .await
+        .unwrap();
+    assert_eq!(refused.status(), 403);
+    assert_eq!(header(&refused, "access-control-allow-origin"), "");
+    let body: Value = refused.json().await.unwrap();
+    assert_eq!(body["type"], "urn:tollgate:problem:origin-not-allowed");
+    // A method the route does not take is no preflight of it: the OPTIONS itself is refused.
+    let other = preflight("/browser/orders", app, "DELETE").await.unwrap();
+    assert_eq!(other.status(), 405);
+    assert_eq!(
+        upstream.requests(),
+        before,
+        "no preflight reached the upstream"
+    );
+    let second = from_app("/browser/orders").await.unwrap();
+    assert_eq!(
+        header(&second, "x-quota-remaining"),
+        "98",
+        "preflights count nothing"
+    );
+
+    // The gateway's own refusal can be read by the page.
+    let unauthenticated = client()
+        .get(setup.gateway.url("/browser/orders"))
+        .header("origin", app)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(unauthenticated.status(), 401);
+    assert_eq!(header(&unauthenticated, "access-control-allow-origin"), app);
+    assert!(!header(&unauthenticated, "access-control-expose-headers").is_empty());
+
+    // The upstream's own CORS headers give way to the policy: it does not open the route to
+    // another origin, nor add credentials.
+    let own = from_app("/own-cors").await.unwrap();
+    assert_eq!(own.status(), 200);
+    assert_eq!(header(&own, "access-control-allow-origin"), app);
+    assert_eq!(header(&own, "access-control-allow-credentials"), "");
+    assert_ne!(header(&own, "access-control-expose-headers"), "*");
+    let foreign = client()
+        .get(setup.gateway.url("/own-cors"))
+        .header("origin", "https://evil.test")
+        .bearer_auth(&setup.key)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(foreign.status(), 200, "CORS guards browsers, not the API");
+    assert_eq!(header(&foreign, "access-control-allow-origin"), "");
+
+    // Open to every origin: `*`, for any page.
+    let open = client()
+        .get(setup.gateway.url("/open"))
+        .header("origin", "https://anyone.test")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(header(&open, "access-control-allow-origin"), "*");
+
+    // A route without a policy: an OPTIONS is a request like any other (here, without a key),
+    // and no CORS header is added.
+    let plain = preflight("/api/orders", app, "GET").await.unwrap();
+    assert_eq!(plain.status(), 401);
+    assert_eq!(header(&plain, "access-control-allow-origin"), "");
+}

@@ -10,6 +10,7 @@
 //! - `/ws`: a WebSocket echo.
 //! - `/own-limit-headers`: 200 with limit headers of its own (each of the gateway's eight and
 //!   two other spellings, `42`).
+//! - `/own-cors`: 200 open to every origin by its own CORS headers (`*`, with credentials).
 //! - anything else: a JSON echo of the request (upstream name, method, path with query,
 //!   headers, body length).
 
@@ -161,6 +162,7 @@ fn router(shared: Arc<Shared>) -> Router {
         .route("/status/{code}", any(status))
         .route("/ws", any(websocket))
         .route("/own-limit-headers", any(own_limit_headers))
+        .route("/own-cors", any(own_cors))
         .fallback(echo)
         .with_state(shared)
 }
@@ -246,6 +248,22 @@ async fn own_limit_headers(
             .insert(name, axum::http::HeaderValue::from_static("42"));
     }
     response
+}
+
+async fn own_cors(
+    State(shared): State<Arc<Shared>>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+) -> Response {
+    count(&shared, peer);
+    (
+        [
+            ("access-control-allow-origin", "*"),
+            ("access-control-allow-credentials", "true"),
+            ("access-control-expose-headers", "*"),
+        ],
+        "open to all",
+    )
+        .into_response()
 }
 
 async fn websocket(

@@ -5,6 +5,7 @@
 //! The checked types are here, those plans need (control plane, authentication, Redis, metering)
 //! in `plans`.
 
+mod cors;
 pub mod file;
 mod headers;
 pub mod load;
@@ -17,6 +18,7 @@ use std::time::Duration;
 
 use http::{HeaderName, HeaderValue, Method};
 
+pub use cors::Cors;
 pub use file::LogFormat;
 pub use load::{ConfigError, ConfigErrors};
 pub use plans::{
@@ -221,6 +223,8 @@ pub struct Route {
     /// authenticated route that does not answer with a usage view and was not set
     /// `metered = false`.
     pub metered: bool,
+    /// Which web origins may call it from a browser.
+    pub cors: Option<Cors>,
 }
 
 /// How a route matches the request's host.

@@ -631,6 +631,7 @@ mod tests {
             security_headers: crate::config::SecurityHeaders::default(),
             auth: RouteAuth::default(),
             metered: false,
+            cors: None,
         };
         let mut req = request(
             "/a",

@@ -41,6 +41,10 @@ pub struct RequestCtx {
     pub(super) proxy_failed: bool,
     /// The usage of an admitted metered request.
     pub(super) metered: Option<crate::metering::Metered>,
+    /// A CORS preflight the route's policy answers (matched by the method it asks about).
+    pub(super) preflight: bool,
+    /// The `Access-Control-Allow-Origin` the route's CORS policy gives this request's origin.
+    pub(super) cors_origin: Option<http::HeaderValue>,
     /// Held for its `Drop`, which ends the request's count in flight.
     pub(super) _in_flight: InFlight,
 }

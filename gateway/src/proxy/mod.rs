@@ -7,6 +7,7 @@
 //! - [`request_id`]: `X-Request-Id` validation and generation.
 //! - `access_log`: the metrics and the access-log line of each finished request.
 //! - [`auth`]: API-key authentication and the identity headers the upstream receives.
+//! - `cors`: the route's CORS policy: preflights answered, its headers on every response.
 //! - `ctx`: per-request state.
 //! - `forward`: the request as the upstream receives it.
 //! - `meter`: the rate-limit and quota decision, and its settlement once the request is over.
@@ -15,6 +16,7 @@
 
 mod access_log;
 pub mod auth;
+mod cors;
 mod ctx;
 mod forward;
 pub(crate) mod meter;
@@ -82,6 +84,8 @@ impl ProxyHttp for Proxy {
             limit: None,
             proxy_failed: false,
             metered: None,
+            preflight: false,
+            cors_origin: None,
             _in_flight: InFlight::new(&self.gateway.metrics.in_flight),
         }
     }
@@ -107,8 +111,19 @@ impl ProxyHttp for Proxy {
             .uri
             .host()
             .or_else(|| req.headers.get(HOST).and_then(|h| h.to_str().ok()));
-        match ctx.live.routes.find(host, req.uri.path(), &req.method) {
-            Ok(index) => ctx.route = Some(index),
+        let routes = &ctx.live.routes;
+        // A CORS preflight is matched by the method it asks about, on a route with a policy.
+        let preflight = cors::preflight_method(req)
+            .and_then(|asked| routes.find(host, req.uri.path(), &asked).ok())
+            .filter(|&index| routes.routes()[index].cors.is_some());
+        ctx.preflight = preflight.is_some();
+        match preflight.map_or_else(|| routes.find(host, req.uri.path(), &req.method), Ok) {
+            Ok(index) => {
+                ctx.route = Some(index);
+                if let Some(cors) = &routes.routes()[index].cors {
+                    ctx.cors_origin = cors::allowed_origin(req, cors);
+                }
+            }
             Err(miss) => ctx.miss = Some(miss),
         }
         if let Some(level) = ctx.route().and_then(|route| route.compression_level)
@@ -144,6 +159,10 @@ impl ProxyHttp for Proxy {
                 "no route and no miss",
             ));
         };
+        if ctx.preflight {
+            cors::answer_preflight(session, ctx).await?;
+            return Ok(true);
+        }
         if let Some(length) = content_length(session.req_header())
             && length > route.max_request_body_bytes
         {

@@ -21,6 +21,8 @@ pub enum GatewayProblem {
     BadRequest,
     /// The path has `.` or `..` segments (400).
     InvalidPath,
+    /// A CORS preflight from an origin the route's policy does not name (403).
+    OriginNotAllowed,
     /// Every target of the upstream is marked down (503).
     NoHealthyTarget,
     /// No connection to any tried target could be made, or the upstream broke the exchange (502).
@@ -63,6 +65,7 @@ impl GatewayProblem {
             Self::BodyTooLarge { .. } => 413,
             Self::HeadersTooLarge { .. } => 431,
             Self::BadRequest | Self::InvalidPath => 400,
+            Self::OriginNotAllowed => 403,
             Self::NoHealthyTarget | Self::MeteringUnavailable | Self::UsageUnavailable => 503,
             Self::UpstreamUnreachable => 502,
             Self::UpstreamTimeout => 504,
@@ -118,6 +121,11 @@ impl GatewayProblem {
                 "invalid-path",
                 "Invalid path",
                 "the path has a \".\" or \"..\" segment; send the resolved path".to_owned(),
+            ),
+            Self::OriginNotAllowed => (
+                "origin-not-allowed",
+                "Origin not allowed",
+                "this route's CORS policy does not name the request's origin".to_owned(),
             ),
             Self::NoHealthyTarget => (
                 "upstream-unavailable",

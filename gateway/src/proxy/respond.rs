@@ -28,6 +28,9 @@ pub fn decorate(header: &mut ResponseHeader, ctx: &RequestCtx, generated: bool) 
         let given_back = super::meter::given_back(ctx);
         crate::limits::headers::write(header, decision, given_back)?;
     }
+    if let Some(cors) = ctx.route().and_then(|route| route.cors.as_ref()) {
+        super::cors::decorate(header, cors, ctx.cors_origin.as_ref(), !generated)?;
+    }
     let security = ctx.security_headers();
     add_security_headers(header, security, ctx.tls, generated)
 }
@@ -70,7 +73,10 @@ pub async fn write(
     for (name, value) in headers {
         header.append_header(name.clone(), value.clone())?;
     }
-    header.insert_header(CONTENT_LENGTH, body.len())?;
+    // A 204 has no body, so no length either (RFC 9110, section 8.6).
+    if status != 204 {
+        header.insert_header(CONTENT_LENGTH, body.len())?;
+    }
     super::meter::on_response_header(session, ctx, status);
     decorate(&mut header, ctx, true)?;
     // An unread request body would have to be drained before the connection could be reused;

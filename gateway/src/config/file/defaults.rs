@@ -108,3 +108,7 @@ pub fn fail_timeout() -> Duration {
 pub fn status_ok() -> u16 {
     200
 }
+
+pub fn cors_max_age() -> Duration {
+    Duration::from_secs(3600)
+}

@@ -26,8 +26,8 @@ pub use plans::{
     AuthConfig, ControlPlaneConfig, JwtProviderConfig, MeteringConfig, PublicKeyConfig, RedisConfig,
 };
 pub use routing::{
-    HealthCheckConfig, PassiveHealthConfig, RouteAuthConfig, RouteConfig, StaticResponseConfig,
-    UpstreamConfig,
+    CorsConfig, HealthCheckConfig, PassiveHealthConfig, RouteAuthConfig, RouteConfig,
+    StaticResponseConfig, UpstreamConfig,
 };
 
 /// The whole file, as far as it could be read.

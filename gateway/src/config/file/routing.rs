@@ -136,6 +136,31 @@ pub struct RouteConfig {
     pub key_query_param: Option<String>,
     /// The JWT provider of `auth = "jwt"` or `"key_or_jwt"`; default: the only one.
     pub jwt_provider: Option<String>,
+    /// Which web origins may call the route from a browser: preflights answered by the gateway,
+    /// CORS headers on every response. Absent: the gateway adds none (an upstream's own pass).
+    pub cors: Option<CorsConfig>,
+}
+
+/// `cors = { allowed_origins = ["https://app.example.com"], ... }`.
+#[derive(Debug, Clone, Deserialize)]
+pub struct CorsConfig {
+    /// Origins (`https://app.example.com`, `http://localhost:3000`) whose pages may call the
+    /// route, or `["*"]` for any.
+    pub allowed_origins: Vec<String>,
+    /// Request headers pages may send beyond `Authorization`, `Content-Type`, `X-API-Key` and
+    /// `X-Request-Id`.
+    #[serde(default)]
+    pub allowed_headers: Vec<String>,
+    /// Response headers pages may read beyond the limit headers, `Retry-After` and
+    /// `X-Request-Id`.
+    #[serde(default)]
+    pub exposed_headers: Vec<String>,
+    /// How long a browser may keep a preflight's answer (at most 24h).
+    #[serde(default = "defaults::cors_max_age", deserialize_with = "duration")]
+    pub max_age: Duration,
+    /// Pages may send cookies and other credentials (not with `["*"]`).
+    #[serde(default)]
+    pub allow_credentials: bool,
 }
 
 /// `respond = { status = 200, headers = { ... }, body = "..." }`.

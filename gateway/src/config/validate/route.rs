@@ -5,6 +5,7 @@ use std::collections::HashMap;
 
 use http::{Method, StatusCode};
 
+use super::super::cors::check_cors;
 use super::super::file::{Entry, RouteAuthConfig, RouteConfig, SecurityHeadersConfig};
 use super::super::headers::{check_security_headers, header_pairs, resolve_security_headers};
 use super::super::{HostMatch, Route, RouteAction, RouteAuth, StaticResponse};
@@ -162,6 +163,10 @@ pub(super) fn route(
         Some(metered) => metered,
         None => authenticated && !file.usage,
     };
+    let cors = file
+        .cors
+        .as_ref()
+        .and_then(|cors| check_cors(cors, methods.as_deref(), &format!("{path}.cors"), errors));
     let action = action?;
     (errors.0.len() == before).then(|| Route {
         name: file.name.clone(),
@@ -177,6 +182,7 @@ pub(super) fn route(
         security_headers,
         auth,
         metered,
+        cors,
     })
 }
 

@@ -1,0 +1,291 @@
+//! A route's CORS policy (`cors = { allowed_origins = [...] }`): which web origins may call it
+//! from a browser, checked once at load and turned into the header values the gateway sends.
+
+use std::time::Duration;
+
+use http::{HeaderName, HeaderValue, Method};
+
+use super::file::CorsConfig;
+use super::validate::Errors;
+
+/// Request headers a browser may always send on a CORS route: the credentials the gateway
+/// reads, a JSON body's type, and the request id.
+const ALWAYS_ALLOWED: [&str; 4] = ["authorization", "content-type", "x-api-key", "x-request-id"];
+
+/// Response headers a page may always read: the limit headers, `Retry-After` and the request id
+/// (a browser hides every header but a few unless the response names it).
+const ALWAYS_EXPOSED: [&str; 10] = [
+    "ratelimit-policy",
+    "ratelimit",
+    "x-ratelimit-limit",
+    "x-ratelimit-remaining",
+    "x-ratelimit-reset",
+    "x-quota-limit",
+    "x-quota-remaining",
+    "x-quota-reset",
+    "retry-after",
+    "x-request-id",
+];
+
+/// The longest `max_age`: a day, past which browsers cap it anyway.
+const MAX_AGE_LIMIT: Duration = Duration::from_secs(86_400);
+
+/// Methods a preflight allows on a route that accepts every method.
+const EVERY_METHOD: &str = "GET, HEAD, POST, PUT, PATCH, DELETE, OPTIONS";
+
+/// A route's CORS policy, ready to send.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Cors {
+    /// The origins allowed, exactly as browsers send them (`https://app.example.com`,
+    /// lowercase); `None` is any origin.
+    pub origins: Option<Vec<String>>,
+    /// Pages may send credentials (cookies, TLS client certificates, HTTP authentication).
+    pub allow_credentials: bool,
+    /// `Access-Control-Allow-Methods`: the route's methods.
+    pub allow_methods: HeaderValue,
+    /// `Access-Control-Allow-Headers`.
+    pub allow_headers: HeaderValue,
+    /// `Access-Control-Expose-Headers`.
+    pub expose_headers: HeaderValue,
+    /// `Access-Control-Max-Age`, in seconds.
+    pub max_age: HeaderValue,
+}
+
+impl Cors {
+    /// Whether a page of `origin` may call the route.
+    pub fn allows(&self, origin: &[u8]) -> bool {
+        match &self.origins {
+            None => true,
+            Some(origins) => origins
+                .iter()
+                .any(|allowed| allowed.as_bytes().eq_ignore_ascii_case(origin)),
+        }
+    }
+}
+
+/// Checks a route's `cors` table at `path`, for a route accepting `methods` (`None`: all).
+pub(super) fn check_cors(
+    file: &CorsConfig,
+    methods: Option<&[Method]>,
+    path: &str,
+    errors: &mut Errors,
+) -> Option<Cors> {
+    let before = errors.0.len();
+    let any = file.allowed_origins.iter().any(|origin| origin == "*");
+    if file.allowed_origins.is_empty() {
+        errors.push(
+            format!("{path}.allowed_origins"),
+            "must name at least one origin, such as \"https://app.example.com\", or be [\"*\"]",
+        );
+    } else if any && file.allowed_origins.len() > 1 {
+        errors.push(
+            format!("{path}.allowed_origins"),
+            "\"*\" allows every origin: list it alone",
+        );
+    }
+    if any && file.allow_credentials {
+        errors.push(
+            format!("{path}.allow_credentials"),
+            "cannot be true with allowed_origins = [\"*\"]: browsers refuse credentials from a \
+             route open to every origin; list the origins",
+        );
+    }
+    let origins: Vec<String> = file
+        .allowed_origins
+        .iter()
+        .enumerate()
+        .filter(|(_, origin)| *origin != "*")
+        .filter_map(|(i, origin)| match origin_error(origin) {
+            None => Some(origin.to_ascii_lowercase()),
+            Some(why) => {
+                errors.push(format!("{path}.allowed_origins[{i}]"), why);
+                None
+            }
+        })
+        .collect();
+    let allow_headers = header_list(
+        &ALWAYS_ALLOWED,
+        &file.allowed_headers,
+        &format!("{path}.allowed_headers"),
+        errors,
+    );
+    let expose_headers = header_list(
+        &ALWAYS_EXPOSED,
+        &file.exposed_headers,
+        &format!("{path}.exposed_headers"),
+        errors,
+    );
+    if file.max_age > MAX_AGE_LIMIT {
+        errors.push(
+            format!("{path}.max_age"),
+            "must be at most 24h (browsers keep a preflight's answer no longer)",
+        );
+    }
+    let allow_methods = match methods {
+        None => HeaderValue::from_static(EVERY_METHOD),
+        Some(methods) => {
+            let list = methods
+                .iter()
+                .map(Method::as_str)
+                .collect::<Vec<_>>()
+                .join(", ");
+            HeaderValue::from_str(&list).ok()?
+        }
+    };
+    if errors.0.len() > before {
+        return None;
+    }
+    Some(Cors {
+        origins: (!any).then_some(origins),
+        allow_credentials: file.allow_credentials,
+        allow_methods,
+        allow_headers: allow_headers?,
+        expose_headers: expose_headers?,
+        max_age: HeaderValue::from(file.max_age.as_secs()),
+    })
+}
+
+/// Why `origin` is not an origin a browser sends (`scheme://host[:port]`), if it is not.
+fn origin_error(origin: &str) -> Option<&'static str> {
+    let Some((scheme, rest)) = origin.split_once("://") else {
+        return Some("must be an origin such as \"https://app.example.com\" (scheme and host)");
+    };
+    if !matches!(scheme.to_ascii_lowercase().as_str(), "http" | "https") {
+        return Some("must start with https:// or http://");
+    }
+    if rest.is_empty() || rest.contains(['/', '?', '#', '*', ' ', '@']) {
+        return Some(
+            "must be a scheme and host with no path, such as \"https://app.example.com\" (an \
+             origin has no path, and wildcards are not matched: list each origin)",
+        );
+    }
+    None
+}
+
+/// The names in `always`, then each of `extra` not among them, as one header value; each of
+/// `extra` must be a header name.
+fn header_list(
+    always: &[&str],
+    extra: &[String],
+    path: &str,
+    errors: &mut Errors,
+) -> Option<HeaderValue> {
+    let mut names: Vec<String> = always.iter().map(|name| (*name).to_owned()).collect();
+    for (i, name) in extra.iter().enumerate() {
+        match HeaderName::from_bytes(name.as_bytes()) {
+            Ok(parsed) if !names.iter().any(|known| known == parsed.as_str()) => {
+                names.push(parsed.as_str().to_owned());
+            }
+            Ok(_) => {}
+            Err(_) => errors.push(
+                format!("{path}[{i}]"),
+                format!("invalid header name {name:?}"),
+            ),
+        }
+    }
+    HeaderValue::from_str(&names.join(", ")).ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn config(origins: &[&str]) -> CorsConfig {
+        CorsConfig {
+            allowed_origins: origins.iter().map(|o| (*o).to_owned()).collect(),
+            allowed_headers: Vec::new(),
+            exposed_headers: Vec::new(),
+            max_age: Duration::from_secs(600),
+            allow_credentials: false,
+        }
+    }
+
+    fn check(file: &CorsConfig, methods: Option<&[Method]>) -> Result<Cors, Vec<String>> {
+        let mut errors = Errors(Vec::new());
+        let cors = check_cors(file, methods, "routes[0].cors", &mut errors);
+        match cors {
+            Some(cors) if errors.0.is_empty() => Ok(cors),
+            _ => Err(errors.0.iter().map(ToString::to_string).collect()),
+        }
+    }
+
+    #[test]
+    fn origins_match_exactly_whatever_their_case() {
+        let cors = check(
+            &config(&["https://App.example.com", "http://localhost:3000"]),
+            None,
+        )
+        .unwrap();
+        assert!(cors.allows(b"https://app.example.com"));
+        assert!(cors.allows(b"http://localhost:3000"));
+        assert!(!cors.allows(b"https://app.example.com:8443"));
+        assert!(!cors.allows(b"https://evil.app.example.com"));
+        assert!(!cors.allows(b"https://app.example.com.evil.test"));
+        assert!(!cors.allows(b"null"));
+        let any = check(&config(&["*"]), None).unwrap();
+        assert!(any.allows(b"https://anything.test") && any.allows(b"null"));
+    }
+
+    #[test]
+    fn the_lists_hold_the_defaults_then_the_route_s_own() {
+        let mut file = config(&["https://app.example.com"]);
+        file.allowed_headers = vec!["X-Trace".into(), "Authorization".into()];
+        file.exposed_headers = vec!["ETag".into()];
+        let methods = [Method::GET, Method::POST];
+        let cors = check(&file, Some(&methods)).unwrap();
+        assert_eq!(
+            cors.allow_headers,
+            "authorization, content-type, x-api-key, x-request-id, x-trace"
+        );
+        assert!(
+            cors.expose_headers
+                .to_str()
+                .unwrap()
+                .starts_with("ratelimit-policy, ratelimit, ")
+        );
+        assert!(
+            cors.expose_headers
+                .to_str()
+                .unwrap()
+                .ends_with("x-request-id, etag")
+        );
+        assert_eq!(cors.allow_methods, "GET, POST");
+        assert_eq!(cors.max_age, "600");
+        assert_eq!(check(&file, None).unwrap().allow_methods, EVERY_METHOD);
+    }
+
+    #[test]
+    fn each_mistake_is_named_with_its_field() {
+        let mut file = config(&[
+            "app.example.com",
+            "https://a.test/path",
+            "ftp://a.test",
+            "*",
+        ]);
+        file.allow_credentials = true;
+        file.allowed_headers = vec!["bad header".into()];
+        file.max_age = Duration::from_secs(2 * 86_400);
+        let errors = check(&file, None).unwrap_err();
+        let fields: Vec<&str> = errors
+            .iter()
+            .map(|e| e.split(':').next().unwrap())
+            .collect();
+        assert_eq!(
+            fields,
+            [
+                "routes[0].cors.allowed_origins",
+                "routes[0].cors.allow_credentials",
+                "routes[0].cors.allowed_origins[0]",
+                "routes[0].cors.allowed_origins[1]",
+                "routes[0].cors.allowed_origins[2]",
+                "routes[0].cors.allowed_headers[0]",
+                "routes[0].cors.max_age",
+            ],
+            "{errors:#?}"
+        );
+        assert!(check(&config(&[]), None).unwrap_err()[0].contains("at least one origin"));
+        let mut credentials = config(&["https://app.example.com"]);
+        credentials.allow_credentials = true;
+        assert!(check(&credentials, None).unwrap().allow_credentials);
+    }
+}
