@@ -202,6 +202,17 @@ async fn billing_periods_are_set_cleared_refused_and_published(db: &Db) {
     let (_, snapshot, _) = call(&app, "GET", "/v1/gateway/snapshot", Some(&gateway), None).await;
     assert_eq!(snapshot["customers"][0]["billing_period"], Value::Null);
 
+    // A day is the shortest period.
+    let day = json!({"start": "2027-12-02T00:00:00Z", "end": "2027-12-03T00:00:00Z"});
+    let (status, answer, _) = call(
+        &app,
+        "PATCH",
+        &path,
+        admin,
+        Some(json!({"billing_period": day})),
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK, "{answer}");
     // A year (366 days) is the longest period.
     let leap_year = json!({"start": "2027-12-02T00:00:00Z", "end": "2028-12-02T00:00:00Z"});
     let (status, _, _) = call(

@@ -1053,6 +1053,27 @@ cors = { allowed_origins = ["*"] }
         .await
         .unwrap();
     assert_eq!(header(&open, "access-control-allow-origin"), "*");
+    let without_origin = client()
+        .get(setup.gateway.url("/open"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(
+        header(&without_origin, "access-control-allow-origin"),
+        "*",
+        "the same answer without an Origin: a cache may hand it to any page"
+    );
+
+    // The gateway's own 429, and its Retry-After, can be read by the page too (four calls
+    // counted so far: two on /browser, two on /own-cors).
+    setup
+        .patch_plan(json!({"quota": {"requests": 4, "hard": true}}))
+        .await;
+    let spent = from_app("/browser/orders").await.unwrap();
+    assert_eq!(spent.status(), 429);
+    assert_eq!(header(&spent, "access-control-allow-origin"), app);
+    assert!(header(&spent, "access-control-expose-headers").contains("retry-after"));
+    assert!(!header(&spent, "retry-after").is_empty());
 
     // A route without a policy: an OPTIONS is a request like any other (here, without a key),
     // and no CORS header is added.

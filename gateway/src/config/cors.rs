@@ -121,26 +121,17 @@ pub(super) fn check_cors(
             "must be at most 24h (browsers keep a preflight's answer no longer)",
         );
     }
+    // Methods and header names are tokens, which are header values.
     let allow_methods = match methods {
         None => HeaderValue::from_static(EVERY_METHOD),
-        Some(methods) => {
-            let list = methods
-                .iter()
-                .map(Method::as_str)
-                .collect::<Vec<_>>()
-                .join(", ");
-            HeaderValue::from_str(&list).ok()?
-        }
+        Some(methods) => list_value(methods.iter().map(Method::as_str)),
     };
-    if errors.0.len() > before {
-        return None;
-    }
-    Some(Cors {
+    (errors.0.len() == before).then(|| Cors {
         origins: (!any).then_some(origins),
         allow_credentials: file.allow_credentials,
         allow_methods,
-        allow_headers: allow_headers?,
-        expose_headers: expose_headers?,
+        allow_headers,
+        expose_headers,
         max_age: HeaderValue::from(file.max_age.as_secs()),
     })
 }
@@ -164,12 +155,7 @@ fn origin_error(origin: &str) -> Option<&'static str> {
 
 /// The names in `always`, then each of `extra` not among them, as one header value; each of
 /// `extra` must be a header name.
-fn header_list(
-    always: &[&str],
-    extra: &[String],
-    path: &str,
-    errors: &mut Errors,
-) -> Option<HeaderValue> {
+fn header_list(always: &[&str], extra: &[String], path: &str, errors: &mut Errors) -> HeaderValue {
     let mut names: Vec<String> = always.iter().map(|name| (*name).to_owned()).collect();
     for (i, name) in extra.iter().enumerate() {
         match HeaderName::from_bytes(name.as_bytes()) {
@@ -183,7 +169,14 @@ fn header_list(
             ),
         }
     }
-    HeaderValue::from_str(&names.join(", ")).ok()
+    list_value(names.iter().map(String::as_str))
+}
+
+/// Tokens (methods, header names) as one comma-separated header value.
+fn list_value<'a>(tokens: impl Iterator<Item = &'a str>) -> HeaderValue {
+    let list = tokens.collect::<Vec<_>>().join(", ");
+    // Tokens are visible ASCII, so always a header value.
+    HeaderValue::from_str(&list).unwrap_or_else(|_| HeaderValue::from_static(""))
 }
 
 #[cfg(test)]

@@ -43,18 +43,16 @@ pub fn preflight_method(req: &RequestHeader) -> Option<Method> {
 }
 
 /// The `Access-Control-Allow-Origin` a request from `req`'s origin gets under `cors`: `*` on
-/// a route open to every origin without credentials, else the origin itself; `None` without an
-/// `Origin` or from an origin the policy does not name.
+/// a route open to every origin (on every response, with an `Origin` or not, so that a cache
+/// may hand any of them to any page), else the origin itself when the policy names it; `None`
+/// otherwise.
 pub fn allowed_origin(req: &RequestHeader, cors: &Cors) -> Option<HeaderValue> {
-    let origin = req.headers.get(ORIGIN)?;
-    if !cors.allows(origin.as_bytes()) {
-        return None;
+    // Validated: a route open to every origin takes no credentials.
+    if cors.origins.is_none() {
+        return Some(HeaderValue::from_static("*"));
     }
-    Some(if cors.origins.is_none() && !cors.allow_credentials {
-        HeaderValue::from_static("*")
-    } else {
-        origin.clone()
-    })
+    let origin = req.headers.get(ORIGIN)?;
+    cors.allows(origin.as_bytes()).then(|| origin.clone())
 }
 
 /// Puts the policy's headers on a response of the route, on an upstream's in place of its own
@@ -182,6 +180,11 @@ mod tests {
             allowed_origin(&from("https://evil.test"), &any).unwrap(),
             "*"
         );
+        assert_eq!(
+            allowed_origin(&request("GET", &[]), &any).unwrap(),
+            "*",
+            "the same answer for a request without an Origin, which a cache may hand to a page"
+        );
     }
 
     #[test]
@@ -220,5 +223,29 @@ mod tests {
         decorate(&mut header, &policy, None, true).unwrap();
         assert!(!header.headers.contains_key("access-control-allow-origin"));
         assert_eq!(header.headers["vary"], "Origin");
+    }
+
+    #[test]
+    fn credentials_are_allowed_only_where_the_policy_says_so() {
+        let policy = cors(Some(&["https://app.example.com"]), true);
+        let origin = HeaderValue::from_static("https://app.example.com");
+        let mut header = ResponseHeader::build(401, None).unwrap();
+        decorate(&mut header, &policy, Some(&origin), false).unwrap();
+        assert_eq!(header.headers["access-control-allow-credentials"], "true");
+        assert_eq!(
+            header.headers["access-control-allow-origin"],
+            "https://app.example.com"
+        );
+        assert_eq!(header.headers["vary"], "Origin");
+        // Open to every origin: `*`, and nothing varies with the origin.
+        let mut header = ResponseHeader::build(200, None).unwrap();
+        let star = HeaderValue::from_static("*");
+        decorate(&mut header, &cors(None, false), Some(&star), true).unwrap();
+        assert!(
+            !header
+                .headers
+                .contains_key("access-control-allow-credentials")
+        );
+        assert!(!header.headers.contains_key("vary"));
     }
 }

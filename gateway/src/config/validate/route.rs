@@ -167,6 +167,30 @@ pub(super) fn route(
         .cors
         .as_ref()
         .and_then(|cors| check_cors(cors, methods.as_deref(), &format!("{path}.cors"), errors));
+    if cors.is_some() {
+        // The policy is the one source of a route's CORS headers: one set elsewhere could open
+        // it to origins the policy does not name.
+        let is_cors = |name: &str| name.to_ascii_lowercase().starts_with("access-control-");
+        for name in file.respond.iter().flat_map(|r| r.headers.keys()) {
+            if is_cors(name) {
+                errors.push(
+                    format!("{path}.respond.headers.{name}"),
+                    "the route's cors policy sets the CORS headers: remove it here",
+                );
+            }
+        }
+        for (name, _) in &security_headers.always {
+            if is_cors(name.as_str()) {
+                errors.push(
+                    format!("{path}.cors"),
+                    format!(
+                        "security_headers.extra sets {name}, which this policy sets: remove it \
+                         there"
+                    ),
+                );
+            }
+        }
+    }
     let action = action?;
     (errors.0.len() == before).then(|| Route {
         name: file.name.clone(),

@@ -801,3 +801,30 @@ respond = {{ body = \"t\" }}
         ]
     );
 }
+
+#[test]
+fn a_cors_route_takes_its_cors_headers_from_its_policy_alone() {
+    let errors = problems(&format!(
+        "{SERVER}
+[security_headers]
+extra = {{ \"Access-Control-Allow-Origin\" = \"*\" }}
+[[routes]]
+name = \"a\"
+path_prefix = \"/a\"
+respond = {{ body = \"a\", headers = {{ \"access-control-allow-credentials\" = \"true\" }} }}
+cors = {{ allowed_origins = [\"https://app.example.com\"] }}
+[[routes]]
+name = \"b\"
+path_prefix = \"/b\"
+respond = {{ body = \"b\", headers = {{ \"access-control-allow-origin\" = \"*\" }} }}
+"
+    ));
+    assert_eq!(
+        errors,
+        vec![
+            "routes[0].respond.headers.access-control-allow-credentials: the route's cors policy sets the CORS headers: remove it here",
+            "routes[0].cors: security_headers.extra sets access-control-allow-origin, which this policy sets: remove it there",
+        ],
+        "a route without a policy sets what it likes"
+    );
+}
