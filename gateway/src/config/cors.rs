@@ -12,20 +12,9 @@ use super::validate::Errors;
 /// reads, a JSON body's type, and the request id.
 const ALWAYS_ALLOWED: [&str; 4] = ["authorization", "content-type", "x-api-key", "x-request-id"];
 
-/// Response headers a page may always read: the limit headers, `Retry-After` and the request id
-/// (a browser hides every header but a few unless the response names it).
-const ALWAYS_EXPOSED: [&str; 10] = [
-    "ratelimit-policy",
-    "ratelimit",
-    "x-ratelimit-limit",
-    "x-ratelimit-remaining",
-    "x-ratelimit-reset",
-    "x-quota-limit",
-    "x-quota-remaining",
-    "x-quota-reset",
-    "retry-after",
-    "x-request-id",
-];
+/// Response headers a page may always read beside the limit headers: `Retry-After` and the
+/// request id (a browser hides every header but a few unless the response names it).
+const ALWAYS_EXPOSED: [&str; 2] = ["retry-after", "x-request-id"];
 
 /// The longest `max_age`: a day, past which browsers cap it anyway.
 const MAX_AGE_LIMIT: Duration = Duration::from_secs(86_400);
@@ -104,13 +93,21 @@ pub(super) fn check_cors(
         })
         .collect();
     let allow_headers = header_list(
-        &ALWAYS_ALLOWED,
+        ALWAYS_ALLOWED
+            .iter()
+            .map(|name| (*name).to_owned())
+            .collect(),
         &file.allowed_headers,
         &format!("{path}.allowed_headers"),
         errors,
     );
+    let always_exposed = crate::limits::headers::NAMES
+        .iter()
+        .chain(&ALWAYS_EXPOSED)
+        .map(|name| name.to_ascii_lowercase())
+        .collect();
     let expose_headers = header_list(
-        &ALWAYS_EXPOSED,
+        always_exposed,
         &file.exposed_headers,
         &format!("{path}.exposed_headers"),
         errors,
@@ -153,10 +150,14 @@ fn origin_error(origin: &str) -> Option<&'static str> {
     None
 }
 
-/// The names in `always`, then each of `extra` not among them, as one header value; each of
-/// `extra` must be a header name.
-fn header_list(always: &[&str], extra: &[String], path: &str, errors: &mut Errors) -> HeaderValue {
-    let mut names: Vec<String> = always.iter().map(|name| (*name).to_owned()).collect();
+/// The names in `always` (lower case), then each of `extra` not among them, as one header
+/// value; each of `extra` must be a header name.
+fn header_list(
+    mut names: Vec<String>,
+    extra: &[String],
+    path: &str,
+    errors: &mut Errors,
+) -> HeaderValue {
     for (i, name) in extra.iter().enumerate() {
         match HeaderName::from_bytes(name.as_bytes()) {
             Ok(parsed) if !names.iter().any(|known| known == parsed.as_str()) => {

@@ -36,6 +36,17 @@ pub const X_QUOTA_LIMIT: &str = "X-Quota-Limit";
 pub const X_QUOTA_REMAINING: &str = "X-Quota-Remaining";
 /// `X-Quota-Reset`.
 pub const X_QUOTA_RESET: &str = "X-Quota-Reset";
+/// Every limit header, in the order they are written.
+pub const NAMES: [&str; 8] = [
+    RATELIMIT_POLICY,
+    RATELIMIT,
+    X_RATELIMIT_LIMIT,
+    X_RATELIMIT_REMAINING,
+    X_RATELIMIT_RESET,
+    X_QUOTA_LIMIT,
+    X_QUOTA_REMAINING,
+    X_QUOTA_RESET,
+];
 
 /// Appends one IETF list item to `list`: the policy's name (`"rate-<seconds>s"` for a window,
 /// `"quota"` without one) and two parameters.
