@@ -152,6 +152,20 @@ async fn enforces_each_outcome(gateway: &Gateway, api: &AdminApi) -> String {
         echo["headers"]["x-tollgate-customer-id"],
         customer_id.as_str()
     );
+    // Other copies of the key, in forms not read as the credential, do not reach the upstream
+    // either: another scheme in Authorization, another query parameter name.
+    let response = client()
+        .get(gateway.url(&format!("/orders/2?API_KEY={key}&keep=1")))
+        .header("x-api-key", &key)
+        .header("authorization", format!("Token {key}"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    let echo: Value = response.json().await.unwrap();
+    assert!(echo["headers"].get("authorization").is_none(), "{echo}");
+    assert_eq!(echo["path"], "/orders/2?keep=1");
+    assert!(!echo.to_string().contains(&key), "{echo}");
     let (status, echo) = call(gateway, &format!("/orders/3?a=1&api_key={key}&b=2"), None).await;
     assert_eq!(status, 200, "{echo}");
     assert_eq!(

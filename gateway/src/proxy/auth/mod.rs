@@ -14,6 +14,7 @@ use crate::config::{Route, RouteAction, RouteAuth};
 use crate::identity::index::id_header;
 use crate::identity::{Caller, Refusal, check_jwt, check_key, unix_ms};
 use crate::state::Gateway;
+use tollgate_model::key::{KEY_LEN, KEY_PREFIX, is_well_formed};
 
 /// The API-key header.
 pub const X_API_KEY: &str = "x-api-key";
@@ -305,12 +306,18 @@ pub fn rewrite_upstream(
     let Some((caller, source)) = caller else {
         return Ok(());
     };
-    if *source == Source::Authorization {
+    // The credential goes, and so does any other copy of a key in a form not read as one
+    // (`Authorization: Token tg_…` beside X-API-Key, `?API_KEY=tg_…`): the customer's key is
+    // the gateway's business, never the upstream's.
+    if *source == Source::Authorization
+        || upstream_request
+            .headers
+            .get(AUTHORIZATION)
+            .is_some_and(|value| holds_key(value.as_bytes()))
+    {
         upstream_request.remove_header(&AUTHORIZATION);
     }
-    if let Some(name) = &route.auth.key_query_param {
-        remove_query_param(upstream_request, name)?;
-    }
+    remove_query_keys(upstream_request, route.auth.key_query_param.as_deref())?;
     upstream_request.insert_header(X_CUSTOMER_ID, caller.customer_header.clone())?;
     upstream_request.insert_header(X_PLAN_ID, caller.plan_header.clone())?;
     if let Some(key) = &caller.key {
@@ -333,38 +340,64 @@ fn same_but_underscores(ours: &str, name: &str) -> bool {
             .all(|(a, b)| a == b || (a == b'-' && b == b'_'))
 }
 
-/// Whether the query parameter name `raw`, its `%XX` escapes decoded, is `name`.
-fn decodes_to(raw: &str, name: &str) -> bool {
-    let (raw, name) = (raw.as_bytes(), name.as_bytes());
-    let (mut at, mut matched) = (0, 0);
-    while at < raw.len() {
-        let escaped = match raw.get(at..at + 3) {
+/// The bytes of `raw` with its `%XX` escapes decoded (a `%` not followed by two hex digits is
+/// kept as it is).
+fn unescaped(raw: &str) -> impl Iterator<Item = u8> + '_ {
+    let bytes = raw.as_bytes();
+    let mut at = 0;
+    std::iter::from_fn(move || {
+        let escaped = match bytes.get(at..at + 3) {
             Some([b'%', high, low]) => {
                 let hex = |b: &u8| (*b as char).to_digit(16);
                 hex(high).zip(hex(low)).map(|(h, l)| (h * 16 + l) as u8)
             }
             _ => None,
         };
-        let (byte, width) = escaped.map_or((raw[at], 1), |byte| (byte, 3));
-        if name.get(matched) != Some(&byte) {
-            return false;
-        }
+        let (byte, width) = escaped.map_or((*bytes.get(at)?, 1), |byte| (byte, 3));
         at += width;
-        matched += 1;
-    }
-    matched == name.len()
+        Some(byte)
+    })
 }
 
-fn remove_query_param(upstream_request: &mut RequestHeader, name: &str) -> Result<()> {
+/// Whether the query parameter name `raw`, its `%XX` escapes decoded, is `name`.
+fn decodes_to(raw: &str, name: &str) -> bool {
+    unescaped(raw).eq(name.bytes())
+}
+
+/// Whether `bytes` hold a well-formed key anywhere (its checksum makes a chance match
+/// practically impossible).
+fn holds_key(bytes: &[u8]) -> bool {
+    let prefix = KEY_PREFIX.as_bytes();
+    (0..bytes.len().saturating_sub(KEY_LEN - 1)).any(|at| {
+        bytes[at..].starts_with(prefix)
+            && std::str::from_utf8(&bytes[at..at + KEY_LEN]).is_ok_and(is_well_formed)
+    })
+}
+
+/// Whether a query parameter's value, its `%XX` escapes decoded, is a well-formed key.
+fn is_key_value(raw: &str) -> bool {
+    if raw.len() < KEY_LEN || raw.len() > 3 * KEY_LEN {
+        return false;
+    }
+    let decoded: Vec<u8> = unescaped(raw).collect();
+    std::str::from_utf8(&decoded).is_ok_and(is_well_formed)
+}
+
+/// Removes from the upstream's query the route's key parameter (also spelled with escapes,
+/// `api%5Fkey`, which the upstream's framework decodes to the name itself) and any parameter
+/// whose value is a key; the query is left as it is when there is none.
+fn remove_query_keys(upstream_request: &mut RequestHeader, name: Option<&str>) -> Result<()> {
     let Some(query) = upstream_request.uri.query() else {
         return Ok(());
     };
-    // Also spelled with escapes (`api%5Fkey`), which the upstream's framework decodes to the
-    // name itself.
-    let kept: Vec<&str> = query
-        .split('&')
-        .filter(|pair| !decodes_to(pair.split_once('=').map_or(*pair, |(key, _)| key), name))
-        .collect();
+    let doomed = |pair: &str| {
+        let (key, value) = pair.split_once('=').unwrap_or((pair, ""));
+        name.is_some_and(|name| decodes_to(key, name)) || is_key_value(value)
+    };
+    if !query.split('&').any(doomed) {
+        return Ok(());
+    }
+    let kept: Vec<&str> = query.split('&').filter(|pair| !doomed(pair)).collect();
     let path = upstream_request.uri.path();
     let rebuilt = if kept.is_empty() {
         path.to_owned()

@@ -320,17 +320,54 @@ fn behind_trusted_proxies_the_client_is_the_right_most_untrusted_forwarded_addre
 #[test]
 fn the_query_key_is_removed_and_the_rest_kept() {
     let mut req = request("/a/b?x=1&api_key=secret&y=2", &[]);
-    remove_query_param(&mut req, "api_key").unwrap();
+    remove_query_keys(&mut req, Some("api_key")).unwrap();
     assert_eq!(req.uri.to_string(), "/a/b?x=1&y=2");
     let mut req = request("/a?api_key=secret", &[]);
-    remove_query_param(&mut req, "api_key").unwrap();
+    remove_query_keys(&mut req, Some("api_key")).unwrap();
     assert_eq!(req.uri.to_string(), "/a");
     // Spelled with escapes, as the upstream's framework would decode it: removed too.
     let mut req = request(
         "/a?api%5Fkey=one&api%5fkey=two&%61pi_key=three&api_keys=4",
         &[],
     );
-    remove_query_param(&mut req, "api_key").unwrap();
+    remove_query_keys(&mut req, Some("api_key")).unwrap();
     assert_eq!(req.uri.to_string(), "/a?api_keys=4");
     assert!(!decodes_to("api%5", "api_key") && !decodes_to("api", "api_key"));
+    assert!(decodes_to("api%5fkey", "api_key") && decodes_to("%", "%"));
+}
+
+#[test]
+fn a_key_goes_from_the_query_under_any_name_and_from_authorization_in_any_form() {
+    let key = tollgate_model::key::from_random([7; 16]);
+    let escaped = key.replace('_', "%5F");
+    let mut req = request(
+        &format!(
+            "/a?x=1&API_KEY={key}&token={escaped}&y=tg_notakey&z={}",
+            &key[..20]
+        ),
+        &[],
+    );
+    remove_query_keys(&mut req, None).unwrap();
+    assert_eq!(
+        req.uri.to_string(),
+        format!("/a?x=1&y=tg_notakey&z={}", &key[..20]),
+        "a value that is not a whole key stays"
+    );
+    // Without a key anywhere, the query is left as it was.
+    let mut req = request("/a?b=2&a=1", &[]);
+    remove_query_keys(&mut req, None).unwrap();
+    assert_eq!(req.uri.to_string(), "/a?b=2&a=1");
+    assert!(holds_key(format!("Token {key}").as_bytes()));
+    assert!(holds_key(key.as_bytes()));
+    assert!(!holds_key(
+        format!("Token {}", &key[..key.len() - 1]).as_bytes()
+    ));
+    let mut typo = key.clone().into_bytes();
+    let last = typo.len() - 1;
+    typo[last] = if typo[last] == b'A' { b'B' } else { b'A' };
+    assert!(
+        !holds_key(&typo),
+        "a checksum that does not match is no key"
+    );
+    assert!(!holds_key(b"Bearer eyJhbGciOi.tg_.x"));
 }
