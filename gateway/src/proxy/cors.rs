@@ -90,12 +90,19 @@ pub fn decorate(
 }
 
 /// The headers of the answer to an allowed preflight (with those of [`decorate`]): the route's
-/// methods, the headers a page may send, and how long the browser may keep the answer.
-pub fn preflight_headers(cors: &Cors) -> [(HeaderName, HeaderValue); 3] {
+/// methods, the headers a page may send, how long the browser may keep the answer, and that
+/// the answer depends on what the preflight asked (which route matched it, or none).
+pub fn preflight_headers(cors: &Cors) -> [(HeaderName, HeaderValue); 4] {
     [
         (ACCESS_CONTROL_ALLOW_METHODS, cors.allow_methods.clone()),
         (ACCESS_CONTROL_ALLOW_HEADERS, cors.allow_headers.clone()),
         (ACCESS_CONTROL_MAX_AGE, cors.max_age.clone()),
+        (
+            VARY,
+            HeaderValue::from_static(
+                "Access-Control-Request-Method, Access-Control-Request-Headers",
+            ),
+        ),
     ]
 }
 
