@@ -213,6 +213,16 @@ async fn exactly_20_of_25_sequential_requests_pass_and_the_headers_count_down() 
                 .parse::<u64>()
                 .unwrap(),
         );
+        // The earlier drafts' fields say the same.
+        assert_eq!(
+            header(&response, "ratelimit-remaining"),
+            header(&response, "x-ratelimit-remaining")
+        );
+        assert_eq!(header(&response, "ratelimit-limit"), "20");
+        assert_eq!(
+            header(&response, "ratelimit-reset"),
+            header(&response, "x-ratelimit-reset")
+        );
         ratelimit.push(header(&response, "ratelimit").to_owned());
         assert_eq!(
             header(&response, "ratelimit-policy"),

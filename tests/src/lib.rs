@@ -30,10 +30,13 @@ pub mod upstream;
 pub use gateway::{Gateway, config, proxy_route};
 pub use upstream::Upstream;
 
-/// The names of the gateway's eight limit headers, as clients read them (lower case).
-pub const LIMIT_HEADERS: [&str; 8] = [
+/// The names of the gateway's eleven limit headers, as clients read them (lower case).
+pub const LIMIT_HEADERS: [&str; 11] = [
     "ratelimit-policy",
     "ratelimit",
+    "ratelimit-limit",
+    "ratelimit-remaining",
+    "ratelimit-reset",
     "x-ratelimit-limit",
     "x-ratelimit-remaining",
     "x-ratelimit-reset",

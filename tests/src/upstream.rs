@@ -8,7 +8,7 @@
 //! - `/stream`: sends `first\n`, then `last\n` once the test calls `release()`.
 //! - `/status/{code}`: answers with that status.
 //! - `/ws`: a WebSocket echo.
-//! - `/own-limit-headers`: 200 with limit headers of its own (each of the gateway's eight and
+//! - `/own-limit-headers`: 200 with limit headers of its own (each of the gateway's eleven and
 //!   two other spellings, `42`).
 //! - `/own-cors`: 200 open to every origin by its own CORS headers (`*`, with credentials).
 //! - anything else: a JSON echo of the request (upstream name, method, path with query,
@@ -234,7 +234,7 @@ async fn status(
 }
 
 /// Limit headers of other spellings than the gateway's, as an upstream might send them.
-pub const OTHER_LIMIT_HEADERS: [&str; 2] = ["ratelimit-limit", "x-ratelimit-used"];
+pub const OTHER_LIMIT_HEADERS: [&str; 2] = ["ratelimit-used", "x-ratelimit-used"];
 
 async fn own_limit_headers(
     State(shared): State<Arc<Shared>>,

@@ -9,9 +9,10 @@
 //! RateLimit: "rate-1s";r=9;t=2, "rate-60s";r=499;t=63, "quota";r=9999;t=1774800
 //! ```
 //!
-//! The older `X-RateLimit-*` fields describe the limit closest to refusing, a window or a hard
-//! quota (fewest units left, then longest wait), and `X-Quota-*` the quota; every `*-Reset` is in
-//! seconds from now, rounded up.
+//! The older fields describe the limit closest to refusing, a window or a hard quota (fewest
+//! units left, then longest wait): `RateLimit-Limit`, `-Remaining` and `-Reset` of the earlier
+//! IETF drafts and `X-RateLimit-*`, with the same values; `X-Quota-*` describe the quota. Every
+//! `*-Reset` is in seconds from now, rounded up.
 
 use bytes::Bytes;
 use http::{HeaderName, HeaderValue};
@@ -24,6 +25,13 @@ use super::{Decision, ceil_seconds};
 pub const RATELIMIT_POLICY: &str = "RateLimit-Policy";
 /// `RateLimit`.
 pub const RATELIMIT: &str = "RateLimit";
+/// `RateLimit-Limit`, of the IETF drafts before the `RateLimit` list (draft 03, as Kong and
+/// client libraries read it).
+pub const RATELIMIT_LIMIT: &str = "RateLimit-Limit";
+/// `RateLimit-Remaining`, of the same drafts.
+pub const RATELIMIT_REMAINING: &str = "RateLimit-Remaining";
+/// `RateLimit-Reset`, of the same drafts.
+pub const RATELIMIT_RESET: &str = "RateLimit-Reset";
 /// `X-RateLimit-Limit`.
 pub const X_RATELIMIT_LIMIT: &str = "X-RateLimit-Limit";
 /// `X-RateLimit-Remaining`.
@@ -37,9 +45,12 @@ pub const X_QUOTA_REMAINING: &str = "X-Quota-Remaining";
 /// `X-Quota-Reset`.
 pub const X_QUOTA_RESET: &str = "X-Quota-Reset";
 /// Every limit header, in the order they are written.
-pub const NAMES: [&str; 8] = [
+pub const NAMES: [&str; 11] = [
     RATELIMIT_POLICY,
     RATELIMIT,
+    RATELIMIT_LIMIT,
+    RATELIMIT_REMAINING,
+    RATELIMIT_RESET,
     X_RATELIMIT_LIMIT,
     X_RATELIMIT_REMAINING,
     X_RATELIMIT_RESET,
@@ -128,6 +139,9 @@ pub fn values(decision: &Decision, given_back: u64) -> Vec<(&'static str, Header
         .chain(hard_quota)
         .min_by(|a, b| a.1.cmp(&b.1).then(b.2.cmp(&a.2)));
     if let Some((limit, remaining, reset)) = limiting {
+        values.push((RATELIMIT_LIMIT, limit.into()));
+        values.push((RATELIMIT_REMAINING, remaining.into()));
+        values.push((RATELIMIT_RESET, reset.into()));
         values.push((X_RATELIMIT_LIMIT, limit.into()));
         values.push((X_RATELIMIT_REMAINING, remaining.into()));
         values.push((X_RATELIMIT_RESET, reset.into()));
@@ -229,7 +243,10 @@ mod tests {
             get(RATELIMIT),
             Some("\"rate-1s\";r=9;t=2, \"rate-60s\";r=3;t=42, \"quota\";r=8766;t=86401")
         );
-        // The minute window has the fewest units left.
+        // The minute window has the fewest units left, in both older spellings.
+        assert_eq!(get(RATELIMIT_LIMIT), Some("500"));
+        assert_eq!(get(RATELIMIT_REMAINING), Some("3"));
+        assert_eq!(get(RATELIMIT_RESET), Some("42"));
         assert_eq!(get(X_RATELIMIT_LIMIT), Some("500"));
         assert_eq!(get(X_RATELIMIT_REMAINING), Some("3"));
         assert_eq!(get(X_RATELIMIT_RESET), Some("42"));
@@ -270,6 +287,9 @@ mod tests {
             [
                 RATELIMIT_POLICY,
                 RATELIMIT,
+                RATELIMIT_LIMIT,
+                RATELIMIT_REMAINING,
+                RATELIMIT_RESET,
                 X_RATELIMIT_LIMIT,
                 X_RATELIMIT_REMAINING,
                 X_RATELIMIT_RESET
@@ -358,7 +378,8 @@ mod tests {
                 "{name}: {values:?}"
             );
         }
-        assert_eq!(values.len(), 8);
+        assert!(values.contains(&(RATELIMIT_REMAINING, HeaderValue::from_static("0"))));
+        assert_eq!(values.len(), NAMES.len());
     }
 
     #[test]
@@ -367,14 +388,16 @@ mod tests {
         let theirs = [
             RATELIMIT_POLICY,
             RATELIMIT,
+            RATELIMIT_LIMIT,
+            RATELIMIT_REMAINING,
+            RATELIMIT_RESET,
             X_RATELIMIT_LIMIT,
             X_RATELIMIT_REMAINING,
             X_RATELIMIT_RESET,
             X_QUOTA_LIMIT,
             X_QUOTA_REMAINING,
             X_QUOTA_RESET,
-            "RateLimit-Limit",
-            "RateLimit-Remaining",
+            "RateLimit-Used",
             "X-RateLimit-Used",
             "X-RateLimit-Limit-Minute",
         ];
@@ -393,12 +416,13 @@ mod tests {
                 .map(|value| value.to_str().unwrap().to_owned())
         };
         assert_eq!(get(&upstream, X_RATELIMIT_REMAINING).as_deref(), Some("3"));
-        for name in &theirs[5..] {
+        assert_eq!(get(&upstream, RATELIMIT_REMAINING).as_deref(), Some("3"));
+        for name in &theirs[8..] {
             assert_eq!(get(&upstream, name), None, "{name}");
         }
         assert_eq!(get(&upstream, "X-Other").as_deref(), Some("kept"));
         assert_eq!(get(&upstream, "X-Quotas").as_deref(), Some("kept"));
-        assert_eq!(upstream.headers.len(), 2 + 5);
+        assert_eq!(upstream.headers.len(), 2 + 8);
 
         let mut none = decision();
         none.quota = None;
