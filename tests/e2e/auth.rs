@@ -1205,3 +1205,144 @@ async fn key_times_are_compared_with_the_control_planes_clock() {
         .unwrap();
     assert!((ahead - 5_000..=ahead).contains(&offset), "{offset}");
 }
+
+/// The README's quickstart, step by step, on the shipped `gateway.toml` (its listeners moved to
+/// free ports, its log to JSON for the harness): the static route, a 404 problem, readiness and
+/// metrics; then a plan, a customer and a key made with the same bodies `curl -d` sends (no JSON
+/// content type), the key refused missing and taken, the usage view, and a revocation enforced
+/// within a second.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_readme_quickstart_works_on_the_shipped_config() {
+    let shipped =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../gateway.toml")).unwrap();
+    let mut text = shipped.clone();
+    for (from, to) in [
+        ("listen = \"127.0.0.1:8080\"", "listen = \"127.0.0.1:0\""),
+        (
+            "admin_listen = \"127.0.0.1:9090\"",
+            "admin_listen = \"127.0.0.1:0\"",
+        ),
+        ("format = \"text\"", "format = \"json\""),
+    ] {
+        assert_eq!(
+            shipped.matches(from).count(),
+            1,
+            "the shipped config has {from}"
+        );
+        text = text.replace(from, to);
+    }
+    let token = admin_token();
+    let gateway = Gateway::start_with_env(
+        tempfile::tempdir().unwrap(),
+        &text,
+        &[("TOLLGATE_ADMIN_TOKEN", token.as_str())],
+    )
+    .await;
+    let hello = client().get(gateway.url("/hello")).send().await.unwrap();
+    assert_eq!(hello.status(), 200);
+    let nope = client().get(gateway.url("/nope")).send().await.unwrap();
+    assert_eq!(nope.status(), 404);
+    assert!(
+        nope.text()
+            .await
+            .unwrap()
+            .contains("urn:tollgate:problem:no-route")
+    );
+    let ready = reqwest::get(gateway.admin_url("/health/ready"))
+        .await
+        .unwrap();
+    assert_eq!(ready.status(), 200);
+    assert!(gateway.metrics().await.contains("tollgate_"));
+
+    // As `curl -s -X POST $CP/... -H "$AUTH" -d '...'` sends them.
+    let curl = |path: &str, body: &str| {
+        client()
+            .post(gateway.admin_url(path))
+            .bearer_auth(&token)
+            .header("content-type", "application/x-www-form-urlencoded")
+            .body(body.to_owned())
+            .send()
+    };
+    let created = |response: reqwest::Response| async move {
+        assert_eq!(response.status(), 201);
+        response.json::<Value>().await.unwrap()
+    };
+    let plan = created(
+        curl(
+            "/v1/plans",
+            r#"{"name":"starter","rate_limits":[{"requests":10,"window_seconds":1}],"quota":{"requests":1000,"hard":true},"upgrade_url":"https://example.com/pricing"}"#,
+        )
+        .await
+        .unwrap(),
+    )
+    .await;
+    let customer = created(
+        curl(
+            "/v1/customers",
+            &format!(
+                r#"{{"name":"Acme","email":"ops@acme.example","plan_id":"{}"}}"#,
+                plan["id"].as_str().unwrap()
+            ),
+        )
+        .await
+        .unwrap(),
+    )
+    .await;
+    let customer_id = customer["id"].as_str().unwrap();
+    let key = created(
+        curl(
+            &format!("/v1/customers/{customer_id}/keys"),
+            r#"{"name":"production"}"#,
+        )
+        .await
+        .unwrap(),
+    )
+    .await;
+    let key = key["key"].as_str().unwrap();
+
+    let missing = client().get(gateway.url("/demo")).send().await.unwrap();
+    assert_eq!(missing.status(), 401);
+    // A person types the next command later than the key takes to arrive; polling for it here
+    // would count failed authentications against the shipped limit.
+    gateway.wait_for_keys(1).await;
+    assert_eq!(gateway.get_with_key("/demo", key).await.status(), 200);
+    let taken = gateway.get_with_key("/demo", key).await;
+    let ratelimit = taken.headers()["ratelimit"].to_str().unwrap().to_owned();
+    assert!(ratelimit.starts_with("\"rate-1s\";r="), "{ratelimit}");
+    assert!(ratelimit.contains(", \"quota\";r="), "{ratelimit}");
+    assert!(taken.headers().contains_key("x-quota-remaining"));
+    let started = Instant::now();
+    loop {
+        let (status, usage) = call(&gateway, "/usage", Some(key)).await;
+        assert_eq!(status, 200, "{usage}");
+        if usage["used"] == 2 {
+            assert_eq!(usage["quota"], 1000);
+            assert!(usage["period"]["end"].is_string(), "{usage}");
+            break;
+        }
+        assert!(started.elapsed() < Duration::from_secs(10), "{usage}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+
+    let keys: Value = client()
+        .get(gateway.admin_url(&format!("/v1/customers/{customer_id}/keys")))
+        .bearer_auth(&token)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let key_id = keys["data"][0]["id"].as_str().unwrap();
+    let revoked = client()
+        .post(gateway.admin_url(&format!("/v1/keys/{key_id}/revoke")))
+        .bearer_auth(&token)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(revoked.status(), 200);
+    let took = until_status(&gateway, "/demo", key, 401).await;
+    assert!(took < PROPAGATION, "the revocation took {took:?}");
+    let (_, body) = call(&gateway, "/demo", Some(key)).await;
+    assert_eq!(problem_type(&body), "revoked-key");
+}
