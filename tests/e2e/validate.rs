@@ -81,7 +81,7 @@ upstream = "users"
     assert_eq!(code, 1);
     assert_eq!(stdout, "");
     let expected = [
-        "colour: unknown key (expected one of server, log, security_headers, control_plane, auth, metering, redis, jwt_providers, upstreams, routes)",
+        "colour: unknown key (expected one of server, log, security_headers, cors, control_plane, auth, metering, redis, jwt_providers, upstreams, routes)",
         "server.threads: invalid type: string \"two\", expected usize",
         "upstreams[2].retries: unknown key",
         "upstreams[0].targets[1]: invalid target \"not an address\": expected \"host:port\"",

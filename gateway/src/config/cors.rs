@@ -52,13 +52,36 @@ impl Cors {
     }
 }
 
-/// Checks a route's `cors` table at `path`, for a route accepting `methods` (`None`: all).
+impl Cors {
+    /// This policy on a route accepting `methods` (`None`: all), as a preflight answers them.
+    pub(super) fn for_methods(&self, methods: Option<&[Method]>) -> Cors {
+        Cors {
+            allow_methods: allow_methods(methods),
+            ..self.clone()
+        }
+    }
+}
+
+/// `Access-Control-Allow-Methods` of a route accepting `methods` (`None`: all).
+fn allow_methods(methods: Option<&[Method]>) -> HeaderValue {
+    // Methods are tokens, which are header values.
+    match methods {
+        None => HeaderValue::from_static(EVERY_METHOD),
+        Some(methods) => list_value(methods.iter().map(Method::as_str)),
+    }
+}
+
+/// Checks a `cors` table at `path` (`[cors]`, or a route's), for a route accepting `methods`
+/// (`None`: all); `None` when it is turned off (`enabled = false`) or has a mistake.
 pub(super) fn check_cors(
     file: &CorsConfig,
     methods: Option<&[Method]>,
     path: &str,
     errors: &mut Errors,
 ) -> Option<Cors> {
+    if !file.enabled {
+        return None;
+    }
     let before = errors.0.len();
     let any = file.allowed_origins.iter().any(|origin| origin == "*");
     if file.allowed_origins.is_empty() {
@@ -118,15 +141,10 @@ pub(super) fn check_cors(
             "must be at most 24h (browsers keep a preflight's answer no longer)",
         );
     }
-    // Methods and header names are tokens, which are header values.
-    let allow_methods = match methods {
-        None => HeaderValue::from_static(EVERY_METHOD),
-        Some(methods) => list_value(methods.iter().map(Method::as_str)),
-    };
     (errors.0.len() == before).then(|| Cors {
         origins: (!any).then_some(origins),
         allow_credentials: file.allow_credentials,
-        allow_methods,
+        allow_methods: allow_methods(methods),
         allow_headers,
         expose_headers,
         max_age: HeaderValue::from(file.max_age.as_secs()),
@@ -186,6 +204,7 @@ mod tests {
 
     fn config(origins: &[&str]) -> CorsConfig {
         CorsConfig {
+            enabled: true,
             allowed_origins: origins.iter().map(|o| (*o).to_owned()).collect(),
             allowed_headers: Vec::new(),
             exposed_headers: Vec::new(),
@@ -246,6 +265,9 @@ mod tests {
         assert_eq!(cors.allow_methods, "GET, POST");
         assert_eq!(cors.max_age, "600");
         assert_eq!(check(&file, None).unwrap().allow_methods, EVERY_METHOD);
+        // The global policy on a route of its own methods.
+        let global = check(&file, None).unwrap();
+        assert_eq!(global.for_methods(Some(&methods)), cors);
     }
 
     #[test]
@@ -278,6 +300,12 @@ mod tests {
             "{errors:#?}"
         );
         assert!(check(&config(&[]), None).unwrap_err()[0].contains("at least one origin"));
+        // Turned off: nothing to check, no policy.
+        let mut off = config(&[]);
+        off.enabled = false;
+        let mut errors = Errors(Vec::new());
+        assert_eq!(check_cors(&off, None, "routes[0].cors", &mut errors), None);
+        assert!(errors.0.is_empty());
         let mut credentials = config(&["https://app.example.com"]);
         credentials.allow_credentials = true;
         assert!(check(&credentials, None).unwrap().allow_credentials);

@@ -97,6 +97,7 @@ pub fn parse(text: &str) -> Result<(GatewayConfig, Vec<ConfigError>), ConfigErro
         server: None,
         log: LogConfig::default(),
         security_headers: SecurityHeadersConfig::default(),
+        cors: None,
         upstreams: Vec::new(),
         routes: Vec::new(),
         control_plane: None,
@@ -122,6 +123,7 @@ pub fn parse(text: &str) -> Result<(GatewayConfig, Vec<ConfigError>), ConfigErro
             "control_plane" => {
                 config.control_plane = section("control_plane", value, &mut errors);
             }
+            "cors" => config.cors = section("cors", value, &mut errors),
             "auth" => config.auth = section("auth", value, &mut errors).unwrap_or_default(),
             "redis" => config.redis = section("redis", value, &mut errors),
             "metering" => {
@@ -132,8 +134,8 @@ pub fn parse(text: &str) -> Result<(GatewayConfig, Vec<ConfigError>), ConfigErro
             "routes" => config.routes = array("routes", value, &mut errors),
             _ => errors.push(ConfigError::new(
                 key.clone(),
-                "unknown key (expected one of server, log, security_headers, control_plane, auth, \
-                 metering, redis, jwt_providers, upstreams, routes)",
+                "unknown key (expected one of server, log, security_headers, cors, control_plane, \
+                 auth, metering, redis, jwt_providers, upstreams, routes)",
             )),
         }
     }

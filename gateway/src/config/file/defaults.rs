@@ -112,3 +112,7 @@ pub fn status_ok() -> u16 {
 pub fn cors_max_age() -> Duration {
     Duration::from_secs(3600)
 }
+
+pub fn enabled() -> bool {
+    true
+}

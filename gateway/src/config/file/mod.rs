@@ -43,6 +43,8 @@ pub struct GatewayConfig {
     pub log: LogConfig,
     /// Security headers added to every response, unless a route overrides them.
     pub security_headers: SecurityHeadersConfig,
+    /// `[cors]`: the CORS policy of every route without its own.
+    pub cors: Option<CorsConfig>,
     /// Pools of upstream targets that routes send requests to.
     pub upstreams: Vec<Entry<UpstreamConfig>>,
     /// Rules that map a request (host, path prefix, method) to an upstream or a static response.

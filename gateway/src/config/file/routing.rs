@@ -137,15 +137,20 @@ pub struct RouteConfig {
     /// The JWT provider of `auth = "jwt"` or `"key_or_jwt"`; default: the only one.
     pub jwt_provider: Option<String>,
     /// Which web origins may call the route from a browser: preflights answered by the gateway,
-    /// CORS headers on every response. Absent: the gateway adds none (an upstream's own pass).
+    /// CORS headers on every response. Replaces the global `[cors]` (`enabled = false`: none);
+    /// without either, the gateway adds none (an upstream's own pass).
     pub cors: Option<CorsConfig>,
 }
 
-/// `cors = { allowed_origins = ["https://app.example.com"], ... }`.
+/// `[cors]`, or a route's `cors = { allowed_origins = ["https://app.example.com"], ... }`.
 #[derive(Debug, Clone, Deserialize)]
 pub struct CorsConfig {
+    /// `false`: no policy (a route's own table turns the global one off so).
+    #[serde(default = "defaults::enabled")]
+    pub enabled: bool,
     /// Origins (`https://app.example.com`, `http://localhost:3000`) whose pages may call the
-    /// route, or `["*"]` for any.
+    /// route, or `["*"]` for any; required unless `enabled = false`.
+    #[serde(default)]
     pub allowed_origins: Vec<String>,
     /// Request headers pages may send beyond `Authorization`, `Content-Type`, `X-API-Key` and
     /// `X-Request-Id`.

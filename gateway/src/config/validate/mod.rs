@@ -62,6 +62,10 @@ pub fn validate(
 
     let global_headers = &file.security_headers;
     check_security_headers(global_headers, "security_headers", &mut errors);
+    let global_cors = file
+        .cors
+        .as_ref()
+        .and_then(|cors| super::cors::check_cors(cors, None, "cors", &mut errors));
     let default_body_limit = file
         .server
         .as_ref()
@@ -86,6 +90,7 @@ pub fn validate(
         upstreams: &upstream_index,
         declared_upstreams: &declared_upstreams,
         global_headers,
+        global_cors: global_cors.as_ref(),
         default_body_limit,
     };
     let control_plane = file

@@ -5,7 +5,7 @@ use std::collections::HashMap;
 
 use http::{Method, StatusCode};
 
-use super::super::cors::check_cors;
+use super::super::cors::{Cors, check_cors};
 use super::super::file::{Entry, RouteAuthConfig, RouteConfig, SecurityHeadersConfig};
 use super::super::headers::{check_security_headers, header_pairs, resolve_security_headers};
 use super::super::{HostMatch, Route, RouteAction, RouteAuth, StaticResponse};
@@ -18,6 +18,8 @@ pub(super) struct RouteContext<'a> {
     pub(super) upstreams: &'a HashMap<&'a str, usize>,
     pub(super) declared_upstreams: &'a [Option<&'a str>],
     pub(super) global_headers: &'a SecurityHeadersConfig,
+    /// `[cors]`, checked: the policy of routes without their own.
+    pub(super) global_cors: Option<&'a Cors>,
     pub(super) default_body_limit: u64,
 }
 
@@ -163,10 +165,12 @@ pub(super) fn route(
         Some(metered) => metered,
         None => authenticated && !file.usage,
     };
-    let cors = file
-        .cors
-        .as_ref()
-        .and_then(|cors| check_cors(cors, methods.as_deref(), &format!("{path}.cors"), errors));
+    let cors = match &file.cors {
+        Some(own) => check_cors(own, methods.as_deref(), &format!("{path}.cors"), errors),
+        None => context
+            .global_cors
+            .map(|global| global.for_methods(methods.as_deref())),
+    };
     if cors.is_some() {
         // The policy is the one source of a route's CORS headers: one set elsewhere could open
         // it to origins the policy does not name.

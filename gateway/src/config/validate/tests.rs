@@ -828,3 +828,62 @@ respond = {{ body = \"b\", headers = {{ \"access-control-allow-origin\" = \"*\" 
         "a route without a policy sets what it likes"
     );
 }
+
+#[test]
+fn the_global_cors_policy_applies_to_each_route_without_its_own() {
+    let (file, parse_errors) = parse(&format!(
+        "{SERVER}
+[cors]
+allowed_origins = [\"https://app.example.com\"]
+[[routes]]
+name = \"reads\"
+path_prefix = \"/reads\"
+methods = [\"GET\"]
+respond = {{ body = \"r\" }}
+[[routes]]
+name = \"own\"
+path_prefix = \"/own\"
+respond = {{ body = \"o\" }}
+cors = {{ allowed_origins = [\"*\"] }}
+[[routes]]
+name = \"closed\"
+path_prefix = \"/closed\"
+respond = {{ body = \"c\" }}
+cors = {{ enabled = false }}
+"
+    ))
+    .unwrap();
+    assert!(parse_errors.is_empty(), "{parse_errors:?}");
+    let config = validate(file, parse_errors, Path::new(".")).unwrap();
+    let reads = config.routes[0].cors.as_ref().expect("the global policy");
+    assert!(reads.allows(b"https://app.example.com"));
+    assert_eq!(reads.allow_methods, "GET", "with the route's own methods");
+    let own = config.routes[1].cors.as_ref().expect("its own policy");
+    assert_eq!(
+        own.origins, None,
+        "its own replaces the global one: any origin"
+    );
+    assert_eq!(config.routes[2].cors, None, "turned off");
+
+    // A mistake in the global policy is named once, at its own path.
+    let errors = problems(&format!(
+        "{SERVER}
+[cors]
+allowed_origins = [\"app.example.com\"]
+[[routes]]
+name = \"a\"
+path_prefix = \"/a\"
+respond = {{ body = \"a\" }}
+[[routes]]
+name = \"b\"
+path_prefix = \"/b\"
+respond = {{ body = \"b\" }}
+"
+    ));
+    assert_eq!(
+        errors,
+        vec![
+            "cors.allowed_origins[0]: must be an origin such as \"https://app.example.com\" (scheme and host)"
+        ]
+    );
+}
