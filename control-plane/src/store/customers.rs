@@ -132,7 +132,7 @@ impl Store {
         actor: &Actor,
     ) -> Result<Customer, CustomerError> {
         let mut tx = self.pool().begin().await?;
-        let before = fetch(&mut tx, id).await?;
+        let (before, stored_period) = fetch_with_period(&mut tx, id).await?;
         if let Some(plan_id) = &patch.plan_id
             && *plan_id != before.plan_id
         {
@@ -142,7 +142,6 @@ impl Store {
         let email = patch.email.unwrap_or_else(|| before.email.clone());
         let plan_id = patch.plan_id.unwrap_or_else(|| before.plan_id.clone());
         let status = patch.status.unwrap_or(before.status);
-        let stored_period = period_ms(&mut tx, id).await?;
         let period = patch.billing_period.unwrap_or(stored_period);
         if (&name, &email, &plan_id, status, period)
             == (
@@ -202,12 +201,22 @@ async fn require_active_plan(
 }
 
 async fn fetch(connection: &mut sqlx::AnyConnection, id: &str) -> Result<Customer, StoreError> {
+    fetch_with_period(connection, id)
+        .await
+        .map(|(customer, _)| customer)
+}
+
+/// A customer and its billing period in milliseconds, from one read of its row.
+async fn fetch_with_period(
+    connection: &mut sqlx::AnyConnection,
+    id: &str,
+) -> Result<(Customer, Option<PeriodMs>), StoreError> {
     let row = sqlx::query(&format!("SELECT {COLUMNS} FROM customers WHERE id = $1"))
         .bind(id)
         .fetch_optional(&mut *connection)
         .await?
         .ok_or(StoreError::NotFound)?;
-    decode(&row)
+    Ok((decode(&row)?, billing_period(&row)?))
 }
 
 fn decode(row: &AnyRow) -> Result<Customer, StoreError> {
@@ -238,18 +247,6 @@ pub(crate) fn billing_period(row: &AnyRow) -> Result<Option<PeriodMs>, StoreErro
     Ok(start
         .zip(end)
         .map(|(start_ms, end_ms)| PeriodMs { start_ms, end_ms }))
-}
-
-/// The stored billing period of customer `id`, kept by a change that does not set one.
-async fn period_ms(
-    connection: &mut sqlx::AnyConnection,
-    id: &str,
-) -> Result<Option<PeriodMs>, StoreError> {
-    let row = sqlx::query("SELECT period_start, period_end FROM customers WHERE id = $1")
-        .bind(id)
-        .fetch_one(&mut *connection)
-        .await?;
-    billing_period(&row)
 }
 
 fn conflict_on_email(error: sqlx::Error, email: &str) -> StoreError {
