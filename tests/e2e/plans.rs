@@ -934,7 +934,7 @@ path_prefix = "/browser"
 upstream = "api"
 auth = "key"
 methods = ["GET", "POST"]
-cors = { allowed_origins = ["https://app.example.com"], allowed_headers = ["x-trace"], max_age = "10m" }
+cors = { allowed_origins = ["https://app.example.com", "https://*.partner.example"], allowed_headers = ["x-trace"], max_age = "10m" }
 
 [[routes]]
 name = "own-cors"
@@ -1024,6 +1024,16 @@ cors = { allowed_origins = ["*"] }
     assert_eq!(header(&refused, "access-control-allow-origin"), "");
     let body: Value = refused.json().await.unwrap();
     assert_eq!(body["type"], "urn:tollgate:problem:origin-not-allowed");
+    // A wildcard names every subdomain of its domain, each answered as itself, and not the
+    // domain itself.
+    let shop = "https://shop.eu.partner.example";
+    let subdomain = preflight("/browser/orders", shop, "GET").await.unwrap();
+    assert_eq!(subdomain.status(), 204);
+    assert_eq!(header(&subdomain, "access-control-allow-origin"), shop);
+    let bare = preflight("/browser/orders", "https://partner.example", "GET")
+        .await
+        .unwrap();
+    assert_eq!(bare.status(), 403);
     // A method the route does not take is no preflight of it: the OPTIONS itself is refused.
     let other = preflight("/browser/orders", app, "DELETE").await.unwrap();
     assert_eq!(other.status(), 405);

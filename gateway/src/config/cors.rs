@@ -25,9 +25,8 @@ const EVERY_METHOD: &str = "GET, HEAD, POST, PUT, PATCH, DELETE, OPTIONS";
 /// A route's CORS policy, ready to send.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Cors {
-    /// The origins allowed, exactly as browsers send them (`https://app.example.com`,
-    /// lowercase); `None` is any origin.
-    pub origins: Option<Vec<String>>,
+    /// The origins allowed; `None` is any origin.
+    pub origins: Option<Vec<AllowedOrigin>>,
     /// Pages may send credentials (cookies, TLS client certificates, HTTP authentication).
     pub allow_credentials: bool,
     /// `Access-Control-Allow-Methods`: the route's methods.
@@ -45,11 +44,100 @@ impl Cors {
     pub fn allows(&self, origin: &[u8]) -> bool {
         match &self.origins {
             None => true,
-            Some(origins) => origins
-                .iter()
-                .any(|allowed| allowed.as_bytes().eq_ignore_ascii_case(origin)),
+            Some(origins) => origins.iter().any(|allowed| allowed.matches(origin)),
         }
     }
+}
+
+/// An origin a CORS policy names.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum AllowedOrigin {
+    /// One origin, as browsers send it (`https://app.example.com`, lowercase).
+    Exact(String),
+    /// Every subdomain of a domain (`https://*.example.com`): `scheme` with its `://`
+    /// (`https://`), then one or more labels, then `suffix`, what followed the `*`
+    /// (`.example.com`, and the port if one was named).
+    Subdomains {
+        /// `https://` or `http://`.
+        scheme: String,
+        /// The domain after the `*`, from its dot, with the port if any (lowercase).
+        suffix: String,
+    },
+}
+
+impl AllowedOrigin {
+    /// `origin` as configured (`scheme://host[:port]`, or `scheme://*.domain[:port]`), or why
+    /// it is not one.
+    pub fn parse(origin: &str) -> Result<Self, &'static str> {
+        let origin = origin.to_ascii_lowercase();
+        let Some((scheme, rest)) = origin.split_once("://") else {
+            return Err("must be an origin such as \"https://app.example.com\" (scheme and host)");
+        };
+        if !matches!(scheme, "http" | "https") {
+            return Err("must start with https:// or http://");
+        }
+        let (host, wildcard) = match rest.strip_prefix("*.") {
+            Some(domain) => (domain, true),
+            None => (rest, false),
+        };
+        if host.is_empty() || host.contains(['/', '?', '#', '*', ' ', '@']) {
+            return Err(
+                "must be a scheme and host with no path, such as \"https://app.example.com\" (an \
+                 origin has no path; a wildcard stands only for the first labels, as in \
+                 \"https://*.example.com\")",
+            );
+        }
+        if !wildcard {
+            return Ok(Self::Exact(origin));
+        }
+        let domain = host.split_once(':').map_or(host, |(domain, _)| domain);
+        if !domain.contains('.') || domain.starts_with('.') || domain.ends_with('.') {
+            return Err(
+                "a wildcard must leave a domain of two labels or more, as in \
+                 \"https://*.example.com\" (\"https://*.com\" would allow every site under .com)",
+            );
+        }
+        Ok(Self::Subdomains {
+            suffix: format!(".{host}"),
+            scheme: format!("{scheme}://"),
+        })
+    }
+
+    /// Whether a page of `origin` (the `Origin` header's bytes) is this one.
+    fn matches(&self, origin: &[u8]) -> bool {
+        match self {
+            Self::Exact(allowed) => allowed.as_bytes().eq_ignore_ascii_case(origin),
+            Self::Subdomains { scheme, suffix } => {
+                let Some(rest) = strip_prefix_ignoring_case(origin, scheme.as_bytes()) else {
+                    return false;
+                };
+                let Some(labels) = rest
+                    .len()
+                    .checked_sub(suffix.len())
+                    .filter(|&at| rest[at..].eq_ignore_ascii_case(suffix.as_bytes()))
+                    .map(|at| &rest[..at])
+                else {
+                    return false;
+                };
+                // One or more labels: letters, digits and hyphens, separated by single dots
+                // (what a browser sends for a host name; `a.evil.test:1#` and the like are not).
+                !labels.is_empty()
+                    && labels.split(|&b| b == b'.').all(|label| {
+                        !label.is_empty()
+                            && label
+                                .iter()
+                                .all(|&b| b.is_ascii_alphanumeric() || b == b'-')
+                    })
+            }
+        }
+    }
+}
+
+/// `bytes` without `prefix`, compared without regard to ASCII case.
+fn strip_prefix_ignoring_case<'a>(bytes: &'a [u8], prefix: &[u8]) -> Option<&'a [u8]> {
+    let head = bytes.get(..prefix.len())?;
+    head.eq_ignore_ascii_case(prefix)
+        .then(|| &bytes[prefix.len()..])
 }
 
 impl Cors {
@@ -102,14 +190,14 @@ pub(super) fn check_cors(
              route open to every origin; list the origins",
         );
     }
-    let origins: Vec<String> = file
+    let origins: Vec<AllowedOrigin> = file
         .allowed_origins
         .iter()
         .enumerate()
         .filter(|(_, origin)| *origin != "*")
-        .filter_map(|(i, origin)| match origin_error(origin) {
-            None => Some(origin.to_ascii_lowercase()),
-            Some(why) => {
+        .filter_map(|(i, origin)| match AllowedOrigin::parse(origin) {
+            Ok(allowed) => Some(allowed),
+            Err(why) => {
                 errors.push(format!("{path}.allowed_origins[{i}]"), why);
                 None
             }
@@ -149,23 +237,6 @@ pub(super) fn check_cors(
         expose_headers,
         max_age: HeaderValue::from(file.max_age.as_secs()),
     })
-}
-
-/// Why `origin` is not an origin a browser sends (`scheme://host[:port]`), if it is not.
-fn origin_error(origin: &str) -> Option<&'static str> {
-    let Some((scheme, rest)) = origin.split_once("://") else {
-        return Some("must be an origin such as \"https://app.example.com\" (scheme and host)");
-    };
-    if !matches!(scheme.to_ascii_lowercase().as_str(), "http" | "https") {
-        return Some("must start with https:// or http://");
-    }
-    if rest.is_empty() || rest.contains(['/', '?', '#', '*', ' ', '@']) {
-        return Some(
-            "must be a scheme and host with no path, such as \"https://app.example.com\" (an \
-             origin has no path, and wildcards are not matched: list each origin)",
-        );
-    }
-    None
 }
 
 /// The names in `always` (lower case), then each of `extra` not among them, as one header
@@ -237,6 +308,59 @@ mod tests {
         assert!(!cors.allows(b"null"));
         let any = check(&config(&["*"]), None).unwrap();
         assert!(any.allows(b"https://anything.test") && any.allows(b"null"));
+    }
+
+    #[test]
+    fn a_wildcard_origin_allows_every_subdomain_of_its_domain_and_nothing_else() {
+        let cors = check(
+            &config(&["https://*.Example.com", "http://*.dev.example.test:3000"]),
+            None,
+        )
+        .unwrap();
+        for allowed in [
+            "https://app.example.com",
+            "https://a.b.example.com",
+            "https://App-1.EXAMPLE.com",
+            "http://web.dev.example.test:3000",
+        ] {
+            assert!(cors.allows(allowed.as_bytes()), "{allowed}");
+        }
+        for refused in [
+            // The domain itself is no subdomain of it.
+            "https://example.com",
+            "https://.example.com",
+            "https://a..example.com",
+            // Another scheme, port or domain.
+            "http://app.example.com",
+            "https://app.example.com:8443",
+            "https://evilexample.com",
+            "https://app.example.com.evil.test",
+            "https://evil.test/.example.com",
+            "https://evil.test?.example.com",
+            "https://user@app.example.com",
+            "http://web.dev.example.test",
+            "http://web.dev.example.test:30001",
+            "null",
+        ] {
+            assert!(!cors.allows(refused.as_bytes()), "{refused}");
+        }
+        // A wildcard stands only for whole first labels, over a domain of two labels at least.
+        for (origin, why) in [
+            ("https://*.com", "two labels"),
+            ("https://*", "no path"),
+            ("https://*.", "no path"),
+            ("https://app.*.example.com", "no path"),
+            ("https://*app.example.com", "no path"),
+            ("https://*.*.example.com", "no path"),
+            ("https://*.example.", "two labels"),
+        ] {
+            let errors = check(&config(&[origin]), None).unwrap_err();
+            assert!(
+                errors[0].starts_with("routes[0].cors.allowed_origins[0]:")
+                    && errors[0].contains(why),
+                "{origin}: {errors:?}"
+            );
+        }
     }
 
     #[test]

@@ -18,7 +18,7 @@ use std::time::Duration;
 
 use http::{HeaderName, HeaderValue, Method};
 
-pub use cors::Cors;
+pub use cors::{AllowedOrigin, Cors};
 pub use file::LogFormat;
 pub use load::{ConfigError, ConfigErrors};
 pub use plans::{

@@ -139,7 +139,11 @@ mod tests {
 
     fn cors(origins: Option<&[&str]>, allow_credentials: bool) -> Cors {
         Cors {
-            origins: origins.map(|list| list.iter().map(|o| (*o).to_owned()).collect()),
+            origins: origins.map(|list| {
+                list.iter()
+                    .map(|o| crate::config::AllowedOrigin::parse(o).unwrap())
+                    .collect()
+            }),
             allow_credentials,
             allow_methods: HeaderValue::from_static("GET, POST"),
             allow_headers: HeaderValue::from_static("authorization, x-api-key"),
