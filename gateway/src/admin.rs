@@ -22,6 +22,7 @@ use tollgate_control_plane::secret::PlainToken;
 use tollgate_control_plane::store::Store;
 use tollgate_model::{PROBLEM_CONTENT_TYPE, Problem};
 
+use crate::identity::follow::Renewal;
 use crate::proxy::request_id;
 use crate::state::Gateway;
 use crate::upstream::health::now_ms;
@@ -290,6 +291,8 @@ pub struct Embedded {
 pub struct Started {
     /// With an embedded control plane: the token this gateway follows it with.
     pub gateway_token: Option<PlainToken>,
+    /// With an embedded control plane: how to make that token again, should an admin delete it.
+    pub renewal: Option<Renewal>,
     /// With an embedded control plane: its store, the usage ledger.
     pub store: Option<Store>,
 }
@@ -324,9 +327,9 @@ pub fn start(
                     Some(embedded) => open_control_plane(embedded).await.map(Some),
                     None => Ok(None),
                 };
-                let (control_plane, gateway_token) = match prepared {
-                    Ok(Some((state, token))) => (Some(state), Some(token)),
-                    Ok(None) => (None, None),
+                let (control_plane, gateway_token, renewal) = match prepared {
+                    Ok(Some((state, token, renewal))) => (Some(state), Some(token), Some(renewal)),
+                    Ok(None) => (None, None, None),
                     Err(error) => {
                         let _ = ready.send(Err(error));
                         return;
@@ -343,6 +346,7 @@ pub fn start(
                 let router = router(Arc::new(Admin::new(gateway, control_plane)));
                 let _ = ready.send(Ok(Started {
                     gateway_token,
+                    renewal,
                     store,
                 }));
                 if let Err(error) = axum::serve(listener, router).await {
@@ -355,7 +359,7 @@ pub fn start(
         .context("the admin listener's thread ended before it started")?
 }
 
-async fn open_control_plane(embedded: Embedded) -> anyhow::Result<(AppState, PlainToken)> {
+async fn open_control_plane(embedded: Embedded) -> anyhow::Result<(AppState, PlainToken, Renewal)> {
     let redacted = tollgate_control_plane::settings::redact_url(&embedded.database_url);
     let store = Store::connect(&embedded.database_url)
         .await
@@ -377,7 +381,18 @@ async fn open_control_plane(embedded: Embedded) -> anyhow::Result<(AppState, Pla
         .unwrap_or_default();
     let instance = format!("{host} {}", embedded.admin_listen);
     let gateway_token = tollgate_control_plane::embedded_gateway_token(&store, &instance).await?;
+    let renewal = {
+        let store = store.clone();
+        Renewal::new(move || {
+            let (store, instance) = (store.clone(), instance.clone());
+            Box::pin(async move {
+                let token =
+                    tollgate_control_plane::embedded_gateway_token(&store, &instance).await?;
+                Ok(token.expose().to_owned())
+            })
+        })
+    };
     tollgate_control_plane::spawn_usage_pruning(store.clone(), embedded.usage_retention);
     tracing::info!(store = %redacted, "control plane running in this process");
-    Ok((AppState::new(store), gateway_token))
+    Ok((AppState::new(store), gateway_token, renewal))
 }

@@ -132,10 +132,12 @@ pub fn run(path: PathBuf) -> anyhow::Result<()> {
             (FeedSource::Embedded { .. }, Some(token), _) => Source {
                 base_url: format!("http://{}", loopback(admin_listen)),
                 token: token.expose().to_owned(),
+                renewal: started.renewal,
             },
             (FeedSource::Remote { url, .. }, _, Some(token)) => Source {
                 base_url: url.clone(),
                 token,
+                renewal: None,
             },
             _ => anyhow::bail!("the control plane's token is missing"),
         };

@@ -398,6 +398,68 @@ async fn revocation_rotation_and_plan_changes_reach_traffic_in_flight_within_a_s
     changes_reach_traffic_in_flight(&gateway, &api).await;
 }
 
+/// The embedded gateway's token (role `gateway`, named after the gateway), listed by the admin
+/// API of the gateway's own control plane.
+async fn embedded_gateway_tokens(api: &AdminApi) -> Vec<Value> {
+    let (status, page) = api.call("GET", "/v1/admin-tokens?limit=100", None).await;
+    assert_eq!(status, 200, "{page}");
+    page["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|t| {
+            t["role"] == "gateway"
+                && t["name"]
+                    .as_str()
+                    .is_some_and(|n| n.starts_with("embedded gateway "))
+        })
+        .cloned()
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_standalone_gateway_whose_own_token_an_admin_deletes_makes_another_and_keeps_following() {
+    let upstream = Upstream::start("orders");
+    let (gateway, api) = standalone(&upstream).await;
+    let (_, _, first) = api.customer_with_key("own-token").await;
+    let first_key = first["key"].as_str().unwrap().to_owned();
+    until_status(&gateway, "/orders", &first_key, 200).await;
+    let own = embedded_gateway_tokens(&api).await;
+    assert_eq!(own.len(), 1, "{own:?}");
+    let (status, body) = api
+        .call(
+            "DELETE",
+            &format!("/v1/admin-tokens/{}", own[0]["id"].as_str().unwrap()),
+            None,
+        )
+        .await;
+    assert_eq!(status, 204, "{body}");
+
+    // A change the feed request in flight (made with the deleted token) carries; then one
+    // only a request after the deletion can: each within a second.
+    let (_, _, second) = api.customer_with_key("own-token-2").await;
+    let second_key = second["key"].as_str().unwrap().to_owned();
+    let took = until_status(&gateway, "/orders", &second_key, 200).await;
+    assert!(took < PROPAGATION, "a new key took {took:?}");
+    api.call(
+        "POST",
+        &format!("/v1/keys/{}/revoke", first["id"].as_str().unwrap()),
+        None,
+    )
+    .await;
+    let took = until_status(&gateway, "/orders", &first_key, 401).await;
+    assert!(
+        took < PROPAGATION,
+        "a revocation after the token was deleted took {took:?}"
+    );
+    // The deleted token stays deleted: the gateway follows with a new one.
+    let renewed = embedded_gateway_tokens(&api).await;
+    assert_eq!(renewed.len(), 1, "{renewed:?}");
+    assert_ne!(renewed[0]["id"], own[0]["id"]);
+    assert_eq!(renewed[0]["name"], own[0]["name"]);
+    assert_eq!(gateway.ready().await["status"], "ready");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_gateway_on_a_separate_postgres_control_plane_enforces_each_outcome_and_change() {
     let upstream = Upstream::start("orders");

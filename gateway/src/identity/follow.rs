@@ -11,19 +11,23 @@
 //!   as soon as it is committed. Each applied page of changes is appended to the journal.
 //! - Failures are retried with a growing delay; the identities in use stay. A control plane
 //!   that cannot be reached is tried again at least every 500 ms, so a change made as it comes
-//!   back is enforced about as soon as one made while it was up; one that answers with an error,
-//!   or sends what cannot be used (a snapshot that does not check), is asked again after a delay
-//!   growing to 10 s.
+//!   back is enforced about as soon as one made while it was up; one that answers with an error
+//!   status, after a delay growing to 2 s; one that sends what cannot be used (a snapshot that
+//!   does not check), after a delay growing to 10 s. A feed request is given up 3 s after its
+//!   long poll should have ended (a control plane that accepts connections and hangs).
+//! - In standalone mode, a token the control plane in this process refuses (an admin deleted
+//!   it) is replaced by a new one ([`Renewal`]).
 //!
 //! # Layout
 //! - here: the service, its loop and its pace, and the restore at start.
 //! - `fetch`: the snapshot and a page of changes, fetched and applied.
 
-use std::sync::Arc;
 use std::sync::atomic::{AtomicI64, Ordering};
+use std::sync::{Arc, PoisonError, RwLock};
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
+use futures_util::future::BoxFuture;
 use pingora::server::ShutdownWatch;
 use pingora::services::background::BackgroundService;
 
@@ -37,10 +41,17 @@ use fetch::SyncError;
 
 /// How long one request to the change feed waits for a change: the control plane confirms the
 /// identities current at least this often (`sync_age_seconds`), and a connection cut without a
-/// word shows after this and 10 s.
+/// word (or a control plane that hangs) shows after this and [`LONG_POLL_MARGIN`].
 const LONG_POLL: Duration = Duration::from_secs(5);
-/// Longest delay between failed attempts.
+/// How long past [`LONG_POLL`] a feed request waits for its answer before it is given up.
+const LONG_POLL_MARGIN: Duration = Duration::from_secs(3);
+/// Longest delay between failed attempts whose next one takes a full snapshot (one that did
+/// not check): a costly transfer, for the control plane and the gateway.
 const MAX_BACKOFF: Duration = Duration::from_secs(10);
+/// Longest delay between attempts that a control plane answered with an error status (a
+/// refused token, an overload, a restart behind a load balancer): a change made as it
+/// recovers waits for the next.
+const MAX_BACKOFF_REFUSED: Duration = Duration::from_secs(2);
 /// Longest delay between attempts to reach a control plane that could not be reached: an
 /// attempt costs it nothing, and a change made as it comes back waits for the next.
 const MAX_BACKOFF_UNREACHABLE: Duration = Duration::from_millis(500);
@@ -56,13 +67,42 @@ pub struct Source {
     pub base_url: String,
     /// A token with role `gateway`.
     pub token: String,
+    /// For the control plane this process runs itself: how to make a new token when it
+    /// refuses the one in use (an admin deleted it through the admin API).
+    pub renewal: Option<Renewal>,
 }
+
+/// Makes a new `gateway` token for the control plane this process runs, in place of its
+/// previous one, and gives it back.
+#[derive(Clone)]
+pub struct Renewal(Arc<dyn Fn() -> BoxFuture<'static, anyhow::Result<String>> + Send + Sync>);
+
+impl Renewal {
+    /// A renewal that runs `renew`.
+    pub fn new(
+        renew: impl Fn() -> BoxFuture<'static, anyhow::Result<String>> + Send + Sync + 'static,
+    ) -> Self {
+        Self(Arc::new(renew))
+    }
+}
+
+impl std::fmt::Debug for Renewal {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Renewal")
+    }
+}
+
+/// Least time between two renewals of the embedded control plane's token: one that is refused
+/// again at once is not the token's fault, and is not renewed in a loop.
+const RENEWAL_PAUSE: Duration = Duration::from_secs(10);
 
 /// The follower, as a background service.
 #[derive(Debug)]
 pub struct Follower {
     gateway: Arc<Gateway>,
     source: Source,
+    /// The token in use: `source`'s, or the last one its renewal made.
+    token: RwLock<String>,
     stored: Stored,
     /// The version the stored state ends at (the snapshot's, or its journal's last page's):
     /// a page of changes is journaled only when it starts there. [`NOT_STORED`] while the
@@ -84,6 +124,7 @@ impl Follower {
             .build()?;
         Ok(Self {
             gateway,
+            token: RwLock::new(source.token.clone()),
             source,
             stored,
             journal_base: AtomicI64::new(NOT_STORED),
@@ -129,6 +170,41 @@ impl Follower {
         }
     }
 
+    /// The token to send.
+    fn token(&self) -> String {
+        self.token
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+    }
+
+    /// After the control plane refused the token (`status`): a new one from the renewal, when
+    /// there is one and none was made in the last [`RENEWAL_PAUSE`]; whether one was made.
+    async fn renew_token(&self, status: u16, last: &mut Option<Instant>) -> bool {
+        let Some(renewal) = &self.source.renewal else {
+            return false;
+        };
+        if last.is_some_and(|at| at.elapsed() < RENEWAL_PAUSE) {
+            return false;
+        }
+        *last = Some(Instant::now());
+        match (renewal.0)().await {
+            Ok(token) => {
+                *self.token.write().unwrap_or_else(PoisonError::into_inner) = token;
+                tracing::warn!(
+                    status,
+                    "the control plane in this process refused this gateway's token (deleted \
+                     through the admin API?); it made a new one, and following goes on"
+                );
+                true
+            }
+            Err(error) => {
+                tracing::warn!(error = %tollgate_control_plane::causes(&error), "cannot make a new token for the control plane in this process");
+                false
+            }
+        }
+    }
+
     fn publish(&self, identities: Identities, restored: bool) {
         self.gateway.metrics.set_identities(&identities);
         self.gateway.identity.set(identities, restored);
@@ -149,6 +225,8 @@ impl Follower {
         // Whether the last attempt took a snapshot: a control plane that refuses to follow on
         // from the snapshot it has just sent is not asked for another at once, in a loop.
         let mut fresh_snapshot = false;
+        // When the token was last renewed (the control plane in this process only).
+        let mut renewed: Option<Instant> = None;
         loop {
             let attempt = async {
                 match self.gateway.identity.current() {
@@ -204,6 +282,11 @@ impl Follower {
                     backoff = Duration::from_millis(250);
                     continue;
                 }
+                Err(SyncError::Refused(status @ (401 | 403), _))
+                    if self.renew_token(status, &mut renewed).await =>
+                {
+                    continue;
+                }
                 Err(SyncError::Invalid(invalid)) => {
                     tracing::error!(%invalid, "refused what the control plane sent; the last good identities stay");
                     self.gateway.metrics.identity_snapshot("refused");
@@ -211,10 +294,12 @@ impl Follower {
                 }
                 Err(error) => {
                     // A control plane that answers with an error (a refused token, an overload)
-                    // is not pressed: only one that cannot be reached is tried at a short pace.
-                    if matches!(error, SyncError::Unreachable(_)) {
-                        longest = MAX_BACKOFF_UNREACHABLE;
-                    }
+                    // is pressed less than one that cannot be reached, which is tried at a
+                    // short pace.
+                    longest = match error {
+                        SyncError::Unreachable(_) => MAX_BACKOFF_UNREACHABLE,
+                        _ => MAX_BACKOFF_REFUSED,
+                    };
                     let kind = FailureKind::of(&error);
                     if failing == Some(kind) {
                         tracing::debug!(%error, "sync still failing");

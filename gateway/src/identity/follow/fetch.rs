@@ -10,7 +10,7 @@ use bytes::Bytes;
 use tokio::sync::mpsc;
 use tollgate_model::feed::Changes;
 
-use super::{Follower, LONG_POLL, NOT_STORED};
+use super::{Follower, LONG_POLL, LONG_POLL_MARGIN, NOT_STORED};
 use crate::identity::index::{Applied, Identities, Invalid, ScopeInterner};
 use crate::identity::snapshot;
 use crate::identity::stored::apply;
@@ -76,7 +76,7 @@ impl Follower {
         let response = self
             .client
             .get(format!("{}/v1/gateway/snapshot", self.source.base_url))
-            .bearer_auth(&self.source.token)
+            .bearer_auth(self.token())
             .header(http::header::ACCEPT_ENCODING, "gzip")
             .timeout(Duration::from_secs(600))
             .send()
@@ -171,8 +171,8 @@ impl Follower {
             request = request.query(&[("since_at_ms", at)]);
         }
         let response = request
-            .bearer_auth(&self.source.token)
-            .timeout(LONG_POLL + Duration::from_secs(10))
+            .bearer_auth(self.token())
+            .timeout(LONG_POLL + LONG_POLL_MARGIN)
             .send()
             .await?;
         if response.status() == reqwest::StatusCode::CONFLICT {
