@@ -173,15 +173,12 @@ pub fn router(admin: Arc<Admin>) -> Router {
         .fallback(move || async move {
             problem(Problem::new("not-found", "Not found", 404).with_detail(detail))
         })
+        // axum adds `Allow` with the path's own methods.
         .method_not_allowed_fallback(|| async {
-            let mut response = problem(
+            problem(
                 Problem::new("method-not-allowed", "Method not allowed", 405)
                     .with_detail("this path does not take this method"),
-            );
-            response
-                .headers_mut()
-                .insert(header::ALLOW, HeaderValue::from_static("GET, HEAD"));
-            response
+            )
         })
         .layer(axum::middleware::from_fn(with_request_id))
 }

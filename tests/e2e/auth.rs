@@ -389,6 +389,24 @@ async fn a_standalone_gateway_issues_keys_and_enforces_each_outcome() {
         assert!(metrics.contains(line), "missing {line} in:\n{metrics}");
     }
     assert!(!metrics.contains(&key), "no key in the metrics");
+    // The admin API on the admin listener: a 405 names the path's own methods.
+    for (method, path, allow) in [
+        (reqwest::Method::PUT, "/v1/plans", "GET,HEAD,POST"),
+        (reqwest::Method::GET, "/v1/keys/key_x/revoke", "POST"),
+        (reqwest::Method::POST, "/health", "GET,HEAD"),
+    ] {
+        let response = client()
+            .request(method.clone(), format!("http://{}{path}", gateway.admin))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), 405, "{method} {path}");
+        assert_eq!(response.headers()["allow"], allow, "{method} {path}");
+        assert_eq!(
+            response.headers()["content-type"],
+            "application/problem+json"
+        );
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

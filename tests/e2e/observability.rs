@@ -193,6 +193,7 @@ async fn health_and_readiness_describe_the_gateway() {
         .await
         .unwrap();
     assert_eq!(response.status(), 405);
+    assert_eq!(response.headers()["allow"], "GET,HEAD");
 
     // The proxy listener does not serve admin endpoints.
     let response = client.get(gateway.url("/metrics")).send().await.unwrap();
