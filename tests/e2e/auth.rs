@@ -172,6 +172,25 @@ async fn enforces_each_outcome(gateway: &Gateway, api: &AdminApi) -> String {
         echo["path"], "/orders/3?a=1&b=2",
         "the key is not forwarded"
     );
+    // Escaped in the query, as a client's URL encoder may send it: decoded as the upstream's
+    // framework would, and removed all the same.
+    let escaped = key.replace('_', "%5F");
+    let (status, echo) = call(gateway, &format!("/orders/3?api_key={escaped}&b=2"), None).await;
+    assert_eq!(status, 200, "{echo}");
+    assert_eq!(echo["path"], "/orders/3?b=2");
+    // Base64-encoded in a Basic `Authorization` beside X-API-Key (`curl -u <key>:`).
+    use base64::Engine;
+    let basic = base64::engine::general_purpose::STANDARD.encode(format!("{key}:"));
+    let response = client()
+        .get(gateway.url("/orders/2"))
+        .header("x-api-key", &key)
+        .header("authorization", format!("Basic {basic}"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    let echo: Value = response.json().await.unwrap();
+    assert!(echo["headers"].get("authorization").is_none(), "{echo}");
 
     // Public routes stay public; a client cannot forge the identity headers.
     let response = client()

@@ -215,6 +215,16 @@ pub fn authenticate(
             None => Err(Refusal::Missing(what_to_send(&route.auth))),
             Some((Credential::Key(key), source)) => {
                 let now = gateway.identity.control_plane_now_ms(now);
+                // A key in the query may come escaped (`tg%5F…`), as the upstream's framework
+                // would decode it.
+                let decoded;
+                let key = if source == Source::Query && key.contains('%') {
+                    decoded =
+                        String::from_utf8_lossy(&unescaped(key).collect::<Vec<u8>>()).into_owned();
+                    decoded.as_str()
+                } else {
+                    key
+                };
                 // Scopes name the routes a key may call; its customer's own usage view is
                 // readable with any of its keys.
                 let scope = match route.action {
@@ -313,7 +323,7 @@ pub fn rewrite_upstream(
         || upstream_request
             .headers
             .get(AUTHORIZATION)
-            .is_some_and(|value| holds_key(value.as_bytes()))
+            .is_some_and(|value| authorization_holds_key(value.as_bytes()))
     {
         upstream_request.remove_header(&AUTHORIZATION);
     }
@@ -372,6 +382,25 @@ fn holds_key(bytes: &[u8]) -> bool {
         bytes[at..].starts_with(prefix)
             && std::str::from_utf8(&bytes[at..at + KEY_LEN]).is_ok_and(is_well_formed)
     })
+}
+
+/// Whether an `Authorization` value holds a well-formed key: as it is (`Token tg_…`), or
+/// base64-encoded under the Basic scheme (`curl -u tg_…:`, as some clients send API keys).
+fn authorization_holds_key(value: &[u8]) -> bool {
+    use base64::Engine;
+    if holds_key(value) {
+        return true;
+    }
+    let Some((scheme, encoded)) = std::str::from_utf8(value)
+        .ok()
+        .and_then(|v| v.trim().split_once(' '))
+    else {
+        return false;
+    };
+    scheme.eq_ignore_ascii_case("basic")
+        && base64::engine::general_purpose::STANDARD
+            .decode(encoded.trim())
+            .is_ok_and(|credentials| holds_key(&credentials))
 }
 
 /// Whether a query parameter's value, its `%XX` escapes decoded, is a well-formed key.

@@ -371,3 +371,31 @@ fn a_key_goes_from_the_query_under_any_name_and_from_authorization_in_any_form()
     );
     assert!(!holds_key(b"Bearer eyJhbGciOi.tg_.x"));
 }
+
+#[test]
+fn a_key_in_a_basic_authorization_is_found_as_user_or_password() {
+    use base64::Engine;
+    let key = tollgate_model::key::from_random([9; 16]);
+    let basic = |credentials: &str| {
+        format!(
+            "Basic {}",
+            base64::engine::general_purpose::STANDARD.encode(credentials)
+        )
+    };
+    for credentials in [format!("{key}:"), format!("api:{key}"), key.clone()] {
+        assert!(
+            authorization_holds_key(basic(&credentials).as_bytes()),
+            "{credentials}"
+        );
+    }
+    assert!(authorization_holds_key(
+        format!("  basic  {}", &basic(&format!("{key}:"))[6..]).as_bytes()
+    ));
+    assert!(authorization_holds_key(format!("Token {key}").as_bytes()));
+    assert!(!authorization_holds_key(basic("user:password").as_bytes()));
+    assert!(!authorization_holds_key(
+        basic(&format!("{}:", &key[..key.len() - 1])).as_bytes()
+    ));
+    assert!(!authorization_holds_key(b"Basic not-base64!"));
+    assert!(!authorization_holds_key(b"Basic"));
+}
