@@ -23,28 +23,40 @@ pub fn from_random(random: [u8; 16]) -> String {
     format!("{KEY_PREFIX}{body}{checksum}")
 }
 
-/// Whether `key` has the prefix, length, alphabet and checksum of a key.
+/// Whether `key` has the prefix, length, alphabet and checksum of a key. This runs on every
+/// authenticated request: no allocation, and the checksum's digits are read as a number to
+/// compare with the CRC, not written out from it.
 pub fn is_well_formed(key: &str) -> bool {
     let Some(rest) = key.strip_prefix(KEY_PREFIX) else {
         return false;
     };
-    if rest.len() != RANDOM_LEN + CHECKSUM_LEN || !rest.bytes().all(|b| b.is_ascii_alphanumeric()) {
+    if rest.len() != RANDOM_LEN + CHECKSUM_LEN {
         return false;
     }
-    let (body, checksum) = rest.split_at(RANDOM_LEN);
-    checksum_digits(crc32(body.as_bytes())) == checksum.as_bytes()
+    let (body, checksum) = rest.as_bytes().split_at(RANDOM_LEN);
+    if !body.iter().all(u8::is_ascii_alphanumeric) {
+        return false;
+    }
+    // Six base62 digits, most significant first, name one number below 62^6 (more than 2^32):
+    // the same number as the CRC's only when they are its digits.
+    let mut written = 0u64;
+    for &byte in checksum {
+        let Some(digit) = digit_value(byte) else {
+            return false;
+        };
+        written = written * 62 + u64::from(digit);
+    }
+    written == u64::from(crc32(body))
 }
 
-/// The checksum suffix of a body whose CRC-32 is `crc`, without allocating: this runs on every
-/// authenticated request.
-fn checksum_digits(crc: u32) -> [u8; CHECKSUM_LEN] {
-    let mut value = u64::from(crc);
-    let mut digits = [b'0'; CHECKSUM_LEN];
-    for slot in digits.iter_mut().rev() {
-        *slot = ALPHABET[(value % 62) as usize];
-        value /= 62;
+/// The value of `byte` as a base62 digit of [`ALPHABET`].
+fn digit_value(byte: u8) -> Option<u8> {
+    match byte {
+        b'0'..=b'9' => Some(byte - b'0'),
+        b'A'..=b'Z' => Some(byte - b'A' + 10),
+        b'a'..=b'z' => Some(byte - b'a' + 36),
+        _ => None,
     }
-    digits
 }
 
 /// The start of a key shown in listings.
@@ -61,34 +73,10 @@ fn base62(mut value: u128, width: usize) -> String {
     String::from_utf8(digits).unwrap_or_default()
 }
 
-/// CRC-32 (IEEE 802.3), a byte at a time from a table built at compile time.
+/// CRC-32 (IEEE 802.3).
 fn crc32(bytes: &[u8]) -> u32 {
-    let mut crc = !0u32;
-    for &byte in bytes {
-        crc = (crc >> 8) ^ CRC_TABLE[usize::from((crc as u8) ^ byte)];
-    }
-    !crc
+    crc32fast::hash(bytes)
 }
-
-const CRC_TABLE: [u32; 256] = {
-    let mut table = [0u32; 256];
-    let mut i = 0;
-    while i < 256 {
-        let mut crc = i as u32;
-        let mut bit = 0;
-        while bit < 8 {
-            crc = if crc & 1 == 1 {
-                (crc >> 1) ^ 0xEDB8_8320
-            } else {
-                crc >> 1
-            };
-            bit += 1;
-        }
-        table[i] = crc;
-        i += 1;
-    }
-    table
-};
 
 #[cfg(test)]
 mod tests {
@@ -105,11 +93,26 @@ mod tests {
             let key = from_random([seed; 16]);
             let body = &key[KEY_PREFIX.len()..KEY_PREFIX.len() + RANDOM_LEN];
             assert_eq!(
-                checksum_digits(crc32(body.as_bytes())).as_slice(),
-                base62(u128::from(crc32(body.as_bytes())), CHECKSUM_LEN).as_bytes()
+                key[KEY_PREFIX.len() + RANDOM_LEN..],
+                base62(u128::from(crc32(body.as_bytes())), CHECKSUM_LEN)
             );
             assert!(is_well_formed(&key));
         }
+        for (value, &digit) in ALPHABET.iter().enumerate() {
+            assert_eq!(digit_value(digit), u8::try_from(value).ok());
+        }
+        for byte in (0..=u8::MAX).filter(|b| !b.is_ascii_alphanumeric()) {
+            assert_eq!(digit_value(byte), None, "{byte}");
+        }
+    }
+
+    #[test]
+    fn keys_issued_before_stay_well_formed() {
+        // Made by an independent CRC-32 (Python's zlib) and base62 from the same 16 bytes.
+        assert_eq!(from_random([7; 16]), "tg_0DG9mkOv2l6AkSp3WsPxY72c0WNP");
+        assert!(is_well_formed("tg_0DG9mkOv2l6AkSp3WsPxY72c0WNP"));
+        // The largest checksum six digits can write is past any CRC: never taken.
+        assert!(!is_well_formed("tg_0DG9mkOv2l6AkSp3WsPxY7zzzzzz"));
     }
 
     #[test]
