@@ -97,6 +97,25 @@ pub async fn embedded_gateway_token(store: &Store, instance: &str) -> anyhow::Re
     Ok(token)
 }
 
+/// Another `gateway` token for the gateway `instance` running this control plane in its own
+/// process, after its own was deleted through the admin API. Added beside any other token of
+/// the same name (two such gateways on one store would otherwise delete each other's, in turn);
+/// the next start replaces them all ([`embedded_gateway_token`]).
+pub async fn renewed_embedded_gateway_token(
+    store: &Store,
+    instance: &str,
+) -> anyhow::Result<PlainToken> {
+    let token = PlainToken::generate();
+    store
+        .create_admin_token(
+            &embedded_gateway_token_name(instance),
+            Role::Gateway,
+            &hash(token.expose()),
+        )
+        .await?;
+    Ok(token)
+}
+
 /// How often [`spawn_usage_pruning`] deletes raw usage events past their retention.
 pub const PRUNE_EVERY: Duration = Duration::from_secs(3600);
 

@@ -22,7 +22,7 @@ use tollgate_control_plane::secret::PlainToken;
 use tollgate_control_plane::store::Store;
 use tollgate_model::{PROBLEM_CONTENT_TYPE, Problem};
 
-use crate::identity::follow::Renewal;
+use crate::identity::follow::{Renewal, Token};
 use crate::proxy::request_id;
 use crate::state::Gateway;
 use crate::upstream::health::now_ms;
@@ -384,8 +384,9 @@ async fn open_control_plane(embedded: Embedded) -> anyhow::Result<(AppState, Pla
             let (store, instance) = (store.clone(), instance.clone());
             Box::pin(async move {
                 let token =
-                    tollgate_control_plane::embedded_gateway_token(&store, &instance).await?;
-                Ok(token.expose().to_owned())
+                    tollgate_control_plane::renewed_embedded_gateway_token(&store, &instance)
+                        .await?;
+                Ok(Token::new(token.expose().to_owned()))
             })
         })
     };

@@ -15,7 +15,7 @@ use pingora::services::background::background_service;
 
 use crate::admin::Embedded;
 use crate::config::{Config, FeedSource};
-use crate::identity::follow::{Follower, Source, Stored};
+use crate::identity::follow::{Follower, Source, Stored, Token};
 use crate::listen_check::ListenCheck;
 use crate::metering::flush::Flusher;
 use crate::metering::ledger::{HttpLedger, Ledger, StoreLedger};
@@ -131,19 +131,19 @@ pub fn run(path: PathBuf) -> anyhow::Result<()> {
         let source = match (&cp.source, started.gateway_token, remote_token) {
             (FeedSource::Embedded { .. }, Some(token), _) => Source {
                 base_url: format!("http://{}", loopback(admin_listen)),
-                token: token.expose().to_owned(),
+                token: Token::new(token.expose().to_owned()),
                 renewal: started.renewal,
             },
             (FeedSource::Remote { url, .. }, _, Some(token)) => Source {
                 base_url: url.clone(),
-                token,
+                token: Token::new(token),
                 renewal: None,
             },
             _ => anyhow::bail!("the control plane's token is missing"),
         };
         let ledger: Arc<dyn Ledger> = match (&cp.source, started.store) {
             (FeedSource::Embedded { .. }, Some(store)) => Arc::new(StoreLedger(store)),
-            _ => Arc::new(HttpLedger::new(&source.base_url, &source.token)?),
+            _ => Arc::new(HttpLedger::new(&source.base_url, source.token.expose())?),
         };
         gateway.limiter.set_ledger(ledger);
         // By then every gateway has flushed the events it held when a count was rebuilt.

@@ -49,20 +49,18 @@ impl Cors {
     }
 }
 
-/// An origin a CORS policy names.
+/// An origin a CORS policy names, checked ([`AllowedOrigin::parse`] is the only way to one).
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum AllowedOrigin {
+pub struct AllowedOrigin(Pattern);
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Pattern {
     /// One origin, as browsers send it (`https://app.example.com`, lowercase).
     Exact(String),
     /// Every subdomain of a domain (`https://*.example.com`): `scheme` with its `://`
-    /// (`https://`), then one or more labels, then `suffix`, what followed the `*`
-    /// (`.example.com`, and the port if one was named).
-    Subdomains {
-        /// `https://` or `http://`.
-        scheme: String,
-        /// The domain after the `*`, from its dot, with the port if any (lowercase).
-        suffix: String,
-    },
+    /// (`https://`), then one or more labels, then `suffix`: what followed the `*`, from its
+    /// dot (`.example.com`, and the port if one was named; lowercase).
+    Subdomains { scheme: String, suffix: String },
 }
 
 impl AllowedOrigin {
@@ -73,41 +71,78 @@ impl AllowedOrigin {
         let Some((scheme, rest)) = origin.split_once("://") else {
             return Err("must be an origin such as \"https://app.example.com\" (scheme and host)");
         };
-        if !matches!(scheme, "http" | "https") {
-            return Err("must start with https:// or http://");
-        }
-        let (host, wildcard) = match rest.strip_prefix("*.") {
-            Some(domain) => (domain, true),
-            None => (rest, false),
+        let default_port = match scheme {
+            "https" => "443",
+            "http" => "80",
+            _ => return Err("must start with https:// or http://"),
         };
-        if host.is_empty() || host.contains(['/', '?', '#', '*', ' ', '@']) {
+        const WHOLE_LABELS: &str =
+            "a wildcard stands for whole first labels only, as in \"https://*.example.com\"";
+        let (host, wildcard) = match rest.strip_prefix('*') {
+            None => (rest, false),
+            Some(after) => match after.strip_prefix('.') {
+                Some(domain) => (domain, true),
+                None if after.is_empty() => ("", true),
+                None => return Err(WHOLE_LABELS),
+            },
+        };
+        if host.contains(['/', '?', '#', ' ', '@']) {
             return Err(
                 "must be a scheme and host with no path, such as \"https://app.example.com\" (an \
-                 origin has no path; a wildcard stands only for the first labels, as in \
-                 \"https://*.example.com\")",
+                 origin has no path)",
             );
         }
-        if !wildcard {
-            return Ok(Self::Exact(origin));
+        if host.contains('*') {
+            return Err(WHOLE_LABELS);
         }
-        let domain = host.split_once(':').map_or(host, |(domain, _)| domain);
-        if !domain.contains('.') || domain.starts_with('.') || domain.ends_with('.') {
+        let (name, port) = split_port(host);
+        if name.is_empty() {
+            return Err(if wildcard {
+                "a wildcard must be followed by a domain, as in \"https://*.example.com\""
+            } else {
+                "must name a host, such as \"https://app.example.com\""
+            });
+        }
+        if let Some(port) = port {
+            if port == default_port {
+                return Err(
+                    "names the scheme's default port, which browsers leave out of Origin: write \
+                     the origin without it",
+                );
+            }
+            if port.parse::<u16>().map_or(true, |p| p == 0)
+                || !port.bytes().all(|b| b.is_ascii_digit())
+            {
+                return Err("the port must be a number from 1 to 65535");
+            }
+        }
+        if !wildcard {
+            return Ok(Self(Pattern::Exact(origin)));
+        }
+        if !name.contains('.') || name.split('.').any(str::is_empty) {
             return Err(
                 "a wildcard must leave a domain of two labels or more, as in \
                  \"https://*.example.com\" (\"https://*.com\" would allow every site under .com)",
             );
         }
-        Ok(Self::Subdomains {
+        if name
+            .rsplit('.')
+            .next()
+            .is_some_and(|last| last.bytes().all(|b| b.is_ascii_digit()))
+        {
+            return Err("a wildcard over an IP address names other addresses: list each origin");
+        }
+        Ok(Self(Pattern::Subdomains {
             suffix: format!(".{host}"),
             scheme: format!("{scheme}://"),
-        })
+        }))
     }
 
     /// Whether a page of `origin` (the `Origin` header's bytes) is this one.
     fn matches(&self, origin: &[u8]) -> bool {
-        match self {
-            Self::Exact(allowed) => allowed.as_bytes().eq_ignore_ascii_case(origin),
-            Self::Subdomains { scheme, suffix } => {
+        match &self.0 {
+            Pattern::Exact(allowed) => allowed.as_bytes().eq_ignore_ascii_case(origin),
+            Pattern::Subdomains { scheme, suffix } => {
                 let Some(rest) = strip_prefix_ignoring_case(origin, scheme.as_bytes()) else {
                     return false;
                 };
@@ -131,6 +166,17 @@ impl AllowedOrigin {
             }
         }
     }
+}
+
+/// A host and its port, if it names one (`[::1]:3000` is `[::1]` and `3000`).
+fn split_port(host: &str) -> (&str, Option<&str>) {
+    let after_name = if host.starts_with('[') {
+        host.find(']').map_or(host.len(), |end| end + 1)
+    } else {
+        host.find(':').unwrap_or(host.len())
+    };
+    let (name, port) = host.split_at(after_name);
+    (name, port.strip_prefix(':'))
 }
 
 /// `bytes` without `prefix`, compared without regard to ASCII case.
@@ -313,7 +359,11 @@ mod tests {
     #[test]
     fn a_wildcard_origin_allows_every_subdomain_of_its_domain_and_nothing_else() {
         let cors = check(
-            &config(&["https://*.Example.com", "http://*.dev.example.test:3000"]),
+            &config(&[
+                "https://*.Example.com",
+                "http://*.dev.example.test:3000",
+                "http://[::1]:3000",
+            ]),
             None,
         )
         .unwrap();
@@ -322,6 +372,7 @@ mod tests {
             "https://a.b.example.com",
             "https://App-1.EXAMPLE.com",
             "http://web.dev.example.test:3000",
+            "http://[::1]:3000",
         ] {
             assert!(cors.allows(allowed.as_bytes()), "{allowed}");
         }
@@ -347,12 +398,23 @@ mod tests {
         // A wildcard stands only for whole first labels, over a domain of two labels at least.
         for (origin, why) in [
             ("https://*.com", "two labels"),
-            ("https://*", "no path"),
-            ("https://*.", "no path"),
-            ("https://app.*.example.com", "no path"),
-            ("https://*app.example.com", "no path"),
-            ("https://*.*.example.com", "no path"),
+            ("https://*", "followed by a domain"),
+            ("https://*.", "followed by a domain"),
+            ("https://*.:8443", "followed by a domain"),
+            ("https://app.*.example.com", "whole first labels"),
+            ("https://*app.example.com", "whole first labels"),
+            ("https://*.*.example.com", "whole first labels"),
             ("https://*.example.", "two labels"),
+            ("https://*.example..com", "two labels"),
+            ("http://*.0.0.1", "IP address"),
+            ("https://*.example.com:", "from 1 to 65535"),
+            ("https://*.example.com:abc", "from 1 to 65535"),
+            ("https://*.example.com:443", "default port"),
+            ("https://app.example.com:443", "default port"),
+            ("http://app.example.com:80", "default port"),
+            ("https://app.example.com:0", "from 1 to 65535"),
+            ("https://app.example.com:99999", "from 1 to 65535"),
+            ("https://:8443", "name a host"),
         ] {
             let errors = check(&config(&[origin]), None).unwrap_err();
             assert!(

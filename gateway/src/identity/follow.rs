@@ -66,21 +66,43 @@ pub struct Source {
     /// The control plane's base URL.
     pub base_url: String,
     /// A token with role `gateway`.
-    pub token: String,
+    pub token: Token,
     /// For the control plane this process runs itself: how to make a new token when it
     /// refuses the one in use (an admin deleted it through the admin API).
     pub renewal: Option<Renewal>,
 }
 
-/// Makes a new `gateway` token for the control plane this process runs, in place of its
-/// previous one, and gives it back.
+/// A control-plane token; `Debug` does not print it.
 #[derive(Clone)]
-pub struct Renewal(Arc<dyn Fn() -> BoxFuture<'static, anyhow::Result<String>> + Send + Sync>);
+pub struct Token(String);
+
+impl Token {
+    /// `token`, kept from `Debug`.
+    pub fn new(token: String) -> Self {
+        Self(token)
+    }
+
+    /// The token, to send.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl std::fmt::Debug for Token {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Token(<redacted>)")
+    }
+}
+
+/// Makes a new `gateway` token for the control plane this process runs, once its own was
+/// deleted, and gives it back.
+#[derive(Clone)]
+pub struct Renewal(Arc<dyn Fn() -> BoxFuture<'static, anyhow::Result<Token>> + Send + Sync>);
 
 impl Renewal {
     /// A renewal that runs `renew`.
     pub fn new(
-        renew: impl Fn() -> BoxFuture<'static, anyhow::Result<String>> + Send + Sync + 'static,
+        renew: impl Fn() -> BoxFuture<'static, anyhow::Result<Token>> + Send + Sync + 'static,
     ) -> Self {
         Self(Arc::new(renew))
     }
@@ -101,8 +123,10 @@ const RENEWAL_PAUSE: Duration = Duration::from_secs(10);
 pub struct Follower {
     gateway: Arc<Gateway>,
     source: Source,
-    /// The token in use: `source`'s, or the last one its renewal made.
-    token: RwLock<String>,
+    /// The token in use: `source`'s, or the last one its renewal made. Read by each request
+    /// to the control plane and replaced by a renewal, which only the follow loop makes: a lock
+    /// that is never contended.
+    token: RwLock<Token>,
     stored: Stored,
     /// The version the stored state ends at (the snapshot's, or its journal's last page's):
     /// a page of changes is journaled only when it starts there. [`NOT_STORED`] while the
@@ -175,7 +199,8 @@ impl Follower {
         self.token
             .read()
             .unwrap_or_else(PoisonError::into_inner)
-            .clone()
+            .expose()
+            .to_owned()
     }
 
     /// After the control plane refused the token (`status`): a new one from the renewal, when
@@ -312,6 +337,8 @@ impl Follower {
                 }
             }
             self.gateway.metrics.identity_sync_failure();
+            // A delay grown by failures of another kind is cut to this kind's longest.
+            backoff = backoff.min(longest);
             tokio::select! {
                 () = tokio::time::sleep(backoff) => {}
                 _ = shutdown.changed() => return,

@@ -11,6 +11,7 @@ use tollgate_control_plane::store::Store;
 use tollgate_model::problem::{PROBLEM_TYPE_PREFIX, Problem};
 use tollgate_model::usage::{PeriodUsage, UsageEvent, UsageStored};
 
+use crate::identity::follow::Token;
 use crate::identity::index::{Id, format_id};
 use crate::limits::period::Period;
 
@@ -93,7 +94,7 @@ impl Ledger for StoreLedger {
 #[derive(Debug, Clone)]
 pub struct HttpLedger {
     base_url: String,
-    token: String,
+    token: Token,
     client: reqwest::Client,
 }
 
@@ -102,7 +103,7 @@ impl HttpLedger {
     pub fn new(base_url: &str, token: &str) -> anyhow::Result<Self> {
         Ok(Self {
             base_url: base_url.trim_end_matches('/').to_owned(),
-            token: token.to_owned(),
+            token: Token::new(token.to_owned()),
             client: reqwest::Client::builder()
                 .timeout(Duration::from_secs(30))
                 .build()?,
@@ -149,7 +150,7 @@ impl Ledger for HttpLedger {
         let response = self
             .client
             .post(format!("{}/v1/gateway/usage", self.base_url))
-            .bearer_auth(&self.token)
+            .bearer_auth(self.token.expose())
             .json(&BorrowedBatch { events })
             .send()
             .await
@@ -182,7 +183,7 @@ impl Ledger for HttpLedger {
         let response = self
             .client
             .get(format!("{}/v1/gateway/usage/period", self.base_url))
-            .bearer_auth(&self.token)
+            .bearer_auth(self.token.expose())
             .query(&[
                 ("customer_id", format_id("cus", customer)),
                 ("start_ms", period.start_ms.to_string()),

@@ -36,8 +36,10 @@ impl std::fmt::Display for SyncError {
             SyncError::Unreachable(error) => write!(f, "control plane unreachable: {error}"),
             SyncError::Refused(status @ (401 | 403), detail) => write!(
                 f,
-                "control plane answered {status}: {detail} (the variable control_plane.token_env \
-                 names must hold one of its tokens with role \"gateway\")"
+                "control plane answered {status}: {detail} (following a separate control plane, \
+                 the variable control_plane.token_env names must hold one of its tokens with role \
+                 \"gateway\"; following the one in this process, the gateway makes itself a new \
+                 token, at most every 10 s)"
             ),
             SyncError::Refused(status, detail) => {
                 write!(f, "control plane answered {status}: {detail}")
@@ -237,8 +239,10 @@ mod tests {
         let refused = SyncError::Refused(401, "no token".into()).to_string();
         assert_eq!(
             refused,
-            "control plane answered 401: no token (the variable control_plane.token_env names \
-             must hold one of its tokens with role \"gateway\")"
+            "control plane answered 401: no token (following a separate control plane, the \
+             variable control_plane.token_env names must hold one of its tokens with role \
+             \"gateway\"; following the one in this process, the gateway makes itself a new \
+             token, at most every 10 s)"
         );
         assert_eq!(
             SyncError::Refused(500, "down".into()).to_string(),

@@ -1,5 +1,8 @@
 //! The credential's place, the upstream's view, and the client address failures count against.
 
+use http::HeaderName;
+
+use super::upstream::*;
 use super::*;
 
 fn request(uri: &str, headers: &[(&str, &str)]) -> RequestHeader {
@@ -392,6 +395,18 @@ fn a_key_in_a_basic_authorization_is_found_as_user_or_password() {
         format!("  basic  {}", &basic(&format!("{key}:"))[6..]).as_bytes()
     ));
     assert!(authorization_holds_key(format!("Token {key}").as_bytes()));
+    // Without padding, and in the URL-safe alphabet, as some encoders write it.
+    for engine in [
+        base64::engine::general_purpose::STANDARD_NO_PAD,
+        base64::engine::general_purpose::URL_SAFE,
+        base64::engine::general_purpose::URL_SAFE_NO_PAD,
+    ] {
+        let encoded = engine.encode(format!("{key}:"));
+        assert!(
+            authorization_holds_key(format!("Basic {encoded}").as_bytes()),
+            "{encoded}"
+        );
+    }
     assert!(!authorization_holds_key(basic("user:password").as_bytes()));
     assert!(!authorization_holds_key(
         basic(&format!("{}:", &key[..key.len() - 1])).as_bytes()
