@@ -105,16 +105,15 @@ pub(super) fn authorization_holds_key(value: &[u8]) -> bool {
     if !scheme.eq_ignore_ascii_case("basic") {
         return false;
     }
-    // Whatever an encoder wrote: with or without padding, either alphabet.
+    // Whatever an encoder wrote: with or without padding, in the standard alphabet or, when
+    // that does not decode, the URL-safe one (a value in both alphabets decodes the same).
     let lenient = base64::engine::GeneralPurposeConfig::new()
         .with_decode_padding_mode(base64::engine::DecodePaddingMode::Indifferent);
-    [&base64::alphabet::STANDARD, &base64::alphabet::URL_SAFE]
-        .into_iter()
-        .any(|alphabet| {
-            base64::engine::GeneralPurpose::new(alphabet, lenient)
-                .decode(encoded.trim())
-                .is_ok_and(|credentials| holds_key(&credentials))
-        })
+    let decode =
+        |alphabet| base64::engine::GeneralPurpose::new(alphabet, lenient).decode(encoded.trim());
+    decode(&base64::alphabet::STANDARD)
+        .or_else(|_| decode(&base64::alphabet::URL_SAFE))
+        .is_ok_and(|credentials| holds_key(&credentials))
 }
 
 /// Whether a query parameter's value, its `%XX` escapes decoded, is a well-formed key.
