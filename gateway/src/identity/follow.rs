@@ -122,8 +122,11 @@ const RENEWAL_PAUSE: Duration = Duration::from_secs(10);
 #[derive(Debug)]
 pub struct Follower {
     gateway: Arc<Gateway>,
-    source: Source,
-    /// The token in use: `source`'s, or the last one its renewal made. Read by each request
+    /// The control plane's base URL.
+    base_url: String,
+    /// How to make a new token, for the control plane in this process.
+    renewal: Option<Renewal>,
+    /// The token in use: the source's, or the last one `renewal` made. Read by each request
     /// to the control plane and replaced by a renewal, which only the follow loop makes: a lock
     /// that is never contended.
     token: RwLock<Token>,
@@ -148,8 +151,9 @@ impl Follower {
             .build()?;
         Ok(Self {
             gateway,
-            token: RwLock::new(source.token.clone()),
-            source,
+            base_url: source.base_url,
+            renewal: source.renewal,
+            token: RwLock::new(source.token),
             stored,
             journal_base: AtomicI64::new(NOT_STORED),
             client,
@@ -206,7 +210,7 @@ impl Follower {
     /// After the control plane refused the token (`status`): a new one from the renewal, when
     /// there is one and none was made in the last [`RENEWAL_PAUSE`]; whether one was made.
     async fn renew_token(&self, status: u16, last: &mut Option<Instant>) -> bool {
-        let Some(renewal) = &self.source.renewal else {
+        let Some(renewal) = &self.renewal else {
             return false;
         };
         if last.is_some_and(|at| at.elapsed() < RENEWAL_PAUSE) {

@@ -77,7 +77,7 @@ impl Follower {
     pub(super) async fn take_snapshot(&self) -> Result<(), SyncError> {
         let response = self
             .client
-            .get(format!("{}/v1/gateway/snapshot", self.source.base_url))
+            .get(format!("{}/v1/gateway/snapshot", self.base_url))
             .bearer_auth(self.token())
             .header(http::header::ACCEPT_ENCODING, "gzip")
             .timeout(Duration::from_secs(600))
@@ -163,7 +163,7 @@ impl Follower {
     pub(super) async fn follow_changes(&self, current: &Identities) -> Result<bool, SyncError> {
         let mut request = self
             .client
-            .get(format!("{}/v1/gateway/changes", self.source.base_url))
+            .get(format!("{}/v1/gateway/changes", self.base_url))
             .query(&[
                 ("since", current.version.to_string()),
                 ("wait_ms", LONG_POLL.as_millis().to_string()),
