@@ -2,6 +2,7 @@
 //! request, checked against the identities in memory (never a database), and replaced, for the
 //! upstream, by the caller's identity headers.
 
+use std::borrow::Cow;
 use std::net::IpAddr;
 
 use http::HeaderValue;
@@ -212,23 +213,14 @@ pub fn authenticate(
             None => Err(Refusal::Missing(what_to_send(&route.auth))),
             Some((Credential::Key(key), source)) => {
                 let now = gateway.identity.control_plane_now_ms(now);
-                // A key in the query may come escaped (`tg%5F…`), as the upstream's framework
-                // would decode it.
-                let decoded;
-                let key = if source == Source::Query && key.contains('%') {
-                    decoded =
-                        String::from_utf8_lossy(&unescaped(key).collect::<Vec<u8>>()).into_owned();
-                    decoded.as_str()
-                } else {
-                    key
-                };
+                let key = as_sent(key, source);
                 // Scopes name the routes a key may call; its customer's own usage view is
                 // readable with any of its keys.
                 let scope = match route.action {
                     RouteAction::Usage => None,
                     _ => Some(route.name.as_str()),
                 };
-                check_key(identities, key, scope, now).map(|caller| (caller, source))
+                check_key(identities, &key, scope, now).map(|caller| (caller, source))
             }
             Some((Credential::Repeated(what), _)) => Err(Refusal::Repeated(what)),
             Some((Credential::Jwt(token), source)) => {
@@ -259,6 +251,17 @@ pub fn authenticate(
             }
             Err(GatewayProblem::Refused(refusal))
         }
+    }
+}
+
+/// The key `raw` read from `source`: from the query, its `%XX` escapes decoded (`tg%5F…`), as
+/// the upstream's framework would decode it; bytes that are not UTF-8 once decoded make a key
+/// no check accepts.
+fn as_sent(raw: &str, source: Source) -> Cow<'_, str> {
+    if source == Source::Query && raw.contains('%') {
+        Cow::Owned(String::from_utf8_lossy(&unescaped(raw).collect::<Vec<u8>>()).into_owned())
+    } else {
+        Cow::Borrowed(raw)
     }
 }
 

@@ -414,3 +414,21 @@ fn a_key_in_a_basic_authorization_is_found_as_user_or_password() {
     assert!(!authorization_holds_key(b"Basic not-base64!"));
     assert!(!authorization_holds_key(b"Basic"));
 }
+
+#[test]
+fn a_key_in_the_query_is_read_with_its_escapes_decoded() {
+    let key = tollgate_model::key::from_random([5; 16]);
+    let escaped = key.replace('_', "%5F");
+    assert_eq!(as_sent(&escaped, Source::Query), key);
+    assert_eq!(as_sent(&key.replace('_', "%5f"), Source::Query), key);
+    assert!(matches!(as_sent(&key, Source::Query), Cow::Borrowed(_)));
+    // Only the query's are escaped: a header's value is the key as sent.
+    assert_eq!(as_sent(&escaped, Source::Header), escaped);
+    // Escapes that make no UTF-8, or that are cut short, make no well-formed key.
+    for odd in [format!("{key}%FF"), format!("{key}%"), format!("{key}%4")] {
+        let read = as_sent(&odd, Source::Query);
+        assert!(!tollgate_model::key::is_well_formed(&read), "{odd}: {read}");
+    }
+    assert_eq!(as_sent("%", Source::Query), "%");
+    assert_eq!(as_sent("a%FFb", Source::Query), "a\u{fffd}b");
+}
