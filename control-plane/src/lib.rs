@@ -82,37 +82,38 @@ pub fn embedded_gateway_token_name(instance: &str) -> String {
     format!("embedded gateway {instance}")
 }
 
-/// A new `gateway` token for the gateway `instance` running this control plane in its own
-/// process; the one of its previous run is replaced. Only its hash is stored.
-pub async fn embedded_gateway_token(store: &Store, instance: &str) -> anyhow::Result<PlainToken> {
-    let token = PlainToken::generate();
-    store
-        .replace_admin_token(
-            &embedded_gateway_token_name(instance),
-            Role::Gateway,
-            &hash(token.expose()),
-            false,
-        )
-        .await?;
-    Ok(token)
+/// What becomes of the other tokens of an embedded gateway's name when it gets a new one.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OtherTokens {
+    /// Replaced: at start, the one of its previous run goes.
+    Replaced,
+    /// Kept: after its own was deleted through the admin API, the new one is added beside
+    /// any other of the same name (two such gateways on one store would otherwise delete each
+    /// other's, in turn); the next start replaces them all.
+    Kept,
 }
 
-/// Another `gateway` token for the gateway `instance` running this control plane in its own
-/// process, after its own was deleted through the admin API. Added beside any other token of
-/// the same name (two such gateways on one store would otherwise delete each other's, in turn);
-/// the next start replaces them all ([`embedded_gateway_token`]).
-pub async fn renewed_embedded_gateway_token(
+/// A new `gateway` token for the gateway `instance` running this control plane in its own
+/// process, its name's `others` replaced or kept. Only its hash is stored.
+pub async fn embedded_gateway_token(
     store: &Store,
     instance: &str,
+    others: OtherTokens,
 ) -> anyhow::Result<PlainToken> {
     let token = PlainToken::generate();
-    store
-        .create_admin_token(
-            &embedded_gateway_token_name(instance),
-            Role::Gateway,
-            &hash(token.expose()),
-        )
-        .await?;
+    let (name, hash) = (embedded_gateway_token_name(instance), hash(token.expose()));
+    match others {
+        OtherTokens::Replaced => {
+            store
+                .replace_admin_token(&name, Role::Gateway, &hash, false)
+                .await?;
+        }
+        OtherTokens::Kept => {
+            store
+                .create_admin_token(&name, Role::Gateway, &hash)
+                .await?;
+        }
+    }
     Ok(token)
 }
 

@@ -20,6 +20,7 @@ use serde_json::json;
 use tollgate_control_plane::api::AppState;
 use tollgate_control_plane::secret::PlainToken;
 use tollgate_control_plane::store::Store;
+use tollgate_control_plane::{OtherTokens, embedded_gateway_token};
 use tollgate_model::{PROBLEM_CONTENT_TYPE, Problem};
 
 use crate::identity::follow::{Renewal, Token};
@@ -377,15 +378,13 @@ async fn open_control_plane(embedded: Embedded) -> anyhow::Result<(AppState, Pla
         .map(|h| h.trim().to_owned())
         .unwrap_or_default();
     let instance = format!("{host} {}", embedded.admin_listen);
-    let gateway_token = tollgate_control_plane::embedded_gateway_token(&store, &instance).await?;
+    let gateway_token = embedded_gateway_token(&store, &instance, OtherTokens::Replaced).await?;
     let renewal = {
         let store = store.clone();
         Renewal::new(move || {
             let (store, instance) = (store.clone(), instance.clone());
             Box::pin(async move {
-                let token =
-                    tollgate_control_plane::renewed_embedded_gateway_token(&store, &instance)
-                        .await?;
+                let token = embedded_gateway_token(&store, &instance, OtherTokens::Kept).await?;
                 Ok(Token::new(token.expose().to_owned()))
             })
         })

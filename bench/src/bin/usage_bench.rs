@@ -118,10 +118,14 @@ async fn measure(store: &Store, backend: &str) -> anyhow::Result<()> {
         rate(BATCHES * BATCH, started)
     );
 
-    let gateway = tollgate_control_plane::embedded_gateway_token(store, "usage_bench")
-        .await?
-        .expose()
-        .to_owned();
+    let gateway = tollgate_control_plane::embedded_gateway_token(
+        store,
+        "usage_bench",
+        tollgate_control_plane::OtherTokens::Replaced,
+    )
+    .await?
+    .expose()
+    .to_owned();
     let app = tollgate_control_plane::api::app(AppState::new(store.clone()));
     let bodies: Vec<String> = (2 * BATCHES..3 * BATCHES)
         .map(|number| {
