@@ -102,6 +102,26 @@ async fn until_status(gateway: &Gateway, path: &str, key: &str, status: u16) -> 
     }
 }
 
+/// Sends `GET path` with `key` in X-API-Key and the header `name: value` beside it; asserts
+/// 200 and returns what the echoing upstream saw.
+async fn echo_beside_x_api_key(
+    gateway: &Gateway,
+    path: &str,
+    key: &str,
+    name: &str,
+    value: &str,
+) -> Value {
+    let response = client()
+        .get(gateway.url(path))
+        .header("x-api-key", key)
+        .header(name, value)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    response.json().await.unwrap()
+}
+
 fn problem_type(body: &Value) -> &str {
     body["type"]
         .as_str()
@@ -138,15 +158,14 @@ async fn enforces_each_outcome(gateway: &Gateway, api: &AdminApi) -> String {
     assert_eq!(echo["path"], "/orders/1?x=1");
 
     // The same key in X-API-Key and in the route's query parameter.
-    let response = client()
-        .get(gateway.url("/orders/2"))
-        .header("x-api-key", &key)
-        .header("x-tollgate-customer-id", "cus_forged")
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(response.status(), 200);
-    let echo: Value = response.json().await.unwrap();
+    let echo = echo_beside_x_api_key(
+        gateway,
+        "/orders/2",
+        &key,
+        "x-tollgate-customer-id",
+        "cus_forged",
+    )
+    .await;
     assert!(echo["headers"].get("x-api-key").is_none());
     assert_eq!(
         echo["headers"]["x-tollgate-customer-id"],
@@ -154,15 +173,15 @@ async fn enforces_each_outcome(gateway: &Gateway, api: &AdminApi) -> String {
     );
     // Other copies of the key, in forms not read as the credential, do not reach the upstream
     // either: another scheme in Authorization, another query parameter name.
-    let response = client()
-        .get(gateway.url(&format!("/orders/2?API_KEY={key}&keep=1")))
-        .header("x-api-key", &key)
-        .header("authorization", format!("Token {key}"))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(response.status(), 200);
-    let echo: Value = response.json().await.unwrap();
+    let path = format!("/orders/2?API_KEY={key}&keep=1");
+    let echo = echo_beside_x_api_key(
+        gateway,
+        &path,
+        &key,
+        "authorization",
+        &format!("Token {key}"),
+    )
+    .await;
     assert!(echo["headers"].get("authorization").is_none(), "{echo}");
     assert_eq!(echo["path"], "/orders/2?keep=1");
     assert!(!echo.to_string().contains(&key), "{echo}");
@@ -181,15 +200,8 @@ async fn enforces_each_outcome(gateway: &Gateway, api: &AdminApi) -> String {
     // Base64-encoded in a Basic `Authorization` beside X-API-Key (`curl -u <key>:`).
     use base64::Engine;
     let basic = base64::engine::general_purpose::STANDARD.encode(format!("{key}:"));
-    let response = client()
-        .get(gateway.url("/orders/2"))
-        .header("x-api-key", &key)
-        .header("authorization", format!("Basic {basic}"))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(response.status(), 200);
-    let echo: Value = response.json().await.unwrap();
+    let basic = format!("Basic {basic}");
+    let echo = echo_beside_x_api_key(gateway, "/orders/2", &key, "authorization", &basic).await;
     assert!(echo["headers"].get("authorization").is_none(), "{echo}");
 
     // Public routes stay public; a client cannot forge the identity headers.
