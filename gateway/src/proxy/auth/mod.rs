@@ -255,13 +255,11 @@ pub fn authenticate(
 }
 
 /// The key `raw` read from `source`: from the query, its `%XX` escapes decoded (`tg%5F…`), as
-/// the upstream's framework would decode it; bytes that are not UTF-8 once decoded make a key
-/// no check accepts.
+/// the upstream's framework would decode it.
 fn as_sent(raw: &str, source: Source) -> Cow<'_, str> {
-    if source == Source::Query && raw.contains('%') {
-        Cow::Owned(String::from_utf8_lossy(&unescaped(raw).collect::<Vec<u8>>()).into_owned())
-    } else {
-        Cow::Borrowed(raw)
+    match source {
+        Source::Query => decoded(raw),
+        Source::Authorization | Source::Header => Cow::Borrowed(raw),
     }
 }
 
@@ -304,6 +302,16 @@ fn unescaped(raw: &str) -> impl Iterator<Item = u8> + '_ {
         at += width;
         Some(byte)
     })
+}
+
+/// `raw` with its `%XX` escapes decoded, borrowed when it has none; bytes that are not UTF-8
+/// once decoded become U+FFFD, which no key or name holds.
+fn decoded(raw: &str) -> Cow<'_, str> {
+    if raw.contains('%') {
+        Cow::Owned(String::from_utf8_lossy(&unescaped(raw).collect::<Vec<u8>>()).into_owned())
+    } else {
+        Cow::Borrowed(raw)
+    }
 }
 
 /// Whether the query parameter name `raw`, its `%XX` escapes decoded, is `name`.

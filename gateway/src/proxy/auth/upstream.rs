@@ -10,7 +10,7 @@ use tollgate_model::key::{KEY_LEN, KEY_PREFIX, is_well_formed};
 
 use super::{
     IDENTITY_HEADER_NAMES, Source, X_API_KEY, X_CUSTOMER_ID, X_KEY_ID, X_PLAN_ID, X_SUBJECT,
-    decodes_to, unescaped,
+    decoded, decodes_to,
 };
 use crate::config::Route;
 use crate::identity::Caller;
@@ -121,8 +121,7 @@ pub(super) fn is_key_value(raw: &str) -> bool {
     if raw.len() < KEY_LEN || raw.len() > 3 * KEY_LEN {
         return false;
     }
-    let decoded: Vec<u8> = unescaped(raw).collect();
-    std::str::from_utf8(&decoded).is_ok_and(is_well_formed)
+    is_well_formed(&decoded(raw))
 }
 
 /// Removes from the upstream's query the route's key parameter (also spelled with escapes,
